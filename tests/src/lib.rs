@@ -1,0 +1,3 @@
+//! Test support for udpshard: the load generator core and the end-to-end harness.
+
+pub mod load;

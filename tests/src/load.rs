@@ -1,0 +1,1 @@
+//! Load generator core (flows, pacing, sink, latency).
