@@ -1,1 +1,119 @@
+//! udpshard configuration.
+//!
+//! The pipeline is: TOML text -> [`file::FileConfig`] (the serde shape,
+//! unknown keys rejected) -> validation that fills defaults -> [`Config`],
+//! which the rest of the program trusts without re-checking. Every error
+//! carries `origin:line:col` like `nginx -t`.
 
+mod error;
+mod file;
+mod units;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::ConfigError;
+pub use validate::is_prime;
+
+/// The configuration `udpshard run` uses when no `--config` is given.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("default.toml");
+/// The origin shown in errors about [`DEFAULT_CONFIG_TOML`].
+pub const DEFAULT_CONFIG_ORIGIN: &str = "<embedded default>";
+pub const DEFAULT_STATS_FILE: &str = "/run/udpshard/stats";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub workers: Workers,
+    /// Always absolute.
+    pub stats_file: PathBuf,
+    /// Never empty; names are unique, and so are binds with a non-zero port.
+    pub listeners: Vec<Listener>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    /// One worker per CPU in the process's affinity mask.
+    Auto,
+    /// In `1..=1024`.
+    Count(usize),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    /// `[A-Za-z0-9_.-]{1,32}`.
+    pub name: String,
+    /// Port 0 lets the OS pick one.
+    pub bind: SocketAddr,
+    pub dissector: Dissector,
+    /// Never [`Steering::KernelCid`] together with [`Dissector::Tuple`].
+    pub steering: Steering,
+    /// Bytes, in `4KiB..=1GiB`.
+    pub recv_buffer: usize,
+    /// In `1s..=24h`.
+    pub session_idle: Duration,
+    /// In `1..=100_000_000`.
+    pub max_sessions: usize,
+    /// A prime in `101..=10_000_019`, at least 10x `backends.len()`.
+    pub maglev_table_size: usize,
+    /// Never empty, no duplicate addresses, no port 0.
+    pub backends: Vec<Backend>,
+}
+
+/// How a datagram's connection identity is found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dissector {
+    /// `short_cid_len` in `1..=20`: the length of the destination connection
+    /// ID in short-header packets, which carry no length field.
+    Quic { short_cid_len: usize },
+    /// `cid_offset` in `0..=1400`, `cid_len` in `1..=20`.
+    Bytes { cid_offset: usize, cid_len: usize },
+    /// The 4-tuple only; no connection ID.
+    Tuple,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steering {
+    Auto,
+    KernelCid,
+    Reshuffle,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// In `1..=1000`.
+    pub weight: u32,
+}
+
+/// Parses and validates config text; `origin` names it in error messages.
+pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    let file: file::FileConfig = toml::from_str(text).map_err(|e| {
+        let offset = e.span().map_or(0, |s| s.start);
+        ConfigError::at(origin, text, offset, error::toml_message(&e, text))
+    })?;
+    validate::validate(file).map_err(|e| ConfigError::at(origin, text, e.span.start, e.message))
+}
+
+/// Reads and parses the file at `path`; errors name the path as given.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let origin = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse(&text, &origin),
+        Err(source) => Err(ConfigError::Io { origin, source }),
+    }
+}
+
+/// The parsed [`DEFAULT_CONFIG_TOML`].
+pub fn default_config() -> Config {
+    match parse(DEFAULT_CONFIG_TOML, DEFAULT_CONFIG_ORIGIN) {
+        Ok(config) => config,
+        // The text is compiled in and `tests::default_parses` parses it, so
+        // this is a build defect, not a runtime condition to handle.
+        Err(e) => panic!("embedded default config is invalid: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

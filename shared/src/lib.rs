@@ -1,1 +1,14 @@
+//! What both udpshard process kinds need, with no I/O of its own: flow keys and
+//! the dissectors that extract them, the fleet-stable hash, Maglev backend
+//! choice, the shared-memory stats layout, and the supervisor<->worker control
+//! framing.
 
+pub mod control;
+pub mod flow;
+pub mod hash;
+pub mod maglev;
+pub mod stats;
+
+pub use flow::{Dissector, FlowKey, Malformed};
+pub use hash::stable_hash;
+pub use maglev::Maglev;

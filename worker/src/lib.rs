@@ -1,1 +1,57 @@
+//! A udpshard worker: one process pinned to one CPU, one mio event loop,
+//! serving its socket of every listener's reuseport group.
+//!
+//! The supervisor starts it as `udpshard worker ...` with its sockets, its
+//! control channel and the stats region inherited as descriptors
+//! ([`WorkerArgs`]); the config arrives over the control channel. Lifecycle:
+//! starting (slot state `Starting`, set by the supervisor) -> ready (after
+//! every listener is registered; the worker says `Ready` on the control
+//! channel) -> exited (on `Stop`, or when the supervisor is gone).
 
+mod counters;
+mod datapath;
+mod event_loop;
+mod listener;
+mod session;
+mod sockio;
+
+use std::io;
+use std::os::fd::RawFd;
+
+pub use event_loop::run;
+
+/// What the supervisor hands a worker on its command line.
+#[derive(Debug, Clone)]
+pub struct WorkerArgs {
+    /// The worker's slot, and its index in every reuseport group.
+    pub id: usize,
+    pub control_fd: RawFd,
+    pub stats_fd: RawFd,
+    /// This worker's socket of each listener's group, in config order.
+    pub listener_fds: Vec<RawFd>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("inherited descriptor {name} (fd {fd}) is not open")]
+    BadFd { name: &'static str, fd: RawFd },
+    #[error("stats region: {0}")]
+    Stats(#[from] udpshard_shared::stats::StatsError),
+    #[error("worker slot {0} is beyond the stats region's capacity")]
+    NoSlot(usize),
+    #[error("control channel: {0}")]
+    Control(String),
+    #[error("{0}")]
+    Config(#[from] udpshard_config::ConfigError),
+    #[error("got {got} listener sockets for {want} listeners")]
+    ListenerCount { got: usize, want: usize },
+    #[error("listener {listener}: {source}")]
+    Socket { listener: String, source: io::Error },
+    #[error("listener {listener}: {source}")]
+    Routing {
+        listener: String,
+        source: udpshard_shared::maglev::MaglevError,
+    },
+    #[error("event loop: {0}")]
+    Poll(io::Error),
+}

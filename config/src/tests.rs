@@ -1,0 +1,828 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::*;
+
+/// A valid one-listener config; tests append keys to the listener (line 6).
+const BASE: &str = r#"[[listener]]
+name = "a"
+bind = "127.0.0.1:9000"
+dissector = "quic"
+backends = ["10.0.0.1:443"]
+"#;
+
+fn with(extra: &str) -> String {
+    format!("{BASE}{extra}\n")
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn ok(text: &str) -> Config {
+    parse(text, "t.toml").unwrap_or_else(|e| panic!("unexpected error: {e}"))
+}
+
+/// Asserts the first error is at `line:col` and its message contains `needle`.
+#[track_caller]
+fn assert_err(text: &str, line: usize, col: usize, needle: &str) {
+    let e = match parse(text, "t.toml") {
+        Ok(c) => panic!("expected an error, got {c:?}"),
+        Err(e) => e,
+    };
+    let message = e.message().unwrap().to_owned();
+    assert_eq!((e.line(), e.col()), (Some(line), Some(col)), "{e}");
+    assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+    let shown = e.to_string();
+    assert_eq!(shown, format!("t.toml:{line}:{col}: {message}"));
+    assert!(!shown.contains('\n'), "{shown:?} spans lines");
+}
+
+#[test]
+fn default_parses() {
+    let parsed = parse(DEFAULT_CONFIG_TOML, DEFAULT_CONFIG_ORIGIN).unwrap();
+    let expected = Config {
+        workers: Workers::Auto,
+        stats_file: PathBuf::from(DEFAULT_STATS_FILE),
+        listeners: vec![Listener {
+            name: "quic".into(),
+            bind: sa("127.0.0.1:4433"),
+            dissector: Dissector::Quic { short_cid_len: 8 },
+            steering: Steering::Auto,
+            recv_buffer: 4 << 20,
+            session_idle: Duration::from_secs(60),
+            max_sessions: 1_000_000,
+            maglev_table_size: 65_537,
+            backends: vec![
+                Backend {
+                    addr: sa("127.0.0.1:4434"),
+                    weight: 1,
+                },
+                Backend {
+                    addr: sa("127.0.0.1:4435"),
+                    weight: 1,
+                },
+            ],
+        }],
+    };
+    assert_eq!(parsed, expected);
+    assert_eq!(default_config(), expected);
+}
+
+#[test]
+fn full_example() {
+    let c = ok(r#"
+workers = 4
+stats_file = "/var/run/udpshard.stats"
+
+[[listener]]
+name = "edge-v6.1"
+bind = "[::1]:8443"
+dissector = "bytes"
+cid_offset = 0
+cid_len = 20
+steering = "kernel-cid"
+recv_buffer = 65536
+session_idle = "500000ms"
+max_sessions = 100_000_000
+maglev_table_size = 101
+backends = [
+  { addr = "[2001:db8::1]:443", weight = 1000 },
+  "192.0.2.7:443",
+  { addr = "192.0.2.8:443" },
+]
+
+[[listener]]
+name = "plain_udp"
+bind = "0.0.0.0:0"
+dissector = "tuple"
+steering = "reshuffle"
+recv_buffer = "1GiB"
+session_idle = "24h"
+maglev_table_size = 10_000_019
+
+  [[listener.backends]]
+  addr = "10.1.0.1:53"
+  weight = 3
+
+[[listener]]
+name = "q"
+bind = "0.0.0.0:0"
+dissector = "quic"
+short_cid_len = 20
+recv_buffer = "4KiB"
+session_idle = "1s"
+backends = ["10.2.0.1:443"]
+"#);
+    assert_eq!(c.workers, Workers::Count(4));
+    assert_eq!(c.stats_file, PathBuf::from("/var/run/udpshard.stats"));
+    assert_eq!(c.listeners.len(), 3);
+
+    let l = &c.listeners[0];
+    assert_eq!(l.name, "edge-v6.1");
+    assert_eq!(l.bind, sa("[::1]:8443"));
+    assert_eq!(
+        l.dissector,
+        Dissector::Bytes {
+            cid_offset: 0,
+            cid_len: 20
+        }
+    );
+    assert_eq!(l.steering, Steering::KernelCid);
+    assert_eq!(l.recv_buffer, 65_536);
+    assert_eq!(l.session_idle, Duration::from_millis(500_000));
+    assert_eq!(l.max_sessions, 100_000_000);
+    assert_eq!(l.maglev_table_size, 101);
+    assert_eq!(
+        l.backends,
+        [
+            Backend {
+                addr: sa("[2001:db8::1]:443"),
+                weight: 1000
+            },
+            Backend {
+                addr: sa("192.0.2.7:443"),
+                weight: 1
+            },
+            Backend {
+                addr: sa("192.0.2.8:443"),
+                weight: 1
+            },
+        ]
+    );
+
+    let l = &c.listeners[1];
+    assert_eq!(l.bind, sa("0.0.0.0:0"));
+    assert_eq!(l.dissector, Dissector::Tuple);
+    assert_eq!(l.steering, Steering::Reshuffle);
+    assert_eq!(l.recv_buffer, 1 << 30);
+    assert_eq!(l.session_idle, Duration::from_secs(86_400));
+    assert_eq!(l.maglev_table_size, 10_000_019);
+    assert_eq!(
+        l.backends,
+        [Backend {
+            addr: sa("10.1.0.1:53"),
+            weight: 3
+        }]
+    );
+
+    let l = &c.listeners[2];
+    assert_eq!(l.dissector, Dissector::Quic { short_cid_len: 20 });
+    assert_eq!(l.recv_buffer, 4096);
+    assert_eq!(l.session_idle, Duration::from_secs(1));
+}
+
+#[test]
+fn defaults_filled() {
+    let c = ok(BASE);
+    assert_eq!(c.workers, Workers::Auto);
+    assert_eq!(c.stats_file, PathBuf::from(DEFAULT_STATS_FILE));
+    let l = &c.listeners[0];
+    assert_eq!(l.dissector, Dissector::Quic { short_cid_len: 8 });
+    assert_eq!(l.steering, Steering::Auto);
+    assert_eq!(l.recv_buffer, 4 * 1024 * 1024);
+    assert_eq!(l.session_idle, Duration::from_secs(60));
+    assert_eq!(l.max_sessions, 1_000_000);
+    assert_eq!(l.maglev_table_size, 65_537);
+    assert_eq!(
+        l.backends,
+        [Backend {
+            addr: sa("10.0.0.1:443"),
+            weight: 1
+        }]
+    );
+}
+
+#[test]
+fn size_units() {
+    let size = |v: &str| ok(&with(&format!("recv_buffer = {v}"))).listeners[0].recv_buffer;
+    assert_eq!(size("4096"), 4096);
+    assert_eq!(size("\"64KB\""), 64_000);
+    assert_eq!(size("\"2MB\""), 2_000_000);
+    assert_eq!(size("\"1GB\""), 1_000_000_000);
+    assert_eq!(size("\"8192B\""), 8192);
+    assert_eq!(size("\"16 MiB\""), 16 << 20);
+}
+
+#[test]
+fn duration_units() {
+    let idle = |v: &str| ok(&with(&format!("session_idle = \"{v}\""))).listeners[0].session_idle;
+    assert_eq!(idle("1000ms"), Duration::from_secs(1));
+    assert_eq!(idle("90s"), Duration::from_secs(90));
+    assert_eq!(idle("15m"), Duration::from_secs(900));
+    assert_eq!(idle("2h"), Duration::from_secs(7200));
+}
+
+#[test]
+fn unknown_top_level_key() {
+    assert_err(
+        &format!("workers = 2\nworkerz = 3\n{BASE}"),
+        2,
+        1,
+        "unknown field `workerz`, expected one of `workers`",
+    );
+}
+
+#[test]
+fn unknown_listener_key() {
+    assert_err(
+        &with("recv_bufer = \"1MiB\""),
+        6,
+        1,
+        "unknown field `recv_bufer`, expected one of `name`",
+    );
+}
+
+#[test]
+fn unknown_backend_table_key() {
+    let text = BASE.replace(
+        r#"backends = ["10.0.0.1:443"]"#,
+        r#"backends = [{ addr = "10.0.0.1:443", wieght = 2 }]"#,
+    );
+    assert_err(
+        &text,
+        5,
+        38,
+        "unknown field `wieght`, expected `addr` or `weight`",
+    );
+}
+
+#[test]
+fn type_errors() {
+    assert_err(
+        &with("max_sessions = \"x\""),
+        6,
+        16,
+        "listener.max_sessions: invalid type: string \"x\", expected an integer",
+    );
+    assert_err(&with("max_sessions = 1.5"), 6, 16, "expected an integer");
+    assert_err(&with("name2 = 1"), 6, 1, "unknown field `name2`");
+    assert_err(
+        &with("recv_buffer = true"),
+        6,
+        15,
+        "expected an integer or a string",
+    );
+    assert_err(&with("steering = 1"), 6, 12, "expected a string");
+    assert_err(
+        &format!("workers = [1]\n{BASE}"),
+        1,
+        11,
+        "workers: invalid type",
+    );
+    assert_err(
+        &BASE.replace(
+            "backends = [\"10.0.0.1:443\"]",
+            "backends = \"10.0.0.1:443\"",
+        ),
+        5,
+        12,
+        "expected an array of backends",
+    );
+    assert_err(
+        &BASE.replace(
+            "backends = [\"10.0.0.1:443\"]",
+            "backends = [\"10.0.0.1:443\", 7]",
+        ),
+        5,
+        29,
+        "expected a backend address string or a table",
+    );
+    // `[listener]` instead of `[[listener]]` is the likely newcomer mistake.
+    assert_err(
+        &BASE.replace("[[listener]]", "[listener]"),
+        1,
+        1,
+        "written as [[listener]]",
+    );
+}
+
+#[test]
+fn columns_count_characters_not_bytes() {
+    let text = BASE.replace("backends = [\"10.0.0.1:443\"]", "backends = [\"ü\", 7]");
+    assert_err(&text, 5, 18, "expected a backend address string");
+}
+
+#[test]
+fn bad_sizes() {
+    assert_err(
+        &with("recv_buffer = \"4XB\""),
+        6,
+        15,
+        r#"listener "a": recv_buffer = "4XB" is not a size (expected an integer byte count or "<n>B|KiB|MiB|GiB|KB|MB|GB""#,
+    );
+    assert_err(&with("recv_buffer = \"4096\""), 6, 15, "is not a size");
+    assert_err(&with("recv_buffer = \"4mib\""), 6, 15, "is not a size");
+    assert_err(
+        &with("recv_buffer = 4095"),
+        6,
+        15,
+        "recv_buffer = 4095 is out of range (4KiB..=1GiB)",
+    );
+    assert_err(
+        &with("recv_buffer = -1"),
+        6,
+        15,
+        "is out of range (4KiB..=1GiB)",
+    );
+    assert_err(
+        &with("recv_buffer = \"2GiB\""),
+        6,
+        15,
+        r#"recv_buffer = "2GiB" is out of range (4KiB..=1GiB)"#,
+    );
+    assert_err(
+        &with("recv_buffer = \"99999999999999999999GiB\""),
+        6,
+        15,
+        "is out of range",
+    );
+}
+
+#[test]
+fn bad_durations() {
+    assert_err(
+        &with("session_idle = \"60x\""),
+        6,
+        16,
+        r#"listener "a": session_idle = "60x" is not a duration (expected "<n>ms|s|m|h""#,
+    );
+    assert_err(&with("session_idle = \"1.5s\""), 6, 16, "is not a duration");
+    assert_err(
+        &with("session_idle = 60"),
+        6,
+        16,
+        "session_idle = 60 has no unit",
+    );
+    assert_err(
+        &with("session_idle = \"999ms\""),
+        6,
+        16,
+        r#"session_idle = "999ms" is out of range (1s..=24h)"#,
+    );
+    assert_err(
+        &with("session_idle = \"25h\""),
+        6,
+        16,
+        "is out of range (1s..=24h)",
+    );
+}
+
+#[test]
+fn out_of_range_values() {
+    assert_err(
+        &with("short_cid_len = 21"),
+        6,
+        17,
+        r#"listener "a": short_cid_len = 21 is out of range (1..=20)"#,
+    );
+    assert_err(
+        &with("short_cid_len = 0"),
+        6,
+        17,
+        "short_cid_len = 0 is out of range (1..=20)",
+    );
+    assert_err(
+        &with("max_sessions = 0"),
+        6,
+        16,
+        "max_sessions = 0 is out of range (1..=100_000_000)",
+    );
+    assert_err(
+        &with("max_sessions = 100000001"),
+        6,
+        16,
+        "is out of range (1..=100_000_000)",
+    );
+    assert_err(
+        &with("maglev_table_size = 97"),
+        6,
+        21,
+        "maglev_table_size = 97 is out of range (101..=10_000_019)",
+    );
+    assert_err(
+        &format!("workers = 0\n{BASE}"),
+        1,
+        11,
+        "workers = 0 is out of range (1..=1024)",
+    );
+    assert_err(
+        &format!("workers = 1025\n{BASE}"),
+        1,
+        11,
+        "workers = 1025 is out of range (1..=1024)",
+    );
+    assert_err(
+        &format!("workers = \"all\"\n{BASE}"),
+        1,
+        11,
+        r#"workers = "all" is invalid (expected "auto" or an integer 1..=1024)"#,
+    );
+
+    let bytes = |offset: &str, len: &str| {
+        BASE.replace(
+            "dissector = \"quic\"",
+            &format!("dissector = \"bytes\"\ncid_offset = {offset}\ncid_len = {len}"),
+        )
+    };
+    assert_err(
+        &bytes("1401", "4"),
+        5,
+        14,
+        "cid_offset = 1401 is out of range (0..=1400)",
+    );
+    assert_err(
+        &bytes("-1", "4"),
+        5,
+        14,
+        "cid_offset = -1 is out of range (0..=1400)",
+    );
+    assert_err(
+        &bytes("1400", "21"),
+        6,
+        11,
+        "cid_len = 21 is out of range (1..=20)",
+    );
+    assert_err(
+        &bytes("1400", "0"),
+        6,
+        11,
+        "cid_len = 0 is out of range (1..=20)",
+    );
+
+    let weighted = |w: &str| {
+        BASE.replace(
+            r#"["10.0.0.1:443"]"#,
+            &format!(r#"[{{ addr = "10.0.0.1:443", weight = {w} }}]"#),
+        )
+    };
+    assert_eq!(ok(&weighted("1000")).listeners[0].backends[0].weight, 1000);
+    assert_err(
+        &weighted("0"),
+        5,
+        47,
+        r#"backend "10.0.0.1:443" weight = 0 is out of range (1..=1000)"#,
+    );
+    assert_err(
+        &weighted("1001"),
+        5,
+        47,
+        "weight = 1001 is out of range (1..=1000)",
+    );
+}
+
+#[test]
+fn invalid_enumerations() {
+    assert_err(
+        &BASE.replace("\"quic\"", "\"QUIC\""),
+        4,
+        13,
+        r#"dissector = "QUIC" is invalid (expected "quic", "bytes" or "tuple")"#,
+    );
+    assert_err(
+        &with("steering = \"kernel\""),
+        6,
+        12,
+        r#"steering = "kernel" is invalid (expected "auto", "kernel-cid" or "reshuffle")"#,
+    );
+}
+
+#[test]
+fn invalid_names() {
+    for bad in [
+        "",
+        "has space",
+        "slash/",
+        "x23456789012345678901234567890123",
+        "ü",
+    ] {
+        let text = BASE.replace("name = \"a\"", &format!("name = \"{bad}\""));
+        assert_err(&text, 2, 8, "listener #1: name = ");
+    }
+    let longest = "x2345678901234567890123456789012";
+    assert_eq!(
+        ok(&BASE.replace("\"a\"", &format!("\"{longest}\""))).listeners[0].name,
+        longest
+    );
+}
+
+#[test]
+fn missing_required_keys_point_at_the_header() {
+    for (key, line) in [
+        ("name", "name = \"a\"\n"),
+        ("bind", "bind = \"127.0.0.1:9000\"\n"),
+        ("dissector", "dissector = \"quic\"\n"),
+        ("backends", "backends = [\"10.0.0.1:443\"]\n"),
+    ] {
+        let text = format!("workers = 1\n\n  {}", BASE.replace(line, ""));
+        assert_err(&text, 3, 3, &format!("missing required key `{key}`"));
+    }
+    let table = BASE.replace(r#"["10.0.0.1:443"]"#, r#"["10.0.0.2:1", { weight = 2 }]"#);
+    assert_err(
+        &table,
+        5,
+        27,
+        r#"listener "a": backend table: missing required key `addr`"#,
+    );
+}
+
+#[test]
+fn second_listener_errors_point_into_it() {
+    let second = BASE.replace("name = \"a\"\n", "").replace("9000", "9001");
+    assert_err(
+        &format!("{BASE}\n{second}"),
+        7,
+        1,
+        "listener #2: missing required key `name`",
+    );
+}
+
+#[test]
+fn duplicate_name() {
+    let second = BASE.replace("9000", "9001");
+    assert_err(
+        &format!("{BASE}{second}"),
+        7,
+        8,
+        r#"listener name "a" is used twice"#,
+    );
+}
+
+#[test]
+fn duplicate_bind() {
+    let second = BASE.replace("\"a\"", "\"b\"");
+    assert_err(
+        &format!("{BASE}{second}"),
+        8,
+        8,
+        r#"listener "b": bind = "127.0.0.1:9000" is already used by listener "a""#,
+    );
+    // Port 0 means "any free port", so it never collides.
+    let zero = BASE.replace("9000", "0");
+    let c = ok(&format!("{zero}{}", zero.replace("\"a\"", "\"b\"")));
+    assert_eq!(c.listeners[1].bind, sa("127.0.0.1:0"));
+}
+
+#[test]
+fn duplicate_backend() {
+    let text = BASE.replace(
+        r#"["10.0.0.1:443"]"#,
+        r#"["10.0.0.1:443", "10.0.0.2:443", { addr = "10.0.0.1:443", weight = 2 }]"#,
+    );
+    assert_err(
+        &text,
+        5,
+        54,
+        r#"listener "a": backend 10.0.0.1:443 is listed twice"#,
+    );
+    // Equality is on the parsed address, not the text.
+    let v6 = BASE.replace(r#"["10.0.0.1:443"]"#, r#"["[::1]:443", "[0:0::1]:443"]"#);
+    assert_err(&v6, 5, 26, "backend [::1]:443 is listed twice");
+}
+
+#[test]
+fn dissector_specific_keys() {
+    let bytes = BASE.replace(
+        "dissector = \"quic\"",
+        "dissector = \"bytes\"\ncid_offset = 4\ncid_len = 4",
+    );
+    assert_eq!(
+        ok(&bytes).listeners[0].dissector,
+        Dissector::Bytes {
+            cid_offset: 4,
+            cid_len: 4
+        }
+    );
+    assert_err(
+        &format!("{bytes}short_cid_len = 8\n"),
+        8,
+        17,
+        r#"listener "a": short_cid_len is only valid with dissector = "quic", not "bytes""#,
+    );
+    assert_err(
+        &with("cid_offset = 4"),
+        6,
+        14,
+        r#"cid_offset is only valid with dissector = "bytes", not "quic""#,
+    );
+    assert_err(
+        &with("cid_len = 4"),
+        6,
+        11,
+        r#"cid_len is only valid with dissector = "bytes", not "quic""#,
+    );
+    let tuple = BASE.replace("\"quic\"", "\"tuple\"");
+    assert_err(
+        &format!("{tuple}short_cid_len = 8\n"),
+        6,
+        17,
+        r#"short_cid_len is only valid with dissector = "quic", not "tuple""#,
+    );
+    assert_err(
+        &format!("{tuple}cid_len = 8\n"),
+        6,
+        11,
+        r#"cid_len is only valid with dissector = "bytes", not "tuple""#,
+    );
+}
+
+#[test]
+fn bytes_dissector_requires_its_keys() {
+    let header_at = |extra: &str| {
+        format!(
+            "\n   {}",
+            BASE.replace(
+                "dissector = \"quic\"",
+                &format!("dissector = \"bytes\"{extra}")
+            )
+        )
+    };
+    assert_err(
+        &header_at("\ncid_len = 4"),
+        2,
+        4,
+        r#"listener "a" (dissector = "bytes"): missing required key `cid_offset`"#,
+    );
+    assert_err(
+        &header_at("\ncid_offset = 4"),
+        2,
+        4,
+        r#"listener "a" (dissector = "bytes"): missing required key `cid_len`"#,
+    );
+}
+
+#[test]
+fn kernel_cid_needs_a_connection_id() {
+    let tuple = BASE.replace("\"quic\"", "\"tuple\"");
+    assert_err(
+        &format!("{tuple}steering = \"kernel-cid\"\n"),
+        6,
+        12,
+        r#"listener "a": steering = "kernel-cid" needs a connection ID, which dissector = "tuple" does not provide"#,
+    );
+    assert_eq!(
+        ok(&with("steering = \"kernel-cid\"")).listeners[0].steering,
+        Steering::KernelCid
+    );
+}
+
+#[test]
+fn maglev_table_size_must_be_prime_and_large_enough() {
+    assert_err(
+        &with("maglev_table_size = 65536"),
+        6,
+        21,
+        r#"listener "a": maglev_table_size = 65536 is not a prime"#,
+    );
+    let eleven: Vec<String> = (1..=11).map(|i| format!("\"10.0.0.{i}:443\"")).collect();
+    let many = BASE.replace(r#"["10.0.0.1:443"]"#, &format!("[{}]", eleven.join(", ")));
+    assert_err(&format!("{many}maglev_table_size = 101\n"), 6, 21, "maglev_table_size = 101 is too small for 11 backends (needs at least 10x the backend count: 110)");
+    assert_eq!(
+        ok(&format!("{many}maglev_table_size = 113\n")).listeners[0].maglev_table_size,
+        113
+    );
+}
+
+#[test]
+fn no_listeners() {
+    assert_err(
+        "",
+        1,
+        1,
+        "no [[listener]] is defined; at least one is required",
+    );
+    assert_err("workers = 2\n", 1, 1, "no [[listener]] is defined");
+    assert_err(
+        "workers = 2\nlistener = []\n",
+        2,
+        12,
+        "listener list is empty",
+    );
+}
+
+#[test]
+fn empty_backends() {
+    assert_err(
+        &BASE.replace(r#"["10.0.0.1:443"]"#, "[]"),
+        5,
+        12,
+        r#"listener "a": backends is empty; at least one backend is required"#,
+    );
+}
+
+#[test]
+fn bad_socket_addresses() {
+    for bad in [
+        "localhost:443",
+        "127.0.0.1",
+        "::1:443",
+        "1.2.3.4:65536",
+        "[::1]443",
+    ] {
+        assert_err(
+            &BASE.replace("127.0.0.1:9000", bad),
+            3,
+            8,
+            &format!(
+                r#"listener "a": bind = "{bad}" is not a socket address (expected "ip:port" or "[ipv6]:port")"#
+            ),
+        );
+    }
+    assert_err(
+        &BASE.replace("10.0.0.1:443", "10.0.0.1"),
+        5,
+        13,
+        r#"listener "a": backend "10.0.0.1" is not a socket address"#,
+    );
+    let table = BASE.replace(r#"["10.0.0.1:443"]"#, r#"[{ addr = "nope", weight = 2 }]"#);
+    assert_err(&table, 5, 22, r#"backend "nope" is not a socket address"#);
+    assert_err(
+        &BASE.replace("10.0.0.1:443", "10.0.0.1:0"),
+        5,
+        13,
+        "backend 10.0.0.1:0 has port 0",
+    );
+}
+
+#[test]
+fn stats_file_must_be_absolute() {
+    assert_err(
+        &format!("stats_file = \"run/stats\"\n{BASE}"),
+        1,
+        14,
+        r#"stats_file = "run/stats" must be an absolute path"#,
+    );
+    assert_err(
+        &format!("stats_file = \"\"\n{BASE}"),
+        1,
+        14,
+        "must be an absolute path",
+    );
+}
+
+#[test]
+fn toml_syntax_errors() {
+    assert_err(
+        &with("max_sessions = "),
+        6,
+        16,
+        "string values must be quoted",
+    );
+    assert_err(
+        &with("max_sessions = 1 2"),
+        6,
+        16,
+        "string values must be quoted",
+    );
+    assert_err(&with("name = \"b\""), 6, 1, "duplicate key `name`");
+    assert_err("[[listener]\n", 1, 12, "unclosed array table, expected `]`");
+}
+
+#[test]
+fn display_format() {
+    let e = parse(&with("recv_bufer = 1"), "/etc/udpshard.toml").unwrap_err();
+    assert!(
+        e.to_string().starts_with("/etc/udpshard.toml:6:1: listener: unknown field `recv_bufer`, expected one of `name`, "),
+        "{e}"
+    );
+    assert_eq!(e.origin(), "/etc/udpshard.toml");
+    let e = parse(&with("short_cid_len = 21"), "x.toml").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        r#"x.toml:6:17: listener "a": short_cid_len = 21 is out of range (1..=20)"#
+    );
+}
+
+#[test]
+fn load_reads_files() {
+    let dir = std::env::temp_dir().join(format!("udpshard-config-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, BASE).unwrap();
+    assert_eq!(load(&good).unwrap(), ok(BASE));
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, with("bogus = 1")).unwrap();
+    let e = load(&bad).unwrap_err();
+    assert_eq!((e.line(), e.col()), (Some(6), Some(1)));
+    assert!(
+        e.to_string()
+            .starts_with(&format!("{}:6:1: ", bad.display())),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn load_missing_file() {
+    let path = std::path::Path::new("/nonexistent/udpshard/config.toml");
+    let e = load(path).unwrap_err();
+    assert!(matches!(e, ConfigError::Io { .. }), "{e:?}");
+    assert_eq!((e.line(), e.col(), e.message()), (None, None, None));
+    let shown = e.to_string();
+    assert!(
+        shown.starts_with("/nonexistent/udpshard/config.toml: cannot read: "),
+        "{shown}"
+    );
+    assert!(shown.contains("No such file"), "{shown}");
+}

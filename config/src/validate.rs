@@ -1,0 +1,486 @@
+//! Turns the raw [`FileConfig`] into a [`Config`]: checks every value,
+//! fills defaults, and reports the first problem at its position.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::ops::{Range, RangeInclusive};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::Spanned;
+
+use crate::error::SpanError;
+use crate::file::{ArrayOf, FileBackend, FileConfig, FileListener, Int, IntOrStr};
+use crate::units::{self, UnitError, DURATION_FORMS, SIZE_FORMS};
+use crate::{Backend, Config, Dissector, Listener, Steering, Workers, DEFAULT_STATS_FILE};
+
+type Result<T> = std::result::Result<T, SpanError>;
+type Span = Range<usize>;
+
+const WORKERS: RangeInclusive<i64> = 1..=1024;
+// A QUIC connection ID is at most 20 bytes (RFC 9000 §17.2).
+const CID_LEN: RangeInclusive<i64> = 1..=20;
+// Keeps the connection ID inside a single unfragmented datagram.
+const CID_OFFSET: RangeInclusive<i64> = 0..=1400;
+const WEIGHT: RangeInclusive<i64> = 1..=1000;
+const MAX_SESSIONS: RangeInclusive<i64> = 1..=100_000_000;
+const MAGLEV_TABLE_SIZE: RangeInclusive<i64> = 101..=10_000_019;
+// Below ~10 slots per backend Maglev's load imbalance becomes noticeable.
+const MAGLEV_SLOTS_PER_BACKEND: usize = 10;
+const RECV_BUFFER: RangeInclusive<u64> = (4 << 10)..=(1 << 30);
+const RECV_BUFFER_TEXT: &str = "4KiB..=1GiB";
+const SESSION_IDLE: RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(24 * 3600);
+const SESSION_IDLE_TEXT: &str = "1s..=24h";
+
+const DEFAULT_SHORT_CID_LEN: usize = 8;
+const DEFAULT_RECV_BUFFER: usize = 4 << 20;
+const DEFAULT_SESSION_IDLE: Duration = Duration::from_secs(60);
+const DEFAULT_MAX_SESSIONS: usize = 1_000_000;
+const DEFAULT_MAGLEV_TABLE_SIZE: usize = 65_537;
+const DEFAULT_WEIGHT: u32 = 1;
+const NAME_MAX: usize = 32;
+
+pub(crate) fn validate(file: FileConfig) -> Result<Config> {
+    let workers = match &file.workers {
+        None => Workers::Auto,
+        Some(v) => workers(v)?,
+    };
+    let stats_file = match &file.stats_file {
+        None => PathBuf::from(DEFAULT_STATS_FILE),
+        Some(v) => stats_file(v)?,
+    };
+    let Some(list) = file.listener else {
+        // Nothing to point at; the top of the file is where one would go.
+        return Err(SpanError::new(
+            0..0,
+            "no [[listener]] is defined; at least one is required",
+        ));
+    };
+    if list.get_ref().0.is_empty() {
+        return Err(SpanError::new(
+            list.span(),
+            "listener list is empty; at least one [[listener]] is required",
+        ));
+    }
+    let mut listeners: Vec<Listener> = Vec::with_capacity(list.get_ref().0.len());
+    for (index, l) in list.into_inner().0.into_iter().enumerate() {
+        let l = listener(index, l, &listeners)?;
+        listeners.push(l);
+    }
+    Ok(Config {
+        workers,
+        stats_file,
+        listeners,
+    })
+}
+
+fn workers(v: &Spanned<IntOrStr>) -> Result<Workers> {
+    match v.get_ref() {
+        IntOrStr::Str(s) if s == "auto" => Ok(Workers::Auto),
+        IntOrStr::Int(n) => {
+            int_in(&Spanned::new(v.span(), Int(*n)), WORKERS, "workers").map(Workers::Count)
+        }
+        IntOrStr::Str(s) => Err(at(
+            v,
+            format!(
+                "workers = {s:?} is invalid (expected \"auto\" or an integer {})",
+                fmt_range(&WORKERS)
+            ),
+        )),
+    }
+}
+
+fn stats_file(v: &Spanned<String>) -> Result<PathBuf> {
+    let path = PathBuf::from(v.get_ref());
+    // The supervisor and `udpshard stats` may run with different working
+    // directories, so a relative path would name two different files.
+    if !path.is_absolute() {
+        return Err(at(
+            v,
+            format!("stats_file = {:?} must be an absolute path", v.get_ref()),
+        ));
+    }
+    Ok(path)
+}
+
+fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Result<Listener> {
+    let header = l.span();
+    let l = l.into_inner();
+
+    // Until the name is known, messages identify the listener by position.
+    let anon = format!("listener #{}", index + 1);
+    let name_v = required(l.name.as_ref(), &header, &anon, "name")?;
+    let name = listener_name(name_v, &anon)?;
+    if earlier.iter().any(|e| e.name == name) {
+        return Err(at(name_v, format!("listener name {name:?} is used twice")));
+    }
+    let ctx = format!("listener {name:?}");
+
+    let bind_v = required(l.bind.as_ref(), &header, &ctx, "bind")?;
+    let bind = socket_addr(bind_v, &ctx, &format!("bind = {:?}", bind_v.get_ref()))?;
+    // Port 0 asks the OS for a fresh port, so two such listeners never clash.
+    if bind.port() != 0 {
+        if let Some(other) = earlier.iter().find(|e| e.bind == bind) {
+            return Err(at(
+                bind_v,
+                format!(
+                    "{ctx}: bind = \"{bind}\" is already used by listener {:?}",
+                    other.name
+                ),
+            ));
+        }
+    }
+
+    let dissector_v = required(l.dissector.as_ref(), &header, &ctx, "dissector")?;
+    let dissector = dissector(dissector_v, &l, &header, &ctx)?;
+    let steering = steering(l.steering.as_ref(), dissector, &ctx)?;
+
+    let recv_buffer = match &l.recv_buffer {
+        None => DEFAULT_RECV_BUFFER,
+        Some(v) => recv_buffer(v, &ctx)?,
+    };
+    let session_idle = match &l.session_idle {
+        None => DEFAULT_SESSION_IDLE,
+        Some(v) => session_idle(v, &ctx)?,
+    };
+    let max_sessions = match &l.max_sessions {
+        None => DEFAULT_MAX_SESSIONS,
+        Some(v) => int_in(v, MAX_SESSIONS, &format!("{ctx}: max_sessions"))?,
+    };
+    let maglev_table_size = match &l.maglev_table_size {
+        None => DEFAULT_MAGLEV_TABLE_SIZE,
+        Some(v) => maglev_table_size(v, &ctx)?,
+    };
+
+    let backends_v = required(l.backends.as_ref(), &header, &ctx, "backends")?;
+    let backends = backends(backends_v, &ctx)?;
+    let needed = backends.len().saturating_mul(MAGLEV_SLOTS_PER_BACKEND);
+    if maglev_table_size < needed {
+        // Blame the table size if the user set it, else the list that outgrew the default.
+        let span = l
+            .maglev_table_size
+            .as_ref()
+            .map_or_else(|| backends_v.span(), |v| v.span());
+        return Err(SpanError::new(
+            span,
+            format!(
+                "{ctx}: maglev_table_size = {maglev_table_size} is too small for {} backends \
+                 (needs at least {MAGLEV_SLOTS_PER_BACKEND}x the backend count: {needed})",
+                backends.len()
+            ),
+        ));
+    }
+
+    Ok(Listener {
+        name,
+        bind,
+        dissector,
+        steering,
+        recv_buffer,
+        session_idle,
+        max_sessions,
+        maglev_table_size,
+        backends,
+    })
+}
+
+fn listener_name(v: &Spanned<String>, ctx: &str) -> Result<String> {
+    let name = v.get_ref();
+    // Names end up in stats keys and log fields, so keep them shell- and
+    // parser-safe.
+    let ok = !name.is_empty()
+        && name.len() <= NAME_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if !ok {
+        return Err(at(
+            v,
+            format!(
+                "{ctx}: name = {name:?} is invalid (expected 1 to {NAME_MAX} characters from A-Z a-z 0-9 _ . -)"
+            ),
+        ));
+    }
+    Ok(name.clone())
+}
+
+fn dissector(
+    kind: &Spanned<String>,
+    l: &FileListener,
+    header: &Span,
+    ctx: &str,
+) -> Result<Dissector> {
+    let kind_str = kind.get_ref().as_str();
+    // A key that the chosen dissector ignores is almost certainly a mistake
+    // (wrong dissector, or a leftover), so it is an error, not a no-op.
+    let reject = |v: &Option<Spanned<Int>>, key: &str, valid_for: &str| match v {
+        Some(v) => Err(at(
+            v,
+            format!("{ctx}: {key} is only valid with dissector = {valid_for:?}, not {kind_str:?}"),
+        )),
+        None => Ok(()),
+    };
+    match kind_str {
+        "quic" => {
+            reject(&l.cid_offset, "cid_offset", "bytes")?;
+            reject(&l.cid_len, "cid_len", "bytes")?;
+            let short_cid_len = match &l.short_cid_len {
+                None => DEFAULT_SHORT_CID_LEN,
+                Some(v) => int_in(v, CID_LEN, &format!("{ctx}: short_cid_len"))?,
+            };
+            Ok(Dissector::Quic { short_cid_len })
+        }
+        "bytes" => {
+            reject(&l.short_cid_len, "short_cid_len", "quic")?;
+            let bytes_ctx = format!("{ctx} (dissector = \"bytes\")");
+            let cid_offset = required(l.cid_offset.as_ref(), header, &bytes_ctx, "cid_offset")?;
+            let cid_offset = int_in(cid_offset, CID_OFFSET, &format!("{ctx}: cid_offset"))?;
+            let cid_len = required(l.cid_len.as_ref(), header, &bytes_ctx, "cid_len")?;
+            let cid_len = int_in(cid_len, CID_LEN, &format!("{ctx}: cid_len"))?;
+            Ok(Dissector::Bytes {
+                cid_offset,
+                cid_len,
+            })
+        }
+        "tuple" => {
+            reject(&l.short_cid_len, "short_cid_len", "quic")?;
+            reject(&l.cid_offset, "cid_offset", "bytes")?;
+            reject(&l.cid_len, "cid_len", "bytes")?;
+            Ok(Dissector::Tuple)
+        }
+        other => Err(at(
+            kind,
+            format!("{ctx}: dissector = {other:?} is invalid (expected \"quic\", \"bytes\" or \"tuple\")"),
+        )),
+    }
+}
+
+fn steering(v: Option<&Spanned<String>>, dissector: Dissector, ctx: &str) -> Result<Steering> {
+    let Some(v) = v else {
+        return Ok(Steering::Auto);
+    };
+    let steering = match v.get_ref().as_str() {
+        "auto" => Steering::Auto,
+        "kernel-cid" => Steering::KernelCid,
+        "reshuffle" => Steering::Reshuffle,
+        other => {
+            return Err(at(
+                v,
+                format!(
+                    "{ctx}: steering = {other:?} is invalid (expected \"auto\", \"kernel-cid\" or \"reshuffle\")"
+                ),
+            ))
+        }
+    };
+    if steering == Steering::KernelCid && dissector == Dissector::Tuple {
+        return Err(at(
+            v,
+            format!(
+                "{ctx}: steering = \"kernel-cid\" needs a connection ID, which dissector = \"tuple\" \
+                 does not provide (use \"auto\" or \"reshuffle\")"
+            ),
+        ));
+    }
+    Ok(steering)
+}
+
+fn recv_buffer(v: &Spanned<IntOrStr>, ctx: &str) -> Result<usize> {
+    let what = format!("{ctx}: recv_buffer = {}", v.get_ref());
+    let out_of_range = || at(v, format!("{what} is out of range ({RECV_BUFFER_TEXT})"));
+    match units::parse_size(v.get_ref()) {
+        Ok(n) if RECV_BUFFER.contains(&n) => usize::try_from(n).map_err(|_| out_of_range()),
+        Ok(_) | Err(UnitError::Overflow) => Err(out_of_range()),
+        Err(UnitError::Malformed | UnitError::MissingUnit) => Err(at(
+            v,
+            format!("{what} is not a size (expected {SIZE_FORMS})"),
+        )),
+    }
+}
+
+fn session_idle(v: &Spanned<IntOrStr>, ctx: &str) -> Result<Duration> {
+    let what = format!("{ctx}: session_idle = {}", v.get_ref());
+    match units::parse_duration(v.get_ref()) {
+        Ok(d) if SESSION_IDLE.contains(&d) => Ok(d),
+        Ok(_) | Err(UnitError::Overflow) => Err(at(
+            v,
+            format!("{what} is out of range ({SESSION_IDLE_TEXT})"),
+        )),
+        Err(UnitError::MissingUnit) => Err(at(
+            v,
+            format!("{what} has no unit (expected {DURATION_FORMS})"),
+        )),
+        Err(UnitError::Malformed) => Err(at(
+            v,
+            format!("{what} is not a duration (expected {DURATION_FORMS})"),
+        )),
+    }
+}
+
+fn maglev_table_size(v: &Spanned<Int>, ctx: &str) -> Result<usize> {
+    let n: usize = int_in(v, MAGLEV_TABLE_SIZE, &format!("{ctx}: maglev_table_size"))?;
+    // Maglev derives each backend's slot permutation from (offset + j * skip)
+    // mod M; only a prime M guarantees every permutation visits every slot.
+    if !is_prime(n) {
+        return Err(at(
+            v,
+            format!("{ctx}: maglev_table_size = {n} is not a prime (e.g. 65537, 655373)"),
+        ));
+    }
+    Ok(n)
+}
+
+fn backends(v: &Spanned<ArrayOf<Spanned<FileBackend>>>, ctx: &str) -> Result<Vec<Backend>> {
+    if v.get_ref().0.is_empty() {
+        return Err(at(
+            v,
+            format!("{ctx}: backends is empty; at least one backend is required"),
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(v.get_ref().0.len());
+    for entry in &v.get_ref().0 {
+        let (addr_v, weight) = match entry.get_ref() {
+            FileBackend::Addr(s) => (Spanned::new(entry.span(), s.clone()), DEFAULT_WEIGHT),
+            FileBackend::Table(t) => {
+                let addr = required(
+                    t.addr.as_ref(),
+                    &entry.span(),
+                    &format!("{ctx}: backend table"),
+                    "addr",
+                )?;
+                let weight = match &t.weight {
+                    None => DEFAULT_WEIGHT,
+                    Some(w) => int_in(
+                        w,
+                        WEIGHT,
+                        &format!("{ctx}: backend {:?} weight", addr.get_ref()),
+                    )?,
+                };
+                (addr.clone(), weight)
+            }
+        };
+        let addr = socket_addr(&addr_v, ctx, &format!("backend {:?}", addr_v.get_ref()))?;
+        // sendto() rejects port 0, so such a backend could never be reached.
+        if addr.port() == 0 {
+            return Err(at(
+                &addr_v,
+                format!("{ctx}: backend {addr} has port 0, which cannot be sent to"),
+            ));
+        }
+        if !seen.insert(addr) {
+            return Err(at(
+                &addr_v,
+                format!("{ctx}: backend {addr} is listed twice"),
+            ));
+        }
+        out.push(Backend { addr, weight });
+    }
+    Ok(out)
+}
+
+fn socket_addr(v: &Spanned<String>, ctx: &str, what: &str) -> Result<SocketAddr> {
+    v.get_ref().trim().parse().map_err(|_| {
+        at(
+            v,
+            format!(
+                "{ctx}: {what} is not a socket address (expected \"ip:port\" or \"[ipv6]:port\")"
+            ),
+        )
+    })
+}
+
+fn required<'a, T>(
+    v: Option<&'a Spanned<T>>,
+    header: &Span,
+    ctx: &str,
+    key: &str,
+) -> Result<&'a Spanned<T>> {
+    v.ok_or_else(|| {
+        SpanError::new(
+            header.clone(),
+            format!("{ctx}: missing required key `{key}`"),
+        )
+    })
+}
+
+/// `what` is the message prefix naming the key, e.g. `listener "a": cid_len`.
+fn int_in<T: TryFrom<i64>>(v: &Spanned<Int>, range: RangeInclusive<i64>, what: &str) -> Result<T> {
+    let n = v.get_ref().0;
+    let out_of_range = || {
+        at(
+            v,
+            format!("{what} = {n} is out of range ({})", fmt_range(&range)),
+        )
+    };
+    if !range.contains(&n) {
+        return Err(out_of_range());
+    }
+    T::try_from(n).map_err(|_| out_of_range())
+}
+
+fn at<T>(v: &Spanned<T>, message: String) -> SpanError {
+    SpanError::new(v.span(), message)
+}
+
+fn fmt_range(r: &RangeInclusive<i64>) -> String {
+    format!("{}..={}", group_digits(*r.start()), group_digits(*r.end()))
+}
+
+/// `100000000` -> `100_000_000`, matching how the limits are documented.
+fn group_digits(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    if digits.len() <= 4 {
+        return n.to_string();
+    }
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3 + 1);
+    if n < 0 {
+        out.push('-');
+    }
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push('_');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Trial division: table sizes are at most ~10^7, so this is instant.
+pub fn is_prime(n: usize) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2;
+    while d * d <= n {
+        if n % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{group_digits, is_prime};
+
+    #[test]
+    fn primes() {
+        let small: Vec<usize> = (0..30).filter(|&n| is_prime(n)).collect();
+        assert_eq!(small, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]);
+        assert!(is_prime(65_537));
+        assert!(is_prime(10_000_019));
+        assert!(!is_prime(65_536));
+        assert!(!is_prime(10_000_017));
+    }
+
+    #[test]
+    fn digit_grouping() {
+        assert_eq!(group_digits(0), "0");
+        assert_eq!(group_digits(1024), "1024");
+        assert_eq!(group_digits(10_000_019), "10_000_019");
+        assert_eq!(group_digits(100_000_000), "100_000_000");
+        assert_eq!(group_digits(-12_345), "-12_345");
+    }
+}

@@ -1,0 +1,392 @@
+//! The shared-memory stats region: a versioned header, then one slot of
+//! counters per worker.
+//!
+//! The supervisor creates the region as a file (so `udpshard stats` can read
+//! it with no privileges and no connection to the running proxy) and passes
+//! its descriptor to every worker, which maps it and writes only its own slot.
+//! Every word has one writer, so writers use relaxed atomic stores and readers
+//! read words; no locks. Layout, in little-endian u64 words:
+//!
+//! ```text
+//! [0, HEADER_WORDS)               header: see `Header`
+//! [HEADER_WORDS + k*SLOT_WORDS)   slot k: see `Counter`
+//! ```
+//! A slot is 512 bytes, so slots never share a cache line.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::MmapMut;
+
+/// "UDPSHRD" and the layout version in the top byte.
+pub const MAGIC: u64 = u64::from_le_bytes(*b"UDPSHRD\x01");
+pub const HEADER_WORDS: usize = 64;
+pub const SLOT_WORDS: usize = 64;
+
+/// Header words, written by the supervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Header {
+    Magic = 0,
+    SlotCapacity,
+    SlotWords,
+    /// Worker slots in use (the reuseport group size).
+    Workers,
+    SupervisorPid,
+    /// Unix time in seconds when the region was created.
+    StartedAt,
+    /// Successful config loads, the first one included.
+    ConfigGeneration,
+    ReloadFailures,
+}
+
+/// Per-worker slot words. Identity words (pid, cpu, generation, state,
+/// restarts) are written by the supervisor, the rest by the worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Counter {
+    Pid = 0,
+    Cpu,
+    /// Incremented each time a process takes the slot.
+    Generation,
+    State,
+    Restarts,
+    /// Datagrams read from clients on the listener sockets.
+    RxPackets,
+    RxBytes,
+    /// Datagrams forwarded to backends.
+    TxPackets,
+    TxBytes,
+    /// Datagrams read from backends on upstream sockets.
+    RepliesIn,
+    /// Replies sent on to clients.
+    RepliesOut,
+    SessionsActive,
+    SessionsCreated,
+    SessionsExpired,
+    HandoffIn,
+    HandoffOut,
+    /// Kernel drops on the worker's listener sockets (SK_MEMINFO_DROPS).
+    DropSocket,
+    DropMalformed,
+    DropSessionLimit,
+    DropNoBackend,
+    /// Forwarding to a backend failed (send error, no upstream socket).
+    DropUpstream,
+    DropHandoff,
+    /// A backend's reply could not be sent to the client.
+    DropReply,
+    /// Kernel drops on upstream sockets, closed ones included.
+    DropUpstreamSocket,
+    /// Nanoseconds spent handling events (not waiting in poll).
+    BusyNs,
+    /// Nanoseconds since the worker started its loop.
+    WallNs,
+    /// The worker's clock at its last publish (CLOCK_MONOTONIC, ns).
+    Heartbeat,
+}
+
+impl Counter {
+    pub const COUNT: usize = Counter::Heartbeat as usize + 1;
+}
+
+/// What a slot's process is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum SlotState {
+    Empty = 0,
+    Starting = 1,
+    Ready = 2,
+    Draining = 3,
+    Exited = 4,
+}
+
+impl SlotState {
+    pub fn from_word(w: u64) -> SlotState {
+        match w {
+            1 => SlotState::Starting,
+            2 => SlotState::Ready,
+            3 => SlotState::Draining,
+            4 => SlotState::Exited,
+            _ => SlotState::Empty,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SlotState::Empty => "empty",
+            SlotState::Starting => "starting",
+            SlotState::Ready => "ready",
+            SlotState::Draining => "draining",
+            SlotState::Exited => "exited",
+        }
+    }
+}
+
+const _: () = assert!(Counter::COUNT <= SLOT_WORDS);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: io::Error },
+    #[error("not a udpshard stats file (bad magic or layout version)")]
+    BadMagic,
+    #[error("stats file is truncated: {len} bytes, layout needs {need}")]
+    Truncated { len: usize, need: usize },
+}
+
+/// The mapped region, as the supervisor or a worker holds it.
+pub struct StatsRegion {
+    map: MmapMut,
+}
+
+impl StatsRegion {
+    /// Creates (or replaces) the file at `path` for `slots` workers and maps it.
+    pub fn create(path: &Path, slots: usize) -> Result<(StatsRegion, File), StatsError> {
+        let io_err = |source| StatsError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io_err)?;
+        }
+        // A new inode every start: a reader that still maps the previous
+        // run's file keeps a consistent, if stale, view.
+        let _ = std::fs::remove_file(path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(path)
+            .map_err(io_err)?;
+        file.set_len(region_bytes(slots) as u64).map_err(io_err)?;
+        let region = StatsRegion::map(&file).map_err(io_err)?;
+        region.set_header(Header::SlotCapacity, slots as u64);
+        region.set_header(Header::SlotWords, SLOT_WORDS as u64);
+        region.set_header(Header::Magic, MAGIC);
+        Ok((region, file))
+    }
+
+    /// Maps a region created by [`StatsRegion::create`] (a worker's view).
+    pub fn open(file: &File) -> Result<StatsRegion, StatsError> {
+        let region = StatsRegion::map(file).map_err(|source| StatsError::Io {
+            path: "stats region".into(),
+            source,
+        })?;
+        let need = HEADER_WORDS * 8;
+        if region.map.len() < need {
+            return Err(StatsError::Truncated {
+                len: region.map.len(),
+                need,
+            });
+        }
+        if region.header(Header::Magic) != MAGIC {
+            return Err(StatsError::BadMagic);
+        }
+        let need = region_bytes(region.slot_capacity());
+        if region.map.len() < need {
+            return Err(StatsError::Truncated {
+                len: region.map.len(),
+                need,
+            });
+        }
+        Ok(region)
+    }
+
+    fn map(file: &File) -> io::Result<StatsRegion> {
+        // SAFETY: the file is created at its final size and never truncated
+        // while mapped; every access goes through the atomic views below, so
+        // concurrent writers in other processes cannot cause a data race.
+        let map = unsafe { MmapMut::map_mut(file)? };
+        Ok(StatsRegion { map })
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        let ptr = self.map.as_ptr() as *const AtomicU64;
+        // SAFETY: the mapping is page-aligned (so 8-byte aligned), lives as
+        // long as `self`, and AtomicU64 has u64's size; shared-memory words are
+        // only ever accessed atomically, here or in other processes.
+        unsafe { std::slice::from_raw_parts(ptr, self.map.len() / 8) }
+    }
+
+    pub fn header(&self, h: Header) -> u64 {
+        self.words()[h as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn set_header(&self, h: Header, value: u64) {
+        self.words()[h as usize].store(value, Ordering::Relaxed);
+    }
+
+    pub fn slot_capacity(&self) -> usize {
+        self.header(Header::SlotCapacity) as usize
+    }
+
+    /// Slot `k`; `None` beyond the region's capacity.
+    pub fn slot(&self, k: usize) -> Option<StatsSlot<'_>> {
+        if k >= self.slot_capacity() {
+            return None;
+        }
+        let start = HEADER_WORDS + k * SLOT_WORDS;
+        self.words()
+            .get(start..start + SLOT_WORDS)
+            .map(|words| StatsSlot { words })
+    }
+}
+
+/// One worker's counters in the region.
+#[derive(Clone, Copy)]
+pub struct StatsSlot<'a> {
+    words: &'a [AtomicU64],
+}
+
+impl StatsSlot<'_> {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.words[c as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, c: Counter, value: u64) {
+        self.words[c as usize].store(value, Ordering::Relaxed);
+    }
+
+    pub fn add(&self, c: Counter, delta: u64) {
+        self.words[c as usize].fetch_add(delta, Ordering::Relaxed);
+    }
+}
+
+fn region_bytes(slots: usize) -> usize {
+    (HEADER_WORDS + slots * SLOT_WORDS) * 8
+}
+
+/// A point-in-time copy of a stats file, read without mapping it.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    header: Vec<u64>,
+    slots: Vec<Vec<u64>>,
+}
+
+impl Snapshot {
+    pub fn read(path: &Path) -> Result<Snapshot, StatsError> {
+        let bytes = std::fs::read(path).map_err(|source| StatsError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Snapshot::parse(&bytes)
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<Snapshot, StatsError> {
+        let words: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        if words.len() < HEADER_WORDS {
+            return Err(StatsError::Truncated {
+                len: bytes.len(),
+                need: HEADER_WORDS * 8,
+            });
+        }
+        if words[Header::Magic as usize] != MAGIC
+            || words[Header::SlotWords as usize] != SLOT_WORDS as u64
+        {
+            return Err(StatsError::BadMagic);
+        }
+        let capacity = words[Header::SlotCapacity as usize] as usize;
+        let need = region_bytes(capacity);
+        if bytes.len() < need {
+            return Err(StatsError::Truncated {
+                len: bytes.len(),
+                need,
+            });
+        }
+        let in_use = (words[Header::Workers as usize] as usize).min(capacity);
+        let slots = (0..in_use)
+            .map(|k| {
+                let start = HEADER_WORDS + k * SLOT_WORDS;
+                words[start..start + SLOT_WORDS].to_vec()
+            })
+            .collect();
+        Ok(Snapshot {
+            header: words[..HEADER_WORDS].to_vec(),
+            slots,
+        })
+    }
+
+    pub fn header(&self, h: Header) -> u64 {
+        self.header[h as usize]
+    }
+
+    /// The slots in use, in worker order.
+    pub fn workers(&self) -> impl Iterator<Item = WorkerSnapshot<'_>> {
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(id, words)| WorkerSnapshot { id, words })
+    }
+}
+
+/// One worker's slot in a [`Snapshot`].
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerSnapshot<'a> {
+    pub id: usize,
+    words: &'a [u64],
+}
+
+impl WorkerSnapshot<'_> {
+    pub fn get(&self, c: Counter) -> u64 {
+        self.words[c as usize]
+    }
+
+    pub fn state(&self) -> SlotState {
+        SlotState::from_word(self.get(Counter::State))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn region_round_trip_through_file() {
+        let dir = std::env::temp_dir().join(format!("udpshard-stats-test-{}", std::process::id()));
+        let path = dir.join("stats");
+        let (region, file) = StatsRegion::create(&path, 4).unwrap();
+        region.set_header(Header::Workers, 2);
+        let worker_view = StatsRegion::open(&file).unwrap();
+        let slot = worker_view.slot(1).unwrap();
+        slot.set(Counter::Pid, 4242);
+        slot.add(Counter::RxPackets, 7);
+        slot.add(Counter::RxPackets, 3);
+        assert!(worker_view.slot(4).is_none());
+
+        let snap = Snapshot::read(&path).unwrap();
+        let workers: Vec<_> = snap.workers().collect();
+        assert_eq!(workers.len(), 2);
+        assert_eq!(workers[1].get(Counter::Pid), 4242);
+        assert_eq!(workers[1].get(Counter::RxPackets), 10);
+        assert_eq!(workers[0].get(Counter::RxPackets), 0);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn rejects_foreign_files() {
+        assert!(matches!(
+            Snapshot::parse(&[0u8; 16]),
+            Err(StatsError::Truncated { .. })
+        ));
+        assert!(matches!(
+            Snapshot::parse(&vec![0u8; HEADER_WORDS * 8]),
+            Err(StatsError::BadMagic)
+        ));
+        let mut header = vec![0u8; HEADER_WORDS * 8];
+        header[..8].copy_from_slice(&MAGIC.to_le_bytes());
+        header[8..16].copy_from_slice(&4u64.to_le_bytes()); // 4 slots promised
+        header[16..24].copy_from_slice(&(SLOT_WORDS as u64).to_le_bytes());
+        assert!(matches!(
+            Snapshot::parse(&header),
+            Err(StatsError::Truncated { .. })
+        ));
+    }
+}

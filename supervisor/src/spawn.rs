@@ -1,0 +1,66 @@
+//! Starting a worker: fork and exec of this same binary as `udpshard worker`,
+//! with exactly its descriptors inherited, pinned to its CPU from its first
+//! instruction, and bound to die with the supervisor.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use nix::sched::CpuSet;
+
+pub struct WorkerSpec {
+    pub id: usize,
+    pub cpu: usize,
+    pub control_fd: RawFd,
+    pub stats_fd: RawFd,
+    pub listener_fds: Vec<RawFd>,
+}
+
+pub fn spawn_worker(exe: &Path, spec: &WorkerSpec) -> io::Result<Child> {
+    let mut cpus = CpuSet::new();
+    cpus.set(spec.cpu).map_err(io::Error::from)?;
+    let parent = nix::unistd::getpid();
+    let mut inherit = vec![spec.control_fd, spec.stats_fd];
+    inherit.extend_from_slice(&spec.listener_fds);
+    let listener_fds = spec
+        .listener_fds
+        .iter()
+        .map(|fd| fd.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+
+    let mut cmd = Command::new(exe);
+    cmd.arg("worker")
+        .args(["--id", &spec.id.to_string()])
+        .args(["--control-fd", &spec.control_fd.to_string()])
+        .args(["--stats-fd", &spec.stats_fd.to_string()])
+        .args(["--listener-fds", &listener_fds])
+        .stdin(Stdio::null());
+    // SAFETY: the closure runs in the forked child before exec and makes only
+    // async-signal-safe system calls (fcntl, prctl, getppid,
+    // sched_setaffinity) on values prepared before the fork; it allocates
+    // nothing. The supervisor is single-threaded, so no lock is held by a
+    // thread that does not exist in the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // No orphan worker may keep the port after a SIGKILLed supervisor.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The supervisor may have died between fork and prctl.
+            if libc::getppid() != parent.as_raw() {
+                return Err(io::Error::other("supervisor exited"));
+            }
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)
+                .map_err(io::Error::from)
+        });
+    }
+    cmd.spawn()
+}

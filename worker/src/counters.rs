@@ -1,0 +1,71 @@
+//! The worker's counters: plain integers on the hot path, published to its
+//! shared-memory slot once per loop iteration.
+
+use udpshard_shared::stats::{Counter, StatsSlot};
+
+/// Words the worker owns in its slot (the supervisor writes the identity
+/// words: pid, cpu, generation, state, restarts).
+const WORKER_OWNED: [Counter; 22] = [
+    Counter::RxPackets,
+    Counter::RxBytes,
+    Counter::TxPackets,
+    Counter::TxBytes,
+    Counter::RepliesIn,
+    Counter::RepliesOut,
+    Counter::SessionsActive,
+    Counter::SessionsCreated,
+    Counter::SessionsExpired,
+    Counter::HandoffIn,
+    Counter::HandoffOut,
+    Counter::DropSocket,
+    Counter::DropMalformed,
+    Counter::DropSessionLimit,
+    Counter::DropNoBackend,
+    Counter::DropUpstream,
+    Counter::DropHandoff,
+    Counter::DropReply,
+    Counter::DropUpstreamSocket,
+    Counter::BusyNs,
+    Counter::WallNs,
+    Counter::Heartbeat,
+];
+
+#[derive(Debug, Clone)]
+pub struct Counters {
+    words: [u64; Counter::COUNT],
+}
+
+impl Counters {
+    /// Counters that continue from what the slot holds, so a replacement
+    /// worker does not make the slot's totals go backwards.
+    pub fn resume_from(slot: &StatsSlot<'_>) -> Counters {
+        let mut words = [0; Counter::COUNT];
+        for c in WORKER_OWNED {
+            words[c as usize] = slot.get(c);
+        }
+        // Gauges describe this process, not the slot's history.
+        words[Counter::SessionsActive as usize] = 0;
+        Counters { words }
+    }
+
+    #[inline]
+    pub fn add(&mut self, c: Counter, n: u64) {
+        self.words[c as usize] = self.words[c as usize].wrapping_add(n);
+    }
+
+    #[inline]
+    pub fn incr(&mut self, c: Counter) {
+        self.add(c, 1);
+    }
+
+    #[inline]
+    pub fn set(&mut self, c: Counter, v: u64) {
+        self.words[c as usize] = v;
+    }
+
+    pub fn publish(&self, slot: &StatsSlot<'_>) {
+        for c in WORKER_OWNED {
+            slot.set(c, self.words[c as usize]);
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The session table: flow key -> session, per listener, with idle expiry and
+//! a per-listener limit. No I/O: the upstream handle is a type parameter, so
+//! the table is tested without sockets.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ahash::AHashMap;
+use slab::Slab;
+use udpshard_shared::FlowKey;
+
+/// A session's index in the table; stable for the session's life (it names
+/// the upstream socket's poll token).
+pub type SessionId = usize;
+
+/// One flow's state: where its client is now and how to reach its backend.
+#[derive(Debug)]
+pub struct Session<U> {
+    pub listener: usize,
+    pub key: FlowKey,
+    /// The client's current address: replies go here, and a migrated client
+    /// moves it.
+    pub client: SocketAddr,
+    /// The local address the client sent to (for replies from a wildcard
+    /// listener); `None` when the listener is bound to one address.
+    pub local_ip: Option<IpAddr>,
+    pub upstream: U,
+    /// Coarse clock (ms) of the last datagram in either direction.
+    pub last_active_ms: u64,
+    /// The kernel's drop count on the upstream socket when last read.
+    pub upstream_drops_seen: u32,
+}
+
+/// Why a new session could not be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The listener already holds `max_sessions`.
+    SessionLimit,
+}
+
+#[derive(Debug)]
+struct ListenerTable {
+    keys: AHashMap<FlowKey, SessionId>,
+    max_sessions: usize,
+    idle_ms: u64,
+}
+
+/// All sessions of one worker, across its listeners.
+#[derive(Debug)]
+pub struct SessionTable<U> {
+    sessions: Slab<Session<U>>,
+    listeners: Vec<ListenerTable>,
+    /// Where the incremental expiry sweep resumes.
+    sweep_cursor: usize,
+}
+
+impl<U> SessionTable<U> {
+    /// A table for listeners given as (max_sessions, idle timeout in ms).
+    pub fn new(limits: impl IntoIterator<Item = (usize, u64)>) -> Self {
+        SessionTable {
+            sessions: Slab::new(),
+            listeners: limits
+                .into_iter()
+                .map(|(max_sessions, idle_ms)| ListenerTable {
+                    keys: AHashMap::new(),
+                    max_sessions,
+                    idle_ms,
+                })
+                .collect(),
+            sweep_cursor: 0,
+        }
+    }
+
+    pub fn lookup(&self, listener: usize, key: &FlowKey) -> Option<SessionId> {
+        self.listeners[listener].keys.get(key).copied()
+    }
+
+    /// Whether `listener` may take one more session.
+    pub fn admit(&self, listener: usize) -> Result<(), Refused> {
+        let l = &self.listeners[listener];
+        if l.keys.len() >= l.max_sessions {
+            return Err(Refused::SessionLimit);
+        }
+        Ok(())
+    }
+
+    /// Adds a session; the caller has checked [`SessionTable::admit`].
+    pub fn insert(&mut self, session: Session<U>) -> SessionId {
+        let listener = session.listener;
+        let key = session.key;
+        let id = self.sessions.insert(session);
+        self.listeners[listener].keys.insert(key, id);
+        id
+    }
+
+    pub fn get_mut(&mut self, id: SessionId) -> Option<&mut Session<U>> {
+        self.sessions.get_mut(id)
+    }
+
+    pub fn remove(&mut self, id: SessionId) -> Option<Session<U>> {
+        let session = self.sessions.try_remove(id)?;
+        let keys = &mut self.listeners[session.listener].keys;
+        if keys.get(&session.key) == Some(&id) {
+            keys.remove(&session.key);
+        }
+        Some(session)
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Visits up to `budget` slab slots from where the last sweep stopped and
+    /// removes sessions idle for longer than their listener's timeout,
+    /// handing each to `expired`. Called every tick with a budget sized so
+    /// the whole table is swept within about a second, without a pause
+    /// proportional to the table.
+    pub fn sweep(
+        &mut self,
+        now_ms: u64,
+        budget: usize,
+        mut expired: impl FnMut(SessionId, Session<U>),
+    ) {
+        let capacity = self.sessions.capacity();
+        if capacity == 0 {
+            return;
+        }
+        for _ in 0..budget.min(capacity) {
+            let id = self.sweep_cursor % capacity;
+            self.sweep_cursor = (id + 1) % capacity;
+            let Some(s) = self.sessions.get(id) else {
+                continue;
+            };
+            let idle_ms = self.listeners[s.listener].idle_ms;
+            if now_ms.saturating_sub(s.last_active_ms) > idle_ms {
+                if let Some(session) = self.remove(id) {
+                    expired(id, session);
+                }
+            }
+        }
+    }
+
+    /// Every session, for shutdown.
+    pub fn drain(&mut self) -> impl Iterator<Item = Session<U>> + '_ {
+        for l in &mut self.listeners {
+            l.keys.clear();
+        }
+        self.sessions.drain()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(listener: usize, cid: u8, now: u64) -> Session<()> {
+        Session {
+            listener,
+            key: FlowKey::new(&[cid; 8]).unwrap(),
+            client: "127.0.0.1:9".parse().unwrap(),
+            local_ip: None,
+            upstream: (),
+            last_active_ms: now,
+            upstream_drops_seen: 0,
+        }
+    }
+
+    #[test]
+    fn lookup_is_per_listener() {
+        let mut t = SessionTable::new([(10, 1000), (10, 1000)]);
+        let id = t.insert(session(0, 1, 0));
+        let key = FlowKey::new(&[1; 8]).unwrap();
+        assert_eq!(t.lookup(0, &key), Some(id));
+        assert_eq!(t.lookup(1, &key), None);
+    }
+
+    #[test]
+    fn limit_is_enforced_and_freed_by_removal() {
+        let mut t = SessionTable::new([(2, 1000)]);
+        let a = t.insert(session(0, 1, 0));
+        t.insert(session(0, 2, 0));
+        assert_eq!(t.admit(0), Err(Refused::SessionLimit));
+        t.remove(a);
+        assert_eq!(t.admit(0), Ok(()));
+    }
+
+    #[test]
+    fn sweep_expires_only_idle_sessions_within_budget() {
+        let mut t = SessionTable::new([(100, 1000)]);
+        for cid in 0..10 {
+            // Even CIDs idle since 0, odd ones active at 1500.
+            t.insert(session(0, cid, if cid % 2 == 0 { 0 } else { 1500 }));
+        }
+        let mut gone = Vec::new();
+        t.sweep(2001, 4, |_, s| gone.push(s.key.as_bytes()[0]));
+        assert_eq!(gone, vec![0, 2]);
+        t.sweep(2001, 100, |_, s| gone.push(s.key.as_bytes()[0]));
+        assert_eq!(gone, vec![0, 2, 4, 6, 8]);
+        assert_eq!(t.len(), 5);
+        assert_eq!(t.lookup(0, &FlowKey::new(&[4; 8]).unwrap()), None);
+    }
+
+    #[test]
+    fn ids_are_reused_without_stale_keys() {
+        let mut t = SessionTable::new([(100, 1000)]);
+        let a = t.insert(session(0, 1, 0));
+        t.remove(a);
+        let b = t.insert(session(0, 2, 0));
+        assert_eq!(a, b, "slab reuses the slot");
+        assert_eq!(t.lookup(0, &FlowKey::new(&[1; 8]).unwrap()), None);
+        assert_eq!(t.lookup(0, &FlowKey::new(&[2; 8]).unwrap()), Some(b));
+    }
+}
