@@ -1,0 +1,144 @@
+//! End to end: the command line a user types.
+
+use std::path::Path;
+use std::process::Command;
+
+use udpshard_tests::harness::{total, Backend, Proxy, TempDir};
+
+const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
+
+fn check_config(text: &str) -> (i32, String, String) {
+    let dir = TempDir::new("check");
+    let file = dir.path().join("udpshard.toml");
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(BIN).arg("check-config").arg(&file).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).replace(&file.display().to_string(), "FILE");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
+#[test]
+fn check_config_accepts_a_valid_file() {
+    let (code, stdout, _) = check_config(
+        "[[listener]]\nname = \"q\"\nbind = \"0.0.0.0:443\"\ndissector = \"quic\"\nbackends = [\"10.0.0.1:443\", { addr = \"10.0.0.2:443\", weight = 2 }]\n",
+    );
+    assert_eq!(code, 0);
+    assert!(stdout.contains("ok"), "{stdout}");
+}
+
+#[test]
+fn check_config_names_file_line_col_and_exits_1() {
+    let (code, _, stderr) = check_config(
+        "workers = 2\n\n[[listener]]\nname = \"q\"\nbind = \"0.0.0.0:443\"\ndissector = \"quic\"\nrecv_bufer = \"4MiB\"\nbackends = [\"10.0.0.1:443\"]\n",
+    );
+    assert_eq!(code, 1);
+    assert!(stderr.starts_with("FILE:7:1: "), "{stderr}");
+    assert!(stderr.contains("recv_bufer"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one message: {stderr}");
+
+    let (code, _, stderr) = check_config(
+        "[[listener]]\nname = \"q\"\nbind = \"0.0.0.0:443\"\ndissector = \"quic\"\nshort_cid_len = 21\nbackends = [\"10.0.0.1:443\"]\n",
+    );
+    assert_eq!(code, 1);
+    assert!(stderr.starts_with("FILE:5:17: "), "{stderr}");
+}
+
+#[test]
+fn check_config_of_a_missing_file_fails_clearly() {
+    let out = Command::new(BIN).args(["check-config", "/nonexistent/udpshard.toml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/udpshard.toml: cannot read"), "{stderr}");
+}
+
+#[test]
+fn run_refuses_a_bad_config_with_its_position() {
+    let dir = TempDir::new("badrun");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "workers = 0\n").unwrap();
+    let out = Command::new(BIN).arg("run").arg("--config").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("{}:1:11", file.display())), "{stderr}");
+}
+
+#[test]
+fn a_clamped_receive_buffer_is_reported_with_the_sysctl_that_fixes_it() {
+    let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let want = (rmem_max * 2).clamp(8192, 1 << 30);
+    assert!(want > rmem_max, "rmem_max {rmem_max} is already at the config's ceiling");
+    let a = Backend::start("a");
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &format!(
+            "stats_file = \"{{stats_file}}\"\n[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:0\"\ndissector = \"quic\"\nrecv_buffer = {want}\nbackends = [\"{}\"]\n",
+            a.addr
+        ),
+    );
+    let log = proxy.log();
+    assert!(log.contains(&format!("sysctl -w net.core.rmem_max={want}")), "{log}");
+    assert!(log.contains(&format!("receive buffer {rmem_max} bytes")), "{log}");
+}
+
+#[test]
+fn stats_prints_a_table_and_json() {
+    let a = Backend::start("a");
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &format!(
+            "workers = 2\nstats_file = \"{{stats_file}}\"\n[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:0\"\ndissector = \"quic\"\nbackends = [\"{}\"]\n",
+            a.addr
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["stats", "--stats-file"])
+        .arg(&proxy.stats_file)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("state") && table.contains("malformed"), "{table}");
+    assert_eq!(table.lines().filter(|l| l.contains(" ready ")).count(), 2, "{table}");
+
+    let json = proxy.stats();
+    let w = &json["workers"][0];
+    for key in ["id", "pid", "cpu", "rx_packets", "tx_packets", "sessions_active", "handoff_in", "handoff_out"] {
+        assert!(w[key].is_u64(), "{key} missing: {w}");
+    }
+    for key in ["socket", "malformed", "session_limit", "no_backend", "upstream", "handoff"] {
+        assert!(w["drops"][key].is_u64(), "drops.{key} missing: {w}");
+    }
+    assert_eq!(total(&json, "rx_packets"), 0);
+}
+
+#[test]
+fn stats_of_a_missing_file_fails_clearly() {
+    let out = Command::new(BIN)
+        .args(["stats", "--stats-file", "/nonexistent/stats"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/stats"));
+}
+
+/// `udpshard run` with no --config serves the embedded default, says so,
+/// and `udpshard stats` with no --stats-file finds it. Needs the default
+/// port (4433) and the default stats path (/run/udpshard), as a packaged
+/// install would have.
+#[test]
+fn run_without_config_uses_the_embedded_default() {
+    let dir = TempDir::new("default");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run");
+    let proxy = Proxy::spawn(cmd, Path::new(BIN), dir, "<embedded default>".into(), "/run/udpshard/stats".into());
+    let log = proxy.log();
+    assert!(log.contains("embedded default"), "{log}");
+    assert_eq!(proxy.addr("quic").to_string(), "127.0.0.1:4433");
+    let out = Command::new(BIN).args(["stats", "--json"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["supervisor_pid"].as_u64(), Some(u64::from(proxy.pid())));
+}
