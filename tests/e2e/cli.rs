@@ -11,9 +11,17 @@ fn check_config(text: &str) -> (i32, String, String) {
     let dir = TempDir::new("check");
     let file = dir.path().join("udpshard.toml");
     std::fs::write(&file, text).unwrap();
-    let out = Command::new(BIN).arg("check-config").arg(&file).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).replace(&file.display().to_string(), "FILE");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr,
+    )
 }
 
 #[test]
@@ -44,10 +52,16 @@ fn check_config_names_file_line_col_and_exits_1() {
 
 #[test]
 fn check_config_of_a_missing_file_fails_clearly() {
-    let out = Command::new(BIN).args(["check-config", "/nonexistent/udpshard.toml"]).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "/nonexistent/udpshard.toml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("/nonexistent/udpshard.toml: cannot read"), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/udpshard.toml: cannot read"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -55,10 +69,18 @@ fn run_refuses_a_bad_config_with_its_position() {
     let dir = TempDir::new("badrun");
     let file = dir.path().join("bad.toml");
     std::fs::write(&file, "workers = 0\n").unwrap();
-    let out = Command::new(BIN).arg("run").arg("--config").arg(&file).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("run")
+        .arg("--config")
+        .arg(&file)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("{}:1:11", file.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:1:11", file.display())),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -69,7 +91,10 @@ fn a_clamped_receive_buffer_is_reported_with_the_sysctl_that_fixes_it() {
         .parse()
         .unwrap();
     let want = (rmem_max * 2).clamp(8192, 1 << 30);
-    assert!(want > rmem_max, "rmem_max {rmem_max} is already at the config's ceiling");
+    assert!(
+        want > rmem_max,
+        "rmem_max {rmem_max} is already at the config's ceiling"
+    );
     let a = Backend::start("a");
     let proxy = Proxy::start(
         Path::new(BIN),
@@ -79,8 +104,14 @@ fn a_clamped_receive_buffer_is_reported_with_the_sysctl_that_fixes_it() {
         ),
     );
     let log = proxy.log();
-    assert!(log.contains(&format!("sysctl -w net.core.rmem_max={want}")), "{log}");
-    assert!(log.contains(&format!("receive buffer {rmem_max} bytes")), "{log}");
+    assert!(
+        log.contains(&format!("sysctl -w net.core.rmem_max={want}")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("receive buffer {rmem_max} bytes")),
+        "{log}"
+    );
 }
 
 #[test]
@@ -100,15 +131,38 @@ fn stats_prints_a_table_and_json() {
         .unwrap();
     assert!(out.status.success());
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(table.contains("state") && table.contains("malformed"), "{table}");
-    assert_eq!(table.lines().filter(|l| l.contains(" ready ")).count(), 2, "{table}");
+    assert!(
+        table.contains("state") && table.contains("malformed"),
+        "{table}"
+    );
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" ready ")).count(),
+        2,
+        "{table}"
+    );
 
     let json = proxy.stats();
     let w = &json["workers"][0];
-    for key in ["id", "pid", "cpu", "rx_packets", "tx_packets", "sessions_active", "handoff_in", "handoff_out"] {
+    for key in [
+        "id",
+        "pid",
+        "cpu",
+        "rx_packets",
+        "tx_packets",
+        "sessions_active",
+        "handoff_in",
+        "handoff_out",
+    ] {
         assert!(w[key].is_u64(), "{key} missing: {w}");
     }
-    for key in ["socket", "malformed", "session_limit", "no_backend", "upstream", "handoff"] {
+    for key in [
+        "socket",
+        "malformed",
+        "session_limit",
+        "no_backend",
+        "upstream",
+        "handoff",
+    ] {
         assert!(w["drops"][key].is_u64(), "drops.{key} missing: {w}");
     }
     assert_eq!(total(&json, "rx_packets"), 0);
@@ -133,12 +187,28 @@ fn run_without_config_uses_the_embedded_default() {
     let dir = TempDir::new("default");
     let mut cmd = Command::new(BIN);
     cmd.arg("run");
-    let proxy = Proxy::spawn(cmd, Path::new(BIN), dir, "<embedded default>".into(), "/run/udpshard/stats".into());
+    let proxy = Proxy::spawn(
+        cmd,
+        Path::new(BIN),
+        dir,
+        "<embedded default>".into(),
+        "/run/udpshard/stats".into(),
+    );
     let log = proxy.log();
     assert!(log.contains("embedded default"), "{log}");
     assert_eq!(proxy.addr("quic").to_string(), "127.0.0.1:4433");
-    let out = Command::new(BIN).args(["stats", "--json"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["stats", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(json["supervisor_pid"].as_u64(), Some(u64::from(proxy.pid())));
+    assert_eq!(
+        json["supervisor_pid"].as_u64(),
+        Some(u64::from(proxy.pid()))
+    );
 }

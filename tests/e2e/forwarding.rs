@@ -31,7 +31,8 @@ backends = [{}]
 
 fn client() -> UdpSocket {
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
-    c.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     c
 }
 
@@ -53,7 +54,10 @@ fn cid_routes(backends: &[&Backend]) -> HashMap<u64, (HashSet<String>, HashSet<S
 #[test]
 fn each_cid_sticks_to_one_backend_and_replies_come_back() {
     let (a, b) = (Backend::start("a"), Backend::start("b"));
-    let proxy = Proxy::start(Path::new(BIN), &config("dissector = \"quic\"\nshort_cid_len = 8", &[&a, &b]));
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &config("dissector = \"quic\"\nshort_cid_len = 8", &[&a, &b]),
+    );
     let target = proxy.addr("quic");
     const CIDS: u64 = 200;
     const PER_CID: usize = 5;
@@ -61,11 +65,14 @@ fn each_cid_sticks_to_one_backend_and_replies_come_back() {
     let clients: Vec<UdpSocket> = (0..CIDS).map(|_| client()).collect();
     for round in 0..PER_CID {
         for (cid, c) in clients.iter().enumerate() {
-            c.send_to(&quic_short(cid as u64 + 1, &[round as u8; 16]), target).unwrap();
+            c.send_to(&quic_short(cid as u64 + 1, &[round as u8; 16]), target)
+                .unwrap();
         }
     }
     let want = CIDS as usize * PER_CID;
-    wait_until(WAIT, "every datagram at a backend", || a.count() + b.count() == want);
+    wait_until(WAIT, "every datagram at a backend", || {
+        a.count() + b.count() == want
+    });
 
     let routes = cid_routes(&[&a, &b]);
     assert_eq!(routes.len(), CIDS as usize);
@@ -73,11 +80,23 @@ fn each_cid_sticks_to_one_backend_and_replies_come_back() {
     let maglev = Maglev::new(&[(a.addr.to_string(), 1), (b.addr.to_string(), 1)], 65537).unwrap();
     for (cid, (names, froms)) in &routes {
         assert_eq!(names.len(), 1, "CID {cid} reached {names:?}");
-        assert_eq!(froms.len(), 1, "CID {cid} came from several proxy sockets: {froms:?}");
+        assert_eq!(
+            froms.len(),
+            1,
+            "CID {cid} came from several proxy sockets: {froms:?}"
+        );
         let expected = ["a", "b"][maglev.backend_for(&cid.to_be_bytes())];
-        assert!(names.contains(expected), "CID {cid} went to {names:?}, Maglev says {expected}");
+        assert!(
+            names.contains(expected),
+            "CID {cid} went to {names:?}, Maglev says {expected}"
+        );
     }
-    assert!(a.count() > 0 && b.count() > 0, "a {} b {}", a.count(), b.count());
+    assert!(
+        a.count() > 0 && b.count() > 0,
+        "a {} b {}",
+        a.count(),
+        b.count()
+    );
 
     // Every client gets its own replies, from the proxy's address.
     for (cid, c) in clients.iter().enumerate() {
@@ -86,17 +105,31 @@ fn each_cid_sticks_to_one_backend_and_replies_come_back() {
             let (n, from) = c.recv_from(&mut buf).expect("reply");
             assert_eq!(from, target);
             let reply = &buf[..n];
-            assert_eq!(&reply[3..11], &(cid as u64 + 1).to_be_bytes(), "reply for another CID");
+            assert_eq!(
+                &reply[3..11],
+                &(cid as u64 + 1).to_be_bytes(),
+                "reply for another CID"
+            );
         }
     }
 
-    let stats = proxy.wait_stats(WAIT, "replies counted", |s| total(s, "replies_out") == want as u64);
+    let stats = proxy.wait_stats(WAIT, "replies counted", |s| {
+        total(s, "replies_out") == want as u64
+    });
     assert_eq!(total(&stats, "rx_packets"), want as u64);
     assert_eq!(total(&stats, "tx_packets"), want as u64);
     assert_eq!(total(&stats, "replies_in"), want as u64);
     assert_eq!(total(&stats, "sessions_active"), CIDS);
     assert_eq!(total(&stats, "sessions_created"), CIDS);
-    for drop in ["socket", "malformed", "session_limit", "no_backend", "upstream", "handoff", "reply"] {
+    for drop in [
+        "socket",
+        "malformed",
+        "session_limit",
+        "no_backend",
+        "upstream",
+        "handoff",
+        "reply",
+    ] {
         assert_eq!(total(&stats, &format!("drops.{drop}")), 0, "drops.{drop}");
     }
     // The kernel hash spread 200 source ports over every worker.
@@ -111,7 +144,10 @@ fn each_cid_sticks_to_one_backend_and_replies_come_back() {
 #[test]
 fn malformed_datagrams_are_counted_and_harm_nothing() {
     let a = Backend::start("a");
-    let proxy = Proxy::start(Path::new(BIN), &config("dissector = \"quic\"\nshort_cid_len = 8", &[&a]));
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &config("dissector = \"quic\"\nshort_cid_len = 8", &[&a]),
+    );
     let target = proxy.addr("quic");
     let c = client();
     let mut long_21 = vec![0xc0, 0, 0, 0, 1, 21];
@@ -119,13 +155,13 @@ fn malformed_datagrams_are_counted_and_harm_nothing() {
     let mut long_255 = vec![0xc0, 0, 0, 0, 1, 255];
     long_255.extend_from_slice(&[7; 300]);
     let malformed: Vec<Vec<u8>> = vec![
-        vec![],                            // empty
-        vec![0x40],                        // 1 byte
-        long_21,                           // DCID length 21
-        long_255,                          // DCID length 255
-        vec![0xc0, 0, 0, 0, 1, 8, 1, 2],   // long header, CID truncated
-        vec![0x40, 1, 2, 3],               // short header, CID truncated
-        vec![0xc0, 0, 0, 0],               // long header without a length byte
+        vec![],                          // empty
+        vec![0x40],                      // 1 byte
+        long_21,                         // DCID length 21
+        long_255,                        // DCID length 255
+        vec![0xc0, 0, 0, 0, 1, 8, 1, 2], // long header, CID truncated
+        vec![0x40, 1, 2, 3],             // short header, CID truncated
+        vec![0xc0, 0, 0, 0],             // long header without a length byte
     ];
     for d in &malformed {
         c.send_to(d, target).unwrap();
@@ -147,7 +183,8 @@ fn malformed_datagrams_are_counted_and_harm_nothing() {
 #[test]
 fn session_limit_drops_new_flows_and_counts_them() {
     let a = Backend::start("a");
-    let cfg = config("dissector = \"quic\"\nmax_sessions = 5", &[&a]).replace("workers = \"auto\"", "workers = 1");
+    let cfg = config("dissector = \"quic\"\nmax_sessions = 5", &[&a])
+        .replace("workers = \"auto\"", "workers = 1");
     let proxy = Proxy::start(Path::new(BIN), &cfg);
     let target = proxy.addr("quic");
     let c = client();
@@ -167,7 +204,11 @@ fn session_limit_drops_new_flows_and_counts_them() {
 #[test]
 fn idle_sessions_expire_and_free_their_place() {
     let a = Backend::start("a");
-    let cfg = config("dissector = \"quic\"\nsession_idle = \"1s\"\nmax_sessions = 3", &[&a]).replace("workers = \"auto\"", "workers = 1");
+    let cfg = config(
+        "dissector = \"quic\"\nsession_idle = \"1s\"\nmax_sessions = 3",
+        &[&a],
+    )
+    .replace("workers = \"auto\"", "workers = 1");
     let proxy = Proxy::start(Path::new(BIN), &cfg);
     let target = proxy.addr("quic");
     let c = client();
@@ -175,7 +216,9 @@ fn idle_sessions_expire_and_free_their_place() {
         c.send_to(&quic_short(cid, b"x"), target).unwrap();
     }
     proxy.wait_stats(WAIT, "3 sessions", |s| total(s, "sessions_active") == 3);
-    let stats = proxy.wait_stats(WAIT, "sessions expired", |s| total(s, "sessions_expired") == 3);
+    let stats = proxy.wait_stats(WAIT, "sessions expired", |s| {
+        total(s, "sessions_expired") == 3
+    });
     assert_eq!(total(&stats, "sessions_active"), 0);
     // The freed places take new flows.
     for cid in 10..13u64 {
@@ -188,7 +231,10 @@ fn idle_sessions_expire_and_free_their_place() {
 #[test]
 fn bytes_dissector_keys_on_the_configured_range() {
     let (a, b) = (Backend::start("a"), Backend::start("b"));
-    let cfg = config("dissector = \"bytes\"\ncid_offset = 4\ncid_len = 4", &[&a, &b]);
+    let cfg = config(
+        "dissector = \"bytes\"\ncid_offset = 4\ncid_len = 4",
+        &[&a, &b],
+    );
     let proxy = Proxy::start(Path::new(BIN), &cfg);
     let target = proxy.addr("quic");
     // 50 flows, each sent from 3 different client sockets with varying
@@ -206,7 +252,10 @@ fn bytes_dissector_keys_on_the_configured_range() {
     let mut by_flow: HashMap<[u8; 4], HashSet<SocketAddr>> = HashMap::new();
     for backend in [&a, &b] {
         for s in backend.seen() {
-            by_flow.entry(s.payload[4..8].try_into().unwrap()).or_default().insert(s.from);
+            by_flow
+                .entry(s.payload[4..8].try_into().unwrap())
+                .or_default()
+                .insert(s.from);
         }
     }
     assert_eq!(by_flow.len(), 50);
@@ -223,7 +272,9 @@ fn bytes_dissector_keys_on_the_configured_range() {
     assert_eq!(total(&stats, "drops.malformed"), 0);
     // Too short for the range: malformed.
     clients[0].send_to(&[1, 2, 3, 4, 5, 6], target).unwrap();
-    proxy.wait_stats(WAIT, "short datagram malformed", |s| total(s, "drops.malformed") == 1);
+    proxy.wait_stats(WAIT, "short datagram malformed", |s| {
+        total(s, "drops.malformed") == 1
+    });
 }
 
 #[test]

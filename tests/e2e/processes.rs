@@ -7,7 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use udpshard_tests::harness::{
-    allowed_cpus_of, field_of, parse_cpu_list, process_exists, quic_short, total, wait_until, Backend, Proxy,
+    allowed_cpus_of, field_of, parse_cpu_list, process_exists, quic_short, total, wait_until,
+    Backend, Proxy,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
@@ -44,29 +45,49 @@ fn one_worker_per_allowed_cpu_each_pinned_to_its_own() {
     let proxy = Proxy::start(Path::new(BIN), &config("\"auto\"", &a));
     let allowed = parse_cpu_list(&allowed_cpus_of(std::process::id()));
     let workers = worker_pids(&proxy);
-    assert_eq!(workers.len(), allowed.len(), "workers {workers:?} for CPUs {allowed:?}");
+    assert_eq!(
+        workers.len(),
+        allowed.len(),
+        "workers {workers:?} for CPUs {allowed:?}"
+    );
     let mut cpus: Vec<usize> = workers.iter().map(|w| w.1).collect();
     cpus.sort_unstable();
     assert_eq!(cpus, allowed, "each allowed CPU gets exactly one worker");
     for (pid, cpu) in workers {
-        assert_eq!(allowed_cpus_of(pid), cpu.to_string(), "worker {pid} is pinned to its CPU only");
+        assert_eq!(
+            allowed_cpus_of(pid),
+            cpu.to_string(),
+            "worker {pid} is pinned to its CPU only"
+        );
     }
     let log = proxy.log();
-    assert!(log.contains("allowed CPUs: "), "the log lists the CPU set before pinning:\n{log}");
+    assert!(
+        log.contains("allowed CPUs: "),
+        "the log lists the CPU set before pinning:\n{log}"
+    );
 }
 
 #[test]
 fn under_taskset_c0_exactly_one_worker_on_cpu0() {
     let a = Backend::start("a");
-    let proxy = Proxy::start_with(Path::new(BIN), &config("\"auto\"", &a), &["taskset", "-c", "0"]);
+    let proxy = Proxy::start_with(
+        Path::new(BIN),
+        &config("\"auto\"", &a),
+        &["taskset", "-c", "0"],
+    );
     let workers = worker_pids(&proxy);
     assert_eq!(workers.len(), 1, "{workers:?}");
     assert_eq!(workers[0].1, 0);
     assert_eq!(allowed_cpus_of(workers[0].0), "0");
-    assert!(proxy.log().contains("allowed CPUs: 0 (1 CPUs)"), "{}", proxy.log());
+    assert!(
+        proxy.log().contains("allowed CPUs: 0 (1 CPUs)"),
+        "{}",
+        proxy.log()
+    );
     // And it forwards.
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
-    c.send_to(&quic_short(7, b"hi"), proxy.addr("quic")).unwrap();
+    c.send_to(&quic_short(7, b"hi"), proxy.addr("quic"))
+        .unwrap();
     wait_until(WAIT, "forwarded", || a.count() == 1);
 }
 
@@ -76,7 +97,9 @@ fn sigterm_stops_every_worker_and_exits_zero() {
     let mut proxy = Proxy::start(Path::new(BIN), &config("2", &a));
     let pids = worker_pids(&proxy);
     proxy.signal(libc::SIGTERM);
-    let status = proxy.wait_exit(Duration::from_secs(6)).expect("exited within the stop timeout");
+    let status = proxy
+        .wait_exit(Duration::from_secs(6))
+        .expect("exited within the stop timeout");
     assert_eq!(status.code(), Some(0));
     for (pid, _) in pids {
         assert!(!process_exists(pid), "worker {pid} outlived the supervisor");
@@ -107,7 +130,9 @@ fn a_crashed_worker_is_replaced_on_the_same_cpu_with_its_socket() {
     assert_eq!(unsafe { libc::kill(old_pid as i32, libc::SIGKILL) }, 0);
     let stats = proxy.wait_stats(WAIT, "a replacement worker ready", |s| {
         let w = &s["workers"][0];
-        field_of(w, "restarts") == 1 && w["state"] == "ready" && field_of(w, "pid") != u64::from(old_pid)
+        field_of(w, "restarts") == 1
+            && w["state"] == "ready"
+            && field_of(w, "pid") != u64::from(old_pid)
     });
     let w = &stats["workers"][0];
     assert_eq!(field_of(w, "cpu") as usize, cpu);
@@ -115,7 +140,8 @@ fn a_crashed_worker_is_replaced_on_the_same_cpu_with_its_socket() {
     assert_eq!(allowed_cpus_of(field_of(w, "pid") as u32), cpu.to_string());
     // The replacement serves the same socket.
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
-    c.send_to(&quic_short(9, b"after"), proxy.addr("quic")).unwrap();
+    c.send_to(&quic_short(9, b"after"), proxy.addr("quic"))
+        .unwrap();
     wait_until(WAIT, "forwarded by the replacement", || a.count() == 1);
     assert_eq!(total(&proxy.stats(), "tx_packets"), 1);
 }

@@ -24,7 +24,8 @@ impl TempDir {
     pub fn new(tag: &str) -> TempDir {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("udpshard-e2e-{tag}-{}-{n}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("udpshard-e2e-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("create temp dir");
         TempDir(path)
@@ -70,8 +71,11 @@ impl Proxy {
         let dir = TempDir::new("proxy");
         let stats_file = dir.path().join("stats");
         let config_path = dir.path().join("udpshard.toml");
-        std::fs::write(&config_path, config.replace("{stats_file}", &stats_file.display().to_string()))
-            .expect("write config");
+        std::fs::write(
+            &config_path,
+            config.replace("{stats_file}", &stats_file.display().to_string()),
+        )
+        .expect("write config");
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -86,8 +90,16 @@ impl Proxy {
 
     /// Runs an arbitrary `udpshard run ...` command line (for the embedded
     /// default config, which has its own stats path).
-    pub fn spawn(mut cmd: Command, bin: &Path, dir: TempDir, config_path: PathBuf, stats_file: PathBuf) -> Proxy {
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+    pub fn spawn(
+        mut cmd: Command,
+        bin: &Path,
+        dir: TempDir,
+        config_path: PathBuf,
+        stats_file: PathBuf,
+    ) -> Proxy {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn udpshard");
         let stderr = child.stderr.take().expect("piped stderr");
         let log = Arc::new(Mutex::new(String::new()));
@@ -131,7 +143,10 @@ impl Proxy {
                     }
                 }
             }
-            Err(_) => panic!("udpshard did not become ready in {READY_TIMEOUT:?}; log:\n{}", proxy.log()),
+            Err(_) => panic!(
+                "udpshard did not become ready in {READY_TIMEOUT:?}; log:\n{}",
+                proxy.log()
+            ),
         }
         proxy
     }
@@ -160,7 +175,10 @@ impl Proxy {
             if log.contains(needle) {
                 return log;
             }
-            assert!(Instant::now() < deadline, "log never showed {needle:?}:\n{log}");
+            assert!(
+                Instant::now() < deadline,
+                "log never showed {needle:?}:\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -172,7 +190,12 @@ impl Proxy {
 
     /// Polls the stats until `pred` holds; panics with the last stats after
     /// `timeout`.
-    pub fn wait_stats(&self, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    pub fn wait_stats(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
             let stats = self.stats();
@@ -306,7 +329,9 @@ impl Backend {
                     reply.push(b':');
                     reply.extend_from_slice(&payload);
                     let _ = socket.send_to(&reply, from);
-                    seen.lock().unwrap_or_else(|e| e.into_inner()).push(Seen { payload, from });
+                    seen.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(Seen { payload, from });
                 }
             })
         };
@@ -383,6 +408,12 @@ pub fn parse_cpu_list(list: &str) -> Vec<usize> {
 pub fn process_exists(pid: u32) -> bool {
     // A zombie still has a /proc entry; only count live processes.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(false)
 }
