@@ -155,7 +155,11 @@ impl StatsRegion {
         }
         // A new inode every start: a reader that still maps the previous
         // run's file keeps a consistent, if stale, view.
-        let _ = std::fs::remove_file(path);
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(e)),
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)

@@ -6,6 +6,7 @@ mod notify;
 mod reuseport;
 mod spawn;
 mod stats_cmd;
+mod stats_path;
 mod supervisor;
 
 use std::path::PathBuf;
@@ -36,8 +37,10 @@ enum Command {
     CheckConfig { file: PathBuf },
     /// Print the running proxy's counters from its stats file.
     Stats {
-        #[arg(long, default_value = config::DEFAULT_STATS_FILE)]
-        stats_file: PathBuf,
+        /// Default: /run/udpshard/stats, else the per-user fallback a
+        /// non-root `udpshard run` uses.
+        #[arg(long)]
+        stats_file: Option<PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -71,13 +74,15 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Stats { stats_file, json } => match stats_cmd::print(&stats_file, json) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("udpshard stats: {e}");
-                ExitCode::FAILURE
+        Command::Stats { stats_file, json } => {
+            match stats_cmd::print(&stats_file.unwrap_or_else(stats_path::find_default), json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("udpshard stats: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Worker {
             id,
             control_fd,

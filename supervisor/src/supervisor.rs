@@ -24,7 +24,7 @@ use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use udpshard_config::{Config, Workers};
 use udpshard_shared::control::{ControlMsg, FrameReader};
-use udpshard_shared::stats::{Counter, Header, SlotState, StatsRegion};
+use udpshard_shared::stats::{Counter, Header, SlotState, StatsError, StatsRegion};
 
 use crate::cpus::{allowed_cpus, format_cpu_list};
 use crate::notify::notify;
@@ -139,12 +139,12 @@ impl Supervisor {
                 .flatten()
                 .unwrap_or(1) as usize,
         );
-        let (region, stats_file) = StatsRegion::create(&config.stats_file, capacity)?;
+        let (region, stats_file, stats_path) = create_stats(&config.stats_file, capacity)?;
+        tracing::info!("stats at {}", stats_path.display());
         region.set_header(Header::SupervisorPid, std::process::id() as u64);
         region.set_header(Header::StartedAt, unix_now());
         region.set_header(Header::ConfigGeneration, 1);
         region.set_header(Header::Workers, count as u64);
-        tracing::info!("stats at {}", config.stats_file.display());
 
         let poll = Poll::new().map_err(SupervisorError::Poll)?;
         let mut signals =
@@ -433,6 +433,32 @@ impl Supervisor {
         }
         Ok(())
     }
+}
+
+/// Creates the stats region; a default path the user may not write falls
+/// back to a per-user one (see `stats_path`).
+fn create_stats(
+    path: &std::path::Path,
+    slots: usize,
+) -> Result<(StatsRegion, File, PathBuf), SupervisorError> {
+    let first = match StatsRegion::create(path, slots) {
+        Ok((region, file)) => return Ok((region, file, path.to_path_buf())),
+        Err(e) => e,
+    };
+    let denied = matches!(&first, StatsError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied);
+    if !denied || path != std::path::Path::new(udpshard_config::DEFAULT_STATS_FILE) {
+        return Err(first.into());
+    }
+    for fallback in crate::stats_path::default_candidates().iter().skip(1) {
+        if let Ok((region, file)) = StatsRegion::create(fallback, slots) {
+            tracing::warn!(
+                "{first}; using {} instead (`udpshard stats` looks there too)",
+                fallback.display()
+            );
+            return Ok((region, file, fallback.clone()));
+        }
+    }
+    Err(first.into())
 }
 
 fn describe(status: &WaitStatus) -> String {

@@ -63,6 +63,10 @@ impl Counters {
         self.words[c as usize] = v;
     }
 
+    pub fn get(&self, c: Counter) -> u64 {
+        self.words[c as usize]
+    }
+
     pub fn publish(&self, slot: &StatsSlot<'_>) {
         for c in WORKER_OWNED {
             slot.set(c, self.words[c as usize]);

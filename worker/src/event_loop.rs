@@ -122,6 +122,9 @@ impl Loop {
         // come back without waiting for the next one).
         let mut undrained = vec![false; listeners];
         let start = Instant::now();
+        // Busy and wall time continue the slot's totals together, so the
+        // utilisation of a restarted worker's slot stays a true ratio.
+        let wall_base = self.path.counters.get(Counter::WallNs);
         let mut next_tick = start;
         loop {
             let now = Instant::now();
@@ -173,7 +176,7 @@ impl Loop {
             );
             counters.set(
                 Counter::WallNs,
-                done.duration_since(start).as_nanos() as u64,
+                wall_base + done.duration_since(start).as_nanos() as u64,
             );
             counters.set(Counter::Heartbeat, monotonic_ns());
             counters.set(Counter::SessionsActive, self.path.sessions.len() as u64);
