@@ -297,3 +297,24 @@ fn tuple_dissector_is_one_session_per_client_address() {
     assert_eq!(total(&stats, "sessions_created"), 4);
     assert_eq!(total(&stats, "drops.malformed"), 0);
 }
+
+#[test]
+fn a_wildcard_listener_replies_from_the_address_the_client_wrote_to() {
+    let a = Backend::start("a");
+    let cfg = config("dissector = \"quic\"", &[&a])
+        .replace("bind = \"127.0.0.1:0\"", "bind = \"0.0.0.0:0\"");
+    let proxy = Proxy::start(Path::new(BIN), &cfg);
+    let port = proxy.addr("quic").port();
+    for (i, local) in ["127.0.0.1", "127.0.0.2", "127.0.0.3"].iter().enumerate() {
+        let c = client();
+        let target: SocketAddr = format!("{local}:{port}").parse().unwrap();
+        c.send_to(&quic_short(50 + i as u64, b"where"), target)
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let (_, from) = c.recv_from(&mut buf).expect("reply");
+        assert_eq!(
+            from, target,
+            "the reply must come from the address the client used"
+        );
+    }
+}

@@ -7,7 +7,7 @@ use quinn_udp::{UdpSockRef, UdpSocketState};
 use udpshard_config as config;
 use udpshard_shared::{Dissector, Maglev};
 
-use crate::WorkerError;
+use crate::{sockio, WorkerError};
 
 pub struct Listener {
     pub name: String,
@@ -35,6 +35,16 @@ impl Listener {
                 source,
             }
         })?;
+        let wildcard = local.ip().is_unspecified();
+        // quinn-udp asks for the TOS byte (ECN) and, on IPv4, the
+        // destination address of every datagram. A proxy relays ECN end to
+        // end only where it is told to, and needs the destination only to
+        // answer from the right address of a wildcard bind: skip the
+        // control messages the kernel would otherwise build per datagram.
+        sockio::set_recv_control(&socket, wildcard).map_err(|source| WorkerError::Socket {
+            listener: cfg.name.clone(),
+            source,
+        })?;
         let names: Vec<(String, u32)> = cfg
             .backends
             .iter()
@@ -52,7 +62,7 @@ impl Listener {
             dissector: cfg.dissector.into(),
             maglev,
             backends: cfg.backends.iter().map(|b| b.addr).collect(),
-            wildcard: local.ip().is_unspecified(),
+            wildcard,
         })
     }
 }

@@ -49,6 +49,25 @@ pub fn connected_upstream(backend: SocketAddr) -> io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
+/// Which per-datagram control messages a listener socket receives: the
+/// destination address only when `want_dst` (wildcard binds), never TOS.
+pub fn set_recv_control(socket: &UdpSocket, want_dst: bool) -> io::Result<()> {
+    let fd = socket.as_raw_fd();
+    let v4 = socket.local_addr()?.is_ipv4();
+    let dst = libc::c_int::from(want_dst);
+    if v4 {
+        set_int_opt(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, dst)?;
+        set_int_opt(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, 0)?;
+    } else {
+        set_int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, dst)?;
+        set_int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 0)?;
+        // A dual-stack socket also receives IPv4 datagrams.
+        let _ = set_int_opt(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, dst);
+        let _ = set_int_opt(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, 0);
+    }
+    Ok(())
+}
+
 fn set_int_opt(
     fd: RawFd,
     level: libc::c_int,
