@@ -35,6 +35,16 @@ pub(crate) struct FileListener {
     pub max_sessions: Option<Spanned<Int>>,
     pub maglev_table_size: Option<Spanned<Int>>,
     pub backends: Option<Spanned<ArrayOf<Spanned<FileBackend>>>>,
+    pub quic_lb: Option<Spanned<FileQuicLb>>,
+}
+
+/// `[listener.quic_lb]`: plaintext QUIC-LB routing
+/// (draft-ietf-quic-load-balancers-21).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileQuicLb {
+    pub config_id: Option<Spanned<Int>>,
+    pub server_id_len: Option<Spanned<Int>>,
 }
 
 /// An integer, kept wide so a negative value is reported as out of range
@@ -114,6 +124,8 @@ pub(crate) enum FileBackend {
 pub(crate) struct FileBackendTable {
     pub addr: Option<Spanned<String>>,
     pub weight: Option<Spanned<Int>>,
+    /// Hex; only with `[listener.quic_lb]`.
+    pub server_id: Option<Spanned<String>>,
 }
 
 /// Values that are legitimately either an integer or a string (`workers`,

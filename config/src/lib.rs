@@ -59,6 +59,19 @@ pub struct Listener {
     pub maglev_table_size: usize,
     /// Never empty, no duplicate addresses, no port 0.
     pub backends: Vec<Backend>,
+    /// Only with the quic dissector; then every backend has a server ID.
+    pub quic_lb: Option<QuicLb>,
+}
+
+/// Plaintext QUIC-LB routing: a connection ID whose first octet's top three
+/// bits equal `config_id` carries `server_id_len` bytes of server ID after
+/// that octet, naming its backend directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuicLb {
+    /// In `0..=6` (7 marks an unroutable ID).
+    pub config_id: u8,
+    /// In `1..=15`.
+    pub server_id_len: usize,
 }
 
 /// How a datagram's connection identity is found.
@@ -85,6 +98,9 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// In `1..=1000`.
     pub weight: u32,
+    /// QUIC-LB server ID (`server_id_len` bytes); set exactly when the
+    /// listener has `quic_lb`, unique within it.
+    pub server_id: Option<Vec<u8>>,
 }
 
 /// Parses and validates config text; `origin` names it in error messages.

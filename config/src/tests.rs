@@ -54,14 +54,17 @@ fn default_parses() {
             session_idle: Duration::from_secs(60),
             max_sessions: 1_000_000,
             maglev_table_size: 65_537,
+            quic_lb: None,
             backends: vec![
                 Backend {
                     addr: sa("127.0.0.1:4434"),
                     weight: 1,
+                    server_id: None,
                 },
                 Backend {
                     addr: sa("127.0.0.1:4435"),
                     weight: 1,
+                    server_id: None,
                 },
             ],
         }],
@@ -139,15 +142,18 @@ backends = ["10.2.0.1:443"]
         [
             Backend {
                 addr: sa("[2001:db8::1]:443"),
-                weight: 1000
+                weight: 1000,
+                server_id: None,
             },
             Backend {
                 addr: sa("192.0.2.7:443"),
-                weight: 1
+                weight: 1,
+                server_id: None,
             },
             Backend {
                 addr: sa("192.0.2.8:443"),
-                weight: 1
+                weight: 1,
+                server_id: None,
             },
         ]
     );
@@ -163,7 +169,8 @@ backends = ["10.2.0.1:443"]
         l.backends,
         [Backend {
             addr: sa("10.1.0.1:53"),
-            weight: 3
+            weight: 3,
+            server_id: None,
         }]
     );
 
@@ -189,7 +196,8 @@ fn defaults_filled() {
         l.backends,
         [Backend {
             addr: sa("10.0.0.1:443"),
-            weight: 1
+            weight: 1,
+            server_id: None,
         }]
     );
 }
@@ -244,7 +252,7 @@ fn unknown_backend_table_key() {
         &text,
         5,
         38,
-        "unknown field `wieght`, expected `addr` or `weight`",
+        "unknown field `wieght`, expected one of `addr`, `weight`, `server_id`",
     );
 }
 
@@ -825,4 +833,81 @@ fn load_missing_file() {
         "{shown}"
     );
     assert!(shown.contains("No such file"), "{shown}");
+}
+
+const QUIC_LB: &str = r#"
+[[listener]]
+name = "q"
+bind = "0.0.0.0:443"
+dissector = "quic"
+backends = [{ addr = "10.0.0.1:443", server_id = "c4605e" }, { addr = "10.0.0.2:443", server_id = "0000ff" }]
+[listener.quic_lb]
+config_id = 0
+server_id_len = 3
+"#;
+
+#[test]
+fn quic_lb_parses() {
+    let cfg = ok(QUIC_LB);
+    let l = &cfg.listeners[0];
+    assert_eq!(
+        l.quic_lb,
+        Some(crate::QuicLb {
+            config_id: 0,
+            server_id_len: 3
+        })
+    );
+    assert_eq!(
+        l.backends[0].server_id.as_deref(),
+        Some(&[0xc4, 0x60, 0x5e][..])
+    );
+}
+
+#[test]
+fn quic_lb_errors_point_at_their_values() {
+    assert_err(
+        &QUIC_LB.replace("config_id = 0", "config_id = 7"),
+        8,
+        13,
+        "config_id = 7 is out of range",
+    );
+    assert_err(
+        &QUIC_LB.replace("\"0000ff\"", "\"00ff\""),
+        6,
+        99,
+        "must be 3 bytes of hex",
+    );
+    assert_err(
+        &QUIC_LB.replace("\"0000ff\"", "\"c4605e\""),
+        6,
+        99,
+        "is used twice",
+    );
+    assert_err(
+        &QUIC_LB.replace(
+            r#"{ addr = "10.0.0.2:443", server_id = "0000ff" }"#,
+            r#""10.0.0.2:443""#,
+        ),
+        6,
+        62,
+        "needs a server_id",
+    );
+    assert_err(
+        &QUIC_LB.replace("server_id_len = 3", "server_id_len = 8"),
+        9,
+        17,
+        "does not fit in short_cid_len = 8",
+    );
+    assert_err(
+        &QUIC_LB.replace("dissector = \"quic\"", "dissector = \"tuple\""),
+        7,
+        1,
+        "quic_lb needs dissector",
+    );
+}
+
+#[test]
+fn server_id_without_quic_lb_is_an_error() {
+    let text = QUIC_LB.split("[listener.quic_lb]").next().unwrap();
+    assert_err(text, 6, 50, "has a server_id but the listener has no");
 }

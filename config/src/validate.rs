@@ -10,9 +10,9 @@ use std::time::Duration;
 use toml::Spanned;
 
 use crate::error::SpanError;
-use crate::file::{ArrayOf, FileBackend, FileConfig, FileListener, Int, IntOrStr};
+use crate::file::{ArrayOf, FileBackend, FileConfig, FileListener, FileQuicLb, Int, IntOrStr};
 use crate::units::{self, UnitError, DURATION_FORMS, SIZE_FORMS};
-use crate::{Backend, Config, Dissector, Listener, Steering, Workers, DEFAULT_STATS_FILE};
+use crate::{Backend, Config, Dissector, Listener, QuicLb, Steering, Workers, DEFAULT_STATS_FILE};
 
 type Result<T> = std::result::Result<T, SpanError>;
 type Span = Range<usize>;
@@ -153,8 +153,12 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
         Some(v) => maglev_table_size(v, &ctx)?,
     };
 
+    let quic_lb = match &l.quic_lb {
+        None => None,
+        Some(v) => Some(quic_lb(v, dissector, &ctx)?),
+    };
     let backends_v = required(l.backends.as_ref(), &header, &ctx, "backends")?;
-    let backends = backends(backends_v, &ctx)?;
+    let backends = backends(backends_v, quic_lb, &ctx)?;
     let needed = backends.len().saturating_mul(MAGLEV_SLOTS_PER_BACKEND);
     if maglev_table_size < needed {
         // Blame the table size if the user set it, else the list that outgrew the default.
@@ -182,7 +186,63 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
         max_sessions,
         maglev_table_size,
         backends,
+        quic_lb,
     })
+}
+
+fn quic_lb(v: &Spanned<FileQuicLb>, dissector: Dissector, ctx: &str) -> Result<QuicLb> {
+    let Dissector::Quic { short_cid_len } = dissector else {
+        return Err(at(v, format!("{ctx}: quic_lb needs dissector = \"quic\"")));
+    };
+    let t = v.get_ref();
+    let span = v.span();
+    let table_ctx = format!("{ctx}: quic_lb");
+    let config_id = int_in(
+        required(t.config_id.as_ref(), &span, &table_ctx, "config_id")?,
+        0..=6,
+        &format!("{table_ctx}.config_id"),
+    )?;
+    let server_id_len_v = required(t.server_id_len.as_ref(), &span, &table_ctx, "server_id_len")?;
+    let server_id_len: usize = int_in(
+        server_id_len_v,
+        1..=15,
+        &format!("{table_ctx}.server_id_len"),
+    )?;
+    if 1 + server_id_len > short_cid_len {
+        return Err(at(
+            server_id_len_v,
+            format!(
+                "{table_ctx}.server_id_len = {server_id_len} does not fit in short_cid_len = {short_cid_len} \
+                 (a routable connection ID is 1 + server_id_len bytes or longer)"
+            ),
+        ));
+    }
+    Ok(QuicLb {
+        config_id,
+        server_id_len,
+    })
+}
+
+fn server_id(v: &Spanned<String>, len: usize, ctx: &str) -> Result<Vec<u8>> {
+    let hex = v.get_ref().trim();
+    let bytes: Option<Vec<u8>> = (hex.len() % 2 == 0 && hex.is_ascii())
+        .then(|| {
+            (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).ok())
+                .collect()
+        })
+        .flatten();
+    match bytes {
+        Some(b) if b.len() == len => Ok(b),
+        _ => Err(at(
+            v,
+            format!(
+                "{ctx}: server_id = {hex:?} must be {len} bytes of hex ({} digits)",
+                2 * len
+            ),
+        )),
+    }
 }
 
 fn listener_name(v: &Spanned<String>, ctx: &str) -> Result<String> {
@@ -330,7 +390,11 @@ fn maglev_table_size(v: &Spanned<Int>, ctx: &str) -> Result<usize> {
     Ok(n)
 }
 
-fn backends(v: &Spanned<ArrayOf<Spanned<FileBackend>>>, ctx: &str) -> Result<Vec<Backend>> {
+fn backends(
+    v: &Spanned<ArrayOf<Spanned<FileBackend>>>,
+    quic_lb: Option<QuicLb>,
+    ctx: &str,
+) -> Result<Vec<Backend>> {
     if v.get_ref().0.is_empty() {
         return Err(at(
             v,
@@ -339,7 +403,9 @@ fn backends(v: &Spanned<ArrayOf<Spanned<FileBackend>>>, ctx: &str) -> Result<Vec
     }
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(v.get_ref().0.len());
+    let mut server_ids = HashSet::new();
     for entry in &v.get_ref().0 {
+        let mut server_id_v = None;
         let (addr_v, weight) = match entry.get_ref() {
             FileBackend::Addr(s) => (Spanned::new(entry.span(), s.clone()), DEFAULT_WEIGHT),
             FileBackend::Table(t) => {
@@ -357,6 +423,7 @@ fn backends(v: &Spanned<ArrayOf<Spanned<FileBackend>>>, ctx: &str) -> Result<Vec
                         &format!("{ctx}: backend {:?} weight", addr.get_ref()),
                     )?,
                 };
+                server_id_v = t.server_id.as_ref();
                 (addr.clone(), weight)
             }
         };
@@ -374,7 +441,36 @@ fn backends(v: &Spanned<ArrayOf<Spanned<FileBackend>>>, ctx: &str) -> Result<Vec
                 format!("{ctx}: backend {addr} is listed twice"),
             ));
         }
-        out.push(Backend { addr, weight });
+        let server_id = match (quic_lb, server_id_v) {
+            (None, None) => None,
+            (None, Some(sid)) => {
+                return Err(at(
+                    sid,
+                    format!("{ctx}: backend {addr} has a server_id but the listener has no [listener.quic_lb]"),
+                ))
+            }
+            (Some(_), None) => {
+                return Err(at(
+                    entry,
+                    format!(
+                        "{ctx}: backend {addr} needs a server_id (the listener routes by QUIC-LB), \
+                         e.g. {{ addr = \"{addr}\", server_id = \"c4605e\" }}"
+                    ),
+                ))
+            }
+            (Some(lb), Some(sid)) => {
+                let id = server_id(sid, lb.server_id_len, ctx)?;
+                if !server_ids.insert(id.clone()) {
+                    return Err(at(sid, format!("{ctx}: server_id {:?} is used twice", sid.get_ref())));
+                }
+                Some(id)
+            }
+        };
+        out.push(Backend {
+            addr,
+            weight,
+            server_id,
+        });
     }
     Ok(out)
 }

@@ -5,9 +5,13 @@
 
 pub mod control;
 pub mod flow;
+pub mod handoff;
 pub mod hash;
 pub mod maglev;
+pub mod owners;
+pub mod quic_lb;
 pub mod stats;
+pub mod steer;
 
 pub use flow::{Dissector, FlowKey, Malformed};
 pub use hash::stable_hash;

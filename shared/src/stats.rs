@@ -10,6 +10,7 @@
 //! ```text
 //! [0, HEADER_WORDS)               header: see `Header`
 //! [HEADER_WORDS + k*SLOT_WORDS)   slot k: see `Counter`
+//! [OwnersOffset, +OwnersCapacity)  the ownership table (`crate::owners`)
 //! ```
 //! A slot is 512 bytes, so slots never share a cache line.
 
@@ -20,6 +21,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::MmapMut;
+
+use crate::owners::{Owner, OwnerTable};
 
 /// "UDPSHRD" and the layout version in the top byte.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"UDPSHRD\x01");
@@ -41,6 +44,10 @@ pub enum Header {
     /// Successful config loads, the first one included.
     ConfigGeneration,
     ReloadFailures,
+    /// Where the ownership table starts, in words from the region's start.
+    OwnersOffset,
+    /// Its entries (a power of two).
+    OwnersCapacity,
 }
 
 /// Per-worker slot words. Identity words (pid, cpu, generation, state,
@@ -81,6 +88,11 @@ pub enum Counter {
     DropReply,
     /// Kernel drops on upstream sockets, closed ones included.
     DropUpstreamSocket,
+    /// Sessions moved to or from another worker (with their upstream socket).
+    TransfersIn,
+    TransfersOut,
+    /// Keys the ownership table had no room for (tracked locally only).
+    OwnersFull,
     /// Nanoseconds spent handling events (not waiting in poll).
     BusyNs,
     /// Nanoseconds since the worker started its loop.
@@ -144,8 +156,13 @@ pub struct StatsRegion {
 }
 
 impl StatsRegion {
-    /// Creates (or replaces) the file at `path` for `slots` workers and maps it.
-    pub fn create(path: &Path, slots: usize) -> Result<(StatsRegion, File), StatsError> {
+    /// Creates (or replaces) the file at `path` for `slots` workers and an
+    /// ownership table of `owners` entries (a power of two), and maps it.
+    pub fn create(
+        path: &Path,
+        slots: usize,
+        owners: usize,
+    ) -> Result<(StatsRegion, File), StatsError> {
         let io_err = |source| StatsError::Io {
             path: path.display().to_string(),
             source,
@@ -167,9 +184,13 @@ impl StatsRegion {
             .mode(0o644)
             .open(path)
             .map_err(io_err)?;
-        file.set_len(region_bytes(slots) as u64).map_err(io_err)?;
+        let owners = owners.next_power_of_two();
+        file.set_len(((slot_words_end(slots) + owners) * 8) as u64)
+            .map_err(io_err)?;
         let region = StatsRegion::map(&file).map_err(io_err)?;
         region.set_header(Header::SlotCapacity, slots as u64);
+        region.set_header(Header::OwnersOffset, slot_words_end(slots) as u64);
+        region.set_header(Header::OwnersCapacity, owners as u64);
         region.set_header(Header::SlotWords, SLOT_WORDS as u64);
         region.set_header(Header::Magic, MAGIC);
         Ok((region, file))
@@ -191,8 +212,10 @@ impl StatsRegion {
         if region.header(Header::Magic) != MAGIC {
             return Err(StatsError::BadMagic);
         }
-        let need = region_bytes(region.slot_capacity());
-        if region.map.len() < need {
+        let need = (region.header(Header::OwnersOffset) as usize
+            + region.header(Header::OwnersCapacity) as usize)
+            * 8;
+        if region.map.len() < need.max(region_bytes(region.slot_capacity())) {
             return Err(StatsError::Truncated {
                 len: region.map.len(),
                 need,
@@ -241,6 +264,27 @@ impl StatsRegion {
     }
 }
 
+impl StatsRegion {
+    /// The ownership table that follows the slots.
+    pub fn owners(&self) -> OwnerTable<'_> {
+        let start = self.header(Header::OwnersOffset) as usize;
+        let len = self.header(Header::OwnersCapacity) as usize;
+        OwnerTable::new(self.words().get(start..start + len).unwrap_or(&[]))
+    }
+
+    /// Whether `owner` is the process serving its slot now: entries of an
+    /// older generation, or of a slot not serving, are stale.
+    pub fn is_live(&self, owner: Owner) -> bool {
+        self.slot(owner.worker as usize).is_some_and(|slot| {
+            Owner::new(owner.worker as usize, slot.get(Counter::Generation)) == owner
+                && matches!(
+                    SlotState::from_word(slot.get(Counter::State)),
+                    SlotState::Ready | SlotState::Draining
+                )
+        })
+    }
+}
+
 /// One worker's counters in the region.
 #[derive(Clone, Copy)]
 pub struct StatsSlot<'a> {
@@ -261,8 +305,12 @@ impl StatsSlot<'_> {
     }
 }
 
+fn slot_words_end(slots: usize) -> usize {
+    HEADER_WORDS + slots * SLOT_WORDS
+}
+
 fn region_bytes(slots: usize) -> usize {
-    (HEADER_WORDS + slots * SLOT_WORDS) * 8
+    slot_words_end(slots) * 8
 }
 
 /// A point-in-time copy of a stats file, read without mapping it.
@@ -356,7 +404,7 @@ mod tests {
     fn region_round_trip_through_file() {
         let dir = std::env::temp_dir().join(format!("udpshard-stats-test-{}", std::process::id()));
         let path = dir.join("stats");
-        let (region, file) = StatsRegion::create(&path, 4).unwrap();
+        let (region, file) = StatsRegion::create(&path, 4, 64).unwrap();
         region.set_header(Header::Workers, 2);
         let worker_view = StatsRegion::open(&file).unwrap();
         let slot = worker_view.slot(1).unwrap();
@@ -364,6 +412,14 @@ mod tests {
         slot.add(Counter::RxPackets, 7);
         slot.add(Counter::RxPackets, 3);
         assert!(worker_view.slot(4).is_none());
+        assert_eq!(worker_view.owners().capacity(), 64);
+        // Liveness follows the slot's generation and state.
+        slot.set(Counter::Generation, 3);
+        slot.set(Counter::State, SlotState::Ready as u64);
+        assert!(region.is_live(Owner::new(1, 3)));
+        assert!(!region.is_live(Owner::new(1, 2)));
+        slot.set(Counter::State, SlotState::Exited as u64);
+        assert!(!region.is_live(Owner::new(1, 3)));
 
         let snap = Snapshot::read(&path).unwrap();
         let workers: Vec<_> = snap.workers().collect();

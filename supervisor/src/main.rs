@@ -56,6 +56,10 @@ enum Command {
         stats_fd: i32,
         #[arg(long, value_delimiter = ',')]
         listener_fds: Vec<i32>,
+        #[arg(long)]
+        handoff_fd: i32,
+        #[arg(long, value_delimiter = ',')]
+        peer_fds: Vec<i32>,
     },
 }
 
@@ -88,12 +92,16 @@ fn main() -> ExitCode {
             control_fd,
             stats_fd,
             listener_fds,
+            handoff_fd,
+            peer_fds,
         } => {
             let args = udpshard_worker::WorkerArgs {
                 id,
                 control_fd,
                 stats_fd,
                 listener_fds,
+                handoff_fd,
+                peer_fds,
             };
             match udpshard_worker::run(args) {
                 Ok(()) => ExitCode::SUCCESS,

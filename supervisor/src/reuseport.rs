@@ -6,8 +6,11 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 
+use std::os::fd::AsRawFd;
+
 use socket2::{Domain, Protocol, Socket, Type};
-use udpshard_config as config;
+use udpshard_config::{self as config, Steering};
+use udpshard_shared::steer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GroupError {
@@ -90,6 +93,108 @@ impl ReuseportGroup {
     }
 }
 
+/// How a group's datagrams find their worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SteeringMode {
+    /// A cBPF program picks the socket by connection ID.
+    KernelCid,
+    /// The kernel's 4-tuple hash; workers hand migrated flows to their owner.
+    Reshuffle,
+}
+
+impl ReuseportGroup {
+    /// Applies the listener's `steering` to the group and says which mode
+    /// it got, and why, in the log.
+    pub fn steer(&self, cfg: &config::Listener) -> Result<SteeringMode, GroupError> {
+        let dissector: udpshard_shared::Dissector = cfg.dissector.into();
+        let program = steer::program(&dissector, self.sockets.len() as u32);
+        let attach = |prog: &[steer::Insn]| match self.sockets.first() {
+            Some(socket) => attach_reuseport_cbpf(socket, prog),
+            None => Ok(()),
+        };
+        let mode = match (cfg.steering, program) {
+            (Steering::Reshuffle, _) => {
+                tracing::info!(
+                    "listener {}: reshuffle steering (as configured): the kernel's 4-tuple hash; \
+                     a migrated client's datagrams are handed to the worker that owns its session",
+                    self.name
+                );
+                SteeringMode::Reshuffle
+            }
+            (Steering::Auto, None) | (Steering::KernelCid, None) => {
+                tracing::info!(
+                    "listener {}: reshuffle steering: the {:?} dissector has no connection ID to steer on",
+                    self.name,
+                    cfg.dissector
+                );
+                SteeringMode::Reshuffle
+            }
+            (Steering::KernelCid, Some(prog)) => {
+                attach(&prog).map_err(|source| GroupError::Socket {
+                    listener: self.name.clone(),
+                    what: "attaching the kernel-cid steering program (SO_ATTACH_REUSEPORT_CBPF)",
+                    source,
+                })?;
+                tracing::info!(
+                    "listener {}: kernel-cid steering (as configured): connection IDs pick the worker in the kernel",
+                    self.name
+                );
+                SteeringMode::KernelCid
+            }
+            (Steering::Auto, Some(prog)) => match attach(&prog) {
+                Ok(()) => {
+                    tracing::info!(
+                        "listener {}: kernel-cid steering (auto): connection IDs pick the worker in the kernel",
+                        self.name
+                    );
+                    SteeringMode::KernelCid
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "listener {}: reshuffle steering (auto): the kernel refused the cBPF program: {e}",
+                        self.name
+                    );
+                    SteeringMode::Reshuffle
+                }
+            },
+        };
+        Ok(mode)
+    }
+}
+
+/// Attaches a classic BPF program to the reuseport group `socket` belongs
+/// to; attaching again replaces the group's program.
+pub fn attach_reuseport_cbpf(socket: &UdpSocket, prog: &[steer::Insn]) -> io::Result<()> {
+    let mut filters: Vec<libc::sock_filter> = prog
+        .iter()
+        .map(|i| libc::sock_filter {
+            code: i.code,
+            jt: i.jt,
+            jf: i.jf,
+            k: i.k,
+        })
+        .collect();
+    let fprog = libc::sock_fprog {
+        len: u16::try_from(filters.len()).map_err(|_| io::Error::other("program too long"))?,
+        filter: filters.as_mut_ptr(),
+    };
+    // SAFETY: `fprog` points at `filters`, alive and unmoved for the call;
+    // the kernel copies the program and keeps no pointer to it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The line that lets the kernel grant `requested` bytes, when it clamped
 /// the request (SO_RCVBUF is silently limited to net.core.rmem_max).
 pub fn rmem_fix(requested: usize, effective: usize) -> Option<String> {
@@ -124,6 +229,103 @@ mod tests {
             Some("sysctl -w net.core.rmem_max=8388608")
         );
         assert_eq!(rmem_fix(4 << 20, 4 << 20), None);
+    }
+
+    /// The kernel and the Rust function agree: a datagram for connection ID
+    /// c arrives at group socket `fnv1a(c) % N`, for thousands of random
+    /// IDs of every length, short and long headers.
+    #[test]
+    fn kernel_cid_program_and_rust_hash_agree_through_real_sockets() {
+        const N: usize = 4;
+        let mut cfg = listener("127.0.0.1:0", 1 << 20);
+        cfg.steering = Steering::KernelCid;
+        let group = ReuseportGroup::bind(&cfg, N).unwrap();
+        assert_eq!(group.steer(&cfg).unwrap(), SteeringMode::KernelCid);
+        for s in &group.sockets {
+            s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+                .unwrap();
+        }
+        let dissector: udpshard_shared::Dissector = cfg.dissector.into();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut expected = vec![Vec::new(); N];
+        for i in 0..3000u32 {
+            let mut d: Vec<u8> = if i % 2 == 0 {
+                // Long header, DCID of every length 1..=20.
+                let len = (i / 2 % 20 + 1) as u8;
+                let mut d = vec![0xc0, 0, 0, 0, 1, len];
+                d.extend((0..len).map(|_| next() as u8));
+                d
+            } else {
+                let mut d = vec![0x40];
+                d.extend((0..8).map(|_| next() as u8));
+                d
+            };
+            d.extend_from_slice(&i.to_be_bytes());
+            let k = steer::kernel_cid_index(&dissector, &d, N as u32).unwrap() as usize;
+            expected[k].push(i);
+            client.send_to(&d, group.addr).unwrap();
+            // Keep well inside the receive buffers.
+            if i % 500 == 499 {
+                drain_into(&group, &mut expected);
+            }
+        }
+        drain_into(&group, &mut expected);
+        assert!(
+            expected.iter().all(|e| e.is_empty()),
+            "datagrams never arrived: {expected:?}"
+        );
+    }
+
+    fn drain_into(group: &ReuseportGroup, expected: &mut [Vec<u32>]) {
+        let mut buf = [0u8; 64];
+        for (k, s) in group.sockets.iter().enumerate() {
+            while !expected[k].is_empty() {
+                let n = s
+                    .recv(&mut buf)
+                    .unwrap_or_else(|e| panic!("socket {k}: {e}"));
+                let i = u32::from_be_bytes(buf[n - 4..n].try_into().unwrap());
+                let at = expected[k].iter().position(|&x| x == i);
+                assert!(
+                    at.is_some(),
+                    "datagram {i} arrived at socket {k}, not where the Rust hash says"
+                );
+                expected[k].remove(at.unwrap());
+            }
+        }
+    }
+
+    #[test]
+    fn short_garbage_is_spread_by_the_kernel_not_piled_on_socket_0() {
+        const N: usize = 4;
+        let mut cfg = listener("127.0.0.1:0", 1 << 20);
+        cfg.steering = Steering::KernelCid;
+        let group = ReuseportGroup::bind(&cfg, N).unwrap();
+        group.steer(&cfg).unwrap();
+        for s in &group.sockets {
+            s.set_nonblocking(true).unwrap();
+        }
+        // 64 client ports, each sending a datagram too short to hold a CID.
+        for _ in 0..64 {
+            let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+            c.send_to(&[0x40, 1], group.addr).unwrap();
+        }
+        let mut buf = [0u8; 8];
+        let mut counts = vec![0usize; N];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while counts.iter().sum::<usize>() < 64 && std::time::Instant::now() < deadline {
+            for (k, s) in group.sockets.iter().enumerate() {
+                counts[k] += std::iter::from_fn(|| s.recv(&mut buf).ok()).count();
+            }
+        }
+        assert_eq!(counts.iter().sum::<usize>(), 64);
+        assert!(counts.iter().filter(|&&c| c > 0).count() > 1, "{counts:?}");
     }
 
     #[test]

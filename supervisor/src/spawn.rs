@@ -16,27 +16,33 @@ pub struct WorkerSpec {
     pub control_fd: RawFd,
     pub stats_fd: RawFd,
     pub listener_fds: Vec<RawFd>,
+    pub handoff_fd: RawFd,
+    pub peer_fds: Vec<RawFd>,
+}
+
+fn fd_list(fds: &[RawFd]) -> String {
+    fds.iter()
+        .map(|fd| fd.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 pub fn spawn_worker(exe: &Path, spec: &WorkerSpec) -> io::Result<Child> {
     let mut cpus = CpuSet::new();
     cpus.set(spec.cpu).map_err(io::Error::from)?;
     let parent = nix::unistd::getpid();
-    let mut inherit = vec![spec.control_fd, spec.stats_fd];
+    let mut inherit = vec![spec.control_fd, spec.stats_fd, spec.handoff_fd];
     inherit.extend_from_slice(&spec.listener_fds);
-    let listener_fds = spec
-        .listener_fds
-        .iter()
-        .map(|fd| fd.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
+    inherit.extend_from_slice(&spec.peer_fds);
 
     let mut cmd = Command::new(exe);
     cmd.arg("worker")
         .args(["--id", &spec.id.to_string()])
         .args(["--control-fd", &spec.control_fd.to_string()])
         .args(["--stats-fd", &spec.stats_fd.to_string()])
-        .args(["--listener-fds", &listener_fds])
+        .args(["--listener-fds", &fd_list(&spec.listener_fds)])
+        .args(["--handoff-fd", &spec.handoff_fd.to_string()])
+        .args(["--peer-fds", &fd_list(&spec.peer_fds)])
         .stdin(Stdio::null());
     // SAFETY: the closure runs in the forked child before exec and makes only
     // async-signal-safe system calls (fcntl, prctl, getppid,

@@ -19,7 +19,7 @@ const DROPS: [(&str, Counter); 8] = [
     ("reply", Counter::DropReply),
 ];
 
-const PLAIN: [(&str, Counter); 14] = [
+const PLAIN: [(&str, Counter); 17] = [
     ("pid", Counter::Pid),
     ("cpu", Counter::Cpu),
     ("generation", Counter::Generation),
@@ -34,6 +34,9 @@ const PLAIN: [(&str, Counter); 14] = [
     ("sessions_created", Counter::SessionsCreated),
     ("sessions_expired", Counter::SessionsExpired),
     ("handoff_in", Counter::HandoffIn),
+    ("transfers_in", Counter::TransfersIn),
+    ("transfers_out", Counter::TransfersOut),
+    ("owners_full", Counter::OwnersFull),
 ];
 
 pub fn print(path: &Path, as_json: bool) -> Result<(), StatsError> {

@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::PathBuf;
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use udpshard_config::{Config, Workers};
 use udpshard_shared::control::{ControlMsg, FrameReader};
+use udpshard_shared::owners;
 use udpshard_shared::stats::{Counter, Header, SlotState, StatsError, StatsRegion};
 
 use crate::cpus::{allowed_cpus, format_cpu_list};
@@ -81,6 +82,10 @@ pub struct Supervisor {
     origin: String,
     text: String,
     groups: Vec<ReuseportGroup>,
+    /// Per worker slot: its handoff inbox and the sending end the others
+    /// use. Held here for the supervisor's life, so a restarted worker gets
+    /// the same inbox (and whatever was queued in it).
+    handoff: Vec<(UnixDatagram, UnixDatagram)>,
     region: StatsRegion,
     stats_file: File,
     workers: Vec<WorkerSlot>,
@@ -131,6 +136,7 @@ impl Supervisor {
                     group.effective_recv_buffer
                 );
             }
+            group.steer(l)?;
             groups.push(group);
         }
         let capacity = count.max(
@@ -139,7 +145,16 @@ impl Supervisor {
                 .flatten()
                 .unwrap_or(1) as usize,
         );
-        let (region, stats_file, stats_path) = create_stats(&config.stats_file, capacity)?;
+        let max_sessions: usize = config.listeners.iter().map(|l| l.max_sessions).sum();
+        let (region, stats_file, stats_path) = create_stats(
+            &config.stats_file,
+            capacity,
+            owners::capacity_for(max_sessions, count),
+        )?;
+        let handoff = (0..count)
+            .map(|_| UnixDatagram::pair())
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(SupervisorError::Poll)?;
         tracing::info!("stats at {}", stats_path.display());
         region.set_header(Header::SupervisorPid, std::process::id() as u64);
         region.set_header(Header::StartedAt, unix_now());
@@ -172,6 +187,7 @@ impl Supervisor {
             groups,
             region,
             stats_file,
+            handoff,
             workers,
             poll,
             signals,
@@ -239,6 +255,8 @@ impl Supervisor {
                 .iter()
                 .map(|g| g.sockets[id].as_raw_fd())
                 .collect(),
+            handoff_fd: self.handoff[id].0.as_raw_fd(),
+            peer_fds: self.handoff.iter().map(|(_, tx)| tx.as_raw_fd()).collect(),
         };
         let child = spawn_worker(&self.exe, &spec)
             .map_err(|source| SupervisorError::Spawn { id, source })?;
@@ -440,8 +458,9 @@ impl Supervisor {
 fn create_stats(
     path: &std::path::Path,
     slots: usize,
+    owners: usize,
 ) -> Result<(StatsRegion, File, PathBuf), SupervisorError> {
-    let first = match StatsRegion::create(path, slots) {
+    let first = match StatsRegion::create(path, slots, owners) {
         Ok((region, file)) => return Ok((region, file, path.to_path_buf())),
         Err(e) => e,
     };
@@ -450,7 +469,7 @@ fn create_stats(
         return Err(first.into());
     }
     for fallback in crate::stats_path::default_candidates().iter().skip(1) {
-        if let Ok((region, file)) = StatsRegion::create(fallback, slots) {
+        if let Ok((region, file)) = StatsRegion::create(fallback, slots, owners) {
             tracing::warn!(
                 "{first}; using {} instead (`udpshard stats` looks there too)",
                 fallback.display()

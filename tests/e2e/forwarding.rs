@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use udpshard_shared::Maglev;
-use udpshard_tests::harness::{quic_short, total, wait_until, Backend, Proxy};
+use udpshard_tests::harness::{bind_udp, quic_short, total, wait_until, Backend, Proxy};
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
 const WAIT: Duration = Duration::from_secs(10);
@@ -30,7 +30,7 @@ backends = [{}]
 }
 
 fn client() -> UdpSocket {
-    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let c = bind_udp("127.0.0.1:0");
     c.set_read_timeout(Some(Duration::from_millis(500)))
         .unwrap();
     c

@@ -309,7 +309,7 @@ impl Backend {
     }
 
     pub fn start_on(name: &str, bind: &str) -> Backend {
-        let socket = UdpSocket::bind(bind).expect("bind backend");
+        let socket = bind_udp(bind);
         socket
             .set_read_timeout(Some(Duration::from_millis(20)))
             .expect("timeout");
@@ -360,6 +360,36 @@ impl Drop for Backend {
             let _ = t.join();
         }
     }
+}
+
+/// A UDP socket with a receive buffer big enough that a test's bursts
+/// (hundreds of datagrams at once) never overflow it: a loss in a test
+/// must be udpshard's, not the harness's.
+pub fn bind_udp(addr: &str) -> UdpSocket {
+    let addr: SocketAddr = addr.parse().expect("socket address");
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .expect("socket");
+    let want: libc::c_int = 8 << 20;
+    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    // SO_RCVBUFFORCE passes rmem_max when we may (root, as in CI).
+    let forced = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&want as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if forced != 0 {
+        let _ = socket.set_recv_buffer_size(want as usize);
+    }
+    socket.bind(&addr.into()).expect("bind");
+    socket.into()
 }
 
 /// Waits until `cond` holds, polling; panics with `what` after `timeout`.

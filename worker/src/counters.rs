@@ -5,7 +5,7 @@ use udpshard_shared::stats::{Counter, StatsSlot};
 
 /// Words the worker owns in its slot (the supervisor writes the identity
 /// words: pid, cpu, generation, state, restarts).
-const WORKER_OWNED: [Counter; 22] = [
+const WORKER_OWNED: [Counter; 25] = [
     Counter::RxPackets,
     Counter::RxBytes,
     Counter::TxPackets,
@@ -25,6 +25,9 @@ const WORKER_OWNED: [Counter; 22] = [
     Counter::DropHandoff,
     Counter::DropReply,
     Counter::DropUpstreamSocket,
+    Counter::TransfersIn,
+    Counter::TransfersOut,
+    Counter::OwnersFull,
     Counter::BusyNs,
     Counter::WallNs,
     Counter::Heartbeat,

@@ -1,22 +1,38 @@
 //! What happens to a datagram, top to bottom. The event loop calls in here
-//! with bytes it read; everything here is routing, sessions and counting.
+//! with bytes it read; everything here is routing, sessions, ownership and
+//! counting.
 //!
-//! Client -> backend: dissect the flow key (malformed: count, drop), find the
-//! session or make one (over the listener's limit: count, drop), send on the
-//! session's connected upstream socket (failure: count, drop).
-//! Backend -> client: read the upstream socket, send from the listener socket
-//! to the client's current address (failure: count, drop).
+//! Client -> backend ([`DataPath::client_datagram`]):
+//! 1. Dissect the flow key (malformed: count, drop).
+//! 2. A local session has it: forward on its upstream socket. If the
+//!    datagram was handed over by another worker several times in a row,
+//!    the kernel now delivers the flow there: move the session there.
+//! 3. Else ask the ownership table. A live other worker owns it: hand the
+//!    datagram over. A handed-over datagram is handed on only when its
+//!    session just moved away from here (at most `MAX_HOPS` in all).
+//! 4. Else claim it, pick the backend (QUIC-LB server ID, else Maglev),
+//!    open a connected upstream socket, create the session, forward.
+//!
+//! Backend -> client ([`DataPath::upstream_readable`]): read the upstream
+//! socket, learn a QUIC server's chosen connection ID from its long-header
+//! packets (an alias of the session), send from the listener socket to the
+//! client's current address.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use quinn_udp::{Transmit, UdpSockRef};
-use udpshard_shared::stats::Counter;
+use udpshard_shared::flow::quic_long_scid;
+use udpshard_shared::handoff::{Header, Kind, Transfer, MAX_HOPS};
+use udpshard_shared::owners::{Claim, Owner};
+use udpshard_shared::stats::{Counter, StatsRegion};
+use udpshard_shared::{stable_hash, FlowKey};
 
 use crate::counters::Counters;
+use crate::handoff::Handoff;
 use crate::listener::Listener;
 use crate::session::{Session, SessionId, SessionTable};
 use crate::sockio;
@@ -28,8 +44,25 @@ pub const UPSTREAM_TOKEN_BASE: usize = 1 << 20;
 /// rest of the loop.
 const REPLY_BUDGET: usize = 64;
 
+/// Handoff frames read per wakeup.
+const INBOX_BUDGET: usize = 256;
+
+/// Consecutive datagrams of a session handed over by the same worker before
+/// the session moves there.
+const TRANSFER_AFTER: u8 = 3;
+
 /// The largest UDP payload: nothing is ever truncated.
 pub const MAX_DATAGRAM: usize = 65_536;
+
+/// How a client datagram reached this worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Read from this worker's listener socket.
+    Socket,
+    /// Handed over by another worker that believed we own its session,
+    /// after `hops` handoffs.
+    Handoff { from: u16, hops: u8 },
+}
 
 pub struct DataPath {
     pub listeners: Vec<Listener>,
@@ -37,28 +70,46 @@ pub struct DataPath {
     pub counters: Counters,
     /// Coarse monotonic clock (ms), advanced once per loop iteration.
     pub now_ms: u64,
+    /// The stats region: this worker's slot and the ownership table.
+    pub region: StatsRegion,
+    pub id: usize,
+    pub me: Owner,
+    pub handoff: Handoff,
     reply_buf: Vec<u8>,
     last_warning_ms: u64,
+}
+
+/// The ownership table's key: the flow key within its listener.
+fn owner_hash(listener: usize, key: &FlowKey) -> u64 {
+    stable_hash(key.as_bytes()) ^ (listener as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 impl DataPath {
     pub fn new(
         listeners: Vec<Listener>,
         limits: Vec<(usize, u64)>,
+        region: StatsRegion,
+        id: usize,
+        handoff: Handoff,
         counters: Counters,
     ) -> DataPath {
+        let generation = region.slot(id).map_or(0, |s| s.get(Counter::Generation));
         DataPath {
             listeners,
             sessions: SessionTable::new(limits),
             counters,
             now_ms: 0,
+            region,
+            id,
+            me: Owner::new(id, generation),
+            handoff,
             reply_buf: vec![0; MAX_DATAGRAM],
             last_warning_ms: 0,
         }
     }
 
-    /// A datagram from `client` on listener `l`, sent to `local_ip` (known
-    /// when the listener is a wildcard).
+    /// A client datagram for listener `l` from `client`, sent to `local_ip`
+    /// (known when the listener is a wildcard).
     pub fn client_datagram(
         &mut self,
         registry: &Registry,
@@ -66,27 +117,119 @@ impl DataPath {
         client: SocketAddr,
         local_ip: Option<IpAddr>,
         datagram: &[u8],
+        via: Via,
     ) {
-        self.counters.incr(Counter::RxPackets);
-        self.counters.add(Counter::RxBytes, datagram.len() as u64);
+        match via {
+            Via::Socket => {
+                self.counters.incr(Counter::RxPackets);
+                self.counters.add(Counter::RxBytes, datagram.len() as u64);
+            }
+            Via::Handoff { .. } => self.counters.incr(Counter::HandoffIn),
+        }
         let listener = &self.listeners[l];
         let Ok(key) = listener.dissector.flow_key(datagram, client) else {
             self.counters.incr(Counter::DropMalformed);
             return;
         };
         let local_ip = if listener.wildcard { local_ip } else { None };
+
         let id = match self.sessions.lookup(l, &key) {
             Some(id) => id,
-            None => match self.open_session(registry, l, key, client, local_ip) {
+            None => match self.find_or_open(registry, l, key, client, local_ip, datagram, via) {
                 Some(id) => id,
                 None => return,
             },
         };
+        self.forward(id, client, local_ip, datagram);
+        if let Via::Handoff { from, .. } = via {
+            self.note_handoff(registry, id, from);
+        } else if let Some(s) = self.sessions.get_mut(id) {
+            s.handoff_streak = (0, 0);
+        }
+    }
+
+    /// A local miss: hand the datagram to its owner, or take the flow.
+    #[allow(clippy::too_many_arguments)]
+    fn find_or_open(
+        &mut self,
+        registry: &Registry,
+        l: usize,
+        key: FlowKey,
+        client: SocketAddr,
+        local_ip: Option<IpAddr>,
+        datagram: &[u8],
+        via: Via,
+    ) -> Option<SessionId> {
+        let hash = owner_hash(l, &key);
+        let hops = match via {
+            Via::Socket => 0,
+            Via::Handoff { hops, .. } => hops,
+        };
+        if hops < MAX_HOPS {
+            match self.region.owners().lookup(hash) {
+                Some(owner) if owner != self.me && self.region.is_live(owner) => {
+                    self.hand_over(
+                        owner.worker as usize,
+                        l,
+                        client,
+                        local_ip,
+                        datagram,
+                        hops + 1,
+                    );
+                    return None;
+                }
+                Some(owner) if owner == self.me && via == Via::Socket => {
+                    // Ours but unknown here: a session transfer to us is
+                    // on its way. Read the inbox now rather than open a
+                    // second session for the flow.
+                    self.read_inbox(registry);
+                    if let Some(id) = self.sessions.lookup(l, &key) {
+                        return Some(id);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let region = &self.region;
+        match region.owners().claim(hash, self.me, |o| region.is_live(o)) {
+            Claim::Mine => {}
+            // Claimed by another worker an instant ago.
+            Claim::Taken(owner) if hops < MAX_HOPS => {
+                self.hand_over(
+                    owner.worker as usize,
+                    l,
+                    client,
+                    local_ip,
+                    datagram,
+                    hops + 1,
+                );
+                return None;
+            }
+            // Out of hops: it is ours now.
+            Claim::Taken(_) => {
+                region.owners().assign(hash, self.me);
+            }
+            Claim::Full => self.counters.incr(Counter::OwnersFull),
+        }
+        let id = self.open_session(registry, l, key, client, local_ip);
+        if id.is_none() {
+            self.region.owners().release(hash, self.me);
+        }
+        id
+    }
+
+    fn forward(
+        &mut self,
+        id: SessionId,
+        client: SocketAddr,
+        local_ip: Option<IpAddr>,
+        datagram: &[u8],
+    ) {
         let Some(session) = self.sessions.get_mut(id) else {
             return;
         };
-        // A client that changed address (NAT rebinding) gets replies at the
-        // new one from now on.
+        // A client that changed address (NAT rebinding, migration) gets
+        // replies at the new one from now on.
         session.client = client;
         if local_ip.is_some() {
             session.local_ip = local_ip;
@@ -102,11 +245,175 @@ impl DataPath {
         }
     }
 
+    fn hand_over(
+        &mut self,
+        to: usize,
+        l: usize,
+        client: SocketAddr,
+        local_ip: Option<IpAddr>,
+        datagram: &[u8],
+        hops: u8,
+    ) {
+        let header = Header {
+            kind: Kind::Datagram,
+            hops,
+            listener: l as u16,
+            from: self.id as u16,
+            client,
+            local_ip,
+        };
+        match self.handoff.send_datagram(to, &header, datagram) {
+            Ok(()) => self.counters.incr(Counter::HandoffOut),
+            Err(_) => self.counters.incr(Counter::DropHandoff),
+        }
+    }
+
+    /// Counts a handed-over datagram against its session; a flow the kernel
+    /// keeps delivering to another worker moves there.
+    fn note_handoff(&mut self, registry: &Registry, id: SessionId, from: u16) {
+        let Some(session) = self.sessions.get_mut(id) else {
+            return;
+        };
+        let (worker, count) = session.handoff_streak;
+        session.handoff_streak = if worker == from {
+            (from, count.saturating_add(1))
+        } else {
+            (from, 1)
+        };
+        if session.handoff_streak.1 >= TRANSFER_AFTER && usize::from(from) != self.id {
+            self.transfer(registry, id, usize::from(from));
+        }
+    }
+
+    /// Moves session `id` and its upstream socket to worker `to`.
+    fn transfer(&mut self, registry: &Registry, id: SessionId, to: usize) {
+        let Some(s) = self.sessions.get_mut(id) else {
+            return;
+        };
+        let Some(to_slot) = self.region.slot(to) else {
+            return;
+        };
+        let to_owner = Owner::new(to, to_slot.get(Counter::Generation));
+        let header = Header {
+            kind: Kind::Transfer,
+            hops: 0,
+            listener: s.listener as u16,
+            from: self.id as u16,
+            client: s.client,
+            local_ip: s.local_ip,
+        };
+        let state = Transfer {
+            key: s.key,
+            aliases: s.aliases.clone(),
+            backend: s.backend,
+            upstream_drops_seen: s.upstream_drops_seen,
+        };
+        let fd = s.upstream.as_raw_fd();
+        if self.handoff.send_transfer(to, &header, &state, fd).is_err() {
+            // The flow stays here, still served through handoffs.
+            s.handoff_streak = (0, 0);
+            return;
+        }
+        let listener = s.listener;
+        for key in std::iter::once(&state.key).chain(&state.aliases) {
+            self.region
+                .owners()
+                .assign(owner_hash(listener, key), to_owner);
+        }
+        let _ = registry.deregister(&mut SourceFd(&fd));
+        // Our copy of the socket closes here; the receiver holds its own.
+        self.sessions.remove(id);
+        self.counters.incr(Counter::TransfersOut);
+    }
+
+    /// Reads the handoff inbox: datagrams to process as our own, sessions
+    /// to adopt.
+    pub fn read_inbox(&mut self, registry: &Registry) {
+        for _ in 0..INBOX_BUDGET {
+            let (len, fd) = match self.handoff.recv() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return,
+                Err(e) => {
+                    self.warn_rate_limited(format_args!("handoff inbox: {e}"));
+                    return;
+                }
+            };
+            // The frame moves out of the handoff buffer so the datapath
+            // can borrow itself mutably; swapped back below, no allocation.
+            let frame = std::mem::take(&mut self.handoff.frame);
+            match Header::decode(&frame[..len]) {
+                Ok((h, body)) if usize::from(h.listener) < self.listeners.len() => match h.kind {
+                    Kind::Datagram => self.client_datagram(
+                        registry,
+                        usize::from(h.listener),
+                        h.client,
+                        h.local_ip,
+                        body,
+                        Via::Handoff {
+                            from: h.from,
+                            hops: h.hops,
+                        },
+                    ),
+                    Kind::Transfer => match (Transfer::decode(body), fd) {
+                        (Ok(t), Some(fd)) => self.adopt(registry, &h, t, fd),
+                        _ => self.warn_rate_limited(format_args!(
+                            "malformed session transfer from worker {}",
+                            h.from
+                        )),
+                    },
+                },
+                _ => self.warn_rate_limited(format_args!("malformed handoff frame")),
+            }
+            self.handoff.frame = frame;
+        }
+    }
+
+    /// Takes over a session another worker sent us.
+    fn adopt(&mut self, registry: &Registry, h: &Header, t: Transfer, fd: OwnedFd) {
+        let l = usize::from(h.listener);
+        if self.sessions.lookup(l, &t.key).is_some() {
+            // We opened our own session for this flow meanwhile: keep it.
+            return;
+        }
+        let upstream = UdpSocket::from(fd);
+        let raw = upstream.as_raw_fd();
+        let id = self.sessions.insert(Session {
+            listener: l,
+            key: t.key,
+            client: h.client,
+            local_ip: h.local_ip,
+            upstream,
+            last_active_ms: self.now_ms,
+            upstream_drops_seen: t.upstream_drops_seen,
+            backend: t.backend,
+            aliases: t.aliases,
+            handoff_streak: (0, 0),
+        });
+        if registry
+            .register(
+                &mut SourceFd(&raw),
+                Token(UPSTREAM_TOKEN_BASE + id),
+                Interest::READABLE,
+            )
+            .is_err()
+        {
+            self.sessions.remove(id);
+            return;
+        }
+        if let Some(s) = self.sessions.get_mut(id) {
+            for key in std::iter::once(&s.key).chain(&s.aliases) {
+                self.region.owners().assign(owner_hash(l, key), self.me);
+            }
+        }
+        self.counters.incr(Counter::TransfersIn);
+        self.counters.incr(Counter::SessionsCreated);
+    }
+
     fn open_session(
         &mut self,
         registry: &Registry,
         l: usize,
-        key: udpshard_shared::FlowKey,
+        key: FlowKey,
         client: SocketAddr,
         local_ip: Option<IpAddr>,
     ) -> Option<SessionId> {
@@ -115,7 +422,11 @@ impl DataPath {
             return None;
         }
         let listener = &self.listeners[l];
-        let backend = listener.maglev.backend_for(key.as_bytes());
+        let backend = listener
+            .quic_lb
+            .as_ref()
+            .and_then(|lb| lb.route(key.as_bytes()))
+            .unwrap_or_else(|| listener.maglev.backend_for(key.as_bytes()));
         let Some(&backend_addr) = listener.backends.get(backend) else {
             self.counters.incr(Counter::DropNoBackend);
             return None;
@@ -140,6 +451,9 @@ impl DataPath {
             upstream,
             last_active_ms: self.now_ms,
             upstream_drops_seen: 0,
+            backend: backend as u16,
+            aliases: Vec::new(),
+            handoff_streak: (0, 0),
         });
         if let Err(e) = registry.register(
             &mut SourceFd(&fd),
@@ -162,6 +476,7 @@ impl DataPath {
         };
         let fd = session.upstream.as_raw_fd();
         let listener = &self.listeners[session.listener];
+        let mut learned = None;
         for _ in 0..REPLY_BUDGET {
             let len = match sockio::recv_with_drops(fd, &mut self.reply_buf) {
                 Ok((len, drops)) => {
@@ -180,10 +495,15 @@ impl DataPath {
             };
             self.counters.incr(Counter::RepliesIn);
             session.last_active_ms = self.now_ms;
+            let reply = &self.reply_buf[..len];
+            if listener.learns_server_cids && learned.is_none() {
+                learned = quic_long_scid(reply)
+                    .filter(|scid| *scid != session.key && !session.aliases.contains(scid));
+            }
             let transmit = Transmit {
                 destination: session.client,
                 ecn: None,
-                contents: &self.reply_buf[..len],
+                contents: reply,
                 segment_size: None,
                 src_ip: session.local_ip,
             };
@@ -195,14 +515,40 @@ impl DataPath {
                 Err(_) => self.counters.incr(Counter::DropReply),
             }
         }
+        if let Some(scid) = learned {
+            self.learn_alias(id, scid);
+        }
+    }
+
+    /// The server chose `scid` for this connection: the client's later
+    /// datagrams carry it, so it finds this session too, here or through
+    /// the ownership table.
+    fn learn_alias(&mut self, id: SessionId, scid: FlowKey) {
+        if !self.sessions.add_alias(id, scid) {
+            return;
+        }
+        if let Some(s) = self.sessions.get_mut(id) {
+            let region = &self.region;
+            let _ = region
+                .owners()
+                .claim(owner_hash(s.listener, &scid), self.me, |o| {
+                    region.is_live(o)
+                });
+        }
     }
 
     /// Periodic work: expire idle sessions (a slice of the table per tick)
     /// and read the kernel's drop counts on the listener sockets.
     pub fn tick(&mut self, registry: &Registry, sweep_budget: usize) {
         let counters = &mut self.counters;
+        let (region, me) = (&self.region, self.me);
         self.sessions
             .sweep(self.now_ms, sweep_budget, |_, session| {
+                for key in std::iter::once(&session.key).chain(&session.aliases) {
+                    region
+                        .owners()
+                        .release(owner_hash(session.listener, key), me);
+                }
                 close_upstream(registry, counters, session);
                 counters.incr(Counter::SessionsExpired);
             });
@@ -215,7 +561,8 @@ impl DataPath {
             .set(Counter::SessionsActive, self.sessions.len() as u64);
     }
 
-    /// Closes every session (the worker is exiting).
+    /// Closes every session (the worker is exiting). Ownership entries stay:
+    /// once this process's generation is gone they are stale for everyone.
     pub fn close_all(&mut self, registry: &Registry) {
         let counters = &mut self.counters;
         for session in self.sessions.drain() {

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{self, IoSliceMut, Read, Write};
 use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
@@ -14,12 +14,14 @@ use udpshard_shared::control::{ControlMsg, FrameReader};
 use udpshard_shared::stats::{Counter, SlotState, StatsRegion};
 
 use crate::counters::Counters;
-use crate::datapath::{DataPath, MAX_DATAGRAM, UPSTREAM_TOKEN_BASE};
+use crate::datapath::{DataPath, Via, MAX_DATAGRAM, UPSTREAM_TOKEN_BASE};
+use crate::handoff::Handoff;
 use crate::listener::Listener;
 use crate::{WorkerArgs, WorkerError};
 
 const CONTROL: Token = Token(0);
-const LISTENER_TOKEN_BASE: usize = 1;
+const HANDOFF: Token = Token(1);
+const LISTENER_TOKEN_BASE: usize = 2;
 
 /// Batches read from one listener per loop iteration before the loop turns
 /// to replies and timers: bounds the latency a flood adds to the return path.
@@ -39,6 +41,14 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         .iter()
         .map(|&fd| adopt_fd(fd, "listener").map(UdpSocket::from))
         .collect::<Result<Vec<_>, _>>()?;
+    let inbox = UnixDatagram::from(adopt_fd(args.handoff_fd, "handoff inbox")?);
+    let peers = args
+        .peer_fds
+        .iter()
+        .map(|&fd| adopt_fd(fd, "handoff peer").map(UnixDatagram::from))
+        .collect::<Result<Vec<_>, _>>()?;
+    let handoff = Handoff::new(inbox, peers)
+        .map_err(|e| WorkerError::Control(format!("handoff sockets: {e}")))?;
     let region = StatsRegion::open(&stats_file)?;
     let slot = region.slot(args.id).ok_or(WorkerError::NoSlot(args.id))?;
 
@@ -71,6 +81,10 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     poll.registry()
         .register(&mut SourceFd(&control_fd), CONTROL, Interest::READABLE)
         .map_err(WorkerError::Poll)?;
+    let inbox_fd = handoff.inbox.as_raw_fd();
+    poll.registry()
+        .register(&mut SourceFd(&inbox_fd), HANDOFF, Interest::READABLE)
+        .map_err(WorkerError::Poll)?;
     for (l, listener) in listeners.iter().enumerate() {
         let fd = listener.socket.as_raw_fd();
         poll.registry()
@@ -81,9 +95,10 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
             )
             .map_err(WorkerError::Poll)?;
     }
-    let path = DataPath::new(listeners, limits, Counters::resume_from(&slot));
-    path.counters.publish(&slot);
+    let counters = Counters::resume_from(&slot);
+    counters.publish(&slot);
     slot.set(Counter::State, SlotState::Ready as u64);
+    let path = DataPath::new(listeners, limits, region, args.id, handoff, counters);
     send_control(&control, &ControlMsg::Ready)?;
     tracing::debug!(worker = args.id, "ready");
 
@@ -94,9 +109,9 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         rx: RecvBatch::new(),
         path,
     };
-    let result = lp.serve(&slot);
+    let result = lp.serve();
     lp.path.close_all(lp.poll.registry());
-    lp.path.counters.publish(&slot);
+    lp.publish();
     result
 }
 
@@ -114,7 +129,13 @@ enum Exit {
 }
 
 impl Loop {
-    fn serve(&mut self, slot: &udpshard_shared::stats::StatsSlot<'_>) -> Result<(), WorkerError> {
+    fn publish(&self) {
+        if let Some(slot) = self.path.region.slot(self.path.id) {
+            self.path.counters.publish(&slot);
+        }
+    }
+
+    fn serve(&mut self) -> Result<(), WorkerError> {
         let mut events = Events::with_capacity(1024);
         let listeners = self.path.listeners.len();
         // Listeners whose socket may still hold datagrams (edge-triggered
@@ -147,6 +168,7 @@ impl Loop {
                             return Ok(());
                         }
                     }
+                    HANDOFF => self.path.read_inbox(self.poll.registry()),
                     Token(t) if t >= UPSTREAM_TOKEN_BASE => {
                         self.path.upstream_readable(t - UPSTREAM_TOKEN_BASE)
                     }
@@ -180,7 +202,7 @@ impl Loop {
             );
             counters.set(Counter::Heartbeat, monotonic_ns());
             counters.set(Counter::SessionsActive, self.path.sessions.len() as u64);
-            counters.publish(slot);
+            self.publish();
         }
     }
 
@@ -222,6 +244,7 @@ impl Loop {
                         meta.addr,
                         meta.dst_ip,
                         slot,
+                        Via::Socket,
                     );
                 }
                 for datagram in slot.chunks(stride) {
@@ -231,6 +254,7 @@ impl Loop {
                         meta.addr,
                         meta.dst_ip,
                         datagram,
+                        Via::Socket,
                     );
                 }
             }

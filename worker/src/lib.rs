@@ -11,6 +11,7 @@
 mod counters;
 mod datapath;
 mod event_loop;
+mod handoff;
 mod listener;
 mod session;
 mod sockio;
@@ -29,6 +30,10 @@ pub struct WorkerArgs {
     pub stats_fd: RawFd,
     /// This worker's socket of each listener's group, in config order.
     pub listener_fds: Vec<RawFd>,
+    /// This worker's handoff inbox.
+    pub handoff_fd: RawFd,
+    /// A sending end to every worker's inbox, by worker id.
+    pub peer_fds: Vec<RawFd>,
 }
 
 #[derive(Debug, thiserror::Error)]

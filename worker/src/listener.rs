@@ -5,6 +5,7 @@ use std::net::{SocketAddr, UdpSocket};
 
 use quinn_udp::{UdpSockRef, UdpSocketState};
 use udpshard_config as config;
+use udpshard_shared::quic_lb::QuicLbRouter;
 use udpshard_shared::{Dissector, Maglev};
 
 use crate::{sockio, WorkerError};
@@ -20,6 +21,10 @@ pub struct Listener {
     /// Bound to 0.0.0.0 or [::]: a reply must leave from the address the
     /// client wrote to, so sessions remember it (IP_PKTINFO).
     pub wildcard: bool,
+    /// Server-encoded connection IDs route straight to their backend.
+    pub quic_lb: Option<QuicLbRouter>,
+    /// QUIC: learn the server's chosen connection IDs from its replies.
+    pub learns_server_cids: bool,
 }
 
 impl Listener {
@@ -63,6 +68,15 @@ impl Listener {
             maglev,
             backends: cfg.backends.iter().map(|b| b.addr).collect(),
             wildcard,
+            quic_lb: cfg.quic_lb.map(|lb| {
+                QuicLbRouter::new(
+                    lb,
+                    cfg.backends
+                        .iter()
+                        .map(|b| b.server_id.clone().unwrap_or_default()),
+                )
+            }),
+            learns_server_cids: matches!(cfg.dissector, config::Dissector::Quic { .. }),
         })
     }
 }

@@ -28,6 +28,14 @@ pub struct Session<U> {
     pub last_active_ms: u64,
     /// The kernel's drop count on the upstream socket when last read.
     pub upstream_drops_seen: u32,
+    /// The backend's index in its listener's list.
+    pub backend: u16,
+    /// Other keys of this flow: connection IDs the server chose, learned
+    /// from its long-header packets (bounded by `handoff::MAX_ALIASES`).
+    pub aliases: Vec<FlowKey>,
+    /// Consecutive datagrams handed over by one other worker (which, then,
+    /// is where the kernel delivers this flow now): (worker, count).
+    pub handoff_streak: (u16, u8),
 }
 
 /// Why a new session could not be made.
@@ -83,12 +91,16 @@ impl<U> SessionTable<U> {
         Ok(())
     }
 
-    /// Adds a session; the caller has checked [`SessionTable::admit`].
+    /// Adds a session under its key and aliases; the caller has checked
+    /// [`SessionTable::admit`].
     pub fn insert(&mut self, session: Session<U>) -> SessionId {
         let listener = session.listener;
-        let key = session.key;
         let id = self.sessions.insert(session);
-        self.listeners[listener].keys.insert(key, id);
+        let session = &self.sessions[id];
+        let keys = &mut self.listeners[listener].keys;
+        for key in std::iter::once(&session.key).chain(&session.aliases) {
+            keys.insert(*key, id);
+        }
         id
     }
 
@@ -99,10 +111,29 @@ impl<U> SessionTable<U> {
     pub fn remove(&mut self, id: SessionId) -> Option<Session<U>> {
         let session = self.sessions.try_remove(id)?;
         let keys = &mut self.listeners[session.listener].keys;
-        if keys.get(&session.key) == Some(&id) {
-            keys.remove(&session.key);
+        for key in std::iter::once(&session.key).chain(&session.aliases) {
+            if keys.get(key) == Some(&id) {
+                keys.remove(key);
+            }
         }
         Some(session)
+    }
+
+    /// Makes `alias` another key of session `id`; false when the key is
+    /// already taken (by this session or another) or the session is full.
+    pub fn add_alias(&mut self, id: SessionId, alias: FlowKey) -> bool {
+        let Some(session) = self.sessions.get_mut(id) else {
+            return false;
+        };
+        let keys = &mut self.listeners[session.listener].keys;
+        if session.aliases.len() >= udpshard_shared::handoff::MAX_ALIASES
+            || keys.contains_key(&alias)
+        {
+            return false;
+        }
+        keys.insert(alias, id);
+        session.aliases.push(alias);
+        true
     }
 
     pub fn len(&self) -> usize {
@@ -161,6 +192,9 @@ mod tests {
             upstream: (),
             last_active_ms: now,
             upstream_drops_seen: 0,
+            backend: 0,
+            aliases: Vec::new(),
+            handoff_streak: (0, 0),
         }
     }
 
@@ -197,6 +231,21 @@ mod tests {
         assert_eq!(gone, vec![0, 2, 4, 6, 8]);
         assert_eq!(t.len(), 5);
         assert_eq!(t.lookup(0, &FlowKey::new(&[4; 8]).unwrap()), None);
+    }
+
+    #[test]
+    fn aliases_find_the_session_and_leave_with_it() {
+        let mut t = SessionTable::new([(100, 1000)]);
+        let id = t.insert(session(0, 1, 0));
+        let alias = FlowKey::new(&[9; 8]).unwrap();
+        assert!(t.add_alias(id, alias));
+        assert!(!t.add_alias(id, alias), "an alias is added once");
+        let other = t.insert(session(0, 2, 0));
+        assert!(!t.add_alias(other, alias), "a key names one session");
+        assert_eq!(t.lookup(0, &alias), Some(id));
+        t.remove(id);
+        assert_eq!(t.lookup(0, &alias), None);
+        assert_eq!(t.lookup(0, &FlowKey::new(&[2; 8]).unwrap()), Some(other));
     }
 
     #[test]

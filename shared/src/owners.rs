@@ -1,0 +1,340 @@
+//! The ownership table: which worker owns the session of a flow key, shared
+//! by every worker through the stats region.
+//!
+//! Fixed capacity (a power of two), open addressing with bounded linear
+//! probing, one `AtomicU64` per entry so every change is a single
+//! compare-and-swap:
+//!
+//! ```text
+//! bits 63..24  the key hash's top 40 bits (never 0 in a live entry)
+//! bits 23..14  owner worker (0..1024)
+//! bits 13..0   owner generation (mod 2^14)
+//! ```
+//! `0` is an empty entry, `1` a tombstone (a released entry that probes walk
+//! past and claims reuse). An entry whose owner's slot has moved on to a
+//! newer generation, or is not serving, belongs to a dead worker: it is
+//! stale, and the next claim for its key takes it over.
+//!
+//! The table steers; it does not own data. A lost race (two workers
+//! claiming one key in the same instant) costs one extra session, never a
+//! datagram, so probing is bounded and no lock is taken.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+const EMPTY: u64 = 0;
+const TOMBSTONE: u64 = 1;
+const HASH_SHIFT: u32 = 24;
+const OWNER_SHIFT: u32 = 14;
+const OWNER_MASK: u64 = 0x3ff;
+const GEN_MASK: u64 = 0x3fff;
+
+/// Probes per operation: at the load the table is sized for (at most half
+/// full) a longer chain is vanishingly rare; past it the key goes untracked.
+pub const MAX_PROBE: usize = 32;
+
+/// The most workers an entry can name.
+pub const MAX_OWNERS: usize = OWNER_MASK as usize + 1;
+
+/// A worker process: its slot and the generation of the process in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub worker: u16,
+    /// The slot's generation, mod 2^14.
+    pub generation: u16,
+}
+
+impl Owner {
+    pub fn new(worker: usize, generation: u64) -> Owner {
+        Owner {
+            worker: worker as u16 & OWNER_MASK as u16,
+            generation: (generation & GEN_MASK) as u16,
+        }
+    }
+}
+
+/// What a claim found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The key is ours now (new, already ours, or taken over from a dead owner).
+    Mine,
+    /// A live worker owns it.
+    Taken(Owner),
+    /// No free entry within the probe bound: proceed untracked.
+    Full,
+}
+
+/// A view of the table's words (in the shared region, or a test's Vec).
+pub struct OwnerTable<'a> {
+    words: &'a [AtomicU64],
+}
+
+fn tag(hash: u64) -> u64 {
+    // Never zero, so a live entry is never EMPTY or TOMBSTONE.
+    (hash >> HASH_SHIFT).max(1)
+}
+
+fn entry(hash: u64, owner: Owner) -> u64 {
+    (tag(hash) << HASH_SHIFT)
+        | (u64::from(owner.worker) << OWNER_SHIFT)
+        | u64::from(owner.generation)
+}
+
+fn owner_of(word: u64) -> Owner {
+    Owner {
+        worker: ((word >> OWNER_SHIFT) & OWNER_MASK) as u16,
+        generation: (word & GEN_MASK) as u16,
+    }
+}
+
+fn is_live_entry(word: u64) -> bool {
+    word > TOMBSTONE
+}
+
+impl<'a> OwnerTable<'a> {
+    /// `words.len()` must be a power of two (the region guarantees it).
+    pub fn new(words: &'a [AtomicU64]) -> OwnerTable<'a> {
+        debug_assert!(words.len().is_power_of_two());
+        OwnerTable { words }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.words.len()
+    }
+
+    fn probe(&self, hash: u64) -> impl Iterator<Item = (usize, &AtomicU64)> + '_ {
+        let mask = self.words.len().wrapping_sub(1);
+        (0..MAX_PROBE.min(self.words.len())).map(move |i| {
+            let at = (hash as usize).wrapping_add(i) & mask;
+            (at, &self.words[at])
+        })
+    }
+
+    /// The recorded owner of `hash`, live or not.
+    pub fn lookup(&self, hash: u64) -> Option<Owner> {
+        let want = tag(hash);
+        for (_, w) in self.probe(hash) {
+            let word = w.load(Ordering::Acquire);
+            if word == EMPTY {
+                return None;
+            }
+            if is_live_entry(word) && word >> HASH_SHIFT == want {
+                return Some(owner_of(word));
+            }
+        }
+        None
+    }
+
+    /// Makes `me` the owner of `hash` unless a live worker (per `live`)
+    /// already is.
+    pub fn claim(&self, hash: u64, me: Owner, live: impl Fn(Owner) -> bool) -> Claim {
+        let want = tag(hash);
+        let mine = entry(hash, me);
+        // A few rounds: each lost CAS means another worker changed this
+        // chain just now; re-read it.
+        for _ in 0..4 {
+            let mut free: Option<(&AtomicU64, u64)> = None;
+            let mut existing: Option<(&AtomicU64, u64)> = None;
+            for (_, w) in self.probe(hash) {
+                let word = w.load(Ordering::Acquire);
+                if is_live_entry(word) && word >> HASH_SHIFT == want {
+                    existing = Some((w, word));
+                    break;
+                }
+                if !is_live_entry(word) && free.is_none() {
+                    free = Some((w, word));
+                }
+                if word == EMPTY {
+                    break;
+                }
+            }
+            let (slot, seen) = match existing {
+                Some((_, word)) if owner_of(word) == me => return Claim::Mine,
+                Some((_, word)) if live(owner_of(word)) => return Claim::Taken(owner_of(word)),
+                Some(found) => found,
+                None => match free {
+                    Some(found) => found,
+                    None => return Claim::Full,
+                },
+            };
+            if slot
+                .compare_exchange(seen, mine, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Claim::Mine;
+            }
+        }
+        Claim::Full
+    }
+
+    /// Records `to` as the owner of `hash`, whoever owned it (a session
+    /// transfer, or a handed-off flow adopted by its new owner).
+    pub fn assign(&self, hash: u64, to: Owner) -> bool {
+        let want = tag(hash);
+        let new = entry(hash, to);
+        for (_, w) in self.probe(hash) {
+            let word = w.load(Ordering::Acquire);
+            if is_live_entry(word) && word >> HASH_SHIFT == want {
+                return w
+                    .compare_exchange(word, new, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
+            }
+            if word == EMPTY {
+                break;
+            }
+        }
+        self.claim(hash, to, |_| false) == Claim::Mine
+    }
+
+    /// Forgets `hash` if `me` owns it (the session expired).
+    pub fn release(&self, hash: u64, me: Owner) {
+        let mine = entry(hash, me);
+        for (_, w) in self.probe(hash) {
+            let word = w.load(Ordering::Acquire);
+            if word == mine {
+                let _ = w.compare_exchange(word, TOMBSTONE, Ordering::AcqRel, Ordering::Acquire);
+                return;
+            }
+            if word == EMPTY {
+                return;
+            }
+        }
+    }
+}
+
+/// The table's capacity for listeners allowing `max_sessions` in total per
+/// worker over `workers` workers: twice the sessions, as a power of two,
+/// within sane bounds (16 MiB at most).
+pub fn capacity_for(max_sessions: usize, workers: usize) -> usize {
+    max_sessions
+        .saturating_mul(workers)
+        .saturating_mul(2)
+        .clamp(1 << 12, 1 << 21)
+        .next_power_of_two()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(n: usize) -> Vec<AtomicU64> {
+        (0..n).map(|_| AtomicU64::new(0)).collect()
+    }
+
+    const A: Owner = Owner {
+        worker: 0,
+        generation: 1,
+    };
+    const B: Owner = Owner {
+        worker: 1,
+        generation: 1,
+    };
+
+    #[test]
+    fn claim_then_lookup_then_release() {
+        let words = table(64);
+        let t = OwnerTable::new(&words);
+        let h = 0xdead_beef_1234_5678;
+        assert_eq!(t.lookup(h), None);
+        assert_eq!(t.claim(h, A, |_| true), Claim::Mine);
+        assert_eq!(t.lookup(h), Some(A));
+        assert_eq!(t.claim(h, A, |_| true), Claim::Mine);
+        assert_eq!(t.claim(h, B, |_| true), Claim::Taken(A));
+        t.release(h, B); // not B's: no effect
+        assert_eq!(t.lookup(h), Some(A));
+        t.release(h, A);
+        assert_eq!(t.lookup(h), None);
+    }
+
+    #[test]
+    fn a_dead_owners_entry_is_taken_over() {
+        let words = table(64);
+        let t = OwnerTable::new(&words);
+        let h = 42 << 30;
+        t.claim(h, A, |_| true);
+        // A's slot moved on to generation 2: its entries are stale.
+        assert_eq!(t.claim(h, B, |o| o.generation == 2), Claim::Mine);
+        assert_eq!(t.lookup(h), Some(B));
+    }
+
+    #[test]
+    fn collisions_probe_past_each_other_and_tombstones() {
+        let words = table(16);
+        let t = OwnerTable::new(&words);
+        // Same index (low bits), different tags.
+        let keys: Vec<u64> = (1..=5u64).map(|i| (i << 40) | 3).collect();
+        for &k in &keys {
+            assert_eq!(t.claim(k, A, |_| true), Claim::Mine);
+        }
+        t.release(keys[1], A);
+        for (i, &k) in keys.iter().enumerate() {
+            assert_eq!(t.lookup(k), (i != 1).then_some(A), "key {i}");
+        }
+        // The tombstone is reused and the chain still resolves.
+        let k6 = (6u64 << 40) | 3;
+        assert_eq!(t.claim(k6, B, |_| true), Claim::Mine);
+        assert_eq!(t.lookup(k6), Some(B));
+        assert_eq!(t.lookup(keys[4]), Some(A));
+    }
+
+    #[test]
+    fn assign_moves_ownership() {
+        let words = table(64);
+        let t = OwnerTable::new(&words);
+        let h = 7 << 50;
+        t.claim(h, A, |_| true);
+        assert!(t.assign(h, B));
+        assert_eq!(t.lookup(h), Some(B));
+        let fresh = 9 << 50;
+        assert!(t.assign(fresh, B));
+        assert_eq!(t.lookup(fresh), Some(B));
+    }
+
+    #[test]
+    fn a_full_chain_says_so() {
+        let words = table(MAX_PROBE);
+        let t = OwnerTable::new(&words);
+        for i in 0..MAX_PROBE as u64 {
+            assert_eq!(t.claim((i + 1) << 40, A, |_| true), Claim::Mine);
+        }
+        assert_eq!(t.claim(999 << 40, A, |_| true), Claim::Full);
+    }
+
+    #[test]
+    fn concurrent_claims_of_one_key_elect_one_owner() {
+        let words = table(1024);
+        let t = OwnerTable::new(&words);
+        for key in 0..200u64 {
+            let h = key.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let results: Vec<Claim> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..4u16)
+                    .map(|w| {
+                        let t = &t;
+                        s.spawn(move || {
+                            t.claim(
+                                h,
+                                Owner {
+                                    worker: w,
+                                    generation: 1,
+                                },
+                                |_| true,
+                            )
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert_eq!(
+                results.iter().filter(|c| **c == Claim::Mine).count(),
+                1,
+                "{results:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn capacity_is_bounded() {
+        assert_eq!(capacity_for(10, 2), 4096);
+        assert_eq!(capacity_for(1_000_000, 2), 1 << 21);
+        assert!(capacity_for(100_000, 1).is_power_of_two());
+    }
+}
