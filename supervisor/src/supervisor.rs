@@ -152,7 +152,7 @@ impl Supervisor {
             owners::capacity_for(max_sessions, count),
         )?;
         let handoff = (0..count)
-            .map(|_| UnixDatagram::pair())
+            .map(|_| handoff_pair())
             .collect::<io::Result<Vec<_>>>()
             .map_err(SupervisorError::Poll)?;
         tracing::info!("stats at {}", stats_path.display());
@@ -478,6 +478,26 @@ fn create_stats(
         }
     }
     Err(first.into())
+}
+
+/// How many bytes of handoff frames may wait in one worker's inbox. The
+/// sending end's send buffer is the limit (a socketpair's peers skip
+/// net.unix.max_dgram_qlen, 10 by default); a frame costs about 1 KiB of
+/// kernel memory, so this holds a burst of several thousand.
+const HANDOFF_BUFFER: usize = 4 << 20;
+
+/// A worker's inbox and the sending end every worker uses.
+fn handoff_pair() -> io::Result<(UnixDatagram, UnixDatagram)> {
+    let (inbox, tx) = UnixDatagram::pair()?;
+    let sock = socket2::SockRef::from(&tx);
+    // SO_SNDBUFFORCE passes wmem_max where we may (CAP_NET_ADMIN); else
+    // the kernel clamps to wmem_max.
+    if sock.set_send_buffer_size(HANDOFF_BUFFER).is_ok()
+        && sock.send_buffer_size().unwrap_or(0) < HANDOFF_BUFFER
+    {
+        let _ = crate::reuseport::force_buffer(&tx, libc::SO_SNDBUFFORCE, HANDOFF_BUFFER);
+    }
+    Ok((inbox, tx))
 }
 
 fn describe(status: &WaitStatus) -> String {
