@@ -17,6 +17,7 @@ use toml::Spanned;
 pub(crate) struct FileConfig {
     pub workers: Option<Spanned<IntOrStr>>,
     pub stats_file: Option<Spanned<String>>,
+    pub drain_timeout: Option<Spanned<IntOrStr>>,
     pub listener: Option<Spanned<ArrayOf<Spanned<FileListener>>>>,
 }
 

@@ -30,6 +30,8 @@ pub struct Config {
     pub stats_file: PathBuf,
     /// Never empty; names are unique, and so are binds with a non-zero port.
     pub listeners: Vec<Listener>,
+    /// How long SIGTERM lets live sessions finish, in `0s..=1h`.
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

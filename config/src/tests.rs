@@ -45,6 +45,7 @@ fn default_parses() {
     let expected = Config {
         workers: Workers::Auto,
         stats_file: PathBuf::from(DEFAULT_STATS_FILE),
+        drain_timeout: Duration::from_secs(5),
         listeners: vec![Listener {
             name: "quic".into(),
             bind: sa("127.0.0.1:4433"),
@@ -910,4 +911,19 @@ fn quic_lb_errors_point_at_their_values() {
 fn server_id_without_quic_lb_is_an_error() {
     let text = QUIC_LB.split("[listener.quic_lb]").next().unwrap();
     assert_err(text, 6, 50, "has a server_id but the listener has no");
+}
+
+#[test]
+fn drain_timeout() {
+    let base = "[[listener]]\nname = \"q\"\nbind = \"0.0.0.0:443\"\ndissector = \"quic\"\nbackends = [\"10.0.0.1:443\"]\n";
+    assert_eq!(
+        ok(&format!("drain_timeout = \"250ms\"\n{base}")).drain_timeout,
+        Duration::from_millis(250)
+    );
+    assert_err(
+        &format!("drain_timeout = \"2h\"\n{base}"),
+        1,
+        17,
+        "out of range (0s..=1h)",
+    );
 }

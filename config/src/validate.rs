@@ -50,6 +50,30 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
         None => PathBuf::from(DEFAULT_STATS_FILE),
         Some(v) => stats_file(v)?,
     };
+    let drain_timeout = match &file.drain_timeout {
+        None => Duration::from_secs(5),
+        Some(v) => {
+            let what = format!("drain_timeout = {}", v.get_ref());
+            match units::parse_duration(v.get_ref()) {
+                Ok(d) if d <= Duration::from_secs(3600) => d,
+                Ok(_) | Err(UnitError::Overflow) => {
+                    return Err(at(v, format!("{what} is out of range (0s..=1h)")))
+                }
+                Err(UnitError::MissingUnit) => {
+                    return Err(at(
+                        v,
+                        format!("{what} has no unit (expected {DURATION_FORMS})"),
+                    ))
+                }
+                Err(UnitError::Malformed) => {
+                    return Err(at(
+                        v,
+                        format!("{what} is not a duration (expected {DURATION_FORMS})"),
+                    ))
+                }
+            }
+        }
+    };
     let Some(list) = file.listener else {
         // Nothing to point at; the top of the file is where one would go.
         return Err(SpanError::new(
@@ -72,6 +96,7 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
         workers,
         stats_file,
         listeners,
+        drain_timeout,
     })
 }
 

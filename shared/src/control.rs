@@ -1,8 +1,11 @@
 //! Supervisor <-> worker control messages over a Unix stream socketpair.
 //!
 //! Frames are `u32 LE length | u8 tag | body`; strings inside a body are
-//! `u32 LE length | UTF-8`. The codec is pure (bytes in, messages out) so both
-//! ends can run it non-blocking in their event loops.
+//! `u32 LE length | UTF-8`; numbers are LE. The codec is pure (bytes in,
+//! messages out) so both ends can run it non-blocking in their event loops.
+//! Messages that carry descriptors (`Reload`, `Peers`) say how many; the
+//! descriptors travel as SCM_RIGHTS on the frame's first bytes, so a reader
+//! has them by the time it decodes the frame ([`ControlChannel`]).
 
 /// No control message comes near this; a larger length means a corrupt stream.
 pub const MAX_FRAME: usize = 16 << 20;
@@ -19,15 +22,44 @@ pub enum ControlMsg {
     Fatal { message: String },
     /// Supervisor -> worker: stop reading clients, exit.
     Stop,
+    /// Supervisor -> worker: serve this config from now on; the worker's
+    /// socket of each listener, in config order, comes with it (`fds` of them).
+    Reload {
+        origin: String,
+        config: String,
+        fds: u32,
+    },
+    /// Supervisor -> worker: the sending ends of every worker's handoff
+    /// inbox, by worker id, come with it (the group was resized).
+    Peers { fds: u32 },
+    /// Supervisor -> worker: take no new flows; keep serving live sessions
+    /// for at most `timeout_ms`, then exit.
+    Drain { timeout_ms: u64 },
+    /// Worker -> supervisor: a `Reload` is applied.
+    Reloaded,
 }
 
 const TAG_START: u8 = 1;
 const TAG_READY: u8 = 2;
 const TAG_FATAL: u8 = 3;
 const TAG_STOP: u8 = 4;
+const TAG_RELOAD: u8 = 5;
+const TAG_PEERS: u8 = 6;
+const TAG_DRAIN: u8 = 7;
+const TAG_RELOADED: u8 = 8;
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use nix::errno::Errno;
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ControlError {
+    #[error("control message announced descriptors that did not arrive")]
+    MissingFds,
     #[error("control frame of {0} bytes exceeds the limit")]
     TooLarge(usize),
     #[error("unknown control message tag {0}")]
@@ -51,6 +83,25 @@ impl ControlMsg {
                 TAG_FATAL
             }
             ControlMsg::Stop => TAG_STOP,
+            ControlMsg::Reload {
+                origin,
+                config,
+                fds,
+            } => {
+                put_str(&mut body, origin);
+                put_str(&mut body, config);
+                body.extend_from_slice(&fds.to_le_bytes());
+                TAG_RELOAD
+            }
+            ControlMsg::Peers { fds } => {
+                body.extend_from_slice(&fds.to_le_bytes());
+                TAG_PEERS
+            }
+            ControlMsg::Drain { timeout_ms } => {
+                body.extend_from_slice(&timeout_ms.to_le_bytes());
+                TAG_DRAIN
+            }
+            ControlMsg::Reloaded => TAG_RELOADED,
         };
         let mut frame = Vec::with_capacity(5 + body.len());
         frame.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
@@ -70,6 +121,18 @@ impl ControlMsg {
                 message: take_str(&mut body)?,
             },
             TAG_STOP => ControlMsg::Stop,
+            TAG_RELOAD => ControlMsg::Reload {
+                origin: take_str(&mut body)?,
+                config: take_str(&mut body)?,
+                fds: u32::from_le_bytes(take_array(&mut body)?),
+            },
+            TAG_PEERS => ControlMsg::Peers {
+                fds: u32::from_le_bytes(take_array(&mut body)?),
+            },
+            TAG_DRAIN => ControlMsg::Drain {
+                timeout_ms: u64::from_le_bytes(take_array(&mut body)?),
+            },
+            TAG_RELOADED => ControlMsg::Reloaded,
             other => return Err(ControlError::UnknownTag(other)),
         };
         if !body.is_empty() {
@@ -82,6 +145,15 @@ impl ControlMsg {
 fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u32).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
+}
+
+fn take_array<const N: usize>(body: &mut &[u8]) -> Result<[u8; N], ControlError> {
+    let bytes: [u8; N] = body
+        .get(..N)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(ControlError::BadBody)?;
+    *body = &body[N..];
+    Ok(bytes)
 }
 
 fn take_str(body: &mut &[u8]) -> Result<String, ControlError> {
@@ -140,6 +212,14 @@ mod tests {
                 message: "héllo".into(),
             },
             ControlMsg::Stop,
+            ControlMsg::Reload {
+                origin: "f.toml".into(),
+                config: "x = 1".into(),
+                fds: 3,
+            },
+            ControlMsg::Peers { fds: 2 },
+            ControlMsg::Drain { timeout_ms: 5000 },
+            ControlMsg::Reloaded,
         ];
         let stream: Vec<u8> = msgs.iter().flat_map(|m| m.encode()).collect();
         let mut reader = FrameReader::default();
@@ -162,5 +242,153 @@ mod tests {
         assert!(matches!(r.next_msg(), Some(Err(ControlError::TooLarge(_)))));
         r.push(&[3, 0, 0, 0, TAG_FATAL, 9, 9]);
         assert_eq!(r.next_msg(), Some(Err(ControlError::BadBody)));
+    }
+}
+
+/// One end of a control channel: framed messages with descriptors.
+pub struct ControlChannel {
+    pub stream: UnixStream,
+    frames: FrameReader,
+    fds: VecDeque<OwnedFd>,
+    cmsg: Vec<u8>,
+}
+
+/// Descriptors one control read can carry (the kernel's SCM_MAX_FD).
+const MAX_FDS: usize = 253;
+
+impl ControlChannel {
+    pub fn new(stream: UnixStream) -> ControlChannel {
+        ControlChannel {
+            stream,
+            frames: FrameReader::default(),
+            fds: VecDeque::new(),
+            cmsg: nix::cmsg_space!([RawFd; MAX_FDS]),
+        }
+    }
+
+    /// Sends `msg` with `fds` attached, waiting (at most a second) for room
+    /// even on a non-blocking socket: control messages are rare and small.
+    pub fn send(&self, msg: &ControlMsg, fds: &[RawFd]) -> io::Result<()> {
+        let frame = msg.encode();
+        let fd = self.stream.as_raw_fd();
+        let mut sent = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while sent < frame.len() {
+            let cmsgs: &[ControlMessage<'_>] = &[ControlMessage::ScmRights(fds)];
+            let with = if sent == 0 && !fds.is_empty() {
+                cmsgs
+            } else {
+                &[]
+            };
+            match sendmsg(
+                fd,
+                &[IoSlice::new(&frame[sent..])],
+                with,
+                MsgFlags::MSG_NOSIGNAL,
+                None::<&UnixAddr>,
+            ) {
+                Ok(n) => sent += n,
+                Err(Errno::EAGAIN) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what has arrived; `Ok(false)` once the peer has closed.
+    pub fn read_available(&mut self) -> io::Result<bool> {
+        let mut buf = [0u8; 16384];
+        loop {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let msg = match recvmsg::<()>(
+                self.stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut self.cmsg),
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(msg) => msg,
+                Err(Errno::EAGAIN) => return Ok(true),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    if let ControlMessageOwned::ScmRights(fds) = c {
+                        // SAFETY: the kernel just installed these
+                        // descriptors in our table for us; nothing else
+                        // owns them.
+                        self.fds.extend(
+                            fds.into_iter()
+                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                        );
+                    }
+                }
+            }
+            let n = msg.bytes;
+            if n == 0 {
+                return Ok(false);
+            }
+            self.frames.push(&buf[..n]);
+        }
+    }
+
+    /// The next whole message and the descriptors it announced.
+    pub fn next_msg(&mut self) -> Option<Result<(ControlMsg, Vec<OwnedFd>), ControlError>> {
+        let msg = match self.frames.next_msg()? {
+            Ok(msg) => msg,
+            Err(e) => return Some(Err(e)),
+        };
+        let want = match &msg {
+            ControlMsg::Reload { fds, .. } | ControlMsg::Peers { fds } => *fds as usize,
+            _ => 0,
+        };
+        if self.fds.len() < want {
+            return Some(Err(ControlError::MissingFds));
+        }
+        let fds = self.fds.drain(..want).collect();
+        Some(Ok((msg, fds)))
+    }
+}
+
+#[cfg(test)]
+mod channel_tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_travel_with_their_message() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (tx, mut rx) = (ControlChannel::new(a), ControlChannel::new(b));
+        let f1 = std::fs::File::open("/dev/null").unwrap();
+        let f2 = std::fs::File::open("/dev/zero").unwrap();
+        tx.send(&ControlMsg::Ready, &[]).unwrap();
+        tx.send(
+            &ControlMsg::Reload {
+                origin: "o".into(),
+                config: "c".repeat(100_000),
+                fds: 2,
+            },
+            &[f1.as_raw_fd(), f2.as_raw_fd()],
+        )
+        .unwrap();
+        drop(tx);
+        let mut got = Vec::new();
+        loop {
+            let open = rx.read_available().unwrap();
+            while let Some(m) = rx.next_msg() {
+                got.push(m.unwrap());
+            }
+            if !open {
+                break;
+            }
+        }
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0, ControlMsg::Ready);
+        assert!(
+            matches!(&got[1].0, ControlMsg::Reload { config, fds: 2, .. } if config.len() == 100_000)
+        );
+        assert_eq!(got[1].1.len(), 2);
     }
 }

@@ -93,6 +93,13 @@ pub enum Counter {
     TransfersOut,
     /// Keys the ownership table had no room for (tracked locally only).
     OwnersFull,
+    /// New flows refused while draining.
+    DropDraining,
+    /// The config generation the worker has applied (supervisor-written,
+    /// when the worker confirms).
+    ConfigGeneration,
+    /// Live sessions moved to another backend because theirs was removed.
+    SessionsRerouted,
     /// Nanoseconds spent handling events (not waiting in poll).
     BusyNs,
     /// Nanoseconds since the worker started its loop.

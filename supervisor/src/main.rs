@@ -2,6 +2,7 @@
 //! the supervisor) the worker.
 
 mod cpus;
+mod demo;
 mod notify;
 mod reuseport;
 mod spawn;
@@ -45,6 +46,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A showcase on loopback: the proxy with two echo backends and a client
+    /// load with migrating flows, then the stats table. Leaves nothing behind.
+    Demo {
+        /// How long the client load runs: "10s", "1500ms", "2m" (1s..=1h).
+        #[arg(long, default_value = "10s", value_parser = demo::parse_duration)]
+        duration: std::time::Duration,
+    },
     /// Internal: a worker process, started by the supervisor.
     #[command(hide = true)]
     Worker {
@@ -87,6 +95,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Demo { duration } => demo::run(duration),
         Command::Worker {
             id,
             control_fd,
@@ -147,7 +156,7 @@ fn run(path: Option<PathBuf>) -> ExitCode {
         "udpshard {} starting with {origin}",
         env!("CARGO_PKG_VERSION")
     );
-    match supervisor::Supervisor::start(cfg, origin, text).and_then(|s| s.run()) {
+    match supervisor::Supervisor::start(cfg, path, origin, text).and_then(|s| s.run()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -32,6 +32,9 @@ pub struct ReuseportGroup {
     pub name: String,
     /// The bound address (the real port when the config asked for port 0).
     pub addr: SocketAddr,
+    /// The address as configured: a reload that keeps it keeps the group.
+    pub configured: SocketAddr,
+    pub recv_buffer: usize,
     /// Socket k belongs to worker slot k.
     pub sockets: Vec<UdpSocket>,
     /// The receive buffer the kernel granted (what SO_RCVBUF reads back,
@@ -44,18 +47,41 @@ impl ReuseportGroup {
         let mut group = ReuseportGroup {
             name: cfg.name.clone(),
             addr: cfg.bind,
+            configured: cfg.bind,
+            recv_buffer: cfg.recv_buffer,
             sockets: Vec::with_capacity(size),
             effective_recv_buffer: 0,
         };
         for _ in 0..size {
-            group.push(cfg.recv_buffer)?;
+            group.push()?;
         }
         Ok(group)
     }
 
+    /// Removes the last socket (the only place one may be removed from).
+    pub fn pop(&mut self) {
+        self.sockets.pop();
+    }
+
+    /// Applies a new receive buffer size to every socket of the group.
+    pub fn set_recv_buffer(&mut self, bytes: usize) -> Result<(), GroupError> {
+        for s in &self.sockets {
+            socket2::SockRef::from(s)
+                .set_recv_buffer_size(bytes)
+                .map_err(|source| GroupError::Socket {
+                    listener: self.name.clone(),
+                    what: "SO_RCVBUF",
+                    source,
+                })?;
+        }
+        self.recv_buffer = bytes;
+        Ok(())
+    }
+
     /// Adds a socket at the end of the group (the only place one may be
     /// added: the kernel numbers group members by position).
-    pub fn push(&mut self, recv_buffer: usize) -> Result<(), GroupError> {
+    pub fn push(&mut self) -> Result<(), GroupError> {
+        let recv_buffer = self.recv_buffer;
         let err = |what, source| GroupError::Socket {
             listener: self.name.clone(),
             what,

@@ -8,10 +8,11 @@ use udpshard_shared::stats::{Counter, Header, Snapshot, StatsError, WorkerSnapsh
 
 /// Drop reasons in the order a datagram meets them: kernel socket, dissector,
 /// session table, routing, upstream send, handoff, then the return path.
-const DROPS: [(&str, Counter); 8] = [
+const DROPS: [(&str, Counter); 9] = [
     ("socket", Counter::DropSocket),
     ("malformed", Counter::DropMalformed),
     ("session_limit", Counter::DropSessionLimit),
+    ("draining", Counter::DropDraining),
     ("no_backend", Counter::DropNoBackend),
     ("upstream", Counter::DropUpstream),
     ("handoff", Counter::DropHandoff),
@@ -19,7 +20,7 @@ const DROPS: [(&str, Counter); 8] = [
     ("reply", Counter::DropReply),
 ];
 
-const PLAIN: [(&str, Counter); 17] = [
+const PLAIN: [(&str, Counter); 19] = [
     ("pid", Counter::Pid),
     ("cpu", Counter::Cpu),
     ("generation", Counter::Generation),
@@ -37,6 +38,8 @@ const PLAIN: [(&str, Counter); 17] = [
     ("transfers_in", Counter::TransfersIn),
     ("transfers_out", Counter::TransfersOut),
     ("owners_full", Counter::OwnersFull),
+    ("sessions_rerouted", Counter::SessionsRerouted),
+    ("config_generation", Counter::ConfigGeneration),
 ];
 
 pub fn print(path: &Path, as_json: bool) -> Result<(), StatsError> {

@@ -1,14 +1,16 @@
 //! The supervisor: owns the listener sockets and the stats region, spawns one
-//! pinned worker per slot, restarts the ones that die, and stops them all on
-//! SIGTERM/SIGINT. It never touches a datagram.
+//! pinned worker per slot, restarts the ones that die, applies reloads and
+//! CPU-set changes, and drains everything on SIGTERM/SIGINT. It never
+//! touches a datagram.
 //!
 //! Worker lifecycle, per slot:
 //! `Starting` (spawned, config sent) -> `Ready` (said so on its control
 //! channel) -> `Exited` (reaped) -> `Starting` again after a backoff that
-//! doubles while it keeps crashing, unless the supervisor is stopping.
+//! doubles while it keeps crashing, unless the supervisor is stopping or the
+//! slot is retiring (the group shrank; slots go from the end only).
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::PathBuf;
@@ -22,8 +24,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
-use udpshard_config::{Config, Workers};
-use udpshard_shared::control::{ControlMsg, FrameReader};
+use udpshard_config::{self as config, Config, Workers};
+use udpshard_shared::control::{ControlChannel, ControlMsg};
 use udpshard_shared::owners;
 use udpshard_shared::stats::{Counter, Header, SlotState, StatsError, StatsRegion};
 
@@ -32,6 +34,8 @@ use crate::notify::notify;
 use crate::reuseport::{rmem_fix, ReuseportGroup};
 use crate::spawn::{spawn_worker, WorkerSpec};
 
+mod reload;
+
 const SIGNALS: Token = Token(0);
 const CONTROL_TOKEN_BASE: usize = 1;
 
@@ -39,8 +43,11 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A worker that ran this long before dying was healthy: restart at once.
 const HEALTHY_RUN: Duration = Duration::from_secs(10);
-/// How long workers get to exit after Stop before they are killed.
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Beyond the drain timeout, how long workers get before they are killed.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+/// How often the allowed CPU set is re-read (`docker update --cpuset-cpus`
+/// changes it at run time, with no signal).
+const CPU_CHECK: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
@@ -71,16 +78,24 @@ struct WorkerSlot {
     cpu: usize,
     state: WorkerState,
     child: Option<Child>,
-    control: Option<UnixStream>,
-    frames: FrameReader,
+    control: Option<ControlChannel>,
     started_at: Instant,
     restart_at: Option<Instant>,
     backoff: Duration,
+    /// The config generation it was given.
+    config_gen: u64,
+    /// The group shrank past it: stopped, not restarted, removed on exit.
+    retiring: bool,
 }
 
 pub struct Supervisor {
+    /// `None`: the embedded default.
+    config_path: Option<PathBuf>,
+    config: Config,
     origin: String,
     text: String,
+    config_gen: u64,
+    /// One reuseport group per listener, in config order.
     groups: Vec<ReuseportGroup>,
     /// Per worker slot: its handoff inbox and the sending end the others
     /// use. Held here for the supervisor's life, so a restarted worker gets
@@ -89,56 +104,45 @@ pub struct Supervisor {
     region: StatsRegion,
     stats_file: File,
     workers: Vec<WorkerSlot>,
+    cpus: Vec<usize>,
     poll: Poll,
     signals: Signals,
     exe: PathBuf,
     announced_ready: bool,
+    /// Set by SIGTERM/SIGINT: when to kill what is still running.
     stop_deadline: Option<Instant>,
+    next_cpu_check: Instant,
+}
+
+fn worker_count(config: &Config, cpus: &[usize]) -> usize {
+    match config.workers {
+        Workers::Auto => cpus.len().max(1),
+        Workers::Count(n) => n,
+    }
 }
 
 impl Supervisor {
     /// Binds every listener, creates the stats region and starts the workers.
     pub fn start(
         config: Config,
+        config_path: Option<PathBuf>,
         origin: String,
         text: String,
     ) -> Result<Supervisor, SupervisorError> {
         let cpus = allowed_cpus().map_err(SupervisorError::Affinity)?;
-        let count = match config.workers {
-            Workers::Auto => cpus.len(),
-            Workers::Count(n) => n,
-        };
+        let count = worker_count(&config, &cpus);
         tracing::info!(
             "allowed CPUs: {} ({} CPUs); starting {count} workers",
             format_cpu_list(&cpus),
             cpus.len()
         );
-        if count > cpus.len() {
-            tracing::warn!(
-                "workers = {count} exceeds the {} allowed CPUs: some CPUs get two workers, which then compete",
-                cpus.len()
-            );
-        }
+        warn_oversubscribed(count, &cpus);
         let mut groups = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
-            let group = ReuseportGroup::bind(l, count)?;
-            tracing::info!(
-                "listener {} bound to {} ({count} sockets, receive buffer {} bytes)",
-                group.name,
-                group.addr,
-                group.effective_recv_buffer
-            );
-            if let Some(fix) = rmem_fix(l.recv_buffer, group.effective_recv_buffer) {
-                tracing::warn!(
-                    "listener {}: recv_buffer = {} was clamped by the kernel to {}; to allow it: {fix}",
-                    l.name,
-                    l.recv_buffer,
-                    group.effective_recv_buffer
-                );
-            }
-            group.steer(l)?;
-            groups.push(group);
+            groups.push(bind_group(l, count)?);
         }
+        // Room for every CPU the machine has, so a grown CPU set or a
+        // reload to more workers needs no new region.
         let capacity = count.max(
             nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_CONF)
                 .ok()
@@ -149,7 +153,7 @@ impl Supervisor {
         let (region, stats_file, stats_path) = create_stats(
             &config.stats_file,
             capacity,
-            owners::capacity_for(max_sessions, count),
+            owners::capacity_for(max_sessions, capacity),
         )?;
         let handoff = (0..count)
             .map(|_| handoff_pair())
@@ -169,32 +173,28 @@ impl Supervisor {
             .map_err(SupervisorError::Poll)?;
         let exe = std::env::current_exe().map_err(SupervisorError::Exe)?;
         let workers = (0..count)
-            .map(|id| WorkerSlot {
-                id,
-                cpu: cpus[id % cpus.len()],
-                state: WorkerState::Exited,
-                child: None,
-                control: None,
-                frames: FrameReader::default(),
-                started_at: Instant::now(),
-                restart_at: None,
-                backoff: Duration::ZERO,
-            })
+            .map(|id| WorkerSlot::new(id, cpus[id % cpus.len()]))
             .collect();
         let mut sup = Supervisor {
+            config_path,
+            config,
             origin,
             text,
+            config_gen: 1,
             groups,
+            handoff,
             region,
             stats_file,
-            handoff,
             workers,
+            cpus,
             poll,
             signals,
             exe,
             announced_ready: false,
             stop_deadline: None,
+            next_cpu_check: Instant::now() + CPU_CHECK,
         };
+        sup.steer_groups()?;
         for id in 0..count {
             sup.spawn(id)?;
         }
@@ -207,39 +207,44 @@ impl Supervisor {
         loop {
             let timeout = self
                 .next_deadline()
-                .map(|d| d.saturating_duration_since(Instant::now()));
-            match self.poll.poll(&mut events, timeout) {
+                .saturating_duration_since(Instant::now());
+            match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(SupervisorError::Poll(e)),
             }
             for event in events.iter() {
                 match event.token() {
-                    SIGNALS => self.handle_signals(),
+                    SIGNALS => self.handle_signals()?,
                     Token(t) => self.read_control(t - CONTROL_TOKEN_BASE),
                 }
             }
-            self.reap();
-            if self.stop_deadline.is_some() {
+            self.reap()?;
+            if let Some(deadline) = self.stop_deadline {
                 if self.workers.iter().all(|w| w.child.is_none()) {
                     tracing::info!("all workers exited; bye");
                     return Ok(());
                 }
-                if self.stop_deadline.is_some_and(|d| Instant::now() >= d) {
+                if Instant::now() >= deadline {
                     self.kill_all();
                 }
                 continue;
             }
             self.restart_due()?;
+            if Instant::now() >= self.next_cpu_check {
+                self.next_cpu_check = Instant::now() + CPU_CHECK;
+                self.check_cpus()?;
+            }
         }
     }
 
-    fn next_deadline(&self) -> Option<Instant> {
+    fn next_deadline(&self) -> Instant {
         let restart = self.workers.iter().filter_map(|w| w.restart_at).min();
-        match (restart, self.stop_deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [restart, self.stop_deadline, Some(self.next_cpu_check)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(|| Instant::now() + CPU_CHECK)
     }
 
     fn spawn(&mut self, id: usize) -> Result<(), SupervisorError> {
@@ -261,16 +266,16 @@ impl Supervisor {
         let child = spawn_worker(&self.exe, &spec)
             .map_err(|source| SupervisorError::Spawn { id, source })?;
         drop(theirs);
+        ours.set_nonblocking(true)
+            .map_err(|source| SupervisorError::Spawn { id, source })?;
+        let control = ControlChannel::new(ours);
         let start = ControlMsg::Start {
             origin: self.origin.clone(),
             config: self.text.clone(),
         };
-        // The socket buffer holds the config: a worker that died before
-        // reading it shows up as a reaped child, not as a write error here.
-        let _ = (&ours).write_all(&start.encode());
-        ours.set_nonblocking(true)
-            .map_err(|source| SupervisorError::Spawn { id, source })?;
-        let fd = ours.as_raw_fd();
+        // A worker that died before reading it shows up as a reaped child.
+        let _ = control.send(&start, &[]);
+        let fd = control.stream.as_raw_fd();
         self.poll
             .registry()
             .register(
@@ -279,19 +284,20 @@ impl Supervisor {
                 Interest::READABLE,
             )
             .map_err(SupervisorError::Poll)?;
-        let slot = self.region.slot(id).expect("region sized for every worker");
-        slot.set(Counter::Pid, u64::from(child.id()));
-        slot.set(Counter::Cpu, self.workers[id].cpu as u64);
-        slot.add(Counter::Generation, 1);
-        slot.set(Counter::State, SlotState::Starting as u64);
+        if let Some(slot) = self.region.slot(id) {
+            slot.set(Counter::Pid, u64::from(child.id()));
+            slot.set(Counter::Cpu, self.workers[id].cpu as u64);
+            slot.add(Counter::Generation, 1);
+            slot.set(Counter::State, SlotState::Starting as u64);
+        }
         let w = &mut self.workers[id];
         tracing::debug!(worker = id, pid = child.id(), cpu = w.cpu, "spawned");
         w.child = Some(child);
-        w.control = Some(ours);
-        w.frames = FrameReader::default();
+        w.control = Some(control);
         w.state = WorkerState::Starting;
         w.started_at = Instant::now();
         w.restart_at = None;
+        w.config_gen = self.config_gen;
         Ok(())
     }
 
@@ -302,19 +308,16 @@ impl Supervisor {
         let Some(control) = w.control.as_mut() else {
             return;
         };
-        let mut buf = [0u8; 4096];
-        loop {
-            match control.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => w.frames.push(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        }
-        while let Some(msg) = w.frames.next_msg() {
+        let _ = control.read_available();
+        let mut became_ready = false;
+        while let Some(msg) = control.next_msg() {
             match msg {
-                Ok(ControlMsg::Ready) => {
+                Ok((ControlMsg::Ready, _)) => {
                     w.state = WorkerState::Ready;
+                    if let Some(slot) = self.region.slot(id) {
+                        slot.set(Counter::ConfigGeneration, w.config_gen);
+                    }
+                    became_ready = true;
                     tracing::info!(
                         worker = id,
                         cpu = w.cpu,
@@ -322,12 +325,23 @@ impl Supervisor {
                         "worker ready"
                     );
                 }
-                Ok(ControlMsg::Fatal { message }) => {
+                Ok((ControlMsg::Reloaded, _)) => {
+                    if let Some(slot) = self.region.slot(id) {
+                        slot.set(Counter::ConfigGeneration, w.config_gen);
+                    }
+                }
+                Ok((ControlMsg::Fatal { message }, _)) => {
                     tracing::error!(worker = id, "worker failed: {message}")
                 }
-                Ok(other) => tracing::warn!(worker = id, "unexpected control message {other:?}"),
+                Ok((other, _)) => {
+                    tracing::warn!(worker = id, "unexpected control message {other:?}")
+                }
                 Err(e) => tracing::warn!(worker = id, "bad control stream: {e}"),
             }
+        }
+        // Started before a reload: it serves the old config; bring it up to date.
+        if became_ready && w.config_gen != self.config_gen {
+            self.send_reload(id);
         }
         if !self.announced_ready && self.workers.iter().all(|w| w.state == WorkerState::Ready) {
             self.announced_ready = true;
@@ -345,29 +359,40 @@ impl Supervisor {
         }
     }
 
-    fn handle_signals(&mut self) {
+    fn handle_signals(&mut self) -> Result<(), SupervisorError> {
         let pending: Vec<i32> = self.signals.pending().collect();
         for signal in pending {
             match signal {
                 SIGTERM | SIGINT => self.begin_stop(signal),
-                SIGHUP => tracing::warn!("SIGHUP: configuration reload is not supported yet; still serving the current config"),
+                SIGHUP if self.stop_deadline.is_none() => self.reload()?,
                 // SIGCHLD: reaped after every wakeup.
                 _ => {}
             }
         }
+        Ok(())
     }
 
+    /// Stops taking new flows and lets live sessions finish for
+    /// `drain_timeout`, then exits.
     fn begin_stop(&mut self, signal: i32) {
         if self.stop_deadline.is_some() {
             return;
         }
-        tracing::info!("signal {signal}: stopping {} workers", self.workers.len());
+        let timeout = self.config.drain_timeout;
+        tracing::info!(
+            "signal {signal}: draining {} workers for up to {:?}",
+            self.workers.len(),
+            timeout
+        );
         notify("STOPPING=1");
-        self.stop_deadline = Some(Instant::now() + STOP_TIMEOUT);
+        self.stop_deadline = Some(Instant::now() + timeout + STOP_GRACE);
+        let drain = ControlMsg::Drain {
+            timeout_ms: timeout.as_millis() as u64,
+        };
         for w in &mut self.workers {
             w.restart_at = None;
-            if let Some(control) = w.control.as_mut() {
-                let _ = control.write_all(&ControlMsg::Stop.encode());
+            if let Some(control) = w.control.as_ref() {
+                let _ = control.send(&drain, &[]);
             }
         }
     }
@@ -383,14 +408,14 @@ impl Supervisor {
     }
 
     /// Collects every exited child and schedules its replacement.
-    fn reap(&mut self) {
+    fn reap(&mut self) -> Result<(), SupervisorError> {
         loop {
             let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(status) => status,
             };
             let Some(pid) = status.pid() else {
-                return;
+                break;
             };
             let Some(w) = self.workers.iter_mut().find(|w| {
                 w.child
@@ -405,15 +430,13 @@ impl Supervisor {
                 let _ = self
                     .poll
                     .registry()
-                    .deregister(&mut SourceFd(&control.as_raw_fd()));
+                    .deregister(&mut SourceFd(&control.stream.as_raw_fd()));
             }
             w.state = WorkerState::Exited;
-            let slot = self
-                .region
-                .slot(w.id)
-                .expect("region sized for every worker");
-            slot.set(Counter::State, SlotState::Exited as u64);
-            if self.stop_deadline.is_some() {
+            if let Some(slot) = self.region.slot(w.id) {
+                slot.set(Counter::State, SlotState::Exited as u64);
+            }
+            if self.stop_deadline.is_some() || w.retiring {
                 tracing::info!(worker = w.id, "exited: {}", describe(&status));
                 continue;
             }
@@ -426,7 +449,9 @@ impl Supervisor {
                 (w.backoff * 2).min(MAX_BACKOFF)
             };
             w.restart_at = Some(Instant::now() + w.backoff);
-            slot.add(Counter::Restarts, 1);
+            if let Some(slot) = self.region.slot(w.id) {
+                slot.add(Counter::Restarts, 1);
+            }
             tracing::warn!(
                 worker = w.id,
                 cpu = w.cpu,
@@ -436,6 +461,7 @@ impl Supervisor {
                 w.backoff
             );
         }
+        self.remove_retired()
     }
 
     fn restart_due(&mut self) -> Result<(), SupervisorError> {
@@ -451,6 +477,52 @@ impl Supervisor {
         }
         Ok(())
     }
+}
+
+impl WorkerSlot {
+    fn new(id: usize, cpu: usize) -> WorkerSlot {
+        WorkerSlot {
+            id,
+            cpu,
+            state: WorkerState::Exited,
+            child: None,
+            control: None,
+            started_at: Instant::now(),
+            restart_at: None,
+            backoff: Duration::ZERO,
+            config_gen: 0,
+            retiring: false,
+        }
+    }
+}
+
+fn warn_oversubscribed(count: usize, cpus: &[usize]) {
+    if count > cpus.len() {
+        tracing::warn!(
+            "workers = {count} exceeds the {} allowed CPUs: some CPUs get two workers, which then compete",
+            cpus.len()
+        );
+    }
+}
+
+/// Binds a listener's group of `count` sockets and reports what it got.
+fn bind_group(l: &config::Listener, count: usize) -> Result<ReuseportGroup, SupervisorError> {
+    let group = ReuseportGroup::bind(l, count)?;
+    tracing::info!(
+        "listener {} bound to {} ({count} sockets, receive buffer {} bytes)",
+        group.name,
+        group.addr,
+        group.effective_recv_buffer
+    );
+    if let Some(fix) = rmem_fix(l.recv_buffer, group.effective_recv_buffer) {
+        tracing::warn!(
+            "listener {}: recv_buffer = {} was clamped by the kernel to {}; to allow it: {fix}",
+            l.name,
+            l.recv_buffer,
+            group.effective_recv_buffer
+        );
+    }
+    Ok(group)
 }
 
 /// Creates the stats region; a default path the user may not write falls

@@ -71,11 +71,13 @@ impl Proxy {
         let dir = TempDir::new("proxy");
         let stats_file = dir.path().join("stats");
         let config_path = dir.path().join("udpshard.toml");
-        std::fs::write(
-            &config_path,
-            config.replace("{stats_file}", &stats_file.display().to_string()),
-        )
-        .expect("write config");
+        let mut text = config.replace("{stats_file}", &stats_file.display().to_string());
+        // Each test's proxy stops when the test ends: a short drain keeps
+        // the suite fast (tests of draining set their own).
+        if !text.contains("drain_timeout") {
+            text = format!("drain_timeout = \"300ms\"\n{text}");
+        }
+        std::fs::write(&config_path, text).expect("write config");
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);

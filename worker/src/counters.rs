@@ -5,7 +5,7 @@ use udpshard_shared::stats::{Counter, StatsSlot};
 
 /// Words the worker owns in its slot (the supervisor writes the identity
 /// words: pid, cpu, generation, state, restarts).
-const WORKER_OWNED: [Counter; 25] = [
+const WORKER_OWNED: [Counter; 27] = [
     Counter::RxPackets,
     Counter::RxBytes,
     Counter::TxPackets,
@@ -28,6 +28,8 @@ const WORKER_OWNED: [Counter; 25] = [
     Counter::TransfersIn,
     Counter::TransfersOut,
     Counter::OwnersFull,
+    Counter::DropDraining,
+    Counter::SessionsRerouted,
     Counter::BusyNs,
     Counter::WallNs,
     Counter::Heartbeat,

@@ -75,13 +75,16 @@ pub struct DataPath {
     pub id: usize,
     pub me: Owner,
     pub handoff: Handoff,
+    /// Draining: live sessions are served, no new ones are made.
+    pub draining: bool,
     reply_buf: Vec<u8>,
     last_warning_ms: u64,
 }
 
-/// The ownership table's key: the flow key within its listener.
-fn owner_hash(listener: usize, key: &FlowKey) -> u64 {
-    stable_hash(key.as_bytes()) ^ (listener as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+/// The ownership table's key: the flow key within its listener (named by
+/// its stable identity, so a reload that renumbers listeners keeps entries).
+fn owner_hash(listener_ident: u64, key: &FlowKey) -> u64 {
+    stable_hash(key.as_bytes()) ^ listener_ident.wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 impl DataPath {
@@ -103,6 +106,7 @@ impl DataPath {
             id,
             me: Owner::new(id, generation),
             handoff,
+            draining: false,
             reply_buf: vec![0; MAX_DATAGRAM],
             last_warning_ms: 0,
         }
@@ -160,7 +164,7 @@ impl DataPath {
         datagram: &[u8],
         via: Via,
     ) -> Option<SessionId> {
-        let hash = owner_hash(l, &key);
+        let hash = owner_hash(self.listeners[l].ident, &key);
         let hops = match via {
             Via::Socket => 0,
             Via::Handoff { hops, .. } => hops,
@@ -318,7 +322,7 @@ impl DataPath {
         for key in std::iter::once(&state.key).chain(&state.aliases) {
             self.region
                 .owners()
-                .assign(owner_hash(listener, key), to_owner);
+                .assign(owner_hash(self.listeners[listener].ident, key), to_owner);
         }
         let _ = registry.deregister(&mut SourceFd(&fd));
         // Our copy of the socket closes here; the receiver holds its own.
@@ -402,7 +406,9 @@ impl DataPath {
         }
         if let Some(s) = self.sessions.get_mut(id) {
             for key in std::iter::once(&s.key).chain(&s.aliases) {
-                self.region.owners().assign(owner_hash(l, key), self.me);
+                self.region
+                    .owners()
+                    .assign(owner_hash(self.listeners[l].ident, key), self.me);
             }
         }
         self.counters.incr(Counter::TransfersIn);
@@ -417,16 +423,16 @@ impl DataPath {
         client: SocketAddr,
         local_ip: Option<IpAddr>,
     ) -> Option<SessionId> {
+        if self.draining {
+            self.counters.incr(Counter::DropDraining);
+            return None;
+        }
         if self.sessions.admit(l).is_err() {
             self.counters.incr(Counter::DropSessionLimit);
             return None;
         }
         let listener = &self.listeners[l];
-        let backend = listener
-            .quic_lb
-            .as_ref()
-            .and_then(|lb| lb.route(key.as_bytes()))
-            .unwrap_or_else(|| listener.maglev.backend_for(key.as_bytes()));
+        let backend = listener.route(key.as_bytes());
         let Some(&backend_addr) = listener.backends.get(backend) else {
             self.counters.incr(Counter::DropNoBackend);
             return None;
@@ -529,11 +535,11 @@ impl DataPath {
         }
         if let Some(s) = self.sessions.get_mut(id) {
             let region = &self.region;
-            let _ = region
-                .owners()
-                .claim(owner_hash(s.listener, &scid), self.me, |o| {
-                    region.is_live(o)
-                });
+            let _ = region.owners().claim(
+                owner_hash(self.listeners[s.listener].ident, &scid),
+                self.me,
+                |o| region.is_live(o),
+            );
         }
     }
 
@@ -541,13 +547,13 @@ impl DataPath {
     /// and read the kernel's drop counts on the listener sockets.
     pub fn tick(&mut self, registry: &Registry, sweep_budget: usize) {
         let counters = &mut self.counters;
-        let (region, me) = (&self.region, self.me);
+        let (region, me, listeners) = (&self.region, self.me, &self.listeners);
         self.sessions
             .sweep(self.now_ms, sweep_budget, |_, session| {
                 for key in std::iter::once(&session.key).chain(&session.aliases) {
                     region
                         .owners()
-                        .release(owner_hash(session.listener, key), me);
+                        .release(owner_hash(listeners[session.listener].ident, key), me);
                 }
                 close_upstream(registry, counters, session);
                 counters.incr(Counter::SessionsExpired);
@@ -559,6 +565,50 @@ impl DataPath {
         self.counters.set(Counter::DropSocket, socket_drops);
         self.counters
             .set(Counter::SessionsActive, self.sessions.len() as u64);
+    }
+
+    /// Applies a reload: `listeners` replace the old ones (`map[j]` is old
+    /// listener j's new index). Live sessions keep their backend when it is
+    /// still listed; a session whose backend was removed is re-routed (its
+    /// upstream socket reconnects, so its port, and the flow, survive).
+    /// `old[j]` is old listener j's (identity, backends).
+    pub fn reconfigure(
+        &mut self,
+        registry: &Registry,
+        listeners: Vec<Listener>,
+        old: &[(u64, Vec<SocketAddr>)],
+        map: &[Option<usize>],
+        limits: Vec<(usize, u64)>,
+    ) {
+        self.listeners = listeners;
+        let counters = &mut self.counters;
+        let (region, me) = (&self.region, self.me);
+        self.sessions.remap(map, limits, |session| {
+            let ident = old[session.listener].0;
+            for key in std::iter::once(&session.key).chain(&session.aliases) {
+                region.owners().release(owner_hash(ident, key), me);
+            }
+            close_upstream(registry, counters, session);
+        });
+        for (_, s) in self.sessions.iter_mut() {
+            // Sessions were renumbered to the new listener order; their
+            // backend index still points into the old list.
+            let old_listener = map.iter().position(|m| *m == Some(s.listener));
+            let old_addr = old_listener.and_then(|j| old[j].1.get(usize::from(s.backend)).copied());
+            let listener = &self.listeners[s.listener];
+            if let Some(i) = old_addr.and_then(|a| listener.backends.iter().position(|b| *b == a)) {
+                s.backend = i as u16;
+                continue;
+            }
+            let backend = listener.route(s.key.as_bytes());
+            let Some(&addr) = listener.backends.get(backend) else {
+                continue;
+            };
+            if s.upstream.connect(addr).is_ok() {
+                s.backend = backend as u16;
+                self.counters.incr(Counter::SessionsRerouted);
+            }
+        }
     }
 
     /// Closes every session (the worker is exiting). Ownership entries stay:

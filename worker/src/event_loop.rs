@@ -1,7 +1,7 @@
 //! The worker's event loop: moves bytes between sockets and the datapath.
 
 use std::fs::File;
-use std::io::{self, IoSliceMut, Read, Write};
+use std::io::{self, IoSliceMut, Read};
 use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use quinn_udp::{RecvMeta, UdpSockRef, BATCH_SIZE};
-use udpshard_shared::control::{ControlMsg, FrameReader};
+use udpshard_shared::control::{ControlChannel, ControlMsg, FrameReader};
 use udpshard_shared::stats::{Counter, SlotState, StatsRegion};
 
 use crate::counters::Counters;
@@ -54,23 +54,7 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
 
     let (origin, text) = receive_start(&control)?;
     let config = udpshard_config::parse(&text, &origin)?;
-    if sockets.len() != config.listeners.len() {
-        return Err(WorkerError::ListenerCount {
-            got: sockets.len(),
-            want: config.listeners.len(),
-        });
-    }
-    let listeners = config
-        .listeners
-        .iter()
-        .zip(sockets)
-        .map(|(cfg, socket)| Listener::new(cfg, socket))
-        .collect::<Result<Vec<_>, _>>()?;
-    let limits = config
-        .listeners
-        .iter()
-        .map(|l| (l.max_sessions, l.session_idle.as_millis() as u64))
-        .collect();
+    let listeners = build_listeners(&config, sockets, &mut [])?;
     raise_fd_limit();
 
     let poll = Poll::new().map_err(WorkerError::Poll)?;
@@ -85,29 +69,32 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     poll.registry()
         .register(&mut SourceFd(&inbox_fd), HANDOFF, Interest::READABLE)
         .map_err(WorkerError::Poll)?;
-    for (l, listener) in listeners.iter().enumerate() {
-        let fd = listener.socket.as_raw_fd();
-        poll.registry()
-            .register(
-                &mut SourceFd(&fd),
-                Token(LISTENER_TOKEN_BASE + l),
-                Interest::READABLE,
-            )
-            .map_err(WorkerError::Poll)?;
-    }
+    register_listeners(poll.registry(), &listeners)?;
     let counters = Counters::resume_from(&slot);
     counters.publish(&slot);
     slot.set(Counter::State, SlotState::Ready as u64);
-    let path = DataPath::new(listeners, limits, region, args.id, handoff, counters);
-    send_control(&control, &ControlMsg::Ready)?;
+    let undrained = vec![false; listeners.len()];
+    let path = DataPath::new(
+        listeners,
+        limits(&config),
+        region,
+        args.id,
+        handoff,
+        counters,
+    );
+    let control = ControlChannel::new(control);
+    control
+        .send(&ControlMsg::Ready, &[])
+        .map_err(|e| WorkerError::Control(e.to_string()))?;
     tracing::debug!(worker = args.id, "ready");
 
     let mut lp = Loop {
         poll,
         control,
-        control_frames: FrameReader::default(),
         rx: RecvBatch::new(),
         path,
+        undrained,
+        drain_deadline: None,
     };
     let result = lp.serve();
     lp.path.close_all(lp.poll.registry());
@@ -115,12 +102,73 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     result
 }
 
+fn limits(config: &udpshard_config::Config) -> Vec<(usize, u64)> {
+    config
+        .listeners
+        .iter()
+        .map(|l| (l.max_sessions, l.session_idle.as_millis() as u64))
+        .collect()
+}
+
+/// Listeners for `config` on `sockets` (one per listener, in order). A
+/// socket that is one of `current` (same inode) keeps that listener's
+/// socket state, with new routing; `map[j]` then says where current
+/// listener j went.
+fn build_listeners(
+    config: &udpshard_config::Config,
+    sockets: Vec<UdpSocket>,
+    current: &mut [Option<Listener>],
+) -> Result<Vec<Listener>, WorkerError> {
+    if sockets.len() != config.listeners.len() {
+        return Err(WorkerError::ListenerCount {
+            got: sockets.len(),
+            want: config.listeners.len(),
+        });
+    }
+    config
+        .listeners
+        .iter()
+        .zip(sockets)
+        .map(|(cfg, socket)| {
+            let inode = nix::sys::stat::fstat(&socket).map(|st| st.st_ino).ok();
+            let same = current
+                .iter_mut()
+                .find(|l| l.as_ref().is_some_and(|l| Some(l.inode) == inode))
+                .and_then(Option::take);
+            match same {
+                // The duplicate descriptor closes; the listener keeps its own.
+                Some(mut listener) => listener.configure(cfg).map(|()| listener),
+                None => Listener::new(cfg, socket),
+            }
+        })
+        .collect()
+}
+
+fn register_listeners(registry: &mio::Registry, listeners: &[Listener]) -> Result<(), WorkerError> {
+    for (l, listener) in listeners.iter().enumerate() {
+        let fd = listener.socket.as_raw_fd();
+        registry
+            .register(
+                &mut SourceFd(&fd),
+                Token(LISTENER_TOKEN_BASE + l),
+                Interest::READABLE,
+            )
+            .map_err(WorkerError::Poll)?;
+    }
+    Ok(())
+}
+
 struct Loop {
     poll: Poll,
-    control: UnixStream,
-    control_frames: FrameReader,
+    control: ControlChannel,
     rx: RecvBatch,
     path: DataPath,
+    /// Listeners whose socket may still hold datagrams (edge-triggered
+    /// polling reports each arrival once; a budget-limited drain must come
+    /// back without waiting for the next one).
+    undrained: Vec<bool>,
+    /// Set by `Drain`: serve live sessions until then, then exit.
+    drain_deadline: Option<Instant>,
 }
 
 /// Why the loop ended.
@@ -137,11 +185,6 @@ impl Loop {
 
     fn serve(&mut self) -> Result<(), WorkerError> {
         let mut events = Events::with_capacity(1024);
-        let listeners = self.path.listeners.len();
-        // Listeners whose socket may still hold datagrams (edge-triggered
-        // polling reports each arrival once; a budget-limited drain must
-        // come back without waiting for the next one).
-        let mut undrained = vec![false; listeners];
         let start = Instant::now();
         // Busy and wall time continue the slot's totals together, so the
         // utilisation of a restarted worker's slot stays a true ratio.
@@ -149,7 +192,7 @@ impl Loop {
         let mut next_tick = start;
         loop {
             let now = Instant::now();
-            let timeout = if undrained.contains(&true) {
+            let timeout = if self.undrained.contains(&true) {
                 Duration::ZERO
             } else {
                 next_tick.saturating_duration_since(now)
@@ -165,6 +208,11 @@ impl Loop {
                 match event.token() {
                     CONTROL => {
                         if let Some(Exit::Stop) = self.read_control()? {
+                            // A retiring worker's socket leaves its group
+                            // when we exit: forward what is queued in it.
+                            for l in 0..self.path.listeners.len() {
+                                self.drain_listener(l);
+                            }
                             return Ok(());
                         }
                     }
@@ -173,15 +221,15 @@ impl Loop {
                         self.path.upstream_readable(t - UPSTREAM_TOKEN_BASE)
                     }
                     Token(t) => {
-                        if let Some(flag) = undrained.get_mut(t - LISTENER_TOKEN_BASE) {
+                        if let Some(flag) = self.undrained.get_mut(t - LISTENER_TOKEN_BASE) {
                             *flag = true;
                         }
                     }
                 }
             }
-            for (l, flag) in undrained.iter_mut().enumerate() {
-                if *flag {
-                    *flag = !self.drain_listener(l);
+            for l in 0..self.undrained.len() {
+                if self.undrained[l] {
+                    self.undrained[l] = !self.drain_listener(l);
                 }
             }
             if busy_from >= next_tick {
@@ -189,6 +237,20 @@ impl Loop {
                 let budget = (self.path.sessions.len() / 10).max(1024);
                 self.path.tick(self.poll.registry(), budget);
                 next_tick = busy_from + TICK;
+                if let Some(deadline) = self.drain_deadline {
+                    if self.path.sessions.is_empty() {
+                        tracing::info!(worker = self.path.id, "drained: no live sessions left");
+                        return Ok(());
+                    }
+                    if busy_from >= deadline {
+                        tracing::info!(
+                            worker = self.path.id,
+                            sessions = self.path.sessions.len(),
+                            "drain timeout reached; exiting"
+                        );
+                        return Ok(());
+                    }
+                }
             }
             let done = Instant::now();
             let counters = &mut self.path.counters;
@@ -209,7 +271,9 @@ impl Loop {
     /// Reads up to the budget from listener `l`; true when its socket is empty.
     fn drain_listener(&mut self, l: usize) -> bool {
         for _ in 0..LISTENER_BATCH_BUDGET {
-            let listener = &self.path.listeners[l];
+            let Some(listener) = self.path.listeners.get(l) else {
+                return true;
+            };
             let received = {
                 let mut chunks = self.rx.buf.chunks_mut(MAX_DATAGRAM);
                 let mut iovs: [IoSliceMut<'_>; BATCH_SIZE] =
@@ -268,26 +332,87 @@ impl Loop {
     }
 
     fn read_control(&mut self) -> Result<Option<Exit>, WorkerError> {
-        let mut buf = [0u8; 4096];
-        loop {
-            match self.control.read(&mut buf) {
-                Ok(0) => {
-                    tracing::info!("supervisor closed the control channel; exiting");
-                    return Ok(Some(Exit::Stop));
-                }
-                Ok(n) => self.control_frames.push(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(WorkerError::Control(e.to_string())),
-            }
-        }
-        while let Some(msg) = self.control_frames.next_msg() {
-            match msg.map_err(|e| WorkerError::Control(e.to_string()))? {
+        let open = self
+            .control
+            .read_available()
+            .map_err(|e| WorkerError::Control(e.to_string()))?;
+        while let Some(msg) = self.control.next_msg() {
+            let (msg, fds) = msg.map_err(|e| WorkerError::Control(e.to_string()))?;
+            match msg {
                 ControlMsg::Stop => return Ok(Some(Exit::Stop)),
+                ControlMsg::Reload { origin, config, .. } => {
+                    match self.reload(&origin, &config, fds) {
+                        Ok(()) => {
+                            let _ = self.control.send(&ControlMsg::Reloaded, &[]);
+                        }
+                        // The supervisor validated the same text: this is a
+                        // socket-level failure; keep serving what we have.
+                        Err(e) => tracing::error!(worker = self.path.id, "reload failed: {e}"),
+                    }
+                }
+                ControlMsg::Peers { .. } => {
+                    let peers = fds.into_iter().map(UnixDatagram::from).collect();
+                    if let Err(e) = self.path.handoff.set_peers(peers) {
+                        tracing::error!(worker = self.path.id, "handoff peers: {e}");
+                    }
+                }
+                ControlMsg::Drain { timeout_ms } => {
+                    self.path.draining = true;
+                    self.drain_deadline = Some(Instant::now() + Duration::from_millis(timeout_ms));
+                    if let Some(slot) = self.path.region.slot(self.path.id) {
+                        slot.set(Counter::State, SlotState::Draining as u64);
+                    }
+                }
                 other => tracing::warn!("unexpected control message {other:?}"),
             }
         }
+        if !open {
+            tracing::info!("supervisor closed the control channel; exiting");
+            return Ok(Some(Exit::Stop));
+        }
         Ok(None)
+    }
+
+    /// Serves a new config: listeners added, removed, or re-routed; live
+    /// sessions kept.
+    fn reload(&mut self, origin: &str, text: &str, fds: Vec<OwnedFd>) -> Result<(), WorkerError> {
+        let config = udpshard_config::parse(text, origin)?;
+        let sockets: Vec<UdpSocket> = fds.into_iter().map(UdpSocket::from).collect();
+        let registry = self.poll.registry();
+        for listener in &self.path.listeners {
+            let _ = registry.deregister(&mut SourceFd(&listener.socket.as_raw_fd()));
+        }
+        let routes: Vec<(u64, Vec<std::net::SocketAddr>)> = self
+            .path
+            .listeners
+            .iter()
+            .map(|l| (l.ident, l.backends.clone()))
+            .collect();
+        let old: Vec<Listener> = std::mem::take(&mut self.path.listeners);
+        let inodes: Vec<u64> = old.iter().map(|l| l.inode).collect();
+        let mut current: Vec<Option<Listener>> = old.into_iter().map(Some).collect();
+        let listeners = match build_listeners(&config, sockets, &mut current) {
+            Ok(l) => l,
+            Err(e) => {
+                // Put back what we had.
+                self.path.listeners = current.into_iter().flatten().collect();
+                register_listeners(registry, &self.path.listeners)?;
+                return Err(e);
+            }
+        };
+        let map: Vec<Option<usize>> = inodes
+            .iter()
+            .map(|ino| listeners.iter().position(|l| l.inode == *ino))
+            .collect();
+        // Removed listeners' sockets close with `current`; the supervisor
+        // has closed its copies, so the kernel drops them from their group.
+        drop(current);
+        register_listeners(registry, &listeners)?;
+        self.undrained = vec![true; listeners.len()];
+        self.path
+            .reconfigure(registry, listeners, &routes, &map, limits(&config));
+        tracing::info!(worker = self.path.id, "reloaded {origin}");
+        Ok(())
     }
 }
 
@@ -343,12 +468,6 @@ fn receive_start(mut control: &UnixStream) -> Result<(String, String), WorkerErr
             Err(e) => return Err(err(e)),
         }
     }
-}
-
-fn send_control(mut control: &UnixStream, msg: &ControlMsg) -> Result<(), WorkerError> {
-    control
-        .write_all(&msg.encode())
-        .map_err(|e| WorkerError::Control(e.to_string()))
 }
 
 /// Each session holds an upstream socket: allow as many as the hard limit.

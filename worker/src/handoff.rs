@@ -36,6 +36,15 @@ impl Handoff {
         })
     }
 
+    /// The group was resized: these are every worker's inboxes now.
+    pub fn set_peers(&mut self, peers: Vec<UnixDatagram>) -> io::Result<()> {
+        for p in &peers {
+            p.set_nonblocking(true)?;
+        }
+        self.peers = peers;
+        Ok(())
+    }
+
     fn peer(&self, to: usize) -> io::Result<RawFd> {
         self.peers
             .get(to)

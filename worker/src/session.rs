@@ -140,6 +140,10 @@ impl<U> SessionTable<U> {
         self.sessions.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
     /// Visits up to `budget` slab slots from where the last sweep stopped and
     /// removes sessions idle for longer than their listener's timeout,
     /// handing each to `expired`. Called every tick with a budget sized so
@@ -168,6 +172,54 @@ impl<U> SessionTable<U> {
                 }
             }
         }
+    }
+
+    /// Follows a reload: listener `j` becomes `map[j]` (or is gone, and
+    /// its sessions go to `closed`), and listeners take `limits`.
+    pub fn remap(
+        &mut self,
+        map: &[Option<usize>],
+        limits: Vec<(usize, u64)>,
+        mut closed: impl FnMut(Session<U>),
+    ) {
+        let mut old: Vec<Option<ListenerTable>> = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .map(Some)
+            .collect();
+        self.listeners = limits
+            .into_iter()
+            .map(|(max_sessions, idle_ms)| ListenerTable {
+                keys: AHashMap::new(),
+                max_sessions,
+                idle_ms,
+            })
+            .collect();
+        for (j, to) in map.iter().enumerate() {
+            if let (Some(i), Some(table)) = (to, old.get_mut(j).and_then(Option::take)) {
+                self.listeners[*i].keys = table.keys;
+            }
+        }
+        let gone: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| map.get(s.listener).copied().flatten().is_none())
+            .map(|(id, _)| id)
+            .collect();
+        for id in gone {
+            if let Some(s) = self.sessions.try_remove(id) {
+                closed(s);
+            }
+        }
+        for (_, s) in self.sessions.iter_mut() {
+            if let Some(Some(i)) = map.get(s.listener) {
+                s.listener = *i;
+            }
+        }
+    }
+
+    /// Every session, mutably (reload re-resolves their backends).
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = (SessionId, &mut Session<U>)> {
+        self.sessions.iter_mut()
     }
 
     /// Every session, for shutdown.
@@ -246,6 +298,24 @@ mod tests {
         t.remove(id);
         assert_eq!(t.lookup(0, &alias), None);
         assert_eq!(t.lookup(0, &FlowKey::new(&[2; 8]).unwrap()), Some(other));
+    }
+
+    #[test]
+    fn remap_follows_renumbered_listeners_and_closes_removed_ones() {
+        let mut t = SessionTable::new([(10, 1000), (10, 1000), (10, 1000)]);
+        let a = t.insert(session(0, 1, 0));
+        let b = t.insert(session(1, 2, 0));
+        let c = t.insert(session(2, 3, 0));
+        let mut closed = Vec::new();
+        // Listener 0 is removed, 1 becomes 0, 2 becomes 1; limits change.
+        t.remap(&[None, Some(0), Some(1)], vec![(1, 5), (10, 5)], |s| {
+            closed.push(s.key)
+        });
+        assert_eq!(closed, vec![FlowKey::new(&[1; 8]).unwrap()]);
+        assert_eq!(t.lookup(0, &FlowKey::new(&[2; 8]).unwrap()), Some(b));
+        assert_eq!(t.lookup(1, &FlowKey::new(&[3; 8]).unwrap()), Some(c));
+        assert_eq!(t.admit(0), Err(Refused::SessionLimit), "new limit applies");
+        assert!(t.get_mut(a).is_none());
     }
 
     #[test]

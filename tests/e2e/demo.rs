@@ -1,0 +1,79 @@
+//! End to end: `udpshard demo`, the README's first command. It must show the
+//! stats table and traffic that made the round trip, exit 0, and leave no
+//! process or temp file behind.
+
+use std::path::Path;
+use std::process::Command;
+
+use udpshard_tests::harness::process_exists;
+
+const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
+
+/// The number after `label` on the line that has it.
+fn number_after(text: &str, label: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.contains(label))?;
+    let rest = line.split(label).nth(1)?.trim_start();
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().ok()
+}
+
+#[test]
+fn demo_shows_the_table_and_replies_then_leaves_nothing_behind() {
+    let out = Command::new(BIN)
+        .args(["demo", "--duration", "2s"])
+        .output()
+        .expect("run udpshard demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let both = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(out.status.success(), "demo failed: {}\n{both}", out.status);
+
+    // The stats table, as `udpshard stats` prints it.
+    assert!(stdout.contains("udpshard supervisor pid"), "{both}");
+    assert!(stdout.contains("drops: socket malformed"), "{both}");
+    let sent = number_after(&stdout, "datagrams sent:").expect("a sent count");
+    let replies = number_after(&stdout, "replies received:").expect("a reply count");
+    assert!(sent > 0, "{both}");
+    assert!(replies > 0, "no reply came back: {both}");
+    assert!(replies <= sent, "{both}");
+    assert!(
+        number_after(&stdout, "flows migrated:").is_some_and(|n| n > 0),
+        "{both}"
+    );
+
+    // The supervisor and its workers (the table's pid column) are gone...
+    let supervisor = number_after(&stdout, "udpshard supervisor pid").expect("supervisor pid");
+    let mut pids = vec![supervisor as u32];
+    let header = stdout
+        .lines()
+        .position(|l| l.trim_start().starts_with("id "))
+        .expect("table header");
+    for row in stdout.lines().skip(header + 1) {
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        match cols.get(1).and_then(|c| c.parse::<u32>().ok()) {
+            Some(pid) if cols.len() > 2 => pids.push(pid),
+            _ => break,
+        }
+    }
+    assert!(pids.len() >= 2, "no worker rows: {both}");
+    for pid in pids {
+        assert!(!process_exists(pid), "pid {pid} still runs: {both}");
+    }
+    // ...and so is its temp directory.
+    let removed = stdout
+        .lines()
+        .find_map(|l| l.split("removing ").nth(1))
+        .expect("the temp dir it removes");
+    assert!(!Path::new(removed.trim()).exists(), "{removed} left behind");
+}
+
+#[test]
+fn demo_rejects_a_bad_duration() {
+    let out = Command::new(BIN)
+        .args(["demo", "--duration", "soon"])
+        .output()
+        .expect("run udpshard demo");
+    assert_eq!(out.status.code(), Some(2), "a usage error");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a duration"), "{stderr}");
+}

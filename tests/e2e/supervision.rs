@@ -1,0 +1,337 @@
+//! End to end: supervision under load and signals. Worker crashes, SIGHUP
+//! reloads (backends, a broken file, the worker count), CPU-set changes,
+//! SIGTERM draining.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use udpshard_tests::harness::{bind_udp, field_of, quic_short, total, wait_until, Backend, Proxy};
+use udpshard_tests::load::{run_load, LoadSpec, Sink};
+
+const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
+const WAIT: Duration = Duration::from_secs(15);
+
+fn config(workers: &str, backends: &[SocketAddr]) -> String {
+    let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    format!(
+        r#"workers = {workers}
+stats_file = "{{stats_file}}"
+
+[[listener]]
+name = "quic"
+bind = "127.0.0.1:0"
+dissector = "quic"
+short_cid_len = 8
+recv_buffer = "4MiB"
+backends = [{}]
+"#,
+        list.join(", ")
+    )
+}
+
+fn worker_pids(proxy: &Proxy) -> Vec<u64> {
+    proxy.stats()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| field_of(w, "pid"))
+        .collect()
+}
+
+/// Sends one datagram per CID from one client and waits until `expect`
+/// datagrams in all have reached `backends`.
+fn send_cids(proxy: &Proxy, client: &UdpSocket, cids: std::ops::Range<u64>, tag: &[u8]) {
+    for cid in cids {
+        client
+            .send_to(&quic_short(cid, tag), proxy.addr("quic"))
+            .unwrap();
+    }
+}
+
+/// CID -> (backend name, proxy source address), for datagrams carrying `tag`.
+fn routes(backends: &[&Backend], tag: &[u8]) -> HashMap<u64, (String, SocketAddr)> {
+    let mut out = HashMap::new();
+    for b in backends {
+        for seen in b.seen() {
+            if seen.payload.ends_with(tag) {
+                let cid = u64::from_be_bytes(seen.payload[1..9].try_into().unwrap());
+                out.insert(cid, (b.name.clone(), seen.from));
+            }
+        }
+    }
+    out
+}
+
+/// Reloads and waits until every worker has applied `generation`.
+fn sighup_and_wait(proxy: &Proxy, generation: u64) -> serde_json::Value {
+    proxy.signal(libc::SIGHUP);
+    proxy.wait_stats(WAIT, "every worker on the new config", |s| {
+        s["config_generation"] == generation
+            && s["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|w| field_of(w, "config_generation") == generation)
+    })
+}
+
+#[test]
+fn a_killed_worker_is_replaced_within_a_second_and_its_queue_is_served() {
+    let sink = Sink::bind_loopback(2).unwrap();
+    let proxy = Proxy::start(Path::new(BIN), &config("2", sink.addrs()));
+    let mut spec = LoadSpec::new(proxy.addr("quic"));
+    spec.flows = 200;
+    spec.rate = Some(5_000);
+    spec.duration = Duration::from_secs(3);
+    let load = std::thread::spawn(move || {
+        let report = run_load(&spec, &sink).unwrap();
+        (report, sink)
+    });
+    proxy.wait_stats(WAIT, "load flowing", |s| total(s, "tx_packets") > 1_000);
+    let victim = worker_pids(&proxy)[0];
+    let cpu = field_of(&proxy.stats()["workers"][0], "cpu");
+    // SAFETY: kill(2) on the proxy's own worker.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    let killed_at = Instant::now();
+    let stats = proxy.wait_stats(Duration::from_secs(1), "a replacement within 1 s", |s| {
+        let w = &s["workers"][0];
+        field_of(w, "restarts") == 1 && w["state"] == "ready" && field_of(w, "pid") != victim
+    });
+    let replaced_in = killed_at.elapsed();
+    assert_eq!(field_of(&stats["workers"][0], "cpu"), cpu, "same CPU");
+    let (report, _sink) = load.join().unwrap();
+    eprintln!(
+        "worker replaced in {replaced_in:?}; sent {} received {} lost {}",
+        report.sent, report.received, report.lost
+    );
+    // Datagrams that arrived while the worker was down waited in its
+    // socket. At most one receive batch (32) can have been in the killed
+    // process's hands at the instant of SIGKILL.
+    assert!(report.lost <= 32, "lost {} of {}", report.lost, report.sent);
+    let stats = proxy.stats();
+    assert_eq!(total(&stats, "drops.socket"), 0, "{stats:#}");
+}
+
+#[test]
+fn sighup_adding_a_backend_keeps_live_sessions_and_new_cids_reach_it() {
+    let (a, b, c) = (
+        Backend::start("a"),
+        Backend::start("b"),
+        Backend::start("c"),
+    );
+    let proxy = Proxy::start(Path::new(BIN), &config("2", &[a.addr, b.addr]));
+    let client = bind_udp("127.0.0.1:0");
+    send_cids(&proxy, &client, 1..201, b"one");
+    wait_until(WAIT, "first round", || a.count() + b.count() == 200);
+    let before = routes(&[&a, &b], b"one");
+
+    std::fs::write(
+        &proxy.config_path,
+        config("2", &[a.addr, b.addr, c.addr])
+            .replace("{stats_file}", &proxy.stats_file.display().to_string()),
+    )
+    .unwrap();
+    sighup_and_wait(&proxy, 2);
+    assert!(proxy.log().contains("reloaded"), "{}", proxy.log());
+
+    send_cids(&proxy, &client, 1..201, b"two");
+    send_cids(&proxy, &client, 1001..1301, b"new");
+    wait_until(WAIT, "second round", || {
+        a.count() + b.count() + c.count() == 700
+    });
+    let after = routes(&[&a, &b, &c], b"two");
+    for (cid, route) in &before {
+        assert_eq!(
+            after.get(cid),
+            Some(route),
+            "CID {cid} lost its backend or session"
+        );
+    }
+    let fresh = routes(&[&a, &b, &c], b"new");
+    assert!(
+        fresh.values().any(|(name, _)| name == "c"),
+        "no new CID reached the new backend"
+    );
+
+    // Removing a backend re-routes its live sessions, on the same upstream
+    // socket (the backend sees the same proxy address).
+    let on_a: Vec<u64> = before
+        .iter()
+        .filter(|(_, (n, _))| n == "a")
+        .map(|(c, _)| *c)
+        .collect();
+    std::fs::write(
+        &proxy.config_path,
+        config("2", &[b.addr, c.addr])
+            .replace("{stats_file}", &proxy.stats_file.display().to_string()),
+    )
+    .unwrap();
+    let stats = sighup_and_wait(&proxy, 3);
+    let fresh_on_a = fresh.values().filter(|(n, _)| n == "a").count();
+    assert_eq!(
+        total(&stats, "sessions_rerouted"),
+        (on_a.len() + fresh_on_a) as u64
+    );
+    let a_count = a.count();
+    send_cids(&proxy, &client, 1..201, b"three");
+    wait_until(WAIT, "third round", || {
+        b.count() + c.count() + a.count() == 900
+    });
+    assert_eq!(a.count(), a_count, "a removed backend got traffic");
+    let third = routes(&[&b, &c], b"three");
+    for cid in &on_a {
+        assert_eq!(
+            third[cid].1, before[cid].1,
+            "CID {cid}: re-routed on a new upstream socket"
+        );
+    }
+}
+
+#[test]
+fn sighup_with_a_broken_file_keeps_serving_the_old_config() {
+    let a = Backend::start("a");
+    let proxy = Proxy::start(Path::new(BIN), &config("2", &[a.addr]));
+    std::fs::write(&proxy.config_path, "workers = 2\n[[listener]]\nname = \"quic\"\nbind = \"127.0.0.1:0\"\ndissector = \"quic\"\nbackends = [\"nonsense\"]\n").unwrap();
+    proxy.signal(libc::SIGHUP);
+    let stats = proxy.wait_stats(WAIT, "a reload failure", |s| s["reload_failures"] == 1);
+    assert_eq!(stats["config_generation"], 1);
+    let log = proxy.wait_log("reload failed", WAIT);
+    let file = proxy.config_path.display().to_string();
+    assert!(
+        log.contains(&format!("{file}:6:13")),
+        "the log names file:line:col:\n{log}"
+    );
+    let client = bind_udp("127.0.0.1:0");
+    send_cids(&proxy, &client, 1..51, b"still");
+    wait_until(WAIT, "still serving", || a.count() == 50);
+}
+
+#[test]
+fn sighup_follows_workers_2_1_2_and_traffic_keeps_flowing() {
+    let a = Backend::start("a");
+    let proxy = Proxy::start(Path::new(BIN), &config("2", &[a.addr]));
+    let client = bind_udp("127.0.0.1:0");
+    let write = |workers: &str| {
+        std::fs::write(
+            &proxy.config_path,
+            config(workers, &[a.addr])
+                .replace("{stats_file}", &proxy.stats_file.display().to_string()),
+        )
+        .unwrap();
+    };
+    let mut sent = 0;
+    let mut round = |proxy: &Proxy| {
+        let cids = 10_000 * (sent / 100 + 1);
+        send_cids(proxy, &client, cids..cids + 100, b"x");
+        sent += 100;
+        let want = sent as usize;
+        wait_until(WAIT, "traffic flows", || a.count() == want);
+    };
+    round(&proxy);
+    write("1");
+    let stats = sighup_and_wait(&proxy, 2);
+    let stats = if stats["workers"].as_array().unwrap().len() == 1 {
+        stats
+    } else {
+        proxy.wait_stats(WAIT, "one worker", |s| {
+            s["workers"].as_array().unwrap().len() == 1
+        })
+    };
+    assert_eq!(stats["workers"][0]["state"], "ready");
+    round(&proxy);
+    write("2");
+    sighup_and_wait(&proxy, 3);
+    proxy.wait_stats(WAIT, "two workers ready", |s| {
+        let ws = s["workers"].as_array().unwrap();
+        ws.len() == 2 && ws.iter().all(|w| w["state"] == "ready")
+    });
+    round(&proxy);
+    assert_eq!(total(&proxy.stats(), "drops.socket"), 0);
+}
+
+#[test]
+fn a_cpu_set_change_is_followed_without_a_signal() {
+    let cpus = udpshard_tests::harness::parse_cpu_list(&udpshard_tests::harness::allowed_cpus_of(
+        std::process::id(),
+    ));
+    assert!(
+        cpus.len() >= 2,
+        "this test needs two CPUs; the machine offers {cpus:?}"
+    );
+    let a = Backend::start("a");
+    let proxy = Proxy::start_with(
+        Path::new(BIN),
+        &config("\"auto\"", &[a.addr]),
+        &["taskset", "-c", &cpus[0].to_string()],
+    );
+    assert_eq!(worker_pids(&proxy).len(), 1);
+    // What `docker update --cpuset-cpus` does to a running container.
+    let list = format!("{},{}", cpus[0], cpus[1]);
+    let status = Command::new("taskset")
+        .args(["-p", "-c", &list, &proxy.pid().to_string()])
+        .output()
+        .unwrap();
+    assert!(status.status.success());
+    let stats = proxy.wait_stats(WAIT, "a worker per CPU", |s| {
+        let ws = s["workers"].as_array().unwrap();
+        ws.len() == 2 && ws.iter().all(|w| w["state"] == "ready")
+    });
+    let mut pinned: Vec<u64> = stats["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| field_of(w, "cpu"))
+        .collect();
+    pinned.sort_unstable();
+    assert_eq!(pinned, vec![cpus[0] as u64, cpus[1] as u64]);
+    let client = bind_udp("127.0.0.1:0");
+    send_cids(&proxy, &client, 1..101, b"y");
+    wait_until(WAIT, "traffic flows", || a.count() == 100);
+}
+
+#[test]
+fn sigterm_drains_live_sessions_refuses_new_ones_and_exits_zero() {
+    let backend = bind_udp("127.0.0.1:0");
+    backend
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let cfg = format!(
+        "drain_timeout = \"2s\"\n{}",
+        config("1", &[backend.local_addr().unwrap()])
+    );
+    let mut proxy = Proxy::start(Path::new(BIN), &cfg);
+    let client = bind_udp("127.0.0.1:0");
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client
+        .send_to(&quic_short(1, b"live"), proxy.addr("quic"))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let (_, upstream) = backend.recv_from(&mut buf).unwrap();
+
+    proxy.signal(libc::SIGTERM);
+    let stopped_at = Instant::now();
+    proxy.wait_stats(WAIT, "draining", |s| s["workers"][0]["state"] == "draining");
+    // The live session's reply still reaches the client...
+    backend.send_to(b"reply", upstream).unwrap();
+    let (n, _) = client.recv_from(&mut buf).expect("reply during the drain");
+    assert_eq!(&buf[..n], b"reply");
+    // ...and a new flow is refused, and counted.
+    client
+        .send_to(&quic_short(2, b"new"), proxy.addr("quic"))
+        .unwrap();
+    proxy.wait_stats(WAIT, "the new flow refused", |s| {
+        total(s, "drops.draining") == 1
+    });
+    let status = proxy.wait_exit(Duration::from_secs(5)).expect("exited");
+    assert_eq!(status.code(), Some(0));
+    let took = stopped_at.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "exited after {took:?}, drain timeout 2s"
+    );
+}

@@ -1,0 +1,946 @@
+//! `bench`: CPU per forwarded datagram and loss of three proxies, measured in one run on one
+//! host: `floor-proxy` (the socket floor), `naive-proxy` (the seed's design) and `udpshard`.
+//!
+//! For each proxy: a sink stands in for the backends, the proxy starts and says `ready:` on
+//! stderr, a warm-up load creates its sessions, then the same flows send at `--rate` and then
+//! as fast as the generator can. The proxy's CPU is utime + stime of its process tree, read
+//! from /proc just before and after each load (the drain included). The sibling binaries are
+//! found next to this one (`cargo build --release --workspace --bins`, see tests/bench.sh).
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::json;
+use udpshard_tests::load::baseline::allowed_cpus;
+use udpshard_tests::load::procstat::{
+    all_processes, clock_ticks, read_stat, tree_pids, CpuSnapshot, CpuUse, ProcStat, UdpCounters,
+};
+use udpshard_tests::load::units::{parse_duration, parse_rate};
+use udpshard_tests::load::{show_latency, Generator, LoadReport, LoadSpec, Sink, DEFAULT_SIZE};
+
+/// Pause between loads, so one load's tail does not land in the next one's counters.
+const SETTLE: Duration = Duration::from_millis(300);
+/// How long a proxy gets to exit after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Busy CPU of other programs, as a share of one CPU, above which a load is flagged.
+const NOISY: f64 = 0.05;
+/// Pause before measuring a disturbed load again.
+const NOISE_PAUSE: Duration = Duration::from_secs(5);
+/// How long a stopped proxy's children get to exit before SIGKILL.
+const LEFTOVER_GRACE: Duration = Duration::from_secs(1);
+/// Lines of a proxy's stderr kept for error reports.
+const STDERR_LINES: usize = 200;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Proxy CPU per forwarded datagram and loss: floor, naive, udpshard"
+)]
+struct Args {
+    /// Offered rate of the first load, datagrams/s (150000, 150k); the second load is max.
+    #[arg(long, default_value = "150000", value_parser = fixed_rate)]
+    rate: u64,
+    /// Flows (client sockets, one CID each).
+    #[arg(long, default_value_t = 2000)]
+    flows: usize,
+    /// Length of each measured load.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Datagram size in bytes.
+    #[arg(long, default_value_t = DEFAULT_SIZE)]
+    size: usize,
+    /// Unmeasured load at --rate before the measured ones (sessions, caches); 0s skips it.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Measure only these proxies (repeatable).
+    #[arg(long, value_enum)]
+    only: Vec<ProxyKind>,
+    /// Leave these proxies out (repeatable).
+    #[arg(long, value_enum)]
+    skip: Vec<ProxyKind>,
+    /// Measure a load again (up to this many times) when other programs used more than 5%
+    /// of a CPU during it; the last attempt is kept either way.
+    #[arg(long, default_value_t = 2)]
+    retries: u32,
+    /// Skip the max-rate load.
+    #[arg(long)]
+    no_max: bool,
+    /// Where the proxy binaries are; default: the directory of this executable.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+    /// How long a proxy may take to print `ready:`.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    ready_timeout: Duration,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// How long to wait for another bench run on this host to finish (runs at the same time
+    /// would measure each other).
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    lock_timeout: Duration,
+}
+
+fn fixed_rate(text: &str) -> Result<u64, String> {
+    parse_rate(text)?.ok_or_else(|| "--rate takes a number; the max-rate load always runs".into())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ProxyKind {
+    Floor,
+    Naive,
+    Udpshard,
+}
+
+impl ProxyKind {
+    const ALL: [ProxyKind; 3] = [ProxyKind::Floor, ProxyKind::Naive, ProxyKind::Udpshard];
+
+    fn name(self) -> &'static str {
+        match self {
+            ProxyKind::Floor => "floor",
+            ProxyKind::Naive => "naive",
+            ProxyKind::Udpshard => "udpshard",
+        }
+    }
+
+    fn binary(self) -> &'static str {
+        match self {
+            ProxyKind::Floor => "floor-proxy",
+            ProxyKind::Naive => "naive-proxy",
+            ProxyKind::Udpshard => "udpshard",
+        }
+    }
+
+    /// Backends (sink addresses) the proxy forwards to.
+    fn backends(self) -> usize {
+        match self {
+            ProxyKind::Floor => 1,
+            ProxyKind::Naive | ProxyKind::Udpshard => 2,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Paced at this many datagrams/s.
+    Rate(u64),
+    /// As fast as the generator can send.
+    Max,
+}
+
+impl Phase {
+    fn rate(self) -> Option<u64> {
+        match self {
+            Phase::Rate(rate) => Some(rate),
+            Phase::Max => None,
+        }
+    }
+
+    fn label(self) -> String {
+        match self {
+            Phase::Rate(rate) => rate.to_string(),
+            Phase::Max => "max".into(),
+        }
+    }
+}
+
+/// One measured load against one proxy.
+struct Measurement {
+    proxy: ProxyKind,
+    phase: Phase,
+    report: LoadReport,
+    /// Where the CPU time went during the load and its drain: `cpu.tree` is the proxy's
+    /// process tree, `cpu.own` the generator and the sink (this process).
+    cpu: CpuUse,
+    /// Wall time of the load and its drain.
+    wall: Duration,
+    /// Loads run to get this one (more than 1 when other programs disturbed the earlier ones).
+    attempts: u32,
+    /// Host UDP counters moved during the load (all sockets: proxy, sink, generator).
+    udp: Option<UdpCounters>,
+}
+
+impl Measurement {
+    fn cpu_us_per_datagram(&self) -> Option<f64> {
+        (self.report.received > 0)
+            .then(|| self.cpu.tree.as_secs_f64() * 1e6 / self.report.received as f64)
+    }
+
+    /// CPU time as a share of one CPU over the load's wall time.
+    fn share(&self, cpu: Duration) -> f64 {
+        if self.wall.is_zero() {
+            0.0
+        } else {
+            cpu.as_secs_f64() / self.wall.as_secs_f64()
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let bin_dir = match args.bin_dir.clone().map_or_else(own_dir, Ok) {
+        Ok(dir) => dir,
+        Err(e) => {
+            eprintln!("bench: cannot find the directory of this executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let selected: Vec<ProxyKind> = ProxyKind::ALL
+        .into_iter()
+        .filter(|p| args.only.is_empty() || args.only.contains(p))
+        .filter(|p| !args.skip.contains(p))
+        .collect();
+    if selected.is_empty() {
+        eprintln!("bench: no proxy selected (see --only and --skip)");
+        return ExitCode::FAILURE;
+    }
+    let _lock = match host_lock(args.lock_timeout) {
+        Ok(lock) => lock,
+        Err(why) => {
+            eprintln!("bench: {why}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let workdir = std::env::temp_dir().join(format!("udpshard-bench-{}", std::process::id()));
+    if let Err(e) = std::fs::create_dir_all(&workdir) {
+        eprintln!("bench: cannot create {}: {e}", workdir.display());
+        return ExitCode::FAILURE;
+    }
+    eprintln!("bench: {}", host_line());
+
+    let mut measurements = Vec::new();
+    let mut skipped = Vec::new();
+    let mut failed = Vec::new();
+    for proxy in selected {
+        let binary = bin_dir.join(proxy.binary());
+        if !binary.is_file() {
+            let why = format!(
+                "binary not found at {} (cargo build --release --workspace --bins)",
+                binary.display()
+            );
+            eprintln!("bench: {}: skipped: {why}", proxy.name());
+            skipped.push((proxy, why));
+            continue;
+        }
+        match bench_proxy(&args, proxy, &binary, &workdir) {
+            Ok(mut results) => measurements.append(&mut results),
+            Err(why) => {
+                eprintln!("bench: {}: FAILED: {why}", proxy.name());
+                failed.push((proxy, why));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&workdir);
+
+    if args.json {
+        println!("{}", to_json(&args, &measurements, &skipped, &failed));
+    } else {
+        print!("{}", table(&measurements));
+        for (proxy, why) in &skipped {
+            println!("{}: skipped: {why}", proxy.name());
+        }
+        for (proxy, why) in &failed {
+            println!(
+                "{}: FAILED: {}",
+                proxy.name(),
+                why.lines().next().unwrap_or("")
+            );
+        }
+    }
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// An exclusive lock that one bench run on this host holds at a time (released on exit).
+fn host_lock(timeout: Duration) -> Result<Flock<File>, String> {
+    let path = std::env::temp_dir().join("udpshard-bench.lock");
+    let mut file =
+        File::create(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let deadline = Instant::now() + timeout;
+    let mut told = false;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                if !told {
+                    eprintln!("bench: another bench run holds {}; waiting", path.display());
+                    told = true;
+                }
+                file = f;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err((_, Errno::EWOULDBLOCK)) => {
+                return Err(format!(
+                    "another bench run still holds {} after {timeout:?}",
+                    path.display()
+                ))
+            }
+            Err((_, e)) => return Err(format!("cannot lock {}: {e}", path.display())),
+        }
+    }
+}
+
+fn own_dir() -> std::io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    exe.parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| std::io::Error::other("executable has no parent directory"))
+}
+
+/// Runs the warm-up and the measured loads against one proxy.
+fn bench_proxy(
+    args: &Args,
+    proxy: ProxyKind,
+    binary: &Path,
+    workdir: &Path,
+) -> Result<Vec<Measurement>, String> {
+    let sink = Sink::bind_loopback(proxy.backends()).map_err(|e| e.to_string())?;
+    let listen = free_udp_addr().map_err(|e| format!("cannot find a free port: {e}"))?;
+    let command = proxy_command(proxy, binary, listen, sink.addrs(), workdir)?;
+    eprintln!(
+        "bench: {}: starting {}",
+        proxy.name(),
+        show_command(&command)
+    );
+    let mut process = ProxyProcess::start(command).map_err(|e| format!("cannot start: {e}"))?;
+    process.wait_ready(args.ready_timeout)?;
+
+    let mut generator = Generator::open(listen, args.flows).map_err(|e| e.to_string())?;
+    let spec = |rate: Option<u64>, duration: Duration| LoadSpec {
+        target: listen,
+        flows: args.flows,
+        rate,
+        duration,
+        max_datagrams: None,
+        size: args.size,
+    };
+    if !args.warmup.is_zero() {
+        let report = generator
+            .run(&spec(Some(args.rate), args.warmup), &sink)
+            .map_err(|e| e.to_string())?;
+        eprintln!(
+            "bench: {}: warm-up: sent {}, received {}",
+            proxy.name(),
+            report.sent,
+            report.received
+        );
+        process.check_alive()?;
+    }
+    let mut phases = vec![Phase::Rate(args.rate)];
+    if !args.no_max {
+        phases.push(Phase::Max);
+    }
+    let mut results = Vec::new();
+    for phase in phases {
+        let mut attempt = 0;
+        let m = loop {
+            attempt += 1;
+            std::thread::sleep(SETTLE);
+            let m = measure(
+                (proxy, phase),
+                &mut generator,
+                &spec(phase.rate(), args.duration),
+                &sink,
+                &mut process,
+            )?;
+            let m = Measurement {
+                attempts: attempt,
+                ..m
+            };
+            report_progress(&m);
+            let noise = m.share(m.cpu.other_processes);
+            if noise <= NOISY || attempt > args.retries {
+                break m;
+            }
+            eprintln!(
+                "bench: {} @ {}: other programs used {:.0}% of a CPU; measuring again in {NOISE_PAUSE:?} (attempt {} of {})",
+                proxy.name(),
+                phase.label(),
+                noise * 100.0,
+                attempt + 1,
+                args.retries + 1
+            );
+            std::thread::sleep(NOISE_PAUSE);
+        };
+        results.push(m);
+    }
+    let status = process.stop();
+    eprintln!("bench: {}: stopped ({status})", proxy.name());
+    Ok(results)
+}
+
+/// One load against a running proxy, with the CPU it cost.
+fn measure(
+    (proxy, phase): (ProxyKind, Phase),
+    generator: &mut Generator,
+    spec: &LoadSpec,
+    sink: &Sink,
+    process: &mut ProxyProcess,
+) -> Result<Measurement, String> {
+    let cpu_before = CpuSnapshot::take().map_err(|e| format!("/proc: {e}"))?;
+    let udp_before = UdpCounters::read().ok();
+    let started = Instant::now();
+    let report = generator.run(spec, sink).map_err(|e| e.to_string())?;
+    let wall = started.elapsed();
+    let cpu = CpuSnapshot::take()
+        .map_err(|e| format!("/proc: {e}"))?
+        .since(&cpu_before, process.pid(), std::process::id());
+    let udp = UdpCounters::read()
+        .ok()
+        .zip(udp_before)
+        .map(|(after, before)| after.since(&before));
+    process.check_alive()?;
+    Ok(Measurement {
+        proxy,
+        phase,
+        attempts: 1,
+        report,
+        cpu,
+        wall,
+        udp,
+    })
+}
+
+fn report_progress(m: &Measurement) {
+    let (proxy, phase) = (m.proxy, m.phase);
+    eprintln!(
+        "bench: {} @ {}: sent {} ({:.0}/s, {} slipped), received {} ({} duplicates), loss {:.3}%, proxy cpu {:.2}s ({} µs/datagram), generator+sink cpu {:.2}s, ksoftirqd {:.2}s, other kernel threads {:.2}s, other processes {:.2}s, not in a live process (irqs on idle cpus, exited processes) {:.2}s",
+        proxy.name(),
+        phase.label(),
+        m.report.sent,
+        m.report.achieved_rate,
+        m.report.slipped,
+        m.report.received,
+        m.report.duplicates,
+        m.report.loss_ratio * 100.0,
+        m.cpu.tree.as_secs_f64(),
+        m.cpu_us_per_datagram().map_or("-".into(), |v| format!("{v:.3}")),
+        m.cpu.own.as_secs_f64(),
+        m.cpu.softirq_threads.as_secs_f64(),
+        m.cpu.kernel_threads.as_secs_f64(),
+        m.cpu.other_processes.as_secs_f64(),
+        m.cpu.unattributed.as_secs_f64(),
+    );
+    if m.share(m.cpu.other_processes) > NOISY {
+        eprintln!(
+            "bench: warning: other programs used {:.0}% of a CPU during this load ({}); its figures are disturbed",
+            m.share(m.cpu.other_processes) * 100.0,
+            m.cpu
+                .top_others
+                .iter()
+                .map(|(comm, cpu)| format!("{comm} {:.2}s", cpu.as_secs_f64()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+}
+
+fn proxy_command(
+    proxy: ProxyKind,
+    binary: &Path,
+    listen: SocketAddr,
+    backends: &[SocketAddr],
+    workdir: &Path,
+) -> Result<Command, String> {
+    let mut command = Command::new(binary);
+    match proxy {
+        ProxyKind::Floor => {
+            command
+                .arg("--listen")
+                .arg(listen.to_string())
+                .arg("--backend")
+                .arg(backends[0].to_string());
+        }
+        ProxyKind::Naive => {
+            command.arg("--listen").arg(listen.to_string());
+            for backend in backends {
+                command.arg("--backend").arg(backend.to_string());
+            }
+        }
+        ProxyKind::Udpshard => {
+            let config = workdir.join("udpshard.toml");
+            std::fs::write(&config, udpshard_toml(listen, backends, workdir))
+                .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+            command.arg("run").arg("--config").arg(config);
+        }
+    }
+    Ok(command)
+}
+
+/// udpshard's configuration for the benchmark: one QUIC listener, 8-byte short-header CIDs,
+/// a 4 MiB receive buffer like the other proxies, the sinks as backends.
+fn udpshard_toml(listen: SocketAddr, backends: &[SocketAddr], workdir: &Path) -> String {
+    let backends: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    format!(
+        r#"workers = "auto"
+stats_file = "{stats}"
+
+[[listener]]
+name = "bench"
+bind = "{listen}"
+dissector = "quic"
+short_cid_len = 8
+recv_buffer = "4MiB"
+backends = [{backends}]
+"#,
+        stats = workdir.join("stats").display(),
+        backends = backends.join(", "),
+    )
+}
+
+/// A loopback address whose UDP port was free a moment ago.
+fn free_udp_addr() -> std::io::Result<SocketAddr> {
+    UdpSocket::bind("127.0.0.1:0")?.local_addr()
+}
+
+fn show_command(command: &Command) -> String {
+    let mut line = command.get_program().to_string_lossy().into_owned();
+    for arg in command.get_args() {
+        line.push(' ');
+        line.push_str(&arg.to_string_lossy());
+    }
+    line
+}
+
+/// A proxy under test: its process, and its stderr read on a thread (kept so that a failure
+/// can show it, and read to the end so that the proxy never blocks on a full pipe).
+struct ProxyProcess {
+    child: Child,
+    stderr: Arc<Mutex<VecDeque<String>>>,
+    ready: mpsc::Receiver<()>,
+}
+
+impl ProxyProcess {
+    fn start(mut command: Command) -> std::io::Result<ProxyProcess> {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = Arc::new(Mutex::new(VecDeque::new()));
+        let (ready_tx, ready) = mpsc::channel();
+        if let Some(pipe) = child.stderr.take() {
+            let lines = Arc::clone(&stderr);
+            std::thread::spawn(move || read_stderr(pipe, &lines, &ready_tx));
+        }
+        Ok(ProxyProcess {
+            child,
+            stderr,
+            ready,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a stderr line containing `ready:`; fails with the stderr so far if the proxy
+    /// exits or the timeout passes first.
+    fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let mut stderr_open = true;
+        loop {
+            if stderr_open {
+                match self.ready.recv_timeout(Duration::from_millis(100)) {
+                    Ok(()) => return Ok(()),
+                    // The proxy closed stderr: it is exiting, or will never say ready.
+                    Err(mpsc::RecvTimeoutError::Disconnected) => stderr_open = false,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                }
+            } else {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            self.check_alive()?;
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "no `ready:` on stderr within {timeout:?}; its stderr:\n{}",
+                    self.stderr_tail()
+                ));
+            }
+        }
+    }
+
+    fn check_alive(&mut self) -> Result<(), String> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => {
+                // Let the reader thread take in the last lines before they are shown.
+                std::thread::sleep(Duration::from_millis(200));
+                Err(format!(
+                    "exited ({status}); its stderr:\n{}",
+                    self.stderr_tail()
+                ))
+            }
+            Err(e) => Err(format!("cannot wait for it: {e}")),
+        }
+    }
+
+    fn stderr_tail(&self) -> String {
+        let lines = self.stderr.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut text = String::new();
+        for line in lines.iter() {
+            let _ = writeln!(text, "  | {line}");
+        }
+        if text.is_empty() {
+            text.push_str("  | (nothing)\n");
+        }
+        text
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within [`STOP_GRACE`]; then SIGKILL what
+    /// is left of the processes it had started (a worker that outlived it).
+    fn stop(&mut self) -> String {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return status.to_string();
+        }
+        let root = self.child.id();
+        let descendants: Vec<ProcStat> = all_processes()
+            .map(|all| {
+                let tree = tree_pids(root, &all);
+                all.into_iter()
+                    .filter(|p| p.pid != root && tree.contains(&p.pid))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let status = self.terminate();
+        let leftovers = kill_leftovers(&descendants);
+        if leftovers == 0 {
+            status
+        } else {
+            format!("{status}; killed {leftovers} process(es) it left behind")
+        }
+    }
+
+    fn terminate(&mut self) -> String {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.to_string();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let status = self
+            .child
+            .wait()
+            .map_or("unknown".into(), |s: ExitStatus| s.to_string());
+        format!("killed after {STOP_GRACE:?} without exiting on SIGTERM: {status}")
+    }
+}
+
+/// Gives `processes` (a stopped proxy's descendants) a moment to exit on their own, then
+/// SIGKILLs those still there (same pid, same command). Returns how many were killed.
+fn kill_leftovers(processes: &[ProcStat]) -> usize {
+    let alive = |p: &ProcStat| read_stat(p.pid).is_ok_and(|now| now.comm == p.comm);
+    let deadline = Instant::now() + LEFTOVER_GRACE;
+    while processes.iter().any(alive) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut killed = 0;
+    for p in processes.iter().filter(|p| alive(p)) {
+        if let Ok(pid) = i32::try_from(p.pid) {
+            if kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+                killed += 1;
+            }
+        }
+    }
+    killed
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+fn read_stderr(
+    pipe: std::process::ChildStderr,
+    lines: &Mutex<VecDeque<String>>,
+    ready: &mpsc::Sender<()>,
+) {
+    let mut reader = BufReader::new(pipe);
+    let mut buf = Vec::new();
+    let mut said_ready = false;
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let line = String::from_utf8_lossy(&buf).trim_end().to_string();
+        if !said_ready && line.contains("ready:") {
+            said_ready = true;
+            let _ = ready.send(());
+        }
+        let mut lines = lines.lock().unwrap_or_else(PoisonError::into_inner);
+        if lines.len() == STDERR_LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line);
+    }
+}
+
+/// The floor's CPU per datagram in the same phase, for the ratio column.
+fn floor_of(measurements: &[Measurement], phase: Phase) -> Option<f64> {
+    measurements
+        .iter()
+        .find(|m| m.proxy == ProxyKind::Floor && m.phase == phase)
+        .and_then(Measurement::cpu_us_per_datagram)
+}
+
+fn ratio_to_floor(measurements: &[Measurement], m: &Measurement) -> Option<f64> {
+    let floor = floor_of(measurements, m.phase)?;
+    let own = m.cpu_us_per_datagram()?;
+    (floor > 0.0).then(|| own / floor)
+}
+
+fn table(measurements: &[Measurement]) -> String {
+    let header = [
+        "proxy",
+        "offered/s",
+        "achieved/s",
+        "sent",
+        "received",
+        "loss %",
+        "cpu µs/dgram",
+        "x floor",
+        "proxy cpu %",
+        "p50",
+        "p99",
+        "rcvbuf drops",
+        "ksoftirqd %",
+        "others %",
+    ];
+    let mut rows = vec![header.map(String::from).to_vec()];
+    for m in measurements {
+        let r = &m.report;
+        rows.push(vec![
+            m.proxy.name().to_string(),
+            m.phase.label(),
+            format!("{:.0}", r.achieved_rate),
+            r.sent.to_string(),
+            r.received.to_string(),
+            format!("{:.3}", r.loss_ratio * 100.0),
+            m.cpu_us_per_datagram()
+                .map_or("-".into(), |v| format!("{v:.3}")),
+            ratio_to_floor(measurements, m).map_or("-".into(), |v| format!("{v:.2}")),
+            format!("{:.0}", m.share(m.cpu.tree) * 100.0),
+            show_latency(r.p50),
+            show_latency(r.p99),
+            m.udp.map_or("-".into(), |u| u.rcvbuf_errors.to_string()),
+            format!("{:.0}", m.share(m.cpu.softirq_threads) * 100.0),
+            format!("{:.0}", m.share(m.cpu.other_processes) * 100.0),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| {
+            rows.iter()
+                .map(|row| row[c].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .enumerate()
+            .map(|(c, (cell, &w))| {
+                if c == 0 {
+                    format!("{cell:<w$}")
+                } else {
+                    format!("{cell:>w$}")
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
+    }
+    out
+}
+
+fn to_json(
+    args: &Args,
+    measurements: &[Measurement],
+    skipped: &[(ProxyKind, String)],
+    failed: &[(ProxyKind, String)],
+) -> serde_json::Value {
+    let results: Vec<serde_json::Value> = measurements
+        .iter()
+        .map(|m| {
+            json!({
+                "proxy": m.proxy.name(),
+                "phase": m.phase.label(),
+                "offered_rate": m.phase.rate(),
+                "attempts": m.attempts,
+                "proxy_cpu_s": m.cpu.tree.as_secs_f64(),
+                "wall_s": m.wall.as_secs_f64(),
+                "proxy_cpu_share": m.share(m.cpu.tree),
+                "generator_sink_cpu_s": m.cpu.own.as_secs_f64(),
+                "ksoftirqd_cpu_s": m.cpu.softirq_threads.as_secs_f64(),
+                "kernel_threads_cpu_s": m.cpu.kernel_threads.as_secs_f64(),
+                "other_processes_cpu_s": m.cpu.other_processes.as_secs_f64(),
+                "unattributed_cpu_s": m.cpu.unattributed.as_secs_f64(),
+                "top_other_processes": m.cpu.top_others.iter()
+                    .map(|(comm, cpu)| json!({"comm": comm, "cpu_s": cpu.as_secs_f64()}))
+                    .collect::<Vec<_>>(),
+                "cpu_us_per_datagram": m.cpu_us_per_datagram(),
+                "ratio_to_floor": ratio_to_floor(measurements, m),
+                "udp": m.udp.map(|u| json!({
+                    "in_datagrams": u.in_datagrams,
+                    "rcvbuf_errors": u.rcvbuf_errors,
+                    "in_errors": u.in_errors,
+                    "no_ports": u.no_ports,
+                    "sndbuf_errors": u.sndbuf_errors,
+                })),
+                "load": m.report.to_json(),
+            })
+        })
+        .collect();
+    let reasons = |list: &[(ProxyKind, String)]| -> Vec<serde_json::Value> {
+        list.iter()
+            .map(|(p, why)| json!({"proxy": p.name(), "reason": why}))
+            .collect()
+    };
+    json!({
+        "host": {
+            "cpus": allowed_cpus(),
+            "rmem_max": rmem_max(),
+            "clock_ticks": clock_ticks(),
+        },
+        "load": {
+            "rate": args.rate,
+            "flows": args.flows,
+            "duration_s": args.duration.as_secs_f64(),
+            "warmup_s": args.warmup.as_secs_f64(),
+            "size": args.size,
+        },
+        "results": results,
+        "skipped": reasons(skipped),
+        "failed": reasons(failed),
+    })
+}
+
+fn rmem_max() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+fn host_line() -> String {
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    format!(
+        "cpus {:?} (sched_getaffinity), net.core.rmem_max {}, clock ticks {}/s, loadavg {}; generator, sink and proxy share the cpus",
+        allowed_cpus(),
+        rmem_max().map_or("?".into(), |v| v.to_string()),
+        clock_ticks(),
+        loadavg.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_udpshard_config_is_valid() {
+        let backends: [SocketAddr; 2] = [
+            "127.0.0.1:4001".parse().unwrap(),
+            "127.0.0.1:4002".parse().unwrap(),
+        ];
+        let text = udpshard_toml(
+            "127.0.0.1:4000".parse().unwrap(),
+            &backends,
+            Path::new("/tmp/x"),
+        );
+        assert!(text.contains("stats_file = \"/tmp/x/stats\""));
+        assert!(text.contains(r#"backends = ["127.0.0.1:4001", "127.0.0.1:4002"]"#));
+        if let Err(e) = udpshard_config::parse(&text, "bench.toml") {
+            panic!("{e}\n{text}");
+        }
+    }
+
+    fn measurement(proxy: ProxyKind, phase: Phase, cpu_ms: u64, received: u64) -> Measurement {
+        Measurement {
+            proxy,
+            phase,
+            attempts: 1,
+            report: LoadReport {
+                offered_rate: phase.rate(),
+                flows: 2000,
+                sent: received,
+                send_errors: 0,
+                first_send_error: None,
+                slipped: 0,
+                received,
+                lost: 0,
+                loss_ratio: 0.0,
+                duplicates: 0,
+                malformed: 0,
+                per_sink: Vec::new(),
+                p50: Some(Duration::from_micros(100)),
+                p99: None,
+                max_latency: None,
+                elapsed: Duration::from_secs(5),
+                achieved_rate: received as f64 / 5.0,
+            },
+            cpu: CpuUse {
+                tree: Duration::from_millis(cpu_ms),
+                ..CpuUse::default()
+            },
+
+            wall: Duration::from_secs(5),
+            udp: None,
+        }
+    }
+
+    #[test]
+    fn ratios_compare_with_the_floor_in_the_same_phase() {
+        let ms = [
+            measurement(ProxyKind::Floor, Phase::Rate(150_000), 1_000, 1_000_000),
+            measurement(ProxyKind::Floor, Phase::Max, 3_000, 1_000_000),
+            measurement(ProxyKind::Udpshard, Phase::Rate(150_000), 1_500, 1_000_000),
+            measurement(ProxyKind::Udpshard, Phase::Max, 3_000, 0),
+        ];
+        assert_eq!(ms[2].cpu_us_per_datagram(), Some(1.5));
+        assert_eq!(ratio_to_floor(&ms, &ms[2]), Some(1.5));
+        assert_eq!(ratio_to_floor(&ms, &ms[3]), None);
+        let table = table(&ms);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 5);
+        assert!(lines[0].ends_with("others %"), "{table}");
+        assert!(
+            lines[3].starts_with("udpshard") && lines[3].contains(" 1.50 "),
+            "{table}"
+        );
+        assert!(lines[4].contains(" - "), "{table}");
+        let json = to_json(&Args::parse_from(["bench"]), &ms, &[], &[]);
+        assert_eq!(json["results"][2]["ratio_to_floor"], 1.5);
+    }
+
+    #[test]
+    fn proxies_run_floor_first() {
+        assert_eq!(ProxyKind::ALL[0], ProxyKind::Floor);
+        assert_eq!(ProxyKind::Udpshard.binary(), "udpshard");
+    }
+}
