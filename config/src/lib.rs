@@ -32,6 +32,8 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// How long SIGTERM lets live sessions finish, in `0s..=1h`.
     pub drain_timeout: Duration,
+    /// Where the Prometheus text endpoint listens; `None` (the default): off.
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

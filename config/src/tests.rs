@@ -46,6 +46,7 @@ fn default_parses() {
         workers: Workers::Auto,
         stats_file: PathBuf::from(DEFAULT_STATS_FILE),
         drain_timeout: Duration::from_secs(5),
+        metrics: None,
         listeners: vec![Listener {
             name: "quic".into(),
             bind: sa("127.0.0.1:4433"),
@@ -926,4 +927,31 @@ fn drain_timeout() {
         17,
         "out of range (0s..=1h)",
     );
+}
+
+#[test]
+fn metrics() {
+    let base = "[[listener]]\nname = \"q\"\nbind = \"0.0.0.0:443\"\ndissector = \"quic\"\nbackends = [\"10.0.0.1:443\"]\n";
+    assert_eq!(ok(base).metrics, None);
+    assert_eq!(
+        ok(&format!("metrics = \"127.0.0.1:9469\"\n{base}")).metrics,
+        Some(sa("127.0.0.1:9469"))
+    );
+    assert_eq!(
+        ok(&format!("metrics = \"[::1]:9469\"\n{base}")).metrics,
+        Some(sa("[::1]:9469"))
+    );
+    assert_err(
+        &format!("metrics = \"localhost\"\n{base}"),
+        1,
+        11,
+        "is not a socket address",
+    );
+    assert_err(
+        &format!("workers = 1\nmetrics = \"127.0.0.1:0\"\n{base}"),
+        2,
+        11,
+        "port 0",
+    );
+    assert_err(&format!("metrics = 9469\n{base}"), 1, 11, "");
 }

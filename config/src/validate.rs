@@ -74,6 +74,10 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
             }
         }
     };
+    let metrics = match &file.metrics {
+        None => None,
+        Some(v) => Some(metrics(v)?),
+    };
     let Some(list) = file.listener else {
         // Nothing to point at; the top of the file is where one would go.
         return Err(SpanError::new(
@@ -97,7 +101,23 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
         stats_file,
         listeners,
         drain_timeout,
+        metrics,
     })
+}
+
+/// The Prometheus endpoint's address; port 0 would leave scrapers guessing.
+fn metrics(v: &Spanned<String>) -> Result<SocketAddr> {
+    let addr = socket_addr(v, "metrics", &format!("{:?}", v.get_ref()))?;
+    if addr.port() == 0 {
+        return Err(at(
+            v,
+            format!(
+                "metrics: {:?} has port 0; scrapers need a fixed port",
+                v.get_ref()
+            ),
+        ));
+    }
+    Ok(addr)
 }
 
 fn workers(v: &Spanned<IntOrStr>) -> Result<Workers> {

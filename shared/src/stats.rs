@@ -121,6 +121,8 @@ pub enum SlotState {
     Ready = 2,
     Draining = 3,
     Exited = 4,
+    /// Still running, leaving: its ownership entries are stale.
+    Retiring = 5,
 }
 
 impl SlotState {
@@ -130,6 +132,7 @@ impl SlotState {
             2 => SlotState::Ready,
             3 => SlotState::Draining,
             4 => SlotState::Exited,
+            5 => SlotState::Retiring,
             _ => SlotState::Empty,
         }
     }
@@ -141,6 +144,7 @@ impl SlotState {
             SlotState::Ready => "ready",
             SlotState::Draining => "draining",
             SlotState::Exited => "exited",
+            SlotState::Retiring => "retiring",
         }
     }
 }

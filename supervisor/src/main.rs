@@ -3,12 +3,15 @@
 
 mod cpus;
 mod demo;
+mod doctor;
+mod metrics;
 mod notify;
 mod reuseport;
 mod spawn;
 mod stats_cmd;
 mod stats_path;
 mod supervisor;
+mod system;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,9 +45,24 @@ enum Command {
         /// non-root `udpshard run` uses.
         #[arg(long)]
         stats_file: Option<PathBuf>,
-        /// Machine-readable output.
+        /// Machine-readable output (with --watch: one JSON object per line).
         #[arg(long)]
         json: bool,
+        /// Sample every S seconds, print per-second rates and mark the first
+        /// stage (in path order) whose drops grew.
+        #[arg(long, value_name = "S", value_parser = parse_watch)]
+        watch: Option<std::time::Duration>,
+        /// With --watch: stop after N samples.
+        #[arg(long, value_name = "N", requires = "watch", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+    },
+    /// Check the host and the config for what makes UDP drop (buffer sysctls,
+    /// drops happening now, CPUs, CPU quota, fd limit, conntrack); print each
+    /// finding with the line that fixes it. Exit 0 when clean, 1 with findings.
+    Doctor {
+        /// The config to check (default: the embedded default config).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// A showcase on loopback: the proxy with two echo backends and a client
     /// load with migrating flows, then the stats table. Leaves nothing behind.
@@ -86,8 +104,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Stats { stats_file, json } => {
-            match stats_cmd::print(&stats_file.unwrap_or_else(stats_path::find_default), json) {
+        Command::Stats {
+            stats_file,
+            json,
+            watch,
+            count,
+        } => {
+            let path = stats_file.unwrap_or_else(stats_path::find_default);
+            let result = match watch {
+                None => stats_cmd::print(&path, json),
+                Some(interval) => stats_cmd::watch(&path, json, interval, count),
+            };
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("udpshard stats: {e}");
@@ -95,6 +123,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Doctor { config } => doctor::run(config.as_deref()),
         Command::Demo { duration } => demo::run(duration),
         Command::Worker {
             id,
@@ -162,6 +191,14 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             tracing::error!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--watch S`: seconds, fractions allowed ("0.5"), in 0.1..=3600.
+fn parse_watch(s: &str) -> Result<std::time::Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(secs) if (0.1..=3600.0).contains(&secs) => Ok(std::time::Duration::from_secs_f64(secs)),
+        _ => Err(format!("{s:?} is not a number of seconds in 0.1..=3600")),
     }
 }
 

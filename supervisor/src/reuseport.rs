@@ -131,9 +131,14 @@ pub enum SteeringMode {
 impl ReuseportGroup {
     /// Applies the listener's `steering` to the group and says which mode
     /// it got, and why, in the log.
-    pub fn steer(&self, cfg: &config::Listener) -> Result<SteeringMode, GroupError> {
+    /// `active` is how many sockets, from the start, take datagrams (fewer
+    /// than the group while retiring sockets drain at its end).
+    pub fn steer(&self, cfg: &config::Listener, active: usize) -> Result<SteeringMode, GroupError> {
         let dissector: udpshard_shared::Dissector = cfg.dissector.into();
-        let program = steer::program(&dissector, self.sockets.len() as u32);
+        let program = steer::program(
+            &dissector,
+            active.clamp(1, self.sockets.len().max(1)) as u32,
+        );
         let attach = |prog: &[steer::Insn]| match self.sockets.first() {
             Some(socket) => attach_reuseport_cbpf(socket, prog),
             None => Ok(()),
@@ -286,7 +291,7 @@ mod tests {
         let mut cfg = listener("127.0.0.1:0", 1 << 20);
         cfg.steering = Steering::KernelCid;
         let group = ReuseportGroup::bind(&cfg, N).unwrap();
-        assert_eq!(group.steer(&cfg).unwrap(), SteeringMode::KernelCid);
+        assert_eq!(group.steer(&cfg, N).unwrap(), SteeringMode::KernelCid);
         for s in &group.sockets {
             s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
                 .unwrap();
@@ -353,7 +358,7 @@ mod tests {
         let mut cfg = listener("127.0.0.1:0", 1 << 20);
         cfg.steering = Steering::KernelCid;
         let group = ReuseportGroup::bind(&cfg, N).unwrap();
-        group.steer(&cfg).unwrap();
+        group.steer(&cfg, N).unwrap();
         for s in &group.sockets {
             s.set_nonblocking(true).unwrap();
         }

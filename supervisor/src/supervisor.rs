@@ -63,6 +63,11 @@ pub enum SupervisorError {
     Poll(io::Error),
     #[error("worker {id}: {source}")]
     Spawn { id: usize, source: io::Error },
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: io::Error,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +87,8 @@ struct WorkerSlot {
     started_at: Instant,
     restart_at: Option<Instant>,
     backoff: Duration,
+    /// Crashes in a row, each within HEALTHY_RUN of its start.
+    crashes: u32,
     /// The config generation it was given.
     config_gen: u64,
     /// The group shrank past it: stopped, not restarted, removed on exit.
@@ -112,6 +119,8 @@ pub struct Supervisor {
     /// Set by SIGTERM/SIGINT: when to kill what is still running.
     stop_deadline: Option<Instant>,
     next_cpu_check: Instant,
+    /// The Prometheus endpoint, when the config asks for one.
+    metrics: Option<crate::metrics::MetricsServer>,
 }
 
 fn worker_count(config: &Config, cpus: &[usize]) -> usize {
@@ -172,6 +181,16 @@ impl Supervisor {
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(SupervisorError::Poll)?;
         let exe = std::env::current_exe().map_err(SupervisorError::Exe)?;
+        let metrics = match config.metrics {
+            None => None,
+            Some(addr) => {
+                let server =
+                    crate::metrics::MetricsServer::bind(addr, poll.registry(), &stats_file)
+                        .map_err(|source| SupervisorError::Metrics { addr, source })?;
+                tracing::info!("metrics at http://{}/metrics", server.addr);
+                Some(server)
+            }
+        };
         let workers = (0..count)
             .map(|id| WorkerSlot::new(id, cpus[id % cpus.len()]))
             .collect();
@@ -193,6 +212,7 @@ impl Supervisor {
             announced_ready: false,
             stop_deadline: None,
             next_cpu_check: Instant::now() + CPU_CHECK,
+            metrics,
         };
         sup.steer_groups()?;
         for id in 0..count {
@@ -216,6 +236,11 @@ impl Supervisor {
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => self.handle_signals()?,
+                    t if crate::metrics::owns(t) => {
+                        if let Some(m) = self.metrics.as_mut() {
+                            m.handle(self.poll.registry(), t);
+                        }
+                    }
                     Token(t) => self.read_control(t - CONTROL_TOKEN_BASE),
                 }
             }
@@ -441,13 +466,10 @@ impl Supervisor {
                 continue;
             }
             let ran = w.started_at.elapsed();
-            w.backoff = if ran >= HEALTHY_RUN {
-                Duration::ZERO
-            } else if w.backoff.is_zero() {
-                FIRST_BACKOFF
-            } else {
-                (w.backoff * 2).min(MAX_BACKOFF)
-            };
+            // The first crash is replaced at once (its socket is filling);
+            // one that keeps crashing waits 100 ms, 200 ms, ... up to 30 s.
+            w.crashes = if ran >= HEALTHY_RUN { 1 } else { w.crashes + 1 };
+            w.backoff = restart_backoff(w.crashes);
             w.restart_at = Some(Instant::now() + w.backoff);
             if let Some(slot) = self.region.slot(w.id) {
                 slot.add(Counter::Restarts, 1);
@@ -490,9 +512,21 @@ impl WorkerSlot {
             started_at: Instant::now(),
             restart_at: None,
             backoff: Duration::ZERO,
+            crashes: 0,
             config_gen: 0,
             retiring: false,
         }
+    }
+}
+
+/// How long to wait before restarting a worker that crashed `crashes`
+/// times in a row.
+fn restart_backoff(crashes: u32) -> Duration {
+    match crashes {
+        0 | 1 => Duration::ZERO,
+        n => FIRST_BACKOFF
+            .saturating_mul(1 << (n - 2).min(16))
+            .min(MAX_BACKOFF),
     }
 }
 
@@ -584,4 +618,19 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_the_second_crash_and_is_capped() {
+        let ms: Vec<u128> = (1..=12).map(|n| restart_backoff(n).as_millis()).collect();
+        assert_eq!(
+            ms,
+            [0, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]
+        );
+        assert_eq!(restart_backoff(1000), MAX_BACKOFF);
+    }
 }

@@ -335,3 +335,128 @@ fn sigterm_drains_live_sessions_refuses_new_ones_and_exits_zero() {
         "exited after {took:?}, drain timeout 2s"
     );
 }
+
+#[test]
+fn sighup_adds_and_removes_listeners() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let proxy = Proxy::start(Path::new(BIN), &config("2", &[a.addr]));
+    let first = proxy.addr("quic");
+    let client = bind_udp("127.0.0.1:0");
+    send_cids(&proxy, &client, 1..51, b"q");
+    wait_until(WAIT, "first listener serves", || a.count() == 50);
+
+    // A second listener, on a port of its own, to backend b.
+    let spare = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let second: SocketAddr = spare.local_addr().unwrap();
+    drop(spare);
+    let two = format!(
+        "{}\n[[listener]]\nname = \"other\"\nbind = \"{second}\"\ndissector = \"tuple\"\nbackends = [\"{}\"]\n",
+        config("2", &[a.addr]),
+        b.addr
+    );
+    std::fs::write(
+        &proxy.config_path,
+        two.replace("{stats_file}", &proxy.stats_file.display().to_string()),
+    )
+    .unwrap();
+    sighup_and_wait(&proxy, 2);
+    for i in 0..20u8 {
+        client.send_to(&[i; 5], second).unwrap();
+    }
+    wait_until(WAIT, "the new listener serves", || b.count() == 20);
+    // The first listener kept its sessions: same upstream address per CID.
+    let before = routes(&[&a], b"q");
+    send_cids(&proxy, &client, 1..51, b"r");
+    wait_until(WAIT, "first listener still serves", || a.count() == 100);
+    let after = routes(&[&a], b"r");
+    for (cid, route) in &before {
+        assert_eq!(
+            after.get(cid),
+            Some(route),
+            "CID {cid} lost its session across the reload"
+        );
+    }
+
+    // Remove the first listener: its port closes, the other keeps serving.
+    let only_other = format!(
+        "workers = 2\nstats_file = \"{}\"\n[[listener]]\nname = \"other\"\nbind = \"{second}\"\ndissector = \"tuple\"\nbackends = [\"{}\"]\n",
+        proxy.stats_file.display(),
+        b.addr
+    );
+    std::fs::write(&proxy.config_path, only_other).unwrap();
+    sighup_and_wait(&proxy, 3);
+    wait_until(WAIT, "the removed listener's port is free", || {
+        UdpSocket::bind(first).is_ok()
+    });
+    for i in 0..20u8 {
+        client.send_to(&[i; 6], second).unwrap();
+    }
+    wait_until(WAIT, "the kept listener serves", || b.count() == 40);
+}
+
+#[test]
+fn systemd_hears_ready_reloading_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = udpshard_tests::harness::TempDir::new("notify");
+    let path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    std::env::set_var("NOTIFY_SOCKET", &path);
+    let a = Backend::start("a");
+    let mut proxy = Proxy::start(Path::new(BIN), &config("2", &[a.addr]));
+    std::env::remove_var("NOTIFY_SOCKET");
+    let mut buf = [0u8; 256];
+    let mut next = || {
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1");
+    proxy.signal(libc::SIGHUP);
+    let reloading = next();
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    let usec: u64 = reloading.rsplit('=').next().unwrap().parse().unwrap();
+    assert!(usec > 0);
+    assert_eq!(next(), "READY=1");
+    proxy.signal(libc::SIGTERM);
+    assert_eq!(next(), "STOPPING=1");
+    assert_eq!(proxy.wait_exit(WAIT).and_then(|s| s.code()), Some(0));
+}
+
+#[test]
+fn reloads_under_steady_load_lose_nothing() {
+    let sink = Sink::bind_loopback(2).unwrap();
+    let backends: Vec<SocketAddr> = sink.addrs().to_vec();
+    let proxy = Proxy::start(Path::new(BIN), &config("2", &backends));
+    let mut spec = LoadSpec::new(proxy.addr("quic"));
+    spec.flows = 200;
+    spec.rate = Some(5_000);
+    spec.duration = Duration::from_secs(4);
+    let load = std::thread::spawn(move || (run_load(&spec, &sink).unwrap(), sink));
+    proxy.wait_stats(WAIT, "load flowing", |s| total(s, "tx_packets") > 1_000);
+    let write = |workers: &str| {
+        std::fs::write(
+            &proxy.config_path,
+            config(workers, &backends)
+                .replace("{stats_file}", &proxy.stats_file.display().to_string()),
+        )
+        .unwrap();
+    };
+    // Same config (a no-op reload), then 2 -> 1 -> 2 workers.
+    sighup_and_wait(&proxy, 2);
+    write("1");
+    sighup_and_wait(&proxy, 3);
+    proxy.wait_stats(WAIT, "one worker", |s| {
+        s["workers"].as_array().unwrap().len() == 1
+    });
+    write("2");
+    sighup_and_wait(&proxy, 4);
+    let (report, _sink) = load.join().unwrap();
+    eprintln!(
+        "reloads under load: sent {} received {} lost {}",
+        report.sent, report.received, report.lost
+    );
+    assert_eq!(report.lost, 0, "{report:?}");
+}

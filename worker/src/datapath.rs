@@ -77,6 +77,10 @@ pub struct DataPath {
     pub handoff: Handoff,
     /// Draining: live sessions are served, no new ones are made.
     pub draining: bool,
+    /// Sessions whose upstream socket still held replies when their read
+    /// budget ran out: edge-triggered polling will not report them again,
+    /// so the loop comes back to them.
+    pub pending_replies: Vec<SessionId>,
     reply_buf: Vec<u8>,
     last_warning_ms: u64,
 }
@@ -107,6 +111,7 @@ impl DataPath {
             me: Owner::new(id, generation),
             handoff,
             draining: false,
+            pending_replies: Vec::new(),
             reply_buf: vec![0; MAX_DATAGRAM],
             last_warning_ms: 0,
         }
@@ -389,6 +394,7 @@ impl DataPath {
             upstream,
             last_active_ms: self.now_ms,
             upstream_drops_seen: t.upstream_drops_seen,
+            reply_burst: false,
             backend: t.backend,
             aliases: t.aliases,
             handoff_streak: (0, 0),
@@ -457,6 +463,7 @@ impl DataPath {
             upstream,
             last_active_ms: self.now_ms,
             upstream_drops_seen: 0,
+            reply_burst: false,
             backend: backend as u16,
             aliases: Vec::new(),
             handoff_streak: (0, 0),
@@ -483,6 +490,7 @@ impl DataPath {
         let fd = session.upstream.as_raw_fd();
         let listener = &self.listeners[session.listener];
         let mut learned = None;
+        let mut drained = false;
         for _ in 0..REPLY_BUDGET {
             let len = match sockio::recv_with_drops(fd, &mut self.reply_buf) {
                 Ok((len, drops)) => {
@@ -494,7 +502,10 @@ impl DataPath {
                     }
                     len
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    drained = true;
+                    break;
+                }
                 // An ICMP error for an earlier datagram (backend port
                 // closed): already counted as sent; nothing to relay.
                 Err(_) => continue,
@@ -519,6 +530,18 @@ impl DataPath {
             {
                 Ok(()) => self.counters.incr(Counter::RepliesOut),
                 Err(_) => self.counters.incr(Counter::DropReply),
+            }
+        }
+        if !drained {
+            session.reply_burst = true;
+            self.pending_replies.push(id);
+        } else if session.reply_burst {
+            session.reply_burst = false;
+            if let Ok(total) = sockio::socket_drops(fd) {
+                let new = total.wrapping_sub(session.upstream_drops_seen);
+                session.upstream_drops_seen = total;
+                self.counters
+                    .add(Counter::DropUpstreamSocket, u64::from(new));
             }
         }
         if let Some(scid) = learned {

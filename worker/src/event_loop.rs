@@ -192,7 +192,8 @@ impl Loop {
         let mut next_tick = start;
         loop {
             let now = Instant::now();
-            let timeout = if self.undrained.contains(&true) {
+            let timeout = if self.undrained.contains(&true) || !self.path.pending_replies.is_empty()
+            {
                 Duration::ZERO
             } else {
                 next_tick.saturating_duration_since(now)
@@ -208,11 +209,14 @@ impl Loop {
                 match event.token() {
                     CONTROL => {
                         if let Some(Exit::Stop) = self.read_control()? {
-                            // A retiring worker's socket leaves its group
-                            // when we exit: forward what is queued in it.
+                            // A retiring worker's sockets leave their groups
+                            // when we exit: forward what is queued in them,
+                            // and what other workers handed us meanwhile.
+                            self.path.read_inbox(self.poll.registry());
                             for l in 0..self.path.listeners.len() {
                                 self.drain_listener(l);
                             }
+                            self.path.read_inbox(self.poll.registry());
                             return Ok(());
                         }
                     }
@@ -231,6 +235,9 @@ impl Loop {
                 if self.undrained[l] {
                     self.undrained[l] = !self.drain_listener(l);
                 }
+            }
+            for id in std::mem::take(&mut self.path.pending_replies) {
+                self.path.upstream_readable(id);
             }
             if busy_from >= next_tick {
                 // Sweep about a tenth of the table per tick: all of it each second.

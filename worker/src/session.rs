@@ -28,6 +28,10 @@ pub struct Session<U> {
     pub last_active_ms: u64,
     /// The kernel's drop count on the upstream socket when last read.
     pub upstream_drops_seen: u32,
+    /// Replies arrived faster than one read budget: when the socket is
+    /// empty again, ask the kernel for its drop count (datagrams queued
+    /// before a drop carry no count).
+    pub reply_burst: bool,
     /// The backend's index in its listener's list.
     pub backend: u16,
     /// Other keys of this flow: connection IDs the server chose, learned
@@ -244,6 +248,7 @@ mod tests {
             upstream: (),
             last_active_ms: now,
             upstream_drops_seen: 0,
+            reply_burst: false,
             backend: 0,
             aliases: Vec::new(),
             handoff_streak: (0, 0),

@@ -14,7 +14,7 @@ use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 use udpshard_config as config;
 use udpshard_shared::control::ControlMsg;
-use udpshard_shared::stats::{Counter, Header};
+use udpshard_shared::stats::{Counter, Header, SlotState};
 
 use super::{
     bind_group, handoff_pair, warn_oversubscribed, worker_count, Supervisor, SupervisorError,
@@ -164,8 +164,9 @@ impl Supervisor {
 
     /// (Re)attaches each group's steering for its current size.
     pub(super) fn steer_groups(&mut self) -> Result<(), SupervisorError> {
+        let active = self.live_workers();
         for (g, l) in self.groups.iter().zip(&self.config.listeners) {
-            g.steer(l)?;
+            g.steer(l, active)?;
         }
         Ok(())
     }
@@ -248,11 +249,19 @@ impl Supervisor {
                 self.spawn(id)?;
             }
         } else {
-            // Steer away from the retiring sockets first, then stop their
-            // workers; their sockets leave the groups when they exit.
+            // First no worker hands a flow to a retiring one (its ownership
+            // entries turn stale) and kernel-cid steering stops choosing its
+            // sockets; then it forwards what is queued for it and exits, and
+            // its sockets leave the groups.
             for w in self.workers.iter_mut().skip(count) {
                 w.retiring = true;
                 w.restart_at = None;
+                if let Some(slot) = self.region.slot(w.id) {
+                    slot.set(Counter::State, SlotState::Retiring as u64);
+                }
+            }
+            self.steer_groups()?;
+            for w in self.workers.iter().skip(count) {
                 if let Some(control) = w.control.as_ref() {
                     let _ = control.send(&ControlMsg::Stop, &[]);
                 }

@@ -1,0 +1,477 @@
+//! `udpshard doctor`: reads what an operator would read by hand when UDP
+//! drops (the buffer sysctls, UDP's drop counters, the CPU set and quota, the
+//! fd limit, conntrack) and prints, for each problem, what it saw and the
+//! exact line that fixes it.
+//!
+//! Gathering (`Facts::gather`, files and syscalls) is separate from judging
+//! (`diagnose`, a pure function of the config and the facts), so every rule
+//! is unit-tested without touching the host.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use udpshard_config::{self as config, Config, Workers};
+
+use crate::system::{parse_snmp6_udp, parse_snmp_udp, read_u64};
+
+/// What the packaged sysctl.d drop-in sets (packaging/sysctl.d): the values
+/// the fixes propose.
+const RMEM_DEFAULT: u64 = 2 << 20;
+const NETDEV_MAX_BACKLOG: u64 = 50_000;
+/// Below this the per-CPU backlog overflows at modest packet rates.
+const NETDEV_BACKLOG_FLOOR: u64 = 10_000;
+/// Descriptors a worker needs besides its sessions' upstream sockets.
+const FD_OVERHEAD: u64 = 256;
+/// conntrack this full is about to drop new flows.
+const CONNTRACK_FULL: f64 = 0.8;
+const SAMPLE: Duration = Duration::from_secs(1);
+
+/// The host as doctor saw it; `None` where the host does not say.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Facts {
+    pub rmem_max: Option<u64>,
+    pub rmem_default: Option<u64>,
+    pub netdev_max_backlog: Option<u64>,
+    /// net.ipv4.udp_mem: min, pressure, max, in pages.
+    pub udp_mem: Option<[u64; 3]>,
+    pub page_size: u64,
+    /// UDP RcvbufErrors gained (IPv4 + IPv6) over `SAMPLE`.
+    pub rcvbuf_errors_growth: Option<u64>,
+    pub allowed_cpus: usize,
+    /// The CPU quota, in CPUs, and the file it came from.
+    pub cpu_quota: Option<(f64, String)>,
+    /// RLIMIT_NOFILE (soft, hard).
+    pub nofile: Option<(u64, u64)>,
+    /// nf_conntrack_count, nf_conntrack_max.
+    pub conntrack: Option<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub saw: String,
+    pub fix: String,
+}
+
+pub fn run(path: Option<&Path>) -> ExitCode {
+    let (cfg, origin) = match path {
+        Some(p) => match config::load(p) {
+            Ok(cfg) => (cfg, p.display().to_string()),
+            Err(e) => {
+                eprintln!("udpshard doctor: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => (
+            config::default_config(),
+            config::DEFAULT_CONFIG_ORIGIN.to_string(),
+        ),
+    };
+    println!(
+        "udpshard doctor: checking this host for {origin} (sampling UDP drops for {}s)",
+        SAMPLE.as_secs()
+    );
+    let facts = Facts::gather();
+    let findings = diagnose(&cfg, &facts);
+    for f in &findings {
+        println!("finding: {}\n    fix: {}", f.saw, f.fix);
+    }
+    if findings.is_empty() {
+        println!("no findings");
+        ExitCode::SUCCESS
+    } else {
+        println!("{} finding(s)", findings.len());
+        ExitCode::FAILURE
+    }
+}
+
+fn workers_for(cfg: &Config, allowed_cpus: usize) -> usize {
+    match cfg.workers {
+        Workers::Auto => allowed_cpus.max(1),
+        Workers::Count(n) => n,
+    }
+}
+
+/// Every finding, in path order (buffers, drops, CPUs, limits).
+pub fn diagnose(cfg: &Config, facts: &Facts) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let workers = workers_for(cfg, facts.allowed_cpus) as u64;
+
+    if let (Some(max), Some(l)) = (
+        facts.rmem_max,
+        cfg.listeners.iter().max_by_key(|l| l.recv_buffer),
+    ) {
+        let want = l.recv_buffer as u64;
+        if max < want {
+            out.push(Finding {
+                saw: format!(
+                    "listener {:?} asks for recv_buffer = {want} bytes, but net.core.rmem_max = {max}: \
+                     SO_RCVBUF is silently clamped to {max} (unless udpshard runs with CAP_NET_ADMIN)",
+                    l.name
+                ),
+                fix: format!("sysctl -w net.core.rmem_max={want}"),
+            });
+        }
+    }
+    if let Some(d) = facts.rmem_default.filter(|d| *d < RMEM_DEFAULT) {
+        out.push(Finding {
+            saw: format!(
+                "net.core.rmem_default = {d}: every session's upstream socket gets this receive buffer, \
+                 about {} full-size replies before a backend's burst is dropped",
+                d / 1500 / 2
+            ),
+            fix: format!("sysctl -w net.core.rmem_default={RMEM_DEFAULT}"),
+        });
+    }
+    if let Some(b) = facts
+        .netdev_max_backlog
+        .filter(|b| *b < NETDEV_BACKLOG_FLOOR)
+    {
+        out.push(Finding {
+            saw: format!(
+                "net.core.netdev_max_backlog = {b}: a CPU's input backlog overflows (softnet_stat dropped) under bursts"
+            ),
+            fix: format!("sysctl -w net.core.netdev_max_backlog={NETDEV_MAX_BACKLOG}"),
+        });
+    }
+    if let Some([min, pressure, max]) = facts.udp_mem {
+        // A full listener socket holds about twice recv_buffer of kernel
+        // memory (SO_RCVBUF is doubled for bookkeeping).
+        let bytes: u64 = cfg
+            .listeners
+            .iter()
+            .map(|l| 2 * l.recv_buffer as u64 * workers)
+            .sum();
+        let need = bytes.div_ceil(facts.page_size.max(1));
+        if max < need {
+            out.push(Finding {
+                saw: format!(
+                    "net.ipv4.udp_mem max = {max} pages, but {workers} workers' full listener buffers need {need} pages: \
+                     past it UDP drops on every socket"
+                ),
+                fix: format!(
+                    "sysctl -w net.ipv4.udp_mem=\"{} {} {}\"",
+                    min.min(need),
+                    pressure.max(need),
+                    2 * need
+                ),
+            });
+        }
+    }
+    if let Some(n) = facts.rcvbuf_errors_growth.filter(|n| *n > 0) {
+        out.push(Finding {
+            saw: format!(
+                "UDP RcvbufErrors grew by {n} in {}s: some socket's receive buffer is overflowing right now",
+                SAMPLE.as_secs()
+            ),
+            fix: "udpshard stats --watch 1   # marks the first stage whose drops grow; `ss -uamn` shows each socket's d<drops>".into(),
+        });
+    }
+    if let Workers::Count(n) = cfg.workers {
+        if n > facts.allowed_cpus {
+            out.push(Finding {
+                saw: format!(
+                    "workers = {n} but this process may run on {} CPUs (sched_getaffinity): workers share CPUs and compete",
+                    facts.allowed_cpus
+                ),
+                fix: "workers = \"auto\"".into(),
+            });
+        }
+    }
+    if let Some((quota, source)) = &facts.cpu_quota {
+        if *quota < workers as f64 {
+            let fit = (quota.floor() as u64).max(1);
+            out.push(Finding {
+                saw: format!(
+                    "{source} allows {quota:.2} CPUs, but {workers} workers are pinned one per CPU: \
+                     they will be throttled in bursts (queues fill while they sleep)"
+                ),
+                fix: format!("workers = {fit}"),
+            });
+        }
+    }
+    if let Some((soft, hard)) = facts.nofile {
+        let sessions: u64 = cfg.listeners.iter().map(|l| l.max_sessions as u64).sum();
+        let need = sessions + FD_OVERHEAD;
+        if soft < need {
+            out.push(Finding {
+                saw: format!(
+                    "RLIMIT_NOFILE = {soft}, but max_sessions allows {sessions} sessions per worker, \
+                     each with its own upstream socket: new sessions fail past ~{}",
+                    soft.saturating_sub(FD_OVERHEAD)
+                ),
+                fix: if need <= hard {
+                    format!("ulimit -n {need}")
+                } else {
+                    format!("LimitNOFILE={need}   # in the systemd unit ([Service]); the hard limit is {hard}")
+                },
+            });
+        }
+    }
+    if let Some((count, max)) = facts.conntrack {
+        if max > 0 && count as f64 >= CONNTRACK_FULL * max as f64 {
+            out.push(Finding {
+                saw: format!(
+                    "conntrack holds {count} of {max} entries: when full, new flows are dropped (dmesg: \"table full\")"
+                ),
+                fix: format!("sysctl -w net.netfilter.nf_conntrack_max={}", max * 2),
+            });
+        }
+    }
+    out
+}
+
+impl Facts {
+    /// Reads the host; takes `SAMPLE` (two readings of UDP's counters).
+    pub fn gather() -> Facts {
+        let sys = |p: &str| read_u64(Path::new(p));
+        let rcvbuf_before = rcvbuf_errors();
+        std::thread::sleep(SAMPLE);
+        let rcvbuf_after = rcvbuf_errors();
+        Facts {
+            rmem_max: sys("/proc/sys/net/core/rmem_max"),
+            rmem_default: sys("/proc/sys/net/core/rmem_default"),
+            netdev_max_backlog: sys("/proc/sys/net/core/netdev_max_backlog"),
+            udp_mem: std::fs::read_to_string("/proc/sys/net/ipv4/udp_mem")
+                .ok()
+                .and_then(|t| parse_udp_mem(&t)),
+            page_size: nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+                .ok()
+                .flatten()
+                .map_or(4096, |p| p as u64),
+            rcvbuf_errors_growth: rcvbuf_before
+                .zip(rcvbuf_after)
+                .map(|(b, a)| a.saturating_sub(b)),
+            allowed_cpus: crate::cpus::allowed_cpus().map_or(1, |c| c.len()),
+            cpu_quota: cpu_quota(),
+            nofile: nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok(),
+            conntrack: sys("/proc/sys/net/netfilter/nf_conntrack_count")
+                .zip(sys("/proc/sys/net/netfilter/nf_conntrack_max")),
+        }
+    }
+}
+
+fn rcvbuf_errors() -> Option<u64> {
+    let v4 = std::fs::read_to_string("/proc/net/snmp")
+        .ok()
+        .and_then(|t| parse_snmp_udp(&t));
+    let v6 = std::fs::read_to_string("/proc/net/snmp6")
+        .ok()
+        .and_then(|t| parse_snmp6_udp(&t));
+    if v4.is_none() && v6.is_none() {
+        return None;
+    }
+    Some([v4, v6].iter().flatten().map(|u| u.rcvbuf_errors).sum())
+}
+
+/// "575799\t767732\t1151598"
+pub fn parse_udp_mem(text: &str) -> Option<[u64; 3]> {
+    let v: Vec<u64> = text
+        .split_whitespace()
+        .map(|s| s.parse().ok())
+        .collect::<Option<_>>()?;
+    v.try_into().ok()
+}
+
+/// cgroup v2 cpu.max: "50000 100000" -> 0.5 CPUs; "max 100000" -> none.
+pub fn parse_cpu_max(text: &str) -> Option<f64> {
+    let mut parts = text.split_whitespace();
+    let quota: u64 = parts.next()?.parse().ok()?;
+    let period: u64 = parts.next().map_or(Some(100_000), |p| p.parse().ok())?;
+    (period > 0).then(|| quota as f64 / period as f64)
+}
+
+/// cgroup v1: cpu.cfs_quota_us (-1: none) over cpu.cfs_period_us.
+pub fn parse_cfs(quota: &str, period: &str) -> Option<f64> {
+    let quota: i64 = quota.trim().parse().ok()?;
+    let period: u64 = period.trim().parse().ok()?;
+    (quota > 0 && period > 0).then(|| quota as f64 / period as f64)
+}
+
+/// The directories of this process's cgroup and its ancestors, for the
+/// hierarchy whose /proc/self/cgroup line matches `controller` (v2: the
+/// `0::` line), under `mount`; the mount's root last. Inside a container the
+/// listed path may not exist under the mount (the container sees its own
+/// cgroup as the root), which the root entry covers.
+fn cgroup_dirs(cgroup: &str, v2: bool, mount: &Path) -> Vec<PathBuf> {
+    let path = cgroup.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let hit = if v2 {
+            l.starts_with("0::")
+        } else {
+            controllers.split(',').any(|c| c == "cpu")
+        };
+        hit.then(|| path.to_string())
+    });
+    let mut dirs = Vec::new();
+    if let Some(path) = path {
+        let mut p = Path::new(path.trim_start_matches('/'));
+        loop {
+            dirs.push(mount.join(p));
+            match p.parent() {
+                Some(parent) if p != Path::new("") => p = parent,
+                _ => break,
+            }
+        }
+    }
+    if !dirs.contains(&mount.to_path_buf()) {
+        dirs.push(mount.to_path_buf());
+    }
+    dirs
+}
+
+/// The tightest CPU quota on this process's cgroup or its ancestors.
+fn cpu_quota() -> Option<(f64, String)> {
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let mut best: Option<(f64, String)> = None;
+    let mut consider = |q: Option<f64>, file: PathBuf| {
+        if let Some(q) = q {
+            if best.as_ref().is_none_or(|(b, _)| q < *b) {
+                best = Some((q, file.display().to_string()));
+            }
+        }
+    };
+    for dir in cgroup_dirs(&cgroup, true, Path::new("/sys/fs/cgroup")) {
+        let file = dir.join("cpu.max");
+        let q = std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| parse_cpu_max(&t));
+        consider(q, file);
+    }
+    for mount in ["/sys/fs/cgroup/cpu,cpuacct", "/sys/fs/cgroup/cpu"] {
+        for dir in cgroup_dirs(&cgroup, false, Path::new(mount)) {
+            let file = dir.join("cpu.cfs_quota_us");
+            let q = std::fs::read_to_string(&file).ok().and_then(|quota| {
+                let period = std::fs::read_to_string(dir.join("cpu.cfs_period_us")).ok()?;
+                parse_cfs(&quota, &period)
+            });
+            consider(q, file);
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clean() -> Facts {
+        Facts {
+            rmem_max: Some(32 << 20),
+            rmem_default: Some(2 << 20),
+            netdev_max_backlog: Some(50_000),
+            udp_mem: Some([575_799, 767_732, 1_151_598]),
+            page_size: 4096,
+            rcvbuf_errors_growth: Some(0),
+            allowed_cpus: 2,
+            cpu_quota: None,
+            nofile: Some((2_000_000, 2_000_000)),
+            conntrack: Some((10, 262_144)),
+        }
+    }
+
+    fn cfg(extra: &str) -> Config {
+        let text = format!(
+            "{extra}\n[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:4433\"\ndissector = \"quic\"\n\
+             recv_buffer = \"8MiB\"\nmax_sessions = 1000\nbackends = [\"127.0.0.1:4434\"]\n"
+        );
+        config::parse(&text, "t.toml").unwrap()
+    }
+
+    fn fixes(cfg: &Config, facts: &Facts) -> Vec<String> {
+        diagnose(cfg, facts).into_iter().map(|f| f.fix).collect()
+    }
+
+    #[test]
+    fn a_clean_host_has_no_findings() {
+        assert_eq!(diagnose(&cfg(""), &clean()), vec![]);
+        // A host that says nothing has nothing to report either.
+        let silent = Facts {
+            allowed_cpus: 2,
+            ..Facts::default()
+        };
+        assert_eq!(diagnose(&cfg(""), &silent), vec![]);
+    }
+
+    #[test]
+    fn each_rule_prints_its_fix() {
+        let c = cfg("");
+        let mut f = clean();
+        f.rmem_max = Some(212_992);
+        assert_eq!(fixes(&c, &f), ["sysctl -w net.core.rmem_max=8388608"]);
+        let mut f = clean();
+        f.rmem_default = Some(212_992);
+        assert_eq!(fixes(&c, &f), ["sysctl -w net.core.rmem_default=2097152"]);
+        let mut f = clean();
+        f.netdev_max_backlog = Some(1000);
+        assert_eq!(
+            fixes(&c, &f),
+            ["sysctl -w net.core.netdev_max_backlog=50000"]
+        );
+        let mut f = clean();
+        // 2 workers x 2 x 8MiB = 32MiB = 8192 pages.
+        f.udp_mem = Some([1000, 2000, 4000]);
+        assert_eq!(
+            fixes(&c, &f),
+            ["sysctl -w net.ipv4.udp_mem=\"1000 8192 16384\""]
+        );
+        let mut f = clean();
+        f.rcvbuf_errors_growth = Some(12);
+        assert!(fixes(&c, &f)[0].starts_with("udpshard stats --watch 1"));
+        let f = clean();
+        assert_eq!(fixes(&cfg("workers = 4"), &f)[0], "workers = \"auto\"");
+        let mut f = clean();
+        f.cpu_quota = Some((1.5, "/sys/fs/cgroup/cpu.max".into()));
+        assert_eq!(fixes(&c, &f), ["workers = 1"]);
+        let mut f = clean();
+        f.nofile = Some((1024, 4096));
+        assert_eq!(fixes(&c, &f), ["ulimit -n 1256"]);
+        f.nofile = Some((1024, 1024));
+        assert!(fixes(&c, &f)[0].starts_with("LimitNOFILE=1256"));
+        let mut f = clean();
+        f.conntrack = Some((250_000, 262_144));
+        assert_eq!(
+            fixes(&c, &f),
+            ["sysctl -w net.netfilter.nf_conntrack_max=524288"]
+        );
+    }
+
+    #[test]
+    fn parsers() {
+        assert_eq!(
+            parse_udp_mem("575799\t767732\t1151598\n"),
+            Some([575_799, 767_732, 1_151_598])
+        );
+        assert_eq!(parse_udp_mem("1 2"), None);
+        assert_eq!(parse_udp_mem("a b c"), None);
+        assert_eq!(parse_cpu_max("50000 100000\n"), Some(0.5));
+        assert_eq!(parse_cpu_max("max 100000\n"), None);
+        assert_eq!(parse_cpu_max(""), None);
+        assert_eq!(parse_cfs("-1\n", "100000\n"), None);
+        assert_eq!(parse_cfs("200000\n", "100000\n"), Some(2.0));
+        assert_eq!(parse_cfs("x", "100000"), None);
+    }
+
+    #[test]
+    fn cgroup_paths() {
+        let v2 = "0::/system.slice/udpshard.service\n";
+        let dirs = cgroup_dirs(v2, true, Path::new("/sys/fs/cgroup"));
+        assert_eq!(
+            dirs,
+            [
+                PathBuf::from("/sys/fs/cgroup/system.slice/udpshard.service"),
+                PathBuf::from("/sys/fs/cgroup/system.slice"),
+                PathBuf::from("/sys/fs/cgroup"),
+            ]
+        );
+        let v1 = "4:memory:/a\n2:cpu,cpuacct:/docker/abc\n";
+        let dirs = cgroup_dirs(v1, false, Path::new("/m"));
+        assert_eq!(dirs[0], PathBuf::from("/m/docker/abc"));
+        assert_eq!(dirs.last(), Some(&PathBuf::from("/m")));
+        assert_eq!(
+            cgroup_dirs("", true, Path::new("/m")),
+            [PathBuf::from("/m")]
+        );
+    }
+}
