@@ -54,6 +54,16 @@ const TRANSFER_AFTER: u8 = 3;
 /// The largest UDP payload: nothing is ever truncated.
 pub const MAX_DATAGRAM: usize = 65_536;
 
+/// Where a client datagram came from and how it reached this worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    pub listener: usize,
+    pub client: SocketAddr,
+    /// The local address it was sent to (wildcard listeners only).
+    pub local_ip: Option<IpAddr>,
+    pub via: Via,
+}
+
 /// How a client datagram reached this worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
@@ -119,75 +129,58 @@ impl DataPath {
 
     /// A client datagram for listener `l` from `client`, sent to `local_ip`
     /// (known when the listener is a wildcard).
-    pub fn client_datagram(
-        &mut self,
-        registry: &Registry,
-        l: usize,
-        client: SocketAddr,
-        local_ip: Option<IpAddr>,
-        datagram: &[u8],
-        via: Via,
-    ) {
-        match via {
+    pub fn client_datagram(&mut self, registry: &Registry, mut from: Arrival, datagram: &[u8]) {
+        match from.via {
             Via::Socket => {
                 self.counters.incr(Counter::RxPackets);
                 self.counters.add(Counter::RxBytes, datagram.len() as u64);
             }
             Via::Handoff { .. } => self.counters.incr(Counter::HandoffIn),
         }
-        let listener = &self.listeners[l];
-        let Ok(key) = listener.dissector.flow_key(datagram, client) else {
+        let listener = &self.listeners[from.listener];
+        let Ok(key) = listener.dissector.flow_key(datagram, from.client) else {
             self.counters.incr(Counter::DropMalformed);
             return;
         };
-        let local_ip = if listener.wildcard { local_ip } else { None };
-
-        let id = match self.sessions.lookup(l, &key) {
+        if !listener.wildcard {
+            from.local_ip = None;
+        }
+        let id = match self.sessions.lookup(from.listener, &key) {
             Some(id) => id,
-            None => match self.find_or_open(registry, l, key, client, local_ip, datagram, via) {
+            None => match self.find_or_open(registry, from, key, datagram) {
                 Some(id) => id,
                 None => return,
             },
         };
-        self.forward(id, client, local_ip, datagram);
-        if let Via::Handoff { from, .. } = via {
-            self.note_handoff(registry, id, from);
+        self.forward(id, from.client, from.local_ip, datagram);
+        if let Via::Handoff { from: worker, .. } = from.via {
+            self.note_handoff(registry, id, worker);
         } else if let Some(s) = self.sessions.get_mut(id) {
             s.handoff_streak = (0, 0);
         }
     }
 
     /// A local miss: hand the datagram to its owner, or take the flow.
-    #[allow(clippy::too_many_arguments)]
     fn find_or_open(
         &mut self,
         registry: &Registry,
-        l: usize,
+        from: Arrival,
         key: FlowKey,
-        client: SocketAddr,
-        local_ip: Option<IpAddr>,
         datagram: &[u8],
-        via: Via,
     ) -> Option<SessionId> {
+        let l = from.listener;
         let hash = owner_hash(self.listeners[l].ident, &key);
-        let hops = match via {
+        let hops = match from.via {
             Via::Socket => 0,
             Via::Handoff { hops, .. } => hops,
         };
         if hops < MAX_HOPS {
             match self.region.owners().lookup(hash) {
                 Some(owner) if owner != self.me && self.region.is_live(owner) => {
-                    self.hand_over(
-                        owner.worker as usize,
-                        l,
-                        client,
-                        local_ip,
-                        datagram,
-                        hops + 1,
-                    );
+                    self.hand_over(owner.worker as usize, from, datagram, hops + 1);
                     return None;
                 }
-                Some(owner) if owner == self.me && via == Via::Socket => {
+                Some(owner) if owner == self.me && from.via == Via::Socket => {
                     // Ours but unknown here: a session transfer to us is
                     // on its way. Read the inbox now rather than open a
                     // second session for the flow.
@@ -204,14 +197,7 @@ impl DataPath {
             Claim::Mine => {}
             // Claimed by another worker an instant ago.
             Claim::Taken(owner) if hops < MAX_HOPS => {
-                self.hand_over(
-                    owner.worker as usize,
-                    l,
-                    client,
-                    local_ip,
-                    datagram,
-                    hops + 1,
-                );
+                self.hand_over(owner.worker as usize, from, datagram, hops + 1);
                 return None;
             }
             // Out of hops: it is ours now.
@@ -220,7 +206,7 @@ impl DataPath {
             }
             Claim::Full => self.counters.incr(Counter::OwnersFull),
         }
-        let id = self.open_session(registry, l, key, client, local_ip);
+        let id = self.open_session(registry, l, key, from.client, from.local_ip);
         if id.is_none() {
             self.region.owners().release(hash, self.me);
         }
@@ -254,22 +240,14 @@ impl DataPath {
         }
     }
 
-    fn hand_over(
-        &mut self,
-        to: usize,
-        l: usize,
-        client: SocketAddr,
-        local_ip: Option<IpAddr>,
-        datagram: &[u8],
-        hops: u8,
-    ) {
+    fn hand_over(&mut self, to: usize, from: Arrival, datagram: &[u8], hops: u8) {
         let header = Header {
             kind: Kind::Datagram,
             hops,
-            listener: l as u16,
+            listener: from.listener as u16,
             from: self.id as u16,
-            client,
-            local_ip,
+            client: from.client,
+            local_ip: from.local_ip,
         };
         match self.handoff.send_datagram(to, &header, datagram) {
             Ok(()) => self.counters.incr(Counter::HandoffOut),
@@ -352,17 +330,18 @@ impl DataPath {
             let frame = std::mem::take(&mut self.handoff.frame);
             match Header::decode(&frame[..len]) {
                 Ok((h, body)) if usize::from(h.listener) < self.listeners.len() => match h.kind {
-                    Kind::Datagram => self.client_datagram(
-                        registry,
-                        usize::from(h.listener),
-                        h.client,
-                        h.local_ip,
-                        body,
-                        Via::Handoff {
-                            from: h.from,
-                            hops: h.hops,
-                        },
-                    ),
+                    Kind::Datagram => {
+                        let from = Arrival {
+                            listener: usize::from(h.listener),
+                            client: h.client,
+                            local_ip: h.local_ip,
+                            via: Via::Handoff {
+                                from: h.from,
+                                hops: h.hops,
+                            },
+                        };
+                        self.client_datagram(registry, from, body)
+                    }
                     Kind::Transfer => match (Transfer::decode(body), fd) {
                         (Ok(t), Some(fd)) => self.adopt(registry, &h, t, fd),
                         _ => self.warn_rate_limited(format_args!(

@@ -14,7 +14,7 @@ use udpshard_shared::control::{ControlChannel, ControlMsg, FrameReader};
 use udpshard_shared::stats::{Counter, SlotState, StatsRegion};
 
 use crate::counters::Counters;
-use crate::datapath::{DataPath, Via, MAX_DATAGRAM, UPSTREAM_TOKEN_BASE};
+use crate::datapath::{Arrival, DataPath, Via, MAX_DATAGRAM, UPSTREAM_TOKEN_BASE};
 use crate::handoff::Handoff;
 use crate::listener::Listener;
 use crate::{WorkerArgs, WorkerError};
@@ -308,25 +308,18 @@ impl Loop {
                 } else {
                     meta.stride
                 };
+                let from = Arrival {
+                    listener: l,
+                    client: meta.addr,
+                    local_ip: meta.dst_ip,
+                    via: Via::Socket,
+                };
                 if slot.is_empty() {
-                    self.path.client_datagram(
-                        self.poll.registry(),
-                        l,
-                        meta.addr,
-                        meta.dst_ip,
-                        slot,
-                        Via::Socket,
-                    );
+                    self.path.client_datagram(self.poll.registry(), from, slot);
                 }
                 for datagram in slot.chunks(stride) {
-                    self.path.client_datagram(
-                        self.poll.registry(),
-                        l,
-                        meta.addr,
-                        meta.dst_ip,
-                        datagram,
-                        Via::Socket,
-                    );
+                    self.path
+                        .client_datagram(self.poll.registry(), from, datagram);
                 }
             }
             // A short batch emptied the socket; a later arrival raises a new
