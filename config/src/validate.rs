@@ -36,6 +36,9 @@ const SESSION_IDLE_TEXT: &str = "1s..=24h";
 const DEFAULT_SHORT_CID_LEN: usize = 8;
 const DEFAULT_RECV_BUFFER: usize = 4 << 20;
 const DEFAULT_SESSION_IDLE: Duration = Duration::from_secs(60);
+const DRAIN_TIMEOUT: RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(3600);
+const DRAIN_TIMEOUT_TEXT: &str = "0s..=1h";
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_MAX_SESSIONS: usize = 1_000_000;
 const DEFAULT_MAGLEV_TABLE_SIZE: usize = 65_537;
 const DEFAULT_WEIGHT: u32 = 1;
@@ -51,28 +54,8 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
         Some(v) => stats_file(v)?,
     };
     let drain_timeout = match &file.drain_timeout {
-        None => Duration::from_secs(5),
-        Some(v) => {
-            let what = format!("drain_timeout = {}", v.get_ref());
-            match units::parse_duration(v.get_ref()) {
-                Ok(d) if d <= Duration::from_secs(3600) => d,
-                Ok(_) | Err(UnitError::Overflow) => {
-                    return Err(at(v, format!("{what} is out of range (0s..=1h)")))
-                }
-                Err(UnitError::MissingUnit) => {
-                    return Err(at(
-                        v,
-                        format!("{what} has no unit (expected {DURATION_FORMS})"),
-                    ))
-                }
-                Err(UnitError::Malformed) => {
-                    return Err(at(
-                        v,
-                        format!("{what} is not a duration (expected {DURATION_FORMS})"),
-                    ))
-                }
-            }
-        }
+        None => DEFAULT_DRAIN_TIMEOUT,
+        Some(v) => duration_in(v, DRAIN_TIMEOUT, DRAIN_TIMEOUT_TEXT, "drain_timeout")?,
     };
     let metrics = match &file.metrics {
         None => None,
@@ -404,13 +387,27 @@ fn recv_buffer(v: &Spanned<IntOrStr>, ctx: &str) -> Result<usize> {
 }
 
 fn session_idle(v: &Spanned<IntOrStr>, ctx: &str) -> Result<Duration> {
-    let what = format!("{ctx}: session_idle = {}", v.get_ref());
+    duration_in(
+        v,
+        SESSION_IDLE,
+        SESSION_IDLE_TEXT,
+        &format!("{ctx}: session_idle"),
+    )
+}
+
+/// A duration key within `range`; `what` names the key in messages.
+fn duration_in(
+    v: &Spanned<IntOrStr>,
+    range: RangeInclusive<Duration>,
+    range_text: &str,
+    what: &str,
+) -> Result<Duration> {
+    let what = format!("{what} = {}", v.get_ref());
     match units::parse_duration(v.get_ref()) {
-        Ok(d) if SESSION_IDLE.contains(&d) => Ok(d),
-        Ok(_) | Err(UnitError::Overflow) => Err(at(
-            v,
-            format!("{what} is out of range ({SESSION_IDLE_TEXT})"),
-        )),
+        Ok(d) if range.contains(&d) => Ok(d),
+        Ok(_) | Err(UnitError::Overflow) => {
+            Err(at(v, format!("{what} is out of range ({range_text})")))
+        }
         Err(UnitError::MissingUnit) => Err(at(
             v,
             format!("{what} has no unit (expected {DURATION_FORMS})"),
