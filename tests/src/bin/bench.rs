@@ -489,6 +489,8 @@ fn udpshard_toml(listen: SocketAddr, backends: &[SocketAddr], workdir: &Path) ->
     format!(
         r#"workers = "auto"
 stats_file = "{stats}"
+# The load has stopped when the bench stops the proxy: no drain to wait for.
+drain_timeout = "0s"
 
 [[listener]]
 name = "bench"
