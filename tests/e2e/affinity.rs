@@ -8,27 +8,19 @@ use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
 use std::time::Duration;
 
-use udpshard_tests::harness::{bind_udp, quic_short, total, wait_until, Backend, Proxy};
+use udpshard_tests::harness::{
+    bind_udp, listener_config, quic_short, total, wait_until, Backend, Proxy,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
 const WAIT: Duration = Duration::from_secs(15);
 const CIDS: u64 = 200;
 
 fn config(steering: &str, a: &Backend, b: &Backend) -> String {
-    format!(
-        r#"
-workers = 2
-stats_file = "{{stats_file}}"
-
-[[listener]]
-name = "quic"
-bind = "127.0.0.1:0"
-dissector = "quic"
-short_cid_len = 8
-steering = "{steering}"
-backends = ["{}", "{}"]
-"#,
-        a.addr, b.addr
+    listener_config(
+        "workers = 2",
+        &format!("dissector = \"quic\"\nshort_cid_len = 8\nsteering = \"{steering}\""),
+        &[a.addr, b.addr],
     )
 }
 

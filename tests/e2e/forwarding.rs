@@ -7,26 +7,16 @@ use std::path::Path;
 use std::time::Duration;
 
 use udpshard_shared::Maglev;
-use udpshard_tests::harness::{bind_udp, quic_short, total, wait_until, Backend, Proxy};
+use udpshard_tests::harness::{
+    bind_udp, listener_config, quic_short, total, wait_until, Backend, Proxy,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
 const WAIT: Duration = Duration::from_secs(10);
 
 fn config(listener_extra: &str, backends: &[&Backend]) -> String {
-    let list: Vec<String> = backends.iter().map(|b| format!("\"{}\"", b.addr)).collect();
-    format!(
-        r#"
-workers = "auto"
-stats_file = "{{stats_file}}"
-
-[[listener]]
-name = "quic"
-bind = "127.0.0.1:0"
-{listener_extra}
-backends = [{}]
-"#,
-        list.join(", ")
-    )
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    listener_config("workers = \"auto\"", listener_extra, &addrs)
 }
 
 fn client() -> UdpSocket {

@@ -7,26 +7,18 @@ use std::path::Path;
 use std::time::Duration;
 
 use udpshard_tests::harness::{
-    allowed_cpus_of, field_of, parse_cpu_list, process_exists, quic_short, total, wait_until,
-    Backend, Proxy,
+    allowed_cpus_of, field_of, listener_config, parse_cpu_list, process_exists, quic_short, total,
+    wait_until, Backend, Proxy,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
 const WAIT: Duration = Duration::from_secs(10);
 
 fn config(workers: &str, backend: &Backend) -> String {
-    format!(
-        r#"
-workers = {workers}
-stats_file = "{{stats_file}}"
-
-[[listener]]
-name = "quic"
-bind = "127.0.0.1:0"
-dissector = "quic"
-backends = ["{}"]
-"#,
-        backend.addr
+    listener_config(
+        &format!("workers = {workers}"),
+        "dissector = \"quic\"",
+        &[backend.addr],
     )
 }
 

@@ -8,27 +8,19 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use udpshard_tests::harness::{bind_udp, field_of, quic_short, total, wait_until, Backend, Proxy};
+use udpshard_tests::harness::{
+    bind_udp, field_of, listener_config, quic_short, total, wait_until, Backend, Proxy,
+};
 use udpshard_tests::load::{run_load, LoadSpec, Sink};
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
 const WAIT: Duration = Duration::from_secs(15);
 
 fn config(workers: &str, backends: &[SocketAddr]) -> String {
-    let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
-    format!(
-        r#"workers = {workers}
-stats_file = "{{stats_file}}"
-
-[[listener]]
-name = "quic"
-bind = "127.0.0.1:0"
-dissector = "quic"
-short_cid_len = 8
-recv_buffer = "4MiB"
-backends = [{}]
-"#,
-        list.join(", ")
+    listener_config(
+        &format!("workers = {workers}"),
+        "dissector = \"quic\"\nshort_cid_len = 8\nrecv_buffer = \"4MiB\"",
+        backends,
     )
 }
 

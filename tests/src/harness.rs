@@ -364,6 +364,17 @@ impl Drop for Backend {
     }
 }
 
+/// A config with `top` (top-level keys) and one listener named `quic` on
+/// 127.0.0.1:0 with `listener` keys and `backends`; the stats file goes
+/// where [`Proxy::start`] puts it.
+pub fn listener_config(top: &str, listener: &str, backends: &[SocketAddr]) -> String {
+    let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    format!(
+        "{top}\nstats_file = \"{{stats_file}}\"\n\n[[listener]]\nname = \"quic\"\nbind = \"127.0.0.1:0\"\n{listener}\nbackends = [{}]\n",
+        list.join(", ")
+    )
+}
+
 /// A UDP socket with a receive buffer big enough that a test's bursts
 /// (hundreds of datagrams at once) never overflow it: a loss in a test
 /// must be udpshard's, not the harness's.
