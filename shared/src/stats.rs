@@ -104,6 +104,11 @@ pub enum Counter {
     BusyNs,
     /// Nanoseconds since the worker started its loop.
     WallNs,
+    /// Event-loop iterations.
+    Loops,
+    /// The longest single iteration (handling time, µs) in the last
+    /// completed second: how long a datagram can wait behind the loop.
+    LoopMaxUs,
     /// The worker's clock at its last publish (CLOCK_MONOTONIC, ns).
     Heartbeat,
 }

@@ -438,6 +438,18 @@ pub fn render(snap: &Snapshot, system: &SystemCounters) -> String {
         };
         f.sample("worker_busy_ratio", &[("worker", id)], ratio);
     }
+    f.head(
+        "worker_loop_max_seconds",
+        "gauge",
+        "The longest event-loop iteration in the last completed second: how long a datagram can wait behind the loop.",
+    );
+    for (w, id) in workers.iter().zip(&ids) {
+        f.sample(
+            "worker_loop_max_seconds",
+            &[("worker", id)],
+            w.get(Counter::LoopMaxUs) as f64 / 1e6,
+        );
+    }
     f.head("worker_ready", "gauge", "1 when the worker is serving.");
     for (w, id) in workers.iter().zip(&ids) {
         f.sample(

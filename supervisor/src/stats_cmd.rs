@@ -243,6 +243,8 @@ pub fn to_json(snap: &Snapshot) -> Value {
             obj.insert("handoff_out".into(), json!(w.get(Counter::HandoffOut)));
             obj.insert("state".into(), json!(w.state().name()));
             obj.insert("busy_ratio".into(), json!(busy_ratio(&w)));
+            obj.insert("loops".into(), json!(w.get(Counter::Loops)));
+            obj.insert("loop_max_us".into(), json!(w.get(Counter::LoopMaxUs)));
             let drops: serde_json::Map<String, Value> = DROPS
                 .iter()
                 .map(|(name, c)| ((*name).into(), json!(w.get(*c))))

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use udpshard_tests::harness::{total, Backend, Proxy, TempDir};
 
@@ -166,6 +167,19 @@ fn stats_prints_a_table_and_json() {
         assert!(w["drops"][key].is_u64(), "drops.{key} missing: {w}");
     }
     assert_eq!(total(&json, "rx_packets"), 0);
+    // The loop runs (a tick every 100 ms) and reports its longest iteration
+    // once a second.
+    let json = proxy.wait_stats(Duration::from_secs(5), "a loop-latency sample", |s| {
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["loops"].as_u64() > Some(0) && w["loop_max_us"].is_u64())
+    });
+    assert!(
+        json["workers"][0]["busy_ratio"].as_f64().unwrap() < 0.5,
+        "idle workers are mostly idle: {json:#}"
+    );
 }
 
 #[test]

@@ -5,7 +5,7 @@ use udpshard_shared::stats::{Counter, StatsSlot};
 
 /// Words the worker owns in its slot (the supervisor writes the identity
 /// words: pid, cpu, generation, state, restarts).
-const WORKER_OWNED: [Counter; 27] = [
+const WORKER_OWNED: [Counter; 29] = [
     Counter::RxPackets,
     Counter::RxBytes,
     Counter::TxPackets,
@@ -32,6 +32,8 @@ const WORKER_OWNED: [Counter; 27] = [
     Counter::SessionsRerouted,
     Counter::BusyNs,
     Counter::WallNs,
+    Counter::Loops,
+    Counter::LoopMaxUs,
     Counter::Heartbeat,
 ];
 

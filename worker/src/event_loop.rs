@@ -189,6 +189,8 @@ impl Loop {
         // Busy and wall time continue the slot's totals together, so the
         // utilisation of a restarted worker's slot stays a true ratio.
         let wall_base = self.path.counters.get(Counter::WallNs);
+        // The longest iteration seen in the current one-second window.
+        let (mut window_start, mut window_max_ns) = (start, 0u64);
         let mut next_tick = start;
         loop {
             let now = Instant::now();
@@ -260,11 +262,15 @@ impl Loop {
                 }
             }
             let done = Instant::now();
+            let iteration_ns = done.duration_since(busy_from).as_nanos() as u64;
             let counters = &mut self.path.counters;
-            counters.add(
-                Counter::BusyNs,
-                done.duration_since(busy_from).as_nanos() as u64,
-            );
+            counters.add(Counter::BusyNs, iteration_ns);
+            counters.incr(Counter::Loops);
+            window_max_ns = window_max_ns.max(iteration_ns);
+            if done.duration_since(window_start) >= Duration::from_secs(1) {
+                counters.set(Counter::LoopMaxUs, window_max_ns / 1000);
+                (window_start, window_max_ns) = (done, 0);
+            }
             counters.set(
                 Counter::WallNs,
                 wall_base + done.duration_since(start).as_nanos() as u64,
