@@ -463,45 +463,51 @@ impl DataPath {
 
     /// The upstream socket of session `id` is readable: relay its replies.
     pub fn upstream_readable(&mut self, id: SessionId) {
-        let Some(session) = self.sessions.get_mut(id) else {
-            return;
-        };
-        let fd = session.upstream.as_raw_fd();
-        let listener = &self.listeners[session.listener];
-        let mut learned = None;
         let mut drained = false;
+        let mut learned = false;
         for _ in 0..REPLY_BUDGET {
-            let len = match sockio::recv_with_drops(fd, &mut self.reply_buf) {
-                Ok((len, drops)) => {
-                    if let Some(d) = drops {
-                        let new = d.wrapping_sub(session.upstream_drops_seen);
-                        session.upstream_drops_seen = d;
-                        self.counters
-                            .add(Counter::DropUpstreamSocket, u64::from(new));
-                    }
-                    len
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    drained = true;
-                    break;
-                }
-                // An ICMP error for an earlier datagram (backend port
-                // closed): already counted as sent; nothing to relay.
-                Err(_) => continue,
+            let Some(session) = self.sessions.get_mut(id) else {
+                return;
             };
+            let len =
+                match sockio::recv_with_drops(session.upstream.as_raw_fd(), &mut self.reply_buf) {
+                    Ok((len, drops)) => {
+                        if let Some(d) = drops {
+                            let new = d.wrapping_sub(session.upstream_drops_seen);
+                            session.upstream_drops_seen = d;
+                            self.counters
+                                .add(Counter::DropUpstreamSocket, u64::from(new));
+                        }
+                        len
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        drained = true;
+                        break;
+                    }
+                    // An ICMP error for an earlier datagram (backend port
+                    // closed): already counted as sent; nothing to relay.
+                    Err(_) => continue,
+                };
             self.counters.incr(Counter::RepliesIn);
             session.last_active_ms = self.now_ms;
-            let reply = &self.reply_buf[..len];
-            if listener.learns_server_cids && learned.is_none() {
-                learned = quic_long_scid(reply)
+            let (l, client, local_ip) = (session.listener, session.client, session.local_ip);
+            // Learn the server's connection ID before the client can answer
+            // with it: a reply to this reply may reach another worker at once.
+            if !learned && self.listeners[l].learns_server_cids {
+                let scid = quic_long_scid(&self.reply_buf[..len])
                     .filter(|scid| *scid != session.key && !session.aliases.contains(scid));
+                if let Some(scid) = scid {
+                    learned = true;
+                    self.learn_alias(id, scid);
+                }
             }
+            let listener = &self.listeners[l];
             let transmit = Transmit {
-                destination: session.client,
+                destination: client,
                 ecn: None,
-                contents: reply,
+                contents: &self.reply_buf[..len],
                 segment_size: None,
-                src_ip: session.local_ip,
+                src_ip: local_ip,
             };
             match listener
                 .io
@@ -511,20 +517,20 @@ impl DataPath {
                 Err(_) => self.counters.incr(Counter::DropReply),
             }
         }
+        let Some(session) = self.sessions.get_mut(id) else {
+            return;
+        };
         if !drained {
             session.reply_burst = true;
             self.pending_replies.push(id);
         } else if session.reply_burst {
             session.reply_burst = false;
-            if let Ok(total) = sockio::socket_drops(fd) {
+            if let Ok(total) = sockio::socket_drops(session.upstream.as_raw_fd()) {
                 let new = total.wrapping_sub(session.upstream_drops_seen);
                 session.upstream_drops_seen = total;
                 self.counters
                     .add(Counter::DropUpstreamSocket, u64::from(new));
             }
-        }
-        if let Some(scid) = learned {
-            self.learn_alias(id, scid);
         }
     }
 
