@@ -281,6 +281,11 @@ impl DataPath {
             return;
         };
         let to_owner = Owner::new(to, to_slot.get(Counter::Generation));
+        // Not to a worker that is leaving (retiring, or gone since).
+        if !self.region.is_live(to_owner) {
+            s.handoff_streak = (0, 0);
+            return;
+        }
         let header = Header {
             kind: Kind::Transfer,
             hops: 0,
