@@ -10,15 +10,19 @@
 //! A `Transfer` frame moves a session, its upstream socket travelling
 //! beside it as SCM_RIGHTS, so a migrated flow stops needing handoffs.
 //!
-//! Header, 42 bytes, little-endian:
-//! `kind u8 | hops u8 | listener u16 | from worker u16 |
-//!  client: family u8, ip [16], port u16 | local: family u8 (0: none), ip [16]`
+//! Header, 48 bytes, little-endian:
+//! `kind u8 | hops u8 | from worker u16 | client: family u8, ip [16], port u16 |
+//!  local: family u8 (0: none), ip [16] | listener identity u64`
+//!
+//! The listener is named by its stable identity (its name's hash), not its
+//! position, so a frame sent across a reload that renumbers listeners still
+//! finds its listener, or is recognised as for one that is gone.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::flow::FlowKey;
 
-pub const HEADER_LEN: usize = 42;
+pub const HEADER_LEN: usize = 48;
 
 /// Handoffs a datagram may take in all.
 pub const MAX_HOPS: u8 = 2;
@@ -37,7 +41,8 @@ pub struct Header {
     pub kind: Kind,
     /// How many handoffs this datagram has taken, this one included.
     pub hops: u8,
-    pub listener: u16,
+    /// The listener's stable identity (see `udpshard_worker`'s `Listener::ident`).
+    pub listener: u64,
     pub from: u16,
     pub client: SocketAddr,
     pub local_ip: Option<IpAddr>,
@@ -86,11 +91,11 @@ impl Header {
         let mut out = [0u8; HEADER_LEN];
         out[0] = self.kind as u8;
         out[1] = self.hops;
-        out[2..4].copy_from_slice(&self.listener.to_le_bytes());
-        out[4..6].copy_from_slice(&self.from.to_le_bytes());
-        put_ip(&mut out[6..23], Some(self.client.ip()));
-        out[23..25].copy_from_slice(&self.client.port().to_le_bytes());
-        put_ip(&mut out[25..42], self.local_ip);
+        out[2..4].copy_from_slice(&self.from.to_le_bytes());
+        put_ip(&mut out[4..21], Some(self.client.ip()));
+        out[21..23].copy_from_slice(&self.client.port().to_le_bytes());
+        put_ip(&mut out[23..40], self.local_ip);
+        out[40..48].copy_from_slice(&self.listener.to_le_bytes());
         out
     }
 
@@ -102,14 +107,16 @@ impl Header {
             2 => Kind::Transfer,
             other => return Err(HandoffError::Kind(other)),
         };
-        let client_ip = get_ip(&head[6..23])?.ok_or(HandoffError::Family(0))?;
+        let client_ip = get_ip(&head[4..21])?.ok_or(HandoffError::Family(0))?;
+        let mut ident = [0u8; 8];
+        ident.copy_from_slice(&head[40..48]);
         let header = Header {
             kind,
             hops: head[1],
-            listener: u16::from_le_bytes([head[2], head[3]]),
-            from: u16::from_le_bytes([head[4], head[5]]),
-            client: SocketAddr::new(client_ip, u16::from_le_bytes([head[23], head[24]])),
-            local_ip: get_ip(&head[25..42])?,
+            listener: u64::from_le_bytes(ident),
+            from: u16::from_le_bytes([head[2], head[3]]),
+            client: SocketAddr::new(client_ip, u16::from_le_bytes([head[21], head[22]])),
+            local_ip: get_ip(&head[23..40])?,
         };
         Ok((header, &frame[HEADER_LEN..]))
     }
@@ -199,7 +206,7 @@ mod tests {
             let h = Header {
                 kind: Kind::Datagram,
                 hops: 2,
-                listener: 513,
+                listener: 0x0123_4567_89ab_cdef,
                 from: 7,
                 client: client.parse().unwrap(),
                 local_ip: local.map(|l| l.parse().unwrap()),
@@ -219,7 +226,7 @@ mod tests {
         f[0] = 9;
         assert_eq!(Header::decode(&f), Err(HandoffError::Kind(9)));
         f[0] = 1;
-        f[6] = 5;
+        f[4] = 5;
         assert_eq!(Header::decode(&f), Err(HandoffError::Family(5)));
         for len in 0..20 {
             let body: Vec<u8> = (0..len).map(|i| i as u8 * 3).collect();

@@ -244,7 +244,7 @@ impl DataPath {
         let header = Header {
             kind: Kind::Datagram,
             hops,
-            listener: from.listener as u16,
+            listener: self.listeners[from.listener].ident,
             from: self.id as u16,
             client: from.client,
             local_ip: from.local_ip,
@@ -289,7 +289,7 @@ impl DataPath {
         let header = Header {
             kind: Kind::Transfer,
             hops: 0,
-            listener: s.listener as u16,
+            listener: self.listeners[s.listener].ident,
             from: self.id as u16,
             client: s.client,
             local_ip: s.local_ip,
@@ -333,11 +333,20 @@ impl DataPath {
             // The frame moves out of the handoff buffer so the datapath
             // can borrow itself mutably; swapped back below, no allocation.
             let frame = std::mem::take(&mut self.handoff.frame);
-            match Header::decode(&frame[..len]) {
-                Ok((h, body)) if usize::from(h.listener) < self.listeners.len() => match h.kind {
+            let decoded = Header::decode(&frame[..len]).map(|(h, body)| {
+                (
+                    self.listeners.iter().position(|l| l.ident == h.listener),
+                    h,
+                    body,
+                )
+            });
+            match decoded {
+                // A listener removed by a reload: nothing to deliver to.
+                Ok((None, _, _)) => self.counters.incr(Counter::DropHandoff),
+                Ok((Some(l), h, body)) => match h.kind {
                     Kind::Datagram => {
                         let from = Arrival {
-                            listener: usize::from(h.listener),
+                            listener: l,
                             client: h.client,
                             local_ip: h.local_ip,
                             via: Via::Handoff {
@@ -348,7 +357,7 @@ impl DataPath {
                         self.client_datagram(registry, from, body)
                     }
                     Kind::Transfer => match (Transfer::decode(body), fd) {
-                        (Ok(t), Some(fd)) => self.adopt(registry, &h, t, fd),
+                        (Ok(t), Some(fd)) => self.adopt(registry, l, &h, t, fd),
                         _ => self.warn_rate_limited(format_args!(
                             "malformed session transfer from worker {}",
                             h.from
@@ -362,8 +371,7 @@ impl DataPath {
     }
 
     /// Takes over a session another worker sent us.
-    fn adopt(&mut self, registry: &Registry, h: &Header, t: Transfer, fd: OwnedFd) {
-        let l = usize::from(h.listener);
+    fn adopt(&mut self, registry: &Registry, l: usize, h: &Header, t: Transfer, fd: OwnedFd) {
         if self.sessions.lookup(l, &t.key).is_some() {
             // We opened our own session for this flow meanwhile: keep it.
             return;
