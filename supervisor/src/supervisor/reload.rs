@@ -78,6 +78,9 @@ impl Supervisor {
                 cfg.stats_file.display()
             );
         }
+        if cfg.metrics != self.config.metrics {
+            tracing::warn!("metrics changed; the endpoint moves at the next start");
+        }
         let cpus = allowed_cpus().map_err(|e| format!("cannot read the allowed CPU set: {e}"))?;
         let count = worker_count(&cfg, &cpus);
         let capacity = self.region.slot_capacity();
