@@ -82,6 +82,15 @@ const JGE_X: u16 = 0x3d;
 const JSET_K: u16 = 0x45;
 const RET_A: u16 = 0x16;
 const RET_K: u16 = 0x06;
+const LDXB_MSH: u16 = 0xb1; // X = 4 * (pkt[k] & 0xf)
+const LDB_IND: u16 = 0x50; // A = pkt[X + k]
+const ALU_RSH_K: u16 = 0x74; // A >>= k
+
+/// Classic BPF's window onto the network header (SKF_NET_OFF): loads at
+/// `NET + off` read the IP header, where the payload loads cannot reach.
+const NET: u32 = (-0x10_0000i32) as u32;
+const M_PORT_HI: u32 = 2;
+const M_PORT_LO: u32 = 3;
 
 const M_HASH: u32 = 0;
 const M_LEN: u32 = 1;
@@ -131,6 +140,16 @@ impl Asm {
     /// M[HASH] = FNV-1a step over pkt[offset].
     fn hash_byte(&mut self, offset: u32) {
         self.op(LDB_ABS, offset);
+        self.op(TAX, 0);
+        self.op(LD_MEM, M_HASH);
+        self.op(ALU_XOR_X, 0);
+        self.op(ALU_MUL_K, FNV_PRIME);
+        self.op(ST, M_HASH);
+    }
+
+    /// M[HASH] = FNV-1a step over M[slot].
+    fn hash_mem(&mut self, slot: u32) {
+        self.op(LD_MEM, slot);
         self.op(TAX, 0);
         self.op(LD_MEM, M_HASH);
         self.op(ALU_XOR_X, 0);
@@ -237,6 +256,75 @@ pub fn program(dissector: &Dissector, n: u32) -> Option<Vec<Insn>> {
     a.bind(fallback);
     a.op(RET_K, FALLBACK);
     Some(a.finish())
+}
+
+/// The group index [`tuple_program`] picks for a datagram from `client`.
+pub fn tuple_index(client: std::net::SocketAddr, n: u32) -> u32 {
+    let mut bytes = [0u8; 18];
+    let len = match client.ip() {
+        std::net::IpAddr::V4(ip) => {
+            bytes[..4].copy_from_slice(&ip.octets());
+            4
+        }
+        std::net::IpAddr::V6(ip) => {
+            bytes[..16].copy_from_slice(&ip.octets());
+            16
+        }
+    };
+    bytes[len..len + 2].copy_from_slice(&client.port().to_be_bytes());
+    fnv1a(&bytes[..len + 2]) % n
+}
+
+/// `reshuffle` steering as a program: FNV-1a over the client's address and
+/// port, `% n`. It spreads flows as the kernel's own 4-tuple hash does, with
+/// one difference that matters: `n` can be smaller than the group, so
+/// sockets at the group's end can be retired (drained, then closed) while
+/// no new datagram reaches them. IPv6 datagrams with extension headers, or
+/// other surprises, fall back to the kernel's hash.
+pub fn tuple_program(n: u32) -> Vec<Insn> {
+    let mut a = Asm::default();
+    let (v6, done, fallback) = (a.label(), a.label(), a.label());
+    a.op(LD_IMM, 0);
+    a.op(ST, M_LEN);
+    a.op(ST, M_PORT_HI);
+    a.op(ST, M_PORT_LO);
+    a.op(LD_IMM, FNV_OFFSET);
+    a.op(ST, M_HASH);
+    a.op(LDB_ABS, NET);
+    a.op(ALU_RSH_K, 4);
+    a.jump(JEQ_K, 6, Some(v6), None);
+    a.jump(JEQ_K, 4, None, Some(fallback));
+    // IPv4: source address at 12..16, the UDP header after ihl * 4 bytes.
+    a.op(LDXB_MSH, NET);
+    a.op(LDB_IND, NET);
+    a.op(ST, M_PORT_HI);
+    a.op(LDB_IND, NET + 1);
+    a.op(ST, M_PORT_LO);
+    for i in 0..4 {
+        a.hash_byte(NET + 12 + i);
+    }
+    a.ja(done);
+    // IPv6: source address at 8..24; next header must be UDP (17), so
+    // the UDP header is at 40.
+    a.bind(v6);
+    a.op(LDB_ABS, NET + 6);
+    a.jump(JEQ_K, 17, None, Some(fallback));
+    a.op(LDB_ABS, NET + 40);
+    a.op(ST, M_PORT_HI);
+    a.op(LDB_ABS, NET + 41);
+    a.op(ST, M_PORT_LO);
+    for i in 0..16 {
+        a.hash_byte(NET + 8 + i);
+    }
+    a.bind(done);
+    a.hash_mem(M_PORT_HI);
+    a.hash_mem(M_PORT_LO);
+    a.op(LD_MEM, M_HASH);
+    a.op(ALU_MOD_K, n);
+    a.op(RET_A, 0);
+    a.bind(fallback);
+    a.op(RET_K, FALLBACK);
+    a.finish()
 }
 
 /// Runs a program the way the kernel does, for tests of the generator:

@@ -135,58 +135,54 @@ impl ReuseportGroup {
     /// than the group while retiring sockets drain at its end).
     pub fn steer(&self, cfg: &config::Listener, active: usize) -> Result<SteeringMode, GroupError> {
         let dissector: udpshard_shared::Dissector = cfg.dissector.into();
-        let program = steer::program(
-            &dissector,
-            active.clamp(1, self.sockets.len().max(1)) as u32,
-        );
+        let n = active.clamp(1, self.sockets.len().max(1)) as u32;
         let attach = |prog: &[steer::Insn]| match self.sockets.first() {
             Some(socket) => attach_reuseport_cbpf(socket, prog),
             None => Ok(()),
         };
-        let mode = match (cfg.steering, program) {
-            (Steering::Reshuffle, _) => {
-                tracing::info!(
-                    "listener {}: reshuffle steering (as configured): the kernel's 4-tuple hash; \
-                     a migrated client's datagrams are handed to the worker that owns its session",
-                    self.name
-                );
-                SteeringMode::Reshuffle
-            }
-            (Steering::Auto, None) | (Steering::KernelCid, None) => {
-                tracing::info!(
-                    "listener {}: reshuffle steering: the {:?} dissector has no connection ID to steer on",
-                    self.name,
-                    cfg.dissector
-                );
-                SteeringMode::Reshuffle
-            }
+        let kernel_cid = |why: &str| {
+            tracing::info!(
+                "listener {}: kernel-cid steering ({why}): connection IDs pick the worker in the kernel",
+                self.name
+            );
+            SteeringMode::KernelCid
+        };
+        // Reshuffle spreads by 4-tuple with a program of ours rather than the
+        // kernel's own hash, so the group can shrink without loss (see
+        // `steer::tuple_program`); without it, the kernel's hash serves.
+        let reshuffle = |why: &str| {
+            let how = match attach(&steer::tuple_program(n)) {
+                Ok(()) => "the client's address and port pick the worker".to_string(),
+                Err(e) => {
+                    format!("the kernel's 4-tuple hash (the 4-tuple program was refused: {e})")
+                }
+            };
+            tracing::info!(
+                "listener {}: reshuffle steering ({why}): {how}; a migrated client's datagrams are \
+                 handed to the worker that owns its session",
+                self.name
+            );
+            SteeringMode::Reshuffle
+        };
+        let mode = match (cfg.steering, steer::program(&dissector, n)) {
+            (Steering::Reshuffle, _) => reshuffle("as configured"),
+            (Steering::Auto, None) | (Steering::KernelCid, None) => reshuffle(&format!(
+                "the {:?} dissector has no connection ID to steer on",
+                cfg.dissector
+            )),
             (Steering::KernelCid, Some(prog)) => {
                 attach(&prog).map_err(|source| GroupError::Socket {
                     listener: self.name.clone(),
                     what: "attaching the kernel-cid steering program (SO_ATTACH_REUSEPORT_CBPF)",
                     source,
                 })?;
-                tracing::info!(
-                    "listener {}: kernel-cid steering (as configured): connection IDs pick the worker in the kernel",
-                    self.name
-                );
-                SteeringMode::KernelCid
+                kernel_cid("as configured")
             }
             (Steering::Auto, Some(prog)) => match attach(&prog) {
-                Ok(()) => {
-                    tracing::info!(
-                        "listener {}: kernel-cid steering (auto): connection IDs pick the worker in the kernel",
-                        self.name
-                    );
-                    SteeringMode::KernelCid
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "listener {}: reshuffle steering (auto): the kernel refused the cBPF program: {e}",
-                        self.name
-                    );
-                    SteeringMode::Reshuffle
-                }
+                Ok(()) => kernel_cid("auto"),
+                Err(e) => reshuffle(&format!(
+                    "auto: the kernel refused the kernel-cid program: {e}"
+                )),
             },
         };
         Ok(mode)
@@ -377,6 +373,39 @@ mod tests {
         }
         assert_eq!(counts.iter().sum::<usize>(), 64);
         assert!(counts.iter().filter(|&&c| c > 0).count() > 1, "{counts:?}");
+    }
+
+    /// Reshuffle's program and `steer::tuple_index` agree, for IPv4 and
+    /// IPv6 clients on many ports; and with 3 of 4 sockets active, nothing
+    /// reaches the fourth (it can be retired without loss).
+    #[test]
+    fn tuple_program_and_rust_hash_agree_through_real_sockets() {
+        for (bind, client_ip) in [("127.0.0.1:0", "127.0.0.1"), ("[::1]:0", "::1")] {
+            const N: usize = 4;
+            let mut cfg = listener(bind, 1 << 20);
+            cfg.steering = Steering::Reshuffle;
+            let group = ReuseportGroup::bind(&cfg, N).unwrap();
+            for active in [N, N - 1] {
+                assert_eq!(group.steer(&cfg, active).unwrap(), SteeringMode::Reshuffle);
+                for s in &group.sockets {
+                    s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
+                        .unwrap();
+                }
+                let mut expected = vec![Vec::new(); N];
+                for i in 0..300u32 {
+                    let c = UdpSocket::bind((client_ip, 0)).unwrap();
+                    let k = steer::tuple_index(c.local_addr().unwrap(), active as u32) as usize;
+                    expected[k].push(i);
+                    c.send_to(&i.to_be_bytes(), group.addr).unwrap();
+                }
+                assert!(expected[N - 1].is_empty() || active == N);
+                drain_into(&group, &mut expected);
+                assert!(
+                    expected.iter().all(|e| e.is_empty()),
+                    "{bind}: never arrived: {expected:?}"
+                );
+            }
+        }
     }
 
     #[test]

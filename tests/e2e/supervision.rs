@@ -417,11 +417,18 @@ fn systemd_hears_ready_reloading_and_stopping() {
     assert_eq!(proxy.wait_exit(WAIT).and_then(|s| s.code()), Some(0));
 }
 
-#[test]
-fn reloads_under_steady_load_lose_nothing() {
+/// A no-op reload, then workers 2 -> 1 -> 2, under load: a retiring worker
+/// is steered away from before it stops, so nothing is lost.
+fn reloads_under_steady_load(steering: &str) {
     let sink = Sink::bind_loopback(2).unwrap();
     let backends: Vec<SocketAddr> = sink.addrs().to_vec();
-    let proxy = Proxy::start(Path::new(BIN), &config("2", &backends));
+    let with_steering = |workers: &str| {
+        config(workers, &backends).replace(
+            "short_cid_len = 8",
+            &format!("short_cid_len = 8\nsteering = \"{steering}\""),
+        )
+    };
+    let proxy = Proxy::start(Path::new(BIN), &with_steering("2"));
     let mut spec = LoadSpec::new(proxy.addr("quic"));
     spec.flows = 200;
     spec.rate = Some(5_000);
@@ -447,8 +454,18 @@ fn reloads_under_steady_load_lose_nothing() {
     sighup_and_wait(&proxy, 4);
     let (report, _sink) = load.join().unwrap();
     eprintln!(
-        "reloads under load: sent {} received {} lost {}",
+        "reloads under load ({steering}): sent {} received {} lost {}",
         report.sent, report.received, report.lost
     );
     assert_eq!(report.lost, 0, "{report:?}");
+}
+
+#[test]
+fn reloads_under_steady_load_lose_nothing_with_kernel_cid_steering() {
+    reloads_under_steady_load("kernel-cid");
+}
+
+#[test]
+fn reloads_under_steady_load_lose_nothing_with_reshuffle_steering() {
+    reloads_under_steady_load("reshuffle");
 }
