@@ -127,8 +127,8 @@ impl DataPath {
         }
     }
 
-    /// A client datagram for listener `l` from `client`, sent to `local_ip`
-    /// (known when the listener is a wildcard).
+    /// A client datagram that arrived as `from` says (read from a listener
+    /// socket, or handed over by another worker).
     pub fn client_datagram(&mut self, registry: &Registry, mut from: Arrival, datagram: &[u8]) {
         match from.via {
             Via::Socket => {
