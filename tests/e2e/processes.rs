@@ -137,3 +137,50 @@ fn a_crashed_worker_is_replaced_on_the_same_cpu_with_its_socket() {
     wait_until(WAIT, "forwarded by the replacement", || a.count() == 1);
     assert_eq!(total(&proxy.stats(), "tx_packets"), 1);
 }
+
+/// As PID 1 of its own PID namespace (a container's init): it serves,
+/// reaps its workers, and SIGTERM (which PID 1 only receives when it
+/// handles it) stops it cleanly.
+#[test]
+fn as_pid_1_in_a_pid_namespace_it_serves_and_stops_on_sigterm() {
+    let a = Backend::start("a");
+    let mut proxy = Proxy::start_with(
+        Path::new(BIN),
+        &config("2", &a),
+        &[
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child=SIGTERM",
+        ],
+    );
+    let stats = proxy.stats();
+    assert_eq!(
+        stats["supervisor_pid"], 1,
+        "the supervisor is PID 1 in its namespace: {stats:#}"
+    );
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.send_to(&quic_short(5, b"init"), proxy.addr("quic"))
+        .unwrap();
+    wait_until(WAIT, "forwarded", || a.count() == 1);
+    // unshare blocks SIGTERM while it waits: signal our PID 1 itself,
+    // as the container runtime would (its host pid is unshare's child).
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", proxy.pid())).unwrap();
+    let init: i32 = children
+        .split_whitespace()
+        .next()
+        .expect("unshare's child")
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on the proxy's own process.
+    assert_eq!(unsafe { libc::kill(init, libc::SIGTERM) }, 0);
+    let status = proxy.wait_exit(WAIT).expect("exited");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        proxy.log().contains("all workers exited"),
+        "{}",
+        proxy.log()
+    );
+}
