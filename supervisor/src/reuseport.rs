@@ -222,26 +222,6 @@ pub fn attach_reuseport_cbpf(socket: &UdpSocket, prog: &[steer::Insn]) -> io::Re
     Ok(())
 }
 
-/// SO_RCVBUFFORCE / SO_SNDBUFFORCE: a buffer above the sysctl maximum, for
-/// a process with CAP_NET_ADMIN.
-pub fn force_buffer(socket: &impl AsRawFd, option: libc::c_int, bytes: usize) -> io::Result<()> {
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: passes a pointer to a live c_int and its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// The line that lets the kernel grant `requested` bytes, when it clamped
 /// the request (SO_RCVBUF is silently limited to net.core.rmem_max).
 pub fn rmem_fix(requested: usize, effective: usize) -> Option<String> {

@@ -601,7 +601,11 @@ fn handoff_pair() -> io::Result<(UnixDatagram, UnixDatagram)> {
     if sock.set_send_buffer_size(HANDOFF_BUFFER).is_ok()
         && sock.send_buffer_size().unwrap_or(0) < HANDOFF_BUFFER
     {
-        let _ = crate::reuseport::force_buffer(&tx, libc::SO_SNDBUFFORCE, HANDOFF_BUFFER);
+        let _ = nix::sys::socket::setsockopt(
+            &tx,
+            nix::sys::socket::sockopt::SndBufForce,
+            &HANDOFF_BUFFER,
+        );
     }
     Ok((inbox, tx))
 }

@@ -386,20 +386,11 @@ pub fn bind_udp(addr: &str) -> UdpSocket {
         Some(socket2::Protocol::UDP),
     )
     .expect("socket");
-    let want: libc::c_int = 8 << 20;
-    // SAFETY: setsockopt with a pointer to a live c_int and its size.
+    let want = 8 << 20;
     // SO_RCVBUFFORCE passes rmem_max when we may (root, as in CI).
-    let forced = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&socket),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&want as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if forced != 0 {
-        let _ = socket.set_recv_buffer_size(want as usize);
+    if nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBufForce, &want).is_err()
+    {
+        let _ = socket.set_recv_buffer_size(want);
     }
     socket.bind(&addr.into()).expect("bind");
     socket.into()

@@ -4,8 +4,9 @@
 use std::io;
 use std::mem::{size_of, MaybeUninit};
 use std::net::{SocketAddr, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 
+use nix::sys::socket::{setsockopt, sockopt};
 use socket2::{Domain, Protocol, Socket, Type};
 
 /// The kernel's count of datagrams dropped on this socket since it was
@@ -44,7 +45,7 @@ pub fn connected_upstream(backend: SocketAddr) -> io::Result<UdpSocket> {
         Type::DGRAM.nonblocking(),
         Some(Protocol::UDP),
     )?;
-    set_int_opt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1)?;
+    setsockopt(&socket, sockopt::RxqOvfl, &1)?;
     socket.connect(&backend.into())?;
     Ok(socket.into())
 }
@@ -52,40 +53,15 @@ pub fn connected_upstream(backend: SocketAddr) -> io::Result<UdpSocket> {
 /// Which per-datagram control messages a listener socket receives: the
 /// destination address only when `want_dst` (wildcard binds), never TOS.
 pub fn set_recv_control(socket: &UdpSocket, want_dst: bool) -> io::Result<()> {
-    let fd = socket.as_raw_fd();
-    let v4 = socket.local_addr()?.is_ipv4();
-    let dst = libc::c_int::from(want_dst);
-    if v4 {
-        set_int_opt(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, dst)?;
-        set_int_opt(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, 0)?;
+    if socket.local_addr()?.is_ipv4() {
+        setsockopt(socket, sockopt::Ipv4PacketInfo, &want_dst)?;
+        setsockopt(socket, sockopt::IpRecvTos, &false)?;
     } else {
-        set_int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, dst)?;
-        set_int_opt(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 0)?;
+        setsockopt(socket, sockopt::Ipv6RecvPacketInfo, &want_dst)?;
+        setsockopt(socket, sockopt::Ipv6RecvTClass, &false)?;
         // A dual-stack socket also receives IPv4 datagrams.
-        let _ = set_int_opt(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, dst);
-        let _ = set_int_opt(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, 0);
-    }
-    Ok(())
-}
-
-fn set_int_opt(
-    fd: RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: passes a pointer to a live c_int and its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+        let _ = setsockopt(socket, sockopt::Ipv4PacketInfo, &want_dst);
+        let _ = setsockopt(socket, sockopt::IpRecvTos, &false);
     }
     Ok(())
 }
@@ -129,6 +105,8 @@ pub fn recv_with_drops(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<u
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
     use super::*;
 
     #[test]
