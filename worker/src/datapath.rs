@@ -485,11 +485,8 @@ impl DataPath {
             let len =
                 match sockio::recv_with_drops(session.upstream.as_raw_fd(), &mut self.reply_buf) {
                     Ok((len, drops)) => {
-                        if let Some(d) = drops {
-                            let new = d.wrapping_sub(session.upstream_drops_seen);
-                            session.upstream_drops_seen = d;
-                            self.counters
-                                .add(Counter::DropUpstreamSocket, u64::from(new));
+                        if let Some(total) = drops {
+                            note_upstream_drops(&mut self.counters, session, total);
                         }
                         len
                     }
@@ -539,10 +536,7 @@ impl DataPath {
         } else if session.reply_burst {
             session.reply_burst = false;
             if let Ok(total) = sockio::socket_drops(session.upstream.as_raw_fd()) {
-                let new = total.wrapping_sub(session.upstream_drops_seen);
-                session.upstream_drops_seen = total;
-                self.counters
-                    .add(Counter::DropUpstreamSocket, u64::from(new));
+                note_upstream_drops(&mut self.counters, session, total);
             }
         }
     }
@@ -650,14 +644,19 @@ impl DataPath {
     }
 }
 
+/// Counts the upstream socket's drops the kernel reports beyond those
+/// already counted (`total` is the socket's lifetime count).
+fn note_upstream_drops(counters: &mut Counters, session: &mut Session<UdpSocket>, total: u32) {
+    let new = total.wrapping_sub(session.upstream_drops_seen);
+    session.upstream_drops_seen = total;
+    counters.add(Counter::DropUpstreamSocket, u64::from(new));
+}
+
 /// Accounts the upstream socket's last drops before it closes.
-fn close_upstream(registry: &Registry, counters: &mut Counters, session: Session<UdpSocket>) {
+fn close_upstream(registry: &Registry, counters: &mut Counters, mut session: Session<UdpSocket>) {
     let fd = session.upstream.as_raw_fd();
     if let Ok(total) = sockio::socket_drops(fd) {
-        counters.add(
-            Counter::DropUpstreamSocket,
-            u64::from(total.wrapping_sub(session.upstream_drops_seen)),
-        );
+        note_upstream_drops(counters, &mut session, total);
     }
     let _ = registry.deregister(&mut SourceFd(&fd));
 }
