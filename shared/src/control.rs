@@ -50,10 +50,11 @@ const TAG_RELOADED: u8 = 8;
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -335,6 +336,33 @@ impl ControlChannel {
         }
     }
 
+    /// Waits up to `timeout` for the next message (before an event loop
+    /// exists: a worker waiting for its config). Bytes that follow it stay
+    /// buffered for [`ControlChannel::next_msg`].
+    pub fn recv_timeout(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> io::Result<(ControlMsg, Vec<OwnedFd>)> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(msg) = self.next_msg() {
+                return msg.map_err(io::Error::other);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let wait = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(self.stream.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, wait) {
+                Ok(0) => return Err(io::ErrorKind::TimedOut.into()),
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            if !self.read_available()? {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
     /// The next whole message and the descriptors it announced.
     pub fn next_msg(&mut self) -> Option<Result<(ControlMsg, Vec<OwnedFd>), ControlError>> {
         let msg = match self.frames.next_msg()? {
@@ -356,6 +384,39 @@ impl ControlChannel {
 #[cfg(test)]
 mod channel_tests {
     use super::*;
+
+    #[test]
+    fn recv_timeout_waits_times_out_and_keeps_what_follows() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (tx, mut rx) = (ControlChannel::new(a), ControlChannel::new(b));
+        let short = std::time::Duration::from_millis(50);
+        assert_eq!(
+            rx.recv_timeout(short).unwrap_err().kind(),
+            io::ErrorKind::TimedOut
+        );
+        // Two messages in one burst: the second stays buffered, its
+        // descriptor with it.
+        let f = std::fs::File::open("/dev/null").unwrap();
+        tx.send(
+            &ControlMsg::Start {
+                origin: "o".into(),
+                config: "c".into(),
+            },
+            &[],
+        )
+        .unwrap();
+        tx.send(&ControlMsg::Peers { fds: 1 }, &[f.as_raw_fd()])
+            .unwrap();
+        let (first, _) = rx.recv_timeout(short).unwrap();
+        assert!(matches!(first, ControlMsg::Start { .. }));
+        let (second, fds) = rx.recv_timeout(short).unwrap();
+        assert_eq!((second, fds.len()), (ControlMsg::Peers { fds: 1 }, 1));
+        drop(tx);
+        assert_eq!(
+            rx.recv_timeout(short).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+    }
 
     #[test]
     fn descriptors_travel_with_their_message() {

@@ -1,7 +1,7 @@
 //! The worker's event loop: moves bytes between sockets and the datapath.
 
 use std::fs::File;
-use std::io::{self, IoSliceMut, Read};
+use std::io::{self, IoSliceMut};
 use std::net::UdpSocket;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use quinn_udp::{RecvMeta, UdpSockRef, BATCH_SIZE};
-use udpshard_shared::control::{ControlChannel, ControlMsg, FrameReader};
+use udpshard_shared::control::{ControlChannel, ControlMsg};
 use udpshard_shared::stats::{Counter, SlotState, StatsRegion};
 
 use crate::counters::Counters;
@@ -52,16 +52,23 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     let region = StatsRegion::open(&stats_file)?;
     let slot = region.slot(args.id).ok_or(WorkerError::NoSlot(args.id))?;
 
-    let (origin, text) = receive_start(&control)?;
+    let mut control = ControlChannel::new(control);
+    let control_err = |e: io::Error| WorkerError::Control(e.to_string());
+    let (origin, text) = match control.recv_timeout(START_TIMEOUT).map_err(control_err)? {
+        (ControlMsg::Start { origin, config }, _) => (origin, config),
+        (other, _) => {
+            return Err(WorkerError::Control(format!(
+                "expected Start, got {other:?}"
+            )))
+        }
+    };
     let config = udpshard_config::parse(&text, &origin)?;
     let listeners = build_listeners(&config, sockets, &mut [])?;
     raise_fd_limit();
 
     let poll = Poll::new().map_err(WorkerError::Poll)?;
-    control
-        .set_nonblocking(true)
-        .map_err(|e| WorkerError::Control(e.to_string()))?;
-    let control_fd = control.as_raw_fd();
+    control.stream.set_nonblocking(true).map_err(control_err)?;
+    let control_fd = control.stream.as_raw_fd();
     poll.registry()
         .register(&mut SourceFd(&control_fd), CONTROL, Interest::READABLE)
         .map_err(WorkerError::Poll)?;
@@ -82,10 +89,7 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         handoff,
         counters,
     );
-    let control = ControlChannel::new(control);
-    control
-        .send(&ControlMsg::Ready, &[])
-        .map_err(|e| WorkerError::Control(e.to_string()))?;
+    control.send(&ControlMsg::Ready, &[]).map_err(control_err)?;
     tracing::debug!(worker = args.id, "ready");
 
     let mut lp = Loop {
@@ -451,29 +455,6 @@ fn adopt_fd(fd: RawFd, name: &'static str) -> Result<OwnedFd, WorkerError> {
     // SAFETY: sets a flag on a descriptor we own.
     unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
     Ok(owned)
-}
-
-fn receive_start(mut control: &UnixStream) -> Result<(String, String), WorkerError> {
-    let err = |e: io::Error| WorkerError::Control(e.to_string());
-    control.set_read_timeout(Some(START_TIMEOUT)).map_err(err)?;
-    let mut frames = FrameReader::default();
-    let mut buf = [0u8; 8192];
-    loop {
-        if let Some(msg) = frames.next_msg() {
-            return match msg.map_err(|e| WorkerError::Control(e.to_string()))? {
-                ControlMsg::Start { origin, config } => Ok((origin, config)),
-                other => Err(WorkerError::Control(format!(
-                    "expected Start, got {other:?}"
-                ))),
-            };
-        }
-        match control.read(&mut buf) {
-            Ok(0) => return Err(WorkerError::Control("closed before Start".into())),
-            Ok(n) => frames.push(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(err(e)),
-        }
-    }
 }
 
 /// Each session holds an upstream socket: allow as many as the hard limit.
