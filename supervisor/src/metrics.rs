@@ -331,19 +331,6 @@ const WORKER_COUNTERS: [(&str, &str, Counter); 14] = [
     ),
 ];
 
-/// Drop reasons, in path order (the `reason` label).
-const DROP_REASONS: [(&str, Counter); 9] = [
-    ("socket", Counter::DropSocket),
-    ("handoff", Counter::DropHandoff),
-    ("malformed", Counter::DropMalformed),
-    ("session_limit", Counter::DropSessionLimit),
-    ("no_backend", Counter::DropNoBackend),
-    ("draining", Counter::DropDraining),
-    ("upstream", Counter::DropUpstream),
-    ("upstream_socket", Counter::DropUpstreamSocket),
-    ("reply", Counter::DropReply),
-];
-
 struct Family<'a> {
     out: &'a mut String,
 }
@@ -396,7 +383,7 @@ pub fn render(snap: &Snapshot, system: &SystemCounters) -> String {
         "Datagrams dropped, by worker and the hop where they were lost (socket: kernel drops on the listener socket; upstream_socket: on upstream sockets).",
     );
     for (w, id) in workers.iter().zip(&ids) {
-        for (reason, counter) in DROP_REASONS {
+        for (reason, counter) in crate::stats_cmd::DROPS {
             f.sample(
                 "drops_total",
                 &[("worker", id), ("reason", reason)],

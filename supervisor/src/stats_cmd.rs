@@ -15,16 +15,18 @@ use udpshard_shared::stats::{Counter, Header, Snapshot, StatsError, WorkerSnapsh
 
 use crate::system::SystemCounters;
 
-/// Drop reasons in the order a datagram meets them: kernel socket, dissector,
-/// session table, routing, upstream send, handoff, then the return path.
-const DROPS: [(&str, Counter); 9] = [
+/// Drop reasons in the order a datagram meets them: the kernel's socket
+/// queue, the dissector, the handoff to the owning worker, the session
+/// table, routing, the upstream send, then the return path. The names are
+/// the `drops` keys of `--json` and the `reason` label of the metrics.
+pub const DROPS: [(&str, Counter); 9] = [
     ("socket", Counter::DropSocket),
     ("malformed", Counter::DropMalformed),
+    ("handoff", Counter::DropHandoff),
     ("session_limit", Counter::DropSessionLimit),
     ("draining", Counter::DropDraining),
     ("no_backend", Counter::DropNoBackend),
     ("upstream", Counter::DropUpstream),
-    ("handoff", Counter::DropHandoff),
     ("upstream_socket", Counter::DropUpstreamSocket),
     ("reply", Counter::DropReply),
 ];
