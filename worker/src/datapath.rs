@@ -152,11 +152,9 @@ impl DataPath {
                 None => return,
             },
         };
-        self.forward(id, from.client, from.local_ip, datagram);
+        self.forward(id, from, datagram);
         if let Via::Handoff { from: worker, .. } = from.via {
             self.note_handoff(registry, id, worker);
-        } else if let Some(s) = self.sessions.get_mut(id) {
-            s.handoff_streak = (0, 0);
         }
     }
 
@@ -213,21 +211,19 @@ impl DataPath {
         id
     }
 
-    fn forward(
-        &mut self,
-        id: SessionId,
-        client: SocketAddr,
-        local_ip: Option<IpAddr>,
-        datagram: &[u8],
-    ) {
+    fn forward(&mut self, id: SessionId, from: Arrival, datagram: &[u8]) {
         let Some(session) = self.sessions.get_mut(id) else {
             return;
         };
         // A client that changed address (NAT rebinding, migration) gets
         // replies at the new one from now on.
-        session.client = client;
-        if local_ip.is_some() {
-            session.local_ip = local_ip;
+        session.client = from.client;
+        if from.local_ip.is_some() {
+            session.local_ip = from.local_ip;
+        }
+        // Arriving here directly ends any run of handoffs.
+        if from.via == Via::Socket {
+            session.handoff_streak = (0, 0);
         }
         session.last_active_ms = self.now_ms;
         match session.upstream.send(datagram) {
