@@ -125,6 +125,23 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     }
 }
 
+/// An error about the `bind` of listener number `index` (in file order) of
+/// config `text`, positioned at that value (or at the file's start when the
+/// text no longer parses): for problems found after validation, such as an
+/// address that cannot be bound.
+pub fn error_at_bind(text: &str, origin: &str, index: usize, message: String) -> ConfigError {
+    let offset = toml::from_str::<file::FileConfig>(text)
+        .ok()
+        .and_then(|f| {
+            let list = f.listener?.into_inner().0;
+            let l = list.into_iter().nth(index)?;
+            let l = l.into_inner();
+            l.bind.map(|b| b.span().start)
+        })
+        .unwrap_or(0);
+    ConfigError::at(origin, text, offset, message)
+}
+
 /// The parsed [`DEFAULT_CONFIG_TOML`].
 pub fn default_config() -> Config {
     match parse(DEFAULT_CONFIG_TOML, DEFAULT_CONFIG_ORIGIN) {

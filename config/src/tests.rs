@@ -723,13 +723,13 @@ fn empty_backends() {
 
 #[test]
 fn bad_socket_addresses() {
-    for bad in [
-        "localhost:443",
-        "127.0.0.1",
-        "::1:443",
-        "1.2.3.4:65536",
-        "[::1]443",
-    ] {
+    assert_err(
+        &BASE.replace("127.0.0.1:9000", "localhost:443"),
+        3,
+        8,
+        r#"listener "a": bind = "localhost:443" is not a socket address (host names are not accepted: write an IP address, e.g. "127.0.0.1:443")"#,
+    );
+    for bad in ["127.0.0.1", "::1:443", "1.2.3.4:65536", "[::1]443"] {
         assert_err(
             &BASE.replace("127.0.0.1:9000", bad),
             3,

@@ -518,13 +518,24 @@ fn backends(
 }
 
 fn socket_addr(v: &Spanned<String>, ctx: &str, what: &str) -> Result<SocketAddr> {
-    v.get_ref().trim().parse().map_err(|_| {
-        at(
-            v,
-            format!(
-                "{ctx}: {what} is not a socket address (expected \"ip:port\" or \"[ipv6]:port\")"
-            ),
-        )
+    let text = v.get_ref().trim();
+    text.parse().map_err(|_| {
+        // "localhost:443": a name would be resolved once, at start, and never
+        // again, so the config takes addresses only.
+        let hostname = text.rsplit_once(':').is_some_and(|(host, port)| {
+            port.parse::<u16>().is_ok()
+                && host.parse::<std::net::IpAddr>().is_err()
+                && !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        });
+        let hint = if hostname {
+            " (host names are not accepted: write an IP address, e.g. \"127.0.0.1:443\")"
+        } else {
+            " (expected \"ip:port\" or \"[ipv6]:port\")"
+        };
+        at(v, format!("{ctx}: {what} is not a socket address{hint}"))
     })
 }
 

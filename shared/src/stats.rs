@@ -48,6 +48,20 @@ pub enum Header {
     OwnersOffset,
     /// Its entries (a power of two).
     OwnersCapacity,
+    /// The supervisor's start time as /proc/PID/stat counts it (field 22,
+    /// clock ticks since boot): with SupervisorPid it names the process, so
+    /// a reader can tell it from a later process that reuses the PID.
+    SupervisorStartTicks,
+    /// Unix time in seconds when the supervisor exited after a stop; 0 while
+    /// it runs, and when it died without stopping.
+    StoppedAt,
+    /// The inode of the supervisor's PID namespace (/proc/self/ns/pid): a
+    /// reader in another namespace (the host, reading a container's file)
+    /// cannot check SupervisorPid, and goes by the heartbeat.
+    SupervisorPidNs,
+    /// CLOCK_MONOTONIC (ns) at the supervisor's latest loop iteration, at
+    /// least every 2 s while it runs.
+    SupervisorHeartbeat,
 }
 
 /// Per-worker slot words. Identity words (pid, cpu, generation, state,

@@ -10,19 +10,28 @@
 //! proxy, and the temp directory removed. Everything is bounded in time and
 //! count; Ctrl-C ends it early and cleans up the same way.
 
-use std::io::{self, BufRead, BufReader};
-use std::net::{SocketAddr, UdpSocket};
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
-use std::thread::JoinHandle;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, ExitCode, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
+use udpshard_lab::{Echo, ProxyChild, TempDir};
 
 use crate::cpus::{allowed_cpus, format_cpu_list};
+use crate::stats_cmd::{Sample, Window};
+
+/// Prints a line to stdout. A reader that went away (`udpshard demo | head`)
+/// costs the output, never the clean-up: the demo goes on and removes what
+/// it started.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(io::stdout(), $($arg)*);
+    }};
+}
 
 /// Client flows; every fourth migrates.
 const FLOWS: usize = 200;
@@ -49,24 +58,24 @@ const BACKENDS: [u8; 2] = [b'A', b'B'];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
-    #[error("temp directory {path}: {source}")]
-    TempDir { path: PathBuf, source: io::Error },
+    #[error("temp directory: {0}")]
+    TempDir(io::Error),
     #[error("temp directory {0} is not valid UTF-8")]
-    TempDirName(PathBuf),
+    TempDirName(std::path::PathBuf),
+    #[error("config file: {0}")]
+    Config(io::Error),
     #[error("echo backend: {0}")]
     Backend(io::Error),
-    #[error("cannot start `udpshard run`: {0}")]
-    Spawn(io::Error),
-    #[error("the proxy did not say `ready:` within {READY_TIMEOUT:?}")]
-    NotReady,
-    #[error("the proxy exited before it was ready")]
-    ExitedEarly,
-    #[error("no listener address in the proxy's ready line: {0}")]
-    ReadyLine(String),
+    #[error("{0}")]
+    Proxy(udpshard_lab::SpawnError),
+    #[error("no listener \"demo\" in the proxy's ready line")]
+    ReadyLine,
     #[error("client: {0}")]
     Client(io::Error),
     #[error("stopping the proxy: {0}")]
     Stop(io::Error),
+    #[error("stats: {0}")]
+    Stats(udpshard_shared::stats::StatsError),
     #[error("the proxy exited with {0} after SIGTERM")]
     ProxyFailed(ExitStatus),
 }
@@ -96,71 +105,100 @@ pub fn run(duration: Duration) -> ExitCode {
     let interrupted = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         if let Err(e) = signal_hook::flag::register(signal, Arc::clone(&interrupted)) {
-            eprintln!("udpshard demo: cannot handle signal {signal}: {e}");
+            let _ = writeln!(
+                io::stderr(),
+                "udpshard demo: cannot handle signal {signal}: {e}"
+            );
             return ExitCode::FAILURE;
         }
     }
     match demo(duration, &interrupted) {
         Ok(_) if interrupted.load(Ordering::Relaxed) => {
-            println!("(interrupted)");
+            say!("(interrupted)");
             ExitCode::from(130)
         }
         Ok(summary) if summary.replies == 0 => {
-            eprintln!("udpshard demo: no datagram came back through the proxy");
+            let _ = writeln!(
+                io::stderr(),
+                "udpshard demo: no datagram came back through the proxy"
+            );
             ExitCode::FAILURE
         }
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("udpshard demo: {e}");
+            let _ = writeln!(io::stderr(), "udpshard demo: {e}");
             ExitCode::FAILURE
         }
     }
 }
 
 fn demo(duration: Duration, interrupted: &AtomicBool) -> Result<Summary, DemoError> {
-    let dir = TempDir::create()?;
-    let backends = [
-        EchoBackend::start(BACKENDS[0])?,
-        EchoBackend::start(BACKENDS[1])?,
+    let dir = TempDir::new("demo").map_err(DemoError::TempDir)?;
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    // Bound now, served once the proxy runs: the proxy child is forked
+    // before this process starts any thread.
+    let echoes = [
+        Echo::bind(loopback, &[BACKENDS[0]], false).map_err(DemoError::Backend)?,
+        Echo::bind(loopback, &[BACKENDS[1]], false).map_err(DemoError::Backend)?,
+    ];
+    let addrs = [
+        echoes[0].addr().map_err(DemoError::Backend)?,
+        echoes[1].addr().map_err(DemoError::Backend)?,
     ];
     let cpus = allowed_cpus().unwrap_or_default();
     let workers = cpus.len().clamp(1, MAX_WORKERS);
     let stats_file = dir.path().join("stats");
     let config_file = dir.path().join("udpshard.toml");
-    let config = demo_config(workers, &stats_file, [backends[0].addr, backends[1].addr])?;
-    std::fs::write(&config_file, config).map_err(|source| DemoError::TempDir {
-        path: config_file.clone(),
-        source,
-    })?;
+    let config = demo_config(workers, &stats_file, addrs)?;
+    std::fs::write(&config_file, config).map_err(DemoError::Config)?;
 
-    println!(
+    say!(
         "udpshard demo: {workers} workers (CPUs {}), echo backends A {} and B {}",
         format_cpu_list(&cpus),
-        backends[0].addr,
-        backends[1].addr
+        addrs[0],
+        addrs[1]
     );
-    let mut proxy = ProxyChild::start(&config_file)?;
-    println!(
-        "proxy ready on {}; client: {FLOWS} QUIC flows for {:.1}s, {} datagrams/s; every {}th flow moves to a new source port halfway",
-        proxy.addr,
+    let exe = std::env::current_exe()
+        .map_err(|e| DemoError::Proxy(udpshard_lab::SpawnError::Spawn(e)))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("run").arg("--config").arg(&config_file);
+    let mut proxy =
+        ProxyChild::spawn(cmd, eprintln_quiet, READY_TIMEOUT).map_err(DemoError::Proxy)?;
+    let [a, b] = echoes;
+    let backends = [
+        a.start().map_err(DemoError::Backend)?,
+        b.start().map_err(DemoError::Backend)?,
+    ];
+    let addr = *proxy.listeners.get("demo").ok_or(DemoError::ReadyLine)?;
+    say!(
+        "proxy ready on {addr}; client: {FLOWS} QUIC flows for {:.1}s, {} datagrams/s; every {}th flow moves to a new source port halfway",
         duration.as_secs_f64(),
         FLOWS as u64 * 1000 / ROUND.as_millis() as u64,
         MIGRATE_EVERY
     );
-    let mut summary = drive_load(proxy.addr, duration, interrupted)?;
+    let before = Sample::take(&stats_file).map_err(DemoError::Stats)?;
+    let mut summary = drive_load(addr, duration, interrupted)?;
     summary.backend_received = [backends[0].received(), backends[1].received()];
-    println!();
-    if let Err(e) = crate::stats_cmd::print(&stats_file, false) {
-        eprintln!("udpshard demo: stats: {e}");
-    }
-    println!("\n{}\n", summary.render());
-    println!("stopping the proxy (SIGTERM): workers drain their sessions, then exit");
-    let status = proxy.stop()?;
+    say!();
+    let after = Sample::take(&stats_file).map_err(DemoError::Stats)?;
+    say!(
+        "{}",
+        crate::stats_cmd::window_table(&before, &after, Window::Deltas, false)
+    );
+    say!("{}\n", summary.render());
+    say!("stopping the proxy (SIGTERM): workers drain their sessions, then exit");
+    let status = proxy.stop(STOP_TIMEOUT).map_err(DemoError::Stop)?;
+    proxy.wait_log_closed(Duration::from_secs(1));
     if !status.success() {
         return Err(DemoError::ProxyFailed(status));
     }
-    println!("proxy exited cleanly; removing {}", dir.path().display());
+    say!("proxy exited cleanly; removing {}", dir.path().display());
     Ok(summary)
+}
+
+/// The proxy's log, indented, on stderr; a closed stderr loses the lines only.
+fn eprintln_quiet(line: &str) {
+    let _ = writeln!(io::stderr(), "  proxy | {line}");
 }
 
 /// The config the demo's proxy runs: one QUIC listener on an ephemeral
@@ -190,204 +228,6 @@ fn demo_config(
          backends = [\"{}\", \"{}\"]\n",
         backends[0], backends[1]
     ))
-}
-
-/// The demo's directory under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn create() -> Result<TempDir, DemoError> {
-        use std::os::unix::fs::DirBuilderExt;
-        let base = std::env::temp_dir();
-        let mut last = None;
-        for attempt in 0..100u32 {
-            let path = base.join(format!("udpshard-demo-{}-{attempt}", std::process::id()));
-            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
-                Ok(()) => return Ok(TempDir(path)),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some((path, e)),
-                Err(source) => return Err(DemoError::TempDir { path, source }),
-            }
-        }
-        let (path, source) = last.unwrap_or_else(|| (base, io::ErrorKind::AlreadyExists.into()));
-        Err(DemoError::TempDir { path, source })
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A UDP echo server on loopback: replies with its name byte, then the
-/// datagram.
-struct EchoBackend {
-    addr: SocketAddr,
-    received: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl EchoBackend {
-    fn start(name: u8) -> Result<EchoBackend, DemoError> {
-        let socket = UdpSocket::bind("127.0.0.1:0").map_err(DemoError::Backend)?;
-        socket
-            .set_read_timeout(Some(Duration::from_millis(50)))
-            .map_err(DemoError::Backend)?;
-        let addr = socket.local_addr().map_err(DemoError::Backend)?;
-        let received = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (received, stop) = (Arc::clone(&received), Arc::clone(&stop));
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                buf[0] = name;
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((n, from)) = socket.recv_from(&mut buf[1..]) else {
-                        continue;
-                    };
-                    received.fetch_add(1, Ordering::Relaxed);
-                    let _ = socket.send_to(&buf[..n + 1], from);
-                }
-            })
-        };
-        Ok(EchoBackend {
-            addr,
-            received,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for EchoBackend {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// `udpshard run --config F` as a child whose log is passed through, prefixed.
-/// Dropping it kills it (a demo that fails midway leaves nothing running).
-struct ProxyChild {
-    child: Option<Child>,
-    addr: SocketAddr,
-    log_thread: Option<JoinHandle<()>>,
-}
-
-impl ProxyChild {
-    fn start(config: &Path) -> Result<ProxyChild, DemoError> {
-        let exe = std::env::current_exe().map_err(DemoError::Spawn)?;
-        let parent = std::process::id() as libc::pid_t;
-        let mut cmd = Command::new(exe);
-        cmd.arg("run")
-            .arg("--config")
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: the closure runs in the forked child before exec and makes
-        // only async-signal-safe system calls (prctl, getppid) on a value
-        // computed before the fork; it allocates nothing and takes no lock.
-        unsafe {
-            cmd.pre_exec(move || {
-                // A demo killed outright must not leave its proxy serving.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::getppid() != parent {
-                    return Err(io::Error::other("udpshard demo exited"));
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(DemoError::Spawn)?;
-        let Some(stderr) = child.stderr.take() else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(DemoError::Spawn(io::Error::other("no stderr pipe")));
-        };
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let log_thread = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("  proxy | {line}");
-                if let Some(rest) = line.split("ready: ").nth(1) {
-                    let _ = ready_tx.send(rest.to_string());
-                }
-            }
-        });
-        let mut proxy = ProxyChild {
-            child: Some(child),
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log_thread: Some(log_thread),
-        };
-        let line = match ready_rx.recv_timeout(READY_TIMEOUT) {
-            Ok(line) => line,
-            Err(mpsc::RecvTimeoutError::Timeout) => return Err(DemoError::NotReady),
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(DemoError::ExitedEarly),
-        };
-        proxy.addr = listener_addr(&line, "demo").ok_or(DemoError::ReadyLine(line))?;
-        Ok(proxy)
-    }
-
-    /// SIGTERM, then wait for the supervisor to drain its workers and exit.
-    fn stop(&mut self) -> Result<ExitStatus, DemoError> {
-        let Some(mut child) = self.child.take() else {
-            return Err(DemoError::Stop(io::Error::other("already stopped")));
-        };
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        // ESRCH: it already exited (a Ctrl-C reaches it too); wait() says how.
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        let status = loop {
-            if let Some(status) = child.try_wait().map_err(DemoError::Stop)? {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(DemoError::Stop(io::Error::other(format!(
-                    "still running {STOP_TIMEOUT:?} after SIGTERM; killed"
-                ))));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        if let Some(thread) = self.log_thread.take() {
-            let _ = thread.join();
-        }
-        Ok(status)
-    }
-}
-
-impl Drop for ProxyChild {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// The address of listener `name` in the text after `ready: `
-/// ("2 workers serving demo@127.0.0.1:4433 other@[::1]:99").
-fn listener_addr(ready: &str, name: &str) -> Option<SocketAddr> {
-    let serving = ready.split("serving ").nth(1)?;
-    serving
-        .split_whitespace()
-        .filter_map(|item| item.split_once('@'))
-        .find(|(n, _)| *n == name)
-        .and_then(|(_, addr)| addr.parse().ok())
 }
 
 /// A QUIC-shaped datagram of flow `flow`: the first one a long-header
@@ -729,17 +569,6 @@ mod tests {
         cids.sort_unstable();
         cids.dedup();
         assert_eq!(cids.len(), FLOWS);
-    }
-
-    #[test]
-    fn ready_line_gives_the_listener_address() {
-        let line = "2 workers serving other@[::1]:99 demo@127.0.0.1:4433";
-        assert_eq!(
-            listener_addr(line, "demo"),
-            Some(SocketAddr::from(([127, 0, 0, 1], 4433)))
-        );
-        assert_eq!(listener_addr(line, "nope"), None);
-        assert_eq!(listener_addr("2 workers", "demo"), None);
     }
 
     #[test]

@@ -45,12 +45,37 @@ pub struct Facts {
     pub nofile: Option<(u64, u64)>,
     /// nf_conntrack_count, nf_conntrack_max.
     pub conntrack: Option<(u64, u64)>,
+    /// The proxy runs (or, when none runs, this doctor runs) as a systemd
+    /// service: limits are set in the unit, not in a shell.
+    pub systemd: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
     pub saw: String,
     pub fix: String,
+    /// How to keep the fix across reboots, where `fix` does not.
+    pub keep: Option<String>,
+}
+
+/// The sysctl.d file doctor's `keep:` lines write to: read after the
+/// package's own /usr/lib/sysctl.d/60-udpshard.conf, so it wins.
+const LOCAL_SYSCTL: &str = "/etc/sysctl.d/99-udpshard-local.conf";
+
+/// A sysctl finding: `sysctl -w` now, a line in sysctl.d for the next boot.
+fn sysctl_finding(saw: String, key: &str, value: &str) -> Finding {
+    Finding {
+        saw,
+        fix: format!("sysctl -w {key}={value}"),
+        keep: Some(format!("echo '{key} = {value}' >> {LOCAL_SYSCTL}")),
+    }
+}
+
+/// Full-size (1472-byte) datagrams a receive buffer of `bytes` holds: each
+/// is charged its kernel buffer, about 2304 bytes (measured on loopback:
+/// 92 in the kernel's default 212992).
+pub fn full_size_datagrams(bytes: u64) -> u64 {
+    bytes / 2304
 }
 
 pub fn run(path: Option<&Path>) -> ExitCode {
@@ -71,10 +96,13 @@ pub fn run(path: Option<&Path>) -> ExitCode {
         "udpshard doctor: checking this host for {origin} (sampling UDP drops for {}s)",
         SAMPLE.as_secs()
     );
-    let facts = Facts::gather();
+    let facts = Facts::gather(&cfg);
     let findings = diagnose(&cfg, &facts);
     for f in &findings {
         println!("finding: {}\n    fix: {}", f.saw, f.fix);
+        if let Some(keep) = &f.keep {
+            println!("   keep: {keep}");
+        }
     }
     if findings.is_empty() {
         println!("no findings");
@@ -103,36 +131,39 @@ pub fn diagnose(cfg: &Config, facts: &Facts) -> Vec<Finding> {
     ) {
         let want = l.recv_buffer as u64;
         if max < want {
-            out.push(Finding {
-                saw: format!(
+            out.push(sysctl_finding(
+                format!(
                     "listener {:?} asks for recv_buffer = {want} bytes, but net.core.rmem_max = {max}: \
                      SO_RCVBUF is silently clamped to {max} (unless udpshard runs with CAP_NET_ADMIN)",
                     l.name
                 ),
-                fix: format!("sysctl -w net.core.rmem_max={want}"),
-            });
+                "net.core.rmem_max",
+                &want.to_string(),
+            ));
         }
     }
     if let Some(d) = facts.rmem_default.filter(|d| *d < RMEM_DEFAULT) {
-        out.push(Finding {
-            saw: format!(
+        out.push(sysctl_finding(
+            format!(
                 "net.core.rmem_default = {d}: every session's upstream socket gets this receive buffer, \
                  about {} full-size replies before a backend's burst is dropped",
-                d / 1500 / 2
+                full_size_datagrams(d)
             ),
-            fix: format!("sysctl -w net.core.rmem_default={RMEM_DEFAULT}"),
-        });
+            "net.core.rmem_default",
+            &RMEM_DEFAULT.to_string(),
+        ));
     }
     if let Some(b) = facts
         .netdev_max_backlog
         .filter(|b| *b < NETDEV_BACKLOG_FLOOR)
     {
-        out.push(Finding {
-            saw: format!(
+        out.push(sysctl_finding(
+            format!(
                 "net.core.netdev_max_backlog = {b}: a CPU's input backlog overflows (softnet_stat dropped) under bursts"
             ),
-            fix: format!("sysctl -w net.core.netdev_max_backlog={NETDEV_MAX_BACKLOG}"),
-        });
+            "net.core.netdev_max_backlog",
+            &NETDEV_MAX_BACKLOG.to_string(),
+        ));
     }
     if let Some([min, pressure, max]) = facts.udp_mem {
         // A full listener socket holds about twice recv_buffer of kernel
@@ -144,18 +175,14 @@ pub fn diagnose(cfg: &Config, facts: &Facts) -> Vec<Finding> {
             .sum();
         let need = bytes.div_ceil(facts.page_size.max(1));
         if max < need {
-            out.push(Finding {
-                saw: format!(
+            out.push(sysctl_finding(
+                format!(
                     "net.ipv4.udp_mem max = {max} pages, but {workers} workers' full listener buffers need {need} pages: \
                      past it UDP drops on every socket"
                 ),
-                fix: format!(
-                    "sysctl -w net.ipv4.udp_mem=\"{} {} {}\"",
-                    min.min(need),
-                    pressure.max(need),
-                    2 * need
-                ),
-            });
+                "net.ipv4.udp_mem",
+                &format!("\"{} {} {}\"", min.min(need), pressure.max(need), 2 * need),
+            ));
         }
     }
     if let Some(n) = facts.rcvbuf_errors_growth.filter(|n| *n > 0) {
@@ -165,6 +192,7 @@ pub fn diagnose(cfg: &Config, facts: &Facts) -> Vec<Finding> {
                 SAMPLE.as_secs()
             ),
             fix: "udpshard stats --watch 1   # marks the first stage whose drops grow; `ss -uamn` shows each socket's d<drops>".into(),
+            keep: None,
         });
     }
     if let Workers::Count(n) = cfg.workers {
@@ -175,6 +203,7 @@ pub fn diagnose(cfg: &Config, facts: &Facts) -> Vec<Finding> {
                     facts.allowed_cpus
                 ),
                 fix: "workers = \"auto\"".into(),
+                keep: None,
             });
         }
     }
@@ -187,6 +216,7 @@ pub fn diagnose(cfg: &Config, facts: &Facts) -> Vec<Finding> {
                      they will be throttled in bursts (queues fill while they sleep)"
                 ),
                 fix: format!("workers = {fit}"),
+                keep: None,
             });
         }
     }
@@ -201,21 +231,30 @@ pub fn diagnose(cfg: &Config, facts: &Facts) -> Vec<Finding> {
                     soft.saturating_sub(FD_OVERHEAD)
                 ),
                 fix: if need <= hard {
-                    format!("ulimit -n {need}")
+                    format!("ulimit -n {need}   # in the shell or script that starts udpshard")
+                } else if facts.systemd {
+                    format!(
+                        "systemctl edit udpshard   # [Service] LimitNOFILE={need} (the hard limit is {hard})"
+                    )
                 } else {
-                    format!("LimitNOFILE={need}   # in the systemd unit ([Service]); the hard limit is {hard}")
+                    format!(
+                        "ulimit -Hn {need} && ulimit -n {need}   # as root where udpshard starts \
+                         (the hard limit is {hard}); containers: --ulimit nofile={need}:{need}"
+                    )
                 },
+                keep: None,
             });
         }
     }
     if let Some((count, max)) = facts.conntrack {
         if max > 0 && count as f64 >= CONNTRACK_FULL * max as f64 {
-            out.push(Finding {
-                saw: format!(
+            out.push(sysctl_finding(
+                format!(
                     "conntrack holds {count} of {max} entries: when full, new flows are dropped (dmesg: \"table full\")"
                 ),
-                fix: format!("sysctl -w net.netfilter.nf_conntrack_max={}", max * 2),
-            });
+                "net.netfilter.nf_conntrack_max",
+                &(max * 2).to_string(),
+            ));
         }
     }
     out
@@ -223,7 +262,7 @@ pub fn diagnose(cfg: &Config, facts: &Facts) -> Vec<Finding> {
 
 impl Facts {
     /// Reads the host; takes `SAMPLE` (two readings of UDP's counters).
-    pub fn gather() -> Facts {
+    pub fn gather(cfg: &Config) -> Facts {
         let sys = |p: &str| read_u64(Path::new(p));
         let rcvbuf_before = rcvbuf_errors();
         std::thread::sleep(SAMPLE);
@@ -247,8 +286,42 @@ impl Facts {
             nofile: nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok(),
             conntrack: sys("/proc/sys/net/netfilter/nf_conntrack_count")
                 .zip(sys("/proc/sys/net/netfilter/nf_conntrack_max")),
+            systemd: under_systemd(&cfg.stats_file),
         }
     }
+}
+
+/// Whether the proxy of this config runs as a systemd service (its
+/// supervisor's cgroup is a system `.service`); with none running, whether
+/// this doctor does (systemd sets INVOCATION_ID for its services).
+fn under_systemd(stats_file: &Path) -> bool {
+    let path = if stats_file == Path::new(config::DEFAULT_STATS_FILE) {
+        crate::stats_path::find_default()
+    } else {
+        stats_file.to_path_buf()
+    };
+    let running = udpshard_shared::stats::Snapshot::read(&path)
+        .ok()
+        .filter(|snap| crate::stats_cmd::Liveness::of(snap) == crate::stats_cmd::Liveness::Running)
+        .map(|snap| snap.header(udpshard_shared::stats::Header::SupervisorPid));
+    match running {
+        Some(pid) => std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .is_ok_and(|cg| is_system_service_cgroup(&cg)),
+        None => std::env::var_os("INVOCATION_ID").is_some(),
+    }
+}
+
+/// A cgroup (as /proc/PID/cgroup lists it) of a system service: the last
+/// path component is a `.service` outside any user's manager.
+fn is_system_service_cgroup(cgroup: &str) -> bool {
+    cgroup.lines().any(|l| {
+        let path = l.rsplit(':').next().unwrap_or("");
+        !path.contains("/user@")
+            && path
+                .rsplit('/')
+                .next()
+                .is_some_and(|c| c.ends_with(".service"))
+    })
 }
 
 fn rcvbuf_errors() -> Option<u64> {
@@ -368,6 +441,7 @@ mod tests {
             cpu_quota: None,
             nofile: Some((2_000_000, 2_000_000)),
             conntrack: Some((10, 262_144)),
+            systemd: false,
         }
     }
 
@@ -400,9 +474,16 @@ mod tests {
         let mut f = clean();
         f.rmem_max = Some(212_992);
         assert_eq!(fixes(&c, &f), ["sysctl -w net.core.rmem_max=8388608"]);
+        assert_eq!(
+            diagnose(&c, &f)[0].keep.as_deref(),
+            Some("echo 'net.core.rmem_max = 8388608' >> /etc/sysctl.d/99-udpshard-local.conf")
+        );
         let mut f = clean();
         f.rmem_default = Some(212_992);
         assert_eq!(fixes(&c, &f), ["sysctl -w net.core.rmem_default=2097152"]);
+        assert!(diagnose(&c, &f)[0]
+            .saw
+            .contains("about 92 full-size replies"));
         let mut f = clean();
         f.netdev_max_backlog = Some(1000);
         assert_eq!(
@@ -426,15 +507,33 @@ mod tests {
         assert_eq!(fixes(&c, &f), ["workers = 1"]);
         let mut f = clean();
         f.nofile = Some((1024, 4096));
-        assert_eq!(fixes(&c, &f), ["ulimit -n 1256"]);
+        assert!(fixes(&c, &f)[0].starts_with("ulimit -n 1256   #"));
         f.nofile = Some((1024, 1024));
-        assert!(fixes(&c, &f)[0].starts_with("LimitNOFILE=1256"));
+        assert!(fixes(&c, &f)[0].starts_with("ulimit -Hn 1256 && ulimit -n 1256"));
+        f.systemd = true;
+        assert!(
+            fixes(&c, &f)[0].starts_with("systemctl edit udpshard   # [Service] LimitNOFILE=1256")
+        );
         let mut f = clean();
         f.conntrack = Some((250_000, 262_144));
         assert_eq!(
             fixes(&c, &f),
             ["sysctl -w net.netfilter.nf_conntrack_max=524288"]
         );
+    }
+
+    #[test]
+    fn system_services_are_told_from_user_sessions() {
+        assert!(is_system_service_cgroup(
+            "0::/system.slice/udpshard.service\n"
+        ));
+        assert!(!is_system_service_cgroup(
+            "0::/user.slice/user-1000.slice/session-3.scope\n"
+        ));
+        assert!(!is_system_service_cgroup(
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-term.service\n"
+        ));
+        assert!(!is_system_service_cgroup("0::/\n"));
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! `udpshard`: the supervisor binary, and (as `udpshard worker`, started by
 //! the supervisor) the worker.
 
+mod bindcheck;
 mod cpus;
 mod demo;
 mod doctor;
 mod metrics;
 mod notify;
+mod process;
 mod reuseport;
 mod spawn;
 mod stats_cmd;
@@ -16,14 +18,26 @@ mod system;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use udpshard_config as config;
+
+/// `0.1.0 (commit 1a2b3c4d5e6f)`: the version and the commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("UDPSHARD_GIT_COMMIT"),
+    ")"
+);
 
 #[derive(Parser)]
 #[command(
     name = "udpshard",
-    version,
-    about = "UDP proxy for connection-oriented datagram protocols (QUIC first)"
+    version = VERSION,
+    about = "UDP proxy for connection-oriented datagram protocols (QUIC first)",
+    long_about = "UDP proxy for connection-oriented datagram protocols (QUIC first): one \
+                  SO_REUSEPORT group per listener with one pinned worker process per allowed \
+                  CPU, connection-ID affinity across client migration, and every dropped \
+                  datagram counted at the hop where it was lost."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -33,21 +47,42 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (the embedded default config when --config is not given).
+    ///
+    /// SIGHUP reloads the config, SIGTERM or SIGINT (Ctrl-C) drains live
+    /// sessions for drain_timeout and exits 0; a second one stops at once.
     Run {
-        #[arg(long, short)]
+        /// The config file (TOML). Without it: the embedded default, which
+        /// `udpshard run --print-config` shows.
+        #[arg(long, short, value_name = "FILE")]
         config: Option<PathBuf>,
-    },
-    /// Validate a config file: exit 0 when valid, else print file:line:col and exit 1.
-    CheckConfig { file: PathBuf },
-    /// Print the running proxy's counters from its stats file.
-    Stats {
-        /// Default: /run/udpshard/stats, else the per-user fallback a
-        /// non-root `udpshard run` uses.
+        /// Print the config text this would run with and exit.
         #[arg(long)]
+        print_config: bool,
+    },
+    /// Validate a config file the way `run` would load it, binding its
+    /// listener addresses to check they are free: exit 0 when valid, else
+    /// print FILE:LINE:COL and exit 1.
+    CheckConfig {
+        /// The config file (TOML) to check.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Print the running proxy's counters from its stats file. Exits 3 when
+    /// the proxy that wrote the file is no longer running (its last counters
+    /// are still printed).
+    Stats {
+        /// The stats file. Default: /run/udpshard/stats, else the per-user
+        /// fallback a non-root `udpshard run` uses:
+        /// $XDG_RUNTIME_DIR/udpshard/stats, then $TMPDIR/udpshard-UID/stats
+        /// (TMPDIR defaults to /tmp).
+        #[arg(long, value_name = "FILE")]
         stats_file: Option<PathBuf>,
         /// Machine-readable output (with --watch: one JSON object per line).
         #[arg(long)]
         json: bool,
+        /// Every counter of every worker (about 200 columns), with a legend.
+        #[arg(long)]
+        wide: bool,
         /// Sample every S seconds, print per-second rates and mark the first
         /// stage (in path order) whose drops grew.
         #[arg(long, value_name = "S", value_parser = parse_watch)]
@@ -61,7 +96,7 @@ enum Command {
     /// finding with the line that fixes it. Exit 0 when clean, 1 with findings.
     Doctor {
         /// The config to check (default: the embedded default config).
-        #[arg(long, short)]
+        #[arg(long, short, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// A showcase on loopback: the proxy with two echo backends and a client
@@ -71,6 +106,14 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = demo::parse_duration)]
         duration: std::time::Duration,
     },
+    /// Print a shell completion script: `udpshard completions bash >
+    /// /etc/bash_completion.d/udpshard`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `udpshard manpage | man -l -`.
+    Manpage,
     /// Internal: a worker process, started by the supervisor.
     #[command(hide = true)]
     Worker {
@@ -90,33 +133,42 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    ensure_std_fds();
     let cli = Cli::parse();
+    match &cli.command {
+        // Servers: a reader of their output that goes away must not stop
+        // them (std ignores SIGPIPE; writes fail with EPIPE instead).
+        Command::Run { .. } | Command::Worker { .. } | Command::Demo { .. } => {}
+        // Commands that print and exit end quietly when their reader goes
+        // away (`udpshard stats --watch 1 | head -1`), as `cat` does.
+        _ => restore_default_sigpipe(),
+    }
     init_logging(matches!(cli.command, Command::Worker { .. }));
     match cli.command {
-        Command::Run { config } => run(config),
-        Command::CheckConfig { file } => match config::load(&file) {
-            Ok(cfg) => {
-                println!("{}: ok ({} listeners)", file.display(), cfg.listeners.len());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Run {
+            config,
+            print_config,
+        } => run(config, print_config),
+        Command::CheckConfig { file } => check_config(&file),
         Command::Stats {
             stats_file,
             json,
+            wide,
             watch,
             count,
         } => {
             let path = stats_file.unwrap_or_else(stats_path::find_default);
+            let view = stats_cmd::View { json, wide };
             let result = match watch {
-                None => stats_cmd::print(&path, json),
-                Some(interval) => stats_cmd::watch(&path, json, interval, count),
+                None => stats_cmd::print(&path, view),
+                Some(interval) => stats_cmd::watch(&path, view, interval, count),
             };
             match result {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(stats_cmd::Liveness::Running) => ExitCode::SUCCESS,
+                Ok(gone) => {
+                    eprintln!("udpshard stats: {gone}");
+                    ExitCode::from(stats_cmd::NOT_RUNNING)
+                }
                 Err(e) => {
                     eprintln!("udpshard stats: {e}");
                     ExitCode::FAILURE
@@ -125,6 +177,24 @@ fn main() -> ExitCode {
         }
         Command::Doctor { config } => doctor::run(config.as_deref()),
         Command::Demo { duration } => demo::run(duration),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "udpshard",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Manpage => {
+            match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("udpshard manpage: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Worker {
             id,
             control_fd,
@@ -152,7 +222,49 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: Option<PathBuf>) -> ExitCode {
+fn check_config(file: &std::path::Path) -> ExitCode {
+    let cfg = match config::load(file) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // As `nginx -t` does: an address the proxy could not bind is an error now,
+    // not at start. One that the running udpshard of this config holds is fine.
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let origin = file.display().to_string();
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        let problem = match bindcheck::probe(l.bind, &cfg.stats_file) {
+            Ok(_) => continue,
+            Err(bindcheck::ProbeError::Denied(e)) => {
+                eprintln!(
+                    "{origin}: warning: listener {:?}: this user cannot bind {} ({e}); the service \
+                     can with CAP_NET_BIND_SERVICE, which the packaged unit grants",
+                    l.name, l.bind
+                );
+                continue;
+            }
+            Err(bindcheck::ProbeError::InUse(what)) => what,
+            Err(bindcheck::ProbeError::Unavailable(e)) => e.to_string(),
+        };
+        let message = format!(
+            "listener {:?}: bind = \"{}\" cannot be bound: {problem}",
+            l.name, l.bind
+        );
+        eprintln!("{}", config::error_at_bind(&text, &origin, i, message));
+        return ExitCode::FAILURE;
+    }
+    let n = cfg.listeners.len();
+    println!(
+        "{}: ok ({n} {})",
+        file.display(),
+        if n == 1 { "listener" } else { "listeners" }
+    );
+    ExitCode::SUCCESS
+}
+
+fn run(path: Option<PathBuf>, print_config: bool) -> ExitCode {
     let loaded = match &path {
         Some(path) => std::fs::read_to_string(path)
             .map_err(|source| config::ConfigError::Io {
@@ -164,9 +276,11 @@ fn run(path: Option<PathBuf>) -> ExitCode {
                 config::parse(&text, &origin).map(|cfg| (cfg, origin, text))
             }),
         None => {
-            tracing::info!(
-                "no --config given: using the embedded default config (see `udpshard run --help`)"
-            );
+            if !print_config {
+                tracing::info!(
+                    "no --config given: using the embedded default config (`udpshard run --print-config` shows it)"
+                );
+            }
             Ok((
                 config::default_config(),
                 config::DEFAULT_CONFIG_ORIGIN.to_string(),
@@ -181,10 +295,11 @@ fn run(path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tracing::info!(
-        "udpshard {} starting with {origin}",
-        env!("CARGO_PKG_VERSION")
-    );
+    if print_config {
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    }
+    tracing::info!("udpshard {VERSION} starting with {origin}");
     match supervisor::Supervisor::start(cfg, path, origin, text).and_then(|s| s.run()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -202,6 +317,9 @@ fn parse_watch(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
+/// Logs go to stderr. A log reader that goes away (a closed pipe, a
+/// container's log driver restarting) costs the log lines, never the
+/// process: write errors are dropped, not reported on the same broken stream.
 fn init_logging(worker: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("UDPSHARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
@@ -210,9 +328,38 @@ fn init_logging(worker: bool) {
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(false)
+        .log_internal_errors(false)
         .compact()
         .init();
     if worker {
         tracing::debug!(pid = std::process::id(), "worker process");
+    }
+}
+
+/// Started with stdin, stdout or stderr closed, the first files and sockets
+/// we open would take descriptors 0 to 2, and log lines would be written
+/// into them. Point any closed one at /dev/null first.
+fn ensure_std_fds() {
+    for fd in 0..=2 {
+        // SAFETY: F_GETFD only reads the descriptor's flags; it fails with
+        // EBADF for a descriptor that is not open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            // open() returns the lowest free descriptor: this one. Leaked on
+            // purpose: it stays open for the process's life.
+            if let Ok(null) = std::fs::OpenOptions::new()
+                .read(fd == 0)
+                .write(fd != 0)
+                .open("/dev/null")
+            {
+                std::mem::forget(null);
+            }
+        }
+    }
+}
+
+fn restore_default_sigpipe() {
+    // SAFETY: SIG_DFL for SIGPIPE, before any thread starts; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }

@@ -45,14 +45,25 @@ pub fn spawn_worker(exe: &Path, spec: &WorkerSpec) -> io::Result<Child> {
         .args(["--peer-fds", &fd_list(&spec.peer_fds)])
         .stdin(Stdio::null());
     // SAFETY: the closure runs in the forked child before exec and makes only
-    // async-signal-safe system calls (fcntl, prctl, getppid,
-    // sched_setaffinity) on values prepared before the fork; it allocates
-    // nothing. The supervisor is single-threaded, so no lock is held by a
-    // thread that does not exist in the child.
+    // async-signal-safe system calls (fcntl, signal, prctl, getppid,
+    // sched_setaffinity) on values prepared before the fork, and allocates
+    // nothing (its errors are raw OS errors). The supervisor is
+    // single-threaded, so no lock is held by a thread that does not exist in
+    // the child.
     unsafe {
         cmd.pre_exec(move || {
             for &fd in &inherit {
                 if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // A terminal's Ctrl-C, a hangup and `timeout` signal the whole
+            // process group, workers included: those are requests to the
+            // supervisor, which drains the workers over their control
+            // channels. Ignored dispositions survive exec, so this also
+            // covers the worker's start-up.
+            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+                if libc::signal(signal, libc::SIG_IGN) == libc::SIG_ERR {
                     return Err(io::Error::last_os_error());
                 }
             }
@@ -62,7 +73,8 @@ pub fn spawn_worker(exe: &Path, spec: &WorkerSpec) -> io::Result<Child> {
             }
             // The supervisor may have died between fork and prctl.
             if libc::getppid() != parent.as_raw() {
-                return Err(io::Error::other("supervisor exited"));
+                // ESRCH: the process that should supervise us is gone.
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
             }
             nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus)
                 .map_err(io::Error::from)

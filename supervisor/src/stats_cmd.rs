@@ -53,42 +53,121 @@ const PLAIN: [(&str, Counter); 19] = [
     ("config_generation", Counter::ConfigGeneration),
 ];
 
-pub fn print(path: &Path, as_json: bool) -> Result<(), StatsError> {
+/// How `stats` prints.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct View {
+    pub json: bool,
+    /// Every counter as its own column, with a legend.
+    pub wide: bool,
+}
+
+/// The exit status of `stats` when the proxy is not running (as LSB init
+/// scripts and `systemctl status` use 3 for "not running").
+pub const NOT_RUNNING: u8 = 3;
+
+/// A supervisor beats at least every 2 s (its CPU-set check); one silent
+/// this long is gone.
+const HEARTBEAT_STALE: Duration = Duration::from_secs(10);
+
+/// Whether the supervisor that wrote a stats file still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    Running,
+    /// It stopped (SIGTERM, SIGINT, or an error it logged) at this Unix time.
+    Stopped {
+        pid: u64,
+        at: u64,
+    },
+    /// Its process is gone without a stop: killed, or crashed.
+    Gone {
+        pid: u64,
+    },
+}
+
+impl Liveness {
+    pub fn of(snap: &Snapshot) -> Liveness {
+        let pid = snap.header(Header::SupervisorPid);
+        let stopped = snap.header(Header::StoppedAt);
+        if stopped != 0 {
+            return Liveness::Stopped { pid, at: stopped };
+        }
+        let ns = snap.header(Header::SupervisorPidNs);
+        let alive = if ns == 0 || crate::process::pid_namespace() == Some(ns) {
+            // The same PID with another start time is a later process.
+            u32::try_from(pid).ok().is_some_and(|p| {
+                !crate::process::is_gone(p)
+                    && crate::process::start_ticks(p)
+                        == Some(snap.header(Header::SupervisorStartTicks))
+            })
+        } else {
+            // Its PIDs are not ours to look up: trust a recent heartbeat.
+            let beat = snap.header(Header::SupervisorHeartbeat);
+            crate::process::monotonic_ns().saturating_sub(beat) < HEARTBEAT_STALE.as_nanos() as u64
+        };
+        if alive {
+            Liveness::Running
+        } else {
+            Liveness::Gone { pid }
+        }
+    }
+}
+
+impl std::fmt::Display for Liveness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Liveness::Running => write!(f, "running"),
+            Liveness::Stopped { pid, at } => write!(
+                f,
+                "the proxy is not running: its supervisor (pid {pid}) stopped at {}; these are its last counters",
+                utc(*at)
+            ),
+            Liveness::Gone { pid } => write!(
+                f,
+                "the proxy is not running: its supervisor (pid {pid}) is gone without stopping (killed or \
+                 crashed); these are its last counters"
+            ),
+        }
+    }
+}
+
+/// Prints one sample; says whether its proxy is running.
+pub fn print(path: &Path, view: View) -> Result<Liveness, StatsError> {
     let sample = Sample::take(path)?;
-    if as_json {
+    if view.json {
         println!("{}", sample.to_json());
     } else {
-        print!("{}", to_table(&sample.snap, &sample.system));
+        print!("{}", to_table(&sample, view.wide));
     }
-    Ok(())
+    Ok(sample.liveness)
 }
 
 /// `--watch`: a sample every `interval`, `count` of them (forever when
-/// `None`). After the first, the table shows per-second rates and the
-/// stage summary marks the first stage whose drops grew.
+/// `None`), until the proxy stops. After the first, the table shows
+/// per-second rates and the stage summary marks the first stage whose drops
+/// grew.
 pub fn watch(
     path: &Path,
-    as_json: bool,
+    view: View,
     interval: Duration,
     count: Option<u64>,
-) -> Result<(), StatsError> {
+) -> Result<Liveness, StatsError> {
     let mut prev: Option<Sample> = None;
     let mut n = 0u64;
     loop {
         let sample = Sample::take(path)?;
         n += 1;
-        if as_json {
+        if view.json {
             println!("{}", sample.to_json());
         } else {
             let mut out = format!("--- sample {n}\n");
             match &prev {
-                None => out += &to_table(&sample.snap, &sample.system),
-                Some(p) => out += &rates_table(p, &sample),
+                None => out += &to_table(&sample, view.wide),
+                Some(p) => out += &window_table(p, &sample, Window::Rates, view.wide),
             }
             print!("{out}");
         }
-        if count.is_some_and(|c| n >= c) {
-            return Ok(());
+        if sample.liveness != Liveness::Running || count.is_some_and(|c| n >= c) {
+            return Ok(sample.liveness);
         }
         prev = Some(sample);
         std::thread::sleep(interval);
@@ -100,12 +179,15 @@ pub struct Sample {
     pub snap: Snapshot,
     pub system: SystemCounters,
     pub at: Instant,
+    pub liveness: Liveness,
 }
 
 impl Sample {
     pub fn take(path: &Path) -> Result<Sample, StatsError> {
+        let snap = Snapshot::read(path)?;
         Ok(Sample {
-            snap: Snapshot::read(path)?,
+            liveness: Liveness::of(&snap),
+            snap,
             system: SystemCounters::read(),
             at: Instant::now(),
         })
@@ -114,7 +196,21 @@ impl Sample {
     fn to_json(&self) -> Value {
         let mut v = to_json(&self.snap);
         v["system"] = self.system.to_json();
+        v["running"] = json!(self.liveness == Liveness::Running);
+        v["stopped_at"] = match self.liveness {
+            Liveness::Stopped { at, .. } => json!(at),
+            _ => Value::Null,
+        };
         v
+    }
+
+    /// A worker's state as this sample can vouch for it: the slot says
+    /// `ready` forever once its supervisor is gone.
+    fn state_of(&self, w: &WorkerSnapshot<'_>) -> &'static str {
+        match self.liveness {
+            Liveness::Running => w.state().name(),
+            _ => "stopped",
+        }
     }
 }
 
@@ -264,8 +360,8 @@ pub fn to_json(snap: &Snapshot) -> Value {
     })
 }
 
-/// Per-worker columns, grouped by stage in path order.
-const COLUMNS: [(&str, Counter); 14] = [
+/// `--wide`: every per-worker counter, grouped by stage in path order.
+const WIDE_COLUMNS: [(&str, Counter); 14] = [
     ("rx", Counter::RxPackets),
     ("sock_drop", Counter::DropSocket),
     ("hoff_in", Counter::HandoffIn),
@@ -282,53 +378,168 @@ const COLUMNS: [(&str, Counter); 14] = [
     ("reply_drop", Counter::DropReply),
 ];
 
-fn worker_header(out: &mut String, busy: &str) {
-    *out += &format!(
-        "{:>3} {:>8} {:>4} {:<8} {:>4} {:>8} {:>9}",
-        "id", "pid", "cpu", "state", "rst", "sessions", busy
-    );
-    for (name, _) in COLUMNS {
-        *out += &format!(" {name:>12}");
-    }
-    *out += "\n";
-    *out += "    (listener: rx sock_drop | handoff: hoff_* | sessions/backends: malformed..up_send, tx | upstream sockets: up_sock_drop replies_in reply_drop)\n";
+const WIDE_LEGEND: &str = concat!(
+    "  rx            datagrams read from clients on the worker's listener socket\n",
+    "  sock_drop     dropped by the kernel on that socket (its receive buffer was full)\n",
+    "  hoff_in/out   datagrams handed from/to the worker that owns their session\n",
+    "  hoff_drop     a handoff could not be delivered (the owner's inbox was full)\n",
+    "  malformed     no flow key in the datagram (not the configured protocol)\n",
+    "  sess_limit    a new flow beyond max_sessions\n",
+    "  no_backend    a new flow with no backend to go to\n",
+    "  draining      a new flow while stopping (SIGTERM/SIGINT)\n",
+    "  up_send       sending to the backend failed\n",
+    "  tx            datagrams forwarded to backends\n",
+    "  up_sock_drop  replies dropped by the kernel on upstream sockets (buffer full)\n",
+    "  replies_in    datagrams read from backends\n",
+    "  reply_drop    a reply could not be sent on to its client\n",
+    "  busy(rho)     time spent handling datagrams / wall time: near 100% means the CPU is the limit\n",
+);
+
+const NARROW_LEGEND: &str = concat!(
+    "  rx: datagrams from clients   tx: forwarded to backends   replies: sent back to clients\n",
+    "  drops: every datagram the worker dropped, for any reason (by stage below; --wide: by reason)\n",
+    "  busy(rho): time handling datagrams / wall time; near 100% means the CPU is the limit\n",
+);
+
+/// The counters of one column: one for most, every drop for `drops`.
+struct Column {
+    name: &'static str,
+    counters: &'static [Counter],
 }
 
-fn system_lines(out: &mut String, before: Option<&SystemCounters>, s: &SystemCounters, secs: f64) {
-    let show = |b: Option<u64>, a: u64| match b {
-        None => a.to_string(),
-        Some(b) => format!("{:.0}/s", rate(b, a, secs)),
+fn columns(wide: bool) -> Vec<Column> {
+    const ALL_DROPS: [Counter; 9] = [
+        Counter::DropSocket,
+        Counter::DropMalformed,
+        Counter::DropHandoff,
+        Counter::DropSessionLimit,
+        Counter::DropDraining,
+        Counter::DropNoBackend,
+        Counter::DropUpstream,
+        Counter::DropUpstreamSocket,
+        Counter::DropReply,
+    ];
+    if wide {
+        return WIDE_COLUMNS
+            .iter()
+            .map(|(name, c)| Column {
+                name,
+                counters: std::slice::from_ref(c),
+            })
+            .collect();
+    }
+    vec![
+        Column {
+            name: "rx",
+            counters: &[Counter::RxPackets],
+        },
+        Column {
+            name: "tx",
+            counters: &[Counter::TxPackets],
+        },
+        Column {
+            name: "replies",
+            counters: &[Counter::RepliesOut],
+        },
+        Column {
+            name: "drops",
+            counters: &ALL_DROPS,
+        },
+    ]
+}
+
+/// A counter column's width: the default table fits 100 columns.
+fn width(wide: bool) -> usize {
+    if wide {
+        12
+    } else {
+        10
+    }
+}
+
+/// How a table relates two samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// Per second, over the interval (`--watch`).
+    Rates,
+    /// What happened between the two samples (the demo's run).
+    Deltas,
+}
+
+/// How one table shows its numbers: totals, or over a window.
+struct Numbers {
+    window: Option<Window>,
+    secs: f64,
+}
+
+impl Numbers {
+    fn show(&self, before: Option<u64>, after: u64) -> String {
+        match (self.window, before) {
+            (Some(Window::Rates), Some(b)) => format!("{:.0}/s", rate(b, after, self.secs)),
+            (Some(Window::Deltas), Some(b)) => after.saturating_sub(b).to_string(),
+            _ => after.to_string(),
+        }
+    }
+
+    fn changed(&self, before: Option<u64>, after: u64) -> bool {
+        match (self.window, before) {
+            (Some(_), Some(b)) => after > b,
+            _ => after > 0,
+        }
+    }
+}
+
+fn system_lines(
+    out: &mut String,
+    before: Option<&SystemCounters>,
+    s: &SystemCounters,
+    n: &Numbers,
+) {
+    *out += match n.window {
+        None => "host-wide counters since boot (every program's, not only udpshard's):\n",
+        Some(Window::Rates) => "host-wide counters (every program's, not only udpshard's):\n",
+        Some(Window::Deltas) => {
+            "host-wide counters over the run (every program's, not only udpshard's):\n"
+        }
     };
+    // Interfaces with nothing to report would only push the rest away.
     let nics: Vec<String> = s
         .nics
         .iter()
-        .map(|n| {
-            let b = before.and_then(|b| b.nics.iter().find(|x| x.name == n.name));
-            format!(
-                "{} rx_dropped {} rx_errors {} tx_dropped {}",
-                n.name,
-                show(b.map(|b| b.rx_dropped), n.rx_dropped),
-                show(b.map(|b| b.rx_errors), n.rx_errors),
-                show(b.map(|b| b.tx_dropped), n.tx_dropped)
-            )
+        .filter_map(|nic| {
+            let b = before.and_then(|b| b.nics.iter().find(|x| x.name == nic.name));
+            let fields = [
+                ("rx_dropped", b.map(|b| b.rx_dropped), nic.rx_dropped),
+                ("rx_errors", b.map(|b| b.rx_errors), nic.rx_errors),
+                ("tx_dropped", b.map(|b| b.tx_dropped), nic.tx_dropped),
+            ];
+            fields.iter().any(|(_, b, a)| n.changed(*b, *a)).then(|| {
+                let parts: Vec<String> = fields
+                    .iter()
+                    .map(|(name, b, a)| format!("{name} {}", n.show(*b, *a)))
+                    .collect();
+                format!("{} {}", nic.name, parts.join(" "))
+            })
         })
         .collect();
     *out += &format!(
-        "NIC      {}\n",
-        if nics.is_empty() {
+        "  NIC      {}\n",
+        if s.nics.is_empty() {
             "(no /sys/class/net statistics)".to_string()
+        } else if nics.is_empty() {
+            "no drops or errors on any interface".to_string()
         } else {
             nics.join("; ")
         }
     );
     match s.softnet {
-        None => *out += "softnet  (no /proc/net/softnet_stat)\n",
-        Some(n) => {
+        None => *out += "  softnet  (no /proc/net/softnet_stat)\n",
+        Some(now) => {
             let b = before.and_then(|b| b.softnet);
             *out += &format!(
-                "softnet  dropped {} time_squeeze {}\n",
-                show(b.map(|b| b.dropped), n.dropped),
-                show(b.map(|b| b.time_squeeze), n.time_squeeze)
+                "  softnet  dropped {} time_squeeze {}\n",
+                n.show(b.map(|b| b.dropped), now.dropped),
+                n.show(b.map(|b| b.time_squeeze), now.time_squeeze)
             );
         }
     }
@@ -338,16 +549,16 @@ fn system_lines(out: &mut String, before: Option<&SystemCounters>, s: &SystemCou
     ] {
         let Some(u) = now else { continue };
         *out += &format!(
-            "{name}     in {} in_errors {} rcvbuf_errors {} sndbuf_errors {} no_ports {}\n",
-            show(then.map(|t| t.in_datagrams), u.in_datagrams),
-            show(then.map(|t| t.in_errors), u.in_errors),
-            show(then.map(|t| t.rcvbuf_errors), u.rcvbuf_errors),
-            show(then.map(|t| t.sndbuf_errors), u.sndbuf_errors),
-            show(then.map(|t| t.no_ports), u.no_ports)
+            "  {name}     in {} in_errors {} rcvbuf_errors {} sndbuf_errors {} no_ports {}\n",
+            n.show(then.map(|t| t.in_datagrams), u.in_datagrams),
+            n.show(then.map(|t| t.in_errors), u.in_errors),
+            n.show(then.map(|t| t.rcvbuf_errors), u.rcvbuf_errors),
+            n.show(then.map(|t| t.sndbuf_errors), u.sndbuf_errors),
+            n.show(then.map(|t| t.no_ports), u.no_ports)
         );
     }
     if udp_missing(s) {
-        *out += "UDP      (no /proc/net/snmp)\n";
+        *out += "  UDP      (no /proc/net/snmp)\n";
     }
 }
 
@@ -355,14 +566,18 @@ fn udp_missing(s: &SystemCounters) -> bool {
     s.udp.is_none() && s.udp6.is_none()
 }
 
-fn stage_summary(out: &mut String, before: Option<&[u64; 7]>, after: &[u64; 7], secs: f64) {
-    *out += "drops by stage, in path order:\n";
+fn stage_summary(out: &mut String, before: Option<&[u64; 7]>, after: &[u64; 7], n: &Numbers) {
+    *out += match n.window {
+        None => "drops by stage, in path order (the first three host-wide, since boot):\n",
+        Some(Window::Rates) => "drops by stage, in path order (the first three host-wide):\n",
+        Some(Window::Deltas) => {
+            "drops by stage over the run, in path order (the first three host-wide):\n"
+        }
+    };
     let first = before.and_then(|b| first_growing(b, after));
     for (i, stage) in STAGES.iter().enumerate() {
-        *out += &format!("  {:<24} {:>14}", stage.name(), after[i]);
-        if let Some(b) = before {
-            *out += &format!(" {:>10.0}/s", rate(b[i], after[i], secs));
-        }
+        let b = before.map(|b| b[i]);
+        *out += &format!("  {:<24} {:>14}", stage.name(), n.show(b, after[i]));
         if first == Some(*stage) {
             *out += "  <- first growing drop";
         }
@@ -370,68 +585,111 @@ fn stage_summary(out: &mut String, before: Option<&[u64; 7]>, after: &[u64; 7], 
     }
 }
 
-fn header_line(snap: &Snapshot) -> String {
-    format!(
-        "udpshard supervisor pid {}, config generation {}, reload failures {}\n",
+fn header_line(sample: &Sample) -> String {
+    let snap = &sample.snap;
+    let mut line = format!(
+        "udpshard supervisor pid {}, config generation {}, reload failures {}",
         snap.header(Header::SupervisorPid),
         snap.header(Header::ConfigGeneration),
         snap.header(Header::ReloadFailures)
-    )
-}
-
-fn worker_ident(w: &WorkerSnapshot<'_>, busy: f64) -> String {
-    format!(
-        "{:>3} {:>8} {:>4} {:<8} {:>4} {:>8} {:>8.1}%",
-        w.id,
-        w.get(Counter::Pid),
-        w.get(Counter::Cpu),
-        w.state().name(),
-        w.get(Counter::Restarts),
-        w.get(Counter::SessionsActive),
-        busy * 100.0
-    )
+    );
+    if sample.liveness != Liveness::Running {
+        line += " (NOT RUNNING)";
+    }
+    line + "\n"
 }
 
 /// The totals since start, in path order.
-pub fn to_table(snap: &Snapshot, system: &SystemCounters) -> String {
-    let mut out = header_line(snap);
-    system_lines(&mut out, None, system, 0.0);
-    worker_header(&mut out, "busy(ρ)");
-    for w in snap.workers() {
-        out += &worker_ident(&w, busy_ratio(&w));
-        for (_, c) in COLUMNS {
-            out += &format!(" {:>12}", w.get(c));
+pub fn to_table(sample: &Sample, wide: bool) -> String {
+    render(None, sample, None, wide)
+}
+
+/// What happened between two samples: per second (`--watch`) or in all
+/// (the demo), with the first stage whose drops grew marked.
+pub fn window_table(before: &Sample, after: &Sample, window: Window, wide: bool) -> String {
+    render(Some(before), after, Some(window), wide)
+}
+
+fn render(before: Option<&Sample>, after: &Sample, window: Option<Window>, wide: bool) -> String {
+    let secs = before.map_or(0.0, |b| after.at.duration_since(b.at).as_secs_f64());
+    let n = Numbers { window, secs };
+    let mut out = header_line(after);
+    match window {
+        Some(Window::Rates) => out += &format!("rates per second over the last {secs:.1}s\n"),
+        Some(Window::Deltas) => out += &format!("counts over the last {secs:.1}s\n"),
+        None => {}
+    }
+    system_lines(&mut out, before.map(|b| &b.system), &after.system, &n);
+    let columns = columns(wide);
+    out += &format!(
+        "{:>3} {:>8} {:>4} {:<8} {:>4} {:>8} {:>9}",
+        "id", "pid", "cpu", "state", "rst", "sessions", "busy(rho)"
+    );
+    for c in &columns {
+        out += &format!(" {:>width$}", c.name, width = width(wide));
+    }
+    out += "\n";
+    for w in after.snap.workers() {
+        let b = before.and_then(|b| b.snap.workers().find(|x| x.id == w.id));
+        let busy = match window {
+            Some(_) => busy_ratio_between(b.as_ref(), &w),
+            None => busy_ratio(&w),
+        };
+        out += &format!(
+            "{:>3} {:>8} {:>4} {:<8} {:>4} {:>8} {:>8.1}%",
+            w.id,
+            w.get(Counter::Pid),
+            w.get(Counter::Cpu),
+            after.state_of(&w),
+            w.get(Counter::Restarts),
+            w.get(Counter::SessionsActive),
+            busy * 100.0
+        );
+        let sum = |x: &WorkerSnapshot<'_>, c: &Column| {
+            c.counters
+                .iter()
+                .map(|c| x.get(*c))
+                .fold(0, u64::saturating_add)
+        };
+        for c in &columns {
+            out += &format!(
+                " {:>width$}",
+                n.show(b.as_ref().map(|b| sum(b, c)), sum(&w, c)),
+                width = width(wide)
+            );
         }
         out += "\n";
     }
-    stage_summary(&mut out, None, &stage_drops(snap, system), 0.0);
+    out += if wide { WIDE_LEGEND } else { NARROW_LEGEND };
+    stage_summary(
+        &mut out,
+        before.map(|b| stage_drops(&b.snap, &b.system)).as_ref(),
+        &stage_drops(&after.snap, &after.system),
+        &n,
+    );
     out
 }
 
-/// Per-second rates between two samples, ρ over the interval, and the
-/// first stage whose drops grew.
-pub fn rates_table(before: &Sample, after: &Sample) -> String {
-    let secs = after.at.duration_since(before.at).as_secs_f64();
-    let mut out = header_line(&after.snap);
-    out += &format!("rates per second over the last {secs:.1}s\n");
-    system_lines(&mut out, Some(&before.system), &after.system, secs);
-    worker_header(&mut out, "busy(ρ)");
-    for w in after.snap.workers() {
-        let b = before.snap.workers().find(|b| b.id == w.id);
-        out += &worker_ident(&w, busy_ratio_between(b.as_ref(), &w));
-        for (_, c) in COLUMNS {
-            let then = b.as_ref().map_or(0, |b| b.get(c));
-            out += &format!(" {:>12.0}", rate(then, w.get(c), secs));
-        }
-        out += "\n";
-    }
-    stage_summary(
-        &mut out,
-        Some(&stage_drops(&before.snap, &before.system)),
-        &stage_drops(&after.snap, &after.system),
-        secs,
-    );
-    out
+/// `2026-12-01 20:45:31 UTC` for a Unix time.
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -450,6 +708,13 @@ mod tests {
         assert_eq!(first_growing(&before, &after), Some(Stage::Softnet));
         // A counter that went backwards (a reset) is not growth.
         assert_eq!(first_growing(&after, &before), None);
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_796_157_931), "2026-12-01 20:45:31 UTC");
     }
 
     #[test]

@@ -170,6 +170,15 @@ impl Supervisor {
             .map_err(SupervisorError::Poll)?;
         tracing::info!("stats at {}", stats_path.display());
         region.set_header(Header::SupervisorPid, std::process::id() as u64);
+        region.set_header(
+            Header::SupervisorStartTicks,
+            crate::process::start_ticks(std::process::id()).unwrap_or(0),
+        );
+        region.set_header(
+            Header::SupervisorPidNs,
+            crate::process::pid_namespace().unwrap_or(0),
+        );
+        region.set_header(Header::SupervisorHeartbeat, crate::process::monotonic_ns());
         region.set_header(Header::StartedAt, unix_now());
         region.set_header(Header::ConfigGeneration, 1);
         region.set_header(Header::Workers, count as u64);
@@ -221,8 +230,16 @@ impl Supervisor {
         Ok(sup)
     }
 
-    /// Serves until stopped; returns once every worker has exited.
+    /// Serves until stopped; returns once every worker has exited. The stats
+    /// file records when, so `udpshard stats` can tell a stopped proxy from
+    /// a running one.
     pub fn run(mut self) -> Result<(), SupervisorError> {
+        let result = self.serve();
+        self.region.set_header(Header::StoppedAt, unix_now());
+        result
+    }
+
+    fn serve(&mut self) -> Result<(), SupervisorError> {
         let mut events = Events::with_capacity(64);
         loop {
             let timeout = self
@@ -233,6 +250,8 @@ impl Supervisor {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(SupervisorError::Poll(e)),
             }
+            self.region
+                .set_header(Header::SupervisorHeartbeat, crate::process::monotonic_ns());
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => self.handle_signals()?,
@@ -401,6 +420,9 @@ impl Supervisor {
     /// `drain_timeout`, then exits.
     fn begin_stop(&mut self, signal: i32) {
         if self.stop_deadline.is_some() {
+            // A second Ctrl-C: the user does not want to wait for the drain.
+            tracing::warn!("signal {signal} while draining: stopping the workers now");
+            self.kill_all();
             return;
         }
         let timeout = self.config.drain_timeout;

@@ -133,8 +133,22 @@ fn stats_prints_a_table_and_json() {
     assert!(out.status.success());
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
-        table.contains("state") && table.contains("malformed"),
+        table.contains("state") && table.contains("drops") && table.contains("busy(rho):"),
         "{table}"
+    );
+    assert!(
+        table.lines().all(|l| l.len() <= 100),
+        "the default table fits a terminal:\n{table}"
+    );
+    let wide = Command::new(BIN)
+        .args(["stats", "--wide", "--stats-file"])
+        .arg(&proxy.stats_file)
+        .output()
+        .unwrap();
+    let wide = String::from_utf8_lossy(&wide.stdout);
+    assert!(
+        wide.contains(" malformed ") && wide.contains("  up_sock_drop  replies dropped"),
+        "--wide has every counter and its legend:\n{wide}"
     );
     assert_eq!(
         table.lines().filter(|l| l.contains(" ready ")).count(),

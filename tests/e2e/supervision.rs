@@ -242,6 +242,9 @@ fn sighup_follows_workers_2_1_2_and_traffic_keeps_flowing() {
     });
     round(&proxy);
     assert_eq!(total(&proxy.stats(), "drops.socket"), 0);
+    // A normal shrink is not an error: no warning about the retired worker.
+    let log = proxy.log();
+    assert!(!log.contains("WARN"), "{log}");
 }
 
 #[test]

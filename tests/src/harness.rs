@@ -6,53 +6,37 @@
 //! waiting for counters polls the stats file with a deadline.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+pub use udpshard_lab::Seen;
+use udpshard_lab::{EchoBackend, ProxyChild};
 
 /// A directory removed when dropped.
-pub struct TempDir(PathBuf);
+pub struct TempDir(udpshard_lab::TempDir);
 
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("udpshard-e2e-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
+        TempDir(udpshard_lab::TempDir::new(&format!("e2e-{tag}")).expect("create temp dir"))
     }
 
     pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path()
     }
 }
 
 /// A running `udpshard run`, stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Proxy {
-    child: Option<Child>,
+    child: ProxyChild,
     bin: PathBuf,
     pub dir: TempDir,
     pub config_path: PathBuf,
     pub stats_file: PathBuf,
     /// Listener name -> bound address, from the ready line.
     pub listeners: HashMap<String, SocketAddr>,
-    log: Arc<Mutex<String>>,
-    _log_reader: JoinHandle<()>,
 }
 
 /// How long a proxy may take to say it is ready.
@@ -68,16 +52,7 @@ impl Proxy {
     /// As [`Proxy::start`], with the command run under `wrapper` (for
     /// instance `["taskset", "-c", "0"]`).
     pub fn start_with(bin: &Path, config: &str, wrapper: &[&str]) -> Proxy {
-        let dir = TempDir::new("proxy");
-        let stats_file = dir.path().join("stats");
-        let config_path = dir.path().join("udpshard.toml");
-        let mut text = config.replace("{stats_file}", &stats_file.display().to_string());
-        // Each test's proxy stops when the test ends: a short drain keeps
-        // the suite fast (tests of draining set their own).
-        if !text.contains("drain_timeout") {
-            text = format!("drain_timeout = \"300ms\"\n{text}");
-        }
-        std::fs::write(&config_path, text).expect("write config");
+        let (dir, config_path, stats_file) = write_config(config);
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -93,64 +68,28 @@ impl Proxy {
     /// Runs an arbitrary `udpshard run ...` command line (for the embedded
     /// default config, which has its own stats path).
     pub fn spawn(
-        mut cmd: Command,
+        cmd: Command,
         bin: &Path,
         dir: TempDir,
         config_path: PathBuf,
         stats_file: PathBuf,
     ) -> Proxy {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn udpshard");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let log_reader = {
-            let log = Arc::clone(&log);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    if std::env::var_os("UDPSHARD_TEST_LOG").is_some() {
-                        eprintln!("[udpshard] {line}");
-                    }
-                    if let Some(rest) = line.split("ready: ").nth(1) {
-                        let _ = ready_tx.send(rest.to_string());
-                    }
-                    let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            })
+        let echo = std::env::var_os("UDPSHARD_TEST_LOG").is_some();
+        let on_line = move |line: &str| {
+            if echo {
+                eprintln!("[udpshard] {line}");
+            }
         };
-        let mut proxy = Proxy {
-            child: Some(child),
+        let child =
+            ProxyChild::spawn(cmd, on_line, READY_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+        Proxy {
+            listeners: child.listeners.clone(),
+            child,
             bin: bin.to_path_buf(),
             dir,
             config_path,
             stats_file,
-            listeners: HashMap::new(),
-            log,
-            _log_reader: log_reader,
-        };
-        match ready_rx.recv_timeout(READY_TIMEOUT) {
-            // "2 workers serving quic@127.0.0.1:4433 other@[::1]:99"
-            Ok(rest) => {
-                let serving = rest.split("serving ").nth(1).unwrap_or("");
-                for item in serving.split_whitespace() {
-                    if let Some((name, addr)) = item.split_once('@') {
-                        if let Ok(addr) = addr.parse() {
-                            proxy.listeners.insert(name.to_string(), addr);
-                        }
-                    }
-                }
-            }
-            Err(_) => panic!(
-                "udpshard did not become ready in {READY_TIMEOUT:?}; log:\n{}",
-                proxy.log()
-            ),
         }
-        proxy
     }
 
     pub fn addr(&self, listener: &str) -> SocketAddr {
@@ -161,12 +100,12 @@ impl Proxy {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, |c| c.id())
+        self.child.pid()
     }
 
     /// Everything the proxy has logged so far.
     pub fn log(&self) -> String {
-        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.child.log()
     }
 
     /// Waits until the log contains `needle`.
@@ -215,44 +154,30 @@ impl Proxy {
 
     /// Sends a signal to the supervisor.
     pub fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.pid() as i32, signal) };
-        assert_eq!(rc, 0, "kill({}, {signal})", self.pid());
+        assert!(self.child.signal(signal), "kill({}, {signal})", self.pid());
     }
 
     /// Waits for the supervisor to exit; `None` if it did not within `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut()?;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.child.wait_exit(timeout)
     }
 }
 
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+/// A fresh temp dir with `config` written into it as `udpshard.toml`
+/// (`{stats_file}` replaced by a path beside it, and a short drain unless the
+/// config sets one): the dir, the config's path and the stats file's.
+pub fn write_config(config: &str) -> (TempDir, PathBuf, PathBuf) {
+    let dir = TempDir::new("proxy");
+    let stats_file = dir.path().join("stats");
+    let config_path = dir.path().join("udpshard.toml");
+    let mut text = config.replace("{stats_file}", &stats_file.display().to_string());
+    // Each test's proxy stops when the test ends: a short drain keeps
+    // the suite fast (tests of draining set their own).
+    if !text.contains("drain_timeout") {
+        text = format!("drain_timeout = \"300ms\"\n{text}");
     }
+    std::fs::write(&config_path, text).expect("write config");
+    (dir, config_path, stats_file)
 }
 
 /// `udpshard stats --json --stats-file F`, parsed.
@@ -287,22 +212,12 @@ pub fn field_of(worker: &Value, field: &str) -> u64 {
     v.as_u64().unwrap_or(0)
 }
 
-/// One datagram as a backend saw it.
-#[derive(Debug, Clone)]
-pub struct Seen {
-    pub payload: Vec<u8>,
-    /// The proxy's upstream address it came from (one per session).
-    pub from: SocketAddr,
-}
-
 /// A UDP backend on loopback that records every datagram and echoes it back
-/// prefixed with its own name.
+/// prefixed with its own name and a colon.
 pub struct Backend {
     pub addr: SocketAddr,
     pub name: String,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    echo: EchoBackend,
 }
 
 impl Backend {
@@ -311,56 +226,22 @@ impl Backend {
     }
 
     pub fn start_on(name: &str, bind: &str) -> Backend {
-        let socket = bind_udp(bind);
-        socket
-            .set_read_timeout(Some(Duration::from_millis(20)))
-            .expect("timeout");
-        let addr = socket.local_addr().expect("backend addr");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (seen, stop, name) = (Arc::clone(&seen), Arc::clone(&stop), name.to_string());
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((n, from)) = socket.recv_from(&mut buf) else {
-                        continue;
-                    };
-                    let payload = buf[..n].to_vec();
-                    let mut reply = name.as_bytes().to_vec();
-                    reply.push(b':');
-                    reply.extend_from_slice(&payload);
-                    let _ = socket.send_to(&reply, from);
-                    seen.lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(Seen { payload, from });
-                }
-            })
-        };
+        let addr: SocketAddr = bind.parse().expect("socket address");
+        let echo =
+            EchoBackend::start(addr, format!("{name}:").as_bytes(), true).expect("start backend");
         Backend {
-            addr,
+            addr: echo.addr,
             name: name.to_string(),
-            seen,
-            stop,
-            thread: Some(thread),
+            echo,
         }
     }
 
     pub fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.echo.seen()
     }
 
     pub fn count(&self) -> usize {
-        self.seen.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.echo.received() as usize
     }
 }
 
@@ -379,21 +260,7 @@ pub fn listener_config(top: &str, listener: &str, backends: &[SocketAddr]) -> St
 /// (hundreds of datagrams at once) never overflow it: a loss in a test
 /// must be udpshard's, not the harness's.
 pub fn bind_udp(addr: &str) -> UdpSocket {
-    let addr: SocketAddr = addr.parse().expect("socket address");
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )
-    .expect("socket");
-    let want = 8 << 20;
-    // SO_RCVBUFFORCE passes rmem_max when we may (root, as in CI).
-    if nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::RcvBufForce, &want).is_err()
-    {
-        let _ = socket.set_recv_buffer_size(want);
-    }
-    socket.bind(&addr.into()).expect("bind");
-    socket.into()
+    udpshard_lab::bind_udp(addr.parse().expect("socket address")).expect("bind")
 }
 
 /// Waits until `cond` holds, polling; panics with `what` after `timeout`.

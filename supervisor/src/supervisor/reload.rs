@@ -37,8 +37,11 @@ impl Supervisor {
                 self.config_gen += 1;
                 self.region
                     .set_header(Header::ConfigGeneration, self.config_gen);
+                // A retiring worker was told to stop: it leaves with the
+                // config it has.
                 for id in 0..self.workers.len() {
-                    if self.workers[id].state == super::WorkerState::Ready {
+                    let w = &self.workers[id];
+                    if w.state == super::WorkerState::Ready && !w.retiring {
                         self.send_reload(id);
                     }
                 }
@@ -160,6 +163,10 @@ impl Supervisor {
         if let Some(control) = w.control.as_ref() {
             match control.send(&msg, &fds) {
                 Ok(()) => w.config_gen = self.config_gen,
+                // It is exiting; its reap restarts it with the new config.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    tracing::debug!(worker = id, "exited before its new config reached it")
+                }
                 Err(e) => tracing::warn!(worker = id, "cannot send the new config: {e}"),
             }
         }
