@@ -38,6 +38,12 @@ pub(crate) struct FileListener {
     pub maglev_table_size: Option<Spanned<Int>>,
     pub backends: Option<Spanned<ArrayOf<Spanned<FileBackend>>>>,
     pub quic_lb: Option<Spanned<FileQuicLb>>,
+    pub migration: Option<Spanned<String>>,
+    pub path_idle: Option<Spanned<IntOrStr>>,
+    pub max_paths: Option<Spanned<Int>>,
+    pub upstream_sources: Option<Spanned<ArrayOf<Spanned<String>>>>,
+    pub upstream_ports: Option<Spanned<String>>,
+    pub port_reuse_delay: Option<Spanned<IntOrStr>>,
 }
 
 /// `[listener.quic_lb]`: plaintext QUIC-LB routing
@@ -92,6 +98,11 @@ impl Element for Spanned<FileListener> {
 
 impl Element for Spanned<FileBackend> {
     const ARRAY_DESCRIPTION: &'static str = r#"an array of backends, e.g. ["10.0.0.1:443"]"#;
+}
+
+impl Element for Spanned<String> {
+    const ARRAY_DESCRIPTION: &'static str =
+        r#"an array of IP addresses, e.g. ["10.0.0.5", "10.0.0.6"]"#;
 }
 
 impl<'de, T: Deserialize<'de> + Element> Deserialize<'de> for ArrayOf<T> {

@@ -10,7 +10,7 @@ mod file;
 mod units;
 mod validate;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -65,6 +65,40 @@ pub struct Listener {
     pub backends: Vec<Backend>,
     /// Only with the quic dissector; then every backend has a server ID.
     pub quic_lb: Option<QuicLb>,
+    /// What a datagram with a live session's key from a new client address
+    /// does.
+    pub migration: Migration,
+    /// A path that is not its session's last closes after this long without
+    /// a datagram either way; in `1s..=session_idle`.
+    pub path_idle: Duration,
+    /// Paths a session may have at once, in `1..=16` (1 with `follow`); past
+    /// it the least recently used closes.
+    pub max_paths: usize,
+    /// The local addresses upstream sockets bind, unique; empty: the
+    /// wildcard of each backend's family (the route to the backend picks the
+    /// address). Otherwise it has an address of every backend's family.
+    pub upstream_sources: Vec<IpAddr>,
+    /// The ports upstream sockets bind (`lo <= hi`, `lo >= 1`); `None`: the
+    /// kernel's ephemeral range (`net.ipv4.ip_local_port_range`) at start.
+    pub upstream_ports: Option<(u16, u16)>,
+    /// How long a (source, port) freed from a backend waits before it is
+    /// used toward that backend again, in `0s..=1h`.
+    pub port_reuse_delay: Duration,
+}
+
+/// How a session treats a client address it has not seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migration {
+    /// The new address gets a path of its own (its own upstream 4-tuple):
+    /// the backend sees the peer address change and validates the new path
+    /// itself (RFC 9000 8.2, 9). Replies on a path go to its address only,
+    /// so one spoofed datagram cannot redirect a session.
+    Path,
+    /// One upstream 4-tuple whose client address follows the latest
+    /// datagram: for trusted networks and backends that cannot cope with a
+    /// peer changing address. Anyone who can send a datagram with a live
+    /// connection ID can redirect that session's replies.
+    Follow,
 }
 
 /// Plaintext QUIC-LB routing: a connection ID whose first octet's top three

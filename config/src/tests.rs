@@ -57,6 +57,12 @@ fn default_parses() {
             max_sessions: 1_000_000,
             maglev_table_size: 65_537,
             quic_lb: None,
+            migration: Migration::Path,
+            path_idle: Duration::from_secs(30),
+            max_paths: 4,
+            upstream_sources: vec![],
+            upstream_ports: Some((20000, 29999)),
+            port_reuse_delay: Duration::from_secs(60),
             backends: vec![
                 Backend {
                     addr: sa("127.0.0.1:4434"),
@@ -201,6 +207,110 @@ fn defaults_filled() {
             weight: 1,
             server_id: None,
         }]
+    );
+    assert_eq!(l.migration, Migration::Path);
+    assert_eq!(l.path_idle, Duration::from_secs(30));
+    assert_eq!(l.max_paths, 4);
+    assert_eq!(l.upstream_sources, Vec::<std::net::IpAddr>::new());
+    assert_eq!(l.upstream_ports, None);
+    assert_eq!(l.port_reuse_delay, Duration::from_secs(60));
+    // path_idle never outlasts session_idle.
+    let short = ok(&with("session_idle = \"10s\""));
+    assert_eq!(short.listeners[0].path_idle, Duration::from_secs(10));
+}
+
+#[test]
+fn paths_and_ports() {
+    let c = ok(&with(
+        "migration = \"path\"\nmax_paths = 16\npath_idle = \"5s\"\nupstream_sources = [\"10.0.0.5\", \"::1\"]\nupstream_ports = \"1025-32767\"\nport_reuse_delay = \"0s\"",
+    ));
+    let l = &c.listeners[0];
+    assert_eq!(l.max_paths, 16);
+    assert_eq!(l.path_idle, Duration::from_secs(5));
+    assert_eq!(
+        l.upstream_sources,
+        vec![
+            "10.0.0.5".parse::<std::net::IpAddr>().unwrap(),
+            "::1".parse().unwrap()
+        ]
+    );
+    assert_eq!(l.upstream_ports, Some((1025, 32767)));
+    assert_eq!(l.port_reuse_delay, Duration::ZERO);
+    let follow = ok(&with("migration = \"follow\""));
+    assert_eq!(follow.listeners[0].migration, Migration::Follow);
+    assert_eq!(follow.listeners[0].max_paths, 1);
+    assert_eq!(
+        ok(&with("upstream_ports = \"9-9\"")).listeners[0].upstream_ports,
+        Some((9, 9))
+    );
+}
+
+#[test]
+fn bad_paths_and_ports() {
+    assert_err(
+        &with("migration = \"roam\""),
+        6,
+        13,
+        r#"migration = "roam" is invalid"#,
+    );
+    assert_err(
+        &with("migration = \"follow\"\nmax_paths = 2"),
+        7,
+        13,
+        r#"max_paths needs migration = "path""#,
+    );
+    assert_err(
+        &with("max_paths = 0"),
+        6,
+        13,
+        "max_paths = 0 is out of range (1..=16)",
+    );
+    assert_err(&with("max_paths = 17"), 6, 13, "out of range");
+    assert_err(
+        &with("path_idle = \"90s\""),
+        6,
+        13,
+        "path_idle = \"90s\" is longer than session_idle",
+    );
+    assert_err(&with("path_idle = 5"), 6, 13, "has no unit");
+    for bad in ["1000", "0-10", "10-9", "1-65536", "a-b", ""] {
+        assert_err(
+            &with(&format!("upstream_ports = \"{bad}\"")),
+            6,
+            18,
+            &format!("upstream_ports = {bad:?}"),
+        );
+    }
+    assert_err(&with("upstream_ports = 1000"), 6, 18, "");
+    assert_err(
+        &with("upstream_sources = [\"10.0.0.5\", \"10.0.0.5\"]"),
+        6,
+        33,
+        "upstream_sources lists 10.0.0.5 twice",
+    );
+    assert_err(
+        &with("upstream_sources = [\"host.example\"]"),
+        6,
+        21,
+        r#"upstream_sources entry "host.example" is not an IP address"#,
+    );
+    assert_err(
+        &with("upstream_sources = []"),
+        6,
+        20,
+        "needs 1 to 64 addresses",
+    );
+    assert_err(
+        &with("upstream_sources = [\"::1\"]"),
+        6,
+        20,
+        "backend 10.0.0.1:443 is IPv4, but upstream_sources has no IPv4 address",
+    );
+    assert_err(
+        &with("port_reuse_delay = \"2h\""),
+        6,
+        20,
+        r#"port_reuse_delay = "2h" is out of range (0s..=1h)"#,
     );
 }
 

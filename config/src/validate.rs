@@ -12,7 +12,9 @@ use toml::Spanned;
 use crate::error::SpanError;
 use crate::file::{ArrayOf, FileBackend, FileConfig, FileListener, FileQuicLb, Int, IntOrStr};
 use crate::units::{self, UnitError, DURATION_FORMS, SIZE_FORMS};
-use crate::{Backend, Config, Dissector, Listener, QuicLb, Steering, Workers, DEFAULT_STATS_FILE};
+use crate::{
+    Backend, Config, Dissector, Listener, Migration, QuicLb, Steering, Workers, DEFAULT_STATS_FILE,
+};
 
 type Result<T> = std::result::Result<T, SpanError>;
 type Span = Range<usize>;
@@ -42,6 +44,13 @@ const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_MAX_SESSIONS: usize = 1_000_000;
 const DEFAULT_MAGLEV_TABLE_SIZE: usize = 65_537;
 const DEFAULT_WEIGHT: u32 = 1;
+const DEFAULT_PATH_IDLE: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_PATHS: usize = 4;
+const MAX_PATHS: RangeInclusive<i64> = 1..=16;
+const MAX_SOURCES: usize = 64;
+const DEFAULT_PORT_REUSE_DELAY: Duration = Duration::from_secs(60);
+const PORT_REUSE_DELAY: RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(3600);
+const PORT_REUSE_DELAY_TEXT: &str = "0s..=1h";
 const NAME_MAX: usize = 32;
 
 pub(crate) fn validate(file: FileConfig) -> Result<Config> {
@@ -204,6 +213,72 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
         ));
     }
 
+    let migration = match &l.migration {
+        None => Migration::Path,
+        Some(v) => match v.get_ref().as_str() {
+            "path" => Migration::Path,
+            "follow" => Migration::Follow,
+            other => {
+                return Err(at(
+                    v,
+                    format!(
+                        "{ctx}: migration = {other:?} is invalid (expected \"path\" or \"follow\")"
+                    ),
+                ))
+            }
+        },
+    };
+    let max_paths = match (&l.max_paths, migration) {
+        (None, Migration::Path) => DEFAULT_MAX_PATHS,
+        (None, Migration::Follow) => 1,
+        (Some(v), Migration::Follow) => {
+            return Err(at(
+                v,
+                format!("{ctx}: max_paths needs migration = \"path\" (with \"follow\" a session has one path)"),
+            ))
+        }
+        (Some(v), Migration::Path) => int_in(v, MAX_PATHS, &format!("{ctx}: max_paths"))?,
+    };
+    let path_idle = match &l.path_idle {
+        None => DEFAULT_PATH_IDLE.min(session_idle),
+        Some(v) => {
+            let d = duration_in(
+                v,
+                SESSION_IDLE,
+                SESSION_IDLE_TEXT,
+                &format!("{ctx}: path_idle"),
+            )?;
+            if d > session_idle {
+                return Err(at(
+                    v,
+                    format!(
+                        "{ctx}: path_idle = {} is longer than session_idle ({session_idle:?}): a session \
+                         closes with its last path",
+                        v.get_ref()
+                    ),
+                ));
+            }
+            d
+        }
+    };
+    let port_reuse_delay = match &l.port_reuse_delay {
+        None => DEFAULT_PORT_REUSE_DELAY,
+        Some(v) => duration_in(
+            v,
+            PORT_REUSE_DELAY,
+            PORT_REUSE_DELAY_TEXT,
+            &format!("{ctx}: port_reuse_delay"),
+        )?,
+    };
+    let upstream_ports = match &l.upstream_ports {
+        None => None,
+        Some(v) => Some(port_range(v, &ctx)?),
+    };
+    let upstream_sources = match &l.upstream_sources {
+        None => Vec::new(),
+        Some(v) => sources(v, &backends, &ctx)?,
+    };
+
     Ok(Listener {
         name,
         bind,
@@ -215,7 +290,75 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
         maglev_table_size,
         backends,
         quic_lb,
+        migration,
+        path_idle,
+        max_paths,
+        upstream_sources,
+        upstream_ports,
+        port_reuse_delay,
     })
+}
+
+/// `upstream_ports = "20000-29999"`: an inclusive range of port numbers.
+fn port_range(v: &Spanned<String>, ctx: &str) -> Result<(u16, u16)> {
+    let text = v.get_ref().trim();
+    let bad = |why: &str| {
+        at(
+            v,
+            format!("{ctx}: upstream_ports = {text:?} {why} (expected \"LO-HI\" with 1 <= LO <= HI <= 65535, e.g. \"20000-29999\")"),
+        )
+    };
+    let (lo, hi) = text.split_once('-').ok_or_else(|| bad("is not a range"))?;
+    let port = |s: &str| s.trim().parse::<u16>().ok().filter(|p| *p >= 1);
+    match (port(lo), port(hi)) {
+        (Some(lo), Some(hi)) if lo <= hi => Ok((lo, hi)),
+        (Some(_), Some(_)) => Err(bad("is empty")),
+        _ => Err(bad("is not a range of ports")),
+    }
+}
+
+/// `upstream_sources`: unique IP addresses, one of every backend's family.
+fn sources(
+    v: &Spanned<ArrayOf<Spanned<String>>>,
+    backends: &[Backend],
+    ctx: &str,
+) -> Result<Vec<std::net::IpAddr>> {
+    let list = &v.get_ref().0;
+    if list.is_empty() || list.len() > MAX_SOURCES {
+        return Err(at(
+            v,
+            format!("{ctx}: upstream_sources needs 1 to {MAX_SOURCES} addresses (leave it out for the wildcard)"),
+        ));
+    }
+    let mut out: Vec<std::net::IpAddr> = Vec::with_capacity(list.len());
+    for s in list {
+        let ip: std::net::IpAddr = s.get_ref().trim().parse().map_err(|_| {
+            at(
+                s,
+                format!(
+                    "{ctx}: upstream_sources entry {:?} is not an IP address",
+                    s.get_ref()
+                ),
+            )
+        })?;
+        if out.contains(&ip) {
+            return Err(at(s, format!("{ctx}: upstream_sources lists {ip} twice")));
+        }
+        out.push(ip);
+    }
+    for b in backends {
+        if !out.iter().any(|ip| ip.is_ipv4() == b.addr.is_ipv4()) {
+            let family = if b.addr.is_ipv4() { "IPv4" } else { "IPv6" };
+            return Err(at(
+                v,
+                format!(
+                    "{ctx}: backend {} is {family}, but upstream_sources has no {family} address",
+                    b.addr
+                ),
+            ));
+        }
+    }
+    Ok(out)
 }
 
 fn quic_lb(v: &Spanned<FileQuicLb>, dissector: Dissector, ctx: &str) -> Result<QuicLb> {

@@ -1,18 +1,33 @@
 //! Frames between workers over their handoff sockets (Unix datagram
 //! socketpairs the supervisor creates, one inbox per worker).
 //!
-//! A `Datagram` frame carries a client datagram to the worker that owns its
-//! session, with the client's address and the local address it was sent
-//! to. The receiver processes it as its own. The one exception: a worker
-//! that has just transferred the session away returns the datagram to the
-//! new owner; `hops` caps that at [`MAX_HOPS`], so a stale ownership entry
-//! can never make workers bounce a datagram.
-//! A `Transfer` frame moves a session, its upstream socket travelling
-//! beside it as SCM_RIGHTS, so a migrated flow stops needing handoffs.
+//! - `Datagram` carries a client datagram to the worker that owns its
+//!   session, with the client's address and the local address it was sent
+//!   to. The receiver processes it as its own. A worker that has just
+//!   transferred the session away hands it on; `hops` caps that at
+//!   [`MAX_HOPS`], so a stale ownership entry can never bounce a datagram.
+//! - `Transfer` moves a session to the worker the kernel now delivers it to,
+//!   with its paths. Each path's upstream socket travels beside it
+//!   (SCM_RIGHTS, in path order): the receiver sends on it. The socket's
+//!   home, the worker holding its port lease, keeps reading it and relays
+//!   the path's replies, so the backend never sees the 4-tuple change.
+//! - `TransferDone` answers a transfer: accepted (the receiver owns the
+//!   session now), or refused (its descriptors did not arrive; the sender
+//!   keeps the session).
+//! - `PathClosed` tells a socket's home that the owner of a path it relays
+//!   closed it. `PathMoved` tells it that the path's client moved
+//!   (`follow`), with the datagram that moved it: the home forwards that
+//!   datagram itself, after it has pointed the relay at the new address, so
+//!   no reply to it can go to the old one.
+//! - `AliasLearned` and `Activity` tell a session's owner what the home of
+//!   one of its paths saw in a reply: the server's new connection ID, and
+//!   that replies still flow.
 //!
-//! Header, 48 bytes, little-endian:
-//! `kind u8 | hops u8 | from worker u16 | client: family u8, ip [16], port u16 |
-//!  local: family u8 (0: none), ip [16] | listener identity u64`
+//! A datagram frame's 48-byte header, little-endian:
+//! `kind u8 | hops u8 | from u16 | client: family u8, ip [16], port u16 |
+//!  local: family u8 (0: none), ip [16] | listener identity u64`, then the
+//! datagram. Every other frame: `kind u8 | 0 u8 | from u16 | listener u64`,
+//! then its body, field after field.
 //!
 //! The listener is named by its stable identity (its name's hash), not its
 //! position, so a frame sent across a reload that renumbers listeners still
@@ -30,18 +45,41 @@ pub const MAX_HOPS: u8 = 2;
 /// Aliases a session may carry (learned server connection IDs).
 pub const MAX_ALIASES: usize = 8;
 
+/// Paths a transfer may carry (the most `max_paths` allows).
+pub const MAX_TRANSFER_PATHS: usize = 16;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Datagram = 1,
     Transfer = 2,
+    TransferDone = 3,
+    PathClosed = 4,
+    PathMoved = 5,
+    AliasLearned = 6,
+    Activity = 7,
 }
 
+impl Kind {
+    fn from_byte(b: u8) -> Result<Kind, HandoffError> {
+        Ok(match b {
+            1 => Kind::Datagram,
+            2 => Kind::Transfer,
+            3 => Kind::TransferDone,
+            4 => Kind::PathClosed,
+            5 => Kind::PathMoved,
+            6 => Kind::AliasLearned,
+            7 => Kind::Activity,
+            other => return Err(HandoffError::Kind(other)),
+        })
+    }
+}
+
+/// A handed-over client datagram's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
-    pub kind: Kind,
     /// How many handoffs this datagram has taken, this one included.
     pub hops: u8,
-    /// The listener's stable identity (see `udpshard_worker`'s `Listener::ident`).
+    /// The listener's stable identity (see `udpshard_worker`'s listener ident).
     pub listener: u64,
     pub from: u16,
     pub client: SocketAddr,
@@ -56,8 +94,83 @@ pub enum HandoffError {
     Kind(u8),
     #[error("bad address family {0} in a handoff frame")]
     Family(u8),
-    #[error("malformed session transfer")]
-    Transfer,
+    #[error("malformed {0:?} frame")]
+    Body(Kind),
+}
+
+/// One path of a session in transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransferPath {
+    pub client: SocketAddr,
+    pub local_ip: Option<IpAddr>,
+    /// Its upstream socket's local address: (source, port).
+    pub upstream: SocketAddr,
+    /// The worker holding the socket's lease (it reads the socket).
+    pub home: u16,
+    pub home_generation: u16,
+    /// How long since its client last sent, in ms.
+    pub idle_ms: u32,
+}
+
+/// A session as it travels to its new owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    pub key: FlowKey,
+    pub aliases: Vec<FlowKey>,
+    /// Its backend: the index in the listener's list and the address (a
+    /// receiver whose list differs, mid-reload, refuses the transfer).
+    pub backend: u16,
+    pub backend_addr: SocketAddr,
+    pub paths: Vec<TransferPath>,
+}
+
+/// A path named across workers by its 4-tuple: the upstream socket's local
+/// address and the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathRef {
+    /// The session's primary key (its owner is found by it).
+    pub key: FlowKey,
+    pub upstream: SocketAddr,
+    pub backend: SocketAddr,
+}
+
+/// Every frame but a datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    Transfer(Transfer),
+    TransferDone {
+        key: FlowKey,
+        accepted: bool,
+    },
+    PathClosed(PathRef),
+    PathMoved {
+        path: PathRef,
+        client: SocketAddr,
+        local_ip: Option<IpAddr>,
+    },
+    AliasLearned {
+        key: FlowKey,
+        alias: FlowKey,
+    },
+    Activity(PathRef),
+}
+
+/// A decoded frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Frame<'a> {
+    Datagram {
+        header: Header,
+        payload: &'a [u8],
+    },
+    Control {
+        from: u16,
+        listener: u64,
+        control: Control,
+        /// The client datagram a `PathMoved` carries (empty for the others).
+        payload: &'a [u8],
+        /// Where `payload` starts in the frame.
+        payload_at: usize,
+    },
 }
 
 fn put_ip(out: &mut [u8], ip: Option<IpAddr>) {
@@ -89,7 +202,7 @@ fn get_ip(b: &[u8]) -> Result<Option<IpAddr>, HandoffError> {
 impl Header {
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut out = [0u8; HEADER_LEN];
-        out[0] = self.kind as u8;
+        out[0] = Kind::Datagram as u8;
         out[1] = self.hops;
         out[2..4].copy_from_slice(&self.from.to_le_bytes());
         put_ip(&mut out[4..21], Some(self.client.ip()));
@@ -99,95 +212,263 @@ impl Header {
         out
     }
 
-    /// Splits a frame into its header and body.
-    pub fn decode(frame: &[u8]) -> Result<(Header, &[u8]), HandoffError> {
-        let head = frame.get(..HEADER_LEN).ok_or(HandoffError::Short)?;
-        let kind = match head[0] {
-            1 => Kind::Datagram,
-            2 => Kind::Transfer,
-            other => return Err(HandoffError::Kind(other)),
-        };
+    fn decode(head: &[u8]) -> Result<Header, HandoffError> {
         let client_ip = get_ip(&head[4..21])?.ok_or(HandoffError::Family(0))?;
         let mut ident = [0u8; 8];
         ident.copy_from_slice(&head[40..48]);
-        let header = Header {
-            kind,
+        Ok(Header {
             hops: head[1],
             listener: u64::from_le_bytes(ident),
             from: u16::from_le_bytes([head[2], head[3]]),
             client: SocketAddr::new(client_ip, u16::from_le_bytes([head[21], head[22]])),
             local_ip: get_ip(&head[23..40])?,
-        };
-        Ok((header, &frame[HEADER_LEN..]))
+        })
     }
 }
 
-/// A session's state as it travels to its new owner (the upstream socket
-/// goes alongside as a descriptor).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transfer {
-    pub key: FlowKey,
-    pub aliases: Vec<FlowKey>,
-    pub backend: u16,
-    /// The kernel's drop count on the upstream socket already accounted.
-    pub upstream_drops_seen: u32,
+impl<'a> Frame<'a> {
+    pub fn decode(frame: &'a [u8]) -> Result<Frame<'a>, HandoffError> {
+        let kind = Kind::from_byte(*frame.first().ok_or(HandoffError::Short)?)?;
+        if kind == Kind::Datagram {
+            let head = frame.get(..HEADER_LEN).ok_or(HandoffError::Short)?;
+            return Ok(Frame::Datagram {
+                header: Header::decode(head)?,
+                payload: &frame[HEADER_LEN..],
+            });
+        }
+        let head = frame.get(..12).ok_or(HandoffError::Short)?;
+        let from = u16::from_le_bytes([head[2], head[3]]);
+        let listener = u64::from_le_bytes(head[4..12].try_into().map_err(|_| HandoffError::Short)?);
+        let mut r = Reader {
+            rest: &frame[12..],
+            kind,
+        };
+        let control = match kind {
+            Kind::Datagram => unreachable!("handled above"),
+            Kind::Transfer => Control::Transfer(r.transfer()?),
+            Kind::TransferDone => Control::TransferDone {
+                key: r.key()?,
+                accepted: r.u8()? != 0,
+            },
+            Kind::PathClosed => Control::PathClosed(r.path()?),
+            Kind::PathMoved => Control::PathMoved {
+                path: r.path()?,
+                client: r.addr()?,
+                local_ip: r.opt_ip()?,
+            },
+            Kind::AliasLearned => Control::AliasLearned {
+                key: r.key()?,
+                alias: r.key()?,
+            },
+            Kind::Activity => Control::Activity(r.path()?),
+        };
+        let payload = std::mem::take(&mut r.rest);
+        if !payload.is_empty() && kind != Kind::PathMoved {
+            return Err(HandoffError::Body(kind));
+        }
+        Ok(Frame::Control {
+            from,
+            listener,
+            control,
+            payload_at: frame.len() - payload.len(),
+            payload,
+        })
+    }
 }
 
-impl Transfer {
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        let put_key = |out: &mut Vec<u8>, k: &FlowKey| {
-            out.push(k.as_bytes().len() as u8);
-            out.extend_from_slice(k.as_bytes());
-        };
-        put_key(out, &self.key);
-        let aliases = &self.aliases[..self.aliases.len().min(MAX_ALIASES)];
-        out.push(aliases.len() as u8);
-        for a in aliases {
-            put_key(out, a);
+impl Control {
+    fn kind(&self) -> Kind {
+        match self {
+            Control::Transfer(_) => Kind::Transfer,
+            Control::TransferDone { .. } => Kind::TransferDone,
+            Control::PathClosed(_) => Kind::PathClosed,
+            Control::PathMoved { .. } => Kind::PathMoved,
+            Control::AliasLearned { .. } => Kind::AliasLearned,
+            Control::Activity(_) => Kind::Activity,
         }
-        out.extend_from_slice(&self.backend.to_le_bytes());
-        out.extend_from_slice(&self.upstream_drops_seen.to_le_bytes());
     }
 
-    pub fn decode(mut body: &[u8]) -> Result<Transfer, HandoffError> {
-        fn take<'a>(body: &mut &'a [u8], n: usize) -> Result<&'a [u8], HandoffError> {
-            let (head, rest) = (
-                body.get(..n).ok_or(HandoffError::Transfer)?,
-                &body[n.min(body.len())..],
-            );
-            *body = rest;
-            Ok(head)
+    /// The frame for this message from worker `from` about listener
+    /// `listener` (its stable identity). A `PathMoved`'s datagram follows it
+    /// in the same frame.
+    pub fn encode(&self, from: u16, listener: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        out.push(self.kind() as u8);
+        out.push(0);
+        out.extend_from_slice(&from.to_le_bytes());
+        out.extend_from_slice(&listener.to_le_bytes());
+        let w = &mut out;
+        match self {
+            Control::Transfer(t) => {
+                put_key(w, &t.key);
+                let aliases = &t.aliases[..t.aliases.len().min(MAX_ALIASES)];
+                w.push(aliases.len() as u8);
+                for a in aliases {
+                    put_key(w, a);
+                }
+                w.extend_from_slice(&t.backend.to_le_bytes());
+                put_addr(w, t.backend_addr);
+                let paths = &t.paths[..t.paths.len().min(MAX_TRANSFER_PATHS)];
+                w.push(paths.len() as u8);
+                for p in paths {
+                    put_addr(w, p.client);
+                    put_opt_ip(w, p.local_ip);
+                    put_addr(w, p.upstream);
+                    w.extend_from_slice(&p.home.to_le_bytes());
+                    w.extend_from_slice(&p.home_generation.to_le_bytes());
+                    w.extend_from_slice(&p.idle_ms.to_le_bytes());
+                }
+            }
+            Control::TransferDone { key, accepted } => {
+                put_key(w, key);
+                w.push(u8::from(*accepted));
+            }
+            Control::PathClosed(p) | Control::Activity(p) => put_path(w, p),
+            Control::PathMoved {
+                path,
+                client,
+                local_ip,
+            } => {
+                put_path(w, path);
+                put_addr(w, *client);
+                put_opt_ip(w, *local_ip);
+            }
+            Control::AliasLearned { key, alias } => {
+                put_key(w, key);
+                put_key(w, alias);
+            }
         }
-        fn key(body: &mut &[u8]) -> Result<FlowKey, HandoffError> {
-            let len = take(body, 1)?[0] as usize;
-            FlowKey::new(take(body, len)?).ok_or(HandoffError::Transfer)
+        out
+    }
+}
+
+fn put_key(w: &mut Vec<u8>, k: &FlowKey) {
+    w.push(k.as_bytes().len() as u8);
+    w.extend_from_slice(k.as_bytes());
+}
+
+fn put_opt_ip(w: &mut Vec<u8>, ip: Option<IpAddr>) {
+    match ip {
+        None => w.push(0),
+        Some(IpAddr::V4(v4)) => {
+            w.push(4);
+            w.extend_from_slice(&v4.octets());
         }
-        let primary = key(&mut body)?;
-        let count = take(&mut body, 1)?[0] as usize;
+        Some(IpAddr::V6(v6)) => {
+            w.push(6);
+            w.extend_from_slice(&v6.octets());
+        }
+    }
+}
+
+fn put_addr(w: &mut Vec<u8>, a: SocketAddr) {
+    put_opt_ip(w, Some(a.ip()));
+    w.extend_from_slice(&a.port().to_le_bytes());
+}
+
+fn put_path(w: &mut Vec<u8>, p: &PathRef) {
+    put_key(w, &p.key);
+    put_addr(w, p.upstream);
+    put_addr(w, p.backend);
+}
+
+struct Reader<'a> {
+    rest: &'a [u8],
+    kind: Kind,
+}
+
+impl<'a> Reader<'a> {
+    fn bad(&self) -> HandoffError {
+        HandoffError::Body(self.kind)
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], HandoffError> {
+        if self.rest.len() < n {
+            return Err(self.bad());
+        }
+        let (head, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, HandoffError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, HandoffError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, HandoffError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn key(&mut self) -> Result<FlowKey, HandoffError> {
+        let len = usize::from(self.u8()?);
+        let bytes = self.take(len)?;
+        FlowKey::new(bytes).ok_or(self.bad())
+    }
+
+    fn opt_ip(&mut self) -> Result<Option<IpAddr>, HandoffError> {
+        match self.u8()? {
+            0 => Ok(None),
+            4 => {
+                let b = self.take(4)?;
+                Ok(Some(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))))
+            }
+            6 => {
+                let b: [u8; 16] = self.take(16)?.try_into().map_err(|_| self.bad())?;
+                Ok(Some(IpAddr::V6(Ipv6Addr::from(b))))
+            }
+            other => Err(HandoffError::Family(other)),
+        }
+    }
+
+    fn addr(&mut self) -> Result<SocketAddr, HandoffError> {
+        let ip = self.opt_ip()?.ok_or(HandoffError::Family(0))?;
+        Ok(SocketAddr::new(ip, self.u16()?))
+    }
+
+    fn path(&mut self) -> Result<PathRef, HandoffError> {
+        Ok(PathRef {
+            key: self.key()?,
+            upstream: self.addr()?,
+            backend: self.addr()?,
+        })
+    }
+
+    fn transfer(&mut self) -> Result<Transfer, HandoffError> {
+        let key = self.key()?;
+        let count = usize::from(self.u8()?);
         if count > MAX_ALIASES {
-            return Err(HandoffError::Transfer);
+            return Err(self.bad());
         }
-        let aliases = (0..count)
-            .map(|_| key(&mut body))
-            .collect::<Result<Vec<_>, _>>()?;
-        let backend = u16::from_le_bytes(
-            take(&mut body, 2)?
-                .try_into()
-                .map_err(|_| HandoffError::Transfer)?,
-        );
-        let drops = u32::from_le_bytes(
-            take(&mut body, 4)?
-                .try_into()
-                .map_err(|_| HandoffError::Transfer)?,
-        );
-        if !body.is_empty() {
-            return Err(HandoffError::Transfer);
+        let aliases = (0..count).map(|_| self.key()).collect::<Result<_, _>>()?;
+        let backend = self.u16()?;
+        let backend_addr = self.addr()?;
+        let count = usize::from(self.u8()?);
+        if count > MAX_TRANSFER_PATHS {
+            return Err(self.bad());
+        }
+        let mut paths = Vec::with_capacity(count);
+        for _ in 0..count {
+            paths.push(TransferPath {
+                client: self.addr()?,
+                local_ip: self.opt_ip()?,
+                upstream: self.addr()?,
+                home: self.u16()?,
+                home_generation: self.u16()?,
+                idle_ms: self.u32()?,
+            });
         }
         Ok(Transfer {
-            key: primary,
+            key,
             aliases,
             backend,
-            upstream_drops_seen: drops,
+            backend_addr,
+            paths,
         })
     }
 }
@@ -196,15 +477,18 @@ impl Transfer {
 mod tests {
     use super::*;
 
+    fn key(b: u8, len: usize) -> FlowKey {
+        FlowKey::new(&vec![b; len]).unwrap()
+    }
+
     #[test]
-    fn header_round_trips_both_families() {
+    fn datagram_header_round_trips_both_families() {
         for (client, local) in [
             ("127.0.0.2:4000", Some("127.0.0.1")),
             ("[2001:db8::1]:443", Some("::1")),
             ("10.1.2.3:65535", None),
         ] {
             let h = Header {
-                kind: Kind::Datagram,
                 hops: 2,
                 listener: 0x0123_4567_89ab_cdef,
                 from: 7,
@@ -213,42 +497,123 @@ mod tests {
             };
             let mut frame = h.encode().to_vec();
             frame.extend_from_slice(b"payload");
-            let (got, body) = Header::decode(&frame).unwrap();
-            assert_eq!(got, h);
-            assert_eq!(body, b"payload");
+            assert_eq!(
+                Frame::decode(&frame).unwrap(),
+                Frame::Datagram {
+                    header: h,
+                    payload: b"payload"
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn every_control_frame_round_trips() {
+        let path = PathRef {
+            key: key(1, 8),
+            upstream: "0.0.0.0:20001".parse().unwrap(),
+            backend: "[2001:db8::9]:443".parse().unwrap(),
+        };
+        let messages = vec![
+            Control::Transfer(Transfer {
+                key: key(1, 16),
+                aliases: vec![key(2, 8), key(3, 20)],
+                backend: 3,
+                backend_addr: "10.0.0.3:443".parse().unwrap(),
+                paths: vec![
+                    TransferPath {
+                        client: "127.0.0.1:5000".parse().unwrap(),
+                        local_ip: None,
+                        upstream: "10.9.9.9:30000".parse().unwrap(),
+                        home: 1,
+                        home_generation: 9,
+                        idle_ms: 1234,
+                    },
+                    TransferPath {
+                        client: "[::1]:6000".parse().unwrap(),
+                        local_ip: Some("::1".parse().unwrap()),
+                        upstream: "[::]:30001".parse().unwrap(),
+                        home: 0,
+                        home_generation: 2,
+                        idle_ms: 0,
+                    },
+                ],
+            }),
+            Control::TransferDone {
+                key: key(4, 8),
+                accepted: true,
+            },
+            Control::TransferDone {
+                key: key(4, 8),
+                accepted: false,
+            },
+            Control::PathClosed(path),
+            Control::PathMoved {
+                path,
+                client: "127.0.0.9:9".parse().unwrap(),
+                local_ip: Some("127.0.0.1".parse().unwrap()),
+            },
+            Control::AliasLearned {
+                key: key(5, 8),
+                alias: key(6, 12),
+            },
+            Control::Activity(path),
+        ];
+        for m in messages {
+            let frame = m.encode(3, 0xfeed);
+            assert_eq!(
+                Frame::decode(&frame).unwrap(),
+                Frame::Control {
+                    from: 3,
+                    listener: 0xfeed,
+                    control: m.clone(),
+                    payload: &[],
+                    payload_at: frame.len(),
+                },
+                "{m:?}"
+            );
+            // Every truncation is an error, never a panic; so is a trailer,
+            // except a moved path's datagram.
+            for cut in 0..frame.len() {
+                assert!(Frame::decode(&frame[..cut]).is_err(), "{m:?} cut at {cut}");
+            }
+            let mut long = frame.clone();
+            long.extend_from_slice(b"datagram");
+            match Frame::decode(&long) {
+                Ok(Frame::Control {
+                    control: Control::PathMoved { .. },
+                    payload,
+                    payload_at,
+                    ..
+                }) => {
+                    assert_eq!((payload, payload_at), (&b"datagram"[..], frame.len()));
+                }
+                other => assert!(other.is_err(), "{m:?}: {other:?}"),
+            }
         }
     }
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        assert_eq!(Header::decode(&[1; 10]), Err(HandoffError::Short));
+        assert_eq!(Frame::decode(&[]), Err(HandoffError::Short));
+        assert_eq!(Frame::decode(&[1; 10]), Err(HandoffError::Short));
         let mut f = [0u8; HEADER_LEN];
         f[0] = 9;
-        assert_eq!(Header::decode(&f), Err(HandoffError::Kind(9)));
+        assert_eq!(Frame::decode(&f), Err(HandoffError::Kind(9)));
         f[0] = 1;
         f[4] = 5;
-        assert_eq!(Header::decode(&f), Err(HandoffError::Family(5)));
-        for len in 0..20 {
-            let body: Vec<u8> = (0..len).map(|i| i as u8 * 3).collect();
-            let _ = Transfer::decode(&body);
+        assert_eq!(Frame::decode(&f), Err(HandoffError::Family(5)));
+        let mut seed = 0x1234_5678_u32;
+        for len in 0..300 {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 17;
+                    seed ^= seed << 5;
+                    (seed % 9) as u8
+                })
+                .collect();
+            let _ = Frame::decode(&bytes);
         }
-    }
-
-    #[test]
-    fn transfer_round_trips() {
-        let t = Transfer {
-            key: FlowKey::new(&[1; 16]).unwrap(),
-            aliases: vec![
-                FlowKey::new(&[2; 8]).unwrap(),
-                FlowKey::new(&[3; 20]).unwrap(),
-            ],
-            backend: 3,
-            upstream_drops_seen: 77,
-        };
-        let mut out = Vec::new();
-        t.encode(&mut out);
-        assert_eq!(Transfer::decode(&out).unwrap(), t);
-        out.push(0);
-        assert_eq!(Transfer::decode(&out), Err(HandoffError::Transfer));
     }
 }

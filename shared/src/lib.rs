@@ -4,15 +4,19 @@
 //! framing.
 
 pub mod control;
+pub mod drops;
 pub mod flow;
 pub mod handoff;
 pub mod hash;
+pub mod leases;
 pub mod maglev;
 pub mod owners;
 pub mod quic_lb;
+pub mod state;
 pub mod stats;
 pub mod steer;
 
+pub use drops::{DropReason, Stage};
 pub use flow::{Dissector, FlowKey, Malformed};
 pub use hash::stable_hash;
 pub use maglev::Maglev;

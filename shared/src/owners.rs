@@ -32,9 +32,6 @@ const GEN_MASK: u64 = 0x3fff;
 /// full) a longer chain is vanishingly rare; past it the key goes untracked.
 pub const MAX_PROBE: usize = 32;
 
-/// The most workers an entry can name.
-pub const MAX_OWNERS: usize = OWNER_MASK as usize + 1;
-
 /// A worker process: its slot and the generation of the process in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Owner {
@@ -202,14 +199,37 @@ impl<'a> OwnerTable<'a> {
 }
 
 /// The table's capacity for listeners allowing `max_sessions` in total per
-/// worker over `workers` workers: twice the sessions, as a power of two,
-/// within sane bounds (16 MiB at most).
+/// worker over `workers` workers: twice the sessions, as a power of two. The
+/// state region allocates its pages as entries touch them; 2^25 entries
+/// (256 MiB) bound it however large `max_sessions` is.
 pub fn capacity_for(max_sessions: usize, workers: usize) -> usize {
     max_sessions
         .saturating_mul(workers)
         .saturating_mul(2)
-        .clamp(1 << 12, 1 << 21)
+        .clamp(1 << 12, 1 << 25)
         .next_power_of_two()
+}
+
+/// Where a flow key's entry goes: a keyed hash (the key is random per run
+/// and shared by every worker through the state region), so crafted
+/// connection IDs cannot pile into one probe chain and push real flows out.
+#[derive(Clone)]
+pub struct OwnerIndex {
+    state: ahash::RandomState,
+}
+
+impl OwnerIndex {
+    pub fn new(key: [u64; 2]) -> OwnerIndex {
+        OwnerIndex {
+            state: ahash::RandomState::with_seeds(key[0], key[1], 0x6f77_6e65_7273, 0x7564_7073),
+        }
+    }
+
+    /// The entry hash of `key` in the listener whose stable identity is
+    /// `listener` (so renumbered listeners keep their entries).
+    pub fn hash(&self, listener: u64, key: &[u8]) -> u64 {
+        self.state.hash_one((listener, key))
+    }
 }
 
 #[cfg(test)]
@@ -332,9 +352,19 @@ mod tests {
     }
 
     #[test]
-    fn capacity_is_bounded() {
+    fn capacity_follows_max_sessions_within_bounds() {
         assert_eq!(capacity_for(10, 2), 4096);
-        assert_eq!(capacity_for(1_000_000, 2), 1 << 21);
+        assert_eq!(capacity_for(1_000_000, 2), 1 << 22);
+        assert_eq!(capacity_for(100_000_000, 64), 1 << 25);
         assert!(capacity_for(100_000, 1).is_power_of_two());
+    }
+
+    #[test]
+    fn the_index_depends_on_its_key_and_listener() {
+        let a = OwnerIndex::new([1, 2]);
+        let b = OwnerIndex::new([1, 3]);
+        assert_eq!(a.hash(7, b"cid"), OwnerIndex::new([1, 2]).hash(7, b"cid"));
+        assert_ne!(a.hash(7, b"cid"), b.hash(7, b"cid"));
+        assert_ne!(a.hash(7, b"cid"), a.hash(8, b"cid"));
     }
 }

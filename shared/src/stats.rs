@@ -1,5 +1,7 @@
 //! The shared-memory stats region: a versioned header, then one slot of
-//! counters per worker.
+//! counters per worker. Counters only: what workers coordinate through (the
+//! ownership table, port leases) lives in the state region (`crate::state`),
+//! which is not a file anyone can read.
 //!
 //! The supervisor creates the region as a file (so `udpshard stats` can read
 //! it with no privileges and no connection to the running proxy) and passes
@@ -10,7 +12,6 @@
 //! ```text
 //! [0, HEADER_WORDS)               header: see `Header`
 //! [HEADER_WORDS + k*SLOT_WORDS)   slot k: see `Counter`
-//! [OwnersOffset, +OwnersCapacity)  the ownership table (`crate::owners`)
 //! ```
 //! A slot is 512 bytes, so slots never share a cache line.
 
@@ -22,10 +23,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::MmapMut;
 
-use crate::owners::{Owner, OwnerTable};
+use crate::owners::Owner;
 
 /// "UDPSHRD" and the layout version in the top byte.
-pub const MAGIC: u64 = u64::from_le_bytes(*b"UDPSHRD\x01");
+pub const MAGIC: u64 = u64::from_le_bytes(*b"UDPSHRD\x02");
 pub const HEADER_WORDS: usize = 64;
 pub const SLOT_WORDS: usize = 64;
 
@@ -44,10 +45,6 @@ pub enum Header {
     /// Successful config loads, the first one included.
     ConfigGeneration,
     ReloadFailures,
-    /// Where the ownership table starts, in words from the region's start.
-    OwnersOffset,
-    /// Its entries (a power of two).
-    OwnersCapacity,
     /// The supervisor's start time as /proc/PID/stat counts it (field 22,
     /// clock ticks since boot): with SupervisorPid it names the process, so
     /// a reader can tell it from a later process that reuses the PID.
@@ -125,10 +122,25 @@ pub enum Counter {
     LoopMaxUs,
     /// The worker's clock at its last publish (CLOCK_MONOTONIC, ns).
     Heartbeat,
+    /// New paths refused: no (source, port) free toward the backend.
+    DropNoPort,
+    /// New paths refused: no descriptor left for an upstream socket.
+    DropNoFd,
+    /// Datagrams on upstream sockets that no path expects.
+    DropStray,
+    /// Paths (client address, upstream 4-tuple) this worker serves or relays.
+    PathsActive,
+    PathsCreated,
+    /// Paths closed because their session reached `max_paths`.
+    PathsEvicted,
+    /// Upstream sockets this worker holds (each one (source, port)).
+    UpstreamSockets,
+    /// Frames from other workers that did not decode (a bug, never traffic).
+    BadFrames,
 }
 
 impl Counter {
-    pub const COUNT: usize = Counter::Heartbeat as usize + 1;
+    pub const COUNT: usize = Counter::BadFrames as usize + 1;
 }
 
 /// What a slot's process is doing.
@@ -186,13 +198,9 @@ pub struct StatsRegion {
 }
 
 impl StatsRegion {
-    /// Creates (or replaces) the file at `path` for `slots` workers and an
-    /// ownership table of `owners` entries (a power of two), and maps it.
-    pub fn create(
-        path: &Path,
-        slots: usize,
-        owners: usize,
-    ) -> Result<(StatsRegion, File), StatsError> {
+    /// Creates (or replaces) the file at `path` for `slots` workers, and
+    /// maps it.
+    pub fn create(path: &Path, slots: usize) -> Result<(StatsRegion, File), StatsError> {
         let io_err = |source| StatsError::Io {
             path: path.display().to_string(),
             source,
@@ -214,13 +222,9 @@ impl StatsRegion {
             .mode(0o644)
             .open(path)
             .map_err(io_err)?;
-        let owners = owners.next_power_of_two();
-        file.set_len(((slot_words_end(slots) + owners) * 8) as u64)
-            .map_err(io_err)?;
+        file.set_len(region_bytes(slots) as u64).map_err(io_err)?;
         let region = StatsRegion::map(&file).map_err(io_err)?;
         region.set_header(Header::SlotCapacity, slots as u64);
-        region.set_header(Header::OwnersOffset, slot_words_end(slots) as u64);
-        region.set_header(Header::OwnersCapacity, owners as u64);
         region.set_header(Header::SlotWords, SLOT_WORDS as u64);
         region.set_header(Header::Magic, MAGIC);
         Ok((region, file))
@@ -242,10 +246,8 @@ impl StatsRegion {
         if region.header(Header::Magic) != MAGIC {
             return Err(StatsError::BadMagic);
         }
-        let need = (region.header(Header::OwnersOffset) as usize
-            + region.header(Header::OwnersCapacity) as usize)
-            * 8;
-        if region.map.len() < need.max(region_bytes(region.slot_capacity())) {
+        let need = region_bytes(region.slot_capacity());
+        if region.map.len() < need {
             return Err(StatsError::Truncated {
                 len: region.map.len(),
                 need,
@@ -295,23 +297,20 @@ impl StatsRegion {
 }
 
 impl StatsRegion {
-    /// The ownership table that follows the slots.
-    pub fn owners(&self) -> OwnerTable<'_> {
-        let start = self.header(Header::OwnersOffset) as usize;
-        let len = self.header(Header::OwnersCapacity) as usize;
-        OwnerTable::new(self.words().get(start..start + len).unwrap_or(&[]))
-    }
-
     /// Whether `owner` is the process serving its slot now: entries of an
     /// older generation, or of a slot not serving, are stale.
     pub fn is_live(&self, owner: Owner) -> bool {
-        self.slot(owner.worker as usize).is_some_and(|slot| {
-            Owner::new(owner.worker as usize, slot.get(Counter::Generation)) == owner
-                && matches!(
-                    SlotState::from_word(slot.get(Counter::State)),
-                    SlotState::Ready | SlotState::Draining
-                )
-        })
+        self.live_owner(owner.worker as usize) == Some(owner)
+    }
+
+    /// The process serving slot `worker` now (ready or draining), if any.
+    pub fn live_owner(&self, worker: usize) -> Option<Owner> {
+        let slot = self.slot(worker)?;
+        matches!(
+            SlotState::from_word(slot.get(Counter::State)),
+            SlotState::Ready | SlotState::Draining
+        )
+        .then(|| Owner::new(worker, slot.get(Counter::Generation)))
     }
 }
 
@@ -434,7 +433,7 @@ mod tests {
     fn region_round_trip_through_file() {
         let dir = std::env::temp_dir().join(format!("udpshard-stats-test-{}", std::process::id()));
         let path = dir.join("stats");
-        let (region, file) = StatsRegion::create(&path, 4, 64).unwrap();
+        let (region, file) = StatsRegion::create(&path, 4).unwrap();
         region.set_header(Header::Workers, 2);
         let worker_view = StatsRegion::open(&file).unwrap();
         let slot = worker_view.slot(1).unwrap();
@@ -442,7 +441,6 @@ mod tests {
         slot.add(Counter::RxPackets, 7);
         slot.add(Counter::RxPackets, 3);
         assert!(worker_view.slot(4).is_none());
-        assert_eq!(worker_view.owners().capacity(), 64);
         // Liveness follows the slot's generation and state.
         slot.set(Counter::Generation, 3);
         slot.set(Counter::State, SlotState::Ready as u64);

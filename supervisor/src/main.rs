@@ -2,6 +2,7 @@
 //! the supervisor) the worker.
 
 mod bindcheck;
+mod capacity;
 mod cpus;
 mod demo;
 mod doctor;
@@ -123,6 +124,8 @@ enum Command {
         control_fd: i32,
         #[arg(long)]
         stats_fd: i32,
+        #[arg(long)]
+        state_fd: i32,
         #[arg(long, value_delimiter = ',')]
         listener_fds: Vec<i32>,
         #[arg(long)]
@@ -199,6 +202,7 @@ fn main() -> ExitCode {
             id,
             control_fd,
             stats_fd,
+            state_fd,
             listener_fds,
             handoff_fd,
             peer_fds,
@@ -207,6 +211,7 @@ fn main() -> ExitCode {
                 id,
                 control_fd,
                 stats_fd,
+                state_fd,
                 listener_fds,
                 handoff_fd,
                 peer_fds,

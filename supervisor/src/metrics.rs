@@ -383,11 +383,11 @@ pub fn render(snap: &Snapshot, system: &SystemCounters) -> String {
         "Datagrams dropped, by worker and the hop where they were lost (socket: kernel drops on the listener socket; upstream_socket: on upstream sockets).",
     );
     for (w, id) in workers.iter().zip(&ids) {
-        for (reason, counter) in crate::stats_cmd::DROPS {
+        for reason in udpshard_shared::DropReason::ALL {
             f.sample(
                 "drops_total",
-                &[("worker", id), ("reason", reason)],
-                w.get(counter),
+                &[("worker", id), ("reason", reason.name())],
+                w.get(reason.counter()),
             );
         }
     }
@@ -561,7 +561,7 @@ mod tests {
     fn snapshot() -> Snapshot {
         let dir = std::env::temp_dir().join(format!("udpshard-metrics-{}", std::process::id()));
         let path = dir.join("stats");
-        let (region, _file) = StatsRegion::create(&path, 2, 64).unwrap();
+        let (region, _file) = StatsRegion::create(&path, 2).unwrap();
         region.set_header(Header::Workers, 2);
         region.set_header(Header::ReloadFailures, 3);
         let slot = region.slot(1).unwrap();

@@ -15,6 +15,7 @@ pub struct WorkerSpec {
     pub cpu: usize,
     pub control_fd: RawFd,
     pub stats_fd: RawFd,
+    pub state_fd: RawFd,
     pub listener_fds: Vec<RawFd>,
     pub handoff_fd: RawFd,
     pub peer_fds: Vec<RawFd>,
@@ -31,7 +32,12 @@ pub fn spawn_worker(exe: &Path, spec: &WorkerSpec) -> io::Result<Child> {
     let mut cpus = CpuSet::new();
     cpus.set(spec.cpu).map_err(io::Error::from)?;
     let parent = nix::unistd::getpid();
-    let mut inherit = vec![spec.control_fd, spec.stats_fd, spec.handoff_fd];
+    let mut inherit = vec![
+        spec.control_fd,
+        spec.stats_fd,
+        spec.state_fd,
+        spec.handoff_fd,
+    ];
     inherit.extend_from_slice(&spec.listener_fds);
     inherit.extend_from_slice(&spec.peer_fds);
 
@@ -40,6 +46,7 @@ pub fn spawn_worker(exe: &Path, spec: &WorkerSpec) -> io::Result<Child> {
         .args(["--id", &spec.id.to_string()])
         .args(["--control-fd", &spec.control_fd.to_string()])
         .args(["--stats-fd", &spec.stats_fd.to_string()])
+        .args(["--state-fd", &spec.state_fd.to_string()])
         .args(["--listener-fds", &fd_list(&spec.listener_fds)])
         .args(["--handoff-fd", &spec.handoff_fd.to_string()])
         .args(["--peer-fds", &fd_list(&spec.peer_fds)])

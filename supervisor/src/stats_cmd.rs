@@ -12,26 +12,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use udpshard_shared::stats::{Counter, Header, Snapshot, StatsError, WorkerSnapshot};
+use udpshard_shared::{DropReason, Stage};
 
 use crate::system::SystemCounters;
 
-/// Drop reasons in the order a datagram meets them: the kernel's socket
-/// queue, the dissector, the handoff to the owning worker, the session
-/// table, routing, the upstream send, then the return path. The names are
-/// the `drops` keys of `--json` and the `reason` label of the metrics.
-pub const DROPS: [(&str, Counter); 9] = [
-    ("socket", Counter::DropSocket),
-    ("malformed", Counter::DropMalformed),
-    ("handoff", Counter::DropHandoff),
-    ("session_limit", Counter::DropSessionLimit),
-    ("draining", Counter::DropDraining),
-    ("no_backend", Counter::DropNoBackend),
-    ("upstream", Counter::DropUpstream),
-    ("upstream_socket", Counter::DropUpstreamSocket),
-    ("reply", Counter::DropReply),
-];
-
-const PLAIN: [(&str, Counter); 19] = [
+const PLAIN: [(&str, Counter); 23] = [
     ("pid", Counter::Pid),
     ("cpu", Counter::Cpu),
     ("generation", Counter::Generation),
@@ -50,6 +35,10 @@ const PLAIN: [(&str, Counter); 19] = [
     ("transfers_out", Counter::TransfersOut),
     ("owners_full", Counter::OwnersFull),
     ("sessions_rerouted", Counter::SessionsRerouted),
+    ("paths_active", Counter::PathsActive),
+    ("paths_created", Counter::PathsCreated),
+    ("paths_evicted", Counter::PathsEvicted),
+    ("upstream_sockets", Counter::UpstreamSockets),
     ("config_generation", Counter::ConfigGeneration),
 ];
 
@@ -214,58 +203,9 @@ impl Sample {
     }
 }
 
-/// The stages of the path, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    Nic,
-    Softnet,
-    /// UDP drops on sockets other than udpshard's.
-    Udp,
-    Listener,
-    Handoff,
-    Sessions,
-    Upstream,
-}
-
-pub const STAGES: [Stage; 7] = [
-    Stage::Nic,
-    Stage::Softnet,
-    Stage::Udp,
-    Stage::Listener,
-    Stage::Handoff,
-    Stage::Sessions,
-    Stage::Upstream,
-];
-
-impl Stage {
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Nic => "NIC (rx dropped+errors)",
-            Stage::Softnet => "softnet backlog",
-            Stage::Udp => "UDP, other sockets",
-            Stage::Listener => "listener sockets",
-            Stage::Handoff => "handoff",
-            Stage::Sessions => "sessions/backends",
-            Stage::Upstream => "upstream sockets",
-        }
-    }
-}
-
 /// The worker counters that make up a stage's drops.
-fn stage_counters(stage: Stage) -> &'static [Counter] {
-    match stage {
-        Stage::Nic | Stage::Softnet | Stage::Udp => &[],
-        Stage::Listener => &[Counter::DropSocket],
-        Stage::Handoff => &[Counter::DropHandoff],
-        Stage::Sessions => &[
-            Counter::DropMalformed,
-            Counter::DropSessionLimit,
-            Counter::DropNoBackend,
-            Counter::DropDraining,
-            Counter::DropUpstream,
-        ],
-        Stage::Upstream => &[Counter::DropUpstreamSocket, Counter::DropReply],
-    }
+fn stage_counters(stage: Stage) -> Vec<Counter> {
+    stage.reasons().map(DropReason::counter).collect()
 }
 
 fn sum_workers(snap: &Snapshot, counters: &[Counter]) -> u64 {
@@ -279,17 +219,17 @@ fn sum_workers(snap: &Snapshot, counters: &[Counter]) -> u64 {
 /// listener buffer shows up once, at the listener stage.
 pub fn stage_drops(snap: &Snapshot, system: &SystemCounters) -> [u64; 7] {
     let own = sum_workers(snap, &[Counter::DropSocket, Counter::DropUpstreamSocket]);
-    STAGES.map(|stage| match stage {
+    Stage::ALL.map(|stage| match stage {
         Stage::Nic => system.nic_drops(),
         Stage::Softnet => system.softnet_drops(),
         Stage::Udp => system.udp_in_errors().saturating_sub(own),
-        other => sum_workers(snap, stage_counters(other)),
+        other => sum_workers(snap, &stage_counters(other)),
     })
 }
 
 /// The first stage (path order) whose drops grew from `before` to `after`.
 pub fn first_growing(before: &[u64; 7], after: &[u64; 7]) -> Option<Stage> {
-    STAGES
+    Stage::ALL
         .iter()
         .zip(before.iter().zip(after))
         .find(|(_, (b, a))| a > b)
@@ -343,9 +283,9 @@ pub fn to_json(snap: &Snapshot) -> Value {
             obj.insert("busy_ratio".into(), json!(busy_ratio(&w)));
             obj.insert("loops".into(), json!(w.get(Counter::Loops)));
             obj.insert("loop_max_us".into(), json!(w.get(Counter::LoopMaxUs)));
-            let drops: serde_json::Map<String, Value> = DROPS
+            let drops: serde_json::Map<String, Value> = DropReason::ALL
                 .iter()
-                .map(|(name, c)| ((*name).into(), json!(w.get(*c))))
+                .map(|r| (r.name().into(), json!(w.get(r.counter()))))
                 .collect();
             obj.insert("drops".into(), Value::Object(drops));
             Value::Object(obj)
@@ -360,41 +300,6 @@ pub fn to_json(snap: &Snapshot) -> Value {
     })
 }
 
-/// `--wide`: every per-worker counter, grouped by stage in path order.
-const WIDE_COLUMNS: [(&str, Counter); 14] = [
-    ("rx", Counter::RxPackets),
-    ("sock_drop", Counter::DropSocket),
-    ("hoff_in", Counter::HandoffIn),
-    ("hoff_out", Counter::HandoffOut),
-    ("hoff_drop", Counter::DropHandoff),
-    ("malformed", Counter::DropMalformed),
-    ("sess_limit", Counter::DropSessionLimit),
-    ("no_backend", Counter::DropNoBackend),
-    ("draining", Counter::DropDraining),
-    ("up_send", Counter::DropUpstream),
-    ("tx", Counter::TxPackets),
-    ("up_sock_drop", Counter::DropUpstreamSocket),
-    ("replies_in", Counter::RepliesIn),
-    ("reply_drop", Counter::DropReply),
-];
-
-const WIDE_LEGEND: &str = concat!(
-    "  rx            datagrams read from clients on the worker's listener socket\n",
-    "  sock_drop     dropped by the kernel on that socket (its receive buffer was full)\n",
-    "  hoff_in/out   datagrams handed from/to the worker that owns their session\n",
-    "  hoff_drop     a handoff could not be delivered (the owner's inbox was full)\n",
-    "  malformed     no flow key in the datagram (not the configured protocol)\n",
-    "  sess_limit    a new flow beyond max_sessions\n",
-    "  no_backend    a new flow with no backend to go to\n",
-    "  draining      a new flow while stopping (SIGTERM/SIGINT)\n",
-    "  up_send       sending to the backend failed\n",
-    "  tx            datagrams forwarded to backends\n",
-    "  up_sock_drop  replies dropped by the kernel on upstream sockets (buffer full)\n",
-    "  replies_in    datagrams read from backends\n",
-    "  reply_drop    a reply could not be sent on to its client\n",
-    "  busy(rho)     time spent handling datagrams / wall time: near 100% means the CPU is the limit\n",
-);
-
 const NARROW_LEGEND: &str = concat!(
     "  rx: datagrams from clients   tx: forwarded to backends   replies: sent back to clients\n",
     "  drops: every datagram the worker dropped, for any reason (by stage below; --wide: by reason)\n",
@@ -404,48 +309,75 @@ const NARROW_LEGEND: &str = concat!(
 /// The counters of one column: one for most, every drop for `drops`.
 struct Column {
     name: &'static str,
-    counters: &'static [Counter],
+    counters: Vec<Counter>,
+    help: &'static str,
 }
 
-fn columns(wide: bool) -> Vec<Column> {
-    const ALL_DROPS: [Counter; 9] = [
-        Counter::DropSocket,
-        Counter::DropMalformed,
-        Counter::DropHandoff,
-        Counter::DropSessionLimit,
-        Counter::DropDraining,
-        Counter::DropNoBackend,
-        Counter::DropUpstream,
-        Counter::DropUpstreamSocket,
-        Counter::DropReply,
-    ];
-    if wide {
-        return WIDE_COLUMNS
-            .iter()
-            .map(|(name, c)| Column {
-                name,
-                counters: std::slice::from_ref(c),
-            })
-            .collect();
+fn column(name: &'static str, c: Counter, help: &'static str) -> Column {
+    Column {
+        name,
+        counters: vec![c],
+        help,
     }
-    vec![
-        Column {
-            name: "rx",
-            counters: &[Counter::RxPackets],
-        },
-        Column {
-            name: "tx",
-            counters: &[Counter::TxPackets],
-        },
-        Column {
-            name: "replies",
-            counters: &[Counter::RepliesOut],
-        },
-        Column {
-            name: "drops",
-            counters: &ALL_DROPS,
-        },
-    ]
+}
+
+/// The default table's columns, or (`wide`) every counter in path order:
+/// the datagram's way in, each drop reason, its way out.
+fn columns(wide: bool) -> Vec<Column> {
+    if !wide {
+        return vec![
+            column("rx", Counter::RxPackets, ""),
+            column("tx", Counter::TxPackets, ""),
+            column("replies", Counter::RepliesOut, ""),
+            Column {
+                name: "drops",
+                counters: DropReason::ALL.iter().map(|r| r.counter()).collect(),
+                help: "",
+            },
+        ];
+    }
+    let mut out = vec![
+        column(
+            "rx",
+            Counter::RxPackets,
+            "datagrams read from clients on the worker's listener socket",
+        ),
+        column(
+            "hoff_in",
+            Counter::HandoffIn,
+            "datagrams handed to this worker, which owns their session",
+        ),
+        column(
+            "hoff_out",
+            Counter::HandoffOut,
+            "datagrams handed to the worker that owns their session",
+        ),
+        column("tx", Counter::TxPackets, "datagrams forwarded to backends"),
+        column(
+            "paths",
+            Counter::PathsActive,
+            "client addresses with their own upstream 4-tuple (relayed ones too)",
+        ),
+        column(
+            "up_socks",
+            Counter::UpstreamSockets,
+            "upstream sockets held, one (source, port) each",
+        ),
+        column(
+            "replies_in",
+            Counter::RepliesIn,
+            "datagrams read from backends",
+        ),
+        column("replies", Counter::RepliesOut, "replies sent on to clients"),
+    ];
+    // Drops after the datagram's way in, before its way out.
+    let drops = DropReason::ALL
+        .iter()
+        .map(|r| column(r.name(), r.counter(), r.help()));
+    let tail = out.split_off(3);
+    out.extend(drops);
+    out.extend(tail);
+    out
 }
 
 /// A counter column's width: the default table fits 100 columns.
@@ -575,7 +507,7 @@ fn stage_summary(out: &mut String, before: Option<&[u64; 7]>, after: &[u64; 7], 
         }
     };
     let first = before.and_then(|b| first_growing(b, after));
-    for (i, stage) in STAGES.iter().enumerate() {
+    for (i, stage) in Stage::ALL.iter().enumerate() {
         let b = before.map(|b| b[i]);
         *out += &format!("  {:<24} {:>14}", stage.name(), n.show(b, after[i]));
         if first == Some(*stage) {
@@ -660,7 +592,14 @@ fn render(before: Option<&Sample>, after: &Sample, window: Option<Window>, wide:
         }
         out += "\n";
     }
-    out += if wide { WIDE_LEGEND } else { NARROW_LEGEND };
+    if wide {
+        for c in &columns {
+            out += &format!("  {:<15} {}\n", c.name, c.help);
+        }
+        out += "  busy(rho)       time handling datagrams / wall time: near 100% means the CPU is the limit\n";
+    } else {
+        out += NARROW_LEGEND;
+    }
     stage_summary(
         &mut out,
         before.map(|b| stage_drops(&b.snap, &b.system)).as_ref(),

@@ -11,7 +11,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::PathBuf;
 use std::process::Child;
@@ -27,6 +27,8 @@ use signal_hook_mio::v1_0::Signals;
 use udpshard_config::{self as config, Config, Workers};
 use udpshard_shared::control::{ControlChannel, ControlMsg};
 use udpshard_shared::owners;
+use udpshard_shared::owners::Owner;
+use udpshard_shared::state::StateRegion;
 use udpshard_shared::stats::{Counter, Header, SlotState, StatsError, StatsRegion};
 
 use crate::cpus::{allowed_cpus, format_cpu_list};
@@ -57,6 +59,13 @@ pub enum SupervisorError {
     Group(#[from] crate::reuseport::GroupError),
     #[error("stats file: {0}")]
     Stats(#[from] udpshard_shared::stats::StatsError),
+    #[error("{0}")]
+    State(udpshard_shared::state::StateError),
+    #[error(
+        "upstream_sources: more than {} distinct source addresses across listeners",
+        udpshard_shared::state::SOURCE_ROWS
+    )]
+    Sources,
     #[error("cannot find the udpshard executable to start workers: {0}")]
     Exe(io::Error),
     #[error("event loop: {0}")]
@@ -110,6 +119,10 @@ pub struct Supervisor {
     handoff: Vec<(UnixDatagram, UnixDatagram)>,
     region: StatsRegion,
     stats_file: File,
+    /// The state region (ownership table, port leases), shared with the
+    /// workers only.
+    state: StateRegion,
+    state_fd: OwnedFd,
     workers: Vec<WorkerSlot>,
     cpus: Vec<usize>,
     poll: Poll,
@@ -159,11 +172,11 @@ impl Supervisor {
                 .unwrap_or(1) as usize,
         );
         let max_sessions: usize = config.listeners.iter().map(|l| l.max_sessions).sum();
-        let (region, stats_file, stats_path) = create_stats(
-            &config.stats_file,
-            capacity,
-            owners::capacity_for(max_sessions, capacity),
-        )?;
+        let (region, stats_file, stats_path) = create_stats(&config.stats_file, capacity)?;
+        let (state, state_fd) = StateRegion::create(owners::capacity_for(max_sessions, capacity))
+            .map_err(SupervisorError::State)?;
+        register_sources(&state, &config)?;
+        crate::capacity::warn_at_start(&config, count);
         let handoff = (0..count)
             .map(|_| handoff_pair())
             .collect::<io::Result<Vec<_>>>()
@@ -213,6 +226,8 @@ impl Supervisor {
             handoff,
             region,
             stats_file,
+            state,
+            state_fd,
             workers,
             cpus,
             poll,
@@ -299,6 +314,7 @@ impl Supervisor {
             cpu: self.workers[id].cpu,
             control_fd: theirs.as_raw_fd(),
             stats_fd: self.stats_file.as_raw_fd(),
+            state_fd: self.state_fd.as_raw_fd(),
             listener_fds: self
                 .groups
                 .iter()
@@ -482,6 +498,15 @@ impl Supervisor {
             w.state = WorkerState::Exited;
             if let Some(slot) = self.region.slot(w.id) {
                 slot.set(Counter::State, SlotState::Exited as u64);
+                // Its upstream sockets closed with it, some with live paths:
+                // their ports wait out the reuse delay before anyone leases
+                // them again (a copy another worker borrowed keeps its port
+                // bound, and that worker adopts it).
+                let dead = Owner::new(w.id, slot.get(Counter::Generation));
+                let until =
+                    crate::process::monotonic_ns() / 1_000_000 + max_reuse_delay_ms(&self.config);
+                let cooled = self.state.leases().cool_dead(|o| o == dead, until);
+                tracing::debug!(worker = w.id, "{cooled} upstream ports cool after its exit");
             }
             if self.stop_deadline.is_some() || w.retiring {
                 tracing::info!(worker = w.id, "exited: {}", describe(&status));
@@ -586,9 +611,8 @@ fn bind_group(l: &config::Listener, count: usize) -> Result<ReuseportGroup, Supe
 fn create_stats(
     path: &std::path::Path,
     slots: usize,
-    owners: usize,
 ) -> Result<(StatsRegion, File, PathBuf), SupervisorError> {
-    let first = match StatsRegion::create(path, slots, owners) {
+    let first = match StatsRegion::create(path, slots) {
         Ok((region, file)) => return Ok((region, file, path.to_path_buf())),
         Err(e) => e,
     };
@@ -597,7 +621,7 @@ fn create_stats(
         return Err(first.into());
     }
     for fallback in crate::stats_path::default_candidates().iter().skip(1) {
-        if let Ok((region, file)) = StatsRegion::create(fallback, slots, owners) {
+        if let Ok((region, file)) = StatsRegion::create(fallback, slots) {
             tracing::warn!(
                 "{first}; using {} instead (`udpshard stats` looks there too)",
                 fallback.display()
@@ -606,6 +630,31 @@ fn create_stats(
         }
     }
     Err(first.into())
+}
+
+/// Gives every upstream source address of `config` a lease row in the state
+/// region (workers look them up; only the supervisor writes the registry).
+pub(crate) fn register_sources(
+    state: &StateRegion,
+    config: &Config,
+) -> Result<(), SupervisorError> {
+    for l in &config.listeners {
+        for ip in udpshard_worker::upstream_sources(l) {
+            state.register_source(ip).ok_or(SupervisorError::Sources)?;
+        }
+    }
+    Ok(())
+}
+
+/// The longest `port_reuse_delay` of any listener: a dead worker's ports
+/// cool this long.
+pub(crate) fn max_reuse_delay_ms(config: &Config) -> u64 {
+    config
+        .listeners
+        .iter()
+        .map(|l| l.port_reuse_delay.as_millis() as u64)
+        .max()
+        .unwrap_or(0)
 }
 
 /// How many bytes of handoff frames may wait in one worker's inbox. The

@@ -1,7 +1,9 @@
 //! End to end: connection affinity across client migration, in both
-//! steering modes. 200 connection IDs move to a new port, then to new
-//! source IPs; each keeps its backend and its session (the backend keeps
-//! seeing the same proxy address for it), and replies follow the client.
+//! steering modes and both migration modes. 200 connection IDs move to a
+//! new port, then to new source IPs; each keeps its backend and its session,
+//! and replies follow the client. With `migration = "path"` the backend sees
+//! one proxy address per client address (it validates the move itself);
+//! with `"follow"` it keeps seeing the same one.
 
 use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, UdpSocket};
@@ -16,10 +18,12 @@ const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
 const WAIT: Duration = Duration::from_secs(15);
 const CIDS: u64 = 200;
 
-fn config(steering: &str, a: &Backend, b: &Backend) -> String {
+fn config(steering: &str, migration: &str, a: &Backend, b: &Backend) -> String {
     listener_config(
         "workers = 2",
-        &format!("dissector = \"quic\"\nshort_cid_len = 8\nsteering = \"{steering}\""),
+        &format!(
+            "dissector = \"quic\"\nshort_cid_len = 8\nsteering = \"{steering}\"\nmigration = \"{migration}\"\nupstream_ports = \"1025-32767\""
+        ),
         &[a.addr, b.addr],
     )
 }
@@ -66,9 +70,9 @@ fn phase(proxy: &Proxy, ips: &[&str], per_cid: usize, tag: u8) {
     }
 }
 
-fn migrate_in(steering: &str) -> serde_json::Value {
+fn migrate_in(steering: &str, migration: &str) -> serde_json::Value {
     let (a, b) = (Backend::start("a"), Backend::start("b"));
-    let proxy = Proxy::start(Path::new(BIN), &config(steering, &a, &b));
+    let proxy = Proxy::start(Path::new(BIN), &config(steering, migration, &a, &b));
     let mode = if steering == "reshuffle" {
         "reshuffle steering"
     } else {
@@ -87,35 +91,42 @@ fn migrate_in(steering: &str) -> serde_json::Value {
     });
 
     let mut routes: HashMap<u64, (HashSet<String>, HashSet<SocketAddr>)> = HashMap::new();
+    let mut tuples: HashSet<(String, SocketAddr)> = HashSet::new();
     for backend in [&a, &b] {
         for seen in backend.seen() {
             let cid = u64::from_be_bytes(seen.payload[1..9].try_into().unwrap());
             let e = routes.entry(cid).or_default();
             e.0.insert(backend.name.clone());
             e.1.insert(seen.from);
+            tuples.insert((backend.name.clone(), seen.from));
         }
     }
     assert_eq!(routes.len(), CIDS as usize);
+    // Three client addresses per CID: its first, a new port, a new IP.
+    let addresses_seen = if migration == "path" { 3 } else { 1 };
     for (cid, (names, froms)) in &routes {
         assert_eq!(names.len(), 1, "CID {cid} reached {names:?}");
         assert_eq!(
             froms.len(),
-            1,
-            "CID {cid}: the session did not survive, the backend saw {froms:?}"
+            addresses_seen,
+            "CID {cid}: the backend saw {froms:?}"
         );
     }
+    // No two paths ever shared an upstream 4-tuple.
+    assert_eq!(tuples.len(), CIDS as usize * addresses_seen);
     let stats = proxy.wait_stats(WAIT, "every reply counted", |s| {
         total(s, "replies_out") == want as u64
     });
     assert_eq!(total(&stats, "tx_packets"), want as u64);
     assert_eq!(total(&stats, "sessions_active"), CIDS);
+    // A migrated connection keeps its session: none was made twice.
+    assert_eq!(total(&stats, "sessions_created"), CIDS);
     assert_eq!(total(&stats, "drops.handoff"), 0);
     stats
 }
 
-#[test]
-fn reshuffle_hands_migrated_flows_to_their_owner_then_moves_them() {
-    let stats = migrate_in("reshuffle");
+fn reshuffle_hands_migrated_flows_to_their_owner_then_moves_them(migration: &str) {
+    let stats = migrate_in("reshuffle", migration);
     // Two workers, 400 fresh 4-tuples: about half land on the other worker.
     let handoffs = total(&stats, "handoff_out");
     assert!(handoffs > 0, "no handoffs: {stats:#}");
@@ -131,9 +142,28 @@ fn reshuffle_hands_migrated_flows_to_their_owner_then_moves_them() {
     );
 }
 
-#[test]
-fn kernel_cid_keeps_migrated_flows_on_their_worker_without_handoff() {
-    let stats = migrate_in("kernel-cid");
+fn kernel_cid_keeps_migrated_flows_on_their_worker_without_handoff(migration: &str) {
+    let stats = migrate_in("kernel-cid", migration);
     assert_eq!(total(&stats, "handoff_out"), 0, "{stats:#}");
     assert_eq!(total(&stats, "transfers_out"), 0, "{stats:#}");
+}
+
+#[test]
+fn path_mode_reshuffle_hands_migrated_flows_to_their_owner_then_moves_them() {
+    reshuffle_hands_migrated_flows_to_their_owner_then_moves_them("path");
+}
+
+#[test]
+fn follow_mode_reshuffle_hands_migrated_flows_to_their_owner_then_moves_them() {
+    reshuffle_hands_migrated_flows_to_their_owner_then_moves_them("follow");
+}
+
+#[test]
+fn path_mode_kernel_cid_keeps_migrated_flows_on_their_worker_without_handoff() {
+    kernel_cid_keeps_migrated_flows_on_their_worker_without_handoff("path");
+}
+
+#[test]
+fn follow_mode_kernel_cid_keeps_migrated_flows_on_their_worker_without_handoff() {
+    kernel_cid_keeps_migrated_flows_on_their_worker_without_handoff("follow");
 }

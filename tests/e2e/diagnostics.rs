@@ -75,14 +75,20 @@ fn wait_for(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 
 /// The kernel's drops column of /proc/net/udp, summed over the sockets
 /// bound to 127.0.0.1:`port`.
+/// The kernel's drop count on the IPv4 socket bound to `port` (on
+/// 127.0.0.1, or on the wildcard, as upstream sockets are).
 fn kernel_drops(port: u16) -> u64 {
     let text = std::fs::read_to_string("/proc/net/udp").expect("read /proc/net/udp");
-    let local = format!("0100007F:{port:04X}");
+    let locals = [
+        format!("0100007F:{port:04X}"),
+        format!("00000000:{port:04X}"),
+    ];
     text.lines()
         .skip(1)
         .filter_map(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
-            (cols.get(1) == Some(&local.as_str()))
+            cols.get(1)
+                .is_some_and(|c| locals.iter().any(|l| l == c))
                 .then(|| cols.last().and_then(|d| d.parse::<u64>().ok()))
                 .flatten()
         })

@@ -1,7 +1,10 @@
 //! End to end with a real QUIC stack: quinn clients and servers complete
 //! handshakes through udpshard (2 backends, 2 workers) and keep their
 //! connections when the client rebinds to a new port mid-stream, in both
-//! steering modes.
+//! steering modes and both migration modes. quinn moves to a connection ID
+//! the proxy has never seen when it rebinds, so the server sees a new peer
+//! address (a new upstream 4-tuple) and validates the new path itself; the
+//! QUIC-LB server ID in that ID keeps it on its server.
 //!
 //! The servers issue QUIC-LB plaintext connection IDs (their server ID after
 //! the first octet), as a deployment behind udpshard would: a migrating
@@ -54,7 +57,8 @@ fn cert() -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
 }
 
 /// An echo server: every bidirectional stream gets its bytes back, prefixed
-/// with the server's name.
+/// with the server's name and the peer address it sees now
+/// (`a@127.0.0.1:40000:bytes`).
 fn server(
     name: &'static str,
     server_id: [u8; 2],
@@ -87,8 +91,7 @@ fn server(
                     let Ok(data) = recv.read_to_end(1 << 16).await else {
                         return;
                     };
-                    let mut reply = name.as_bytes().to_vec();
-                    reply.push(b':');
+                    let mut reply = format!("{name}@{}:", conn.remote_address()).into_bytes();
                     reply.extend_from_slice(&data);
                     let _ = send.write_all(&reply).await;
                     let _ = send.finish();
@@ -110,7 +113,17 @@ async fn echo(conn: &quinn::Connection, msg: &str) -> String {
     String::from_utf8(reply).unwrap()
 }
 
-fn handshakes_and_rebinds(steering: &str) {
+/// An echo reply: (server name, the peer address it saw, the echoed text).
+/// Peers are IPv4 loopback addresses here: `a@127.0.0.1:40000:text`.
+fn parse(reply: &str) -> (String, String, String) {
+    let (name, rest) = reply.split_once('@').expect("name@peer:text");
+    let mut parts = rest.splitn(3, ':');
+    let (ip, port, text) = (parts.next(), parts.next(), parts.next());
+    let peer = format!("{}:{}", ip.unwrap_or(""), port.unwrap_or(""));
+    (name.to_string(), peer, text.unwrap_or("").to_string())
+}
+
+fn handshakes_and_rebinds(steering: &str, migration: &str) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -131,6 +144,8 @@ bind = "127.0.0.1:0"
 dissector = "quic"
 short_cid_len = 8
 steering = "{steering}"
+migration = "{migration}"
+upstream_ports = "1025-32767"
 backends = [
     {{ addr = "{a_addr}", server_id = "0a0a" }},
     {{ addr = "{b_addr}", server_id = "0b0b" }},
@@ -168,10 +183,8 @@ server_id_len = 2
             let first = echo(&conn, &format!("hello {i}")).await;
             clients.push((ep, conn, first));
         }
-        let servers: std::collections::HashSet<String> = clients
-            .iter()
-            .map(|(_, _, r)| r.split(':').next().unwrap().to_string())
-            .collect();
+        let servers: std::collections::HashSet<String> =
+            clients.iter().map(|(_, _, r)| parse(r).0).collect();
         assert_eq!(
             servers.len(),
             2,
@@ -192,14 +205,26 @@ server_id_len = 2
                 })
                 .unwrap_or_else(|e| panic!("connection {i} broke after rebinding: {e}"));
             let reply = String::from_utf8(reply).unwrap();
-            let server = first.split(':').next().unwrap();
+            let (server, peer_before, _) = parse(first);
+            let (moved_to, _, text) = parse(&reply);
             assert_eq!(
-                reply,
-                format!("{server}:before after"),
-                "connection {i} moved servers"
+                (moved_to.as_str(), text.as_str()),
+                (server.as_str(), "before after"),
+                "connection {i} moved servers: {reply}"
             );
             // And it keeps working from the new address.
-            assert_eq!(echo(conn, "again").await, format!("{server}:again"));
+            let (again_server, peer_now, again) = parse(&echo(conn, "again").await);
+            assert_eq!(
+                (again_server.as_str(), again.as_str()),
+                (server.as_str(), "again")
+            );
+            // quinn moves to a fresh connection ID when it rebinds (the
+            // server's QUIC-LB ID routes it), so the server sees a new peer
+            // address in both modes, validates it, and keeps the connection.
+            assert_ne!(
+                peer_now, peer_before,
+                "connection {i}: the server never saw the move"
+            );
         }
         for (_, conn, _) in &clients {
             assert!(conn.close_reason().is_none(), "a connection closed");
@@ -213,11 +238,21 @@ server_id_len = 2
 }
 
 #[test]
-fn quinn_connections_survive_rebinding_with_kernel_cid_steering() {
-    handshakes_and_rebinds("kernel-cid");
+fn quinn_connections_survive_rebinding_with_kernel_cid_steering_in_path_mode() {
+    handshakes_and_rebinds("kernel-cid", "path");
 }
 
 #[test]
-fn quinn_connections_survive_rebinding_with_reshuffle_steering() {
-    handshakes_and_rebinds("reshuffle");
+fn quinn_connections_survive_rebinding_with_reshuffle_steering_in_path_mode() {
+    handshakes_and_rebinds("reshuffle", "path");
+}
+
+#[test]
+fn quinn_connections_survive_rebinding_with_kernel_cid_steering_in_follow_mode() {
+    handshakes_and_rebinds("kernel-cid", "follow");
+}
+
+#[test]
+fn quinn_connections_survive_rebinding_with_reshuffle_steering_in_follow_mode() {
+    handshakes_and_rebinds("reshuffle", "follow");
 }

@@ -250,8 +250,15 @@ impl Backend {
 /// where [`Proxy::start`] puts it.
 pub fn listener_config(top: &str, listener: &str, backends: &[SocketAddr]) -> String {
     let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    // Tests run side by side: keep their upstream ports out of the kernel's
+    // ephemeral range, which their clients' sockets draw from.
+    let ports = if listener.contains("upstream_ports") {
+        ""
+    } else {
+        "upstream_ports = \"1025-32767\"\n"
+    };
     format!(
-        "{top}\nstats_file = \"{{stats_file}}\"\n\n[[listener]]\nname = \"quic\"\nbind = \"127.0.0.1:0\"\n{listener}\nbackends = [{}]\n",
+        "{top}\nstats_file = \"{{stats_file}}\"\n\n[[listener]]\nname = \"quic\"\nbind = \"127.0.0.1:0\"\n{listener}\n{ports}backends = [{}]\n",
         list.join(", ")
     )
 }

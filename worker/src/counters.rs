@@ -5,7 +5,7 @@ use udpshard_shared::stats::{Counter, StatsSlot};
 
 /// Words the worker owns in its slot (the supervisor writes the identity
 /// words: pid, cpu, generation, state, restarts).
-const WORKER_OWNED: [Counter; 29] = [
+const WORKER_OWNED: [Counter; 37] = [
     Counter::RxPackets,
     Counter::RxBytes,
     Counter::TxPackets,
@@ -35,11 +35,27 @@ const WORKER_OWNED: [Counter; 29] = [
     Counter::Loops,
     Counter::LoopMaxUs,
     Counter::Heartbeat,
+    Counter::DropNoPort,
+    Counter::DropNoFd,
+    Counter::DropStray,
+    Counter::PathsActive,
+    Counter::PathsCreated,
+    Counter::PathsEvicted,
+    Counter::UpstreamSockets,
+    Counter::BadFrames,
 ];
 
 #[derive(Debug, Clone)]
 pub struct Counters {
     words: [u64; Counter::COUNT],
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters {
+            words: [0; Counter::COUNT],
+        }
+    }
 }
 
 impl Counters {
@@ -51,7 +67,13 @@ impl Counters {
             words[c as usize] = slot.get(c);
         }
         // Gauges describe this process, not the slot's history.
-        words[Counter::SessionsActive as usize] = 0;
+        for gauge in [
+            Counter::SessionsActive,
+            Counter::PathsActive,
+            Counter::UpstreamSockets,
+        ] {
+            words[gauge as usize] = 0;
+        }
         Counters { words }
     }
 

@@ -1,4 +1,7 @@
-//! The worker's event loop: moves bytes between sockets and the datapath.
+//! The worker's event loop: the shell around the router. It reads batches
+//! of datagrams, hands each to the router with the time, and has the
+//! executor turn the router's actions into batched syscalls. It keeps no
+//! routing state of its own.
 
 use std::fs::File;
 use std::io::{self, IoSliceMut};
@@ -11,12 +14,19 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use quinn_udp::{RecvMeta, UdpSockRef, BATCH_SIZE};
 use udpshard_shared::control::{ControlChannel, ControlMsg};
+use udpshard_shared::owners::{Owner, OwnerIndex};
+use udpshard_shared::state::StateRegion;
 use udpshard_shared::stats::{Counter, SlotState, StatsRegion};
 
 use crate::counters::Counters;
-use crate::datapath::{Arrival, DataPath, Via, MAX_DATAGRAM, UPSTREAM_TOKEN_BASE};
-use crate::handoff::Handoff;
+use crate::exec::Executor;
+use crate::handoff::{Handoff, MAX_DATAGRAM};
 use crate::listener::Listener;
+use crate::paths::SockId;
+use crate::router::{Arrival, DatagramRef, Outcome, Route, Router, Via};
+use crate::shm::ShmOwners;
+use crate::sockio;
+use crate::upstream::{Upstream, UPSTREAM_TOKEN_BASE};
 use crate::{WorkerArgs, WorkerError};
 
 const CONTROL: Token = Token(0);
@@ -26,16 +36,23 @@ const LISTENER_TOKEN_BASE: usize = 2;
 /// Batches read from one listener per loop iteration before the loop turns
 /// to replies and timers: bounds the latency a flood adds to the return path.
 const LISTENER_BATCH_BUDGET: usize = 8;
+/// Batches read from one upstream socket per visit.
+const REPLY_BATCH_BUDGET: usize = 2;
+/// Handoff frames read per wakeup.
+const INBOX_BUDGET: usize = 256;
 
 const TICK: Duration = Duration::from_millis(100);
 
 /// How long a new worker waits for its config before giving up.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
+type WorkerRouter = Router<ShmOwners, Upstream>;
+
 /// Runs a worker until the supervisor stops it or goes away.
 pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     let control = UnixStream::from(adopt_fd(args.control_fd, "control")?);
     let stats_file = File::from(adopt_fd(args.stats_fd, "stats")?);
+    let state_fd = adopt_fd(args.state_fd, "state")?;
     let sockets = args
         .listener_fds
         .iter()
@@ -77,47 +94,58 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         .register(&mut SourceFd(&inbox_fd), HANDOFF, Interest::READABLE)
         .map_err(WorkerError::Poll)?;
     register_listeners(poll.registry(), &listeners)?;
+
+    let me = Owner::new(args.id, slot.get(Counter::Generation));
+    let state = StateRegion::open(&state_fd)?;
+    let index = OwnerIndex::new(state.index_key());
+    let owners = ShmOwners {
+        state,
+        stats: StatsRegion::open(&stats_file)?,
+    };
+    let mut upstream = Upstream::new(
+        me,
+        poll.registry().try_clone().map_err(WorkerError::Poll)?,
+        StateRegion::open(&state_fd)?,
+        StatsRegion::open(&stats_file)?,
+    );
+    upstream.configure(&config);
+    let routes = build_routes(&config, &listeners)?;
     let counters = Counters::resume_from(&slot);
     counters.publish(&slot);
     slot.set(Counter::State, SlotState::Ready as u64);
-    let undrained = vec![false; listeners.len()];
-    let path = DataPath::new(
-        listeners,
-        limits(&config),
-        region,
-        args.id,
-        handoff,
-        counters,
-    );
+    let router = Router::new(me, routes, owners, upstream, index, counters);
     control.send(&ControlMsg::Ready, &[]).map_err(control_err)?;
     tracing::debug!(worker = args.id, "ready");
 
     let mut lp = Loop {
         poll,
         control,
-        rx: RecvBatch::new(),
-        path,
-        undrained,
+        undrained: vec![false; listeners.len()],
+        listeners,
+        router,
+        handoff,
+        frame: Handoff::frame_buffer(),
+        exec: Executor::default(),
+        rx: ListenerBatch::new(),
+        up_rx: sockio::RecvBatch::new(MAX_DATAGRAM),
+        refs: Vec::with_capacity(BATCH_SIZE * 4),
+        up_ready: Vec::new(),
+        up_queued: Vec::new(),
+        region,
+        id: args.id,
         drain_deadline: None,
+        start: Instant::now(),
+        last_no_port: 0,
+        last_warn_ms: 0,
     };
     let result = lp.serve();
-    lp.path.close_all(lp.poll.registry());
     lp.publish();
     result
 }
 
-fn limits(config: &udpshard_config::Config) -> Vec<(usize, u64)> {
-    config
-        .listeners
-        .iter()
-        .map(|l| (l.max_sessions, l.session_idle.as_millis() as u64))
-        .collect()
-}
-
 /// Listeners for `config` on `sockets` (one per listener, in order). A
 /// socket that is one of `current` (same inode) keeps that listener's
-/// socket state, with new routing; `map[j]` then says where current
-/// listener j went.
+/// socket state.
 fn build_listeners(
     config: &udpshard_config::Config,
     sockets: Vec<UdpSocket>,
@@ -134,16 +162,36 @@ fn build_listeners(
         .iter()
         .zip(sockets)
         .map(|(cfg, socket)| {
-            let inode = nix::sys::stat::fstat(&socket).map(|st| st.st_ino).ok();
+            let inode = crate::listener::socket_inode(&socket).ok();
             let same = current
                 .iter_mut()
                 .find(|l| l.as_ref().is_some_and(|l| Some(l.inode) == inode))
                 .and_then(Option::take);
             match same {
                 // The duplicate descriptor closes; the listener keeps its own.
-                Some(mut listener) => listener.configure(cfg).map(|()| listener),
+                Some(mut listener) => {
+                    listener.name = cfg.name.clone();
+                    Ok(listener)
+                }
                 None => Listener::new(cfg, socket),
             }
+        })
+        .collect()
+}
+
+fn build_routes(
+    config: &udpshard_config::Config,
+    listeners: &[Listener],
+) -> Result<Vec<Route>, WorkerError> {
+    config
+        .listeners
+        .iter()
+        .zip(listeners)
+        .map(|(cfg, l)| {
+            Route::new(cfg, l.wildcard).map_err(|source| WorkerError::Routing {
+                listener: cfg.name.clone(),
+                source,
+            })
         })
         .collect()
 }
@@ -162,44 +210,118 @@ fn register_listeners(registry: &mio::Registry, listeners: &[Listener]) -> Resul
     Ok(())
 }
 
+/// Where the bytes a `DatagramRef` names are, until the actions naming them
+/// are flushed.
+#[derive(Debug, Clone, Copy)]
+enum Src {
+    /// In the listener batch: slot, offset (a GRO segment), length.
+    Listener { slot: u16, off: u32, len: u32 },
+    /// In the upstream batch: slot, length.
+    Upstream { slot: u16, len: u32 },
+    /// Bytes of the inbox frame just read: from an offset, a length.
+    Inbox { off: u32, len: u32 },
+}
+
+/// Receive buffers for one listener batch, reused forever.
+struct ListenerBatch {
+    buf: Vec<u8>,
+    meta: [RecvMeta; BATCH_SIZE],
+}
+
+impl ListenerBatch {
+    fn new() -> ListenerBatch {
+        ListenerBatch {
+            buf: vec![0; MAX_DATAGRAM * BATCH_SIZE],
+            meta: [RecvMeta::default(); BATCH_SIZE],
+        }
+    }
+}
+
 struct Loop {
     poll: Poll,
     control: ControlChannel,
-    rx: RecvBatch,
-    path: DataPath,
+    listeners: Vec<Listener>,
+    router: WorkerRouter,
+    handoff: Handoff,
+    /// The inbox frame just read.
+    frame: Vec<u8>,
+    exec: Executor,
+    rx: ListenerBatch,
+    up_rx: sockio::RecvBatch,
+    refs: Vec<Src>,
     /// Listeners whose socket may still hold datagrams (edge-triggered
     /// polling reports each arrival once; a budget-limited drain must come
     /// back without waiting for the next one).
     undrained: Vec<bool>,
+    /// Upstream sockets that may hold replies, and a flag per socket so
+    /// each is listed once.
+    up_ready: Vec<SockId>,
+    up_queued: Vec<bool>,
+    region: StatsRegion,
+    id: usize,
     /// Set by `Drain`: serve live sessions until then, then exit.
     drain_deadline: Option<Instant>,
+    start: Instant,
+    /// `drops.no_port` when it was last logged, and when.
+    last_no_port: u64,
+    last_warn_ms: u64,
 }
 
-/// Why the loop ended.
-enum Exit {
-    Stop,
+/// The bytes `d` names, resolved against the loop's buffers.
+fn resolve<'a>(
+    refs: &'a [Src],
+    rx: &'a ListenerBatch,
+    up_rx: &'a sockio::RecvBatch,
+    frame: &'a [u8],
+    d: DatagramRef,
+) -> &'a [u8] {
+    match refs.get(d.0 as usize) {
+        Some(Src::Listener { slot, off, len }) => {
+            let start = usize::from(*slot) * MAX_DATAGRAM + *off as usize;
+            &rx.buf[start..start + *len as usize]
+        }
+        Some(Src::Upstream { slot, len }) => &up_rx.bufs[usize::from(*slot)][..*len as usize],
+        Some(Src::Inbox { off, len }) => &frame[*off as usize..(*off + *len) as usize],
+        None => &[],
+    }
 }
 
 impl Loop {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
     fn publish(&self) {
-        if let Some(slot) = self.path.region.slot(self.path.id) {
-            self.path.counters.publish(&slot);
+        if let Some(slot) = self.region.slot(self.id) {
+            self.router.counters.publish(&slot);
         }
+    }
+
+    /// Executes what the router decided (the descriptors of the frame just
+    /// read, if any, go to `Keep`).
+    fn flush(&mut self, fds: &mut [Option<OwnedFd>]) {
+        let (refs, rx, up_rx, frame) = (&self.refs, &self.rx, &self.up_rx, &self.frame);
+        let bytes = |d: DatagramRef| resolve(refs, rx, up_rx, frame, d);
+        self.exec.flush(
+            &mut self.router,
+            &self.listeners,
+            &mut self.handoff,
+            fds,
+            &bytes,
+        );
     }
 
     fn serve(&mut self) -> Result<(), WorkerError> {
         let mut events = Events::with_capacity(1024);
-        let start = Instant::now();
         // Busy and wall time continue the slot's totals together, so the
         // utilisation of a restarted worker's slot stays a true ratio.
-        let wall_base = self.path.counters.get(Counter::WallNs);
+        let wall_base = self.router.counters.get(Counter::WallNs);
         // The longest iteration seen in the current one-second window.
-        let (mut window_start, mut window_max_ns) = (start, 0u64);
-        let mut next_tick = start;
+        let (mut window_start, mut window_max_ns) = (self.start, 0u64);
+        let mut next_tick = self.start;
         loop {
             let now = Instant::now();
-            let timeout = if self.undrained.contains(&true) || !self.path.pending_replies.is_empty()
-            {
+            let timeout = if self.undrained.contains(&true) || !self.up_ready.is_empty() {
                 Duration::ZERO
             } else {
                 next_tick.saturating_duration_since(now)
@@ -210,25 +332,24 @@ impl Loop {
                 Err(e) => return Err(WorkerError::Poll(e)),
             }
             let busy_from = Instant::now();
-            self.path.now_ms = busy_from.duration_since(start).as_millis() as u64;
             for event in events.iter() {
                 match event.token() {
                     CONTROL => {
-                        if let Some(Exit::Stop) = self.read_control()? {
+                        if self.read_control()? {
                             // A retiring worker's sockets leave their groups
                             // when we exit: forward what is queued in them,
                             // and what other workers handed us meanwhile.
-                            self.path.read_inbox(self.poll.registry());
-                            for l in 0..self.path.listeners.len() {
-                                self.drain_listener(l);
+                            self.read_inbox();
+                            for l in 0..self.listeners.len() {
+                                while !self.drain_listener(l) {}
                             }
-                            self.path.read_inbox(self.poll.registry());
+                            self.read_inbox();
                             return Ok(());
                         }
                     }
-                    HANDOFF => self.path.read_inbox(self.poll.registry()),
+                    HANDOFF => self.read_inbox(),
                     Token(t) if t >= UPSTREAM_TOKEN_BASE => {
-                        self.path.upstream_readable(t - UPSTREAM_TOKEN_BASE)
+                        self.upstream_ready((t - UPSTREAM_TOKEN_BASE) as SockId)
                     }
                     Token(t) => {
                         if let Some(flag) = self.undrained.get_mut(t - LISTENER_TOKEN_BASE) {
@@ -242,23 +363,19 @@ impl Loop {
                     self.undrained[l] = !self.drain_listener(l);
                 }
             }
-            for id in std::mem::take(&mut self.path.pending_replies) {
-                self.path.upstream_readable(id);
-            }
+            self.drain_upstream();
             if busy_from >= next_tick {
-                // Sweep about a tenth of the table per tick: all of it each second.
-                let budget = (self.path.sessions.len() / 10).max(1024);
-                self.path.tick(self.poll.registry(), budget);
+                self.tick();
                 next_tick = busy_from + TICK;
                 if let Some(deadline) = self.drain_deadline {
-                    if self.path.sessions.is_empty() {
-                        tracing::info!(worker = self.path.id, "drained: no live sessions left");
+                    if self.router.sessions() == 0 {
+                        tracing::info!(worker = self.id, "drained: no live sessions left");
                         return Ok(());
                     }
                     if busy_from >= deadline {
                         tracing::info!(
-                            worker = self.path.id,
-                            sessions = self.path.sessions.len(),
+                            worker = self.id,
+                            sessions = self.router.sessions(),
                             "drain timeout reached; exiting"
                         );
                         return Ok(());
@@ -267,7 +384,7 @@ impl Loop {
             }
             let done = Instant::now();
             let iteration_ns = done.duration_since(busy_from).as_nanos() as u64;
-            let counters = &mut self.path.counters;
+            let counters = &mut self.router.counters;
             counters.add(Counter::BusyNs, iteration_ns);
             counters.incr(Counter::Loops);
             window_max_ns = window_max_ns.max(iteration_ns);
@@ -277,18 +394,54 @@ impl Loop {
             }
             counters.set(
                 Counter::WallNs,
-                wall_base + done.duration_since(start).as_nanos() as u64,
+                wall_base + done.duration_since(self.start).as_nanos() as u64,
             );
             counters.set(Counter::Heartbeat, monotonic_ns());
-            counters.set(Counter::SessionsActive, self.path.sessions.len() as u64);
+            self.router.update_gauges();
             self.publish();
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = self.now_ms();
+        // Sweep about a tenth of the tables per tick: all of them each second.
+        let budget = (self.router.sessions() / 10).max(1024);
+        self.router.tick(now, budget);
+        self.handoff.flush_pending();
+        let mut socket_drops = 0u64;
+        for l in &self.listeners {
+            socket_drops += sockio::socket_drops(l.socket.as_raw_fd()).map_or(0, u64::from);
+        }
+        self.router.counters.set(Counter::DropSocket, socket_drops);
+        // Refused paths: once a second at most, with what the ranges hold.
+        let no_port = self.router.counters.get(Counter::DropNoPort);
+        if no_port > self.last_no_port && now >= self.last_warn_ms + 1000 {
+            let refused = no_port - self.last_no_port;
+            (self.last_no_port, self.last_warn_ms) = (no_port, now);
+            let held = self.router.paths().sock_counts().0;
+            for l in 0..self.router.routes().len() {
+                let Some((sources, ports)) = self.router.sockets().capacity(l) else {
+                    continue;
+                };
+                let route = &self.router.routes()[l];
+                tracing::warn!(
+                    worker = self.id,
+                    "listener {}: {refused} datagrams of new paths refused (drops.no_port): no port \
+                     free toward their backend; capacity {sources} sources x {ports} ports x {} \
+                     backends = {} paths, this worker holds {held} upstream sockets \
+                     (upstream_ports, upstream_sources)",
+                    route.name,
+                    route.backends.len(),
+                    sources * ports * route.backends.len(),
+                );
+            }
         }
     }
 
     /// Reads up to the budget from listener `l`; true when its socket is empty.
     fn drain_listener(&mut self, l: usize) -> bool {
         for _ in 0..LISTENER_BATCH_BUDGET {
-            let Some(listener) = self.path.listeners.get(l) else {
+            let Some(listener) = self.listeners.get(l) else {
                 return true;
             };
             let received = {
@@ -310,28 +463,33 @@ impl Loop {
                     return true;
                 }
             };
-            for (i, meta) in self.rx.meta[..n].iter().enumerate() {
-                let slot = &self.rx.buf[i * MAX_DATAGRAM..i * MAX_DATAGRAM + meta.len];
+            let now = self.now_ms();
+            self.refs.clear();
+            for i in 0..n {
+                let meta = self.rx.meta[i];
                 // GRO may coalesce several datagrams of one sender.
                 let stride = if meta.stride == 0 {
                     meta.len.max(1)
                 } else {
                     meta.stride
                 };
-                let from = Arrival {
+                let a = Arrival {
                     listener: l,
                     client: meta.addr,
                     local_ip: meta.dst_ip,
                     via: Via::Socket,
                 };
-                if slot.is_empty() {
-                    self.path.client_datagram(self.poll.registry(), from, slot);
-                }
-                for datagram in slot.chunks(stride) {
-                    self.path
-                        .client_datagram(self.poll.registry(), from, datagram);
+                let mut off = 0;
+                loop {
+                    let len = stride.min(meta.len - off);
+                    self.client_datagram(now, a, i, off, len);
+                    off += len;
+                    if off >= meta.len {
+                        break;
+                    }
                 }
             }
+            self.flush(&mut []);
             // A short batch emptied the socket; a later arrival raises a new
             // edge, so no extra EAGAIN-returning call is needed.
             if n < BATCH_SIZE {
@@ -341,7 +499,127 @@ impl Loop {
         false
     }
 
-    fn read_control(&mut self) -> Result<Option<Exit>, WorkerError> {
+    /// One datagram of the listener batch (slot `i`, bytes `off..off+len`).
+    fn client_datagram(&mut self, now: u64, a: Arrival, i: usize, off: usize, len: usize) {
+        let d = DatagramRef(self.refs.len() as u32);
+        self.refs.push(Src::Listener {
+            slot: i as u16,
+            off: off as u32,
+            len: len as u32,
+        });
+        let start = i * MAX_DATAGRAM + off;
+        let bytes = &self.rx.buf[start..start + len];
+        if self.router.client(now, a, bytes, d) == Outcome::Deferred {
+            // What made the flow ours is in the inbox: read it, then ask
+            // again. The listener batch stays where it is meanwhile.
+            self.flush(&mut []);
+            self.read_inbox();
+            let bytes = &self.rx.buf[start..start + len];
+            let a = Arrival {
+                via: Via::Retry,
+                ..a
+            };
+            self.router.client(self.now_ms(), a, bytes, d);
+        }
+    }
+
+    fn upstream_ready(&mut self, sock: SockId) {
+        let i = sock as usize;
+        if self.up_queued.len() <= i {
+            self.up_queued.resize(i + 1, false);
+        }
+        if !self.up_queued[i] {
+            self.up_queued[i] = true;
+            self.up_ready.push(sock);
+        }
+    }
+
+    /// Reads replies from the upstream sockets that have some, up to a
+    /// budget each; sockets with more stay listed for the next iteration.
+    fn drain_upstream(&mut self) {
+        let moves_first = self.router.relays_can_move();
+        for sock in std::mem::take(&mut self.up_ready) {
+            let Some(fd) = self.router.sockets().fd(sock) else {
+                self.up_queued[sock as usize] = false;
+                continue;
+            };
+            let mut emptied = false;
+            let mut burst = false;
+            for _ in 0..REPLY_BATCH_BUDGET {
+                if moves_first {
+                    self.read_inbox();
+                }
+                // An error is an ICMP report for an earlier datagram (the
+                // socket is unconnected: none is asked for): nothing to read.
+                let n = sockio::recv_batch(fd, &mut self.up_rx).unwrap_or_default();
+                let now = self.now_ms();
+                self.refs.clear();
+                for i in 0..n {
+                    let meta = self.up_rx.meta[i];
+                    let d = DatagramRef(self.refs.len() as u32);
+                    self.refs.push(Src::Upstream {
+                        slot: i as u16,
+                        len: meta.len as u32,
+                    });
+                    let Some(from) = meta.from else { continue };
+                    let bytes = &self.up_rx.bufs[i][..meta.len];
+                    self.router.backend(now, sock, from, bytes, d, meta.drops);
+                }
+                self.flush(&mut []);
+                if n < sockio::BATCH {
+                    emptied = true;
+                    break;
+                }
+                burst = true;
+            }
+            if emptied {
+                self.up_queued[sock as usize] = false;
+                // Datagrams queued before a drop carry no count: after a
+                // burst, ask the kernel.
+                if burst {
+                    if let Ok(total) = sockio::socket_drops(fd) {
+                        self.router.note_socket_drops(sock, total);
+                    }
+                }
+            } else {
+                self.up_ready.push(sock);
+            }
+        }
+    }
+
+    /// Reads the handoff inbox: datagrams to process as our own, sessions
+    /// and notes from other workers. Called in the middle of a listener
+    /// batch too (a deferred datagram): its refs stay as they are.
+    fn read_inbox(&mut self) {
+        let mark = self.refs.len();
+        for _ in 0..INBOX_BUDGET {
+            let (len, fds) = match self.handoff.recv(&mut self.frame) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(worker = self.id, "handoff inbox: {e}");
+                    break;
+                }
+            };
+            let now = self.now_ms();
+            let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+            let refs = &mut self.refs;
+            let mut payload = |at: usize| {
+                refs.push(Src::Inbox {
+                    off: at as u32,
+                    len: len.saturating_sub(at) as u32,
+                });
+                DatagramRef(refs.len() as u32 - 1)
+            };
+            self.router
+                .frame(now, &self.frame[..len], fds.len(), &mut payload);
+            self.flush(&mut fds);
+            self.refs.truncate(mark);
+        }
+    }
+
+    /// Handles control messages; true when the worker is to exit now.
+    fn read_control(&mut self) -> Result<bool, WorkerError> {
         let open = self
             .control
             .read_available()
@@ -349,7 +627,7 @@ impl Loop {
         while let Some(msg) = self.control.next_msg() {
             let (msg, fds) = msg.map_err(|e| WorkerError::Control(e.to_string()))?;
             match msg {
-                ControlMsg::Stop => return Ok(Some(Exit::Stop)),
+                ControlMsg::Stop => return Ok(true),
                 ControlMsg::Reload { origin, config, .. } => {
                     match self.reload(&origin, &config, fds) {
                         Ok(()) => {
@@ -357,19 +635,19 @@ impl Loop {
                         }
                         // The supervisor validated the same text: this is a
                         // socket-level failure; keep serving what we have.
-                        Err(e) => tracing::error!(worker = self.path.id, "reload failed: {e}"),
+                        Err(e) => tracing::error!(worker = self.id, "reload failed: {e}"),
                     }
                 }
                 ControlMsg::Peers { .. } => {
                     let peers = fds.into_iter().map(UnixDatagram::from).collect();
-                    if let Err(e) = self.path.handoff.set_peers(peers) {
-                        tracing::error!(worker = self.path.id, "handoff peers: {e}");
+                    if let Err(e) = self.handoff.set_peers(peers) {
+                        tracing::error!(worker = self.id, "handoff peers: {e}");
                     }
                 }
                 ControlMsg::Drain { timeout_ms } => {
-                    self.path.draining = true;
+                    self.router.drain();
                     self.drain_deadline = Some(Instant::now() + Duration::from_millis(timeout_ms));
-                    if let Some(slot) = self.path.region.slot(self.path.id) {
+                    if let Some(slot) = self.region.slot(self.id) {
                         slot.set(Counter::State, SlotState::Draining as u64);
                     }
                 }
@@ -378,9 +656,9 @@ impl Loop {
         }
         if !open {
             tracing::info!("supervisor closed the control channel; exiting");
-            return Ok(Some(Exit::Stop));
+            return Ok(true);
         }
-        Ok(None)
+        Ok(false)
     }
 
     /// Serves a new config: listeners added, removed, or re-routed; live
@@ -389,24 +667,26 @@ impl Loop {
         let config = udpshard_config::parse(text, origin)?;
         let sockets: Vec<UdpSocket> = fds.into_iter().map(UdpSocket::from).collect();
         let registry = self.poll.registry();
-        for listener in &self.path.listeners {
+        for listener in &self.listeners {
             let _ = registry.deregister(&mut SourceFd(&listener.socket.as_raw_fd()));
         }
-        let routes: Vec<(u64, Vec<std::net::SocketAddr>)> = self
-            .path
-            .listeners
-            .iter()
-            .map(|l| (l.ident, l.backends.clone()))
-            .collect();
-        let old: Vec<Listener> = std::mem::take(&mut self.path.listeners);
+        let old: Vec<Listener> = std::mem::take(&mut self.listeners);
         let inodes: Vec<u64> = old.iter().map(|l| l.inode).collect();
         let mut current: Vec<Option<Listener>> = old.into_iter().map(Some).collect();
         let listeners = match build_listeners(&config, sockets, &mut current) {
             Ok(l) => l,
             Err(e) => {
                 // Put back what we had.
-                self.path.listeners = current.into_iter().flatten().collect();
-                register_listeners(registry, &self.path.listeners)?;
+                self.listeners = current.into_iter().flatten().collect();
+                register_listeners(registry, &self.listeners)?;
+                return Err(e);
+            }
+        };
+        let routes = match build_routes(&config, &listeners) {
+            Ok(r) => r,
+            Err(e) => {
+                self.listeners = current.into_iter().flatten().collect();
+                register_listeners(registry, &self.listeners)?;
                 return Err(e);
             }
         };
@@ -419,25 +699,11 @@ impl Loop {
         drop(current);
         register_listeners(registry, &listeners)?;
         self.undrained = vec![true; listeners.len()];
-        self.path
-            .reconfigure(registry, listeners, &routes, &map, limits(&config));
-        tracing::info!(worker = self.path.id, "reloaded {origin}");
+        self.listeners = listeners;
+        self.router.sockets().configure(&config);
+        self.router.reconfigure(routes, &map);
+        tracing::info!(worker = self.id, "reloaded {origin}");
         Ok(())
-    }
-}
-
-/// Receive buffers for one batch, reused forever: no allocation per datagram.
-struct RecvBatch {
-    buf: Vec<u8>,
-    meta: [RecvMeta; BATCH_SIZE],
-}
-
-impl RecvBatch {
-    fn new() -> RecvBatch {
-        RecvBatch {
-            buf: vec![0; MAX_DATAGRAM * BATCH_SIZE],
-            meta: [RecvMeta::default(); BATCH_SIZE],
-        }
     }
 }
 
@@ -449,7 +715,8 @@ fn adopt_fd(fd: RawFd, name: &'static str) -> Result<OwnedFd, WorkerError> {
         return Err(WorkerError::BadFd { name, fd });
     }
     // SAFETY: the descriptor is open (checked above) and was passed to this
-    // process for it alone to own; the command line names each only once.
+    // process for it alone to own; the supervisor names each once
+    // (`WorkerArgs::check` refuses a command line that does not).
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     // Not to be inherited by anything this worker might start.
     // SAFETY: sets a flag on a descriptor we own.
@@ -457,7 +724,7 @@ fn adopt_fd(fd: RawFd, name: &'static str) -> Result<OwnedFd, WorkerError> {
     Ok(owned)
 }
 
-/// Each session holds an upstream socket: allow as many as the hard limit.
+/// Each upstream socket is a descriptor: allow as many as the hard limit.
 fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {

@@ -1,24 +1,32 @@
 //! Handoff sockets: every worker's inbox is a Unix datagram socket; every
-//! worker holds a sending end to each inbox. Sends never block: a full
-//! inbox drops the datagram, counted as `drops.handoff` by the caller.
+//! worker holds a sending end to each inbox. Sends never block. A datagram
+//! that finds an inbox full is dropped (counted as `drops.handoff`); a
+//! control frame waits in a bounded queue and goes when there is room.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
-use udpshard_shared::handoff::{Header, Transfer, HEADER_LEN};
+use udpshard_shared::handoff::{HEADER_LEN, MAX_TRANSFER_PATHS};
 
-use crate::datapath::MAX_DATAGRAM;
+/// The largest UDP payload: nothing is ever truncated.
+pub const MAX_DATAGRAM: usize = 65_536;
+
+/// Control frames that may wait for room in an inbox; past it the oldest
+/// go (a worker whose inbox stays full that long is stuck or gone).
+const MAX_PENDING: usize = 1 << 16;
 
 pub struct Handoff {
     pub inbox: UnixDatagram,
     /// Sending ends, by worker id.
     peers: Vec<UnixDatagram>,
-    /// One received frame.
-    pub frame: Vec<u8>,
     cmsg: Vec<u8>,
-    scratch: Vec<u8>,
+    /// Control frames that found their inbox full, in order.
+    pending: VecDeque<(usize, Vec<u8>)>,
+    /// Control frames given up because the queue overflowed.
+    pub lost: u64,
 }
 
 impl Handoff {
@@ -30,9 +38,9 @@ impl Handoff {
         Ok(Handoff {
             inbox,
             peers,
-            frame: vec![0; HEADER_LEN + MAX_DATAGRAM],
-            cmsg: nix::cmsg_space!([RawFd; 1]),
-            scratch: Vec::with_capacity(256),
+            cmsg: nix::cmsg_space!([RawFd; MAX_TRANSFER_PATHS]),
+            pending: VecDeque::new(),
+            lost: 0,
         })
     }
 
@@ -53,9 +61,13 @@ impl Handoff {
     }
 
     /// Hands a client datagram to worker `to`.
-    pub fn send_datagram(&self, to: usize, header: &Header, payload: &[u8]) -> io::Result<()> {
-        let head = header.encode();
-        let iov = [IoSlice::new(&head), IoSlice::new(payload)];
+    pub fn send_datagram(
+        &self,
+        to: usize,
+        header: &[u8; HEADER_LEN],
+        payload: &[u8],
+    ) -> io::Result<()> {
+        let iov = [IoSlice::new(header), IoSlice::new(payload)];
         sendmsg(
             self.peer(to)?,
             &iov,
@@ -66,33 +78,84 @@ impl Handoff {
         Ok(())
     }
 
-    /// Sends a session to worker `to`, its upstream socket beside it.
-    pub fn send_transfer(
-        &mut self,
-        to: usize,
-        header: &Header,
-        transfer: &Transfer,
-        fd: RawFd,
-    ) -> io::Result<()> {
-        self.scratch.clear();
-        self.scratch.extend_from_slice(&header.encode());
-        transfer.encode(&mut self.scratch);
-        let fds = [fd];
-        let iov = [IoSlice::new(&self.scratch)];
-        sendmsg(
+    /// Sends a control frame to worker `to`, `fds` beside it. A frame
+    /// without descriptors that finds the inbox full is queued and goes
+    /// later ([`Handoff::flush_pending`]); one with descriptors is not (they
+    /// name sockets that may be gone by then): its error is returned.
+    pub fn send_control(&mut self, to: usize, frame: Vec<u8>, fds: &[RawFd]) -> io::Result<()> {
+        if fds.is_empty() && self.pending.iter().any(|(t, _)| *t == to) {
+            // Keep the order: behind what already waits for this inbox.
+            self.enqueue(to, frame);
+            return Ok(());
+        }
+        let rights = [ControlMessage::ScmRights(fds)];
+        let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
+        let iov = [IoSlice::new(&frame)];
+        match sendmsg(
             self.peer(to)?,
             &iov,
-            &[ControlMessage::ScmRights(&fds)],
+            cmsgs,
             MsgFlags::MSG_DONTWAIT,
             None::<&UnixAddr>,
-        )?;
-        Ok(())
+        ) {
+            Ok(_) => Ok(()),
+            Err(nix::errno::Errno::EAGAIN) if fds.is_empty() => {
+                self.enqueue(to, frame);
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
-    /// Reads one frame into `self.frame`: its length and any descriptor
-    /// that came with it. `Ok(None)` when the inbox is empty.
-    pub fn recv(&mut self) -> io::Result<Option<(usize, Option<OwnedFd>)>> {
-        let mut iov = [IoSliceMut::new(&mut self.frame)];
+    fn enqueue(&mut self, to: usize, frame: Vec<u8>) {
+        if self.pending.len() >= MAX_PENDING {
+            self.pending.pop_front();
+            self.lost += 1;
+        }
+        self.pending.push_back((to, frame));
+    }
+
+    /// Sends what waits, in order, as far as the inboxes have room.
+    pub fn flush_pending(&mut self) {
+        let mut blocked: Vec<usize> = Vec::new();
+        let mut keep = VecDeque::new();
+        while let Some((to, frame)) = self.pending.pop_front() {
+            if blocked.contains(&to) {
+                keep.push_back((to, frame));
+                continue;
+            }
+            let Ok(fd) = self.peer(to) else {
+                // The worker is gone with its slot (the group shrank).
+                continue;
+            };
+            let iov = [IoSlice::new(&frame)];
+            match sendmsg(fd, &iov, &[], MsgFlags::MSG_DONTWAIT, None::<&UnixAddr>) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EAGAIN) => {
+                    blocked.push(to);
+                    keep.push_back((to, frame));
+                }
+                Err(_) => self.lost += 1,
+            }
+        }
+        self.pending = keep;
+    }
+
+    #[cfg(test)]
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// A buffer that holds any frame.
+    pub fn frame_buffer() -> Vec<u8> {
+        vec![0; HEADER_LEN + MAX_DATAGRAM]
+    }
+
+    /// Reads one frame into `frame` (a [`Handoff::frame_buffer`]): its
+    /// length and the descriptors that came with it. `Ok(None)` when the
+    /// inbox is empty.
+    pub fn recv(&mut self, frame: &mut [u8]) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
+        let mut iov = [IoSliceMut::new(frame)];
         let msg = match recvmsg::<()>(
             self.inbox.as_raw_fd(),
             &mut iov,
@@ -103,22 +166,66 @@ impl Handoff {
             Err(nix::errno::Errno::EAGAIN) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let mut fd = None;
+        let mut fds = Vec::new();
         if let Ok(cmsgs) = msg.cmsgs() {
             for c in cmsgs {
-                if let ControlMessageOwned::ScmRights(fds) = c {
-                    for raw in fds {
+                if let ControlMessageOwned::ScmRights(raw) = c {
+                    for fd in raw {
                         // SAFETY: the kernel just installed this descriptor
                         // in our table for us (SCM_RIGHTS); nothing else
-                        // owns it. Extra ones (never sent) are closed.
-                        let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                        if fd.is_none() {
-                            fd = Some(owned);
-                        }
+                        // owns it.
+                        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
                     }
                 }
             }
         }
-        Ok(Some((msg.bytes, fd)))
+        // Descriptors that did not fit (MSG_CTRUNC) were closed by the
+        // kernel: the frame then counts fewer than it announces.
+        Ok(Some((msg.bytes, fds)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_and_descriptors_cross_and_a_full_inbox_queues_control() {
+        let (inbox, tx) = UnixDatagram::pair().unwrap();
+        socket2::SockRef::from(&tx)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let mut rx = Handoff::new(inbox, vec![]).unwrap();
+        let mut frame = Handoff::frame_buffer();
+        let (other, _) = UnixDatagram::pair().unwrap();
+        let mut h = Handoff::new(other, vec![tx]).unwrap();
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        h.send_control(0, b"with fd".to_vec(), &[sock.as_raw_fd()])
+            .unwrap();
+        let (n, fds) = rx.recv(&mut frame).unwrap().unwrap();
+        assert_eq!((&frame[..n], fds.len()), (&b"with fd"[..], 1));
+        // Fill the inbox, then queue control frames behind it.
+        let header = [1u8; HEADER_LEN];
+        let mut sent = 0;
+        while h.send_datagram(0, &header, &[0u8; 512]).is_ok() {
+            sent += 1;
+        }
+        assert!(sent > 0);
+        h.send_control(0, b"later 1".to_vec(), &[]).unwrap();
+        h.send_control(0, b"later 2".to_vec(), &[]).unwrap();
+        assert!(h.has_pending());
+        let mut datagrams = 0;
+        while let Some((n, _)) = rx.recv(&mut frame).unwrap() {
+            assert_eq!(n, HEADER_LEN + 512);
+            datagrams += 1;
+        }
+        assert_eq!(datagrams, sent);
+        h.flush_pending();
+        assert!(!h.has_pending());
+        let (n, _) = rx.recv(&mut frame).unwrap().unwrap();
+        assert_eq!(&frame[..n], b"later 1", "in order");
+        let (n, _) = rx.recv(&mut frame).unwrap().unwrap();
+        assert_eq!(&frame[..n], b"later 2");
+        assert_eq!(h.lost, 0);
     }
 }

@@ -9,17 +9,22 @@
 //! channel) -> exited (on `Stop`, or when the supervisor is gone).
 
 mod counters;
-mod datapath;
 mod event_loop;
+mod exec;
 mod handoff;
 mod listener;
+pub mod paths;
+pub mod router;
 mod session;
+mod shm;
 mod sockio;
+mod upstream;
 
 use std::io;
 use std::os::fd::RawFd;
 
 pub use event_loop::run;
+pub use upstream::{ephemeral_range, sources_of as upstream_sources};
 
 /// What the supervisor hands a worker on its command line.
 #[derive(Debug, Clone)]
@@ -28,6 +33,8 @@ pub struct WorkerArgs {
     pub id: usize,
     pub control_fd: RawFd,
     pub stats_fd: RawFd,
+    /// The state region (ownership table, port leases): a memfd.
+    pub state_fd: RawFd,
     /// This worker's socket of each listener's group, in config order.
     pub listener_fds: Vec<RawFd>,
     /// This worker's handoff inbox.
@@ -42,6 +49,8 @@ pub enum WorkerError {
     BadFd { name: &'static str, fd: RawFd },
     #[error("stats region: {0}")]
     Stats(#[from] udpshard_shared::stats::StatsError),
+    #[error("{0}")]
+    State(#[from] udpshard_shared::state::StateError),
     #[error("worker slot {0} is beyond the stats region's capacity")]
     NoSlot(usize),
     #[error("control channel: {0}")]

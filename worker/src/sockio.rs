@@ -1,13 +1,18 @@
-//! The few socket calls std, socket2 and quinn-udp do not offer, each in a
-//! small function with its `unsafe` audited.
+//! The socket calls std, socket2 and quinn-udp do not offer, each in a
+//! small function with its `unsafe` audited: batched sends with a
+//! destination (and a source address) per datagram, batched receives with
+//! the sender and the socket's drop count per datagram, and the kernel's
+//! drop count on a socket.
 
 use std::io;
-use std::mem::{size_of, MaybeUninit};
-use std::net::{SocketAddr, UdpSocket};
+use std::mem::{size_of, zeroed};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::RawFd;
 
 use nix::sys::socket::{setsockopt, sockopt};
-use socket2::{Domain, Protocol, Socket, Type};
+
+/// Datagrams per batched call.
+pub const BATCH: usize = 32;
 
 /// The kernel's count of datagrams dropped on this socket since it was
 /// created (SK_MEMINFO_DROPS: the same number as /proc/net/udp's `drops`).
@@ -37,22 +42,13 @@ pub fn socket_drops(fd: RawFd) -> io::Result<u32> {
     Ok(info[libc::SK_MEMINFO_DROPS as usize])
 }
 
-/// A non-blocking UDP socket connected to `backend`, with SO_RXQ_OVFL on so
-/// every reply carries the socket's drop count.
-pub fn connected_upstream(backend: SocketAddr) -> io::Result<UdpSocket> {
-    let socket = Socket::new(
-        Domain::for_address(backend),
-        Type::DGRAM.nonblocking(),
-        Some(Protocol::UDP),
-    )?;
-    setsockopt(&socket, sockopt::RxqOvfl, &1)?;
-    socket.connect(&backend.into())?;
-    Ok(socket.into())
-}
-
 /// Which per-datagram control messages a listener socket receives: the
-/// destination address only when `want_dst` (wildcard binds), never TOS.
+/// destination address only when `want_dst` (wildcard binds), never TOS or
+/// timestamps.
 pub fn set_recv_control(socket: &UdpSocket, want_dst: bool) -> io::Result<()> {
+    // quinn-udp turns on SO_TIMESTAMPNS for every socket it sets up: a
+    // control message per datagram, and packet timestamps for the host.
+    setsockopt(socket, sockopt::ReceiveTimestampns, &false)?;
     if socket.local_addr()?.is_ipv4() {
         setsockopt(socket, sockopt::Ipv4PacketInfo, &want_dst)?;
         setsockopt(socket, sockopt::IpRecvTos, &false)?;
@@ -66,41 +62,362 @@ pub fn set_recv_control(socket: &UdpSocket, want_dst: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// Receives one datagram from a connected socket into `buf`, with the
-/// socket's drop count when the kernel attached one (SO_RXQ_OVFL).
-pub fn recv_with_drops(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<u32>)> {
-    // Room for one cmsghdr carrying a u32, 8-byte aligned.
-    let mut control = [MaybeUninit::<u64>::uninit(); 4];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: an all-zero msghdr is valid (null name, no iov, no control).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = size_of::<[u64; 4]>();
-    // SAFETY: msg points at the live iovec and control buffer above, whose
-    // lengths are given; the kernel writes within them.
-    let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_DONTWAIT) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut drops = None;
-    // SAFETY: the CMSG_* macros walk the control buffer the kernel filled,
-    // bounded by msg_controllen; the payload of SO_RXQ_OVFL is one u32,
-    // read unaligned.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SO_RXQ_OVFL {
-                drops = Some(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const u32));
+/// A socket address in the kernel's form.
+#[derive(Clone, Copy)]
+pub struct RawAddr {
+    storage: libc::sockaddr_storage,
+    len: libc::socklen_t,
+}
+
+impl RawAddr {
+    pub fn new(addr: SocketAddr) -> RawAddr {
+        // SAFETY: an all-zero sockaddr_storage is a valid (AF_UNSPEC) value.
+        let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+        let len = match addr {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(a.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for
+                // sockaddr_in.
+                unsafe {
+                    std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin)
+                };
+                size_of::<libc::sockaddr_in>()
             }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: a.flowinfo(),
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: a.scope_id(),
+                };
+                // SAFETY: sockaddr_storage is larger than and aligned for
+                // sockaddr_in6.
+                unsafe {
+                    std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6)
+                };
+                size_of::<libc::sockaddr_in6>()
+            }
+        };
+        RawAddr {
+            storage,
+            len: len as libc::socklen_t,
         }
     }
-    Ok((n as usize, drops))
+}
+
+/// The socket address the kernel wrote into `storage`.
+fn parse_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<SocketAddr> {
+    match i32::from(storage.ss_family) {
+        libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => {
+            // SAFETY: the family says the storage holds a sockaddr_in, and
+            // the kernel wrote at least that many bytes.
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((storage as *const libc::sockaddr_storage).cast()) };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            // A dual-stack socket names IPv4 peers as ::ffff:a.b.c.d.
+            Some(match ip.to_ipv4_mapped() {
+                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, u16::from_be(sin6.sin6_port))),
+                None => SocketAddr::V6(SocketAddrV6::new(
+                    ip,
+                    u16::from_be(sin6.sin6_port),
+                    sin6.sin6_flowinfo,
+                    sin6.sin6_scope_id,
+                )),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Room for one IP_PKTINFO or IPV6_PKTINFO control message (the larger),
+/// 8-byte aligned.
+const CMSG_WORDS: usize = 8;
+
+/// One datagram of a batched send.
+pub struct OutMsg<'a> {
+    pub to: SocketAddr,
+    /// The source address (IP_PKTINFO / IPV6_PKTINFO), for replies from a
+    /// wildcard-bound socket.
+    pub from_ip: Option<IpAddr>,
+    pub bytes: &'a [u8],
+}
+
+/// Reusable buffers for [`send_batch`].
+pub struct SendBatch {
+    names: Vec<RawAddr>,
+    iovs: Vec<libc::iovec>,
+    cmsgs: Vec<[u64; CMSG_WORDS]>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+impl Default for SendBatch {
+    fn default() -> SendBatch {
+        SendBatch {
+            names: Vec::with_capacity(BATCH),
+            iovs: Vec::with_capacity(BATCH),
+            cmsgs: Vec::with_capacity(BATCH),
+            hdrs: Vec::with_capacity(BATCH),
+        }
+    }
+}
+
+/// Sends `msgs` on `fd` with as few sendmmsg calls as it takes. The index
+/// of every datagram that did not go out is pushed to `failed`: a full send
+/// buffer (that one and all after it), or an error of its own (an
+/// unreachable destination, a firewall's EPERM).
+pub fn send_batch(fd: RawFd, msgs: &[OutMsg<'_>], b: &mut SendBatch, failed: &mut Vec<usize>) {
+    let mut at = 0;
+    while at < msgs.len() {
+        let chunk = &msgs[at..msgs.len().min(at + BATCH)];
+        b.names.clear();
+        b.iovs.clear();
+        b.cmsgs.clear();
+        b.hdrs.clear();
+        for m in chunk {
+            b.names.push(RawAddr::new(m.to));
+            b.iovs.push(libc::iovec {
+                iov_base: m.bytes.as_ptr() as *mut libc::c_void,
+                iov_len: m.bytes.len(),
+            });
+            b.cmsgs.push([0; CMSG_WORDS]);
+        }
+        for (i, m) in chunk.iter().enumerate() {
+            // SAFETY: an all-zero mmsghdr is valid (no name, no iov, no control).
+            let mut h: libc::mmsghdr = unsafe { zeroed() };
+            h.msg_hdr.msg_name = (&mut b.names[i].storage as *mut libc::sockaddr_storage).cast();
+            h.msg_hdr.msg_namelen = b.names[i].len;
+            h.msg_hdr.msg_iov = &mut b.iovs[i];
+            h.msg_hdr.msg_iovlen = 1;
+            if let Some(ip) = m.from_ip {
+                let len = put_pktinfo(&mut b.cmsgs[i], ip);
+                h.msg_hdr.msg_control = b.cmsgs[i].as_mut_ptr().cast();
+                h.msg_hdr.msg_controllen = len;
+            }
+            b.hdrs.push(h);
+        }
+        // SAFETY: every header points at live buffers above (names, one iovec
+        // over a borrowed datagram, control space) with their lengths; they
+        // outlive the call, and the kernel only reads them.
+        let n = unsafe {
+            libc::sendmmsg(
+                fd,
+                b.hdrs.as_mut_ptr(),
+                b.hdrs.len() as libc::c_uint,
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n > 0 {
+            at += n as usize;
+            continue;
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => {}
+            Some(libc::EAGAIN | libc::ENOBUFS) => {
+                failed.extend(at..msgs.len());
+                return;
+            }
+            // This datagram's own error; the ones after it may go.
+            _ => {
+                failed.push(at);
+                at += 1;
+            }
+        }
+    }
+}
+
+/// Writes an IP_PKTINFO (IPv4) or IPV6_PKTINFO control message asking for
+/// source address `ip` into `buf`; returns its length.
+fn put_pktinfo(buf: &mut [u64; CMSG_WORDS], ip: IpAddr) -> usize {
+    let (level, kind, data_len) = match ip {
+        IpAddr::V4(_) => (
+            libc::IPPROTO_IP,
+            libc::IP_PKTINFO,
+            size_of::<libc::in_pktinfo>(),
+        ),
+        IpAddr::V6(_) => (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_PKTINFO,
+            size_of::<libc::in6_pktinfo>(),
+        ),
+    };
+    // SAFETY: CMSG_SPACE of a pktinfo struct fits the 64-byte buffer (it is
+    // at most 40 bytes); the header and data are written inside it through
+    // the CMSG_* macros, with unaligned writes for the data.
+    unsafe {
+        let space = libc::CMSG_SPACE(data_len as u32) as usize;
+        debug_assert!(space <= size_of::<[u64; CMSG_WORDS]>());
+        let mut h: libc::msghdr = zeroed();
+        h.msg_control = buf.as_mut_ptr().cast();
+        h.msg_controllen = space;
+        let c = libc::CMSG_FIRSTHDR(&h);
+        (*c).cmsg_level = level;
+        (*c).cmsg_type = kind;
+        (*c).cmsg_len = libc::CMSG_LEN(data_len as u32) as usize;
+        match ip {
+            IpAddr::V4(v4) => {
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(v4.octets()),
+                    },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);
+            }
+            IpAddr::V6(v6) => {
+                let info = libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: v6.octets(),
+                    },
+                    ipi6_ifindex: 0,
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);
+            }
+        }
+        space
+    }
+}
+
+/// One datagram of a batched receive.
+#[derive(Debug, Clone, Copy)]
+pub struct InMeta {
+    pub len: usize,
+    pub from: Option<SocketAddr>,
+    /// The socket's lifetime drop count, when the kernel attached it
+    /// (SO_RXQ_OVFL: only once the count is non-zero).
+    pub drops: Option<u32>,
+}
+
+/// Reusable buffers for [`recv_batch`].
+pub struct RecvBatch {
+    pub bufs: Vec<Vec<u8>>,
+    pub meta: [InMeta; BATCH],
+    names: Vec<libc::sockaddr_storage>,
+    iovs: Vec<libc::iovec>,
+    cmsgs: Vec<[u64; CMSG_WORDS]>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+impl RecvBatch {
+    /// Buffers for `BATCH` datagrams of up to `size` bytes.
+    pub fn new(size: usize) -> RecvBatch {
+        RecvBatch {
+            bufs: (0..BATCH).map(|_| vec![0u8; size]).collect(),
+            meta: [InMeta {
+                len: 0,
+                from: None,
+                drops: None,
+            }; BATCH],
+            // SAFETY: an all-zero sockaddr_storage is valid.
+            names: (0..BATCH).map(|_| unsafe { zeroed() }).collect(),
+            iovs: Vec::with_capacity(BATCH),
+            cmsgs: vec![[0; CMSG_WORDS]; BATCH],
+            hdrs: Vec::with_capacity(BATCH),
+        }
+    }
+}
+
+/// Receives up to `BATCH` datagrams from `fd` with recvmmsg: how many, with
+/// each one's sender and drop count in `b.meta`. `Ok(0)` when none waits.
+pub fn recv_batch(fd: RawFd, b: &mut RecvBatch) -> io::Result<usize> {
+    b.iovs.clear();
+    b.hdrs.clear();
+    for buf in b.bufs.iter_mut() {
+        b.iovs.push(libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        });
+    }
+    for i in 0..BATCH {
+        // SAFETY: an all-zero mmsghdr is valid.
+        let mut h: libc::mmsghdr = unsafe { zeroed() };
+        h.msg_hdr.msg_name = (&mut b.names[i] as *mut libc::sockaddr_storage).cast();
+        h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        h.msg_hdr.msg_iov = &mut b.iovs[i];
+        h.msg_hdr.msg_iovlen = 1;
+        h.msg_hdr.msg_control = b.cmsgs[i].as_mut_ptr().cast();
+        h.msg_hdr.msg_controllen = size_of::<[u64; CMSG_WORDS]>();
+        b.hdrs.push(h);
+    }
+    // SAFETY: every header points at live, writable buffers of the stated
+    // lengths (name storage, one iovec over a datagram buffer, control
+    // space) that outlive the call; the kernel writes within them.
+    let n = unsafe {
+        libc::recvmmsg(
+            fd,
+            b.hdrs.as_mut_ptr(),
+            BATCH as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
+    if n < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::WouldBlock {
+            return Ok(0);
+        }
+        return Err(err);
+    }
+    let n = n as usize;
+    for i in 0..n {
+        let h = &b.hdrs[i];
+        let mut drops = None;
+        // SAFETY: the CMSG_* macros walk the control buffer the kernel
+        // filled, bounded by msg_controllen; SO_RXQ_OVFL's payload is one
+        // u32, read unaligned.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_RXQ_OVFL {
+                    drops = Some(std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const u32));
+                }
+                c = libc::CMSG_NXTHDR(&h.msg_hdr, c);
+            }
+        }
+        b.meta[i] = InMeta {
+            len: h.msg_len as usize,
+            from: parse_addr(&b.names[i], h.msg_hdr.msg_namelen),
+            drops,
+        };
+    }
+    Ok(n)
+}
+
+/// An unconnected, non-blocking UDP socket bound to `local` for upstream
+/// paths, with SO_RXQ_OVFL on so replies carry its drop count. No
+/// SO_REUSEADDR: the kernel refuses a (source, port) another socket holds,
+/// so two sockets never share a 4-tuple.
+pub fn bound_upstream(local: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(local),
+        socket2::Type::DGRAM.nonblocking().cloexec(),
+        Some(socket2::Protocol::UDP),
+    )?;
+    if local.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    setsockopt(&socket, sockopt::RxqOvfl, &1)?;
+    socket.bind(&local.into())?;
+    Ok(socket.into())
 }
 
 #[cfg(test)]
@@ -109,35 +426,135 @@ mod tests {
 
     use super::*;
 
+    fn udp(addr: &str) -> UdpSocket {
+        let s = UdpSocket::bind(addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        s
+    }
+
+    /// Waits until `fd` has a datagram queued.
+    fn readable(fd: &impl std::os::fd::AsFd) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+        assert_eq!(poll(&mut fds, PollTimeout::from(5000u16)).unwrap(), 1);
+    }
+
     #[test]
-    fn upstream_reports_its_drops() {
-        let backend = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let up = connected_upstream(backend.local_addr().unwrap()).unwrap();
-        // Shrink the receive buffer so a burst overflows it.
-        let sock = socket2::SockRef::from(&up);
-        sock.set_recv_buffer_size(4096).unwrap();
+    fn a_batch_goes_to_each_destination_and_comes_back_with_senders_and_drops() {
+        let up = bound_upstream("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (a, b) = (udp("127.0.0.1:0"), udp("127.0.0.1:0"));
+        let msgs = [
+            OutMsg {
+                to: a.local_addr().unwrap(),
+                from_ip: None,
+                bytes: b"to a",
+            },
+            OutMsg {
+                to: b.local_addr().unwrap(),
+                from_ip: None,
+                bytes: b"to b",
+            },
+        ];
+        let mut sb = SendBatch::default();
+        let mut failed = Vec::new();
+        send_batch(up.as_raw_fd(), &msgs, &mut sb, &mut failed);
+        assert!(failed.is_empty());
+        let mut buf = [0u8; 16];
+        let (n, from) = a.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from), (&b"to a"[..], up.local_addr().unwrap()));
+        let (n, _) = b.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"to b");
+
+        // Replies from both, read in one batch with their senders.
         let me = up.local_addr().unwrap();
+        a.send_to(b"from a", me).unwrap();
+        b.send_to(b"from b!", me).unwrap();
+        let mut rb = RecvBatch::new(2048);
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            readable(&up);
+            let n = recv_batch(up.as_raw_fd(), &mut rb).unwrap();
+            for i in 0..n {
+                let m = rb.meta[i];
+                assert_eq!(m.drops, None, "no drops yet: no count attached");
+                got.push((m.from.unwrap(), rb.bufs[i][..m.len].to_vec()));
+            }
+        }
+        assert_eq!(
+            got,
+            vec![
+                (a.local_addr().unwrap(), b"from a".to_vec()),
+                (b.local_addr().unwrap(), b"from b!".to_vec())
+            ]
+        );
+        assert_eq!(recv_batch(up.as_raw_fd(), &mut rb).unwrap(), 0);
+
+        // Overflow a small buffer: the next datagram carries the count.
+        socket2::SockRef::from(&up)
+            .set_recv_buffer_size(4096)
+            .unwrap();
         for _ in 0..200 {
-            backend.send_to(&[7u8; 1000], me).unwrap();
+            a.send_to(&[7u8; 1000], me).unwrap();
         }
         let kernel = socket_drops(up.as_raw_fd()).unwrap();
-        assert!(kernel > 0, "the burst must overflow a 4 KiB buffer");
-        let mut buf = [0u8; 2048];
-        // Every queued datagram was enqueued before the first drop: the
-        // kernel attaches no count while it is zero.
+        assert!(kernel > 0);
         let mut queued = 0;
-        while let Ok((n, seen)) = recv_with_drops(up.as_raw_fd(), &mut buf) {
-            assert_eq!((n, seen), (1000, None));
-            queued += 1;
+        loop {
+            let n = recv_batch(up.as_raw_fd(), &mut rb).unwrap();
+            if n == 0 {
+                break;
+            }
+            queued += n as u32;
         }
         assert_eq!(
             queued + kernel,
             200,
             "each datagram is either queued or dropped"
         );
-        // One enqueued after the drops carries their count.
-        backend.send_to(b"late", me).unwrap();
-        let (n, seen) = recv_with_drops(up.as_raw_fd(), &mut buf).unwrap();
-        assert_eq!((n, seen), (4, Some(kernel)));
+        a.send_to(b"late", me).unwrap();
+        readable(&up);
+        assert_eq!(recv_batch(up.as_raw_fd(), &mut rb).unwrap(), 1);
+        assert_eq!(rb.meta[0].drops, Some(kernel));
+    }
+
+    #[test]
+    fn a_bound_port_is_refused_to_a_second_socket() {
+        let first = bound_upstream("127.0.0.1:0".parse().unwrap()).unwrap();
+        let taken = first.local_addr().unwrap();
+        let err = bound_upstream(taken).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
+    }
+
+    #[test]
+    fn replies_from_a_wildcard_socket_leave_from_the_address_asked_for() {
+        let wild = udp("0.0.0.0:0");
+        let port = wild.local_addr().unwrap().port();
+        let peer = udp("127.0.0.1:0");
+        let msgs = [OutMsg {
+            to: peer.local_addr().unwrap(),
+            from_ip: Some("127.0.0.2".parse().unwrap()),
+            bytes: b"x",
+        }];
+        let mut failed = Vec::new();
+        send_batch(
+            wild.as_raw_fd(),
+            &msgs,
+            &mut SendBatch::default(),
+            &mut failed,
+        );
+        assert!(failed.is_empty());
+        let mut buf = [0u8; 4];
+        let (_, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!(from, SocketAddr::from(([127, 0, 0, 2], port)));
+    }
+
+    #[test]
+    fn addresses_round_trip_through_the_kernel_form() {
+        for a in ["127.0.0.1:9", "[::1]:443", "[2001:db8::1]:65535"] {
+            let addr: SocketAddr = a.parse().unwrap();
+            let raw = RawAddr::new(addr);
+            assert_eq!(parse_addr(&raw.storage, raw.len), Some(addr));
+        }
     }
 }

@@ -75,6 +75,8 @@ impl Supervisor {
                 config::DEFAULT_CONFIG_TOML.to_string(),
             ),
         };
+        // Lease rows for new upstream sources first: nothing has changed yet.
+        super::register_sources(&self.state, &cfg).map_err(|e| e.to_string())?;
         if cfg.stats_file != self.config.stats_file {
             tracing::warn!(
                 "stats_file changed to {}; it takes effect at the next start",

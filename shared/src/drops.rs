@@ -1,0 +1,196 @@
+//! Why a datagram was dropped: one list, in the order a datagram meets the
+//! hops. The worker counts by it, `stats --json` names its `drops` keys by it,
+//! Prometheus labels its `reason` by it, and the stage summary groups by it,
+//! so a reason cannot be counted in one place and forgotten in another.
+
+use crate::stats::Counter;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// The kernel dropped it on the worker's listener socket (buffer full).
+    Socket,
+    /// No flow key in it: not the configured protocol.
+    Malformed,
+    /// It could not be handed to the worker that owns its session (that
+    /// worker's inbox was full, or its listener is gone).
+    Handoff,
+    /// A new flow beyond `max_sessions`.
+    SessionLimit,
+    /// A new flow while the worker drains (SIGTERM/SIGINT).
+    Draining,
+    /// A new flow with no backend to go to.
+    NoBackend,
+    /// A new path for which no (source, port) is free toward its backend.
+    NoPort,
+    /// A new path for which the worker may open no more descriptors.
+    NoFd,
+    /// Sending it to the backend failed.
+    Upstream,
+    /// The kernel dropped a reply on an upstream socket (buffer full).
+    UpstreamSocket,
+    /// A datagram on an upstream socket that no path expects: not from a
+    /// backend, or for a path that has closed.
+    Stray,
+    /// A reply could not be sent on to its client.
+    Reply,
+}
+
+/// Where on a datagram's way a drop happens, in path order. The first three
+/// are the host's own counters (every program's datagrams, not only
+/// udpshard's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Nic,
+    Softnet,
+    /// UDP drops on sockets other than udpshard's.
+    Udp,
+    Listener,
+    Handoff,
+    Sessions,
+    Upstream,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 7] = [
+        Stage::Nic,
+        Stage::Softnet,
+        Stage::Udp,
+        Stage::Listener,
+        Stage::Handoff,
+        Stage::Sessions,
+        Stage::Upstream,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Nic => "NIC (rx dropped+errors)",
+            Stage::Softnet => "softnet backlog",
+            Stage::Udp => "UDP, other sockets",
+            Stage::Listener => "listener sockets",
+            Stage::Handoff => "handoff",
+            Stage::Sessions => "sessions/backends",
+            Stage::Upstream => "upstream sockets",
+        }
+    }
+
+    /// The worker's drop reasons counted at this stage.
+    pub fn reasons(self) -> impl Iterator<Item = DropReason> {
+        DropReason::ALL
+            .into_iter()
+            .filter(move |r| r.stage() == self)
+    }
+}
+
+impl DropReason {
+    /// Every reason, in path order.
+    pub const ALL: [DropReason; 12] = [
+        DropReason::Socket,
+        DropReason::Malformed,
+        DropReason::Handoff,
+        DropReason::SessionLimit,
+        DropReason::Draining,
+        DropReason::NoBackend,
+        DropReason::NoPort,
+        DropReason::NoFd,
+        DropReason::Upstream,
+        DropReason::UpstreamSocket,
+        DropReason::Stray,
+        DropReason::Reply,
+    ];
+
+    /// Its key in `stats --json`'s `drops` and its Prometheus `reason` label.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Socket => "socket",
+            DropReason::Malformed => "malformed",
+            DropReason::Handoff => "handoff",
+            DropReason::SessionLimit => "session_limit",
+            DropReason::Draining => "draining",
+            DropReason::NoBackend => "no_backend",
+            DropReason::NoPort => "no_port",
+            DropReason::NoFd => "no_fd",
+            DropReason::Upstream => "upstream",
+            DropReason::UpstreamSocket => "upstream_socket",
+            DropReason::Stray => "stray",
+            DropReason::Reply => "reply",
+        }
+    }
+
+    /// One line for people (the `--wide` legend).
+    pub fn help(self) -> &'static str {
+        match self {
+            DropReason::Socket => "dropped by the kernel on the listener socket (buffer full)",
+            DropReason::Malformed => "no flow key in the datagram (not the configured protocol)",
+            DropReason::Handoff => "could not be handed to the worker owning its session",
+            DropReason::SessionLimit => "a new flow beyond max_sessions",
+            DropReason::Draining => "a new flow while stopping (SIGTERM/SIGINT)",
+            DropReason::NoBackend => "a new flow with no backend to go to",
+            DropReason::NoPort => "no (source, port) free toward the backend (upstream_ports)",
+            DropReason::NoFd => "no descriptor left for a new upstream socket (RLIMIT_NOFILE)",
+            DropReason::Upstream => "sending to the backend failed",
+            DropReason::UpstreamSocket => "replies dropped by the kernel on upstream sockets",
+            DropReason::Stray => {
+                "on an upstream socket, not from a path's backend (late or foreign)"
+            }
+            DropReason::Reply => "a reply could not be sent on to its client",
+        }
+    }
+
+    pub fn counter(self) -> Counter {
+        match self {
+            DropReason::Socket => Counter::DropSocket,
+            DropReason::Malformed => Counter::DropMalformed,
+            DropReason::Handoff => Counter::DropHandoff,
+            DropReason::SessionLimit => Counter::DropSessionLimit,
+            DropReason::Draining => Counter::DropDraining,
+            DropReason::NoBackend => Counter::DropNoBackend,
+            DropReason::NoPort => Counter::DropNoPort,
+            DropReason::NoFd => Counter::DropNoFd,
+            DropReason::Upstream => Counter::DropUpstream,
+            DropReason::UpstreamSocket => Counter::DropUpstreamSocket,
+            DropReason::Stray => Counter::DropStray,
+            DropReason::Reply => Counter::DropReply,
+        }
+    }
+
+    pub fn stage(self) -> Stage {
+        match self {
+            // Dissected as it is read, before any handoff.
+            DropReason::Socket | DropReason::Malformed => Stage::Listener,
+            DropReason::Handoff => Stage::Handoff,
+            DropReason::SessionLimit
+            | DropReason::Draining
+            | DropReason::NoBackend
+            | DropReason::NoPort
+            | DropReason::NoFd
+            | DropReason::Upstream => Stage::Sessions,
+            DropReason::UpstreamSocket | DropReason::Stray | DropReason::Reply => Stage::Upstream,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_name_and_counter_and_is_in_path_order() {
+        let mut names: Vec<_> = DropReason::ALL.iter().map(|r| r.name()).collect();
+        let mut counters: Vec<_> = DropReason::ALL
+            .iter()
+            .map(|r| r.counter() as usize)
+            .collect();
+        names.dedup();
+        counters.sort_unstable();
+        counters.dedup();
+        assert_eq!(names.len(), DropReason::ALL.len());
+        assert_eq!(counters.len(), DropReason::ALL.len());
+        let stages: Vec<usize> = DropReason::ALL
+            .iter()
+            .map(|r| Stage::ALL.iter().position(|s| *s == r.stage()).unwrap())
+            .collect();
+        assert!(stages.windows(2).all(|w| w[0] <= w[1]), "{stages:?}");
+        let counted: usize = Stage::ALL.iter().map(|s| s.reasons().count()).sum();
+        assert_eq!(counted, DropReason::ALL.len());
+    }
+}

@@ -1,0 +1,176 @@
+//! Turns the router's actions into syscalls, batched: every datagram for
+//! one upstream socket goes out in one sendmmsg (each with its own
+//! destination), every reply of one listener in one sendmmsg (each with its
+//! own client and source address). Frames between workers go one by one, in
+//! the order they were decided. Failed sends are reported back to the
+//! router, which counts them.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use crate::handoff::Handoff;
+use crate::listener::Listener;
+use crate::router::{Action, DatagramRef, Owners, Router};
+use crate::sockio::{send_batch, OutMsg, SendBatch};
+use crate::upstream::Upstream;
+
+/// Reusable buffers for one flush.
+#[derive(Default)]
+pub struct Executor {
+    actions: Vec<Action>,
+    order: Vec<u32>,
+    failed: Vec<usize>,
+    send: SendBatch,
+}
+
+impl Executor {
+    /// Executes every action the router has decided. `bytes` resolves a
+    /// datagram the actions name; `fds` are the descriptors that came with
+    /// the frame just read (taken by `Keep`).
+    pub fn flush<'a, O: Owners>(
+        &mut self,
+        router: &mut Router<O, Upstream>,
+        listeners: &[Listener],
+        handoff: &mut Handoff,
+        fds: &mut [Option<OwnedFd>],
+        bytes: &dyn Fn(DatagramRef) -> &'a [u8],
+    ) {
+        if !router.has_actions() {
+            return;
+        }
+        self.actions.clear();
+        self.actions.extend(router.actions());
+        self.forwards(router, bytes);
+        self.replies(router, listeners, bytes);
+        for action in std::mem::take(&mut self.actions) {
+            match action {
+                Action::Handoff {
+                    to,
+                    header,
+                    datagram,
+                } => {
+                    if handoff.send_datagram(to, &header, bytes(datagram)).is_err() {
+                        router.handoff_failed();
+                    }
+                }
+                Action::Control {
+                    to,
+                    mut frame,
+                    socks,
+                    payload,
+                } => {
+                    let raw: Vec<_> = socks
+                        .iter()
+                        .filter_map(|s| router.sockets().fd(*s))
+                        .collect();
+                    if let Some(d) = payload {
+                        frame.extend_from_slice(bytes(d));
+                    }
+                    let sent = raw.len() == socks.len()
+                        && handoff.send_control(to, frame.clone(), &raw).is_ok();
+                    if !sent {
+                        match payload {
+                            Some(_) => router.handoff_failed(),
+                            None => router.transfer_failed(&frame),
+                        }
+                    }
+                }
+                Action::Keep { index, sock } => {
+                    if let Some(fd) = fds.get_mut(index).and_then(Option::take) {
+                        router.sockets().keep(sock, fd);
+                    }
+                }
+                Action::Forward { .. } | Action::Reply { .. } => {}
+            }
+        }
+    }
+
+    /// Forwards grouped by upstream socket, in the order decided within each.
+    fn forwards<'a, O: Owners>(
+        &mut self,
+        router: &mut Router<O, Upstream>,
+        bytes: &dyn Fn(DatagramRef) -> &'a [u8],
+    ) {
+        self.order.clear();
+        for (i, a) in self.actions.iter().enumerate() {
+            if matches!(a, Action::Forward { .. }) {
+                self.order.push(i as u32);
+            }
+        }
+        let sock_of = |a: &Action| match a {
+            Action::Forward { sock, .. } => *sock,
+            _ => u32::MAX,
+        };
+        let actions = &self.actions;
+        self.order.sort_by_key(|i| sock_of(&actions[*i as usize]));
+        let mut at = 0;
+        while at < self.order.len() {
+            let sock = sock_of(&self.actions[self.order[at] as usize]);
+            let end = at
+                + self.order[at..]
+                    .iter()
+                    .take_while(|i| sock_of(&self.actions[**i as usize]) == sock)
+                    .count();
+            let msgs: Vec<OutMsg<'a>> = self.order[at..end]
+                .iter()
+                .filter_map(|i| match &self.actions[*i as usize] {
+                    Action::Forward { to, datagram, .. } => Some(OutMsg {
+                        to: *to,
+                        from_ip: None,
+                        bytes: bytes(*datagram),
+                    }),
+                    _ => None,
+                })
+                .collect();
+            self.failed.clear();
+            match router.sockets().fd(sock) {
+                Some(fd) => send_batch(fd, &msgs, &mut self.send, &mut self.failed),
+                None => self.failed.extend(0..msgs.len()),
+            }
+            for &f in &self.failed {
+                router.forward_failed(msgs[f].bytes.len());
+            }
+            at = end;
+        }
+    }
+
+    /// Replies grouped by listener socket.
+    fn replies<'a, O: Owners>(
+        &mut self,
+        router: &mut Router<O, Upstream>,
+        listeners: &[Listener],
+        bytes: &dyn Fn(DatagramRef) -> &'a [u8],
+    ) {
+        for (l, listener) in listeners.iter().enumerate() {
+            let msgs: Vec<OutMsg<'a>> = self
+                .actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Reply {
+                        listener,
+                        to,
+                        from_ip,
+                        datagram,
+                    } if *listener == l => Some(OutMsg {
+                        to: *to,
+                        from_ip: *from_ip,
+                        bytes: bytes(*datagram),
+                    }),
+                    _ => None,
+                })
+                .collect();
+            if msgs.is_empty() {
+                continue;
+            }
+            self.failed.clear();
+            send_batch(
+                listener.socket.as_raw_fd(),
+                &msgs,
+                &mut self.send,
+                &mut self.failed,
+            );
+            for _ in &self.failed {
+                router.reply_failed();
+            }
+        }
+    }
+}

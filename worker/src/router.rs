@@ -1,0 +1,1525 @@
+//! What happens to a datagram, top to bottom. The router makes every
+//! datapath decision and does no I/O: events come in (a client datagram, a
+//! backend's datagram on an upstream socket, a frame from another worker, a
+//! tick, a reload), and actions come out (forward, reply, hand over, send a
+//! frame) for the shell to turn into syscalls. Time is an argument. The
+//! ownership table and the opening of upstream sockets are behind traits
+//! ([`Owners`], [`Sockets`]), so tests drive several routers in memory.
+//!
+//! Client -> backend ([`Router::client`]):
+//! 1. Dissect the flow key (none: `malformed`).
+//! 2. A local session has it: forward on the session's path for this client
+//!    address. A new address gets a path of its own (a new upstream 4-tuple,
+//!    `migration = "path"`), or moves the one path (`"follow"`). A flow
+//!    handed over by the same worker several times in a row is where the
+//!    kernel delivers it now: the session moves there.
+//! 3. A flow refused a moment ago (no port, no descriptor) is dropped again
+//!    at once: a refused flow costs no more than a forwarded one.
+//! 4. The ownership table names another live worker: hand the datagram
+//!    over (at most `MAX_HOPS` in all). It names this worker although no
+//!    session is here: a transfer to us is in the inbox; the shell reads it
+//!    and asks again.
+//! 5. Else claim the key, pick the backend (QUIC-LB server ID, else
+//!    Maglev), open a path and forward.
+//!
+//! Backend -> client ([`Router::backend`]): the socket and the sender name
+//! the path; learn a QUIC server's new connection ID from its long-header
+//! packets (before the reply that carries it reaches the client), reply to
+//! that path's client from the listener socket. A path whose session moved
+//! to another worker is relayed the same way: its home keeps its socket.
+//!
+//! Every client datagram ends in exactly one of: forward, hand over, drop
+//! with a [`DropReason`] (or [`Outcome::Deferred`], and then one of those).
+
+use std::net::{IpAddr, SocketAddr};
+
+use udpshard_config as config;
+use udpshard_shared::flow::quic_long_scid;
+use udpshard_shared::handoff::{
+    Control, Frame, Header, PathRef, Transfer, TransferPath, HEADER_LEN, MAX_HOPS,
+};
+use udpshard_shared::maglev::MaglevError;
+use udpshard_shared::owners::{Claim, Owner, OwnerIndex};
+use udpshard_shared::quic_lb::QuicLbRouter;
+use udpshard_shared::stats::Counter;
+use udpshard_shared::{stable_hash, Dissector, DropReason, FlowKey, Maglev};
+
+use crate::counters::Counters;
+use crate::paths::{Home, OpenError, Path, PathId, Paths, SockId, NONE};
+use crate::session::{Session, SessionId, SessionTable};
+
+pub use crate::paths::Sockets;
+
+/// Consecutive datagrams of a session handed over by the same worker before
+/// the session moves there.
+pub const TRANSFER_AFTER: u8 = 3;
+
+/// A transfer not answered in this long is given up (the receiver died).
+const TRANSFER_TIMEOUT_MS: u64 = 5_000;
+
+/// How long a refused flow's further datagrams are dropped without a try.
+const REFUSAL_MS: u64 = 1_000;
+const MAX_REFUSALS: usize = 1 << 16;
+
+/// The ownership table, as a router sees it.
+pub trait Owners {
+    /// The recorded owner of `hash`, live or not.
+    fn lookup(&self, hash: u64) -> Option<Owner>;
+    /// Makes `me` the owner unless a live worker is.
+    fn claim(&self, hash: u64, me: Owner) -> Claim;
+    /// Records `to` as the owner, whoever owned it.
+    fn assign(&self, hash: u64, to: Owner);
+    /// Forgets `hash` if `me` owns it.
+    fn release(&self, hash: u64, me: Owner);
+    /// The process serving slot `worker` now, if it serves.
+    fn live_owner(&self, worker: usize) -> Option<Owner>;
+    fn is_live(&self, owner: Owner) -> bool {
+        self.live_owner(usize::from(owner.worker)) == Some(owner)
+    }
+}
+
+/// A datagram the shell holds until the actions naming it are done: the
+/// router never copies datagram bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DatagramRef(pub u32);
+
+/// Where a client datagram came from and how it reached this worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    pub listener: usize,
+    pub client: SocketAddr,
+    /// The local address it was sent to (wildcard listeners only).
+    pub local_ip: Option<IpAddr>,
+    pub via: Via,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Read from this worker's listener socket.
+    Socket,
+    /// Handed over by another worker, after `hops` handoffs.
+    Handoff { from: u16, hops: u8 },
+    /// Read from the listener socket, then deferred: asked again after the
+    /// inbox was read.
+    Retry,
+}
+
+impl Via {
+    fn hops(self) -> u8 {
+        match self {
+            Via::Handoff { hops, .. } => hops,
+            Via::Socket | Via::Retry => 0,
+        }
+    }
+}
+
+/// What the router decided about a client datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// Read the handoff inbox, then ask again with `Via::Retry`.
+    Deferred,
+}
+
+/// What the shell is to do. Sends that fail are reported back
+/// ([`Router::forward_failed`] and its siblings) and counted as drops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send `datagram` to backend `to` from upstream socket `sock`.
+    Forward {
+        sock: SockId,
+        to: SocketAddr,
+        datagram: DatagramRef,
+    },
+    /// Send `datagram` to a client from listener `listener`'s socket, from
+    /// `from_ip` when the listener is a wildcard bind.
+    Reply {
+        listener: usize,
+        to: SocketAddr,
+        from_ip: Option<IpAddr>,
+        datagram: DatagramRef,
+    },
+    /// Hand a client datagram to worker `to`: `header` then `datagram`.
+    Handoff {
+        to: usize,
+        header: [u8; HEADER_LEN],
+        datagram: DatagramRef,
+    },
+    /// A control frame to worker `to`, with these sockets as SCM_RIGHTS and
+    /// `payload` after it (a moved path's datagram). Delivered reliably: the
+    /// shell queues it while the inbox is full.
+    Control {
+        to: usize,
+        frame: Vec<u8>,
+        socks: Vec<SockId>,
+        payload: Option<DatagramRef>,
+    },
+    /// Keep descriptor `index` of the frame just read as socket `sock`
+    /// (a borrowed copy: the shell does not read it).
+    Keep { index: usize, sock: SockId },
+}
+
+/// A listener as the router routes it: built from its config (replaced on
+/// reload).
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    /// Stable identity across reloads (its name's hash): ownership table
+    /// keys and handoff frames use it.
+    pub ident: u64,
+    pub dissector: Dissector,
+    maglev: Maglev,
+    pub backends: Vec<SocketAddr>,
+    /// `ipv4[b]`: backend b's address family.
+    ipv4: Vec<bool>,
+    by_addr: ahash::AHashMap<SocketAddr, u16>,
+    quic_lb: Option<QuicLbRouter>,
+    /// QUIC: learn the server's chosen connection IDs from its replies.
+    learns_server_cids: bool,
+    /// Bound to a wildcard address: replies leave from the address each
+    /// client wrote to.
+    pub wildcard: bool,
+    pub follow: bool,
+    pub max_paths: usize,
+    pub max_sessions: usize,
+    pub session_idle_ms: u64,
+    pub path_idle_ms: u64,
+    pub reuse_delay_ms: u64,
+}
+
+impl Route {
+    pub fn new(cfg: &config::Listener, wildcard: bool) -> Result<Route, MaglevError> {
+        let names: Vec<(String, u32)> = cfg
+            .backends
+            .iter()
+            .map(|b| (b.addr.to_string(), b.weight))
+            .collect();
+        let backends: Vec<SocketAddr> = cfg.backends.iter().map(|b| b.addr).collect();
+        Ok(Route {
+            name: cfg.name.clone(),
+            ident: stable_hash(cfg.name.as_bytes()),
+            dissector: cfg.dissector.into(),
+            maglev: Maglev::new(&names, cfg.maglev_table_size)?,
+            ipv4: backends.iter().map(|b| b.is_ipv4()).collect(),
+            by_addr: backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (*b, i as u16))
+                .collect(),
+            backends,
+            quic_lb: cfg.quic_lb.map(|lb| {
+                QuicLbRouter::new(
+                    lb,
+                    cfg.backends
+                        .iter()
+                        .map(|b| b.server_id.clone().unwrap_or_default()),
+                )
+            }),
+            learns_server_cids: matches!(cfg.dissector, config::Dissector::Quic { .. }),
+            wildcard,
+            follow: cfg.migration == config::Migration::Follow,
+            max_paths: cfg.max_paths.max(1),
+            max_sessions: cfg.max_sessions,
+            session_idle_ms: cfg.session_idle.as_millis() as u64,
+            path_idle_ms: cfg.path_idle.as_millis() as u64,
+            reuse_delay_ms: cfg.port_reuse_delay.as_millis() as u64,
+        })
+    }
+
+    /// The backend for a new flow: its QUIC-LB server ID, else Maglev.
+    pub fn pick(&self, key: &[u8]) -> usize {
+        self.quic_lb
+            .as_ref()
+            .and_then(|lb| lb.route(key))
+            .unwrap_or_else(|| self.maglev.backend_for(key))
+    }
+
+    fn backend_of(&self, addr: SocketAddr) -> Option<u16> {
+        self.by_addr.get(&addr).copied()
+    }
+}
+
+/// Flows refused a moment ago, and why.
+#[derive(Debug, Default)]
+struct Refusals {
+    map: ahash::AHashMap<(usize, FlowKey), (DropReason, u64)>,
+}
+
+impl Refusals {
+    fn check(&mut self, listener: usize, key: &FlowKey, now_ms: u64) -> Option<DropReason> {
+        if self.map.is_empty() {
+            return None;
+        }
+        match self.map.get(&(listener, *key)) {
+            Some(&(reason, until)) if until > now_ms => Some(reason),
+            Some(_) => {
+                self.map.remove(&(listener, *key));
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn remember(&mut self, listener: usize, key: FlowKey, reason: DropReason, now_ms: u64) {
+        // Bounded: a flood of refused flows forgets the oldest all at once.
+        if self.map.len() >= MAX_REFUSALS {
+            self.map.clear();
+        }
+        self.map
+            .insert((listener, key), (reason, now_ms + REFUSAL_MS));
+    }
+}
+
+/// One worker's routing state.
+pub struct Router<O, S> {
+    pub id: usize,
+    me: Owner,
+    routes: Vec<Route>,
+    sessions: SessionTable,
+    paths: Paths,
+    owners: O,
+    sockets: S,
+    index: OwnerIndex,
+    refused: Refusals,
+    pub counters: Counters,
+    now_ms: u64,
+    draining: bool,
+    actions: Vec<Action>,
+    relay_cursor: usize,
+}
+
+impl<O: Owners, S: Sockets> Router<O, S> {
+    pub fn new(
+        me: Owner,
+        routes: Vec<Route>,
+        owners: O,
+        sockets: S,
+        index: OwnerIndex,
+        counters: Counters,
+    ) -> Router<O, S> {
+        let limits: Vec<usize> = routes.iter().map(|r| r.max_sessions).collect();
+        let expected = limits.iter().sum::<usize>().min(1 << 20);
+        Router {
+            id: usize::from(me.worker),
+            me,
+            paths: Paths::new(routes.len(), expected),
+            sessions: SessionTable::new(limits),
+            routes,
+            owners,
+            sockets,
+            index,
+            refused: Refusals::default(),
+            counters,
+            now_ms: 0,
+            draining: false,
+            actions: Vec::with_capacity(256),
+            relay_cursor: 0,
+        }
+    }
+
+    /// The actions decided since the last call, in order.
+    pub fn actions(&mut self) -> std::vec::Drain<'_, Action> {
+        self.actions.drain(..)
+    }
+
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// Whether a relayed path's client can move (a `follow` listener): the
+    /// shell then reads the inbox before relaying replies, so a move the
+    /// owner reported is applied before any reply the moved client's
+    /// datagrams caused.
+    pub fn relays_can_move(&self) -> bool {
+        self.routes.iter().any(|r| r.follow)
+    }
+
+    pub fn sockets(&mut self) -> &mut S {
+        &mut self.sockets
+    }
+
+    pub fn owners(&self) -> &O {
+        &self.owners
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn paths(&self) -> &Paths {
+        &self.paths
+    }
+
+    fn drop_datagram(&mut self, reason: DropReason) {
+        self.counters.incr(reason.counter());
+    }
+
+    fn owner_hash(&self, listener: usize, key: &FlowKey) -> u64 {
+        self.index.hash(self.routes[listener].ident, key.as_bytes())
+    }
+
+    /// A client datagram that arrived as `a` says.
+    pub fn client(&mut self, now_ms: u64, a: Arrival, bytes: &[u8], d: DatagramRef) -> Outcome {
+        self.now_ms = now_ms;
+        match a.via {
+            Via::Socket => {
+                self.counters.incr(Counter::RxPackets);
+                self.counters.add(Counter::RxBytes, bytes.len() as u64);
+            }
+            Via::Handoff { .. } => self.counters.incr(Counter::HandoffIn),
+            Via::Retry => {}
+        }
+        let Some(route) = self.routes.get(a.listener) else {
+            self.drop_datagram(DropReason::Handoff);
+            return Outcome::Done;
+        };
+        let Ok(key) = route.dissector.flow_key(bytes, a.client) else {
+            self.drop_datagram(DropReason::Malformed);
+            return Outcome::Done;
+        };
+        let a = Arrival {
+            local_ip: if route.wildcard { a.local_ip } else { None },
+            ..a
+        };
+        let sid = match self.sessions.lookup(a.listener, &key) {
+            Some(sid) => sid,
+            None => match self.miss(a, key, d) {
+                Ok(sid) => sid,
+                Err(outcome) => return outcome,
+            },
+        };
+        self.forward(sid, a, bytes.len(), d);
+        Outcome::Done
+    }
+
+    /// No local session has the key: hand the datagram to its owner, or
+    /// take the flow.
+    fn miss(&mut self, a: Arrival, key: FlowKey, d: DatagramRef) -> Result<SessionId, Outcome> {
+        if let Some(reason) = self.refused.check(a.listener, &key, self.now_ms) {
+            self.drop_datagram(reason);
+            return Err(Outcome::Done);
+        }
+        let hash = self.owner_hash(a.listener, &key);
+        let hops = a.via.hops();
+        if hops < MAX_HOPS {
+            match self.owners.lookup(hash) {
+                Some(o) if o != self.me && self.owners.is_live(o) => {
+                    self.hand_over(usize::from(o.worker), a, d, hops + 1);
+                    return Err(Outcome::Done);
+                }
+                // Ours, but unknown here: what made it ours (a transfer, a
+                // learned alias) is in the inbox.
+                Some(o) if o == self.me && a.via == Via::Socket => return Err(Outcome::Deferred),
+                _ => {}
+            }
+        }
+        match self.owners.claim(hash, self.me) {
+            Claim::Mine => {}
+            // Claimed by another worker an instant ago.
+            Claim::Taken(o) if hops < MAX_HOPS => {
+                self.hand_over(usize::from(o.worker), a, d, hops + 1);
+                return Err(Outcome::Done);
+            }
+            // Out of hops: it is ours now.
+            Claim::Taken(_) => self.owners.assign(hash, self.me),
+            Claim::Full => self.counters.incr(Counter::OwnersFull),
+        }
+        match self.open_session(a, key) {
+            Ok(sid) => Ok(sid),
+            Err(reason) => {
+                self.owners.release(hash, self.me);
+                if matches!(reason, DropReason::NoPort | DropReason::NoFd) {
+                    self.refused.remember(a.listener, key, reason, self.now_ms);
+                }
+                self.drop_datagram(reason);
+                Err(Outcome::Done)
+            }
+        }
+    }
+
+    /// A new session with its first path, for the client of `a`.
+    fn open_session(&mut self, a: Arrival, key: FlowKey) -> Result<SessionId, DropReason> {
+        if self.draining {
+            return Err(DropReason::Draining);
+        }
+        if self.sessions.admit(a.listener).is_err() {
+            return Err(DropReason::SessionLimit);
+        }
+        let route = &self.routes[a.listener];
+        let backend = route.pick(key.as_bytes());
+        if backend >= route.backends.len() {
+            return Err(DropReason::NoBackend);
+        }
+        let sid = self
+            .sessions
+            .insert(Session::new(a.listener, key, backend as u16, self.now_ms));
+        if let Err(reason) = self.open_path(sid, a.client, a.local_ip) {
+            self.sessions.remove(sid);
+            return Err(reason);
+        }
+        self.counters.incr(Counter::SessionsCreated);
+        Ok(sid)
+    }
+
+    /// Forwards on session `sid`'s path for the client of `a`.
+    fn forward(&mut self, sid: SessionId, a: Arrival, len: usize, d: DatagramRef) {
+        let (pid, moved) = match self.path_for(sid, a.client, a.local_ip) {
+            Ok(found) => found,
+            Err(reason) => {
+                self.drop_datagram(reason);
+                return;
+            }
+        };
+        let now = self.now_ms;
+        let Some(s) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        s.last_active_ms = now;
+        // Arriving here directly ends any run of handoffs.
+        if !matches!(a.via, Via::Handoff { .. }) {
+            s.handoff_streak = (0, 0);
+        }
+        let (listener, backend) = (s.listener, s.backend);
+        let Some(p) = self.paths.path_mut(pid) else {
+            return;
+        };
+        p.last_client_ms = now;
+        let to = self.routes[listener].backends[usize::from(backend)];
+        if moved {
+            // A relayed path's client moved (`follow`): its home re-points
+            // its relay and then forwards this datagram, so no reply to it
+            // can reach the old address.
+            let p = p.clone();
+            self.tell_home_moved(&p, d);
+            self.counters.incr(Counter::HandoffOut);
+        } else {
+            self.actions.push(Action::Forward {
+                sock: p.sock,
+                to,
+                datagram: d,
+            });
+            self.counters.incr(Counter::TxPackets);
+            self.counters.add(Counter::TxBytes, len as u64);
+        }
+        if let Via::Handoff { from, .. } = a.via {
+            self.note_handoff(sid, from);
+        }
+    }
+
+    /// The path of session `sid` for `client`: its own (`path`), or the
+    /// session's one path moved to it (`follow`), opening one if needed.
+    /// True with it when the path moved and its socket's home, another
+    /// worker, must hear of it before the datagram goes.
+    fn path_for(
+        &mut self,
+        sid: SessionId,
+        client: SocketAddr,
+        local_ip: Option<IpAddr>,
+    ) -> Result<(PathId, bool), DropReason> {
+        let s = self.sessions.get(sid).ok_or(DropReason::Upstream)?;
+        let route = &self.routes[s.listener];
+        if route.follow && s.first_path != NONE {
+            let pid = s.first_path;
+            let p = self.paths.path_mut(pid).ok_or(DropReason::Upstream)?;
+            let moved = p.client != client || (local_ip.is_some() && p.local_ip != local_ip);
+            if moved {
+                p.client = client;
+                if local_ip.is_some() {
+                    p.local_ip = local_ip;
+                }
+            }
+            let sock = p.sock;
+            let relayed = matches!(
+                self.paths.sock(sock).map(|s| s.home),
+                Some(Home::Borrowed(_))
+            );
+            return Ok((pid, moved && relayed));
+        }
+        let mut pid = s.first_path;
+        while let Some(p) = self.paths.path(pid) {
+            if p.client == client {
+                return Ok((pid, false));
+            }
+            pid = p.next;
+        }
+        if usize::from(s.path_count) >= route.max_paths {
+            self.evict_lru(sid);
+        }
+        self.open_path(sid, client, local_ip)
+            .map(|pid| (pid, false))
+    }
+
+    /// A new path of session `sid` for `client`, first in its list.
+    fn open_path(
+        &mut self,
+        sid: SessionId,
+        client: SocketAddr,
+        local_ip: Option<IpAddr>,
+    ) -> Result<PathId, DropReason> {
+        let s = self.sessions.get(sid).ok_or(DropReason::Upstream)?;
+        let (listener, backend, key, first) = (s.listener, s.backend, s.key, s.first_path);
+        let route = &self.routes[listener];
+        let sock = self
+            .paths
+            .free_slot(listener, backend, &route.ipv4, &mut self.sockets)
+            .map_err(|e| match e {
+                OpenError::NoPort => DropReason::NoPort,
+                OpenError::NoFd => DropReason::NoFd,
+                OpenError::Other => DropReason::Upstream,
+            })?;
+        let pid = self
+            .paths
+            .insert(Path {
+                listener,
+                backend,
+                sock,
+                session: sid as u32,
+                next: first,
+                client,
+                local_ip,
+                key,
+                last_client_ms: self.now_ms,
+                last_reply_ms: 0,
+                reported_ms: 0,
+            })
+            .ok_or(DropReason::Upstream)?;
+        if let Some(s) = self.sessions.get_mut(sid) {
+            s.first_path = pid;
+            s.path_count += 1;
+        }
+        self.counters.incr(Counter::PathsCreated);
+        Ok(pid)
+    }
+
+    /// Closes session `sid`'s least recently used path (it is at
+    /// `max_paths`).
+    fn evict_lru(&mut self, sid: SessionId) {
+        let Some(s) = self.sessions.get(sid) else {
+            return;
+        };
+        let mut oldest: Option<(u64, PathId)> = None;
+        let mut pid = s.first_path;
+        while let Some(p) = self.paths.path(pid) {
+            if oldest.is_none_or(|(t, _)| p.last_active_ms() < t) {
+                oldest = Some((p.last_active_ms(), pid));
+            }
+            pid = p.next;
+        }
+        if let Some((_, pid)) = oldest {
+            self.close_path(pid);
+            self.counters.incr(Counter::PathsEvicted);
+        }
+    }
+
+    /// Closes a path: unlinks it from its session, cools its slot, and tells
+    /// its socket's home when that is another worker.
+    fn close_path(&mut self, pid: PathId) {
+        let Some(p) = self.paths.path(pid) else {
+            return;
+        };
+        let (sid, next, listener) = (p.session, p.next, p.listener);
+        if sid != NONE {
+            if let Some(s) = self.sessions.get_mut(sid as usize) {
+                s.path_count = s.path_count.saturating_sub(1);
+                if s.first_path == pid {
+                    s.first_path = next;
+                } else {
+                    let mut at = s.first_path;
+                    while let Some(q) = self.paths.path(at) {
+                        if q.next == pid {
+                            break;
+                        }
+                        at = q.next;
+                    }
+                    if let Some(q) = self.paths.path_mut(at) {
+                        q.next = next;
+                    }
+                }
+            }
+        }
+        let cool = self.routes.get(listener).map_or(0, |r| r.reuse_delay_ms);
+        let Some(p) = self.paths.remove(pid, self.now_ms, cool) else {
+            return;
+        };
+        if let Some(Home::Borrowed(home)) = self.paths.sock(p.sock).map(|s| s.home) {
+            let upstream = self.paths.sock(p.sock).map(|s| s.local);
+            if let Some(upstream) = upstream {
+                let route = &self.routes[p.listener];
+                let control = Control::PathClosed(PathRef {
+                    key: p.key,
+                    upstream,
+                    backend: route.backends[usize::from(p.backend)],
+                });
+                self.control(usize::from(home.worker), p.listener, control, Vec::new());
+            }
+        }
+    }
+
+    fn hand_over(&mut self, to: usize, a: Arrival, d: DatagramRef, hops: u8) {
+        let header = Header {
+            hops,
+            listener: self.routes[a.listener].ident,
+            from: self.id as u16,
+            client: a.client,
+            local_ip: a.local_ip,
+        };
+        self.actions.push(Action::Handoff {
+            to,
+            header: header.encode(),
+            datagram: d,
+        });
+        self.counters.incr(Counter::HandoffOut);
+    }
+
+    fn control(&mut self, to: usize, listener: usize, control: Control, socks: Vec<SockId>) {
+        let frame = control.encode(self.id as u16, self.routes[listener].ident);
+        self.actions.push(Action::Control {
+            to,
+            frame,
+            socks,
+            payload: None,
+        });
+    }
+
+    /// Counts a handed-over datagram against its session; a flow the kernel
+    /// keeps delivering to another worker moves there.
+    fn note_handoff(&mut self, sid: SessionId, from: u16) {
+        let Some(s) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        let (worker, count) = s.handoff_streak;
+        s.handoff_streak = if worker == from {
+            (from, count.saturating_add(1))
+        } else {
+            (from, 1)
+        };
+        if s.handoff_streak.1 >= TRANSFER_AFTER && usize::from(from) != self.id {
+            self.transfer(sid, usize::from(from));
+        }
+    }
+
+    /// Offers session `sid` to worker `to`, with a copy of each path's
+    /// socket. It stays here, served as before, until `to` answers.
+    fn transfer(&mut self, sid: SessionId, to: usize) {
+        let Some(s) = self.sessions.get(sid) else {
+            return;
+        };
+        // Not twice at once, and not to a worker that is leaving.
+        let to_owner = self.owners.live_owner(to);
+        if s.transferring.is_some() || to_owner.is_none() {
+            if let Some(s) = self.sessions.get_mut(sid) {
+                s.handoff_streak = (0, 0);
+            }
+            return;
+        }
+        let route = &self.routes[s.listener];
+        let mut paths = Vec::with_capacity(usize::from(s.path_count));
+        let mut socks = Vec::with_capacity(usize::from(s.path_count));
+        let mut pid = s.first_path;
+        while let Some(p) = self.paths.path(pid) {
+            if let Some(sock) = self.paths.sock(p.sock) {
+                let home = match sock.home {
+                    Home::Here => self.me,
+                    Home::Borrowed(o) => o,
+                };
+                paths.push(TransferPath {
+                    client: p.client,
+                    local_ip: p.local_ip,
+                    upstream: sock.local,
+                    home: home.worker,
+                    home_generation: home.generation,
+                    idle_ms: self
+                        .now_ms
+                        .saturating_sub(p.last_active_ms())
+                        .min(u64::from(u32::MAX)) as u32,
+                });
+                socks.push(p.sock);
+            }
+            pid = p.next;
+        }
+        let transfer = Transfer {
+            key: s.key,
+            aliases: s.aliases.clone(),
+            backend: s.backend,
+            backend_addr: route.backends[usize::from(s.backend)],
+            paths,
+        };
+        let listener = s.listener;
+        if let Some(s) = self.sessions.get_mut(sid) {
+            s.transferring = Some((to as u16, self.now_ms));
+        }
+        self.control(to, listener, Control::Transfer(transfer), socks);
+    }
+
+    /// A datagram from backend `from` on upstream socket `sock` (with the
+    /// socket's lifetime drop count when the kernel attached one).
+    pub fn backend(
+        &mut self,
+        now_ms: u64,
+        sock: SockId,
+        from: SocketAddr,
+        bytes: &[u8],
+        d: DatagramRef,
+        drops: Option<u32>,
+    ) {
+        self.now_ms = now_ms;
+        self.counters.incr(Counter::RepliesIn);
+        if let Some(total) = drops {
+            self.note_socket_drops(sock, total);
+        }
+        let Some(listener) = self.paths.sock(sock).map(|s| s.listener) else {
+            self.drop_datagram(DropReason::Stray);
+            return;
+        };
+        let Some(pid) = self.routes[listener]
+            .backend_of(from)
+            .and_then(|b| self.paths.on_slot(sock, b))
+        else {
+            self.drop_datagram(DropReason::Stray);
+            return;
+        };
+        let route = &self.routes[listener];
+        let learns = route.learns_server_cids;
+        let Some(p) = self.paths.path_mut(pid) else {
+            return;
+        };
+        p.last_reply_ms = now_ms;
+        let (session, client, local_ip) = (p.session, p.client, p.local_ip);
+        // Learn the server's connection ID before the client can answer
+        // with it: a reply to this reply may reach another worker at once.
+        if learns {
+            if let Some(scid) = quic_long_scid(bytes) {
+                self.learn_alias(pid, scid);
+            }
+        }
+        if session == NONE {
+            self.relay_activity(pid);
+        } else if let Some(s) = self.sessions.get_mut(session as usize) {
+            s.last_active_ms = now_ms;
+        }
+        self.actions.push(Action::Reply {
+            listener,
+            to: client,
+            from_ip: local_ip,
+            datagram: d,
+        });
+        self.counters.incr(Counter::RepliesOut);
+    }
+
+    /// Counts an upstream socket's kernel drops beyond those already counted
+    /// (`total` is the socket's lifetime count).
+    pub fn note_socket_drops(&mut self, sock: SockId, total: u32) {
+        if let Some(s) = self.paths.sock_mut(sock) {
+            let new = total.wrapping_sub(s.drops_seen);
+            s.drops_seen = total;
+            self.counters
+                .add(Counter::DropUpstreamSocket, u64::from(new));
+        }
+    }
+
+    /// The server chose `scid` for the connection on path `pid`: the
+    /// client's later datagrams carry it, so they must find the session.
+    fn learn_alias(&mut self, pid: PathId, scid: FlowKey) {
+        let Some(p) = self.paths.path(pid) else {
+            return;
+        };
+        let (listener, key, session) = (p.listener, p.key, p.session);
+        if scid == key {
+            return;
+        }
+        let hash = self.owner_hash(listener, &scid);
+        if session != NONE {
+            let sid = session as usize;
+            if self.sessions.lookup(listener, &scid) == Some(sid) {
+                return;
+            }
+            if self.sessions.add_alias(sid, scid) {
+                let _ = self.owners.claim(hash, self.me);
+            }
+            return;
+        }
+        // A relay: the session's owner is elsewhere. Point the alias at it
+        // now, then tell it (once: the ownership table says it is done).
+        let owner_hash = self.owner_hash(listener, &key);
+        let Some(owner) = self
+            .owners
+            .lookup(owner_hash)
+            .filter(|o| self.owners.is_live(*o))
+        else {
+            return;
+        };
+        if self.owners.lookup(hash) == Some(owner) {
+            return;
+        }
+        self.owners.assign(hash, owner);
+        self.control(
+            usize::from(owner.worker),
+            listener,
+            Control::AliasLearned { key, alias: scid },
+            Vec::new(),
+        );
+    }
+
+    /// Replies flow on relay `pid`: tell its session's owner, at most a few
+    /// times per `path_idle`, so it does not close the path as idle.
+    fn relay_activity(&mut self, pid: PathId) {
+        let now = self.now_ms;
+        let Some(p) = self.paths.path(pid) else {
+            return;
+        };
+        let route = &self.routes[p.listener];
+        if now < p.reported_ms + route.path_idle_ms / 4 {
+            return;
+        }
+        let (listener, key, backend, sock) = (p.listener, p.key, p.backend, p.sock);
+        let Some(upstream) = self.paths.sock(sock).map(|s| s.local) else {
+            return;
+        };
+        let owner = self
+            .owners
+            .lookup(self.owner_hash(listener, &key))
+            .filter(|o| self.owners.is_live(*o) && *o != self.me);
+        if let Some(p) = self.paths.path_mut(pid) {
+            p.reported_ms = now;
+        }
+        if let Some(owner) = owner {
+            let path = PathRef {
+                key,
+                upstream,
+                backend: self.routes[listener].backends[usize::from(backend)],
+            };
+            self.control(
+                usize::from(owner.worker),
+                listener,
+                Control::Activity(path),
+                Vec::new(),
+            );
+        }
+    }
+
+    /// In follow mode a relayed path's client moved: its home re-points the
+    /// relay, then forwards `d` (the datagram that moved it).
+    fn tell_home_moved(&mut self, p: &Path, d: DatagramRef) {
+        let Some(sock) = self.paths.sock(p.sock) else {
+            return;
+        };
+        if let Home::Borrowed(home) = sock.home {
+            let route = &self.routes[p.listener];
+            let control = Control::PathMoved {
+                path: PathRef {
+                    key: p.key,
+                    upstream: sock.local,
+                    backend: route.backends[usize::from(p.backend)],
+                },
+                client: p.client,
+                local_ip: p.local_ip,
+            };
+            let frame = control.encode(self.id as u16, route.ident);
+            self.actions.push(Action::Control {
+                to: usize::from(home.worker),
+                frame,
+                socks: Vec::new(),
+                payload: Some(d),
+            });
+        }
+    }
+
+    /// A frame from another worker's handoff, with `fds` descriptors beside
+    /// it. `payload(at)` gives the shell's ref to the frame's bytes from
+    /// offset `at` on (a carried datagram).
+    pub fn frame(
+        &mut self,
+        now_ms: u64,
+        frame: &[u8],
+        fds: usize,
+        payload: &mut dyn FnMut(usize) -> DatagramRef,
+    ) -> Outcome {
+        self.now_ms = now_ms;
+        let decoded = match Frame::decode(frame) {
+            Ok(f) => f,
+            Err(_) => {
+                self.counters.incr(Counter::BadFrames);
+                return Outcome::Done;
+            }
+        };
+        match decoded {
+            Frame::Datagram {
+                header,
+                payload: bytes,
+            } => {
+                let Some(listener) = self.listener_of(header.listener) else {
+                    // A listener a reload removed: nothing to deliver to.
+                    self.counters.incr(Counter::HandoffIn);
+                    self.drop_datagram(DropReason::Handoff);
+                    return Outcome::Done;
+                };
+                let a = Arrival {
+                    listener,
+                    client: header.client,
+                    local_ip: header.local_ip,
+                    via: Via::Handoff {
+                        from: header.from,
+                        hops: header.hops,
+                    },
+                };
+                self.client(now_ms, a, bytes, payload(HEADER_LEN))
+            }
+            Frame::Control {
+                from,
+                listener,
+                control,
+                payload: carried,
+                payload_at,
+            } => {
+                let Some(listener) = self.listener_of(listener) else {
+                    return Outcome::Done;
+                };
+                match control {
+                    Control::Transfer(t) => self.transfer_in(from, listener, t, fds),
+                    Control::TransferDone { key, accepted } => {
+                        self.transfer_done(from, listener, key, accepted)
+                    }
+                    Control::PathClosed(path) => self.relay_closed(listener, path),
+                    Control::PathMoved {
+                        path,
+                        client,
+                        local_ip,
+                    } => {
+                        let carried =
+                            (!carried.is_empty()).then(|| (payload(payload_at), carried.len()));
+                        self.relay_moved(listener, path, client, local_ip, carried)
+                    }
+                    Control::AliasLearned { key, alias } => {
+                        if let Some(sid) = self.sessions.lookup(listener, &key) {
+                            self.sessions.add_alias(sid, alias);
+                        }
+                    }
+                    Control::Activity(path) => self.relayed_activity(listener, path),
+                }
+                Outcome::Done
+            }
+        }
+    }
+
+    fn listener_of(&self, ident: u64) -> Option<usize> {
+        self.routes.iter().position(|r| r.ident == ident)
+    }
+
+    /// Takes over a session another worker offers, with its paths.
+    fn transfer_in(&mut self, from: u16, listener: usize, t: Transfer, fds: usize) {
+        let accept = |r: &mut Self, accepted: bool| {
+            r.control(
+                usize::from(from),
+                listener,
+                Control::TransferDone {
+                    key: t.key,
+                    accepted,
+                },
+                Vec::new(),
+            );
+        };
+        let route = &self.routes[listener];
+        let backend_ok = route.backends.get(usize::from(t.backend)) == Some(&t.backend_addr);
+        // Its sockets' descriptors did not arrive (we are out of them), the
+        // backend lists differ (mid-reload), or we made our own session
+        // meanwhile: it stays where it is.
+        if fds != t.paths.len() || !backend_ok || self.sessions.lookup(listener, &t.key).is_some() {
+            accept(self, false);
+            return;
+        }
+        let backends = route.backends.len();
+        let mut session = Session::new(listener, t.key, t.backend, self.now_ms);
+        session.aliases = t.aliases.clone();
+        let sid = self.sessions.insert(session);
+        for (index, tp) in t.paths.iter().enumerate() {
+            let last = self.now_ms.saturating_sub(u64::from(tp.idle_ms));
+            let sock = match self.paths.by_local(tp.upstream) {
+                Some(sock) => sock,
+                None => {
+                    let home = Owner::new(usize::from(tp.home), u64::from(tp.home_generation));
+                    let sock = self
+                        .paths
+                        .borrow_sock(listener, tp.upstream, home, backends);
+                    self.actions.push(Action::Keep { index, sock });
+                    sock
+                }
+            };
+            // Our own socket (the session comes home): its relay becomes
+            // the session's path again.
+            if let Some(pid) = self.paths.on_slot(sock, t.backend) {
+                let first = self.sessions.get(sid).map_or(NONE, |s| s.first_path);
+                if let Some(p) = self
+                    .paths
+                    .path_mut(pid)
+                    .filter(|p| p.is_relay() && p.key == t.key)
+                {
+                    p.session = sid as u32;
+                    p.next = first;
+                    p.client = tp.client;
+                    p.local_ip = tp.local_ip;
+                    p.last_client_ms = last;
+                    if let Some(s) = self.sessions.get_mut(sid) {
+                        s.first_path = pid;
+                        s.path_count += 1;
+                    }
+                }
+                continue;
+            }
+            let first = self.sessions.get(sid).map_or(NONE, |s| s.first_path);
+            let inserted = self.paths.insert(Path {
+                listener,
+                backend: t.backend,
+                sock,
+                session: sid as u32,
+                next: first,
+                client: tp.client,
+                local_ip: tp.local_ip,
+                key: t.key,
+                last_client_ms: last,
+                last_reply_ms: 0,
+                reported_ms: 0,
+            });
+            if let (Some(pid), Some(s)) = (inserted, self.sessions.get_mut(sid)) {
+                s.first_path = pid;
+                s.path_count += 1;
+            }
+        }
+        let me = self.me;
+        let hashes: Vec<u64> = self
+            .sessions
+            .get(sid)
+            .map(|s| s.keys().map(|k| self.owner_hash(listener, k)).collect())
+            .unwrap_or_default();
+        for hash in hashes {
+            self.owners.assign(hash, me);
+        }
+        self.counters.incr(Counter::TransfersIn);
+        accept(self, true);
+    }
+
+    /// The answer to a transfer we offered.
+    fn transfer_done(&mut self, from: u16, listener: usize, key: FlowKey, accepted: bool) {
+        let Some(sid) = self.sessions.lookup(listener, &key) else {
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        if s.transferring.map(|(to, _)| to) != Some(from) {
+            return;
+        }
+        if !accepted {
+            s.transferring = None;
+            s.handoff_streak = (0, 0);
+            return;
+        }
+        // It is served there now. Our sockets' paths stay, as relays: we
+        // read those sockets and relay their replies. Borrowed copies go.
+        let mut pid = s.first_path;
+        self.sessions.remove(sid);
+        let cool = self.routes[listener].reuse_delay_ms;
+        while let Some(p) = self.paths.path(pid) {
+            let next = p.next;
+            if self.paths.sock(p.sock).map(|s| s.home) == Some(Home::Here) {
+                if let Some(p) = self.paths.path_mut(pid) {
+                    p.session = NONE;
+                    p.next = NONE;
+                }
+            } else {
+                self.paths.remove(pid, self.now_ms, cool);
+            }
+            pid = next;
+        }
+        self.counters.incr(Counter::TransfersOut);
+    }
+
+    /// The relay path named by `path` (its home is here).
+    fn relay(&self, listener: usize, path: &PathRef) -> Option<PathId> {
+        let sock = self.paths.by_local(path.upstream)?;
+        let backend = self.routes[listener].backend_of(path.backend)?;
+        let pid = self.paths.on_slot(sock, backend)?;
+        self.paths
+            .path(pid)
+            .filter(|p| p.is_relay() && p.key == path.key)
+            .map(|_| pid)
+    }
+
+    fn relay_closed(&mut self, listener: usize, path: PathRef) {
+        if let Some(pid) = self.relay(listener, &path) {
+            self.close_path(pid);
+        }
+    }
+
+    /// The owner of a path we relay says its client moved, and hands us the
+    /// datagram that moved it to forward.
+    fn relay_moved(
+        &mut self,
+        listener: usize,
+        path: PathRef,
+        client: SocketAddr,
+        local_ip: Option<IpAddr>,
+        carried: Option<(DatagramRef, usize)>,
+    ) {
+        let relay = self.relay(listener, &path);
+        if let Some(p) = relay.and_then(|pid| self.paths.path_mut(pid)) {
+            p.client = client;
+            p.local_ip = local_ip;
+        }
+        let Some((d, len)) = carried else {
+            return;
+        };
+        self.counters.incr(Counter::HandoffIn);
+        let sock = relay.and_then(|pid| self.paths.path(pid)).map(|p| p.sock);
+        match sock {
+            Some(sock) => {
+                self.actions.push(Action::Forward {
+                    sock,
+                    to: path.backend,
+                    datagram: d,
+                });
+                self.counters.incr(Counter::TxPackets);
+                self.counters.add(Counter::TxBytes, len as u64);
+            }
+            // The relay closed meanwhile: nothing carries the datagram.
+            None => self.drop_datagram(DropReason::Handoff),
+        }
+    }
+
+    /// A relaying home saw replies on one of our paths.
+    fn relayed_activity(&mut self, listener: usize, path: PathRef) {
+        let Some(sock) = self.paths.by_local(path.upstream) else {
+            return;
+        };
+        let Some(backend) = self.routes[listener].backend_of(path.backend) else {
+            return;
+        };
+        let Some(pid) = self.paths.on_slot(sock, backend) else {
+            return;
+        };
+        let now = self.now_ms;
+        if let Some(p) = self.paths.path_mut(pid) {
+            p.last_reply_ms = now;
+            let sid = p.session;
+            if let Some(s) = self.sessions.get_mut(sid as usize) {
+                s.last_active_ms = now;
+            }
+        }
+    }
+
+    /// Periodic work, with a budget of sessions and sockets to look at (the
+    /// whole table about once a second): idle paths and sessions close,
+    /// relays whose owner is gone close, borrowed sockets whose home is gone
+    /// are adopted, cooled ports come back.
+    pub fn tick(&mut self, now_ms: u64, budget: usize) {
+        self.now_ms = now_ms;
+        for sid in self.sessions.sweep(budget) {
+            self.sweep_session(sid);
+        }
+        let idle_close = self
+            .routes
+            .iter()
+            .map(|r| r.session_idle_ms)
+            .max()
+            .unwrap_or(60_000);
+        let borrowed = self
+            .paths
+            .tick(now_ms, idle_close, budget, &mut self.sockets);
+        for (sock, home) in borrowed {
+            if !self.owners.is_live(home) {
+                self.orphaned(sock, home);
+            }
+        }
+        self.sweep_relays(budget);
+        self.update_gauges();
+    }
+
+    /// Sessions, paths and sockets held now, for the stats.
+    pub fn update_gauges(&mut self) {
+        self.counters
+            .set(Counter::SessionsActive, self.sessions.len() as u64);
+        self.counters
+            .set(Counter::PathsActive, self.paths.paths.len() as u64);
+        self.counters
+            .set(Counter::UpstreamSockets, self.paths.socks.len() as u64);
+    }
+
+    fn sweep_session(&mut self, sid: SessionId) {
+        let now = self.now_ms;
+        let Some(s) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        if let Some((_, since)) = s.transferring {
+            if now.saturating_sub(since) < TRANSFER_TIMEOUT_MS {
+                return;
+            }
+            s.transferring = None;
+        }
+        let route = &self.routes[s.listener];
+        let (session_idle, path_idle) = (route.session_idle_ms, route.path_idle_ms);
+        if now.saturating_sub(s.last_active_ms) > session_idle {
+            self.close_session(sid);
+            self.counters.incr(Counter::SessionsExpired);
+            return;
+        }
+        // A path that is not the session's last closes sooner: of the idle
+        // ones, all but the most recently used when every path is idle.
+        if s.path_count > 1 {
+            let mut idle = Vec::new();
+            let mut newest: Option<(u64, PathId)> = None;
+            let mut pid = s.first_path;
+            while let Some(p) = self.paths.path(pid) {
+                let last = p.last_active_ms();
+                if newest.is_none_or(|(t, _)| last > t) {
+                    newest = Some((last, pid));
+                }
+                if now.saturating_sub(last) > path_idle {
+                    idle.push(pid);
+                }
+                pid = p.next;
+            }
+            for pid in idle {
+                if Some(pid) != newest.map(|(_, p)| p) {
+                    self.close_path(pid);
+                }
+            }
+        }
+    }
+
+    /// Closes a session, its paths and its ownership entries.
+    fn close_session(&mut self, sid: SessionId) {
+        let Some(s) = self.sessions.get(sid) else {
+            return;
+        };
+        let listener = s.listener;
+        let hashes: Vec<u64> = s.keys().map(|k| self.owner_hash(listener, k)).collect();
+        while let Some(pid) = self
+            .sessions
+            .get(sid)
+            .map(|s| s.first_path)
+            .filter(|p| *p != NONE)
+        {
+            self.close_path(pid);
+        }
+        for hash in hashes {
+            self.owners.release(hash, self.me);
+        }
+        self.sessions.remove(sid);
+    }
+
+    /// Relays whose session has no live owner any more close.
+    fn sweep_relays(&mut self, budget: usize) {
+        let capacity = self.paths.paths.capacity();
+        if capacity == 0 {
+            return;
+        }
+        let mut dead = Vec::new();
+        for _ in 0..budget.min(capacity) {
+            let id = self.relay_cursor % capacity;
+            self.relay_cursor = id + 1;
+            let Some(p) = self.paths.paths.get(id) else {
+                continue;
+            };
+            if !p.is_relay() {
+                continue;
+            }
+            let owner = self.owners.lookup(self.owner_hash(p.listener, &p.key));
+            let orphan = match owner {
+                Some(o) => o == self.me || !self.owners.is_live(o),
+                None => true,
+            };
+            if orphan {
+                dead.push(id as PathId);
+            }
+        }
+        for pid in dead {
+            self.close_path(pid);
+        }
+    }
+
+    /// The home of borrowed socket `sock` is gone: take the socket over, or
+    /// (another worker took it first) give up its paths here.
+    fn orphaned(&mut self, sock: SockId, home: Owner) {
+        let Some(local) = self.paths.sock(sock).map(|s| s.local) else {
+            return;
+        };
+        let listener = self.paths.sock(sock).map_or(0, |s| s.listener);
+        let cool = self.routes.get(listener).map_or(0, |r| r.reuse_delay_ms);
+        if self.sockets.adopt(sock, local, home) {
+            self.paths.adopted(sock, self.now_ms, cool);
+        } else {
+            for pid in self.paths.on_sock(sock) {
+                self.close_path(pid);
+            }
+        }
+    }
+
+    /// Applies a reload: `routes` replace the old ones (`map[j]` is old
+    /// listener j's new index). Sessions of removed listeners close; a
+    /// session whose backend was removed is re-routed (its paths close, and
+    /// its next datagram opens one to its new backend).
+    pub fn reconfigure(&mut self, routes: Vec<Route>, map: &[Option<usize>]) {
+        // Old backend index -> new, per old listener.
+        let backends: Vec<Vec<Option<u16>>> = self
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(j, old)| {
+                let new = map.get(j).copied().flatten().map(|i| &routes[i]);
+                old.backends
+                    .iter()
+                    .map(|addr| new.and_then(|n| n.backend_of(*addr)))
+                    .collect()
+            })
+            .collect();
+        // Sessions keep their backend where it is still listed; the others
+        // get the one their key maps to now.
+        let mut rerouted = Vec::new();
+        for sid in self.sessions.ids() {
+            let Some(s) = self.sessions.get(sid) else {
+                continue;
+            };
+            let (listener, backend, key) = (s.listener, s.backend, s.key);
+            let Some(to) = map.get(listener).copied().flatten() else {
+                self.close_session(sid);
+                continue;
+            };
+            match backends[listener][usize::from(backend)] {
+                Some(b) => rerouted.push((sid, b, Vec::new(), false)),
+                None => {
+                    // Its paths close; where their socket has the new
+                    // backend's slot free, the new path takes it, so the
+                    // backend sees the proxy address it would have seen.
+                    let mut old = Vec::new();
+                    while let Some(pid) = self
+                        .sessions
+                        .get(sid)
+                        .map(|s| s.first_path)
+                        .filter(|p| *p != NONE)
+                    {
+                        if let Some(p) = self.paths.path(pid) {
+                            old.push((p.sock, p.client, p.local_ip, p.last_client_ms));
+                        }
+                        self.close_path(pid);
+                    }
+                    rerouted.push((sid, routes[to].pick(key.as_bytes()) as u16, old, true));
+                }
+            }
+        }
+        // Relays to removed backends or listeners close too.
+        for pid in self.paths.ids() {
+            let Some(p) = self.paths.path(pid) else {
+                continue;
+            };
+            let gone = map.get(p.listener).copied().flatten().is_none()
+                || backends[p.listener][usize::from(p.backend)].is_none();
+            if gone {
+                self.close_path(pid);
+            }
+        }
+        let counts: Vec<usize> = routes.iter().map(|r| r.backends.len()).collect();
+        self.paths.remap(map, &backends, &counts);
+        for (sid, backend, old, moved) in rerouted {
+            let Some(s) = self.sessions.get_mut(sid) else {
+                continue;
+            };
+            s.backend = backend;
+            if !moved {
+                continue;
+            }
+            self.counters.incr(Counter::SessionsRerouted);
+            let (listener, key) = (s.listener, s.key);
+            for (sock, client, local_ip, last) in old {
+                let same_family = routes[listener].ipv4.get(usize::from(backend)).copied()
+                    == self.paths.sock(sock).map(|s| s.local.is_ipv4());
+                let free = self
+                    .paths
+                    .sock(sock)
+                    .is_some_and(|s| s.home == Home::Here && s.is_free(backend));
+                if !(same_family && free) {
+                    continue;
+                }
+                let first = self.sessions.get(sid).map_or(NONE, |s| s.first_path);
+                let pid = self.paths.insert(Path {
+                    listener,
+                    backend,
+                    sock,
+                    session: sid as u32,
+                    next: first,
+                    client,
+                    local_ip,
+                    key,
+                    last_client_ms: last,
+                    last_reply_ms: 0,
+                    reported_ms: 0,
+                });
+                if let (Some(pid), Some(s)) = (pid, self.sessions.get_mut(sid)) {
+                    s.first_path = pid;
+                    s.path_count += 1;
+                }
+            }
+        }
+        let limits: Vec<usize> = routes.iter().map(|r| r.max_sessions).collect();
+        self.sessions.remap(map, &limits);
+        self.routes = routes;
+        // Sockets outside a listener's new ranges take no new paths.
+        let retire: Vec<SockId> = self
+            .paths
+            .socks
+            .iter()
+            .filter(|(_, s)| s.home == Home::Here && !self.sockets.in_range(s.listener, s.local))
+            .map(|(id, _)| id as SockId)
+            .collect();
+        for sock in retire {
+            if let Some(s) = self.paths.sock_mut(sock) {
+                s.retired = true;
+            }
+        }
+    }
+
+    /// Draining: live sessions are served, no new ones are made.
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// A `Forward` of `len` bytes could not be sent.
+    pub fn forward_failed(&mut self, len: usize) {
+        self.counters.add(Counter::TxPackets, u64::MAX);
+        self.counters
+            .add(Counter::TxBytes, (len as u64).wrapping_neg());
+        self.drop_datagram(DropReason::Upstream);
+    }
+
+    /// A `Reply` could not be sent.
+    pub fn reply_failed(&mut self) {
+        self.counters.add(Counter::RepliesOut, u64::MAX);
+        self.drop_datagram(DropReason::Reply);
+    }
+
+    /// A `Handoff` could not be delivered.
+    pub fn handoff_failed(&mut self) {
+        self.counters.add(Counter::HandoffOut, u64::MAX);
+        self.drop_datagram(DropReason::Handoff);
+    }
+
+    /// A transfer offer could not be sent at all: the session stays.
+    pub fn transfer_failed(&mut self, frame: &[u8]) {
+        if let Ok(Frame::Control {
+            listener,
+            control: Control::Transfer(t),
+            ..
+        }) = Frame::decode(frame)
+        {
+            let sid = self
+                .listener_of(listener)
+                .and_then(|l| self.sessions.lookup(l, &t.key));
+            if let Some(s) = sid.and_then(|sid| self.sessions.get_mut(sid)) {
+                s.transferring = None;
+                s.handoff_streak = (0, 0);
+            }
+        }
+    }
+}

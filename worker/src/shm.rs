@@ -1,0 +1,37 @@
+//! The router's view of the ownership table: the state region's table, with
+//! liveness read from the stats region's slots.
+
+use udpshard_shared::owners::{Claim, Owner};
+use udpshard_shared::state::StateRegion;
+use udpshard_shared::stats::StatsRegion;
+
+use crate::router::Owners;
+
+pub struct ShmOwners {
+    pub state: StateRegion,
+    pub stats: StatsRegion,
+}
+
+impl Owners for ShmOwners {
+    fn lookup(&self, hash: u64) -> Option<Owner> {
+        self.state.owners().lookup(hash)
+    }
+
+    fn claim(&self, hash: u64, me: Owner) -> Claim {
+        self.state
+            .owners()
+            .claim(hash, me, |o| self.stats.is_live(o))
+    }
+
+    fn assign(&self, hash: u64, to: Owner) {
+        self.state.owners().assign(hash, to);
+    }
+
+    fn release(&self, hash: u64, me: Owner) {
+        self.state.owners().release(hash, me);
+    }
+
+    fn live_owner(&self, worker: usize) -> Option<Owner> {
+        self.stats.live_owner(worker)
+    }
+}

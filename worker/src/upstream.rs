@@ -1,0 +1,313 @@
+//! Upstream sockets as the worker opens them: a (source, port) leased in the
+//! state region, then a socket bound to it (the kernel's bind has the last
+//! word: a port something else holds is skipped, and cools a while). The
+//! [`Sockets`] the router is given.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+use udpshard_config as config;
+use udpshard_shared::owners::Owner;
+use udpshard_shared::state::StateRegion;
+use udpshard_shared::stats::StatsRegion;
+
+use crate::paths::{OpenError, SockId, Sockets};
+use crate::sockio;
+
+/// Upstream sockets' poll tokens start here (above listeners and control).
+pub const UPSTREAM_TOKEN_BASE: usize = 1 << 20;
+
+/// A port another program holds is not tried again for this long.
+const FOREIGN_COOL_MS: u64 = 60_000;
+/// After a scan found no free port, new paths are refused at once for this
+/// long: exhaustion costs no scan per datagram.
+const EXHAUSTED_MS: u64 = 250;
+/// After EMFILE, the same for descriptors.
+const NO_FD_MS: u64 = 100;
+/// Binds tried per open before giving up for now. A port another program
+/// holds fails its bind once a minute (the lease table remembers), so this
+/// bounds one open's work, not a storm: the next open goes on from there.
+const MAX_BINDS: usize = 1024;
+
+/// Where a listener's upstream sockets may bind.
+#[derive(Debug)]
+struct Range {
+    /// Source addresses and their lease rows.
+    sources: Vec<(IpAddr, usize)>,
+    lo: u16,
+    hi: u16,
+    cursor: u64,
+    /// By family (0: IPv4, 1: IPv6): no port free before this time.
+    exhausted_until: [u64; 2],
+}
+
+impl Range {
+    fn contains(&self, local: SocketAddr) -> bool {
+        (self.lo..=self.hi).contains(&local.port())
+            && self.sources.iter().any(|(ip, _)| *ip == local.ip())
+    }
+}
+
+struct Entry {
+    socket: UdpSocket,
+    /// The (row, port) this worker leases for it; `None` for a borrowed copy.
+    lease: Option<(usize, u16)>,
+}
+
+pub struct Upstream {
+    me: Owner,
+    registry: Registry,
+    state: StateRegion,
+    stats: StatsRegion,
+    socks: Vec<Option<Entry>>,
+    ranges: Vec<Range>,
+    no_fd_until: u64,
+}
+
+/// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), the
+/// default of `upstream_ports`.
+pub fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| {
+            let mut it = t.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999))
+}
+
+/// The source addresses of a listener: as configured, else the wildcard of
+/// each family (the route to the backend picks the address).
+pub fn sources_of(cfg: &config::Listener) -> Vec<IpAddr> {
+    if cfg.upstream_sources.is_empty() {
+        vec![
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        ]
+    } else {
+        cfg.upstream_sources.clone()
+    }
+}
+
+pub fn monotonic_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}
+
+impl Upstream {
+    pub fn new(me: Owner, registry: Registry, state: StateRegion, stats: StatsRegion) -> Upstream {
+        Upstream {
+            me,
+            registry,
+            state,
+            stats,
+            socks: Vec::new(),
+            ranges: Vec::new(),
+            no_fd_until: 0,
+        }
+    }
+
+    /// Takes the listeners' ranges from `config` (at start and on reload).
+    pub fn configure(&mut self, config: &config::Config) {
+        self.ranges = config
+            .listeners
+            .iter()
+            .map(|l| {
+                let (lo, hi) = l.upstream_ports.unwrap_or_else(ephemeral_range);
+                Range {
+                    // A source the supervisor registered no row for cannot
+                    // be leased (it logged why).
+                    sources: sources_of(l)
+                        .into_iter()
+                        .filter_map(|ip| Some((ip, self.state.source_row(ip)?)))
+                        .collect(),
+                    lo,
+                    hi,
+                    // Workers, and other instances on the host, start apart.
+                    cursor: u64::from(std::process::id()).wrapping_mul(7919),
+                    exhausted_until: [0; 2],
+                }
+            })
+            .collect();
+    }
+
+    /// The descriptor of socket `sock`.
+    pub fn fd(&self, sock: SockId) -> Option<RawFd> {
+        self.socks
+            .get(sock as usize)?
+            .as_ref()
+            .map(|e| e.socket.as_raw_fd())
+    }
+
+    /// Keeps a descriptor received with a transfer as borrowed socket
+    /// `sock` (sent on, never read here).
+    pub fn keep(&mut self, sock: SockId, fd: OwnedFd) {
+        let i = sock as usize;
+        if self.socks.len() <= i {
+            self.socks.resize_with(i + 1, || None);
+        }
+        self.socks[i] = Some(Entry {
+            socket: UdpSocket::from(fd),
+            lease: None,
+        });
+    }
+
+    /// Listener `l`'s sources and ports: its capacity is their product
+    /// times its backends.
+    pub fn capacity(&self, listener: usize) -> Option<(usize, usize)> {
+        let r = self.ranges.get(listener)?;
+        Some((r.sources.len(), usize::from(r.hi - r.lo) + 1))
+    }
+
+    fn register(&self, sock: SockId, socket: &UdpSocket) -> io::Result<()> {
+        self.registry.register(
+            &mut SourceFd(&socket.as_raw_fd()),
+            Token(UPSTREAM_TOKEN_BASE + sock as usize),
+            Interest::READABLE,
+        )
+    }
+
+    fn store(&mut self, sock: SockId, entry: Entry) {
+        let i = sock as usize;
+        if self.socks.len() <= i {
+            self.socks.resize_with(i + 1, || None);
+        }
+        self.socks[i] = Some(entry);
+    }
+}
+
+impl Sockets for Upstream {
+    fn open(&mut self, sock: SockId, listener: usize, ipv4: bool) -> Result<SocketAddr, OpenError> {
+        let now = monotonic_ms();
+        if now < self.no_fd_until {
+            return Err(OpenError::NoFd);
+        }
+        let family = usize::from(!ipv4);
+        let me = self.me;
+        let range = self.ranges.get(listener).ok_or(OpenError::Other)?;
+        if now < range.exhausted_until[family] {
+            return Err(OpenError::NoPort);
+        }
+        let rows: Vec<(IpAddr, usize)> = range
+            .sources
+            .iter()
+            .copied()
+            .filter(|(ip, _)| ip.is_ipv4() == ipv4)
+            .collect();
+        let (lo, span, cursor) = (range.lo, u64::from(range.hi - range.lo) + 1, range.cursor);
+        let total = span * rows.len() as u64;
+        let mut binds = 0;
+        let mut found = None;
+        let mut tried = 0;
+        for step in 0..total {
+            tried = step + 1;
+            let at = (cursor + step) % total;
+            let (ip, row) = rows[(at / span) as usize];
+            let port = lo + (at % span) as u16;
+            let leases = self.state.leases();
+            if !leases.lease(row, port, me, now) {
+                continue;
+            }
+            binds += 1;
+            match sockio::bound_upstream(SocketAddr::new(ip, port)) {
+                Ok(socket) => {
+                    found = Some((row, port, socket));
+                    break;
+                }
+                Err(e) => match e.raw_os_error() {
+                    // Another program holds it: leave it alone a while (the
+                    // lease table remembers, so it costs one bind a minute).
+                    Some(libc::EADDRINUSE) => {
+                        leases.release(row, port, me, Some(now + FOREIGN_COOL_MS));
+                    }
+                    Some(libc::EMFILE | libc::ENFILE) => {
+                        leases.release(row, port, me, None);
+                        self.no_fd_until = now + NO_FD_MS;
+                        return Err(OpenError::NoFd);
+                    }
+                    _ => {
+                        leases.release(row, port, me, None);
+                        return Err(OpenError::Other);
+                    }
+                },
+            }
+            if binds >= MAX_BINDS {
+                break;
+            }
+        }
+        // The next open goes on where this one stopped.
+        let range = self.ranges.get_mut(listener).ok_or(OpenError::Other)?;
+        range.cursor = (cursor + tried) % total.max(1);
+        let Some((row, port, socket)) = found else {
+            // A whole scan without a free entry: exhausted for a moment.
+            if binds < MAX_BINDS {
+                range.exhausted_until[family] = now + EXHAUSTED_MS;
+            }
+            return Err(OpenError::NoPort);
+        };
+        let local = socket.local_addr().map_err(|_| OpenError::Other)?;
+        if let Err(e) = self.register(sock, &socket) {
+            drop(socket);
+            self.state.leases().release(row, port, me, None);
+            return Err(if e.raw_os_error() == Some(libc::ENOMEM) {
+                OpenError::NoFd
+            } else {
+                OpenError::Other
+            });
+        }
+        self.store(
+            sock,
+            Entry {
+                socket,
+                lease: Some((row, port)),
+            },
+        );
+        Ok(local)
+    }
+
+    fn close(&mut self, sock: SockId) {
+        let Some(entry) = self.socks.get_mut(sock as usize).and_then(Option::take) else {
+            return;
+        };
+        if let Some((row, port)) = entry.lease {
+            let _ = self
+                .registry
+                .deregister(&mut SourceFd(&entry.socket.as_raw_fd()));
+            // Closed first, then released: no other worker can bind it while
+            // this socket still holds it.
+            drop(entry.socket);
+            self.state.leases().release(row, port, self.me, None);
+        }
+    }
+
+    fn adopt(&mut self, sock: SockId, local: SocketAddr, home: Owner) -> bool {
+        let Some(row) = self.state.source_row(local.ip()) else {
+            return false;
+        };
+        let stats = &self.stats;
+        let adopted = self.state.leases().adopt(row, local.port(), self.me, |o| {
+            o != home && stats.is_live(o)
+        });
+        if !adopted {
+            return false;
+        }
+        let Some(Some(entry)) = self.socks.get(sock as usize) else {
+            return false;
+        };
+        if self.register(sock, &entry.socket).is_err() {
+            return false;
+        }
+        if let Some(Some(entry)) = self.socks.get_mut(sock as usize) {
+            entry.lease = Some((row, local.port()));
+        }
+        true
+    }
+
+    fn in_range(&self, listener: usize, local: SocketAddr) -> bool {
+        self.ranges.get(listener).is_some_and(|r| r.contains(local))
+    }
+}
