@@ -18,8 +18,6 @@ pub enum ControlMsg {
     Start { origin: String, config: String },
     /// Worker -> supervisor: every listener is registered, serving.
     Ready,
-    /// Worker -> supervisor: the worker cannot serve, and why.
-    Fatal { message: String },
     /// Supervisor -> worker: stop reading clients, exit.
     Stop,
     /// Supervisor -> worker: serve this config from now on; the worker's
@@ -41,7 +39,6 @@ pub enum ControlMsg {
 
 const TAG_START: u8 = 1;
 const TAG_READY: u8 = 2;
-const TAG_FATAL: u8 = 3;
 const TAG_STOP: u8 = 4;
 const TAG_RELOAD: u8 = 5;
 const TAG_PEERS: u8 = 6;
@@ -79,10 +76,6 @@ impl ControlMsg {
                 TAG_START
             }
             ControlMsg::Ready => TAG_READY,
-            ControlMsg::Fatal { message } => {
-                put_str(&mut body, message);
-                TAG_FATAL
-            }
             ControlMsg::Stop => TAG_STOP,
             ControlMsg::Reload {
                 origin,
@@ -118,9 +111,6 @@ impl ControlMsg {
                 config: take_str(&mut body)?,
             },
             TAG_READY => ControlMsg::Ready,
-            TAG_FATAL => ControlMsg::Fatal {
-                message: take_str(&mut body)?,
-            },
             TAG_STOP => ControlMsg::Stop,
             TAG_RELOAD => ControlMsg::Reload {
                 origin: take_str(&mut body)?,
@@ -206,12 +196,9 @@ mod tests {
         let msgs = [
             ControlMsg::Start {
                 origin: "/etc/udpshard/udpshard.toml".into(),
-                config: "workers = 2\n".into(),
+                config: "workers = 2\nname = \"héllo\"\n".into(),
             },
             ControlMsg::Ready,
-            ControlMsg::Fatal {
-                message: "héllo".into(),
-            },
             ControlMsg::Stop,
             ControlMsg::Reload {
                 origin: "f.toml".into(),
@@ -241,7 +228,7 @@ mod tests {
         assert_eq!(r.next_msg(), Some(Err(ControlError::UnknownTag(99))));
         r.push(&[0xff, 0xff, 0xff, 0xff]);
         assert!(matches!(r.next_msg(), Some(Err(ControlError::TooLarge(_)))));
-        r.push(&[3, 0, 0, 0, TAG_FATAL, 9, 9]);
+        r.push(&[3, 0, 0, 0, TAG_START, 9, 9]);
         assert_eq!(r.next_msg(), Some(Err(ControlError::BadBody)));
     }
 }

@@ -98,10 +98,6 @@ impl Maglev {
         self.backend_for_hash(stable_hash(key))
     }
 
-    pub fn table_size(&self) -> usize {
-        self.table.len()
-    }
-
     /// How many entries each of `n` backends owns.
     pub fn shares(&self, n: usize) -> Vec<usize> {
         let mut shares = vec![0; n];

@@ -119,21 +119,12 @@ impl ReuseportGroup {
     }
 }
 
-/// How a group's datagrams find their worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SteeringMode {
-    /// A cBPF program picks the socket by connection ID.
-    KernelCid,
-    /// The kernel's 4-tuple hash; workers hand migrated flows to their owner.
-    Reshuffle,
-}
-
 impl ReuseportGroup {
     /// Applies the listener's `steering` to the group and says which mode
     /// it got, and why, in the log.
     /// `active` is how many sockets, from the start, take datagrams (fewer
     /// than the group while retiring sockets drain at its end).
-    pub fn steer(&self, cfg: &config::Listener, active: usize) -> Result<SteeringMode, GroupError> {
+    pub fn steer(&self, cfg: &config::Listener, active: usize) -> Result<(), GroupError> {
         let dissector: udpshard_shared::Dissector = cfg.dissector.into();
         let n = active.clamp(1, self.sockets.len().max(1)) as u32;
         let attach = |prog: &[steer::Insn]| match self.sockets.first() {
@@ -145,7 +136,6 @@ impl ReuseportGroup {
                 "listener {}: kernel-cid steering ({why}): connection IDs pick the worker in the kernel",
                 self.name
             );
-            SteeringMode::KernelCid
         };
         // Reshuffle spreads by 4-tuple with a program of ours rather than the
         // kernel's own hash, so the group can shrink without loss (see
@@ -162,9 +152,8 @@ impl ReuseportGroup {
                  handed to the worker that owns its session",
                 self.name
             );
-            SteeringMode::Reshuffle
         };
-        let mode = match (cfg.steering, steer::program(&dissector, n)) {
+        match (cfg.steering, steer::program(&dissector, n)) {
             (Steering::Reshuffle, _) => reshuffle("as configured"),
             (Steering::Auto, None) | (Steering::KernelCid, None) => reshuffle(&format!(
                 "the {:?} dissector has no connection ID to steer on",
@@ -184,8 +173,8 @@ impl ReuseportGroup {
                     "auto: the kernel refused the kernel-cid program: {e}"
                 )),
             },
-        };
-        Ok(mode)
+        }
+        Ok(())
     }
 }
 
@@ -267,7 +256,7 @@ mod tests {
         let mut cfg = listener("127.0.0.1:0", 1 << 20);
         cfg.steering = Steering::KernelCid;
         let group = ReuseportGroup::bind(&cfg, N).unwrap();
-        assert_eq!(group.steer(&cfg, N).unwrap(), SteeringMode::KernelCid);
+        group.steer(&cfg, N).unwrap();
         for s in &group.sockets {
             s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
                 .unwrap();
@@ -366,7 +355,7 @@ mod tests {
             cfg.steering = Steering::Reshuffle;
             let group = ReuseportGroup::bind(&cfg, N).unwrap();
             for active in [N, N - 1] {
-                assert_eq!(group.steer(&cfg, active).unwrap(), SteeringMode::Reshuffle);
+                group.steer(&cfg, active).unwrap();
                 for s in &group.sockets {
                     s.set_read_timeout(Some(std::time::Duration::from_millis(200)))
                         .unwrap();

@@ -91,7 +91,8 @@ impl Liveness {
         } else {
             // Its PIDs are not ours to look up: trust a recent heartbeat.
             let beat = snap.header(Header::SupervisorHeartbeat);
-            crate::process::monotonic_ns().saturating_sub(beat) < HEARTBEAT_STALE.as_nanos() as u64
+            udpshard_shared::clock::monotonic_ns().saturating_sub(beat)
+                < HEARTBEAT_STALE.as_nanos() as u64
         };
         if alive {
             Liveness::Running

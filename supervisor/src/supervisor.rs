@@ -191,7 +191,10 @@ impl Supervisor {
             Header::SupervisorPidNs,
             crate::process::pid_namespace().unwrap_or(0),
         );
-        region.set_header(Header::SupervisorHeartbeat, crate::process::monotonic_ns());
+        region.set_header(
+            Header::SupervisorHeartbeat,
+            udpshard_shared::clock::monotonic_ns(),
+        );
         region.set_header(Header::StartedAt, unix_now());
         region.set_header(Header::ConfigGeneration, 1);
         region.set_header(Header::Workers, count as u64);
@@ -265,8 +268,10 @@ impl Supervisor {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(SupervisorError::Poll(e)),
             }
-            self.region
-                .set_header(Header::SupervisorHeartbeat, crate::process::monotonic_ns());
+            self.region.set_header(
+                Header::SupervisorHeartbeat,
+                udpshard_shared::clock::monotonic_ns(),
+            );
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => self.handle_signals()?,
@@ -390,9 +395,6 @@ impl Supervisor {
                         slot.set(Counter::ConfigGeneration, w.config_gen);
                     }
                 }
-                Ok((ControlMsg::Fatal { message }, _)) => {
-                    tracing::error!(worker = id, "worker failed: {message}")
-                }
                 Ok((other, _)) => {
                     tracing::warn!(worker = id, "unexpected control message {other:?}")
                 }
@@ -503,8 +505,8 @@ impl Supervisor {
                 // them again (a copy another worker borrowed keeps its port
                 // bound, and that worker adopts it).
                 let dead = Owner::new(w.id, slot.get(Counter::Generation));
-                let until =
-                    crate::process::monotonic_ns() / 1_000_000 + max_reuse_delay_ms(&self.config);
+                let until = udpshard_shared::clock::monotonic_ns() / 1_000_000
+                    + max_reuse_delay_ms(&self.config);
                 let cooled = self.state.leases().cool_dead(|o| o == dead, until);
                 tracing::debug!(worker = w.id, "{cooled} upstream ports cool after its exit");
             }

@@ -31,17 +31,9 @@ pub use generator::{
 pub use histogram::Histogram;
 pub use sink::{Sink, SinkError, SinkStats};
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of the datagrams' timestamps, comparable across
-/// processes on one host.
-pub fn monotonic_ns() -> u64 {
-    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
-        Ok(t) => (t.tv_sec() as u64)
-            .saturating_mul(1_000_000_000)
-            .saturating_add(t.tv_nsec() as u64),
-        // CLOCK_MONOTONIC cannot fail on Linux; a zero timestamp only spoils latency figures.
-        Err(_) => 0,
-    }
-}
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the datagrams' timestamps,
+/// comparable across processes.
+pub use udpshard_shared::clock::monotonic_ns;
 
 #[cfg(test)]
 mod tests {

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use quinn_udp::{RecvMeta, UdpSockRef, BATCH_SIZE};
+use udpshard_shared::clock::monotonic_ns;
 use udpshard_shared::control::{ControlChannel, ControlMsg};
 use udpshard_shared::owners::{Owner, OwnerIndex};
 use udpshard_shared::state::StateRegion;
@@ -732,10 +733,4 @@ fn raise_fd_limit() {
             let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
         }
     }
-}
-
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
 }

@@ -54,9 +54,6 @@ pub use crate::paths::Sockets;
 /// the session moves there.
 pub const TRANSFER_AFTER: u8 = 3;
 
-/// A transfer not answered in this long is given up (the receiver died).
-const TRANSFER_TIMEOUT_MS: u64 = 5_000;
-
 /// How long a refused flow's further datagrams are dropped without a try.
 const REFUSAL_MS: u64 = 1_000;
 const MAX_REFUSALS: usize = 1 << 16;
@@ -1109,7 +1106,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let Some(s) = self.sessions.get_mut(sid) else {
             return;
         };
-        if s.transferring.map(|(to, _)| to) != Some(from) {
+        // An answer to an offer we had given up on (its receiver seemed
+        // gone) still counts: the receiver owns the session now.
+        if s.transferring.is_some_and(|(to, _)| to != from) {
             return;
         }
         if !accepted {
@@ -1252,8 +1251,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let Some(s) = self.sessions.get_mut(sid) else {
             return;
         };
-        if let Some((_, since)) = s.transferring {
-            if now.saturating_sub(since) < TRANSFER_TIMEOUT_MS {
+        // Offered to another worker: it answers, unless it died (then the
+        // offer is void; a replacement reading it late answers too).
+        if let Some((to, _)) = s.transferring {
+            if self.owners.live_owner(usize::from(to)).is_some() {
                 return;
             }
             s.transferring = None;
@@ -1523,3 +1524,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
     }
 }
+
+#[cfg(test)]
+mod harness;
+#[cfg(test)]
+mod tests;

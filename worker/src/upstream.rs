@@ -10,6 +10,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use udpshard_config as config;
+use udpshard_shared::clock::monotonic_ms;
 use udpshard_shared::owners::Owner;
 use udpshard_shared::state::StateRegion;
 use udpshard_shared::stats::StatsRegion;
@@ -90,12 +91,6 @@ pub fn sources_of(cfg: &config::Listener) -> Vec<IpAddr> {
     } else {
         cfg.upstream_sources.clone()
     }
-}
-
-pub fn monotonic_ms() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
-        .unwrap_or(0)
 }
 
 impl Upstream {

@@ -8,8 +8,6 @@
 //! creates and closes the rest, resizes groups at their end only, and sends
 //! each worker the new config with its sockets. Workers keep their sessions.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 use udpshard_config as config;
@@ -325,11 +323,5 @@ impl Supervisor {
 use std::os::fd::AsRawFd;
 
 fn monotonic_usec() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
-        .unwrap_or_else(|_| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros() as u64)
-        })
+    udpshard_shared::clock::monotonic_ns() / 1000
 }

@@ -1,0 +1,730 @@
+//! The router, driven in memory: 2-4 routers sharing one ownership table,
+//! a fake kernel, virtual time. `cargo test -p udpshard-worker router`.
+
+use std::collections::HashSet;
+
+use proptest::prelude::*;
+use udpshard_shared::stats::Counter;
+use udpshard_shared::DropReason;
+
+use super::harness::{addr, backend, config, long, short, World, CLIENT};
+use super::{Owners, TRANSFER_AFTER};
+
+const PORTS: (u16, u16) = (20000, 29999);
+
+fn world(workers: usize, extra: &str, backends: usize) -> World {
+    World::new(workers, &config(extra, backends), PORTS)
+}
+
+#[test]
+fn router_a_new_flow_opens_a_path_and_forwards() {
+    let mut w = world(2, "", 2);
+    w.send(0, CLIENT, &short(1, b"hi"));
+    assert_eq!(w.at_backend.len(), 1);
+    let d = &w.at_backend[0];
+    assert_eq!(d.payload, short(1, b"hi"));
+    assert!((20000..=29999).contains(&d.from.port()), "{d:?}");
+    assert_eq!(w.counter(0, Counter::SessionsCreated), 1);
+    assert_eq!(w.counter(0, Counter::PathsCreated), 1);
+    assert_eq!(w.holders(1), vec![0]);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_replies_reach_the_client_of_their_path() {
+    let mut w = world(2, "", 2);
+    w.send(0, CLIENT, &short(1, b"q"));
+    w.echo_since(0);
+    assert_eq!(w.at_client.len(), 1);
+    assert_eq!(w.at_client[0].client, addr(CLIENT));
+    assert_eq!(w.at_client[0].payload, short(1, b"q"));
+    w.assert_ledger();
+}
+
+#[test]
+fn router_the_backend_is_the_maglev_choice_and_sticks() {
+    let mut w = world(1, "", 3);
+    for cid in 0..50u64 {
+        for n in 0..3u8 {
+            w.send(0, CLIENT, &short(cid, &[n]));
+        }
+    }
+    let maglev = udpshard_shared::Maglev::new(
+        &(0..3)
+            .map(|i| (backend(i).to_string(), 1))
+            .collect::<Vec<_>>(),
+        65537,
+    )
+    .unwrap();
+    for d in &w.at_backend {
+        let cid = u64::from_be_bytes(d.payload[1..9].try_into().unwrap());
+        assert_eq!(d.backend, backend(maglev.backend_for(&cid.to_be_bytes())));
+    }
+    assert_eq!(w.counter(0, Counter::SessionsCreated), 50);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_a_failed_open_drops_with_no_port_and_releases_the_claim() {
+    // One port, one backend: one path, then none.
+    let mut w = World::new(1, &config("", 1), (20000, 20000));
+    w.send(0, CLIENT, &short(1, b"a"));
+    w.send(0, CLIENT, &short(2, b"b"));
+    assert_eq!(w.at_backend.len(), 1);
+    assert_eq!(w.drops(DropReason::NoPort), 1);
+    assert!(w.holders(2).is_empty());
+    // The refused key is not left owned: another worker could take it.
+    let key = udpshard_shared::FlowKey::new(&2u64.to_be_bytes()).unwrap();
+    let hash = w.routers[0].owner_hash(0, &key);
+    assert_eq!(w.routers[0].owners().lookup(hash), None);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_a_refused_flow_costs_no_further_open() {
+    let mut w = World::new(1, &config("", 1), (20000, 20000));
+    w.send(0, CLIENT, &short(1, b"a"));
+    let opens = w.net.borrow().opens[0];
+    for n in 0..100u8 {
+        w.send(0, CLIENT, &short(2, &[n]));
+    }
+    assert_eq!(
+        w.net.borrow().opens[0],
+        opens + 1,
+        "one try, then remembered"
+    );
+    assert_eq!(w.drops(DropReason::NoPort), 100);
+    // After the refusal is forgotten, it is tried again.
+    w.advance(1_100);
+    w.send(0, CLIENT, &short(2, b"again"));
+    assert_eq!(w.net.borrow().opens[0], opens + 2);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_ports_are_shared_across_backends() {
+    // Ten ports, two backends: twenty paths, from ten sockets.
+    let mut w = World::new(1, &config("", 2), (20000, 20009));
+    let mut cid = 0u64;
+    while w.at_backend.len() < 20 && cid < 1000 {
+        w.send(0, CLIENT, &short(cid, b"x"));
+        cid += 1;
+    }
+    assert_eq!(w.at_backend.len(), 20, "capacity ports x backends");
+    assert_eq!(w.net.borrow().fds[0].len(), 10);
+    w.assert_unique_tuples();
+    // Every further new flow is refused, counted exactly.
+    let before = w.drops(DropReason::NoPort);
+    for n in 0..10 {
+        w.send(0, CLIENT, &short(5000 + n, b"y"));
+    }
+    assert_eq!(w.drops(DropReason::NoPort), before + 10);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_no_fd_is_its_own_reason() {
+    let mut w = world(1, "", 1);
+    w.net.borrow_mut().fd_limit = Some(1);
+    w.send(0, CLIENT, &short(1, b"a"));
+    w.send(0, CLIENT, &short(2, b"b"));
+    assert_eq!(w.drops(DropReason::NoFd), 1);
+    assert_eq!(w.drops(DropReason::NoPort), 0);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_a_flow_owned_elsewhere_is_handed_to_its_owner() {
+    let mut w = world(2, "", 2);
+    w.send(0, CLIENT, &short(1, b"first"));
+    // The same CID from another address reaches worker 1.
+    w.send(1, "192.0.2.11:6000", &short(1, b"moved"));
+    assert_eq!(w.counter(1, Counter::HandoffOut), 1);
+    assert_eq!(w.counter(0, Counter::HandoffIn), 1);
+    assert_eq!(w.at_backend.len(), 2);
+    assert_eq!(w.holders(1), vec![0]);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_the_hop_cap_stops_a_bouncing_datagram() {
+    let mut w = world(3, "", 1);
+    w.send(0, CLIENT, &short(1, b"x"));
+    // A stale entry: the table says worker 1 owns the flow, which worker 1
+    // does not have; worker 1 finds it pointing at worker 2, and so on.
+    let key = udpshard_shared::FlowKey::new(&1u64.to_be_bytes()).unwrap();
+    let hash = w.routers[0].owner_hash(0, &key);
+    w.hold_inboxes = true;
+    let worker1 = w.routers[1].me;
+    w.owners.borrow_mut().table.insert(hash, worker1);
+    w.send(2, "192.0.2.12:7000", &short(1, b"bounce"));
+    // 2 -> 1 (hop 1); 1 has no session and the table says 1: it is 1's
+    // now, a session there. Never more than MAX_HOPS.
+    w.hold_inboxes = false;
+    w.settle();
+    assert!(w
+        .hops_sent
+        .iter()
+        .all(|h| *h <= udpshard_shared::handoff::MAX_HOPS));
+    assert_eq!(w.froms(b"\x40\0\0\0\0\0\0\0\x01bounce").len(), 1);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_two_workers_claiming_one_cid_make_one_session() {
+    let mut w = world(2, "", 2);
+    // Both receive the flow's first datagram before either has a session.
+    w.hold_inboxes = true;
+    w.send(0, CLIENT, &short(9, b"a"));
+    w.send(1, "192.0.2.11:1", &short(9, b"b"));
+    w.hold_inboxes = false;
+    w.settle();
+    assert_eq!(w.total(Counter::SessionsCreated), 1);
+    assert_eq!(w.holders(9).len(), 1);
+    assert_eq!(w.at_backend.len(), 2, "both forwarded, once each");
+    w.assert_ledger();
+}
+
+#[test]
+fn router_a_handoff_streak_moves_the_session_and_its_paths() {
+    let mut w = world(2, "", 2);
+    w.send(0, CLIENT, &short(3, b"at 0"));
+    let first_from = w.at_backend[0].from;
+    // The kernel now delivers the flow to worker 1.
+    for n in 0..TRANSFER_AFTER {
+        w.send(1, CLIENT, &short(3, &[b'h', n]));
+    }
+    assert_eq!(w.holders(3), vec![1], "the session moved");
+    assert_eq!(w.total(Counter::TransfersOut), 1);
+    assert_eq!(w.total(Counter::TransfersIn), 1);
+    let handoffs = w.total(Counter::HandoffOut);
+    // Later datagrams go straight out of worker 1, on the same 4-tuple.
+    w.send(1, CLIENT, &short(3, b"direct"));
+    assert_eq!(w.total(Counter::HandoffOut), handoffs);
+    assert_eq!(w.at_backend.last().unwrap().from, first_from);
+    assert_eq!(w.froms(b"\x40").len(), 1, "the backend saw one 4-tuple");
+    // Replies are read by the socket's home (worker 0) and relayed.
+    let before = w.at_backend.len();
+    w.echo_since(before - 1);
+    assert_eq!(w.at_client.last().unwrap().client, addr(CLIENT));
+    assert_eq!(w.at_client.last().unwrap().worker, 0, "relayed by the home");
+    w.assert_ledger();
+}
+
+#[test]
+fn router_a_transfer_whose_descriptors_did_not_arrive_leaves_the_session() {
+    let mut w = world(2, "", 2);
+    w.send(0, CLIENT, &short(4, b"x"));
+    w.hold_inboxes = true;
+    for n in 0..TRANSFER_AFTER {
+        w.send(1, CLIENT, &short(4, &[n]));
+    }
+    // Deliver the handoffs to worker 0; its transfer offer goes to worker 1.
+    while w.deliver(0) {}
+    assert_eq!(w.inbox_kinds(1), vec!["Transfer"]);
+    // Worker 1 is out of descriptors: the frame arrives without them (the
+    // kernel closes what does not fit, MSG_CTRUNC).
+    w.drop_descriptors(1);
+    w.hold_inboxes = false;
+    w.settle();
+    assert_eq!(w.holders(4), vec![0], "it stays with the sender");
+    assert_eq!(w.total(Counter::TransfersIn), 0);
+    // And is served as before.
+    w.send(0, CLIENT, &short(4, b"still"));
+    assert_eq!(w.at_backend.last().unwrap().payload, short(4, b"still"));
+    w.assert_ledger();
+}
+
+#[test]
+fn router_datagrams_racing_a_transfer_are_forwarded_once_each() {
+    let mut w = world(2, "", 1);
+    w.send(0, CLIENT, &short(5, b"0"));
+    w.hold_inboxes = true;
+    for n in 0..TRANSFER_AFTER + 3 {
+        w.send(1, CLIENT, &short(5, &[b'a' + n]));
+        // Worker 0 reads one frame between each of worker 1's datagrams.
+        w.deliver(0);
+        w.deliver(1);
+    }
+    w.hold_inboxes = false;
+    w.settle();
+    let sent = 1 + usize::from(TRANSFER_AFTER) + 3;
+    assert_eq!(w.at_backend.len(), sent, "each forwarded exactly once");
+    let payloads: HashSet<Vec<u8>> = w.at_backend.iter().map(|d| d.payload.clone()).collect();
+    assert_eq!(payloads.len(), sent);
+    assert_eq!(w.holders(5).len(), 1);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_a_server_scid_is_learned_before_its_reply_is_relayed() {
+    let mut w = world(2, "", 1);
+    w.send(0, CLIENT, &long(0xd0, 0xc1));
+    let from = w.at_backend[0].from;
+    // The server's Initial chooses SCID 0x5e.
+    w.reply(backend(0), from, &long(0xc1, 0x5e));
+    assert_eq!(w.at_client.len(), 1);
+    // Before the client can answer with it, the alias names the session.
+    let key = udpshard_shared::FlowKey::new(&0x5eu64.to_be_bytes()).unwrap();
+    let hash = w.routers[0].owner_hash(0, &key);
+    assert_eq!(w.routers[0].owners().lookup(hash), Some(w.routers[0].me));
+    // The client's next packet, with the new DCID, lands on worker 1: it is
+    // handed to the session, not made a session of its own.
+    w.send(1, CLIENT, &short(0x5e, b"1rtt"));
+    assert_eq!(w.total(Counter::SessionsCreated), 1);
+    assert_eq!(w.at_backend.len(), 2);
+    assert_eq!(w.at_backend[1].from, from, "same path");
+    w.assert_ledger();
+}
+
+#[test]
+fn router_a_relay_learns_an_alias_for_the_sessions_owner() {
+    let mut w = world(2, "", 1);
+    w.send(0, CLIENT, &long(0xd1, 0xc2));
+    for n in 0..TRANSFER_AFTER {
+        w.send(1, CLIENT, &short(0xd1, &[n]));
+    }
+    assert_eq!(w.holders(0xd1), vec![1]);
+    let from = w.at_backend[0].from;
+    // Worker 0 relays the server's reply, which names a new SCID.
+    w.reply(backend(0), from, &long(0xc2, 0x77));
+    let key = udpshard_shared::FlowKey::new(&0x77u64.to_be_bytes()).unwrap();
+    let hash = w.routers[0].owner_hash(0, &key);
+    assert_eq!(w.routers[0].owners().lookup(hash), Some(w.routers[1].me));
+    // The owner found the alias: a datagram with it is its session's.
+    w.send(1, CLIENT, &short(0x77, b"x"));
+    assert_eq!(w.total(Counter::SessionsCreated), 1);
+    assert_eq!(w.at_backend.last().unwrap().from, from);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_re_routes_when_a_backend_is_removed() {
+    let mut w = world(1, "", 2);
+    for cid in 0..40u64 {
+        w.send(0, CLIENT, &short(cid, b"one"));
+    }
+    let on_b0: Vec<u64> = w
+        .at_backend
+        .iter()
+        .filter(|d| d.backend == backend(0))
+        .map(|d| u64::from_be_bytes(d.payload[1..9].try_into().unwrap()))
+        .collect();
+    assert!(!on_b0.is_empty());
+    // Reload without backend 0.
+    let cfg = udpshard_config::parse(
+        "[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:4433\"\ndissector = \"quic\"\nmax_sessions = 1000\nbackends = [\"198.51.100.2:443\"]\n",
+        "t",
+    )
+    .unwrap();
+    let routes = vec![super::Route::new(&cfg.listeners[0], false).unwrap()];
+    w.routers[0].reconfigure(routes, &[Some(0)]);
+    let before = w.at_backend.len();
+    for cid in 0..40u64 {
+        w.send(0, CLIENT, &short(cid, b"two"));
+    }
+    assert!(w.at_backend[before..]
+        .iter()
+        .all(|d| d.backend == backend(1)));
+    assert_eq!(w.counter(0, Counter::SessionsRerouted), on_b0.len() as u64);
+    assert_eq!(
+        w.counter(0, Counter::SessionsCreated),
+        40,
+        "the same sessions"
+    );
+    w.assert_unique_tuples();
+    w.assert_ledger();
+}
+
+#[test]
+fn router_idle_sessions_expire_in_virtual_time() {
+    let mut w = world(1, "session_idle = \"10s\"", 1);
+    w.send(0, CLIENT, &short(1, b"a"));
+    w.send(0, CLIENT, &short(2, b"b"));
+    w.advance(6_000);
+    w.send(0, CLIENT, &short(2, b"keep"));
+    w.advance(6_000);
+    assert!(w.holders(1).is_empty(), "idle 12 s: gone");
+    assert_eq!(w.holders(2), vec![0], "active 6 s ago: stays");
+    assert_eq!(w.counter(0, Counter::SessionsExpired), 1);
+    // Its key is free again.
+    let key = udpshard_shared::FlowKey::new(&1u64.to_be_bytes()).unwrap();
+    let hash = w.routers[0].owner_hash(0, &key);
+    assert_eq!(w.routers[0].owners().lookup(hash), None);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_an_extra_path_closes_after_path_idle_and_the_last_stays() {
+    let mut w = world(1, "session_idle = \"60s\"\npath_idle = \"5s\"", 1);
+    w.send(0, CLIENT, &short(1, b"a"));
+    w.send(0, "192.0.2.99:9", &short(1, b"second address"));
+    assert_eq!(
+        w.counter(0, Counter::PathsActive),
+        0,
+        "gauges update at ticks"
+    );
+    w.advance(1_000);
+    assert_eq!(w.routers[0].paths.paths.len(), 2);
+    // The first address keeps sending; the second goes quiet.
+    for _ in 0..6 {
+        w.send(0, CLIENT, &short(1, b"a"));
+        w.advance(1_000);
+    }
+    assert_eq!(w.routers[0].paths.paths.len(), 1, "the quiet path closed");
+    // The last path lives as long as the session.
+    w.advance(30_000);
+    assert_eq!(w.routers[0].paths.paths.len(), 1);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_a_spoofed_address_gets_its_own_path_and_replies_stay_on_theirs() {
+    let mut w = world(1, "", 1);
+    w.send(0, CLIENT, &short(7, b"real"));
+    let real = w.at_backend[0].from;
+    // Someone who saw the CID sends one datagram with it from elsewhere.
+    w.send(0, "203.0.113.66:666", &short(7, b"spoof"));
+    let spoof = w.at_backend[1].from;
+    assert_ne!(
+        real, spoof,
+        "a new address is a new 4-tuple: the backend sees it"
+    );
+    // The backend answers on the real client's path: it reaches the real
+    // client only.
+    w.reply(backend(0), real, b"for the real client");
+    assert_eq!(w.at_client.len(), 1);
+    assert_eq!(w.at_client[0].client, addr(CLIENT));
+    // A real move to a new port gets replies at the new address.
+    w.send(0, "192.0.2.10:5001", &short(7, b"moved"));
+    let moved = w.at_backend[2].from;
+    w.reply(backend(0), moved, b"for the new port");
+    assert_eq!(w.at_client[1].client, addr("192.0.2.10:5001"));
+    w.assert_ledger();
+}
+
+#[test]
+fn router_max_paths_evicts_the_least_recently_used() {
+    let mut w = world(1, "max_paths = 2", 1);
+    w.send(0, "192.0.2.1:1", &short(1, b"a"));
+    w.advance(10);
+    w.send(0, "192.0.2.2:2", &short(1, b"b"));
+    w.advance(10);
+    w.send(0, "192.0.2.1:1", &short(1, b"a again"));
+    w.advance(10);
+    w.send(0, "192.0.2.3:3", &short(1, b"c"));
+    assert_eq!(w.counter(0, Counter::PathsEvicted), 1);
+    assert_eq!(w.routers[0].paths.paths.len(), 2);
+    // 192.0.2.2 was the least recently used: its path is gone.
+    let clients: HashSet<_> = w.routers[0]
+        .paths
+        .paths
+        .iter()
+        .map(|(_, p)| p.client)
+        .collect();
+    assert!(clients.contains(&addr("192.0.2.1:1")) && clients.contains(&addr("192.0.2.3:3")));
+    w.assert_ledger();
+}
+
+#[test]
+fn router_a_freed_slot_cools_before_reuse_toward_the_same_backend() {
+    // One port, one backend, 2 s reuse delay, 1 s idle.
+    let mut w = World::new(
+        1,
+        &config(
+            "session_idle = \"1s\"\npath_idle = \"1s\"\nport_reuse_delay = \"2s\"",
+            1,
+        ),
+        (20000, 20000),
+    );
+    w.send(0, CLIENT, &short(1, b"a"));
+    w.advance(1_500);
+    assert!(w.holders(1).is_empty(), "expired");
+    // The port toward the backend is cooling: a new flow is refused.
+    w.send(0, CLIENT, &short(2, b"too soon"));
+    assert_eq!(w.drops(DropReason::NoPort), 1);
+    w.advance(2_100);
+    w.send(0, CLIENT, &short(3, b"later"));
+    assert_eq!(w.at_backend.last().unwrap().payload, short(3, b"later"));
+    assert_eq!(w.at_backend.last().unwrap().from.port(), 20000);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_session_limit_drops_new_flows() {
+    let mut w = World::new(
+        1,
+        &config("", 1).replace("max_sessions = 1000", "max_sessions = 2"),
+        PORTS,
+    );
+    for cid in 0..5u64 {
+        w.send(0, CLIENT, &short(cid, b"x"));
+    }
+    assert_eq!(w.drops(DropReason::SessionLimit), 3);
+    assert_eq!(w.at_backend.len(), 2);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_draining_refuses_new_flows_and_serves_live_ones() {
+    let mut w = world(1, "", 1);
+    w.send(0, CLIENT, &short(1, b"live"));
+    w.routers[0].drain();
+    w.send(0, CLIENT, &short(1, b"still live"));
+    w.send(0, CLIENT, &short(2, b"new"));
+    assert_eq!(w.drops(DropReason::Draining), 1);
+    assert_eq!(w.at_backend.len(), 2);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_malformed_input_is_counted_and_changes_nothing() {
+    let mut w = world(2, "", 1);
+    for bad in [
+        &b""[..],
+        &[0x40, 1, 2][..],
+        &[0xc0, 0, 0, 0, 1, 25, 1][..],
+        &[0xc0, 0, 0, 0, 1, 0][..],
+    ] {
+        w.send(0, CLIENT, bad);
+    }
+    assert_eq!(w.drops(DropReason::Malformed), 4);
+    assert_eq!(w.total(Counter::SessionsCreated), 0);
+    assert!(w.at_backend.is_empty());
+    // Frames from another worker that do not decode count too.
+    w.routers[1].frame(1, &[9, 9, 9], 0, &mut |_| super::DatagramRef(0));
+    assert_eq!(w.counter(1, Counter::BadFrames), 1);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_stray_datagrams_on_upstream_sockets_are_counted() {
+    let mut w = world(1, "", 1);
+    w.send(0, CLIENT, &short(1, b"x"));
+    let from = w.at_backend[0].from;
+    // Not from the backend.
+    w.reply(addr("203.0.113.5:53"), from, b"not yours");
+    assert_eq!(w.drops(DropReason::Stray), 1);
+    assert!(w.at_client.is_empty());
+    w.assert_ledger();
+}
+
+#[test]
+fn router_follow_mode_moves_the_one_path() {
+    let mut w = world(1, "migration = \"follow\"", 1);
+    w.send(0, CLIENT, &short(1, b"a"));
+    w.send(0, "192.0.2.20:20", &short(1, b"moved"));
+    assert_eq!(w.froms(b"\x40").len(), 1, "one 4-tuple");
+    w.reply(backend(0), w.at_backend[0].from, b"r");
+    assert_eq!(
+        w.at_client[0].client,
+        addr("192.0.2.20:20"),
+        "replies follow"
+    );
+    w.assert_ledger();
+}
+
+#[test]
+fn router_follow_mode_moves_a_relayed_path_through_its_home() {
+    let mut w = world(2, "migration = \"follow\"", 1);
+    w.send(0, CLIENT, &short(2, b"a"));
+    for n in 0..TRANSFER_AFTER {
+        w.send(1, CLIENT, &short(2, &[n]));
+    }
+    assert_eq!(w.holders(2), vec![1]);
+    let from = w.at_backend[0].from;
+    // The client moves; its datagram reaches the owner, which has the home
+    // re-point its relay before forwarding it.
+    w.send(1, "192.0.2.30:30", &short(2, b"moved"));
+    assert_eq!(w.at_backend.last().unwrap().from, from);
+    w.reply(backend(0), from, b"after the move");
+    assert_eq!(w.at_client.last().unwrap().client, addr("192.0.2.30:30"));
+    w.assert_ledger();
+}
+
+#[test]
+fn router_relay_activity_keeps_a_transferred_path_alive() {
+    let mut w = world(2, "session_idle = \"10s\"\npath_idle = \"10s\"", 1);
+    w.send(0, CLIENT, &short(6, b"a"));
+    for n in 0..TRANSFER_AFTER {
+        w.send(1, CLIENT, &short(6, &[n]));
+    }
+    let from = w.at_backend[0].from;
+    // The client goes quiet; the server keeps sending (read at the home).
+    for _ in 0..5 {
+        w.advance(4_000);
+        w.reply(backend(0), from, b"push");
+    }
+    assert_eq!(w.holders(6), vec![1], "alive after 20 s of replies");
+    assert_eq!(w.at_client.len(), 5);
+    w.assert_ledger();
+}
+
+#[test]
+fn router_a_dead_home_is_replaced_by_the_borrower_adopting_the_socket() {
+    let mut w = world(2, "", 1);
+    w.send(0, CLIENT, &short(8, b"a"));
+    for n in 0..TRANSFER_AFTER {
+        w.send(1, CLIENT, &short(8, &[n]));
+    }
+    let from = w.at_backend[0].from;
+    assert_eq!(w.reader(from), Some(0));
+    w.kill(0);
+    w.advance(200);
+    assert_eq!(w.reader(from), Some(1), "adopted");
+    w.reply(backend(0), from, b"after the home died");
+    assert_eq!(w.at_client.last().unwrap().worker, 1);
+    w.send(1, CLIENT, &short(8, b"still"));
+    assert_eq!(w.at_backend.last().unwrap().from, from);
+}
+
+#[test]
+fn router_a_relay_whose_owner_died_closes() {
+    let mut w = world(2, "port_reuse_delay = \"0s\"", 1);
+    w.send(0, CLIENT, &short(10, b"a"));
+    for n in 0..TRANSFER_AFTER {
+        w.send(1, CLIENT, &short(10, &[n]));
+    }
+    assert_eq!(w.routers[0].paths.paths.len(), 1, "worker 0 relays");
+    w.kill(1);
+    w.advance(200);
+    assert_eq!(
+        w.routers[0].paths.paths.len(),
+        0,
+        "the orphaned relay closed"
+    );
+}
+
+#[test]
+fn router_a_dead_workers_flows_are_taken_over_by_whoever_gets_them() {
+    let mut w = world(2, "", 1);
+    w.send(0, CLIENT, &short(11, b"a"));
+    w.kill(0);
+    w.restart(0);
+    // The entry names a dead generation: worker 1 takes the flow at once
+    // instead of handing it to the new process in slot 0.
+    w.send(1, CLIENT, &short(11, b"b"));
+    assert_eq!(w.holders(11), vec![1]);
+    assert_eq!(w.counter(1, Counter::HandoffOut), 0);
+    assert_eq!(w.at_backend.len(), 2);
+}
+
+#[test]
+fn router_removing_a_listener_closes_its_sessions() {
+    let mut w = world(1, "", 1);
+    w.send(0, CLIENT, &short(1, b"a"));
+    w.routers[0].reconfigure(Vec::new(), &[None]);
+    assert_eq!(w.routers[0].sessions(), 0);
+    assert_eq!(w.routers[0].paths.paths.len(), 0);
+}
+
+// Properties over random event sequences.
+
+#[derive(Debug, Clone)]
+enum Event {
+    /// A client datagram for cid, from client address index, to worker.
+    Client { cid: u8, client: u8, worker: u8 },
+    /// The backend answers the newest datagram it got from some path.
+    Reply { pick: u16 },
+    /// Time passes (ms).
+    Advance { ms: u16 },
+    /// One inbox frame is read.
+    Deliver { worker: u8 },
+}
+
+fn event(workers: u8) -> impl Strategy<Value = Event> {
+    prop_oneof![
+        6 => (0u8..12, 0u8..6, 0..workers).prop_map(|(cid, client, worker)| Event::Client { cid, client, worker }),
+        2 => any::<u16>().prop_map(|pick| Event::Reply { pick }),
+        1 => (1u16..20_000).prop_map(|ms| Event::Advance { ms }),
+        3 => (0..workers).prop_map(|worker| Event::Deliver { worker }),
+    ]
+}
+
+fn run(workers: usize, events: &[Event], follow: bool) -> World {
+    let extra = if follow {
+        "migration = \"follow\"\nsession_idle = \"30s\"\nport_reuse_delay = \"5s\""
+    } else {
+        "max_paths = 3\nsession_idle = \"30s\"\npath_idle = \"10s\"\nport_reuse_delay = \"5s\""
+    };
+    let mut w = World::new(workers, &config(extra, 3), (20000, 20063));
+    w.hold_inboxes = true;
+    for e in events {
+        match *e {
+            Event::Client {
+                cid,
+                client,
+                worker,
+            } => {
+                let from = format!("192.0.2.{}:{}", 1 + client, 1000 + u16::from(client));
+                w.send(
+                    usize::from(worker),
+                    &from,
+                    &short(u64::from(cid), &[cid, client]),
+                );
+            }
+            Event::Reply { pick } => {
+                if !w.at_backend.is_empty() {
+                    let d = w.at_backend[usize::from(pick) % w.at_backend.len()].clone();
+                    w.reply(d.backend, d.from, &d.payload);
+                }
+            }
+            Event::Advance { ms } => {
+                w.hold_inboxes = false;
+                w.advance(u64::from(ms));
+                w.hold_inboxes = true;
+            }
+            Event::Deliver { worker } => {
+                w.deliver(usize::from(worker));
+            }
+        }
+    }
+    w.hold_inboxes = false;
+    w.settle();
+    w
+}
+
+fn check(w: &World) {
+    // Every client datagram ended in exactly one of forward, hand over or a
+    // drop with its reason; replies likewise; hops within the cap.
+    w.assert_ledger();
+    // No upstream 4-tuple is used twice.
+    w.assert_unique_tuples();
+    // At rest, a flow has a session on one worker at most.
+    for cid in 0..12u64 {
+        assert!(
+            w.holders(cid).len() <= 1,
+            "CID {cid} on {:?}",
+            w.holders(cid)
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn router_properties_hold_over_random_events_on_2_to_4_workers(
+        workers in 2usize..=4,
+        events in prop::collection::vec(event(4), 1..120),
+    ) {
+        let events: Vec<Event> = events
+            .into_iter()
+            .map(|e| match e {
+                Event::Client { cid, client, worker } => Event::Client { cid, client, worker: worker % workers as u8 },
+                Event::Deliver { worker } => Event::Deliver { worker: worker % workers as u8 },
+                other => other,
+            })
+            .collect();
+        let w = run(workers, &events, false);
+        check(&w);
+    }
+
+    #[test]
+    fn router_properties_hold_in_follow_mode(
+        events in prop::collection::vec(event(2), 1..120),
+    ) {
+        let w = run(2, &events, true);
+        check(&w);
+    }
+}
