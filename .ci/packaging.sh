@@ -134,6 +134,17 @@ while read -r key want; do
     fi
 done < <(sed -n 's/^\([a-z0-9_.]*\) = \([0-9]*\)$/\1 \2/p' /usr/lib/sysctl.d/60-udpshard.conf)
 
+reserved=$(cat /proc/sys/net/ipv4/ip_local_reserved_ports)
+case ",$reserved," in
+*,20000-29999,*) echo "reserved ports: $reserved (the packaged upstream_ports)" ;;
+*)
+    if [ -w /proc/sys/net/ipv4/ip_local_reserved_ports ]; then
+        fail "postinst did not reserve the packaged upstream_ports (ip_local_reserved_ports: $reserved)"
+    fi
+    echo "note: ip_local_reserved_ports=$reserved (read-only /proc/sys)"
+    ;;
+esac
+
 step "check-config $INSTALLED_CONFIG"
 /usr/bin/udpshard check-config "$INSTALLED_CONFIG"
 

@@ -20,6 +20,18 @@ if [ -r "$SYSCTL_FILE" ]; then
         done
 fi
 
+# The drop-in's reserved ports join what the running kernel reserves.
+want=$(sed -n 's/^[[:space:]]*net\.ipv4\.ip_local_reserved_ports[[:space:]]*=[[:space:]]*\([0-9,-]*\)[[:space:]]*$/\1/p' "$SYSCTL_FILE" 2>/dev/null)
+proc=/proc/sys/net/ipv4/ip_local_reserved_ports
+if [ -n "$want" ] && [ -r "$proc" ]; then
+    have=$(cat "$proc")
+    case ",$have," in
+    *",$want,"*) ;;
+    *) (echo "${have:+$have,}$want" >"$proc") 2>/dev/null ||
+        echo "udpshard: cannot reserve ports $want here (read-only /proc/sys?); set it on the host" >&2 ;;
+    esac
+fi
+
 if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null 2>&1 || :
     if [ "$1" -eq 1 ]; then

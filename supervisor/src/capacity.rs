@@ -144,6 +144,76 @@ pub fn findings(config: &Config, host: &Host) -> Vec<Finding> {
     out
 }
 
+/// What `config`'s ranges and tables can hold against what max_sessions
+/// allows on `workers` workers (for `doctor`: a config that can never fill
+/// its max_sessions is not wrong, but the operator should know where the
+/// ceiling is).
+pub fn ceilings(config: &Config, workers: usize, ephemeral: (u16, u16)) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut total_sessions: u64 = 0;
+    for l in &config.listeners {
+        let sessions = l.max_sessions as u64 * workers as u64;
+        total_sessions += sessions;
+        let (lo, hi) = l.upstream_ports.unwrap_or(ephemeral);
+        let ports = u64::from(hi - lo) + 1;
+        let sources = |v4: bool| {
+            if l.upstream_sources.is_empty() {
+                1
+            } else {
+                l.upstream_sources
+                    .iter()
+                    .filter(|ip| ip.is_ipv4() == v4)
+                    .count() as u64
+            }
+        };
+        let paths: u64 = l
+            .backends
+            .iter()
+            .map(|b| sources(b.addr.is_ipv4()) * ports)
+            .sum();
+        if paths < sessions {
+            out.push(Finding {
+                saw: format!(
+                    "listener {:?}: its upstream ports hold {paths} paths (sources x {ports} ports x {} \
+                     backends), fewer than max_sessions x {workers} workers = {sessions}: past that, new \
+                     flows are refused (drops.no_port)",
+                    l.name,
+                    l.backends.len()
+                ),
+                fix: {
+                    let per_port = paths / ports;
+                    let needed = sessions.div_ceil(per_port.max(1));
+                    let new_lo = u64::from(hi).saturating_sub(needed.saturating_sub(1)).max(1025);
+                    if u64::from(hi) + 1 - new_lo >= needed {
+                        format!("upstream_ports = \"{new_lo}-{hi}\"   # outside the ephemeral range, or reserve it")
+                    } else {
+                        format!(
+                            "upstream_sources = [...]   # more local addresses: each adds {ports} paths per backend"
+                        )
+                    }
+                },
+            });
+        }
+    }
+    let table = udpshard_shared::owners::capacity_for(
+        config.listeners.iter().map(|l| l.max_sessions).sum(),
+        workers,
+    ) as u64;
+    // The table works at half load; each session's keys take an entry.
+    if total_sessions * 2 > table {
+        out.push(Finding {
+            saw: format!(
+                "the ownership table has {table} entries, room for about {} sessions, but max_sessions \
+                 x {workers} workers allows {total_sessions}: past it flows are tracked by their worker \
+                 only (owners_full), and a migrating one may get a second session",
+                table / 2
+            ),
+            fix: format!("max_sessions = {}   # per listener and worker", table / 2 / workers.max(1) as u64 / config.listeners.len().max(1) as u64),
+        });
+    }
+    out
+}
+
 /// Raises the soft fd limit to the hard one, and the hard one to what
 /// `config` can need where the process may (CAP_SYS_RESOURCE), then logs
 /// every capacity finding once.
@@ -208,6 +278,33 @@ mod tests {
         assert_eq!(f, vec![], "reserved: {:?}", h.reserved);
         let f = findings(&config("upstream_ports = \"30000-41001\""), &h);
         assert!(f[0].saw.contains("up to 1000 of"), "{f:?}");
+    }
+
+    #[test]
+    fn ceilings_compare_ports_and_the_table_with_max_sessions() {
+        // 100000 sessions x 2 workers over 2 backends and 31743 ports: 63486 paths.
+        let c = config("upstream_ports = \"1025-32767\"");
+        let f = ceilings(&c, 2, (32768, 60999));
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert!(f[0].saw.contains("hold 63486 paths"), "{f:?}");
+        assert!(f[0].saw.contains("= 200000"), "{f:?}");
+        let small = config("upstream_ports = \"1025-32767\"").listeners[0].clone();
+        let mut c = config("");
+        c.listeners[0] = udpshard_config::Listener {
+            max_sessions: 20_000,
+            upstream_ports: Some((1025, 32767)),
+            ..small
+        };
+        assert_eq!(ceilings(&c, 2, (32768, 60999)), vec![]);
+        // A table capped below what max_sessions allows.
+        let mut huge = c.clone();
+        huge.listeners[0].max_sessions = 100_000_000;
+        let f = ceilings(&huge, 64, (32768, 60999));
+        assert!(
+            f.iter()
+                .any(|f| f.saw.contains("the ownership table has 33554432 entries")),
+            "{f:?}"
+        );
     }
 
     #[test]

@@ -21,8 +21,6 @@ const RMEM_DEFAULT: u64 = 2 << 20;
 const NETDEV_MAX_BACKLOG: u64 = 50_000;
 /// Below this the per-CPU backlog overflows at modest packet rates.
 const NETDEV_BACKLOG_FLOOR: u64 = 10_000;
-/// Descriptors a worker needs besides its sessions' upstream sockets.
-const FD_OVERHEAD: u64 = 256;
 /// conntrack this full is about to drop new flows.
 const CONNTRACK_FULL: f64 = 0.8;
 const SAMPLE: Duration = Duration::from_secs(1);
@@ -43,6 +41,9 @@ pub struct Facts {
     pub cpu_quota: Option<(f64, String)>,
     /// RLIMIT_NOFILE (soft, hard).
     pub nofile: Option<(u64, u64)>,
+    /// net.ipv4.ip_local_port_range and ip_local_reserved_ports.
+    pub ephemeral: (u16, u16),
+    pub reserved: Vec<std::ops::RangeInclusive<u16>>,
     /// nf_conntrack_count, nf_conntrack_max.
     pub conntrack: Option<(u64, u64)>,
     /// The proxy runs (or, when none runs, this doctor runs) as a systemd
@@ -220,31 +221,24 @@ pub fn diagnose(cfg: &Config, facts: &Facts) -> Vec<Finding> {
             });
         }
     }
-    if let Some((soft, hard)) = facts.nofile {
-        let sessions: u64 = cfg.listeners.iter().map(|l| l.max_sessions as u64).sum();
-        let need = sessions + FD_OVERHEAD;
-        if soft < need {
-            out.push(Finding {
-                saw: format!(
-                    "RLIMIT_NOFILE = {soft}, but max_sessions allows {sessions} sessions per worker, \
-                     each with its own upstream socket: new sessions fail past ~{}",
-                    soft.saturating_sub(FD_OVERHEAD)
-                ),
-                fix: if need <= hard {
-                    format!("ulimit -n {need}   # in the shell or script that starts udpshard")
-                } else if facts.systemd {
-                    format!(
-                        "systemctl edit udpshard   # [Service] LimitNOFILE={need} (the hard limit is {hard})"
-                    )
-                } else {
-                    format!(
-                        "ulimit -Hn {need} && ulimit -n {need}   # as root where udpshard starts \
-                         (the hard limit is {hard}); containers: --ulimit nofile={need}:{need}"
-                    )
-                },
-                keep: None,
-            });
-        }
+    // What the config can hold: upstream ports (and the host's ephemeral
+    // ones), descriptors, the ownership table.
+    let host = crate::capacity::Host {
+        ephemeral: facts.ephemeral,
+        reserved: facts.reserved.clone(),
+        nofile: facts.nofile,
+        systemd: facts.systemd,
+    };
+    let ceilings = crate::capacity::ceilings(cfg, workers as usize, facts.ephemeral);
+    for f in crate::capacity::findings(cfg, &host)
+        .into_iter()
+        .chain(ceilings)
+    {
+        out.push(Finding {
+            saw: f.saw,
+            fix: f.fix,
+            keep: None,
+        });
     }
     if let Some((count, max)) = facts.conntrack {
         if max > 0 && count as f64 >= CONNTRACK_FULL * max as f64 {
@@ -264,6 +258,7 @@ impl Facts {
     /// Reads the host; takes `SAMPLE` (two readings of UDP's counters).
     pub fn gather(cfg: &Config) -> Facts {
         let sys = |p: &str| read_u64(Path::new(p));
+        let host = crate::capacity::Host::read(false);
         let rcvbuf_before = rcvbuf_errors();
         std::thread::sleep(SAMPLE);
         let rcvbuf_after = rcvbuf_errors();
@@ -284,6 +279,8 @@ impl Facts {
             allowed_cpus: crate::cpus::allowed_cpus().map_or(1, |c| c.len()),
             cpu_quota: cpu_quota(),
             nofile: nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).ok(),
+            ephemeral: host.ephemeral,
+            reserved: host.reserved.clone(),
             conntrack: sys("/proc/sys/net/netfilter/nf_conntrack_count")
                 .zip(sys("/proc/sys/net/netfilter/nf_conntrack_max")),
             systemd: under_systemd(&cfg.stats_file),
@@ -440,6 +437,8 @@ mod tests {
             allowed_cpus: 2,
             cpu_quota: None,
             nofile: Some((2_000_000, 2_000_000)),
+            ephemeral: (32768, 60999),
+            reserved: vec![],
             conntrack: Some((10, 262_144)),
             systemd: false,
         }
@@ -448,7 +447,7 @@ mod tests {
     fn cfg(extra: &str) -> Config {
         let text = format!(
             "{extra}\n[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:4433\"\ndissector = \"quic\"\n\
-             recv_buffer = \"8MiB\"\nmax_sessions = 1000\nbackends = [\"127.0.0.1:4434\"]\n"
+             recv_buffer = \"8MiB\"\nmax_sessions = 1000\nupstream_ports = \"20000-29999\"\nbackends = [\"127.0.0.1:4434\"]\n"
         );
         config::parse(&text, "t.toml").unwrap()
     }
@@ -505,15 +504,29 @@ mod tests {
         let mut f = clean();
         f.cpu_quota = Some((1.5, "/sys/fs/cgroup/cpu.max".into()));
         assert_eq!(fixes(&c, &f), ["workers = 1"]);
+        // 1000 sessions, one backend: 1000 sockets, twice that with borrowed
+        // copies, plus the overhead.
         let mut f = clean();
         f.nofile = Some((1024, 4096));
-        assert!(fixes(&c, &f)[0].starts_with("ulimit -n 1256   #"));
+        assert!(fixes(&c, &f)[0].starts_with("ulimit -n 3024   #"));
         f.nofile = Some((1024, 1024));
-        assert!(fixes(&c, &f)[0].starts_with("ulimit -Hn 1256 && ulimit -n 1256"));
+        assert!(fixes(&c, &f)[0].starts_with("ulimit -Hn 3024 && ulimit -n 3024"));
         f.systemd = true;
         assert!(
-            fixes(&c, &f)[0].starts_with("systemctl edit udpshard   # [Service] LimitNOFILE=1256")
+            fixes(&c, &f)[0].starts_with("systemctl edit udpshard   # [Service] LimitNOFILE=3024")
         );
+        // Upstream ports in the ephemeral range, unreserved.
+        let mut f = clean();
+        let c2 = cfg("").listeners[0].clone();
+        let mut wide = cfg("");
+        wide.listeners[0] = udpshard_config::Listener {
+            upstream_ports: Some((30000, 40000)),
+            ..c2
+        };
+        assert!(fixes(&wide, &f)[0]
+            .starts_with("sysctl -w net.ipv4.ip_local_reserved_ports=32768-40000"));
+        f.reserved = vec![32768..=40000];
+        assert!(fixes(&wide, &f).is_empty());
         let mut f = clean();
         f.conntrack = Some((250_000, 262_144));
         assert_eq!(

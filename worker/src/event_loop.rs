@@ -406,7 +406,7 @@ impl Loop {
     fn tick(&mut self) {
         let now = self.now_ms();
         // Sweep about a tenth of the tables per tick: all of them each second.
-        let budget = (self.router.sessions() / 10).max(1024);
+        let budget = (self.router.sweep_span() / 10).max(1024);
         self.router.tick(now, budget);
         self.handoff.flush_pending();
         let mut socket_drops = 0u64;
@@ -421,19 +421,23 @@ impl Loop {
             (self.last_no_port, self.last_warn_ms) = (no_port, now);
             let held = self.router.paths().sock_counts().0;
             for l in 0..self.router.routes().len() {
-                let Some((sources, ports)) = self.router.sockets().capacity(l) else {
+                let Some((ports, v4, v6)) = self.router.sockets().capacity(l) else {
                     continue;
                 };
                 let route = &self.router.routes()[l];
+                let v4_backends = route.backends.iter().filter(|b| b.is_ipv4()).count();
+                let v6_backends = route.backends.len() - v4_backends;
+                let sources =
+                    if v4_backends > 0 { v4 } else { 0 } + if v6_backends > 0 { v6 } else { 0 };
+                let paths = ports * (v4 * v4_backends + v6 * v6_backends);
                 tracing::warn!(
                     worker = self.id,
                     "listener {}: {refused} datagrams of new paths refused (drops.no_port): no port \
                      free toward their backend; capacity {sources} sources x {ports} ports x {} \
-                     backends = {} paths, this worker holds {held} upstream sockets \
+                     backends = {paths} paths, this worker holds {held} upstream sockets \
                      (upstream_ports, upstream_sources)",
                     route.name,
                     route.backends.len(),
-                    sources * ports * route.backends.len(),
                 );
             }
         }

@@ -165,6 +165,9 @@ pub struct Paths {
     /// Sockets to close at the next tick, when no queued send names them.
     doomed: Vec<SockId>,
     sock_cursor: usize,
+    /// One past the highest path index ever used (the slab, pre-sized, is
+    /// far larger): where sweeps stop.
+    path_span: usize,
 }
 
 impl Paths {
@@ -174,6 +177,11 @@ impl Paths {
             pools: (0..listeners).map(|_| Pool::default()).collect(),
             ..Paths::default()
         }
+    }
+
+    /// The path indices a sweep covers.
+    pub fn path_span(&self) -> usize {
+        self.path_span
     }
 
     pub fn path(&self, id: PathId) -> Option<&Path> {
@@ -278,6 +286,7 @@ impl Paths {
             return None;
         }
         let id = self.paths.insert(path) as PathId;
+        self.path_span = self.path_span.max(id as usize + 1);
         let s = &mut self.socks[sock as usize];
         s.slots[backend] = id;
         s.used += 1;

@@ -347,6 +347,15 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         self.sessions.len()
     }
 
+    /// How many table slots a full sweep visits: a tick's budget should be
+    /// a tenth of it (every table swept each second at 10 ticks/s).
+    pub fn sweep_span(&self) -> usize {
+        self.sessions
+            .span()
+            .max(self.paths.path_span())
+            .max(self.paths.socks.capacity())
+    }
+
     pub fn paths(&self) -> &Paths {
         &self.paths
     }
@@ -1313,13 +1322,13 @@ impl<O: Owners, S: Sockets> Router<O, S> {
 
     /// Relays whose session has no live owner any more close.
     fn sweep_relays(&mut self, budget: usize) {
-        let capacity = self.paths.paths.capacity();
-        if capacity == 0 {
+        let span = self.paths.path_span();
+        if span == 0 {
             return;
         }
         let mut dead = Vec::new();
-        for _ in 0..budget.min(capacity) {
-            let id = self.relay_cursor % capacity;
+        for _ in 0..budget.min(span) {
+            let id = self.relay_cursor % span;
             self.relay_cursor = id + 1;
             let Some(p) = self.paths.paths.get(id) else {
                 continue;

@@ -78,6 +78,10 @@ pub struct SessionTable {
     listeners: Vec<ListenerTable>,
     /// Where the incremental sweep resumes.
     sweep_cursor: usize,
+    /// One past the highest slab index ever used: the slab reuses freed
+    /// indices, so every session is below it (its capacity, pre-sized, is
+    /// far larger).
+    span: usize,
 }
 
 /// Sessions a table is sized for up front: growing a table of this size
@@ -105,6 +109,7 @@ impl SessionTable {
             sessions: Slab::with_capacity(total.min(PRESIZE_CAP)),
             listeners,
             sweep_cursor: 0,
+            span: 0,
         }
     }
 
@@ -125,6 +130,7 @@ impl SessionTable {
     pub fn insert(&mut self, session: Session) -> SessionId {
         let listener = session.listener;
         let id = self.sessions.insert(session);
+        self.span = self.span.max(id + 1);
         let session = &self.sessions[id];
         let l = &mut self.listeners[listener];
         l.sessions += 1;
@@ -174,19 +180,24 @@ impl SessionTable {
         self.sessions.len()
     }
 
+    /// The slab indices a sweep covers.
+    pub fn span(&self) -> usize {
+        self.span
+    }
+
     /// The next `budget` slab slots from where the last sweep stopped that
     /// hold a session: called every tick with a budget sized so the whole
     /// table is visited about once a second, without a pause proportional
     /// to the table.
     pub fn sweep(&mut self, budget: usize) -> Vec<SessionId> {
-        let capacity = self.sessions.capacity();
+        let span = self.span;
         let mut out = Vec::new();
-        if capacity == 0 {
+        if span == 0 {
             return out;
         }
-        for _ in 0..budget.min(capacity) {
-            let id = self.sweep_cursor % capacity;
-            self.sweep_cursor = (id + 1) % capacity;
+        for _ in 0..budget.min(span) {
+            let id = self.sweep_cursor % span;
+            self.sweep_cursor = (id + 1) % span;
             if self.sessions.contains(id) {
                 out.push(id);
             }

@@ -151,11 +151,12 @@ impl Upstream {
         });
     }
 
-    /// Listener `l`'s sources and ports: its capacity is their product
-    /// times its backends.
-    pub fn capacity(&self, listener: usize) -> Option<(usize, usize)> {
+    /// Listener `l`'s ports, and its sources of each family (IPv4, IPv6):
+    /// a backend's paths are its family's sources times the ports.
+    pub fn capacity(&self, listener: usize) -> Option<(usize, usize, usize)> {
         let r = self.ranges.get(listener)?;
-        Some((r.sources.len(), usize::from(r.hi - r.lo) + 1))
+        let v4 = r.sources.iter().filter(|(ip, _)| ip.is_ipv4()).count();
+        Some((usize::from(r.hi - r.lo) + 1, v4, r.sources.len() - v4))
     }
 
     fn register(&self, sock: SockId, socket: &UdpSocket) -> io::Result<()> {

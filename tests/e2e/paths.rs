@@ -1,0 +1,388 @@
+//! End to end: upstream paths at scale. Ports come from `upstream_ports`,
+//! not the kernel's ephemeral range; each (source, port) serves one path
+//! per backend; exhaustion is counted and costs no socket; freed ports wait
+//! out `port_reuse_delay`; a spoofed datagram gets a path of its own and
+//! cannot redirect a session; the fd limit is raised or its fix logged.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use udpshard_tests::harness::{
+    bind_udp, field_of, listener_config, quic_short, total, wait_until, write_config, Backend,
+    Proxy,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
+const WAIT: Duration = Duration::from_secs(30);
+
+fn worker_pids(proxy: &Proxy) -> Vec<u32> {
+    proxy.stats()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| field_of(w, "pid") as u32)
+        .collect()
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// Local addresses of the UDP sockets `pids` hold (from /proc/PID/fd and
+/// /proc/net/udp), with how many sockets are bound to each.
+fn bound_addresses(pids: &[u32]) -> HashMap<String, usize> {
+    let mut inodes = HashSet::new();
+    for pid in pids {
+        if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            for e in dir.flatten() {
+                if let Ok(target) = std::fs::read_link(e.path()) {
+                    let t = target.to_string_lossy().to_string();
+                    if let Some(ino) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']'))
+                    {
+                        inodes.insert(ino.to_string());
+                    }
+                }
+            }
+        }
+    }
+    let mut out = HashMap::new();
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() > 9 && inodes.contains(cols[9]) {
+                *out.entry(cols[1].to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Sends one datagram for every CID in `cids` from `clients` (round
+/// robin) in bursts, each sent once the replies to the one before came
+/// back (so no socket buffer on the way overflows), and returns how many
+/// replies each CID got.
+fn round(
+    clients: &[UdpSocket],
+    target: SocketAddr,
+    cids: std::ops::Range<u64>,
+    tag: &[u8],
+) -> HashMap<u64, usize> {
+    const BURST: usize = 256;
+    let mut replies: HashMap<u64, usize> = HashMap::new();
+    let mut got = 0;
+    let mut sent = 0;
+    let mut buf = [0u8; 256];
+    let mut drain = |replies: &mut HashMap<u64, usize>, got: &mut usize| {
+        for c in clients {
+            while let Ok((n, _)) = c.recv_from(&mut buf) {
+                if n >= 11 {
+                    let cid = u64::from_be_bytes(buf[3..11].try_into().unwrap());
+                    *replies.entry(cid).or_insert(0) += 1;
+                    *got += 1;
+                }
+            }
+        }
+    };
+    let all: Vec<u64> = cids.collect();
+    for burst in all.chunks(BURST) {
+        for (i, cid) in burst.iter().enumerate() {
+            let c = &clients[(sent + i) % clients.len()];
+            c.send_to(&quic_short(*cid, tag), target).unwrap();
+        }
+        sent += burst.len();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while got < sent && Instant::now() < deadline {
+            drain(&mut replies, &mut got);
+            if got < sent {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+    replies
+}
+
+fn clients(n: usize) -> Vec<UdpSocket> {
+    (0..n)
+        .map(|_| {
+            let c = bind_udp("127.0.0.1:0");
+            c.set_nonblocking(true).unwrap();
+            c
+        })
+        .collect()
+}
+
+#[test]
+fn forty_thousand_sessions_on_ports_outside_the_ephemeral_range() {
+    const SESSIONS: u64 = 40_000;
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &listener_config(
+            "workers = 2",
+            "dissector = \"quic\"\nupstream_ports = \"1025-32767\"\nmax_sessions = 100000",
+            &[a.addr, b.addr],
+        ),
+    );
+    let target = proxy.addr("quic");
+    let cl = clients(64);
+    let replies = round(&cl, target, 0..SESSIONS, b"x");
+    let missing: Vec<u64> = (0..SESSIONS)
+        .filter(|c| replies.get(c) != Some(&1))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} flows without their reply, e.g. {:?}; stats {:#}",
+        missing.len(),
+        &missing[..missing.len().min(5)],
+        proxy.stats()
+    );
+    // More sessions than the kernel's ephemeral range has ports, and a
+    // program started meanwhile still gets one.
+    let other = UdpSocket::bind("127.0.0.1:0").expect("another program's socket");
+    other
+        .connect("127.0.0.1:9")
+        .expect("its connect() autobinds");
+    assert!(other.local_addr().unwrap().port() >= 32768);
+    let stats = proxy.wait_stats(WAIT, "every session counted", |s| {
+        total(s, "sessions_active") == SESSIONS
+    });
+    assert_eq!(total(&stats, "drops.no_port"), 0);
+    // Each (source, port) serves one path per backend: about half as many
+    // sockets as sessions.
+    let sockets = total(&stats, "upstream_sockets");
+    assert!(
+        sockets < SESSIONS * 6 / 10,
+        "{sockets} upstream sockets for {SESSIONS} sessions over 2 backends"
+    );
+    // No two sockets bound to one address, and none in the ephemeral range.
+    let pids = worker_pids(&proxy);
+    let listener = proxy.addr("quic").port();
+    for (local, n) in bound_addresses(&pids) {
+        let port = u16::from_str_radix(local.rsplit(':').next().unwrap(), 16).unwrap();
+        if port == listener {
+            // The listener's reuseport group: one socket per worker.
+            continue;
+        }
+        assert_eq!(n, 1, "{local} bound {n} times");
+        assert!(port <= 32767, "{local} in the ephemeral range");
+    }
+    // And no 4-tuple served two sessions: each (backend, proxy address)
+    // pair carried one CID.
+    let mut tuples: HashMap<(String, SocketAddr), u64> = HashMap::new();
+    for backend in [&a, &b] {
+        for seen in backend.seen() {
+            let cid = u64::from_be_bytes(seen.payload[1..9].try_into().unwrap());
+            let prev = tuples.insert((backend.name.clone(), seen.from), cid);
+            assert!(
+                prev.is_none_or(|p| p == cid),
+                "{:?} carried CIDs {prev:?} and {cid}",
+                seen.from
+            );
+        }
+    }
+    assert_eq!(tuples.len() as u64, SESSIONS);
+}
+
+#[test]
+fn exhaustion_is_counted_as_no_port_and_opens_no_socket() {
+    let a = Backend::start("a");
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &listener_config(
+            "workers = 1",
+            "dissector = \"quic\"\nupstream_ports = \"31000-31009\"",
+            &[a.addr],
+        ),
+    );
+    let target = proxy.addr("quic");
+    let cl = clients(1);
+    let served = round(&cl, target, 0..10, b"in");
+    assert_eq!(served.len(), 10, "ten ports, one backend: ten sessions");
+    let pid = worker_pids(&proxy)[0];
+    let fds = fd_count(pid);
+    // Then every new flow is refused, counted exactly, with no socket.
+    for cid in 100..150u64 {
+        cl[0].send_to(&quic_short(cid, b"out"), target).unwrap();
+    }
+    let stats = proxy.wait_stats(WAIT, "50 refusals", |s| total(s, "drops.no_port") == 50);
+    assert_eq!(total(&stats, "sessions_active"), 10);
+    assert_eq!(fd_count(pid), fds, "refused flows opened descriptors");
+    assert_eq!(a.count(), 10);
+    // The live sessions are still served.
+    assert_eq!(round(&cl, target, 0..10, b"again").len(), 10);
+    proxy.wait_log(
+        "capacity 1 sources x 10 ports x 1 backends = 10 paths",
+        WAIT,
+    );
+}
+
+#[test]
+fn a_freed_port_waits_out_the_reuse_delay_toward_its_backend() {
+    let a = Backend::start("a");
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &listener_config(
+            "workers = 1",
+            "dissector = \"quic\"\nupstream_ports = \"31500-31500\"\nsession_idle = \"1s\"\nport_reuse_delay = \"3s\"",
+            &[a.addr],
+        ),
+    );
+    let target = proxy.addr("quic");
+    let c = bind_udp("127.0.0.1:0");
+    c.send_to(&quic_short(1, b"first"), target).unwrap();
+    wait_until(WAIT, "the first session", || a.count() == 1);
+    let port = a.seen()[0].from.port();
+    assert_eq!(port, 31500);
+    let stats = proxy.wait_stats(WAIT, "it expires", |s| total(s, "sessions_expired") == 1);
+    let expired_at = Instant::now();
+    assert_eq!(total(&stats, "sessions_active"), 0);
+    // The one port is cooling toward the backend: a new flow is refused.
+    c.send_to(&quic_short(2, b"too soon"), target).unwrap();
+    proxy.wait_stats(WAIT, "refused", |s| total(s, "drops.no_port") == 1);
+    // Until the delay has passed (a refusal is remembered for a second, so
+    // use a new flow each time).
+    let mut cid = 3;
+    while a.count() < 2 {
+        assert!(
+            expired_at.elapsed() < Duration::from_secs(10),
+            "never reused"
+        );
+        c.send_to(&quic_short(cid, b"later"), target).unwrap();
+        cid += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        expired_at.elapsed() >= Duration::from_millis(1800),
+        "reused {:?} after the expiry",
+        expired_at.elapsed()
+    );
+    assert_eq!(a.seen()[1].from.port(), 31500);
+}
+
+#[test]
+fn a_spoofed_datagram_gets_its_own_path_and_cannot_redirect_the_session() {
+    let backend = bind_udp("127.0.0.1:0");
+    backend
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &listener_config(
+            "workers = 1",
+            "dissector = \"quic\"\nsession_idle = \"60s\"\npath_idle = \"2s\"",
+            &[backend.local_addr().unwrap()],
+        ),
+    );
+    let target = proxy.addr("quic");
+    let real = bind_udp("127.0.0.1:0");
+    real.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let spoofer = bind_udp("127.0.0.2:0");
+    spoofer
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut buf = [0u8; 128];
+
+    real.send_to(&quic_short(42, b"hello"), target).unwrap();
+    let (_, real_path) = backend.recv_from(&mut buf).unwrap();
+    // One datagram with the live CID from another address.
+    spoofer.send_to(&quic_short(42, b"spoof"), target).unwrap();
+    let (_, spoof_path) = backend.recv_from(&mut buf).unwrap();
+    assert_ne!(
+        real_path, spoof_path,
+        "the backend sees a new peer: it validates it"
+    );
+    // The backend answers on the real client's path: it reaches the real
+    // client, and nothing reaches the spoofer.
+    backend
+        .send_to(b"\x40for the real client", real_path)
+        .unwrap();
+    let (n, _) = real.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"\x40for the real client");
+    assert!(
+        spoofer.recv_from(&mut buf).is_err(),
+        "the spoofer got a reply"
+    );
+    // A real move to a new port: the backend's reply on the new path
+    // reaches the new address.
+    let moved = bind_udp("127.0.0.1:0");
+    moved
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    moved.send_to(&quic_short(42, b"moved"), target).unwrap();
+    let (_, moved_path) = backend.recv_from(&mut buf).unwrap();
+    assert!(moved_path != real_path && moved_path != spoof_path);
+    backend.send_to(b"\x40to the new port", moved_path).unwrap();
+    let (n, _) = moved.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"\x40to the new port");
+    let stats = proxy.stats();
+    assert_eq!(total(&stats, "sessions_created"), 1);
+    assert_eq!(total(&stats, "paths_created"), 3);
+    // The quiet paths (the first address's, the spoofer's) close after
+    // path_idle; the session lives on with the moved client's.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        moved
+            .send_to(&quic_short(42, b"keepalive"), target)
+            .unwrap();
+        if total(&proxy.stats(), "paths_active") == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "idle paths never closed: {:#}",
+            proxy.stats()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(total(&proxy.stats(), "sessions_active"), 1);
+}
+
+#[test]
+fn under_a_low_fd_limit_it_raises_it_or_logs_the_fix() {
+    let a = Backend::start("a");
+    // max_sessions that need more descriptors than 1024.
+    let text = listener_config(
+        "workers = 1",
+        "dissector = \"quic\"\nmax_sessions = 4000",
+        &[a.addr],
+    );
+    let (dir, config_path, stats_file) = write_config(&text);
+    let hard: u64 = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap()
+        .1;
+    // Soft and hard at 1024: nothing to raise to; the log says what to do.
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c").arg(format!(
+        "ulimit -n 1024 && exec '{BIN}' run --config '{}'",
+        config_path.display()
+    ));
+    let proxy = Proxy::spawn(cmd, Path::new(BIN), dir, config_path, stats_file);
+    proxy.wait_log(
+        "RLIMIT_NOFILE is 1024, but max_sessions can need 9024 descriptors",
+        WAIT,
+    );
+    proxy.wait_log("fix: ulimit -Hn 9024 && ulimit -n 9024", WAIT);
+    drop(proxy);
+    // Soft 1024 under a higher hard limit: raised, no finding.
+    if hard >= 9024 {
+        let (dir, config_path, stats_file) = write_config(&text);
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c").arg(format!(
+            "ulimit -S -n 1024 && exec '{BIN}' run --config '{}'",
+            config_path.display()
+        ));
+        let proxy = Proxy::spawn(cmd, Path::new(BIN), dir, config_path, stats_file);
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", proxy.pid())).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap();
+        let soft: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+        assert!(soft >= 9024, "{line}");
+        assert!(!proxy.log().contains("RLIMIT_NOFILE"), "{}", proxy.log());
+    }
+}
