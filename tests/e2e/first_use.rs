@@ -106,19 +106,21 @@ fn a_closed_log_pipe_and_a_closed_stdout_do_not_stop_the_proxy() {
         a.addr
     );
     let (_dir, config_path, stats_file) = write_config(&text);
-    let mut child = Command::new(BIN)
-        .arg("run")
-        .arg("--config")
-        .arg(&config_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn udpshard");
+    let mut child = Reaped(
+        Command::new(BIN)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn udpshard"),
+    );
     // The readers go away before the first line is read: every log line
     // from now on meets EPIPE.
-    drop(child.stdout.take());
-    drop(child.stderr.take());
+    drop(child.0.stdout.take());
+    drop(child.0.stderr.take());
     wait_ready_by_stats(&stats_file, 2);
     let target = format!("127.0.0.1:{port}").parse().unwrap();
     let c = client();
@@ -127,7 +129,7 @@ fn a_closed_log_pipe_and_a_closed_stdout_do_not_stop_the_proxy() {
         assert!(reply.starts_with(b"a:"), "{reply:?}");
     }
     // SAFETY: kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) }, 0);
     let status = wait_child(&mut child);
     assert_eq!(status.code(), Some(0), "{status}");
     let s = stats_json_any(&stats_file);
@@ -155,7 +157,7 @@ fn started_with_its_standard_descriptors_closed_it_serves_and_stops_cleanly() {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().expect("spawn udpshard");
+    let mut child = Reaped(cmd.spawn().expect("spawn udpshard"));
     wait_ready_by_stats(&stats_file, 1);
     let target = format!("127.0.0.1:{port}").parse().unwrap();
     let reply = round_trip(&client(), target, 5, b"y");
@@ -164,11 +166,25 @@ fn started_with_its_standard_descriptors_closed_it_serves_and_stops_cleanly() {
     let s = stats_json(Path::new(BIN), &stats_file);
     assert_eq!(total(&s, "tx_packets"), 1);
     // SAFETY: kill(2) on our own child.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) }, 0);
     assert_eq!(wait_child(&mut child).code(), Some(0));
 }
 
-fn wait_child(child: &mut std::process::Child) -> std::process::ExitStatus {
+/// A child that is killed and reaped if the test fails before it ends it:
+/// a failed assertion must not leave a proxy running on the host.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn wait_child(child: &mut Reaped) -> std::process::ExitStatus {
+    let child = &mut child.0;
     let deadline = Instant::now() + WAIT;
     loop {
         if let Some(status) = child.try_wait().unwrap() {

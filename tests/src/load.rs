@@ -20,6 +20,7 @@ pub mod histogram;
 pub mod mmsg;
 pub mod pacing;
 pub mod procstat;
+pub mod proxy;
 pub mod seqset;
 pub mod sink;
 pub mod units;
@@ -123,6 +124,41 @@ mod tests {
             generator.run(&other, &sink),
             Err(LoadError::SpecMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn shared_sources_send_every_flow_once_per_round_from_its_socket() {
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
+        receiver
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let target = receiver.local_addr().unwrap();
+        let (flows, sources) = (10, 3);
+        let mut generator = Generator::open_shared(target, flows, sources).unwrap();
+        assert_eq!(generator.flows(), flows);
+        let ports = generator.local_addrs().unwrap();
+        assert_eq!(ports.len(), sources);
+        // Two rounds, one datagram per flow each, sent one at a time.
+        let spec = LoadSpec {
+            flows,
+            rate: None,
+            max_datagrams: Some(2 * flows as u64),
+            ..LoadSpec::new(target)
+        };
+        let report = generator.send(&spec).unwrap();
+        assert_eq!(report.sent, 2 * flows as u64);
+        let mut seen = std::collections::HashMap::<[u8; 8], Vec<std::net::SocketAddr>>::new();
+        let mut buf = [0u8; 2048];
+        for _ in 0..2 * flows {
+            let (len, from) = receiver.recv_from(&mut buf).unwrap();
+            let d = Datagram::parse(&buf[..len]).expect("a generator datagram");
+            seen.entry(d.cid).or_default().push(from);
+        }
+        assert_eq!(seen.len(), flows, "every flow sent");
+        for flow in 0..flows {
+            let from = &seen[&flow_cid(flow)];
+            assert_eq!(from, &vec![ports[flow % sources]; 2], "flow {flow}");
+        }
     }
 
     #[test]

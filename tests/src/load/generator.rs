@@ -1,9 +1,12 @@
-//! The sending side: one UDP socket per flow, datagrams round-robin over the flows, paced
-//! against an absolute schedule; then a bounded drain while the sink catches the stragglers.
+//! The sending side: flows spread over source sockets (one per flow, or many per socket for
+//! loads of more flows than a process has descriptors), every flow sending once per round,
+//! paced against an absolute schedule that never drifts, in `sendmmsg` batches of the flows
+//! that share a socket; then a bounded drain while the sink catches the stragglers.
 
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -12,12 +15,15 @@ use serde_json::json;
 use thiserror::Error;
 
 use super::datagram::{flow_cid, Datagram, DEFAULT_SIZE, MAX_SIZE, MIN_SIZE};
+use super::mmsg::Batch;
 use super::monotonic_ns;
 use super::pacing::{Pacer, Step};
 use super::sink::Sink;
 
 /// Without pacing, look at the clock (and the limits) once per this many datagrams.
 const UNPACED_CHUNK: u64 = 256;
+/// Datagrams per `sendmmsg`.
+const SEND_BATCH: usize = 64;
 /// The drain ends once no datagram arrived for this long...
 const DRAIN_QUIET: Duration = Duration::from_millis(200);
 /// ...or after this long in any case.
@@ -34,7 +40,7 @@ pub enum LoadError {
     #[error("invalid load: {0}")]
     InvalidSpec(String),
     #[error(
-        "{flows} flows need {needed} open files but the hard limit is {hard}; raise it (ulimit -n)"
+        "{flows} flow sockets need {needed} open files but the hard limit is {hard}; raise it (ulimit -n)"
     )]
     FdLimit {
         flows: usize,
@@ -239,16 +245,35 @@ pub fn show_latency(latency: Option<Duration>) -> String {
 pub struct Generator {
     target: SocketAddr,
     sockets: Vec<UdpSocket>,
+    flows: usize,
+    /// Where the walk over the flows resumes: (socket, round). Flow `s + k * sockets` is
+    /// socket `s`'s k-th; a round visits every flow of socket 0, then of socket 1, and so on,
+    /// so consecutive datagrams share a socket and go out in one `sendmmsg`.
+    cursor: (usize, usize),
 }
 
 impl Generator {
-    /// Opens `flows` non-blocking sockets, each bound to an ephemeral port and connected to
-    /// `target`. Raises the soft open-file limit if it is too low for them.
+    /// Opens one non-blocking socket per flow, each bound to an ephemeral port and connected
+    /// to `target`. Raises the soft open-file limit if it is too low for them.
     pub fn open(target: SocketAddr, flows: usize) -> Result<Generator, LoadError> {
-        if flows == 0 {
-            return Err(LoadError::InvalidSpec("at least one flow is needed".into()));
+        Generator::open_shared(target, flows, flows)
+    }
+
+    /// Opens `sources` sockets (at most one per flow) for `flows` flows: flow f sends from
+    /// socket `f % sources`. A proxy that keys sessions on the connection ID sees `flows`
+    /// clients; one that keys on the 4-tuple sees `sources`.
+    pub fn open_shared(
+        target: SocketAddr,
+        flows: usize,
+        sources: usize,
+    ) -> Result<Generator, LoadError> {
+        if flows == 0 || sources == 0 {
+            return Err(LoadError::InvalidSpec(
+                "at least one flow and one source are needed".into(),
+            ));
         }
-        ensure_fd_limit(flows)?;
+        let sources = sources.min(flows);
+        ensure_fd_limit(sources)?;
         let local = SocketAddr::new(local_ip_for(target.ip()), 0);
         let open = |index: usize| -> Result<UdpSocket, LoadError> {
             let socket = UdpSocket::bind(local)
@@ -261,8 +286,13 @@ impl Generator {
                 source,
             })
         };
-        let sockets = (0..flows).map(open).collect::<Result<Vec<_>, _>>()?;
-        Ok(Generator { target, sockets })
+        let sockets = (0..sources).map(open).collect::<Result<Vec<_>, _>>()?;
+        Ok(Generator {
+            target,
+            sockets,
+            flows,
+            cursor: (0, 0),
+        })
     }
 
     pub fn target(&self) -> SocketAddr {
@@ -270,22 +300,27 @@ impl Generator {
     }
 
     pub fn flows(&self) -> usize {
-        self.sockets.len()
+        self.flows
     }
 
-    /// The flows' source addresses, in flow order.
+    /// The source sockets' addresses, in socket order.
     pub fn local_addrs(&self) -> io::Result<Vec<SocketAddr>> {
         self.sockets.iter().map(UdpSocket::local_addr).collect()
+    }
+
+    /// The source sockets (a reply reader polls them).
+    pub fn sockets(&self) -> &[UdpSocket] {
+        &self.sockets
     }
 
     /// Sends the load described by `spec` (whose target and flow count must be this
     /// generator's) and returns what the sending side did.
     pub fn send(&mut self, spec: &LoadSpec) -> Result<SendReport, LoadError> {
         spec.validate()?;
-        if spec.target != self.target || spec.flows != self.sockets.len() {
+        if spec.target != self.target || spec.flows != self.flows {
             return Err(LoadError::SpecMismatch {
                 target: self.target,
-                flows: self.sockets.len(),
+                flows: self.flows,
                 want_target: spec.target,
                 want_flows: spec.flows,
             });
@@ -300,10 +335,24 @@ impl Generator {
         Ok(report)
     }
 
+    /// The next flow of the walk and its socket.
+    fn next_flow(&mut self) -> (usize, usize) {
+        let n = self.sockets.len();
+        loop {
+            let (s, k) = self.cursor;
+            let flow = s + k * n;
+            if flow < self.flows {
+                self.cursor = (s, k + 1);
+                return (flow, s);
+            }
+            self.cursor = ((s + 1) % n, 0);
+        }
+    }
+
     fn send_paced(&mut self, spec: &LoadSpec) -> SendReport {
-        let mut buf = vec![0u8; spec.size];
         let limit = spec.max_datagrams.unwrap_or(u64::MAX);
         let mut pacer = spec.rate.map(Pacer::new);
+        let mut batch = Batch::new(SEND_BATCH, spec.size);
         let mut report = SendReport {
             sent: 0,
             send_errors: 0,
@@ -312,7 +361,6 @@ impl Generator {
             elapsed: Duration::ZERO,
         };
         let mut offered = 0u64;
-        let mut flow = 0usize;
         let start = Instant::now();
         loop {
             let elapsed = start.elapsed();
@@ -327,25 +375,41 @@ impl Generator {
                     continue;
                 }
             };
-            let burst = burst.min(limit - offered);
-            let first_seq = NEXT_SEQ.fetch_add(burst, Ordering::Relaxed);
-            for seq in first_seq..first_seq + burst {
-                let datagram = Datagram {
-                    cid: flow_cid(flow),
-                    seq,
-                    sent_ns: monotonic_ns(),
-                };
-                // `buf` is at least MIN_SIZE long (validated), so the header fits.
-                let _ = datagram.encode(&mut buf);
-                match self.sockets[flow].send(&buf) {
-                    Ok(_) => report.sent += 1,
-                    Err(e) => {
-                        report.send_errors += 1;
-                        report.first_send_error.get_or_insert_with(|| e.to_string());
+            let mut left = burst.min(limit - offered);
+            offered += left;
+            while left > 0 {
+                // One socket's next flows, up to a batch.
+                let socket = self.cursor.0;
+                batch.clear();
+                while left > 0 && batch.len() < batch.capacity() {
+                    let before = self.cursor;
+                    let (flow, s) = self.next_flow();
+                    if s != socket {
+                        self.cursor = before;
+                        // Rewind the wrap: the flow goes in the next batch.
+                        break;
                     }
+                    let datagram = Datagram {
+                        cid: flow_cid(flow),
+                        seq: NEXT_SEQ.fetch_add(1, Ordering::Relaxed),
+                        sent_ns: monotonic_ns(),
+                    };
+                    // The slot is `spec.size` >= MIN_SIZE bytes (validated): the header fits.
+                    let _ = batch.push_with(spec.size, |buf| datagram.encode(buf));
+                    left -= 1;
                 }
-                offered += 1;
-                flow = (flow + 1) % self.sockets.len();
+                if batch.is_empty() {
+                    // The cursor sat at the end of a socket's flows: move on.
+                    self.cursor = ((self.cursor.0 + 1) % self.sockets.len(), 0);
+                    continue;
+                }
+                let (sent, err) = batch.send_connected(self.sockets[socket].as_fd());
+                report.sent += sent as u64;
+                if let Some(e) = err {
+                    let failed = (batch.len() - sent) as u64;
+                    report.send_errors += failed;
+                    report.first_send_error.get_or_insert_with(|| e.to_string());
+                }
             }
         }
         report.elapsed = start.elapsed();
@@ -436,8 +500,8 @@ fn local_ip_for(target: IpAddr) -> IpAddr {
     }
 }
 
-fn ensure_fd_limit(flows: usize) -> Result<(), LoadError> {
-    let needed = flows as u64 + FD_HEADROOM;
+fn ensure_fd_limit(sockets: usize) -> Result<(), LoadError> {
+    let needed = sockets as u64 + FD_HEADROOM;
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return Ok(()); // Cannot tell; opening the sockets will say.
     };
@@ -446,7 +510,7 @@ fn ensure_fd_limit(flows: usize) -> Result<(), LoadError> {
     }
     if hard < needed {
         return Err(LoadError::FdLimit {
-            flows,
+            flows: sockets,
             needed,
             hard,
         });

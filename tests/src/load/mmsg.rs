@@ -69,6 +69,28 @@ impl Batch {
         self.len == 0
     }
 
+    /// Empties the batch, to fill it with [`Batch::push_with`].
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Appends a datagram of `len` bytes (at most the slot size) written by `fill` into its
+    /// slot; `None` when the batch is full or `fill` fails.
+    pub fn push_with(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Option<()>,
+    ) -> Option<()> {
+        if self.len >= self.capacity() || len > self.slot_size {
+            return None;
+        }
+        let start = self.len * self.slot_size;
+        fill(&mut self.bufs[start..start + len])?;
+        self.lens[self.len] = len;
+        self.len += 1;
+        Some(())
+    }
+
     /// Datagram `i` of the last receive (truncated to the slot size), empty if out of range.
     pub fn datagram(&self, i: usize) -> &[u8] {
         if i >= self.len {
@@ -132,9 +154,9 @@ impl Batch {
         Ok(n)
     }
 
-    /// Sends the datagrams of the last receive on the connected socket `fd`, with as many
-    /// `sendmmsg` calls as the kernel needs. Stops at the first error: returns how many were
-    /// sent and the error, if any.
+    /// Sends the datagrams held (the last receive, or what was pushed) on the connected socket
+    /// `fd`, with as many `sendmmsg` calls as the kernel needs. Stops at the first error:
+    /// returns how many were sent and the error, if any.
     pub fn send_connected(&mut self, fd: BorrowedFd<'_>) -> (usize, Option<io::Error>) {
         let count = self.len;
         self.aim(count, Io::Send);
