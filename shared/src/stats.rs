@@ -137,10 +137,13 @@ pub enum Counter {
     UpstreamSockets,
     /// Frames from other workers that did not decode (a bug, never traffic).
     BadFrames,
+    /// Control frames to other workers given up: their inbox stayed full
+    /// past the queue's bound, or their worker was gone.
+    ControlLost,
 }
 
 impl Counter {
-    pub const COUNT: usize = Counter::BadFrames as usize + 1;
+    pub const COUNT: usize = Counter::ControlLost as usize + 1;
 }
 
 /// What a slot's process is doing.

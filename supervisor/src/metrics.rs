@@ -262,7 +262,7 @@ fn http(status: u16, content_type: &str, body: &str) -> Vec<u8> {
 }
 
 /// Per-worker counters: (name, help, counter).
-const WORKER_COUNTERS: [(&str, &str, Counter); 14] = [
+const WORKER_COUNTERS: [(&str, &str, Counter); 16] = [
     (
         "rx_packets",
         "Datagrams read from clients on the listener sockets.",
@@ -328,6 +328,16 @@ const WORKER_COUNTERS: [(&str, &str, Counter); 14] = [
         "worker_restarts",
         "Times the worker slot's process was restarted.",
         Counter::Restarts,
+    ),
+    (
+        "handoff_bad_frames",
+        "Frames from other workers that did not decode (a bug, never traffic).",
+        Counter::BadFrames,
+    ),
+    (
+        "handoff_control_lost",
+        "Control frames to other workers given up: their inbox stayed full past the queue's bound.",
+        Counter::ControlLost,
     ),
 ];
 

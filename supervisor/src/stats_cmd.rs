@@ -16,7 +16,7 @@ use udpshard_shared::{DropReason, Stage};
 
 use crate::system::SystemCounters;
 
-const PLAIN: [(&str, Counter); 23] = [
+const PLAIN: [(&str, Counter); 25] = [
     ("pid", Counter::Pid),
     ("cpu", Counter::Cpu),
     ("generation", Counter::Generation),
@@ -40,6 +40,8 @@ const PLAIN: [(&str, Counter); 23] = [
     ("paths_evicted", Counter::PathsEvicted),
     ("upstream_sockets", Counter::UpstreamSockets),
     ("config_generation", Counter::ConfigGeneration),
+    ("bad_frames", Counter::BadFrames),
+    ("control_lost", Counter::ControlLost),
 ];
 
 /// How `stats` prints.

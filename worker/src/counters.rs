@@ -5,7 +5,7 @@ use udpshard_shared::stats::{Counter, StatsSlot};
 
 /// Words the worker owns in its slot (the supervisor writes the identity
 /// words: pid, cpu, generation, state, restarts).
-const WORKER_OWNED: [Counter; 37] = [
+const WORKER_OWNED: [Counter; 38] = [
     Counter::RxPackets,
     Counter::RxBytes,
     Counter::TxPackets,
@@ -43,6 +43,7 @@ const WORKER_OWNED: [Counter; 37] = [
     Counter::PathsEvicted,
     Counter::UpstreamSockets,
     Counter::BadFrames,
+    Counter::ControlLost,
 ];
 
 #[derive(Debug, Clone)]

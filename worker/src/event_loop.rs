@@ -408,7 +408,14 @@ impl Loop {
         // Sweep about a tenth of the tables per tick: all of them each second.
         let budget = (self.router.sweep_span() / 10).max(1024);
         self.router.tick(now, budget);
+        // What the sweep decided (closed paths to tell their homes about).
+        self.flush(&mut []);
         self.handoff.flush_pending();
+        let (lost, lost_datagrams) = self.handoff.take_lost();
+        self.router.counters.add(Counter::ControlLost, lost);
+        for _ in 0..lost_datagrams {
+            self.router.handoff_failed();
+        }
         let mut socket_drops = 0u64;
         for l in &self.listeners {
             socket_drops += sockio::socket_drops(l.socket.as_raw_fd()).map_or(0, u64::from);

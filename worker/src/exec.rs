@@ -66,7 +66,9 @@ impl Executor {
                         frame.extend_from_slice(bytes(d));
                     }
                     let sent = raw.len() == socks.len()
-                        && handoff.send_control(to, frame.clone(), &raw).is_ok();
+                        && handoff
+                            .send_control(to, frame.clone(), &raw, payload.is_some())
+                            .is_ok();
                     if !sent {
                         match payload {
                             Some(_) => router.handoff_failed(),

@@ -14,9 +14,23 @@ use udpshard_shared::handoff::{HEADER_LEN, MAX_TRANSFER_PATHS};
 /// The largest UDP payload: nothing is ever truncated.
 pub const MAX_DATAGRAM: usize = 65_536;
 
-/// Control frames that may wait for room in an inbox; past it the oldest
-/// go (a worker whose inbox stays full that long is stuck or gone).
+/// Control frames that may wait for room in an inbox, and their bytes;
+/// past either the oldest go (a worker whose inbox stays full that long is
+/// stuck or gone), counted.
 const MAX_PENDING: usize = 1 << 16;
+const MAX_PENDING_BYTES: usize = 16 << 20;
+/// Room in a frame buffer for the largest control header (a transfer with
+/// all its paths and aliases, or a moved path's header before the datagram
+/// it carries).
+const MAX_CONTROL_HEADER: usize = 4096;
+
+/// A control frame waiting for room in worker `to`'s inbox.
+struct Pending {
+    to: usize,
+    frame: Vec<u8>,
+    /// It carries a client datagram: losing it loses the datagram.
+    carries: bool,
+}
 
 pub struct Handoff {
     pub inbox: UnixDatagram,
@@ -24,9 +38,13 @@ pub struct Handoff {
     peers: Vec<UnixDatagram>,
     cmsg: Vec<u8>,
     /// Control frames that found their inbox full, in order.
-    pending: VecDeque<(usize, Vec<u8>)>,
-    /// Control frames given up because the queue overflowed.
-    pub lost: u64,
+    pending: VecDeque<Pending>,
+    pending_bytes: usize,
+    /// Control frames given up (the queue overflowed, or the send failed)
+    /// since the last [`Handoff::take_lost`], and of them those that
+    /// carried a client datagram.
+    lost: u64,
+    lost_datagrams: u64,
 }
 
 impl Handoff {
@@ -40,7 +58,9 @@ impl Handoff {
             peers,
             cmsg: nix::cmsg_space!([RawFd; MAX_TRANSFER_PATHS]),
             pending: VecDeque::new(),
+            pending_bytes: 0,
             lost: 0,
+            lost_datagrams: 0,
         })
     }
 
@@ -78,14 +98,25 @@ impl Handoff {
         Ok(())
     }
 
-    /// Sends a control frame to worker `to`, `fds` beside it. A frame
-    /// without descriptors that finds the inbox full is queued and goes
-    /// later ([`Handoff::flush_pending`]); one with descriptors is not (they
-    /// name sockets that may be gone by then): its error is returned.
-    pub fn send_control(&mut self, to: usize, frame: Vec<u8>, fds: &[RawFd]) -> io::Result<()> {
-        if fds.is_empty() && self.pending.iter().any(|(t, _)| *t == to) {
+    /// Sends a control frame to worker `to`, `fds` beside it (`carries`:
+    /// it holds a client datagram). A frame without descriptors that finds
+    /// the inbox full is queued and goes later ([`Handoff::flush_pending`]);
+    /// one with descriptors is not (they name sockets that may be gone by
+    /// then), nor may it overtake what waits for that inbox: its error is
+    /// returned.
+    pub fn send_control(
+        &mut self,
+        to: usize,
+        frame: Vec<u8>,
+        fds: &[RawFd],
+        carries: bool,
+    ) -> io::Result<()> {
+        if self.pending.iter().any(|p| p.to == to) {
+            if !fds.is_empty() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
             // Keep the order: behind what already waits for this inbox.
-            self.enqueue(to, frame);
+            self.enqueue(to, frame, carries);
             return Ok(());
         }
         let rights = [ControlMessage::ScmRights(fds)];
@@ -100,42 +131,64 @@ impl Handoff {
         ) {
             Ok(_) => Ok(()),
             Err(nix::errno::Errno::EAGAIN) if fds.is_empty() => {
-                self.enqueue(to, frame);
+                self.enqueue(to, frame, carries);
                 Ok(())
             }
             Err(e) => Err(e.into()),
         }
     }
 
-    fn enqueue(&mut self, to: usize, frame: Vec<u8>) {
-        if self.pending.len() >= MAX_PENDING {
-            self.pending.pop_front();
-            self.lost += 1;
+    fn enqueue(&mut self, to: usize, frame: Vec<u8>, carries: bool) {
+        while !self.pending.is_empty()
+            && (self.pending.len() >= MAX_PENDING
+                || self.pending_bytes + frame.len() > MAX_PENDING_BYTES)
+        {
+            if let Some(old) = self.pending.pop_front() {
+                self.pending_bytes -= old.frame.len();
+                self.give_up(&old);
+            }
         }
-        self.pending.push_back((to, frame));
+        self.pending_bytes += frame.len();
+        self.pending.push_back(Pending { to, frame, carries });
+    }
+
+    fn give_up(&mut self, p: &Pending) {
+        self.lost += 1;
+        self.lost_datagrams += u64::from(p.carries);
+    }
+
+    /// Control frames given up since the last call, and how many of them
+    /// carried a client datagram.
+    pub fn take_lost(&mut self) -> (u64, u64) {
+        let lost = (self.lost, self.lost_datagrams);
+        (self.lost, self.lost_datagrams) = (0, 0);
+        lost
     }
 
     /// Sends what waits, in order, as far as the inboxes have room.
     pub fn flush_pending(&mut self) {
         let mut blocked: Vec<usize> = Vec::new();
         let mut keep = VecDeque::new();
-        while let Some((to, frame)) = self.pending.pop_front() {
-            if blocked.contains(&to) {
-                keep.push_back((to, frame));
+        while let Some(p) = self.pending.pop_front() {
+            if blocked.contains(&p.to) {
+                keep.push_back(p);
                 continue;
             }
-            let Ok(fd) = self.peer(to) else {
+            self.pending_bytes -= p.frame.len();
+            let Ok(fd) = self.peer(p.to) else {
                 // The worker is gone with its slot (the group shrank).
+                self.give_up(&p);
                 continue;
             };
-            let iov = [IoSlice::new(&frame)];
+            let iov = [IoSlice::new(&p.frame)];
             match sendmsg(fd, &iov, &[], MsgFlags::MSG_DONTWAIT, None::<&UnixAddr>) {
                 Ok(_) => {}
                 Err(nix::errno::Errno::EAGAIN) => {
-                    blocked.push(to);
-                    keep.push_back((to, frame));
+                    blocked.push(p.to);
+                    self.pending_bytes += p.frame.len();
+                    keep.push_back(p);
                 }
-                Err(_) => self.lost += 1,
+                Err(_) => self.give_up(&p),
             }
         }
         self.pending = keep;
@@ -148,7 +201,7 @@ impl Handoff {
 
     /// A buffer that holds any frame.
     pub fn frame_buffer() -> Vec<u8> {
-        vec![0; HEADER_LEN + MAX_DATAGRAM]
+        vec![0; HEADER_LEN.max(MAX_CONTROL_HEADER) + MAX_DATAGRAM]
     }
 
     /// Reads one frame into `frame` (a [`Handoff::frame_buffer`]): its
@@ -180,7 +233,12 @@ impl Handoff {
             }
         }
         // Descriptors that did not fit (MSG_CTRUNC) were closed by the
-        // kernel: the frame then counts fewer than it announces.
+        // kernel: the frame then counts fewer than it announces. A frame
+        // cut short (it cannot be, with a frame buffer) reads as empty: a
+        // bad frame, never a shortened datagram.
+        if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+            return Ok(Some((0, fds)));
+        }
         Ok(Some((msg.bytes, fds)))
     }
 }
@@ -200,7 +258,7 @@ mod tests {
         let (other, _) = UnixDatagram::pair().unwrap();
         let mut h = Handoff::new(other, vec![tx]).unwrap();
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        h.send_control(0, b"with fd".to_vec(), &[sock.as_raw_fd()])
+        h.send_control(0, b"with fd".to_vec(), &[sock.as_raw_fd()], false)
             .unwrap();
         let (n, fds) = rx.recv(&mut frame).unwrap().unwrap();
         assert_eq!((&frame[..n], fds.len()), (&b"with fd"[..], 1));
@@ -211,9 +269,14 @@ mod tests {
             sent += 1;
         }
         assert!(sent > 0);
-        h.send_control(0, b"later 1".to_vec(), &[]).unwrap();
-        h.send_control(0, b"later 2".to_vec(), &[]).unwrap();
+        h.send_control(0, b"later 1".to_vec(), &[], false).unwrap();
+        h.send_control(0, b"later 2".to_vec(), &[], false).unwrap();
         assert!(h.has_pending());
+        // Descriptors do not overtake what waits: refused, to be retried.
+        let err = h
+            .send_control(0, b"fd".to_vec(), &[sock.as_raw_fd()], false)
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
         let mut datagrams = 0;
         while let Some((n, _)) = rx.recv(&mut frame).unwrap() {
             assert_eq!(n, HEADER_LEN + 512);
@@ -226,6 +289,34 @@ mod tests {
         assert_eq!(&frame[..n], b"later 1", "in order");
         let (n, _) = rx.recv(&mut frame).unwrap().unwrap();
         assert_eq!(&frame[..n], b"later 2");
-        assert_eq!(h.lost, 0);
+        assert_eq!(h.take_lost(), (0, 0));
+    }
+
+    #[test]
+    fn the_pending_queue_is_bounded_in_bytes_and_counts_what_it_gives_up() {
+        let (inbox, tx) = UnixDatagram::pair().unwrap();
+        socket2::SockRef::from(&tx)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        let (other, _) = UnixDatagram::pair().unwrap();
+        let mut h = Handoff::new(other, vec![tx]).unwrap();
+        let header = [1u8; HEADER_LEN];
+        while h.send_datagram(0, &header, &[0u8; 512]).is_ok() {}
+        // 2 KiB frames: the queue holds 16 MiB of them; one more pushes the
+        // first out.
+        let frame = vec![7u8; 2048];
+        let fit = MAX_PENDING_BYTES / frame.len();
+        for n in 0..=fit {
+            h.send_control(0, frame.clone(), &[], n == 0).unwrap();
+        }
+        assert_eq!(h.take_lost(), (1, 1), "one frame, carrying a datagram");
+        assert_eq!(h.take_lost(), (0, 0), "taken once");
+        assert_eq!(h.pending_bytes, MAX_PENDING_BYTES);
+        drop(inbox);
+        // The inbox is gone: what waits is given up, counted.
+        h.flush_pending();
+        assert_eq!(h.take_lost(), (fit as u64, 0));
+        assert!(!h.has_pending());
+        assert_eq!(h.pending_bytes, 0);
     }
 }

@@ -37,6 +37,9 @@ pub const NONE: u32 = u32::MAX;
 
 const FREE: u32 = u32::MAX;
 const COOLING: u32 = u32::MAX - 1;
+/// The listener of a socket whose listener a reload removed: no route has
+/// this index, so its datagrams are strays until it closes.
+pub const GONE: usize = usize::MAX;
 
 /// Why no socket could be had.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -429,8 +432,10 @@ impl Paths {
     ) {
         for (_, s) in self.socks.iter_mut() {
             let Some(Some(to)) = map.get(s.listener) else {
-                // Its listener is gone: it closes once nothing uses it.
+                // Its listener is gone (the caller closed its paths): its
+                // cooling slots finish cooling, then it closes.
                 s.retired = true;
+                s.listener = GONE;
                 continue;
             };
             let table = &backends[s.listener];
@@ -454,12 +459,22 @@ impl Paths {
         }
         // Cooling entries and free stacks name old indices: rebuild.
         let cooling = std::mem::take(&mut self.cooling);
-        self.pools = (0..counts.len()).map(|_| Pool::default()).collect();
+        self.pools = counts
+            .iter()
+            .map(|n| Pool {
+                free: vec![Vec::new(); *n],
+            })
+            .collect();
         for (until, sock, b) in cooling {
             let new = self.socks.get(sock as usize).and_then(|s| {
+                if s.listener == GONE {
+                    // Not remapped: its slots keep their old indices.
+                    return Some(b);
+                }
                 let old = map.iter().position(|m| *m == Some(s.listener))?;
                 backends[old].get(usize::from(b)).copied().flatten()
             });
+            // A slot toward a removed backend went with the remap.
             if let Some(b) = new {
                 self.cooling.push_back((until, sock, b));
             }

@@ -46,7 +46,7 @@ use udpshard_shared::{stable_hash, Dissector, DropReason, FlowKey, Maglev};
 
 use crate::counters::Counters;
 use crate::paths::{Home, OpenError, Path, PathId, Paths, SockId, NONE};
-use crate::session::{Session, SessionId, SessionTable};
+use crate::session::{Offer, Session, SessionId, SessionTable};
 
 pub use crate::paths::Sockets;
 
@@ -56,6 +56,9 @@ pub const TRANSFER_AFTER: u8 = 3;
 
 /// How long a refused flow's further datagrams are dropped without a try.
 const REFUSAL_MS: u64 = 1_000;
+/// An offered transfer unanswered this long is settled by the ownership
+/// table: the receiver records itself as the owner before it answers.
+const TRANSFER_TIMEOUT_MS: u64 = 2_000;
 const MAX_REFUSALS: usize = 1 << 16;
 
 /// The ownership table, as a router sees it.
@@ -691,6 +694,18 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         });
     }
 
+    /// A control frame for a listener by its identity (one we may not have).
+    fn control_to(&mut self, to: usize, ident: u64, control: Control) {
+        let frame = control.encode(self.id as u16, ident);
+        let socks = Vec::new();
+        self.actions.push(Action::Control {
+            to,
+            frame,
+            socks,
+            payload: None,
+        });
+    }
+
     /// Counts a handed-over datagram against its session; a flow the kernel
     /// keeps delivering to another worker moves there.
     fn note_handoff(&mut self, sid: SessionId, from: u16) {
@@ -725,6 +740,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let route = &self.routes[s.listener];
         let mut paths = Vec::with_capacity(usize::from(s.path_count));
         let mut socks = Vec::with_capacity(usize::from(s.path_count));
+        let mut upstreams = Vec::with_capacity(usize::from(s.path_count));
         let mut pid = s.first_path;
         while let Some(p) = self.paths.path(pid) {
             if let Some(sock) = self.paths.sock(p.sock) {
@@ -744,9 +760,16 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                         .min(u64::from(u32::MAX)) as u32,
                 });
                 socks.push(p.sock);
+                upstreams.push(sock.local);
             }
             pid = p.next;
         }
+        let offer = Offer {
+            to: to as u16,
+            since_ms: self.now_ms,
+            upstreams,
+            aliases: s.aliases.len(),
+        };
         let transfer = Transfer {
             key: s.key,
             aliases: s.aliases.clone(),
@@ -756,7 +779,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         };
         let listener = s.listener;
         if let Some(s) = self.sessions.get_mut(sid) {
-            s.transferring = Some((to as u16, self.now_ms));
+            s.transferring = Some(Box::new(offer));
         }
         self.control(to, listener, Control::Transfer(transfer), socks);
     }
@@ -781,8 +804,11 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             self.drop_datagram(DropReason::Stray);
             return;
         };
-        let Some(pid) = self.routes[listener]
-            .backend_of(from)
+        // A socket of a listener a reload removed has no route: a stray.
+        let Some(pid) = self
+            .routes
+            .get(listener)
+            .and_then(|r| r.backend_of(from))
             .and_then(|b| self.paths.on_slot(sock, b))
         else {
             self.drop_datagram(DropReason::Stray);
@@ -982,6 +1008,15 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 payload_at,
             } => {
                 let Some(listener) = self.listener_of(listener) else {
+                    // A listener we do not have (a reload reached one of us
+                    // first): an offer is refused, so the session stays.
+                    if let Control::Transfer(t) = control {
+                        let done = Control::TransferDone {
+                            key: t.key,
+                            accepted: false,
+                        };
+                        self.control_to(usize::from(from), listener, done);
+                    }
                     return Outcome::Done;
                 };
                 match control {
@@ -989,7 +1024,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                     Control::TransferDone { key, accepted } => {
                         self.transfer_done(from, listener, key, accepted)
                     }
-                    Control::PathClosed(path) => self.relay_closed(listener, path),
+                    Control::PathClosed(path) => self.path_closed(listener, path),
                     Control::PathMoved {
                         path,
                         client,
@@ -1033,7 +1068,13 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // Its sockets' descriptors did not arrive (we are out of them), the
         // backend lists differ (mid-reload), or we made our own session
         // meanwhile: it stays where it is.
-        if fds != t.paths.len() || !backend_ok || self.sessions.lookup(listener, &t.key).is_some() {
+        // Nor does it come to a worker that is leaving or full.
+        if fds != t.paths.len()
+            || !backend_ok
+            || self.sessions.lookup(listener, &t.key).is_some()
+            || self.draining
+            || self.sessions.admit(listener).is_err()
+        {
             accept(self, false);
             return;
         }
@@ -1117,16 +1158,22 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         };
         // An answer to an offer we had given up on (its receiver seemed
         // gone) still counts: the receiver owns the session now.
-        if s.transferring.is_some_and(|(to, _)| to != from) {
+        if s.transferring.as_ref().is_some_and(|o| o.to != from) {
             return;
         }
+        let offer = s.transferring.take();
         if !accepted {
-            s.transferring = None;
             s.handoff_streak = (0, 0);
             return;
         }
+        if let Some(offer) = offer {
+            self.reconcile(sid, from, listener, &offer);
+        }
         // It is served there now. Our sockets' paths stay, as relays: we
         // read those sockets and relay their replies. Borrowed copies go.
+        let Some(s) = self.sessions.get(sid) else {
+            return;
+        };
         let mut pid = s.first_path;
         self.sessions.remove(sid);
         let cool = self.routes[listener].reuse_delay_ms;
@@ -1145,6 +1192,59 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         self.counters.incr(Counter::TransfersOut);
     }
 
+    /// The receiver of session `sid` took what `offer` sent it; what
+    /// changed here since is put right before the session leaves. A path
+    /// opened meanwhile closes (the receiver opens its own when the client
+    /// sends again); the receiver closes its copy of an offered path that
+    /// closed here meanwhile, whose port may otherwise serve another
+    /// session once it cooled; aliases learned meanwhile go with it.
+    fn reconcile(&mut self, sid: SessionId, to: u16, listener: usize, offer: &Offer) {
+        let Some(s) = self.sessions.get(sid) else {
+            return;
+        };
+        let (key, backend) = (s.key, s.backend);
+        let new_aliases: Vec<FlowKey> = s.aliases.get(offer.aliases..).unwrap_or(&[]).to_vec();
+        let mut now_here = Vec::new();
+        let mut unknown = Vec::new();
+        let mut pid = s.first_path;
+        while let Some(p) = self.paths.path(pid) {
+            if let Some(local) = self.paths.sock(p.sock).map(|s| s.local) {
+                if offer.upstreams.contains(&local) {
+                    now_here.push(local);
+                } else {
+                    unknown.push(pid);
+                }
+            }
+            pid = p.next;
+        }
+        for pid in unknown {
+            self.close_path(pid);
+        }
+        let Some(backend_addr) = self.routes[listener]
+            .backends
+            .get(usize::from(backend))
+            .copied()
+        else {
+            return;
+        };
+        for upstream in offer.upstreams.iter().filter(|u| !now_here.contains(u)) {
+            let control = Control::PathClosed(PathRef {
+                key,
+                upstream: *upstream,
+                backend: backend_addr,
+            });
+            self.control(usize::from(to), listener, control, Vec::new());
+        }
+        let owner = self.owners.live_owner(usize::from(to));
+        for alias in new_aliases {
+            if let Some(owner) = owner {
+                self.owners.assign(self.owner_hash(listener, &alias), owner);
+            }
+            let control = Control::AliasLearned { key, alias };
+            self.control(usize::from(to), listener, control, Vec::new());
+        }
+    }
+
     /// The relay path named by `path` (its home is here).
     fn relay(&self, listener: usize, path: &PathRef) -> Option<PathId> {
         let sock = self.paths.by_local(path.upstream)?;
@@ -1156,8 +1256,32 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             .map(|_| pid)
     }
 
-    fn relay_closed(&mut self, listener: usize, path: PathRef) {
+    /// A path closed at another worker: the relay we keep for it (we are
+    /// its socket's home), or our copy of it (the worker that handed us the
+    /// session closed it before our acceptance reached it).
+    fn path_closed(&mut self, listener: usize, path: PathRef) {
         if let Some(pid) = self.relay(listener, &path) {
+            self.close_path(pid);
+            return;
+        }
+        let Some(sock) = self.paths.by_local(path.upstream) else {
+            return;
+        };
+        if !matches!(
+            self.paths.sock(sock).map(|s| s.home),
+            Some(Home::Borrowed(_))
+        ) {
+            return;
+        }
+        let Some(backend) = self.routes[listener].backend_of(path.backend) else {
+            return;
+        };
+        let ours = self.paths.on_slot(sock, backend).filter(|pid| {
+            self.paths
+                .path(*pid)
+                .is_some_and(|p| !p.is_relay() && p.key == path.key)
+        });
+        if let Some(pid) = ours {
             self.close_path(pid);
         }
     }
@@ -1261,13 +1385,27 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             return;
         };
         // Offered to another worker: it answers, unless it died (then the
-        // offer is void; a replacement reading it late answers too).
-        if let Some((to, _)) = s.transferring {
-            if self.owners.live_owner(usize::from(to)).is_some() {
-                return;
+        // offer is void; a replacement reading it late answers too). An
+        // answer lost on the way is settled by the ownership table.
+        if let Some((to, since)) = s.transferring.as_ref().map(|o| (o.to, o.since_ms)) {
+            let (listener, key) = (s.listener, s.key);
+            match self.owners.live_owner(usize::from(to)) {
+                Some(_) if now.saturating_sub(since) < TRANSFER_TIMEOUT_MS => return,
+                Some(owner) => {
+                    let taken = self.owners.lookup(self.owner_hash(listener, &key)) == Some(owner);
+                    self.transfer_done(to, listener, key, taken);
+                    return;
+                }
+                None => {
+                    if let Some(s) = self.sessions.get_mut(sid) {
+                        s.transferring = None;
+                    }
+                }
             }
-            s.transferring = None;
         }
+        let Some(s) = self.sessions.get(sid) else {
+            return;
+        };
         let route = &self.routes[s.listener];
         let (session_idle, path_idle) = (route.session_idle_ms, route.path_idle_ms);
         if now.saturating_sub(s.last_active_ms) > session_idle {

@@ -4,6 +4,8 @@
 //! for life) and its paths (one per client address, in the path table).
 //! No I/O.
 
+use std::net::SocketAddr;
+
 use ahash::AHashMap;
 use slab::Slab;
 use udpshard_shared::handoff::MAX_ALIASES;
@@ -32,8 +34,20 @@ pub struct Session {
     /// Consecutive datagrams handed over by one other worker (which, then,
     /// is where the kernel delivers this flow now): (worker, count).
     pub handoff_streak: (u16, u8),
-    /// Sent to another worker, which has not answered yet: (worker, since).
-    pub transferring: Option<(u16, u64)>,
+    /// Sent to another worker, which has not answered yet.
+    pub transferring: Option<Box<Offer>>,
+}
+
+/// A transfer offered and not yet answered: what the receiver was sent,
+/// so that what changed here meanwhile can be put right when it accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    pub to: u16,
+    pub since_ms: u64,
+    /// The upstream sockets (their local addresses) of the paths offered.
+    pub upstreams: Vec<SocketAddr>,
+    /// The aliases offered (the first this many of the session's).
+    pub aliases: usize,
 }
 
 impl Session {

@@ -277,13 +277,17 @@ impl World {
         w
     }
 
-    fn make_router(&self, id: usize) -> TestRouter {
-        let cfg = udpshard_config::parse(&self.config, "test").unwrap();
-        let routes = cfg
-            .listeners
+    /// The routes of config `text` (see [`config`]), for a reload.
+    pub fn routes_for(text: &str) -> Vec<Route> {
+        let cfg = udpshard_config::parse(text, "test").unwrap();
+        cfg.listeners
             .iter()
             .map(|l| Route::new(l, false).unwrap())
-            .collect();
+            .collect()
+    }
+
+    fn make_router(&self, id: usize) -> TestRouter {
+        let routes = World::routes_for(&self.config);
         let owners = MemOwners(self.owners.clone());
         Router::new(
             Owner::new(id, self.generations[id]),
@@ -594,10 +598,12 @@ impl World {
         );
     }
 
-    /// No two live paths anywhere share an upstream 4-tuple, and no two
-    /// workers read one socket.
+    /// No two live paths anywhere share an upstream 4-tuple at their
+    /// sockets' homes, and no two sessions anywhere send on one (a relay
+    /// and the borrowed copy its session sends on are one path).
     pub fn assert_unique_tuples(&self) {
         let mut seen: HashMap<(SocketAddr, u16), usize> = HashMap::new();
+        let mut senders: HashMap<(SocketAddr, u16), usize> = HashMap::new();
         for (w, r) in self.routers.iter().enumerate() {
             if self.owners.borrow().live[w].is_none() {
                 continue;
@@ -606,15 +612,25 @@ impl World {
                 let Some(s) = r.paths.sock(p.sock) else {
                     continue;
                 };
+                let k = (s.local, p.backend);
+                if !p.is_relay() {
+                    if let Some(other) = senders.insert(k, w) {
+                        panic!("4-tuple {k:?} sent on by sessions on workers {other} and {w}");
+                    }
+                }
                 if s.home != crate::paths::Home::Here {
                     continue;
                 }
-                let k = (s.local, p.backend);
                 if let Some(other) = seen.insert(k, w) {
                     panic!("4-tuple {k:?} on workers {other} and {w}");
                 }
             }
         }
+    }
+
+    /// Loses the first frame waiting in worker `w`'s inbox.
+    pub fn lose_frame(&mut self, w: usize) -> bool {
+        self.inboxes[w].pop_front().is_some()
     }
 
     /// The routers' view: which worker reads `local`.

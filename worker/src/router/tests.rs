@@ -2,6 +2,7 @@
 //! a fake kernel, virtual time. `cargo test -p udpshard-worker router`.
 
 use std::collections::HashSet;
+use std::net::SocketAddr;
 
 use proptest::prelude::*;
 use udpshard_shared::stats::Counter;
@@ -232,6 +233,142 @@ fn router_a_transfer_whose_descriptors_did_not_arrive_leaves_the_session() {
     // And is served as before.
     w.send(0, CLIENT, &short(4, b"still"));
     assert_eq!(w.at_backend.last().unwrap().payload, short(4, b"still"));
+    w.assert_ledger();
+}
+
+/// Worker 1 gets CID `cid`'s datagrams until worker 0, the session's
+/// owner, offers it the session; the offer waits in worker 1's inbox.
+fn offer_to_worker_1(w: &mut World, cid: u64) {
+    w.hold_inboxes = true;
+    for n in 0..TRANSFER_AFTER {
+        w.send(1, CLIENT, &short(cid, &[n]));
+    }
+    while w.deliver(0) {}
+    assert_eq!(w.inbox_kinds(1), vec!["Transfer"]);
+}
+
+#[test]
+fn router_a_path_closed_while_its_transfer_is_in_flight_closes_at_the_receiver() {
+    // One path per session, two ports, a short reuse delay.
+    let text = config("max_paths = 1\nport_reuse_delay = \"1s\"", 1);
+    let mut w = World::new(2, &text, (20000, 20001));
+    w.send(0, CLIENT, &short(7, b"first"));
+    let offered = w.at_backend[0].from;
+    offer_to_worker_1(&mut w, 7);
+    // Before the offer is read, the client moves: at max_paths, the path
+    // offered is evicted at worker 0 and a new one opens.
+    w.send(0, "192.0.2.99:9", &short(7, b"moved"));
+    assert_eq!(w.counter(0, Counter::PathsEvicted), 1);
+    w.hold_inboxes = false;
+    w.settle();
+    assert_eq!(w.holders(7), vec![1], "worker 1 took the session");
+    // Worker 1 sends on no copy of the path worker 0 closed, and worker 0
+    // keeps nothing of the one it opened meanwhile.
+    let r1 = &w.routers[1];
+    let sending: Vec<SocketAddr> = r1
+        .paths
+        .paths
+        .iter()
+        .filter(|(_, p)| !p.is_relay())
+        .filter_map(|(_, p)| r1.paths.sock(p.sock).map(|s| s.local))
+        .collect();
+    assert!(!sending.contains(&offered), "{sending:?}");
+    assert!(
+        w.routers[0].paths.paths.is_empty(),
+        "no path left at worker 0"
+    );
+    // Once both ports cooled, two new sessions take them, the offered one
+    // among them, and no 4-tuple is shared.
+    w.advance(1_100);
+    let before = w.at_backend.len();
+    for cid in 100..102 {
+        w.send(0, CLIENT, &short(cid, b"new"));
+    }
+    let froms: HashSet<SocketAddr> = w.at_backend[before..].iter().map(|d| d.from).collect();
+    assert_eq!(froms.len(), 2);
+    assert!(froms.contains(&offered), "{froms:?}");
+    w.assert_unique_tuples();
+    // The session at worker 1 needs a path of its own: none is free.
+    let no_port = w.drops(DropReason::NoPort);
+    w.send(1, CLIENT, &short(7, b"again"));
+    assert_eq!(w.drops(DropReason::NoPort), no_port + 1);
+    w.assert_unique_tuples();
+    w.assert_ledger();
+}
+
+#[test]
+fn router_aliases_learned_while_a_transfer_is_in_flight_go_with_it() {
+    let mut w = world(2, "", 1);
+    w.send(0, CLIENT, &long(8, 1));
+    offer_to_worker_1(&mut w, 8);
+    // The server answers with its own connection ID before the offer is
+    // read: worker 0 learns it as an alias of the session.
+    let d = w.at_backend[0].clone();
+    w.reply(d.backend, d.from, &long(1, 0x5e));
+    w.hold_inboxes = false;
+    w.settle();
+    assert_eq!(w.holders(8), vec![1]);
+    // The client's next datagram, to the server's ID, reaches the session
+    // at worker 1 from either worker.
+    let created = w.total(Counter::SessionsCreated);
+    w.send(0, CLIENT, &short(0x5e, b"to the alias"));
+    w.send(1, CLIENT, &short(0x5e, b"to the alias"));
+    assert_eq!(w.total(Counter::SessionsCreated), created, "no new session");
+    assert_eq!(
+        w.holders(0x5e),
+        vec![1],
+        "the alias names worker 1's session"
+    );
+    assert_eq!(w.froms(b"\x40").len(), 1, "one 4-tuple");
+    w.assert_ledger();
+}
+
+#[test]
+fn router_a_lost_answer_to_a_transfer_is_settled_by_the_ownership_table() {
+    let mut w = world(2, "", 1);
+    w.send(0, CLIENT, &short(9, b"x"));
+    offer_to_worker_1(&mut w, 9);
+    // Worker 1 accepts; its answer is lost on the way.
+    assert!(w.deliver(1));
+    assert_eq!(w.inbox_kinds(0), vec!["TransferDone"]);
+    assert!(w.lose_frame(0));
+    assert_eq!(w.holders(9), vec![0, 1], "both, until the offer times out");
+    w.hold_inboxes = false;
+    w.advance(3_000);
+    assert_eq!(w.holders(9), vec![1], "worker 0 let go");
+    assert_eq!(w.counter(0, Counter::TransfersOut), 1);
+    w.send(1, CLIENT, &short(9, b"y"));
+    w.assert_unique_tuples();
+    w.assert_ledger();
+}
+
+#[test]
+fn router_a_refused_transfer_whose_answer_is_lost_stays_and_may_be_offered_again() {
+    let mut w = world(2, "", 1);
+    w.send(0, CLIENT, &short(10, b"x"));
+    offer_to_worker_1(&mut w, 10);
+    // Worker 1 is draining: it refuses; the refusal is lost.
+    w.routers[1].drain();
+    assert!(w.deliver(1));
+    assert!(w.lose_frame(0));
+    w.hold_inboxes = false;
+    w.advance(3_000);
+    assert_eq!(w.holders(10), vec![0], "it stayed");
+    assert_eq!(w.total(Counter::TransfersIn), 0);
+    assert!(w.routers[0]
+        .sessions
+        .get(
+            w.routers[0]
+                .sessions
+                .lookup(
+                    0,
+                    &udpshard_shared::FlowKey::new(&10u64.to_be_bytes()).unwrap()
+                )
+                .unwrap()
+        )
+        .unwrap()
+        .transferring
+        .is_none());
     w.assert_ledger();
 }
 
@@ -616,6 +753,41 @@ fn router_removing_a_listener_closes_its_sessions() {
     w.routers[0].reconfigure(Vec::new(), &[None]);
     assert_eq!(w.routers[0].sessions(), 0);
     assert_eq!(w.routers[0].paths.paths.len(), 0);
+}
+
+#[test]
+fn router_a_removed_listeners_socket_takes_strays_cools_then_closes() {
+    let mut w = world(1, "port_reuse_delay = \"5s\"", 1);
+    w.send(0, CLIENT, &short(1, b"a"));
+    let from = w.at_backend[0].from;
+    w.routers[0].reconfigure(Vec::new(), &[None]);
+    // A late reply on the removed listener's socket: a stray, not a crash.
+    w.reply(backend(0), from, &short(1, b"late"));
+    assert_eq!(w.drops(DropReason::Stray), 1);
+    assert!(w.at_client.is_empty());
+    assert_eq!(w.net.borrow().fds[0].len(), 1, "the port cools first");
+    w.advance(4_000);
+    assert_eq!(w.net.borrow().fds[0].len(), 1, "still cooling");
+    w.advance(2_000);
+    assert_eq!(w.net.borrow().fds[0].len(), 0, "closed once cooled");
+}
+
+#[test]
+fn router_free_ports_stay_usable_after_a_reload() {
+    // Two ports, two backends. One session; a reload keeping the listener
+    // must leave its socket's other slot free for the other backend.
+    let text = config("port_reuse_delay = \"0s\"", 2);
+    let mut w = World::new(1, &text, (20000, 20001));
+    w.send(0, CLIENT, &short(0, b"x"));
+    let mut cid = 1u64;
+    w.routers[0].reconfigure(World::routes_for(&text), &[Some(0)]);
+    while w.at_backend.len() < 4 && cid < 1000 {
+        w.send(0, CLIENT, &short(cid, b"y"));
+        cid += 1;
+    }
+    assert_eq!(w.at_backend.len(), 4, "ports x backends after the reload");
+    assert_eq!(w.net.borrow().fds[0].len(), 2);
+    w.assert_unique_tuples();
 }
 
 // Properties over random event sequences.
