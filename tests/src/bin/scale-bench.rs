@@ -93,6 +93,9 @@ struct Result_ {
     refused: Option<u64>,
     /// The longest loop iteration seen while opening, µs.
     loop_max_us: Option<u64>,
+    /// Sockets in `/proc/net/udp{,6}` bound in the upstream port range after
+    /// opening, and how many of them repeat another's 4-tuple.
+    tuples: (usize, usize),
     /// Proportional set size of the proxy's processes gained while opening, bytes.
     pss_delta: i64,
     /// The host's Slab gained while opening, bytes.
@@ -246,6 +249,7 @@ fn run(args: &Args, kind: Kind, bin_dir: &Path, workdir: &Path) -> Result<Result
     sampling.store(false, Ordering::Relaxed);
     let _ = sampler.join();
     let pss_after = tree_pss(process.pid());
+    let tuples = upstream_tuples(&args.upstream_ports);
     let slab_after = meminfo("Slab");
     let (held, refused) = match kind {
         Kind::Floor | Kind::FloorPorts => (None, None),
@@ -263,11 +267,14 @@ fn run(args: &Args, kind: Kind, bin_dir: &Path, workdir: &Path) -> Result<Result
         }
     };
     eprintln!(
-        "scale-bench: {}: opened: sent {} at {:.0}/s, received {}, held {held:?}, refused {refused:?}",
+        "scale-bench: {}: opened: sent {} at {:.0}/s, received {}, held {held:?}, refused {refused:?}, \
+         {} sockets in the upstream range, {} duplicate 4-tuples",
         kind.name(),
         open.sent,
         open.achieved_rate,
-        open.received
+        open.received,
+        tuples.0,
+        tuples.1
     );
     process.check_alive()?;
 
@@ -310,6 +317,7 @@ fn run(args: &Args, kind: Kind, bin_dir: &Path, workdir: &Path) -> Result<Result
         held,
         refused,
         loop_max_us: (kind == Kind::Udpshard).then(|| loop_max.load(Ordering::Relaxed)),
+        tuples,
         pss_delta: pss_after - pss_before,
         slab_delta: slab_after - slab_before,
         steady,
@@ -351,6 +359,42 @@ backends = [{backends}]
         ports = args.upstream_ports,
         backends = backends.join(", "),
     )
+}
+
+/// Sockets bound in the port range `ports` ("LO-HI") in `/proc/net/udp`
+/// and `/proc/net/udp6`, and how many repeat another's (local, remote).
+fn upstream_tuples(ports: &str) -> (usize, usize) {
+    let Some((lo, hi)) = ports.split_once('-').and_then(|(lo, hi)| {
+        Some((
+            lo.trim().parse::<u16>().ok()?,
+            hi.trim().parse::<u16>().ok()?,
+        ))
+    }) else {
+        return (0, 0);
+    };
+    let mut seen = std::collections::HashSet::new();
+    let (mut sockets, mut duplicates) = (0, 0);
+    for table in ["/proc/net/udp", "/proc/net/udp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let mut fields = line.split_whitespace().skip(1);
+            let (Some(local), Some(remote)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            let port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if port.is_some_and(|p| (lo..=hi).contains(&p)) {
+                sockets += 1;
+                if !seen.insert((local.to_string(), remote.to_string())) {
+                    duplicates += 1;
+                }
+            }
+        }
+    }
+    (sockets, duplicates)
 }
 
 /// The proportional set size of `root` and its descendants, bytes (each
@@ -426,6 +470,15 @@ fn table(args: &Args, results: &[Result_]) -> String {
             show_latency(r.steady.p99),
         );
     }
+    for r in results.iter().filter(|r| r.tuples.0 > 0) {
+        out += &format!(
+            "{}: {} sockets bound in {} after opening, {} duplicate 4-tuples\n",
+            r.kind.name(),
+            r.tuples.0,
+            args.upstream_ports,
+            r.tuples.1
+        );
+    }
     out
 }
 
@@ -448,6 +501,8 @@ fn to_json(args: &Args, results: &[Result_]) -> serde_json::Value {
             "refused": r.refused,
             "open": r.open.to_json(),
             "loop_max_us": r.loop_max_us,
+            "upstream_range_sockets": r.tuples.0,
+            "duplicate_tuples": r.tuples.1,
             "pss_delta_bytes": r.pss_delta,
             "slab_delta_bytes": r.slab_delta,
             "user_bytes_per_session": r.per_session(r.pss_delta),
