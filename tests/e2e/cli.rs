@@ -4,25 +4,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use udpshard_tests::harness::{total, Backend, Proxy, TempDir};
+use udpshard_tests::harness::{self, total, Backend, Proxy, TempDir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
 
-fn check_config(text: &str) -> (i32, String, String) {
-    let dir = TempDir::new("check");
-    let file = dir.path().join("udpshard.toml");
-    std::fs::write(&file, text).unwrap();
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&file)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).replace(&file.display().to_string(), "FILE");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr,
-    )
+fn check_config(text: &str) -> (Option<i32>, String, String) {
+    harness::check_config(Path::new(BIN), text)
 }
 
 #[test]
@@ -30,7 +17,7 @@ fn check_config_accepts_a_valid_file() {
     let (code, stdout, _) = check_config(
         "[[listener]]\nname = \"q\"\nbind = \"0.0.0.0:443\"\ndissector = \"quic\"\nbackends = [\"10.0.0.1:443\", { addr = \"10.0.0.2:443\", weight = 2 }]\n",
     );
-    assert_eq!(code, 0);
+    assert_eq!(code, Some(0));
     assert!(stdout.contains("ok"), "{stdout}");
 }
 
@@ -39,7 +26,7 @@ fn check_config_names_file_line_col_and_exits_1() {
     let (code, _, stderr) = check_config(
         "workers = 2\n\n[[listener]]\nname = \"q\"\nbind = \"0.0.0.0:443\"\ndissector = \"quic\"\nrecv_bufer = \"4MiB\"\nbackends = [\"10.0.0.1:443\"]\n",
     );
-    assert_eq!(code, 1);
+    assert_eq!(code, Some(1));
     assert!(stderr.starts_with("FILE:7:1: "), "{stderr}");
     assert!(stderr.contains("recv_bufer"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "one message: {stderr}");
@@ -47,7 +34,7 @@ fn check_config_names_file_line_col_and_exits_1() {
     let (code, _, stderr) = check_config(
         "[[listener]]\nname = \"q\"\nbind = \"0.0.0.0:443\"\ndissector = \"quic\"\nshort_cid_len = 21\nbackends = [\"10.0.0.1:443\"]\n",
     );
-    assert_eq!(code, 1);
+    assert_eq!(code, Some(1));
     assert!(stderr.starts_with("FILE:5:17: "), "{stderr}");
 }
 

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use udpshard_tests::harness::{
     listener_config, quic_short, stats_json, total, wait_until, write_config, Backend, Proxy,
-    TempDir,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
@@ -320,19 +319,7 @@ fn stats_json_any(stats_file: &Path) -> serde_json::Value {
 }
 
 fn check_config(text: &str) -> (Option<i32>, String, String) {
-    let dir = TempDir::new("check-bind");
-    let file = dir.path().join("udpshard.toml");
-    std::fs::write(&file, text).unwrap();
-    let out = Command::new(BIN)
-        .arg("check-config")
-        .arg(&file)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).replace(&file.display().to_string(), "FILE"),
-    )
+    udpshard_tests::harness::check_config(Path::new(BIN), text)
 }
 
 #[test]

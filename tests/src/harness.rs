@@ -180,6 +180,24 @@ pub fn write_config(config: &str) -> (TempDir, PathBuf, PathBuf) {
     (dir, config_path, stats_file)
 }
 
+/// `udpshard check-config` on `text` written to a temp file: its exit
+/// code, stdout and stderr (the file's path in stderr replaced by `FILE`).
+pub fn check_config(bin: &Path, text: &str) -> (Option<i32>, String, String) {
+    let dir = TempDir::new("check");
+    let file = dir.path().join("udpshard.toml");
+    std::fs::write(&file, text).expect("write config");
+    let out = Command::new(bin)
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .expect("run udpshard check-config");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).replace(&file.display().to_string(), "FILE"),
+    )
+}
+
 /// `udpshard stats --json --stats-file F`, parsed.
 pub fn stats_json(bin: &Path, stats_file: &Path) -> Value {
     let out = Command::new(bin)
