@@ -17,7 +17,6 @@ use crate::upstream::Upstream;
 #[derive(Default)]
 pub struct Executor {
     actions: Vec<Action>,
-    order: Vec<u32>,
     failed: Vec<usize>,
     send: SendBatch,
 }
@@ -92,46 +91,36 @@ impl Executor {
         router: &mut Router<O, Upstream>,
         bytes: &dyn Fn(DatagramRef) -> &'a [u8],
     ) {
-        self.order.clear();
-        for (i, a) in self.actions.iter().enumerate() {
-            if matches!(a, Action::Forward { .. }) {
-                self.order.push(i as u32);
-            }
-        }
-        let sock_of = |a: &Action| match a {
-            Action::Forward { sock, .. } => *sock,
-            _ => u32::MAX,
-        };
-        let actions = &self.actions;
-        self.order.sort_by_key(|i| sock_of(&actions[*i as usize]));
-        let mut at = 0;
-        while at < self.order.len() {
-            let sock = sock_of(&self.actions[self.order[at] as usize]);
-            let end = at
-                + self.order[at..]
-                    .iter()
-                    .take_while(|i| sock_of(&self.actions[**i as usize]) == sock)
-                    .count();
-            let msgs: Vec<OutMsg<'a>> = self.order[at..end]
-                .iter()
-                .filter_map(|i| match &self.actions[*i as usize] {
-                    Action::Forward { to, datagram, .. } => Some(OutMsg {
+        let mut out: Vec<(u32, OutMsg<'a>)> = self
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Forward { sock, to, datagram } => Some((
+                    *sock,
+                    OutMsg {
                         to: *to,
                         from_ip: None,
                         bytes: bytes(*datagram),
-                    }),
-                    _ => None,
-                })
-                .collect();
+                    },
+                )),
+                _ => None,
+            })
+            .collect();
+        // Stable: each socket's datagrams keep the order they were decided.
+        out.sort_by_key(|(sock, _)| *sock);
+        let (socks, msgs): (Vec<u32>, Vec<OutMsg<'a>>) = out.into_iter().unzip();
+        let mut at = 0;
+        for group in socks.chunk_by(|a, b| a == b) {
+            let msgs = &msgs[at..at + group.len()];
+            at += group.len();
             self.failed.clear();
-            match router.sockets().fd(sock) {
-                Some(fd) => send_batch(fd, &msgs, &mut self.send, &mut self.failed),
+            match router.sockets().fd(group[0]) {
+                Some(fd) => send_batch(fd, msgs, &mut self.send, &mut self.failed),
                 None => self.failed.extend(0..msgs.len()),
             }
             for &f in &self.failed {
                 router.forward_failed(msgs[f].bytes.len());
             }
-            at = end;
         }
     }
 
