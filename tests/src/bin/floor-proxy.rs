@@ -20,7 +20,7 @@ use udpshard_tests::load::baseline::{
     stop_on_signals, DEFAULT_RECV_BUFFER,
 };
 use udpshard_tests::load::mmsg::Batch;
-use udpshard_tests::load::units::parse_size;
+use udpshard_tests::load::units::{parse_port_range, parse_size};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,18 +48,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     spread: usize,
     /// Ports the spread sockets bind on the loopback address, LO-HI.
-    #[arg(long, default_value = "1025-32767", value_parser = port_range)]
+    #[arg(long, default_value = "1025-32767", value_parser = parse_port_range)]
     spread_ports: (u16, u16),
-}
-
-fn port_range(text: &str) -> Result<(u16, u16), String> {
-    let (lo, hi) = text.split_once('-').ok_or("LO-HI")?;
-    let lo: u16 = lo.trim().parse().map_err(|e| format!("{lo}: {e}"))?;
-    let hi: u16 = hi.trim().parse().map_err(|e| format!("{hi}: {e}"))?;
-    if lo == 0 || lo > hi {
-        return Err(format!("{text}: want 1 <= LO <= HI"));
-    }
-    Ok((lo, hi))
 }
 
 /// Binds up to `count` sockets on distinct free ports of `ports`, after `*next`.

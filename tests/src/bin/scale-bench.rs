@@ -20,7 +20,7 @@ use serde_json::json;
 use udpshard_shared::stats::{Counter, Snapshot};
 use udpshard_tests::load::procstat::{all_processes, tree_pids, CpuSnapshot};
 use udpshard_tests::load::proxy::{free_udp_addr, host_lock, own_dir, show_command, ProxyProcess};
-use udpshard_tests::load::units::{parse_duration, parse_rate};
+use udpshard_tests::load::units::{parse_duration, parse_port_range, parse_rate};
 use udpshard_tests::load::{show_latency, Generator, LoadReport, LoadSpec, Sink, DEFAULT_SIZE};
 
 #[derive(Parser, Debug)]
@@ -364,12 +364,7 @@ backends = [{backends}]
 /// Sockets bound in the port range `ports` ("LO-HI") in `/proc/net/udp`
 /// and `/proc/net/udp6`, and how many repeat another's (local, remote).
 fn upstream_tuples(ports: &str) -> (usize, usize) {
-    let Some((lo, hi)) = ports.split_once('-').and_then(|(lo, hi)| {
-        Some((
-            lo.trim().parse::<u16>().ok()?,
-            hi.trim().parse::<u16>().ok()?,
-        ))
-    }) else {
+    let Ok((lo, hi)) = parse_port_range(ports) else {
         return (0, 0);
     };
     let mut seen = std::collections::HashSet::new();

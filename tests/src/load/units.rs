@@ -93,6 +93,17 @@ impl std::fmt::Display for Rate {
     }
 }
 
+/// A port range, `LO-HI` with 1 <= LO <= HI.
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = text.split_once('-').ok_or("LO-HI")?;
+    let lo: u16 = lo.trim().parse().map_err(|e| format!("{lo}: {e}"))?;
+    let hi: u16 = hi.trim().parse().map_err(|e| format!("{hi}: {e}"))?;
+    if lo == 0 || lo > hi {
+        return Err(format!("{text}: want 1 <= LO <= HI"));
+    }
+    Ok((lo, hi))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +130,16 @@ mod tests {
         assert!(parse_size("4TiB").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(parse_port_range("1025-32767"), Ok((1025, 32767)));
+        assert_eq!(parse_port_range(" 7 - 7 "), Ok((7, 7)));
+        assert!(parse_port_range("0-10").is_err());
+        assert!(parse_port_range("10-9").is_err());
+        assert!(parse_port_range("10").is_err());
+        assert!(parse_port_range("1-70000").is_err());
     }
 
     #[test]
