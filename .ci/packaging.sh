@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Packaging CI: builds the .deb and the .rpm, lists what they hold, installs
 # the .deb on this machine, checks the installed config, runs the installed
-# binary the way the unit does (system user, CAP_NET_BIND_SERVICE only, a
-# port below 1024) against loopback backends, verifies the unit with
+# binary the way the unit does (system user, CAP_NET_BIND_SERVICE and
+# CAP_NET_RAW only, a port below 1024) against loopback backends, verifies the unit with
 # systemd-analyze, and purges the package again. Any failure exits non-zero.
 #
 # Needs root and dpkg (CI has both); without them it says so and skips. The
@@ -151,7 +151,8 @@ step "check-config $INSTALLED_CONFIG"
 step "run the installed binary as the unit would, against loopback backends"
 python3 - "$INSTALLED_CONFIG" <<'PY'
 """The packaged config with loopback addresses, served by /usr/bin/udpshard as
-user udpshard holding only CAP_NET_BIND_SERVICE, on a port below 1024."""
+user udpshard holding only CAP_NET_BIND_SERVICE and CAP_NET_RAW (the unit's
+two), on a port below 1024: forwards leave as raw IP packets."""
 import json, os, pwd, queue, re, shutil, signal, socket, subprocess, sys, tempfile, threading, time
 
 packaged = open(sys.argv[1]).read()
@@ -203,8 +204,9 @@ with open(path, "w") as f:
     f.write(config)
 
 cmd = ["setpriv", "--reuid=udpshard", "--regid=udpshard", "--clear-groups",
-       "--inh-caps=-all,+net_bind_service", "--ambient-caps=-all,+net_bind_service",
-       "--bounding-set=-all,+net_bind_service", "--no-new-privs",
+       "--inh-caps=-all,+net_bind_service,+net_raw",
+       "--ambient-caps=-all,+net_bind_service,+net_raw",
+       "--bounding-set=-all,+net_bind_service,+net_raw", "--no-new-privs",
        "/usr/bin/udpshard", "run", "--config", path]
 proxy = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
@@ -255,9 +257,12 @@ try:
         if rx == flows:
             break
         time.sleep(0.05)
-    print(f"stats: {len(stats['workers'])} workers, rx_packets {rx}")
+    raw = sum(w["tx_raw"] for w in stats["workers"])
+    print(f"stats: {len(stats['workers'])} workers, rx_packets {rx}, tx_raw {raw}")
     if rx != flows:
         sys.exit(f"stats rx_packets {rx}, expected {flows}")
+    if raw != flows:
+        sys.exit(f"stats tx_raw {raw}, expected {flows}: the unit's CAP_NET_RAW went unused")
 
     proxy.send_signal(signal.SIGTERM)
     code = proxy.wait(timeout=15)

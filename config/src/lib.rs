@@ -34,6 +34,20 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Where the Prometheus text endpoint listens; `None` (the default): off.
     pub metrics: Option<SocketAddr>,
+    /// How workers put forwarded datagrams on the wire.
+    pub upstream_send: UpstreamSend,
+}
+
+/// How a worker sends datagrams to backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamSend {
+    /// Whole IP packets on one raw socket per family, many upstream ports
+    /// per sendmmsg, where the worker may open one (CAP_NET_RAW); else
+    /// [`UpstreamSend::Socket`]. A datagram the raw socket refuses (too
+    /// large for the device, a full buffer) goes out on its own socket.
+    Auto,
+    /// Each datagram on its path's upstream socket.
+    Socket,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -46,6 +46,7 @@ fn default_parses() {
         workers: Workers::Auto,
         stats_file: PathBuf::from(DEFAULT_STATS_FILE),
         drain_timeout: Duration::from_secs(5),
+        upstream_send: UpstreamSend::Auto,
         metrics: None,
         listeners: vec![Listener {
             name: "quic".into(),
@@ -1064,4 +1065,22 @@ fn metrics() {
         "port 0",
     );
     assert_err(&format!("metrics = 9469\n{base}"), 1, 11, "");
+}
+
+#[test]
+fn upstream_send_is_auto_or_socket() {
+    let base = "[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:4433\"\ndissector = \"tuple\"\nbackends = [{ addr = \"127.0.0.1:5000\" }]\n";
+    assert_eq!(
+        parse(base, "t.toml").unwrap().upstream_send,
+        UpstreamSend::Auto
+    );
+    let socket = format!("upstream_send = \"socket\"\n{base}");
+    assert_eq!(
+        parse(&socket, "t.toml").unwrap().upstream_send,
+        UpstreamSend::Socket
+    );
+    let bad = format!("upstream_send = \"raw\"\n{base}");
+    let e = parse(&bad, "t.toml").unwrap_err().to_string();
+    assert!(e.starts_with("t.toml:1:17:"), "{e}");
+    assert!(e.contains("expected \"auto\" or \"socket\""), "{e}");
 }

@@ -13,7 +13,8 @@ use crate::error::SpanError;
 use crate::file::{ArrayOf, FileBackend, FileConfig, FileListener, FileQuicLb, Int, IntOrStr};
 use crate::units::{self, UnitError, DURATION_FORMS, SIZE_FORMS};
 use crate::{
-    Backend, Config, Dissector, Listener, Migration, QuicLb, Steering, Workers, DEFAULT_STATS_FILE,
+    Backend, Config, Dissector, Listener, Migration, QuicLb, Steering, UpstreamSend, Workers,
+    DEFAULT_STATS_FILE,
 };
 
 type Result<T> = std::result::Result<T, SpanError>;
@@ -70,6 +71,21 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
         None => None,
         Some(v) => Some(metrics(v)?),
     };
+    let upstream_send = match &file.upstream_send {
+        None => UpstreamSend::Auto,
+        Some(v) => match v.get_ref().as_str() {
+            "auto" => UpstreamSend::Auto,
+            "socket" => UpstreamSend::Socket,
+            other => {
+                return Err(at(
+                    v,
+                    format!(
+                        "upstream_send = {other:?} is invalid (expected \"auto\" or \"socket\")"
+                    ),
+                ))
+            }
+        },
+    };
     let Some(list) = file.listener else {
         // Nothing to point at; the top of the file is where one would go.
         return Err(SpanError::new(
@@ -94,6 +110,7 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
         listeners,
         drain_timeout,
         metrics,
+        upstream_send,
     })
 }
 

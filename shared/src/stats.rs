@@ -140,10 +140,13 @@ pub enum Counter {
     /// Control frames to other workers given up: their inbox stayed full
     /// past the queue's bound, or their worker was gone.
     ControlLost,
+    /// Datagrams of `TxPackets` that left as raw IP packets (many upstream
+    /// ports per sendmmsg) rather than on their own sockets.
+    TxRaw,
 }
 
 impl Counter {
-    pub const COUNT: usize = Counter::ControlLost as usize + 1;
+    pub const COUNT: usize = Counter::TxRaw as usize + 1;
 }
 
 /// What a slot's process is doing.

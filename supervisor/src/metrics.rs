@@ -262,7 +262,7 @@ fn http(status: u16, content_type: &str, body: &str) -> Vec<u8> {
 }
 
 /// Per-worker counters: (name, help, counter).
-const WORKER_COUNTERS: [(&str, &str, Counter); 16] = [
+const WORKER_COUNTERS: [(&str, &str, Counter); 17] = [
     (
         "rx_packets",
         "Datagrams read from clients on the listener sockets.",
@@ -279,6 +279,11 @@ const WORKER_COUNTERS: [(&str, &str, Counter); 16] = [
         Counter::TxPackets,
     ),
     ("tx_bytes", "Bytes forwarded to backends.", Counter::TxBytes),
+    (
+        "tx_raw_packets",
+        "Datagrams of tx_packets sent as raw IP packets (upstream_send = auto with CAP_NET_RAW).",
+        Counter::TxRaw,
+    ),
     (
         "replies_in",
         "Datagrams read from backends on upstream sockets.",

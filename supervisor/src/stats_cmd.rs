@@ -16,7 +16,7 @@ use udpshard_shared::{DropReason, Stage};
 
 use crate::system::SystemCounters;
 
-const PLAIN: [(&str, Counter); 25] = [
+const PLAIN: [(&str, Counter); 26] = [
     ("pid", Counter::Pid),
     ("cpu", Counter::Cpu),
     ("generation", Counter::Generation),
@@ -25,6 +25,7 @@ const PLAIN: [(&str, Counter); 25] = [
     ("rx_bytes", Counter::RxBytes),
     ("tx_packets", Counter::TxPackets),
     ("tx_bytes", Counter::TxBytes),
+    ("tx_raw", Counter::TxRaw),
     ("replies_in", Counter::RepliesIn),
     ("replies_out", Counter::RepliesOut),
     ("sessions_active", Counter::SessionsActive),

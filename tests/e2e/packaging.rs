@@ -160,10 +160,13 @@ fn unit_has_what_the_service_needs() {
     assert_eq!(one(&service, "Restart"), "on-failure");
     assert_eq!(one(&service, "KillMode"), "mixed");
     assert_eq!(one(&service, "User"), "udpshard");
-    assert_eq!(one(&service, "AmbientCapabilities"), "CAP_NET_BIND_SERVICE");
+    assert_eq!(
+        one(&service, "AmbientCapabilities"),
+        "CAP_NET_BIND_SERVICE CAP_NET_RAW"
+    );
     assert_eq!(
         one(&service, "CapabilityBoundingSet"),
-        "CAP_NET_BIND_SERVICE"
+        "CAP_NET_BIND_SERVICE CAP_NET_RAW"
     );
     assert_eq!(one(&service, "NoNewPrivileges"), "yes");
     assert_eq!(one(&service, "ProtectSystem"), "strict");

@@ -386,3 +386,128 @@ fn under_a_low_fd_limit_it_raises_it_or_logs_the_fix() {
         assert!(!proxy.log().contains("RLIMIT_NOFILE"), "{}", proxy.log());
     }
 }
+
+/// Whether this process may open a raw socket (CAP_NET_RAW), as the
+/// proxy's workers, started by it, then may too.
+fn may_send_raw() -> bool {
+    socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+    )
+    .is_ok()
+}
+
+/// One datagram from each client (CID = its index) to `target`; returns, per
+/// CID, the address each backend saw it come from (the path's 4-tuple).
+fn paths_seen(
+    clients: &[UdpSocket],
+    target: SocketAddr,
+    backends: &[&UdpSocket],
+    tag: &[u8],
+) -> HashMap<u64, SocketAddr> {
+    for (i, c) in clients.iter().enumerate() {
+        c.send_to(&quic_short(i as u64, tag), target).unwrap();
+    }
+    let mut seen = HashMap::new();
+    let mut buf = [0u8; 256];
+    let deadline = Instant::now() + WAIT;
+    while seen.len() < clients.len() && Instant::now() < deadline {
+        for b in backends {
+            if let Ok((n, from)) = b.recv_from(&mut buf) {
+                assert!(buf[..n].ends_with(tag), "{:?}", &buf[..n]);
+                let cid = u64::from_be_bytes(buf[1..9].try_into().unwrap());
+                assert_eq!(seen.insert(cid, from), None, "CID {cid} arrived twice");
+            }
+        }
+    }
+    assert_eq!(seen.len(), clients.len(), "not every datagram arrived");
+    seen
+}
+
+/// Each backend answers on every path it saw; each client gets its answer.
+fn answer_on(paths: &HashMap<u64, SocketAddr>, backends: &[&UdpSocket], clients: &[UdpSocket]) {
+    for (cid, path) in paths {
+        let b = backends
+            .iter()
+            .find(|b| b.local_addr().unwrap().is_ipv4() == path.is_ipv4())
+            .unwrap();
+        b.send_to(format!("\x40answer {cid}").as_bytes(), path)
+            .unwrap();
+    }
+    let mut buf = [0u8; 256];
+    for (i, c) in clients.iter().enumerate() {
+        let (n, _) = c.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], format!("\x40answer {i}").as_bytes());
+    }
+}
+
+#[test]
+fn forwards_leave_from_their_paths_address_whether_sent_raw_or_on_their_socket() {
+    let v4 = bind_udp("127.0.0.1:0");
+    v4.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    // IPv6 too where the host has ::1.
+    let v6 = UdpSocket::bind("[::1]:0").ok();
+    if let Some(v6) = &v6 {
+        v6.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+    }
+    let backends: Vec<&UdpSocket> = std::iter::once(&v4).chain(v6.as_ref()).collect();
+    let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.local_addr().unwrap()).collect();
+    let config = |send: &str| {
+        listener_config(
+            &format!("workers = 1\nupstream_send = \"{send}\""),
+            "dissector = \"quic\"",
+            &addrs,
+        )
+    };
+    let proxy = Proxy::start(Path::new(BIN), &config("auto"));
+    let target = proxy.addr("quic");
+    let clients: Vec<UdpSocket> = (0..24)
+        .map(|_| {
+            let c = bind_udp("127.0.0.1:0");
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c
+        })
+        .collect();
+
+    let first = paths_seen(&clients, target, &backends, b"one");
+    for path in first.values() {
+        assert!(
+            (1025..=32767).contains(&path.port()),
+            "{path} is not from upstream_ports"
+        );
+    }
+    if v6.is_some() {
+        assert!(first.values().any(|p| p.is_ipv6()) && first.values().any(|p| p.is_ipv4()));
+    }
+    answer_on(&first, &backends, &clients);
+    let raw = if may_send_raw() { 24 } else { 0 };
+    let stats = proxy.wait_stats(WAIT, "24 forwards counted", |s| {
+        total(s, "tx_packets") == 24
+    });
+    assert_eq!(total(&stats, "tx_raw"), raw, "{stats:#}");
+    assert_eq!(total(&stats, "replies_out"), 24);
+
+    // Each forward on its own socket from now on: the same paths, the same
+    // 4-tuples, and the answers still come back on them.
+    std::fs::write(
+        &proxy.config_path,
+        config("socket").replace("{stats_file}", &proxy.stats_file.display().to_string()),
+    )
+    .unwrap();
+    proxy.signal(libc::SIGHUP);
+    proxy.wait_stats(WAIT, "the worker on the new config", |s| {
+        s["workers"][0]["config_generation"] == 2
+    });
+    let second = paths_seen(&clients, target, &backends, b"two");
+    assert_eq!(second, first, "a path's 4-tuple changed with the send mode");
+    answer_on(&second, &backends, &clients);
+    let stats = proxy.wait_stats(WAIT, "48 forwards counted", |s| {
+        total(s, "tx_packets") == 48
+    });
+    assert_eq!(total(&stats, "tx_raw"), raw, "{stats:#}");
+    assert_eq!(total(&stats, "sessions_created"), 24);
+    assert_eq!(total(&stats, "drops.upstream"), 0);
+}

@@ -5,7 +5,7 @@ use udpshard_shared::stats::{Counter, StatsSlot};
 
 /// Words the worker owns in its slot (the supervisor writes the identity
 /// words: pid, cpu, generation, state, restarts).
-const WORKER_OWNED: [Counter; 38] = [
+const WORKER_OWNED: [Counter; 39] = [
     Counter::RxPackets,
     Counter::RxBytes,
     Counter::TxPackets,
@@ -44,6 +44,7 @@ const WORKER_OWNED: [Counter; 38] = [
     Counter::UpstreamSockets,
     Counter::BadFrames,
     Counter::ControlLost,
+    Counter::TxRaw,
 ];
 
 #[derive(Debug, Clone)]

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use quinn_udp::{RecvMeta, UdpSockRef, BATCH_SIZE};
+use udpshard_config::UpstreamSend;
 use udpshard_shared::clock::monotonic_ns;
 use udpshard_shared::control::{ControlChannel, ControlMsg};
 use udpshard_shared::owners::{Owner, OwnerIndex};
@@ -24,6 +25,7 @@ use crate::exec::Executor;
 use crate::handoff::{Handoff, MAX_DATAGRAM};
 use crate::listener::Listener;
 use crate::paths::SockId;
+use crate::rawtx::RawTx;
 use crate::router::{Arrival, DatagramRef, Outcome, Route, Router, Via};
 use crate::shm::ShmOwners;
 use crate::sockio;
@@ -126,7 +128,7 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         router,
         handoff,
         frame: Handoff::frame_buffer(),
-        exec: Executor::default(),
+        exec: Executor::new(raw_tx(config.upstream_send, args.id)),
         rx: ListenerBatch::new(),
         up_rx: sockio::RecvBatch::new(MAX_DATAGRAM),
         refs: Vec::with_capacity(BATCH_SIZE * 4),
@@ -714,6 +716,10 @@ impl Loop {
         self.listeners = listeners;
         self.router.sockets().configure(&config);
         self.router.reconfigure(routes, &map);
+        let want_raw = config.upstream_send == UpstreamSend::Auto;
+        if want_raw != self.exec.sends_raw() {
+            self.exec.set_raw(raw_tx(config.upstream_send, self.id));
+        }
         tracing::info!(worker = self.id, "reloaded {origin}");
         Ok(())
     }
@@ -734,6 +740,26 @@ fn adopt_fd(fd: RawFd, name: &'static str) -> Result<OwnedFd, WorkerError> {
     // SAFETY: sets a flag on a descriptor we own.
     unsafe { libc::fcntl(owned.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
     Ok(owned)
+}
+
+/// The raw sockets forwards leave on, as `mode` asks and the process may.
+fn raw_tx(mode: UpstreamSend, worker: usize) -> RawTx {
+    if mode == UpstreamSend::Socket {
+        return RawTx::none();
+    }
+    let (tx, errors) = RawTx::open();
+    if tx.is_on() {
+        tracing::debug!(worker, "forwards leave as raw IP packets");
+    } else if let Some(e) = errors.first() {
+        // Said once per host, not once per worker.
+        if worker == 0 {
+            tracing::info!(
+                "upstream_send = \"auto\": no raw socket ({e}; it takes CAP_NET_RAW), \
+                 so each forward goes out on its own upstream socket, one sendmmsg per socket"
+            );
+        }
+    }
+    tx
 }
 
 /// Each upstream socket is a descriptor: allow as many as the hard limit.

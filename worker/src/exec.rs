@@ -1,27 +1,51 @@
-//! Turns the router's actions into syscalls, batched: every datagram for
-//! one upstream socket goes out in one sendmmsg (each with its own
-//! destination), every reply of one listener in one sendmmsg (each with its
-//! own client and source address). Frames between workers go one by one, in
+//! Turns the router's actions into syscalls, batched: the forwards of a
+//! flush go out as raw IP packets in one sendmmsg where the worker has a raw
+//! socket ([`crate::rawtx`]), else every datagram for one upstream socket in
+//! one sendmmsg (each with its own destination); every reply of one listener
+//! in one sendmmsg (each with its own client and source address). Frames between workers go one by one, in
 //! the order they were decided. Failed sends are reported back to the
 //! router, which counts them.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::handoff::Handoff;
+use udpshard_shared::clock::monotonic_ms;
+use udpshard_shared::stats::Counter;
+
 use crate::listener::Listener;
+use crate::rawtx::{RawMsg, RawTx};
 use crate::router::{Action, DatagramRef, Owners, Router};
 use crate::sockio::{send_batch, OutMsg, SendBatch};
 use crate::upstream::Upstream;
 
 /// Reusable buffers for one flush.
-#[derive(Default)]
 pub struct Executor {
     actions: Vec<Action>,
     failed: Vec<usize>,
     send: SendBatch,
+    raw: RawTx,
 }
 
 impl Executor {
+    /// Forwards through `raw` where it carries their family.
+    pub fn new(raw: RawTx) -> Executor {
+        Executor {
+            actions: Vec::new(),
+            failed: Vec::new(),
+            send: SendBatch::default(),
+            raw,
+        }
+    }
+
+    /// Whether forwards go out as raw IP packets (some family at least).
+    pub fn sends_raw(&self) -> bool {
+        self.raw.is_on()
+    }
+
+    pub fn set_raw(&mut self, raw: RawTx) {
+        self.raw = raw;
+    }
+
     /// Executes every action the router has decided. `bytes` resolves a
     /// datagram the actions name; `fds` are the descriptors that came with
     /// the frame just read (taken by `Keep`).
@@ -106,6 +130,9 @@ impl Executor {
                 _ => None,
             })
             .collect();
+        if self.raw.is_on() {
+            out = self.forward_raw(router, out);
+        }
         // Stable: each socket's datagrams keep the order they were decided.
         out.sort_by_key(|(sock, _)| *sock);
         let (socks, msgs): (Vec<u32>, Vec<OutMsg<'a>>) = out.into_iter().unzip();
@@ -122,6 +149,51 @@ impl Executor {
                 router.forward_failed(msgs[f].bytes.len());
             }
         }
+    }
+
+    /// Sends what it can of `out` on the raw socket, in the order decided;
+    /// returns the rest (no source address known, refused by the raw
+    /// socket) for their own sockets.
+    fn forward_raw<'a, O: Owners>(
+        &mut self,
+        router: &mut Router<O, Upstream>,
+        out: Vec<(u32, OutMsg<'a>)>,
+    ) -> Vec<(u32, OutMsg<'a>)> {
+        let now = monotonic_ms();
+        let mut raw: Vec<RawMsg<'a>> = Vec::with_capacity(out.len());
+        let mut raw_of: Vec<usize> = Vec::with_capacity(out.len());
+        let mut own = vec![false; out.len()];
+        for (k, (sock, m)) in out.iter().enumerate() {
+            let src = if self.raw.carries(m.to.is_ipv4()) {
+                router.sockets().source_toward(*sock, m.to, now)
+            } else {
+                None
+            };
+            match src {
+                Some(src) => {
+                    raw.push(RawMsg {
+                        src,
+                        dst: m.to,
+                        bytes: m.bytes,
+                    });
+                    raw_of.push(k);
+                }
+                None => own[k] = true,
+            }
+        }
+        if !raw.is_empty() {
+            self.failed.clear();
+            self.raw.send(&raw, &mut self.failed);
+            let sent = raw.len() - self.failed.len();
+            router.counters.add(Counter::TxRaw, sent as u64);
+            for &f in &self.failed {
+                own[raw_of[f]] = true;
+            }
+        }
+        out.into_iter()
+            .zip(own)
+            .filter_map(|(o, own)| own.then_some(o))
+            .collect()
     }
 
     /// Replies grouped by listener socket.

@@ -14,6 +14,7 @@ mod exec;
 mod handoff;
 mod listener;
 pub mod paths;
+mod rawtx;
 pub mod router;
 mod session;
 mod shm;

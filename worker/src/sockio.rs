@@ -113,6 +113,15 @@ impl RawAddr {
             len: len as libc::socklen_t,
         }
     }
+
+    /// For a message header's `msg_name`.
+    pub fn as_mut_ptr(&mut self) -> *mut libc::c_void {
+        (&mut self.storage as *mut libc::sockaddr_storage).cast()
+    }
+
+    pub fn len(&self) -> libc::socklen_t {
+        self.len
+    }
 }
 
 /// The socket address the kernel wrote into `storage`.

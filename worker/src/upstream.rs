@@ -54,6 +54,8 @@ impl Range {
 
 struct Entry {
     socket: UdpSocket,
+    /// Where it is bound.
+    local: SocketAddr,
     /// The (row, port) this worker leases for it; `None` for a borrowed copy.
     lease: Option<(usize, u16)>,
 }
@@ -66,7 +68,13 @@ pub struct Upstream {
     socks: Vec<Option<Entry>>,
     ranges: Vec<Range>,
     no_fd_until: u64,
+    /// The source address the route to a backend picks, for sockets bound
+    /// to the wildcard, and until when that answer is trusted.
+    route_sources: ahash::AHashMap<IpAddr, (Option<IpAddr>, u64)>,
 }
+
+/// How long a route's source address is trusted before it is asked again.
+const ROUTE_SOURCE_MS: u64 = 5_000;
 
 /// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), the
 /// default of `upstream_ports`.
@@ -78,6 +86,21 @@ pub fn ephemeral_range() -> (u16, u16) {
             Some((it.next()??, it.next()??))
         })
         .unwrap_or((32768, 60999))
+}
+
+/// The source address the kernel picks for a datagram to `dst` from a
+/// wildcard-bound socket: a socket connected there (connect() on UDP sends
+/// nothing) says what its route chose.
+fn route_source(dst: SocketAddr) -> Option<IpAddr> {
+    let probe = socket2::Socket::new(
+        socket2::Domain::for_address(dst),
+        socket2::Type::DGRAM.cloexec(),
+        Some(socket2::Protocol::UDP),
+    )
+    .ok()?;
+    probe.connect(&dst.into()).ok()?;
+    let ip = probe.local_addr().ok()?.as_socket()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
 }
 
 /// The source addresses of a listener: as configured, else the wildcard of
@@ -103,6 +126,7 @@ impl Upstream {
             socks: Vec::new(),
             ranges: Vec::new(),
             no_fd_until: 0,
+            route_sources: ahash::AHashMap::new(),
         }
     }
 
@@ -138,6 +162,31 @@ impl Upstream {
             .map(|e| e.socket.as_raw_fd())
     }
 
+    /// The address a datagram from socket `sock` to `dst` leaves from: the
+    /// socket's own, with the source address the route to `dst` picks when
+    /// it is bound to the wildcard. `None` when that cannot be told.
+    pub fn source_toward(
+        &mut self,
+        sock: SockId,
+        dst: SocketAddr,
+        now_ms: u64,
+    ) -> Option<SocketAddr> {
+        let local = self.socks.get(sock as usize)?.as_ref()?.local;
+        if !local.ip().is_unspecified() {
+            return Some(local);
+        }
+        let ip = match self.route_sources.get(&dst.ip()) {
+            Some(&(ip, until)) if now_ms < until => ip,
+            _ => {
+                let ip = route_source(dst);
+                self.route_sources
+                    .insert(dst.ip(), (ip, now_ms + ROUTE_SOURCE_MS));
+                ip
+            }
+        }?;
+        Some(SocketAddr::new(ip, local.port()))
+    }
+
     /// Keeps a descriptor received with a transfer as borrowed socket
     /// `sock` (sent on, never read here).
     pub fn keep(&mut self, sock: SockId, fd: OwnedFd) {
@@ -145,8 +194,13 @@ impl Upstream {
         if self.socks.len() <= i {
             self.socks.resize_with(i + 1, || None);
         }
+        let socket = UdpSocket::from(fd);
+        let Ok(local) = socket.local_addr() else {
+            return;
+        };
         self.socks[i] = Some(Entry {
-            socket: UdpSocket::from(fd),
+            socket,
+            local,
             lease: None,
         });
     }
@@ -259,6 +313,7 @@ impl Sockets for Upstream {
             sock,
             Entry {
                 socket,
+                local,
                 lease: Some((row, port)),
             },
         );

@@ -86,6 +86,8 @@ enum ProxyKind {
     Floor,
     Naive,
     Udpshard,
+    /// udpshard with `upstream_send = "socket"` (no raw IP): only with `--only`.
+    UdpshardSocket,
 }
 
 impl ProxyKind {
@@ -96,6 +98,7 @@ impl ProxyKind {
             ProxyKind::Floor => "floor",
             ProxyKind::Naive => "naive",
             ProxyKind::Udpshard => "udpshard",
+            ProxyKind::UdpshardSocket => "udpshard-socket",
         }
     }
 
@@ -103,7 +106,7 @@ impl ProxyKind {
         match self {
             ProxyKind::Floor => "floor-proxy",
             ProxyKind::Naive => "naive-proxy",
-            ProxyKind::Udpshard => "udpshard",
+            ProxyKind::Udpshard | ProxyKind::UdpshardSocket => "udpshard",
         }
     }
 
@@ -111,7 +114,7 @@ impl ProxyKind {
     fn backends(self) -> usize {
         match self {
             ProxyKind::Floor => 1,
-            ProxyKind::Naive | ProxyKind::Udpshard => 2,
+            ProxyKind::Naive | ProxyKind::Udpshard | ProxyKind::UdpshardSocket => 2,
         }
     }
 }
@@ -183,7 +186,8 @@ fn main() -> ExitCode {
     };
     let selected: Vec<ProxyKind> = ProxyKind::ALL
         .into_iter()
-        .filter(|p| args.only.is_empty() || args.only.contains(p))
+        .chain([ProxyKind::UdpshardSocket])
+        .filter(|p| args.only.contains(p) || (args.only.is_empty() && ProxyKind::ALL.contains(p)))
         .filter(|p| !args.skip.contains(p))
         .collect();
     if selected.is_empty() {
@@ -420,9 +424,14 @@ fn proxy_command(
                 command.arg("--backend").arg(backend.to_string());
             }
         }
-        ProxyKind::Udpshard => {
+        ProxyKind::Udpshard | ProxyKind::UdpshardSocket => {
             let config = workdir.join("udpshard.toml");
-            std::fs::write(&config, udpshard_toml(listen, backends, workdir))
+            let send = if proxy == ProxyKind::UdpshardSocket {
+                "socket"
+            } else {
+                "auto"
+            };
+            std::fs::write(&config, udpshard_toml(listen, backends, workdir, send))
                 .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
             command.arg("run").arg("--config").arg(config);
         }
@@ -432,11 +441,17 @@ fn proxy_command(
 
 /// udpshard's configuration for the benchmark: one QUIC listener, 8-byte short-header CIDs,
 /// a 4 MiB receive buffer like the other proxies, the sinks as backends.
-fn udpshard_toml(listen: SocketAddr, backends: &[SocketAddr], workdir: &Path) -> String {
+fn udpshard_toml(
+    listen: SocketAddr,
+    backends: &[SocketAddr],
+    workdir: &Path,
+    upstream_send: &str,
+) -> String {
     let backends: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     format!(
         r#"workers = "auto"
 stats_file = "{stats}"
+upstream_send = "{upstream_send}"
 # The load has stopped when the bench stops the proxy: no drain to wait for.
 drain_timeout = "0s"
 
@@ -625,6 +640,7 @@ mod tests {
             "127.0.0.1:4000".parse().unwrap(),
             &backends,
             Path::new("/tmp/x"),
+            "socket",
         );
         assert!(text.contains("stats_file = \"/tmp/x/stats\""));
         assert!(text.contains(r#"backends = ["127.0.0.1:4001", "127.0.0.1:4002"]"#));

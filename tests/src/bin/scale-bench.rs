@@ -71,6 +71,8 @@ enum Kind {
     /// The floor sending from one port per session, as udpshard's design does.
     FloorPorts,
     Udpshard,
+    /// udpshard with `upstream_send = "socket"`: each forward on its own socket, no raw IP.
+    UdpshardSocket,
 }
 
 impl Kind {
@@ -79,7 +81,12 @@ impl Kind {
             Kind::Floor => "floor",
             Kind::FloorPorts => "floor-ports",
             Kind::Udpshard => "udpshard",
+            Kind::UdpshardSocket => "udpshard-socket",
         }
+    }
+
+    fn is_udpshard(self) -> bool {
+        matches!(self, Kind::Udpshard | Kind::UdpshardSocket)
     }
 }
 
@@ -135,10 +142,15 @@ fn main() -> ExitCode {
     };
     let workdir = std::env::temp_dir().join(format!("udpshard-scale-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&workdir);
-    let kinds: Vec<Kind> = [Kind::Floor, Kind::FloorPorts, Kind::Udpshard]
-        .into_iter()
-        .filter(|k| args.only.is_empty() || args.only.contains(k))
-        .collect();
+    let kinds: Vec<Kind> = [
+        Kind::Floor,
+        Kind::FloorPorts,
+        Kind::Udpshard,
+        Kind::UdpshardSocket,
+    ]
+    .into_iter()
+    .filter(|k| args.only.is_empty() || args.only.contains(k))
+    .collect();
     let mut results = Vec::new();
     let mut failed = false;
     for kind in kinds {
@@ -185,11 +197,11 @@ fn run(args: &Args, kind: Kind, bin_dir: &Path, workdir: &Path) -> Result<Result
             }
             c
         }
-        Kind::Udpshard => {
+        Kind::Udpshard | Kind::UdpshardSocket => {
             let config = workdir.join("udpshard.toml");
             std::fs::write(
                 &config,
-                udpshard_toml(args, listen, sink.addrs(), &stats_file),
+                udpshard_toml(args, kind, listen, sink.addrs(), &stats_file),
             )
             .map_err(|e| e.to_string())?;
             let mut c = Command::new(bin_dir.join("udpshard"));
@@ -211,7 +223,7 @@ fn run(args: &Args, kind: Kind, bin_dir: &Path, workdir: &Path) -> Result<Result
     // Opening: one datagram per flow.
     let pss_before = tree_pss(process.pid());
     let slab_before = meminfo("Slab");
-    let sampling = Arc::new(AtomicBool::new(kind == Kind::Udpshard));
+    let sampling = Arc::new(AtomicBool::new(kind.is_udpshard()));
     let loop_max = Arc::new(AtomicU64::new(0));
     let sampler = {
         let (sampling, loop_max, stats_file) =
@@ -253,7 +265,7 @@ fn run(args: &Args, kind: Kind, bin_dir: &Path, workdir: &Path) -> Result<Result
     let slab_after = meminfo("Slab");
     let (held, refused) = match kind {
         Kind::Floor | Kind::FloorPorts => (None, None),
-        Kind::Udpshard => {
+        Kind::Udpshard | Kind::UdpshardSocket => {
             let snap = Snapshot::read(&stats_file).map_err(|e| e.to_string())?;
             let sum = |c: Counter| snap.workers().map(|w| w.get(c)).sum::<u64>();
             (
@@ -309,6 +321,20 @@ fn run(args: &Args, kind: Kind, bin_dir: &Path, workdir: &Path) -> Result<Result
         steady.loss_ratio * 100.0,
         cpu.tree.as_secs_f64()
     );
+    if kind.is_udpshard() {
+        if let Ok(snap) = Snapshot::read(&stats_file) {
+            let sum = |c: Counter| snap.workers().map(|w| w.get(c)).sum::<u64>();
+            eprintln!(
+                "scale-bench: {}: {} of {} forwards left as raw IP packets; {} datagrams handed \
+                 between workers; {} loop iterations",
+                kind.name(),
+                sum(Counter::TxRaw),
+                sum(Counter::TxPackets),
+                sum(Counter::HandoffIn),
+                sum(Counter::Loops),
+            );
+        }
+    }
     let status = process.stop();
     eprintln!("scale-bench: {}: stopped ({status})", kind.name());
     Ok(Result_ {
@@ -316,7 +342,7 @@ fn run(args: &Args, kind: Kind, bin_dir: &Path, workdir: &Path) -> Result<Result
         open,
         held,
         refused,
-        loop_max_us: (kind == Kind::Udpshard).then(|| loop_max.load(Ordering::Relaxed)),
+        loop_max_us: kind.is_udpshard().then(|| loop_max.load(Ordering::Relaxed)),
         tuples,
         pss_delta: pss_after - pss_before,
         slab_delta: slab_after - slab_before,
@@ -336,12 +362,24 @@ fn spread_ports(args: &Args) -> usize {
     wanted.clamp(1, limit.max(1))
 }
 
-fn udpshard_toml(args: &Args, listen: SocketAddr, backends: &[SocketAddr], stats: &Path) -> String {
+fn udpshard_toml(
+    args: &Args,
+    kind: Kind,
+    listen: SocketAddr,
+    backends: &[SocketAddr],
+    stats: &Path,
+) -> String {
     let backends: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    let send = if kind == Kind::UdpshardSocket {
+        "socket"
+    } else {
+        "auto"
+    };
     format!(
         r#"workers = "auto"
 stats_file = "{stats}"
 drain_timeout = "0s"
+upstream_send = "{send}"
 
 [[listener]]
 name = "scale"

@@ -1,5 +1,10 @@
 //! The sink: the backends' side of a load test. Binds UDP addresses, receives with `recvmmsg`
-//! on one thread per address until stopped, and counts what arrived where and how late.
+//! on one thread that polls them all until stopped, and counts what arrived where and how late.
+//!
+//! One thread, not one per address: over loopback the sender pays for waking the receiver
+//! (delivery runs in its softirq), so eight sleeping threads would charge a proxy with eight
+//! backends for up to eight wake-ups per batch where a one-backend floor pays one. A single
+//! poller sleeps once for all of them, and needs no lock between threads.
 //!
 //! Duplicates are recognised by sequence number, which is unique per process (the generators
 //! of one process share one counter): a sink fed by two generator processes at once would see
@@ -25,8 +30,10 @@ use super::seqset::SeqSet;
 /// Receive buffer asked for (the kernel clamps SO_RCVBUF to `net.core.rmem_max`; with
 /// CAP_NET_ADMIN the sink forces it): the sink is not under test and should not drop.
 const RECV_BUFFER: usize = 8 << 20;
-/// How often a receiving thread looks at the stop flag when no traffic arrives.
-const POLL: Duration = Duration::from_millis(50);
+/// How often the receiving thread looks at the stop flag when no traffic arrives.
+const POLL_MS: u16 = 50;
+/// Batches read from one socket before the others get their turn.
+const TURN: usize = 4;
 const BATCH: usize = 64;
 const SLOT: usize = 2048;
 
@@ -138,14 +145,12 @@ impl Sink {
             shared,
             threads: Vec::new(),
         };
-        for (index, socket) in sockets.into_iter().enumerate() {
-            let shared = Arc::clone(&sink.shared);
-            let thread = std::thread::Builder::new()
-                .name(format!("sink-{index}"))
-                .spawn(move || receive(&socket, index, &shared))
-                .map_err(SinkError::Spawn)?;
-            sink.threads.push(thread);
-        }
+        let shared = Arc::clone(&sink.shared);
+        let thread = std::thread::Builder::new()
+            .name("sink".into())
+            .spawn(move || receive(&sockets, &shared))
+            .map_err(SinkError::Spawn)?;
+        sink.threads.push(thread);
         Ok(sink)
     }
 
@@ -202,50 +207,88 @@ fn bind_one(addr: SocketAddr) -> io::Result<UdpSocket> {
     {
         socket.set_recv_buffer_size(RECV_BUFFER)?;
     }
-    socket.set_read_timeout(Some(POLL))?;
+    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket.into())
 }
 
-fn receive(socket: &UdpSocket, index: usize, shared: &Shared) {
+fn receive(sockets: &[UdpSocket], shared: &Shared) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut batch = Batch::new(BATCH, SLOT);
+    let mut ready = vec![false; sockets.len()];
     while !shared.stop.load(Ordering::Relaxed) {
-        match batch.recv(socket.as_fd()) {
-            Ok(0) => {}
-            Ok(n) => {
-                let now = monotonic_ns();
-                let mut counted = shared.counted();
-                let Counted { stats, seen } = &mut *counted;
-                let mut fresh = 0;
-                for i in 0..n {
-                    match Datagram::parse(batch.datagram(i)) {
-                        Ok(d) if seen.insert(d.seq) => {
-                            fresh += 1;
-                            stats.latency.record(now.saturating_sub(d.sent_ns));
-                        }
-                        Ok(_) => stats.duplicates += 1,
-                        Err(_) => stats.malformed += 1,
+        {
+            let mut fds: Vec<PollFd<'_>> = sockets
+                .iter()
+                .map(|s| PollFd::new(s.as_fd(), PollFlags::POLLIN))
+                .collect();
+            match poll(&mut fds, PollTimeout::from(POLL_MS)) {
+                Ok(0) => continue,
+                Ok(_) => {
+                    for (r, fd) in ready.iter_mut().zip(&fds) {
+                        *r = fd.revents().is_some_and(|e| !e.is_empty());
                     }
                 }
-                stats.received += fresh;
-                if let Some(count) = stats.per_addr.get_mut(index) {
-                    *count += fresh;
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(_) => {
+                    shared.counted().stats.recv_errors += 1;
+                    // Do not spin on a persistent error.
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
                 }
-                drop(counted);
-                shared.arrivals.fetch_add(n as u64, Ordering::Relaxed);
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
-            Err(_) => {
-                shared.counted().stats.recv_errors += 1;
-                // Do not spin on a persistent error.
-                std::thread::sleep(Duration::from_millis(1));
+        }
+        for (index, socket) in sockets.iter().enumerate() {
+            if !ready[index] {
+                continue;
             }
+            for _ in 0..TURN {
+                if !receive_batch(socket, index, &mut batch, shared) {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Reads and counts one batch from `socket`; false when it had nothing (or failed).
+fn receive_batch(socket: &UdpSocket, index: usize, batch: &mut Batch, shared: &Shared) -> bool {
+    match batch.recv(socket.as_fd()) {
+        Ok(0) => false,
+        Ok(n) => {
+            let now = monotonic_ns();
+            let mut counted = shared.counted();
+            let Counted { stats, seen } = &mut *counted;
+            let mut fresh = 0;
+            for i in 0..n {
+                match Datagram::parse(batch.datagram(i)) {
+                    Ok(d) if seen.insert(d.seq) => {
+                        fresh += 1;
+                        stats.latency.record(now.saturating_sub(d.sent_ns));
+                    }
+                    Ok(_) => stats.duplicates += 1,
+                    Err(_) => stats.malformed += 1,
+                }
+            }
+            stats.received += fresh;
+            if let Some(count) = stats.per_addr.get_mut(index) {
+                *count += fresh;
+            }
+            drop(counted);
+            shared.arrivals.fetch_add(n as u64, Ordering::Relaxed);
+            true
+        }
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+            ) =>
+        {
+            false
+        }
+        Err(_) => {
+            shared.counted().stats.recv_errors += 1;
+            false
         }
     }
 }
