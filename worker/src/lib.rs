@@ -17,6 +17,7 @@ pub mod paths;
 mod rawtx;
 pub mod router;
 mod session;
+mod shardmap;
 mod shm;
 mod sockio;
 mod upstream;

@@ -6,12 +6,12 @@
 
 use std::net::SocketAddr;
 
-use ahash::AHashMap;
 use slab::Slab;
 use udpshard_shared::handoff::MAX_ALIASES;
 use udpshard_shared::FlowKey;
 
 use crate::paths::{PathId, NONE};
+use crate::shardmap::ShardedMap;
 
 /// A session's index in the table; stable for the session's life.
 pub type SessionId = usize;
@@ -80,7 +80,7 @@ pub enum Refused {
 
 #[derive(Debug)]
 struct ListenerTable {
-    keys: AHashMap<FlowKey, SessionId>,
+    keys: ShardedMap<FlowKey, SessionId>,
     sessions: usize,
     max_sessions: usize,
 }
@@ -98,19 +98,20 @@ pub struct SessionTable {
     span: usize,
 }
 
-/// Sessions a table is sized for up front: growing a table of this size
-/// would stall the loop for milliseconds while it rehashes.
+/// Sessions the slab is sized for up front (address space: untouched
+/// capacity costs no memory), so it never moves them all while the loop
+/// waits. The key maps grow shard by shard instead ([`ShardedMap`]).
 const PRESIZE_CAP: usize = 1 << 20;
 
 impl SessionTable {
-    /// A table for listeners with these `max_sessions`. Tables are sized for
-    /// their limit (up to [`PRESIZE_CAP`]) so they never rehash under load;
-    /// untouched capacity costs address space, not memory.
+    /// A table for listeners with these `max_sessions`. The slab is sized
+    /// for their limit (up to [`PRESIZE_CAP`]); the key maps start small,
+    /// so a few sessions stay in cache, and grow a shard at a time.
     pub fn new(limits: impl IntoIterator<Item = usize>) -> Self {
         let listeners: Vec<ListenerTable> = limits
             .into_iter()
             .map(|max_sessions| ListenerTable {
-                keys: AHashMap::with_capacity(max_sessions.min(PRESIZE_CAP)),
+                keys: ShardedMap::new(),
                 sessions: 0,
                 max_sessions,
             })
@@ -149,7 +150,7 @@ impl SessionTable {
         let l = &mut self.listeners[listener];
         l.sessions += 1;
         for key in session.keys() {
-            l.keys.entry(*key).or_insert(id);
+            l.keys.get_or_insert(*key, id);
         }
         id
     }
@@ -229,7 +230,7 @@ impl SessionTable {
         self.listeners = limits
             .iter()
             .map(|&max_sessions| ListenerTable {
-                keys: AHashMap::new(),
+                keys: ShardedMap::new(),
                 sessions: 0,
                 max_sessions,
             })
