@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds every binary in release mode and runs the benchmark (floor, naive, udpshard) with the
-# given arguments, e.g. `bash tests/bench.sh --only floor --json`. See `bench --help`.
+# Builds every binary in release mode and runs the benchmark (floor, naive, nginx, udpshard) with
+# the given arguments, e.g. `bash tests/bench.sh --only floor --json`. See `bench --help`.
+# nginx is Debian's `nginx` with `libnginx-mod-stream`: installed here when missing, where this
+# runs as root with apt-get; elsewhere the bench says it skipped nginx.
 # `bash tests/bench.sh scale [ARGS]` runs the scale mode instead: open N sessions, then a steady
 # rate over them (floor, floor-ports, udpshard; see `scale-bench --help`).
 set -euo pipefail
@@ -12,6 +14,16 @@ if [[ "${1:-}" == scale ]]; then
     shift
 fi
 extra=()
+if [[ $bench == bench ]] && ! { [ -x /usr/sbin/nginx ] && [ -e /usr/lib/nginx/modules/ngx_stream_module.so ]; }; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "bench.sh: installing nginx and libnginx-mod-stream (the bench's nginx)" >&2
+        apt-get install -y -qq nginx libnginx-mod-stream >/dev/null 2>&1 ||
+            { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq nginx libnginx-mod-stream >/dev/null 2>&1; } ||
+            echo "bench.sh: could not install nginx; the bench will skip it" >&2
+    else
+        echo "bench.sh: no nginx with the stream module (apt-get install nginx libnginx-mod-stream); the bench will skip it" >&2
+    fi
+fi
 if ! cargo build --release --workspace --bins; then
     # udpshard is under development: still measure the baselines, and never run a stale
     # udpshard binary left over from an earlier build.

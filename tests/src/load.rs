@@ -27,7 +27,8 @@ pub mod units;
 
 pub use datagram::{flow_cid, Datagram, DEFAULT_SIZE, MIN_SIZE};
 pub use generator::{
-    run_load, send_load, show_latency, Generator, LoadError, LoadReport, LoadSpec, SendReport,
+    run_load, send_load, show_latency, Generator, LoadError, LoadReport, LoadSpec, Replies,
+    SendReport,
 };
 pub use histogram::Histogram;
 pub use sink::{Sink, SinkError, SinkStats};
@@ -71,6 +72,36 @@ mod tests {
         let stats = sink.stop();
         assert_eq!(stats.received, 2000, "all datagrams arrive");
         assert_eq!(stats.duplicates, 0);
+    }
+
+    #[test]
+    fn an_echo_sink_sends_every_datagram_back_to_its_flow() {
+        let sink = Sink::bind_loopback_echo(1).unwrap();
+        let spec = LoadSpec {
+            flows: 50,
+            rate: Some(20_000),
+            duration: Duration::from_secs(5),
+            max_datagrams: Some(1000),
+            ..LoadSpec::new(sink.addrs()[0])
+        };
+        let mut generator = Generator::open(spec.target, spec.flows).unwrap();
+        let report = generator.run_echo(&spec, &sink).unwrap();
+        let replies = report.replies.clone().unwrap();
+        assert_eq!(report.sent, 1000, "{report}");
+        assert_eq!(replies.echoed, report.received, "{report}");
+        assert_eq!(replies.received, replies.echoed, "{report}");
+        assert_eq!(replies.duplicates, 0);
+        assert!(replies.rtt_p50.is_some() && replies.rtt_p99 >= replies.rtt_p50);
+        // A one-way sink echoes nothing.
+        let quiet = Sink::bind_loopback(1).unwrap();
+        let spec = LoadSpec {
+            max_datagrams: Some(100),
+            ..LoadSpec::new(quiet.addrs()[0])
+        };
+        let mut generator = Generator::open(spec.target, spec.flows).unwrap();
+        let report = generator.run_echo(&spec, &quiet).unwrap();
+        assert_eq!(report.replies.unwrap().received, 0);
+        assert_eq!(quiet.echoed(), 0);
     }
 
     #[test]

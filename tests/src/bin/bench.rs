@@ -1,5 +1,10 @@
-//! `bench`: CPU per forwarded datagram and loss of three proxies, measured in one run on one
-//! host: `floor-proxy` (the socket floor), `naive-proxy` (the seed's design) and `udpshard`.
+//! `bench`: CPU per forwarded datagram and loss of four proxies, measured in one run on one
+//! host: `floor-proxy` (the socket floor), `naive-proxy` (the seed's design), nginx's stream
+//! UDP proxy (the strongest common peer, with sessions kept) and `udpshard`.
+//!
+//! With `--echo` the sinks send every datagram back and the generator counts the replies:
+//! CPU per round trip, loss each way and round-trip latency, for nginx and udpshard (the
+//! floor and the naive proxy have no return path).
 //!
 //! For each proxy: a sink stands in for the backends, the proxy starts and says `ready:` on
 //! stderr, a warm-up load creates its sessions, then the same flows send at `--rate` and then
@@ -19,7 +24,9 @@ use udpshard_tests::load::baseline::allowed_cpus;
 use udpshard_tests::load::procstat::{clock_ticks, CpuSnapshot, CpuUse, UdpCounters};
 use udpshard_tests::load::proxy::{free_udp_addr, host_lock, own_dir, show_command, ProxyProcess};
 use udpshard_tests::load::units::{parse_duration, parse_rate};
-use udpshard_tests::load::{show_latency, Generator, LoadReport, LoadSpec, Sink, DEFAULT_SIZE};
+use udpshard_tests::load::{
+    show_latency, Generator, LoadError, LoadReport, LoadSpec, Sink, DEFAULT_SIZE,
+};
 
 /// Pause between loads, so one load's tail does not land in the next one's counters.
 const SETTLE: Duration = Duration::from_millis(300);
@@ -34,9 +41,18 @@ const NOISE_PAUSE: Duration = Duration::from_secs(5);
     about = "Proxy CPU per forwarded datagram and loss: floor, naive, udpshard"
 )]
 struct Args {
-    /// Offered rate of the first load, datagrams/s (150000, 150k); the second load is max.
+    /// Offered rate of a load, datagrams/s (150000, 150k); repeat it for several loads, each
+    /// at its rate, before the max-rate load.
     #[arg(long, default_value = "150000", value_parser = fixed_rate)]
-    rate: u64,
+    rate: Vec<u64>,
+    /// Bidirectional: the sinks echo every datagram; CPU per round trip, loss each way and
+    /// round-trip latency (nginx and udpshard only, unless --only says otherwise).
+    #[arg(long)]
+    echo: bool,
+    /// nginx's binary (Debian's `nginx` with `libnginx-mod-stream`; tests/bench.sh installs
+    /// them when missing).
+    #[arg(long, default_value = "/usr/sbin/nginx")]
+    nginx: PathBuf,
     /// Flows (client sockets, one CID each).
     #[arg(long, default_value_t = 2000)]
     flows: usize,
@@ -85,18 +101,27 @@ fn fixed_rate(text: &str) -> Result<u64, String> {
 enum ProxyKind {
     Floor,
     Naive,
+    Nginx,
     Udpshard,
     /// udpshard with `upstream_send = "socket"` (no raw IP): only with `--only`.
     UdpshardSocket,
 }
 
 impl ProxyKind {
-    const ALL: [ProxyKind; 3] = [ProxyKind::Floor, ProxyKind::Naive, ProxyKind::Udpshard];
+    const ALL: [ProxyKind; 4] = [
+        ProxyKind::Floor,
+        ProxyKind::Naive,
+        ProxyKind::Nginx,
+        ProxyKind::Udpshard,
+    ];
+    /// Those with a return path, measured by default with `--echo`.
+    const ECHO: [ProxyKind; 2] = [ProxyKind::Nginx, ProxyKind::Udpshard];
 
     fn name(self) -> &'static str {
         match self {
             ProxyKind::Floor => "floor",
             ProxyKind::Naive => "naive",
+            ProxyKind::Nginx => "nginx",
             ProxyKind::Udpshard => "udpshard",
             ProxyKind::UdpshardSocket => "udpshard-socket",
         }
@@ -106,6 +131,7 @@ impl ProxyKind {
         match self {
             ProxyKind::Floor => "floor-proxy",
             ProxyKind::Naive => "naive-proxy",
+            ProxyKind::Nginx => "nginx",
             ProxyKind::Udpshard | ProxyKind::UdpshardSocket => "udpshard",
         }
     }
@@ -114,7 +140,10 @@ impl ProxyKind {
     fn backends(self) -> usize {
         match self {
             ProxyKind::Floor => 1,
-            ProxyKind::Naive | ProxyKind::Udpshard | ProxyKind::UdpshardSocket => 2,
+            ProxyKind::Naive
+            | ProxyKind::Nginx
+            | ProxyKind::Udpshard
+            | ProxyKind::UdpshardSocket => 2,
         }
     }
 }
@@ -160,9 +189,14 @@ struct Measurement {
 }
 
 impl Measurement {
+    /// CPU per datagram that reached the sink; with `--echo`, per round trip (an echo that
+    /// came back: two datagrams through the proxy).
     fn cpu_us_per_datagram(&self) -> Option<f64> {
-        (self.report.received > 0)
-            .then(|| self.cpu.tree.as_secs_f64() * 1e6 / self.report.received as f64)
+        let done = match &self.report.replies {
+            Some(r) => r.received,
+            None => self.report.received,
+        };
+        (done > 0).then(|| self.cpu.tree.as_secs_f64() * 1e6 / done as f64)
     }
 
     /// CPU time as a share of one CPU over the load's wall time.
@@ -184,10 +218,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let default: &[ProxyKind] = if args.echo {
+        &ProxyKind::ECHO
+    } else {
+        &ProxyKind::ALL
+    };
     let selected: Vec<ProxyKind> = ProxyKind::ALL
         .into_iter()
         .chain([ProxyKind::UdpshardSocket])
-        .filter(|p| args.only.contains(p) || (args.only.is_empty() && ProxyKind::ALL.contains(p)))
+        .filter(|p| args.only.contains(p) || (args.only.is_empty() && default.contains(p)))
         .filter(|p| !args.skip.contains(p))
         .collect();
     if selected.is_empty() {
@@ -212,12 +251,16 @@ fn main() -> ExitCode {
     let mut skipped = Vec::new();
     let mut failed = Vec::new();
     for proxy in selected {
-        let binary = bin_dir.join(proxy.binary());
+        let binary = match proxy {
+            ProxyKind::Nginx => args.nginx.clone(),
+            _ => bin_dir.join(proxy.binary()),
+        };
         if !binary.is_file() {
-            let why = format!(
-                "binary not found at {} (cargo build --release --workspace --bins)",
-                binary.display()
-            );
+            let fix = match proxy {
+                ProxyKind::Nginx => "apt-get install nginx libnginx-mod-stream, or --nginx PATH",
+                _ => "cargo build --release --workspace --bins",
+            };
+            let why = format!("binary not found at {} ({fix})", binary.display());
             eprintln!("bench: {}: skipped: {why}", proxy.name());
             skipped.push((proxy, why));
             continue;
@@ -261,7 +304,12 @@ fn bench_proxy(
     binary: &Path,
     workdir: &Path,
 ) -> Result<Vec<Measurement>, String> {
-    let sink = Sink::bind_loopback(proxy.backends()).map_err(|e| e.to_string())?;
+    let sink = if args.echo {
+        Sink::bind_loopback_echo(proxy.backends())
+    } else {
+        Sink::bind_loopback(proxy.backends())
+    }
+    .map_err(|e| e.to_string())?;
     let listen = free_udp_addr().map_err(|e| format!("cannot find a free port: {e}"))?;
     let command = proxy_command(proxy, binary, listen, sink.addrs(), workdir)?;
     eprintln!(
@@ -270,7 +318,11 @@ fn bench_proxy(
         show_command(&command)
     );
     let mut process = ProxyProcess::start(command).map_err(|e| format!("cannot start: {e}"))?;
-    process.wait_ready(args.ready_timeout)?;
+    match proxy {
+        // nginx says nothing when it is up: its workers' sockets in /proc/net/udp say it.
+        ProxyKind::Nginx => process.wait_bound(listen, allowed_cpus().len(), args.ready_timeout)?,
+        _ => process.wait_ready(args.ready_timeout)?,
+    }
 
     let mut generator = Generator::open(listen, args.flows).map_err(|e| e.to_string())?;
     let spec = |rate: Option<u64>, duration: Duration| LoadSpec {
@@ -281,9 +333,15 @@ fn bench_proxy(
         max_datagrams: None,
         size: args.size,
     };
+    let run = |generator: &mut Generator, spec: &LoadSpec| {
+        if args.echo {
+            generator.run_echo(spec, &sink)
+        } else {
+            generator.run(spec, &sink)
+        }
+    };
     if !args.warmup.is_zero() {
-        let report = generator
-            .run(&spec(Some(args.rate), args.warmup), &sink)
+        let report = run(&mut generator, &spec(Some(args.rate[0]), args.warmup))
             .map_err(|e| e.to_string())?;
         eprintln!(
             "bench: {}: warm-up: sent {}, received {}",
@@ -293,7 +351,7 @@ fn bench_proxy(
         );
         process.check_alive()?;
     }
-    let mut phases = vec![Phase::Rate(args.rate)];
+    let mut phases: Vec<Phase> = args.rate.iter().map(|&r| Phase::Rate(r)).collect();
     if !args.no_max {
         phases.push(Phase::Max);
     }
@@ -305,9 +363,7 @@ fn bench_proxy(
             std::thread::sleep(SETTLE);
             let m = measure(
                 (proxy, phase),
-                &mut generator,
-                &spec(phase.rate(), args.duration),
-                &sink,
+                &mut || run(&mut generator, &spec(phase.rate(), args.duration)),
                 &mut process,
             )?;
             let m = Measurement {
@@ -339,15 +395,13 @@ fn bench_proxy(
 /// One load against a running proxy, with the CPU it cost.
 fn measure(
     (proxy, phase): (ProxyKind, Phase),
-    generator: &mut Generator,
-    spec: &LoadSpec,
-    sink: &Sink,
+    load: &mut dyn FnMut() -> Result<LoadReport, LoadError>,
     process: &mut ProxyProcess,
 ) -> Result<Measurement, String> {
     let cpu_before = CpuSnapshot::take().map_err(|e| format!("/proc: {e}"))?;
     let udp_before = UdpCounters::read().ok();
     let started = Instant::now();
-    let report = generator.run(spec, sink).map_err(|e| e.to_string())?;
+    let report = load().map_err(|e| e.to_string())?;
     let wall = started.elapsed();
     let cpu = CpuSnapshot::take()
         .map_err(|e| format!("/proc: {e}"))?
@@ -388,6 +442,18 @@ fn report_progress(m: &Measurement) {
         m.cpu.other_processes.as_secs_f64(),
         m.cpu.unattributed.as_secs_f64(),
     );
+    if let Some(r) = &m.report.replies {
+        eprintln!(
+            "bench: {} @ {}: round trips: {} echoed, {} came back ({:.3}% lost on the way back), round trip p50 {} p99 {}",
+            proxy.name(),
+            phase.label(),
+            r.echoed,
+            r.received,
+            r.loss_ratio() * 100.0,
+            show_latency(r.rtt_p50),
+            show_latency(r.rtt_p99),
+        );
+    }
     if m.share(m.cpu.other_processes) > NOISY {
         eprintln!(
             "bench: warning: other programs used {:.0}% of a CPU during this load ({}); its figures are disturbed",
@@ -423,6 +489,18 @@ fn proxy_command(
             for backend in backends {
                 command.arg("--backend").arg(backend.to_string());
             }
+        }
+        ProxyKind::Nginx => {
+            let config = workdir.join("nginx.conf");
+            std::fs::write(&config, nginx_conf(listen, backends, workdir))
+                .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+            command
+                .arg("-e")
+                .arg("stderr")
+                .arg("-p")
+                .arg(workdir)
+                .arg("-c")
+                .arg(&config);
         }
         ProxyKind::Udpshard | ProxyKind::UdpshardSocket => {
             let config = workdir.join("udpshard.toml");
@@ -468,12 +546,66 @@ backends = [{backends}]
     )
 }
 
+/// Where Debian's libnginx-mod-stream puts the stream module (absent: built in, or missing,
+/// and nginx says which when it reads `stream {}`).
+const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+/// nginx's configuration for the benchmark: one worker per CPU (as the others), pinned, each
+/// with its own SO_REUSEPORT socket; sessions kept for 60 s (`proxy_timeout`), replies
+/// relayed without limit; backends round robin, one per session.
+fn nginx_conf(listen: SocketAddr, backends: &[SocketAddr], workdir: &Path) -> String {
+    let module = if Path::new(NGINX_STREAM_MODULE).is_file() {
+        format!("load_module {NGINX_STREAM_MODULE};\n")
+    } else {
+        String::new()
+    };
+    let servers: String = backends
+        .iter()
+        .map(|b| format!("        server {b};\n"))
+        .collect();
+    format!(
+        r#"{module}daemon off;
+master_process on;
+worker_processes {workers};
+worker_cpu_affinity auto;
+worker_rlimit_nofile 65536;
+pid {pid};
+error_log stderr warn;
+events {{
+    worker_connections 16384;
+}}
+stream {{
+    upstream backends {{
+{servers}    }}
+    server {{
+        listen {listen} udp reuseport;
+        proxy_pass backends;
+        proxy_timeout 60s;
+    }}
+}}
+"#,
+        workers = allowed_cpus().len(),
+        pid = workdir.join("nginx.pid").display(),
+    )
+}
+
 /// The floor's CPU per datagram in the same phase, for the ratio column.
 fn floor_of(measurements: &[Measurement], phase: Phase) -> Option<f64> {
+    baseline_of(measurements, phase, ProxyKind::Floor)
+}
+
+fn baseline_of(measurements: &[Measurement], phase: Phase, baseline: ProxyKind) -> Option<f64> {
     measurements
         .iter()
-        .find(|m| m.proxy == ProxyKind::Floor && m.phase == phase)
+        .find(|m| m.proxy == baseline && m.phase == phase)
         .and_then(Measurement::cpu_us_per_datagram)
+}
+
+/// CPU per datagram (per round trip with --echo) against nginx's in the same phase.
+fn ratio_to_nginx(measurements: &[Measurement], m: &Measurement) -> Option<f64> {
+    let nginx = baseline_of(measurements, m.phase, ProxyKind::Nginx)?;
+    let own = m.cpu_us_per_datagram()?;
+    (nginx > 0.0).then(|| own / nginx)
 }
 
 fn ratio_to_floor(measurements: &[Measurement], m: &Measurement) -> Option<f64> {
@@ -483,42 +615,62 @@ fn ratio_to_floor(measurements: &[Measurement], m: &Measurement) -> Option<f64> 
 }
 
 fn table(measurements: &[Measurement]) -> String {
-    let header = [
+    let echo = measurements.iter().any(|m| m.report.replies.is_some());
+    let mut header = vec![
         "proxy",
         "offered/s",
         "achieved/s",
         "sent",
         "received",
         "loss %",
-        "cpu µs/dgram",
-        "x floor",
-        "proxy cpu %",
-        "p50",
-        "p99",
-        "rcvbuf drops",
-        "ksoftirqd %",
-        "others %",
     ];
-    let mut rows = vec![header.map(String::from).to_vec()];
+    if echo {
+        header.extend(["replies", "back loss %", "cpu µs/round trip"]);
+    } else {
+        header.push("cpu µs/dgram");
+    }
+    header.extend(["x floor", "x nginx", "proxy cpu %", "p50", "p99"]);
+    if echo {
+        header.extend(["rtt p50", "rtt p99"]);
+    }
+    header.extend(["rcvbuf drops", "ksoftirqd %", "others %"]);
+    let mut rows = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
+    let ratio = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
     for m in measurements {
         let r = &m.report;
-        rows.push(vec![
+        let mut row = vec![
             m.proxy.name().to_string(),
             m.phase.label(),
             format!("{:.0}", r.achieved_rate),
             r.sent.to_string(),
             r.received.to_string(),
             format!("{:.3}", r.loss_ratio * 100.0),
+        ];
+        if echo {
+            let replies = r.replies.as_ref();
+            row.push(replies.map_or("-".into(), |x| x.received.to_string()));
+            row.push(replies.map_or("-".into(), |x| format!("{:.3}", x.loss_ratio() * 100.0)));
+        }
+        row.extend([
             m.cpu_us_per_datagram()
                 .map_or("-".into(), |v| format!("{v:.3}")),
-            ratio_to_floor(measurements, m).map_or("-".into(), |v| format!("{v:.2}")),
+            ratio(ratio_to_floor(measurements, m)),
+            ratio(ratio_to_nginx(measurements, m)),
             format!("{:.0}", m.share(m.cpu.tree) * 100.0),
             show_latency(r.p50),
             show_latency(r.p99),
+        ]);
+        if echo {
+            let replies = r.replies.as_ref();
+            row.push(show_latency(replies.and_then(|x| x.rtt_p50)));
+            row.push(show_latency(replies.and_then(|x| x.rtt_p99)));
+        }
+        row.extend([
             m.udp.map_or("-".into(), |u| u.rcvbuf_errors.to_string()),
             format!("{:.0}", m.share(m.cpu.softirq_threads) * 100.0),
             format!("{:.0}", m.share(m.cpu.other_processes) * 100.0),
         ]);
+        rows.push(row);
     }
     let widths: Vec<usize> = (0..header.len())
         .map(|c| {
@@ -574,6 +726,7 @@ fn to_json(
                     .collect::<Vec<_>>(),
                 "cpu_us_per_datagram": m.cpu_us_per_datagram(),
                 "ratio_to_floor": ratio_to_floor(measurements, m),
+                "ratio_to_nginx": ratio_to_nginx(measurements, m),
                 "udp": m.udp.map(|u| json!({
                     "in_datagrams": u.in_datagrams,
                     "rcvbuf_errors": u.rcvbuf_errors,
@@ -597,7 +750,8 @@ fn to_json(
             "clock_ticks": clock_ticks(),
         },
         "load": {
-            "rate": args.rate,
+            "rates": args.rate,
+            "echo": args.echo,
             "flows": args.flows,
             "duration_s": args.duration.as_secs_f64(),
             "warmup_s": args.warmup.as_secs_f64(),
@@ -672,6 +826,7 @@ mod tests {
                 max_latency: None,
                 elapsed: Duration::from_secs(5),
                 achieved_rate: received as f64 / 5.0,
+                replies: None,
             },
             cpu: CpuUse {
                 tree: Duration::from_millis(cpu_ms),

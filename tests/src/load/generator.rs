@@ -7,7 +7,7 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -15,9 +15,11 @@ use serde_json::json;
 use thiserror::Error;
 
 use super::datagram::{flow_cid, Datagram, DEFAULT_SIZE, MAX_SIZE, MIN_SIZE};
+use super::histogram::Histogram;
 use super::mmsg::Batch;
 use super::monotonic_ns;
 use super::pacing::{Pacer, Step};
+use super::seqset::SeqSet;
 use super::sink::Sink;
 
 /// Without pacing, look at the clock (and the limits) once per this many datagrams.
@@ -162,6 +164,32 @@ pub struct LoadReport {
     pub elapsed: Duration,
     /// Datagrams sent per second.
     pub achieved_rate: f64,
+    /// Bidirectional loads ([`Generator::run_echo`]): what came back.
+    pub replies: Option<Replies>,
+}
+
+/// The return leg of a bidirectional load: the sink's echoes as the flows received them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Replies {
+    /// Datagrams the sink sent back.
+    pub echoed: u64,
+    /// Echoes that reached their flow, each sequence number counted once.
+    pub received: u64,
+    pub duplicates: u64,
+    /// Round-trip time (reply time minus the datagram's timestamp).
+    pub rtt_p50: Option<Duration>,
+    pub rtt_p99: Option<Duration>,
+}
+
+impl Replies {
+    /// Echoes lost on the way back, as a share of those sent back.
+    pub fn loss_ratio(&self) -> f64 {
+        if self.echoed == 0 {
+            0.0
+        } else {
+            self.echoed.saturating_sub(self.received) as f64 / self.echoed as f64
+        }
+    }
 }
 
 impl LoadReport {
@@ -187,6 +215,14 @@ impl LoadReport {
             "max_latency_us": micros(self.max_latency),
             "elapsed_s": self.elapsed.as_secs_f64(),
             "achieved_rate": self.achieved_rate,
+            "replies": self.replies.as_ref().map(|r| json!({
+                "echoed": r.echoed,
+                "received": r.received,
+                "duplicates": r.duplicates,
+                "loss_ratio": r.loss_ratio(),
+                "rtt_p50_us": micros(r.rtt_p50),
+                "rtt_p99_us": micros(r.rtt_p99),
+            })),
         })
     }
 }
@@ -227,7 +263,21 @@ impl fmt::Display for LoadReport {
             show_latency(self.p50),
             show_latency(self.p99),
             show_latency(self.max_latency)
-        )
+        )?;
+        if let Some(r) = &self.replies {
+            write!(
+                f,
+                "\nreplies: {} echoed, {} received ({:.3}% lost on the way back), {} duplicates, \
+                 round trip p50 {} p99 {}",
+                r.echoed,
+                r.received,
+                r.loss_ratio() * 100.0,
+                r.duplicates,
+                show_latency(r.rtt_p50),
+                show_latency(r.rtt_p99)
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -450,8 +500,127 @@ impl Generator {
             max_latency: delta.latency.max().map(Duration::from_nanos),
             elapsed: send.elapsed,
             achieved_rate: send.achieved_rate(),
+            replies: None,
         })
     }
+
+    /// As [`Generator::run`] against an echo sink ([`Sink::bind_echo`]): a thread reads the
+    /// echoes on the flows' own sockets meanwhile, and the report gains what came back and
+    /// the round-trip times. After the drain it waits for the echoes still on their way (until
+    /// as many came back as the sink sent, nothing came for 200 ms, or 2 s passed).
+    pub fn run_echo(&mut self, spec: &LoadSpec, sink: &Sink) -> Result<LoadReport, LoadError> {
+        let readers = self
+            .sockets
+            .iter()
+            .map(UdpSocket::try_clone)
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|source| LoadError::OpenFlow {
+                index: 0,
+                flows: self.flows,
+                target: self.target,
+                source,
+            })?;
+        let echoed_before = sink.echoed();
+        let stop = AtomicBool::new(false);
+        let count = AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            let reader = scope.spawn(|| read_replies(&readers, spec.size, &stop, &count));
+            let report = self.run(spec, sink);
+            let start = Instant::now();
+            let (mut last, mut last_change) = (0, start);
+            loop {
+                let now = Instant::now();
+                let got = count.load(Ordering::Relaxed);
+                if got >= sink.echoed() - echoed_before {
+                    break;
+                }
+                if got != last {
+                    (last, last_change) = (got, now);
+                }
+                if now - last_change >= DRAIN_QUIET || now - start >= DRAIN_MAX {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            stop.store(true, Ordering::Relaxed);
+            let tally = reader.join().unwrap_or_default();
+            let mut report = report?;
+            let nanos = |q: f64| tally.rtt.quantile(q).map(Duration::from_nanos);
+            report.replies = Some(Replies {
+                echoed: sink.echoed() - echoed_before,
+                received: tally.received,
+                duplicates: tally.duplicates,
+                rtt_p50: nanos(0.50),
+                rtt_p99: nanos(0.99),
+            });
+            Ok(report)
+        })
+    }
+}
+
+/// What the reply reader counted.
+#[derive(Default)]
+struct ReplyTally {
+    received: u64,
+    duplicates: u64,
+    rtt: Histogram,
+}
+
+/// Reads echoes on `sockets` (non-blocking) until `stop`, counting each sequence number once
+/// (and every datagram read in `count`, for the caller's wait).
+fn read_replies(
+    sockets: &[UdpSocket],
+    size: usize,
+    stop: &AtomicBool,
+    count: &AtomicU64,
+) -> ReplyTally {
+    use mio::unix::SourceFd;
+    use mio::{Events, Interest, Poll, Token};
+    use std::os::fd::AsRawFd;
+    let mut tally = ReplyTally::default();
+    let Ok(mut poll) = Poll::new() else {
+        return tally;
+    };
+    for (i, s) in sockets.iter().enumerate() {
+        let _ =
+            poll.registry()
+                .register(&mut SourceFd(&s.as_raw_fd()), Token(i), Interest::READABLE);
+    }
+    let mut seen = SeqSet::new();
+    let mut batch = Batch::new(SEND_BATCH, size.max(MIN_SIZE));
+    let mut events = Events::with_capacity(1024);
+    while !stop.load(Ordering::Relaxed) {
+        if poll
+            .poll(&mut events, Some(Duration::from_millis(20)))
+            .is_err()
+        {
+            continue;
+        }
+        for event in events.iter() {
+            let Some(socket) = sockets.get(event.token().0) else {
+                continue;
+            };
+            // Edge-triggered: read until the socket is empty.
+            while let Ok(n) = batch.recv(socket.as_fd()) {
+                if n == 0 {
+                    break;
+                }
+                let now = monotonic_ns();
+                for i in 0..n {
+                    match Datagram::parse(batch.datagram(i)) {
+                        Ok(d) if seen.insert(d.seq) => {
+                            tally.received += 1;
+                            tally.rtt.record(now.saturating_sub(d.sent_ns));
+                        }
+                        Ok(_) => tally.duplicates += 1,
+                        Err(_) => {}
+                    }
+                }
+                count.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+    tally
 }
 
 /// Opens the flows, sends the load into `spec.target` and reports what reached `sink`.

@@ -16,6 +16,8 @@ pub struct Batch {
     hdrs: Vec<libc::mmsghdr>,
     /// Length of each datagram of the last receive (at most `slot_size`).
     lens: Vec<usize>,
+    /// The sender of each datagram of the last receive, for [`Batch::send_back`].
+    names: Vec<libc::sockaddr_storage>,
     /// Datagrams held after the last [`Batch::recv`].
     len: usize,
 }
@@ -24,6 +26,8 @@ pub struct Batch {
 enum Io {
     Recv,
     Send,
+    /// Each datagram to the address it came from.
+    SendBack,
 }
 
 impl Batch {
@@ -52,6 +56,8 @@ impl Batch {
             iovs: vec![iov; capacity],
             hdrs: vec![hdr; capacity],
             lens: vec![0; capacity],
+            // SAFETY: an all-zero sockaddr_storage is a valid (AF_UNSPEC) value.
+            names: vec![unsafe { std::mem::zeroed() }; capacity],
             len: 0,
         }
     }
@@ -100,8 +106,9 @@ impl Batch {
         &self.bufs[start..start + self.lens[i]]
     }
 
-    /// Points header `i` at slot `i` with no address and no control data: the whole slot when
-    /// receiving, the received length when sending.
+    /// Points header `i` at slot `i` with no control data: the whole slot and room for the
+    /// sender's address when receiving, the received length when sending (to the address
+    /// received with it for [`Io::SendBack`], none otherwise).
     fn aim(&mut self, count: usize, io: Io) {
         let base = self.bufs.as_mut_ptr();
         for i in 0..count {
@@ -110,11 +117,26 @@ impl Batch {
             iov.iov_base = base.wrapping_add(i * self.slot_size).cast();
             iov.iov_len = match io {
                 Io::Recv => self.slot_size,
-                Io::Send => self.lens[i],
+                Io::Send | Io::SendBack => self.lens[i],
             };
             let hdr = &mut self.hdrs[i];
-            hdr.msg_hdr.msg_name = ptr::null_mut();
-            hdr.msg_hdr.msg_namelen = 0;
+            match io {
+                Io::Recv => {
+                    hdr.msg_hdr.msg_name =
+                        (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+                    hdr.msg_hdr.msg_namelen =
+                        std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                }
+                // The kernel left msg_namelen at the sender's address length.
+                Io::SendBack => {
+                    hdr.msg_hdr.msg_name =
+                        (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+                }
+                Io::Send => {
+                    hdr.msg_hdr.msg_name = ptr::null_mut();
+                    hdr.msg_hdr.msg_namelen = 0;
+                }
+            }
             hdr.msg_hdr.msg_iov = iov;
             hdr.msg_hdr.msg_iovlen = 1;
             hdr.msg_hdr.msg_control = ptr::null_mut();
@@ -131,9 +153,10 @@ impl Batch {
         self.len = 0;
         let capacity = self.capacity();
         self.aim(capacity, Io::Recv);
-        // SAFETY: `aim` just pointed each of the `capacity` headers at its own iovec, and each
-        // iovec at its own `slot_size`-byte slot inside `self.bufs`; none of the three vectors
-        // is touched until the call returns, and `fd` is a live descriptor for the call.
+        // SAFETY: `aim` just pointed each of the `capacity` headers at its own iovec and its
+        // own sockaddr_storage (with its size), and each iovec at its own `slot_size`-byte slot
+        // inside `self.bufs`; none of the four vectors is touched until the call returns, and
+        // `fd` is a live descriptor for the call.
         let n = unsafe {
             libc::recvmmsg(
                 fd.as_raw_fd(),
@@ -158,13 +181,24 @@ impl Batch {
     /// `fd`, with as many `sendmmsg` calls as the kernel needs. Stops at the first error:
     /// returns how many were sent and the error, if any.
     pub fn send_connected(&mut self, fd: BorrowedFd<'_>) -> (usize, Option<io::Error>) {
+        self.send(fd, Io::Send)
+    }
+
+    /// Sends each datagram of the last receive back to its sender on `fd` (an echo), as
+    /// [`Batch::send_connected`] does.
+    pub fn send_back(&mut self, fd: BorrowedFd<'_>) -> (usize, Option<io::Error>) {
+        self.send(fd, Io::SendBack)
+    }
+
+    fn send(&mut self, fd: BorrowedFd<'_>, io: Io) -> (usize, Option<io::Error>) {
         let count = self.len;
-        self.aim(count, Io::Send);
+        self.aim(count, io);
         let mut sent = 0;
         while sent < count {
             // SAFETY: `aim` pointed headers `0..count` at their own iovecs and slots inside
-            // `self`, which stays untouched during the call; the call reads `count - sent`
-            // headers starting at `sent`, all within `self.hdrs`.
+            // `self` (and, for a send back, at their own sockaddr_storage with the length the
+            // kernel wrote there), which stays untouched during the call; the call reads
+            // `count - sent` headers starting at `sent`, all within `self.hdrs`.
             let n = unsafe {
                 libc::sendmmsg(
                     fd.as_raw_fd(),

@@ -136,6 +136,36 @@ impl ProxyProcess {
         }
     }
 
+    /// For a proxy that prints nothing when it is up (nginx): waits until its process tree has
+    /// `workers` processes besides the root and `/proc/net/udp` shows `workers` sockets bound
+    /// to `listen` (one per worker in its SO_REUSEPORT group).
+    pub fn wait_bound(
+        &mut self,
+        listen: SocketAddr,
+        workers: usize,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let children = all_processes()
+                .map(|all| tree_pids(self.pid(), &all).len().saturating_sub(1))
+                .unwrap_or(0);
+            let bound = udp_sockets_bound_to(listen);
+            if children >= workers && bound >= workers {
+                return Ok(());
+            }
+            self.check_alive()?;
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{children} of {workers} workers up and {bound} sockets bound to {listen} \
+                     after {timeout:?}; its stderr:\n{}",
+                    self.stderr_tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn check_alive(&mut self) -> Result<(), String> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
@@ -207,6 +237,35 @@ impl ProxyProcess {
     }
 }
 
+/// Sockets in `/proc/net/udp` (or `udp6`) bound to `addr`.
+pub fn udp_sockets_bound_to(addr: SocketAddr) -> usize {
+    let (table, local) = match addr {
+        SocketAddr::V4(a) => (
+            "/proc/net/udp",
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_ne_bytes(a.ip().octets()),
+                a.port()
+            ),
+        ),
+        SocketAddr::V6(a) => {
+            let hex: String = a
+                .ip()
+                .octets()
+                .chunks(4)
+                .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+                .collect();
+            ("/proc/net/udp6", format!("{hex}:{:04X}", a.port()))
+        }
+    };
+    std::fs::read_to_string(table)
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(1) == Some(local.as_str()))
+        .count()
+}
+
 /// Gives `processes` (a stopped proxy's descendants) a moment to exit on their own, then
 /// SIGKILLs those still there (same pid, same command). Returns how many were killed.
 pub fn kill_leftovers(processes: &[ProcStat]) -> usize {
@@ -258,5 +317,22 @@ pub fn read_stderr(
             lines.pop_front();
         }
         lines.push_back(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bound_sockets_are_found_in_proc_net_udp() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(udp_sockets_bound_to(a.local_addr().unwrap()), 1);
+        if let Ok(b) = UdpSocket::bind("[::1]:0") {
+            assert_eq!(udp_sockets_bound_to(b.local_addr().unwrap()), 1);
+        }
+        let gone = a.local_addr().unwrap();
+        drop(a);
+        assert_eq!(udp_sockets_bound_to(gone), 0);
     }
 }

@@ -85,6 +85,10 @@ impl SinkStats {
 
 struct Shared {
     stop: AtomicBool,
+    /// Send every datagram back to where it came from (the bidirectional bench).
+    echo: bool,
+    /// Datagrams sent back (echo sinks).
+    echoed: AtomicU64,
     /// Every datagram that arrived, parsed or not: cheap to poll while draining.
     arrivals: AtomicU64,
     counted: Mutex<Counted>,
@@ -114,6 +118,15 @@ impl Sink {
     /// Binds every address (port 0 picks a free port; see [`Sink::addrs`] for the result) and
     /// starts receiving.
     pub fn bind(addrs: &[SocketAddr]) -> Result<Sink, SinkError> {
+        Sink::bind_with(addrs, false)
+    }
+
+    /// As [`Sink::bind`], sending every datagram back to its sender as it counts it.
+    pub fn bind_echo(addrs: &[SocketAddr]) -> Result<Sink, SinkError> {
+        Sink::bind_with(addrs, true)
+    }
+
+    fn bind_with(addrs: &[SocketAddr], echo: bool) -> Result<Sink, SinkError> {
         if addrs.is_empty() {
             return Err(SinkError::NoAddress);
         }
@@ -131,6 +144,8 @@ impl Sink {
             .collect::<Result<Vec<_>, _>>()?;
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
+            echo,
+            echoed: AtomicU64::new(0),
             arrivals: AtomicU64::new(0),
             counted: Mutex::new(Counted {
                 stats: SinkStats {
@@ -158,6 +173,17 @@ impl Sink {
     pub fn bind_loopback(count: usize) -> Result<Sink, SinkError> {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
         Sink::bind(&vec![any; count])
+    }
+
+    /// As [`Sink::bind_loopback`], echoing.
+    pub fn bind_loopback_echo(count: usize) -> Result<Sink, SinkError> {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Sink::bind_echo(&vec![any; count])
+    }
+
+    /// Datagrams sent back so far (echo sinks; 0 otherwise).
+    pub fn echoed(&self) -> u64 {
+        self.shared.echoed.load(Ordering::Relaxed)
     }
 
     /// The bound addresses, in the order given to [`Sink::bind`].
@@ -275,6 +301,12 @@ fn receive_batch(socket: &UdpSocket, index: usize, batch: &mut Batch, shared: &S
                 *count += fresh;
             }
             drop(counted);
+            if shared.echo {
+                // A full send buffer loses the rest of the batch: counted, as the return leg's
+                // loss, by the generator that never sees them.
+                let (sent, _) = batch.send_back(socket.as_fd());
+                shared.echoed.fetch_add(sent as u64, Ordering::Relaxed);
+            }
             shared.arrivals.fetch_add(n as u64, Ordering::Relaxed);
             true
         }
