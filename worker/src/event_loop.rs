@@ -138,6 +138,8 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         id: args.id,
         drain_deadline: None,
         start: Instant::now(),
+        start_ns: monotonic_ns(),
+        iter_ms: 0,
         last_no_port: 0,
         last_warn_ms: 0,
     };
@@ -265,6 +267,11 @@ struct Loop {
     /// Set by `Drain`: serve live sessions until then, then exit.
     drain_deadline: Option<Instant>,
     start: Instant,
+    /// CLOCK_MONOTONIC at `start`, ns: the heartbeat is derived from it.
+    start_ns: u64,
+    /// Milliseconds since `start` when the current iteration began: one
+    /// clock read serves every datagram of the iteration.
+    iter_ms: u64,
     /// `drops.no_port` when it was last logged, and when.
     last_no_port: u64,
     last_warn_ms: u64,
@@ -291,7 +298,7 @@ fn resolve<'a>(
 
 impl Loop {
     fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+        self.iter_ms
     }
 
     fn publish(&self) {
@@ -322,12 +329,13 @@ impl Loop {
         // The longest iteration seen in the current one-second window.
         let (mut window_start, mut window_max_ns) = (self.start, 0u64);
         let mut next_tick = self.start;
+        // Two clock reads per iteration: when it begins and when it ends.
+        let mut done = Instant::now();
         loop {
-            let now = Instant::now();
             let timeout = if self.undrained.contains(&true) || !self.up_ready.is_empty() {
                 Duration::ZERO
             } else {
-                next_tick.saturating_duration_since(now)
+                next_tick.saturating_duration_since(done)
             };
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
@@ -335,6 +343,7 @@ impl Loop {
                 Err(e) => return Err(WorkerError::Poll(e)),
             }
             let busy_from = Instant::now();
+            self.iter_ms = busy_from.duration_since(self.start).as_millis() as u64;
             for event in events.iter() {
                 match event.token() {
                     CONTROL => {
@@ -385,7 +394,7 @@ impl Loop {
                     }
                 }
             }
-            let done = Instant::now();
+            done = Instant::now();
             let iteration_ns = done.duration_since(busy_from).as_nanos() as u64;
             let counters = &mut self.router.counters;
             counters.add(Counter::BusyNs, iteration_ns);
@@ -395,11 +404,9 @@ impl Loop {
                 counters.set(Counter::LoopMaxUs, window_max_ns / 1000);
                 (window_start, window_max_ns) = (done, 0);
             }
-            counters.set(
-                Counter::WallNs,
-                wall_base + done.duration_since(self.start).as_nanos() as u64,
-            );
-            counters.set(Counter::Heartbeat, monotonic_ns());
+            let since_start = done.duration_since(self.start).as_nanos() as u64;
+            counters.set(Counter::WallNs, wall_base + since_start);
+            counters.set(Counter::Heartbeat, self.start_ns + since_start);
             self.router.update_gauges();
             self.publish();
         }

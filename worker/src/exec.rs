@@ -6,10 +6,10 @@
 //! the order they were decided. Failed sends are reported back to the
 //! router, which counts them.
 
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::handoff::Handoff;
-use udpshard_shared::clock::monotonic_ms;
 use udpshard_shared::stats::Counter;
 
 use crate::listener::Listener;
@@ -24,6 +24,13 @@ pub struct Executor {
     failed: Vec<usize>,
     send: SendBatch,
     raw: RawTx,
+    /// The flush's forwards, (socket, backend, datagram), in the order decided.
+    fwd: Vec<(u32, SocketAddr, DatagramRef)>,
+    /// Per forward: whether it goes out on its own socket.
+    own: Vec<bool>,
+    /// The raw sends: their source addresses, and their indexes in `fwd`.
+    raw_src: Vec<SocketAddr>,
+    raw_of: Vec<usize>,
 }
 
 impl Executor {
@@ -34,6 +41,10 @@ impl Executor {
             failed: Vec::new(),
             send: SendBatch::default(),
             raw,
+            fwd: Vec::new(),
+            own: Vec::new(),
+            raw_src: Vec::new(),
+            raw_of: Vec::new(),
         }
     }
 
@@ -64,7 +75,9 @@ impl Executor {
         self.actions.extend(router.actions());
         self.forwards(router, bytes);
         self.replies(router, listeners, bytes);
-        for action in std::mem::take(&mut self.actions) {
+        // Taken and put back: the vector keeps its capacity across flushes.
+        let mut actions = std::mem::take(&mut self.actions);
+        for action in actions.drain(..) {
             match action {
                 Action::Handoff {
                     to,
@@ -107,32 +120,49 @@ impl Executor {
                 Action::Forward { .. } | Action::Reply { .. } => {}
             }
         }
+        self.actions = actions;
     }
 
-    /// Forwards grouped by upstream socket, in the order decided within each.
+    /// Forwards: on the raw socket where it can, in the order decided;
+    /// the rest grouped by upstream socket, in the order decided within each.
     fn forwards<'a, O: Owners>(
         &mut self,
         router: &mut Router<O, Upstream>,
         bytes: &dyn Fn(DatagramRef) -> &'a [u8],
     ) {
+        self.fwd.clear();
+        self.fwd.extend(self.actions.iter().filter_map(|a| match a {
+            Action::Forward { sock, to, datagram } => Some((*sock, *to, *datagram)),
+            _ => None,
+        }));
+        if self.fwd.is_empty() {
+            return;
+        }
+        self.own.clear();
+        if self.raw.is_on() {
+            self.forward_raw(router, bytes);
+            if !self.own.contains(&true) {
+                return;
+            }
+        } else {
+            self.own.resize(self.fwd.len(), true);
+        }
         let mut out: Vec<(u32, OutMsg<'a>)> = self
-            .actions
+            .fwd
             .iter()
-            .filter_map(|a| match a {
-                Action::Forward { sock, to, datagram } => Some((
-                    *sock,
+            .zip(&self.own)
+            .filter(|(_, own)| **own)
+            .map(|(&(sock, to, d), _)| {
+                (
+                    sock,
                     OutMsg {
-                        to: *to,
+                        to,
                         from_ip: None,
-                        bytes: bytes(*datagram),
+                        bytes: bytes(d),
                     },
-                )),
-                _ => None,
+                )
             })
             .collect();
-        if self.raw.is_on() {
-            out = self.forward_raw(router, out);
-        }
         // Stable: each socket's datagrams keep the order they were decided.
         out.sort_by_key(|(sock, _)| *sock);
         let (socks, msgs): (Vec<u32>, Vec<OutMsg<'a>>) = out.into_iter().unzip();
@@ -151,49 +181,54 @@ impl Executor {
         }
     }
 
-    /// Sends what it can of `out` on the raw socket, in the order decided;
-    /// returns the rest (no source address known, refused by the raw
-    /// socket) for their own sockets.
+    /// Sends what it can of `fwd` on the raw socket, in the order decided;
+    /// marks in `own` the rest (no source address known, refused by the
+    /// raw socket), for their own sockets.
     fn forward_raw<'a, O: Owners>(
         &mut self,
         router: &mut Router<O, Upstream>,
-        out: Vec<(u32, OutMsg<'a>)>,
-    ) -> Vec<(u32, OutMsg<'a>)> {
-        let now = monotonic_ms();
-        let mut raw: Vec<RawMsg<'a>> = Vec::with_capacity(out.len());
-        let mut raw_of: Vec<usize> = Vec::with_capacity(out.len());
-        let mut own = vec![false; out.len()];
-        for (k, (sock, m)) in out.iter().enumerate() {
-            let src = if self.raw.carries(m.to.is_ipv4()) {
-                router.sockets().source_toward(*sock, m.to, now)
+        bytes: &dyn Fn(DatagramRef) -> &'a [u8],
+    ) {
+        let now = router.now_ms();
+        self.own.resize(self.fwd.len(), false);
+        self.raw_src.clear();
+        self.raw_of.clear();
+        for (k, &(sock, to, _)) in self.fwd.iter().enumerate() {
+            let src = if self.raw.carries(to.is_ipv4()) {
+                router.sockets().source_toward(sock, to, now)
             } else {
                 None
             };
             match src {
                 Some(src) => {
-                    raw.push(RawMsg {
-                        src,
-                        dst: m.to,
-                        bytes: m.bytes,
-                    });
-                    raw_of.push(k);
+                    self.raw_src.push(src);
+                    self.raw_of.push(k);
                 }
-                None => own[k] = true,
+                None => self.own[k] = true,
             }
         }
-        if !raw.is_empty() {
-            self.failed.clear();
-            self.raw.send(&raw, &mut self.failed);
-            let sent = raw.len() - self.failed.len();
-            router.counters.add(Counter::TxRaw, sent as u64);
-            for &f in &self.failed {
-                own[raw_of[f]] = true;
-            }
+        if self.raw_of.is_empty() {
+            return;
         }
-        out.into_iter()
-            .zip(own)
-            .filter_map(|(o, own)| own.then_some(o))
-            .collect()
+        self.failed.clear();
+        let (fwd, raw_src, raw_of) = (&self.fwd, &self.raw_src, &self.raw_of);
+        self.raw.send(
+            raw_of.len(),
+            |i| {
+                let (_, to, d) = fwd[raw_of[i]];
+                RawMsg {
+                    src: raw_src[i],
+                    dst: to,
+                    bytes: bytes(d),
+                }
+            },
+            &mut self.failed,
+        );
+        let sent = self.raw_of.len() - self.failed.len();
+        router.counters.add(Counter::TxRaw, sent as u64);
+        for &f in &self.failed {
+            self.own[self.raw_of[f]] = true;
+        }
     }
 
     /// Replies grouped by listener socket.

@@ -40,6 +40,7 @@ const MAX_PAYLOAD: usize = 65_535 - IPV4_HEADER - UDP_HEADER;
 
 /// One datagram to send: from `src` (the path's upstream address, source IP
 /// resolved) to `dst`.
+#[derive(Clone, Copy)]
 pub struct RawMsg<'a> {
     pub src: SocketAddr,
     pub dst: SocketAddr,
@@ -56,6 +57,8 @@ pub struct RawTx {
     hdrs: Vec<libc::mmsghdr>,
     /// Indexes (into the caller's messages) of this family's batch.
     picked: Vec<usize>,
+    /// Of those, the ones with headers, and the headers' lengths.
+    sendable: Vec<(usize, usize)>,
 }
 
 impl RawTx {
@@ -69,6 +72,7 @@ impl RawTx {
             iovs: Vec::with_capacity(BATCH),
             hdrs: Vec::with_capacity(BATCH),
             picked: Vec::with_capacity(BATCH),
+            sendable: Vec::with_capacity(BATCH),
         }
     }
 
@@ -102,46 +106,56 @@ impl RawTx {
         self.v4.is_some() || self.v6.is_some()
     }
 
-    /// Sends `msgs` (each `src` and `dst` of one family, one the raw socket
-    /// carries) in as few sendmmsg calls as it takes. The index of every
-    /// datagram that did not go out is pushed to `refused`, for the caller
-    /// to send on its own socket.
-    pub fn send(&mut self, msgs: &[RawMsg<'_>], refused: &mut Vec<usize>) {
+    /// Sends datagrams `msg(0..count)` (each `src` and `dst` of one family,
+    /// one the raw socket carries) in as few sendmmsg calls as it takes. The
+    /// index of every datagram that did not go out is pushed to `refused`,
+    /// for the caller to send on its own socket.
+    pub fn send<'a>(
+        &mut self,
+        count: usize,
+        msg: impl Fn(usize) -> RawMsg<'a>,
+        refused: &mut Vec<usize>,
+    ) {
         for ipv4 in [true, false] {
             let fd = match (ipv4, &self.v4, &self.v6) {
                 (true, Some(fd), _) | (false, _, Some(fd)) => fd.as_raw_fd(),
                 _ => {
-                    refused.extend((0..msgs.len()).filter(|&i| msgs[i].dst.is_ipv4() == ipv4));
+                    refused.extend((0..count).filter(|&i| msg(i).dst.is_ipv4() == ipv4));
                     continue;
                 }
             };
             let mut start = 0;
-            while start < msgs.len() {
+            while start < count {
                 self.picked.clear();
                 let mut i = start;
-                while i < msgs.len() && self.picked.len() < BATCH {
-                    if msgs[i].dst.is_ipv4() == ipv4 {
+                while i < count && self.picked.len() < BATCH {
+                    if msg(i).dst.is_ipv4() == ipv4 {
                         self.picked.push(i);
                     }
                     i += 1;
                 }
                 start = i;
                 if !self.picked.is_empty() {
-                    self.send_picked(fd, msgs, refused);
+                    self.send_picked(fd, &msg, refused);
                 }
             }
         }
     }
 
     /// One batch: the datagrams `picked` names, all of one family.
-    fn send_picked(&mut self, fd: RawFd, msgs: &[RawMsg<'_>], refused: &mut Vec<usize>) {
+    fn send_picked<'a>(
+        &mut self,
+        fd: RawFd,
+        msg: &impl Fn(usize) -> RawMsg<'a>,
+        refused: &mut Vec<usize>,
+    ) {
         self.headers.clear();
         self.names.clear();
         self.iovs.clear();
         self.hdrs.clear();
-        let mut sendable = Vec::with_capacity(self.picked.len());
+        self.sendable.clear();
         for &i in &self.picked {
-            let m = &msgs[i];
+            let m = msg(i);
             let mut header = [0u8; HEADER_ROOM];
             match write_headers(&mut header, m.src, m.dst, m.bytes) {
                 Some(len) => {
@@ -150,24 +164,25 @@ impl RawTx {
                     // protocol (IPv6 refuses one over 255): always 0.
                     self.names
                         .push(RawAddr::new(SocketAddr::new(m.dst.ip(), 0)));
-                    sendable.push((i, len));
+                    self.sendable.push((i, len));
                 }
                 None => refused.push(i),
             }
         }
-        for (k, &(i, len)) in sendable.iter().enumerate() {
+        for (k, &(i, len)) in self.sendable.iter().enumerate() {
+            let bytes = msg(i).bytes;
             self.iovs.push([
                 libc::iovec {
                     iov_base: self.headers[k].as_mut_ptr().cast(),
                     iov_len: len,
                 },
                 libc::iovec {
-                    iov_base: msgs[i].bytes.as_ptr() as *mut libc::c_void,
-                    iov_len: msgs[i].bytes.len(),
+                    iov_base: bytes.as_ptr() as *mut libc::c_void,
+                    iov_len: bytes.len(),
                 },
             ]);
         }
-        for k in 0..sendable.len() {
+        for k in 0..self.sendable.len() {
             // SAFETY: an all-zero mmsghdr is valid (no name, no iov, no control).
             let mut h: libc::mmsghdr = unsafe { zeroed() };
             h.msg_hdr.msg_name = self.names[k].as_mut_ptr();
@@ -198,13 +213,13 @@ impl RawTx {
                 Some(libc::EINTR) => {}
                 // The rest go out on their own sockets.
                 Some(libc::EAGAIN | libc::ENOBUFS) => {
-                    refused.extend(sendable[at..].iter().map(|&(i, _)| i));
+                    refused.extend(self.sendable[at..].iter().map(|&(i, _)| i));
                     return;
                 }
                 // This datagram's own error (EMSGSIZE over the device's
                 // MTU, a firewall's EPERM): its socket may do better.
                 _ => {
-                    refused.push(sendable[at].0);
+                    refused.push(self.sendable[at].0);
                     at += 1;
                 }
             }
@@ -463,7 +478,7 @@ mod tests {
             },
         ];
         let mut refused = Vec::new();
-        tx.send(&msgs, &mut refused);
+        tx.send(msgs.len(), |i| msgs[i], &mut refused);
         assert!(refused.is_empty(), "{refused:?}");
         let mut buf = [0u8; 2048];
         for m in &msgs {
@@ -486,7 +501,7 @@ mod tests {
             dst: sink6.local_addr().unwrap(),
             bytes: &odd,
         }];
-        tx.send(&msgs, &mut refused);
+        tx.send(msgs.len(), |i| msgs[i], &mut refused);
         assert!(refused.is_empty(), "{refused:?}");
         let (n, from) = sink6.recv_from(&mut buf).unwrap();
         assert_eq!(from, msgs[0].src);
@@ -510,7 +525,7 @@ mod tests {
             },
         ];
         let mut refused = Vec::new();
-        tx.send(&msgs, &mut refused);
+        tx.send(msgs.len(), |i| msgs[i], &mut refused);
         assert_eq!(refused, vec![0, 1]);
     }
 }

@@ -338,6 +338,11 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         self.routes.iter().any(|r| r.follow)
     }
 
+    /// The time of the last event the router was given, ms.
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms
+    }
+
     pub fn sockets(&mut self) -> &mut S {
         &mut self.sockets
     }
