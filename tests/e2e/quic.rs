@@ -167,10 +167,18 @@ server_id_len = 2
         let client_config =
             quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_crypto).unwrap()));
 
-        // Eight clients, each its own endpoint (source port), so both
-        // workers and both backends see handshakes.
-        let mut clients = Vec::new();
-        for i in 0..8 {
+        // At least eight clients, each its own endpoint (source port), so
+        // both workers and both backends see handshakes. A client's first
+        // CID is random, so its backend is too: all of eight on one backend
+        // happens once in 128 runs; going on until both have one (at most
+        // 40 clients) makes that once in 2^39.
+        let mut clients: Vec<(Endpoint, quinn::Connection, String)> = Vec::new();
+        for i in 0..40 {
+            let seen: std::collections::HashSet<String> =
+                clients.iter().map(|(_, _, r)| parse(r).0).collect();
+            if clients.len() >= 8 && seen.len() == 2 {
+                break;
+            }
             let mut ep = Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
             ep.set_default_client_config(client_config.clone());
             let conn = tokio::time::timeout(
