@@ -17,9 +17,17 @@ extra=()
 if [[ $bench == bench ]] && ! { [ -x /usr/sbin/nginx ] && [ -e /usr/lib/nginx/modules/ngx_stream_module.so ]; }; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "bench.sh: installing nginx and libnginx-mod-stream (the bench's nginx)" >&2
+        # The package would start the system's nginx, which would then run beside every
+        # measurement: policy-rc.d tells the package scripts not to start services.
+        policy=""
+        if [ ! -e /usr/sbin/policy-rc.d ]; then
+            printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+            policy=/usr/sbin/policy-rc.d
+        fi
         apt-get install -y -qq nginx libnginx-mod-stream >/dev/null 2>&1 ||
             { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq nginx libnginx-mod-stream >/dev/null 2>&1; } ||
             echo "bench.sh: could not install nginx; the bench will skip it" >&2
+        [ -z "$policy" ] || rm -f "$policy"
     else
         echo "bench.sh: no nginx with the stream module (apt-get install nginx libnginx-mod-stream); the bench will skip it" >&2
     fi
@@ -30,9 +38,9 @@ if ! cargo build --release --workspace --bins; then
     echo "bench.sh: the workspace does not build; building the baselines only and skipping udpshard" >&2
     cargo build --release -p udpshard-tests --bins
     if [[ $bench == scale-bench ]]; then
-        extra=(--only floor --only floor-ports)
+        extra=(--only floor --only floor-ports)  # not udpshard, not udpshard-socket
     else
-        extra=(--skip udpshard)
+        extra=(--skip udpshard --skip udpshard-socket)
     fi
 fi
 target_dir="$(cargo metadata --format-version 1 --no-deps 2>/dev/null \

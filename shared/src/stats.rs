@@ -143,10 +143,13 @@ pub enum Counter {
     /// Datagrams of `TxPackets` that left as raw IP packets (many upstream
     /// ports per sendmmsg) rather than on their own sockets.
     TxRaw,
+    /// Forwards the raw socket refused (a full send buffer, a datagram over
+    /// the device MTU), sent on their own sockets instead.
+    TxRawRefused,
 }
 
 impl Counter {
-    pub const COUNT: usize = Counter::TxRaw as usize + 1;
+    pub const COUNT: usize = Counter::TxRawRefused as usize + 1;
 }
 
 /// What a slot's process is doing.

@@ -262,7 +262,7 @@ fn http(status: u16, content_type: &str, body: &str) -> Vec<u8> {
 }
 
 /// Per-worker counters: (name, help, counter).
-const WORKER_COUNTERS: [(&str, &str, Counter); 17] = [
+const WORKER_COUNTERS: [(&str, &str, Counter); 18] = [
     (
         "rx_packets",
         "Datagrams read from clients on the listener sockets.",
@@ -283,6 +283,11 @@ const WORKER_COUNTERS: [(&str, &str, Counter); 17] = [
         "tx_raw_packets",
         "Datagrams of tx_packets sent as raw IP packets (upstream_send = auto with CAP_NET_RAW).",
         Counter::TxRaw,
+    ),
+    (
+        "tx_raw_refused_packets",
+        "Forwards the raw socket refused (full send buffer, over the device MTU), sent on their own sockets.",
+        Counter::TxRawRefused,
     ),
     (
         "replies_in",

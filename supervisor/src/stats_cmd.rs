@@ -16,7 +16,7 @@ use udpshard_shared::{DropReason, Stage};
 
 use crate::system::SystemCounters;
 
-const PLAIN: [(&str, Counter); 26] = [
+const PLAIN: [(&str, Counter); 27] = [
     ("pid", Counter::Pid),
     ("cpu", Counter::Cpu),
     ("generation", Counter::Generation),
@@ -26,6 +26,7 @@ const PLAIN: [(&str, Counter); 26] = [
     ("tx_packets", Counter::TxPackets),
     ("tx_bytes", Counter::TxBytes),
     ("tx_raw", Counter::TxRaw),
+    ("tx_raw_refused", Counter::TxRawRefused),
     ("replies_in", Counter::RepliesIn),
     ("replies_out", Counter::RepliesOut),
     ("sessions_active", Counter::SessionsActive),

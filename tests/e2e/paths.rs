@@ -387,11 +387,11 @@ fn under_a_low_fd_limit_it_raises_it_or_logs_the_fix() {
     }
 }
 
-/// Whether this process may open a raw socket (CAP_NET_RAW), as the
-/// proxy's workers, started by it, then may too.
-fn may_send_raw() -> bool {
+/// Whether this process may open a raw socket of `domain` (CAP_NET_RAW),
+/// as the proxy's workers, started by it, then may too.
+fn may_send_raw(domain: socket2::Domain) -> bool {
     socket2::Socket::new(
-        socket2::Domain::IPV4,
+        domain,
         socket2::Type::RAW,
         Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
     )
@@ -483,12 +483,31 @@ fn forwards_leave_from_their_paths_address_whether_sent_raw_or_on_their_socket()
         assert!(first.values().any(|p| p.is_ipv6()) && first.values().any(|p| p.is_ipv4()));
     }
     answer_on(&first, &backends, &clients);
-    let raw = if may_send_raw() { 24 } else { 0 };
+    // Each family goes raw where its raw socket opens.
+    let raw = first
+        .values()
+        .filter(|p| {
+            may_send_raw(if p.is_ipv4() {
+                socket2::Domain::IPV4
+            } else {
+                socket2::Domain::IPV6
+            })
+        })
+        .count() as u64;
     let stats = proxy.wait_stats(WAIT, "24 forwards counted", |s| {
         total(s, "tx_packets") == 24
     });
     assert_eq!(total(&stats, "tx_raw"), raw, "{stats:#}");
     assert_eq!(total(&stats, "replies_out"), 24);
+    // The workers hold their raw sockets, not the power to open more.
+    for pid in worker_pids(&proxy) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        for set in ["CapEff:", "CapPrm:", "CapAmb:"] {
+            let line = status.lines().find(|l| l.starts_with(set)).unwrap();
+            let caps = u64::from_str_radix(line[set.len()..].trim(), 16).unwrap();
+            assert_eq!(caps & (1 << 13), 0, "worker {pid} kept CAP_NET_RAW: {line}");
+        }
+    }
 
     // Each forward on its own socket from now on: the same paths, the same
     // 4-tuples, and the answers still come back on them.

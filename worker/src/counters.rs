@@ -5,7 +5,7 @@ use udpshard_shared::stats::{Counter, StatsSlot};
 
 /// Words the worker owns in its slot (the supervisor writes the identity
 /// words: pid, cpu, generation, state, restarts).
-const WORKER_OWNED: [Counter; 39] = [
+const WORKER_OWNED: [Counter; 40] = [
     Counter::RxPackets,
     Counter::RxBytes,
     Counter::TxPackets,
@@ -45,6 +45,7 @@ const WORKER_OWNED: [Counter; 39] = [
     Counter::BadFrames,
     Counter::ControlLost,
     Counter::TxRaw,
+    Counter::TxRawRefused,
 ];
 
 #[derive(Debug, Clone)]

@@ -25,7 +25,7 @@ use crate::exec::Executor;
 use crate::handoff::{Handoff, MAX_DATAGRAM};
 use crate::listener::Listener;
 use crate::paths::SockId;
-use crate::rawtx::RawTx;
+use crate::rawtx::{drop_raw_capability, RawTx};
 use crate::router::{Arrival, DatagramRef, Outcome, Route, Router, Via};
 use crate::shm::ShmOwners;
 use crate::sockio;
@@ -117,6 +117,10 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     counters.publish(&slot);
     slot.set(Counter::State, SlotState::Ready as u64);
     let router = Router::new(me, routes, owners, upstream, index, counters);
+    let exec = Executor::new(
+        raw_tx(config.upstream_send, args.id),
+        config.upstream_send == UpstreamSend::Auto,
+    );
     control.send(&ControlMsg::Ready, &[]).map_err(control_err)?;
     tracing::debug!(worker = args.id, "ready");
 
@@ -128,7 +132,7 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         router,
         handoff,
         frame: Handoff::frame_buffer(),
-        exec: Executor::new(raw_tx(config.upstream_send, args.id)),
+        exec,
         rx: ListenerBatch::new(),
         up_rx: sockio::RecvBatch::new(MAX_DATAGRAM),
         refs: Vec::with_capacity(BATCH_SIZE * 4),
@@ -724,9 +728,13 @@ impl Loop {
         self.router.sockets().configure(&config);
         self.router.reconfigure(routes, &map);
         let want_raw = config.upstream_send == UpstreamSend::Auto;
-        if want_raw != self.exec.sends_raw() {
-            self.exec.set_raw(raw_tx(config.upstream_send, self.id));
+        if want_raw && !self.exec.has_raw() && self.id == 0 {
+            tracing::info!(
+                "upstream_send = \"auto\": this worker opened no raw socket at start, so forwards \
+                 still go out on their own sockets (the workers are restarted with the supervisor)"
+            );
         }
+        self.exec.use_raw(want_raw);
         tracing::info!(worker = self.id, "reloaded {origin}");
         Ok(())
     }
@@ -749,12 +757,15 @@ fn adopt_fd(fd: RawFd, name: &'static str) -> Result<OwnedFd, WorkerError> {
     Ok(owned)
 }
 
-/// The raw sockets forwards leave on, as `mode` asks and the process may.
+/// The raw sockets forwards may leave on: opened at start whatever `mode`
+/// says (a reload may turn them on), after which the worker gives up
+/// CAP_NET_RAW.
 fn raw_tx(mode: UpstreamSend, worker: usize) -> RawTx {
-    if mode == UpstreamSend::Socket {
-        return RawTx::none();
-    }
     let (tx, errors) = RawTx::open();
+    drop_raw_capability();
+    if mode == UpstreamSend::Socket {
+        return tx;
+    }
     if tx.is_on() {
         tracing::debug!(worker, "forwards leave as raw IP packets");
     } else if let Some(e) = errors.first() {

@@ -1,8 +1,9 @@
 //! Turns the router's actions into syscalls, batched: the forwards of a
-//! flush go out as raw IP packets in one sendmmsg where the worker has a raw
-//! socket ([`crate::rawtx`]), else every datagram for one upstream socket in
-//! one sendmmsg (each with its own destination); every reply of one listener
-//! in one sendmmsg (each with its own client and source address). Frames between workers go one by one, in
+//! flush go out as raw IP packets, 32 per sendmmsg whatever their upstream
+//! ports, where the worker has a raw socket ([`crate::rawtx`]); else every
+//! datagram for one upstream socket in one sendmmsg (each with its own
+//! destination). Every reply of one listener goes in one sendmmsg (each with
+//! its own client and source address). Frames between workers go one by one, in
 //! the order they were decided. Failed sends are reported back to the
 //! router, which counts them.
 
@@ -24,6 +25,8 @@ pub struct Executor {
     failed: Vec<usize>,
     send: SendBatch,
     raw: RawTx,
+    /// Whether forwards use `raw` (`upstream_send = "auto"`).
+    use_raw: bool,
     /// The flush's forwards, (socket, backend, datagram), in the order decided.
     fwd: Vec<(u32, SocketAddr, DatagramRef)>,
     /// Per forward: whether it goes out on its own socket.
@@ -34,13 +37,15 @@ pub struct Executor {
 }
 
 impl Executor {
-    /// Forwards through `raw` where it carries their family.
-    pub fn new(raw: RawTx) -> Executor {
+    /// Forwards through `raw` where it carries their family, while
+    /// `use_raw`.
+    pub fn new(raw: RawTx, use_raw: bool) -> Executor {
         Executor {
             actions: Vec::new(),
             failed: Vec::new(),
             send: SendBatch::default(),
             raw,
+            use_raw,
             fwd: Vec::new(),
             own: Vec::new(),
             raw_src: Vec::new(),
@@ -50,11 +55,17 @@ impl Executor {
 
     /// Whether forwards go out as raw IP packets (some family at least).
     pub fn sends_raw(&self) -> bool {
+        self.use_raw && self.raw.is_on()
+    }
+
+    /// Whether raw sockets are open (a reload may then turn them on).
+    pub fn has_raw(&self) -> bool {
         self.raw.is_on()
     }
 
-    pub fn set_raw(&mut self, raw: RawTx) {
-        self.raw = raw;
+    /// Raw sends on (`upstream_send = "auto"`) or off, from the next flush.
+    pub fn use_raw(&mut self, on: bool) {
+        self.use_raw = on;
     }
 
     /// Executes every action the router has decided. `bytes` resolves a
@@ -139,7 +150,7 @@ impl Executor {
             return;
         }
         self.own.clear();
-        if self.raw.is_on() {
+        if self.sends_raw() {
             self.forward_raw(router, bytes);
             if !self.own.contains(&true) {
                 return;
@@ -226,6 +237,9 @@ impl Executor {
         );
         let sent = self.raw_of.len() - self.failed.len();
         router.counters.add(Counter::TxRaw, sent as u64);
+        router
+            .counters
+            .add(Counter::TxRawRefused, self.failed.len() as u64);
         for &f in &self.failed {
             self.own[self.raw_of[f]] = true;
         }

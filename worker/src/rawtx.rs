@@ -8,25 +8,39 @@
 //! leaves with exactly the 4-tuple its upstream socket would have given it,
 //! and the backend's reply arrives on that socket as before.
 //!
-//! The packet differs from the kernel's UDP output in two ways, both
+//! Each packet carries IP_PKTINFO (IPV6_PKTINFO) naming its source, so the
+//! kernel routes it as it would the upstream socket's datagram: rules that
+//! select a route by source address apply.
+//!
+//! The packet differs from the kernel's UDP output in a few ways, all
 //! deliberate:
-//! - DF is clear. The kernel's UDP socket (IP_PMTUDISC_WANT) fragments a
-//!   datagram over the path MTU; a raw packet with DF would instead be
+//! - IPv4: DF is clear. The kernel's UDP socket (IP_PMTUDISC_WANT) fragments
+//!   a datagram over the path MTU; a raw packet with DF would instead be
 //!   refused or dropped. Without DF, one over the path MTU is fragmented.
+//!   IPv6 has no DF: a raw packet over the path MTU is refused (EMSGSIZE),
+//!   and goes out on its own socket, which fragments it.
 //! - The UDP checksum is computed here, not offloaded.
+//! - TTL (hop limit) is 64 whatever `ip_default_ttl` says; the IPv6 flow
+//!   label and the traffic class are 0, as the upstream sockets send them.
 //!
 //! Sending takes CAP_NET_RAW. Without it [`RawTx::open`] finds no socket
 //! and every forward goes out on its own upstream socket. A datagram the raw
 //! socket refuses (larger than the device's MTU, a full send buffer, any
 //! error) is handed back, and the caller sends it on its own socket: the raw
-//! path never loses what the socket path would have sent.
+//! path loses nothing the socket path would have sent (a queue discipline
+//! that drops a packet after the send succeeded drops it on either path).
+//! After a full send buffer the rest of the family's datagrams are handed
+//! back too, so none of a path's later datagrams overtakes them; one refused
+//! for an error of its own may be overtaken by later ones of its path.
 
 use std::io;
 use std::mem::zeroed;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use crate::sockio::{RawAddr, BATCH};
+use nix::sys::socket::{setsockopt, sockopt};
+
+use crate::sockio::{put_pktinfo, RawAddr, BATCH, CMSG_WORDS};
 
 const IPV4_HEADER: usize = 20;
 const IPV6_HEADER: usize = 40;
@@ -34,6 +48,10 @@ const UDP_HEADER: usize = 8;
 /// Room for the larger header pair.
 const HEADER_ROOM: usize = IPV6_HEADER + UDP_HEADER;
 const TTL: u8 = 64;
+/// Every forward of a worker shares one raw socket, so it gets a send
+/// buffer the size of many upstream sockets' (forced past wmem_max where
+/// the process may).
+const SEND_BUFFER: usize = 4 << 20;
 /// The largest UDP payload either family carries in one packet (IPv4's
 /// 16-bit total length; IPv6 without jumbograms has 65,527).
 const MAX_PAYLOAD: usize = 65_535 - IPV4_HEADER - UDP_HEADER;
@@ -53,6 +71,7 @@ pub struct RawTx {
     v6: Option<OwnedFd>,
     headers: Vec<[u8; HEADER_ROOM]>,
     names: Vec<RawAddr>,
+    cmsgs: Vec<[u64; CMSG_WORDS]>,
     iovs: Vec<[libc::iovec; 2]>,
     hdrs: Vec<libc::mmsghdr>,
     /// Indexes (into the caller's messages) of this family's batch.
@@ -69,6 +88,7 @@ impl RawTx {
             v6: None,
             headers: Vec::with_capacity(BATCH),
             names: Vec::with_capacity(BATCH),
+            cmsgs: Vec::with_capacity(BATCH),
             iovs: Vec::with_capacity(BATCH),
             hdrs: Vec::with_capacity(BATCH),
             picked: Vec::with_capacity(BATCH),
@@ -135,22 +155,27 @@ impl RawTx {
                     i += 1;
                 }
                 start = i;
-                if !self.picked.is_empty() {
-                    self.send_picked(fd, &msg, refused);
+                if !self.picked.is_empty() && !self.send_picked(fd, &msg, refused) {
+                    // The buffer is full: the rest of this family go out on
+                    // their own sockets, after those refused just now.
+                    refused.extend((start..count).filter(|&i| msg(i).dst.is_ipv4() == ipv4));
+                    break;
                 }
             }
         }
     }
 
-    /// One batch: the datagrams `picked` names, all of one family.
+    /// One batch: the datagrams `picked` names, all of one family. False
+    /// when the send buffer filled (the batch's unsent ones are refused).
     fn send_picked<'a>(
         &mut self,
         fd: RawFd,
         msg: &impl Fn(usize) -> RawMsg<'a>,
         refused: &mut Vec<usize>,
-    ) {
+    ) -> bool {
         self.headers.clear();
         self.names.clear();
+        self.cmsgs.clear();
         self.iovs.clear();
         self.hdrs.clear();
         self.sendable.clear();
@@ -161,9 +186,12 @@ impl RawTx {
                 Some(len) => {
                     self.headers.push(header);
                     // The port of a raw socket's destination names a
-                    // protocol (IPv6 refuses one over 255): always 0.
-                    self.names
-                        .push(RawAddr::new(SocketAddr::new(m.dst.ip(), 0)));
+                    // protocol (IPv6 refuses one over 255): always 0. The
+                    // scope of a link-local backend stays.
+                    let mut to = m.dst;
+                    to.set_port(0);
+                    self.names.push(RawAddr::new(to));
+                    self.cmsgs.push([0; CMSG_WORDS]);
                     self.sendable.push((i, len));
                 }
                 None => refused.push(i),
@@ -182,21 +210,25 @@ impl RawTx {
                 },
             ]);
         }
-        for k in 0..self.sendable.len() {
+        for (k, &(i, _)) in self.sendable.iter().enumerate() {
+            let control = put_pktinfo(&mut self.cmsgs[k], msg(i).src.ip());
             // SAFETY: an all-zero mmsghdr is valid (no name, no iov, no control).
             let mut h: libc::mmsghdr = unsafe { zeroed() };
             h.msg_hdr.msg_name = self.names[k].as_mut_ptr();
             h.msg_hdr.msg_namelen = self.names[k].len();
             h.msg_hdr.msg_iov = self.iovs[k].as_mut_ptr();
             h.msg_hdr.msg_iovlen = 2;
+            h.msg_hdr.msg_control = self.cmsgs[k].as_mut_ptr().cast();
+            h.msg_hdr.msg_controllen = control;
             self.hdrs.push(h);
         }
         let mut at = 0;
         while at < self.hdrs.len() {
             // SAFETY: every header points at live buffers of this struct
-            // (name, two iovecs: the headers written above and a borrowed
-            // datagram) with their lengths; they outlive the call and are not
-            // moved during it, and the kernel only reads them.
+            // (name, control message, two iovecs: the headers written above
+            // and a borrowed datagram) with their lengths; all were filled
+            // before the first pointer was taken, none is touched until the
+            // call returns, and the kernel only reads them.
             let n = unsafe {
                 libc::sendmmsg(
                     fd,
@@ -214,7 +246,7 @@ impl RawTx {
                 // The rest go out on their own sockets.
                 Some(libc::EAGAIN | libc::ENOBUFS) => {
                     refused.extend(self.sendable[at..].iter().map(|&(i, _)| i));
-                    return;
+                    return false;
                 }
                 // This datagram's own error (EMSGSIZE over the device's
                 // MTU, a firewall's EPERM): its socket may do better.
@@ -224,6 +256,70 @@ impl RawTx {
                 }
             }
         }
+        true
+    }
+}
+
+/// Drops CAP_NET_RAW from this process for good (ambient, inheritable,
+/// permitted and effective sets), once its raw sockets are open: a worker
+/// parses datagrams from the network, and needs no power to open more raw
+/// sockets (one of IPPROTO_UDP would read the host's UDP traffic). Without
+/// the capability it changes nothing.
+pub fn drop_raw_capability() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    /// _LINUX_CAPABILITY_VERSION_3: two `Data`, for capabilities 0-31 and 32-63.
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_NET_RAW: u32 = 13;
+    // SAFETY: prctl with integer arguments only; it fails harmlessly where
+    // ambient capabilities do not exist.
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_LOWER,
+            CAP_NET_RAW as libc::c_ulong,
+            0,
+            0,
+        )
+    };
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capget(2) with version 3 reads a header and writes two data
+    // structs of this layout; both live on this stack frame.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return;
+    }
+    let bit = 1u32 << CAP_NET_RAW;
+    if data[0].permitted & bit == 0 {
+        return;
+    }
+    data[0].effective &= !bit;
+    data[0].permitted &= !bit;
+    data[0].inheritable &= !bit;
+    // SAFETY: capset(2) reads the same header and two data structs.
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    if rc != 0 {
+        tracing::warn!(
+            "cannot drop CAP_NET_RAW after opening the raw sockets: {}",
+            io::Error::last_os_error()
+        );
     }
 }
 
@@ -237,6 +333,9 @@ fn raw_socket(domain: socket2::Domain) -> io::Result<OwnedFd> {
     // Nothing is ever read from it (an IPPROTO_RAW socket receives nothing),
     // so the receive side gets the smallest buffer.
     let _ = socket.set_recv_buffer_size(0);
+    if setsockopt(&socket, sockopt::SndBufForce, &SEND_BUFFER).is_err() {
+        let _ = socket.set_send_buffer_size(SEND_BUFFER);
+    }
     Ok(socket.into())
 }
 
@@ -421,6 +520,29 @@ mod tests {
             let len = write_headers(&mut h, src, dst, &payload).unwrap();
             let udp = &h[len - UDP_HEADER..len];
             prop_assert_eq!(u16::from_be_bytes([udp[6], udp[7]]), reference(src, dst, &payload));
+            match (src.ip(), dst.ip()) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    prop_assert_eq!(len, 28);
+                    prop_assert_eq!(h[0], 0x45);
+                    prop_assert_eq!(usize::from(u16::from_be_bytes([h[2], h[3]])), 28 + payload.len());
+                    // No DF, no fragment offset; the kernel picks the ID.
+                    prop_assert_eq!(&h[4..8], &[0, 0, 0, 0]);
+                    prop_assert_eq!(h[8], TTL);
+                    prop_assert_eq!(h[9], 17);
+                    prop_assert_eq!(&h[12..16], &s.octets());
+                    prop_assert_eq!(&h[16..20], &d.octets());
+                }
+                (IpAddr::V6(s), IpAddr::V6(d)) => {
+                    prop_assert_eq!(len, 48);
+                    prop_assert_eq!(&h[0..4], &[0x60, 0, 0, 0]);
+                    prop_assert_eq!(usize::from(u16::from_be_bytes([h[4], h[5]])), 8 + payload.len());
+                    prop_assert_eq!(h[6], 17);
+                    prop_assert_eq!(h[7], TTL);
+                    prop_assert_eq!(&h[8..24], &s.octets());
+                    prop_assert_eq!(&h[24..40], &d.octets());
+                }
+                _ => unreachable!(),
+            }
             prop_assert_eq!(u16::from_be_bytes([udp[0], udp[1]]), src.port());
             prop_assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), dst.port());
             prop_assert_eq!(usize::from(u16::from_be_bytes([udp[4], udp[5]])), payload.len() + 8);

@@ -159,7 +159,7 @@ fn parse_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<
 
 /// Room for one IP_PKTINFO or IPV6_PKTINFO control message (the larger),
 /// 8-byte aligned.
-const CMSG_WORDS: usize = 8;
+pub const CMSG_WORDS: usize = 8;
 
 /// One datagram of a batched send.
 pub struct OutMsg<'a> {
@@ -255,7 +255,7 @@ pub fn send_batch(fd: RawFd, msgs: &[OutMsg<'_>], b: &mut SendBatch, failed: &mu
 
 /// Writes an IP_PKTINFO (IPv4) or IPV6_PKTINFO control message asking for
 /// source address `ip` into `buf`; returns its length.
-fn put_pktinfo(buf: &mut [u64; CMSG_WORDS], ip: IpAddr) -> usize {
+pub fn put_pktinfo(buf: &mut [u64; CMSG_WORDS], ip: IpAddr) -> usize {
     let (level, kind, data_len) = match ip {
         IpAddr::V4(_) => (
             libc::IPPROTO_IP,

@@ -54,8 +54,9 @@ impl Range {
 
 struct Entry {
     socket: UdpSocket,
-    /// Where it is bound.
-    local: SocketAddr,
+    /// Where it is bound (`None`: the kernel would not say, so it is only
+    /// sent on, never by raw IP).
+    local: Option<SocketAddr>,
     /// The (row, port) this worker leases for it; `None` for a borrowed copy.
     lease: Option<(usize, u16)>,
 }
@@ -73,8 +74,11 @@ pub struct Upstream {
     route_sources: ahash::AHashMap<IpAddr, (Option<IpAddr>, u64)>,
 }
 
-/// How long a route's source address is trusted before it is asked again.
-const ROUTE_SOURCE_MS: u64 = 5_000;
+/// How long a route's source address is trusted before it is asked again
+/// (and on every reload). An address that went away meanwhile: IPv6 refuses
+/// the raw send (the datagram goes out on its socket); IPv4 sends it with
+/// the old source for at most this long.
+const ROUTE_SOURCE_MS: u64 = 1_000;
 
 /// The kernel's ephemeral port range (`net.ipv4.ip_local_port_range`), the
 /// default of `upstream_ports`.
@@ -90,7 +94,10 @@ pub fn ephemeral_range() -> (u16, u16) {
 
 /// The source address the kernel picks for a datagram to `dst` from a
 /// wildcard-bound socket: a socket connected there (connect() on UDP sends
-/// nothing) says what its route chose.
+/// nothing) says what its route chose. The connect takes an ephemeral port
+/// for an instant (once per backend a second): with `upstream_ports` in the
+/// ephemeral range, a bind of that very port at that instant fails, and the
+/// port cools as if another program held it.
 fn route_source(dst: SocketAddr) -> Option<IpAddr> {
     let probe = socket2::Socket::new(
         socket2::Domain::for_address(dst),
@@ -98,6 +105,9 @@ fn route_source(dst: SocketAddr) -> Option<IpAddr> {
         Some(socket2::Protocol::UDP),
     )
     .ok()?;
+    if dst.is_ipv6() {
+        probe.set_only_v6(true).ok()?;
+    }
     probe.connect(&dst.into()).ok()?;
     let ip = probe.local_addr().ok()?.as_socket()?.ip();
     (!ip.is_unspecified()).then_some(ip)
@@ -132,6 +142,8 @@ impl Upstream {
 
     /// Takes the listeners' ranges from `config` (at start and on reload).
     pub fn configure(&mut self, config: &config::Config) {
+        // A reload is when addresses and routes were likely changed too.
+        self.route_sources.clear();
         self.ranges = config
             .listeners
             .iter()
@@ -171,9 +183,16 @@ impl Upstream {
         dst: SocketAddr,
         now_ms: u64,
     ) -> Option<SocketAddr> {
-        let local = self.socks.get(sock as usize)?.as_ref()?.local;
+        let local = self.socks.get(sock as usize)?.as_ref()?.local?;
         if !local.ip().is_unspecified() {
             return Some(local);
+        }
+        // A v4-mapped backend is not reachable from a v6-only socket: the
+        // socket path reports that, where a raw packet would go astray.
+        if let SocketAddr::V6(d) = dst {
+            if d.ip().to_ipv4_mapped().is_some() {
+                return None;
+            }
         }
         let ip = match self.route_sources.get(&dst.ip()) {
             Some(&(ip, until)) if now_ms < until => ip,
@@ -195,9 +214,7 @@ impl Upstream {
             self.socks.resize_with(i + 1, || None);
         }
         let socket = UdpSocket::from(fd);
-        let Ok(local) = socket.local_addr() else {
-            return;
-        };
+        let local = socket.local_addr().ok();
         self.socks[i] = Some(Entry {
             socket,
             local,
@@ -313,7 +330,7 @@ impl Sockets for Upstream {
             sock,
             Entry {
                 socket,
-                local,
+                local: Some(local),
                 lease: Some((row, port)),
             },
         );

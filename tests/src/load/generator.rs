@@ -171,7 +171,8 @@ pub struct LoadReport {
 /// The return leg of a bidirectional load: the sink's echoes as the flows received them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Replies {
-    /// Datagrams the sink sent back.
+    /// Datagrams the sink sent back (or tried to: one its buffer refused counts as lost on
+    /// the way back). Duplicates the proxy delivered are echoed too, and show here as loss.
     pub echoed: u64,
     /// Echoes that reached their flow, each sequence number counted once.
     pub received: u64,
@@ -582,9 +583,14 @@ fn read_replies(
         return tally;
     };
     for (i, s) in sockets.iter().enumerate() {
-        let _ =
-            poll.registry()
-                .register(&mut SourceFd(&s.as_raw_fd()), Token(i), Interest::READABLE);
+        // A socket that cannot be watched would never be read: its replies count as lost.
+        if poll
+            .registry()
+            .register(&mut SourceFd(&s.as_raw_fd()), Token(i), Interest::READABLE)
+            .is_err()
+        {
+            return tally;
+        }
     }
     let mut seen = SeqSet::new();
     let mut batch = Batch::new(SEND_BATCH, size.max(MIN_SIZE));
@@ -594,17 +600,28 @@ fn read_replies(
             .poll(&mut events, Some(Duration::from_millis(20)))
             .is_err()
         {
+            std::thread::sleep(Duration::from_millis(1));
             continue;
         }
         for event in events.iter() {
             let Some(socket) = sockets.get(event.token().0) else {
                 continue;
             };
-            // Edge-triggered: read until the socket is empty.
-            while let Ok(n) = batch.recv(socket.as_fd()) {
-                if n == 0 {
-                    break;
-                }
+            // Edge-triggered: read until the socket is empty. Reading an error (an ICMP
+            // port unreachable on a connected socket) clears it: go on after one.
+            let mut errors = 0;
+            loop {
+                let n = match batch.recv(socket.as_fd()) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // A persistent error, not a queued one: leave the socket.
+                    Err(_) if errors >= 8 => break,
+                    Err(_) => {
+                        errors += 1;
+                        continue;
+                    }
+                };
                 let now = monotonic_ns();
                 for i in 0..n {
                     match Datagram::parse(batch.datagram(i)) {

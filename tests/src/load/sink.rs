@@ -302,10 +302,10 @@ fn receive_batch(socket: &UdpSocket, index: usize, batch: &mut Batch, shared: &S
             }
             drop(counted);
             if shared.echo {
-                // A full send buffer loses the rest of the batch: counted, as the return leg's
-                // loss, by the generator that never sees them.
-                let (sent, _) = batch.send_back(socket.as_fd());
-                shared.echoed.fetch_add(sent as u64, Ordering::Relaxed);
+                // Counted as sent back whether or not the send succeeds: one the sink's own
+                // buffer refused is then the return leg's loss, as the generator sees it.
+                let _ = batch.send_back(socket.as_fd());
+                shared.echoed.fetch_add(n as u64, Ordering::Relaxed);
             }
             shared.arrivals.fetch_add(n as u64, Ordering::Relaxed);
             true
@@ -320,6 +320,8 @@ fn receive_batch(socket: &UdpSocket, index: usize, batch: &mut Batch, shared: &S
         }
         Err(_) => {
             shared.counted().stats.recv_errors += 1;
+            // A socket in error polls ready at once: do not spin on it.
+            std::thread::sleep(Duration::from_millis(1));
             false
         }
     }
