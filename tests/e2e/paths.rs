@@ -494,11 +494,11 @@ fn forwards_leave_from_their_paths_address_whether_sent_raw_or_on_their_socket()
             })
         })
         .count() as u64;
-    let stats = proxy.wait_stats(WAIT, "24 forwards counted", |s| {
-        total(s, "tx_packets") == 24
+    // A worker publishes its counters after the sends of an iteration.
+    let stats = proxy.wait_stats(WAIT, "24 forwards and 24 replies counted", |s| {
+        total(s, "tx_packets") == 24 && total(s, "replies_out") == 24
     });
     assert_eq!(total(&stats, "tx_raw"), raw, "{stats:#}");
-    assert_eq!(total(&stats, "replies_out"), 24);
     // The workers hold their raw sockets, not the power to open more.
     for pid in worker_pids(&proxy) {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -523,8 +523,8 @@ fn forwards_leave_from_their_paths_address_whether_sent_raw_or_on_their_socket()
     let second = paths_seen(&clients, target, &backends, b"two");
     assert_eq!(second, first, "a path's 4-tuple changed with the send mode");
     answer_on(&second, &backends, &clients);
-    let stats = proxy.wait_stats(WAIT, "48 forwards counted", |s| {
-        total(s, "tx_packets") == 48
+    let stats = proxy.wait_stats(WAIT, "48 forwards and 48 replies counted", |s| {
+        total(s, "tx_packets") == 48 && total(s, "replies_out") == 48
     });
     assert_eq!(total(&stats, "tx_raw"), raw, "{stats:#}");
     assert_eq!(total(&stats, "sessions_created"), 24);
