@@ -40,7 +40,7 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{setsockopt, sockopt};
 
-use crate::sockio::{put_pktinfo, RawAddr, BATCH, CMSG_WORDS};
+use crate::sockio::{put_pktinfo, send_some, RawAddr, Sent, BATCH, CMSG_WORDS};
 
 const IPV4_HEADER: usize = 20;
 const IPV6_HEADER: usize = 40;
@@ -229,28 +229,17 @@ impl RawTx {
             // and a borrowed datagram) with their lengths; all were filled
             // before the first pointer was taken, none is touched until the
             // call returns, and the kernel only reads them.
-            let n = unsafe {
-                libc::sendmmsg(
-                    fd,
-                    self.hdrs[at..].as_mut_ptr(),
-                    (self.hdrs.len() - at) as libc::c_uint,
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n > 0 {
-                at += n as usize;
-                continue;
-            }
-            match io::Error::last_os_error().raw_os_error() {
-                Some(libc::EINTR) => {}
+            match unsafe { send_some(fd, &mut self.hdrs[at..]) } {
+                Sent::Some(n) => at += n,
+                Sent::Interrupted => {}
                 // The rest go out on their own sockets.
-                Some(libc::EAGAIN | libc::ENOBUFS) => {
+                Sent::Full => {
                     refused.extend(self.sendable[at..].iter().map(|&(i, _)| i));
                     return false;
                 }
                 // This datagram's own error (EMSGSIZE over the device's
                 // MTU, a firewall's EPERM): its socket may do better.
-                _ => {
+                Sent::Refused => {
                     refused.push(self.sendable[at].0);
                     at += 1;
                 }

@@ -226,30 +226,57 @@ pub fn send_batch(fd: RawFd, msgs: &[OutMsg<'_>], b: &mut SendBatch, failed: &mu
         // SAFETY: every header points at live buffers above (names, one iovec
         // over a borrowed datagram, control space) with their lengths; they
         // outlive the call, and the kernel only reads them.
-        let n = unsafe {
-            libc::sendmmsg(
-                fd,
-                b.hdrs.as_mut_ptr(),
-                b.hdrs.len() as libc::c_uint,
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n > 0 {
-            at += n as usize;
-            continue;
-        }
-        match io::Error::last_os_error().raw_os_error() {
-            Some(libc::EINTR) => {}
-            Some(libc::EAGAIN | libc::ENOBUFS) => {
+        match unsafe { send_some(fd, &mut b.hdrs) } {
+            Sent::Some(n) => at += n,
+            Sent::Interrupted => {}
+            Sent::Full => {
                 failed.extend(at..msgs.len());
                 return;
             }
-            // This datagram's own error; the ones after it may go.
-            _ => {
+            Sent::Refused => {
                 failed.push(at);
                 at += 1;
             }
         }
+    }
+}
+
+/// What one sendmmsg did with the first of its datagrams.
+pub enum Sent {
+    /// This many went (at least one).
+    Some(usize),
+    /// A signal came first: try again.
+    Interrupted,
+    /// The send buffer is full (EAGAIN, ENOBUFS): it and the rest wait.
+    Full,
+    /// Its own error (EMSGSIZE, a firewall's EPERM, an unreachable
+    /// destination): the ones after it may go.
+    Refused,
+}
+
+/// One non-blocking sendmmsg of `hdrs` on `fd`.
+///
+/// # Safety
+/// Every header must point at live buffers (name, iovecs, control data)
+/// with their lengths, none of them touched until the call returns.
+pub unsafe fn send_some(fd: RawFd, hdrs: &mut [libc::mmsghdr]) -> Sent {
+    // SAFETY: the caller vouches for the headers; `hdrs` is a live slice of
+    // `hdrs.len()` of them.
+    let n = unsafe {
+        libc::sendmmsg(
+            fd,
+            hdrs.as_mut_ptr(),
+            hdrs.len() as libc::c_uint,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n > 0 {
+        return Sent::Some(n as usize);
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::EINTR) => Sent::Interrupted,
+        Some(libc::EAGAIN | libc::ENOBUFS) => Sent::Full,
+        _ => Sent::Refused,
     }
 }
 
