@@ -138,6 +138,32 @@ pub struct Path {
 }
 
 impl Path {
+    /// A path not yet in any session's list (`session`, `next`: NONE), last
+    /// heard from its client at `last_client_ms`.
+    pub fn new(
+        listener: usize,
+        backend: u16,
+        sock: SockId,
+        client: SocketAddr,
+        local_ip: Option<IpAddr>,
+        key: FlowKey,
+        last_client_ms: u64,
+    ) -> Path {
+        Path {
+            listener,
+            backend,
+            sock,
+            session: NONE,
+            next: NONE,
+            client,
+            local_ip,
+            key,
+            last_client_ms,
+            last_reply_ms: 0,
+            reported_ms: 0,
+        }
+    }
+
     pub fn is_relay(&self) -> bool {
         self.session == NONE
     }

@@ -575,7 +575,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         local_ip: Option<IpAddr>,
     ) -> Result<PathId, DropReason> {
         let s = self.sessions.get(sid).ok_or(DropReason::Upstream)?;
-        let (listener, backend, key, first) = (s.listener, s.backend, s.key, s.first_path);
+        let (listener, backend, key) = (s.listener, s.backend, s.key);
         let route = &self.routes[listener];
         let sock = self
             .paths
@@ -585,28 +585,22 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 OpenError::NoFd => DropReason::NoFd,
                 OpenError::Other => DropReason::Upstream,
             })?;
-        let pid = self
-            .paths
-            .insert(Path {
-                listener,
-                backend,
-                sock,
-                session: sid as u32,
-                next: first,
-                client,
-                local_ip,
-                key,
-                last_client_ms: self.now_ms,
-                last_reply_ms: 0,
-                reported_ms: 0,
-            })
-            .ok_or(DropReason::Upstream)?;
+        let path = Path::new(listener, backend, sock, client, local_ip, key, self.now_ms);
+        let pid = self.link_first(sid, path).ok_or(DropReason::Upstream)?;
+        self.counters.incr(Counter::PathsCreated);
+        Ok(pid)
+    }
+
+    /// Inserts `path` as the first of session `sid`'s paths.
+    fn link_first(&mut self, sid: SessionId, mut path: Path) -> Option<PathId> {
+        path.session = sid as u32;
+        path.next = self.sessions.get(sid).map_or(NONE, |s| s.first_path);
+        let pid = self.paths.insert(path)?;
         if let Some(s) = self.sessions.get_mut(sid) {
             s.first_path = pid;
             s.path_count += 1;
         }
-        self.counters.incr(Counter::PathsCreated);
-        Ok(pid)
+        Some(pid)
     }
 
     /// Closes session `sid`'s least recently used path (it is at
@@ -1121,24 +1115,16 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 }
                 continue;
             }
-            let first = self.sessions.get(sid).map_or(NONE, |s| s.first_path);
-            let inserted = self.paths.insert(Path {
+            let path = Path::new(
                 listener,
-                backend: t.backend,
+                t.backend,
                 sock,
-                session: sid as u32,
-                next: first,
-                client: tp.client,
-                local_ip: tp.local_ip,
-                key: t.key,
-                last_client_ms: last,
-                last_reply_ms: 0,
-                reported_ms: 0,
-            });
-            if let (Some(pid), Some(s)) = (inserted, self.sessions.get_mut(sid)) {
-                s.first_path = pid;
-                s.path_count += 1;
-            }
+                tp.client,
+                tp.local_ip,
+                t.key,
+                last,
+            );
+            self.link_first(sid, path);
         }
         let me = self.me;
         let hashes: Vec<u64> = self
@@ -1595,24 +1581,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 if !(same_family && free) {
                     continue;
                 }
-                let first = self.sessions.get(sid).map_or(NONE, |s| s.first_path);
-                let pid = self.paths.insert(Path {
-                    listener,
-                    backend,
-                    sock,
-                    session: sid as u32,
-                    next: first,
-                    client,
-                    local_ip,
-                    key,
-                    last_client_ms: last,
-                    last_reply_ms: 0,
-                    reported_ms: 0,
-                });
-                if let (Some(pid), Some(s)) = (pid, self.sessions.get_mut(sid)) {
-                    s.first_path = pid;
-                    s.path_count += 1;
-                }
+                let path = Path::new(listener, backend, sock, client, local_ip, key, last);
+                self.link_first(sid, path);
             }
         }
         let limits: Vec<usize> = routes.iter().map(|r| r.max_sessions).collect();
