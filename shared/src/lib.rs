@@ -12,6 +12,7 @@ pub mod hash;
 pub mod leases;
 pub mod maglev;
 pub mod owners;
+pub mod procnet;
 pub mod quic_lb;
 pub mod state;
 pub mod stats;

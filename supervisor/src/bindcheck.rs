@@ -7,10 +7,11 @@
 //! SO_REUSEPORT), so it cannot take a datagram meant for the service.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 
 use socket2::{Domain, Protocol, Socket, Type};
+use udpshard_shared::procnet::{udp_sockets, UdpSocketEntry};
 use udpshard_shared::stats::{Header, Snapshot};
 
 /// What the probe found for an address that can be used.
@@ -75,18 +76,13 @@ pub fn probe(addr: SocketAddr, stats_file: &Path) -> Result<Probe, ProbeError> {
 /// `addr`: the same port, and the same address or a wildcard on either side.
 fn holders(addr: SocketAddr) -> Vec<u32> {
     let mut uids = Vec::new();
-    for table in ["/proc/net/udp", "/proc/net/udp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for (local, uid) in text.lines().skip(1).filter_map(parse_udp_line) {
-            let overlaps = local.ip() == addr.ip()
-                || local.ip().is_unspecified()
-                || addr.ip().is_unspecified()
-                || local.ip() == mapped(addr.ip());
-            if local.port() == addr.port() && overlaps && !uids.contains(&uid) {
-                uids.push(uid);
-            }
+    for UdpSocketEntry { local, uid, .. } in udp_sockets() {
+        let overlaps = local.ip() == addr.ip()
+            || local.ip().is_unspecified()
+            || addr.ip().is_unspecified()
+            || local.ip() == mapped(addr.ip());
+        if local.port() == addr.port() && overlaps && !uids.contains(&uid) {
+            uids.push(uid);
         }
     }
     uids
@@ -97,32 +93,6 @@ fn mapped(ip: IpAddr) -> IpAddr {
         IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
         v6 => v6,
     }
-}
-
-/// One socket of /proc/net/udp or /proc/net/udp6: its local address and
-/// its owner's uid. Addresses are the kernel's in-memory words printed in
-/// hex, so each 32-bit word is read back in native byte order.
-fn parse_udp_line(line: &str) -> Option<(SocketAddr, u32)> {
-    let fields: Vec<&str> = line.split_whitespace().collect();
-    let (ip_hex, port_hex) = fields.get(1)?.split_once(':')?;
-    let uid = fields.get(7)?.parse().ok()?;
-    let port = u16::from_str_radix(port_hex, 16).ok()?;
-    let word = |i: usize| -> Option<[u8; 4]> {
-        let w = u32::from_str_radix(ip_hex.get(i * 8..i * 8 + 8)?, 16).ok()?;
-        Some(w.to_ne_bytes())
-    };
-    let ip = match ip_hex.len() {
-        8 => IpAddr::V4(Ipv4Addr::from(word(0)?)),
-        32 => {
-            let mut octets = [0u8; 16];
-            for i in 0..4 {
-                octets[i * 4..i * 4 + 4].copy_from_slice(&word(i)?);
-            }
-            IpAddr::V6(Ipv6Addr::from(octets))
-        }
-        _ => return None,
-    };
-    Some((SocketAddr::new(ip, port), uid))
 }
 
 /// The running supervisor that `stats_file` names: its pid and uid.
@@ -147,21 +117,6 @@ fn running_supervisor(stats_file: &Path) -> Option<(u32, u32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn proc_net_udp_lines() {
-        let v4 = "  123: 0100007F:115C 00000000:0000 07 00000000:00000000 00:00000000 00000000   998        0 41234 2 0000000000000000 0";
-        let want: SocketAddr = "127.0.0.1:4444".parse().unwrap();
-        if cfg!(target_endian = "little") {
-            assert_eq!(parse_udp_line(v4), Some((want, 998)));
-        }
-        let v6 = "  5: 00000000000000000000000001000000:01BB 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 555 2 0000000000000000 0";
-        let want: SocketAddr = "[::1]:443".parse().unwrap();
-        if cfg!(target_endian = "little") {
-            assert_eq!(parse_udp_line(v6), Some((want, 0)));
-        }
-        assert_eq!(parse_udp_line("  sl  local_address rem_address"), None);
-    }
 
     #[test]
     fn a_port_held_by_another_socket_is_in_use_and_a_free_one_is_free() {

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use udpshard_shared::procnet::udp_sockets;
 use udpshard_tests::harness::{
     bind_udp, field_of, listener_config, quic_short, total, wait_until, write_config, Backend,
     Proxy,
@@ -33,7 +34,7 @@ fn fd_count(pid: u32) -> usize {
 
 /// Local addresses of the UDP sockets `pids` hold (from /proc/PID/fd and
 /// /proc/net/udp), with how many sockets are bound to each.
-fn bound_addresses(pids: &[u32]) -> HashMap<String, usize> {
+fn bound_addresses(pids: &[u32]) -> HashMap<SocketAddr, usize> {
     let mut inodes = HashSet::new();
     for pid in pids {
         if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
@@ -42,20 +43,16 @@ fn bound_addresses(pids: &[u32]) -> HashMap<String, usize> {
                     let t = target.to_string_lossy().to_string();
                     if let Some(ino) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']'))
                     {
-                        inodes.insert(ino.to_string());
+                        inodes.extend(ino.parse::<u64>());
                     }
                 }
             }
         }
     }
     let mut out = HashMap::new();
-    for table in ["/proc/net/udp", "/proc/net/udp6"] {
-        let text = std::fs::read_to_string(table).unwrap_or_default();
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() > 9 && inodes.contains(cols[9]) {
-                *out.entry(cols[1].to_string()).or_insert(0) += 1;
-            }
+    for e in udp_sockets() {
+        if inodes.contains(&e.inode) {
+            *out.entry(e.local).or_insert(0) += 1;
         }
     }
     out
@@ -162,7 +159,7 @@ fn forty_thousand_sessions_on_ports_outside_the_ephemeral_range() {
     let pids = worker_pids(&proxy);
     let listener = proxy.addr("quic").port();
     for (local, n) in bound_addresses(&pids) {
-        let port = u16::from_str_radix(local.rsplit(':').next().unwrap(), 16).unwrap();
+        let port = local.port();
         if port == listener {
             // The listener's reuseport group: one socket per worker.
             continue;

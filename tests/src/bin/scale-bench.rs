@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use serde_json::json;
+use udpshard_shared::procnet::udp_sockets;
 use udpshard_shared::stats::{Counter, Snapshot};
 use udpshard_tests::load::procstat::{all_processes, tree_pids, CpuSnapshot};
 use udpshard_tests::load::proxy::{free_udp_addr, host_lock, own_dir, show_command, ProxyProcess};
@@ -407,23 +408,11 @@ fn upstream_tuples(ports: &str) -> (usize, usize) {
     };
     let mut seen = std::collections::HashSet::new();
     let (mut sockets, mut duplicates) = (0, 0);
-    for table in ["/proc/net/udp", "/proc/net/udp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let mut fields = line.split_whitespace().skip(1);
-            let (Some(local), Some(remote)) = (fields.next(), fields.next()) else {
-                continue;
-            };
-            let port = local
-                .rsplit_once(':')
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            if port.is_some_and(|p| (lo..=hi).contains(&p)) {
-                sockets += 1;
-                if !seen.insert((local.to_string(), remote.to_string())) {
-                    duplicates += 1;
-                }
+    for e in udp_sockets() {
+        if (lo..=hi).contains(&e.local.port()) {
+            sockets += 1;
+            if !seen.insert((e.local, e.remote)) {
+                duplicates += 1;
             }
         }
     }

@@ -18,6 +18,7 @@ use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use udpshard_shared::procnet::udp_sockets;
 
 use super::procstat::{all_processes, read_stat, tree_pids, ProcStat};
 
@@ -239,31 +240,7 @@ impl ProxyProcess {
 
 /// Sockets in `/proc/net/udp` (or `udp6`) bound to `addr`.
 pub fn udp_sockets_bound_to(addr: SocketAddr) -> usize {
-    let (table, local) = match addr {
-        SocketAddr::V4(a) => (
-            "/proc/net/udp",
-            format!(
-                "{:08X}:{:04X}",
-                u32::from_ne_bytes(a.ip().octets()),
-                a.port()
-            ),
-        ),
-        SocketAddr::V6(a) => {
-            let hex: String = a
-                .ip()
-                .octets()
-                .chunks(4)
-                .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
-                .collect();
-            ("/proc/net/udp6", format!("{hex}:{:04X}", a.port()))
-        }
-    };
-    std::fs::read_to_string(table)
-        .unwrap_or_default()
-        .lines()
-        .skip(1)
-        .filter(|l| l.split_whitespace().nth(1) == Some(local.as_str()))
-        .count()
+    udp_sockets().iter().filter(|e| e.local == addr).count()
 }
 
 /// Gives `processes` (a stopped proxy's descendants) a moment to exit on their own, then
