@@ -490,6 +490,18 @@ impl Loop {
             };
             let now = self.now_ms();
             self.refs.clear();
+            let (buf, meta) = (&self.rx.buf, &self.rx.meta);
+            self.router.warm(
+                l,
+                meta[..n].iter().enumerate().map(|(i, m)| {
+                    let first = if m.stride == 0 {
+                        m.len
+                    } else {
+                        m.stride.min(m.len)
+                    };
+                    (&buf[i * MAX_DATAGRAM..i * MAX_DATAGRAM + first], m.addr)
+                }),
+            );
             for i in 0..n {
                 let meta = self.rx.meta[i];
                 // GRO may coalesce several datagrams of one sender.

@@ -45,6 +45,7 @@ use udpshard_shared::stats::Counter;
 use udpshard_shared::{stable_hash, Dissector, DropReason, FlowKey, Maglev};
 
 use crate::counters::Counters;
+use crate::keyindex::prefetch;
 use crate::paths::{Home, OpenError, Path, PathId, Paths, SockId, NONE};
 use crate::session::{Offer, Session, SessionId, SessionTable};
 
@@ -59,7 +60,12 @@ const REFUSAL_MS: u64 = 1_000;
 /// An offered transfer unanswered this long is settled by the ownership
 /// table: the receiver records itself as the owner before it answers.
 const TRANSFER_TIMEOUT_MS: u64 = 2_000;
+/// How long an offer nobody answered is kept for a late answer; the
+/// session waits that long before it may be offered again or close.
+const OFFER_LIFETIME_MS: u64 = 30_000;
 const MAX_REFUSALS: usize = 1 << 16;
+/// Datagrams of a batch [`Router::warm`] prepares: a listener batch.
+pub const WARM_BATCH: usize = 32;
 
 /// The ownership table, as a router sees it.
 pub trait Owners {
@@ -408,6 +414,32 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         };
         self.forward(sid, a, bytes.len(), d);
         Outcome::Done
+    }
+
+    /// Starts loading what a batch of client datagrams on `listener` will
+    /// read: each one's index line, then its session and first path. Their
+    /// cache misses then overlap, where `client` would wait for each in
+    /// turn (at 100,000 sessions a worker, three a datagram). Changes
+    /// nothing; datagrams past the first [`WARM_BATCH`] are left alone.
+    pub fn warm<'a>(&self, listener: usize, batch: impl Iterator<Item = (&'a [u8], SocketAddr)>) {
+        let Some(route) = self.routes.get(listener) else {
+            return;
+        };
+        let mut keys = [None; WARM_BATCH];
+        for (slot, (bytes, client)) in keys.iter_mut().zip(batch) {
+            *slot = route.dissector.flow_key(bytes, client).ok();
+            if let Some(key) = slot {
+                self.sessions.prefetch(listener, key);
+            }
+        }
+        for key in keys.iter().flatten() {
+            let session = self.sessions.lookup(listener, key);
+            if let Some(s) = session.and_then(|sid| self.sessions.get(sid)) {
+                if let Some(p) = self.paths.path(s.first_path) {
+                    prefetch(p);
+                }
+            }
+        }
     }
 
     /// No local session has the key: hand the datagram to its owner, or
@@ -1380,13 +1412,29 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // answer lost on the way is settled by the ownership table.
         if let Some((to, since)) = s.transferring.as_ref().map(|o| (o.to, o.since_ms)) {
             let (listener, key) = (s.listener, s.key);
+            let waited = now.saturating_sub(since);
             match self.owners.live_owner(usize::from(to)) {
-                Some(_) if now.saturating_sub(since) < TRANSFER_TIMEOUT_MS => return,
-                Some(owner) => {
-                    let taken = self.owners.lookup(self.owner_hash(listener, &key)) == Some(owner);
-                    self.transfer_done(to, listener, key, taken);
+                Some(_) if waited < TRANSFER_TIMEOUT_MS => return,
+                Some(owner)
+                    if self.owners.lookup(self.owner_hash(listener, &key)) == Some(owner) =>
+                {
+                    self.transfer_done(to, listener, key, true);
                     return;
                 }
+                // Not taken, and no answer yet: a busy or stalled receiver
+                // may still say yes. The offer stays, so that a late yes is
+                // reconciled (paths closed here since then are closed there
+                // too, or their ports, once cooled, would serve a second
+                // 4-tuple), and so does the session: nothing of it closes
+                // while the receiver may hold copies of its sockets.
+                Some(_) if waited < OFFER_LIFETIME_MS => {
+                    if let Some(s) = self.sessions.get_mut(sid) {
+                        s.handoff_streak = (0, 0);
+                    }
+                    return;
+                }
+                // An answer that never came: the offer is void.
+                Some(_) => self.transfer_done(to, listener, key, false),
                 None => {
                     if let Some(s) = self.sessions.get_mut(sid) {
                         s.transferring = None;

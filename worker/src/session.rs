@@ -10,8 +10,8 @@ use slab::Slab;
 use udpshard_shared::handoff::MAX_ALIASES;
 use udpshard_shared::FlowKey;
 
+use crate::keyindex::KeyIndex;
 use crate::paths::{PathId, NONE};
-use crate::shardmap::ShardedMap;
 
 /// A session's index in the table; stable for the session's life.
 pub type SessionId = usize;
@@ -69,6 +69,12 @@ impl Session {
     pub fn keys(&self) -> impl Iterator<Item = &FlowKey> {
         std::iter::once(&self.key).chain(&self.aliases)
     }
+
+    /// Whether `key` is one of its keys.
+    #[inline]
+    pub fn has_key(&self, key: &FlowKey) -> bool {
+        self.key == *key || self.aliases.contains(key)
+    }
 }
 
 /// Why a new session could not be made.
@@ -80,7 +86,8 @@ pub enum Refused {
 
 #[derive(Debug)]
 struct ListenerTable {
-    keys: ShardedMap<FlowKey, SessionId>,
+    /// Its sessions' keys (ids of sessions in the slab, which hold the keys).
+    keys: KeyIndex,
     sessions: usize,
     max_sessions: usize,
 }
@@ -100,8 +107,11 @@ pub struct SessionTable {
 
 /// Sessions the slab is sized for up front (address space: untouched
 /// capacity costs no memory), so it never moves them all while the loop
-/// waits. The key maps grow shard by shard instead ([`ShardedMap`]).
+/// waits. The key indexes grow shard by shard instead ([`KeyIndex`]).
 const PRESIZE_CAP: usize = 1 << 20;
+
+/// Sessions a table may hold at once: the key index files ids as u32.
+const MAX_IDS: usize = u32::MAX as usize;
 
 impl SessionTable {
     /// A table for listeners with these `max_sessions`. The slab is sized
@@ -111,7 +121,7 @@ impl SessionTable {
         let listeners: Vec<ListenerTable> = limits
             .into_iter()
             .map(|max_sessions| ListenerTable {
-                keys: ShardedMap::new(),
+                keys: KeyIndex::new(),
                 sessions: 0,
                 max_sessions,
             })
@@ -129,13 +139,28 @@ impl SessionTable {
     }
 
     pub fn lookup(&self, listener: usize, key: &FlowKey) -> Option<SessionId> {
-        self.listeners.get(listener)?.keys.get(key).copied()
+        let sessions = &self.sessions;
+        let id = self.listeners.get(listener)?.keys.get(key, |id| {
+            sessions
+                .get(id as usize)
+                .is_some_and(|s| s.listener == listener && s.has_key(key))
+        })?;
+        Some(id as usize)
+    }
+
+    /// Starts loading the index line a lookup of `key` reads first.
+    #[inline]
+    pub fn prefetch(&self, listener: usize, key: &FlowKey) {
+        if let Some(l) = self.listeners.get(listener) {
+            l.keys.prefetch(key);
+        }
     }
 
     /// Whether `listener` may take one more session.
     pub fn admit(&self, listener: usize) -> Result<(), Refused> {
         match self.listeners.get(listener) {
-            Some(l) if l.sessions < l.max_sessions => Ok(()),
+            // The index holds ids as u32.
+            Some(l) if l.sessions < l.max_sessions && self.sessions.len() < MAX_IDS => Ok(()),
             _ => Err(Refused::SessionLimit),
         }
     }
@@ -146,11 +171,12 @@ impl SessionTable {
         let listener = session.listener;
         let id = self.sessions.insert(session);
         self.span = self.span.max(id + 1);
-        let session = &self.sessions[id];
-        let l = &mut self.listeners[listener];
-        l.sessions += 1;
-        for key in session.keys() {
-            l.keys.get_or_insert(*key, id);
+        let keys: Vec<FlowKey> = self.sessions[id].keys().copied().collect();
+        self.listeners[listener].sessions += 1;
+        for key in keys {
+            if self.lookup(listener, &key).is_none() {
+                self.listeners[listener].keys.insert(&key, id as u32);
+            }
         }
         id
     }
@@ -168,9 +194,7 @@ impl SessionTable {
         if let Some(l) = self.listeners.get_mut(session.listener) {
             l.sessions -= 1;
             for key in session.keys() {
-                if l.keys.get(key) == Some(&id) {
-                    l.keys.remove(key);
-                }
+                l.keys.remove(key, id as u32);
             }
         }
         Some(session)
@@ -179,15 +203,15 @@ impl SessionTable {
     /// Makes `alias` another key of session `id`; false when the key is
     /// already taken (by this session or another) or the session is full.
     pub fn add_alias(&mut self, id: SessionId, alias: FlowKey) -> bool {
-        let Some(session) = self.sessions.get_mut(id) else {
+        let Some(session) = self.sessions.get(id) else {
             return false;
         };
-        let keys = &mut self.listeners[session.listener].keys;
-        if session.aliases.len() >= MAX_ALIASES || keys.contains_key(&alias) {
+        let listener = session.listener;
+        if session.aliases.len() >= MAX_ALIASES || self.lookup(listener, &alias).is_some() {
             return false;
         }
-        keys.insert(alias, id);
-        session.aliases.push(alias);
+        self.listeners[listener].keys.insert(&alias, id as u32);
+        self.sessions[id].aliases.push(alias);
         true
     }
 
@@ -230,7 +254,7 @@ impl SessionTable {
         self.listeners = limits
             .iter()
             .map(|&max_sessions| ListenerTable {
-                keys: ShardedMap::new(),
+                keys: KeyIndex::new(),
                 sessions: 0,
                 max_sessions,
             })

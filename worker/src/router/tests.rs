@@ -9,7 +9,7 @@ use udpshard_shared::stats::Counter;
 use udpshard_shared::DropReason;
 
 use super::harness::{addr, backend, config, long, short, World, CLIENT};
-use super::{Owners, TRANSFER_AFTER};
+use super::{Owners, OFFER_LIFETIME_MS, TRANSFER_AFTER};
 
 const PORTS: (u16, u16) = (20000, 29999);
 
@@ -352,23 +352,22 @@ fn router_a_refused_transfer_whose_answer_is_lost_stays_and_may_be_offered_again
     assert!(w.deliver(1));
     assert!(w.lose_frame(0));
     w.hold_inboxes = false;
+    let offered = |w: &World| {
+        let key = udpshard_shared::FlowKey::new(&10u64.to_be_bytes()).unwrap();
+        let sessions = &w.routers[0].sessions;
+        sessions
+            .get(sessions.lookup(0, &key).unwrap())
+            .unwrap()
+            .transferring
+            .is_some()
+    };
     w.advance(3_000);
     assert_eq!(w.holders(10), vec![0], "it stayed");
+    assert!(offered(&w), "the offer waits for a late answer");
+    w.advance(OFFER_LIFETIME_MS);
+    assert_eq!(w.holders(10), vec![0], "it stayed");
+    assert!(!offered(&w), "nobody answered: it may be offered again");
     assert_eq!(w.total(Counter::TransfersIn), 0);
-    assert!(w.routers[0]
-        .sessions
-        .get(
-            w.routers[0]
-                .sessions
-                .lookup(
-                    0,
-                    &udpshard_shared::FlowKey::new(&10u64.to_be_bytes()).unwrap()
-                )
-                .unwrap()
-        )
-        .unwrap()
-        .transferring
-        .is_none());
     w.assert_ledger();
 }
 
@@ -899,4 +898,58 @@ proptest! {
         let w = run(2, &events, true);
         check(&w);
     }
+}
+
+/// A receiver that answers after the sender stopped waiting (here: the
+/// clock jumps 5 s before the inboxes are read). Meanwhile the sender
+/// evicted one offered path (max_paths) and, once its port cooled, gave the
+/// port to another session toward the same backend. The late yes must still
+/// close that path's copy at the receiver: found as a shared 4-tuple by the
+/// properties below.
+#[test]
+fn a_late_yes_to_a_transfer_still_closes_the_paths_closed_meanwhile() {
+    use Event::*;
+    let events = [
+        Client {
+            cid: 10,
+            client: 0,
+            worker: 0,
+        },
+        Client {
+            cid: 5,
+            client: 3,
+            worker: 0,
+        },
+        Client {
+            cid: 5,
+            client: 0,
+            worker: 1,
+        },
+        Client {
+            cid: 5,
+            client: 2,
+            worker: 1,
+        },
+        Advance { ms: 1 },
+        Client {
+            cid: 5,
+            client: 0,
+            worker: 1,
+        },
+        Deliver { worker: 0 },
+        Client {
+            cid: 5,
+            client: 1,
+            worker: 0,
+        },
+        Client {
+            cid: 10,
+            client: 1,
+            worker: 1,
+        },
+        Advance { ms: 5000 },
+    ];
+    let w = run(3, &events, false);
+    check(&w);
+    assert!(w.holders(5).len() == 1, "CID 5 on {:?}", w.holders(5));
 }
