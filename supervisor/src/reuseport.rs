@@ -155,6 +155,17 @@ impl ReuseportGroup {
         };
         match (cfg.steering, steer::program(&dissector, n)) {
             (Steering::Reshuffle, _) => reshuffle("as configured"),
+            // A QUIC connection leaves its first connection ID (the
+            // client's) for the server's after the handshake, and a client
+            // that migrates takes a fresh one: steering on the ID would
+            // move most connections once, just after they open (a handoff
+            // per datagram until the session follows). Its 4-tuple stays.
+            (Steering::Auto, _) if matches!(dissector, udpshard_shared::Dissector::Quic { .. }) => {
+                reshuffle(
+                    "auto: QUIC connection IDs change after the handshake, the client's address \
+                     and port do not",
+                )
+            }
             (Steering::Auto, None) | (Steering::KernelCid, None) => reshuffle(&format!(
                 "the {:?} dissector has no connection ID to steer on",
                 cfg.dissector
