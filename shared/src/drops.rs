@@ -33,6 +33,11 @@ pub enum DropReason {
     Stray,
     /// A reply could not be sent on to its client.
     Reply,
+    /// Taken in by a worker that died before it forwarded, handed on or
+    /// dropped it (booked when the supervisor reaps the worker).
+    WorkerLost,
+    /// A reply read by a worker that died before it sent it on.
+    WorkerLostReply,
 }
 
 /// Where on a datagram's way a drop happens, in path order. The first three
@@ -83,8 +88,9 @@ impl Stage {
 
 impl DropReason {
     /// Every reason, in path order.
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Socket,
+        DropReason::WorkerLost,
         DropReason::Malformed,
         DropReason::Handoff,
         DropReason::SessionLimit,
@@ -96,6 +102,7 @@ impl DropReason {
         DropReason::UpstreamSocket,
         DropReason::Stray,
         DropReason::Reply,
+        DropReason::WorkerLostReply,
     ];
 
     /// Its key in `stats --json`'s `drops` and its Prometheus `reason` label.
@@ -113,6 +120,8 @@ impl DropReason {
             DropReason::UpstreamSocket => "upstream_socket",
             DropReason::Stray => "stray",
             DropReason::Reply => "reply",
+            DropReason::WorkerLost => "worker_lost",
+            DropReason::WorkerLostReply => "worker_lost_reply",
         }
     }
 
@@ -133,6 +142,10 @@ impl DropReason {
                 "on an upstream socket, not from a path's backend (late or foreign)"
             }
             DropReason::Reply => "a reply could not be sent on to its client",
+            DropReason::WorkerLost => {
+                "taken in by a worker that died before it sent it on (booked at the restart)"
+            }
+            DropReason::WorkerLostReply => "a reply read by a worker that died before sending it",
         }
     }
 
@@ -150,13 +163,16 @@ impl DropReason {
             DropReason::UpstreamSocket => Counter::DropUpstreamSocket,
             DropReason::Stray => Counter::DropStray,
             DropReason::Reply => Counter::DropReply,
+            DropReason::WorkerLost => Counter::DropWorkerLost,
+            DropReason::WorkerLostReply => Counter::DropWorkerLostReply,
         }
     }
 
     pub fn stage(self) -> Stage {
         match self {
             // Dissected as it is read, before any handoff.
-            DropReason::Socket | DropReason::Malformed => Stage::Listener,
+            // Taken off the listener socket, never sent on.
+            DropReason::Socket | DropReason::WorkerLost | DropReason::Malformed => Stage::Listener,
             DropReason::Handoff => Stage::Handoff,
             DropReason::SessionLimit
             | DropReason::Draining
@@ -164,7 +180,10 @@ impl DropReason {
             | DropReason::NoPort
             | DropReason::NoFd
             | DropReason::Upstream => Stage::Sessions,
-            DropReason::UpstreamSocket | DropReason::Stray | DropReason::Reply => Stage::Upstream,
+            DropReason::UpstreamSocket
+            | DropReason::Stray
+            | DropReason::Reply
+            | DropReason::WorkerLostReply => Stage::Upstream,
         }
     }
 }

@@ -59,6 +59,10 @@ pub enum Header {
     /// CLOCK_MONOTONIC (ns) at the supervisor's latest loop iteration, at
     /// least every 2 s while it runs.
     SupervisorHeartbeat,
+    /// Slots that have ever served (at least `Workers`): a slot a resize
+    /// retired keeps its counters, so totals over these never go backwards,
+    /// and a slot that serves again continues them.
+    SlotsUsed,
 }
 
 /// Per-worker slot words. Identity words (pid, cpu, generation, state,
@@ -146,10 +150,57 @@ pub enum Counter {
     /// Forwards the raw socket refused (a full send buffer, a datagram over
     /// the device MTU), sent on their own sockets instead.
     TxRawRefused,
+    /// Client datagrams a worker had taken in (read, or been handed) and
+    /// not yet forwarded, handed on or dropped when it died: booked by the
+    /// supervisor when it reaps the worker, from the slot's own ledger.
+    DropWorkerLost,
+    /// Replies likewise (read from backends, not yet sent on).
+    DropWorkerLostReply,
 }
 
 impl Counter {
-    pub const COUNT: usize = Counter::TxRawRefused as usize + 1;
+    pub const COUNT: usize = Counter::DropWorkerLostReply as usize + 1;
+}
+
+/// The client datagrams a worker's slot has taken in: read from its
+/// listener sockets, or handed to it by other workers.
+pub fn client_arrived(get: impl Fn(Counter) -> u64) -> u64 {
+    get(Counter::RxPackets).wrapping_add(get(Counter::HandoffIn))
+}
+
+/// The client datagrams a worker's slot has settled: forwarded, handed on,
+/// or dropped after it read them (kernel drops on the listener socket came
+/// before, and are not in `client_arrived`).
+pub fn client_settled(get: impl Fn(Counter) -> u64) -> u64 {
+    [
+        Counter::TxPackets,
+        Counter::HandoffOut,
+        Counter::DropMalformed,
+        Counter::DropHandoff,
+        Counter::DropSessionLimit,
+        Counter::DropDraining,
+        Counter::DropNoBackend,
+        Counter::DropNoPort,
+        Counter::DropNoFd,
+        Counter::DropUpstream,
+        Counter::DropWorkerLost,
+    ]
+    .into_iter()
+    .fold(0u64, |sum, c| sum.wrapping_add(get(c)))
+}
+
+/// The replies a worker's slot has read from backends, and those it has
+/// settled (sent on, relayed, or dropped).
+pub fn replies_ledger(get: impl Fn(Counter) -> u64) -> (u64, u64) {
+    let settled = [
+        Counter::RepliesOut,
+        Counter::DropStray,
+        Counter::DropReply,
+        Counter::DropWorkerLostReply,
+    ]
+    .into_iter()
+    .fold(0u64, |sum, c| sum.wrapping_add(get(c)));
+    (get(Counter::RepliesIn), settled)
 }
 
 /// What a slot's process is doing.
@@ -289,6 +340,14 @@ impl StatsRegion {
         self.words()[h as usize].store(value, Ordering::Relaxed);
     }
 
+    /// Puts `n` slots in service; slots that served before stay counted
+    /// ([`Header::SlotsUsed`]).
+    pub fn set_workers(&self, n: usize) {
+        self.set_header(Header::Workers, n as u64);
+        let used = self.header(Header::SlotsUsed).max(n as u64);
+        self.set_header(Header::SlotsUsed, used);
+    }
+
     pub fn slot_capacity(&self) -> usize {
         self.header(Header::SlotCapacity) as usize
     }
@@ -355,7 +414,9 @@ fn region_bytes(slots: usize) -> usize {
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     header: Vec<u64>,
+    /// Every slot that has served: those in use, then those a resize retired.
     slots: Vec<Vec<u64>>,
+    in_use: usize,
 }
 
 impl Snapshot {
@@ -392,7 +453,8 @@ impl Snapshot {
             });
         }
         let in_use = (words[Header::Workers as usize] as usize).min(capacity);
-        let slots = (0..in_use)
+        let used = (words[Header::SlotsUsed as usize] as usize).clamp(in_use, capacity);
+        let slots = (0..used)
             .map(|k| {
                 let start = HEADER_WORDS + k * SLOT_WORDS;
                 words[start..start + SLOT_WORDS].to_vec()
@@ -401,6 +463,7 @@ impl Snapshot {
         Ok(Snapshot {
             header: words[..HEADER_WORDS].to_vec(),
             slots,
+            in_use,
         })
     }
 
@@ -410,10 +473,21 @@ impl Snapshot {
 
     /// The slots in use, in worker order.
     pub fn workers(&self) -> impl Iterator<Item = WorkerSnapshot<'_>> {
+        self.slots().take(self.in_use)
+    }
+
+    /// Every slot that has served, in use or retired by a resize, in order.
+    pub fn slots(&self) -> impl Iterator<Item = WorkerSnapshot<'_>> {
         self.slots
             .iter()
             .enumerate()
             .map(|(id, words)| WorkerSnapshot { id, words })
+    }
+
+    /// Counter `c` over every slot that has served: what the proxy did
+    /// since it started, through restarts and resizes.
+    pub fn total(&self, c: Counter) -> u64 {
+        self.slots().fold(0u64, |sum, w| sum.wrapping_add(w.get(c)))
     }
 }
 
@@ -465,6 +539,52 @@ mod tests {
         assert_eq!(workers[1].get(Counter::RxPackets), 10);
         assert_eq!(workers[0].get(Counter::RxPackets), 0);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn totals_keep_what_retired_slots_counted() {
+        let dir =
+            std::env::temp_dir().join(format!("udpshard-stats-retired-{}", std::process::id()));
+        let path = dir.join("stats");
+        let (region, _file) = StatsRegion::create(&path, 4).unwrap();
+        region.set_workers(3);
+        for k in 0..3 {
+            region
+                .slot(k)
+                .unwrap()
+                .set(Counter::RxPackets, 10 * (k as u64 + 1));
+        }
+        region.set_workers(1);
+        let snap = Snapshot::read(&path).unwrap();
+        assert_eq!(snap.workers().count(), 1, "one in use");
+        assert_eq!(snap.slots().count(), 3, "two retired, still read");
+        assert_eq!(snap.total(Counter::RxPackets), 60);
+        // Growing back continues the slots; never past what ever served.
+        region.set_workers(2);
+        assert_eq!(region.header(Header::SlotsUsed), 3);
+        assert_eq!(Snapshot::read(&path).unwrap().workers().count(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_ledger_of_a_slot() {
+        let words: Vec<u64> = {
+            let mut w = vec![0u64; SLOT_WORDS];
+            w[Counter::RxPackets as usize] = 100;
+            w[Counter::HandoffIn as usize] = 5;
+            w[Counter::TxPackets as usize] = 90;
+            w[Counter::HandoffOut as usize] = 3;
+            w[Counter::DropMalformed as usize] = 2;
+            w[Counter::DropSocket as usize] = 7; // before the read: not in it
+            w[Counter::RepliesIn as usize] = 50;
+            w[Counter::RepliesOut as usize] = 45;
+            w[Counter::DropStray as usize] = 1;
+            w
+        };
+        let get = |c: Counter| words[c as usize];
+        assert_eq!(client_arrived(get), 105);
+        assert_eq!(client_settled(get), 95);
+        assert_eq!(replies_ledger(get), (50, 46));
     }
 
     #[test]

@@ -389,11 +389,15 @@ pub fn render(snap: &Snapshot, system: &SystemCounters) -> String {
     let mut f = Family { out: &mut out };
     let workers: Vec<_> = snap.workers().collect();
     let ids: Vec<String> = workers.iter().map(|w| w.id.to_string()).collect();
+    // Counters cover every slot that has served: one a resize retired keeps
+    // its series (at its final counts), so no sum over workers goes back.
+    let served: Vec<_> = snap.slots().collect();
+    let served_ids: Vec<String> = served.iter().map(|w| w.id.to_string()).collect();
 
     for (name, help, counter) in WORKER_COUNTERS {
         let name = format!("{name}_total");
         f.head(&name, "counter", help);
-        for (w, id) in workers.iter().zip(&ids) {
+        for (w, id) in served.iter().zip(&served_ids) {
             f.sample(&name, &[("worker", id)], w.get(counter));
         }
     }
@@ -402,7 +406,7 @@ pub fn render(snap: &Snapshot, system: &SystemCounters) -> String {
         "counter",
         "Datagrams dropped, by worker and the hop where they were lost (socket: kernel drops on the listener socket; upstream_socket: on upstream sockets).",
     );
-    for (w, id) in workers.iter().zip(&ids) {
+    for (w, id) in served.iter().zip(&served_ids) {
         for reason in udpshard_shared::DropReason::ALL {
             f.sample(
                 "drops_total",
@@ -424,7 +428,7 @@ pub fn render(snap: &Snapshot, system: &SystemCounters) -> String {
         "counter",
         "Time the worker spent handling events (not waiting in poll).",
     );
-    for (w, id) in workers.iter().zip(&ids) {
+    for (w, id) in served.iter().zip(&served_ids) {
         f.sample(
             "worker_busy_seconds_total",
             &[("worker", id)],

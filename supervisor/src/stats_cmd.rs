@@ -301,8 +301,50 @@ pub fn to_json(snap: &Snapshot) -> Value {
         "started_at": snap.header(Header::StartedAt),
         "config_generation": snap.header(Header::ConfigGeneration),
         "reload_failures": snap.header(Header::ReloadFailures),
+        "totals": totals_json(snap),
         "workers": workers,
     })
+}
+
+/// Gauges: what is live now, summed over the workers serving.
+const GAUGES: [Counter; 3] = [
+    Counter::SessionsActive,
+    Counter::PathsActive,
+    Counter::UpstreamSockets,
+];
+
+/// The workers' fields summed over every slot that has served since the
+/// start (restarted workers continue their slot; a slot a resize retired
+/// keeps its counts), so no total ever goes backwards; gauges over the
+/// workers serving now.
+fn totals_json(snap: &Snapshot) -> Value {
+    let mut obj = serde_json::Map::new();
+    for (name, c) in PLAIN {
+        if matches!(
+            c,
+            Counter::Pid | Counter::Cpu | Counter::Generation | Counter::ConfigGeneration
+        ) {
+            continue;
+        }
+        let value = if GAUGES.contains(&c) {
+            sum_workers(snap, &[c])
+        } else {
+            snap.total(c)
+        };
+        obj.insert(name.into(), json!(value));
+    }
+    obj.insert("handoff_out".into(), json!(snap.total(Counter::HandoffOut)));
+    obj.insert("loops".into(), json!(snap.total(Counter::Loops)));
+    let drops: serde_json::Map<String, Value> = DropReason::ALL
+        .iter()
+        .map(|r| (r.name().into(), json!(snap.total(r.counter()))))
+        .collect();
+    obj.insert("drops".into(), Value::Object(drops));
+    obj.insert(
+        "workers_retired".into(),
+        json!(snap.slots().count() - snap.workers().count()),
+    );
+    Value::Object(obj)
 }
 
 const NARROW_LEGEND: &str = concat!(

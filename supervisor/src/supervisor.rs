@@ -197,7 +197,7 @@ impl Supervisor {
         );
         region.set_header(Header::StartedAt, unix_now());
         region.set_header(Header::ConfigGeneration, 1);
-        region.set_header(Header::Workers, count as u64);
+        region.set_workers(count);
 
         let poll = Poll::new().map_err(SupervisorError::Poll)?;
         let mut signals =
@@ -500,6 +500,19 @@ impl Supervisor {
             w.state = WorkerState::Exited;
             if let Some(slot) = self.region.slot(w.id) {
                 slot.set(Counter::State, SlotState::Exited as u64);
+                // What it had taken in and not yet sent on died with it:
+                // booked from its own ledger, so that every datagram it read
+                // stays counted (the slot's next worker continues the ledger).
+                let (lost, lost_replies) = worker_lost(&slot);
+                slot.add(Counter::DropWorkerLost, lost);
+                slot.add(Counter::DropWorkerLostReply, lost_replies);
+                if lost + lost_replies > 0 {
+                    tracing::warn!(
+                        worker = w.id,
+                        "{lost} client datagrams and {lost_replies} replies it had read were \
+                         lost with it (drops.worker_lost, drops.worker_lost_reply)"
+                    );
+                }
                 // Its upstream sockets closed with it, some with live paths:
                 // their ports wait out the reuse delay before anyone leases
                 // them again (a copy another worker borrowed keeps its port
@@ -695,6 +708,18 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// The client datagrams and the replies an exited worker's slot holds as
+/// taken in and not settled: what died with the process.
+fn worker_lost(slot: &udpshard_shared::stats::StatsSlot<'_>) -> (u64, u64) {
+    use udpshard_shared::stats::{client_arrived, client_settled, replies_ledger};
+    let get = |c| slot.get(c);
+    let (replies_in, replies_settled) = replies_ledger(get);
+    (
+        client_arrived(get).saturating_sub(client_settled(get)),
+        replies_in.saturating_sub(replies_settled),
+    )
 }
 
 #[cfg(test)]

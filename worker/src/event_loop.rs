@@ -114,6 +114,14 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     upstream.configure(&config);
     let routes = build_routes(&config, &listeners)?;
     let counters = Counters::resume_from(&slot);
+    // The slot's socket drops continue: its sockets' own counts (the same
+    // sockets after a crash, still counting what overflowed meanwhile),
+    // over what the slot counted before on sockets since closed (a resize
+    // that retired the slot, a reload that removed a listener).
+    let socket_drops_seen = listener_drops(&listeners);
+    let socket_drops_base = counters
+        .get(Counter::DropSocket)
+        .saturating_sub(socket_drops_seen);
     counters.publish(&slot);
     slot.set(Counter::State, SlotState::Ready as u64);
     let router = Router::new(me, routes, owners, upstream, index, counters);
@@ -145,6 +153,8 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         start_ns: monotonic_ns(),
         iter_ms: 0,
         last_no_port: 0,
+        socket_drops_seen,
+        socket_drops_base,
         last_warn_ms: 0,
     };
     let result = lp.serve();
@@ -278,6 +288,11 @@ struct Loop {
     iter_ms: u64,
     /// `drops.no_port` when it was last logged, and when.
     last_no_port: u64,
+    /// Kernel drops on the listener sockets held now, at the last reading.
+    socket_drops_seen: u64,
+    /// Drops counted before on listener sockets no longer held: the slot's
+    /// `drops.socket` is this plus the held sockets' own counts.
+    socket_drops_base: u64,
     last_warn_ms: u64,
 }
 
@@ -305,6 +320,33 @@ impl Loop {
         self.iter_ms
     }
 
+    /// Counts a batch just read in the slot before it is handled (the
+    /// router counts it again, to the same total, as it goes): if this
+    /// process dies meanwhile, the supervisor finds the batch taken in and
+    /// not settled, and books it as `drops.worker_lost`, where it would
+    /// otherwise vanish from every count.
+    fn publish_arrivals(&self, batch: &[RecvMeta]) {
+        let Some(slot) = self.region.slot(self.id) else {
+            return;
+        };
+        let (mut datagrams, mut bytes) = (0u64, 0u64);
+        for m in batch {
+            let segments = if m.stride == 0 {
+                1
+            } else {
+                m.len.div_ceil(m.stride).max(1)
+            };
+            datagrams += segments as u64;
+            bytes += m.len as u64;
+        }
+        let counters = &self.router.counters;
+        slot.set(
+            Counter::RxPackets,
+            counters.get(Counter::RxPackets) + datagrams,
+        );
+        slot.set(Counter::RxBytes, counters.get(Counter::RxBytes) + bytes);
+    }
+
     fn publish(&self) {
         if let Some(slot) = self.region.slot(self.id) {
             self.router.counters.publish(&slot);
@@ -323,6 +365,9 @@ impl Loop {
             fds,
             &bytes,
         );
+        // What was just sent is in the slot before anything else happens:
+        // a worker killed later does not have it booked as lost.
+        self.publish();
     }
 
     fn serve(&mut self) -> Result<(), WorkerError> {
@@ -429,11 +474,15 @@ impl Loop {
         for _ in 0..lost_datagrams {
             self.router.handoff_failed();
         }
-        let mut socket_drops = 0u64;
-        for l in &self.listeners {
-            socket_drops += sockio::socket_drops(l.socket.as_raw_fd()).map_or(0, u64::from);
+        let socket_drops = listener_drops(&self.listeners);
+        if socket_drops < self.socket_drops_seen {
+            // A listener left (reload): what its socket counted stays.
+            self.socket_drops_base += self.socket_drops_seen - socket_drops;
         }
-        self.router.counters.set(Counter::DropSocket, socket_drops);
+        self.socket_drops_seen = socket_drops;
+        self.router
+            .counters
+            .set(Counter::DropSocket, self.socket_drops_base + socket_drops);
         // Refused paths: once a second at most, with what the ranges hold.
         let no_port = self.router.counters.get(Counter::DropNoPort);
         if no_port > self.last_no_port && now >= self.last_warn_ms + 1000 {
@@ -490,6 +539,7 @@ impl Loop {
             };
             let now = self.now_ms();
             self.refs.clear();
+            self.publish_arrivals(&self.rx.meta[..n]);
             let (buf, meta) = (&self.rx.buf, &self.rx.meta);
             self.router.warm(
                 l,
@@ -591,6 +641,18 @@ impl Loop {
                 let n = sockio::recv_batch(fd, &mut self.up_rx).unwrap_or_default();
                 let now = self.now_ms();
                 self.refs.clear();
+                // Counted before they are handled, as client batches are.
+                let replies = self.up_rx.meta[..n]
+                    .iter()
+                    .filter(|m| m.from.is_some())
+                    .count();
+                if let Some(slot) = self.region.slot(self.id) {
+                    let counters = &self.router.counters;
+                    slot.set(
+                        Counter::RepliesIn,
+                        counters.get(Counter::RepliesIn) + replies as u64,
+                    );
+                }
                 for i in 0..n {
                     let meta = self.up_rx.meta[i];
                     let d = DatagramRef(self.refs.len() as u32);
@@ -800,4 +862,12 @@ fn raise_fd_limit() {
             let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
         }
     }
+}
+
+/// The kernel's drop counts on `listeners`' sockets, summed.
+fn listener_drops(listeners: &[Listener]) -> u64 {
+    listeners
+        .iter()
+        .map(|l| sockio::socket_drops(l.socket.as_raw_fd()).map_or(0, u64::from))
+        .sum()
 }

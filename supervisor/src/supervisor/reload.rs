@@ -252,7 +252,7 @@ impl Supervisor {
                 let cpu = self.cpus[id % self.cpus.len()];
                 self.workers.push(WorkerSlot::new(id, cpu));
             }
-            self.region.set_header(Header::Workers, count as u64);
+            self.region.set_workers(count);
             self.steer_groups()?;
             self.send_peers();
             for id in start..count {
@@ -276,7 +276,7 @@ impl Supervisor {
                     let _ = control.send(&ControlMsg::Stop, &[]);
                 }
             }
-            self.region.set_header(Header::Workers, count as u64);
+            self.region.set_workers(count);
             self.remove_retired()?;
         }
         Ok(())
