@@ -35,6 +35,10 @@ pub enum ControlMsg {
     Drain { timeout_ms: u64 },
     /// Worker -> supervisor: a `Reload` is applied.
     Reloaded,
+    /// Supervisor -> worker: the answer to `Ready`: the slot is published as
+    /// ready (its generation and state are the supervisor's word), so other
+    /// workers take its ownership entries as live. Only then does it serve.
+    Live,
 }
 
 const TAG_START: u8 = 1;
@@ -44,6 +48,7 @@ const TAG_RELOAD: u8 = 5;
 const TAG_PEERS: u8 = 6;
 const TAG_DRAIN: u8 = 7;
 const TAG_RELOADED: u8 = 8;
+const TAG_LIVE: u8 = 9;
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -96,6 +101,7 @@ impl ControlMsg {
                 TAG_DRAIN
             }
             ControlMsg::Reloaded => TAG_RELOADED,
+            ControlMsg::Live => TAG_LIVE,
         };
         let mut frame = Vec::with_capacity(5 + body.len());
         frame.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
@@ -124,6 +130,7 @@ impl ControlMsg {
                 timeout_ms: u64::from_le_bytes(take_array(&mut body)?),
             },
             TAG_RELOADED => ControlMsg::Reloaded,
+            TAG_LIVE => ControlMsg::Live,
             other => return Err(ControlError::UnknownTag(other)),
         };
         if !body.is_empty() {
@@ -208,6 +215,7 @@ mod tests {
             ControlMsg::Peers { fds: 2 },
             ControlMsg::Drain { timeout_ms: 5000 },
             ControlMsg::Reloaded,
+            ControlMsg::Live,
         ];
         let stream: Vec<u8> = msgs.iter().flat_map(|m| m.encode()).collect();
         let mut reader = FrameReader::default();

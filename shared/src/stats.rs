@@ -156,10 +156,14 @@ pub enum Counter {
     DropWorkerLost,
     /// Replies likewise (read from backends, not yet sent on).
     DropWorkerLostReply,
+    /// The slot's generation and state in one word (generation << 8 |
+    /// state), written by the supervisor alone: what liveness is read from,
+    /// in one load. `Generation` and `State` repeat it for display.
+    Life,
 }
 
 impl Counter {
-    pub const COUNT: usize = Counter::DropWorkerLostReply as usize + 1;
+    pub const COUNT: usize = Counter::Life as usize + 1;
 }
 
 /// The client datagrams a worker's slot has taken in: read from its
@@ -373,12 +377,9 @@ impl StatsRegion {
 
     /// The process serving slot `worker` now (ready or draining), if any.
     pub fn live_owner(&self, worker: usize) -> Option<Owner> {
-        let slot = self.slot(worker)?;
-        matches!(
-            SlotState::from_word(slot.get(Counter::State)),
-            SlotState::Ready | SlotState::Draining
-        )
-        .then(|| Owner::new(worker, slot.get(Counter::Generation)))
+        let (generation, state) = self.slot(worker)?.life();
+        matches!(state, SlotState::Ready | SlotState::Draining)
+            .then(|| Owner::new(worker, generation))
     }
 }
 
@@ -399,6 +400,25 @@ impl StatsSlot<'_> {
 
     pub fn add(&self, c: Counter, delta: u64) {
         self.words[c as usize].fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// The slot's generation and state, from one word.
+    pub fn life(&self) -> (u64, SlotState) {
+        let word = self.get(Counter::Life);
+        (word >> 8, SlotState::from_word(word & 0xff))
+    }
+
+    /// Publishes the slot's generation and state (the supervisor's word):
+    /// the packed word first, then its display copies.
+    pub fn set_life(&self, generation: u64, state: SlotState) {
+        self.set(Counter::Life, (generation << 8) | state as u64);
+        self.set(Counter::Generation, generation);
+        self.set(Counter::State, state as u64);
+    }
+
+    /// Moves the slot to `state`, keeping its generation.
+    pub fn set_state(&self, state: SlotState) {
+        self.set_life(self.life().0, state);
     }
 }
 
@@ -525,12 +545,12 @@ mod tests {
         slot.add(Counter::RxPackets, 3);
         assert!(worker_view.slot(4).is_none());
         // Liveness follows the slot's generation and state.
-        slot.set(Counter::Generation, 3);
-        slot.set(Counter::State, SlotState::Ready as u64);
+        slot.set_life(3, SlotState::Ready);
         assert!(region.is_live(Owner::new(1, 3)));
         assert!(!region.is_live(Owner::new(1, 2)));
-        slot.set(Counter::State, SlotState::Exited as u64);
+        slot.set_state(SlotState::Exited);
         assert!(!region.is_live(Owner::new(1, 3)));
+        assert_eq!(slot.get(Counter::Generation), 3);
 
         let snap = Snapshot::read(&path).unwrap();
         let workers: Vec<_> = snap.workers().collect();

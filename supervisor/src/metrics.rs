@@ -593,7 +593,7 @@ mod tests {
         slot.set(Counter::DropSocket, 7);
         slot.set(Counter::BusyNs, 250);
         slot.set(Counter::WallNs, 1000);
-        slot.set(Counter::State, SlotState::Ready as u64);
+        slot.set_life(1, SlotState::Ready);
         let snap = Snapshot::read(&path).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         snap

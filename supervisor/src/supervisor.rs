@@ -312,6 +312,12 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, id: usize) -> Result<(), SupervisorError> {
+        // The new generation is published before the process exists: the
+        // worker takes its identity from it.
+        if let Some(slot) = self.region.slot(id) {
+            slot.set_life(slot.life().0 + 1, SlotState::Starting);
+            slot.set(Counter::Cpu, self.workers[id].cpu as u64);
+        }
         let (ours, theirs) =
             UnixStream::pair().map_err(|source| SupervisorError::Spawn { id, source })?;
         let spec = WorkerSpec {
@@ -351,9 +357,6 @@ impl Supervisor {
             .map_err(SupervisorError::Poll)?;
         if let Some(slot) = self.region.slot(id) {
             slot.set(Counter::Pid, u64::from(child.id()));
-            slot.set(Counter::Cpu, self.workers[id].cpu as u64);
-            slot.add(Counter::Generation, 1);
-            slot.set(Counter::State, SlotState::Starting as u64);
         }
         let w = &mut self.workers[id];
         tracing::debug!(worker = id, pid = child.id(), cpu = w.cpu, "spawned");
@@ -381,6 +384,10 @@ impl Supervisor {
                     w.state = WorkerState::Ready;
                     if let Some(slot) = self.region.slot(id) {
                         slot.set(Counter::ConfigGeneration, w.config_gen);
+                        slot.set_state(SlotState::Ready);
+                    }
+                    if let Err(e) = control.send(&ControlMsg::Live, &[]) {
+                        tracing::warn!(worker = id, "cannot tell the worker it is live: {e}");
                     }
                     became_ready = true;
                     tracing::info!(
@@ -458,6 +465,11 @@ impl Supervisor {
             w.restart_at = None;
             if let Some(control) = w.control.as_ref() {
                 let _ = control.send(&drain, &[]);
+                if let Some(slot) = self.region.slot(w.id) {
+                    if slot.life().1 == SlotState::Ready {
+                        slot.set_state(SlotState::Draining);
+                    }
+                }
             }
         }
     }
@@ -499,7 +511,7 @@ impl Supervisor {
             }
             w.state = WorkerState::Exited;
             if let Some(slot) = self.region.slot(w.id) {
-                slot.set(Counter::State, SlotState::Exited as u64);
+                slot.set_state(SlotState::Exited);
                 // What it had taken in and not yet sent on died with it:
                 // booked from its own ledger, so that every datagram it read
                 // stays counted (the slot's next worker continues the ledger).
@@ -517,7 +529,7 @@ impl Supervisor {
                 // their ports wait out the reuse delay before anyone leases
                 // them again (a copy another worker borrowed keeps its port
                 // bound, and that worker adopts it).
-                let dead = Owner::new(w.id, slot.get(Counter::Generation));
+                let dead = Owner::new(w.id, slot.life().0);
                 let until = udpshard_shared::clock::monotonic_ns() / 1_000_000
                     + max_reuse_delay_ms(&self.config);
                 let cooled = self.state.leases().cool_dead(|o| o == dead, until);

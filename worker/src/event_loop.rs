@@ -18,7 +18,7 @@ use udpshard_shared::clock::monotonic_ns;
 use udpshard_shared::control::{ControlChannel, ControlMsg};
 use udpshard_shared::owners::{Owner, OwnerIndex};
 use udpshard_shared::state::StateRegion;
-use udpshard_shared::stats::{Counter, SlotState, StatsRegion};
+use udpshard_shared::stats::{Counter, StatsRegion};
 
 use crate::counters::Counters;
 use crate::exec::Executor;
@@ -123,13 +123,24 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         .get(Counter::DropSocket)
         .saturating_sub(socket_drops_seen);
     counters.publish(&slot);
-    slot.set(Counter::State, SlotState::Ready as u64);
     let router = Router::new(me, routes, owners, upstream, index, counters);
     let exec = Executor::new(
         raw_tx(config.upstream_send, args.id),
         config.upstream_send == UpstreamSend::Auto,
     );
     control.send(&ControlMsg::Ready, &[]).map_err(control_err)?;
+    // Serve once the supervisor has published the slot as ready: before
+    // that, other workers would take this one's ownership entries as stale.
+    // What it sends meanwhile (new peers, a reload) waits for the loop.
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut early = Vec::new();
+    loop {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        match control.recv_timeout(wait).map_err(control_err)? {
+            (ControlMsg::Live, _) => break,
+            other => early.push(other),
+        }
+    }
     tracing::debug!(worker = args.id, "ready");
 
     let mut lp = Loop {
@@ -157,6 +168,13 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         socket_drops_base,
         last_warn_ms: 0,
     };
+    for (msg, fds) in early {
+        if lp.handle_control(msg, fds) {
+            lp.leave();
+            lp.publish();
+            return Ok(());
+        }
+    }
     let result = lp.serve();
     lp.publish();
     result
@@ -397,14 +415,7 @@ impl Loop {
                 match event.token() {
                     CONTROL => {
                         if self.read_control()? {
-                            // A retiring worker's sockets leave their groups
-                            // when we exit: forward what is queued in them,
-                            // and what other workers handed us meanwhile.
-                            self.read_inbox();
-                            for l in 0..self.listeners.len() {
-                                while !self.drain_listener(l) {}
-                            }
-                            self.read_inbox();
+                            self.leave();
                             return Ok(());
                         }
                     }
@@ -725,8 +736,33 @@ impl Loop {
             .map_err(|e| WorkerError::Control(e.to_string()))?;
         while let Some(msg) = self.control.next_msg() {
             let (msg, fds) = msg.map_err(|e| WorkerError::Control(e.to_string()))?;
+            if self.handle_control(msg, fds) {
+                return Ok(true);
+            }
+        }
+        if !open {
+            tracing::info!("supervisor closed the control channel; exiting");
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Before exiting on `Stop`. A retiring worker's sockets leave their
+    /// groups when it exits: it forwards what is queued in them, and what
+    /// other workers handed it meanwhile.
+    fn leave(&mut self) {
+        self.read_inbox();
+        for l in 0..self.listeners.len() {
+            while !self.drain_listener(l) {}
+        }
+        self.read_inbox();
+    }
+
+    /// One control message; true when the worker is to exit now.
+    fn handle_control(&mut self, msg: ControlMsg, fds: Vec<OwnedFd>) -> bool {
+        {
             match msg {
-                ControlMsg::Stop => return Ok(true),
+                ControlMsg::Stop => return true,
                 ControlMsg::Reload { origin, config, .. } => {
                     match self.reload(&origin, &config, fds) {
                         Ok(()) => {
@@ -746,18 +782,11 @@ impl Loop {
                 ControlMsg::Drain { timeout_ms } => {
                     self.router.drain();
                     self.drain_deadline = Some(Instant::now() + Duration::from_millis(timeout_ms));
-                    if let Some(slot) = self.region.slot(self.id) {
-                        slot.set(Counter::State, SlotState::Draining as u64);
-                    }
                 }
                 other => tracing::warn!("unexpected control message {other:?}"),
             }
         }
-        if !open {
-            tracing::info!("supervisor closed the control channel; exiting");
-            return Ok(true);
-        }
-        Ok(false)
+        false
     }
 
     /// Serves a new config: listeners added, removed, or re-routed; live

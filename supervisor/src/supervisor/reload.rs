@@ -267,7 +267,7 @@ impl Supervisor {
                 w.retiring = true;
                 w.restart_at = None;
                 if let Some(slot) = self.region.slot(w.id) {
-                    slot.set(Counter::State, SlotState::Retiring as u64);
+                    slot.set_state(SlotState::Retiring);
                 }
             }
             self.steer_groups()?;
