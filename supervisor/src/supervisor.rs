@@ -70,8 +70,10 @@ pub enum SupervisorError {
     Exe(io::Error),
     #[error("event loop: {0}")]
     Poll(io::Error),
-    #[error("worker {id}: {source}")]
+    #[error("cannot start worker {id}: {source}")]
     Spawn { id: usize, source: io::Error },
+    #[error("no worker could start (each failure is logged above)")]
+    NoWorker,
     #[error("metrics endpoint {addr}: {source}")]
     Metrics {
         addr: std::net::SocketAddr,
@@ -243,7 +245,11 @@ impl Supervisor {
         };
         sup.steer_groups()?;
         for id in 0..count {
-            sup.spawn(id)?;
+            sup.spawn_or_retry(id);
+        }
+        if sup.workers.iter().all(|w| w.child.is_none()) {
+            // Not one worker could start: say so, rather than serve nothing.
+            return Err(SupervisorError::NoWorker);
         }
         Ok(sup)
     }
@@ -274,7 +280,7 @@ impl Supervisor {
             );
             for event in events.iter() {
                 match event.token() {
-                    SIGNALS => self.handle_signals()?,
+                    SIGNALS => self.handle_signals(),
                     t if crate::metrics::owns(t) => {
                         if let Some(m) = self.metrics.as_mut() {
                             m.handle(self.poll.registry(), t);
@@ -283,7 +289,11 @@ impl Supervisor {
                     Token(t) => self.read_control(t - CONTROL_TOKEN_BASE),
                 }
             }
-            self.reap()?;
+            // Nothing here ends the proxy: a failure is logged, and the
+            // workers that run keep serving.
+            if let Err(e) = self.reap() {
+                tracing::error!("after a worker exited: {e}");
+            }
             if let Some(deadline) = self.stop_deadline {
                 if self.workers.iter().all(|w| w.child.is_none()) {
                     tracing::info!("all workers exited; bye");
@@ -294,10 +304,14 @@ impl Supervisor {
                 }
                 continue;
             }
-            self.restart_due()?;
+            self.restart_due();
             if Instant::now() >= self.next_cpu_check {
                 self.next_cpu_check = Instant::now() + CPU_CHECK;
-                self.check_cpus()?;
+                if let Err(e) = self.check_cpus() {
+                    tracing::error!(
+                        "following the allowed CPU set: {e}; trying again in {CPU_CHECK:?}"
+                    );
+                }
             }
         }
     }
@@ -334,11 +348,15 @@ impl Supervisor {
             handoff_fd: self.handoff[id].0.as_raw_fd(),
             peer_fds: self.handoff.iter().map(|(_, tx)| tx.as_raw_fd()).collect(),
         };
-        let child = spawn_worker(&self.exe, &spec)
+        let mut child = spawn_worker(&self.exe, &spec)
             .map_err(|source| SupervisorError::Spawn { id, source })?;
         drop(theirs);
-        ours.set_nonblocking(true)
-            .map_err(|source| SupervisorError::Spawn { id, source })?;
+        if let Err(source) = ours.set_nonblocking(true) {
+            // No way to talk to it: it must not run on its own.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(SupervisorError::Spawn { id, source });
+        }
         let control = ControlChannel::new(ours);
         let start = ControlMsg::Start {
             origin: self.origin.clone(),
@@ -347,14 +365,15 @@ impl Supervisor {
         // A worker that died before reading it shows up as a reaped child.
         let _ = control.send(&start, &[]);
         let fd = control.stream.as_raw_fd();
-        self.poll
-            .registry()
-            .register(
-                &mut SourceFd(&fd),
-                Token(CONTROL_TOKEN_BASE + id),
-                Interest::READABLE,
-            )
-            .map_err(SupervisorError::Poll)?;
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&fd),
+            Token(CONTROL_TOKEN_BASE + id),
+            Interest::READABLE,
+        ) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(SupervisorError::Poll(e));
+        }
         if let Some(slot) = self.region.slot(id) {
             slot.set(Counter::Pid, u64::from(child.id()));
         }
@@ -428,17 +447,16 @@ impl Supervisor {
         }
     }
 
-    fn handle_signals(&mut self) -> Result<(), SupervisorError> {
+    fn handle_signals(&mut self) {
         let pending: Vec<i32> = self.signals.pending().collect();
         for signal in pending {
             match signal {
                 SIGTERM | SIGINT => self.begin_stop(signal),
-                SIGHUP if self.stop_deadline.is_none() => self.reload()?,
+                SIGHUP if self.stop_deadline.is_none() => self.reload(),
                 // SIGCHLD: reaped after every wakeup.
                 _ => {}
             }
         }
-        Ok(())
     }
 
     /// Stops taking new flows and lets live sessions finish for
@@ -560,7 +578,7 @@ impl Supervisor {
         self.remove_retired()
     }
 
-    fn restart_due(&mut self) -> Result<(), SupervisorError> {
+    fn restart_due(&mut self) {
         let now = Instant::now();
         let due: Vec<usize> = self
             .workers
@@ -569,9 +587,28 @@ impl Supervisor {
             .map(|w| w.id)
             .collect();
         for id in due {
-            self.spawn(id)?;
+            self.spawn_or_retry(id);
         }
-        Ok(())
+    }
+
+    /// Starts slot `id`'s worker; when that fails (fork, EMFILE, ENOMEM,
+    /// an executable gone), the slot backs off and tries again, as after a
+    /// crash, while the other workers keep serving.
+    pub(super) fn spawn_or_retry(&mut self, id: usize) {
+        let Err(e) = self.spawn(id) else {
+            return;
+        };
+        let Some(w) = self.workers.get_mut(id) else {
+            return;
+        };
+        w.crashes = w.crashes.saturating_add(1).max(2);
+        w.backoff = restart_backoff(w.crashes);
+        w.restart_at = Some(Instant::now() + w.backoff);
+        w.state = WorkerState::Exited;
+        if let Some(slot) = self.region.slot(id) {
+            slot.set_state(SlotState::Exited);
+        }
+        tracing::error!(worker = id, "{e}; trying again in {:?}", w.backoff);
     }
 }
 

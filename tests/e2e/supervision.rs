@@ -618,3 +618,44 @@ fn every_datagram_is_accounted_through_kills_and_resizes_and_totals_never_go_bac
         "unaccounted {unaccounted}\n{settled:#}"
     );
 }
+
+#[test]
+fn a_worker_that_cannot_be_started_is_retried_while_the_others_serve() {
+    let a = Backend::start("a");
+    // A copy of the binary, which the test takes away: every start of a
+    // worker then fails (the supervisor runs on, from memory).
+    let dir = udpshard_tests::harness::TempDir::new("spawn-failure");
+    let exe = dir.path().join("udpshard");
+    let away = dir.path().join("udpshard.away");
+    std::fs::copy(BIN, &exe).unwrap();
+    let proxy = Proxy::start(&exe, &config("2", &[a.addr]));
+    let stats = || udpshard_tests::harness::stats_json(Path::new(BIN), &proxy.stats_file);
+    // A client the steering sends to worker 1, and one it sends to worker 0.
+    let client_for = |worker: u32| loop {
+        let c = bind_udp("127.0.0.1:0");
+        if udpshard_shared::steer::tuple_index(c.local_addr().unwrap(), 2) == worker {
+            return c;
+        }
+    };
+    let (to_0, to_1) = (client_for(0), client_for(1));
+    let victim = field_of(&stats()["workers"][0], "pid");
+    std::fs::rename(&exe, &away).unwrap();
+    // SAFETY: kill(2) on the proxy's own worker.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    proxy.wait_log("cannot start worker 0", WAIT);
+    // It keeps trying, and the supervisor and worker 1 keep serving.
+    send_cids(&proxy, &to_1, 0..50, b"one");
+    wait_until(WAIT, "worker 1 serves", || a.count() == 50);
+    send_cids(&proxy, &to_0, 100..150, b"zero");
+    let s = stats();
+    assert!(udpshard_tests::harness::process_exists(proxy.pid()));
+    assert_eq!(s["workers"][0]["state"], "exited", "{s:#}");
+    assert_eq!(s["workers"][1]["state"], "ready", "{s:#}");
+    // The binary is back: the slot's next try starts it, and what waited in
+    // worker 0's socket meanwhile is served.
+    std::fs::rename(&away, &exe).unwrap();
+    wait_until(WAIT, "worker 0 back, its queue served", || a.count() == 100);
+    let s = stats();
+    assert_eq!(s["workers"][0]["state"], "ready", "{s:#}");
+    assert_eq!(total(&s, "drops.socket"), 0, "{s:#}");
+}

@@ -23,15 +23,16 @@ use crate::notify::notify;
 use crate::reuseport::ReuseportGroup;
 
 impl Supervisor {
-    pub(super) fn reload(&mut self) -> Result<(), SupervisorError> {
+    pub(super) fn reload(&mut self) {
         notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
         let what = self.config_path.as_ref().map_or_else(
             || config::DEFAULT_CONFIG_ORIGIN.to_string(),
             |p| p.display().to_string(),
         );
         tracing::info!("SIGHUP: reloading {what}");
-        match self.try_reload() {
-            Ok(()) => {
+        let outcome = self.try_reload();
+        match outcome {
+            Ok(()) | Err(Reload::Partly(_)) => {
                 self.config_gen += 1;
                 self.region
                     .set_header(Header::ConfigGeneration, self.config_gen);
@@ -43,24 +44,57 @@ impl Supervisor {
                         self.send_reload(id);
                     }
                 }
-                tracing::info!(
-                    "reloaded {what}: {} listeners, {} workers (config generation {})",
-                    self.groups.len(),
-                    self.live_workers(),
-                    self.config_gen
-                );
+                match &outcome {
+                    Err(Reload::Partly(e)) => tracing::error!(
+                        "reloaded {what} (config generation {}: its listeners and backends are \
+                         served) but not every step took: {e}; {} workers serve",
+                        self.config_gen,
+                        self.live_workers()
+                    ),
+                    _ => tracing::info!(
+                        "reloaded {what}: {} listeners, {} workers (config generation {})",
+                        self.groups.len(),
+                        self.live_workers(),
+                        self.config_gen
+                    ),
+                }
             }
-            Err(e) => {
+            Err(Reload::Refused(e)) => {
                 let failures = self.region.header(Header::ReloadFailures) + 1;
                 self.region.set_header(Header::ReloadFailures, failures);
                 tracing::error!("reload failed, still serving the previous config: {e}");
             }
         }
         notify("READY=1");
-        Ok(())
     }
 
-    fn try_reload(&mut self) -> Result<(), String> {
+    /// Applies the config file. `Refused`: nothing changed. `Partly`: the
+    /// new config is committed (listeners, backends) and a later step
+    /// (steering, CPU pinning, resizing) failed: what failed is said, and
+    /// the next reload or CPU check tries it again.
+    fn try_reload(&mut self) -> Result<(), Reload> {
+        let (cpus, count) = self.load_new().map_err(Reload::Refused)?;
+        let mut failed = Vec::new();
+        if let Err(e) = self.steer_groups() {
+            failed.push(e.to_string());
+        }
+        if let Err(e) = self.apply_cpus(cpus) {
+            failed.push(e.to_string());
+        }
+        if let Err(e) = self.resize(count) {
+            failed.push(e.to_string());
+        }
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(Reload::Partly(failed.join("; ")))
+        }
+    }
+
+    /// Reads, checks and binds the new config; commits it (groups, config,
+    /// text) only when all of that succeeded. Returns the CPUs and the
+    /// worker count it is to run on.
+    fn load_new(&mut self) -> Result<(Vec<usize>, usize), String> {
         let (cfg, text) = match &self.config_path {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -142,9 +176,7 @@ impl Supervisor {
         self.groups = groups;
         self.config = cfg;
         self.text = text;
-        self.steer_groups().map_err(|e| e.to_string())?;
-        self.apply_cpus(cpus).map_err(|e| e.to_string())?;
-        self.resize(count).map_err(|e| e.to_string())
+        Ok((cpus, count))
     }
 
     /// Sends worker `id` the current config and its sockets.
@@ -256,7 +288,7 @@ impl Supervisor {
             self.steer_groups()?;
             self.send_peers();
             for id in start..count {
-                self.spawn(id)?;
+                self.spawn_or_retry(id);
             }
         } else {
             // First no worker hands a flow to a retiring one (its ownership
@@ -324,4 +356,12 @@ use std::os::fd::AsRawFd;
 
 fn monotonic_usec() -> u64 {
     udpshard_shared::clock::monotonic_ns() / 1000
+}
+
+/// Why a reload did not fully take.
+enum Reload {
+    /// Nothing changed: the previous config is served.
+    Refused(String),
+    /// The new config is served, but these steps failed.
+    Partly(String),
 }
