@@ -357,7 +357,7 @@ impl Supervisor {
             let _ = child.wait();
             return Err(SupervisorError::Spawn { id, source });
         }
-        let control = ControlChannel::new(ours);
+        let mut control = ControlChannel::new(ours);
         let start = ControlMsg::Start {
             origin: self.origin.clone(),
             config: self.text.clone(),
@@ -365,10 +365,12 @@ impl Supervisor {
         // A worker that died before reading it shows up as a reaped child.
         let _ = control.send(&start, &[]);
         let fd = control.stream.as_raw_fd();
+        // Writable too: a frame the socket had no room for goes out when
+        // it has (the loop never waits for a worker to read).
         if let Err(e) = self.poll.registry().register(
             &mut SourceFd(&fd),
             Token(CONTROL_TOKEN_BASE + id),
-            Interest::READABLE,
+            Interest::READABLE | Interest::WRITABLE,
         ) {
             let _ = child.kill();
             let _ = child.wait();
@@ -395,6 +397,9 @@ impl Supervisor {
         let Some(control) = w.control.as_mut() else {
             return;
         };
+        if let Err(e) = control.flush() {
+            tracing::debug!(worker = id, "control channel: {e}");
+        }
         let _ = control.read_available();
         let mut became_ready = false;
         while let Some(msg) = control.next_msg() {
@@ -481,7 +486,7 @@ impl Supervisor {
         };
         for w in &mut self.workers {
             w.restart_at = None;
-            if let Some(control) = w.control.as_ref() {
+            if let Some(control) = w.control.as_mut() {
                 let _ = control.send(&drain, &[]);
                 if let Some(slot) = self.region.slot(w.id) {
                     if slot.life().1 == SlotState::Ready {

@@ -90,7 +90,11 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     control.stream.set_nonblocking(true).map_err(control_err)?;
     let control_fd = control.stream.as_raw_fd();
     poll.registry()
-        .register(&mut SourceFd(&control_fd), CONTROL, Interest::READABLE)
+        .register(
+            &mut SourceFd(&control_fd),
+            CONTROL,
+            Interest::READABLE | Interest::WRITABLE,
+        )
         .map_err(WorkerError::Poll)?;
     let inbox_fd = handoff.inbox.as_raw_fd();
     poll.registry()
@@ -730,6 +734,10 @@ impl Loop {
 
     /// Handles control messages; true when the worker is to exit now.
     fn read_control(&mut self) -> Result<bool, WorkerError> {
+        // What could not be sent before goes first.
+        self.control
+            .flush()
+            .map_err(|e| WorkerError::Control(e.to_string()))?;
         let open = self
             .control
             .read_available()

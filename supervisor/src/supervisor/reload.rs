@@ -192,7 +192,7 @@ impl Supervisor {
             fds: fds.len() as u32,
         };
         let w = &mut self.workers[id];
-        if let Some(control) = w.control.as_ref() {
+        if let Some(control) = w.control.as_mut() {
             match control.send(&msg, &fds) {
                 Ok(()) => w.config_gen = self.config_gen,
                 // It is exiting; its reap restarts it with the new config.
@@ -303,8 +303,8 @@ impl Supervisor {
                 }
             }
             self.steer_groups()?;
-            for w in self.workers.iter().skip(count) {
-                if let Some(control) = w.control.as_ref() {
+            for w in self.workers.iter_mut().skip(count) {
+                if let Some(control) = w.control.as_mut() {
                     let _ = control.send(&ControlMsg::Stop, &[]);
                 }
             }
@@ -342,8 +342,8 @@ impl Supervisor {
         let msg = ControlMsg::Peers {
             fds: fds.len() as u32,
         };
-        for w in &self.workers {
-            if let Some(control) = w.control.as_ref() {
+        for w in &mut self.workers {
+            if let Some(control) = w.control.as_mut() {
                 if let Err(e) = control.send(&msg, &fds) {
                     tracing::warn!(worker = w.id, "cannot update handoff peers: {e}");
                 }
