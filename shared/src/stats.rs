@@ -3,8 +3,10 @@
 //! ownership table, port leases) lives in the state region (`crate::state`),
 //! which is not a file anyone can read.
 //!
-//! The supervisor creates the region as a file (so `udpshard stats` can read
-//! it with no privileges and no connection to the running proxy) and passes
+//! The supervisor creates the region as a file, mode 0640 and group
+//! `udpshard` where that group exists (so `udpshard stats` can read it as
+//! root or as a member of the group, with no connection to the running
+//! proxy) and passes
 //! its descriptor to every worker, which maps it and writes only its own slot.
 //! Every word has one writer, so writers use relaxed atomic stores and readers
 //! read words; no locks. Layout, in little-endian u64 words:
@@ -254,7 +256,15 @@ pub enum StatsError {
     BadMagic,
     #[error("stats file is truncated: {len} bytes, layout needs {need}")]
     Truncated { len: usize, need: usize },
+    #[error(
+        "{path}: permission denied: the stats file is readable by its owner and the {STATS_GROUP} \
+         group (sudo usermod -aG {STATS_GROUP} $USER, then log in again)"
+    )]
+    NoAccess { path: String },
 }
+
+/// The group that may read the stats file (the package creates it).
+pub const STATS_GROUP: &str = "udpshard";
 
 /// The mapped region, as the supervisor or a worker holds it.
 pub struct StatsRegion {
@@ -283,9 +293,10 @@ impl StatsRegion {
             .read(true)
             .write(true)
             .create_new(true)
-            .mode(0o644)
+            .mode(0o640)
             .open(path)
             .map_err(io_err)?;
+        share_with_group(&file);
         file.set_len(region_bytes(slots) as u64).map_err(io_err)?;
         let region = StatsRegion::map(&file).map_err(io_err)?;
         region.set_header(Header::SlotCapacity, slots as u64);
@@ -422,6 +433,19 @@ impl StatsSlot<'_> {
     }
 }
 
+/// Gives the stats file to the [`STATS_GROUP`] group where it exists and
+/// this process may (root, or a member): its mode (0640) then lets the
+/// group's operators read it, and nobody else. Otherwise it keeps the
+/// creator's group.
+fn share_with_group(file: &File) {
+    use std::os::fd::AsFd;
+    let Ok(Some(group)) = nix::unistd::Group::from_name(STATS_GROUP) else {
+        return;
+    };
+    // EPERM (not root, not a member): the file keeps the creator's group.
+    let _ = nix::unistd::fchown(file.as_fd(), None, Some(group.gid));
+}
+
 fn slot_words_end(slots: usize) -> usize {
     HEADER_WORDS + slots * SLOT_WORDS
 }
@@ -441,9 +465,14 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn read(path: &Path) -> Result<Snapshot, StatsError> {
-        let bytes = std::fs::read(path).map_err(|source| StatsError::Io {
-            path: path.display().to_string(),
-            source,
+        let bytes = std::fs::read(path).map_err(|source| match source.kind() {
+            io::ErrorKind::PermissionDenied => StatsError::NoAccess {
+                path: path.display().to_string(),
+            },
+            _ => StatsError::Io {
+                path: path.display().to_string(),
+                source,
+            },
         })?;
         Snapshot::parse(&bytes)
     }

@@ -358,4 +358,11 @@ fn stats_watch_prints_samples_and_json_has_system() {
     let stats: Value = proxy.stats();
     assert!(stats["system"].is_object(), "{stats:#}");
     assert!(stats["workers"][0]["drops"]["socket"].is_u64());
+    // Its owner and the udpshard group read it; nobody else.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&proxy.stats_file)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o640, "{mode:o}");
 }
