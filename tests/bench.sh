@@ -5,12 +5,17 @@
 # runs as root with apt-get; elsewhere the bench says it skipped nginx.
 # `bash tests/bench.sh scale [ARGS]` runs the scale mode instead: open N sessions, then a steady
 # rate over them (floor, floor-ports, udpshard; see `scale-bench --help`).
+# `bash tests/bench.sh soak [ARGS]` runs the soak: load with workers killed, reloads and resizes,
+# and the ledger checked at the end (see `soak --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bench=bench
 if [[ "${1:-}" == scale ]]; then
     bench=scale-bench
+    shift
+elif [[ "${1:-}" == soak ]]; then
+    bench=soak
     shift
 fi
 extra=()
@@ -37,7 +42,10 @@ if ! cargo build --release --workspace --bins; then
     # udpshard binary left over from an earlier build.
     echo "bench.sh: the workspace does not build; building the baselines only and skipping udpshard" >&2
     cargo build --release -p udpshard-tests --bins
-    if [[ $bench == scale-bench ]]; then
+    if [[ $bench == soak ]]; then
+        echo "bench.sh: the soak needs udpshard" >&2
+        exit 1
+    elif [[ $bench == scale-bench ]]; then
         extra=(--only floor --only floor-ports)  # not udpshard, not udpshard-socket
     else
         extra=(--skip udpshard --skip udpshard-socket)
