@@ -283,10 +283,13 @@ impl ControlChannel {
 
     /// Sends `msg` with `fds` attached, after what is queued: as much as
     /// the socket takes now, the rest queued for [`ControlChannel::flush`].
-    /// Fails, queueing nothing, when the peer is gone or the queue is full.
+    /// Fails, queueing nothing, when the queue is full; fails when the peer
+    /// is gone (what is queued then goes nowhere).
     pub fn send(&mut self, msg: &ControlMsg, fds: &[RawFd]) -> io::Result<()> {
         let frame = msg.encode();
-        if self.queued_bytes + frame.len() > MAX_QUEUED_BYTES {
+        // One frame of any size may always wait (a large config); more only
+        // within the bound.
+        if !self.out.is_empty() && self.queued_bytes + frame.len() > MAX_QUEUED_BYTES {
             return Err(io::Error::other(format!(
                 "control channel: {} bytes queued, the peer is not reading",
                 self.queued_bytes

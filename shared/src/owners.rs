@@ -219,6 +219,19 @@ impl<'a> OwnerTable<'a> {
             if !cleared {
                 return;
             }
+            // A claim (another process) may have taken the entry after it
+            // meanwhile, with a chain running through this one: put the
+            // tombstone back. A lookup that met the empty entry in between
+            // missed its key: that costs one extra session, never a datagram.
+            if self.words[(j + 1) & mask].load(Ordering::Acquire) != EMPTY {
+                let _ = self.words[j].compare_exchange(
+                    EMPTY,
+                    TOMBSTONE,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                return;
+            }
             j = j.wrapping_sub(1) & mask;
         }
     }

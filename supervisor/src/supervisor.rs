@@ -408,7 +408,15 @@ impl Supervisor {
                     w.state = WorkerState::Ready;
                     if let Some(slot) = self.region.slot(id) {
                         slot.set(Counter::ConfigGeneration, w.config_gen);
-                        slot.set_state(SlotState::Ready);
+                        // A shrink or a stop that came while it started
+                        // stands: it is published as leaving, not as ready.
+                        slot.set_state(if w.retiring {
+                            SlotState::Retiring
+                        } else if self.stop_deadline.is_some() {
+                            SlotState::Draining
+                        } else {
+                            SlotState::Ready
+                        });
                     }
                     if let Err(e) = control.send(&ControlMsg::Live, &[]) {
                         tracing::warn!(worker = id, "cannot tell the worker it is live: {e}");

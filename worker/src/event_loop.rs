@@ -170,6 +170,8 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         last_no_port: 0,
         socket_drops_seen,
         socket_drops_base,
+        rx_ahead: (0, 0),
+        replies_ahead: 0,
         last_warn_ms: 0,
     };
     for (msg, fds) in early {
@@ -315,6 +317,10 @@ struct Loop {
     /// Drops counted before on listener sockets no longer held: the slot's
     /// `drops.socket` is this plus the held sockets' own counts.
     socket_drops_base: u64,
+    /// What the slot shows for `rx_packets`/`rx_bytes` and `replies_in`
+    /// since the current batch was read (counted ahead of the router).
+    rx_ahead: (u64, u64),
+    replies_ahead: u64,
     last_warn_ms: u64,
 }
 
@@ -347,31 +353,28 @@ impl Loop {
     /// process dies meanwhile, the supervisor finds the batch taken in and
     /// not settled, and books it as `drops.worker_lost`, where it would
     /// otherwise vanish from every count.
-    fn publish_arrivals(&self, batch: &[RecvMeta]) {
-        let Some(slot) = self.region.slot(self.id) else {
-            return;
-        };
-        let (mut datagrams, mut bytes) = (0u64, 0u64);
-        for m in batch {
-            let segments = if m.stride == 0 {
-                1
-            } else {
-                m.len.div_ceil(m.stride).max(1)
-            };
-            datagrams += segments as u64;
-            bytes += m.len as u64;
+    fn publish_arrivals(&self) {
+        if let Some(slot) = self.region.slot(self.id) {
+            slot.set(Counter::RxPackets, self.rx_ahead.0);
+            slot.set(Counter::RxBytes, self.rx_ahead.1);
         }
-        let counters = &self.router.counters;
-        slot.set(
-            Counter::RxPackets,
-            counters.get(Counter::RxPackets) + datagrams,
-        );
-        slot.set(Counter::RxBytes, counters.get(Counter::RxBytes) + bytes);
     }
 
     fn publish(&self) {
         if let Some(slot) = self.region.slot(self.id) {
             self.router.counters.publish(&slot);
+            // Mid-batch (a flush for a deferred datagram, an inbox frame)
+            // the router has counted only part of the batch counted ahead:
+            // the slot keeps the larger figure, so it never goes back and a
+            // kill still finds the whole batch taken in.
+            let counters = &self.router.counters;
+            if self.rx_ahead.0 > counters.get(Counter::RxPackets) {
+                slot.set(Counter::RxPackets, self.rx_ahead.0);
+                slot.set(Counter::RxBytes, self.rx_ahead.1);
+            }
+            if self.replies_ahead > counters.get(Counter::RepliesIn) {
+                slot.set(Counter::RepliesIn, self.replies_ahead);
+            }
         }
     }
 
@@ -554,7 +557,8 @@ impl Loop {
             };
             let now = self.now_ms();
             self.refs.clear();
-            self.publish_arrivals(&self.rx.meta[..n]);
+            self.rx_ahead = counted_ahead(&self.router.counters, &self.rx.meta[..n]);
+            self.publish_arrivals();
             let (buf, meta) = (&self.rx.buf, &self.rx.meta);
             self.router.warm(
                 l,
@@ -661,12 +665,9 @@ impl Loop {
                     .iter()
                     .filter(|m| m.from.is_some())
                     .count();
+                self.replies_ahead = self.router.counters.get(Counter::RepliesIn) + replies as u64;
                 if let Some(slot) = self.region.slot(self.id) {
-                    let counters = &self.router.counters;
-                    slot.set(
-                        Counter::RepliesIn,
-                        counters.get(Counter::RepliesIn) + replies as u64,
-                    );
+                    slot.set(Counter::RepliesIn, self.replies_ahead);
                 }
                 for i in 0..n {
                     let meta = self.up_rx.meta[i];
@@ -907,4 +908,23 @@ fn listener_drops(listeners: &[Listener]) -> u64 {
         .iter()
         .map(|l| sockio::socket_drops(l.socket.as_raw_fd()).map_or(0, u64::from))
         .sum()
+}
+
+/// The slot's `rx_packets` and `rx_bytes` once the router has counted
+/// `batch` (GRO segments as the datagrams they are).
+fn counted_ahead(counters: &Counters, batch: &[RecvMeta]) -> (u64, u64) {
+    let (mut datagrams, mut bytes) = (0u64, 0u64);
+    for m in batch {
+        let segments = if m.stride == 0 {
+            1
+        } else {
+            m.len.div_ceil(m.stride).max(1)
+        };
+        datagrams += segments as u64;
+        bytes += m.len as u64;
+    }
+    (
+        counters.get(Counter::RxPackets) + datagrams,
+        counters.get(Counter::RxBytes) + bytes,
+    )
 }

@@ -1435,6 +1435,15 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 }
                 // An answer that never came: the offer is void.
                 Some(_) => self.transfer_done(to, listener, key, false),
+                // The receiver died or is leaving: its replacement may read
+                // the offer from the inbox and say yes, which must still be
+                // reconciled; meanwhile the session stays, as above.
+                None if waited < OFFER_LIFETIME_MS => {
+                    if let Some(s) = self.sessions.get_mut(sid) {
+                        s.handoff_streak = (0, 0);
+                    }
+                    return;
+                }
                 None => {
                     if let Some(s) = self.sessions.get_mut(sid) {
                         s.transferring = None;

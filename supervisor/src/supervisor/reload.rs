@@ -275,21 +275,28 @@ impl Supervisor {
                 w.retiring = false;
             }
             let start = self.workers.len();
+            let mut failed = None;
             for id in start..count {
-                for g in &mut self.groups {
-                    g.push()?;
+                // A slot joins whole (a socket in every group, its inbox) or
+                // not at all: the groups never hold a socket nobody reads.
+                if let Err(e) = self.add_slot(id) {
+                    failed = Some(e);
+                    break;
                 }
-                self.handoff
-                    .push(handoff_pair().map_err(SupervisorError::Poll)?);
-                let cpu = self.cpus[id % self.cpus.len()];
-                self.workers.push(WorkerSlot::new(id, cpu));
             }
-            self.region.set_workers(count);
-            self.steer_groups()?;
+            let grown = self.workers.len().min(count);
+            self.region.set_workers(grown);
+            // Each step is tried whatever the one before did; the first
+            // error is reported.
+            let steered = self.steer_groups();
             self.send_peers();
-            for id in start..count {
+            for id in start..grown {
                 self.spawn_or_retry(id);
             }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            steered?;
         } else {
             // First no worker hands a flow to a retiring one (its ownership
             // entries turn stale) and kernel-cid steering stops choosing its
@@ -302,15 +309,46 @@ impl Supervisor {
                     slot.set_state(SlotState::Retiring);
                 }
             }
-            self.steer_groups()?;
+            let steered = self.steer_groups();
             for w in self.workers.iter_mut().skip(count) {
                 if let Some(control) = w.control.as_mut() {
                     let _ = control.send(&ControlMsg::Stop, &[]);
                 }
             }
             self.region.set_workers(count);
-            self.remove_retired()?;
+            let removed = self.remove_retired();
+            steered?;
+            removed?;
         }
+        Ok(())
+    }
+
+    /// Adds worker slot `id`: its socket in every group and its handoff
+    /// inbox; on failure, nothing of it stays.
+    fn add_slot(&mut self, id: usize) -> Result<(), SupervisorError> {
+        let mut pushed = 0;
+        let mut result = Ok(());
+        for g in &mut self.groups {
+            if let Err(e) = g.push() {
+                result = Err(SupervisorError::from(e));
+                break;
+            }
+            pushed += 1;
+        }
+        if result.is_ok() {
+            match handoff_pair() {
+                Ok(pair) => self.handoff.push(pair),
+                Err(e) => result = Err(SupervisorError::Poll(e)),
+            }
+        }
+        if result.is_err() {
+            for g in self.groups.iter_mut().take(pushed) {
+                g.pop();
+            }
+            return result;
+        }
+        let cpu = self.cpus[id % self.cpus.len()];
+        self.workers.push(WorkerSlot::new(id, cpu));
         Ok(())
     }
 
