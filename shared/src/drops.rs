@@ -105,6 +105,22 @@ impl DropReason {
         DropReason::WorkerLostReply,
     ];
 
+    /// The reasons a client datagram is dropped for on its way to a
+    /// backend, in path order: the kernel's, on the listener socket, then
+    /// the worker's (what died with it, then the router's).
+    pub const CLIENT: [DropReason; 10] = [
+        DropReason::Socket,
+        DropReason::WorkerLost,
+        DropReason::Malformed,
+        DropReason::Handoff,
+        DropReason::SessionLimit,
+        DropReason::Draining,
+        DropReason::NoBackend,
+        DropReason::NoPort,
+        DropReason::NoFd,
+        DropReason::Upstream,
+    ];
+
     /// Its key in `stats --json`'s `drops` and its Prometheus `reason` label.
     pub fn name(self) -> &'static str {
         match self {

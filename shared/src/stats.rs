@@ -178,21 +178,14 @@ pub fn client_arrived(get: impl Fn(Counter) -> u64) -> u64 {
 /// or dropped after it read them (kernel drops on the listener socket came
 /// before, and are not in `client_arrived`).
 pub fn client_settled(get: impl Fn(Counter) -> u64) -> u64 {
-    [
-        Counter::TxPackets,
-        Counter::HandoffOut,
-        Counter::DropMalformed,
-        Counter::DropHandoff,
-        Counter::DropSessionLimit,
-        Counter::DropDraining,
-        Counter::DropNoBackend,
-        Counter::DropNoPort,
-        Counter::DropNoFd,
-        Counter::DropUpstream,
-        Counter::DropWorkerLost,
-    ]
-    .into_iter()
-    .fold(0u64, |sum, c| sum.wrapping_add(get(c)))
+    let dropped = crate::DropReason::CLIENT
+        .into_iter()
+        .filter(|r| *r != crate::DropReason::Socket)
+        .map(|r| r.counter());
+    [Counter::TxPackets, Counter::HandoffOut]
+        .into_iter()
+        .chain(dropped)
+        .fold(0u64, |sum, c| sum.wrapping_add(get(c)))
 }
 
 /// The replies a worker's slot has read from backends, and those it has

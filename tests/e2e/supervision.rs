@@ -24,6 +24,16 @@ fn config(workers: &str, backends: &[SocketAddr]) -> String {
     )
 }
 
+/// Rewrites the running proxy's config file for `workers` (a SIGHUP then
+/// applies it).
+fn rewrite(proxy: &Proxy, workers: &str, backends: &[SocketAddr]) {
+    std::fs::write(
+        &proxy.config_path,
+        config(workers, backends).replace("{stats_file}", &proxy.stats_file.display().to_string()),
+    )
+    .unwrap();
+}
+
 fn worker_pids(proxy: &Proxy) -> Vec<u64> {
     proxy.stats()["workers"]
         .as_array()
@@ -214,14 +224,7 @@ fn sighup_follows_workers_2_1_2_and_traffic_keeps_flowing() {
     let a = Backend::start("a");
     let proxy = Proxy::start(Path::new(BIN), &config("2", &[a.addr]));
     let client = bind_udp("127.0.0.1:0");
-    let write = |workers: &str| {
-        std::fs::write(
-            &proxy.config_path,
-            config(workers, &[a.addr])
-                .replace("{stats_file}", &proxy.stats_file.display().to_string()),
-        )
-        .unwrap();
-    };
+    let write = |workers: &str| rewrite(&proxy, workers, &[a.addr]);
     let mut sent = 0;
     let mut round = |proxy: &Proxy| {
         let cids = 10_000 * (sent / 100 + 1);
@@ -449,14 +452,7 @@ fn reloads_under_steady_load(steering: &str) {
     spec.duration = Duration::from_secs(4);
     let load = std::thread::spawn(move || (run_load(&spec, &sink).unwrap(), sink));
     proxy.wait_stats(WAIT, "load flowing", |s| total(s, "tx_packets") > 1_000);
-    let write = |workers: &str| {
-        std::fs::write(
-            &proxy.config_path,
-            config(workers, &backends)
-                .replace("{stats_file}", &proxy.stats_file.display().to_string()),
-        )
-        .unwrap();
-    };
+    let write = |workers: &str| rewrite(&proxy, workers, &backends);
     // Same config (a no-op reload), then 2 -> 1 -> 2 workers.
     sighup_and_wait(&proxy, 2);
     write("1");
@@ -488,21 +484,10 @@ fn reloads_under_steady_load_lose_nothing_with_reshuffle_steering() {
 /// every reason on the way to a backend (kernel drops on the listener
 /// sockets, what died with a killed worker, and the router's own).
 fn client_drops(totals: &serde_json::Value) -> u64 {
-    [
-        "socket",
-        "worker_lost",
-        "malformed",
-        "handoff",
-        "session_limit",
-        "draining",
-        "no_backend",
-        "no_port",
-        "no_fd",
-        "upstream",
-    ]
-    .iter()
-    .map(|r| totals["drops"][r].as_u64().unwrap())
-    .sum()
+    udpshard_shared::DropReason::CLIENT
+        .iter()
+        .map(|r| totals["drops"][r.name()].as_u64().unwrap())
+        .sum()
 }
 
 #[test]
@@ -515,14 +500,7 @@ fn every_datagram_is_accounted_through_kills_and_resizes_and_totals_never_go_bac
     spec.rate = Some(10_000);
     spec.duration = Duration::from_secs(5);
     let load = std::thread::spawn(move || (run_load(&spec, &sink).unwrap(), sink));
-    let write = |workers: &str| {
-        std::fs::write(
-            &proxy.config_path,
-            config(workers, &backends)
-                .replace("{stats_file}", &proxy.stats_file.display().to_string()),
-        )
-        .unwrap();
-    };
+    let write = |workers: &str| rewrite(&proxy, workers, &backends);
     // Every stats read checks that no total went back since the last one.
     let last = std::cell::RefCell::new((0u64, 0u64, 0u64));
     let monotonic = |s: &serde_json::Value| {

@@ -1217,10 +1217,13 @@ impl<O: Owners, S: Sockets> Router<O, S> {
 
     /// The receiver of session `sid` took what `offer` sent it; what
     /// changed here since is put right before the session leaves. A path
-    /// opened meanwhile closes (the receiver opens its own when the client
-    /// sends again); the receiver closes its copy of an offered path that
-    /// closed here meanwhile, whose port may otherwise serve another
-    /// session once it cooled; aliases learned meanwhile go with it.
+    /// opened meanwhile on a socket of ours stays here as a relay (what it
+    /// forwarded has replies on their way; the receiver opens its own path
+    /// when the client sends again), one on a borrowed socket goes with the
+    /// other borrowed copies (`transfer_done`); the receiver closes its copy
+    /// of an offered path that closed here meanwhile, whose port may
+    /// otherwise serve another session once it cooled; aliases learned
+    /// meanwhile go with it.
     fn reconcile(&mut self, sid: SessionId, to: u16, listener: usize, offer: &Offer) {
         let Some(s) = self.sessions.get(sid) else {
             return;
@@ -1228,20 +1231,14 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let (key, backend) = (s.key, s.backend);
         let new_aliases: Vec<FlowKey> = s.aliases.get(offer.aliases..).unwrap_or(&[]).to_vec();
         let mut now_here = Vec::new();
-        let mut unknown = Vec::new();
         let mut pid = s.first_path;
         while let Some(p) = self.paths.path(pid) {
             if let Some(local) = self.paths.sock(p.sock).map(|s| s.local) {
                 if offer.upstreams.contains(&local) {
                     now_here.push(local);
-                } else {
-                    unknown.push(pid);
                 }
             }
             pid = p.next;
-        }
-        for pid in unknown {
-            self.close_path(pid);
         }
         let Some(backend_addr) = self.routes[listener]
             .backends

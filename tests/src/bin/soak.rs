@@ -60,18 +60,7 @@ fn rate(text: &str) -> Result<u64, String> {
 
 /// The client-side drop reasons: every hop between the listener socket
 /// and a backend.
-const CLIENT_DROPS: [DropReason; 10] = [
-    DropReason::Socket,
-    DropReason::WorkerLost,
-    DropReason::Malformed,
-    DropReason::Handoff,
-    DropReason::SessionLimit,
-    DropReason::Draining,
-    DropReason::NoBackend,
-    DropReason::NoPort,
-    DropReason::NoFd,
-    DropReason::Upstream,
-];
+const CLIENT_DROPS: [DropReason; 10] = DropReason::CLIENT;
 
 /// At most what a killed worker can hold inside one system call at the
 /// instant of SIGKILL (a receive batch), which the ledger cannot see.
