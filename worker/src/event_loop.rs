@@ -352,30 +352,28 @@ impl Loop {
     /// router counts it again, to the same total, as it goes): if this
     /// process dies meanwhile, the supervisor finds the batch taken in and
     /// not settled, and books it as `drops.worker_lost`, where it would
-    /// otherwise vanish from every count.
-    fn publish_arrivals(&self) {
-        if let Some(slot) = self.region.slot(self.id) {
+    /// otherwise vanish from every count. Mid-batch (a flush for a deferred
+    /// datagram, an inbox frame) the router has counted only part of it:
+    /// the slot keeps the larger figure, so it never goes back.
+    fn publish_ahead(&self) {
+        let Some(slot) = self.region.slot(self.id) else {
+            return;
+        };
+        let counters = &self.router.counters;
+        if self.rx_ahead.0 > counters.get(Counter::RxPackets) {
             slot.set(Counter::RxPackets, self.rx_ahead.0);
             slot.set(Counter::RxBytes, self.rx_ahead.1);
+        }
+        if self.replies_ahead > counters.get(Counter::RepliesIn) {
+            slot.set(Counter::RepliesIn, self.replies_ahead);
         }
     }
 
     fn publish(&self) {
         if let Some(slot) = self.region.slot(self.id) {
             self.router.counters.publish(&slot);
-            // Mid-batch (a flush for a deferred datagram, an inbox frame)
-            // the router has counted only part of the batch counted ahead:
-            // the slot keeps the larger figure, so it never goes back and a
-            // kill still finds the whole batch taken in.
-            let counters = &self.router.counters;
-            if self.rx_ahead.0 > counters.get(Counter::RxPackets) {
-                slot.set(Counter::RxPackets, self.rx_ahead.0);
-                slot.set(Counter::RxBytes, self.rx_ahead.1);
-            }
-            if self.replies_ahead > counters.get(Counter::RepliesIn) {
-                slot.set(Counter::RepliesIn, self.replies_ahead);
-            }
         }
+        self.publish_ahead();
     }
 
     /// Executes what the router decided (the descriptors of the frame just
@@ -557,42 +555,33 @@ impl Loop {
             };
             let now = self.now_ms();
             self.refs.clear();
-            self.rx_ahead = counted_ahead(&self.router.counters, &self.rx.meta[..n]);
-            self.publish_arrivals();
+            let counters = &self.router.counters;
+            let (datagrams, bytes) = self.rx.meta[..n].iter().fold((0, 0), |(d, b), m| {
+                (d + segments(m).count() as u64, b + m.len as u64)
+            });
+            self.rx_ahead = (
+                counters.get(Counter::RxPackets) + datagrams,
+                counters.get(Counter::RxBytes) + bytes,
+            );
+            self.publish_ahead();
             let (buf, meta) = (&self.rx.buf, &self.rx.meta);
             self.router.warm(
                 l,
                 meta[..n].iter().enumerate().map(|(i, m)| {
-                    let first = if m.stride == 0 {
-                        m.len
-                    } else {
-                        m.stride.min(m.len)
-                    };
+                    let first = segments(m).next().map_or(0, |(_, len)| len);
                     (&buf[i * MAX_DATAGRAM..i * MAX_DATAGRAM + first], m.addr)
                 }),
             );
             for i in 0..n {
                 let meta = self.rx.meta[i];
-                // GRO may coalesce several datagrams of one sender.
-                let stride = if meta.stride == 0 {
-                    meta.len.max(1)
-                } else {
-                    meta.stride
-                };
                 let a = Arrival {
                     listener: l,
                     client: meta.addr,
                     local_ip: meta.dst_ip,
                     via: Via::Socket,
                 };
-                let mut off = 0;
-                loop {
-                    let len = stride.min(meta.len - off);
+                for (off, len) in segments(&meta) {
                     self.client_datagram(now, a, i, off, len);
-                    off += len;
-                    if off >= meta.len {
-                        break;
-                    }
                 }
             }
             self.flush(&mut []);
@@ -666,9 +655,7 @@ impl Loop {
                     .filter(|m| m.from.is_some())
                     .count();
                 self.replies_ahead = self.router.counters.get(Counter::RepliesIn) + replies as u64;
-                if let Some(slot) = self.region.slot(self.id) {
-                    slot.set(Counter::RepliesIn, self.replies_ahead);
-                }
+                self.publish_ahead();
                 for i in 0..n {
                     let meta = self.up_rx.meta[i];
                     let d = DatagramRef(self.refs.len() as u32);
@@ -910,21 +897,38 @@ fn listener_drops(listeners: &[Listener]) -> u64 {
         .sum()
 }
 
-/// The slot's `rx_packets` and `rx_bytes` once the router has counted
-/// `batch` (GRO segments as the datagrams they are).
-fn counted_ahead(counters: &Counters, batch: &[RecvMeta]) -> (u64, u64) {
-    let (mut datagrams, mut bytes) = (0u64, 0u64);
-    for m in batch {
-        let segments = if m.stride == 0 {
-            1
-        } else {
-            m.len.div_ceil(m.stride).max(1)
-        };
-        datagrams += segments as u64;
-        bytes += m.len as u64;
+/// The datagrams in one receive slot, as (offset, length): GRO may coalesce
+/// several of one sender, `stride` bytes each but the last. An empty
+/// datagram is one, of length 0.
+fn segments(meta: &RecvMeta) -> impl Iterator<Item = (usize, usize)> {
+    let stride = if meta.stride == 0 {
+        meta.len.max(1)
+    } else {
+        meta.stride
+    };
+    let len = meta.len;
+    (0..len.max(1))
+        .step_by(stride)
+        .map(move |off| (off, stride.min(len - off)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(len: usize, stride: usize) -> RecvMeta {
+        let mut m = RecvMeta::default();
+        (m.len, m.stride) = (len, stride);
+        m
     }
-    (
-        counters.get(Counter::RxPackets) + datagrams,
-        counters.get(Counter::RxBytes) + bytes,
-    )
+
+    #[test]
+    fn a_receive_slot_splits_into_its_datagrams() {
+        let all = |m: RecvMeta| segments(&m).collect::<Vec<_>>();
+        assert_eq!(all(meta(33, 0)), [(0, 33)]);
+        assert_eq!(all(meta(0, 0)), [(0, 0)], "an empty datagram is one");
+        assert_eq!(all(meta(0, 40)), [(0, 0)]);
+        assert_eq!(all(meta(100, 40)), [(0, 40), (40, 40), (80, 20)]);
+        assert_eq!(all(meta(80, 40)), [(0, 40), (40, 40)]);
+    }
 }
