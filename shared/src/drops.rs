@@ -106,20 +106,25 @@ impl DropReason {
     ];
 
     /// The reasons a client datagram is dropped for on its way to a
-    /// backend, in path order: the kernel's, on the listener socket, then
-    /// the worker's (what died with it, then the router's).
-    pub const CLIENT: [DropReason; 10] = [
-        DropReason::Socket,
-        DropReason::WorkerLost,
-        DropReason::Malformed,
-        DropReason::Handoff,
-        DropReason::SessionLimit,
-        DropReason::Draining,
-        DropReason::NoBackend,
-        DropReason::NoPort,
-        DropReason::NoFd,
-        DropReason::Upstream,
-    ];
+    /// backend, in path order: every stage before the upstream sockets.
+    pub fn client() -> impl Iterator<Item = DropReason> {
+        DropReason::ALL
+            .into_iter()
+            .filter(|r| r.stage() != Stage::Upstream)
+    }
+
+    /// The reasons a reply is dropped for on its way back to its client.
+    pub fn reply() -> impl Iterator<Item = DropReason> {
+        DropReason::ALL
+            .into_iter()
+            .filter(|r| r.stage() == Stage::Upstream)
+    }
+
+    /// Dropped by the kernel, on a socket's receive queue: before any
+    /// worker read it.
+    pub fn before_read(self) -> bool {
+        matches!(self, DropReason::Socket | DropReason::UpstreamSocket)
+    }
 
     /// Its key in `stats --json`'s `drops` and its Prometheus `reason` label.
     pub fn name(self) -> &'static str {

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use memmap2::MmapMut;
 
 use crate::owners::Owner;
+use crate::DropReason;
 
 /// "UDPSHRD" and the layout version in the top byte.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"UDPSHRD\x02");
@@ -178,28 +179,33 @@ pub fn client_arrived(get: impl Fn(Counter) -> u64) -> u64 {
 /// or dropped after it read them (kernel drops on the listener socket came
 /// before, and are not in `client_arrived`).
 pub fn client_settled(get: impl Fn(Counter) -> u64) -> u64 {
-    let dropped = crate::DropReason::CLIENT
-        .into_iter()
-        .filter(|r| *r != crate::DropReason::Socket)
-        .map(|r| r.counter());
-    [Counter::TxPackets, Counter::HandoffOut]
-        .into_iter()
-        .chain(dropped)
-        .fold(0u64, |sum, c| sum.wrapping_add(get(c)))
+    settled(
+        &get,
+        [Counter::TxPackets, Counter::HandoffOut],
+        DropReason::client(),
+    )
 }
 
 /// The replies a worker's slot has read from backends, and those it has
-/// settled (sent on, relayed, or dropped).
+/// settled (sent on, relayed, or dropped after it read them).
 pub fn replies_ledger(get: impl Fn(Counter) -> u64) -> (u64, u64) {
-    let settled = [
-        Counter::RepliesOut,
-        Counter::DropStray,
-        Counter::DropReply,
-        Counter::DropWorkerLostReply,
-    ]
-    .into_iter()
-    .fold(0u64, |sum, c| sum.wrapping_add(get(c)));
+    let settled = settled(&get, [Counter::RepliesOut], DropReason::reply());
     (get(Counter::RepliesIn), settled)
+}
+
+/// `sent` plus the drops of `reasons` that came after a worker read the
+/// datagram.
+fn settled<const N: usize>(
+    get: &impl Fn(Counter) -> u64,
+    sent: [Counter; N],
+    reasons: impl Iterator<Item = DropReason>,
+) -> u64 {
+    let dropped = reasons
+        .filter(|r| !r.before_read())
+        .map(DropReason::counter);
+    sent.into_iter()
+        .chain(dropped)
+        .fold(0u64, |sum, c| sum.wrapping_add(get(c)))
 }
 
 /// What a slot's process is doing.

@@ -288,11 +288,7 @@ pub fn to_json(snap: &Snapshot) -> Value {
             obj.insert("busy_ratio".into(), json!(busy_ratio(&w)));
             obj.insert("loops".into(), json!(w.get(Counter::Loops)));
             obj.insert("loop_max_us".into(), json!(w.get(Counter::LoopMaxUs)));
-            let drops: serde_json::Map<String, Value> = DropReason::ALL
-                .iter()
-                .map(|r| (r.name().into(), json!(w.get(r.counter()))))
-                .collect();
-            obj.insert("drops".into(), Value::Object(drops));
+            obj.insert("drops".into(), drops_json(|c| w.get(c)));
             Value::Object(obj)
         })
         .collect();
@@ -304,6 +300,15 @@ pub fn to_json(snap: &Snapshot) -> Value {
         "totals": totals_json(snap),
         "workers": workers,
     })
+}
+
+/// Every drop reason's count, by its name.
+fn drops_json(get: impl Fn(Counter) -> u64) -> Value {
+    DropReason::ALL
+        .iter()
+        .map(|r| (r.name().to_string(), json!(get(r.counter()))))
+        .collect::<serde_json::Map<String, Value>>()
+        .into()
 }
 
 /// Gauges: what is live now, summed over the workers serving.
@@ -335,11 +340,7 @@ fn totals_json(snap: &Snapshot) -> Value {
     }
     obj.insert("handoff_out".into(), json!(snap.total(Counter::HandoffOut)));
     obj.insert("loops".into(), json!(snap.total(Counter::Loops)));
-    let drops: serde_json::Map<String, Value> = DropReason::ALL
-        .iter()
-        .map(|r| (r.name().into(), json!(snap.total(r.counter()))))
-        .collect();
-    obj.insert("drops".into(), Value::Object(drops));
+    obj.insert("drops".into(), drops_json(|c| snap.total(c)));
     obj.insert(
         "workers_retired".into(),
         json!(snap.slots().count() - snap.workers().count()),

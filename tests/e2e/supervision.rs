@@ -484,8 +484,7 @@ fn reloads_under_steady_load_lose_nothing_with_reshuffle_steering() {
 /// every reason on the way to a backend (kernel drops on the listener
 /// sockets, what died with a killed worker, and the router's own).
 fn client_drops(totals: &serde_json::Value) -> u64 {
-    udpshard_shared::DropReason::CLIENT
-        .iter()
+    udpshard_shared::DropReason::client()
         .map(|r| totals["drops"][r.name()].as_u64().unwrap())
         .sum()
 }

@@ -58,10 +58,6 @@ fn rate(text: &str) -> Result<u64, String> {
     parse_rate(text)?.ok_or_else(|| "a number of datagrams per second".into())
 }
 
-/// The client-side drop reasons: every hop between the listener socket
-/// and a backend.
-const CLIENT_DROPS: [DropReason; 10] = DropReason::CLIENT;
-
 /// At most what a killed worker can hold inside one system call at the
 /// instant of SIGKILL (a receive batch), which the ledger cannot see.
 const IN_SYSCALL: i64 = 32;
@@ -109,7 +105,7 @@ impl Totals {
         Totals {
             rx: snap.total(Counter::RxPackets),
             tx: snap.total(Counter::TxPackets),
-            dropped: CLIENT_DROPS.iter().map(|r| snap.total(r.counter())).sum(),
+            dropped: DropReason::client().map(|r| snap.total(r.counter())).sum(),
         }
     }
 }
@@ -297,8 +293,7 @@ fn soak(args: &Args) -> Result<bool, String> {
         "ledger: sent {} = received {received} + dropped {} + unaccounted {unaccounted}",
         report.sent, t.dropped
     );
-    let named: Vec<String> = CLIENT_DROPS
-        .iter()
+    let named: Vec<String> = DropReason::client()
         .map(|r| (r.name(), snap.total(r.counter())))
         .filter(|(_, n)| *n > 0)
         .map(|(name, n)| format!("{name} {n}"))

@@ -11,7 +11,7 @@ use std::rc::Rc;
 
 use udpshard_shared::handoff::Frame;
 use udpshard_shared::owners::{Claim, Owner, OwnerIndex};
-use udpshard_shared::stats::Counter;
+use udpshard_shared::stats::{client_arrived, client_settled, replies_ledger, Counter};
 use udpshard_shared::DropReason;
 
 use super::{Action, Arrival, DatagramRef, Outcome, Owners, Route, Router, Via};
@@ -556,17 +556,11 @@ impl World {
     /// datagram ended in exactly one of forward, hand over, drop; every
     /// reply was relayed or dropped.
     pub fn assert_ledger(&self) {
-        // No kernel here, and no worker dies mid-batch: the router's own.
-        let client_drops: u64 = DropReason::CLIENT
-            .iter()
-            .filter(|r| !matches!(r, DropReason::Socket | DropReason::WorkerLost))
-            .map(|r| self.drops(*r))
-            .sum();
-        let arrived = self.total(Counter::RxPackets) + self.total(Counter::HandoffIn);
-        let settled =
-            self.total(Counter::TxPackets) + self.total(Counter::HandoffOut) + client_drops;
+        // The ledger the supervisor books a dead worker's losses from.
+        let get = |c| self.total(c);
         assert_eq!(
-            arrived, settled,
+            client_arrived(get),
+            client_settled(get),
             "client datagrams: arrived != forwarded + handed over + dropped"
         );
         assert_eq!(
@@ -574,11 +568,10 @@ impl World {
             self.at_backend.len(),
             "tx_packets != datagrams at backends"
         );
-        let replies = self.total(Counter::RepliesIn);
+        let (replies_in, replies_settled) = replies_ledger(get);
         assert_eq!(
-            replies,
-            self.total(Counter::RepliesOut) + self.drops(DropReason::Stray),
-            "replies: in != out + stray"
+            replies_in, replies_settled,
+            "replies: in != out + dropped after the read"
         );
         assert_eq!(
             self.total(Counter::RepliesOut) as usize,
