@@ -351,31 +351,15 @@ impl Supervisor {
         let mut child = spawn_worker(&self.exe, &spec)
             .map_err(|source| SupervisorError::Spawn { id, source })?;
         drop(theirs);
-        if let Err(source) = ours.set_nonblocking(true) {
-            // No way to talk to it: it must not run on its own.
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(SupervisorError::Spawn { id, source });
-        }
-        let mut control = ControlChannel::new(ours);
-        let start = ControlMsg::Start {
-            origin: self.origin.clone(),
-            config: self.text.clone(),
+        let control = match self.open_control(id, ours) {
+            Ok(control) => control,
+            Err(e) => {
+                // No way to talk to it: it must not run on its own.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
         };
-        // A worker that died before reading it shows up as a reaped child.
-        let _ = control.send(&start, &[]);
-        let fd = control.stream.as_raw_fd();
-        // Writable too: a frame the socket had no room for goes out when
-        // it has (the loop never waits for a worker to read).
-        if let Err(e) = self.poll.registry().register(
-            &mut SourceFd(&fd),
-            Token(CONTROL_TOKEN_BASE + id),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(SupervisorError::Poll(e));
-        }
         if let Some(slot) = self.region.slot(id) {
             slot.set(Counter::Pid, u64::from(child.id()));
         }
@@ -388,6 +372,35 @@ impl Supervisor {
         w.restart_at = None;
         w.config_gen = self.config_gen;
         Ok(())
+    }
+
+    /// The supervisor's end of worker `id`'s control channel, in the loop
+    /// and with the worker's config on its way.
+    fn open_control(
+        &mut self,
+        id: usize,
+        ours: UnixStream,
+    ) -> Result<ControlChannel, SupervisorError> {
+        ours.set_nonblocking(true)
+            .map_err(|source| SupervisorError::Spawn { id, source })?;
+        let mut control = ControlChannel::new(ours);
+        let start = ControlMsg::Start {
+            origin: self.origin.clone(),
+            config: self.text.clone(),
+        };
+        // A worker that died before reading it shows up as a reaped child.
+        let _ = control.send(&start, &[]);
+        // Writable too: a frame the socket had no room for goes out when
+        // it has (the loop never waits for a worker to read).
+        self.poll
+            .registry()
+            .register(
+                &mut SourceFd(&control.stream.as_raw_fd()),
+                Token(CONTROL_TOKEN_BASE + id),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .map_err(SupervisorError::Poll)?;
+        Ok(control)
     }
 
     fn read_control(&mut self, id: usize) {

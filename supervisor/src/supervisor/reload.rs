@@ -30,40 +30,41 @@ impl Supervisor {
             |p| p.display().to_string(),
         );
         tracing::info!("SIGHUP: reloading {what}");
-        let outcome = self.try_reload();
-        match outcome {
-            Ok(()) | Err(Reload::Partly(_)) => {
-                self.config_gen += 1;
-                self.region
-                    .set_header(Header::ConfigGeneration, self.config_gen);
-                // A retiring worker was told to stop: it leaves with the
-                // config it has.
-                for id in 0..self.workers.len() {
-                    let w = &self.workers[id];
-                    if w.state == super::WorkerState::Ready && !w.retiring {
-                        self.send_reload(id);
-                    }
-                }
-                match &outcome {
-                    Err(Reload::Partly(e)) => tracing::error!(
-                        "reloaded {what} (config generation {}: its listeners and backends are \
-                         served) but not every step took: {e}; {} workers serve",
-                        self.config_gen,
-                        self.live_workers()
-                    ),
-                    _ => tracing::info!(
-                        "reloaded {what}: {} listeners, {} workers (config generation {})",
-                        self.groups.len(),
-                        self.live_workers(),
-                        self.config_gen
-                    ),
-                }
-            }
+        let partly = match self.try_reload() {
+            Ok(()) => None,
+            Err(Reload::Partly(e)) => Some(e),
             Err(Reload::Refused(e)) => {
                 let failures = self.region.header(Header::ReloadFailures) + 1;
                 self.region.set_header(Header::ReloadFailures, failures);
                 tracing::error!("reload failed, still serving the previous config: {e}");
+                notify("READY=1");
+                return;
             }
+        };
+        self.config_gen += 1;
+        self.region
+            .set_header(Header::ConfigGeneration, self.config_gen);
+        // A retiring worker was told to stop: it leaves with the config it
+        // has.
+        for id in 0..self.workers.len() {
+            let w = &self.workers[id];
+            if w.state == super::WorkerState::Ready && !w.retiring {
+                self.send_reload(id);
+            }
+        }
+        match partly {
+            Some(e) => tracing::error!(
+                "reloaded {what} (config generation {}: its listeners and backends are served) \
+                 but not every step took: {e}; {} workers serve",
+                self.config_gen,
+                self.live_workers()
+            ),
+            None => tracing::info!(
+                "reloaded {what}: {} listeners, {} workers (config generation {})",
+                self.groups.len(),
+                self.live_workers(),
+                self.config_gen
+            ),
         }
         notify("READY=1");
     }
@@ -71,7 +72,7 @@ impl Supervisor {
     /// Applies the config file. `Refused`: nothing changed. `Partly`: the
     /// new config is committed (listeners, backends) and a later step
     /// (steering, CPU pinning, resizing) failed: what failed is said, and
-    /// the next reload or CPU check tries it again.
+    /// the next reload tries it again.
     fn try_reload(&mut self) -> Result<(), Reload> {
         let (cpus, count) = self.load_new().map_err(Reload::Refused)?;
         let mut failed = Vec::new();
@@ -326,30 +327,27 @@ impl Supervisor {
     /// Adds worker slot `id`: its socket in every group and its handoff
     /// inbox; on failure, nothing of it stays.
     fn add_slot(&mut self, id: usize) -> Result<(), SupervisorError> {
-        let mut pushed = 0;
-        let mut result = Ok(());
-        for g in &mut self.groups {
-            if let Err(e) = g.push() {
-                result = Err(SupervisorError::from(e));
-                break;
+        let joined = self
+            .groups
+            .iter_mut()
+            .try_for_each(|g| g.push())
+            .map_err(SupervisorError::from)
+            .and_then(|()| handoff_pair().map_err(SupervisorError::Poll));
+        match joined {
+            Ok(pair) => {
+                self.handoff.push(pair);
+                let cpu = self.cpus[id % self.cpus.len()];
+                self.workers.push(WorkerSlot::new(id, cpu));
+                Ok(())
             }
-            pushed += 1;
-        }
-        if result.is_ok() {
-            match handoff_pair() {
-                Ok(pair) => self.handoff.push(pair),
-                Err(e) => result = Err(SupervisorError::Poll(e)),
+            Err(e) => {
+                // The groups that took a socket for it give it back.
+                for g in self.groups.iter_mut().filter(|g| g.sockets.len() > id) {
+                    g.pop();
+                }
+                Err(e)
             }
         }
-        if result.is_err() {
-            for g in self.groups.iter_mut().take(pushed) {
-                g.pop();
-            }
-            return result;
-        }
-        let cpu = self.cpus[id % self.cpus.len()];
-        self.workers.push(WorkerSlot::new(id, cpu));
-        Ok(())
     }
 
     /// Drops retired slots that have exited, from the end of the groups.
