@@ -15,7 +15,18 @@
 //! 0                               free
 //! 1 << 63 | worker << 14 | gen    leased by that worker process
 //! 1 << 62 | until_ms              cooling until that CLOCK_MONOTONIC time
+//! 3 << 61 | owner << 37 | until   orphaned: its holder died with live paths
+//!                                 on it; cooling until `until` (units of
+//!                                 1024 ms), and reclaimable by the heir of
+//!                                 one of those paths at any time
 //! ```
+//!
+//! An orphaned port stays orphaned until someone leases it: so long, no
+//! path has used it since its holder died, and the 4-tuple of each of the
+//! dead holder's paths still belongs to that path's flow. The worker that
+//! takes such a flow over may bind the flow's own port again at once
+//! ([`LeaseTable::reclaim`]), so a crash changes nothing the backend sees,
+//! and a crash loop does not run the host out of ports.
 //! CLOCK_MONOTONIC is one clock for every process on the host, so a time
 //! written by one worker (or by the supervisor, which cools a dead worker's
 //! leases when it reaps it) means the same to all.
@@ -29,8 +40,13 @@ pub const PORTS: usize = 65_536;
 
 const LEASED: u64 = 1 << 63;
 const COOLING: u64 = 1 << 62;
+const ORPHAN: u64 = 1 << 61;
 const OWNER_MASK: u64 = (1 << 24) - 1;
 const TIME_MASK: u64 = (1 << 48) - 1;
+const ORPHAN_OWNER_SHIFT: u32 = 37;
+const ORPHAN_TIME_MASK: u64 = (1 << ORPHAN_OWNER_SHIFT) - 1;
+/// An orphan's cooling time is kept in units of 2^10 ms (rounded up).
+const ORPHAN_TIME_SHIFT: u32 = 10;
 
 /// What an entry says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,12 +55,17 @@ pub enum Lease {
     Leased(Owner),
     /// Not to be leased before this time (ms, CLOCK_MONOTONIC).
     Cooling(u64),
+    /// Its holder died with paths on it: cooling until the time, and
+    /// reclaimable by an heir of that holder's flows.
+    Orphaned(Owner, u64),
 }
 
 fn decode(word: u64) -> Lease {
     if word & LEASED != 0 {
-        let bits = word & OWNER_MASK;
-        Lease::Leased(Owner::new((bits >> 14) as usize, bits & 0x3fff))
+        Lease::Leased(owner_bits(word & OWNER_MASK))
+    } else if word & COOLING != 0 && word & ORPHAN != 0 {
+        let owner = owner_bits((word >> ORPHAN_OWNER_SHIFT) & OWNER_MASK);
+        Lease::Orphaned(owner, (word & ORPHAN_TIME_MASK) << ORPHAN_TIME_SHIFT)
     } else if word & COOLING != 0 {
         Lease::Cooling(word & TIME_MASK)
     } else {
@@ -52,8 +73,21 @@ fn decode(word: u64) -> Lease {
     }
 }
 
+fn owner_bits(bits: u64) -> Owner {
+    Owner::new((bits >> 14) as usize, bits & 0x3fff)
+}
+
 fn leased(owner: Owner) -> u64 {
-    LEASED | (u64::from(owner.worker) << 14) | u64::from(owner.generation)
+    LEASED | owner_word(owner)
+}
+
+fn owner_word(owner: Owner) -> u64 {
+    (u64::from(owner.worker) << 14) | u64::from(owner.generation)
+}
+
+fn orphaned(owner: Owner, until_ms: u64) -> u64 {
+    let units = until_ms.div_ceil(1 << ORPHAN_TIME_SHIFT) & ORPHAN_TIME_MASK;
+    COOLING | ORPHAN | (owner_word(owner) << ORPHAN_OWNER_SHIFT) | units
 }
 
 fn cooling(until_ms: u64) -> u64 {
@@ -92,12 +126,47 @@ impl<'a> LeaseTable<'a> {
         let seen = w.load(Ordering::Acquire);
         let takeable = match decode(seen) {
             Lease::Free => true,
-            Lease::Cooling(until) => until <= now_ms,
+            Lease::Cooling(until) | Lease::Orphaned(_, until) => until <= now_ms,
             Lease::Leased(_) => false,
         };
         takeable
             && w.compare_exchange(seen, leased(me), Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
+    }
+
+    /// Leases (row, port) to `me`, the heir of a flow whose path dead owner
+    /// `from` had on it, cooling or not: it is orphaned by `from` (no one
+    /// has leased it since), or still leased by `from`, which the caller
+    /// knows is dead (the supervisor has not reaped it yet). Returns the
+    /// word it replaced, for [`LeaseTable::unclaim`] should the bind fail,
+    /// and until when its other 4-tuples cool (`unreaped_until_ms` for a
+    /// lease not yet orphaned).
+    pub fn reclaim(
+        &self,
+        row: usize,
+        port: u16,
+        me: Owner,
+        from: Owner,
+        unreaped_until_ms: u64,
+    ) -> Option<(u64, u64)> {
+        let w = self.word(row, port)?;
+        let seen = w.load(Ordering::Acquire);
+        let until = match decode(seen) {
+            Lease::Orphaned(o, until) if o == from => until,
+            Lease::Leased(o) if o == from && o != me => unreaped_until_ms,
+            _ => return None,
+        };
+        w.compare_exchange(seen, leased(me), Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| (seen, until))
+    }
+
+    /// Puts back the word a [`LeaseTable::reclaim`] by `me` replaced (its
+    /// bind failed).
+    pub fn unclaim(&self, row: usize, port: u16, me: Owner, word: u64) {
+        if let Some(w) = self.word(row, port) {
+            let _ = w.compare_exchange(leased(me), word, Ordering::AcqRel, Ordering::Acquire);
+        }
     }
 
     /// `me` closed its socket on (row, port): free now, or cooling until
@@ -119,7 +188,7 @@ impl<'a> LeaseTable<'a> {
         let seen = w.load(Ordering::Acquire);
         let takeable = match decode(seen) {
             Lease::Leased(o) => o == me || !live(o),
-            Lease::Cooling(_) | Lease::Free => true,
+            Lease::Cooling(_) | Lease::Orphaned(..) | Lease::Free => true,
         };
         takeable
             && w.compare_exchange(seen, leased(me), Ordering::AcqRel, Ordering::Acquire)
@@ -127,8 +196,8 @@ impl<'a> LeaseTable<'a> {
     }
 
     /// The supervisor, reaping: every lease of an owner `dead` says is gone
-    /// cools until `until_ms` (its sockets closed with live paths on them).
-    /// Returns how many it cooled.
+    /// is orphaned, cooling until `until_ms` (its sockets closed with live
+    /// paths on them). Returns how many it orphaned.
     pub fn cool_dead(&self, dead: impl Fn(Owner) -> bool, until_ms: u64) -> usize {
         let mut n = 0;
         for w in self.words {
@@ -137,7 +206,7 @@ impl<'a> LeaseTable<'a> {
                 if dead(o)
                     && w.compare_exchange(
                         seen,
-                        cooling(until_ms),
+                        orphaned(o, until_ms),
                         Ordering::AcqRel,
                         Ordering::Acquire,
                     )
@@ -211,12 +280,47 @@ mod tests {
         assert!(t.adopt(0, 2, B, |o| !dead(o)));
         assert!(!t.adopt(0, 9, A, |_| true), "a live holder keeps its lease");
         assert_eq!(t.cool_dead(dead, 500), 2);
-        assert_eq!(t.get(0, 1), Lease::Cooling(500));
+        assert_eq!(
+            t.get(0, 1),
+            Lease::Orphaned(A, 1024),
+            "rounded up to 1024 ms"
+        );
+        assert!(!t.lease(0, 1, B, 1023), "an orphan cools like any port");
         assert_eq!(t.get(0, 2), Lease::Leased(B));
         assert_eq!(t.get(0, 9), Lease::Leased(B));
         // ... or after it: cooling is no obstacle to the one that holds the socket.
         assert!(t.adopt(0, 3, B, |o| !dead(o)));
         assert_eq!(t.get(0, 3), Lease::Leased(B));
+    }
+
+    #[test]
+    fn an_orphaned_port_is_reclaimed_by_an_heir_of_its_dead_holder_only() {
+        let words = table(1);
+        let t = LeaseTable::new(&words);
+        let c = Owner::new(0, 2); // A's replacement
+        for port in [1, 2, 3] {
+            assert!(t.lease(0, port, A, 0));
+        }
+        // Not reaped yet: the caller knows A is dead.
+        let (word, until) = t.reclaim(0, 3, c, A, 777).unwrap();
+        assert_eq!((word, until), (leased(A), 777));
+        assert_eq!(t.get(0, 3), Lease::Leased(c));
+        t.unclaim(0, 3, c, word);
+        assert_eq!(t.get(0, 3), Lease::Leased(A), "a failed bind puts it back");
+        assert_eq!(t.cool_dead(|o| o == A, 60_000), 3);
+        assert_eq!(t.reclaim(0, 1, c, B, 0), None, "not B's");
+        assert_eq!(
+            t.reclaim(0, 1, c, A, 0).map(|r| r.1),
+            Some(60_416),
+            "cooling or not, with the time its other 4-tuples cool"
+        );
+        assert_eq!(t.reclaim(0, 1, B, A, 0), None, "once");
+        // Once leased normally (after its cooling), no heir may take it.
+        assert!(t.lease(0, 2, B, 70_000));
+        t.release(0, 2, B, Some(80_000));
+        assert_eq!(t.reclaim(0, 2, c, A, 0), None);
+        assert_eq!(t.reclaim(0, 9, c, A, 0), None, "never leased");
+        assert_eq!(t.reclaim(0, 3, c, c, 0), None, "not from oneself");
     }
 
     #[test]

@@ -15,6 +15,21 @@
 //! newer generation, or is not serving, belongs to a dead worker: it is
 //! stale, and the next claim for its key takes it over.
 //!
+//! Beside each entry, a *port hint* (in a parallel array, written by the
+//! entry's owner only): where the session's first path is, so that when its
+//! owner dies, the worker that takes the flow over can bind the same
+//! upstream port again and the backend sees no change (`crate::leases`):
+//!
+//! ```text
+//! bit 63       set (a hint is there)
+//! bits 62..39  the owner that wrote it (worker << 14 | generation)
+//! bits 38..31  the lease row of its source address
+//! bits 30..15  its port
+//! bits 14..0   a tag of its backend's address
+//! ```
+//! A hint counts only while its writer owns the entry: one left by an
+//! earlier owner, or a released entry's, names someone else.
+//!
 //! The table steers; it does not own data. A lost race (two workers
 //! claiming one key in the same instant) costs one extra session, never a
 //! datagram, so probing is bounded and no lock is taken.
@@ -60,9 +75,62 @@ pub enum Claim {
     Full,
 }
 
+/// Where a session's first path was, as its owner recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortHint {
+    /// The owner that wrote it.
+    pub owner: Owner,
+    /// The lease row of the path's source address.
+    pub row: u8,
+    pub port: u16,
+    /// [`backend_tag`] of the path's backend.
+    pub backend: u16,
+}
+
+const HINT_SET: u64 = 1 << 63;
+const HINT_OWNER_SHIFT: u32 = 39;
+const HINT_BACKEND_MASK: u64 = 0x7fff;
+
+/// The 15-bit tag a hint names its backend by: the backend is checked
+/// against it, so a hint never moves a flow onto another backend's 4-tuple.
+pub fn backend_tag(addr: std::net::SocketAddr) -> u16 {
+    let bits: u128 = match addr.ip() {
+        std::net::IpAddr::V4(v4) => u128::from(v4.to_bits()),
+        std::net::IpAddr::V6(v6) => v6.to_bits(),
+    };
+    let mixed = (bits as u64 ^ (bits >> 64) as u64 ^ u64::from(addr.port()) << 48)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    ((mixed >> 49) & HINT_BACKEND_MASK) as u16
+}
+
+impl PortHint {
+    fn encode(self) -> u64 {
+        let owner = (u64::from(self.owner.worker) << 14) | u64::from(self.owner.generation);
+        HINT_SET
+            | owner << HINT_OWNER_SHIFT
+            | u64::from(self.row) << 31
+            | u64::from(self.port) << 15
+            | (u64::from(self.backend) & HINT_BACKEND_MASK)
+    }
+
+    fn decode(word: u64) -> Option<PortHint> {
+        (word & HINT_SET != 0).then(|| {
+            let owner = (word >> HINT_OWNER_SHIFT) & 0xff_ffff;
+            PortHint {
+                owner: Owner::new((owner >> 14) as usize, owner & GEN_MASK),
+                row: (word >> 31) as u8,
+                port: (word >> 15) as u16,
+                backend: (word & HINT_BACKEND_MASK) as u16,
+            }
+        })
+    }
+}
+
 /// A view of the table's words (in the shared region, or a test's Vec).
 pub struct OwnerTable<'a> {
     words: &'a [AtomicU64],
+    /// Port hints, by entry; empty: none kept.
+    hints: &'a [AtomicU64],
 }
 
 fn tag(hash: u64) -> u64 {
@@ -90,8 +158,60 @@ fn is_live_entry(word: u64) -> bool {
 impl<'a> OwnerTable<'a> {
     /// `words.len()` must be a power of two (the region guarantees it).
     pub fn new(words: &'a [AtomicU64]) -> OwnerTable<'a> {
+        OwnerTable::with_hints(words, &[])
+    }
+
+    /// A table keeping port hints in `hints`, one per entry of `words`.
+    pub fn with_hints(words: &'a [AtomicU64], hints: &'a [AtomicU64]) -> OwnerTable<'a> {
         debug_assert!(words.len().is_power_of_two());
-        OwnerTable { words }
+        debug_assert!(hints.is_empty() || hints.len() == words.len());
+        OwnerTable { words, hints }
+    }
+
+    /// The entry of `hash`, live or not: its index and word.
+    fn find(&self, hash: u64) -> Option<(usize, u64)> {
+        let want = tag(hash);
+        for (at, w) in self.probe(hash) {
+            let word = w.load(Ordering::Acquire);
+            if word == EMPTY {
+                return None;
+            }
+            if is_live_entry(word) && word >> HASH_SHIFT == want {
+                return Some((at, word));
+            }
+        }
+        None
+    }
+
+    /// Records where `me`'s session of `hash` has its first path (`me` must
+    /// own the entry).
+    pub fn set_hint(&self, hash: u64, me: Owner, row: u8, port: u16, backend: u16) -> bool {
+        match self.find(hash) {
+            Some((at, word)) if owner_of(word) == me && at < self.hints.len() => {
+                let hint = PortHint {
+                    owner: me,
+                    row,
+                    port,
+                    backend,
+                };
+                self.hints[at].store(hint.encode(), Ordering::Release);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The port hint of `hash`'s entry, when its owner wrote it.
+    pub fn hint(&self, hash: u64) -> Option<PortHint> {
+        let (at, word) = self.find(hash)?;
+        let hint = PortHint::decode(self.hints.get(at)?.load(Ordering::Acquire))?;
+        (hint.owner == owner_of(word)).then_some(hint)
+    }
+
+    fn clear_hint(&self, at: usize) {
+        if let Some(h) = self.hints.get(at) {
+            h.store(0, Ordering::Release);
+        }
     }
 
     pub fn capacity(&self) -> usize {
@@ -108,17 +228,7 @@ impl<'a> OwnerTable<'a> {
 
     /// The recorded owner of `hash`, live or not.
     pub fn lookup(&self, hash: u64) -> Option<Owner> {
-        let want = tag(hash);
-        for (_, w) in self.probe(hash) {
-            let word = w.load(Ordering::Acquire);
-            if word == EMPTY {
-                return None;
-            }
-            if is_live_entry(word) && word >> HASH_SHIFT == want {
-                return Some(owner_of(word));
-            }
-        }
-        None
+        self.find(hash).map(|(_, word)| owner_of(word))
     }
 
     /// Makes `me` the owner of `hash` unless a live worker (per `live`)
@@ -129,24 +239,24 @@ impl<'a> OwnerTable<'a> {
         // A few rounds: each lost CAS means another worker changed this
         // chain just now; re-read it.
         for _ in 0..4 {
-            let mut free: Option<(&AtomicU64, u64)> = None;
-            let mut existing: Option<(&AtomicU64, u64)> = None;
-            for (_, w) in self.probe(hash) {
+            let mut free: Option<(usize, &AtomicU64, u64)> = None;
+            let mut existing: Option<(usize, &AtomicU64, u64)> = None;
+            for (at, w) in self.probe(hash) {
                 let word = w.load(Ordering::Acquire);
                 if is_live_entry(word) && word >> HASH_SHIFT == want {
-                    existing = Some((w, word));
+                    existing = Some((at, w, word));
                     break;
                 }
                 if !is_live_entry(word) && free.is_none() {
-                    free = Some((w, word));
+                    free = Some((at, w, word));
                 }
                 if word == EMPTY {
                     break;
                 }
             }
-            let (slot, seen) = match existing {
-                Some((_, word)) if owner_of(word) == me => return Claim::Mine,
-                Some((_, word)) if live(owner_of(word)) => return Claim::Taken(owner_of(word)),
+            let (at, slot, seen) = match existing {
+                Some((_, _, word)) if owner_of(word) == me => return Claim::Mine,
+                Some((_, _, word)) if live(owner_of(word)) => return Claim::Taken(owner_of(word)),
                 Some(found) => found,
                 None => match free {
                     Some(found) => found,
@@ -157,6 +267,8 @@ impl<'a> OwnerTable<'a> {
                 .compare_exchange(seen, mine, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
+                // What an earlier owner hinted is not ours to keep.
+                self.clear_hint(at);
                 return Claim::Mine;
             }
         }
@@ -168,12 +280,16 @@ impl<'a> OwnerTable<'a> {
     pub fn assign(&self, hash: u64, to: Owner) -> bool {
         let want = tag(hash);
         let new = entry(hash, to);
-        for (_, w) in self.probe(hash) {
+        for (at, w) in self.probe(hash) {
             let word = w.load(Ordering::Acquire);
             if is_live_entry(word) && word >> HASH_SHIFT == want {
-                return w
+                let done = w
                     .compare_exchange(word, new, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok();
+                if done && word != new {
+                    self.clear_hint(at);
+                }
+                return done;
             }
             if word == EMPTY {
                 break;
@@ -188,6 +304,7 @@ impl<'a> OwnerTable<'a> {
         for (at, w) in self.probe(hash) {
             let word = w.load(Ordering::Acquire);
             if word == mine {
+                self.clear_hint(at);
                 if w.compare_exchange(word, TOMBSTONE, Ordering::AcqRel, Ordering::Acquire)
                     .is_ok()
                 {
@@ -310,6 +427,58 @@ mod tests {
         assert_eq!(t.lookup(h), Some(A));
         t.release(h, A);
         assert_eq!(t.lookup(h), None);
+    }
+
+    #[test]
+    fn a_port_hint_counts_while_its_writer_owns_the_entry() {
+        let words = table(64);
+        let hints = table(64);
+        let t = OwnerTable::with_hints(&words, &hints);
+        let h = 0x1234_5678_9abc_def0;
+        assert!(!t.set_hint(h, A, 0, 4000, 7), "no entry yet");
+        assert_eq!(t.claim(h, A, |_| true), Claim::Mine);
+        assert!(!t.set_hint(h, B, 0, 4000, 7), "only its owner writes it");
+        assert!(t.set_hint(h, A, 3, 4000, 0x7fff));
+        let want = PortHint {
+            owner: A,
+            row: 3,
+            port: 4000,
+            backend: 0x7fff,
+        };
+        assert_eq!(t.hint(h), Some(want));
+        // A dies: the hint is still there for whoever takes the flow over ...
+        assert_eq!(t.hint(h).map(|x| x.owner), t.lookup(h));
+        // ... and goes with the entry once B has it.
+        assert_eq!(t.claim(h, B, |_| false), Claim::Mine);
+        assert_eq!(t.hint(h), None);
+        assert!(t.set_hint(h, B, 0, 5000, 1));
+        t.assign(h, A);
+        assert_eq!(t.hint(h), None, "a transfer clears it");
+        assert!(t.set_hint(h, A, 0, 6000, 1));
+        t.release(h, A);
+        assert_eq!(t.hint(h), None);
+        assert_eq!(
+            hints.iter().map(|w| w.load(Ordering::Relaxed)).sum::<u64>(),
+            0
+        );
+        // Without a hints array nothing is kept.
+        let plain = OwnerTable::new(&words);
+        assert_eq!(plain.claim(h, A, |_| true), Claim::Mine);
+        assert!(!plain.set_hint(h, A, 0, 1, 1));
+        assert_eq!(plain.hint(h), None);
+    }
+
+    #[test]
+    fn backend_tags_fit_fifteen_bits_and_tell_ports_and_families_apart() {
+        let a: std::net::SocketAddr = "127.0.0.1:4433".parse().unwrap();
+        let b: std::net::SocketAddr = "127.0.0.1:4434".parse().unwrap();
+        let c: std::net::SocketAddr = "[::1]:4433".parse().unwrap();
+        for addr in [a, b, c] {
+            assert!(backend_tag(addr) <= 0x7fff);
+        }
+        assert_ne!(backend_tag(a), backend_tag(b));
+        assert_ne!(backend_tag(a), backend_tag(c));
+        assert_eq!(backend_tag(a), backend_tag(a));
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! [SourcesOffset, ...)       the source registry: SourceRows entries of 3 words
 //!                            (1 + family, address high, address low), 0 unused
 //! [OwnersOffset, ...)        the ownership table (`crate::owners`)
+//! [HintsOffset, ...)         its port hints, one per entry
 //! [LeasesOffset, ...)        the port leases (`crate::leases`), SourceRows rows
 //! ```
 
@@ -48,6 +49,7 @@ enum Word {
     OwnersOffset,
     OwnersCapacity,
     LeasesOffset,
+    HintsOffset,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +73,8 @@ impl StateRegion {
         let owners = owners.next_power_of_two();
         let sources = HEADER_WORDS;
         let owners_at = sources + SOURCE_ROWS * SOURCE_WORDS;
-        let leases_at = owners_at + owners;
+        let hints_at = owners_at + owners;
+        let leases_at = hints_at + owners;
         let words = leases_at + SOURCE_ROWS * PORTS;
         let fd = nix::sys::memfd::memfd_create(
             c"udpshard-state",
@@ -98,6 +101,7 @@ impl StateRegion {
         set(Word::OwnersOffset, owners_at as u64);
         set(Word::OwnersCapacity, owners as u64);
         set(Word::LeasesOffset, leases_at as u64);
+        set(Word::HintsOffset, hints_at as u64);
         w[Word::Magic as usize].store(MAGIC, Ordering::Release);
         Ok((region, OwnedFd::from(file)))
     }
@@ -112,7 +116,9 @@ impl StateRegion {
         }
         let end = get(Word::LeasesOffset).unwrap_or(0) as usize
             + get(Word::SourceRows).unwrap_or(0) as usize * PORTS;
-        if end > words.len() || get(Word::OwnersCapacity).is_none_or(|c| !c.is_power_of_two()) {
+        let capacity = get(Word::OwnersCapacity).unwrap_or(0) as usize;
+        let hints_end = get(Word::HintsOffset).unwrap_or(u64::MAX) as usize + capacity;
+        if end > words.len() || hints_end > words.len() || !capacity.is_power_of_two() {
             return Err(StateError::BadLayout);
         }
         Ok(region)
@@ -145,7 +151,11 @@ impl StateRegion {
 
     pub fn owners(&self) -> OwnerTable<'_> {
         let (at, len) = (self.get(Word::OwnersOffset), self.get(Word::OwnersCapacity));
-        OwnerTable::new(&self.words()[at..at + len])
+        let hints = self.get(Word::HintsOffset);
+        OwnerTable::with_hints(
+            &self.words()[at..at + len],
+            &self.words()[hints..hints + len],
+        )
     }
 
     pub fn leases(&self) -> LeaseTable<'_> {
@@ -166,6 +176,16 @@ impl StateRegion {
             let w = self.source_words(row);
             (0..SOURCE_WORDS).all(|i| w[i].load(Ordering::Acquire) == want[i])
         })
+    }
+
+    /// The source address registered for lease row `row`.
+    pub fn source_ip(&self, row: usize) -> Option<IpAddr> {
+        if row >= self.get(Word::SourceRows) {
+            return None;
+        }
+        let w = self.source_words(row);
+        let words = [0, 1, 2].map(|i| w[i].load(Ordering::Acquire));
+        decode_source(words)
     }
 
     /// Gives `ip` a lease row (the supervisor, before any worker needs it);
@@ -195,6 +215,15 @@ fn encode_source(ip: IpAddr) -> [u64; 3] {
     [1 + family, (bits >> 64) as u64, bits as u64]
 }
 
+fn decode_source(w: [u64; 3]) -> Option<IpAddr> {
+    let v6 = std::net::Ipv6Addr::from_bits(u128::from(w[1]) << 64 | u128::from(w[2]));
+    match w[0] {
+        5 => v6.to_ipv4_mapped().map(IpAddr::V4),
+        7 => Some(IpAddr::V6(v6)),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,12 +240,18 @@ mod tests {
         let worker = StateRegion::open(&fd).unwrap();
         assert_eq!(worker.source_row(v6), Some(1));
         assert_eq!(worker.source_row("10.0.0.1".parse().unwrap()), None);
+        assert_eq!(worker.source_ip(0), Some(v4));
+        assert_eq!(worker.source_ip(1), Some(v6));
+        assert_eq!(worker.source_ip(2), None, "unused");
+        assert_eq!(worker.source_ip(SOURCE_ROWS), None);
         assert_eq!(worker.owners().capacity(), 1024);
         assert_eq!(worker.index_key(), sup.index_key());
         assert_ne!(sup.index_key(), [0, 0], "a random key");
         let me = Owner::new(1, 3);
         assert_eq!(worker.owners().claim(77 << 30, me, |_| true), Claim::Mine);
         assert_eq!(sup.owners().lookup(77 << 30), Some(me));
+        assert!(worker.owners().set_hint(77 << 30, me, 1, 5000, 9));
+        assert_eq!(sup.owners().hint(77 << 30).map(|h| h.port), Some(5000));
         assert!(worker.leases().lease(1, 5000, me, 0));
         assert!(!sup.leases().lease(1, 5000, Owner::new(0, 1), 0));
     }

@@ -140,6 +140,9 @@ pub enum Counter {
     PathsCreated,
     /// Paths closed because their session reached `max_paths`.
     PathsEvicted,
+    /// Paths opened on the port their flow had at a worker that died (bound
+    /// again: the backend saw no change).
+    PathsInherited,
     /// Upstream sockets this worker holds (each one (source, port)).
     UpstreamSockets,
     /// Frames from other workers that did not decode (a bug, never traffic).

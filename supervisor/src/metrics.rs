@@ -262,7 +262,7 @@ fn http(status: u16, content_type: &str, body: &str) -> Vec<u8> {
 }
 
 /// Per-worker counters: (name, help, counter).
-const WORKER_COUNTERS: [(&str, &str, Counter); 18] = [
+const WORKER_COUNTERS: [(&str, &str, Counter); 19] = [
     (
         "rx_packets",
         "Datagrams read from clients on the listener sockets.",
@@ -333,6 +333,11 @@ const WORKER_COUNTERS: [(&str, &str, Counter); 18] = [
         "sessions_rerouted",
         "Live sessions moved to another backend because theirs was removed.",
         Counter::SessionsRerouted,
+    ),
+    (
+        "paths_inherited",
+        "Paths opened on the port their flow had at a worker that died: the backend saw no change.",
+        Counter::PathsInherited,
     ),
     (
         "worker_restarts",

@@ -16,7 +16,7 @@ use udpshard_shared::{DropReason, Stage};
 
 use crate::system::SystemCounters;
 
-const PLAIN: [(&str, Counter); 27] = [
+const PLAIN: [(&str, Counter); 28] = [
     ("pid", Counter::Pid),
     ("cpu", Counter::Cpu),
     ("generation", Counter::Generation),
@@ -40,6 +40,7 @@ const PLAIN: [(&str, Counter); 27] = [
     ("paths_active", Counter::PathsActive),
     ("paths_created", Counter::PathsCreated),
     ("paths_evicted", Counter::PathsEvicted),
+    ("paths_inherited", Counter::PathsInherited),
     ("upstream_sockets", Counter::UpstreamSockets),
     ("config_generation", Counter::ConfigGeneration),
     ("bad_frames", Counter::BadFrames),

@@ -118,6 +118,43 @@ fn a_killed_worker_is_replaced_within_a_second_and_its_queue_is_served() {
 }
 
 #[test]
+fn a_killed_workers_sessions_keep_their_upstream_4_tuples_at_its_replacement() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let proxy = Proxy::start(Path::new(BIN), &config("2", &[a.addr, b.addr]));
+    let client = bind_udp("127.0.0.1:0");
+    send_cids(&proxy, &client, 1..201, b"before");
+    wait_until(WAIT, "first round", || a.count() + b.count() == 200);
+    let before = routes(&[&a, &b], b"before");
+    let stats = proxy.stats();
+    let workers = stats["workers"].as_array().unwrap();
+    // One client address: the kernel gives every datagram to one worker.
+    let victim = workers
+        .iter()
+        .position(|w| field_of(w, "sessions_active") == 200)
+        .unwrap_or_else(|| panic!("one worker has the sessions: {stats:#}"));
+    let pid = field_of(&workers[victim], "pid");
+    // SAFETY: kill(2) on the proxy's own worker.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    proxy.wait_stats(WAIT, "the replacement serving", |s| {
+        let w = &s["workers"][victim];
+        field_of(w, "restarts") == 1 && w["state"] == "ready" && field_of(w, "pid") != pid
+    });
+    send_cids(&proxy, &client, 1..201, b"after");
+    wait_until(WAIT, "second round", || a.count() + b.count() == 400);
+    let after = routes(&[&a, &b], b"after");
+    for (cid, route) in &before {
+        assert_eq!(
+            after.get(cid),
+            Some(route),
+            "CID {cid} changed backend or upstream 4-tuple across the crash"
+        );
+    }
+    let stats = proxy.stats();
+    assert_eq!(total(&stats, "paths_inherited"), 200, "{stats:#}");
+    assert_eq!(total(&stats, "drops.no_port"), 0);
+}
+
+#[test]
 fn sighup_adding_a_backend_keeps_live_sessions_and_new_cids_reach_it() {
     let (a, b, c) = (
         Backend::start("a"),

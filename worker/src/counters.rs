@@ -5,7 +5,7 @@ use udpshard_shared::stats::{Counter, StatsSlot};
 
 /// Words the worker owns in its slot (the supervisor writes the identity
 /// words: pid, cpu, generation, state, restarts).
-const WORKER_OWNED: [Counter; 40] = [
+const WORKER_OWNED: [Counter; 41] = [
     Counter::RxPackets,
     Counter::RxBytes,
     Counter::TxPackets,
@@ -41,6 +41,7 @@ const WORKER_OWNED: [Counter; 40] = [
     Counter::PathsActive,
     Counter::PathsCreated,
     Counter::PathsEvicted,
+    Counter::PathsInherited,
     Counter::UpstreamSockets,
     Counter::BadFrames,
     Counter::ControlLost,

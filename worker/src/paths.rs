@@ -18,6 +18,11 @@
 //! A slot freed at its home cools for the listener's `port_reuse_delay`
 //! before another path may use it toward the same backend, so a backend's
 //! late datagrams for a closed path never reach a new one.
+//!
+//! A worker that takes over the flows of a worker that died binds each
+//! flow's own port again when it can ([`Paths::inherited_slot`]): the flow
+//! keeps its 4-tuple, and the socket's other slots are *inherited*: cooling
+//! like any, except that the flow each one served may take it back first.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
@@ -37,6 +42,13 @@ pub const NONE: u32 = u32::MAX;
 
 const FREE: u32 = u32::MAX;
 const COOLING: u32 = u32::MAX - 1;
+/// Cooling, and reserved for the dead worker's flow that used it.
+const INHERITED: u32 = u32::MAX - 2;
+
+/// Whether a slot holds a path (not FREE, COOLING or INHERITED).
+fn holds_path(slot: u32) -> bool {
+    slot < INHERITED
+}
 /// The listener of a socket whose listener a reload removed: no route has
 /// this index, so its datagrams are strays until it closes.
 pub const GONE: usize = usize::MAX;
@@ -65,6 +77,19 @@ pub trait Sockets {
     /// whose home `home` is gone, and starts reading it: false when another
     /// worker took it first.
     fn adopt(&mut self, sock: SockId, local: SocketAddr, home: Owner) -> bool;
+    /// Binds socket `sock` of `listener` on `local` again: the port of a
+    /// path of dead worker `from`, for the flow that path served. Fails
+    /// unless no one has leased the port since `from` held it. Returns how
+    /// long (ms) its other 4-tuples still cool (`unreaped_cool_ms` when the
+    /// supervisor has not yet reaped `from`).
+    fn reclaim(
+        &mut self,
+        sock: SockId,
+        listener: usize,
+        local: SocketAddr,
+        from: Owner,
+        unreaped_cool_ms: u64,
+    ) -> Result<u64, OpenError>;
     /// Whether new paths of `listener` may use a socket bound to `local`
     /// (a reload may have moved the listener's ranges).
     fn in_range(&self, listener: usize, local: SocketAddr) -> bool;
@@ -85,8 +110,11 @@ pub struct UpSock {
     /// Its (source, port): names the socket across workers.
     pub local: SocketAddr,
     pub home: Home,
-    /// By backend index: FREE, COOLING, or the path using it.
+    /// By backend index: FREE, COOLING, INHERITED, or the path using it.
     slots: Vec<u32>,
+    /// Bound again for the flows of this dead worker: their INHERITED
+    /// slots are theirs to take.
+    heir_of: Option<Owner>,
     /// Slots not free.
     used: u32,
     pub idle_since_ms: u64,
@@ -103,6 +131,7 @@ impl UpSock {
             local,
             home,
             slots: vec![FREE; backends],
+            heir_of: None,
             used: 0,
             idle_since_ms: 0,
             retired: false,
@@ -236,7 +265,66 @@ impl Paths {
     /// The path on `sock` toward backend `backend` (a reply's demux).
     pub fn on_slot(&self, sock: SockId, backend: u16) -> Option<PathId> {
         let slot = *self.sock(sock)?.slots.get(usize::from(backend))?;
-        (slot != FREE && slot != COOLING).then_some(slot)
+        holds_path(slot).then_some(slot)
+    }
+
+    /// The slot toward `backend` on the socket bound to `local`, for the
+    /// flow whose path dead worker `from` had there: a socket this worker
+    /// already bound again for `from`'s flows, whose slot still waits for
+    /// its flow, or one it binds now (`sockets.reclaim`). The socket's other
+    /// slots stay reserved while they cool. `None`: a new port it is.
+    #[allow(clippy::too_many_arguments)]
+    pub fn inherited_slot<S: Sockets>(
+        &mut self,
+        listener: usize,
+        backend: u16,
+        local: SocketAddr,
+        from: Owner,
+        backends: usize,
+        now_ms: u64,
+        cool_ms: u64,
+        sockets: &mut S,
+    ) -> Option<SockId> {
+        let b = usize::from(backend);
+        if b >= backends {
+            return None;
+        }
+        if let Some(&sock) = self.by_local.get(&local) {
+            let s = self.socks.get_mut(sock as usize)?;
+            let ours = s.home == Home::Here
+                && s.listener == listener
+                && !s.retired
+                && s.heir_of == Some(from);
+            return match s.slots.get(b) {
+                Some(&INHERITED) if ours => {
+                    // Its cooling entry finds a path there, and passes.
+                    s.slots[b] = FREE;
+                    s.used -= 1;
+                    Some(sock)
+                }
+                // Cooled meanwhile: anyone's, so the flow's as well.
+                Some(&FREE) if ours => Some(sock),
+                _ => None,
+            };
+        }
+        let _ = self.pool(listener, backends);
+        let entry = self.socks.vacant_entry();
+        let sock = entry.key() as SockId;
+        let left = sockets.reclaim(sock, listener, local, from, cool_ms).ok()?;
+        let mut up = UpSock::new(listener, local, Home::Here, backends);
+        up.heir_of = Some(from);
+        for (i, slot) in up.slots.iter_mut().enumerate() {
+            if i != b && left > 0 {
+                *slot = INHERITED;
+                up.used += 1;
+                self.cooling.push_back((now_ms + left, sock, i as u16));
+            } else if i != b {
+                push_free(&mut self.pools, listener, i as u16, sock);
+            }
+        }
+        entry.insert(up);
+        self.by_local.insert(local, sock);
+        Some(sock)
     }
 
     /// A home socket of `listener` whose slot for `backend` is free,
@@ -375,7 +463,8 @@ impl Paths {
             }
             self.cooling.pop_front();
             if let Some(s) = self.socks.get_mut(sock as usize) {
-                if s.slots.get(usize::from(backend)) == Some(&COOLING) {
+                let slot = s.slots.get(usize::from(backend)).copied();
+                if slot == Some(COOLING) || slot == Some(INHERITED) {
                     s.slots[usize::from(backend)] = FREE;
                     s.used -= 1;
                     if s.used == 0 {
@@ -438,11 +527,7 @@ impl Paths {
     /// The paths on `sock`.
     pub fn on_sock(&self, sock: SockId) -> Vec<PathId> {
         self.sock(sock).map_or_else(Vec::new, |s| {
-            s.slots
-                .iter()
-                .copied()
-                .filter(|p| *p != FREE && *p != COOLING)
-                .collect()
+            s.slots.iter().copied().filter(|p| holds_path(*p)).collect()
         })
     }
 

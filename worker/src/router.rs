@@ -39,7 +39,7 @@ use udpshard_shared::handoff::{
     Control, Frame, Header, PathRef, Transfer, TransferPath, HEADER_LEN, MAX_HOPS,
 };
 use udpshard_shared::maglev::MaglevError;
-use udpshard_shared::owners::{Claim, Owner, OwnerIndex};
+use udpshard_shared::owners::{backend_tag, Claim, Owner, OwnerIndex};
 use udpshard_shared::quic_lb::QuicLbRouter;
 use udpshard_shared::stats::Counter;
 use udpshard_shared::{stable_hash, Dissector, DropReason, FlowKey, Maglev};
@@ -79,9 +79,26 @@ pub trait Owners {
     fn release(&self, hash: u64, me: Owner);
     /// The process serving slot `worker` now, if it serves.
     fn live_owner(&self, worker: usize) -> Option<Owner>;
+    /// Where dead owner `from`'s session of `hash` had its first path, as
+    /// `from` recorded it.
+    fn hint(&self, hash: u64, from: Owner) -> Option<Inherited>;
+    /// Records where `me`'s session of `hash` has its first path: (its
+    /// socket's local address, [`backend_tag`] of its backend).
+    fn set_hint(&self, hash: u64, me: Owner, local: SocketAddr, backend: u16);
     fn is_live(&self, owner: Owner) -> bool {
         self.live_owner(usize::from(owner.worker)) == Some(owner)
     }
+}
+
+/// A flow's path at a worker that died, which the worker taking the flow
+/// over binds again when it can: the backend then sees no change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inherited {
+    pub from: Owner,
+    /// The path's socket's (source, port).
+    pub local: SocketAddr,
+    /// [`backend_tag`] of its backend.
+    pub backend: u16,
 }
 
 /// A datagram the shell holds until the actions naming it are done: the
@@ -176,6 +193,8 @@ pub struct Route {
     pub dissector: Dissector,
     maglev: Maglev,
     pub backends: Vec<SocketAddr>,
+    /// `tags[b]`: [`backend_tag`] of backend b, as port hints name it.
+    tags: Vec<u16>,
     /// `ipv4[b]`: backend b's address family.
     ipv4: Vec<bool>,
     by_addr: ahash::AHashMap<SocketAddr, u16>,
@@ -207,6 +226,7 @@ impl Route {
             dissector: cfg.dissector.into(),
             maglev: Maglev::new(&names, cfg.maglev_table_size)?,
             ipv4: backends.iter().map(|b| b.is_ipv4()).collect(),
+            tags: backends.iter().map(|b| backend_tag(*b)).collect(),
             by_addr: backends
                 .iter()
                 .enumerate()
@@ -451,6 +471,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
         let hash = self.owner_hash(a.listener, &key);
         let hops = a.via.hops();
+        let mut inherited = None;
         if hops < MAX_HOPS {
             match self.owners.lookup(hash) {
                 Some(o) if o != self.me && self.owners.is_live(o) => {
@@ -460,6 +481,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 // Ours, but unknown here: what made it ours (a transfer, a
                 // learned alias) is in the inbox.
                 Some(o) if o == self.me && a.via == Via::Socket => return Err(Outcome::Deferred),
+                // Its owner died with the session: its path's port, if the
+                // flow can have it back.
+                Some(o) if o != self.me => inherited = self.owners.hint(hash, o),
                 _ => {}
             }
         }
@@ -474,7 +498,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             Claim::Taken(_) => self.owners.assign(hash, self.me),
             Claim::Full => self.counters.incr(Counter::OwnersFull),
         }
-        match self.open_session(a, key) {
+        match self.open_session(a, key, inherited) {
             Ok(sid) => Ok(sid),
             Err(reason) => {
                 self.owners.release(hash, self.me);
@@ -487,8 +511,14 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
     }
 
-    /// A new session with its first path, for the client of `a`.
-    fn open_session(&mut self, a: Arrival, key: FlowKey) -> Result<SessionId, DropReason> {
+    /// A new session with its first path, for the client of `a`: on the
+    /// port the flow had at a dead worker when it can (`inherited`).
+    fn open_session(
+        &mut self,
+        a: Arrival,
+        key: FlowKey,
+        inherited: Option<Inherited>,
+    ) -> Result<SessionId, DropReason> {
         if self.draining {
             return Err(DropReason::Draining);
         }
@@ -500,15 +530,68 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         if backend >= route.backends.len() {
             return Err(DropReason::NoBackend);
         }
+        let inherited = inherited.filter(|h| h.backend == route.tags[backend]);
         let sid = self
             .sessions
             .insert(Session::new(a.listener, key, backend as u16, self.now_ms));
-        if let Err(reason) = self.open_path(sid, a.client, a.local_ip) {
+        let opened = match inherited.and_then(|h| self.inherited_path(sid, a, h)) {
+            Some(pid) => Ok(pid),
+            None => self.open_path(sid, a.client, a.local_ip),
+        };
+        if let Err(reason) = opened {
             self.sessions.remove(sid);
             return Err(reason);
         }
+        let hash = self.owner_hash(a.listener, &key);
+        self.hint_port(sid, hash);
         self.counters.incr(Counter::SessionsCreated);
         Ok(sid)
+    }
+
+    /// Session `sid`'s first path on the port its flow had at a dead worker.
+    fn inherited_path(&mut self, sid: SessionId, a: Arrival, h: Inherited) -> Option<PathId> {
+        let s = self.sessions.get(sid)?;
+        let (listener, backend, key) = (s.listener, s.backend, s.key);
+        let route = &self.routes[listener];
+        let sock = self.paths.inherited_slot(
+            listener,
+            backend,
+            h.local,
+            h.from,
+            route.backends.len(),
+            self.now_ms,
+            route.reuse_delay_ms,
+            &mut self.sockets,
+        )?;
+        let path = Path::new(
+            listener,
+            backend,
+            sock,
+            a.client,
+            a.local_ip,
+            key,
+            self.now_ms,
+        );
+        let pid = self.link_first(sid, path)?;
+        self.counters.incr(Counter::PathsCreated);
+        self.counters.incr(Counter::PathsInherited);
+        Some(pid)
+    }
+
+    /// Records where session `sid` (whose entry `hash` is ours) has its
+    /// first path, for whoever takes the flow over should this worker die.
+    fn hint_port(&self, sid: SessionId, hash: u64) {
+        let Some(s) = self.sessions.get(sid) else {
+            return;
+        };
+        let Some(p) = self.paths.path(s.first_path) else {
+            return;
+        };
+        let Some(sock) = self.paths.sock(p.sock).filter(|k| k.home == Home::Here) else {
+            return;
+        };
+        let tag = self.routes[s.listener].tags[usize::from(s.backend)];
+        self.owners.set_hint(hash, self.me, sock.local, tag);
     }
 
     /// Forwards on session `sid`'s path for the client of `a`.
@@ -900,8 +983,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             if self.sessions.lookup(listener, &scid) == Some(sid) {
                 return;
             }
-            if self.sessions.add_alias(sid, scid) {
-                let _ = self.owners.claim(hash, self.me);
+            if self.sessions.add_alias(sid, scid) && self.owners.claim(hash, self.me) == Claim::Mine
+            {
+                self.hint_port(sid, hash);
             }
             return;
         }

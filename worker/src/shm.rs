@@ -1,11 +1,13 @@
 //! The router's view of the ownership table: the state region's table, with
 //! liveness read from the stats region's slots.
 
+use std::net::SocketAddr;
+
 use udpshard_shared::owners::{Claim, Owner};
 use udpshard_shared::state::StateRegion;
 use udpshard_shared::stats::StatsRegion;
 
-use crate::router::Owners;
+use crate::router::{Inherited, Owners};
 
 pub struct ShmOwners {
     pub state: StateRegion,
@@ -33,5 +35,24 @@ impl Owners for ShmOwners {
 
     fn live_owner(&self, worker: usize) -> Option<Owner> {
         self.stats.live_owner(worker)
+    }
+
+    fn hint(&self, hash: u64, from: Owner) -> Option<Inherited> {
+        let h = self.state.owners().hint(hash).filter(|h| h.owner == from)?;
+        let ip = self.state.source_ip(usize::from(h.row))?;
+        Some(Inherited {
+            from,
+            local: SocketAddr::new(ip, h.port),
+            backend: h.backend,
+        })
+    }
+
+    fn set_hint(&self, hash: u64, me: Owner, local: SocketAddr, backend: u16) {
+        if let Some(row) = self.state.source_row(local.ip()) {
+            let _ = self
+                .state
+                .owners()
+                .set_hint(hash, me, row as u8, local.port(), backend);
+        }
     }
 }

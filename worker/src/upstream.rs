@@ -238,6 +238,33 @@ impl Upstream {
         )
     }
 
+    /// Starts reading `socket`, bound on leased (row, port), as `sock`.
+    fn keep_leased(
+        &mut self,
+        sock: SockId,
+        row: usize,
+        port: u16,
+        socket: UdpSocket,
+    ) -> Result<SocketAddr, OpenError> {
+        let local = socket.local_addr().map_err(|_| OpenError::Other)?;
+        if let Err(e) = self.register(sock, &socket) {
+            return Err(if e.raw_os_error() == Some(libc::ENOMEM) {
+                OpenError::NoFd
+            } else {
+                OpenError::Other
+            });
+        }
+        self.store(
+            sock,
+            Entry {
+                socket,
+                local: Some(local),
+                lease: Some((row, port)),
+            },
+        );
+        Ok(local)
+    }
+
     fn store(&mut self, sock: SockId, entry: Entry) {
         let i = sock as usize;
         if self.socks.len() <= i {
@@ -316,25 +343,51 @@ impl Sockets for Upstream {
             }
             return Err(OpenError::NoPort);
         };
-        let local = socket.local_addr().map_err(|_| OpenError::Other)?;
-        if let Err(e) = self.register(sock, &socket) {
-            drop(socket);
+        self.keep_leased(sock, row, port, socket).inspect_err(|_| {
             self.state.leases().release(row, port, me, None);
-            return Err(if e.raw_os_error() == Some(libc::ENOMEM) {
-                OpenError::NoFd
-            } else {
-                OpenError::Other
-            });
+        })
+    }
+
+    fn reclaim(
+        &mut self,
+        sock: SockId,
+        listener: usize,
+        local: SocketAddr,
+        from: Owner,
+        unreaped_cool_ms: u64,
+    ) -> Result<u64, OpenError> {
+        let now = monotonic_ms();
+        if now < self.no_fd_until {
+            return Err(OpenError::NoFd);
         }
-        self.store(
-            sock,
-            Entry {
-                socket,
-                local: Some(local),
-                lease: Some((row, port)),
-            },
-        );
-        Ok(local)
+        let range = self.ranges.get(listener).ok_or(OpenError::Other)?;
+        if !range.contains(local) {
+            return Err(OpenError::NoPort);
+        }
+        let row = self.state.source_row(local.ip()).ok_or(OpenError::Other)?;
+        let port = local.port();
+        let me = self.me;
+        let (was, until) = self
+            .state
+            .leases()
+            .reclaim(row, port, me, from, now + unreaped_cool_ms)
+            .ok_or(OpenError::NoPort)?;
+        let kept = match sockio::bound_upstream(local) {
+            Ok(socket) => self.keep_leased(sock, row, port, socket),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                Err(OpenError::NoFd)
+            }
+            // A copy of the dead worker's socket that another worker
+            // borrowed still holds it: that worker adopts it.
+            Err(_) => Err(OpenError::NoPort),
+        };
+        match kept {
+            Ok(_) => Ok(until.saturating_sub(now)),
+            Err(e) => {
+                self.state.leases().unclaim(row, port, me, was);
+                Err(e)
+            }
+        }
     }
 
     fn close(&mut self, sock: SockId) {

@@ -14,7 +14,7 @@ use udpshard_shared::owners::{Claim, Owner, OwnerIndex};
 use udpshard_shared::stats::{client_arrived, client_settled, replies_ledger, Counter};
 use udpshard_shared::DropReason;
 
-use super::{Action, Arrival, DatagramRef, Outcome, Owners, Route, Router, Via};
+use super::{Action, Arrival, DatagramRef, Inherited, Outcome, Owners, Route, Router, Via};
 use crate::counters::Counters;
 use crate::paths::{OpenError, SockId, Sockets};
 
@@ -22,6 +22,8 @@ use crate::paths::{OpenError, SockId, Sockets};
 #[derive(Default)]
 pub struct OwnerState {
     pub table: HashMap<u64, Owner>,
+    /// Port hints: (writer, local address, backend tag), by entry.
+    pub hints: HashMap<u64, (Owner, SocketAddr, u16)>,
     /// The process serving each slot, if it serves.
     pub live: Vec<Option<Owner>>,
 }
@@ -45,17 +47,39 @@ impl Owners for MemOwners {
             }
         }
         s.table.insert(hash, me);
+        s.hints.remove(&hash);
         Claim::Mine
     }
 
     fn assign(&self, hash: u64, to: Owner) {
-        self.0.borrow_mut().table.insert(hash, to);
+        let mut s = self.0.borrow_mut();
+        if s.table.insert(hash, to) != Some(to) {
+            s.hints.remove(&hash);
+        }
     }
 
     fn release(&self, hash: u64, me: Owner) {
         let mut s = self.0.borrow_mut();
         if s.table.get(&hash) == Some(&me) {
             s.table.remove(&hash);
+            s.hints.remove(&hash);
+        }
+    }
+
+    fn hint(&self, hash: u64, from: Owner) -> Option<Inherited> {
+        let s = self.0.borrow();
+        let &(writer, local, backend) = s.hints.get(&hash)?;
+        (s.table.get(&hash) == Some(&from) && writer == from).then_some(Inherited {
+            from,
+            local,
+            backend,
+        })
+    }
+
+    fn set_hint(&self, hash: u64, me: Owner, local: SocketAddr, backend: u16) {
+        let mut s = self.0.borrow_mut();
+        if s.table.get(&hash) == Some(&me) {
+            s.hints.insert(hash, (me, local, backend));
         }
     }
 
@@ -75,6 +99,9 @@ pub struct Net {
     /// per worker: socket id -> local address.
     pub fds: Vec<HashMap<SockId, SocketAddr>>,
     pub fd_limit: Option<usize>,
+    /// Ports whose holder died with paths on them, and no one has bound
+    /// since (the lease table's orphans).
+    pub orphans: HashMap<SocketAddr, Owner>,
     /// Successful and failed opens, per worker.
     pub opens: Vec<usize>,
     cursor: u16,
@@ -86,7 +113,9 @@ impl Net {
         for i in 0..span {
             let port = self.lo + ((u32::from(self.cursor) + i) % span) as u16;
             let addr = SocketAddr::new(self.source, port);
-            if !self.bound.contains_key(&addr) {
+            // An orphan cools (the lease table's word) until its heir
+            // takes it back.
+            if !self.bound.contains_key(&addr) && !self.orphans.contains_key(&addr) {
                 self.cursor = (port - self.lo + 1) % span as u16;
                 return Some(addr);
             }
@@ -144,6 +173,24 @@ impl Sockets for FakeSockets {
         }
         net.bound.insert(local, self.worker);
         true
+    }
+
+    fn reclaim(
+        &mut self,
+        sock: SockId,
+        _listener: usize,
+        local: SocketAddr,
+        from: Owner,
+        unreaped_cool_ms: u64,
+    ) -> Result<u64, OpenError> {
+        let mut net = self.net.borrow_mut();
+        if net.orphans.get(&local) != Some(&from) || net.bound.contains_key(&local) {
+            return Err(OpenError::NoPort);
+        }
+        net.orphans.remove(&local);
+        net.bound.insert(local, self.worker);
+        net.fds[self.worker].insert(sock, local);
+        Ok(unreaped_cool_ms)
     }
 
     fn in_range(&self, _listener: usize, local: SocketAddr) -> bool {
@@ -244,6 +291,7 @@ impl World {
     pub fn new(workers: usize, text: &str, ports: (u16, u16)) -> World {
         let owners = Rc::new(RefCell::new(OwnerState {
             table: HashMap::new(),
+            hints: HashMap::new(),
             live: (0..workers).map(|w| Some(Owner::new(w, 1))).collect(),
         }));
         let net = Rc::new(RefCell::new(Net {
@@ -253,6 +301,7 @@ impl World {
             bound: HashMap::new(),
             fds: vec![HashMap::new(); workers],
             fd_limit: None,
+            orphans: HashMap::new(),
             opens: vec![0; workers],
             cursor: 0,
         }));
@@ -504,12 +553,16 @@ impl World {
     pub fn kill(&mut self, w: usize) {
         self.owners.borrow_mut().live[w] = None;
         self.inboxes[w].clear();
+        let dead = Owner::new(w, self.generations[w]);
         let mut net = self.net.borrow_mut();
         let mine: Vec<SocketAddr> = net.fds[w].values().copied().collect();
         net.fds[w].clear();
         for addr in mine {
             let held = net.fds.iter().any(|f| f.values().any(|a| *a == addr));
-            if !held {
+            if !held && net.bound.get(&addr) == Some(&w) {
+                net.bound.remove(&addr);
+                net.orphans.insert(addr, dead);
+            } else if !held {
                 net.bound.remove(&addr);
             }
         }

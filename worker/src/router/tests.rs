@@ -757,6 +757,78 @@ fn router_a_dead_workers_flows_are_taken_over_by_whoever_gets_them() {
 }
 
 #[test]
+fn router_a_replacement_binds_its_flows_ports_again_and_keeps_the_others_for_theirs() {
+    let mut w = World::new(1, &config("", 2), (20000, 20029));
+    let old: Vec<(u64, SocketAddr, SocketAddr)> = (0..8u64)
+        .map(|cid| {
+            w.send(0, CLIENT, &short(cid, b"before"));
+            let at = w.at_backend.last().unwrap();
+            (cid, at.from, at.backend)
+        })
+        .collect();
+    let tuples: HashSet<(SocketAddr, SocketAddr)> = old.iter().map(|o| (o.1, o.2)).collect();
+    assert_eq!(tuples.len(), 8);
+    w.kill(0);
+    w.restart(0);
+    // The first flow back binds its own port again ...
+    w.send(0, CLIENT, &short(0, b"after"));
+    assert_eq!(w.at_backend.last().unwrap().from, old[0].1);
+    assert_eq!(w.counter(0, Counter::PathsInherited), 1);
+    // ... and new flows keep off the 4-tuples of those still to come back.
+    for cid in 100..110u64 {
+        w.send(0, CLIENT, &short(cid, b"new"));
+        let at = w.at_backend.last().unwrap();
+        assert_eq!(at.payload, short(cid, b"new"));
+        assert!(
+            !tuples.contains(&(at.from, at.backend)),
+            "cid {cid} took a dead flow's 4-tuple"
+        );
+    }
+    for (cid, from, to) in &old[1..] {
+        w.send(0, CLIENT, &short(*cid, b"after"));
+        let at = w.at_backend.last().unwrap();
+        assert_eq!(
+            (at.from, at.backend),
+            (*from, *to),
+            "cid {cid} kept its 4-tuple"
+        );
+    }
+    assert_eq!(w.counter(0, Counter::PathsInherited), 8);
+    w.assert_unique_tuples();
+    // Its replies come back on it.
+    let (from, to) = (old[3].1, old[3].2);
+    w.reply(to, from, b"reply");
+    assert_eq!(w.at_client.last().unwrap().payload, b"reply");
+}
+
+#[test]
+fn router_a_dead_flows_port_is_taken_by_that_flow_only_and_follows_it_across_deaths() {
+    let mut w = world(2, "", 2);
+    w.send(0, CLIENT, &short(5, b"a"));
+    let first = w.at_backend[0].clone();
+    w.kill(0);
+    w.restart(0);
+    // Another flow's entry names no dead owner: it never gets that port.
+    for cid in 200..240u64 {
+        w.send(0, CLIENT, &short(cid, b"x"));
+        let at = w.at_backend.last().unwrap();
+        assert!((at.from, at.backend) != (first.from, first.backend));
+    }
+    // Worker 1 takes the flow over (it claims the dead entry): its port too.
+    w.send(1, CLIENT, &short(5, b"b"));
+    assert_eq!(w.holders(5), vec![1]);
+    assert_eq!(w.at_backend.last().unwrap().from, first.from);
+    assert_eq!(w.counter(1, Counter::PathsInherited), 1);
+    // Its hint is worker 1's now; worker 1 dies too, and 0 takes it back.
+    w.kill(1);
+    w.restart(1);
+    w.send(0, CLIENT, &short(5, b"c"));
+    assert_eq!(w.at_backend.last().unwrap().from, first.from);
+    assert_eq!(w.counter(0, Counter::PathsInherited), 1);
+    w.assert_unique_tuples();
+}
+
+#[test]
 fn router_removing_a_listener_closes_its_sessions() {
     let mut w = world(1, "", 1);
     w.send(0, CLIENT, &short(1, b"a"));
