@@ -228,3 +228,58 @@ fn run_without_config_uses_the_embedded_default() {
         Some(u64::from(proxy.pid()))
     );
 }
+
+#[test]
+fn a_worker_command_line_naming_a_descriptor_twice_is_refused_before_any_is_taken() {
+    let out = Command::new(BIN)
+        .args([
+            "worker",
+            "--id",
+            "0",
+            "--control-fd",
+            "5",
+            "--stats-fd",
+            "6",
+        ])
+        .args([
+            "--state-fd",
+            "7",
+            "--listener-fds",
+            "8,9",
+            "--handoff-fd",
+            "10",
+        ])
+        .args(["--peer-fds", "10,11"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("descriptor 10 is named twice on the command line: as handoff inbox and as handoff peer"),
+        "{stderr}"
+    );
+    let out = Command::new(BIN)
+        .args([
+            "worker",
+            "--id",
+            "0",
+            "--control-fd",
+            "1",
+            "--stats-fd",
+            "6",
+        ])
+        .args([
+            "--state-fd",
+            "7",
+            "--listener-fds",
+            "8",
+            "--handoff-fd",
+            "10",
+        ])
+        .args(["--peer-fds", "11"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("control (fd 1)"), "{stderr}");
+}

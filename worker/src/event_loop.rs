@@ -53,6 +53,7 @@ type WorkerRouter = Router<ShmOwners, Upstream>;
 
 /// Runs a worker until the supervisor stops it or goes away.
 pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
+    args.check()?;
     let control = UnixStream::from(adopt_fd(args.control_fd, "control")?);
     let stats_file = File::from(adopt_fd(args.stats_fd, "stats")?);
     let state_fd = adopt_fd(args.state_fd, "state")?;
@@ -485,11 +486,10 @@ impl Loop {
         // What the sweep decided (closed paths to tell their homes about).
         self.flush(&mut []);
         self.handoff.flush_pending();
-        let (lost, lost_datagrams) = self.handoff.take_lost();
-        self.router.counters.add(Counter::ControlLost, lost);
-        for _ in 0..lost_datagrams {
-            self.router.handoff_failed();
-        }
+        let queue = self.handoff.take_outcomes();
+        self.router.counters.add(Counter::ControlLost, queue.lost);
+        self.router
+            .handoff_queue_settled(queue.sent_datagrams, queue.lost_datagrams);
         let socket_drops = listener_drops(&self.listeners);
         if socket_drops < self.socket_drops_seen {
             // A listener left (reload): what its socket counted stays.

@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use crate::handoff::Handoff;
+use crate::handoff::{Handoff, Sent};
 use udpshard_shared::stats::Counter;
 
 use crate::listener::Listener;
@@ -112,11 +112,17 @@ impl Executor {
                     if let Some(d) = payload {
                         frame.extend_from_slice(bytes(d));
                     }
-                    let sent = raw.len() == socks.len()
-                        && handoff
+                    let sent = if raw.len() == socks.len() {
+                        handoff
                             .send_control(to, frame.clone(), &raw, payload.is_some())
-                            .is_ok();
-                    if !sent {
+                            .ok()
+                    } else {
+                        None
+                    };
+                    if sent == Some(Sent::Queued) && payload.is_some() {
+                        router.handoff_queued();
+                    }
+                    if sent.is_none() {
                         match payload {
                             Some(_) => router.handoff_failed(),
                             None => router.transfer_failed(&frame),

@@ -41,10 +41,31 @@ pub struct Handoff {
     pending: VecDeque<Pending>,
     pending_bytes: usize,
     /// Control frames given up (the queue overflowed, or the send failed)
-    /// since the last [`Handoff::take_lost`], and of them those that
+    /// since the last [`Handoff::take_outcomes`], and of them those that
     /// carried a client datagram.
     lost: u64,
     lost_datagrams: u64,
+    /// Queued frames carrying a client datagram that went since then.
+    sent_datagrams: u64,
+}
+
+/// What [`Handoff::send_control`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    Now,
+    /// Queued behind a full inbox: it goes, or is given up, later.
+    Queued,
+}
+
+/// What became of queued frames since the last [`Handoff::take_outcomes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Outcomes {
+    /// Frames given up.
+    pub lost: u64,
+    /// Of them, those that carried a client datagram.
+    pub lost_datagrams: u64,
+    /// Frames carrying a client datagram that went.
+    pub sent_datagrams: u64,
 }
 
 impl Handoff {
@@ -61,6 +82,7 @@ impl Handoff {
             pending_bytes: 0,
             lost: 0,
             lost_datagrams: 0,
+            sent_datagrams: 0,
         })
     }
 
@@ -110,14 +132,14 @@ impl Handoff {
         frame: Vec<u8>,
         fds: &[RawFd],
         carries: bool,
-    ) -> io::Result<()> {
+    ) -> io::Result<Sent> {
         if self.pending.iter().any(|p| p.to == to) {
             if !fds.is_empty() {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
             // Keep the order: behind what already waits for this inbox.
             self.enqueue(to, frame, carries);
-            return Ok(());
+            return Ok(Sent::Queued);
         }
         let rights = [ControlMessage::ScmRights(fds)];
         let cmsgs: &[ControlMessage<'_>] = if fds.is_empty() { &[] } else { &rights };
@@ -129,10 +151,10 @@ impl Handoff {
             MsgFlags::MSG_DONTWAIT,
             None::<&UnixAddr>,
         ) {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(Sent::Now),
             Err(nix::errno::Errno::EAGAIN) if fds.is_empty() => {
                 self.enqueue(to, frame, carries);
-                Ok(())
+                Ok(Sent::Queued)
             }
             Err(e) => Err(e.into()),
         }
@@ -157,12 +179,15 @@ impl Handoff {
         self.lost_datagrams += u64::from(p.carries);
     }
 
-    /// Control frames given up since the last call, and how many of them
-    /// carried a client datagram.
-    pub fn take_lost(&mut self) -> (u64, u64) {
-        let lost = (self.lost, self.lost_datagrams);
-        (self.lost, self.lost_datagrams) = (0, 0);
-        lost
+    /// What became of queued frames since the last call.
+    pub fn take_outcomes(&mut self) -> Outcomes {
+        let out = Outcomes {
+            lost: self.lost,
+            lost_datagrams: self.lost_datagrams,
+            sent_datagrams: self.sent_datagrams,
+        };
+        (self.lost, self.lost_datagrams, self.sent_datagrams) = (0, 0, 0);
+        out
     }
 
     /// Sends what waits, in order, as far as the inboxes have room.
@@ -182,7 +207,7 @@ impl Handoff {
             };
             let iov = [IoSlice::new(&p.frame)];
             match sendmsg(fd, &iov, &[], MsgFlags::MSG_DONTWAIT, None::<&UnixAddr>) {
-                Ok(_) => {}
+                Ok(_) => self.sent_datagrams += u64::from(p.carries),
                 Err(nix::errno::Errno::EAGAIN) => {
                     blocked.push(p.to);
                     self.pending_bytes += p.frame.len();
@@ -269,8 +294,9 @@ mod tests {
             sent += 1;
         }
         assert!(sent > 0);
-        h.send_control(0, b"later 1".to_vec(), &[], false).unwrap();
-        h.send_control(0, b"later 2".to_vec(), &[], false).unwrap();
+        let queued = h.send_control(0, b"later 1".to_vec(), &[], false);
+        assert_eq!(queued.unwrap(), Sent::Queued);
+        h.send_control(0, b"later 2".to_vec(), &[], true).unwrap();
         assert!(h.has_pending());
         // Descriptors do not overtake what waits: refused, to be retried.
         let err = h
@@ -289,7 +315,11 @@ mod tests {
         assert_eq!(&frame[..n], b"later 1", "in order");
         let (n, _) = rx.recv(&mut frame).unwrap().unwrap();
         assert_eq!(&frame[..n], b"later 2");
-        assert_eq!(h.take_lost(), (0, 0));
+        let went = Outcomes {
+            sent_datagrams: 1,
+            ..Outcomes::default()
+        };
+        assert_eq!(h.take_outcomes(), went, "the datagram it carried went");
     }
 
     #[test]
@@ -309,13 +339,19 @@ mod tests {
         for n in 0..=fit {
             h.send_control(0, frame.clone(), &[], n == 0).unwrap();
         }
-        assert_eq!(h.take_lost(), (1, 1), "one frame, carrying a datagram");
-        assert_eq!(h.take_lost(), (0, 0), "taken once");
+        let lost = Outcomes {
+            lost: 1,
+            lost_datagrams: 1,
+            sent_datagrams: 0,
+        };
+        assert_eq!(h.take_outcomes(), lost, "one frame, carrying a datagram");
+        assert_eq!(h.take_outcomes(), Outcomes::default(), "taken once");
         assert_eq!(h.pending_bytes, MAX_PENDING_BYTES);
         drop(inbox);
         // The inbox is gone: what waits is given up, counted.
         h.flush_pending();
-        assert_eq!(h.take_lost(), (fit as u64, 0));
+        let given_up = h.take_outcomes();
+        assert_eq!((given_up.lost, given_up.lost_datagrams), (fit as u64, 0));
         assert!(!h.has_pending());
         assert_eq!(h.pending_bytes, 0);
     }

@@ -45,10 +45,51 @@ pub struct WorkerArgs {
     pub peer_fds: Vec<RawFd>,
 }
 
+impl WorkerArgs {
+    /// Every descriptor it names, with what it is for.
+    fn named(&self) -> Vec<(RawFd, &'static str)> {
+        let mut fds = vec![
+            (self.control_fd, "control"),
+            (self.stats_fd, "stats"),
+            (self.state_fd, "state"),
+            (self.handoff_fd, "handoff inbox"),
+        ];
+        fds.extend(self.listener_fds.iter().map(|&fd| (fd, "listener")));
+        fds.extend(self.peer_fds.iter().map(|&fd| (fd, "handoff peer")));
+        fds
+    }
+
+    /// Refuses a command line that names a descriptor twice, or one of the
+    /// standard streams: the worker takes each named descriptor as its own,
+    /// and two owners of one would close it twice.
+    pub fn check(&self) -> Result<(), WorkerError> {
+        let named = self.named();
+        for (i, &(fd, name)) in named.iter().enumerate() {
+            if fd <= 2 {
+                return Err(WorkerError::BadFd { name, fd });
+            }
+            if let Some(&(_, first)) = named[..i].iter().find(|(other, _)| *other == fd) {
+                return Err(WorkerError::DuplicateFd {
+                    fd,
+                    first,
+                    second: name,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    #[error("inherited descriptor {name} (fd {fd}) is not open")]
+    #[error("inherited descriptor {name} (fd {fd}) is not open, or is a standard stream")]
     BadFd { name: &'static str, fd: RawFd },
+    #[error("descriptor {fd} is named twice on the command line: as {first} and as {second}")]
+    DuplicateFd {
+        fd: RawFd,
+        first: &'static str,
+        second: &'static str,
+    },
     #[error("stats region: {0}")]
     Stats(#[from] udpshard_shared::stats::StatsError),
     #[error("{0}")]

@@ -1760,10 +1760,29 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         self.drop_datagram(DropReason::Reply);
     }
 
-    /// A `Handoff` could not be delivered.
+    /// A `Handoff` could not be delivered, in the flush that made it (its
+    /// `handoff_out` is taken back before anything is published).
     pub fn handoff_failed(&mut self) {
         self.counters.add(Counter::HandoffOut, u64::MAX);
         self.drop_datagram(DropReason::Handoff);
+    }
+
+    /// A frame carrying a client datagram waits behind a full inbox, in the
+    /// flush that made it: the datagram is not handed on yet. It stays
+    /// taken-in and unsettled (a kill meanwhile books it as worker_lost)
+    /// until [`Router::handoff_queue_settled`] says what became of it, so
+    /// no published count goes back.
+    pub fn handoff_queued(&mut self) {
+        self.counters.add(Counter::HandoffOut, u64::MAX);
+    }
+
+    /// Of the datagrams queued behind full inboxes, `sent` went and `lost`
+    /// were given up.
+    pub fn handoff_queue_settled(&mut self, sent: u64, lost: u64) {
+        self.counters.add(Counter::HandoffOut, sent);
+        for _ in 0..lost {
+            self.drop_datagram(DropReason::Handoff);
+        }
     }
 
     /// A transfer offer could not be sent at all: the session stays.
