@@ -68,6 +68,8 @@ pub enum SupervisorError {
     Sources,
     #[error("cannot find the udpshard executable to start workers: {0}")]
     Exe(io::Error),
+    #[error("a worker's handoff inbox: {0}")]
+    Inbox(io::Error),
     #[error("event loop: {0}")]
     Poll(io::Error),
     #[error("cannot start worker {id}: {source}")]

@@ -256,6 +256,69 @@ fn sighup_with_a_broken_file_keeps_serving_the_old_config() {
     wait_until(WAIT, "still serving", || a.count() == 50);
 }
 
+/// The soft RLIMIT_NOFILE at which process `pid` can open exactly one more
+/// descriptor (the lowest free numbers are used first).
+fn one_more_fd(pid: u32) -> u64 {
+    let open: std::collections::HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let first_free = (0..).find(|n| !open.contains(n)).unwrap();
+    (first_free + 1..).find(|n| !open.contains(n)).unwrap()
+}
+
+fn set_fd_limit(pid: u32, soft: u64) -> u64 {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit with a null new limit only reads the current one.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(rc, 0);
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: lowers (or restores) the soft limit of the proxy's own
+    // supervisor, below its hard limit.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    old.rlim_cur
+}
+
+#[test]
+fn a_reload_whose_new_worker_slot_cannot_be_made_is_rolled_back_whole() {
+    let a = Backend::start("a");
+    let proxy = Proxy::start(Path::new(BIN), &config("1", &[a.addr]));
+    let client = bind_udp("127.0.0.1:0");
+    send_cids(&proxy, &client, 1..51, b"before");
+    wait_until(WAIT, "serving", || a.count() == 50);
+    // Room for the config file, then for one socket of the new slot: its
+    // handoff inbox fails with EMFILE, after the groups took a socket for it.
+    let pid = proxy.pid();
+    let limit = set_fd_limit(pid, one_more_fd(pid));
+    rewrite(&proxy, "2", &[a.addr]);
+    proxy.signal(libc::SIGHUP);
+    let stats = proxy.wait_stats(WAIT, "a reload failure", |s| s["reload_failures"] == 1);
+    set_fd_limit(pid, limit);
+    let log = proxy.wait_log("reload failed", WAIT);
+    assert!(
+        log.contains("still serving the previous config: adding worker slots")
+            && log.contains("(rolled back)"),
+        "{log}"
+    );
+    assert!(!log.contains("workers: 1 -> 2"), "{log}");
+    assert_eq!(stats["config_generation"], 1);
+    assert_eq!(stats["workers"].as_array().unwrap().len(), 1, "{stats:#}");
+    send_cids(&proxy, &client, 1..51, b"after");
+    wait_until(WAIT, "still serving", || a.count() == 100);
+    // With room again, the same file applies whole.
+    let stats = sighup_and_wait(&proxy, 2);
+    assert_eq!(stats["workers"].as_array().unwrap().len(), 2, "{stats:#}");
+    send_cids(&proxy, &client, 51..101, b"later");
+    wait_until(WAIT, "serving on two", || a.count() == 150);
+}
+
 #[test]
 fn sighup_follows_workers_2_1_2_and_traffic_keeps_flowing() {
     let a = Backend::start("a");

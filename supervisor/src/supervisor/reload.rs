@@ -8,6 +8,9 @@
 //! creates and closes the rest, resizes groups at their end only, and sends
 //! each worker the new config with its sockets. Workers keep their sessions.
 
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+
 use nix::sched::{sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 use udpshard_config as config;
@@ -30,17 +33,13 @@ impl Supervisor {
             |p| p.display().to_string(),
         );
         tracing::info!("SIGHUP: reloading {what}");
-        let partly = match self.try_reload() {
-            Ok(()) => None,
-            Err(Reload::Partly(e)) => Some(e),
-            Err(Reload::Refused(e)) => {
-                let failures = self.region.header(Header::ReloadFailures) + 1;
-                self.region.set_header(Header::ReloadFailures, failures);
-                tracing::error!("reload failed, still serving the previous config: {e}");
-                notify("READY=1");
-                return;
-            }
-        };
+        if let Err(e) = self.try_reload() {
+            let failures = self.region.header(Header::ReloadFailures) + 1;
+            self.region.set_header(Header::ReloadFailures, failures);
+            tracing::error!("reload failed, still serving the previous config: {e}");
+            notify("READY=1");
+            return;
+        }
         self.config_gen += 1;
         self.region
             .set_header(Header::ConfigGeneration, self.config_gen);
@@ -52,50 +51,36 @@ impl Supervisor {
                 self.send_reload(id);
             }
         }
-        match partly {
-            Some(e) => tracing::error!(
-                "reloaded {what} (config generation {}: its listeners and backends are served) \
-                 but not every step took: {e}; {} workers serve",
-                self.config_gen,
-                self.live_workers()
-            ),
-            None => tracing::info!(
-                "reloaded {what}: {} listeners, {} workers (config generation {})",
-                self.groups.len(),
-                self.live_workers(),
-                self.config_gen
-            ),
-        }
+        tracing::info!(
+            "reloaded {what}: {} listeners, {} workers (config generation {})",
+            self.groups.len(),
+            self.live_workers(),
+            self.config_gen
+        );
         notify("READY=1");
     }
 
-    /// Applies the config file. `Refused`: nothing changed. `Partly`: the
-    /// new config is committed (listeners, backends) and a later step
-    /// (steering, CPU pinning, resizing) failed: what failed is said, and
-    /// the next reload tries it again.
-    fn try_reload(&mut self) -> Result<(), Reload> {
-        let (cpus, count) = self.load_new().map_err(Reload::Refused)?;
-        let mut failed = Vec::new();
-        if let Err(e) = self.steer_groups() {
-            failed.push(e.to_string());
+    /// Applies the config file, whole or not at all. Everything that can
+    /// fail happens on a staged copy first: reading and checking the file,
+    /// binding new listeners, the sockets and inboxes of added worker slots,
+    /// and attaching every group's steering for the new worker count. A
+    /// failure there puts the previous state back (kept groups, their
+    /// steering) and says which step failed. What follows the swap cannot
+    /// fail (spawn failures back off and retry on their own).
+    fn try_reload(&mut self) -> Result<(), String> {
+        let mut staged = self.load_new()?;
+        if let Err(e) = self.prepare(&mut staged) {
+            self.unstage(staged);
+            return Err(format!("{e} (rolled back)"));
         }
-        if let Err(e) = self.apply_cpus(cpus) {
-            failed.push(e.to_string());
-        }
-        if let Err(e) = self.resize(count) {
-            failed.push(e.to_string());
-        }
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(Reload::Partly(failed.join("; ")))
-        }
+        self.commit(staged);
+        Ok(())
     }
 
-    /// Reads, checks and binds the new config; commits it (groups, config,
-    /// text) only when all of that succeeded. Returns the CPUs and the
-    /// worker count it is to run on.
-    fn load_new(&mut self) -> Result<(Vec<usize>, usize), String> {
+    /// Reads, checks and binds the new config, without changing what is
+    /// served: the kept groups move into the staged state, and come back
+    /// on failure.
+    fn load_new(&mut self) -> Result<Staged, String> {
         let (cfg, text) = match &self.config_path {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -110,15 +95,6 @@ impl Supervisor {
         };
         // Lease rows for new upstream sources first: nothing has changed yet.
         super::register_sources(&self.state, &cfg).map_err(|e| e.to_string())?;
-        if cfg.stats_file != self.config.stats_file {
-            tracing::warn!(
-                "stats_file changed to {}; it takes effect at the next start",
-                cfg.stats_file.display()
-            );
-        }
-        if cfg.metrics != self.config.metrics {
-            tracing::warn!("metrics changed; the endpoint moves at the next start");
-        }
         let cpus = allowed_cpus().map_err(|e| format!("cannot read the allowed CPU set: {e}"))?;
         let count = worker_count(&cfg, &cpus);
         let capacity = self.region.slot_capacity();
@@ -142,42 +118,111 @@ impl Supervisor {
                     .is_some_and(|g| g.name == l.name && g.configured == l.bind)
             });
             let group = match kept.and_then(|j| old[j].take()) {
-                Some(mut g) => {
-                    if g.recv_buffer != l.recv_buffer {
-                        if let Err(e) = g.set_recv_buffer(l.recv_buffer) {
-                            tracing::warn!("{e}");
-                        }
-                    }
-                    Ok(g)
-                }
+                Some(g) => Ok(g),
                 None => bind_group(l, size).map_err(|e| e.to_string()),
             };
             match group {
                 Ok(g) => groups.push((g, kept)),
                 Err(e) => {
-                    // Put the kept groups back; new ones close.
-                    for (g, from) in groups {
-                        if let Some(j) = from {
-                            old[j] = Some(g);
-                        }
-                    }
-                    self.groups = old.into_iter().flatten().collect();
+                    self.unstage(Staged {
+                        cfg,
+                        text,
+                        cpus,
+                        count,
+                        groups,
+                        dropped: old,
+                        slots: Vec::new(),
+                    });
                     return Err(e);
                 }
             }
         }
-        let groups: Vec<ReuseportGroup> = groups.into_iter().map(|(g, _)| g).collect();
-        for g in old.into_iter().flatten() {
+        Ok(Staged {
+            cfg,
+            text,
+            cpus,
+            count,
+            groups,
+            dropped: old,
+            slots: Vec::new(),
+        })
+    }
+
+    /// The steps of a reload that can fail, on the staged groups: the
+    /// sockets and inboxes of the worker slots it adds, and the steering of
+    /// every group for its worker count.
+    fn prepare(&mut self, staged: &mut Staged) -> Result<(), String> {
+        let live = self.live_workers();
+        if staged.count > live {
+            let mut groups: Vec<&mut ReuseportGroup> =
+                staged.groups.iter_mut().map(|(g, _)| g).collect();
+            staged.slots = stage_slots(&mut groups, self.workers.len(), staged.count)
+                .map_err(|e| format!("adding worker slots: {e}"))?;
+        }
+        let active = staged.count;
+        for ((g, _), l) in staged.groups.iter().zip(&staged.cfg.listeners) {
+            g.steer(l, active)
+                .map_err(|e| format!("steering listener {}: {e}", l.name))?;
+        }
+        Ok(())
+    }
+
+    /// Puts back what [`Supervisor::load_new`] and [`Supervisor::prepare`]
+    /// took: the kept groups at their places (less any socket staged for an
+    /// added slot), with the previous config's steering. Groups bound for
+    /// the new config close.
+    fn unstage(&mut self, staged: Staged) {
+        let size = self.workers.len();
+        let mut old = staged.dropped;
+        for (mut g, from) in staged.groups {
+            if let Some(j) = from {
+                while g.sockets.len() > size {
+                    g.pop();
+                }
+                old[j] = Some(g);
+            }
+        }
+        self.groups = old.into_iter().flatten().collect();
+        if let Err(e) = self.steer_groups() {
+            tracing::error!("putting the previous steering back: {e}");
+        }
+    }
+
+    /// Serves the staged config: nothing here can fail.
+    fn commit(&mut self, mut staged: Staged) {
+        for g in staged.dropped.into_iter().flatten() {
             tracing::info!(
                 "listener {} removed; closing its {} sockets",
                 g.name,
                 g.sockets.len()
             );
         }
-        self.groups = groups;
-        self.config = cfg;
-        self.text = text;
-        Ok((cpus, count))
+        if staged.cfg.stats_file != self.config.stats_file {
+            tracing::warn!(
+                "stats_file changed to {}; it takes effect at the next start",
+                staged.cfg.stats_file.display()
+            );
+        }
+        if staged.cfg.metrics != self.config.metrics {
+            tracing::warn!("metrics changed; the endpoint moves at the next start");
+        }
+        let listeners = staged.cfg.listeners.iter();
+        for ((g, _), l) in staged.groups.iter_mut().zip(listeners) {
+            if g.recv_buffer != l.recv_buffer {
+                if let Err(e) = g.set_recv_buffer(l.recv_buffer) {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+        self.groups = staged.groups.into_iter().map(|(g, _)| g).collect();
+        self.config = staged.cfg;
+        self.text = staged.text;
+        self.apply_cpus(staged.cpus);
+        // Steered in `prepare`: only the removal of slots that have already
+        // exited (none, this soon) steers again.
+        if let Err(e) = self.set_count(staged.count, staged.slots, false) {
+            tracing::warn!("after the reload: {e}");
+        }
     }
 
     /// Sends worker `id` the current config and its sockets.
@@ -214,25 +259,29 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Follows a change of the allowed CPU set; also retries a resize that
+    /// failed (the worker count differs from what the CPUs call for).
     pub(super) fn check_cpus(&mut self) -> Result<(), SupervisorError> {
         let cpus = allowed_cpus().map_err(SupervisorError::Affinity)?;
-        if cpus == self.cpus {
+        let count = worker_count(&self.config, &cpus);
+        if cpus == self.cpus && count == self.live_workers() {
             return Ok(());
         }
-        tracing::info!(
-            "allowed CPUs changed: {} -> {}",
-            format_cpu_list(&self.cpus),
-            format_cpu_list(&cpus)
-        );
-        let count = worker_count(&self.config, &cpus);
-        self.apply_cpus(cpus)?;
+        if cpus != self.cpus {
+            tracing::info!(
+                "allowed CPUs changed: {} -> {}",
+                format_cpu_list(&self.cpus),
+                format_cpu_list(&cpus)
+            );
+            self.apply_cpus(cpus);
+        }
         self.resize(count)
     }
 
     /// Re-pins every worker to its CPU of `cpus`.
-    fn apply_cpus(&mut self, cpus: Vec<usize>) -> Result<(), SupervisorError> {
+    fn apply_cpus(&mut self, cpus: Vec<usize>) {
         if cpus.is_empty() {
-            return Ok(());
+            return;
         }
         for w in &mut self.workers {
             let cpu = cpus[w.id % cpus.len()];
@@ -254,7 +303,6 @@ impl Supervisor {
             tracing::info!(worker = w.id, "pinned to CPU {cpu}");
         }
         self.cpus = cpus;
-        Ok(())
     }
 
     fn live_workers(&self) -> usize {
@@ -262,42 +310,51 @@ impl Supervisor {
     }
 
     /// Grows or shrinks every group (and the worker set) to `count`, at the
-    /// end only: the kernel numbers group members by position.
+    /// end only: the kernel numbers group members by position. An added
+    /// slot joins whole (a socket in every group, its inbox) or not at all.
     fn resize(&mut self, count: usize) -> Result<(), SupervisorError> {
+        let mut slots = Vec::new();
+        if count > self.live_workers() {
+            let mut groups: Vec<&mut ReuseportGroup> = self.groups.iter_mut().collect();
+            slots = stage_slots(&mut groups, self.workers.len(), count)?;
+        }
+        self.set_count(count, slots, true)
+    }
+
+    /// Brings the worker set to `count`, with `slots` the inboxes of the
+    /// slots it adds (their sockets are in every group already); steers the
+    /// groups for it unless the caller has.
+    fn set_count(
+        &mut self,
+        count: usize,
+        slots: Vec<(UnixDatagram, UnixDatagram)>,
+        steer: bool,
+    ) -> Result<(), SupervisorError> {
         let live = self.live_workers();
         if count == live {
             return Ok(());
         }
         warn_oversubscribed(count, &self.cpus);
         tracing::info!("workers: {live} -> {count}");
-        if count > live {
+        let steered = if count > live {
             // A retiring slot still running comes back into service.
             for w in self.workers.iter_mut().take(count) {
                 w.retiring = false;
             }
             let start = self.workers.len();
-            let mut failed = None;
-            for id in start..count {
-                // A slot joins whole (a socket in every group, its inbox) or
-                // not at all: the groups never hold a socket nobody reads.
-                if let Err(e) = self.add_slot(id) {
-                    failed = Some(e);
-                    break;
-                }
+            for pair in slots {
+                let id = self.workers.len();
+                self.handoff.push(pair);
+                let cpu = self.cpus[id % self.cpus.len()];
+                self.workers.push(WorkerSlot::new(id, cpu));
             }
-            let grown = self.workers.len().min(count);
-            self.region.set_workers(grown);
-            // Each step is tried whatever the one before did; the first
-            // error is reported.
-            let steered = self.steer_groups();
+            self.region.set_workers(self.workers.len());
+            let steered = if steer { self.steer_groups() } else { Ok(()) };
             self.send_peers();
-            for id in start..grown {
+            for id in start..self.workers.len() {
                 self.spawn_or_retry(id);
             }
-            if let Some(e) = failed {
-                return Err(e);
-            }
-            steered?;
+            steered
         } else {
             // First no worker hands a flow to a retiring one (its ownership
             // entries turn stale) and kernel-cid steering stops choosing its
@@ -310,44 +367,16 @@ impl Supervisor {
                     slot.set_state(SlotState::Retiring);
                 }
             }
-            let steered = self.steer_groups();
+            let steered = if steer { self.steer_groups() } else { Ok(()) };
             for w in self.workers.iter_mut().skip(count) {
                 if let Some(control) = w.control.as_mut() {
                     let _ = control.send(&ControlMsg::Stop, &[]);
                 }
             }
             self.region.set_workers(count);
-            let removed = self.remove_retired();
-            steered?;
-            removed?;
-        }
-        Ok(())
-    }
-
-    /// Adds worker slot `id`: its socket in every group and its handoff
-    /// inbox; on failure, nothing of it stays.
-    fn add_slot(&mut self, id: usize) -> Result<(), SupervisorError> {
-        let joined = self
-            .groups
-            .iter_mut()
-            .try_for_each(|g| g.push())
-            .map_err(SupervisorError::from)
-            .and_then(|()| handoff_pair().map_err(SupervisorError::Poll));
-        match joined {
-            Ok(pair) => {
-                self.handoff.push(pair);
-                let cpu = self.cpus[id % self.cpus.len()];
-                self.workers.push(WorkerSlot::new(id, cpu));
-                Ok(())
-            }
-            Err(e) => {
-                // The groups that took a socket for it give it back.
-                for g in self.groups.iter_mut().filter(|g| g.sockets.len() > id) {
-                    g.pop();
-                }
-                Err(e)
-            }
-        }
+            steered.and(self.remove_retired())
+        };
+        steered
     }
 
     /// Drops retired slots that have exited, from the end of the groups.
@@ -388,16 +417,45 @@ impl Supervisor {
     }
 }
 
-use std::os::fd::AsRawFd;
-
 fn monotonic_usec() -> u64 {
     udpshard_shared::clock::monotonic_ns() / 1000
 }
 
-/// Why a reload did not fully take.
-enum Reload {
-    /// Nothing changed: the previous config is served.
-    Refused(String),
-    /// The new config is served, but these steps failed.
-    Partly(String),
+/// A new config, bound and checked, not yet served.
+struct Staged {
+    cfg: config::Config,
+    text: String,
+    cpus: Vec<usize>,
+    count: usize,
+    /// Its groups in config order, each with the index of the old group it
+    /// keeps.
+    groups: Vec<(ReuseportGroup, Option<usize>)>,
+    /// The old groups it does not keep, at their old indices.
+    dropped: Vec<Option<ReuseportGroup>>,
+    /// The inboxes of the worker slots it adds.
+    slots: Vec<(UnixDatagram, UnixDatagram)>,
+}
+
+/// Adds a socket in every group and an inbox for each slot `from..to`, or,
+/// on failure, nothing: the groups are back at `from` sockets.
+fn stage_slots(
+    groups: &mut [&mut ReuseportGroup],
+    from: usize,
+    to: usize,
+) -> Result<Vec<(UnixDatagram, UnixDatagram)>, SupervisorError> {
+    let mut slots = Vec::new();
+    let staged = (from..to).try_for_each(|_| {
+        groups.iter_mut().try_for_each(|g| g.push())?;
+        slots.push(handoff_pair().map_err(SupervisorError::Inbox)?);
+        Ok::<(), SupervisorError>(())
+    });
+    if let Err(e) = staged {
+        for g in groups.iter_mut() {
+            while g.sockets.len() > from {
+                g.pop();
+            }
+        }
+        return Err(e);
+    }
+    Ok(slots)
 }
