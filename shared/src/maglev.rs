@@ -92,6 +92,14 @@ impl Maglev {
         self.table[(key_hash % self.table.len() as u64) as usize] as usize
     }
 
+    /// The table slot of a key hash, and the table's size.
+    pub fn slot_for_hash(&self, key_hash: u64) -> (usize, usize) {
+        (
+            (key_hash % self.table.len() as u64) as usize,
+            self.table.len(),
+        )
+    }
+
     /// The backend index for a flow key's bytes.
     #[inline]
     pub fn backend_for(&self, key: &[u8]) -> usize {

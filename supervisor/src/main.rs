@@ -10,6 +10,7 @@ mod metrics;
 mod notify;
 mod process;
 mod reuseport;
+mod route_cmd;
 mod spawn;
 mod stats_cmd;
 mod stats_path;
@@ -107,6 +108,21 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = demo::parse_duration)]
         duration: std::time::Duration,
     },
+    /// Print the backend a config sends a connection ID to, and why (its
+    /// QUIC-LB server ID, or its Maglev slot): hosts of a fleet that print the
+    /// same backend agree on the CID. Exit 2 for a CID that is not 1 to 20
+    /// bytes of hex.
+    Route {
+        /// The config file (TOML).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this listener (default: every listener).
+        #[arg(long, value_name = "NAME")]
+        listener: Option<String>,
+        /// The connection ID, in hex (e.g. 0a1b2c3d4e5f6071).
+        #[arg(value_name = "CID_HEX")]
+        cid: String,
+    },
     /// Print a shell completion script: `udpshard completions bash >
     /// /etc/bash_completion.d/udpshard`.
     Completions {
@@ -189,6 +205,11 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Command::Route {
+            config,
+            listener,
+            cid,
+        } => route_cmd::run(&config, listener.as_deref(), &cid),
         Command::Manpage => {
             match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -283,3 +283,79 @@ fn a_worker_command_line_naming_a_descriptor_twice_is_refused_before_any_is_take
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("control (fd 1)"), "{stderr}");
 }
+
+/// `udpshard route` for `cid` under `config`: (exit code, stdout, stderr).
+fn route(config: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN)
+        .arg("route")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn route_names_the_backend_a_running_proxy_sends_each_cid_to() {
+    let backends = [
+        Backend::start("a"),
+        Backend::start("b"),
+        Backend::start("c"),
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let config = harness::listener_config(
+        "workers = 2",
+        "dissector = \"quic\"\nshort_cid_len = 8",
+        &addrs,
+    );
+    let proxy = Proxy::start(Path::new(BIN), &config);
+    let client = harness::bind_udp("127.0.0.1:0");
+    for cid in 0..40u64 {
+        let cid = cid.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        client
+            .send_to(&harness::quic_short(cid, b"r"), proxy.addr("quic"))
+            .unwrap();
+    }
+    harness::wait_until(Duration::from_secs(15), "40 forwards", || {
+        backends.iter().map(Backend::count).sum::<usize>() == 40
+    });
+    let mut used = std::collections::HashSet::new();
+    for b in &backends {
+        for seen in b.seen() {
+            let cid = &seen.payload[1..9];
+            let hex: String = cid.iter().map(|x| format!("{x:02x}")).collect();
+            let (code, stdout, stderr) = route(&proxy.config_path, &[&hex]);
+            assert_eq!(code, Some(0), "{stderr}");
+            assert!(
+                stdout.starts_with(&format!("quic: {hex} -> backend "))
+                    && stdout.contains(&b.addr.to_string()),
+                "CID {hex} went to {} but route says:\n{stdout}",
+                b.addr
+            );
+            assert!(stdout.contains("Maglev: key hash"), "{stdout}");
+            used.insert(b.name.clone());
+        }
+    }
+    assert_eq!(used.len(), 3, "the CIDs spread over every backend");
+    // Bad input: a clear error, exit 2.
+    for (bad, says) in [
+        ("0x12zz", "'z' is not a hex digit"),
+        ("abc", "odd number"),
+        (&"ab".repeat(21), "21 bytes"),
+    ] {
+        let (code, _, stderr) = route(&proxy.config_path, &[bad]);
+        assert_eq!(code, Some(2), "{bad}: {stderr}");
+        assert!(stderr.contains(says), "{bad}: {stderr}");
+    }
+    let (code, _, stderr) = route(&proxy.config_path, &["--listener", "nope", "00"]);
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains("no listener \"nope\"") && stderr.contains("quic"),
+        "{stderr}"
+    );
+}

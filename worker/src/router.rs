@@ -260,9 +260,40 @@ impl Route {
             .unwrap_or_else(|| self.maglev.backend_for(key))
     }
 
+    /// What [`Route::pick`] decides for `key`, and why.
+    pub fn explain(&self, key: &[u8]) -> Pick {
+        if let Some(backend) = self.quic_lb.as_ref().and_then(|lb| lb.route(key)) {
+            return Pick {
+                backend,
+                by: PickedBy::ServerId,
+            };
+        }
+        let hash = stable_hash(key);
+        let (slot, size) = self.maglev.slot_for_hash(hash);
+        Pick {
+            backend: self.maglev.backend_for_hash(hash),
+            by: PickedBy::Maglev { hash, slot, size },
+        }
+    }
+
     fn backend_of(&self, addr: SocketAddr) -> Option<u16> {
         self.by_addr.get(&addr).copied()
     }
+}
+
+/// A new flow's backend, and why it is that one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pick {
+    pub backend: usize,
+    pub by: PickedBy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PickedBy {
+    /// The connection ID carries the backend's QUIC-LB server ID.
+    ServerId,
+    /// Maglev: the key's stable hash, its slot in a table of `size`.
+    Maglev { hash: u64, slot: usize, size: usize },
 }
 
 /// Flows refused a moment ago, and why.
