@@ -1,0 +1,440 @@
+//! End to end: a fleet of identical udpshard instances behind ECMP, built in
+//! network namespaces this test creates and removes itself (root only).
+//!
+//! ```text
+//!  client ns            router ns                proxy ns i (i = 0..3)
+//!  192.0.2.2 ---------- 192.0.2.1                 VIP 203.0.113.10 on lo
+//!                       198.51.100.(4i+1) ------- 198.51.100.(4i+2)
+//!  backend ns           VIP/32: ECMP over every proxy ns, L4 hash
+//!  203.0.113.66 ------- 203.0.113.65
+//!  (ports 4001..4004)
+//! ```
+//! Each client flow is one CID sent from 4 source ports in turn, so the
+//! router's 4-tuple hash carries one connection through several instances,
+//! as a fabric does when a client migrates. Addresses are from the
+//! documentation ranges; nothing leaves the namespaces.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use udpshard_shared::Maglev;
+use udpshard_tests::harness::{bind_udp, quic_short, total, wait_until, Backend, Proxy};
+
+const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
+const WAIT: Duration = Duration::from_secs(20);
+const VIP: &str = "203.0.113.10";
+const PORT: u16 = 4433;
+const INSTANCES: usize = 3;
+const CIDS: u64 = 300;
+/// Source ports (client sockets) per CID.
+const PORTS_PER_CID: usize = 4;
+
+/// Runs `ip ARGS`, panicking with its stderr on failure.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The namespaces of one fabric, removed when dropped (and before they are
+/// made, should a crashed run have left them).
+struct Fabric {
+    client: String,
+    router: String,
+    backend: String,
+    proxies: Vec<String>,
+}
+
+impl Fabric {
+    fn build(tag: &str) -> Fabric {
+        let f = Fabric {
+            client: format!("usf{tag}-client"),
+            router: format!("usf{tag}-router"),
+            backend: format!("usf{tag}-backend"),
+            proxies: (0..INSTANCES).map(|i| format!("usf{tag}-proxy{i}")).collect(),
+        };
+        f.remove();
+        for ns in f.all() {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        let r = f.router.as_str();
+        f.link(&f.client, "to-client", "192.0.2.1/24", "192.0.2.2/24");
+        f.link(&f.backend, "to-backend", "203.0.113.65/26", "203.0.113.66/26");
+        ip(&["-n", &f.client, "route", "add", "default", "via", "192.0.2.1"]);
+        ip(&["-n", &f.backend, "route", "add", "default", "via", "203.0.113.65"]);
+        for (i, ns) in f.proxies.iter().enumerate() {
+            let (here, there) = (hop(i), format!("198.51.100.{}", 4 * i + 2));
+            f.link(ns, &format!("to-proxy{i}"), &format!("{here}/30"), &format!("{there}/30"));
+            ip(&["-n", ns, "route", "add", "default", "via", &here]);
+            ip(&["-n", ns, "addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+        }
+        let sysctl = "echo 1 > /proc/sys/net/ipv4/ip_forward && \
+                      echo 1 > /proc/sys/net/ipv4/fib_multipath_hash_policy";
+        ip(&["netns", "exec", r, "sh", "-c", sysctl]);
+        f.route_through(&(0..INSTANCES).collect::<Vec<_>>());
+        f
+    }
+
+    /// A veth pair: `name` in the router, `r` in `ns`, with their addresses.
+    fn link(&self, ns: &str, name: &str, router_addr: &str, ns_addr: &str) {
+        let r = self.router.as_str();
+        ip(&["-n", r, "link", "add", "name", name, "type", "veth", "peer", "name", "r", "netns", ns]);
+        ip(&["-n", r, "addr", "add", router_addr, "dev", name]);
+        ip(&["-n", ns, "addr", "add", ns_addr, "dev", "r"]);
+        ip(&["-n", r, "link", "set", "dev", name, "up"]);
+        ip(&["-n", ns, "link", "set", "dev", "r", "up"]);
+    }
+
+    /// The router's ECMP route to the VIP, through these instances.
+    fn route_through(&self, instances: &[usize]) {
+        let mut args = vec!["-n", &self.router, "route", "replace", "203.0.113.10/32"];
+        let hops: Vec<String> = instances
+            .iter()
+            .map(|&i| format!("198.51.100.{}", 4 * i + 2))
+            .collect();
+        for h in &hops {
+            args.extend(["nexthop", "via", h.as_str()]);
+        }
+        ip(&args);
+    }
+
+    fn all(&self) -> Vec<&str> {
+        let mut v = vec![self.client.as_str(), self.router.as_str(), self.backend.as_str()];
+        v.extend(self.proxies.iter().map(String::as_str));
+        v
+    }
+
+    fn remove(&self) {
+        for ns in self.all() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+impl Drop for Fabric {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
+
+/// The router's address toward instance `i`.
+fn hop(i: usize) -> String {
+    format!("198.51.100.{}", 4 * i + 1)
+}
+
+/// Runs `f` on a thread inside network namespace `ns`: sockets it makes
+/// belong to that namespace wherever they are used later.
+fn in_ns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let handle = File::open(format!("/run/netns/{ns}")).expect("namespace handle");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns(2) on this thread only, with a namespace
+            // descriptor we hold open.
+            let rc = unsafe { libc::setns(handle.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    })
+}
+
+fn backend_addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([203, 0, 113, 66], port))
+}
+
+/// The config every instance runs (the same text on every host).
+fn config(backends: usize, quic_lb: bool) -> String {
+    let list: Vec<String> = (0..backends)
+        .map(|b| {
+            let addr = backend_addr(4001 + b as u16);
+            if quic_lb {
+                format!("{{ addr = \"{addr}\", server_id = \"00000{}\" }}", b + 1)
+            } else {
+                format!("\"{addr}\"")
+            }
+        })
+        .collect();
+    let lb = if quic_lb {
+        "\n[listener.quic_lb]\nconfig_id = 0\nserver_id_len = 3\n"
+    } else {
+        ""
+    };
+    format!(
+        "workers = 2\nstats_file = \"{{stats_file}}\"\n\n[[listener]]\nname = \"quic\"\n\
+         bind = \"{VIP}:{PORT}\"\ndissector = \"quic\"\nshort_cid_len = 8\n\
+         backends = [{}]\n{lb}",
+        list.join(", ")
+    )
+}
+
+/// Rewrites instance `p`'s config and waits until its workers apply it.
+fn reload(p: &Proxy, text: &str, generation: u64) {
+    let text = text.replace("{stats_file}", &p.stats_file.display().to_string());
+    std::fs::write(&p.config_path, text).unwrap();
+    p.signal(libc::SIGHUP);
+    p.wait_stats(WAIT, "the reload applied", |s| {
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["config_generation"] == generation)
+    });
+}
+
+struct Fleet {
+    // Dropped last: the processes and sockets in the namespaces go first.
+    proxies: Vec<Proxy>,
+    backends: Vec<Backend>,
+    /// PORTS_PER_CID client sockets per CID slot, in the client namespace.
+    clients: Vec<UdpSocket>,
+    fabric: Fabric,
+}
+
+impl Fleet {
+    fn start(tag: &str, text: &str) -> Fleet {
+        let fabric = Fabric::build(tag);
+        let backends = in_ns(&fabric.backend, || {
+            (0..4u16)
+                .map(|b| {
+                    let name = format!("b{}", b + 1);
+                    Backend::start_on(&name, &backend_addr(4001 + b).to_string())
+                })
+                .collect()
+        });
+        let clients = in_ns(&fabric.client, || {
+            (0..CIDS as usize * PORTS_PER_CID)
+                .map(|_| {
+                    let s = UdpSocket::bind("192.0.2.2:0").expect("client socket");
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    s
+                })
+                .collect()
+        });
+        let proxies = fabric
+            .proxies
+            .iter()
+            .map(|ns| Proxy::start_with(Path::new(BIN), text, &["ip", "netns", "exec", ns]))
+            .collect();
+        Fleet {
+            proxies,
+            backends,
+            clients,
+            fabric,
+        }
+    }
+
+    fn at_backends(&self) -> usize {
+        self.backends.iter().map(Backend::count).sum()
+    }
+
+    /// Sends CIDs `cids[k]` from their 4 sockets in turn (`tag` in each
+    /// datagram), waits for every one at a backend and every echo at its
+    /// client socket. Returns CID -> (backends that got it, instances that
+    /// carried it).
+    fn drive(&self, cids: &[u64], tag: &str) -> HashMap<u64, (HashSet<String>, HashSet<usize>)> {
+        let vip: SocketAddr = format!("{VIP}:{PORT}").parse().unwrap();
+        let before = self.at_backends();
+        for round in 0..PORTS_PER_CID {
+            for (k, cid) in cids.iter().enumerate() {
+                let body = format!("{tag}{round}");
+                self.clients[k * PORTS_PER_CID + round]
+                    .send_to(&quic_short(*cid, body.as_bytes()), vip)
+                    .unwrap();
+            }
+        }
+        let want = before + cids.len() * PORTS_PER_CID;
+        wait_until(WAIT, "every datagram at a backend", || self.at_backends() >= want);
+        assert_eq!(self.at_backends(), want, "no datagram twice");
+        let mut buf = [0u8; 256];
+        for k in 0..cids.len() * PORTS_PER_CID {
+            let (n, from) = self.clients[k].recv_from(&mut buf).expect("an echo");
+            assert_eq!(from, vip, "the echo comes from the service address");
+            let echo = &buf[..n];
+            assert!(
+                echo.windows(tag.len()).any(|w| w == tag.as_bytes()),
+                "not an echo of this round: {echo:?}"
+            );
+        }
+        let wanted: HashSet<u64> = cids.iter().copied().collect();
+        let mut out: HashMap<u64, (HashSet<String>, HashSet<usize>)> = HashMap::new();
+        for b in &self.backends {
+            for seen in b.seen() {
+                let cid = u64::from_be_bytes(seen.payload[1..9].try_into().unwrap());
+                let body = &seen.payload[9..];
+                if !wanted.contains(&cid) || !body.starts_with(tag.as_bytes()) {
+                    continue;
+                }
+                let instance = (0..INSTANCES)
+                    .find(|&i| seen.from.ip().to_string() == format!("198.51.100.{}", 4 * i + 2))
+                    .unwrap_or_else(|| panic!("from {}: not an instance", seen.from));
+                let e = out.entry(cid).or_default();
+                e.0.insert(b.name.clone());
+                e.1.insert(instance);
+            }
+        }
+        assert_eq!(out.len(), cids.len());
+        out
+    }
+
+    fn carried(&self, i: usize) -> u64 {
+        total(&self.proxies[i].stats(), "rx_packets")
+    }
+}
+
+fn split(routes: &HashMap<u64, (HashSet<String>, HashSet<usize>)>) -> Vec<u64> {
+    let mut v: Vec<u64> = routes
+        .iter()
+        .filter(|(_, (b, _))| b.len() > 1)
+        .map(|(c, _)| *c)
+        .collect();
+    v.sort();
+    v
+}
+
+fn maglev(backends: usize) -> Maglev {
+    let names: Vec<(String, u32)> = (0..backends)
+        .map(|b| (backend_addr(4001 + b as u16).to_string(), 1))
+        .collect();
+    Maglev::new(&names, 65537).unwrap()
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn a_fleet_behind_ecmp_routes_every_cid_to_one_backend_through_drains_and_rolling_reloads() {
+    if !is_root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let fleet = Fleet::start("m", &config(3, false));
+    let cids: Vec<u64> = (1..=CIDS).map(|c| c.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+
+    // 1. Every datagram of a CID reaches one backend, whichever instance
+    //    carried it, and that is the backend Maglev names for it.
+    let first = fleet.drive(&cids, "one");
+    assert!(split(&first).is_empty(), "CIDs split over backends: {:?}", split(&first));
+    let m3 = maglev(3);
+    for (cid, (b, _)) in &first {
+        let want = format!("b{}", m3.backend_for(&cid.to_be_bytes()) + 1);
+        assert!(b.contains(&want), "CID {cid:x} at {b:?}, Maglev says {want}");
+    }
+    // `udpshard route` on each host's own config says the same, no traffic
+    // needed.
+    for cid in cids.iter().take(12) {
+        let hex = format!("{cid:016x}");
+        let backend = first[cid].0.iter().next().unwrap().clone();
+        let port = 4000 + backend[1..].parse::<u16>().unwrap();
+        for p in &fleet.proxies {
+            let out = Command::new(BIN)
+                .args(["route", "--config"])
+                .arg(&p.config_path)
+                .arg(&hex)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                stdout.contains(&format!("-> backend {} {}", port - 4001, backend_addr(port))),
+                "route {hex} on {}: {stdout}",
+                p.config_path.display()
+            );
+        }
+    }
+    let crossed = first.values().filter(|(_, i)| i.len() > 1).count();
+    eprintln!("{crossed} of {CIDS} CIDs crossed instances");
+    assert!(crossed > CIDS as usize / 2, "the fabric moved too few CIDs: {crossed}");
+    for i in 0..INSTANCES {
+        assert!(fleet.carried(i) > 0, "instance {i} carried nothing");
+    }
+
+    // 2. Instance 2 leaves the route (a drained host): its CIDs continue on
+    //    the others, on the same backends.
+    fleet.fabric.route_through(&[0, 1]);
+    let drained = fleet.carried(2);
+    let second = fleet.drive(&cids, "two");
+    assert_eq!(fleet.carried(2), drained, "a drained instance got traffic");
+    for (cid, (b, _)) in &second {
+        assert_eq!(b, &first[cid].0, "CID {cid:x} changed backend after the drain");
+    }
+
+    // 3. A rolling reload adds backend 4: instance 0 first. Live sessions
+    //    keep their backends everywhere; new CIDs whose Maglev slot moved
+    //    (about 1/4) split while the instances disagree.
+    reload(&fleet.proxies[0], &config(4, false), 2);
+    let third = fleet.drive(&cids, "three");
+    for (cid, (b, _)) in &third {
+        assert_eq!(b, &first[cid].0, "live CID {cid:x} moved in the rolling window");
+    }
+    let m4 = maglev(4);
+    let fresh: Vec<u64> = (1..=CIDS).map(|c| c.wrapping_mul(0xd1b5_4a32_d192_ed03)).collect();
+    let moved: Vec<u64> = fresh
+        .iter()
+        .copied()
+        .filter(|c| m3.backend_for(&c.to_be_bytes()) != m4.backend_for(&c.to_be_bytes()))
+        .collect();
+    let window = fleet.drive(&fresh, "window");
+    let split_window = split(&window);
+    eprintln!(
+        "rolling window: {} of {CIDS} new CIDs map elsewhere under 4 backends, {} split between instances",
+        moved.len(),
+        split_window.len()
+    );
+    let share = moved.len() as f64 / CIDS as f64;
+    assert!((0.15..=0.35).contains(&share), "Maglev moved {share:.2} of the keys");
+    assert!(
+        split_window.iter().all(|c| moved.contains(c)),
+        "only CIDs whose slot moved may split"
+    );
+    assert!(!split_window.is_empty(), "the window showed no disagreement");
+    // Once every instance runs the new list, new CIDs agree again.
+    reload(&fleet.proxies[1], &config(4, false), 2);
+    reload(&fleet.proxies[2], &config(4, false), 2);
+    let later: Vec<u64> = (1..=CIDS).map(|c| c.wrapping_mul(0xa076_1d64_78bd_642f)).collect();
+    let after = fleet.drive(&later, "after");
+    assert!(split(&after).is_empty(), "split after the rollout: {:?}", split(&after));
+    for (cid, (b, _)) in &after {
+        let want = format!("b{}", m4.backend_for(&cid.to_be_bytes()) + 1);
+        assert_eq!(b.iter().next(), Some(&want), "CID {cid:x}");
+    }
+}
+
+#[test]
+fn a_fleet_behind_ecmp_sends_quic_lb_server_ids_to_their_server_from_any_instance() {
+    if !is_root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let fleet = Fleet::start("q", &config(4, true));
+    // CIDs naming server k (first octet: config 0), a nonce after it.
+    let cids: Vec<u64> = (0..CIDS)
+        .map(|n| {
+            let server = (n % 4) + 1;
+            (server << 32) | (n.wrapping_mul(0x9e37_79b9) & 0xffff_ffff)
+        })
+        .collect();
+    let routes = fleet.drive(&cids, "lb");
+    for (cid, (b, instances)) in &routes {
+        let want = format!("b{}", (cid >> 32) & 0xff);
+        assert_eq!(b.len(), 1, "CID {cid:016x} split: {b:?}");
+        assert!(b.contains(&want), "CID {cid:016x} at {b:?}, its server ID says {want}");
+        assert!(!instances.is_empty());
+    }
+    let crossed = routes.values().filter(|(_, i)| i.len() > 1).count();
+    assert!(crossed > CIDS as usize / 2, "the fabric moved too few CIDs: {crossed}");
+    for i in 0..INSTANCES {
+        assert!(fleet.carried(i) > 0, "instance {i} carried nothing");
+    }
+}
