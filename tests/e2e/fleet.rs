@@ -60,7 +60,9 @@ impl Fabric {
             client: format!("usf{tag}-client"),
             router: format!("usf{tag}-router"),
             backend: format!("usf{tag}-backend"),
-            proxies: (0..INSTANCES).map(|i| format!("usf{tag}-proxy{i}")).collect(),
+            proxies: (0..INSTANCES)
+                .map(|i| format!("usf{tag}-proxy{i}"))
+                .collect(),
         };
         f.remove();
         for ns in f.all() {
@@ -69,12 +71,38 @@ impl Fabric {
         }
         let r = f.router.as_str();
         f.link(&f.client, "to-client", "192.0.2.1/24", "192.0.2.2/24");
-        f.link(&f.backend, "to-backend", "203.0.113.65/26", "203.0.113.66/26");
-        ip(&["-n", &f.client, "route", "add", "default", "via", "192.0.2.1"]);
-        ip(&["-n", &f.backend, "route", "add", "default", "via", "203.0.113.65"]);
+        f.link(
+            &f.backend,
+            "to-backend",
+            "203.0.113.65/26",
+            "203.0.113.66/26",
+        );
+        ip(&[
+            "-n",
+            &f.client,
+            "route",
+            "add",
+            "default",
+            "via",
+            "192.0.2.1",
+        ]);
+        ip(&[
+            "-n",
+            &f.backend,
+            "route",
+            "add",
+            "default",
+            "via",
+            "203.0.113.65",
+        ]);
         for (i, ns) in f.proxies.iter().enumerate() {
             let (here, there) = (hop(i), format!("198.51.100.{}", 4 * i + 2));
-            f.link(ns, &format!("to-proxy{i}"), &format!("{here}/30"), &format!("{there}/30"));
+            f.link(
+                ns,
+                &format!("to-proxy{i}"),
+                &format!("{here}/30"),
+                &format!("{there}/30"),
+            );
             ip(&["-n", ns, "route", "add", "default", "via", &here]);
             ip(&["-n", ns, "addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
         }
@@ -88,7 +116,9 @@ impl Fabric {
     /// A veth pair: `name` in the router, `r` in `ns`, with their addresses.
     fn link(&self, ns: &str, name: &str, router_addr: &str, ns_addr: &str) {
         let r = self.router.as_str();
-        ip(&["-n", r, "link", "add", "name", name, "type", "veth", "peer", "name", "r", "netns", ns]);
+        ip(&[
+            "-n", r, "link", "add", "name", name, "type", "veth", "peer", "name", "r", "netns", ns,
+        ]);
         ip(&["-n", r, "addr", "add", router_addr, "dev", name]);
         ip(&["-n", ns, "addr", "add", ns_addr, "dev", "r"]);
         ip(&["-n", r, "link", "set", "dev", name, "up"]);
@@ -109,7 +139,11 @@ impl Fabric {
     }
 
     fn all(&self) -> Vec<&str> {
-        let mut v = vec![self.client.as_str(), self.router.as_str(), self.backend.as_str()];
+        let mut v = vec![
+            self.client.as_str(),
+            self.router.as_str(),
+            self.backend.as_str(),
+        ];
         v.extend(self.proxies.iter().map(String::as_str));
         v
     }
@@ -254,7 +288,9 @@ impl Fleet {
             }
         }
         let want = before + cids.len() * PORTS_PER_CID;
-        wait_until(WAIT, "every datagram at a backend", || self.at_backends() >= want);
+        wait_until(WAIT, "every datagram at a backend", || {
+            self.at_backends() >= want
+        });
         assert_eq!(self.at_backends(), want, "no datagram twice");
         let mut buf = [0u8; 256];
         for k in 0..cids.len() * PORTS_PER_CID {
@@ -321,16 +357,25 @@ fn a_fleet_behind_ecmp_routes_every_cid_to_one_backend_through_drains_and_rollin
         return;
     }
     let fleet = Fleet::start("m", &config(3, false));
-    let cids: Vec<u64> = (1..=CIDS).map(|c| c.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
+    let cids: Vec<u64> = (1..=CIDS)
+        .map(|c| c.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect();
 
     // 1. Every datagram of a CID reaches one backend, whichever instance
     //    carried it, and that is the backend Maglev names for it.
     let first = fleet.drive(&cids, "one");
-    assert!(split(&first).is_empty(), "CIDs split over backends: {:?}", split(&first));
+    assert!(
+        split(&first).is_empty(),
+        "CIDs split over backends: {:?}",
+        split(&first)
+    );
     let m3 = maglev(3);
     for (cid, (b, _)) in &first {
         let want = format!("b{}", m3.backend_for(&cid.to_be_bytes()) + 1);
-        assert!(b.contains(&want), "CID {cid:x} at {b:?}, Maglev says {want}");
+        assert!(
+            b.contains(&want),
+            "CID {cid:x} at {b:?}, Maglev says {want}"
+        );
     }
     // `udpshard route` on each host's own config says the same, no traffic
     // needed.
@@ -347,7 +392,11 @@ fn a_fleet_behind_ecmp_routes_every_cid_to_one_backend_through_drains_and_rollin
                 .unwrap();
             let stdout = String::from_utf8_lossy(&out.stdout);
             assert!(
-                stdout.contains(&format!("-> backend {} {}", port - 4001, backend_addr(port))),
+                stdout.contains(&format!(
+                    "-> backend {} {}",
+                    port - 4001,
+                    backend_addr(port)
+                )),
                 "route {hex} on {}: {stdout}",
                 p.config_path.display()
             );
@@ -355,7 +404,10 @@ fn a_fleet_behind_ecmp_routes_every_cid_to_one_backend_through_drains_and_rollin
     }
     let crossed = first.values().filter(|(_, i)| i.len() > 1).count();
     eprintln!("{crossed} of {CIDS} CIDs crossed instances");
-    assert!(crossed > CIDS as usize / 2, "the fabric moved too few CIDs: {crossed}");
+    assert!(
+        crossed > CIDS as usize / 2,
+        "the fabric moved too few CIDs: {crossed}"
+    );
     for i in 0..INSTANCES {
         assert!(fleet.carried(i) > 0, "instance {i} carried nothing");
     }
@@ -367,7 +419,10 @@ fn a_fleet_behind_ecmp_routes_every_cid_to_one_backend_through_drains_and_rollin
     let second = fleet.drive(&cids, "two");
     assert_eq!(fleet.carried(2), drained, "a drained instance got traffic");
     for (cid, (b, _)) in &second {
-        assert_eq!(b, &first[cid].0, "CID {cid:x} changed backend after the drain");
+        assert_eq!(
+            b, &first[cid].0,
+            "CID {cid:x} changed backend after the drain"
+        );
     }
 
     // 3. A rolling reload adds backend 4: instance 0 first. Live sessions
@@ -376,10 +431,15 @@ fn a_fleet_behind_ecmp_routes_every_cid_to_one_backend_through_drains_and_rollin
     reload(&fleet.proxies[0], &config(4, false), 2);
     let third = fleet.drive(&cids, "three");
     for (cid, (b, _)) in &third {
-        assert_eq!(b, &first[cid].0, "live CID {cid:x} moved in the rolling window");
+        assert_eq!(
+            b, &first[cid].0,
+            "live CID {cid:x} moved in the rolling window"
+        );
     }
     let m4 = maglev(4);
-    let fresh: Vec<u64> = (1..=CIDS).map(|c| c.wrapping_mul(0xd1b5_4a32_d192_ed03)).collect();
+    let fresh: Vec<u64> = (1..=CIDS)
+        .map(|c| c.wrapping_mul(0xd1b5_4a32_d192_ed03))
+        .collect();
     let moved: Vec<u64> = fresh
         .iter()
         .copied()
@@ -393,18 +453,30 @@ fn a_fleet_behind_ecmp_routes_every_cid_to_one_backend_through_drains_and_rollin
         split_window.len()
     );
     let share = moved.len() as f64 / CIDS as f64;
-    assert!((0.15..=0.35).contains(&share), "Maglev moved {share:.2} of the keys");
+    assert!(
+        (0.15..=0.35).contains(&share),
+        "Maglev moved {share:.2} of the keys"
+    );
     assert!(
         split_window.iter().all(|c| moved.contains(c)),
         "only CIDs whose slot moved may split"
     );
-    assert!(!split_window.is_empty(), "the window showed no disagreement");
+    assert!(
+        !split_window.is_empty(),
+        "the window showed no disagreement"
+    );
     // Once every instance runs the new list, new CIDs agree again.
     reload(&fleet.proxies[1], &config(4, false), 2);
     reload(&fleet.proxies[2], &config(4, false), 2);
-    let later: Vec<u64> = (1..=CIDS).map(|c| c.wrapping_mul(0xa076_1d64_78bd_642f)).collect();
+    let later: Vec<u64> = (1..=CIDS)
+        .map(|c| c.wrapping_mul(0xa076_1d64_78bd_642f))
+        .collect();
     let after = fleet.drive(&later, "after");
-    assert!(split(&after).is_empty(), "split after the rollout: {:?}", split(&after));
+    assert!(
+        split(&after).is_empty(),
+        "split after the rollout: {:?}",
+        split(&after)
+    );
     for (cid, (b, _)) in &after {
         let want = format!("b{}", m4.backend_for(&cid.to_be_bytes()) + 1);
         assert_eq!(b.iter().next(), Some(&want), "CID {cid:x}");
@@ -429,11 +501,17 @@ fn a_fleet_behind_ecmp_sends_quic_lb_server_ids_to_their_server_from_any_instanc
     for (cid, (b, instances)) in &routes {
         let want = format!("b{}", (cid >> 32) & 0xff);
         assert_eq!(b.len(), 1, "CID {cid:016x} split: {b:?}");
-        assert!(b.contains(&want), "CID {cid:016x} at {b:?}, its server ID says {want}");
+        assert!(
+            b.contains(&want),
+            "CID {cid:016x} at {b:?}, its server ID says {want}"
+        );
         assert!(!instances.is_empty());
     }
     let crossed = routes.values().filter(|(_, i)| i.len() > 1).count();
-    assert!(crossed > CIDS as usize / 2, "the fabric moved too few CIDs: {crossed}");
+    assert!(
+        crossed > CIDS as usize / 2,
+        "the fabric moved too few CIDs: {crossed}"
+    );
     for i in 0..INSTANCES {
         assert!(fleet.carried(i) > 0, "instance {i} carried nothing");
     }

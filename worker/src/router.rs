@@ -627,6 +627,14 @@ impl<O: Owners, S: Sockets> Router<O, S> {
 
     /// Forwards on session `sid`'s path for the client of `a`.
     fn forward(&mut self, sid: SessionId, a: Arrival, len: usize, d: DatagramRef) {
+        if let Some(to) = self.receiver_of_new_path(sid, a) {
+            // A new client address while the session's transfer is in
+            // flight: its path is opened where the session is going. The
+            // receiver reads the offer first (one inbox, in order); if it
+            // refused, it hands the datagram back, and the path opens here.
+            self.hand_over(to, a, d, a.via.hops() + 1);
+            return;
+        }
         let (pid, moved) = match self.path_for(sid, a.client, a.local_ip) {
             Ok(found) => found,
             Err(reason) => {
@@ -668,6 +676,29 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         if let Via::Handoff { from, .. } = a.via {
             self.note_handoff(sid, from);
         }
+    }
+
+    /// The worker session `sid` is being transferred to, when `a` comes
+    /// from a client address that has no path yet and straight from our
+    /// socket (a datagram the receiver handed back opens its path here).
+    fn receiver_of_new_path(&self, sid: SessionId, a: Arrival) -> Option<usize> {
+        let s = self.sessions.get(sid)?;
+        let offer = s.transferring.as_ref()?;
+        let route = &self.routes[s.listener];
+        if a.via.hops() > 0
+            || route.follow
+            || self.now_ms.saturating_sub(offer.since_ms) >= TRANSFER_TIMEOUT_MS
+        {
+            return None;
+        }
+        let mut pid = s.first_path;
+        while let Some(p) = self.paths.path(pid) {
+            if p.client == a.client {
+                return None;
+            }
+            pid = p.next;
+        }
+        Some(usize::from(offer.to))
     }
 
     /// The path of session `sid` for `client`: its own (`path`), or the

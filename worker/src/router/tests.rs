@@ -9,7 +9,7 @@ use udpshard_shared::stats::Counter;
 use udpshard_shared::DropReason;
 
 use super::harness::{addr, backend, config, long, short, World, CLIENT};
-use super::{Owners, OFFER_LIFETIME_MS, TRANSFER_AFTER};
+use super::{Owners, OFFER_LIFETIME_MS, TRANSFER_AFTER, TRANSFER_TIMEOUT_MS};
 
 const PORTS: (u16, u16) = (20000, 29999);
 
@@ -248,6 +248,71 @@ fn offer_to_worker_1(w: &mut World, cid: u64) {
 }
 
 #[test]
+fn router_a_new_client_address_during_a_transfer_gets_its_path_at_the_receiver() {
+    let mut w = world(2, "", 1);
+    w.send(0, CLIENT, &short(7, b"first"));
+    offer_to_worker_1(&mut w, 7);
+    // Before the offer is read, the client shows up from a new address at
+    // worker 0: the datagram follows the offer to worker 1.
+    let handed = w.counter(0, Counter::HandoffOut);
+    w.send(0, "192.0.2.99:9", &short(7, b"moved"));
+    assert_eq!(w.counter(0, Counter::HandoffOut), handed + 1);
+    assert_eq!(
+        w.counter(0, Counter::PathsCreated),
+        1,
+        "no path opened at the sender"
+    );
+    w.hold_inboxes = false;
+    w.settle();
+    assert_eq!(w.holders(7), vec![1]);
+    let moved = w.at_backend.last().unwrap().clone();
+    assert_eq!(moved.payload, short(7, b"moved"));
+    // Its path is worker 1's own: one path per client address, anywhere.
+    assert_eq!(w.reader(moved.from), Some(1));
+    let clients: Vec<SocketAddr> = w
+        .routers
+        .iter()
+        .flat_map(|r| {
+            r.paths
+                .paths
+                .iter()
+                .map(|(_, p)| p.client)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(
+        clients
+            .iter()
+            .filter(|c| **c == addr("192.0.2.99:9"))
+            .count(),
+        1,
+        "{clients:?}"
+    );
+    w.reply(moved.backend, moved.from, b"answer");
+    assert_eq!(w.at_client.last().unwrap().client, addr("192.0.2.99:9"));
+    w.assert_unique_tuples();
+    w.assert_ledger();
+}
+
+#[test]
+fn router_a_refused_transfer_hands_a_new_client_address_back_to_open_its_path_at_home() {
+    let mut w = world(2, "", 1);
+    w.send(0, CLIENT, &short(7, b"first"));
+    offer_to_worker_1(&mut w, 7);
+    w.routers[1].drain(); // a draining worker refuses transfers
+    w.send(0, "192.0.2.99:9", &short(7, b"moved"));
+    w.hold_inboxes = false;
+    w.settle();
+    assert_eq!(w.holders(7), vec![0], "refused: the session stayed");
+    let moved = w.at_backend.last().unwrap().clone();
+    assert_eq!(moved.payload, short(7, b"moved"));
+    assert_eq!(w.reader(moved.from), Some(0));
+    assert_eq!(w.drops(DropReason::Handoff), 0);
+    w.assert_unique_tuples();
+    w.assert_ledger();
+}
+
+#[test]
 fn router_a_path_closed_while_its_transfer_is_in_flight_closes_at_the_receiver() {
     // One path per session, two ports, a short reuse delay.
     let text = config("max_paths = 1\nport_reuse_delay = \"1s\"", 1);
@@ -255,8 +320,11 @@ fn router_a_path_closed_while_its_transfer_is_in_flight_closes_at_the_receiver()
     w.send(0, CLIENT, &short(7, b"first"));
     let offered = w.at_backend[0].from;
     offer_to_worker_1(&mut w, 7);
-    // Before the offer is read, the client moves: at max_paths, the path
-    // offered is evicted at worker 0 and a new one opens.
+    // The offer goes unanswered past its timeout (worker 0 stops handing
+    // new client addresses to the receiver), then the client moves: at
+    // max_paths, the path offered is evicted at worker 0 and a new one
+    // opens. The late yes comes after.
+    w.now_ms += TRANSFER_TIMEOUT_MS; // no tick: the offer still waits
     w.send(0, "192.0.2.99:9", &short(7, b"moved"));
     assert_eq!(w.counter(0, Counter::PathsEvicted), 1);
     w.hold_inboxes = false;
