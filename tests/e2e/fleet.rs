@@ -23,7 +23,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use udpshard_shared::Maglev;
-use udpshard_tests::harness::{bind_udp, quic_short, total, wait_until, Backend, Proxy};
+use udpshard_tests::harness::{quic_short, total, wait_until, Backend, Proxy};
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
 const WAIT: Duration = Duration::from_secs(20);
