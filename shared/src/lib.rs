@@ -3,6 +3,7 @@
 //! choice, the shared-memory stats layout, and the supervisor<->worker control
 //! framing.
 
+pub mod backends;
 pub mod clock;
 pub mod control;
 pub mod drops;

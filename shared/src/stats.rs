@@ -14,22 +14,28 @@
 //! ```text
 //! [0, HEADER_WORDS)               header: see `Header`
 //! [HEADER_WORDS + k*SLOT_WORDS)   slot k: see `Counter`
+//! then BACKEND_ROWS rows of backend metadata (`crate::backends`)
+//! then, per slot, BACKEND_ROWS x FIELDS backend counters
 //! ```
 //! A slot is 512 bytes, so slots never share a cache line.
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memmap2::MmapMut;
 
+use crate::backends::{
+    self, BackendCounter, BackendMeta, BackendState, BACKEND_ROWS, FIELDS, META_WORDS,
+};
 use crate::owners::Owner;
 use crate::DropReason;
 
 /// "UDPSHRD" and the layout version in the top byte.
-pub const MAGIC: u64 = u64::from_le_bytes(*b"UDPSHRD\x02");
+pub const MAGIC: u64 = u64::from_le_bytes(*b"UDPSHRD\x03");
 pub const HEADER_WORDS: usize = 64;
 pub const SLOT_WORDS: usize = 64;
 
@@ -66,6 +72,8 @@ pub enum Header {
     /// retired keeps its counters, so totals over these never go backwards,
     /// and a slot that serves again continues them.
     SlotsUsed,
+    /// Backend rows given out (`crate::backends`).
+    BackendRows,
 }
 
 /// Per-worker slot words. Identity words (pid, cpu, generation, state,
@@ -382,6 +390,90 @@ impl StatsRegion {
 }
 
 impl StatsRegion {
+    fn meta_words(&self, row: usize) -> Option<&[AtomicU64]> {
+        if row >= BACKEND_ROWS {
+            return None;
+        }
+        let at = backend_meta_at(self.slot_capacity()) + row * META_WORDS;
+        self.words().get(at..at + META_WORDS)
+    }
+
+    /// The row of `listener`'s backend `addr`, given by the supervisor.
+    pub fn backend_row(&self, listener: &str, addr: SocketAddr) -> Option<usize> {
+        let want = backends::identity_words(listener, addr);
+        let used = (self.header(Header::BackendRows) as usize).min(BACKEND_ROWS);
+        (0..used).find(|&row| {
+            self.meta_words(row).is_some_and(|w| {
+                w[0].load(Ordering::Acquire) & 1 != 0
+                    && want
+                        .iter()
+                        .zip(&w[1..])
+                        .all(|(x, y)| *x == y.load(Ordering::Relaxed))
+            })
+        })
+    }
+
+    /// Gives `listener`'s backend `addr` a row (the supervisor; the same
+    /// one as before for a backend a reload keeps) and sets its standing.
+    /// `None`: every row is taken.
+    pub fn register_backend(
+        &self,
+        listener: &str,
+        addr: SocketAddr,
+        state: BackendState,
+        weight: u32,
+    ) -> Option<usize> {
+        let row = match self.backend_row(listener, addr) {
+            Some(row) => row,
+            None => {
+                let row = self.header(Header::BackendRows) as usize;
+                let w = self.meta_words(row)?;
+                for (word, v) in w[1..].iter().zip(backends::identity_words(listener, addr)) {
+                    word.store(v, Ordering::Relaxed);
+                }
+                self.set_header(Header::BackendRows, row as u64 + 1);
+                row
+            }
+        };
+        self.set_backend(row, true, state, weight);
+        Some(row)
+    }
+
+    /// Sets row `row`'s standing (word 0, last: a reader that sees it sees
+    /// the identity).
+    pub fn set_backend(&self, row: usize, in_config: bool, state: BackendState, weight: u32) {
+        if let Some(w) = self.meta_words(row) {
+            w[0].store(
+                backends::status_word(in_config, state, weight),
+                Ordering::Release,
+            );
+        }
+    }
+
+    /// Rows given out so far, with their metadata.
+    pub fn backend_rows(&self) -> Vec<(usize, BackendMeta)> {
+        let used = (self.header(Header::BackendRows) as usize).min(BACKEND_ROWS);
+        (0..used)
+            .filter_map(|row| {
+                let w = self.meta_words(row)?;
+                let words: Vec<u64> = w.iter().map(|x| x.load(Ordering::Acquire)).collect();
+                backends::decode_meta(&words).map(|m| (row, m))
+            })
+            .collect()
+    }
+
+    /// Slot `k`'s backend counters.
+    pub fn backend_counts(&self, k: usize) -> Option<BackendCounts<'_>> {
+        let slots = self.slot_capacity();
+        if k >= slots {
+            return None;
+        }
+        let at = backend_counts_at(slots, k);
+        self.words()
+            .get(at..at + BACKEND_ROWS * FIELDS)
+            .map(|words| BackendCounts { words })
+    }
+
     /// Whether `owner` is the process serving its slot now: entries of an
     /// older generation, or of a slot not serving, are stale.
     pub fn is_live(&self, owner: Owner) -> bool {
@@ -393,6 +485,26 @@ impl StatsRegion {
         let (generation, state) = self.slot(worker)?.life();
         matches!(state, SlotState::Ready | SlotState::Draining)
             .then(|| Owner::new(worker, generation))
+    }
+}
+
+/// One worker's backend counters in the region (that worker writes them).
+#[derive(Clone, Copy)]
+pub struct BackendCounts<'a> {
+    words: &'a [AtomicU64],
+}
+
+impl BackendCounts<'_> {
+    pub fn get(&self, row: usize, c: BackendCounter) -> u64 {
+        self.words
+            .get(row * FIELDS + c as usize)
+            .map_or(0, |w| w.load(Ordering::Relaxed))
+    }
+
+    pub fn set(&self, row: usize, c: BackendCounter, value: u64) {
+        if let Some(w) = self.words.get(row * FIELDS + c as usize) {
+            w.store(value, Ordering::Relaxed);
+        }
     }
 }
 
@@ -452,14 +564,24 @@ fn slot_words_end(slots: usize) -> usize {
     HEADER_WORDS + slots * SLOT_WORDS
 }
 
+fn backend_meta_at(slots: usize) -> usize {
+    slot_words_end(slots)
+}
+
+fn backend_counts_at(slots: usize, slot: usize) -> usize {
+    backend_meta_at(slots) + BACKEND_ROWS * META_WORDS + slot * BACKEND_ROWS * FIELDS
+}
+
 fn region_bytes(slots: usize) -> usize {
-    slot_words_end(slots) * 8
+    backend_counts_at(slots, slots) * 8
 }
 
 /// A point-in-time copy of a stats file, read without mapping it.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     header: Vec<u64>,
+    /// Every backend row given out, with its counters by slot.
+    backends: Vec<BackendSnapshot>,
     /// Every slot that has served: those in use, then those a resize retired.
     slots: Vec<Vec<u64>>,
     in_use: usize,
@@ -511,8 +633,29 @@ impl Snapshot {
                 words[start..start + SLOT_WORDS].to_vec()
             })
             .collect();
+        let rows = (words[Header::BackendRows as usize] as usize).min(BACKEND_ROWS);
+        let backends = (0..rows)
+            .filter_map(|row| {
+                let at = backend_meta_at(capacity) + row * META_WORDS;
+                let meta = backends::decode_meta(&words[at..at + META_WORDS])?;
+                let by_slot = (0..used)
+                    .map(|k| {
+                        let at = backend_counts_at(capacity, k) + row * FIELDS;
+                        let mut counts = [0u64; FIELDS];
+                        counts.copy_from_slice(&words[at..at + FIELDS]);
+                        counts
+                    })
+                    .collect();
+                Some(BackendSnapshot {
+                    meta,
+                    by_slot,
+                    in_use,
+                })
+            })
+            .collect();
         Ok(Snapshot {
             header: words[..HEADER_WORDS].to_vec(),
+            backends,
             slots,
             in_use,
         })
@@ -535,10 +678,43 @@ impl Snapshot {
             .map(|(id, words)| WorkerSnapshot { id, words })
     }
 
+    /// Every backend the run has had, in the order rows were given out
+    /// (config order, then what reloads added).
+    pub fn backends(&self) -> &[BackendSnapshot] {
+        &self.backends
+    }
+
     /// Counter `c` over every slot that has served: what the proxy did
     /// since it started, through restarts and resizes.
     pub fn total(&self, c: Counter) -> u64 {
         self.slots().fold(0u64, |sum, w| sum.wrapping_add(w.get(c)))
+    }
+}
+
+/// One backend in a [`Snapshot`].
+#[derive(Debug, Clone)]
+pub struct BackendSnapshot {
+    pub meta: BackendMeta,
+    by_slot: Vec<[u64; FIELDS]>,
+    in_use: usize,
+}
+
+impl BackendSnapshot {
+    /// Counter `c` over the workers: summed over every slot that has
+    /// served (the gauge over the slots in use; the latest reply's time is
+    /// the latest of any).
+    pub fn total(&self, c: BackendCounter) -> u64 {
+        let field = |s: &[u64; FIELDS]| s[c as usize];
+        match c {
+            BackendCounter::SessionsActive => {
+                self.by_slot.iter().take(self.in_use).map(field).sum()
+            }
+            BackendCounter::LastReplyMs => self.by_slot.iter().map(field).max().unwrap_or(0),
+            _ => self
+                .by_slot
+                .iter()
+                .fold(0u64, |sum, s| sum.wrapping_add(field(s))),
+        }
     }
 }
 
@@ -614,6 +790,68 @@ mod tests {
         region.set_workers(2);
         assert_eq!(region.header(Header::SlotsUsed), 3);
         assert_eq!(Snapshot::read(&path).unwrap().workers().count(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn backend_rows_outlive_reloads_and_sum_over_workers() {
+        let dir =
+            std::env::temp_dir().join(format!("udpshard-stats-backends-{}", std::process::id()));
+        let path = dir.join("stats");
+        let (region, _file) = StatsRegion::create(&path, 4).unwrap();
+        region.set_workers(2);
+        let a: SocketAddr = "10.0.0.1:443".parse().unwrap();
+        let b: SocketAddr = "[2001:db8::2]:443".parse().unwrap();
+        let ra = region
+            .register_backend("q", a, BackendState::Up, 1)
+            .unwrap();
+        let rb = region
+            .register_backend("q", b, BackendState::Up, 2)
+            .unwrap();
+        assert_eq!((ra, rb), (0, 1));
+        assert_eq!(
+            region.register_backend("other", a, BackendState::Up, 1),
+            Some(2)
+        );
+        // A reload that keeps `a` keeps its row; a removed one stays, marked.
+        assert_eq!(
+            region.register_backend("q", a, BackendState::Draining, 0),
+            Some(ra)
+        );
+        region.set_backend(rb, false, BackendState::Up, 2);
+        assert_eq!(region.backend_row("q", b), Some(rb));
+        for (k, n) in [(0, 3u64), (1, 4)] {
+            let c = region.backend_counts(k).unwrap();
+            c.set(ra, BackendCounter::TxPackets, n);
+            c.set(ra, BackendCounter::SessionsActive, n);
+            c.set(ra, BackendCounter::LastReplyMs, 100 * n);
+        }
+        region.set_workers(1);
+        let snap = Snapshot::read(&path).unwrap();
+        let rows = snap.backends();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(
+            (rows[0].meta.addr, rows[0].meta.state),
+            (a, BackendState::Draining)
+        );
+        assert_eq!(rows[0].meta.weight, 0);
+        assert_eq!(
+            rows[0].total(BackendCounter::TxPackets),
+            7,
+            "over every slot that served"
+        );
+        assert_eq!(
+            rows[0].total(BackendCounter::SessionsActive),
+            3,
+            "the gauge: slots in use"
+        );
+        assert_eq!(
+            rows[0].total(BackendCounter::LastReplyMs),
+            400,
+            "the latest"
+        );
+        assert!(!rows[1].meta.in_config);
+        assert_eq!(rows[2].meta.listener, "other");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

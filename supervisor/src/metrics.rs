@@ -385,6 +385,109 @@ fn escape_label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Per-backend families, labelled by listener and backend address (as
+/// configured); a backend a reload removed keeps its series.
+fn backend_families(f: &mut Family<'_>, snap: &Snapshot) {
+    use udpshard_shared::backends::{BackendCounter as B, BackendState};
+    let rows = snap.backends();
+    let labels: Vec<(String, String)> = rows
+        .iter()
+        .map(|b| (b.meta.listener.clone(), b.meta.addr.to_string()))
+        .collect();
+    let families = [
+        (
+            "backend_sessions_created_total",
+            "counter",
+            "Sessions created toward the backend.",
+            B::SessionsCreated,
+        ),
+        (
+            "backend_tx_packets_total",
+            "counter",
+            "Datagrams forwarded to the backend.",
+            B::TxPackets,
+        ),
+        (
+            "backend_tx_bytes_total",
+            "counter",
+            "Bytes forwarded to the backend.",
+            B::TxBytes,
+        ),
+        (
+            "backend_replies_total",
+            "counter",
+            "Datagrams read from the backend.",
+            B::Replies,
+        ),
+        (
+            "backend_unreachable_total",
+            "counter",
+            "ICMP port, host or network unreachable reports for datagrams sent to the backend.",
+            B::Unreachable,
+        ),
+        (
+            "backend_send_errors_total",
+            "counter",
+            "Forwards to the backend the kernel refused, and other ICMP errors.",
+            B::SendErrors,
+        ),
+        (
+            "backend_sessions_active",
+            "gauge",
+            "Live sessions with the backend.",
+            B::SessionsActive,
+        ),
+    ];
+    for (name, kind, help, c) in families {
+        f.head(name, kind, help);
+        for (b, (l, a)) in rows.iter().zip(&labels) {
+            f.sample(name, &[("listener", l), ("backend", a)], b.total(c));
+        }
+    }
+    f.head(
+        "backend_up",
+        "gauge",
+        "1 when the backend takes new sessions (configured, up, weight above 0).",
+    );
+    for (b, (l, a)) in rows.iter().zip(&labels) {
+        let up = b.meta.in_config && b.meta.state == BackendState::Up && b.meta.weight > 0;
+        f.sample(
+            "backend_up",
+            &[("listener", l), ("backend", a)],
+            u8::from(up),
+        );
+    }
+    f.head(
+        "backend_weight",
+        "gauge",
+        "The backend's configured weight.",
+    );
+    for (b, (l, a)) in rows.iter().zip(&labels) {
+        f.sample(
+            "backend_weight",
+            &[("listener", l), ("backend", a)],
+            b.meta.weight,
+        );
+    }
+    f.head(
+        "backend_last_reply_age_seconds",
+        "gauge",
+        "Time since the backend's latest reply (absent until it has replied).",
+    );
+    let now_ms = udpshard_shared::clock::monotonic_ns() / 1_000_000;
+    for (b, (l, a)) in rows.iter().zip(&labels) {
+        let at = b.total(B::LastReplyMs);
+        if at > 0 {
+            let age = now_ms.saturating_sub(at) as f64 / 1000.0;
+            f.sample(
+                "backend_last_reply_age_seconds",
+                &[("listener", l), ("backend", a)],
+                age,
+            );
+        }
+    }
+}
+
 /// A host metric family: name, help, and how to read it from `T`.
 type HostFamily<T> = (&'static str, &'static str, fn(&T) -> u64);
 
@@ -420,6 +523,7 @@ pub fn render(snap: &Snapshot, system: &SystemCounters) -> String {
             );
         }
     }
+    backend_families(&mut f, snap);
     f.head("sessions_active", "gauge", "Live sessions.");
     for (w, id) in workers.iter().zip(&ids) {
         f.sample(

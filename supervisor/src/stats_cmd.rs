@@ -11,7 +11,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use udpshard_shared::stats::{Counter, Header, Snapshot, StatsError, WorkerSnapshot};
+use udpshard_shared::backends::BackendCounter;
+use udpshard_shared::stats::{
+    BackendSnapshot, Counter, Header, Snapshot, StatsError, WorkerSnapshot,
+};
 use udpshard_shared::{DropReason, Stage};
 
 use crate::system::SystemCounters;
@@ -300,7 +303,100 @@ pub fn to_json(snap: &Snapshot) -> Value {
         "reload_failures": snap.header(Header::ReloadFailures),
         "totals": totals_json(snap),
         "workers": workers,
+        "backends": backends_json(snap),
     })
+}
+
+/// Milliseconds since a backend's latest reply (CLOCK_MONOTONIC, the
+/// clock the workers wrote it on); `None` when it never replied.
+fn since_reply_ms(b: &BackendSnapshot) -> Option<u64> {
+    let at = b.total(BackendCounter::LastReplyMs);
+    (at > 0).then(|| (udpshard_shared::clock::monotonic_ns() / 1_000_000).saturating_sub(at))
+}
+
+/// Every backend the run has had: its listener and address as configured,
+/// its standing, and its counters over every worker.
+fn backends_json(snap: &Snapshot) -> Value {
+    let rows: Vec<Value> = snap
+        .backends()
+        .iter()
+        .map(|b| {
+            let mut obj = serde_json::Map::new();
+            obj.insert("listener".into(), json!(b.meta.listener));
+            obj.insert("addr".into(), json!(b.meta.addr.to_string()));
+            obj.insert("state".into(), json!(b.meta.state.name()));
+            obj.insert("weight".into(), json!(b.meta.weight));
+            obj.insert("in_config".into(), json!(b.meta.in_config));
+            for c in BackendCounter::ALL {
+                if c != BackendCounter::LastReplyMs {
+                    obj.insert(c.name().into(), json!(b.total(c)));
+                }
+            }
+            obj.insert("last_reply_ms_ago".into(), json!(since_reply_ms(b)));
+            Value::Object(obj)
+        })
+        .collect();
+    Value::Array(rows)
+}
+
+/// The backends table: one line per backend of the config being served
+/// (and those a reload removed, while they have sessions).
+fn backends_table(out: &mut String, before: Option<&Snapshot>, after: &Snapshot, n: &Numbers) {
+    let rows: Vec<&BackendSnapshot> = after
+        .backends()
+        .iter()
+        .filter(|b| b.meta.in_config || b.total(BackendCounter::SessionsActive) > 0)
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    *out += &format!(
+        "\n{:<8} {:<21} {:<8} {:>3} {:>6} {:>7} {:>8} {:>8} {:>7} {:>5} {:>8}\n",
+        "listener",
+        "backend",
+        "state",
+        "wt",
+        "active",
+        "created",
+        "tx",
+        "replies",
+        "unreach",
+        "errs",
+        "last rep"
+    );
+    for b in rows {
+        let prev = before.and_then(|s| {
+            s.backends()
+                .iter()
+                .find(|x| x.meta.listener == b.meta.listener && x.meta.addr == b.meta.addr)
+        });
+        let show = |c: BackendCounter| n.show(prev.map(|p| p.total(c)), b.total(c));
+        let last = since_reply_ms(b).map_or("never".to_string(), |ms| {
+            format!("{:.1}s", ms as f64 / 1000.0)
+        });
+        let state = if b.meta.in_config {
+            b.meta.state.name()
+        } else {
+            "removed"
+        };
+        *out += &format!(
+            "{:<8} {:<21} {:<8} {:>3} {:>6} {:>7} {:>8} {:>8} {:>7} {:>5} {:>8}\n",
+            b.meta.listener,
+            b.meta.addr.to_string(),
+            state,
+            b.meta.weight,
+            b.total(BackendCounter::SessionsActive),
+            show(BackendCounter::SessionsCreated),
+            show(BackendCounter::TxPackets),
+            show(BackendCounter::Replies),
+            show(BackendCounter::Unreachable),
+            show(BackendCounter::SendErrors),
+            last
+        );
+    }
+    *out +=
+        "  active: live sessions; unreach: ICMP unreachable reports for datagrams sent to it;\n";
+    *out += "  errs: sends refused; last rep: time since its latest reply; wt: weight\n";
 }
 
 /// Every drop reason's count, by its name.
@@ -641,6 +737,7 @@ fn render(before: Option<&Sample>, after: &Sample, window: Option<Window>, wide:
         }
         out += "\n";
     }
+    backends_table(&mut out, before.map(|b| &b.snap), &after.snap, &n);
     if wide {
         for c in &columns {
             out += &format!("  {:<15} {}\n", c.name, c.help);

@@ -25,6 +25,7 @@ use nix::unistd::Pid;
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use udpshard_config::{self as config, Config, Workers};
+use udpshard_shared::backends::BackendState;
 use udpshard_shared::control::{ControlChannel, ControlMsg};
 use udpshard_shared::owners;
 use udpshard_shared::owners::Owner;
@@ -180,6 +181,7 @@ impl Supervisor {
         let (state, state_fd) = StateRegion::create(owners::capacity_for(max_sessions, capacity))
             .map_err(SupervisorError::State)?;
         register_sources(&state, &config)?;
+        register_backends(&region, &config);
         crate::capacity::warn_at_start(&config, count);
         let handoff = (0..count)
             .map(|_| handoff_pair())
@@ -736,6 +738,33 @@ pub(crate) fn register_sources(
         }
     }
     Ok(())
+}
+
+/// Gives every backend of `config` its row of counters in the stats region
+/// (the same row as before for one a reload keeps), and marks the rows of
+/// backends it no longer has. Workers look their rows up when they apply
+/// the config; a backend past the last row goes uncounted, said once.
+pub(crate) fn register_backends(region: &StatsRegion, config: &Config) {
+    let mut kept = Vec::new();
+    for l in &config.listeners {
+        for b in &l.backends {
+            match region.register_backend(&l.name, b.addr, BackendState::Up, b.weight) {
+                Some(row) => kept.push(row),
+                None => tracing::warn!(
+                    "listener {}: backend {} has no per-backend counters (all {} rows are taken; \
+                     a restart frees the rows of removed backends)",
+                    l.name,
+                    b.addr,
+                    udpshard_shared::backends::BACKEND_ROWS
+                ),
+            }
+        }
+    }
+    for (row, meta) in region.backend_rows() {
+        if meta.in_config && !kept.contains(&row) {
+            region.set_backend(row, false, meta.state, meta.weight);
+        }
+    }
 }
 
 /// The longest `port_reuse_delay` of any listener: a dead worker's ports

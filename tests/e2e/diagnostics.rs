@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use udpshard_tests::harness::{bind_udp, field_of, total, Backend, Proxy};
+use udpshard_tests::harness::{bind_udp, field_of, total, wait_until, Backend, Proxy};
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
 const WAIT: Duration = Duration::from_secs(15);
@@ -320,6 +320,21 @@ fn metrics_endpoint_serves_live_counters() {
         assert!(Instant::now() < deadline, "rx_packets stayed at {now}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Per backend, labelled by listener and address as configured.
+    let tx = format!(
+        "udpshard_backend_tx_packets_total{{listener=\"l\",backend=\"{}\"}}",
+        backend.addr
+    );
+    wait_until(WAIT, "the backend's counts in the metrics", || {
+        metric(&http_get(&endpoint, "/metrics"), &tx) == Some(backend.count() as f64)
+            && backend.count() == 10
+    });
+    let text = http_get(&endpoint, "/metrics");
+    let up = format!(
+        "udpshard_backend_up{{listener=\"l\",backend=\"{}\"}}",
+        backend.addr
+    );
+    assert_eq!(metric(&text, &up), Some(1.0), "{text}");
     assert!(http_get(&endpoint, "/").starts_with("HTTP/1.1 404 "));
     // A client that connects and says nothing does not block the supervisor.
     let _idle = TcpStream::connect(&endpoint).unwrap();

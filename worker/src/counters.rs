@@ -1,7 +1,10 @@
 //! The worker's counters: plain integers on the hot path, published to its
 //! shared-memory slot once per loop iteration.
 
-use udpshard_shared::stats::{Counter, StatsSlot};
+use std::cell::Cell;
+
+use udpshard_shared::backends::{BackendCounter, BACKEND_ROWS, FIELDS};
+use udpshard_shared::stats::{BackendCounts, Counter, StatsSlot};
 
 /// Words the worker owns in its slot (the supervisor writes the identity
 /// words: pid, cpu, generation, state, restarts).
@@ -52,12 +55,18 @@ const WORKER_OWNED: [Counter; 41] = [
 #[derive(Debug, Clone)]
 pub struct Counters {
     words: [u64; Counter::COUNT],
+    /// Per backend row (`udpshard_shared::backends`).
+    backends: Vec<[u64; FIELDS]>,
+    /// Rows changed since they were last published, one bit each.
+    dirty: Cell<[u64; BACKEND_ROWS / 64]>,
 }
 
 impl Default for Counters {
     fn default() -> Counters {
         Counters {
             words: [0; Counter::COUNT],
+            backends: vec![[0; FIELDS]; BACKEND_ROWS],
+            dirty: Cell::new([0; BACKEND_ROWS / 64]),
         }
     }
 }
@@ -78,7 +87,65 @@ impl Counters {
         ] {
             words[gauge as usize] = 0;
         }
-        Counters { words }
+        Counters {
+            words,
+            ..Counters::default()
+        }
+    }
+
+    /// Backend counters that continue from what the slot holds (the
+    /// session gauge starts again at zero, as this process's).
+    pub fn resume_backends(&mut self, counts: &BackendCounts<'_>) {
+        for (row, fields) in self.backends.iter_mut().enumerate() {
+            for c in BackendCounter::ALL {
+                fields[c as usize] = counts.get(row, c);
+            }
+            fields[BackendCounter::SessionsActive as usize] = 0;
+        }
+        self.dirty.set([!0; BACKEND_ROWS / 64]);
+    }
+
+    fn touch(&self, row: usize) {
+        let mut d = self.dirty.get();
+        d[row / 64] |= 1 << (row % 64);
+        self.dirty.set(d);
+    }
+
+    /// Adds `n` (wrapping: a failed send takes its count back within the
+    /// flush) to backend row `row`'s counter `c`; no row, no count.
+    #[inline]
+    pub fn backend_add(&mut self, row: Option<u16>, c: BackendCounter, n: u64) {
+        if let Some(fields) = row.and_then(|r| self.backends.get_mut(usize::from(r))) {
+            fields[c as usize] = fields[c as usize].wrapping_add(n);
+            self.touch(usize::from(row.unwrap_or_default()));
+        }
+    }
+
+    pub fn backend_set(&mut self, row: Option<u16>, c: BackendCounter, v: u64) {
+        if let Some(fields) = row.and_then(|r| self.backends.get_mut(usize::from(r))) {
+            if fields[c as usize] != v {
+                fields[c as usize] = v;
+                self.touch(usize::from(row.unwrap_or_default()));
+            }
+        }
+    }
+
+    pub fn backend_get(&self, row: usize, c: BackendCounter) -> u64 {
+        self.backends.get(row).map_or(0, |f| f[c as usize])
+    }
+
+    /// Writes the backend rows changed since the last call.
+    pub fn publish_backends(&self, counts: &BackendCounts<'_>) {
+        let dirty = self.dirty.replace([0; BACKEND_ROWS / 64]);
+        for (i, mut bits) in dirty.into_iter().enumerate() {
+            while bits != 0 {
+                let row = i * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                for c in BackendCounter::ALL {
+                    counts.set(row, c, self.backends[row][c as usize]);
+                }
+            }
+        }
     }
 
     #[inline]

@@ -117,8 +117,11 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         StatsRegion::open(&stats_file)?,
     );
     upstream.configure(&config);
-    let routes = build_routes(&config, &listeners)?;
-    let counters = Counters::resume_from(&slot);
+    let routes = build_routes(&config, &listeners, &region)?;
+    let mut counters = Counters::resume_from(&slot);
+    if let Some(counts) = region.backend_counts(args.id) {
+        counters.resume_backends(&counts);
+    }
     // The slot's socket drops continue: its sockets' own counts (the same
     // sockets after a crash, still counting what overflowed meanwhile),
     // over what the slot counted before on sockets since closed (a resize
@@ -175,6 +178,8 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         replies_ahead: 0,
         last_warn_ms: 0,
     };
+    let epoch_ms = lp.start_ns / 1_000_000;
+    lp.router.set_epoch(epoch_ms);
     for (msg, fds) in early {
         if lp.handle_control(msg, fds) {
             lp.leave();
@@ -223,19 +228,27 @@ fn build_listeners(
         .collect()
 }
 
+/// The routes of `config`, each backend with its row of counters in the
+/// stats region (the supervisor gave them out before sending the config).
 fn build_routes(
     config: &udpshard_config::Config,
     listeners: &[Listener],
+    region: &StatsRegion,
 ) -> Result<Vec<Route>, WorkerError> {
     config
         .listeners
         .iter()
         .zip(listeners)
         .map(|(cfg, l)| {
-            Route::new(cfg, l.wildcard).map_err(|source| WorkerError::Routing {
+            let mut route = Route::new(cfg, l.wildcard).map_err(|source| WorkerError::Routing {
                 listener: cfg.name.clone(),
                 source,
-            })
+            })?;
+            for (b, backend) in cfg.backends.iter().enumerate() {
+                let row = region.backend_row(&cfg.name, backend.addr);
+                route.set_row(b, row.map(|r| r as u16));
+            }
+            Ok(route)
         })
         .collect()
 }
@@ -373,6 +386,9 @@ impl Loop {
     fn publish(&self) {
         if let Some(slot) = self.region.slot(self.id) {
             self.router.counters.publish(&slot);
+        }
+        if let Some(counts) = self.region.backend_counts(self.id) {
+            self.router.counters.publish_backends(&counts);
         }
         self.publish_ahead();
     }
@@ -644,9 +660,23 @@ impl Loop {
                 if moves_first {
                     self.read_inbox();
                 }
-                // An error is an ICMP report for an earlier datagram (the
-                // socket is unconnected: none is asked for): nothing to read.
-                let n = sockio::recv_batch(fd, &mut self.up_rx).unwrap_or_default();
+                // An error is an ICMP report for an earlier datagram
+                // (IP_RECVERR): its queue names the backend. Replies may
+                // wait behind it: read on.
+                let n = match sockio::recv_batch(fd, &mut self.up_rx) {
+                    Ok(n) => n,
+                    Err(_) => {
+                        let router = &mut self.router;
+                        sockio::recv_errors(fd, |to, errno| {
+                            let unreachable = matches!(
+                                errno,
+                                libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH
+                            );
+                            router.upstream_error(sock, to, unreachable);
+                        });
+                        continue;
+                    }
+                };
                 let now = self.now_ms();
                 self.refs.clear();
                 // Counted before they are handled, as client batches are.
@@ -806,7 +836,7 @@ impl Loop {
                 return Err(e);
             }
         };
-        let routes = match build_routes(&config, &listeners) {
+        let routes = match build_routes(&config, &listeners, &self.region) {
             Ok(r) => r,
             Err(e) => {
                 self.listeners = current.into_iter().flatten().collect();

@@ -193,7 +193,7 @@ impl Executor {
                 None => self.failed.extend(0..msgs.len()),
             }
             for &f in &self.failed {
-                router.forward_failed(msgs[f].bytes.len());
+                router.forward_failed(group[0], msgs[f].to, msgs[f].bytes.len());
             }
         }
     }

@@ -34,6 +34,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use udpshard_config as config;
+use udpshard_shared::backends::BackendCounter;
 use udpshard_shared::flow::quic_long_scid;
 use udpshard_shared::handoff::{
     Control, Frame, Header, PathRef, Transfer, TransferPath, HEADER_LEN, MAX_HOPS,
@@ -195,6 +196,9 @@ pub struct Route {
     pub backends: Vec<SocketAddr>,
     /// `tags[b]`: [`backend_tag`] of backend b, as port hints name it.
     tags: Vec<u16>,
+    /// `rows[b]`: backend b's row of counters in the stats region (`None`:
+    /// uncounted).
+    rows: Vec<Option<u16>>,
     /// `ipv4[b]`: backend b's address family.
     ipv4: Vec<bool>,
     by_addr: ahash::AHashMap<SocketAddr, u16>,
@@ -227,6 +231,7 @@ impl Route {
             maglev: Maglev::new(&names, cfg.maglev_table_size)?,
             ipv4: backends.iter().map(|b| b.is_ipv4()).collect(),
             tags: backends.iter().map(|b| backend_tag(*b)).collect(),
+            rows: vec![None; backends.len()],
             by_addr: backends
                 .iter()
                 .enumerate()
@@ -258,6 +263,18 @@ impl Route {
             .as_ref()
             .and_then(|lb| lb.route(key))
             .unwrap_or_else(|| self.maglev.backend_for(key))
+    }
+
+    /// Gives backend `b` its row of counters (`None`: uncounted).
+    pub fn set_row(&mut self, b: usize, row: Option<u16>) {
+        if let Some(r) = self.rows.get_mut(b) {
+            *r = row;
+        }
+    }
+
+    /// Backend `b`'s row of counters.
+    pub fn row(&self, b: usize) -> Option<u16> {
+        self.rows.get(b).copied().flatten()
     }
 
     /// What [`Route::pick`] decides for `key`, and why.
@@ -341,6 +358,8 @@ pub struct Router<O, S> {
     pub counters: Counters,
     now_ms: u64,
     draining: bool,
+    /// CLOCK_MONOTONIC (ms) at `now_ms` 0.
+    epoch_ms: u64,
     actions: Vec<Action>,
     relay_cursor: usize,
 }
@@ -369,6 +388,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             counters,
             now_ms: 0,
             draining: false,
+            epoch_ms: 0,
             actions: Vec::with_capacity(256),
             relay_cursor: 0,
         }
@@ -576,6 +596,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let hash = self.owner_hash(a.listener, &key);
         self.hint_port(sid, hash);
         self.counters.incr(Counter::SessionsCreated);
+        let row = self.row_of(a.listener, backend as u16);
+        self.counters
+            .backend_add(row, BackendCounter::SessionsCreated, 1);
         Ok(sid)
     }
 
@@ -607,6 +630,21 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         self.counters.incr(Counter::PathsCreated);
         self.counters.incr(Counter::PathsInherited);
         Some(pid)
+    }
+
+    /// A forward of `len` bytes to backend `backend` of `listener`.
+    fn count_forward(&mut self, listener: usize, backend: u16, len: usize) {
+        self.counters.incr(Counter::TxPackets);
+        self.counters.add(Counter::TxBytes, len as u64);
+        let row = self.row_of(listener, backend);
+        self.counters.backend_add(row, BackendCounter::TxPackets, 1);
+        self.counters
+            .backend_add(row, BackendCounter::TxBytes, len as u64);
+    }
+
+    /// Backend `backend` of `listener`'s row of counters.
+    fn row_of(&self, listener: usize, backend: u16) -> Option<u16> {
+        self.routes.get(listener)?.row(usize::from(backend))
     }
 
     /// Records where session `sid` (whose entry `hash` is ours) has its
@@ -670,8 +708,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 to,
                 datagram: d,
             });
-            self.counters.incr(Counter::TxPackets);
-            self.counters.add(Counter::TxBytes, len as u64);
+            self.count_forward(listener, backend, len);
         }
         if let Via::Handoff { from, .. } = a.via {
             self.note_handoff(sid, from);
@@ -981,15 +1018,20 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             return;
         };
         // A socket of a listener a reload removed has no route: a stray.
-        let Some(pid) = self
+        let Some((b, pid)) = self
             .routes
             .get(listener)
             .and_then(|r| r.backend_of(from))
-            .and_then(|b| self.paths.on_slot(sock, b))
+            .and_then(|b| Some((b, self.paths.on_slot(sock, b)?)))
         else {
             self.drop_datagram(DropReason::Stray);
             return;
         };
+        let row = self.row_of(listener, b);
+        self.counters.backend_add(row, BackendCounter::Replies, 1);
+        let at = self.epoch_ms + now_ms;
+        self.counters
+            .backend_set(row, BackendCounter::LastReplyMs, at);
         let route = &self.routes[listener];
         let learns = route.learns_server_cids;
         let Some(p) = self.paths.path_mut(pid) else {
@@ -1471,16 +1513,17 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             return;
         };
         self.counters.incr(Counter::HandoffIn);
-        let sock = relay.and_then(|pid| self.paths.path(pid)).map(|p| p.sock);
-        match sock {
-            Some(sock) => {
+        let relayed = relay
+            .and_then(|pid| self.paths.path(pid))
+            .map(|p| (p.sock, p.listener, p.backend));
+        match relayed {
+            Some((sock, listener, backend)) => {
                 self.actions.push(Action::Forward {
                     sock,
                     to: path.backend,
                     datagram: d,
                 });
-                self.counters.incr(Counter::TxPackets);
-                self.counters.add(Counter::TxBytes, len as u64);
+                self.count_forward(listener, backend, len);
             }
             // The relay closed meanwhile: nothing carries the datagram.
             None => self.drop_datagram(DropReason::Handoff),
@@ -1533,6 +1576,16 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
         self.sweep_relays(budget);
         self.update_gauges();
+        for (l, route) in self.routes.iter().enumerate() {
+            for b in 0..route.backends.len() {
+                let n = self.sessions.on_backend(l, b);
+                self.counters.backend_set(
+                    route.row(b),
+                    BackendCounter::SessionsActive,
+                    u64::from(n),
+                );
+            }
+        }
     }
 
     /// Sessions, paths and sockets held now, for the stats.
@@ -1787,6 +1840,20 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
         let limits: Vec<usize> = routes.iter().map(|r| r.max_sessions).collect();
         self.sessions.remap(map, &limits);
+        self.sessions.recount();
+        // A backend no longer configured has no sessions here any more.
+        let rows = |rs: &[Route]| -> Vec<u16> {
+            rs.iter()
+                .flat_map(|r| r.rows.iter().flatten().copied())
+                .collect()
+        };
+        let kept = rows(&routes);
+        for row in rows(&self.routes) {
+            if !kept.contains(&row) {
+                self.counters
+                    .backend_set(Some(row), BackendCounter::SessionsActive, 0);
+            }
+        }
         self.routes = routes;
         // Sockets outside a listener's new ranges take no new paths.
         let retire: Vec<SockId> = self
@@ -1808,12 +1875,47 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         self.draining = true;
     }
 
-    /// A `Forward` of `len` bytes could not be sent.
-    pub fn forward_failed(&mut self, len: usize) {
+    /// A `Forward` of `len` bytes on `sock` to `to` could not be sent (in
+    /// the flush that made it: its counts are taken back before anything
+    /// is published).
+    pub fn forward_failed(&mut self, sock: SockId, to: SocketAddr, len: usize) {
         self.counters.add(Counter::TxPackets, u64::MAX);
         self.counters
             .add(Counter::TxBytes, (len as u64).wrapping_neg());
         self.drop_datagram(DropReason::Upstream);
+        let row = self.row_toward(sock, to);
+        self.counters
+            .backend_add(row, BackendCounter::TxPackets, u64::MAX);
+        self.counters
+            .backend_add(row, BackendCounter::TxBytes, (len as u64).wrapping_neg());
+        self.counters
+            .backend_add(row, BackendCounter::SendErrors, 1);
+    }
+
+    /// The row of backend `to` of the listener whose socket `sock` is.
+    fn row_toward(&self, sock: SockId, to: SocketAddr) -> Option<u16> {
+        let listener = self.paths.sock(sock)?.listener;
+        let b = self.routes.get(listener)?.backend_of(to)?;
+        self.row_of(listener, b)
+    }
+
+    /// The kernel reported an error for a datagram `sock` sent to `to`
+    /// (ICMP, read from the socket's error queue): `unreachable` for port,
+    /// host or network unreachable, else another send error.
+    pub fn upstream_error(&mut self, sock: SockId, to: SocketAddr, unreachable: bool) {
+        let row = self.row_toward(sock, to);
+        let c = if unreachable {
+            BackendCounter::Unreachable
+        } else {
+            BackendCounter::SendErrors
+        };
+        self.counters.backend_add(row, c, 1);
+    }
+
+    /// Where the router's clock (ms since its loop started) is on
+    /// CLOCK_MONOTONIC: backend reply times are published on that clock.
+    pub fn set_epoch(&mut self, epoch_ms: u64) {
+        self.epoch_ms = epoch_ms;
     }
 
     /// A `Reply` could not be sent.

@@ -90,6 +90,31 @@ struct ListenerTable {
     keys: KeyIndex,
     sessions: usize,
     max_sessions: usize,
+    /// Its sessions by backend index.
+    by_backend: Vec<u32>,
+}
+
+impl ListenerTable {
+    fn new(max_sessions: usize) -> ListenerTable {
+        ListenerTable {
+            keys: KeyIndex::new(),
+            sessions: 0,
+            max_sessions,
+            by_backend: Vec::new(),
+        }
+    }
+
+    fn count(&mut self, backend: u16, up: bool) {
+        let b = usize::from(backend);
+        if self.by_backend.len() <= b {
+            self.by_backend.resize(b + 1, 0);
+        }
+        if up {
+            self.by_backend[b] += 1;
+        } else {
+            self.by_backend[b] = self.by_backend[b].saturating_sub(1);
+        }
+    }
 }
 
 /// All sessions of one worker, across its listeners.
@@ -118,14 +143,7 @@ impl SessionTable {
     /// for their limit (up to [`PRESIZE_CAP`]); the key maps start small,
     /// so a few sessions stay in cache, and grow a shard at a time.
     pub fn new(limits: impl IntoIterator<Item = usize>) -> Self {
-        let listeners: Vec<ListenerTable> = limits
-            .into_iter()
-            .map(|max_sessions| ListenerTable {
-                keys: KeyIndex::new(),
-                sessions: 0,
-                max_sessions,
-            })
-            .collect();
+        let listeners: Vec<ListenerTable> = limits.into_iter().map(ListenerTable::new).collect();
         let total: usize = listeners
             .iter()
             .map(|l| l.max_sessions.min(PRESIZE_CAP))
@@ -172,7 +190,9 @@ impl SessionTable {
         let id = self.sessions.insert(session);
         self.span = self.span.max(id + 1);
         let keys: Vec<FlowKey> = self.sessions[id].keys().copied().collect();
+        let backend = self.sessions[id].backend;
         self.listeners[listener].sessions += 1;
+        self.listeners[listener].count(backend, true);
         for key in keys {
             if self.lookup(listener, &key).is_none() {
                 self.listeners[listener].keys.insert(&key, id as u32);
@@ -193,6 +213,7 @@ impl SessionTable {
         let session = self.sessions.try_remove(id)?;
         if let Some(l) = self.listeners.get_mut(session.listener) {
             l.sessions -= 1;
+            l.count(session.backend, false);
             for key in session.keys() {
                 l.keys.remove(key, id as u32);
             }
@@ -217,6 +238,28 @@ impl SessionTable {
 
     pub fn len(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// Sessions of `listener` with backend `backend`.
+    pub fn on_backend(&self, listener: usize, backend: usize) -> u32 {
+        self.listeners
+            .get(listener)
+            .and_then(|l| l.by_backend.get(backend))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Counts sessions by backend again (after a reload moved listener and
+    /// backend indices, or sessions to other backends).
+    pub fn recount(&mut self) {
+        for l in &mut self.listeners {
+            l.by_backend.clear();
+        }
+        for (_, s) in self.sessions.iter() {
+            if let Some(l) = self.listeners.get_mut(s.listener) {
+                l.count(s.backend, true);
+            }
+        }
     }
 
     /// The slab indices a sweep covers.
@@ -253,11 +296,7 @@ impl SessionTable {
             .collect();
         self.listeners = limits
             .iter()
-            .map(|&max_sessions| ListenerTable {
-                keys: KeyIndex::new(),
-                sessions: 0,
-                max_sessions,
-            })
+            .map(|&max_sessions| ListenerTable::new(max_sessions))
             .collect();
         for (j, to) in map.iter().enumerate() {
             if let (Some(i), Some(table)) = (to, old.get_mut(j).and_then(Option::take)) {

@@ -452,8 +452,57 @@ pub fn bound_upstream(local: SocketAddr) -> io::Result<UdpSocket> {
         socket.set_only_v6(true)?;
     }
     setsockopt(&socket, sockopt::RxqOvfl, &1)?;
+    // ICMP errors for what it sends (port unreachable, above all) are
+    // queued for it to read, naming the backend they are about: an
+    // unconnected socket otherwise never hears of them.
+    if local.is_ipv6() {
+        setsockopt(&socket, sockopt::Ipv6RecvErr, &true)?;
+    } else {
+        setsockopt(&socket, sockopt::Ipv4RecvErr, &true)?;
+    }
     socket.bind(&local.into())?;
     Ok(socket.into())
+}
+
+/// Errors an upstream socket's error queue holds at most per read (the
+/// queue is bounded by the socket's receive buffer).
+const ERRORS_PER_READ: usize = 256;
+
+/// Reads the error queue of `fd` (IP_RECVERR): each error with the address
+/// the datagram that caused it was sent to and its errno. Returns how many.
+pub fn recv_errors(fd: RawFd, mut on: impl FnMut(SocketAddr, i32)) -> usize {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
+    let mut n = 0;
+    let mut buf = [0u8; 64];
+    let mut cmsg = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in6);
+    for _ in 0..ERRORS_PER_READ {
+        let mut iov = [io::IoSliceMut::new(&mut buf)];
+        let flags = MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT;
+        let Ok(msg) = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), flags) else {
+            break;
+        };
+        let to = msg.address.as_ref().and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| SocketAddr::from(SocketAddrV4::from(*v4)))
+                .or_else(|| {
+                    a.as_sockaddr_in6()
+                        .map(|v6| SocketAddr::from(SocketAddrV6::from(*v6)))
+                })
+        });
+        let errno = msg.cmsgs().ok().and_then(|mut c| {
+            c.find_map(|m| match m {
+                ControlMessageOwned::Ipv4RecvErr(e, _) | ControlMessageOwned::Ipv6RecvErr(e, _) => {
+                    Some(e.ee_errno as i32)
+                }
+                _ => None,
+            })
+        });
+        if let (Some(to), Some(errno)) = (to, errno) {
+            on(to, errno);
+        }
+        n += 1;
+    }
+    n
 }
 
 #[cfg(test)]

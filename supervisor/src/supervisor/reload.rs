@@ -215,6 +215,7 @@ impl Supervisor {
             }
         }
         self.groups = staged.groups.into_iter().map(|(g, _)| g).collect();
+        super::register_backends(&self.region, &staged.cfg);
         self.config = staged.cfg;
         self.text = staged.text;
         self.apply_cpus(staged.cpus);

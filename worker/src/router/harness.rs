@@ -329,9 +329,17 @@ impl World {
     /// The routes of config `text` (see [`config`]), for a reload.
     pub fn routes_for(text: &str) -> Vec<Route> {
         let cfg = udpshard_config::parse(text, "test").unwrap();
+        // Backend b of listener l counts in row 16 l + b.
         cfg.listeners
             .iter()
-            .map(|l| Route::new(l, false).unwrap())
+            .enumerate()
+            .map(|(l, cfg)| {
+                let mut route = Route::new(cfg, false).unwrap();
+                for b in 0..cfg.backends.len() {
+                    route.set_row(b, Some((16 * l + b) as u16));
+                }
+                route
+            })
             .collect()
     }
 

@@ -666,6 +666,61 @@ fn router_a_freed_slot_cools_before_reuse_toward_the_same_backend() {
 }
 
 #[test]
+fn router_counts_every_forward_reply_and_session_by_backend() {
+    use udpshard_shared::backends::BackendCounter as B;
+    let mut w = world(1, "", 3);
+    for n in 0..100u64 {
+        for _ in 0..10 {
+            w.send(0, CLIENT, &short(n, b"xy"));
+        }
+    }
+    let at: Vec<usize> = (0..3)
+        .map(|b| {
+            w.at_backend
+                .iter()
+                .filter(|d| d.backend == backend(b))
+                .count()
+        })
+        .collect();
+    assert_eq!(at.iter().sum::<usize>(), 1000);
+    let c = &w.routers[0].counters;
+    for (b, n) in at.iter().enumerate() {
+        assert_eq!(c.backend_get(b, B::TxPackets), *n as u64, "backend {b}");
+        assert_eq!(c.backend_get(b, B::TxBytes), *n as u64 * 11);
+    }
+    let created: u64 = (0..3).map(|b| c.backend_get(b, B::SessionsCreated)).sum();
+    assert_eq!(created, 100);
+    // Replies count at their backend, with the time of the latest.
+    let first = w.at_backend[0].clone();
+    w.now_ms = 777;
+    w.reply(first.backend, first.from, b"r");
+    let b = (0..3).find(|b| backend(*b) == first.backend).unwrap();
+    let c = &w.routers[0].counters;
+    assert_eq!(c.backend_get(b, B::Replies), 1);
+    assert_eq!(c.backend_get(b, B::LastReplyMs), 777);
+    // The gauge follows the sessions each tick.
+    w.advance(1);
+    let c = &w.routers[0].counters;
+    let active: Vec<u64> = (0..3)
+        .map(|b| c.backend_get(b, B::SessionsActive))
+        .collect();
+    assert_eq!(active.iter().sum::<u64>(), 100);
+    for (b, n) in active.iter().enumerate() {
+        assert_eq!(*n, c.backend_get(b, B::SessionsCreated));
+    }
+    w.advance(120_000);
+    let c = &w.routers[0].counters;
+    assert_eq!(
+        (0..3)
+            .map(|b| c.backend_get(b, B::SessionsActive))
+            .sum::<u64>(),
+        0,
+        "expired"
+    );
+    w.assert_ledger();
+}
+
+#[test]
 fn router_session_limit_drops_new_flows() {
     let mut w = World::new(
         1,

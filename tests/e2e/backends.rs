@@ -1,0 +1,176 @@
+//! End to end: backends an operator can see. Per-backend counters in
+//! `stats`, `stats --json` and (see diagnostics.rs) Prometheus, counted
+//! exactly and kept through worker restarts; ICMP unreachable reports
+//! counted at the backend they are about.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use udpshard_shared::Maglev;
+use udpshard_tests::harness::{
+    bind_udp, field_of, listener_config, quic_short, wait_until, Backend, Proxy,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
+const WAIT: Duration = Duration::from_secs(15);
+
+fn config(top: &str, backends: &[SocketAddr]) -> String {
+    listener_config(top, "dissector = \"quic\"\nshort_cid_len = 8", backends)
+}
+
+/// `stats --json`'s backends, by address.
+fn backends(proxy: &Proxy) -> HashMap<SocketAddr, Value> {
+    proxy.stats()["backends"]
+        .as_array()
+        .expect("a backends array")
+        .iter()
+        .map(|b| (b["addr"].as_str().unwrap().parse().unwrap(), b.clone()))
+        .collect()
+}
+
+fn get(b: &Value, field: &str) -> u64 {
+    b[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{field} in {b}"))
+}
+
+#[test]
+fn per_backend_counters_match_what_each_backend_received_and_outlive_a_worker() {
+    let bs = [
+        Backend::start("a"),
+        Backend::start("b"),
+        Backend::start("c"),
+    ];
+    let addrs: Vec<SocketAddr> = bs.iter().map(|b| b.addr).collect();
+    let proxy = Proxy::start(Path::new(BIN), &config("workers = 2", &addrs));
+    let client = bind_udp("127.0.0.1:0");
+    for round in 0..10u8 {
+        for cid in 0..100u64 {
+            client
+                .send_to(&quic_short(cid, &[round]), proxy.addr("quic"))
+                .unwrap();
+        }
+    }
+    wait_until(WAIT, "1000 at the backends", || {
+        bs.iter().map(Backend::count).sum::<usize>() == 1000
+    });
+    let mut echoes = 0;
+    let mut buf = [0u8; 64];
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    while echoes < 1000 {
+        client.recv_from(&mut buf).expect("every echo");
+        echoes += 1;
+    }
+    let stats = proxy.wait_stats(WAIT, "the session gauge", |s| {
+        s["backends"]
+            .as_array()
+            .is_some_and(|v| v.iter().map(|b| get(b, "sessions_active")).sum::<u64>() == 100)
+    });
+    let by_addr = backends(&proxy);
+    assert_eq!(by_addr.len(), 3, "{stats:#}");
+    for b in &bs {
+        let row = &by_addr[&b.addr];
+        assert_eq!(row["listener"], "quic");
+        assert_eq!(row["state"], "up");
+        assert_eq!(row["weight"], 1);
+        assert_eq!(get(row, "tx_packets"), b.count() as u64, "{row}");
+        assert_eq!(get(row, "tx_bytes"), b.count() as u64 * 10);
+        assert_eq!(get(row, "replies"), b.count() as u64, "every echo read");
+        assert_eq!(get(row, "sessions_created") * 10, b.count() as u64);
+        assert_eq!(get(row, "unreachable"), 0);
+        assert!(row["last_reply_ms_ago"].as_u64().is_some(), "{row}");
+    }
+    // The table shows them too.
+    let out = Command::new(BIN)
+        .args(["stats", "--stats-file"])
+        .arg(&proxy.stats_file)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    for b in &bs {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with("quic") && l.contains(&b.addr.to_string())),
+            "{table}"
+        );
+    }
+    // A worker dies: its counts stay with the backends.
+    let pid = field_of(&stats["workers"][0], "pid");
+    // SAFETY: kill(2) on the proxy's own worker.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    proxy.wait_stats(WAIT, "the replacement serving", |s| {
+        let w = &s["workers"][0];
+        field_of(w, "restarts") == 1 && w["state"] == "ready" && field_of(w, "pid") != pid
+    });
+    let after = backends(&proxy);
+    for b in &bs {
+        assert_eq!(get(&after[&b.addr], "tx_packets"), b.count() as u64);
+        assert_eq!(
+            get(&after[&b.addr], "sessions_created"),
+            get(&by_addr[&b.addr], "sessions_created")
+        );
+    }
+}
+
+/// An address nothing listens on: a port bound a moment ago, then closed.
+fn closed_port() -> SocketAddr {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap()
+}
+
+fn unreachable_counted_exactly(upstream_send: &str) {
+    let live = Backend::start("live");
+    let dead = closed_port();
+    let addrs = [live.addr, dead];
+    let top = format!("workers = 2\nupstream_send = \"{upstream_send}\"");
+    let proxy = Proxy::start(Path::new(BIN), &config(&top, &addrs));
+    let maglev = Maglev::new(&[(live.addr.to_string(), 1), (dead.to_string(), 1)], 65537).unwrap();
+    let to_dead: Vec<u64> = (0..1000u64)
+        .filter(|c| maglev.backend_for(&c.to_be_bytes()) == 1)
+        .take(5)
+        .collect();
+    let client = bind_udp("127.0.0.1:0");
+    for round in 0..4u8 {
+        for cid in &to_dead {
+            client
+                .send_to(&quic_short(*cid, &[round]), proxy.addr("quic"))
+                .unwrap();
+        }
+    }
+    proxy.wait_stats(WAIT, "20 unreachable reports", |s| {
+        s["backends"].as_array().is_some_and(|v| {
+            v.iter()
+                .any(|b| b["addr"] == dead.to_string() && get(b, "unreachable") == 20)
+        })
+    });
+    let rows = backends(&proxy);
+    assert_eq!(get(&rows[&dead], "tx_packets"), 20);
+    assert_eq!(get(&rows[&dead], "unreachable"), 20, "{}", rows[&dead]);
+    assert_eq!(get(&rows[&dead], "replies"), 0);
+    assert!(rows[&dead]["last_reply_ms_ago"].is_null());
+    assert_eq!(get(&rows[&live.addr], "unreachable"), 0);
+    assert_eq!(get(&rows[&live.addr], "tx_packets"), 0);
+    // The live backend still gets its flows.
+    let to_live = (0..1000u64)
+        .find(|c| maglev.backend_for(&c.to_be_bytes()) == 0)
+        .unwrap();
+    client
+        .send_to(&quic_short(to_live, b"x"), proxy.addr("quic"))
+        .unwrap();
+    wait_until(WAIT, "the live backend", || live.count() == 1);
+}
+
+#[test]
+fn unreachable_reports_are_counted_at_their_backend_when_forwards_go_on_their_sockets() {
+    unreachable_counted_exactly("socket");
+}
+
+#[test]
+fn unreachable_reports_are_counted_at_their_backend_when_forwards_go_raw() {
+    unreachable_counted_exactly("auto");
+}
