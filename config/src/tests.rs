@@ -582,14 +582,23 @@ fn out_of_range_values() {
     assert_err(
         &weighted("0"),
         5,
-        47,
-        r#"backend "10.0.0.1:443" weight = 0 is out of range (1..=1000)"#,
+        12,
+        "every backend has weight = 0, so no new session could go anywhere",
+    );
+    let drained = BASE.replace(
+        r#"["10.0.0.1:443"]"#,
+        r#"[{ addr = "10.0.0.1:443", weight = 0 }, "10.0.0.2:443"]"#,
+    );
+    assert_eq!(
+        ok(&drained).listeners[0].backends[0].weight,
+        0,
+        "one drained"
     );
     assert_err(
         &weighted("1001"),
         5,
         47,
-        "weight = 1001 is out of range (1..=1000)",
+        "weight = 1001 is out of range (0..=1000)",
     );
 }
 

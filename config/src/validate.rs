@@ -25,7 +25,8 @@ const WORKERS: RangeInclusive<i64> = 1..=1024;
 const CID_LEN: RangeInclusive<i64> = 1..=20;
 // Keeps the connection ID inside a single unfragmented datagram.
 const CID_OFFSET: RangeInclusive<i64> = 0..=1400;
-const WEIGHT: RangeInclusive<i64> = 1..=1000;
+/// 0 drains a backend: no new sessions, live ones stay.
+const WEIGHT: RangeInclusive<i64> = 0..=1000;
 const MAX_SESSIONS: RangeInclusive<i64> = 1..=100_000_000;
 const MAGLEV_TABLE_SIZE: RangeInclusive<i64> = 101..=10_000_019;
 // Below ~10 slots per backend Maglev's load imbalance becomes noticeable.
@@ -673,6 +674,15 @@ fn backends(
             weight,
             server_id,
         });
+    }
+    if !out.is_empty() && out.iter().all(|b| b.weight == 0) {
+        return Err(at(
+            v,
+            format!(
+                "{ctx}: every backend has weight = 0, so no new session could go anywhere \
+                 (weight 0 drains one backend while the others take its new sessions)"
+            ),
+        ));
     }
     Ok(out)
 }

@@ -748,7 +748,12 @@ pub(crate) fn register_backends(region: &StatsRegion, config: &Config) {
     let mut kept = Vec::new();
     for l in &config.listeners {
         for b in &l.backends {
-            match region.register_backend(&l.name, b.addr, BackendState::Up, b.weight) {
+            let state = if b.weight == 0 {
+                BackendState::Draining
+            } else {
+                BackendState::Up
+            };
+            match region.register_backend(&l.name, b.addr, state, b.weight) {
                 Some(row) => kept.push(row),
                 None => tracing::warn!(
                     "listener {}: backend {} has no per-backend counters (all {} rows are taken; \

@@ -174,3 +174,72 @@ fn unreachable_reports_are_counted_at_their_backend_when_forwards_go_on_their_so
 fn unreachable_reports_are_counted_at_their_backend_when_forwards_go_raw() {
     unreachable_counted_exactly("auto");
 }
+
+#[test]
+fn weight_0_in_a_reload_drains_a_backend_its_live_sessions_stay_and_stats_count_them() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let text = config("workers = 2", &[a.addr, b.addr]);
+    let proxy = Proxy::start(Path::new(BIN), &text);
+    let client = bind_udp("127.0.0.1:0");
+    let send = |cids: std::ops::Range<u64>, tag: u8| {
+        for cid in cids {
+            client
+                .send_to(&quic_short(cid, &[tag]), proxy.addr("quic"))
+                .unwrap();
+        }
+    };
+    send(0..60, 1);
+    wait_until(WAIT, "the first round", || a.count() + b.count() == 60);
+    let on_a = a.count();
+    assert!(on_a > 0 && on_a < 60, "both backends have sessions: {on_a}");
+    // Reload with a drained.
+    let drained = text.replace(
+        &format!("\"{}\"", a.addr),
+        &format!("{{ addr = \"{}\", weight = 0 }}", a.addr),
+    );
+    std::fs::write(
+        &proxy.config_path,
+        drained.replace("{stats_file}", &proxy.stats_file.display().to_string()),
+    )
+    .unwrap();
+    proxy.signal(libc::SIGHUP);
+    let stats = proxy.wait_stats(WAIT, "a draining", |s| {
+        s["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| field_of(w, "config_generation") == 2)
+    });
+    let rows = backends(&proxy);
+    assert_eq!(rows[&a.addr]["state"], "draining", "{stats:#}");
+    assert_eq!(get(&rows[&a.addr], "weight"), 0);
+    // Its live sessions keep working ...
+    send(0..60, 2);
+    wait_until(WAIT, "the second round", || a.count() + b.count() == 120);
+    assert_eq!(a.count(), 2 * on_a, "a's live sessions stayed on a");
+    // ... and no new one goes there.
+    send(1000..1200, 3);
+    wait_until(WAIT, "new CIDs", || a.count() + b.count() == 320);
+    assert_eq!(
+        a.count(),
+        2 * on_a,
+        "a new session went to a drained backend"
+    );
+    // The gauge is recounted every tick (100 ms).
+    let stats = proxy.wait_stats(WAIT, "the sessions left on a", |s| {
+        s["backends"].as_array().is_some_and(|v| {
+            v.iter().any(|r| {
+                r["addr"] == a.addr.to_string() && get(r, "sessions_active") == on_a as u64
+            }) && v.iter().any(|r| {
+                r["addr"] == b.addr.to_string() && get(r, "sessions_active") == (260 - on_a) as u64
+            })
+        })
+    });
+    let rows = backends(&proxy);
+    assert!(!stats["backends"].is_null());
+    assert_eq!(get(&rows[&a.addr], "sessions_created"), on_a as u64);
+    assert_eq!(
+        get(&rows[&b.addr], "sessions_created"),
+        (60 - on_a + 200) as u64
+    );
+}

@@ -193,6 +193,8 @@ pub struct Route {
     pub ident: u64,
     pub dissector: Dissector,
     maglev: Maglev,
+    /// Maglev's backend i is backend `taking[i]` (those of weight > 0).
+    taking: Vec<usize>,
     pub backends: Vec<SocketAddr>,
     /// `tags[b]`: [`backend_tag`] of backend b, as port hints name it.
     tags: Vec<u16>,
@@ -218,10 +220,14 @@ pub struct Route {
 
 impl Route {
     pub fn new(cfg: &config::Listener, wildcard: bool) -> Result<Route, MaglevError> {
-        let names: Vec<(String, u32)> = cfg
-            .backends
+        // Maglev over the backends that take new sessions: one drained
+        // (weight 0) leaves the table, and keys that did not map to it stay.
+        let taking: Vec<usize> = (0..cfg.backends.len())
+            .filter(|&i| cfg.backends[i].weight > 0)
+            .collect();
+        let names: Vec<(String, u32)> = taking
             .iter()
-            .map(|b| (b.addr.to_string(), b.weight))
+            .map(|&i| (cfg.backends[i].addr.to_string(), cfg.backends[i].weight))
             .collect();
         let backends: Vec<SocketAddr> = cfg.backends.iter().map(|b| b.addr).collect();
         Ok(Route {
@@ -229,6 +235,7 @@ impl Route {
             ident: stable_hash(cfg.name.as_bytes()),
             dissector: cfg.dissector.into(),
             maglev: Maglev::new(&names, cfg.maglev_table_size)?,
+            taking,
             ipv4: backends.iter().map(|b| b.is_ipv4()).collect(),
             tags: backends.iter().map(|b| backend_tag(*b)).collect(),
             rows: vec![None; backends.len()],
@@ -262,7 +269,7 @@ impl Route {
         self.quic_lb
             .as_ref()
             .and_then(|lb| lb.route(key))
-            .unwrap_or_else(|| self.maglev.backend_for(key))
+            .unwrap_or_else(|| self.taking[self.maglev.backend_for(key)])
     }
 
     /// Gives backend `b` its row of counters (`None`: uncounted).
@@ -288,7 +295,7 @@ impl Route {
         let hash = stable_hash(key);
         let (slot, size) = self.maglev.slot_for_hash(hash);
         Pick {
-            backend: self.maglev.backend_for_hash(hash),
+            backend: self.taking[self.maglev.backend_for_hash(hash)],
             by: PickedBy::Maglev { hash, slot, size },
         }
     }

@@ -1159,3 +1159,37 @@ fn a_late_yes_to_a_transfer_still_closes_the_paths_closed_meanwhile() {
     check(&w);
     assert!(w.holders(5).len() == 1, "CID 5 on {:?}", w.holders(5));
 }
+
+#[test]
+fn router_the_backend_gauge_survives_a_reload_that_drains_a_backend() {
+    use udpshard_shared::backends::BackendCounter as B;
+    let mut w = world(1, "", 2);
+    for cid in 0..40u64 {
+        w.send(0, CLIENT, &short(cid, b"x"));
+    }
+    w.advance(1);
+    let before: Vec<u64> = (0..2)
+        .map(|b| w.routers[0].counters.backend_get(b, B::SessionsActive))
+        .collect();
+    assert_eq!(before.iter().sum::<u64>(), 40);
+    let text = config("", 2).replacen(
+        &format!("\"{}\"", backend(0)),
+        &format!("{{ addr = \"{}\", weight = 0 }}", backend(0)),
+        1,
+    );
+    assert!(text.contains("weight = 0"), "{text}");
+    w.routers[0].reconfigure(World::routes_for(&text), &[Some(0)]);
+    w.advance(1);
+    let after: Vec<u64> = (0..2)
+        .map(|b| w.routers[0].counters.backend_get(b, B::SessionsActive))
+        .collect();
+    assert_eq!(after, before, "live sessions keep their backends");
+    for cid in 100..140u64 {
+        w.send(0, CLIENT, &short(cid, b"new"));
+        assert_eq!(
+            w.at_backend.last().unwrap().backend,
+            backend(1),
+            "a drained backend took a new session"
+        );
+    }
+}
