@@ -45,6 +45,10 @@ pub(crate) struct FileListener {
     pub upstream_sources: Option<Spanned<ArrayOf<Spanned<String>>>>,
     pub upstream_ports: Option<Spanned<String>>,
     pub port_reuse_delay: Option<Spanned<IntOrStr>>,
+    pub fall: Option<Spanned<Int>>,
+    pub reply_timeout: Option<Spanned<IntOrStr>>,
+    pub revive_after: Option<Spanned<IntOrStr>>,
+    pub on_backend_down: Option<Spanned<String>>,
 }
 
 /// `[listener.quic_lb]`: plaintext QUIC-LB routing

@@ -98,6 +98,25 @@ pub struct Listener {
     /// How long a (source, port) freed from a backend waits before it is
     /// used toward that backend again, in `0s..=1h`.
     pub port_reuse_delay: Duration,
+    /// Passive health: a backend is down for new sessions after this many
+    /// ICMP unreachable reports with no reply between them, or (QUIC) this
+    /// many new sessions in a row with no reply within `reply_timeout`; in
+    /// `1..=1000`.
+    pub fall: u32,
+    /// In `100ms..=60s`.
+    pub reply_timeout: Duration,
+    /// A down backend is tried again after this long, in `1s..=1h`.
+    pub revive_after: Duration,
+    pub on_backend_down: OnBackendDown,
+}
+
+/// What a backend going down does to its live sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnBackendDown {
+    /// They stay (a backend that lost one port may still serve them).
+    Keep,
+    /// They move to the backend their key maps to now (`sessions_rerouted`).
+    Reroute,
 }
 
 /// How a session treats a client address it has not seen.

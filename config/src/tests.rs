@@ -64,6 +64,10 @@ fn default_parses() {
             upstream_sources: vec![],
             upstream_ports: Some((20000, 29999)),
             port_reuse_delay: Duration::from_secs(60),
+            fall: 3,
+            reply_timeout: Duration::from_secs(1),
+            revive_after: Duration::from_secs(10),
+            on_backend_down: OnBackendDown::Keep,
             backends: vec![
                 Backend {
                     addr: sa("127.0.0.1:4434"),
@@ -600,6 +604,48 @@ fn out_of_range_values() {
         47,
         "weight = 1001 is out of range (0..=1000)",
     );
+}
+
+#[test]
+fn passive_health_keys_are_checked() {
+    let with = |line: &str| {
+        BASE.replace(
+            "dissector = \"quic\"",
+            &format!("dissector = \"quic\"\n{line}"),
+        )
+    };
+    let l = &ok(&with(
+        "fall = 5\nreply_timeout = \"250ms\"\nrevive_after = \"2s\"\non_backend_down = \"reroute\"",
+    ))
+    .listeners[0];
+    assert_eq!(
+        (l.fall, l.reply_timeout, l.revive_after, l.on_backend_down),
+        (
+            5,
+            Duration::from_millis(250),
+            Duration::from_secs(2),
+            OnBackendDown::Reroute
+        )
+    );
+    for (line, says) in [
+        ("fall = 0", "fall = 0 is out of range (1..=1000)"),
+        ("reply_timeout = \"10ms\"", "reply_timeout"),
+        ("revive_after = \"0s\"", "revive_after"),
+        (
+            "on_backend_down = \"drop\"",
+            "on_backend_down = \"drop\" is invalid",
+        ),
+    ] {
+        let err = udpshard_config_err(&with(line));
+        assert!(
+            err.contains(says) && err.starts_with("FILE:5:"),
+            "{line}: {err}"
+        );
+    }
+}
+
+fn udpshard_config_err(text: &str) -> String {
+    crate::parse(text, "FILE").unwrap_err().to_string()
 }
 
 #[test]

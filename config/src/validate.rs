@@ -12,6 +12,7 @@ use toml::Spanned;
 use crate::error::SpanError;
 use crate::file::{ArrayOf, FileBackend, FileConfig, FileListener, FileQuicLb, Int, IntOrStr};
 use crate::units::{self, UnitError, DURATION_FORMS, SIZE_FORMS};
+use crate::OnBackendDown;
 use crate::{
     Backend, Config, Dissector, Listener, Migration, QuicLb, Steering, UpstreamSend, Workers,
     DEFAULT_STATS_FILE,
@@ -51,6 +52,13 @@ const DEFAULT_MAX_PATHS: usize = 4;
 const MAX_PATHS: RangeInclusive<i64> = 1..=16;
 const MAX_SOURCES: usize = 64;
 const DEFAULT_PORT_REUSE_DELAY: Duration = Duration::from_secs(60);
+const FALL: RangeInclusive<i64> = 1..=1000;
+const DEFAULT_FALL: u32 = 3;
+const REPLY_TIMEOUT: RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(60);
+const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
+const REVIVE_AFTER: RangeInclusive<Duration> = Duration::from_secs(1)..=Duration::from_secs(3600);
+const DEFAULT_REVIVE_AFTER: Duration = Duration::from_secs(10);
 const PORT_REUSE_DELAY: RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(3600);
 const PORT_REUSE_DELAY_TEXT: &str = "0s..=1h";
 const NAME_MAX: usize = 32;
@@ -288,6 +296,38 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
             &format!("{ctx}: port_reuse_delay"),
         )?,
     };
+    let fall = match &l.fall {
+        None => DEFAULT_FALL,
+        Some(v) => int_in(v, FALL, &format!("{ctx}: fall"))?,
+    };
+    let reply_timeout = match &l.reply_timeout {
+        None => DEFAULT_REPLY_TIMEOUT,
+        Some(v) => duration_in(
+            v,
+            REPLY_TIMEOUT,
+            "100ms..=60s",
+            &format!("{ctx}: reply_timeout"),
+        )?,
+    };
+    let revive_after = match &l.revive_after {
+        None => DEFAULT_REVIVE_AFTER,
+        Some(v) => duration_in(v, REVIVE_AFTER, "1s..=1h", &format!("{ctx}: revive_after"))?,
+    };
+    let on_backend_down = match &l.on_backend_down {
+        None => OnBackendDown::Keep,
+        Some(v) => match v.get_ref().as_str() {
+            "keep" => OnBackendDown::Keep,
+            "reroute" => OnBackendDown::Reroute,
+            other => {
+                return Err(at(
+                    v,
+                    format!(
+                        "{ctx}: on_backend_down = {other:?} is invalid (expected \"keep\" or \"reroute\")"
+                    ),
+                ))
+            }
+        },
+    };
     let upstream_ports = match &l.upstream_ports {
         None => None,
         Some(v) => Some(port_range(v, &ctx)?),
@@ -314,6 +354,10 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
         upstream_sources,
         upstream_ports,
         port_reuse_delay,
+        fall,
+        reply_timeout,
+        revive_after,
+        on_backend_down,
     })
 }
 

@@ -14,16 +14,23 @@
 //! words 1-2  the address (IPv4 as v4-mapped IPv6), high then low
 //! word 3     port | family << 16 (4 or 6)
 //! words 4-7  the listener's name, NUL-padded (names are at most 32 bytes)
+//! word 8     times it went down (passive health)
+//! word 9     CLOCK_MONOTONIC (ms) of its latest state change
 //! ```
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 /// Backend rows a run can have (over every listener, reloads included).
 pub const BACKEND_ROWS: usize = 256;
-pub const META_WORDS: usize = 8;
+pub const META_WORDS: usize = 10;
 /// Counters per row per worker.
-pub const FIELDS: usize = 8;
+pub const FIELDS: usize = 10;
 const NAME_WORDS: usize = 4;
+/// Words 1..=7: address, port and family, listener name.
+pub const IDENTITY_WORDS: usize = 3 + NAME_WORDS;
+/// Word 8: times it went down; word 9: when its state last changed.
+pub const DOWNS_WORD: usize = 8;
+pub const CHANGED_WORD: usize = 9;
 
 /// One backend's counters in a worker's slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +52,10 @@ pub enum BackendCounter {
     SendErrors,
     /// CLOCK_MONOTONIC (ms) of its latest reply on this worker; 0: none.
     LastReplyMs,
+    /// New sessions (QUIC) that got no reply within `reply_timeout`.
+    NoReply,
+    /// New sessions (QUIC) that got their first reply within it.
+    Answered,
 }
 
 impl BackendCounter {
@@ -57,6 +68,8 @@ impl BackendCounter {
         BackendCounter::Unreachable,
         BackendCounter::SendErrors,
         BackendCounter::LastReplyMs,
+        BackendCounter::NoReply,
+        BackendCounter::Answered,
     ];
 
     pub fn name(self) -> &'static str {
@@ -69,6 +82,8 @@ impl BackendCounter {
             BackendCounter::Unreachable => "unreachable",
             BackendCounter::SendErrors => "send_errors",
             BackendCounter::LastReplyMs => "last_reply_ms",
+            BackendCounter::NoReply => "sessions_unanswered",
+            BackendCounter::Answered => "sessions_answered",
         }
     }
 }
@@ -109,6 +124,15 @@ pub struct BackendMeta {
     pub in_config: bool,
     pub state: BackendState,
     pub weight: u32,
+    /// Times passive health took it down.
+    pub downs: u64,
+    /// CLOCK_MONOTONIC (ms) of its latest state change (0: none yet).
+    pub changed_ms: u64,
+}
+
+/// The state word 0 of a row holds.
+pub fn state_of(word0: u64) -> BackendState {
+    BackendState::from_bits((word0 >> 8) & 0xff)
 }
 
 /// Word 0 of a row.
@@ -116,14 +140,14 @@ pub fn status_word(in_config: bool, state: BackendState, weight: u32) -> u64 {
     1 | u64::from(in_config) << 1 | (state as u64) << 8 | u64::from(weight.min(0xffff)) << 16
 }
 
-/// Words 1.. of a row: its identity.
-pub fn identity_words(listener: &str, addr: SocketAddr) -> [u64; META_WORDS - 1] {
+/// Words 1..8 of a row: its identity.
+pub fn identity_words(listener: &str, addr: SocketAddr) -> [u64; IDENTITY_WORDS] {
     let (family, v6) = match addr.ip() {
         IpAddr::V4(v4) => (4u64, v4.to_ipv6_mapped()),
         IpAddr::V6(v6) => (6, v6),
     };
     let bits = v6.to_bits();
-    let mut out = [0u64; META_WORDS - 1];
+    let mut out = [0u64; IDENTITY_WORDS];
     out[0] = (bits >> 64) as u64;
     out[1] = bits as u64;
     out[2] = u64::from(addr.port()) | family << 16;
@@ -160,6 +184,8 @@ pub fn decode_meta(w: &[u64]) -> Option<BackendMeta> {
         in_config: w[0] & 2 != 0,
         state: BackendState::from_bits((w[0] >> 8) & 0xff),
         weight: ((w[0] >> 16) & 0xffff) as u32,
+        downs: w[DOWNS_WORD],
+        changed_ms: w[CHANGED_WORD],
     })
 }
 
@@ -173,6 +199,7 @@ mod tests {
             let addr: SocketAddr = addr.parse().unwrap();
             let mut w = vec![status_word(true, BackendState::Draining, 0)];
             w.extend(identity_words("quic-public", addr));
+            w.extend([0, 0]);
             let meta = decode_meta(&w).unwrap();
             assert_eq!(
                 meta,
@@ -182,6 +209,8 @@ mod tests {
                     in_config: true,
                     state: BackendState::Draining,
                     weight: 0,
+                    downs: 0,
+                    changed_ms: 0,
                 }
             );
         }
@@ -191,9 +220,11 @@ mod tests {
             &"n".repeat(32),
             "10.0.0.1:1".parse().unwrap(),
         ));
+        w.extend([2, 77]);
         let meta = decode_meta(&w).unwrap();
         assert_eq!(meta.listener.len(), 32);
         assert!(!meta.in_config);
         assert_eq!(meta.weight, 1000);
+        assert_eq!((meta.downs, meta.changed_ms), (2, 77));
     }
 }

@@ -74,6 +74,10 @@ pub enum Header {
     SlotsUsed,
     /// Backend rows given out (`crate::backends`).
     BackendRows,
+    /// Bumped by the supervisor whenever passive health changes a
+    /// backend's state; each worker says which it has applied
+    /// (`Counter::HealthApplied`).
+    HealthGeneration,
 }
 
 /// Per-worker slot words. Identity words (pid, cpu, generation, state,
@@ -170,6 +174,9 @@ pub enum Counter {
     DropWorkerLost,
     /// Replies likewise (read from backends, not yet sent on).
     DropWorkerLostReply,
+    /// The `Header::HealthGeneration` whose backend states the worker
+    /// routes new sessions by.
+    HealthApplied,
     /// The slot's generation and state in one word (generation << 8 |
     /// state), written by the supervisor alone: what liveness is read from,
     /// in one load. `Generation` and `State` repeat it for display.
@@ -447,6 +454,32 @@ impl StatsRegion {
                 backends::status_word(in_config, state, weight),
                 Ordering::Release,
             );
+        }
+    }
+
+    /// Counter `c` of row `row` summed over every slot that has served.
+    pub fn backend_total(&self, row: usize, c: BackendCounter) -> u64 {
+        let used = (self.header(Header::SlotsUsed) as usize).min(self.slot_capacity());
+        (0..used)
+            .filter_map(|k| self.backend_counts(k))
+            .fold(0u64, |sum, counts| sum.wrapping_add(counts.get(row, c)))
+    }
+
+    /// Row `row`'s state (one word read: a worker's tick reads it).
+    pub fn backend_state(&self, row: usize) -> Option<BackendState> {
+        let w = self.meta_words(row)?;
+        let word = w[0].load(Ordering::Acquire);
+        (word & 1 != 0).then(|| backends::state_of(word))
+    }
+
+    /// Passive health changed row `row`'s state at `now_ms`
+    /// (CLOCK_MONOTONIC): counts a fall, and notes when (the supervisor).
+    pub fn note_backend_change(&self, row: usize, went_down: bool, now_ms: u64) {
+        if let Some(w) = self.meta_words(row) {
+            if went_down {
+                w[backends::DOWNS_WORD].fetch_add(1, Ordering::Relaxed);
+            }
+            w[backends::CHANGED_WORD].store(now_ms, Ordering::Relaxed);
         }
     }
 

@@ -6,6 +6,7 @@ mod capacity;
 mod cpus;
 mod demo;
 mod doctor;
+mod health;
 mod metrics;
 mod notify;
 mod process;

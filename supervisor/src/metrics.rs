@@ -458,6 +458,18 @@ fn backend_families(f: &mut Family<'_>, snap: &Snapshot) {
         );
     }
     f.head(
+        "backend_downs_total",
+        "counter",
+        "Times passive health took the backend down for new sessions.",
+    );
+    for (b, (l, a)) in rows.iter().zip(&labels) {
+        f.sample(
+            "backend_downs_total",
+            &[("listener", l), ("backend", a)],
+            b.meta.downs,
+        );
+    }
+    f.head(
         "backend_weight",
         "gauge",
         "The backend's configured weight.",

@@ -19,7 +19,7 @@ use udpshard_shared::{DropReason, Stage};
 
 use crate::system::SystemCounters;
 
-const PLAIN: [(&str, Counter); 28] = [
+const PLAIN: [(&str, Counter); 29] = [
     ("pid", Counter::Pid),
     ("cpu", Counter::Cpu),
     ("generation", Counter::Generation),
@@ -48,6 +48,7 @@ const PLAIN: [(&str, Counter); 28] = [
     ("config_generation", Counter::ConfigGeneration),
     ("bad_frames", Counter::BadFrames),
     ("control_lost", Counter::ControlLost),
+    ("health_generation", Counter::HealthApplied),
 ];
 
 /// How `stats` prints.
@@ -301,6 +302,7 @@ pub fn to_json(snap: &Snapshot) -> Value {
         "started_at": snap.header(Header::StartedAt),
         "config_generation": snap.header(Header::ConfigGeneration),
         "reload_failures": snap.header(Header::ReloadFailures),
+        "health_generation": snap.header(Header::HealthGeneration),
         "totals": totals_json(snap),
         "workers": workers,
         "backends": backends_json(snap),
@@ -327,6 +329,7 @@ fn backends_json(snap: &Snapshot) -> Value {
             obj.insert("state".into(), json!(b.meta.state.name()));
             obj.insert("weight".into(), json!(b.meta.weight));
             obj.insert("in_config".into(), json!(b.meta.in_config));
+            obj.insert("downs".into(), json!(b.meta.downs));
             for c in BackendCounter::ALL {
                 if c != BackendCounter::LastReplyMs {
                     obj.insert(c.name().into(), json!(b.total(c)));

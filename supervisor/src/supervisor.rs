@@ -137,6 +137,8 @@ pub struct Supervisor {
     /// Set by SIGTERM/SIGINT: when to kill what is still running.
     stop_deadline: Option<Instant>,
     next_cpu_check: Instant,
+    next_health_check: Instant,
+    health: crate::health::Health,
     /// The Prometheus endpoint, when the config asks for one.
     metrics: Option<crate::metrics::MetricsServer>,
 }
@@ -245,6 +247,8 @@ impl Supervisor {
             announced_ready: false,
             stop_deadline: None,
             next_cpu_check: Instant::now() + CPU_CHECK,
+            next_health_check: Instant::now() + crate::health::CHECK,
+            health: crate::health::Health::default(),
             metrics,
         };
         sup.steer_groups()?;
@@ -309,6 +313,10 @@ impl Supervisor {
                 continue;
             }
             self.restart_due();
+            if Instant::now() >= self.next_health_check {
+                self.next_health_check = Instant::now() + crate::health::CHECK;
+                self.check_health();
+            }
             if Instant::now() >= self.next_cpu_check {
                 self.next_cpu_check = Instant::now() + CPU_CHECK;
                 if let Err(e) = self.check_cpus() {
@@ -320,13 +328,46 @@ impl Supervisor {
         }
     }
 
+    /// Passive health: reads the workers' per-backend counters from the
+    /// stats file and moves backends between up and down.
+    fn check_health(&mut self) {
+        let now_ms = udpshard_shared::clock::monotonic_ns() / 1_000_000;
+        let changes = self.health.check(&self.config, &self.region, now_ms);
+        if !changes.is_empty() {
+            let generation = self.region.header(Header::HealthGeneration) + 1;
+            self.region.set_header(Header::HealthGeneration, generation);
+        }
+        for c in changes {
+            if c.down {
+                tracing::warn!(
+                    "listener {}: backend {} is down for new sessions: {}",
+                    c.listener,
+                    c.addr,
+                    c.why
+                );
+            } else {
+                tracing::info!(
+                    "listener {}: backend {} is up: {}",
+                    c.listener,
+                    c.addr,
+                    c.why
+                );
+            }
+        }
+    }
+
     fn next_deadline(&self) -> Instant {
         let restart = self.workers.iter().filter_map(|w| w.restart_at).min();
-        [restart, self.stop_deadline, Some(self.next_cpu_check)]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or_else(|| Instant::now() + CPU_CHECK)
+        [
+            restart,
+            self.stop_deadline,
+            Some(self.next_cpu_check),
+            Some(self.next_health_check),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or_else(|| Instant::now() + CPU_CHECK)
     }
 
     fn spawn(&mut self, id: usize) -> Result<(), SupervisorError> {
@@ -748,10 +789,15 @@ pub(crate) fn register_backends(region: &StatsRegion, config: &Config) {
     let mut kept = Vec::new();
     for l in &config.listeners {
         for b in &l.backends {
-            let state = if b.weight == 0 {
-                BackendState::Draining
-            } else {
-                BackendState::Up
+            // A reload leaves a backend passive health took down as it is
+            // (its revive clock runs on).
+            let was = region
+                .backend_row(&l.name, b.addr)
+                .and_then(|row| region.backend_state(row));
+            let state = match (b.weight, was) {
+                (0, _) => BackendState::Draining,
+                (_, Some(BackendState::Down)) => BackendState::Down,
+                _ => BackendState::Up,
             };
             match region.register_backend(&l.name, b.addr, state, b.weight) {
                 Some(row) => kept.push(row),

@@ -243,3 +243,176 @@ fn weight_0_in_a_reload_drains_a_backend_its_live_sessions_stay_and_stats_count_
         (60 - on_a + 200) as u64
     );
 }
+
+/// Waits until `addr` is `state` and every worker routes by it.
+fn wait_state(proxy: &Proxy, addr: SocketAddr, state: &str) {
+    proxy.wait_stats(
+        WAIT,
+        &format!("{addr} {state}, applied by every worker"),
+        |s| {
+            let generation = &s["health_generation"];
+            s["backends"].as_array().is_some_and(|v| {
+                v.iter()
+                    .any(|b| b["addr"] == addr.to_string() && b["state"] == state)
+            }) && s["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|w| &w["health_generation"] == generation)
+        },
+    );
+}
+
+fn state_of(proxy: &Proxy, addr: SocketAddr) -> String {
+    backends(proxy)[&addr]["state"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn health_config(top: &str, listener: &str, backends: &[SocketAddr]) -> String {
+    listener_config(
+        top,
+        &format!("dissector = \"quic\"\nshort_cid_len = 8\n{listener}"),
+        backends,
+    )
+}
+
+/// CIDs (from `from` on) that Maglev over `addrs` sends to backend `b`.
+fn cids_to(addrs: &[SocketAddr], b: usize, from: u64, n: usize) -> Vec<u64> {
+    let names: Vec<(String, u32)> = addrs.iter().map(|a| (a.to_string(), 1)).collect();
+    let maglev = Maglev::new(&names, 65537).unwrap();
+    (from..)
+        .filter(|c| maglev.backend_for(&c.to_be_bytes()) == b)
+        .take(n)
+        .collect()
+}
+
+fn send(proxy: &Proxy, client: &UdpSocket, cids: &[u64], tag: u8) {
+    for cid in cids {
+        client
+            .send_to(&quic_short(*cid, &[tag]), proxy.addr("quic"))
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_closed_backend_goes_down_within_fall_sessions_new_cids_avoid_it_and_it_comes_back() {
+    let live = Backend::start("live");
+    let dead = closed_port();
+    let addrs = [live.addr, dead];
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &health_config("workers = 2", "fall = 3\nrevive_after = \"2s\"", &addrs),
+    );
+    let client = bind_udp("127.0.0.1:0");
+    // Three new sessions toward the closed port: three unreachable reports.
+    let doomed = cids_to(&addrs, 1, 0, 3);
+    send(&proxy, &client, &doomed, 1);
+    wait_state(&proxy, dead, "down");
+    let log = proxy.wait_log("is down for new sessions", WAIT);
+    assert!(log.contains("3 ICMP unreachable reports in a row"), "{log}");
+    let rows = backends(&proxy);
+    assert_eq!(get(&rows[&dead], "unreachable"), 3, "counted exactly");
+    assert_eq!(get(&rows[&dead], "downs"), 1);
+    // New CIDs that map to it go to the live backend; CIDs that never
+    // mapped to it keep theirs.
+    let redirected = cids_to(&addrs, 1, 1000, 20);
+    let kept = cids_to(&addrs, 0, 1000, 10);
+    send(&proxy, &client, &redirected, 2);
+    send(&proxy, &client, &kept, 2);
+    wait_until(WAIT, "30 at the live backend", || live.count() == 30);
+    let routes = |cids: &[u64]| -> usize {
+        live.seen()
+            .iter()
+            .filter(|s| {
+                let cid = u64::from_be_bytes(s.payload[1..9].try_into().unwrap());
+                cids.contains(&cid)
+            })
+            .count()
+    };
+    assert_eq!(routes(&redirected), 20);
+    assert_eq!(routes(&kept), 10);
+    // With on_backend_down = "keep", the live sessions on it stay there.
+    send(&proxy, &client, &doomed[..1], 3);
+    proxy.wait_stats(WAIT, "a 4th report", |s| {
+        s["backends"].as_array().is_some_and(|v| {
+            v.iter()
+                .any(|b| b["addr"] == dead.to_string() && get(b, "unreachable") == 4)
+        })
+    });
+    // It reopens; after revive_after new sessions reach it again.
+    let back = Backend::start_on("back", &dead.to_string());
+    wait_state(&proxy, dead, "up");
+    proxy.wait_log("is up: down for", WAIT);
+    let fresh = cids_to(&addrs, 1, 5000, 5);
+    send(&proxy, &client, &fresh, 4);
+    wait_until(WAIT, "new sessions at the revived backend", || {
+        back.count() == 5
+    });
+    assert_eq!(state_of(&proxy, dead), "up", "its replies keep it up");
+}
+
+#[test]
+fn on_backend_down_reroute_moves_live_sessions_off_a_closed_backend() {
+    let live = Backend::start("live");
+    let dead = closed_port();
+    let addrs = [live.addr, dead];
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &health_config(
+            "workers = 2",
+            "fall = 3\non_backend_down = \"reroute\"",
+            &addrs,
+        ),
+    );
+    let client = bind_udp("127.0.0.1:0");
+    let doomed = cids_to(&addrs, 1, 0, 3);
+    send(&proxy, &client, &doomed, 1);
+    proxy.wait_stats(WAIT, "down and rerouted", |s| {
+        crate_total(s, "sessions_rerouted") == 3
+    });
+    send(&proxy, &client, &doomed, 2);
+    wait_until(WAIT, "the rerouted sessions at the live backend", || {
+        live.count() == 3
+    });
+    let stats = proxy.stats();
+    assert_eq!(
+        crate_total(&stats, "sessions_created"),
+        3,
+        "the same sessions, moved"
+    );
+}
+
+#[test]
+fn a_backend_that_never_answers_new_quic_sessions_goes_down() {
+    let live = Backend::start("live");
+    // Takes datagrams, answers none.
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mute = silent.local_addr().unwrap();
+    let addrs = [live.addr, mute];
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &health_config("workers = 2", "fall = 3\nreply_timeout = \"200ms\"", &addrs),
+    );
+    let client = bind_udp("127.0.0.1:0");
+    send(&proxy, &client, &cids_to(&addrs, 1, 0, 3), 1);
+    proxy.wait_stats(WAIT, "the silent backend down", |s| {
+        s["backends"].as_array().is_some_and(|v| {
+            v.iter()
+                .any(|b| b["addr"] == mute.to_string() && b["state"] == "down")
+        })
+    });
+    let log = proxy.wait_log("is down for new sessions", WAIT);
+    assert!(
+        log.contains("3 new sessions in a row without a reply within 200ms"),
+        "{log}"
+    );
+    let rows = backends(&proxy);
+    assert_eq!(get(&rows[&mute], "sessions_unanswered"), 3);
+    assert_eq!(get(&rows[&live.addr], "sessions_unanswered"), 0);
+}
+
+fn crate_total(stats: &Value, field: &str) -> u64 {
+    udpshard_tests::harness::total(stats, field)
+}

@@ -8,7 +8,7 @@ use udpshard_shared::stats::{BackendCounts, Counter, StatsSlot};
 
 /// Words the worker owns in its slot (the supervisor writes the identity
 /// words: pid, cpu, generation, state, restarts).
-const WORKER_OWNED: [Counter; 41] = [
+const WORKER_OWNED: [Counter; 42] = [
     Counter::RxPackets,
     Counter::RxBytes,
     Counter::TxPackets,
@@ -45,6 +45,7 @@ const WORKER_OWNED: [Counter; 41] = [
     Counter::PathsCreated,
     Counter::PathsEvicted,
     Counter::PathsInherited,
+    Counter::HealthApplied,
     Counter::UpstreamSockets,
     Counter::BadFrames,
     Counter::ControlLost,

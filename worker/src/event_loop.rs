@@ -14,11 +14,12 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use quinn_udp::{RecvMeta, UdpSockRef, BATCH_SIZE};
 use udpshard_config::UpstreamSend;
+use udpshard_shared::backends::BackendState;
 use udpshard_shared::clock::monotonic_ns;
 use udpshard_shared::control::{ControlChannel, ControlMsg};
 use udpshard_shared::owners::{Owner, OwnerIndex};
 use udpshard_shared::state::StateRegion;
-use udpshard_shared::stats::{Counter, StatsRegion};
+use udpshard_shared::stats::{Counter, Header, StatsRegion};
 
 use crate::counters::Counters;
 use crate::exec::Executor;
@@ -496,6 +497,23 @@ impl Loop {
 
     fn tick(&mut self) {
         let now = self.now_ms();
+        // Backend states, as the supervisor decides them for every worker
+        // (read before the generation is noted: a change after the read
+        // is applied at the next tick).
+        let health = self.region.header(Header::HealthGeneration);
+        for l in 0..self.router.listeners() {
+            let down: Vec<bool> = self
+                .router
+                .backend_rows(l)
+                .iter()
+                .map(|row| {
+                    row.and_then(|r| self.region.backend_state(usize::from(r)))
+                        == Some(BackendState::Down)
+                })
+                .collect();
+            self.router.set_backend_states(l, &down);
+        }
+        self.router.counters.set(Counter::HealthApplied, health);
         // Sweep about a tenth of the tables per tick: all of them each second.
         let budget = (self.router.sweep_span() / 10).max(1024);
         self.router.tick(now, budget);

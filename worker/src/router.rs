@@ -216,6 +216,16 @@ pub struct Route {
     pub session_idle_ms: u64,
     pub path_idle_ms: u64,
     pub reuse_delay_ms: u64,
+    /// Passive health: a new session's first reply is due within this.
+    pub reply_timeout_ms: u64,
+    /// `on_backend_down = "reroute"`.
+    pub reroute_when_down: bool,
+    /// Backends passive health has taken down (the supervisor decides; every
+    /// worker reads the same states).
+    down: Vec<bool>,
+    /// The config's backends (for rebuilding Maglev when states change).
+    weights: Vec<u32>,
+    maglev_size: usize,
 }
 
 impl Route {
@@ -261,7 +271,48 @@ impl Route {
             session_idle_ms: cfg.session_idle.as_millis() as u64,
             path_idle_ms: cfg.path_idle.as_millis() as u64,
             reuse_delay_ms: cfg.port_reuse_delay.as_millis() as u64,
+            reply_timeout_ms: cfg.reply_timeout.as_millis() as u64,
+            reroute_when_down: cfg.on_backend_down == config::OnBackendDown::Reroute,
+            down: vec![false; cfg.backends.len()],
+            weights: cfg.backends.iter().map(|b| b.weight).collect(),
+            maglev_size: cfg.maglev_table_size,
         })
+    }
+
+    /// Takes the backends `down` says are down out of new sessions' way:
+    /// Maglev is rebuilt over those of weight > 0 that are up, so keys that
+    /// mapped elsewhere stay there. When none would be left, every backend
+    /// of weight > 0 stays in (trying a failing one beats refusing all).
+    /// Returns whether anything changed.
+    pub fn set_down(&mut self, down: &[bool]) -> bool {
+        if down.len() != self.down.len() || down == self.down.as_slice() {
+            return false;
+        }
+        let taking = |skip_down: bool| -> Vec<usize> {
+            (0..self.weights.len())
+                .filter(|&i| self.weights[i] > 0 && !(skip_down && down[i]))
+                .collect()
+        };
+        let mut t = taking(true);
+        if t.is_empty() {
+            t = taking(false);
+        }
+        let names: Vec<(String, u32)> = t
+            .iter()
+            .map(|&i| (self.backends[i].to_string(), self.weights[i]))
+            .collect();
+        let Ok(maglev) = Maglev::new(&names, self.maglev_size) else {
+            return false;
+        };
+        self.maglev = maglev;
+        self.taking = t;
+        self.down = down.to_vec();
+        true
+    }
+
+    /// Whether backend `b` is down (passive health).
+    pub fn is_down(&self, b: usize) -> bool {
+        self.down.get(b).copied().unwrap_or(false)
     }
 
     /// The backend for a new flow: its QUIC-LB server ID, else Maglev.
@@ -589,9 +640,13 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             return Err(DropReason::NoBackend);
         }
         let inherited = inherited.filter(|h| h.backend == route.tags[backend]);
-        let sid = self
-            .sessions
-            .insert(Session::new(a.listener, key, backend as u16, self.now_ms));
+        let mut session = Session::new(a.listener, key, backend as u16, self.now_ms);
+        // QUIC answers every Initial: a new session no reply reaches within
+        // `reply_timeout` counts against its backend (passive health).
+        if route.learns_server_cids {
+            session.awaiting_since_ms = Some(self.now_ms);
+        }
+        let sid = self.sessions.insert(session);
         let opened = match inherited.and_then(|h| self.inherited_path(sid, a, h)) {
             Some(pid) => Ok(pid),
             None => self.open_path(sid, a.client, a.local_ip),
@@ -1057,6 +1112,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             self.relay_activity(pid);
         } else if let Some(s) = self.sessions.get_mut(session as usize) {
             s.last_active_ms = now_ms;
+            if s.awaiting_since_ms.take().is_some() {
+                self.counters.backend_add(row, BackendCounter::Answered, 1);
+            }
         }
         self.actions.push(Action::Reply {
             listener,
@@ -1610,6 +1668,21 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let Some(s) = self.sessions.get_mut(sid) else {
             return;
         };
+        let timeout = self
+            .routes
+            .get(s.listener)
+            .map_or(u64::MAX, |r| r.reply_timeout_ms);
+        if s.awaiting_since_ms
+            .is_some_and(|t| now.saturating_sub(t) >= timeout)
+        {
+            s.awaiting_since_ms = None;
+            let (listener, backend) = (s.listener, s.backend);
+            let row = self.row_of(listener, backend);
+            self.counters.backend_add(row, BackendCounter::NoReply, 1);
+        }
+        let Some(s) = self.sessions.get_mut(sid) else {
+            return;
+        };
         // Offered to another worker: it answers, unless it died (then the
         // offer is void; a replacement reading it late answers too). An
         // answer lost on the way is settled by the ownership table.
@@ -1875,6 +1948,74 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 s.retired = true;
             }
         }
+    }
+
+    /// Follows the backend states passive health decided for `listener`
+    /// (`down[b]`): new sessions avoid the down ones, and with
+    /// `on_backend_down = "reroute"` live sessions on them move to the
+    /// backend their key maps to now.
+    pub fn set_backend_states(&mut self, listener: usize, down: &[bool]) {
+        let Some(route) = self.routes.get_mut(listener) else {
+            return;
+        };
+        if !route.set_down(down) || !route.reroute_when_down {
+            return;
+        }
+        for sid in self.sessions.ids() {
+            let Some(s) = self.sessions.get(sid) else {
+                continue;
+            };
+            if s.listener != listener || !self.routes[listener].is_down(usize::from(s.backend)) {
+                continue;
+            }
+            let key = s.key;
+            let to = self.routes[listener].pick(key.as_bytes()) as u16;
+            if to == s.backend {
+                continue;
+            }
+            let mut old = Vec::new();
+            while let Some(pid) = self
+                .sessions
+                .get(sid)
+                .map(|s| s.first_path)
+                .filter(|p| *p != NONE)
+            {
+                if let Some(p) = self.paths.path(pid) {
+                    old.push((p.sock, p.client, p.local_ip, p.last_client_ms));
+                }
+                self.close_path(pid);
+            }
+            if let Some(s) = self.sessions.get_mut(sid) {
+                s.backend = to;
+                s.awaiting_since_ms = None;
+            }
+            self.counters.incr(Counter::SessionsRerouted);
+            // Where the old socket has the new backend's slot free, the new
+            // path takes it; otherwise the next datagram opens one.
+            for (sock, client, local_ip, last) in old {
+                let same_family = self.routes[listener].ipv4.get(usize::from(to)).copied()
+                    == self.paths.sock(sock).map(|s| s.local.is_ipv4());
+                let free = self
+                    .paths
+                    .sock(sock)
+                    .is_some_and(|s| s.home == Home::Here && s.is_free(to));
+                if same_family && free {
+                    let path = Path::new(listener, to, sock, client, local_ip, key, last);
+                    self.link_first(sid, path);
+                }
+            }
+        }
+        self.sessions.recount();
+    }
+
+    /// Listeners routed now.
+    pub fn listeners(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Listener `l`'s backends' rows of counters (and of health state).
+    pub fn backend_rows(&self, l: usize) -> Vec<Option<u16>> {
+        self.routes.get(l).map_or_else(Vec::new, |r| r.rows.clone())
     }
 
     /// Draining: live sessions are served, no new ones are made.

@@ -36,6 +36,9 @@ pub struct Session {
     pub handoff_streak: (u16, u8),
     /// Sent to another worker, which has not answered yet.
     pub transferring: Option<Box<Offer>>,
+    /// Until its backend first answers (passive health): when it began;
+    /// `None` once judged (answered, timed out, or not to be judged).
+    pub awaiting_since_ms: Option<u64>,
 }
 
 /// A transfer offered and not yet answered: what the receiver was sent,
@@ -62,6 +65,7 @@ impl Session {
             last_active_ms: now_ms,
             handoff_streak: (0, 0),
             transferring: None,
+            awaiting_since_ms: None,
         }
     }
 

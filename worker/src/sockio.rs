@@ -195,6 +195,10 @@ impl Default for SendBatch {
 /// unreachable destination, a firewall's EPERM).
 pub fn send_batch(fd: RawFd, msgs: &[OutMsg<'_>], b: &mut SendBatch, failed: &mut Vec<usize>) {
     let mut at = 0;
+    // Where a send last failed with an error an ICMP report left on the
+    // socket (it belongs to an earlier datagram, perhaps to another
+    // backend, and the failed call consumed it): that one is tried again.
+    let mut retried = None;
     while at < msgs.len() {
         let chunk = &msgs[at..msgs.len().min(at + BATCH)];
         b.names.clear();
@@ -233,7 +237,8 @@ pub fn send_batch(fd: RawFd, msgs: &[OutMsg<'_>], b: &mut SendBatch, failed: &mu
                 failed.extend(at..msgs.len());
                 return;
             }
-            Sent::Refused => {
+            Sent::Reported if retried != Some(at) => retried = Some(at),
+            Sent::Refused | Sent::Reported => {
                 failed.push(at);
                 at += 1;
             }
@@ -252,6 +257,10 @@ pub enum Sent {
     /// Its own error (EMSGSIZE, a firewall's EPERM, an unreachable
     /// destination): the ones after it may go.
     Refused,
+    /// ECONNREFUSED, EHOSTUNREACH or ENETUNREACH: with IP_RECVERR, most
+    /// likely an ICMP report for an earlier datagram, which this call
+    /// consumed without sending: it may go if tried again.
+    Reported,
 }
 
 /// One non-blocking sendmmsg of `hdrs` on `fd`.
@@ -276,6 +285,7 @@ pub unsafe fn send_some(fd: RawFd, hdrs: &mut [libc::mmsghdr]) -> Sent {
     match io::Error::last_os_error().raw_os_error() {
         Some(libc::EINTR) => Sent::Interrupted,
         Some(libc::EAGAIN | libc::ENOBUFS) => Sent::Full,
+        Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH) => Sent::Reported,
         _ => Sent::Refused,
     }
 }
