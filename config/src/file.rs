@@ -49,6 +49,19 @@ pub(crate) struct FileListener {
     pub reply_timeout: Option<Spanned<IntOrStr>>,
     pub revive_after: Option<Spanned<IntOrStr>>,
     pub on_backend_down: Option<Spanned<String>>,
+    pub health: Option<Spanned<FileHealth>>,
+}
+
+/// `[listener.health]`: active probes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileHealth {
+    pub probe: Option<Spanned<String>>,
+    pub expect: Option<Spanned<String>>,
+    pub interval: Option<Spanned<IntOrStr>>,
+    pub timeout: Option<Spanned<IntOrStr>>,
+    pub rise: Option<Spanned<Int>>,
+    pub fall: Option<Spanned<Int>>,
 }
 
 /// `[listener.quic_lb]`: plaintext QUIC-LB routing

@@ -108,6 +108,28 @@ pub struct Listener {
     /// A down backend is tried again after this long, in `1s..=1h`.
     pub revive_after: Duration,
     pub on_backend_down: OnBackendDown,
+    /// `[listener.health]`: active probes, if configured.
+    pub health: Option<Health>,
+}
+
+/// Active health: every `interval` each backend is sent `probe` from a
+/// socket of its own; a reply within `timeout` that starts with `expect`
+/// is a good probe. `fall` bad probes in a row take a backend down, `rise`
+/// good ones bring it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// 1 to 1400 bytes (`0x...` in the file: hex; else the text's bytes).
+    pub probe: Vec<u8>,
+    /// A prefix the reply must start with; empty: any reply.
+    pub expect: Vec<u8>,
+    /// In `100ms..=1h`.
+    pub interval: Duration,
+    /// In `10ms..=interval`.
+    pub timeout: Duration,
+    /// In `1..=100`.
+    pub rise: u32,
+    /// In `1..=100`.
+    pub fall: u32,
 }
 
 /// What a backend going down does to its live sessions.

@@ -68,6 +68,7 @@ fn default_parses() {
             reply_timeout: Duration::from_secs(1),
             revive_after: Duration::from_secs(10),
             on_backend_down: OnBackendDown::Keep,
+            health: None,
             backends: vec![
                 Backend {
                     addr: sa("127.0.0.1:4434"),
@@ -640,6 +641,66 @@ fn passive_health_keys_are_checked() {
         assert!(
             err.contains(says) && err.starts_with("FILE:5:"),
             "{line}: {err}"
+        );
+    }
+}
+
+#[test]
+fn active_health_is_checked() {
+    let with = |t: &str| format!("{BASE}[listener.health]\n{t}\n");
+    let h = ok(&with("probe = \"0x0a0B\"\nexpect = \"PONG\"\ninterval = \"500ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 2"))
+        .listeners[0]
+        .health
+        .clone()
+        .unwrap();
+    assert_eq!(h.probe, vec![0x0a, 0x0b]);
+    assert_eq!(h.expect, b"PONG".to_vec());
+    assert_eq!(
+        (h.interval, h.timeout, h.rise, h.fall),
+        (Duration::from_millis(500), Duration::from_millis(200), 1, 2)
+    );
+    let d = ok(&with("probe = \"PING\"")).listeners[0]
+        .health
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (d.probe.as_slice(), d.interval, d.timeout, d.rise, d.fall),
+        (
+            &b"PING"[..],
+            Duration::from_secs(2),
+            Duration::from_secs(1),
+            2,
+            3
+        )
+    );
+    for (t, line, says) in [
+        (
+            "probe = \"0xzz\"",
+            7,
+            "health.probe = \"0xzz\" is not valid hex",
+        ),
+        ("probe = \"0xabc\"", 7, "an odd number of digits"),
+        (
+            "probe = \"P\"\nrise = 0",
+            8,
+            "health.rise = 0 is out of range (1..=100)",
+        ),
+        (
+            "probe = \"P\"\nfall = 0",
+            8,
+            "health.fall = 0 is out of range (1..=100)",
+        ),
+        (
+            "probe = \"P\"\ninterval = \"1s\"\ntimeout = \"2s\"",
+            9,
+            "is longer than its interval",
+        ),
+        ("expect = \"x\"", 6, "probe"),
+    ] {
+        let err = udpshard_config_err(&with(t));
+        assert!(
+            err.contains(says) && err.starts_with(&format!("FILE:{line}:")),
+            "{t}: {err}"
         );
     }
 }

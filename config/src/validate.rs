@@ -10,13 +10,15 @@ use std::time::Duration;
 use toml::Spanned;
 
 use crate::error::SpanError;
-use crate::file::{ArrayOf, FileBackend, FileConfig, FileListener, FileQuicLb, Int, IntOrStr};
+use crate::file::{
+    ArrayOf, FileBackend, FileConfig, FileHealth, FileListener, FileQuicLb, Int, IntOrStr,
+};
 use crate::units::{self, UnitError, DURATION_FORMS, SIZE_FORMS};
-use crate::OnBackendDown;
 use crate::{
     Backend, Config, Dissector, Listener, Migration, QuicLb, Steering, UpstreamSend, Workers,
     DEFAULT_STATS_FILE,
 };
+use crate::{Health, OnBackendDown};
 
 type Result<T> = std::result::Result<T, SpanError>;
 type Span = Range<usize>;
@@ -328,6 +330,10 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
             }
         },
     };
+    let health = match &l.health {
+        None => None,
+        Some(v) => Some(health(v, &ctx)?),
+    };
     let upstream_ports = match &l.upstream_ports {
         None => None,
         Some(v) => Some(port_range(v, &ctx)?),
@@ -358,6 +364,84 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
         reply_timeout,
         revive_after,
         on_backend_down,
+        health,
+    })
+}
+
+/// `probe = "0x0102"` (hex) or `probe = "PING"` (its bytes).
+fn payload(v: &Spanned<String>, what: &str) -> Result<Vec<u8>> {
+    let text = v.get_ref();
+    let Some(hex) = text.strip_prefix("0x") else {
+        return Ok(text.as_bytes().to_vec());
+    };
+    let bad = |why: &str| at(v, format!("{what} = {text:?} is not valid hex: {why}"));
+    if hex.len() % 2 == 1 {
+        return Err(bad("an odd number of digits"));
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|d| u8::from_str_radix(d, 16).ok())
+                .ok_or_else(|| bad("expected digits 0-9 a-f"))
+        })
+        .collect()
+}
+
+fn health(v: &Spanned<FileHealth>, ctx: &str) -> Result<Health> {
+    let t = v.get_ref();
+    let hctx = format!("{ctx}: health");
+    let probe_v = required(t.probe.as_ref(), &v.span(), &hctx, "probe")?;
+    let probe = payload(probe_v, &format!("{hctx}.probe"))?;
+    if probe.is_empty() || probe.len() > 1400 {
+        return Err(at(probe_v, format!("{hctx}.probe must be 1 to 1400 bytes")));
+    }
+    let expect = match &t.expect {
+        None => Vec::new(),
+        Some(e) => payload(e, &format!("{hctx}.expect"))?,
+    };
+    let interval = match &t.interval {
+        None => Duration::from_secs(2),
+        Some(i) => duration_in(
+            i,
+            Duration::from_millis(100)..=Duration::from_secs(3600),
+            "100ms..=1h",
+            &format!("{hctx}.interval"),
+        )?,
+    };
+    let timeout = match &t.timeout {
+        None => Duration::from_secs(1).min(interval),
+        Some(d) => {
+            let timeout = duration_in(
+                d,
+                Duration::from_millis(10)..=Duration::from_secs(3600),
+                "10ms..=1h",
+                &format!("{hctx}.timeout"),
+            )?;
+            if timeout > interval {
+                return Err(at(
+                    d,
+                    format!(
+                        "{hctx}.timeout = {} is longer than its interval ({interval:?}): a probe \
+                         would still wait when the next goes",
+                        d.get_ref()
+                    ),
+                ));
+            }
+            timeout
+        }
+    };
+    let count = |c: &Option<Spanned<Int>>, name: &str, default: u32| match c {
+        None => Ok(default),
+        Some(c) => int_in(c, 1..=100, &format!("{hctx}.{name}")),
+    };
+    Ok(Health {
+        probe,
+        expect,
+        interval,
+        timeout,
+        rise: count(&t.rise, "rise", 2)?,
+        fall: count(&t.fall, "fall", 3)?,
     })
 }
 

@@ -8,9 +8,17 @@
 //! row that got no reply within `reply_timeout`. After `revive_after` down,
 //! it is up again on trial: new sessions reach it, and the same rules take
 //! it down again should it still fail (one more `fall`'s worth).
+//!
+//! Active health (`[listener.health]`): every `interval` each backend is
+//! sent the probe from a socket of its own (connected, so ICMP errors come
+//! back on it). A reply within `timeout` that starts with `expect` is good;
+//! silence, an error or any other reply is bad. `fall` bad probes in a row
+//! take a backend down, `rise` good ones bring it back (then `revive_after`
+//! plays no part).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
 
 use udpshard_config::Config;
 use udpshard_shared::backends::{BackendCounter, BackendState};
@@ -30,9 +38,93 @@ struct Track {
     down_since_ms: Option<u64>,
 }
 
+/// Active probes of one backend.
+#[derive(Debug)]
+struct Prober {
+    socket: UdpSocket,
+    /// When the probe in flight went out.
+    sent_ms: Option<u64>,
+    next_ms: u64,
+    good: u32,
+    bad: u32,
+    /// The last bad probe's cause, for the log.
+    why: String,
+}
+
+impl Prober {
+    fn new(to: SocketAddr) -> io::Result<Prober> {
+        let any: SocketAddr = if to.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap_or(to)
+        } else {
+            "[::]:0".parse().unwrap_or(to)
+        };
+        let socket = UdpSocket::bind(any)?;
+        socket.connect(to)?;
+        socket.set_nonblocking(true)?;
+        Ok(Prober {
+            socket,
+            sent_ms: None,
+            next_ms: 0,
+            good: 0,
+            bad: 0,
+            why: String::new(),
+        })
+    }
+
+    fn verdict(&mut self, good: bool, why: &str) {
+        if good {
+            self.good += 1;
+            self.bad = 0;
+        } else {
+            self.bad += 1;
+            self.good = 0;
+            self.why = why.to_string();
+        }
+    }
+
+    /// Reads what came back, judges the probe in flight, and sends the next
+    /// one when it is due.
+    fn step(&mut self, h: &udpshard_config::Health, now_ms: u64) {
+        let mut buf = [0u8; 2048];
+        loop {
+            match self.socket.recv(&mut buf) {
+                Ok(n) => {
+                    if self.sent_ms.take().is_some() {
+                        let ok = buf[..n].starts_with(&h.expect);
+                        self.verdict(ok, "a reply that does not start with `expect`");
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // ECONNREFUSED and the like: the ICMP answer to a probe.
+                    if self.sent_ms.take().is_some() {
+                        self.verdict(false, &format!("the probe got {e}"));
+                    }
+                }
+            }
+        }
+        let timeout = h.timeout.as_millis() as u64;
+        if self
+            .sent_ms
+            .is_some_and(|t| now_ms.saturating_sub(t) >= timeout)
+        {
+            self.sent_ms = None;
+            self.verdict(false, &format!("no reply within {:?}", h.timeout));
+        }
+        if now_ms >= self.next_ms {
+            self.next_ms = now_ms + h.interval.as_millis() as u64;
+            match self.socket.send(&h.probe) {
+                Ok(_) => self.sent_ms = Some(now_ms),
+                Err(e) => self.verdict(false, &format!("the probe could not be sent: {e}")),
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Health {
     tracks: HashMap<(String, SocketAddr), Track>,
+    probers: HashMap<(String, SocketAddr), Prober>,
 }
 
 /// A change of a backend's state, for the log.
@@ -49,6 +141,12 @@ impl Health {
     /// says to its rows; returns the changes made.
     pub fn check(&mut self, config: &Config, region: &StatsRegion, now_ms: u64) -> Vec<Change> {
         let mut changes = Vec::new();
+        // Probers of backends no longer probed close.
+        self.probers.retain(|(name, addr), _| {
+            config.listeners.iter().any(|l| {
+                &l.name == name && l.health.is_some() && l.backends.iter().any(|b| b.addr == *addr)
+            })
+        });
         for l in &config.listeners {
             for b in &l.backends {
                 let Some(row) = region.backend_row(&l.name, b.addr) else {
@@ -80,9 +178,77 @@ impl Health {
                     t.down_since_ms = None;
                     continue;
                 }
+                let key = (l.name.clone(), b.addr);
+                let probed = match &l.health {
+                    None => None,
+                    Some(h) => {
+                        if !self.probers.contains_key(&key) {
+                            match Prober::new(b.addr) {
+                                Ok(p) => {
+                                    self.probers.insert(key.clone(), p);
+                                }
+                                Err(e) => tracing::warn!(
+                                    "listener {}: cannot probe backend {}: {e}",
+                                    l.name,
+                                    b.addr
+                                ),
+                            }
+                        }
+                        self.probers.get_mut(&key).map(|p| {
+                            p.step(h, now_ms);
+                            (h, p)
+                        })
+                    }
+                };
+                if let Some((h, p)) = probed {
+                    let mut set = |down: bool, why: String| {
+                        region.set_backend(
+                            row,
+                            true,
+                            if down {
+                                BackendState::Down
+                            } else {
+                                BackendState::Up
+                            },
+                            b.weight,
+                        );
+                        region.note_backend_change(row, down, now_ms);
+                        changes.push(Change {
+                            listener: l.name.clone(),
+                            addr: b.addr,
+                            down,
+                            why,
+                        });
+                    };
+                    if state == Some(BackendState::Down) {
+                        if p.good >= h.rise {
+                            t.down_since_ms = None;
+                            t.unreachable_base = unreachable;
+                            t.unanswered_base = unanswered;
+                            set(
+                                false,
+                                format!("{} good probes in a row (rise = {})", p.good, h.rise),
+                            );
+                        }
+                        continue;
+                    }
+                    if p.bad >= h.fall {
+                        t.down_since_ms = Some(now_ms);
+                        set(
+                            true,
+                            format!(
+                                "{} probes failed in a row (fall = {}): {}",
+                                p.bad, h.fall, p.why
+                            ),
+                        );
+                        continue;
+                    }
+                }
                 match (state, t.down_since_ms) {
                     (Some(BackendState::Down), Some(since)) => {
-                        if now_ms.saturating_sub(since) >= l.revive_after.as_millis() as u64 {
+                        if l.health.is_none()
+                            && now_ms.saturating_sub(since) >= l.revive_after.as_millis() as u64
+                        {
                             t.down_since_ms = None;
                             t.unreachable_base = unreachable;
                             t.unanswered_base = unanswered;

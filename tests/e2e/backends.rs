@@ -416,3 +416,110 @@ fn a_backend_that_never_answers_new_quic_sessions_goes_down() {
 fn crate_total(stats: &Value, field: &str) -> u64 {
     udpshard_tests::harness::total(stats, field)
 }
+
+/// A UDP backend that echoes, stays silent or answers garbage, as told.
+struct Switchable {
+    addr: SocketAddr,
+    /// 0: echo, 1: silent, 2: garbage.
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Switchable {
+    fn start() -> Switchable {
+        use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+        use std::sync::Arc;
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap();
+        let mode = Arc::new(AtomicU8::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (m, s) = (mode.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                    continue;
+                };
+                match m.load(Ordering::Relaxed) {
+                    0 => drop(socket.send_to(&buf[..n], from)),
+                    2 => drop(socket.send_to(b"garbage", from)),
+                    _ => {}
+                }
+            }
+        });
+        Switchable {
+            addr,
+            mode,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Switchable {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn active_probes_take_a_silent_or_garbled_backend_down_within_fall_intervals_and_back_after_rise() {
+    let live = Backend::start("live");
+    let flaky = Switchable::start();
+    let addrs = [live.addr, flaky.addr];
+    let (interval, fall, rise) = (200u64, 3u64, 2u64);
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &format!(
+            "{}\n[listener.health]\nprobe = \"0x50494e47\"\nexpect = \"PING\"\ninterval = \"{interval}ms\"\ntimeout = \"100ms\"\nrise = {rise}\nfall = {fall}\n",
+            health_config("workers = 2", "", &addrs)
+        ),
+    );
+    // Probes answered: it stays up.
+    wait_state(&proxy, flaky.addr, "up");
+    // Silent: down within fall intervals plus one (and the 100 ms the
+    // supervisor takes to look, and the time to read the stats).
+    let bound = Duration::from_millis((fall + 1) * interval + 500);
+    flaky.set(1);
+    let t = std::time::Instant::now();
+    wait_state(&proxy, flaky.addr, "down");
+    let went = t.elapsed();
+    assert!(went <= bound, "down after {went:?}, more than {bound:?}");
+    let log = proxy.wait_log("is down for new sessions", WAIT);
+    assert!(
+        log.contains("3 probes failed in a row (fall = 3): no reply within 100ms"),
+        "{log}"
+    );
+    // New CIDs that map to it go elsewhere meanwhile.
+    let client = bind_udp("127.0.0.1:0");
+    send(&proxy, &client, &cids_to(&addrs, 1, 0, 10), 1);
+    wait_until(WAIT, "10 at the live backend", || live.count() == 10);
+    // Answering again: up after rise good probes.
+    flaky.set(0);
+    let t = std::time::Instant::now();
+    wait_state(&proxy, flaky.addr, "up");
+    let back = t.elapsed();
+    let bound = Duration::from_millis((rise + 1) * interval + 500);
+    assert!(back <= bound, "up after {back:?}, more than {bound:?}");
+    eprintln!("silent to down: {went:?}; answering to up: {back:?}");
+    assert!(proxy.log().contains("2 good probes in a row (rise = 2)"));
+    // Garbage counts as failing.
+    flaky.set(2);
+    wait_state(&proxy, flaky.addr, "down");
+    assert!(proxy
+        .log()
+        .contains("a reply that does not start with `expect`"));
+    let rows = backends(&proxy);
+    assert_eq!(get(&rows[&flaky.addr], "downs"), 2);
+}
