@@ -6,8 +6,9 @@
 //! A backend goes down after `fall` ICMP unreachable reports with no reply
 //! from it between them, or (QUIC listeners) after `fall` new sessions in a
 //! row that got no reply within `reply_timeout`. After `revive_after` down,
-//! it is up again on trial: new sessions reach it, and the same rules take
-//! it down again should it still fail (one more `fall`'s worth).
+//! it is up again on trial: new sessions reach it; its first reply ends the
+//! trial, and its first failure (one unreachable report or unanswered
+//! session) takes it down again.
 //!
 //! Active health (`[listener.health]`): every `interval` each backend is
 //! sent the probe from a socket of its own (connected, so ICMP errors come
@@ -36,6 +37,9 @@ struct Track {
     unanswered_base: u64,
     answered_seen: u64,
     down_since_ms: Option<u64>,
+    /// Revived by `revive_after`: the first failure takes it down again,
+    /// the first reply ends the trial.
+    on_trial: bool,
 }
 
 /// Active probes of one backend.
@@ -167,12 +171,14 @@ impl Health {
                 if replies != t.replies_seen {
                     t.replies_seen = replies;
                     t.unreachable_base = unreachable;
+                    t.on_trial = false;
                 }
                 if answered != t.answered_seen {
                     t.answered_seen = answered;
                     t.unanswered_base = unanswered;
+                    t.on_trial = false;
                 }
-                let fall = u64::from(l.fall);
+                let fall = if t.on_trial { 1 } else { u64::from(l.fall) };
                 let state = region.backend_state(row);
                 if b.weight == 0 {
                     t.down_since_ms = None;
@@ -250,6 +256,7 @@ impl Health {
                             && now_ms.saturating_sub(since) >= l.revive_after.as_millis() as u64
                         {
                             t.down_since_ms = None;
+                            t.on_trial = true;
                             t.unreachable_base = unreachable;
                             t.unanswered_base = unanswered;
                             region.set_backend(row, true, BackendState::Up, b.weight);
@@ -259,7 +266,8 @@ impl Health {
                                 addr: b.addr,
                                 down: false,
                                 why: format!(
-                                    "down for {:?} (revive_after): new sessions try it again",
+                                    "down for {:?} (revive_after): on trial, the next reply keeps \
+                                     it up and the next failure takes it down",
                                     l.revive_after
                                 ),
                             });

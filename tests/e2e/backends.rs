@@ -341,6 +341,16 @@ fn a_closed_backend_goes_down_within_fall_sessions_new_cids_avoid_it_and_it_come
                 .any(|b| b["addr"] == dead.to_string() && get(b, "unreachable") == 4)
         })
     });
+    // Still closed after revive_after: on trial, one report takes it down.
+    wait_state(&proxy, dead, "up");
+    let trial = cids_to(&addrs, 1, 3000, 1);
+    send(&proxy, &client, &trial, 5);
+    wait_state(&proxy, dead, "down");
+    assert_eq!(
+        get(&backends(&proxy)[&dead], "downs"),
+        2,
+        "down again after one report"
+    );
     // It reopens; after revive_after new sessions reach it again.
     let back = Backend::start_on("back", &dead.to_string());
     wait_state(&proxy, dead, "up");
