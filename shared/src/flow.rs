@@ -162,6 +162,27 @@ fn quic_dcid(datagram: &[u8], short_cid_len: usize) -> Result<FlowKey, Malformed
 /// Where a QUIC server's long-header packet carries its chosen source
 /// connection ID: the SCID follows the DCID. Used to learn the IDs a client
 /// will use after the handshake.
+/// Whether `datagram` is a QUIC Initial packet (v1, or v2 with its own type
+/// codepoint): a server answers every one, so a new session that began
+/// with one and got no reply says something about its backend.
+pub fn quic_is_initial(datagram: &[u8]) -> bool {
+    let Some(&first) = datagram.first() else {
+        return false;
+    };
+    if first & 0xc0 != 0xc0 {
+        return false;
+    }
+    let Some(version) = datagram.get(1..5) else {
+        return false;
+    };
+    let kind = (first >> 4) & 0x3;
+    match version {
+        [0, 0, 0, 1] => kind == 0,
+        [0x6b, 0x33, 0x43, 0xcf] => kind == 1,
+        _ => false,
+    }
+}
+
 pub fn quic_long_scid(datagram: &[u8]) -> Option<FlowKey> {
     if datagram.first()? & 0x80 == 0 {
         return None;
@@ -181,6 +202,24 @@ pub fn quic_long_scid(datagram: &[u8]) -> Option<FlowKey> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn initials_are_told_from_other_packets() {
+        assert!(quic_is_initial(&[0xc3, 0, 0, 0, 1, 8]));
+        assert!(!quic_is_initial(&[0xe3, 0, 0, 0, 1, 8]), "v1 handshake");
+        assert!(
+            quic_is_initial(&[0xd0, 0x6b, 0x33, 0x43, 0xcf]),
+            "v2 initial"
+        );
+        assert!(
+            !quic_is_initial(&[0xc0, 0x6b, 0x33, 0x43, 0xcf]),
+            "v2: type 0 is 0-RTT"
+        );
+        assert!(!quic_is_initial(&[0x40, 0, 0, 0, 1]), "short header");
+        assert!(!quic_is_initial(&[0xc0, 0, 0, 0, 0]), "version negotiation");
+        assert!(!quic_is_initial(&[0xc0, 0, 0]), "truncated");
+        assert!(!quic_is_initial(&[]));
+    }
 
     fn client() -> SocketAddr {
         "127.0.0.1:5555".parse().unwrap()

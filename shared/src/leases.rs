@@ -161,11 +161,17 @@ impl<'a> LeaseTable<'a> {
             .map(|_| (seen, until))
     }
 
-    /// Puts back the word a [`LeaseTable::reclaim`] by `me` replaced (its
-    /// bind failed).
-    pub fn unclaim(&self, row: usize, port: u16, me: Owner, word: u64) {
+    /// Undoes a [`LeaseTable::reclaim`] by `me` whose bind failed: the port
+    /// is orphaned by the dead owner again, cooling until `until_ms` (a
+    /// lease it took from an owner not yet reaped is orphaned now: the
+    /// supervisor's reap may have passed it by meanwhile).
+    pub fn unclaim(&self, row: usize, port: u16, me: Owner, word: u64, until_ms: u64) {
         if let Some(w) = self.word(row, port) {
-            let _ = w.compare_exchange(leased(me), word, Ordering::AcqRel, Ordering::Acquire);
+            let back = match decode(word) {
+                Lease::Leased(dead) => orphaned(dead, until_ms),
+                _ => word,
+            };
+            let _ = w.compare_exchange(leased(me), back, Ordering::AcqRel, Ordering::Acquire);
         }
     }
 
@@ -305,9 +311,13 @@ mod tests {
         let (word, until) = t.reclaim(0, 3, c, A, 777).unwrap();
         assert_eq!((word, until), (leased(A), 777));
         assert_eq!(t.get(0, 3), Lease::Leased(c));
-        t.unclaim(0, 3, c, word);
-        assert_eq!(t.get(0, 3), Lease::Leased(A), "a failed bind puts it back");
-        assert_eq!(t.cool_dead(|o| o == A, 60_000), 3);
+        t.unclaim(0, 3, c, word, 777);
+        assert_eq!(
+            t.get(0, 3),
+            Lease::Orphaned(A, 1024),
+            "a failed bind orphans it"
+        );
+        assert_eq!(t.cool_dead(|o| o == A, 60_000), 2, "3 was orphaned already");
         assert_eq!(t.reclaim(0, 1, c, B, 0), None, "not B's");
         assert_eq!(
             t.reclaim(0, 1, c, A, 0).map(|r| r.1),

@@ -201,6 +201,15 @@ impl<'a> OwnerTable<'a> {
         }
     }
 
+    /// Clears `me`'s hint for `hash` (the session has no path to name).
+    pub fn forget_hint(&self, hash: u64, me: Owner) {
+        if let Some((at, word)) = self.find(hash) {
+            if owner_of(word) == me {
+                self.clear_hint(at);
+            }
+        }
+    }
+
     /// The port hint of `hash`'s entry, when its owner wrote it.
     pub fn hint(&self, hash: u64) -> Option<PortHint> {
         let (at, word) = self.find(hash)?;

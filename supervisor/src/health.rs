@@ -277,15 +277,15 @@ impl Health {
                     // reload): start its revive clock now.
                     (Some(BackendState::Down), None) => t.down_since_ms = Some(now_ms),
                     _ => {
-                        let why = if unreachable - t.unreachable_base >= fall {
+                        let why = if unreachable.saturating_sub(t.unreachable_base) >= fall {
                             Some(format!(
                                 "{} ICMP unreachable reports in a row with no reply (fall = {fall})",
-                                unreachable - t.unreachable_base
+                                unreachable.saturating_sub(t.unreachable_base)
                             ))
-                        } else if unanswered - t.unanswered_base >= fall {
+                        } else if unanswered.saturating_sub(t.unanswered_base) >= fall {
                             Some(format!(
                                 "{} new sessions in a row without a reply within {:?} (fall = {fall})",
-                                unanswered - t.unanswered_base,
+                                unanswered.saturating_sub(t.unanswered_base),
                                 l.reply_timeout
                             ))
                         } else {
@@ -293,6 +293,11 @@ impl Health {
                         };
                         if let Some(why) = why {
                             t.down_since_ms = Some(now_ms);
+                            // Probes that answer must start over: `rise`
+                            // good ones from now bring it back.
+                            if let Some(p) = self.probers.get_mut(&key) {
+                                p.good = 0;
+                            }
                             region.set_backend(row, true, BackendState::Down, b.weight);
                             region.note_backend_change(row, true, now_ms);
                             changes.push(Change {

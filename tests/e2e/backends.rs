@@ -132,25 +132,28 @@ fn unreachable_counted_exactly(upstream_send: &str) {
     let maglev = Maglev::new(&[(live.addr.to_string(), 1), (dead.to_string(), 1)], 65537).unwrap();
     let to_dead: Vec<u64> = (0..1000u64)
         .filter(|c| maglev.backend_for(&c.to_be_bytes()) == 1)
-        .take(5)
+        .take(4)
         .collect();
     let client = bind_udp("127.0.0.1:0");
-    for round in 0..4u8 {
+    // 12 reports: the kernel sends ICMP errors from a host-wide budget
+    // (burst 50, icmp_msgs_per_sec), which the tests running beside this
+    // one share.
+    for round in 0..3u8 {
         for cid in &to_dead {
             client
                 .send_to(&quic_short(*cid, &[round]), proxy.addr("quic"))
                 .unwrap();
         }
     }
-    proxy.wait_stats(WAIT, "20 unreachable reports", |s| {
+    proxy.wait_stats(WAIT, "12 unreachable reports", |s| {
         s["backends"].as_array().is_some_and(|v| {
             v.iter()
-                .any(|b| b["addr"] == dead.to_string() && get(b, "unreachable") == 20)
+                .any(|b| b["addr"] == dead.to_string() && get(b, "unreachable") == 12)
         })
     });
     let rows = backends(&proxy);
-    assert_eq!(get(&rows[&dead], "tx_packets"), 20);
-    assert_eq!(get(&rows[&dead], "unreachable"), 20, "{}", rows[&dead]);
+    assert_eq!(get(&rows[&dead], "tx_packets"), 12);
+    assert_eq!(get(&rows[&dead], "unreachable"), 12, "{}", rows[&dead]);
     assert_eq!(get(&rows[&dead], "replies"), 0);
     assert!(rows[&dead]["last_reply_ms_ago"].is_null());
     assert_eq!(get(&rows[&live.addr], "unreachable"), 0);
@@ -406,7 +409,17 @@ fn a_backend_that_never_answers_new_quic_sessions_goes_down() {
         &health_config("workers = 2", "fall = 3\nreply_timeout = \"200ms\"", &addrs),
     );
     let client = bind_udp("127.0.0.1:0");
-    send(&proxy, &client, &cids_to(&addrs, 1, 0, 3), 1);
+    // Short-header datagrams expect nothing: never judged.
+    send(&proxy, &client, &cids_to(&addrs, 1, 100, 5), 1);
+    wait_until(WAIT, "the silent backend to take 5", || {
+        get(&backends(&proxy)[&mute], "tx_packets") == 5
+    });
+    // Initials are answered by every QUIC server: three unanswered in a row.
+    for cid in cids_to(&addrs, 1, 0, 3) {
+        client
+            .send_to(&quic_initial(cid), proxy.addr("quic"))
+            .unwrap();
+    }
     proxy.wait_stats(WAIT, "the silent backend down", |s| {
         s["backends"].as_array().is_some_and(|v| {
             v.iter()
@@ -421,6 +434,17 @@ fn a_backend_that_never_answers_new_quic_sessions_goes_down() {
     let rows = backends(&proxy);
     assert_eq!(get(&rows[&mute], "sessions_unanswered"), 3);
     assert_eq!(get(&rows[&live.addr], "sessions_unanswered"), 0);
+}
+
+/// A QUIC v1 Initial's first bytes for destination CID `cid`.
+fn quic_initial(cid: u64) -> Vec<u8> {
+    let mut d = vec![0xc3, 0, 0, 0, 1, 8];
+    d.extend_from_slice(&cid.to_be_bytes());
+    d.push(8);
+    d.extend_from_slice(&(!cid).to_be_bytes());
+    d.extend_from_slice(&[0, 0x40, 0x10]);
+    d.extend_from_slice(&[0u8; 16]);
+    d
 }
 
 fn crate_total(stats: &Value, field: &str) -> u64 {
@@ -498,9 +522,9 @@ fn active_probes_take_a_silent_or_garbled_backend_down_within_fall_intervals_and
     );
     // Probes answered: it stays up.
     wait_state(&proxy, flaky.addr, "up");
-    // Silent: down within fall intervals plus one (and the 100 ms the
-    // supervisor takes to look, and the time to read the stats).
-    let bound = Duration::from_millis((fall + 1) * interval + 500);
+    // Silent: down within fall intervals plus one (and up to 1 s for the
+    // supervisor's 100 ms look and the stats reads on a loaded machine).
+    let bound = Duration::from_millis((fall + 1) * interval + 1000);
     flaky.set(1);
     let t = std::time::Instant::now();
     wait_state(&proxy, flaky.addr, "down");
@@ -520,7 +544,7 @@ fn active_probes_take_a_silent_or_garbled_backend_down_within_fall_intervals_and
     let t = std::time::Instant::now();
     wait_state(&proxy, flaky.addr, "up");
     let back = t.elapsed();
-    let bound = Duration::from_millis((rise + 1) * interval + 500);
+    let bound = Duration::from_millis((rise + 1) * interval + 1000);
     assert!(back <= bound, "up after {back:?}, more than {bound:?}");
     eprintln!("silent to down: {went:?}; answering to up: {back:?}");
     assert!(proxy.log().contains("2 good probes in a row (rise = 2)"));

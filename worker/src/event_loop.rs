@@ -444,7 +444,13 @@ impl Loop {
                     }
                     HANDOFF => self.read_inbox(),
                     Token(t) if t >= UPSTREAM_TOKEN_BASE => {
-                        self.upstream_ready((t - UPSTREAM_TOKEN_BASE) as SockId)
+                        let sock = (t - UPSTREAM_TOKEN_BASE) as SockId;
+                        // ICMP reports queued (IP_RECVERR): read them now,
+                        // also those whose pending error a send consumed.
+                        if event.is_error() {
+                            self.upstream_errors(sock);
+                        }
+                        self.upstream_ready(sock)
                     }
                     Token(t) => {
                         if let Some(flag) = self.undrained.get_mut(t - LISTENER_TOKEN_BASE) {
@@ -663,6 +669,22 @@ impl Loop {
         }
     }
 
+    /// Reads the ICMP reports queued on upstream socket `sock` and counts
+    /// them at their backends; returns how many.
+    fn upstream_errors(&mut self, sock: SockId) -> usize {
+        let Some(fd) = self.router.sockets().fd(sock) else {
+            return 0;
+        };
+        let router = &mut self.router;
+        sockio::recv_errors(fd, |to, errno| {
+            let unreachable = matches!(
+                errno,
+                libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH
+            );
+            router.upstream_error(sock, to, unreachable);
+        })
+    }
+
     /// Reads replies from the upstream sockets that have some, up to a
     /// budget each; sockets with more stay listed for the next iteration.
     fn drain_upstream(&mut self) {
@@ -674,6 +696,7 @@ impl Loop {
             };
             let mut emptied = false;
             let mut burst = false;
+            let mut errors = 0;
             for _ in 0..REPLY_BATCH_BUDGET {
                 if moves_first {
                     self.read_inbox();
@@ -683,17 +706,15 @@ impl Loop {
                 // wait behind it: read on.
                 let n = match sockio::recv_batch(fd, &mut self.up_rx) {
                     Ok(n) => n,
-                    Err(_) => {
-                        let router = &mut self.router;
-                        sockio::recv_errors(fd, |to, errno| {
-                            let unreachable = matches!(
-                                errno,
-                                libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH
-                            );
-                            router.upstream_error(sock, to, unreachable);
-                        });
+                    // Read on past a report (the call consumed it; replies
+                    // may wait behind it). An error that keeps coming is
+                    // no report: it ends this socket's turn.
+                    Err(_) if errors < 2 => {
+                        errors += 1;
+                        self.upstream_errors(sock);
                         continue;
                     }
+                    Err(_) => 0,
                 };
                 let now = self.now_ms();
                 self.refs.clear();

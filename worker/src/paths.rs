@@ -217,7 +217,10 @@ pub struct Paths {
     /// Home slots cooling: (until, socket, backend), in time order per
     /// listener delay (delays differ by listener, so the queue is checked
     /// in full order only at its front, where it is due first).
-    cooling: VecDeque<(u64, SockId, u16)>,
+    /// The flag marks an INHERITED slot's entry: it frees the slot only while
+    /// the slot is still INHERITED (one its flow took, then closed, cools
+    /// by its own COOLING entry).
+    cooling: VecDeque<(u64, SockId, u16, bool)>,
     /// Every socket held here, by its (source, port).
     by_local: AHashMap<SocketAddr, SockId>,
     /// Sockets to close at the next tick, when no queued send names them.
@@ -317,7 +320,8 @@ impl Paths {
             if i != b && left > 0 {
                 *slot = INHERITED;
                 up.used += 1;
-                self.cooling.push_back((now_ms + left, sock, i as u16));
+                self.cooling
+                    .push_back((now_ms + left, sock, i as u16, true));
             } else if i != b {
                 push_free(&mut self.pools, listener, i as u16, sock);
             }
@@ -422,7 +426,7 @@ impl Paths {
                     Home::Here if cool_ms > 0 => {
                         s.slots[backend] = COOLING;
                         self.cooling
-                            .push_back((now_ms + cool_ms, path.sock, path.backend));
+                            .push_back((now_ms + cool_ms, path.sock, path.backend, false));
                     }
                     Home::Here => {
                         s.slots[backend] = FREE;
@@ -457,14 +461,15 @@ impl Paths {
         sockets: &mut S,
     ) -> Vec<(SockId, Owner)> {
         let mut borrowed = Vec::new();
-        while let Some(&(until, sock, backend)) = self.cooling.front() {
+        while let Some(&(until, sock, backend, inherited)) = self.cooling.front() {
             if until > now_ms {
                 break;
             }
             self.cooling.pop_front();
             if let Some(s) = self.socks.get_mut(sock as usize) {
                 let slot = s.slots.get(usize::from(backend)).copied();
-                if slot == Some(COOLING) || slot == Some(INHERITED) {
+                let due = if inherited { INHERITED } else { COOLING };
+                if slot == Some(due) {
                     s.slots[usize::from(backend)] = FREE;
                     s.used -= 1;
                     if s.used == 0 {
@@ -516,7 +521,7 @@ impl Paths {
                     *slot = COOLING;
                     s.used += 1;
                     self.cooling
-                        .push_back((me_now_ms + cool_ms, sock, b as u16));
+                        .push_back((me_now_ms + cool_ms, sock, b as u16, false));
                 } else {
                     push_free(&mut self.pools, s.listener, b as u16, sock);
                 }
@@ -576,7 +581,7 @@ impl Paths {
                 free: vec![Vec::new(); *n],
             })
             .collect();
-        for (until, sock, b) in cooling {
+        for (until, sock, b, inherited) in cooling {
             let new = self.socks.get(sock as usize).and_then(|s| {
                 if s.listener == GONE {
                     // Not remapped: its slots keep their old indices.
@@ -587,7 +592,7 @@ impl Paths {
             });
             // A slot toward a removed backend went with the remap.
             if let Some(b) = new {
-                self.cooling.push_back((until, sock, b));
+                self.cooling.push_back((until, sock, b, inherited));
             }
         }
         for (id, s) in self.socks.iter() {

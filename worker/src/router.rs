@@ -35,7 +35,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use udpshard_config as config;
 use udpshard_shared::backends::BackendCounter;
-use udpshard_shared::flow::quic_long_scid;
+use udpshard_shared::flow::{quic_is_initial, quic_long_scid};
 use udpshard_shared::handoff::{
     Control, Frame, Header, PathRef, Transfer, TransferPath, HEADER_LEN, MAX_HOPS,
 };
@@ -86,6 +86,8 @@ pub trait Owners {
     /// Records where `me`'s session of `hash` has its first path: (its
     /// socket's local address, [`backend_tag`] of its backend).
     fn set_hint(&self, hash: u64, me: Owner, local: SocketAddr, backend: u16);
+    /// Forgets `me`'s hint for `hash` (its session has no path to name).
+    fn clear_hint(&self, hash: u64, me: Owner);
     fn is_live(&self, owner: Owner) -> bool {
         self.live_owner(usize::from(owner.worker)) == Some(owner)
     }
@@ -536,7 +538,12 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         };
         let sid = match self.sessions.lookup(a.listener, &key) {
             Some(sid) => sid,
-            None => match self.miss(a, key, d) {
+            None => match self.miss(
+                a,
+                key,
+                d,
+                route.learns_server_cids && quic_is_initial(bytes),
+            ) {
                 Ok(sid) => sid,
                 Err(outcome) => return outcome,
             },
@@ -573,7 +580,15 @@ impl<O: Owners, S: Sockets> Router<O, S> {
 
     /// No local session has the key: hand the datagram to its owner, or
     /// take the flow.
-    fn miss(&mut self, a: Arrival, key: FlowKey, d: DatagramRef) -> Result<SessionId, Outcome> {
+    /// `initial`: it is a QUIC Initial, which its backend must answer
+    /// (passive health judges the session).
+    fn miss(
+        &mut self,
+        a: Arrival,
+        key: FlowKey,
+        d: DatagramRef,
+        initial: bool,
+    ) -> Result<SessionId, Outcome> {
         if let Some(reason) = self.refused.check(a.listener, &key, self.now_ms) {
             self.drop_datagram(reason);
             return Err(Outcome::Done);
@@ -607,7 +622,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             Claim::Taken(_) => self.owners.assign(hash, self.me),
             Claim::Full => self.counters.incr(Counter::OwnersFull),
         }
-        match self.open_session(a, key, inherited) {
+        match self.open_session(a, key, inherited, initial) {
             Ok(sid) => Ok(sid),
             Err(reason) => {
                 self.owners.release(hash, self.me);
@@ -627,6 +642,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         a: Arrival,
         key: FlowKey,
         inherited: Option<Inherited>,
+        initial: bool,
     ) -> Result<SessionId, DropReason> {
         if self.draining {
             return Err(DropReason::Draining);
@@ -641,9 +657,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
         let inherited = inherited.filter(|h| h.backend == route.tags[backend]);
         let mut session = Session::new(a.listener, key, backend as u16, self.now_ms);
-        // QUIC answers every Initial: a new session no reply reaches within
-        // `reply_timeout` counts against its backend (passive health).
-        if route.learns_server_cids {
+        // QUIC answers every Initial: a session that began with one and got
+        // no reply within `reply_timeout` counts against its backend
+        // (passive health).
+        if initial {
             session.awaiting_since_ms = Some(self.now_ms);
         }
         let sid = self.sessions.insert(session);
@@ -715,14 +732,18 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let Some(s) = self.sessions.get(sid) else {
             return;
         };
-        let Some(p) = self.paths.path(s.first_path) else {
-            return;
-        };
-        let Some(sock) = self.paths.sock(p.sock).filter(|k| k.home == Home::Here) else {
-            return;
-        };
-        let tag = self.routes[s.listener].tags[usize::from(s.backend)];
-        self.owners.set_hint(hash, self.me, sock.local, tag);
+        let here = self
+            .paths
+            .path(s.first_path)
+            .and_then(|p| self.paths.sock(p.sock))
+            .filter(|k| k.home == Home::Here);
+        match here {
+            Some(sock) => {
+                let tag = self.routes[s.listener].tags[usize::from(s.backend)];
+                self.owners.set_hint(hash, self.me, sock.local, tag);
+            }
+            None => self.owners.clear_hint(hash, self.me),
+        }
     }
 
     /// Forwards on session `sid`'s path for the client of `a`.
@@ -906,6 +927,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             return;
         };
         let (sid, next, listener) = (p.session, p.next, p.listener);
+        // The port hint may name this path: it names the session's first
+        // path now, or nothing.
+        let rehint = sid != NONE;
         if sid != NONE {
             if let Some(s) = self.sessions.get_mut(sid as usize) {
                 s.path_count = s.path_count.saturating_sub(1);
@@ -929,6 +953,19 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let Some(p) = self.paths.remove(pid, self.now_ms, cool) else {
             return;
         };
+        // A heir must never take a 4-tuple that cooled and went to another
+        // flow.
+        if rehint {
+            let sid = sid as usize;
+            let hashes: Vec<u64> = self
+                .sessions
+                .get(sid)
+                .map(|s| s.keys().map(|k| self.owner_hash(listener, k)).collect())
+                .unwrap_or_default();
+            for hash in hashes {
+                self.hint_port(sid, hash);
+            }
+        }
         if let Some(Home::Borrowed(home)) = self.paths.sock(p.sock).map(|s| s.home) {
             let upstream = self.paths.sock(p.sock).map(|s| s.local);
             if let Some(upstream) = upstream {
@@ -1970,7 +2007,12 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             }
             let key = s.key;
             let to = self.routes[listener].pick(key.as_bytes()) as u16;
-            if to == s.backend {
+            // Not onto another down backend (every one is: nothing to
+            // move to), and not while a transfer names its backend.
+            if to == s.backend
+                || self.routes[listener].is_down(usize::from(to))
+                || s.transferring.is_some()
+            {
                 continue;
             }
             let mut old = Vec::new();

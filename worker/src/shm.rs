@@ -47,6 +47,10 @@ impl Owners for ShmOwners {
         })
     }
 
+    fn clear_hint(&self, hash: u64, me: Owner) {
+        self.state.owners().forget_hint(hash, me);
+    }
+
     fn set_hint(&self, hash: u64, me: Owner, local: SocketAddr, backend: u16) {
         if let Some(row) = self.state.source_row(local.ip()) {
             let _ = self

@@ -384,7 +384,7 @@ impl Sockets for Upstream {
         match kept {
             Ok(_) => Ok(until.saturating_sub(now)),
             Err(e) => {
-                self.state.leases().unclaim(row, port, me, was);
+                self.state.leases().unclaim(row, port, me, was, until);
                 Err(e)
             }
         }

@@ -76,6 +76,13 @@ impl Owners for MemOwners {
         })
     }
 
+    fn clear_hint(&self, hash: u64, me: Owner) {
+        let mut s = self.0.borrow_mut();
+        if s.table.get(&hash) == Some(&me) {
+            s.hints.remove(&hash);
+        }
+    }
+
     fn set_hint(&self, hash: u64, me: Owner, local: SocketAddr, backend: u16) {
         let mut s = self.0.borrow_mut();
         if s.table.get(&hash) == Some(&me) {

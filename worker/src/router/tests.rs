@@ -1193,3 +1193,27 @@ fn router_the_backend_gauge_survives_a_reload_that_drains_a_backend() {
         );
     }
 }
+
+#[test]
+fn router_a_hint_follows_the_sessions_paths_and_never_names_a_closed_one() {
+    // Two paths; the one the hint named closes; after a death the heir binds
+    // the port of the path that is left, not the closed one's.
+    let mut w = world(1, "path_idle = \"1s\"", 1);
+    w.send(0, "192.0.2.1:1", &short(9, b"a"));
+    let first = w.at_backend.last().unwrap().from;
+    w.advance(600);
+    w.send(0, "192.0.2.2:2", &short(9, b"b"));
+    let second = w.at_backend.last().unwrap().from;
+    assert_ne!(first, second);
+    // The first path idles out (1 s); the second stays.
+    w.advance(600);
+    w.send(0, "192.0.2.2:2", &short(9, b"keep"));
+    w.advance(600);
+    w.send(0, "192.0.2.2:2", &short(9, b"keep"));
+    assert_eq!(w.routers[0].paths.paths.len(), 1, "the first path closed");
+    w.kill(0);
+    w.restart(0);
+    w.send(0, "192.0.2.2:2", &short(9, b"after"));
+    assert_eq!(w.at_backend.last().unwrap().from, second);
+    assert_eq!(w.counter(0, Counter::PathsInherited), 1);
+}
