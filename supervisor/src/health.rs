@@ -208,23 +208,7 @@ impl Health {
                 };
                 if let Some((h, p)) = probed {
                     let mut set = |down: bool, why: String| {
-                        region.set_backend(
-                            row,
-                            true,
-                            if down {
-                                BackendState::Down
-                            } else {
-                                BackendState::Up
-                            },
-                            b.weight,
-                        );
-                        region.note_backend_change(row, down, now_ms);
-                        changes.push(Change {
-                            listener: l.name.clone(),
-                            addr: b.addr,
-                            down,
-                            why,
-                        });
+                        changes.push(change(region, row, l, b, down, why, now_ms));
                     };
                     if state == Some(BackendState::Down) {
                         if p.good >= h.rise {
@@ -259,18 +243,12 @@ impl Health {
                             t.on_trial = true;
                             t.unreachable_base = unreachable;
                             t.unanswered_base = unanswered;
-                            region.set_backend(row, true, BackendState::Up, b.weight);
-                            region.note_backend_change(row, false, now_ms);
-                            changes.push(Change {
-                                listener: l.name.clone(),
-                                addr: b.addr,
-                                down: false,
-                                why: format!(
-                                    "down for {:?} (revive_after): on trial, the next reply keeps \
-                                     it up and the next failure takes it down",
-                                    l.revive_after
-                                ),
-                            });
+                            let why = format!(
+                                "down for {:?} (revive_after): on trial, the next reply keeps \
+                                 it up and the next failure takes it down",
+                                l.revive_after
+                            );
+                            changes.push(change(region, row, l, b, false, why, now_ms));
                         }
                     }
                     // Down without a record (the supervisor restarted it? a
@@ -298,19 +276,38 @@ impl Health {
                             if let Some(p) = self.probers.get_mut(&key) {
                                 p.good = 0;
                             }
-                            region.set_backend(row, true, BackendState::Down, b.weight);
-                            region.note_backend_change(row, true, now_ms);
-                            changes.push(Change {
-                                listener: l.name.clone(),
-                                addr: b.addr,
-                                down: true,
-                                why,
-                            });
+                            changes.push(change(region, row, l, b, true, why, now_ms));
                         }
                     }
                 }
             }
         }
         changes
+    }
+}
+
+/// Writes backend `b`'s new state into its row, notes the change, and says
+/// what it was, for the log.
+fn change(
+    region: &StatsRegion,
+    row: usize,
+    l: &udpshard_config::Listener,
+    b: &udpshard_config::Backend,
+    down: bool,
+    why: String,
+    now_ms: u64,
+) -> Change {
+    let state = if down {
+        BackendState::Down
+    } else {
+        BackendState::Up
+    };
+    region.set_backend(row, true, state, b.weight);
+    region.note_backend_change(row, down, now_ms);
+    Change {
+        listener: l.name.clone(),
+        addr: b.addr,
+        down,
+        why,
     }
 }

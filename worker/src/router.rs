@@ -726,6 +726,13 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         self.routes.get(listener)?.row(usize::from(backend))
     }
 
+    /// The ownership-table hashes of session `sid`'s keys.
+    fn key_hashes(&self, sid: SessionId) -> Vec<u64> {
+        self.sessions.get(sid).map_or_else(Vec::new, |s| {
+            s.keys().map(|k| self.owner_hash(s.listener, k)).collect()
+        })
+    }
+
     /// Records where session `sid` (whose entry `hash` is ours) has its
     /// first path, for whoever takes the flow over should this worker die.
     fn hint_port(&self, sid: SessionId, hash: u64) {
@@ -957,12 +964,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // flow.
         if rehint {
             let sid = sid as usize;
-            let hashes: Vec<u64> = self
-                .sessions
-                .get(sid)
-                .map(|s| s.keys().map(|k| self.owner_hash(listener, k)).collect())
-                .unwrap_or_default();
-            for hash in hashes {
+            for hash in self.key_hashes(sid) {
                 self.hint_port(sid, hash);
             }
         }
@@ -1449,12 +1451,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             self.link_first(sid, path);
         }
         let me = self.me;
-        let hashes: Vec<u64> = self
-            .sessions
-            .get(sid)
-            .map(|s| s.keys().map(|k| self.owner_hash(listener, k)).collect())
-            .unwrap_or_default();
-        for hash in hashes {
+        for hash in self.key_hashes(sid) {
             self.owners.assign(hash, me);
         }
         self.counters.incr(Counter::TransfersIn);
@@ -1902,18 +1899,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                     // Its paths close; where their socket has the new
                     // backend's slot free, the new path takes it, so the
                     // backend sees the proxy address it would have seen.
-                    let mut old = Vec::new();
-                    while let Some(pid) = self
-                        .sessions
-                        .get(sid)
-                        .map(|s| s.first_path)
-                        .filter(|p| *p != NONE)
-                    {
-                        if let Some(p) = self.paths.path(pid) {
-                            old.push((p.sock, p.client, p.local_ip, p.last_client_ms));
-                        }
-                        self.close_path(pid);
-                    }
+                    let old = self.close_paths(sid);
                     rerouted.push((sid, routes[to].pick(key.as_bytes()) as u16, old, true));
                 }
             }
@@ -1987,6 +1973,26 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
     }
 
+    /// Closes session `sid`'s paths (it is moving to another backend): what
+    /// each was, (socket, client, local address, last client datagram), so
+    /// its new paths can take the same sockets where their slot is free.
+    #[allow(clippy::type_complexity)]
+    fn close_paths(&mut self, sid: SessionId) -> Vec<(SockId, SocketAddr, Option<IpAddr>, u64)> {
+        let mut old = Vec::new();
+        while let Some(pid) = self
+            .sessions
+            .get(sid)
+            .map(|s| s.first_path)
+            .filter(|p| *p != NONE)
+        {
+            if let Some(p) = self.paths.path(pid) {
+                old.push((p.sock, p.client, p.local_ip, p.last_client_ms));
+            }
+            self.close_path(pid);
+        }
+        old
+    }
+
     /// Follows the backend states passive health decided for `listener`
     /// (`down[b]`): new sessions avoid the down ones, and with
     /// `on_backend_down = "reroute"` live sessions on them move to the
@@ -2015,18 +2021,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             {
                 continue;
             }
-            let mut old = Vec::new();
-            while let Some(pid) = self
-                .sessions
-                .get(sid)
-                .map(|s| s.first_path)
-                .filter(|p| *p != NONE)
-            {
-                if let Some(p) = self.paths.path(pid) {
-                    old.push((p.sock, p.client, p.local_ip, p.last_client_ms));
-                }
-                self.close_path(pid);
-            }
+            let old = self.close_paths(sid);
             if let Some(s) = self.sessions.get_mut(sid) {
                 s.backend = to;
                 s.awaiting_since_ms = None;

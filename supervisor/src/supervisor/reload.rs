@@ -112,6 +112,7 @@ impl Supervisor {
             .collect();
         let mut groups: Vec<(ReuseportGroup, Option<usize>)> =
             Vec::with_capacity(cfg.listeners.len());
+        let mut failed = None;
         for l in &cfg.listeners {
             let kept = old.iter().position(|g| {
                 g.as_ref()
@@ -124,20 +125,12 @@ impl Supervisor {
             match group {
                 Ok(g) => groups.push((g, kept)),
                 Err(e) => {
-                    self.unstage(Staged {
-                        cfg,
-                        text,
-                        cpus,
-                        count,
-                        groups,
-                        dropped: old,
-                        slots: Vec::new(),
-                    });
-                    return Err(e);
+                    failed = Some(e);
+                    break;
                 }
             }
         }
-        Ok(Staged {
+        let staged = Staged {
             cfg,
             text,
             cpus,
@@ -145,7 +138,14 @@ impl Supervisor {
             groups,
             dropped: old,
             slots: Vec::new(),
-        })
+        };
+        match failed {
+            None => Ok(staged),
+            Some(e) => {
+                self.unstage(staged);
+                Err(e)
+            }
+        }
     }
 
     /// The steps of a reload that can fail, on the staged groups: the
