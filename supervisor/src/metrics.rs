@@ -389,12 +389,23 @@ fn escape_label(v: &str) -> String {
 /// configured); a backend a reload removed keeps its series.
 fn backend_families(f: &mut Family<'_>, snap: &Snapshot) {
     use udpshard_shared::backends::{BackendCounter as B, BackendState};
+    use udpshard_shared::stats::BackendSnapshot;
     let rows = snap.backends();
     let labels: Vec<(String, String)> = rows
         .iter()
         .map(|b| (b.meta.listener.clone(), b.meta.addr.to_string()))
         .collect();
-    let families = [
+    // One family: a sample per backend that has a value.
+    let mut family =
+        |name: &str, kind: &str, help: &str, value: &dyn Fn(&BackendSnapshot) -> Option<String>| {
+            f.head(name, kind, help);
+            for (b, (l, a)) in rows.iter().zip(&labels) {
+                if let Some(v) = value(b) {
+                    f.sample(name, &[("listener", l), ("backend", a)], v);
+                }
+            }
+        };
+    let counters = [
         (
             "backend_sessions_created_total",
             "counter",
@@ -438,66 +449,40 @@ fn backend_families(f: &mut Family<'_>, snap: &Snapshot) {
             B::SessionsActive,
         ),
     ];
-    for (name, kind, help, c) in families {
-        f.head(name, kind, help);
-        for (b, (l, a)) in rows.iter().zip(&labels) {
-            f.sample(name, &[("listener", l), ("backend", a)], b.total(c));
-        }
+    for (name, kind, help, c) in counters {
+        family(name, kind, help, &|b| Some(b.total(c).to_string()));
     }
-    f.head(
+    family(
         "backend_up",
         "gauge",
         "1 when the backend takes new sessions (configured, up, weight above 0).",
+        &|b| {
+            let up = b.meta.in_config && b.meta.state == BackendState::Up && b.meta.weight > 0;
+            Some(u8::from(up).to_string())
+        },
     );
-    for (b, (l, a)) in rows.iter().zip(&labels) {
-        let up = b.meta.in_config && b.meta.state == BackendState::Up && b.meta.weight > 0;
-        f.sample(
-            "backend_up",
-            &[("listener", l), ("backend", a)],
-            u8::from(up),
-        );
-    }
-    f.head(
+    family(
         "backend_downs_total",
         "counter",
         "Times passive health took the backend down for new sessions.",
+        &|b| Some(b.meta.downs.to_string()),
     );
-    for (b, (l, a)) in rows.iter().zip(&labels) {
-        f.sample(
-            "backend_downs_total",
-            &[("listener", l), ("backend", a)],
-            b.meta.downs,
-        );
-    }
-    f.head(
+    family(
         "backend_weight",
         "gauge",
         "The backend's configured weight.",
+        &|b| Some(b.meta.weight.to_string()),
     );
-    for (b, (l, a)) in rows.iter().zip(&labels) {
-        f.sample(
-            "backend_weight",
-            &[("listener", l), ("backend", a)],
-            b.meta.weight,
-        );
-    }
-    f.head(
+    let now_ms = udpshard_shared::clock::monotonic_ns() / 1_000_000;
+    family(
         "backend_last_reply_age_seconds",
         "gauge",
         "Time since the backend's latest reply (absent until it has replied).",
+        &|b| {
+            let at = b.total(B::LastReplyMs);
+            (at > 0).then(|| (now_ms.saturating_sub(at) as f64 / 1000.0).to_string())
+        },
     );
-    let now_ms = udpshard_shared::clock::monotonic_ns() / 1_000_000;
-    for (b, (l, a)) in rows.iter().zip(&labels) {
-        let at = b.total(B::LastReplyMs);
-        if at > 0 {
-            let age = now_ms.saturating_sub(at) as f64 / 1000.0;
-            f.sample(
-                "backend_last_reply_age_seconds",
-                &[("listener", l), ("backend", a)],
-                age,
-            );
-        }
-    }
 }
 
 /// A host metric family: name, help, and how to read it from `T`.

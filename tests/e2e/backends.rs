@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 use udpshard_shared::Maglev;
 use udpshard_tests::harness::{
-    bind_udp, field_of, listener_config, quic_short, wait_until, Backend, Proxy,
+    bind_udp, field_of, listener_config, quic_short, total, wait_until, Backend, Proxy,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
@@ -48,12 +48,9 @@ fn per_backend_counters_match_what_each_backend_received_and_outlive_a_worker() 
     let addrs: Vec<SocketAddr> = bs.iter().map(|b| b.addr).collect();
     let proxy = Proxy::start(Path::new(BIN), &config("workers = 2", &addrs));
     let client = bind_udp("127.0.0.1:0");
+    let cids: Vec<u64> = (0..100).collect();
     for round in 0..10u8 {
-        for cid in 0..100u64 {
-            client
-                .send_to(&quic_short(cid, &[round]), proxy.addr("quic"))
-                .unwrap();
-        }
+        send(&proxy, &client, &cids, round);
     }
     wait_until(WAIT, "1000 at the backends", || {
         bs.iter().map(Backend::count).sum::<usize>() == 1000
@@ -129,21 +126,13 @@ fn unreachable_counted_exactly(upstream_send: &str) {
     let addrs = [live.addr, dead];
     let top = format!("workers = 2\nupstream_send = \"{upstream_send}\"");
     let proxy = Proxy::start(Path::new(BIN), &config(&top, &addrs));
-    let maglev = Maglev::new(&[(live.addr.to_string(), 1), (dead.to_string(), 1)], 65537).unwrap();
-    let to_dead: Vec<u64> = (0..1000u64)
-        .filter(|c| maglev.backend_for(&c.to_be_bytes()) == 1)
-        .take(4)
-        .collect();
+    let to_dead = cids_to(&addrs, 1, 0, 4);
     let client = bind_udp("127.0.0.1:0");
     // 12 reports: the kernel sends ICMP errors from a host-wide budget
     // (burst 50, icmp_msgs_per_sec), which the tests running beside this
     // one share.
     for round in 0..3u8 {
-        for cid in &to_dead {
-            client
-                .send_to(&quic_short(*cid, &[round]), proxy.addr("quic"))
-                .unwrap();
-        }
+        send(&proxy, &client, &to_dead, round);
     }
     proxy.wait_stats(WAIT, "12 unreachable reports", |s| {
         s["backends"].as_array().is_some_and(|v| {
@@ -159,12 +148,7 @@ fn unreachable_counted_exactly(upstream_send: &str) {
     assert_eq!(get(&rows[&live.addr], "unreachable"), 0);
     assert_eq!(get(&rows[&live.addr], "tx_packets"), 0);
     // The live backend still gets its flows.
-    let to_live = (0..1000u64)
-        .find(|c| maglev.backend_for(&c.to_be_bytes()) == 0)
-        .unwrap();
-    client
-        .send_to(&quic_short(to_live, b"x"), proxy.addr("quic"))
-        .unwrap();
+    send(&proxy, &client, &cids_to(&addrs, 0, 0, 1), b'x');
     wait_until(WAIT, "the live backend", || live.count() == 1);
 }
 
@@ -184,14 +168,8 @@ fn weight_0_in_a_reload_drains_a_backend_its_live_sessions_stay_and_stats_count_
     let text = config("workers = 2", &[a.addr, b.addr]);
     let proxy = Proxy::start(Path::new(BIN), &text);
     let client = bind_udp("127.0.0.1:0");
-    let send = |cids: std::ops::Range<u64>, tag: u8| {
-        for cid in cids {
-            client
-                .send_to(&quic_short(cid, &[tag]), proxy.addr("quic"))
-                .unwrap();
-        }
-    };
-    send(0..60, 1);
+    let live: Vec<u64> = (0..60).collect();
+    send(&proxy, &client, &live, 1);
     wait_until(WAIT, "the first round", || a.count() + b.count() == 60);
     let on_a = a.count();
     assert!(on_a > 0 && on_a < 60, "both backends have sessions: {on_a}");
@@ -217,11 +195,11 @@ fn weight_0_in_a_reload_drains_a_backend_its_live_sessions_stay_and_stats_count_
     assert_eq!(rows[&a.addr]["state"], "draining", "{stats:#}");
     assert_eq!(get(&rows[&a.addr], "weight"), 0);
     // Its live sessions keep working ...
-    send(0..60, 2);
+    send(&proxy, &client, &live, 2);
     wait_until(WAIT, "the second round", || a.count() + b.count() == 120);
     assert_eq!(a.count(), 2 * on_a, "a's live sessions stayed on a");
     // ... and no new one goes there.
-    send(1000..1200, 3);
+    send(&proxy, &client, &(1000..1200).collect::<Vec<_>>(), 3);
     wait_until(WAIT, "new CIDs", || a.count() + b.count() == 320);
     assert_eq!(
         a.count(),
@@ -383,7 +361,7 @@ fn on_backend_down_reroute_moves_live_sessions_off_a_closed_backend() {
     let doomed = cids_to(&addrs, 1, 0, 3);
     send(&proxy, &client, &doomed, 1);
     proxy.wait_stats(WAIT, "down and rerouted", |s| {
-        crate_total(s, "sessions_rerouted") == 3
+        total(s, "sessions_rerouted") == 3
     });
     send(&proxy, &client, &doomed, 2);
     wait_until(WAIT, "the rerouted sessions at the live backend", || {
@@ -391,7 +369,7 @@ fn on_backend_down_reroute_moves_live_sessions_off_a_closed_backend() {
     });
     let stats = proxy.stats();
     assert_eq!(
-        crate_total(&stats, "sessions_created"),
+        total(&stats, "sessions_created"),
         3,
         "the same sessions, moved"
     );
@@ -420,12 +398,7 @@ fn a_backend_that_never_answers_new_quic_sessions_goes_down() {
             .send_to(&quic_initial(cid), proxy.addr("quic"))
             .unwrap();
     }
-    proxy.wait_stats(WAIT, "the silent backend down", |s| {
-        s["backends"].as_array().is_some_and(|v| {
-            v.iter()
-                .any(|b| b["addr"] == mute.to_string() && b["state"] == "down")
-        })
-    });
+    wait_state(&proxy, mute, "down");
     let log = proxy.wait_log("is down for new sessions", WAIT);
     assert!(
         log.contains("3 new sessions in a row without a reply within 200ms"),
@@ -445,10 +418,6 @@ fn quic_initial(cid: u64) -> Vec<u8> {
     d.extend_from_slice(&[0, 0x40, 0x10]);
     d.extend_from_slice(&[0u8; 16]);
     d
-}
-
-fn crate_total(stats: &Value, field: &str) -> u64 {
-    udpshard_tests::harness::total(stats, field)
 }
 
 /// A UDP backend that echoes, stays silent or answers garbage, as told.

@@ -229,74 +229,62 @@ fn run_without_config_uses_the_embedded_default() {
     );
 }
 
+/// `udpshard worker` with these descriptor flags: (exit code, stderr).
+fn worker_cli(fds: &[&str]) -> (Option<i32>, String) {
+    let (code, _, stderr) =
+        harness::run_cli(Path::new(BIN), ["worker", "--id", "0"].iter().chain(fds));
+    (code, stderr)
+}
+
 #[test]
 fn a_worker_command_line_naming_a_descriptor_twice_is_refused_before_any_is_taken() {
-    let out = Command::new(BIN)
-        .args([
-            "worker",
-            "--id",
-            "0",
-            "--control-fd",
-            "5",
-            "--stats-fd",
-            "6",
-        ])
-        .args([
-            "--state-fd",
-            "7",
-            "--listener-fds",
-            "8,9",
-            "--handoff-fd",
-            "10",
-        ])
-        .args(["--peer-fds", "10,11"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stderr) = worker_cli(&[
+        "--control-fd",
+        "5",
+        "--stats-fd",
+        "6",
+        "--state-fd",
+        "7",
+        "--listener-fds",
+        "8,9",
+        "--handoff-fd",
+        "10",
+        "--peer-fds",
+        "10,11",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(
         stderr.contains("descriptor 10 is named twice on the command line: as handoff inbox and as handoff peer"),
         "{stderr}"
     );
-    let out = Command::new(BIN)
-        .args([
-            "worker",
-            "--id",
-            "0",
-            "--control-fd",
-            "1",
-            "--stats-fd",
-            "6",
-        ])
-        .args([
-            "--state-fd",
-            "7",
-            "--listener-fds",
-            "8",
-            "--handoff-fd",
-            "10",
-        ])
-        .args(["--peer-fds", "11"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stderr) = worker_cli(&[
+        "--control-fd",
+        "1",
+        "--stats-fd",
+        "6",
+        "--state-fd",
+        "7",
+        "--listener-fds",
+        "8",
+        "--handoff-fd",
+        "10",
+        "--peer-fds",
+        "11",
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("control (fd 1)"), "{stderr}");
 }
 
 /// `udpshard route` for `cid` under `config`: (exit code, stdout, stderr).
 fn route(config: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let out = Command::new(BIN)
-        .arg("route")
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    let head = [
+        std::ffi::OsStr::new("route"),
+        "--config".as_ref(),
+        config.as_os_str(),
+    ];
+    harness::run_cli(
+        Path::new(BIN),
+        head.into_iter().chain(args.iter().map(|a| a.as_ref())),
     )
 }
 

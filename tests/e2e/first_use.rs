@@ -238,16 +238,12 @@ fn stats_watch_into_head_ends_quietly() {
 }
 
 fn stats_cli(stats_file: &Path) -> (Option<i32>, String, String) {
-    let out = Command::new(BIN)
-        .args(["stats", "--stats-file"])
-        .arg(stats_file)
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let args = [
+        std::ffi::OsStr::new("stats"),
+        "--stats-file".as_ref(),
+        stats_file.as_os_str(),
+    ];
+    udpshard_tests::harness::run_cli(Path::new(BIN), args)
 }
 
 #[test]

@@ -180,21 +180,36 @@ pub fn write_config(config: &str) -> (TempDir, PathBuf, PathBuf) {
     (dir, config_path, stats_file)
 }
 
+/// `bin ARGS` to its end: its exit code, stdout and stderr.
+pub fn run_cli(
+    bin: &Path,
+    args: impl IntoIterator<Item = impl AsRef<std::ffi::OsStr>>,
+) -> (Option<i32>, String, String) {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", bin.display()));
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// `udpshard check-config` on `text` written to a temp file: its exit
 /// code, stdout and stderr (the file's path in stderr replaced by `FILE`).
 pub fn check_config(bin: &Path, text: &str) -> (Option<i32>, String, String) {
     let dir = TempDir::new("check");
     let file = dir.path().join("udpshard.toml");
     std::fs::write(&file, text).expect("write config");
-    let out = Command::new(bin)
-        .arg("check-config")
-        .arg(&file)
-        .output()
-        .expect("run udpshard check-config");
+    let (code, stdout, stderr) = run_cli(
+        bin,
+        [std::ffi::OsStr::new("check-config"), file.as_os_str()],
+    );
     (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).replace(&file.display().to_string(), "FILE"),
+        code,
+        stdout,
+        stderr.replace(&file.display().to_string(), "FILE"),
     )
 }
 

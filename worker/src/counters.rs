@@ -116,17 +116,25 @@ impl Counters {
     /// flush) to backend row `row`'s counter `c`; no row, no count.
     #[inline]
     pub fn backend_add(&mut self, row: Option<u16>, c: BackendCounter, n: u64) {
-        if let Some(fields) = row.and_then(|r| self.backends.get_mut(usize::from(r))) {
-            fields[c as usize] = fields[c as usize].wrapping_add(n);
-            self.touch(usize::from(row.unwrap_or_default()));
-        }
+        self.backend_update(row, c, |x| x.wrapping_add(n));
     }
 
     pub fn backend_set(&mut self, row: Option<u16>, c: BackendCounter, v: u64) {
-        if let Some(fields) = row.and_then(|r| self.backends.get_mut(usize::from(r))) {
-            if fields[c as usize] != v {
-                fields[c as usize] = v;
-                self.touch(usize::from(row.unwrap_or_default()));
+        self.backend_update(row, c, |_| v);
+    }
+
+    /// Row `row`'s counter `c` becomes `f` of itself, marked for publishing
+    /// when it changed.
+    #[inline]
+    fn backend_update(&mut self, row: Option<u16>, c: BackendCounter, f: impl Fn(u64) -> u64) {
+        let Some(r) = row.map(usize::from) else {
+            return;
+        };
+        if let Some(fields) = self.backends.get_mut(r) {
+            let new = f(fields[c as usize]);
+            if new != fields[c as usize] {
+                fields[c as usize] = new;
+                self.touch(r);
             }
         }
     }

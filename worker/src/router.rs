@@ -232,21 +232,15 @@ pub struct Route {
 
 impl Route {
     pub fn new(cfg: &config::Listener, wildcard: bool) -> Result<Route, MaglevError> {
-        // Maglev over the backends that take new sessions: one drained
-        // (weight 0) leaves the table, and keys that did not map to it stay.
-        let taking: Vec<usize> = (0..cfg.backends.len())
-            .filter(|&i| cfg.backends[i].weight > 0)
-            .collect();
-        let names: Vec<(String, u32)> = taking
-            .iter()
-            .map(|&i| (cfg.backends[i].addr.to_string(), cfg.backends[i].weight))
-            .collect();
         let backends: Vec<SocketAddr> = cfg.backends.iter().map(|b| b.addr).collect();
+        let weights: Vec<u32> = cfg.backends.iter().map(|b| b.weight).collect();
+        let down = vec![false; backends.len()];
+        let (maglev, taking) = maglev_over(&backends, &weights, &down, cfg.maglev_table_size)?;
         Ok(Route {
             name: cfg.name.clone(),
             ident: stable_hash(cfg.name.as_bytes()),
             dissector: cfg.dissector.into(),
-            maglev: Maglev::new(&names, cfg.maglev_table_size)?,
+            maglev,
             taking,
             ipv4: backends.iter().map(|b| b.is_ipv4()).collect(),
             tags: backends.iter().map(|b| backend_tag(*b)).collect(),
@@ -275,8 +269,8 @@ impl Route {
             reuse_delay_ms: cfg.port_reuse_delay.as_millis() as u64,
             reply_timeout_ms: cfg.reply_timeout.as_millis() as u64,
             reroute_when_down: cfg.on_backend_down == config::OnBackendDown::Reroute,
-            down: vec![false; cfg.backends.len()],
-            weights: cfg.backends.iter().map(|b| b.weight).collect(),
+            down,
+            weights,
             maglev_size: cfg.maglev_table_size,
         })
     }
@@ -290,24 +284,13 @@ impl Route {
         if down.len() != self.down.len() || down == self.down.as_slice() {
             return false;
         }
-        let taking = |skip_down: bool| -> Vec<usize> {
-            (0..self.weights.len())
-                .filter(|&i| self.weights[i] > 0 && !(skip_down && down[i]))
-                .collect()
-        };
-        let mut t = taking(true);
-        if t.is_empty() {
-            t = taking(false);
-        }
-        let names: Vec<(String, u32)> = t
-            .iter()
-            .map(|&i| (self.backends[i].to_string(), self.weights[i]))
-            .collect();
-        let Ok(maglev) = Maglev::new(&names, self.maglev_size) else {
+        let Ok((maglev, taking)) =
+            maglev_over(&self.backends, &self.weights, down, self.maglev_size)
+        else {
             return false;
         };
         self.maglev = maglev;
-        self.taking = t;
+        self.taking = taking;
         self.down = down.to_vec();
         true
     }
@@ -356,6 +339,33 @@ impl Route {
     fn backend_of(&self, addr: SocketAddr) -> Option<u16> {
         self.by_addr.get(&addr).copied()
     }
+}
+
+/// Maglev over the backends that take new sessions, and which backend each
+/// of its indices is: those of weight > 0 that are not `down` (a drained or
+/// down backend leaves the table, and keys that did not map to it stay).
+/// When none would be left, every backend of weight > 0 stays in: trying a
+/// failing one beats refusing all.
+fn maglev_over(
+    backends: &[SocketAddr],
+    weights: &[u32],
+    down: &[bool],
+    size: usize,
+) -> Result<(Maglev, Vec<usize>), MaglevError> {
+    let taking = |skip_down: bool| -> Vec<usize> {
+        (0..backends.len())
+            .filter(|&i| weights[i] > 0 && !(skip_down && down.get(i) == Some(&true)))
+            .collect()
+    };
+    let mut taking_now = taking(true);
+    if taking_now.is_empty() {
+        taking_now = taking(false);
+    }
+    let names: Vec<(String, u32)> = taking_now
+        .iter()
+        .map(|&i| (backends[i].to_string(), weights[i]))
+        .collect();
+    Ok((Maglev::new(&names, size)?, taking_now))
 }
 
 /// A new flow's backend, and why it is that one.
@@ -622,7 +632,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             Claim::Taken(_) => self.owners.assign(hash, self.me),
             Claim::Full => self.counters.incr(Counter::OwnersFull),
         }
-        match self.open_session(a, key, inherited, initial) {
+        match self.open_session(a, key, hash, inherited, initial) {
             Ok(sid) => Ok(sid),
             Err(reason) => {
                 self.owners.release(hash, self.me);
@@ -635,12 +645,14 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
     }
 
-    /// A new session with its first path, for the client of `a`: on the
-    /// port the flow had at a dead worker when it can (`inherited`).
+    /// A new session with its first path, for the client of `a` (`hash`:
+    /// its key's ownership entry): on the port the flow had at a dead worker
+    /// when it can (`inherited`).
     fn open_session(
         &mut self,
         a: Arrival,
         key: FlowKey,
+        hash: u64,
         inherited: Option<Inherited>,
         initial: bool,
     ) -> Result<SessionId, DropReason> {
@@ -672,7 +684,6 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             self.sessions.remove(sid);
             return Err(reason);
         }
-        let hash = self.owner_hash(a.listener, &key);
         self.hint_port(sid, hash);
         self.counters.incr(Counter::SessionsCreated);
         let row = self.row_of(a.listener, backend as u16);
