@@ -257,7 +257,10 @@ impl ProxyChild {
                         log.push_str(&line);
                         log.push('\n');
                     }
+                    // Text, or a JSON object (`--log-format json`), whose
+                    // message ends at its first unescaped quote.
                     if let Some(rest) = line.split("ready: ").nth(1) {
+                        let rest = rest.split('"').next().unwrap_or(rest);
                         let _ = ready_tx.send(rest.to_string());
                     }
                 }

@@ -209,14 +209,10 @@ pub fn diagnose(cfg: &Config, facts: &Facts) -> Vec<Finding> {
         }
     }
     if let Some((quota, source)) = &facts.cpu_quota {
-        if *quota < workers as f64 {
-            let fit = (quota.floor() as u64).max(1);
+        if let Some((saw, fix)) = quota_finding(*quota, source, workers as usize) {
             out.push(Finding {
-                saw: format!(
-                    "{source} allows {quota:.2} CPUs, but {workers} workers are pinned one per CPU: \
-                     they will be throttled in bursts (queues fill while they sleep)"
-                ),
-                fix: format!("workers = {fit}"),
+                saw,
+                fix,
                 keep: None,
             });
         }
@@ -389,6 +385,31 @@ fn cgroup_dirs(cgroup: &str, v2: bool, mount: &Path) -> Vec<PathBuf> {
         dirs.push(mount.to_path_buf());
     }
     dirs
+}
+
+/// At start: a CPU quota smaller than the workers started is logged as the
+/// jitter it causes, with what `udpshard doctor` would say.
+pub fn warn_cpu_quota(workers: usize) {
+    if let Some((quota, source)) = cpu_quota() {
+        if let Some((saw, fix)) = quota_finding(quota, &source, workers) {
+            tracing::warn!("{saw}; fix: {fix}, or a CPU set instead of a quota (--cpuset-cpus)");
+        }
+    }
+}
+
+/// What a quota of `quota` CPUs over `workers` pinned workers causes, and
+/// the fix; none when the quota covers them.
+fn quota_finding(quota: f64, source: &str, workers: usize) -> Option<(String, String)> {
+    (quota < workers as f64).then(|| {
+        let fit = (quota.floor() as u64).max(1);
+        (
+            format!(
+                "{source} allows {quota:.2} CPUs, but {workers} workers are pinned one per CPU: \
+                 they will be throttled in bursts (queues fill while they sleep)"
+            ),
+            format!("workers = {fit}"),
+        )
+    })
 }
 
 /// The tightest CPU quota on this process's cgroup or its ancestors.

@@ -7,6 +7,7 @@ mod cpus;
 mod demo;
 mod doctor;
 mod health;
+mod logging;
 mod metrics;
 mod notify;
 mod process;
@@ -32,10 +33,23 @@ const VERSION: &str = concat!(
     ")"
 );
 
+/// `udpshard --version`: the version, the commit, the cargo features and the
+/// target it was built for (`-V` prints the first line only).
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit: ",
+    env!("UDPSHARD_GIT_COMMIT"),
+    "\nfeatures: ",
+    env!("UDPSHARD_FEATURES"),
+    "\ntarget: ",
+    env!("UDPSHARD_TARGET"),
+);
+
 #[derive(Parser)]
 #[command(
     name = "udpshard",
     version = VERSION,
+    long_version = LONG_VERSION,
     about = "UDP proxy for connection-oriented datagram protocols (QUIC first)",
     long_about = "UDP proxy for connection-oriented datagram protocols (QUIC first): one \
                   SO_REUSEPORT group per listener with one pinned worker process per allowed \
@@ -43,6 +57,10 @@ const VERSION: &str = concat!(
                   datagram counted at the hop where it was lost."
 )]
 struct Cli {
+    /// How log lines are written to stderr: text, or one JSON object per
+    /// line for log shippers. Workers log in the same format.
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text)]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -163,7 +181,13 @@ fn main() -> ExitCode {
         // away (`udpshard stats --watch 1 | head -1`), as `cat` does.
         _ => restore_default_sigpipe(),
     }
-    init_logging(matches!(cli.command, Command::Worker { .. }));
+    if let Err(e) = logging::init(
+        cli.log_format,
+        matches!(cli.command, Command::Worker { .. }),
+    ) {
+        eprintln!("udpshard: {e}");
+        return ExitCode::from(2);
+    }
     match cli.command {
         Command::Run {
             config,
@@ -341,25 +365,6 @@ fn parse_watch(s: &str) -> Result<std::time::Duration, String> {
     match s.trim().parse::<f64>() {
         Ok(secs) if (0.1..=3600.0).contains(&secs) => Ok(std::time::Duration::from_secs_f64(secs)),
         _ => Err(format!("{s:?} is not a number of seconds in 0.1..=3600")),
-    }
-}
-
-/// Logs go to stderr. A log reader that goes away (a closed pipe, a
-/// container's log driver restarting) costs the log lines, never the
-/// process: write errors are dropped, not reported on the same broken stream.
-fn init_logging(worker: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("UDPSHARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(false)
-        .log_internal_errors(false)
-        .compact()
-        .init();
-    if worker {
-        tracing::debug!(pid = std::process::id(), "worker process");
     }
 }
 

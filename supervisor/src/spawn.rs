@@ -42,7 +42,8 @@ pub fn spawn_worker(exe: &Path, spec: &WorkerSpec) -> io::Result<Child> {
     inherit.extend_from_slice(&spec.peer_fds);
 
     let mut cmd = Command::new(exe);
-    cmd.arg("worker")
+    cmd.args(["--log-format", crate::logging::format().as_arg()])
+        .arg("worker")
         .args(["--id", &spec.id.to_string()])
         .args(["--control-fd", &spec.control_fd.to_string()])
         .args(["--stats-fd", &spec.stats_fd.to_string()])

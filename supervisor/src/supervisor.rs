@@ -161,11 +161,14 @@ impl Supervisor {
         let cpus = allowed_cpus().map_err(SupervisorError::Affinity)?;
         let count = worker_count(&config, &cpus);
         tracing::info!(
-            "allowed CPUs: {} ({} CPUs); starting {count} workers",
+            "allowed CPUs: {} ({} {}); starting {count} {}",
             format_cpu_list(&cpus),
-            cpus.len()
+            cpus.len(),
+            if cpus.len() == 1 { "CPU" } else { "CPUs" },
+            if count == 1 { "worker" } else { "workers" },
         );
         warn_oversubscribed(count, &cpus);
+        crate::doctor::warn_cpu_quota(count);
         let mut groups = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             groups.push(bind_group(l, count)?);

@@ -347,3 +347,92 @@ fn route_names_the_backend_a_running_proxy_sends_each_cid_to() {
         "{stderr}"
     );
 }
+
+#[test]
+fn version_names_the_commit_the_features_and_the_target() {
+    let (code, stdout, _) = harness::run_cli(Path::new(BIN), ["--version"]);
+    assert_eq!(code, Some(0));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!("udpshard {}", env!("CARGO_PKG_VERSION")),
+        "{stdout}"
+    );
+    let commit = lines[1].strip_prefix("commit: ").expect("a commit line");
+    assert!(
+        commit == "unknown"
+            || (commit.len() == 12 && commit.chars().all(|c| c.is_ascii_hexdigit())),
+        "{stdout}"
+    );
+    assert!(
+        lines.contains(&"features: json-log"),
+        "the default features: {stdout}"
+    );
+    assert!(
+        lines[3].starts_with("target: ") && lines[3].contains("linux"),
+        "{stdout}"
+    );
+    let (code, short, _) = harness::run_cli(Path::new(BIN), ["-V"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        short.trim(),
+        format!("udpshard {} (commit {commit})", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn log_format_json_writes_one_object_per_line_from_the_supervisor_and_its_workers() {
+    let a = Backend::start("a");
+    let (dir, config_path, stats_file) = harness::write_config(&format!(
+        "workers = 2\nstats_file = \"{{stats_file}}\"\n[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:0\"\ndissector = \"quic\"\nbackends = [\"{}\"]\n",
+        a.addr
+    ));
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--log-format", "json", "run", "--config"])
+        .arg(&config_path);
+    let mut proxy = Proxy::spawn(cmd, Path::new(BIN), dir, config_path, stats_file);
+    let client = harness::bind_udp("127.0.0.1:0");
+    client
+        .send_to(&harness::quic_short(0x4a50_0001, b"json"), proxy.addr("q"))
+        .unwrap();
+    harness::wait_until(Duration::from_secs(5), "the backend's datagram", || {
+        a.count() == 1
+    });
+    proxy.signal(libc::SIGTERM);
+    let status = proxy.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(status.success());
+    let log = proxy.log();
+    let mut messages = Vec::new();
+    let mut exits = Vec::new();
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}\n{log}"));
+        assert!(
+            v["timestamp"].is_string() && v["level"].is_string(),
+            "{line}"
+        );
+        let message = v["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no message: {line}"));
+        // Logged by each worker process itself as it leaves: the one with
+        // the session waits out the drain, the other has none.
+        if message.starts_with("drain") {
+            exits.push(v.clone());
+        }
+        messages.push(message.to_string());
+    }
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("ready: 2 workers serving q@")),
+        "{log}"
+    );
+    assert_eq!(exits.len(), 2, "each worker logs its exit in JSON:\n{log}");
+    assert!(exits.iter().all(|v| v["worker"].is_u64()), "{log}");
+    let timed_out: Vec<_> = exits
+        .iter()
+        .filter(|v| v["message"] == "drain timeout reached; exiting")
+        .collect();
+    assert_eq!(timed_out.len(), 1, "{log}");
+    assert_eq!(timed_out[0]["sessions"], 1, "fields stay typed: {log}");
+}

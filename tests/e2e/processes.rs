@@ -72,7 +72,9 @@ fn under_taskset_c0_exactly_one_worker_on_cpu0() {
     assert_eq!(workers[0].1, 0);
     assert_eq!(allowed_cpus_of(workers[0].0), "0");
     assert!(
-        proxy.log().contains("allowed CPUs: 0 (1 CPUs)"),
+        proxy
+            .log()
+            .contains("allowed CPUs: 0 (1 CPU); starting 1 worker"),
         "{}",
         proxy.log()
     );
