@@ -19,6 +19,12 @@ pub fn notify(state: &str) {
     }
 }
 
+/// READY=1 with a status line for `systemctl status` (one line: newlines
+/// would end the STATUS= field).
+pub fn notify_ready(status: &str) {
+    notify(&format!("READY=1\nSTATUS={}", status.replace('\n', " ")));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,7 +33,7 @@ use udpshard_shared::state::StateRegion;
 use udpshard_shared::stats::{Counter, Header, SlotState, StatsError, StatsRegion};
 
 use crate::cpus::{allowed_cpus, format_cpu_list};
-use crate::notify::notify;
+use crate::notify::{notify, notify_ready};
 use crate::reuseport::{rmem_fix, ReuseportGroup};
 use crate::spawn::{spawn_worker, WorkerSpec};
 
@@ -512,12 +512,14 @@ impl Supervisor {
                 .iter()
                 .map(|g| format!("{}@{}", g.name, g.addr))
                 .collect();
-            tracing::info!(
-                "ready: {} workers serving {}",
-                self.workers.len(),
+            let n = self.workers.len();
+            let message = format!(
+                "ready: {n} {} serving {}",
+                if n == 1 { "worker" } else { "workers" },
                 addrs.join(" ")
             );
-            notify("READY=1");
+            tracing::info!("{message}");
+            notify_ready(&message);
         }
     }
 

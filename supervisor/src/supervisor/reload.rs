@@ -22,7 +22,7 @@ use super::{
     WorkerSlot,
 };
 use crate::cpus::{allowed_cpus, format_cpu_list};
-use crate::notify::notify;
+use crate::notify::{notify, notify_ready};
 use crate::reuseport::ReuseportGroup;
 
 impl Supervisor {
@@ -36,8 +36,9 @@ impl Supervisor {
         if let Err(e) = self.try_reload() {
             let failures = self.region.header(Header::ReloadFailures) + 1;
             self.region.set_header(Header::ReloadFailures, failures);
-            tracing::error!("reload failed, still serving the previous config: {e}");
-            notify("READY=1");
+            let message = format!("reload failed, still serving the previous config: {e}");
+            tracing::error!("{message}");
+            notify_ready(&message);
             return;
         }
         self.config_gen += 1;
@@ -51,13 +52,14 @@ impl Supervisor {
                 self.send_reload(id);
             }
         }
-        tracing::info!(
+        let message = format!(
             "reloaded {what}: {} listeners, {} workers (config generation {})",
             self.groups.len(),
             self.live_workers(),
             self.config_gen
         );
-        notify("READY=1");
+        tracing::info!("{message}");
+        notify_ready(&message);
     }
 
     /// Applies the config file, whole or not at all. Everything that can

@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Container CI: builds the image from the project's own packaging/Dockerfile
+# on a Debian base made here with mmdebstrap (no registry is reachable, so
+# the Dockerfile takes its bases as build arguments), with the binary cargo
+# built on this machine (BINARY=context). Then, with podman:
+# - pinned with --cpuset-cpus=0, then --cpuset-cpus=1: udpshard logs exactly
+#   that one allowed CPU and one worker pinned to it, and datagrams from the
+#   host reach a backend on the host and come back (--network host);
+# - udpshard is PID 1, and `podman stop` (SIGTERM) ends it with exit 0
+#   within drain_timeout;
+# - under --cpus=0.5 with no CPU set, `udpshard doctor` flags the quota and
+#   udpshard logs it at start.
+#
+# Needs root and apt-get (installs podman, runc and mmdebstrap when missing);
+# without them it says so and exits 0. On 2 cores: about 1.5 minutes on a
+# fresh machine once the release binary is built.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+IMAGES_WHAT=container
+IMAGES_START=$SECONDS
+. .ci/images.sh
+images_can_run || exit 0
+
+IMAGE=localhost/udpshard:ci
+DRAIN_S=3
+containers=()
+cleanup() {
+    for c in "${containers[@]}"; do
+        podman rm -f "$c" >/dev/null 2>&1 || true
+    done
+}
+trap cleanup EXIT
+
+images_install_tools
+
+images_step "release build (stripped)"
+CARGO_PROFILE_RELEASE_STRIP=symbols cargo build --release --locked -p udpshard
+mkdir -p dist
+cp target/release/udpshard dist/udpshard
+
+images_step "base image"
+images_base udpshard-ci-base
+
+images_step "podman build -f packaging/Dockerfile (BASE=localhost/udpshard-ci-base, BINARY=context)"
+podman build --quiet --runtime runc -f packaging/Dockerfile \
+    --build-arg BASE=localhost/udpshard-ci-base:latest --build-arg BINARY=context \
+    -t "$IMAGE" . >/dev/null
+podman_run --rm "$IMAGE" --version
+caps=$(podman_run --rm --entrypoint /bin/sh "$IMAGE" -c \
+    'id -un; stat -c "%a %U" /usr/bin/udpshard')
+echo "image user and binary: $caps"
+[ "$(echo "$caps" | head -1)" = udpshard ] || images_fail "the image does not run as user udpshard"
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+work=$(mktemp -d /tmp/udpshard-container.XXXXXX)
+trap 'cleanup; rm -rf "$work"' EXIT
+chmod 755 "$work"
+proxy_port=$(free_port)
+backend_a=$(free_port)
+backend_b=$(free_port)
+cat >"$work/udpshard.toml" <<EOF
+workers = "auto"
+drain_timeout = "${DRAIN_S}s"
+
+[[listener]]
+name = "quic"
+bind = "127.0.0.1:$proxy_port"
+dissector = "quic"
+backends = ["127.0.0.1:$backend_a", "127.0.0.1:$backend_b"]
+EOF
+chmod 644 "$work/udpshard.toml"
+
+# wait_ready CONTAINER: until its log has the ready line (bounded).
+wait_ready() {
+    for _ in $(seq 1 100); do
+        if podman logs "$1" 2>&1 | grep -q 'ready: '; then
+            return 0
+        fi
+        if [ "$(podman inspect -f '{{.State.Running}}' "$1")" != true ]; then
+            podman logs "$1" >&2 || true
+            images_fail "$1 exited before it was ready"
+        fi
+        sleep 0.1
+    done
+    podman logs "$1" >&2 || true
+    images_fail "$1 not ready within 10 s"
+}
+
+for cpu in 0 1; do
+    if ! grep -qw "$cpu" <(python3 -c 'import os; print(*sorted(os.sched_getaffinity(0)))'); then
+        echo "CPU $cpu is not ours to pin: skipping --cpuset-cpus=$cpu"
+        continue
+    fi
+    c=udpshard-ci-cpu$cpu
+    containers+=("$c")
+    images_step "--cpuset-cpus=$cpu"
+    podman rm -f "$c" >/dev/null 2>&1 || true
+    podman_run -d --name "$c" --cpuset-cpus="$cpu" --network host \
+        -v "$work/udpshard.toml:/etc/udpshard/udpshard.toml:ro" "$IMAGE" >/dev/null
+    wait_ready "$c"
+    log=$(podman logs "$c" 2>&1)
+    echo "$log" | grep -E 'allowed CPUs|worker ready|ready: '
+    echo "$log" | grep -q "allowed CPUs: $cpu (1 CPU); starting 1 worker\$" ||
+        images_fail "--cpuset-cpus=$cpu: udpshard did not log exactly CPU $cpu allowed and 1 worker"
+    [ "$(echo "$log" | grep -c 'worker ready')" = 1 ] ||
+        images_fail "--cpuset-cpus=$cpu: not exactly one worker started"
+    echo "$log" | grep -q "worker ready worker=0 cpu=$cpu " ||
+        images_fail "--cpuset-cpus=$cpu: the worker is not pinned to CPU $cpu"
+    # The worker's own affinity, read from the host.
+    pid1=$(podman inspect -f '{{.State.Pid}}' "$c")
+    [ "$(cat "/proc/$pid1/comm")" = udpshard ] || images_fail "PID 1 of $c is $(cat "/proc/$pid1/comm"), not udpshard"
+    worker=$(pgrep -P "$pid1" -x udpshard | head -1)
+    [ -n "$worker" ] || images_fail "no worker process under PID 1 of $c"
+    affinity=$(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' "/proc/$worker/status")
+    echo "PID 1 in $c is udpshard (host pid $pid1); its worker (host pid $worker) may run on CPU $affinity"
+    [ "$affinity" = "$cpu" ] || images_fail "the worker may run on $affinity, not CPU $cpu"
+
+    python3 .ci/roundtrip.py --proxy "127.0.0.1:$proxy_port" \
+        --backend "a=127.0.0.1:$backend_a" --backend "b=127.0.0.1:$backend_b" --flows 32 ||
+        images_fail "--cpuset-cpus=$cpu: round trips through the container"
+    podman exec "$c" udpshard stats | head -12
+
+    # SIGTERM to PID 1; the sessions just opened keep the drain to its
+    # timeout, so the stop takes about drain_timeout, and no longer.
+    t0=$(date +%s%N)
+    podman stop -t $((DRAIN_S + 10)) "$c" >/dev/null
+    took_ms=$((($(date +%s%N) - t0) / 1000000))
+    code=$(podman inspect -f '{{.State.ExitCode}}' "$c")
+    podman logs "$c" 2>&1 | tail -3
+    echo "podman stop: exit code $code after $took_ms ms (drain_timeout ${DRAIN_S}s)"
+    [ "$code" = 0 ] || images_fail "--cpuset-cpus=$cpu: exit code $code after SIGTERM"
+    [ "$took_ms" -le $((DRAIN_S * 1000 + 1500)) ] ||
+        images_fail "--cpuset-cpus=$cpu: the stop took $took_ms ms, more than drain_timeout (${DRAIN_S}s) and 1.5 s"
+    podman logs "$c" 2>&1 | grep -q 'all workers exited; bye' || images_fail "no clean exit logged"
+done
+
+images_step "--cpus=0.5 without a CPU set"
+c=udpshard-ci-quota
+containers+=("$c")
+doctor=$(podman_run --rm --cpus=0.5 --network host \
+    -v "$work/udpshard.toml:/etc/udpshard/udpshard.toml:ro" "$IMAGE" \
+    doctor --config /etc/udpshard/udpshard.toml 2>&1) || true
+echo "$doctor" | grep -i 'cpu'
+echo "$doctor" | grep -q 'allows 0.50 CPUs, but [0-9]* workers are pinned one per CPU' ||
+    images_fail "doctor did not flag the 0.5-CPU quota"
+podman rm -f "$c" >/dev/null 2>&1 || true
+podman_run -d --name "$c" --cpus=0.5 --network host \
+    -v "$work/udpshard.toml:/etc/udpshard/udpshard.toml:ro" "$IMAGE" >/dev/null
+wait_ready "$c"
+podman logs "$c" 2>&1 | grep 'allows 0.50 CPUs' ||
+    images_fail "udpshard did not log the 0.5-CPU quota at start"
+podman stop -t $((DRAIN_S + 10)) "$c" >/dev/null
+[ "$(podman inspect -f '{{.State.ExitCode}}' "$c")" = 0 ] || images_fail "exit code after SIGTERM under a quota"
+
+images_step "done in $((SECONDS - IMAGES_START))s"

@@ -1,0 +1,88 @@
+# Sourced by .ci/container.sh and .ci/systemd.sh: podman from Debian's
+# packages, and Debian base images made with mmdebstrap from the mirror this
+# machine's apt already uses. No image registry is needed.
+#
+# Two quirks of the machines CI runs on, handled in podman_run:
+# - root lacks CAP_SYS_RESOURCE, so a container cannot be given a higher
+#   descriptor or process limit than the caller's hard one: pass those;
+# - the cgroup hierarchy may be hybrid (v1 controllers), where crun refuses
+#   to start a container: use runc.
+
+IMAGES_DIR=${IMAGES_DIR:-target/ci-images}
+
+images_step() { printf '\n== %s [%3ds] %s\n' "$IMAGES_WHAT" "$((SECONDS - IMAGES_START))" "$*"; }
+images_fail() {
+    echo "$IMAGES_WHAT: FAILED: $*" >&2
+    exit 1
+}
+
+# Whether this machine can run these checks at all; prints why not.
+images_can_run() {
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        echo "$IMAGES_WHAT: skipped: needs root and apt-get (CI has both)"
+        return 1
+    fi
+}
+
+images_install_tools() {
+    local want=(podman runc uidmap slirp4netns fuse-overlayfs containernetworking-plugins
+        iptables conmon catatonit mmdebstrap python3)
+    local missing=()
+    for pkg in "${want[@]}"; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        images_step "apt-get install ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    podman --version
+}
+
+# The first Debian mirror apt is configured with (deb822 .sources or the
+# one-line format), else Debian's own.
+debian_mirror() {
+    local uri
+    uri=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null |
+        sed -n 's/^URIs:[[:space:]]*\([^[:space:]]*\).*/\1/p' | grep -v -- '-security' | head -1)
+    if [ -z "$uri" ]; then
+        uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+            sed -n 's/^deb[[:space:]]\+\(\[[^]]*\][[:space:]]\+\)\?\([^[:space:]]*\).*/\2/p' |
+            grep -v -- '-security' | head -1)
+    fi
+    echo "${uri:-http://deb.debian.org/debian}"
+}
+
+# images_base NAME [PACKAGES]: a minbase rootfs of this machine's Debian
+# release (plus PACKAGES, comma-separated), imported as localhost/NAME:latest.
+# The tarball is kept under $IMAGES_DIR; delete it to rebuild.
+images_base() {
+    local name=$1 include=${2:-}
+    local suite
+    suite=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
+    local tar="$IMAGES_DIR/$name-$suite.tar"
+    mkdir -p "$IMAGES_DIR"
+    if [ ! -s "$tar" ]; then
+        images_step "mmdebstrap $suite${include:+ with $include} from $(debian_mirror)"
+        mmdebstrap --quiet --variant=minbase ${include:+--include="$include"} \
+            "$suite" "$IMAGES_DIR/partial-$name.tar" "$(debian_mirror)"
+        mv "$IMAGES_DIR/partial-$name.tar" "$tar"
+    fi
+    podman import --quiet "$tar" "localhost/$name:latest" >/dev/null
+    echo "localhost/$name:latest from $tar ($(du -h "$tar" | cut -f1))"
+}
+
+images_ulimits() {
+    local nofile nproc
+    nofile=$(ulimit -Hn)
+    nproc=$(ulimit -Hu)
+    [ "$nofile" = unlimited ] && nofile=1048576
+    if [ "$nproc" = unlimited ] || [ "$nproc" -gt 32768 ]; then nproc=32768; fi
+    echo "--ulimit nofile=$nofile:$nofile --ulimit nproc=$nproc:$nproc"
+}
+
+# podman run with this machine's quirks handled (see the top).
+podman_run() {
+    # shellcheck disable=SC2046
+    podman run --runtime runc $(images_ulimits) "$@"
+}
