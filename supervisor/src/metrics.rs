@@ -6,14 +6,14 @@
 //! with 404, then close. Values are read from the stats region at scrape
 //! time, so a scrape sees exactly what `udpshard stats` would.
 //!
-//! The exposition text is written by hand rather than with the
-//! prometheus-client crate: every value already lives in shared memory as a
-//! counter, so a registry would only be refilled on each scrape to be
-//! encoded again; the format is a few lines of text (HELP, TYPE, samples)
-//! and `render` is a pure function tested below.
+//! The exposition is encoded by the prometheus-client crate, through a
+//! custom collector over the shared-memory counters: every value already
+//! lives in the stats region, so the collector reads a snapshot at scrape
+//! time and hands each family to the encoder, with no registry of metric
+//! objects to keep in step with the workers.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -22,9 +22,21 @@ use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry, Token};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeLabelValue, EncodeMetric,
+    LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry as MetricRegistry;
 use udpshard_shared::stats::{Counter, Header, SlotState, Snapshot, StatsError};
 
 use crate::system::SystemCounters;
+
+/// What [`render`] writes.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Tokens at and above this belong to the metrics server (the supervisor's
 /// control tokens are worker ids, far below).
@@ -212,7 +224,7 @@ fn scrape(stats: &File) -> Result<String, StatsError> {
     let mut bytes = vec![0u8; len];
     stats.read_exact_at(&mut bytes, 0).map_err(io_err)?;
     let snap = Snapshot::parse(&bytes)?;
-    Ok(render(&snap, &SystemCounters::read()))
+    Ok(render(snap, SystemCounters::read()))
 }
 
 /// The full HTTP response to `request`, or `None` while its head is
@@ -234,7 +246,7 @@ fn respond(request: &[u8], body: impl FnOnce() -> Result<String, StatsError>) ->
         return Some(http(404, "text/plain", "not found; try GET /metrics\n"));
     }
     Some(match body() {
-        Ok(text) => http(200, "text/plain; version=0.0.4; charset=utf-8", &text),
+        Ok(text) => http(200, CONTENT_TYPE, &text),
         Err(e) => http(
             500,
             "text/plain",
@@ -356,329 +368,393 @@ const WORKER_COUNTERS: [(&str, &str, Counter); 19] = [
     ),
 ];
 
-struct Family<'a> {
-    out: &'a mut String,
+/// A label value, escaped as the exposition format requires (prometheus-client
+/// writes label values as given: a quote or backslash in a listener or device
+/// name would otherwise break the line).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct Value(String);
+
+impl Value {
+    fn new(v: impl std::fmt::Display) -> Value {
+        Value(
+            v.to_string()
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n"),
+        )
+    }
 }
 
-impl Family<'_> {
-    fn head(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.out, "# HELP udpshard_{name} {help}");
-        let _ = writeln!(self.out, "# TYPE udpshard_{name} {kind}");
+impl EncodeLabelValue for Value {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> fmt::Result {
+        encoder.write_str(&self.0)
     }
+}
 
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
-        let _ = write!(self.out, "udpshard_{name}");
-        if !labels.is_empty() {
-            let labels: Vec<String> = labels
-                .iter()
-                .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
-                .collect();
-            let _ = write!(self.out, "{{{}}}", labels.join(","));
+type Labels = Vec<(&'static str, Value)>;
+
+/// One family: its descriptor, then a sample per label set (none at all is
+/// a family with no samples yet, still described).
+fn family<M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    samples: impl IntoIterator<Item = (Labels, M)>,
+) -> fmt::Result {
+    let mut metric = enc.encode_descriptor(name, help, None, kind)?;
+    let mut samples = samples.into_iter().peekable();
+    while let Some((labels, value)) = samples.next() {
+        if labels.is_empty() && samples.peek().is_none() {
+            // The family's one sample, with no label set at all (`{}` is
+            // valid, but not what scrapers show).
+            return value.encode(metric);
         }
-        let _ = writeln!(self.out, " {value}");
+        value.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn counters<N: EncodeCounterValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, N)>,
+) -> fmt::Result {
+    let samples = samples.into_iter().map(|(l, v)| (l, ConstCounter::new(v)));
+    family(enc, name, help, MetricType::Counter, samples)
+}
+
+fn gauges<N: EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels, N)>,
+) -> fmt::Result {
+    let samples = samples.into_iter().map(|(l, v)| (l, ConstGauge::new(v)));
+    family(enc, name, help, MetricType::Gauge, samples)
+}
+
+fn worker(id: usize) -> Labels {
+    vec![("worker", Value::new(id))]
+}
+
+/// The collector behind the endpoint: one stats snapshot and the host's
+/// counters, read at scrape time and encoded by prometheus-client.
+struct Exposition {
+    snap: Snapshot,
+    system: SystemCounters,
+}
+
+impl fmt::Debug for Exposition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Exposition(stats snapshot)")
     }
 }
 
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+impl Collector for Exposition {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        self.workers(&mut enc)?;
+        self.backends(&mut enc)?;
+        self.supervisor(&mut enc)?;
+        self.host(&mut enc)
+    }
 }
 
-/// Per-backend families, labelled by listener and backend address (as
-/// configured); a backend a reload removed keeps its series.
-fn backend_families(f: &mut Family<'_>, snap: &Snapshot) {
-    use udpshard_shared::backends::{BackendCounter as B, BackendState};
-    use udpshard_shared::stats::BackendSnapshot;
-    let rows = snap.backends();
-    let labels: Vec<(String, String)> = rows
-        .iter()
-        .map(|b| (b.meta.listener.clone(), b.meta.addr.to_string()))
-        .collect();
-    // One family: a sample per backend that has a value.
-    let mut family =
-        |name: &str, kind: &str, help: &str, value: &dyn Fn(&BackendSnapshot) -> Option<String>| {
-            f.head(name, kind, help);
-            for (b, (l, a)) in rows.iter().zip(&labels) {
-                if let Some(v) = value(b) {
-                    f.sample(name, &[("listener", l), ("backend", a)], v);
-                }
-            }
+impl Exposition {
+    fn workers(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        let snap = &self.snap;
+        // Counters cover every slot that has served: one a resize retired
+        // keeps its series (at its final counts), so no sum over workers
+        // goes back. Gauges cover the slots in use.
+        let served: Vec<_> = snap.slots().collect();
+        let live: Vec<_> = snap.workers().collect();
+        for (name, help, counter) in WORKER_COUNTERS {
+            counters(
+                enc,
+                name,
+                help,
+                served.iter().map(|w| (worker(w.id), w.get(counter))),
+            )?;
+        }
+        counters(
+            enc,
+            "drops",
+            "Datagrams dropped, by worker and the hop where they were lost (socket: kernel drops on the listener socket; upstream_socket: on upstream sockets).",
+            served.iter().flat_map(|w| {
+                udpshard_shared::DropReason::ALL.iter().map(move |reason| {
+                    let mut labels = worker(w.id);
+                    labels.push(("reason", Value::new(reason.name())));
+                    (labels, w.get(reason.counter()))
+                })
+            }),
+        )?;
+        gauges(
+            enc,
+            "sessions_active",
+            "Live sessions.",
+            live.iter()
+                .map(|w| (worker(w.id), w.get(Counter::SessionsActive))),
+        )?;
+        counters(
+            enc,
+            "worker_busy_seconds",
+            "Time the worker spent handling events (not waiting in poll).",
+            served
+                .iter()
+                .map(|w| (worker(w.id), w.get(Counter::BusyNs) as f64 / 1e9)),
+        )?;
+        gauges(
+            enc,
+            "worker_busy_ratio",
+            "Busy time over wall time since the worker started (utilisation, rho).",
+            live.iter().map(|w| {
+                let wall = w.get(Counter::WallNs);
+                let busy = w.get(Counter::BusyNs) as f64;
+                (
+                    worker(w.id),
+                    if wall == 0 { 0.0 } else { busy / wall as f64 },
+                )
+            }),
+        )?;
+        gauges(
+            enc,
+            "worker_loop_max_seconds",
+            "The longest event-loop iteration in the last completed second: how long a datagram can wait behind the loop.",
+            live.iter()
+                .map(|w| (worker(w.id), w.get(Counter::LoopMaxUs) as f64 / 1e6)),
+        )?;
+        gauges(
+            enc,
+            "worker_ready",
+            "1 when the worker is serving.",
+            live.iter()
+                .map(|w| (worker(w.id), u64::from(w.state() == SlotState::Ready))),
+        )?;
+        gauges(
+            enc,
+            "workers",
+            "Worker slots in use.",
+            [(Labels::new(), live.len() as u64)],
+        )
+    }
+
+    /// Per-backend families, labelled by listener and backend address (as
+    /// configured); a backend a reload removed keeps its series.
+    fn backends(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        use udpshard_shared::backends::{BackendCounter as B, BackendState};
+        let rows = self.snap.backends();
+        let labels: Vec<Labels> = rows
+            .iter()
+            .map(|b| {
+                vec![
+                    ("listener", Value::new(&b.meta.listener)),
+                    ("backend", Value::new(b.meta.addr)),
+                ]
+            })
+            .collect();
+        let each = |c: B| {
+            rows.iter()
+                .zip(&labels)
+                .map(move |(b, l)| (l.clone(), b.total(c)))
         };
-    let counters = [
-        (
-            "backend_sessions_created_total",
-            "counter",
-            "Sessions created toward the backend.",
-            B::SessionsCreated,
-        ),
-        (
-            "backend_tx_packets_total",
-            "counter",
-            "Datagrams forwarded to the backend.",
-            B::TxPackets,
-        ),
-        (
-            "backend_tx_bytes_total",
-            "counter",
-            "Bytes forwarded to the backend.",
-            B::TxBytes,
-        ),
-        (
-            "backend_replies_total",
-            "counter",
-            "Datagrams read from the backend.",
-            B::Replies,
-        ),
-        (
-            "backend_unreachable_total",
-            "counter",
-            "ICMP port, host or network unreachable reports for datagrams sent to the backend.",
-            B::Unreachable,
-        ),
-        (
-            "backend_send_errors_total",
-            "counter",
-            "Forwards to the backend the kernel refused, and other ICMP errors.",
-            B::SendErrors,
-        ),
-        (
+        let backend_counters = [
+            (
+                "backend_sessions_created",
+                "Sessions created toward the backend.",
+                B::SessionsCreated,
+            ),
+            (
+                "backend_tx_packets",
+                "Datagrams forwarded to the backend.",
+                B::TxPackets,
+            ),
+            (
+                "backend_tx_bytes",
+                "Bytes forwarded to the backend.",
+                B::TxBytes,
+            ),
+            (
+                "backend_replies",
+                "Datagrams read from the backend.",
+                B::Replies,
+            ),
+            (
+                "backend_unreachable",
+                "ICMP port, host or network unreachable reports for datagrams sent to the backend.",
+                B::Unreachable,
+            ),
+            (
+                "backend_send_errors",
+                "Forwards to the backend the kernel refused, and other ICMP errors.",
+                B::SendErrors,
+            ),
+        ];
+        for (name, help, c) in backend_counters {
+            counters(enc, name, help, each(c))?;
+        }
+        gauges(
+            enc,
             "backend_sessions_active",
-            "gauge",
             "Live sessions with the backend.",
-            B::SessionsActive,
-        ),
-    ];
-    for (name, kind, help, c) in counters {
-        family(name, kind, help, &|b| Some(b.total(c).to_string()));
+            each(B::SessionsActive),
+        )?;
+        gauges(
+            enc,
+            "backend_up",
+            "1 when the backend takes new sessions (configured, up, weight above 0).",
+            rows.iter().zip(&labels).map(|(b, l)| {
+                let up = b.meta.in_config && b.meta.state == BackendState::Up && b.meta.weight > 0;
+                (l.clone(), u64::from(up))
+            }),
+        )?;
+        counters(
+            enc,
+            "backend_downs",
+            "Times passive health took the backend down for new sessions.",
+            rows.iter()
+                .zip(&labels)
+                .map(|(b, l)| (l.clone(), b.meta.downs)),
+        )?;
+        gauges(
+            enc,
+            "backend_weight",
+            "The backend's configured weight.",
+            rows.iter()
+                .zip(&labels)
+                .map(|(b, l)| (l.clone(), u64::from(b.meta.weight))),
+        )?;
+        let now_ms = udpshard_shared::clock::monotonic_ns() / 1_000_000;
+        gauges(
+            enc,
+            "backend_last_reply_age_seconds",
+            "Time since the backend's latest reply (absent until it has replied).",
+            rows.iter().zip(&labels).filter_map(|(b, l)| {
+                let at = b.total(B::LastReplyMs);
+                (at > 0).then(|| (l.clone(), now_ms.saturating_sub(at) as f64 / 1000.0))
+            }),
+        )
     }
-    family(
-        "backend_up",
-        "gauge",
-        "1 when the backend takes new sessions (configured, up, weight above 0).",
-        &|b| {
-            let up = b.meta.in_config && b.meta.state == BackendState::Up && b.meta.weight > 0;
-            Some(u8::from(up).to_string())
-        },
-    );
-    family(
-        "backend_downs_total",
-        "counter",
-        "Times passive health took the backend down for new sessions.",
-        &|b| Some(b.meta.downs.to_string()),
-    );
-    family(
-        "backend_weight",
-        "gauge",
-        "The backend's configured weight.",
-        &|b| Some(b.meta.weight.to_string()),
-    );
-    let now_ms = udpshard_shared::clock::monotonic_ns() / 1_000_000;
-    family(
-        "backend_last_reply_age_seconds",
-        "gauge",
-        "Time since the backend's latest reply (absent until it has replied).",
-        &|b| {
-            let at = b.total(B::LastReplyMs);
-            (at > 0).then(|| (now_ms.saturating_sub(at) as f64 / 1000.0).to_string())
-        },
-    );
+
+    fn supervisor(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        let header = |h| [(Labels::new(), self.snap.header(h))];
+        gauges(
+            enc,
+            "config_generation",
+            "Successful config loads, the first one included.",
+            header(Header::ConfigGeneration),
+        )?;
+        counters(
+            enc,
+            "reload_failures",
+            "Reloads refused because the new config was invalid.",
+            header(Header::ReloadFailures),
+        )?;
+        gauges(
+            enc,
+            "start_time_seconds",
+            "When the supervisor started (Unix time).",
+            header(Header::StartedAt),
+        )
+    }
+
+    /// The host's counters (this network namespace), in path order; a family
+    /// this host does not report is left out.
+    fn host(&self, enc: &mut DescriptorEncoder) -> fmt::Result {
+        let system = &self.system;
+        let nic: [HostFamily<crate::system::Nic>; 3] = [
+            (
+                "nic_rx_dropped",
+                "Received packets the interface dropped.",
+                |n| n.rx_dropped,
+            ),
+            ("nic_rx_errors", "Receive errors on the interface.", |n| {
+                n.rx_errors
+            }),
+            (
+                "nic_tx_dropped",
+                "Packets the interface dropped on transmit.",
+                |n| n.tx_dropped,
+            ),
+        ];
+        if !system.nics.is_empty() {
+            for (name, help, get) in nic {
+                let device = |n: &crate::system::Nic| vec![("device", Value::new(&n.name))];
+                counters(
+                    enc,
+                    name,
+                    help,
+                    system.nics.iter().map(|n| (device(n), get(n))),
+                )?;
+            }
+        }
+        if let Some(s) = system.softnet {
+            counters(
+                enc,
+                "softnet_dropped",
+                "Packets dropped because a CPU's input backlog was full (netdev_max_backlog), all CPUs.",
+                [(Labels::new(), s.dropped)],
+            )?;
+            counters(
+                enc,
+                "softnet_time_squeeze",
+                "Times the receive softirq ran out of budget with work left, all CPUs.",
+                [(Labels::new(), s.time_squeeze)],
+            )?;
+        }
+        let udp: [HostFamily<crate::system::UdpCounters>; 5] = [
+            (
+                "udp_in_datagrams",
+                "UDP datagrams delivered to sockets, host-wide.",
+                |u| u.in_datagrams,
+            ),
+            (
+                "udp_in_errors",
+                "UDP datagrams dropped on receive, host-wide (all sockets).",
+                |u| u.in_errors,
+            ),
+            (
+                "udp_rcvbuf_errors",
+                "UDP datagrams dropped because a socket's receive buffer was full, host-wide.",
+                |u| u.rcvbuf_errors,
+            ),
+            (
+                "udp_sndbuf_errors",
+                "UDP sends that failed for lack of send buffer, host-wide.",
+                |u| u.sndbuf_errors,
+            ),
+            (
+                "udp_no_ports",
+                "UDP datagrams for a port no socket listens on, host-wide.",
+                |u| u.no_ports,
+            ),
+        ];
+        let families = [("ipv4", system.udp), ("ipv6", system.udp6)];
+        if families.iter().any(|(_, u)| u.is_some()) {
+            for (name, help, get) in udp {
+                let samples = families.iter().filter_map(|(family, u)| {
+                    u.as_ref()
+                        .map(|u| (vec![("family", Value::new(family))], get(u)))
+                });
+                counters(enc, name, help, samples)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A host metric family: name, help, and how to read it from `T`.
 type HostFamily<T> = (&'static str, &'static str, fn(&T) -> u64);
 
-/// The exposition text for a stats snapshot and the host's counters.
-pub fn render(snap: &Snapshot, system: &SystemCounters) -> String {
-    let mut out = String::with_capacity(8192);
-    let mut f = Family { out: &mut out };
-    let workers: Vec<_> = snap.workers().collect();
-    let ids: Vec<String> = workers.iter().map(|w| w.id.to_string()).collect();
-    // Counters cover every slot that has served: one a resize retired keeps
-    // its series (at its final counts), so no sum over workers goes back.
-    let served: Vec<_> = snap.slots().collect();
-    let served_ids: Vec<String> = served.iter().map(|w| w.id.to_string()).collect();
-
-    for (name, help, counter) in WORKER_COUNTERS {
-        let name = format!("{name}_total");
-        f.head(&name, "counter", help);
-        for (w, id) in served.iter().zip(&served_ids) {
-            f.sample(&name, &[("worker", id)], w.get(counter));
-        }
-    }
-    f.head(
-        "drops_total",
-        "counter",
-        "Datagrams dropped, by worker and the hop where they were lost (socket: kernel drops on the listener socket; upstream_socket: on upstream sockets).",
-    );
-    for (w, id) in served.iter().zip(&served_ids) {
-        for reason in udpshard_shared::DropReason::ALL {
-            f.sample(
-                "drops_total",
-                &[("worker", id), ("reason", reason.name())],
-                w.get(reason.counter()),
-            );
-        }
-    }
-    backend_families(&mut f, snap);
-    f.head("sessions_active", "gauge", "Live sessions.");
-    for (w, id) in workers.iter().zip(&ids) {
-        f.sample(
-            "sessions_active",
-            &[("worker", id)],
-            w.get(Counter::SessionsActive),
-        );
-    }
-    f.head(
-        "worker_busy_seconds_total",
-        "counter",
-        "Time the worker spent handling events (not waiting in poll).",
-    );
-    for (w, id) in served.iter().zip(&served_ids) {
-        f.sample(
-            "worker_busy_seconds_total",
-            &[("worker", id)],
-            w.get(Counter::BusyNs) as f64 / 1e9,
-        );
-    }
-    f.head(
-        "worker_busy_ratio",
-        "gauge",
-        "Busy time over wall time since the worker started (utilisation, rho).",
-    );
-    for (w, id) in workers.iter().zip(&ids) {
-        let wall = w.get(Counter::WallNs);
-        let ratio = if wall == 0 {
-            0.0
-        } else {
-            w.get(Counter::BusyNs) as f64 / wall as f64
-        };
-        f.sample("worker_busy_ratio", &[("worker", id)], ratio);
-    }
-    f.head(
-        "worker_loop_max_seconds",
-        "gauge",
-        "The longest event-loop iteration in the last completed second: how long a datagram can wait behind the loop.",
-    );
-    for (w, id) in workers.iter().zip(&ids) {
-        f.sample(
-            "worker_loop_max_seconds",
-            &[("worker", id)],
-            w.get(Counter::LoopMaxUs) as f64 / 1e6,
-        );
-    }
-    f.head("worker_ready", "gauge", "1 when the worker is serving.");
-    for (w, id) in workers.iter().zip(&ids) {
-        f.sample(
-            "worker_ready",
-            &[("worker", id)],
-            u8::from(w.state() == SlotState::Ready),
-        );
-    }
-    f.head("workers", "gauge", "Worker slots in use.");
-    f.sample("workers", &[], workers.len());
-    f.head(
-        "config_generation",
-        "gauge",
-        "Successful config loads, the first one included.",
-    );
-    f.sample(
-        "config_generation",
-        &[],
-        snap.header(Header::ConfigGeneration),
-    );
-    f.head(
-        "reload_failures_total",
-        "counter",
-        "Reloads refused because the new config was invalid.",
-    );
-    f.sample(
-        "reload_failures_total",
-        &[],
-        snap.header(Header::ReloadFailures),
-    );
-    f.head(
-        "start_time_seconds",
-        "gauge",
-        "When the supervisor started (Unix time).",
-    );
-    f.sample("start_time_seconds", &[], snap.header(Header::StartedAt));
-
-    // The host's counters (this network namespace), path order.
-    let nic: [HostFamily<crate::system::Nic>; 3] = [
-        (
-            "nic_rx_dropped_total",
-            "Received packets the interface dropped.",
-            |n| n.rx_dropped,
-        ),
-        (
-            "nic_rx_errors_total",
-            "Receive errors on the interface.",
-            |n| n.rx_errors,
-        ),
-        (
-            "nic_tx_dropped_total",
-            "Packets the interface dropped on transmit.",
-            |n| n.tx_dropped,
-        ),
-    ];
-    for (name, help, get) in nic {
-        if system.nics.is_empty() {
-            break;
-        }
-        f.head(name, "counter", help);
-        for n in &system.nics {
-            f.sample(name, &[("device", &n.name)], get(n));
-        }
-    }
-    if let Some(s) = system.softnet {
-        f.head("softnet_dropped_total", "counter", "Packets dropped because a CPU's input backlog was full (netdev_max_backlog), all CPUs.");
-        f.sample("softnet_dropped_total", &[], s.dropped);
-        f.head(
-            "softnet_time_squeeze_total",
-            "counter",
-            "Times the receive softirq ran out of budget with work left, all CPUs.",
-        );
-        f.sample("softnet_time_squeeze_total", &[], s.time_squeeze);
-    }
-    let udp: [HostFamily<crate::system::UdpCounters>; 5] = [
-        (
-            "udp_in_datagrams_total",
-            "UDP datagrams delivered to sockets, host-wide.",
-            |u| u.in_datagrams,
-        ),
-        (
-            "udp_in_errors_total",
-            "UDP datagrams dropped on receive, host-wide (all sockets).",
-            |u| u.in_errors,
-        ),
-        (
-            "udp_rcvbuf_errors_total",
-            "UDP datagrams dropped because a socket's receive buffer was full, host-wide.",
-            |u| u.rcvbuf_errors,
-        ),
-        (
-            "udp_sndbuf_errors_total",
-            "UDP sends that failed for lack of send buffer, host-wide.",
-            |u| u.sndbuf_errors,
-        ),
-        (
-            "udp_no_ports_total",
-            "UDP datagrams for a port no socket listens on, host-wide.",
-            |u| u.no_ports,
-        ),
-    ];
-    let families = [("ipv4", system.udp), ("ipv6", system.udp6)];
-    if families.iter().any(|(_, u)| u.is_some()) {
-        for (name, help, get) in udp {
-            f.head(name, "counter", help);
-            for (family, u) in &families {
-                if let Some(u) = u {
-                    f.sample(name, &[("family", family)], get(u));
-                }
-            }
-        }
-    }
+/// The exposition (OpenMetrics text, which Prometheus asks for first) for a
+/// stats snapshot and the host's counters.
+pub fn render(snap: Snapshot, system: SystemCounters) -> String {
+    let mut registry = MetricRegistry::with_prefix("udpshard");
+    registry.register_collector(Box::new(Exposition { snap, system }));
+    let mut out = String::with_capacity(16 << 10);
+    // Writing into a String cannot fail; the collector itself only fails
+    // where the writer does.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
     out
 }
 
@@ -719,9 +795,9 @@ mod tests {
             }),
             ..SystemCounters::default()
         };
-        let text = render(&snapshot(), &system);
+        let text = render(snapshot(), system);
         for line in [
-            "# TYPE udpshard_rx_packets_total counter",
+            "# TYPE udpshard_rx_packets counter",
             "udpshard_rx_packets_total{worker=\"0\"} 0",
             "udpshard_rx_packets_total{worker=\"1\"} 42",
             "udpshard_drops_total{worker=\"1\",reason=\"socket\"} 7",
@@ -737,15 +813,21 @@ mod tests {
             );
         }
         assert!(!text.contains("softnet"), "no softnet family without data");
-        // Every sample's family has HELP and TYPE before it.
+        // OpenMetrics: every sample's family has HELP and TYPE (a counter's
+        // family is named without its samples' _total), and # EOF ends it.
+        assert!(text.ends_with("\n# EOF\n"), "{text}");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();
+            let family = match name.strip_suffix("_total") {
+                Some(f) if text.contains(&format!("# TYPE {f} counter\n")) => f,
+                _ => name,
+            };
             assert!(
-                text.contains(&format!("# TYPE {name} ")),
+                text.contains(&format!("# TYPE {family} ")),
                 "{name} has no TYPE"
             );
             assert!(
-                text.contains(&format!("# HELP {name} ")),
+                text.contains(&format!("# HELP {family} ")),
                 "{name} has no HELP"
             );
         }
@@ -759,7 +841,10 @@ mod tests {
             String::from_utf8(respond(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n", ok).unwrap())
                 .unwrap();
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
-        assert!(r.contains("Content-Type: text/plain; version=0.0.4"), "{r}");
+        assert!(
+            r.contains("Content-Type: application/openmetrics-text; version=1.0.0"),
+            "{r}"
+        );
         assert!(r.ends_with("\r\n\r\nx 1\n"), "{r}");
         let r = respond(b"GET / HTTP/1.1\r\n\r\n", ok).unwrap();
         assert!(r.starts_with(b"HTTP/1.1 404 "));

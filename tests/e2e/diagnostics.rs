@@ -299,8 +299,9 @@ fn metrics_endpoint_serves_live_counters() {
     let endpoint = format!("127.0.0.1:{port}");
     let first = http_get(&endpoint, "/metrics");
     assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{first}");
-    assert!(first.contains("Content-Type: text/plain; version=0.0.4"));
-    assert!(first.contains("# TYPE udpshard_rx_packets_total counter"));
+    assert!(first.contains("Content-Type: application/openmetrics-text; version=1.0.0"));
+    assert!(first.contains("# TYPE udpshard_rx_packets counter"));
+    assert!(first.ends_with("# EOF\n"), "{first}");
     assert!(first.contains("udpshard_drops_total{worker=\"0\",reason=\"socket\"} 0"));
     assert!(first.contains("# TYPE udpshard_worker_busy_ratio gauge"));
     assert!(first.contains("udpshard_reload_failures_total 0"));
