@@ -59,6 +59,17 @@ fi
 step "release build (stripped)"
 CARGO_PROFILE_RELEASE_STRIP=symbols cargo build --release --locked -p udpshard
 
+step "glibc floor"
+# RHEL 9 ships glibc 2.34: the binary must not ask for a newer symbol version.
+if command -v objdump >/dev/null; then
+    newest=$(objdump -T target/release/udpshard | grep -o 'GLIBC_[0-9.]*' | sort -uV | tail -1)
+    echo "newest glibc symbol version needed: $newest"
+    [ "$(printf '%s\nGLIBC_2.34\n' "$newest" | sort -V | tail -1)" = GLIBC_2.34 ] ||
+        fail "the binary needs $newest, newer than RHEL 9's GLIBC_2.34"
+else
+    echo "no objdump: glibc floor not checked"
+fi
+
 step "packages"
 rm -rf "$OUT"
 mkdir -p "$OUT"

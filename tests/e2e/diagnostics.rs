@@ -283,6 +283,45 @@ fn http_get(addr: &str, path: &str) -> String {
     out
 }
 
+/// The metric names packaging/grafana/udpshard.json queries, from its
+/// panels' `expr` fields.
+fn dashboard_metrics() -> Vec<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/grafana/udpshard.json"
+    );
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap())
+        .expect("the dashboard is JSON");
+    fn exprs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    match (k.as_str(), v) {
+                        ("expr" | "query", Value::String(e)) => out.push(e.clone()),
+                        _ => exprs(v, out),
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| exprs(v, out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    exprs(&json, &mut found);
+    let mut names: Vec<String> = found
+        .iter()
+        .flat_map(|e| {
+            e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("udpshard_"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
@@ -336,6 +375,28 @@ fn metrics_endpoint_serves_live_counters() {
         backend.addr
     );
     assert_eq!(metric(&text, &up), Some(1.0), "{text}");
+    // Every series the packaged Grafana dashboard queries is served.
+    let dashboard = dashboard_metrics();
+    assert!(dashboard.len() >= 20, "{dashboard:?}");
+    let mut missing = Vec::new();
+    wait_until(WAIT, "every dashboard metric in the exposition", || {
+        let text = http_get(&endpoint, "/metrics");
+        missing = dashboard
+            .iter()
+            .filter(|name| {
+                !text.lines().any(|l| {
+                    l.strip_prefix(name.as_str())
+                        .is_some_and(|r| r.starts_with(['{', ' ']))
+                })
+            })
+            .cloned()
+            .collect();
+        missing.is_empty()
+    });
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries {missing:?}, which are not served"
+    );
     assert!(http_get(&endpoint, "/").starts_with("HTTP/1.1 404 "));
     // A client that connects and says nothing does not block the supervisor.
     let _idle = TcpStream::connect(&endpoint).unwrap();
