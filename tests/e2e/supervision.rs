@@ -519,7 +519,11 @@ fn systemd_hears_ready_reloading_and_stopping() {
         let n = sock.recv(&mut buf).expect("a notification");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
-    assert_eq!(next(), "READY=1");
+    let ready = next();
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=ready: 2 workers serving "),
+        "{ready}"
+    );
     proxy.signal(libc::SIGHUP);
     let reloading = next();
     assert!(
@@ -528,7 +532,22 @@ fn systemd_hears_ready_reloading_and_stopping() {
     );
     let usec: u64 = reloading.rsplit('=').next().unwrap().parse().unwrap();
     assert!(usec > 0);
-    assert_eq!(next(), "READY=1");
+    let reloaded = next();
+    assert!(
+        reloaded.starts_with("READY=1\nSTATUS=reloaded ")
+            && reloaded.contains("(config generation 2)"),
+        "{reloaded}"
+    );
+    // A broken file: still READY, and the status says why.
+    std::fs::write(&proxy.config_path, "workers = 0\n").unwrap();
+    proxy.signal(libc::SIGHUP);
+    assert!(next().starts_with("RELOADING=1\n"));
+    let refused = next();
+    assert!(
+        refused.starts_with("READY=1\nSTATUS=reload failed, still serving the previous config: ")
+            && refused.contains(":1:11"),
+        "{refused}"
+    );
     proxy.signal(libc::SIGTERM);
     assert_eq!(next(), "STOPPING=1");
     assert_eq!(proxy.wait_exit(WAIT).and_then(|s| s.code()), Some(0));
