@@ -16,9 +16,13 @@ images_fail() {
     exit 1
 }
 
-# Whether this machine can run these checks at all; prints why not.
+# Whether this machine can run these checks at all; prints why not. Under
+# CI=true a machine that cannot is a failure, not a skip.
 images_can_run() {
     if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        if [ "${CI:-}" = true ]; then
+            images_fail "needs root and apt-get, which CI has"
+        fi
         echo "$IMAGES_WHAT: skipped: needs root and apt-get (CI has both)"
         return 1
     fi
@@ -26,7 +30,7 @@ images_can_run() {
 
 images_install_tools() {
     local want=(podman runc uidmap slirp4netns fuse-overlayfs containernetworking-plugins
-        iptables conmon catatonit mmdebstrap python3)
+        iptables conmon catatonit mmdebstrap python3 procps iproute2)
     local missing=()
     for pkg in "${want[@]}"; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -39,18 +43,46 @@ images_install_tools() {
     podman --version
 }
 
-# The first Debian mirror apt is configured with (deb822 .sources or the
-# one-line format), else Debian's own.
+# The Debian mirror apt uses for this release: the first URI of a source
+# whose suites include the host's codename (deb822 .sources or the one-line
+# format), with a mirror+file: list resolved to its first mirror; else
+# Debian's own.
 debian_mirror() {
-    local uri
-    uri=$(cat /etc/apt/sources.list.d/*.sources 2>/dev/null |
-        sed -n 's/^URIs:[[:space:]]*\([^[:space:]]*\).*/\1/p' | grep -v -- '-security' | head -1)
-    if [ -z "$uri" ]; then
-        uri=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
-            sed -n 's/^deb[[:space:]]\+\(\[[^]]*\][[:space:]]\+\)\?\([^[:space:]]*\).*/\2/p' |
-            grep -v -- '-security' | head -1)
-    fi
-    echo "${uri:-http://deb.debian.org/debian}"
+    python3 - <<'PY'
+import glob, re
+codename = "bookworm"
+for line in open("/etc/os-release"):
+    if line.startswith("VERSION_CODENAME="):
+        codename = line.split("=", 1)[1].strip().strip('"') or codename
+def resolve(uri):
+    if uri.startswith("mirror+file:"):
+        try:
+            for line in open("/" + uri[len("mirror+file:"):].lstrip("/")):
+                words = line.split()
+                if words and words[0].startswith("http"):
+                    return words[0]
+        except OSError:
+            return None
+        return None
+    return uri if uri.startswith("http") else None
+found = None
+for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+    for stanza in re.split(r"\n\s*\n", open(path).read()):
+        fields = dict(re.findall(r"^([A-Za-z-]+):[ \t]*(.*)$", stanza, re.M))
+        if codename in fields.get("Suites", "").split() and fields.get("Enabled", "yes") != "no":
+            for uri in fields.get("URIs", "").split():
+                found = found or resolve(uri)
+for path in ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list")):
+    try:
+        lines = open(path).read().splitlines()
+    except OSError:
+        continue
+    for line in lines:
+        m = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line)
+        if m and m.group(2) == codename:
+            found = found or resolve(m.group(1))
+print(found or "http://deb.debian.org/debian")
+PY
 }
 
 # images_base NAME [PACKAGES]: a minbase rootfs of this machine's Debian
@@ -60,7 +92,10 @@ images_base() {
     local name=$1 include=${2:-}
     local suite
     suite=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
-    local tar="$IMAGES_DIR/$name-$suite.tar"
+    # Keyed by the package list too: a changed list makes a new rootfs.
+    local key
+    key=$(echo "$include" | sha256sum | cut -c1-8)
+    local tar="$IMAGES_DIR/$name-$suite-$key.tar"
     mkdir -p "$IMAGES_DIR"
     if [ ! -s "$tar" ]; then
         images_step "mmdebstrap $suite${include:+ with $include} from $(debian_mirror)"

@@ -43,7 +43,6 @@ def main():
     for spec in args.backend:
         name, _, where = spec.partition("=")
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(addr(where))
         threading.Thread(target=serve, args=(name, s), daemon=True).start()
 

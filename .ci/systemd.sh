@@ -34,12 +34,10 @@ images_can_run || exit 0
 
 C=udpshard-ci-systemd
 R=udpshard-ci-rpm
-work=$(mktemp -d /tmp/udpshard-systemd.XXXXXX)
 cleanup() {
     if [ "${KEEP:-}" != 1 ]; then
         podman rm -f "$C" "$R" >/dev/null 2>&1 || true
     fi
-    rm -rf "$work"
 }
 trap cleanup EXIT
 
@@ -79,7 +77,9 @@ test_eq() {
 grep_in() {
     local pattern=$1
     shift
-    "$@" 2>/dev/null | grep -q -- "$pattern"
+    local out
+    out=$("$@" 2>/dev/null) || return 1
+    grep -q -- "$pattern" <<<"$out"
 }
 
 # until_ok SECONDS_MAX 'WHAT' COMMAND...: polls COMMAND every 0.1 s.
@@ -93,20 +93,28 @@ until_ok() {
     done
 }
 
-free_port() {
-    python3 - "$@" <<'PY'
+# Four distinct free UDP ports on 127.0.0.1, all held until every one is
+# chosen: the first below 1024 (the service's), then three for backends.
+free_ports() {
+    python3 - <<'PY'
 import socket, sys
-lo, hi = (int(sys.argv[1]), int(sys.argv[2])) if len(sys.argv) > 2 else (0, 0)
-for port in (range(lo, hi) if hi else [0]):
+held = []
+for port in range(900, 1024):
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         s.bind(("127.0.0.1", port))
     except OSError:
+        s.close()
         continue
-    print(s.getsockname()[1])
+    held.append(s)
     break
 else:
-    sys.exit("no free UDP port")
+    sys.exit("no free UDP port below 1024")
+for _ in range(3):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    held.append(s)
+print(*(s.getsockname()[1] for s in held))
 PY
 }
 
@@ -123,7 +131,8 @@ for _ in $(seq 1 300); do
     case "$state" in running | degraded | maintenance | stopping) break ;; esac
     sleep 0.1
 done
-echo "systemd $(in_c systemctl --version | head -1 | cut -d' ' -f2): $state"
+version=$(in_c systemctl --version)
+echo "systemd $(sed -n '1s/^systemd \([0-9]*\).*/\1/p' <<<"$version"): $state"
 case "$state" in
 running) ;;
 degraded) in_c systemctl --failed --no-pager --plain || true ;;
@@ -133,11 +142,10 @@ esac
 images_step "apt-get install ./$(basename "$deb")"
 podman cp "$deb" "$C:/tmp/"
 in_c sh -c "cd /tmp && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ./$(basename "$deb")" >/dev/null
-in_c dpkg -s udpshard | grep -E '^(Status|Version)'
+grep -E '^(Status|Version)' <<<"$(in_c dpkg -s udpshard)"
 in_c getent passwd udpshard
 
-port=$(free_port 900 1024)
-a=$(free_port) b=$(free_port) c=$(free_port)
+read -r port a b c < <(free_ports)
 write_config() { # BACKEND...
     local list
     list=$(printf '"127.0.0.1:%s", ' "$@")
@@ -169,14 +177,14 @@ fi
 images_step "systemctl start udpshard"
 in_c systemctl start udpshard || fail "systemctl start"
 [ "$(show ActiveState)/$(show SubState)" = active/running ] || fail "not active (running) after start"
-journal | grep -q 'ready: ' || fail "no ready line in the journal"
+grep -q 'ready: ' <<<"$(journal)" || fail "no ready line in the journal"
 status=$(show StatusText)
 echo "active (running); status: $status"
 case "$status" in "ready: "*) ;; *) fail "STATUS= is not the ready line: $status" ;; esac
 main=$(show MainPID)
 user=$(in_c ps -o user= -p "$main" | tr -d ' ')
 [ "$user" = udpshard ] || fail "the main process runs as $user, not udpshard"
-workers=$(in_c pgrep -P "$main" -x udpshard | tr '\n' ' ')
+workers=$(in_c pgrep -P "$main" -x udpshard | tr '\n' ' ' || true)
 [ -n "$workers" ] || fail "no worker under the main process"
 # Capabilities: the supervisor keeps the unit's two; each worker drops
 # CAP_NET_RAW once its raw sockets are open, leaving CAP_NET_BIND_SERVICE.
@@ -190,24 +198,30 @@ for w in $workers; do
     w_caps=$(caps_of "$w")
     [ "$w_caps" = $BIND ] || fail "worker $w holds CapEff $w_caps, not only CAP_NET_BIND_SERVICE"
 done
-ss -ulpn | grep -q "127.0.0.1:$port " || fail "nothing listens on 127.0.0.1:$port"
+grep -q "127.0.0.1:$port " <<<"$(ss -ulpn)" || fail "nothing listens on 127.0.0.1:$port"
 echo "listening on 127.0.0.1:$port (below 1024) as udpshard; workers hold only CAP_NET_BIND_SERVICE"
 
 python3 .ci/roundtrip.py --proxy "127.0.0.1:$port" --backend "a=127.0.0.1:$a" --backend "b=127.0.0.1:$b" \
     --flows 32 --cid-base 0x10000 || fail "round trips through the service"
 # Forwards left as raw IP packets: the workers opened their raw sockets
-# before dropping CAP_NET_RAW. Workers publish counters in batches: poll.
-raw_sent() {
-    in_c udpshard stats --json | python3 -c 'import json, sys; print(sum(w["tx_raw"] for w in json.load(sys.stdin)["workers"]))'
+# before dropping CAP_NET_RAW. Workers publish counters in batches: poll
+# until every forward (32, more if the client had to retry) is counted, and
+# all of them raw.
+sent_and_raw() {
+    in_c udpshard stats --json | python3 -c 'import json, sys
+ws = json.load(sys.stdin)["workers"]
+tx, raw = sum(w["tx_packets"] for w in ws), sum(w["tx_raw"] for w in ws)
+print("ok" if tx >= 32 and raw == tx else "no", tx, raw)'
 }
-until_ok 5 "tx_raw = 32" test_eq 32 raw_sent
-echo "tx_raw $(raw_sent): every forward went out as a raw IP packet"
+until_ok 5 "every forward sent raw" grep_in '^ok' sent_and_raw
+echo "tx_packets and tx_raw: $(sent_and_raw | cut -d' ' -f2-): every forward went out as a raw IP packet"
 
 images_step "systemctl reload: a new backend list"
 write_config "$c"
 in_c systemctl reload udpshard
 until_ok 10 "config generation 2" grep_in 'config generation 2' in_c udpshard stats
-journal | grep 'reloaded /etc/udpshard/udpshard.toml' | tail -1
+until_ok 5 "the reload in the journal" grep_in 'reloaded /etc/udpshard/udpshard.toml' journal
+grep 'reloaded /etc/udpshard/udpshard.toml' <<<"$(journal)" | tail -1
 python3 .ci/roundtrip.py --proxy "127.0.0.1:$port" --backend "c=127.0.0.1:$c" \
     --flows 32 --cid-base 0x20000 --expect c || fail "new sessions after the reload"
 [ "$(show NRestarts)" = 0 ] || fail "NRestarts=$(show NRestarts) after a reload"
@@ -218,12 +232,14 @@ images_step "systemctl reload: a broken file"
 in_c sh -c 'printf "workers = \"auto\"\n[[listener]]\nname = \"quic\"\nbindd = 1\n" > /etc/udpshard/udpshard.toml'
 in_c systemctl reload udpshard
 until_ok 10 "the reload failure in the journal" grep_in 'reload failed' journal
-journal | grep 'reload failed' | tail -1
-journal | grep 'reload failed' | tail -1 | grep -q '/etc/udpshard/udpshard.toml:4:1' ||
+refused=$(grep 'reload failed' <<<"$(journal)" | tail -1)
+echo "$refused"
+grep -q '/etc/udpshard/udpshard.toml:4:1' <<<"$refused" ||
     fail "the journal does not name file:line:col"
 until_ok 5 "STATUS= with the error" grep_in 'reload failed' show StatusText
-in_c systemctl status --no-pager udpshard | grep -E 'Active:|Status:'
-in_c systemctl status --no-pager udpshard | grep -q 'Status: "reload failed, still serving the previous config: /etc/udpshard/udpshard.toml:4:1' ||
+status=$(in_c systemctl status --no-pager udpshard)
+grep -E 'Active:|Status:' <<<"$status" || true
+grep -q 'Status: "reload failed, still serving the previous config: /etc/udpshard/udpshard.toml:4:1' <<<"$status" ||
     fail "systemctl status does not show the error"
 [ "$(show ActiveState)" = active ] || fail "not active after a broken reload"
 python3 .ci/roundtrip.py --proxy "127.0.0.1:$port" --backend "c=127.0.0.1:$c" \
@@ -243,7 +259,7 @@ killed_at=$SECONDS
 until_ok 45 "NRestarts=1" test_eq 1 show NRestarts
 until_ok 15 "active again" test_eq active show ActiveState
 echo "restarted $((SECONDS - killed_at)) s after the SIGKILL"
-if journal | grep -q 'Processes still around after SIGKILL'; then
+if grep -q 'Processes still around after SIGKILL' <<<"$(journal)"; then
     echo "note: systemd waited for a process that had exited (legacy cgroup tree in a container: no cgroup-empty event)"
 fi
 new_main=$(show MainPID)
@@ -265,14 +281,14 @@ in_c systemctl stop udpshard
 [ "$(show ActiveState)" = inactive ] || fail "ActiveState=$(show ActiveState) after stop"
 [ "$(show Result)" = success ] || fail "Result=$(show Result) after stop"
 [ "$(in_c pgrep -x udpshard | wc -l)" = 0 ] || fail "udpshard processes left after stop"
-journal | tail -2
+tail -2 <<<"$(journal)"
 echo "inactive, Result=success"
 
 images_step "the .rpm in a Debian container (rpm -i --nodeps)"
 podman rm -f "$R" >/dev/null 2>&1 || true
 podman_run -d --name "$R" --network host localhost/udpshard-ci-systemd:latest sleep 600 >/dev/null
 podman cp "$rpm" "$R:/tmp/udpshard.rpm"
-podman exec "$R" sh -c 'DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq --no-install-recommends rpm >/dev/null'
+podman exec -e DEBIAN_FRONTEND=noninteractive "$R" sh -c 'apt-get update -qq && apt-get install -y -qq --no-install-recommends rpm >/dev/null'
 podman exec "$R" rpm -i --nodeps /tmp/udpshard.rpm
 podman exec "$R" rpm -q udpshard
 modes=$(podman exec "$R" stat -c '%a %U:%G %n' /usr/bin/udpshard /usr/lib/systemd/system/udpshard.service \
@@ -284,7 +300,7 @@ echo "$modes"
 644 root:root /usr/lib/sysctl.d/60-udpshard.conf" ] || images_fail "the rpm's file modes"
 podman exec "$R" rpm -V --nodeps udpshard || images_fail "rpm -V: the installed files differ from the package"
 podman exec "$R" getent passwd udpshard || images_fail "the rpm's %pre did not create the udpshard user"
-podman exec "$R" /usr/bin/udpshard --version | head -1
+podman exec "$R" /usr/bin/udpshard -V
 podman exec "$R" /usr/bin/udpshard check-config /etc/udpshard/udpshard.toml
 podman exec "$R" rpm -e --nodeps udpshard
 podman exec "$R" test ! -e /usr/bin/udpshard || images_fail "rpm -e left /usr/bin/udpshard"

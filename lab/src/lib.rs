@@ -258,7 +258,8 @@ impl ProxyChild {
                         log.push('\n');
                     }
                     // Text, or a JSON object (`--log-format json`), whose
-                    // message ends at its first unescaped quote.
+                    // message ends at the first quote: the ready line's
+                    // names and addresses hold none (JSON would escape one).
                     if let Some(rest) = line.split("ready: ").nth(1) {
                         let rest = rest.split('"').next().unwrap_or(rest);
                         let _ = ready_tx.send(rest.to_string());

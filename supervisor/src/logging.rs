@@ -48,12 +48,17 @@ pub fn init(format: LogFormat, worker: bool) -> Result<(), String> {
     match format {
         LogFormat::Text => builder.compact().init(),
         #[cfg(feature = "json-log")]
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .init(),
+        LogFormat::Json => {
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .init();
+            // A panic's message joins the JSON stream as one object too,
+            // not as plain text a log shipper cannot parse.
+            std::panic::set_hook(Box::new(|info| tracing::error!("panic: {info}")));
+        }
         #[cfg(not(feature = "json-log"))]
         LogFormat::Json => {
             builder.compact().init();

@@ -2,8 +2,9 @@
 //!
 //! A tiny HTTP/1.1 server inside the supervisor's single-threaded mio loop:
 //! non-blocking accept, read the request head (bounded), answer
-//! `GET /metrics` with the text exposition format (0.0.4) and anything else
-//! with 404, then close. Values are read from the stats region at scrape
+//! `GET /metrics` with OpenMetrics text to a scraper whose Accept names it
+//! (Prometheus does), the classic text format (0.0.4) to anyone else, and
+//! anything else with 404, then close. Values are read from the stats region at scrape
 //! time, so a scrape sees exactly what `udpshard stats` would.
 //!
 //! The exposition is encoded by the prometheus-client crate, through a
@@ -35,8 +36,11 @@ use udpshard_shared::stats::{Counter, Header, SlotState, Snapshot, StatsError};
 
 use crate::system::SystemCounters;
 
-/// What [`render`] writes.
-const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// What [`render`] writes, served to scrapers that ask for it (Prometheus
+/// asks for it first).
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The classic text format, served to everyone else (`curl`, older tools).
+const TEXT_004: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Tokens at and above this belong to the metrics server (the supervisor's
 /// control tokens are worker ids, far below).
@@ -214,22 +218,27 @@ fn write_response(conn: &mut Conn) -> Progress {
     Progress::Close
 }
 
-/// The stats region as it is now, and the host's counters.
-fn scrape(stats: &File) -> Result<String, StatsError> {
+/// The stats region as it is now, and the host's counters, as OpenMetrics
+/// text; or what went wrong.
+fn scrape(stats: &File) -> Result<String, String> {
     let io_err = |source| StatsError::Io {
         path: "stats region".into(),
         source,
     };
-    let len = stats.metadata().map_err(io_err)?.len() as usize;
-    let mut bytes = vec![0u8; len];
-    stats.read_exact_at(&mut bytes, 0).map_err(io_err)?;
-    let snap = Snapshot::parse(&bytes)?;
-    Ok(render(snap, SystemCounters::read()))
+    let read = || -> Result<Snapshot, StatsError> {
+        let len = stats.metadata().map_err(io_err)?.len() as usize;
+        let mut bytes = vec![0u8; len];
+        stats.read_exact_at(&mut bytes, 0).map_err(io_err)?;
+        Snapshot::parse(&bytes)
+    };
+    let snap = read().map_err(|e| format!("cannot read the stats region: {e}"))?;
+    render(snap, SystemCounters::read())
+        .map_err(|_| "a value the exposition format cannot encode".to_string())
 }
 
 /// The full HTTP response to `request`, or `None` while its head is
 /// incomplete (and within [`MAX_REQUEST`]).
-fn respond(request: &[u8], body: impl FnOnce() -> Result<String, StatsError>) -> Option<Vec<u8>> {
+fn respond(request: &[u8], body: impl FnOnce() -> Result<String, String>) -> Option<Vec<u8>> {
     let head_end = find(request, b"\r\n\r\n").or_else(|| find(request, b"\n\n"));
     if head_end.is_none() {
         if request.len() > MAX_REQUEST {
@@ -245,14 +254,38 @@ fn respond(request: &[u8], body: impl FnOnce() -> Result<String, StatsError>) ->
     if method != "GET" || path != "/metrics" {
         return Some(http(404, "text/plain", "not found; try GET /metrics\n"));
     }
+    let head = String::from_utf8_lossy(&request[..head_end.unwrap_or(request.len())]);
+    let openmetrics = head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("accept") && v.contains("application/openmetrics-text")
+        })
+    });
     Some(match body() {
-        Ok(text) => http(200, CONTENT_TYPE, &text),
-        Err(e) => http(
-            500,
-            "text/plain",
-            &format!("cannot read the stats region: {e}\n"),
-        ),
+        Ok(text) if openmetrics => http(200, OPENMETRICS, &text),
+        Ok(text) => http(200, TEXT_004, &text_004(&text)),
+        Err(e) => http(500, "text/plain", &format!("{e}\n")),
     })
+}
+
+/// OpenMetrics text as the classic 0.0.4 format: a counter family's HELP and
+/// TYPE name its samples (`x_total`), and there is no `# EOF`.
+fn text_004(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + counters.len() * 16);
+    for line in openmetrics.lines().filter(|l| *l != "# EOF") {
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let (name, rest) = line.strip_prefix(prefix)?.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {rest}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -748,14 +781,14 @@ type HostFamily<T> = (&'static str, &'static str, fn(&T) -> u64);
 
 /// The exposition (OpenMetrics text, which Prometheus asks for first) for a
 /// stats snapshot and the host's counters.
-pub fn render(snap: Snapshot, system: SystemCounters) -> String {
+/// Fails only for a value the encoder refuses (a gauge above i64::MAX):
+/// the scrape then gets a 500, never a page cut short.
+pub fn render(snap: Snapshot, system: SystemCounters) -> Result<String, fmt::Error> {
     let mut registry = MetricRegistry::with_prefix("udpshard");
     registry.register_collector(Box::new(Exposition { snap, system }));
     let mut out = String::with_capacity(16 << 10);
-    // Writing into a String cannot fail; the collector itself only fails
-    // where the writer does.
-    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-    out
+    prometheus_client::encoding::text::encode(&mut out, &registry)?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -795,7 +828,8 @@ mod tests {
             }),
             ..SystemCounters::default()
         };
-        let text = render(snapshot(), system);
+        let text = render(snapshot(), system).unwrap();
+        let classic = text_004(&text);
         for line in [
             "# TYPE udpshard_rx_packets counter",
             "udpshard_rx_packets_total{worker=\"0\"} 0",
@@ -813,6 +847,13 @@ mod tests {
             );
         }
         assert!(!text.contains("softnet"), "no softnet family without data");
+        assert!(
+            classic
+                .lines()
+                .any(|l| l == "# TYPE udpshard_rx_packets_total counter"),
+            "{classic}"
+        );
+        assert!(!classic.contains("# EOF"));
         // OpenMetrics: every sample's family has HELP and TYPE (a counter's
         // family is named without its samples' _total), and # EOF ends it.
         assert!(text.ends_with("\n# EOF\n"), "{text}");
@@ -835,17 +876,26 @@ mod tests {
 
     #[test]
     fn http_requests() {
-        let ok = || Ok("x 1\n".to_string());
+        let page = "# HELP c A counter.\n# TYPE c counter\nc_total 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2\n# EOF\n";
+        let ok = || Ok(page.to_string());
         assert_eq!(respond(b"GET /metrics HTTP/1.1\r\nHost: a", ok), None);
-        let r =
-            String::from_utf8(respond(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n", ok).unwrap())
-                .unwrap();
+        let get = |request: &[u8]| String::from_utf8(respond(request, ok).unwrap()).unwrap();
+        // Prometheus's Accept: OpenMetrics, as encoded.
+        let r = get(b"GET /metrics HTTP/1.1\r\nHost: a\r\nAccept: application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4\r\n\r\n");
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
         assert!(
             r.contains("Content-Type: application/openmetrics-text; version=1.0.0"),
             "{r}"
         );
-        assert!(r.ends_with("\r\n\r\nx 1\n"), "{r}");
+        assert!(r.ends_with(&format!("\r\n\r\n{page}")), "{r}");
+        // No Accept (curl): the classic format, counters' HELP and TYPE
+        // renamed to their samples, no # EOF.
+        let r = get(b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert!(r.contains("Content-Type: text/plain; version=0.0.4"), "{r}");
+        assert!(
+            r.ends_with("\r\n\r\n# HELP c_total A counter.\n# TYPE c_total counter\nc_total 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2\n"),
+            "{r}"
+        );
         let r = respond(b"GET / HTTP/1.1\r\n\r\n", ok).unwrap();
         assert!(r.starts_with(b"HTTP/1.1 404 "));
         let r = respond(b"POST /metrics HTTP/1.1\r\n\r\n", ok).unwrap();
@@ -855,9 +905,10 @@ mod tests {
         let big = vec![b'a'; MAX_REQUEST + 1];
         assert!(respond(&big, ok).unwrap().starts_with(b"HTTP/1.1 431 "));
         let r = respond(b"GET /metrics?x=1 HTTP/1.0\n\n", || {
-            Err(StatsError::BadMagic)
+            Err("cannot read the stats region: bad magic".into())
         })
         .unwrap();
         assert!(r.starts_with(b"HTTP/1.1 500 "));
+        assert!(r.ends_with(b"\r\n\r\ncannot read the stats region: bad magic\n"));
     }
 }

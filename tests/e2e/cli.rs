@@ -401,6 +401,7 @@ fn log_format_json_writes_one_object_per_line_from_the_supervisor_and_its_worker
     proxy.signal(libc::SIGTERM);
     let status = proxy.wait_exit(Duration::from_secs(10)).expect("exits");
     assert!(status.success());
+    assert!(proxy.wait_log_closed(Duration::from_secs(10)));
     let log = proxy.log();
     let mut messages = Vec::new();
     let mut exits = Vec::new();

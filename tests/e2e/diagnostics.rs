@@ -275,9 +275,14 @@ fn free_tcp_port() -> u16 {
 }
 
 fn http_get(addr: &str, path: &str) -> String {
+    http_get_with(addr, path, "")
+}
+
+/// GET with extra header lines (each ending in \r\n).
+fn http_get_with(addr: &str, path: &str, headers: &str) -> String {
     let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}\r\n").unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read response");
     out
@@ -336,11 +341,21 @@ fn metrics_endpoint_serves_live_counters() {
         &config(backend.addr, &format!("metrics = \"127.0.0.1:{port}\""), ""),
     );
     let endpoint = format!("127.0.0.1:{port}");
-    let first = http_get(&endpoint, "/metrics");
+    // What Prometheus asks for: OpenMetrics.
+    let first = http_get_with(
+        &endpoint,
+        "/metrics",
+        "Accept: application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4\r\n",
+    );
     assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{first}");
     assert!(first.contains("Content-Type: application/openmetrics-text; version=1.0.0"));
     assert!(first.contains("# TYPE udpshard_rx_packets counter"));
     assert!(first.ends_with("# EOF\n"), "{first}");
+    // Anyone else (curl): the classic text format, the same samples.
+    let classic = http_get(&endpoint, "/metrics");
+    assert!(classic.contains("Content-Type: text/plain; version=0.0.4"));
+    assert!(classic.contains("# TYPE udpshard_rx_packets_total counter"));
+    assert!(!classic.contains("# EOF"));
     assert!(first.contains("udpshard_drops_total{worker=\"0\",reason=\"socket\"} 0"));
     assert!(first.contains("# TYPE udpshard_worker_busy_ratio gauge"));
     assert!(first.contains("udpshard_reload_failures_total 0"));

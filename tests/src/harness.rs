@@ -108,6 +108,12 @@ impl Proxy {
         self.child.log()
     }
 
+    /// Waits until every process that writes the log has closed it (after
+    /// the proxy exits: its workers' last lines are in); false on timeout.
+    pub fn wait_log_closed(&self, timeout: Duration) -> bool {
+        self.child.wait_log_closed(timeout)
+    }
+
     /// Waits until the log contains `needle`.
     pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
