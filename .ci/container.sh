@@ -12,13 +12,12 @@
 #   udpshard logs it at start.
 #
 # Needs root and apt-get (installs podman, runc and mmdebstrap when missing);
-# without them it says so and exits 0. On 2 cores: about 1.5 minutes on a
+# without them it says so and exits 0 (under CI=true it fails). On 2 cores: about 1.5 minutes on a
 # fresh machine once the release binary is built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 IMAGES_WHAT=container
-IMAGES_START=$SECONDS
 . .ci/images.sh
 images_can_run || exit 0
 
@@ -52,23 +51,11 @@ caps=$(podman_run --rm --entrypoint /bin/sh "$IMAGE" -c \
 echo "image user and binary: $caps"
 [ "$(echo "$caps" | head -1)" = udpshard ] || images_fail "the image does not run as user udpshard"
 
-# N distinct free UDP ports on 127.0.0.1, all held until every one is chosen.
-free_ports() {
-    python3 - "$1" <<'PY'
-import socket, sys
-held = []
-for _ in range(int(sys.argv[1])):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    held.append(s)
-print(*(s.getsockname()[1] for s in held))
-PY
-}
 
 work=$(mktemp -d /tmp/udpshard-container.XXXXXX)
 trap 'cleanup; rm -rf "$work"' EXIT
 chmod 755 "$work"
-read -r proxy_port backend_a backend_b < <(free_ports 3)
+read -r proxy_port backend_a backend_b < <(images_free_ports 3)
 cat >"$work/udpshard.toml" <<EOF
 workers = "auto"
 drain_timeout = "${DRAIN_S}s"

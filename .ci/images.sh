@@ -9,6 +9,8 @@
 #   to start a container: use runc.
 
 IMAGES_DIR=${IMAGES_DIR:-target/ci-images}
+# The step clock starts when a script sources this file.
+IMAGES_START=$SECONDS
 
 images_step() { printf '\n== %s [%3ds] %s\n' "$IMAGES_WHAT" "$((SECONDS - IMAGES_START))" "$*"; }
 images_fail() {
@@ -120,4 +122,32 @@ images_ulimits() {
 podman_run() {
     # shellcheck disable=SC2046
     podman run --runtime runc $(images_ulimits) "$@"
+}
+
+# images_free_ports N [LOW HIGH]: N distinct free UDP ports on 127.0.0.1,
+# all held until every one is chosen; with LOW HIGH the first comes from
+# [LOW, HIGH) (a port below 1024, say), the rest from the kernel.
+images_free_ports() {
+    python3 - "$@" <<'PY'
+import socket, sys
+count = int(sys.argv[1])
+held = []
+if len(sys.argv) > 3:
+    for port in range(int(sys.argv[2]), int(sys.argv[3])):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            s.close()
+            continue
+        held.append(s)
+        break
+    else:
+        sys.exit(f"no free UDP port in {sys.argv[2]}..{sys.argv[3]}")
+while len(held) < count:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    held.append(s)
+print(*(s.getsockname()[1] for s in held))
+PY
 }

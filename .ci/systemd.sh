@@ -22,13 +22,12 @@
 # is not checked here (packaging/README.md says what).
 #
 # Needs root and apt-get (installs podman, runc and mmdebstrap when missing);
-# without them it says so and exits 0. Builds the packages with
+# without them it says so and exits 0 (under CI=true it fails). Builds the packages with
 # .ci/packaging.sh when target/packages has none.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 IMAGES_WHAT=systemd
-IMAGES_START=$SECONDS
 . .ci/images.sh
 images_can_run || exit 0
 
@@ -93,30 +92,6 @@ until_ok() {
     done
 }
 
-# Four distinct free UDP ports on 127.0.0.1, all held until every one is
-# chosen: the first below 1024 (the service's), then three for backends.
-free_ports() {
-    python3 - <<'PY'
-import socket, sys
-held = []
-for port in range(900, 1024):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        s.bind(("127.0.0.1", port))
-    except OSError:
-        s.close()
-        continue
-    held.append(s)
-    break
-else:
-    sys.exit("no free UDP port below 1024")
-for _ in range(3):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    held.append(s)
-print(*(s.getsockname()[1] for s in held))
-PY
-}
 
 images_step "boot systemd in a container"
 podman rm -f "$C" >/dev/null 2>&1 || true
@@ -145,7 +120,8 @@ in_c sh -c "cd /tmp && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ./$
 grep -E '^(Status|Version)' <<<"$(in_c dpkg -s udpshard)"
 in_c getent passwd udpshard
 
-read -r port a b c < <(free_ports)
+# The service's port below 1024, then three for backends.
+read -r port a b c < <(images_free_ports 4 900 1024)
 write_config() { # BACKEND...
     local list
     list=$(printf '"127.0.0.1:%s", ' "$@")

@@ -4,8 +4,8 @@
 //! non-blocking accept, read the request head (bounded), answer
 //! `GET /metrics` with OpenMetrics text to a scraper whose Accept names it
 //! (Prometheus does), the classic text format (0.0.4) to anyone else, and
-//! anything else with 404, then close. Values are read from the stats region at scrape
-//! time, so a scrape sees exactly what `udpshard stats` would.
+//! anything else with 404, then close. Values are read from the stats region
+//! at scrape time, so a scrape sees exactly what `udpshard stats` would.
 //!
 //! The exposition is encoded by the prometheus-client crate, through a
 //! custom collector over the shared-memory counters: every value already
