@@ -32,6 +32,10 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// How long SIGTERM lets live sessions finish, in `0s..=1h`.
     pub drain_timeout: Duration,
+    /// How long a binary upgrade (SIGUSR2) lets the new binary take to
+    /// start, validate its config and stand ready, in `1s..=10m`; past it
+    /// the old generation keeps serving.
+    pub upgrade_timeout: Duration,
     /// Where the Prometheus text endpoint listens; `None` (the default): off.
     pub metrics: Option<SocketAddr>,
     /// How workers put forwarded datagrams on the wire.

@@ -46,6 +46,7 @@ fn default_parses() {
         workers: Workers::Auto,
         stats_file: PathBuf::from(DEFAULT_STATS_FILE),
         drain_timeout: Duration::from_secs(5),
+        upgrade_timeout: Duration::from_secs(30),
         upstream_send: UpstreamSend::Auto,
         metrics: None,
         listeners: vec![Listener {
@@ -1153,6 +1154,22 @@ fn drain_timeout() {
         1,
         17,
         "out of range (0s..=1h)",
+    );
+}
+
+#[test]
+fn upgrade_timeout() {
+    let base = "[[listener]]\nname = \"q\"\nbind = \"0.0.0.0:443\"\ndissector = \"quic\"\nbackends = [\"10.0.0.1:443\"]\n";
+    assert_eq!(ok(base).upgrade_timeout, Duration::from_secs(30));
+    assert_eq!(
+        ok(&format!("upgrade_timeout = \"5s\"\n{base}")).upgrade_timeout,
+        Duration::from_secs(5)
+    );
+    assert_err(
+        &format!("upgrade_timeout = \"0s\"\n{base}"),
+        1,
+        19,
+        "out of range (1s..=10m)",
     );
 }
 

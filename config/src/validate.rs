@@ -46,6 +46,9 @@ const DEFAULT_SESSION_IDLE: Duration = Duration::from_secs(60);
 const DRAIN_TIMEOUT: RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(3600);
 const DRAIN_TIMEOUT_TEXT: &str = "0s..=1h";
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+const UPGRADE_TIMEOUT: RangeInclusive<Duration> = Duration::from_secs(1)..=Duration::from_secs(600);
+const UPGRADE_TIMEOUT_TEXT: &str = "1s..=10m";
+const DEFAULT_UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_SESSIONS: usize = 1_000_000;
 const DEFAULT_MAGLEV_TABLE_SIZE: usize = 65_537;
 const DEFAULT_WEIGHT: u32 = 1;
@@ -77,6 +80,10 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
     let drain_timeout = match &file.drain_timeout {
         None => DEFAULT_DRAIN_TIMEOUT,
         Some(v) => duration_in(v, DRAIN_TIMEOUT, DRAIN_TIMEOUT_TEXT, "drain_timeout")?,
+    };
+    let upgrade_timeout = match &file.upgrade_timeout {
+        None => DEFAULT_UPGRADE_TIMEOUT,
+        Some(v) => duration_in(v, UPGRADE_TIMEOUT, UPGRADE_TIMEOUT_TEXT, "upgrade_timeout")?,
     };
     let metrics = match &file.metrics {
         None => None,
@@ -120,6 +127,7 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
         stats_file,
         listeners,
         drain_timeout,
+        upgrade_timeout,
         metrics,
         upstream_send,
     })

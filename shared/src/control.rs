@@ -39,6 +39,31 @@ pub enum ControlMsg {
     /// ready (its generation and state are the supervisor's word), so other
     /// workers take its ownership entries as live. Only then does it serve.
     Live,
+    /// Supervisor -> worker, during a binary upgrade: stop reading the
+    /// listener sockets (the new generation will); the sending end of the
+    /// inbox of this slot's successor, generation `generation`, comes with it.
+    Quiesce { generation: u64 },
+    /// Worker -> supervisor: it reads no listener socket any more.
+    Quiesced,
+    /// Supervisor -> worker: hand every session, with its upstream sockets,
+    /// to the successor named by `Quiesce`.
+    HandOver,
+    /// Worker -> supervisor: every session is handed over (`left` could not
+    /// be: the successor refused them); it waits for `Stop`.
+    HandedOver { left: u64 },
+    /// Old supervisor -> new supervisor: what the new one inherits (a text
+    /// of `key value` lines naming the inherited descriptors).
+    Inherit { state: String },
+    /// New supervisor -> old: its workers stand by, unread listeners; the
+    /// sending ends of their inboxes, by slot, come with it (`fds` of them).
+    Standby { fds: u32 },
+    /// Old supervisor -> new: every old worker has handed over and exited;
+    /// their slots are the new generation's.
+    Handed,
+    /// New supervisor -> old: it serves, and is the service's main process.
+    Took,
+    /// New supervisor -> old: it cannot take over, and why.
+    UpgradeFailed { why: String },
 }
 
 const TAG_START: u8 = 1;
@@ -49,6 +74,15 @@ const TAG_PEERS: u8 = 6;
 const TAG_DRAIN: u8 = 7;
 const TAG_RELOADED: u8 = 8;
 const TAG_LIVE: u8 = 9;
+const TAG_QUIESCE: u8 = 10;
+const TAG_QUIESCED: u8 = 11;
+const TAG_HAND_OVER: u8 = 12;
+const TAG_HANDED_OVER: u8 = 13;
+const TAG_INHERIT: u8 = 14;
+const TAG_STANDBY: u8 = 15;
+const TAG_HANDED: u8 = 16;
+const TAG_TOOK: u8 = 17;
+const TAG_UPGRADE_FAILED: u8 = 18;
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -102,6 +136,30 @@ impl ControlMsg {
             }
             ControlMsg::Reloaded => TAG_RELOADED,
             ControlMsg::Live => TAG_LIVE,
+            ControlMsg::Quiesce { generation } => {
+                body.extend_from_slice(&generation.to_le_bytes());
+                TAG_QUIESCE
+            }
+            ControlMsg::Quiesced => TAG_QUIESCED,
+            ControlMsg::HandOver => TAG_HAND_OVER,
+            ControlMsg::HandedOver { left } => {
+                body.extend_from_slice(&left.to_le_bytes());
+                TAG_HANDED_OVER
+            }
+            ControlMsg::Inherit { state } => {
+                put_str(&mut body, state);
+                TAG_INHERIT
+            }
+            ControlMsg::Standby { fds } => {
+                body.extend_from_slice(&fds.to_le_bytes());
+                TAG_STANDBY
+            }
+            ControlMsg::Handed => TAG_HANDED,
+            ControlMsg::Took => TAG_TOOK,
+            ControlMsg::UpgradeFailed { why } => {
+                put_str(&mut body, why);
+                TAG_UPGRADE_FAILED
+            }
         };
         let mut frame = Vec::with_capacity(5 + body.len());
         frame.extend_from_slice(&((body.len() + 1) as u32).to_le_bytes());
@@ -131,6 +189,25 @@ impl ControlMsg {
             },
             TAG_RELOADED => ControlMsg::Reloaded,
             TAG_LIVE => ControlMsg::Live,
+            TAG_QUIESCE => ControlMsg::Quiesce {
+                generation: u64::from_le_bytes(take_array(&mut body)?),
+            },
+            TAG_QUIESCED => ControlMsg::Quiesced,
+            TAG_HAND_OVER => ControlMsg::HandOver,
+            TAG_HANDED_OVER => ControlMsg::HandedOver {
+                left: u64::from_le_bytes(take_array(&mut body)?),
+            },
+            TAG_INHERIT => ControlMsg::Inherit {
+                state: take_str(&mut body)?,
+            },
+            TAG_STANDBY => ControlMsg::Standby {
+                fds: u32::from_le_bytes(take_array(&mut body)?),
+            },
+            TAG_HANDED => ControlMsg::Handed,
+            TAG_TOOK => ControlMsg::Took,
+            TAG_UPGRADE_FAILED => ControlMsg::UpgradeFailed {
+                why: take_str(&mut body)?,
+            },
             other => return Err(ControlError::UnknownTag(other)),
         };
         if !body.is_empty() {
@@ -216,6 +293,17 @@ mod tests {
             ControlMsg::Drain { timeout_ms: 5000 },
             ControlMsg::Reloaded,
             ControlMsg::Live,
+            ControlMsg::Quiesce { generation: 7 },
+            ControlMsg::Quiesced,
+            ControlMsg::HandOver,
+            ControlMsg::HandedOver { left: 2 },
+            ControlMsg::Inherit {
+                state: "workers 2\n".into(),
+            },
+            ControlMsg::Standby { fds: 2 },
+            ControlMsg::Handed,
+            ControlMsg::Took,
+            ControlMsg::UpgradeFailed { why: "no".into() },
         ];
         let stream: Vec<u8> = msgs.iter().flat_map(|m| m.encode()).collect();
         let mut reader = FrameReader::default();
@@ -431,7 +519,10 @@ impl ControlChannel {
             Err(e) => return Some(Err(e)),
         };
         let want = match &msg {
-            ControlMsg::Reload { fds, .. } | ControlMsg::Peers { fds } => *fds as usize,
+            ControlMsg::Reload { fds, .. }
+            | ControlMsg::Peers { fds }
+            | ControlMsg::Standby { fds } => *fds as usize,
+            ControlMsg::Quiesce { .. } => 1,
             _ => 0,
         };
         if self.fds.len() < want {

@@ -78,6 +78,13 @@ pub enum Header {
     /// backend's state; each worker says which it has applied
     /// (`Counter::HealthApplied`).
     HealthGeneration,
+    /// Binary upgrades (SIGUSR2) that did not take over: the old
+    /// generation kept serving.
+    UpgradeFailures,
+    /// Binary upgrades that took over, carried from supervisor to supervisor.
+    Upgrades,
+    /// The supervisor's version ([`pack_version`]).
+    SupervisorVersion,
 }
 
 /// Per-worker slot words. Identity words (pid, cpu, generation, state,
@@ -181,10 +188,48 @@ pub enum Counter {
     /// state), written by the supervisor alone: what liveness is read from,
     /// in one load. `Generation` and `State` repeat it for display.
     Life,
+    /// The version of the binary the slot's process runs ([`pack_version`]),
+    /// supervisor-written.
+    Version,
+}
+
+/// A version `major.minor.patch` and the first 7 hex digits of its commit
+/// in one word: major 8 bits, minor 12, patch 16, commit 28 (0: unknown).
+pub fn pack_version(version: &str, commit: &str) -> u64 {
+    let mut parts = version
+        .split(['.', '-', '+'])
+        .map(|p| p.parse::<u64>().unwrap_or(0));
+    let (major, minor, patch) = (
+        parts.next().unwrap_or(0) & 0xff,
+        parts.next().unwrap_or(0) & 0xfff,
+        parts.next().unwrap_or(0) & 0xffff,
+    );
+    let commit = commit
+        .get(..7)
+        .and_then(|c| u64::from_str_radix(c, 16).ok())
+        .unwrap_or(0);
+    major << 56 | minor << 44 | patch << 28 | commit
+}
+
+/// `0.1.0+1a2b3c4` from a [`pack_version`] word ("" for 0: not written).
+pub fn version_text(word: u64) -> String {
+    if word == 0 {
+        return String::new();
+    }
+    let base = format!(
+        "{}.{}.{}",
+        word >> 56,
+        (word >> 44) & 0xfff,
+        (word >> 28) & 0xffff
+    );
+    match word & 0xfff_ffff {
+        0 => base,
+        commit => format!("{base}+{commit:07x}"),
+    }
 }
 
 impl Counter {
-    pub const COUNT: usize = Counter::Life as usize + 1;
+    pub const COUNT: usize = Counter::Version as usize + 1;
 }
 
 /// The client datagrams a worker's slot has taken in: read from its

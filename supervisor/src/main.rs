@@ -26,12 +26,17 @@ use clap::{CommandFactory, Parser, Subcommand};
 use udpshard_config as config;
 
 /// `0.1.0 (commit 1a2b3c4d5e6f)`: the version and the commit it was built from.
-const VERSION: &str = concat!(
+pub(crate) const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (commit ",
     env!("UDPSHARD_GIT_COMMIT"),
     ")"
 );
+
+/// This binary's version and commit in one stats word.
+pub(crate) fn version_word() -> u64 {
+    udpshard_shared::stats::pack_version(env!("CARGO_PKG_VERSION"), env!("UDPSHARD_GIT_COMMIT"))
+}
 
 /// `udpshard --version`: the version, the commit, the cargo features and the
 /// target it was built for (`-V` prints the first line only).
@@ -79,6 +84,10 @@ enum Command {
         /// Print the config text this would run with and exit.
         #[arg(long)]
         print_config: bool,
+        /// Internal: take over from the running supervisor at the other end
+        /// of this descriptor (a binary upgrade, SIGUSR2).
+        #[arg(long, hide = true, value_name = "FD")]
+        upgrade_fd: Option<i32>,
     },
     /// Validate a config file the way `run` would load it, binding its
     /// listener addresses to check they are free: exit 0 when valid, else
@@ -167,6 +176,10 @@ enum Command {
         handoff_fd: i32,
         #[arg(long, value_delimiter = ',')]
         peer_fds: Vec<i32>,
+        #[arg(long)]
+        standby: Option<u64>,
+        #[arg(long)]
+        predecessor_fd: Option<i32>,
     },
 }
 
@@ -192,7 +205,8 @@ fn main() -> ExitCode {
         Command::Run {
             config,
             print_config,
-        } => run(config, print_config),
+            upgrade_fd,
+        } => run(config, print_config, upgrade_fd),
         Command::CheckConfig { file } => check_config(&file),
         Command::Stats {
             stats_file,
@@ -252,6 +266,8 @@ fn main() -> ExitCode {
             listener_fds,
             handoff_fd,
             peer_fds,
+            standby,
+            predecessor_fd,
         } => {
             let args = udpshard_worker::WorkerArgs {
                 id,
@@ -261,6 +277,8 @@ fn main() -> ExitCode {
                 listener_fds,
                 handoff_fd,
                 peer_fds,
+                standby,
+                predecessor_fd,
             };
             match udpshard_worker::run(args) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -315,7 +333,7 @@ fn check_config(file: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run(path: Option<PathBuf>, print_config: bool) -> ExitCode {
+fn run(path: Option<PathBuf>, print_config: bool, upgrade_fd: Option<i32>) -> ExitCode {
     let loaded = match &path {
         Some(path) => std::fs::read_to_string(path)
             .map_err(|source| config::ConfigError::Io {
@@ -339,6 +357,16 @@ fn run(path: Option<PathBuf>, print_config: bool) -> ExitCode {
             ))
         }
     };
+    if let Some(fd) = upgrade_fd {
+        tracing::info!("udpshard {VERSION} taking over (binary upgrade)");
+        return match supervisor::Supervisor::take_over(fd, path, loaded).and_then(|s| s.run()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let (cfg, origin, text) = match loaded {
         Ok(loaded) => loaded,
         Err(e) => {

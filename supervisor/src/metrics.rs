@@ -88,6 +88,31 @@ impl MetricsServer {
         })
     }
 
+    /// Serves on a listener inherited from the previous generation of a
+    /// binary upgrade.
+    pub fn from_listener(
+        listener: std::net::TcpListener,
+        registry: &Registry,
+        stats: &File,
+    ) -> io::Result<MetricsServer> {
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener);
+        registry.register(&mut listener, LISTENER, Interest::READABLE)?;
+        Ok(MetricsServer {
+            addr: listener.local_addr()?,
+            listener,
+            conns: HashMap::new(),
+            next: 0,
+            stats: stats.try_clone()?,
+        })
+    }
+
+    /// The listening socket's descriptor (a binary upgrade passes it on).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.listener.as_raw_fd()
+    }
+
     /// Handles a readiness event for one of its tokens; never blocks.
     pub fn handle(&mut self, registry: &Registry, token: Token) {
         self.expire(registry);
@@ -682,6 +707,18 @@ impl Exposition {
             "reload_failures",
             "Reloads refused because the new config was invalid.",
             header(Header::ReloadFailures),
+        )?;
+        counters(
+            enc,
+            "upgrades",
+            "Binary upgrades (SIGUSR2) whose new generation took over.",
+            header(Header::Upgrades),
+        )?;
+        counters(
+            enc,
+            "upgrade_failures",
+            "Binary upgrades that did not take over (the old generation served on).",
+            header(Header::UpgradeFailures),
         )?;
         gauges(
             enc,

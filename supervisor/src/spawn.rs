@@ -19,6 +19,10 @@ pub struct WorkerSpec {
     pub listener_fds: Vec<RawFd>,
     pub handoff_fd: RawFd,
     pub peer_fds: Vec<RawFd>,
+    /// A binary upgrade: the generation to stand by as.
+    pub standby: Option<u64>,
+    /// With it: the sending end of the predecessor's inbox.
+    pub predecessor_fd: Option<RawFd>,
 }
 
 fn fd_list(fds: &[RawFd]) -> String {
@@ -40,6 +44,7 @@ pub fn spawn_worker(exe: &Path, spec: &WorkerSpec) -> io::Result<Child> {
     ];
     inherit.extend_from_slice(&spec.listener_fds);
     inherit.extend_from_slice(&spec.peer_fds);
+    inherit.extend(spec.predecessor_fd);
 
     let mut cmd = Command::new(exe);
     cmd.args(["--log-format", crate::logging::format().as_arg()])
@@ -52,6 +57,12 @@ pub fn spawn_worker(exe: &Path, spec: &WorkerSpec) -> io::Result<Child> {
         .args(["--handoff-fd", &spec.handoff_fd.to_string()])
         .args(["--peer-fds", &fd_list(&spec.peer_fds)])
         .stdin(Stdio::null());
+    if let Some(generation) = spec.standby {
+        cmd.args(["--standby", &generation.to_string()]);
+    }
+    if let Some(fd) = spec.predecessor_fd {
+        cmd.args(["--predecessor-fd", &fd.to_string()]);
+    }
     // SAFETY: the closure runs in the forked child before exec and makes only
     // async-signal-safe system calls (fcntl, signal, prctl, getppid,
     // sched_setaffinity) on values prepared before the fork, and allocates

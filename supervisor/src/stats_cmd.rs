@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use udpshard_shared::backends::BackendCounter;
 use udpshard_shared::stats::{
-    BackendSnapshot, Counter, Header, Snapshot, StatsError, WorkerSnapshot,
+    version_text, BackendSnapshot, Counter, Header, Snapshot, StatsError, WorkerSnapshot,
 };
 use udpshard_shared::{DropReason, Stage};
 
@@ -290,6 +290,10 @@ pub fn to_json(snap: &Snapshot) -> Value {
             }
             obj.insert("handoff_out".into(), json!(w.get(Counter::HandoffOut)));
             obj.insert("state".into(), json!(w.state().name()));
+            obj.insert(
+                "version".into(),
+                json!(version_text(w.get(Counter::Version))),
+            );
             obj.insert("busy_ratio".into(), json!(busy_ratio(&w)));
             obj.insert("loops".into(), json!(w.get(Counter::Loops)));
             obj.insert("loop_max_us".into(), json!(w.get(Counter::LoopMaxUs)));
@@ -302,6 +306,9 @@ pub fn to_json(snap: &Snapshot) -> Value {
         "started_at": snap.header(Header::StartedAt),
         "config_generation": snap.header(Header::ConfigGeneration),
         "reload_failures": snap.header(Header::ReloadFailures),
+        "upgrades": snap.header(Header::Upgrades),
+        "upgrade_failures": snap.header(Header::UpgradeFailures),
+        "supervisor_version": version_text(snap.header(Header::SupervisorVersion)),
         "health_generation": snap.header(Header::HealthGeneration),
         "totals": totals_json(snap),
         "workers": workers,
@@ -452,6 +459,8 @@ const NARROW_LEGEND: &str = concat!(
     "  rx: datagrams from clients   tx: forwarded to backends   replies: sent back to clients\n",
     "  drops: every datagram the worker dropped, for any reason (by stage below; --wide: by reason)\n",
     "  busy(rho): time handling datagrams / wall time; near 100% means the CPU is the limit\n",
+    "  rst: restarts after a crash   gen: the process's generation in its slot (one more per\n",
+    "  restart and per binary upgrade)\n",
 );
 
 /// The counters of one column: one for most, every drop for `drops`.
@@ -667,16 +676,33 @@ fn stage_summary(out: &mut String, before: Option<&[u64; 7]>, after: &[u64; 7], 
 
 fn header_line(sample: &Sample) -> String {
     let snap = &sample.snap;
+    let version = snap.header(Header::SupervisorVersion);
     let mut line = format!(
-        "udpshard supervisor pid {}, config generation {}, reload failures {}",
+        "udpshard supervisor pid {} ({}), config generation {}, reload failures {}",
         snap.header(Header::SupervisorPid),
+        version_text(version),
         snap.header(Header::ConfigGeneration),
-        snap.header(Header::ReloadFailures)
+        snap.header(Header::ReloadFailures),
     );
     if sample.liveness != Liveness::Running {
         line += " (NOT RUNNING)";
     }
-    line + "\n"
+    line += "\n";
+    let (upgrades, failed) = (
+        snap.header(Header::Upgrades),
+        snap.header(Header::UpgradeFailures),
+    );
+    if upgrades + failed > 0 {
+        line += &format!("binary upgrades (SIGUSR2): {upgrades} done, {failed} failed\n");
+    }
+    // Each worker runs its supervisor's binary; one that does not is named.
+    for w in snap.workers() {
+        let theirs = w.get(Counter::Version);
+        if theirs != 0 && theirs != version {
+            line += &format!("worker {} runs {}\n", w.id, version_text(theirs));
+        }
+    }
+    line
 }
 
 /// The totals since start, in path order.
@@ -702,8 +728,8 @@ fn render(before: Option<&Sample>, after: &Sample, window: Option<Window>, wide:
     system_lines(&mut out, before.map(|b| &b.system), &after.system, &n);
     let columns = columns(wide);
     out += &format!(
-        "{:>3} {:>8} {:>4} {:<8} {:>4} {:>8} {:>9}",
-        "id", "pid", "cpu", "state", "rst", "sessions", "busy(rho)"
+        "{:>3} {:>8} {:>4} {:<8} {:>4} {:>4} {:>8} {:>9}",
+        "id", "pid", "cpu", "state", "rst", "gen", "sessions", "busy(rho)"
     );
     for c in &columns {
         out += &format!(" {:>width$}", c.name, width = width(wide));
@@ -716,12 +742,13 @@ fn render(before: Option<&Sample>, after: &Sample, window: Option<Window>, wide:
             None => busy_ratio(&w),
         };
         out += &format!(
-            "{:>3} {:>8} {:>4} {:<8} {:>4} {:>8} {:>8.1}%",
+            "{:>3} {:>8} {:>4} {:<8} {:>4} {:>4} {:>8} {:>8.1}%",
             w.id,
             w.get(Counter::Pid),
             w.get(Counter::Cpu),
             after.state_of(&w),
             w.get(Counter::Restarts),
+            w.get(Counter::Generation),
             w.get(Counter::SessionsActive),
             busy * 100.0
         );

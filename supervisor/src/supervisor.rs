@@ -22,7 +22,7 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use udpshard_config::{self as config, Config, Workers};
 use udpshard_shared::backends::BackendState;
@@ -38,6 +38,7 @@ use crate::reuseport::{rmem_fix, ReuseportGroup};
 use crate::spawn::{spawn_worker, WorkerSpec};
 
 mod reload;
+mod upgrade;
 
 const SIGNALS: Token = Token(0);
 const CONTROL_TOKEN_BASE: usize = 1;
@@ -77,11 +78,21 @@ pub enum SupervisorError {
     Spawn { id: usize, source: io::Error },
     #[error("no worker could start (each failure is logged above)")]
     NoWorker,
+    #[error("upgrade: {0}")]
+    Upgrade(String),
     #[error("metrics endpoint {addr}: {source}")]
     Metrics {
         addr: std::net::SocketAddr,
         source: io::Error,
     },
+}
+
+/// How the loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Served {
+    Stopped,
+    /// A binary upgrade: the new generation serves.
+    HandedOver,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +152,17 @@ pub struct Supervisor {
     health: crate::health::Health,
     /// The Prometheus endpoint, when the config asks for one.
     metrics: Option<crate::metrics::MetricsServer>,
+    /// A binary upgrade this supervisor started: the new one, on its way.
+    outbound: Option<upgrade::Outbound>,
+    /// This supervisor is the new generation of an upgrade, standing by.
+    inbound: Option<upgrade::Inbound>,
+    /// Where the stats file is (a new generation inherits it).
+    stats_path: PathBuf,
+}
+
+/// The signals the supervisor acts on.
+fn signals() -> io::Result<Signals> {
+    Signals::new([SIGTERM, SIGINT, SIGHUP, SIGCHLD, SIGUSR2])
 }
 
 fn worker_count(config: &Config, cpus: &[usize]) -> usize {
@@ -194,6 +216,7 @@ impl Supervisor {
             .map_err(SupervisorError::Poll)?;
         tracing::info!("stats at {}", stats_path.display());
         region.set_header(Header::SupervisorPid, std::process::id() as u64);
+        region.set_header(Header::SupervisorVersion, crate::version_word());
         region.set_header(
             Header::SupervisorStartTicks,
             crate::process::start_ticks(std::process::id()).unwrap_or(0),
@@ -211,8 +234,7 @@ impl Supervisor {
         region.set_workers(count);
 
         let poll = Poll::new().map_err(SupervisorError::Poll)?;
-        let mut signals =
-            Signals::new([SIGTERM, SIGINT, SIGHUP, SIGCHLD]).map_err(SupervisorError::Poll)?;
+        let mut signals = signals().map_err(SupervisorError::Poll)?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(SupervisorError::Poll)?;
@@ -253,6 +275,9 @@ impl Supervisor {
             next_health_check: Instant::now() + crate::health::CHECK,
             health: crate::health::Health::default(),
             metrics,
+            outbound: None,
+            inbound: None,
+            stats_path,
         };
         sup.steer_groups()?;
         for id in 0..count {
@@ -270,11 +295,14 @@ impl Supervisor {
     /// a running one.
     pub fn run(mut self) -> Result<(), SupervisorError> {
         let result = self.serve();
-        self.region.set_header(Header::StoppedAt, unix_now());
-        result
+        // Handed over to a new generation, the proxy runs on.
+        if !matches!(result, Ok(Served::HandedOver)) {
+            self.region.set_header(Header::StoppedAt, unix_now());
+        }
+        result.map(|_| ())
     }
 
-    fn serve(&mut self) -> Result<(), SupervisorError> {
+    fn serve(&mut self) -> Result<Served, SupervisorError> {
         let mut events = Events::with_capacity(64);
         loop {
             let timeout = self
@@ -292,6 +320,11 @@ impl Supervisor {
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => self.handle_signals(),
+                    upgrade::UPGRADE => {
+                        if self.read_upgrade()? {
+                            return Ok(Served::HandedOver);
+                        }
+                    }
                     t if crate::metrics::owns(t) => {
                         if let Some(m) = self.metrics.as_mut() {
                             m.handle(self.poll.registry(), t);
@@ -303,24 +336,30 @@ impl Supervisor {
             // Nothing here ends the proxy: a failure is logged, and the
             // workers that run keep serving.
             if let Err(e) = self.reap() {
+                if matches!(e, SupervisorError::Upgrade(_)) {
+                    return Err(e);
+                }
                 tracing::error!("after a worker exited: {e}");
             }
+            self.check_upgrade()?;
             if let Some(deadline) = self.stop_deadline {
                 if self.workers.iter().all(|w| w.child.is_none()) {
                     tracing::info!("all workers exited; bye");
-                    return Ok(());
+                    return Ok(Served::Stopped);
                 }
                 if Instant::now() >= deadline {
                     self.kill_all();
                 }
                 continue;
             }
-            self.restart_due();
+            if !self.upgrading() {
+                self.restart_due();
+            }
             if Instant::now() >= self.next_health_check {
                 self.next_health_check = Instant::now() + crate::health::CHECK;
                 self.check_health();
             }
-            if Instant::now() >= self.next_cpu_check {
+            if Instant::now() >= self.next_cpu_check && !self.upgrading() {
                 self.next_cpu_check = Instant::now() + CPU_CHECK;
                 if let Err(e) = self.check_cpus() {
                     tracing::error!(
@@ -364,6 +403,7 @@ impl Supervisor {
         [
             restart,
             self.stop_deadline,
+            self.upgrade_deadline(),
             Some(self.next_cpu_check),
             Some(self.next_health_check),
         ]
@@ -375,11 +415,16 @@ impl Supervisor {
 
     fn spawn(&mut self, id: usize) -> Result<(), SupervisorError> {
         // The new generation is published before the process exists: the
-        // worker takes its identity from it.
-        if let Some(slot) = self.region.slot(id) {
+        // worker takes its identity from it. Taking over from an old
+        // generation, the slot is the old process's until it has handed
+        // over: the worker is told its generation, and stands by.
+        let standby = self.inbound.as_ref().map(|i| i.generation(id));
+        if let Some(slot) = self.region.slot(id).filter(|_| standby.is_none()) {
             slot.set_life(slot.life().0 + 1, SlotState::Starting);
             slot.set(Counter::Cpu, self.workers[id].cpu as u64);
+            slot.set(Counter::Version, crate::version_word());
         }
+        let predecessor_fd = self.inbound.as_ref().and_then(|i| i.predecessor_fd(id));
         let (ours, theirs) =
             UnixStream::pair().map_err(|source| SupervisorError::Spawn { id, source })?;
         let spec = WorkerSpec {
@@ -395,6 +440,8 @@ impl Supervisor {
                 .collect(),
             handoff_fd: self.handoff[id].0.as_raw_fd(),
             peer_fds: self.handoff.iter().map(|(_, tx)| tx.as_raw_fd()).collect(),
+            standby,
+            predecessor_fd,
         };
         let mut child = spawn_worker(&self.exe, &spec)
             .map_err(|source| SupervisorError::Spawn { id, source })?;
@@ -408,7 +455,7 @@ impl Supervisor {
                 return Err(e);
             }
         };
-        if let Some(slot) = self.region.slot(id) {
+        if let Some(slot) = self.region.slot(id).filter(|_| standby.is_none()) {
             slot.set(Counter::Pid, u64::from(child.id()));
         }
         let w = &mut self.workers[id];
@@ -463,8 +510,19 @@ impl Supervisor {
         }
         let _ = control.read_available();
         let mut became_ready = false;
+        let mut became_standby = false;
+        let mut upgrade_steps = Vec::new();
         while let Some(msg) = control.next_msg() {
             match msg {
+                Ok((ControlMsg::Ready, _)) if self.inbound.is_some() => {
+                    // Standing by: the slot is the old generation's yet.
+                    w.state = WorkerState::Ready;
+                    tracing::debug!(worker = id, "standing by");
+                    became_standby = true;
+                }
+                Ok((msg @ (ControlMsg::Quiesced | ControlMsg::HandedOver { .. }), _)) => {
+                    upgrade_steps.push(msg);
+                }
                 Ok((ControlMsg::Ready, _)) => {
                     w.state = WorkerState::Ready;
                     if let Some(slot) = self.region.slot(id) {
@@ -501,6 +559,16 @@ impl Supervisor {
                 Err(e) => tracing::warn!(worker = id, "bad control stream: {e}"),
             }
         }
+        for msg in upgrade_steps {
+            self.upgrade_step_done(id, &msg);
+        }
+        if became_standby {
+            self.standby_ready();
+            return;
+        }
+        let Some(w) = self.workers.get_mut(id) else {
+            return;
+        };
         // Started before a reload: it serves the old config; bring it up to date.
         if became_ready && w.config_gen != self.config_gen {
             self.send_reload(id);
@@ -528,7 +596,11 @@ impl Supervisor {
         for signal in pending {
             match signal {
                 SIGTERM | SIGINT => self.begin_stop(signal),
+                SIGHUP if self.stop_deadline.is_none() && self.inbound.is_some() => {
+                    tracing::warn!("SIGHUP while taking over from the old generation: reload again once it is done");
+                }
                 SIGHUP if self.stop_deadline.is_none() => self.reload(),
+                SIGUSR2 => self.begin_upgrade(),
                 // SIGCHLD: reaped after every wakeup.
                 _ => {}
             }
@@ -580,6 +652,7 @@ impl Supervisor {
 
     /// Collects every exited child and schedules its replacement.
     fn reap(&mut self) -> Result<(), SupervisorError> {
+        let handing_over = self.handing_over();
         loop {
             let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
@@ -588,14 +661,27 @@ impl Supervisor {
             let Some(pid) = status.pid() else {
                 break;
             };
+            if self.successor_exited(pid.as_raw(), &describe(&status)) {
+                continue;
+            }
             let Some(w) = self.workers.iter_mut().find(|w| {
                 w.child
                     .as_ref()
                     .is_some_and(|c| c.id() as i32 == pid.as_raw())
             }) else {
-                // Not a worker: as PID 1 in a container we reap orphans too.
+                // Not a worker: as PID 1 in a container we reap orphans too
+                // (the new generation of an upgrade is `check_upgrade`'s).
                 continue;
             };
+            if self.inbound.is_some() {
+                let why = format!(
+                    "worker {} died while standing by ({})",
+                    w.id,
+                    describe(&status)
+                );
+                w.child = None;
+                return Err(self.fail_inbound(&why));
+            }
             w.child = None;
             if let Some(control) = w.control.take() {
                 let _ = self
@@ -629,7 +715,7 @@ impl Supervisor {
                 let cooled = self.state.leases().cool_dead(|o| o == dead, until);
                 tracing::debug!(worker = w.id, "{cooled} upstream ports cool after its exit");
             }
-            if self.stop_deadline.is_some() || w.retiring {
+            if self.stop_deadline.is_some() || w.retiring || handing_over {
                 tracing::info!(worker = w.id, "exited: {}", describe(&status));
                 continue;
             }
@@ -651,6 +737,7 @@ impl Supervisor {
                 w.backoff
             );
         }
+        self.upgrade_reaped();
         self.remove_retired()
     }
 

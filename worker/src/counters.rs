@@ -106,6 +106,40 @@ impl Counters {
         self.dirty.set([!0; BACKEND_ROWS / 64]);
     }
 
+    /// A new generation going live on a slot its predecessor served: what
+    /// this process counted while it stood by, on top of the slot's totals
+    /// (which the predecessor left final). Gauges and readings of this
+    /// process stay its own; the slot's listener-socket drop count is taken
+    /// as it stands (the loop recounts it from the same sockets).
+    pub fn rebase(&mut self, slot: &StatsSlot<'_>, counts: Option<&BackendCounts<'_>>) {
+        for c in WORKER_OWNED {
+            let ours = self.words[c as usize];
+            self.words[c as usize] = match c {
+                Counter::SessionsActive
+                | Counter::PathsActive
+                | Counter::UpstreamSockets
+                | Counter::LoopMaxUs
+                | Counter::Heartbeat
+                | Counter::HealthApplied => ours,
+                Counter::DropSocket => slot.get(c),
+                _ => slot.get(c).wrapping_add(ours),
+            };
+        }
+        if let Some(counts) = counts {
+            for (row, fields) in self.backends.iter_mut().enumerate() {
+                for c in BackendCounter::ALL {
+                    let (theirs, ours) = (counts.get(row, c), fields[c as usize]);
+                    fields[c as usize] = match c {
+                        BackendCounter::SessionsActive => ours,
+                        BackendCounter::LastReplyMs => theirs.max(ours),
+                        _ => theirs.wrapping_add(ours),
+                    };
+                }
+            }
+            self.dirty.set([!0; BACKEND_ROWS / 64]);
+        }
+    }
+
     fn touch(&self, row: usize) {
         let mut d = self.dirty.get();
         d[row / 64] |= 1 << (row % 64);

@@ -69,8 +69,17 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         .iter()
         .map(|&fd| adopt_fd(fd, "handoff peer").map(UnixDatagram::from))
         .collect::<Result<Vec<_>, _>>()?;
-    let handoff = Handoff::new(inbox, peers)
+    let predecessor = args
+        .predecessor_fd
+        .map(|fd| adopt_fd(fd, "predecessor inbox").map(UnixDatagram::from))
+        .transpose()?;
+    let mut handoff = Handoff::new(inbox, peers)
         .map_err(|e| WorkerError::Control(format!("handoff sockets: {e}")))?;
+    if predecessor.is_some() {
+        handoff
+            .set_twin(args.id, predecessor)
+            .map_err(|e| WorkerError::Control(format!("predecessor inbox: {e}")))?;
+    }
     let region = StatsRegion::open(&stats_file)?;
     let slot = region.slot(args.id).ok_or(WorkerError::NoSlot(args.id))?;
 
@@ -102,9 +111,15 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     poll.registry()
         .register(&mut SourceFd(&inbox_fd), HANDOFF, Interest::READABLE)
         .map_err(WorkerError::Poll)?;
-    register_listeners(poll.registry(), &listeners)?;
+    // Standing by, the predecessor reads the listeners until it hands over.
+    if args.standby.is_none() {
+        register_listeners(poll.registry(), &listeners)?;
+    }
 
-    let me = Owner::new(args.id, slot.get(Counter::Generation));
+    let me = Owner::new(
+        args.id,
+        args.standby.unwrap_or(slot.get(Counter::Generation)),
+    );
     let state = StateRegion::open(&state_fd)?;
     let index = OwnerIndex::new(state.index_key());
     let owners = ShmOwners {
@@ -119,8 +134,16 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     );
     upstream.configure(&config);
     let routes = build_routes(&config, &listeners, &region)?;
-    let mut counters = Counters::resume_from(&slot);
-    if let Some(counts) = region.backend_counts(args.id) {
+    // Standing by, the slot is the predecessor's to write: this process
+    // counts from zero and adds the slot's totals when it goes live.
+    let mut counters = match args.standby {
+        Some(_) => Counters::default(),
+        None => Counters::resume_from(&slot),
+    };
+    if let Some(counts) = region
+        .backend_counts(args.id)
+        .filter(|_| args.standby.is_none())
+    {
         counters.resume_backends(&counts);
     }
     // The slot's socket drops continue: its sockets' own counts (the same
@@ -131,8 +154,11 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     let socket_drops_base = counters
         .get(Counter::DropSocket)
         .saturating_sub(socket_drops_seen);
-    counters.publish(&slot);
-    let router = Router::new(me, routes, owners, upstream, index, counters);
+    if args.standby.is_none() {
+        counters.publish(&slot);
+    }
+    let mut router = Router::new(me, routes, owners, upstream, index, counters);
+    router.set_standby(args.standby.is_some());
     let exec = Executor::new(
         raw_tx(config.upstream_send, args.id),
         config.upstream_send == UpstreamSend::Auto,
@@ -141,9 +167,11 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     // Serve once the supervisor has published the slot as ready: before
     // that, other workers would take this one's ownership entries as stale.
     // What it sends meanwhile (new peers, a reload) waits for the loop.
+    // A standby worker serves at once (the sessions handed to it), and
+    // goes live when `Live` comes.
     let deadline = Instant::now() + START_TIMEOUT;
     let mut early = Vec::new();
-    loop {
+    while args.standby.is_none() {
         let wait = deadline.saturating_duration_since(Instant::now());
         match control.recv_timeout(wait).map_err(control_err)? {
             (ControlMsg::Live, _) => break,
@@ -178,6 +206,10 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         rx_ahead: (0, 0),
         replies_ahead: 0,
         last_warn_ms: 0,
+        standby: args.standby.is_some(),
+        quiesced: false,
+        handing_over: None,
+        wall_base: 0,
     };
     let epoch_ms = lp.start_ns / 1_000_000;
     lp.router.set_epoch(epoch_ms);
@@ -337,7 +369,31 @@ struct Loop {
     rx_ahead: (u64, u64),
     replies_ahead: u64,
     last_warn_ms: u64,
+    /// A binary upgrade: standing by to take the slot over (nothing is
+    /// published to the slot, which the predecessor still writes).
+    standby: bool,
+    /// A binary upgrade: the listeners are left to the successor.
+    quiesced: bool,
+    /// A binary upgrade: handing every session to the successor, since
+    /// then; `reported` once the supervisor has heard it is done.
+    handing_over: Option<HandingOver>,
+    /// The slot's wall time before this process's loop began.
+    wall_base: u64,
 }
+
+/// Sessions handed to the successor during a binary upgrade.
+struct HandingOver {
+    since: Instant,
+    reported: bool,
+}
+
+/// Sessions offered to the successor per loop iteration, and at most on
+/// offer at once: the successor's inbox holds a few thousand frames.
+const HAND_OVER_BATCH: usize = 256;
+const HAND_OVER_IN_FLIGHT: usize = 1024;
+/// How long a handover may take before the sessions still here are given
+/// up on (each is counted, and its flow starts afresh at the successor).
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The bytes `d` names, resolved against the loop's buffers.
 fn resolve<'a>(
@@ -371,6 +427,9 @@ impl Loop {
     /// datagram, an inbox frame) the router has counted only part of it:
     /// the slot keeps the larger figure, so it never goes back.
     fn publish_ahead(&self) {
+        if self.standby {
+            return;
+        }
         let Some(slot) = self.region.slot(self.id) else {
             return;
         };
@@ -385,6 +444,9 @@ impl Loop {
     }
 
     fn publish(&self) {
+        if self.standby {
+            return;
+        }
         if let Some(slot) = self.region.slot(self.id) {
             self.router.counters.publish(&slot);
         }
@@ -415,7 +477,7 @@ impl Loop {
         let mut events = Events::with_capacity(1024);
         // Busy and wall time continue the slot's totals together, so the
         // utilisation of a restarted worker's slot stays a true ratio.
-        let wall_base = self.router.counters.get(Counter::WallNs);
+        self.wall_base = self.router.counters.get(Counter::WallNs);
         // The longest iteration seen in the current one-second window.
         let (mut window_start, mut window_max_ns) = (self.start, 0u64);
         let mut next_tick = self.start;
@@ -465,6 +527,7 @@ impl Loop {
                 }
             }
             self.drain_upstream();
+            self.hand_over_step()?;
             if busy_from >= next_tick {
                 self.tick();
                 next_tick = busy_from + TICK;
@@ -494,7 +557,7 @@ impl Loop {
                 (window_start, window_max_ns) = (done, 0);
             }
             let since_start = done.duration_since(self.start).as_nanos() as u64;
-            counters.set(Counter::WallNs, wall_base + since_start);
+            counters.set(Counter::WallNs, self.wall_base + since_start);
             counters.set(Counter::Heartbeat, self.start_ns + since_start);
             self.router.update_gauges();
             self.publish();
@@ -814,13 +877,116 @@ impl Loop {
 
     /// Before exiting on `Stop`. A retiring worker's sockets leave their
     /// groups when it exits: it forwards what is queued in them, and what
-    /// other workers handed it meanwhile.
+    /// other workers handed it meanwhile. One that handed its slot over
+    /// leaves the listeners to its successor.
     fn leave(&mut self) {
         self.read_inbox();
-        for l in 0..self.listeners.len() {
-            while !self.drain_listener(l) {}
+        if !self.quiesced {
+            for l in 0..self.listeners.len() {
+                while !self.drain_listener(l) {}
+            }
         }
         self.read_inbox();
+    }
+
+    /// A binary upgrade: stop reading the listeners, which the successor
+    /// (generation `generation` of this slot, whose inbox is `twin`) will
+    /// read; from now on no session is made here.
+    fn quiesce(&mut self, generation: u64, twin: Option<OwnedFd>) {
+        let Some(twin) = twin else {
+            tracing::error!(worker = self.id, "upgrade: no successor inbox came");
+            return;
+        };
+        if let Err(e) = self
+            .handoff
+            .set_twin(self.id, Some(UnixDatagram::from(twin)))
+        {
+            tracing::error!(worker = self.id, "upgrade: successor inbox: {e}");
+            return;
+        }
+        let registry = self.poll.registry();
+        for listener in &self.listeners {
+            let _ = registry.deregister(&mut SourceFd(&listener.socket.as_raw_fd()));
+        }
+        self.undrained.iter_mut().for_each(|u| *u = false);
+        self.quiesced = true;
+        self.router.set_successor(Owner::new(self.id, generation));
+        let _ = self.control.send(&ControlMsg::Quiesced, &[]);
+    }
+
+    /// While handing over: offers the next sessions; once none is left
+    /// (or the time is up), tells the supervisor.
+    fn hand_over_step(&mut self) -> Result<(), WorkerError> {
+        let Some(h) = self.handing_over.as_ref() else {
+            return Ok(());
+        };
+        if h.reported {
+            return Ok(());
+        }
+        let timed_out = h.since.elapsed() >= HAND_OVER_TIMEOUT;
+        let pending = self.router.offers_pending();
+        if pending < HAND_OVER_IN_FLIGHT && !timed_out {
+            let room = (HAND_OVER_IN_FLIGHT - pending).min(HAND_OVER_BATCH);
+            if self.router.offer_to_successor(room) > 0 {
+                self.flush(&mut []);
+            }
+        }
+        let left = self.router.sessions() as u64;
+        if left > 0 && !timed_out {
+            return Ok(());
+        }
+        if left > 0 {
+            tracing::warn!(
+                worker = self.id,
+                "upgrade: {left} sessions could not be handed over in {HAND_OVER_TIMEOUT:?};                  their flows start afresh at the new generation"
+            );
+        }
+        if let Some(h) = self.handing_over.as_mut() {
+            h.reported = true;
+        }
+        self.publish();
+        self.control
+            .send(&ControlMsg::HandedOver { left }, &[])
+            .map_err(|e| WorkerError::Control(e.to_string()))
+    }
+
+    /// A binary upgrade: the predecessor is gone and the slot is this
+    /// process's. Its counters continue the slot's, it reads the listeners,
+    /// and it takes over the sockets of the sessions it was handed.
+    fn take_over(&mut self) -> Result<(), WorkerError> {
+        if !self.standby {
+            return Ok(());
+        }
+        if let Some(slot) = self.region.slot(self.id) {
+            let counts = self.region.backend_counts(self.id);
+            self.router.counters.rebase(&slot, counts.as_ref());
+        }
+        // Wall time goes on from the slot's (this loop's clock keeps running).
+        let since_start = self.start.elapsed().as_nanos() as u64;
+        self.wall_base = self
+            .router
+            .counters
+            .get(Counter::WallNs)
+            .saturating_sub(since_start);
+        self.socket_drops_seen = listener_drops(&self.listeners);
+        self.socket_drops_base = self
+            .router
+            .counters
+            .get(Counter::DropSocket)
+            .saturating_sub(self.socket_drops_seen);
+        let _ = self.handoff.set_twin(self.id, None);
+        self.router.set_standby(false);
+        self.standby = false;
+        register_listeners(self.poll.registry(), &self.listeners)?;
+        self.undrained.iter_mut().for_each(|u| *u = true);
+        self.router.adopt_orphans();
+        self.flush(&mut []);
+        tracing::info!(
+            worker = self.id,
+            sessions = self.router.sessions(),
+            "took the slot over"
+        );
+        Ok(())
     }
 
     /// One control message; true when the worker is to exit now.
@@ -847,6 +1013,21 @@ impl Loop {
                 ControlMsg::Drain { timeout_ms } => {
                     self.router.drain();
                     self.drain_deadline = Some(Instant::now() + Duration::from_millis(timeout_ms));
+                }
+                ControlMsg::Live if self.standby => {
+                    if let Err(e) = self.take_over() {
+                        tracing::error!(worker = self.id, "taking the slot over: {e}");
+                        return true;
+                    }
+                }
+                ControlMsg::Quiesce { generation } => {
+                    self.quiesce(generation, fds.into_iter().next());
+                }
+                ControlMsg::HandOver if self.quiesced => {
+                    self.handing_over = Some(HandingOver {
+                        since: Instant::now(),
+                        reported: false,
+                    });
                 }
                 other => tracing::warn!("unexpected control message {other:?}"),
             }

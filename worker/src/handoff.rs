@@ -36,6 +36,10 @@ pub struct Handoff {
     pub inbox: UnixDatagram,
     /// Sending ends, by worker id.
     peers: Vec<UnixDatagram>,
+    /// During a binary upgrade, this worker's id and the inbox of the other
+    /// generation of its slot (its successor, or its predecessor): frames
+    /// to its own id go there.
+    twin: Option<(usize, UnixDatagram)>,
     cmsg: Vec<u8>,
     /// Control frames that found their inbox full, in order.
     pending: VecDeque<Pending>,
@@ -77,6 +81,7 @@ impl Handoff {
         Ok(Handoff {
             inbox,
             peers,
+            twin: None,
             cmsg: nix::cmsg_space!([RawFd; MAX_TRANSFER_PATHS]),
             pending: VecDeque::new(),
             pending_bytes: 0,
@@ -95,7 +100,22 @@ impl Handoff {
         Ok(())
     }
 
+    /// Frames to worker `me` (this one) go to `twin` from now on: the
+    /// inbox of the other generation of this slot (`None`: nowhere).
+    pub fn set_twin(&mut self, me: usize, twin: Option<UnixDatagram>) -> io::Result<()> {
+        if let Some(t) = &twin {
+            t.set_nonblocking(true)?;
+        }
+        self.twin = twin.map(|t| (me, t));
+        Ok(())
+    }
+
     fn peer(&self, to: usize) -> io::Result<RawFd> {
+        if let Some((me, twin)) = &self.twin {
+            if *me == to {
+                return Ok(twin.as_raw_fd());
+            }
+        }
         self.peers
             .get(to)
             .map(|p| p.as_raw_fd())

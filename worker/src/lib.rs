@@ -43,6 +43,13 @@ pub struct WorkerArgs {
     pub handoff_fd: RawFd,
     /// A sending end to every worker's inbox, by worker id.
     pub peer_fds: Vec<RawFd>,
+    /// A binary upgrade: this process is generation `standby` of its slot,
+    /// which another process still serves; it stands by, taking the
+    /// sessions that process hands it, until the supervisor says `Live`.
+    pub standby: Option<u64>,
+    /// With `standby`: the sending end of the serving process's inbox
+    /// (answers to what it hands over).
+    pub predecessor_fd: Option<RawFd>,
 }
 
 impl WorkerArgs {
@@ -56,6 +63,7 @@ impl WorkerArgs {
         ];
         fds.extend(self.listener_fds.iter().map(|&fd| (fd, "listener")));
         fds.extend(self.peer_fds.iter().map(|&fd| (fd, "handoff peer")));
+        fds.extend(self.predecessor_fd.map(|fd| (fd, "predecessor inbox")));
         fds
     }
 

@@ -432,6 +432,12 @@ pub struct Router<O, S> {
     epoch_ms: u64,
     actions: Vec<Action>,
     relay_cursor: usize,
+    /// A binary upgrade: the process taking this slot over, to which every
+    /// session goes (frames to this worker's own id go to it).
+    successor: Option<Owner>,
+    /// A binary upgrade: this process stands by to take the slot over and
+    /// is not yet live (frames to its own id go to its predecessor).
+    standby: bool,
 }
 
 impl<O: Owners, S: Sockets> Router<O, S> {
@@ -461,6 +467,90 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             epoch_ms: 0,
             actions: Vec::with_capacity(256),
             relay_cursor: 0,
+            successor: None,
+            standby: false,
+        }
+    }
+
+    /// A binary upgrade: `to` takes this slot over. From now on no session
+    /// is made here: a datagram with none goes to `to`, and so does every
+    /// session ([`Router::offer_to_successor`]).
+    pub fn set_successor(&mut self, to: Owner) {
+        self.successor = Some(to);
+    }
+
+    /// A binary upgrade: this process stands by until it is live
+    /// (`false`), taking the sessions its predecessor hands it.
+    pub fn set_standby(&mut self, standby: bool) {
+        self.standby = standby;
+    }
+
+    /// Offers up to `budget` sessions not yet on offer to the successor;
+    /// returns how many it offered.
+    pub fn offer_to_successor(&mut self, budget: usize) -> usize {
+        if self.successor.is_none() {
+            return 0;
+        }
+        let mut offered = 0;
+        for sid in self.sessions.ids() {
+            if offered >= budget {
+                break;
+            }
+            if self
+                .sessions
+                .get(sid)
+                .is_some_and(|s| s.transferring.is_none())
+            {
+                self.transfer(sid, self.id);
+                offered += 1;
+            }
+        }
+        offered
+    }
+
+    /// Sessions on offer and not yet answered.
+    pub fn offers_pending(&self) -> usize {
+        self.sessions
+            .ids()
+            .into_iter()
+            .filter(|&sid| {
+                self.sessions
+                    .get(sid)
+                    .is_some_and(|s| s.transferring.is_some())
+            })
+            .count()
+    }
+
+    /// Whether `o` serves: the successor does, to its predecessor.
+    fn live(&self, o: Owner) -> bool {
+        self.successor == Some(o) || self.owners.is_live(o)
+    }
+
+    /// Who serves slot `worker`: this slot's successor, to its predecessor.
+    fn live_at(&self, worker: usize) -> Option<Owner> {
+        match self.successor {
+            Some(next) if worker == self.id => Some(next),
+            _ => self.owners.live_owner(worker),
+        }
+    }
+
+    /// Borrowed sockets whose home is gone, taken over now (not at the next
+    /// sweep): a new generation that has just gone live adopts the sockets
+    /// of the sessions its predecessor handed it.
+    pub fn adopt_orphans(&mut self) {
+        let orphans: Vec<(SockId, Owner)> = self
+            .paths
+            .socks
+            .iter()
+            .filter_map(|(id, s)| match s.home {
+                Home::Borrowed(home) => Some((id as SockId, home)),
+                Home::Here => None,
+            })
+            .collect();
+        for (sock, home) in orphans {
+            if !self.live(home) {
+                self.orphaned(sock, home);
+            }
         }
     }
 
@@ -605,10 +695,18 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
         let hash = self.owner_hash(a.listener, &key);
         let hops = a.via.hops();
+        if self.successor.is_some() {
+            // Handing over: the successor makes the sessions now (one more
+            // hop, whatever the count: it never hands a datagram back).
+            self.hand_over(self.id, a, d, hops.saturating_add(1));
+            return Err(Outcome::Done);
+        }
         let mut inherited = None;
-        if hops < MAX_HOPS {
+        // Standing by, every other worker of this generation is not yet
+        // live and the old ones are handing over: the flow is made here.
+        if hops < MAX_HOPS && !self.standby {
             match self.owners.lookup(hash) {
-                Some(o) if o != self.me && self.owners.is_live(o) => {
+                Some(o) if o != self.me && self.live(o) => {
                     self.hand_over(usize::from(o.worker), a, d, hops + 1);
                     return Err(Outcome::Done);
                 }
@@ -624,7 +722,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         match self.owners.claim(hash, self.me) {
             Claim::Mine => {}
             // Claimed by another worker an instant ago.
-            Claim::Taken(o) if hops < MAX_HOPS => {
+            Claim::Taken(o) if hops < MAX_HOPS && !self.standby => {
                 self.hand_over(usize::from(o.worker), a, d, hops + 1);
                 return Err(Outcome::Done);
             }
@@ -1055,7 +1153,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             return;
         };
         // Not twice at once, and not to a worker that is leaving.
-        let to_owner = self.owners.live_owner(to);
+        let to_owner = self.live_at(to);
         if s.transferring.is_some() || to_owner.is_none() {
             if let Some(s) = self.sessions.get_mut(sid) {
                 s.handoff_streak = (0, 0);
@@ -1211,11 +1309,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // A relay: the session's owner is elsewhere. Point the alias at it
         // now, then tell it (once: the ownership table says it is done).
         let owner_hash = self.owner_hash(listener, &key);
-        let Some(owner) = self
-            .owners
-            .lookup(owner_hash)
-            .filter(|o| self.owners.is_live(*o))
-        else {
+        let Some(owner) = self.owners.lookup(owner_hash).filter(|o| self.live(*o)) else {
             return;
         };
         if self.owners.lookup(hash) == Some(owner) {
@@ -1248,7 +1342,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let owner = self
             .owners
             .lookup(self.owner_hash(listener, &key))
-            .filter(|o| self.owners.is_live(*o) && *o != self.me);
+            .filter(|o| self.live(*o) && *o != self.me);
         if let Some(p) = self.paths.path_mut(pid) {
             p.reported_ms = now;
         }
@@ -1553,7 +1647,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             });
             self.control(usize::from(to), listener, control, Vec::new());
         }
-        let owner = self.owners.live_owner(usize::from(to));
+        let owner = self.live_at(usize::from(to));
         for alias in new_aliases {
             if let Some(owner) = owner {
                 self.owners.assign(self.owner_hash(listener, &alias), owner);
@@ -1680,7 +1774,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             .paths
             .tick(now_ms, idle_close, budget, &mut self.sockets);
         for (sock, home) in borrowed {
-            if !self.owners.is_live(home) {
+            if !self.live(home) {
                 self.orphaned(sock, home);
             }
         }
@@ -1734,7 +1828,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         if let Some((to, since)) = s.transferring.as_ref().map(|o| (o.to, o.since_ms)) {
             let (listener, key) = (s.listener, s.key);
             let waited = now.saturating_sub(since);
-            match self.owners.live_owner(usize::from(to)) {
+            match self.live_at(usize::from(to)) {
                 Some(_) if waited < TRANSFER_TIMEOUT_MS => return,
                 Some(owner)
                     if self.owners.lookup(self.owner_hash(listener, &key)) == Some(owner) =>
@@ -1845,7 +1939,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             }
             let owner = self.owners.lookup(self.owner_hash(p.listener, &p.key));
             let orphan = match owner {
-                Some(o) => o == self.me || !self.owners.is_live(o),
+                Some(o) => o == self.me || !self.live(o),
                 None => true,
             };
             if orphan {

@@ -1,0 +1,882 @@
+//! Binary upgrade on SIGUSR2, with no datagram and no session lost.
+//!
+//! The old supervisor fork+execs the binary at its path (the new version on
+//! disk) as `udpshard run --upgrade-fd N`. The new one inherits, as
+//! descriptors named in the `Inherit` message on that socket: every listener
+//! socket (the same reuseport groups, so the kernel never sees one close),
+//! the stats file (every counter goes on from where it is), the state
+//! region (ownership table, port leases), the metrics listener, and the
+//! sending end of every old worker's inbox. Then, in order:
+//!
+//! 1. The new supervisor checks the config file, starts one worker per slot
+//!    in standby (generation g+1 of the slot, listeners not read, the slot
+//!    not written) and, once all say `Ready`, sends `Standby` with their
+//!    inboxes. Anything failing before this point (the binary, the config,
+//!    a worker, `upgrade_timeout`) leaves the old generation untouched; it
+//!    counts `upgrade_failures` and says why.
+//! 2. The old supervisor tells each old worker to `Quiesce` (stop reading
+//!    the listeners; queued datagrams wait in the kernel for the new
+//!    generation), then, once all have, to `HandOver`: each transfers every
+//!    session with its upstream sockets (SCM_RIGHTS) to its slot's
+//!    successor, which the backend therefore never sees change. A datagram
+//!    reaching an old worker for a session it no longer has is handed to the
+//!    successor.
+//! 3. When every old worker has handed over and exited (its ledger booked as
+//!    after any exit), the old supervisor names the new one systemd's main
+//!    process (`MAINPID=`) and sends `Handed`. The new one publishes its
+//!    workers as the slots' generation, tells them `Live` (they read the
+//!    listeners, adopt the sockets they were handed and continue the slot's
+//!    counters), sends READY=1 and `Took`; the old one exits 0.
+
+use std::fs::File;
+use std::io;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Interest, Token};
+use serde_json::{json, Value};
+use udpshard_config::{self as config, Config};
+use udpshard_shared::control::{ControlChannel, ControlMsg};
+use udpshard_shared::state::StateRegion;
+use udpshard_shared::stats::{Counter, Header, SlotState, StatsRegion};
+
+use super::{handoff_pair, Supervisor, SupervisorError, WorkerSlot, WorkerState, CPU_CHECK};
+use crate::notify::{notify, notify_ready};
+use crate::reuseport::ReuseportGroup;
+
+/// The channel between the two supervisors.
+pub(super) const UPGRADE: Token = Token((1 << 30) - 1);
+/// What the two sides speak: a new binary that speaks another refuses.
+const PROTOCOL: u64 = 1;
+/// After the old generation starts handing over, how much longer than
+/// `upgrade_timeout` the whole may take (workers give up on sessions
+/// they cannot hand over after 10 s).
+const HANDOVER_GRACE: Duration = Duration::from_secs(15);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The new binary is starting, checking its config, starting workers.
+    Starting,
+    /// Old workers stop reading the listeners.
+    Quiescing,
+    /// Old workers hand their sessions over.
+    HandingOver,
+    /// Old workers are told to exit.
+    Stopping,
+    /// Every old worker is gone; waiting for the new supervisor's `Took`.
+    Handed,
+}
+
+/// The old side: the new supervisor this one started.
+pub(super) struct Outbound {
+    child: Child,
+    channel: ControlChannel,
+    phase: Phase,
+    deadline: Instant,
+    /// Slots whose old worker takes part (it was serving when it began).
+    taking_part: Vec<bool>,
+    /// Slots whose old worker has done the current step.
+    done: Vec<bool>,
+    /// The successors' inboxes (sending ends), by slot.
+    successors: Vec<OwnedFd>,
+    /// The new binary exited (reaped with the workers), and how.
+    exited: Option<String>,
+}
+
+/// The new side: this supervisor, standing by to take over.
+pub(super) struct Inbound {
+    channel: ControlChannel,
+    /// The generation each slot's new worker is.
+    generations: Vec<u64>,
+    /// The sending ends of the old workers' inboxes, by slot.
+    predecessors: Vec<OwnedFd>,
+    deadline: Instant,
+    standby_sent: bool,
+    /// The config file's text as it is now, when it differs from the one
+    /// the old generation runs (applied as a reload once live).
+    file_text: Option<String>,
+}
+
+impl Inbound {
+    pub(super) fn generation(&self, id: usize) -> u64 {
+        self.generations.get(id).copied().unwrap_or(1)
+    }
+
+    pub(super) fn predecessor_fd(&self, id: usize) -> Option<RawFd> {
+        self.predecessors.get(id).map(|fd| fd.as_raw_fd())
+    }
+}
+
+fn upgrade_error(e: impl std::fmt::Display) -> SupervisorError {
+    SupervisorError::Upgrade(e.to_string())
+}
+
+impl Supervisor {
+    /// SIGUSR2: starts the binary at this one's path as the new generation.
+    pub(super) fn begin_upgrade(&mut self) {
+        if self.outbound.is_some() || self.inbound.is_some() {
+            tracing::warn!("SIGUSR2: an upgrade is already running; this one is refused");
+            return;
+        }
+        if self.stop_deadline.is_some() {
+            tracing::warn!("SIGUSR2 while stopping: no upgrade");
+            return;
+        }
+        tracing::info!("SIGUSR2: upgrading to {}", self.exe.display());
+        match self.start_successor() {
+            Ok(out) => {
+                tracing::info!(
+                    pid = out.child.id(),
+                    "upgrade: the new binary started; this generation serves until it stands ready"
+                );
+                self.outbound = Some(out);
+            }
+            Err(e) => {
+                self.count_upgrade_failure(&format!("cannot start {}: {e}", self.exe.display()))
+            }
+        }
+    }
+
+    fn count_upgrade_failure(&mut self, why: &str) {
+        let n = self.region.header(Header::UpgradeFailures) + 1;
+        self.region.set_header(Header::UpgradeFailures, n);
+        let message = format!("upgrade failed, this generation serves on: {why}");
+        tracing::error!("{message}");
+        notify(&format!("STATUS={message}"));
+    }
+
+    fn start_successor(&mut self) -> io::Result<Outbound> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let mut inherit: Vec<RawFd> = vec![
+            theirs.as_raw_fd(),
+            self.stats_file.as_raw_fd(),
+            self.state_fd.as_raw_fd(),
+        ];
+        let metrics_fd = self.metrics.as_ref().map(|m| m.raw_fd());
+        inherit.extend(metrics_fd);
+        let listeners: Vec<Value> = self
+            .groups
+            .iter()
+            .map(|g| {
+                let fds: Vec<RawFd> = g.sockets.iter().map(|s| s.as_raw_fd()).collect();
+                inherit.extend(&fds);
+                json!({
+                    "name": g.name,
+                    "configured": g.configured.to_string(),
+                    "addr": g.addr.to_string(),
+                    "recv_buffer": g.recv_buffer,
+                    "effective_recv_buffer": g.effective_recv_buffer,
+                    "fds": fds,
+                })
+            })
+            .collect();
+        let inboxes: Vec<RawFd> = self.handoff.iter().map(|(_, tx)| tx.as_raw_fd()).collect();
+        inherit.extend(&inboxes);
+        let state = json!({
+            "protocol": PROTOCOL,
+            "version": crate::version_word(),
+            "origin": self.origin,
+            "config": self.text,
+            "config_generation": self.config_gen,
+            "stats_path": self.stats_path.display().to_string(),
+            "stats_fd": self.stats_file.as_raw_fd(),
+            "state_fd": self.state_fd.as_raw_fd(),
+            "metrics_fd": metrics_fd,
+            "listeners": listeners,
+            "inboxes": inboxes,
+            "cpus": self.workers.iter().map(|w| w.cpu).collect::<Vec<_>>(),
+        });
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["--log-format", crate::logging::format().as_arg(), "run"]);
+        if let Some(path) = &self.config_path {
+            cmd.arg("--config").arg(path);
+        }
+        cmd.args(["--upgrade-fd", &theirs.as_raw_fd().to_string()])
+            .stdin(Stdio::null());
+        // SAFETY: the closure runs in the forked child before exec and only
+        // clears close-on-exec (fcntl, async-signal-safe) on descriptors
+        // listed before the fork; the supervisor is single-threaded.
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &inherit {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        drop(theirs);
+        ours.set_nonblocking(true)?;
+        let mut channel = ControlChannel::new(ours);
+        // A binary that exits at once closes the channel: its exit is
+        // reported as such (`read_upgrade`).
+        if let Err(e) = channel.send(
+            &ControlMsg::Inherit {
+                state: state.to_string(),
+            },
+            &[],
+        ) {
+            tracing::debug!("upgrade: sending the state: {e}");
+        }
+        self.poll.registry().register(
+            &mut SourceFd(&channel.stream.as_raw_fd()),
+            UPGRADE,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        let n = self.workers.len();
+        Ok(Outbound {
+            child,
+            channel,
+            phase: Phase::Starting,
+            deadline: Instant::now() + self.config.upgrade_timeout,
+            taking_part: vec![false; n],
+            done: vec![false; n],
+            successors: Vec::new(),
+            exited: None,
+        })
+    }
+
+    /// The upgrade's deadline, for the loop's timeout.
+    pub(super) fn upgrade_deadline(&self) -> Option<Instant> {
+        self.outbound
+            .as_ref()
+            .map(|o| o.deadline)
+            .or(self.inbound.as_ref().map(|i| i.deadline))
+    }
+
+    /// Whether an upgrade holds restarts and resizes back.
+    pub(super) fn upgrading(&self) -> bool {
+        self.outbound.is_some() || self.inbound.is_some()
+    }
+
+    /// The other supervisor's channel has something, or room.
+    pub(super) fn read_upgrade(&mut self) -> Result<bool, SupervisorError> {
+        if self.inbound.is_some() {
+            return self.read_from_old();
+        }
+        let Some(out) = self.outbound.as_mut() else {
+            return Ok(false);
+        };
+        let _ = out.channel.flush();
+        let open = out.channel.read_available().unwrap_or(false);
+        let mut msgs = Vec::new();
+        while let Some(msg) = out.channel.next_msg() {
+            msgs.push(msg);
+        }
+        for msg in msgs {
+            match msg {
+                Ok((ControlMsg::Standby { .. }, fds)) => self.quiesce_all(fds),
+                Ok((ControlMsg::Took, _)) => {
+                    tracing::info!("upgrade: the new generation serves; this supervisor exits");
+                    return Ok(true);
+                }
+                Ok((ControlMsg::UpgradeFailed { why }, _)) => {
+                    self.abandon_upgrade(&why);
+                    return Ok(false);
+                }
+                Ok((other, _)) => tracing::warn!("upgrade: unexpected message {other:?}"),
+                Err(e) => {
+                    self.abandon_upgrade(&format!("bad message from the new binary: {e}"));
+                    return Ok(false);
+                }
+            }
+        }
+        if let Some(out) = self.outbound.as_mut().filter(|_| !open) {
+            // The channel closes as the process exits: say how it ended.
+            let deadline = Instant::now() + Duration::from_millis(200);
+            let status = loop {
+                match out.child.try_wait() {
+                    Ok(Some(status)) => break Some(status.to_string()),
+                    Ok(None) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    _ => break out.exited.take(),
+                }
+            };
+            let why = match status {
+                Some(status) => format!("the new binary exited ({status}) before it took over"),
+                None => "the new binary closed the upgrade channel".to_string(),
+            };
+            self.abandon_upgrade(&why);
+        }
+        Ok(false)
+    }
+
+    /// The new generation stands by: every serving old worker stops
+    /// reading its listeners.
+    fn quiesce_all(&mut self, successors: Vec<OwnedFd>) {
+        let n = self.workers.len();
+        if successors.len() != n {
+            self.abandon_upgrade(&format!(
+                "the new binary stands by with {} workers for {n} slots",
+                successors.len()
+            ));
+            return;
+        }
+        let Some(out) = self.outbound.as_mut() else {
+            return;
+        };
+        out.phase = Phase::Quiescing;
+        out.deadline = Instant::now() + self.config.upgrade_timeout + HANDOVER_GRACE;
+        for (w, successor) in self.workers.iter_mut().zip(&successors) {
+            let serving = w.state == WorkerState::Ready && !w.retiring && w.control.is_some();
+            out.taking_part[w.id] = serving;
+            out.done[w.id] = !serving;
+            let Some(control) = w.control.as_mut().filter(|_| serving) else {
+                continue;
+            };
+            let generation = self.region.slot(w.id).map_or(0, |s| s.life().0) + 1;
+            if let Err(e) = control.send(
+                &ControlMsg::Quiesce { generation },
+                &[successor.as_raw_fd()],
+            ) {
+                tracing::warn!(worker = w.id, "upgrade: cannot tell it to quiesce: {e}");
+            }
+        }
+        out.successors = successors;
+        tracing::info!("upgrade: the new generation stands by; old workers stop reading");
+        self.advance_upgrade();
+    }
+
+    /// A worker's answer during an upgrade.
+    pub(super) fn upgrade_step_done(&mut self, id: usize, msg: &ControlMsg) {
+        let Some(out) = self.outbound.as_mut() else {
+            return;
+        };
+        let expected = match out.phase {
+            Phase::Quiescing => matches!(msg, ControlMsg::Quiesced),
+            Phase::HandingOver => matches!(msg, ControlMsg::HandedOver { .. }),
+            _ => false,
+        };
+        if expected {
+            if let Some(d) = out.done.get_mut(id) {
+                *d = true;
+            }
+        }
+        if let ControlMsg::HandedOver { left } = msg {
+            tracing::info!(
+                worker = id,
+                "upgrade: handed its sessions over ({left} could not be)"
+            );
+        }
+        self.advance_upgrade();
+    }
+
+    /// Moves to the next step once every old worker has done this one.
+    fn advance_upgrade(&mut self) {
+        let Some(out) = self.outbound.as_mut() else {
+            return;
+        };
+        match out.phase {
+            Phase::Quiescing | Phase::HandingOver if out.done.iter().all(|d| *d) => {}
+            Phase::Stopping => {
+                if self.workers.iter().all(|w| w.child.is_none()) {
+                    self.all_handed();
+                }
+                return;
+            }
+            _ => return,
+        }
+        let (next, msg) = match out.phase {
+            Phase::Quiescing => (Phase::HandingOver, ControlMsg::HandOver),
+            _ => (Phase::Stopping, ControlMsg::Stop),
+        };
+        out.phase = next;
+        for (w, part) in self.workers.iter_mut().zip(&out.taking_part) {
+            out.done[w.id] = !part;
+            if let Some(control) = w.control.as_mut().filter(|_| *part) {
+                let _ = control.send(&msg, &[]);
+            }
+        }
+        if next == Phase::Stopping {
+            // Slots not taking part have no process: nothing to wait for.
+            for w in &mut self.workers {
+                w.restart_at = None;
+            }
+        }
+        self.advance_upgrade();
+    }
+
+    /// Every old worker has exited: the slots are the new generation's.
+    fn all_handed(&mut self) {
+        let Some(out) = self.outbound.as_mut() else {
+            return;
+        };
+        out.phase = Phase::Handed;
+        // systemd's main process is the new supervisor from now on; its
+        // READY=1 then comes from the main process (NotifyAccess=main).
+        notify(&format!("MAINPID={}", out.child.id()));
+        if let Err(e) = out.channel.send(&ControlMsg::Handed, &[]) {
+            tracing::error!("upgrade: cannot tell the new generation it has the slots: {e}");
+        }
+        tracing::info!("upgrade: every old worker has handed over and exited");
+    }
+
+    /// The old side: the upgrade did not take. Before the old workers
+    /// quiesced, nothing changed; after, they are restarted as after a
+    /// crash (the sessions handed to the dead successor start afresh).
+    pub(super) fn abandon_upgrade(&mut self, why: &str) {
+        let Some(mut out) = self.outbound.take() else {
+            return;
+        };
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&out.channel.stream.as_raw_fd()));
+        let _ = out.child.kill();
+        let _ = out.child.wait();
+        if out.phase != Phase::Starting {
+            for w in &mut self.workers {
+                if let Some(child) = w.child.as_mut().filter(|_| out.taking_part[w.id]) {
+                    let _ = child.kill();
+                }
+            }
+        }
+        // A slot whose worker died meanwhile restarts now.
+        let now = Instant::now();
+        for w in &mut self.workers {
+            if w.child.is_none() && !w.retiring && w.restart_at.is_none() {
+                w.restart_at = Some(now);
+            }
+        }
+        self.count_upgrade_failure(why);
+    }
+
+    /// The loop's periodic check.
+    pub(super) fn check_upgrade(&mut self) -> Result<(), SupervisorError> {
+        let now = Instant::now();
+        if let Some(out) = self.outbound.as_mut() {
+            if let Some(status) = out.exited.take() {
+                let why = format!("the new binary exited ({status}) before it took over");
+                self.abandon_upgrade(&why);
+            } else if now >= out.deadline {
+                let why = match out.phase {
+                    Phase::Starting => format!(
+                        "the new binary did not stand ready within upgrade_timeout ({:?})",
+                        self.config.upgrade_timeout
+                    ),
+                    _ => "the handover did not finish in time".to_string(),
+                };
+                self.abandon_upgrade(&why);
+            }
+        }
+        if let Some(i) = self.inbound.as_ref() {
+            if now >= i.deadline {
+                return Err(self.fail_inbound("the old generation did not hand over in time"));
+            }
+        }
+        Ok(())
+    }
+
+    /// `pid` was reaped: true when it is the new binary (not a worker).
+    pub(super) fn successor_exited(&mut self, pid: i32, how: &str) -> bool {
+        match self.outbound.as_mut() {
+            Some(out) if out.child.id() as i32 == pid => {
+                out.exited = Some(how.to_string());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// An old worker exited during the upgrade.
+    pub(super) fn upgrade_reaped(&mut self) {
+        if self
+            .outbound
+            .as_ref()
+            .is_some_and(|o| o.phase == Phase::Stopping)
+        {
+            self.advance_upgrade();
+        }
+    }
+
+    /// Whether exits are the upgrade's (no restart).
+    pub(super) fn handing_over(&self) -> bool {
+        self.outbound
+            .as_ref()
+            .is_some_and(|o| o.phase != Phase::Starting)
+    }
+
+    // ---- the new side ----
+
+    /// `udpshard run --upgrade-fd N`: takes over from the supervisor at the
+    /// other end of `fd`. `loaded` is the config file as this binary read
+    /// it: an error fails the upgrade, and the old generation serves on.
+    pub fn take_over(
+        fd: RawFd,
+        config_path: Option<PathBuf>,
+        loaded: Result<(Config, String, String), config::ConfigError>,
+    ) -> Result<Supervisor, SupervisorError> {
+        // SAFETY: the old supervisor passed this descriptor for us alone
+        // (`--upgrade-fd`), open across exec.
+        let stream = unsafe { UnixStream::from_raw_fd(fd) };
+        set_cloexec(fd);
+        let mut channel = ControlChannel::new(stream);
+        let state = match channel.recv_timeout(Duration::from_secs(10)) {
+            Ok((ControlMsg::Inherit { state }, _)) => state,
+            Ok((other, _)) => {
+                return Err(upgrade_error(format!("expected Inherit, got {other:?}")))
+            }
+            Err(e) => return Err(upgrade_error(format!("upgrade channel: {e}"))),
+        };
+        let fail = |channel: &mut ControlChannel, why: String| {
+            let _ = channel.send(&ControlMsg::UpgradeFailed { why: why.clone() }, &[]);
+            let _ = channel.stream.set_nonblocking(false);
+            let _ = channel.flush();
+            upgrade_error(why)
+        };
+        let mut sup = match Supervisor::inherit(channel, config_path, loaded, &state) {
+            Ok(sup) => sup,
+            Err(failed) => {
+                let (mut channel, why) = *failed;
+                return Err(fail(&mut channel, why));
+            }
+        };
+        for id in 0..sup.workers.len() {
+            if let Err(e) = sup.spawn(id) {
+                return Err(sup.fail_inbound(&e.to_string()));
+            }
+        }
+        Ok(sup)
+    }
+
+    fn inherit(
+        channel: ControlChannel,
+        config_path: Option<PathBuf>,
+        loaded: Result<(Config, String, String), config::ConfigError>,
+        state: &str,
+    ) -> Result<Supervisor, Box<(ControlChannel, String)>> {
+        macro_rules! bail {
+            ($($t:tt)*) => { return Err(Box::new((channel, format!($($t)*)))) };
+        }
+        let (_, _, file_text) = match loaded {
+            Ok(l) => l,
+            Err(e) => bail!("{e}"),
+        };
+        let s: Value = match serde_json::from_str(state) {
+            Ok(v) => v,
+            Err(e) => bail!("the old supervisor's state does not parse: {e}"),
+        };
+        if s["protocol"].as_u64() != Some(PROTOCOL) {
+            bail!(
+                "the running udpshard speaks upgrade protocol {}, this binary {PROTOCOL}: restart instead",
+                s["protocol"]
+            );
+        }
+        let fd = |v: &Value| v.as_i64().and_then(|n| RawFd::try_from(n).ok());
+        let (Some(origin), Some(text)) = (s["origin"].as_str(), s["config"].as_str()) else {
+            bail!("the old supervisor's state names no config");
+        };
+        // The config the old generation runs, as this binary reads it: the
+        // new workers start with it; the file, if it differs, follows as a
+        // reload once they are live.
+        let running = match config::parse(text, origin) {
+            Ok(c) => c,
+            Err(e) => bail!("this binary refuses the running config: {e}"),
+        };
+        let (Some(stats_fd), Some(state_fd)) = (fd(&s["stats_fd"]), fd(&s["state_fd"])) else {
+            bail!("the old supervisor's state names no stats or state region");
+        };
+        // SAFETY (both): descriptors inherited across exec for this process
+        // alone, named once in the state.
+        let stats_file = unsafe { File::from_raw_fd(stats_fd) };
+        let state_fd = unsafe { OwnedFd::from_raw_fd(state_fd) };
+        set_cloexec(stats_file.as_raw_fd());
+        set_cloexec(state_fd.as_raw_fd());
+        let region = match StatsRegion::open(&stats_file) {
+            Ok(r) => r,
+            Err(e) => bail!("the stats region: {e}"),
+        };
+        let state_region = match StateRegion::open(&state_fd) {
+            Ok(r) => r,
+            Err(e) => bail!("the state region: {e}"),
+        };
+        let mut groups = Vec::new();
+        for l in s["listeners"].as_array().into_iter().flatten() {
+            let addr = |k: &str| l[k].as_str().and_then(|a| a.parse::<SocketAddr>().ok());
+            let (Some(name), Some(configured), Some(bound)) =
+                (l["name"].as_str(), addr("configured"), addr("addr"))
+            else {
+                bail!("a listener of the old supervisor's state is malformed");
+            };
+            let sockets: Vec<UdpSocket> = l["fds"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(fd)
+                .map(|fd| {
+                    set_cloexec(fd);
+                    // SAFETY: inherited across exec for this process alone.
+                    unsafe { UdpSocket::from_raw_fd(fd) }
+                })
+                .collect();
+            groups.push(ReuseportGroup {
+                name: name.to_string(),
+                addr: bound,
+                configured,
+                recv_buffer: l["recv_buffer"].as_u64().unwrap_or(0) as usize,
+                sockets,
+                effective_recv_buffer: l["effective_recv_buffer"].as_u64().unwrap_or(0) as usize,
+            });
+        }
+        let predecessors: Vec<OwnedFd> = s["inboxes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(fd)
+            .map(|fd| {
+                set_cloexec(fd);
+                // SAFETY: inherited across exec for this process alone.
+                unsafe { OwnedFd::from_raw_fd(fd) }
+            })
+            .collect();
+        let cpus: Vec<usize> = s["cpus"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_u64().map(|c| c as usize))
+            .collect();
+        let count = cpus.len();
+        if count == 0
+            || predecessors.len() != count
+            || groups.len() != running.listeners.len()
+            || groups.iter().any(|g| g.sockets.len() != count)
+            || region.slot_capacity() < count
+        {
+            bail!("the old supervisor's state does not describe {count} workers whole");
+        }
+        let metrics_listener = fd(&s["metrics_fd"]).map(|fd| {
+            set_cloexec(fd);
+            // SAFETY: inherited across exec for this process alone.
+            unsafe { TcpListener::from_raw_fd(fd) }
+        });
+        let generations = (0..count)
+            .map(|k| region.slot(k).map_or(0, |s| s.life().0) + 1)
+            .collect();
+        let handoff = match (0..count)
+            .map(|_| handoff_pair())
+            .collect::<io::Result<Vec<_>>>()
+        {
+            Ok(h) => h,
+            Err(e) => bail!("handoff inboxes: {e}"),
+        };
+        let poll = match mio::Poll::new() {
+            Ok(p) => p,
+            Err(e) => bail!("event loop: {e}"),
+        };
+        let mut signals = match super::signals() {
+            Ok(s) => s,
+            Err(e) => bail!("signals: {e}"),
+        };
+        if let Err(e) = poll
+            .registry()
+            .register(&mut signals, super::SIGNALS, Interest::READABLE)
+        {
+            bail!("signals: {e}");
+        }
+        let exe = match std::env::current_exe() {
+            Ok(e) => e,
+            Err(e) => bail!("cannot find the udpshard executable: {e}"),
+        };
+        let metrics = match metrics_listener {
+            None => None,
+            Some(l) => {
+                match crate::metrics::MetricsServer::from_listener(l, poll.registry(), &stats_file)
+                {
+                    Ok(m) => Some(m),
+                    Err(e) => bail!("metrics endpoint: {e}"),
+                }
+            }
+        };
+        if let Err(e) = channel.stream.set_nonblocking(true) {
+            bail!("upgrade channel: {e}");
+        }
+        if let Err(e) = poll.registry().register(
+            &mut SourceFd(&channel.stream.as_raw_fd()),
+            UPGRADE,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            bail!("upgrade channel: {e}");
+        }
+        let stats_path = PathBuf::from(s["stats_path"].as_str().unwrap_or_default());
+        let config_gen = s["config_generation"].as_u64().unwrap_or(1);
+        let upgrade_timeout = running.upgrade_timeout;
+        let workers = cpus
+            .iter()
+            .enumerate()
+            .map(|(id, &cpu)| WorkerSlot::new(id, cpu))
+            .collect();
+        let sup = Supervisor {
+            config_path,
+            config: running,
+            origin: origin.to_string(),
+            text: text.to_string(),
+            config_gen,
+            groups,
+            handoff,
+            region,
+            stats_file,
+            state: state_region,
+            state_fd,
+            workers,
+            cpus: super::allowed_cpus().unwrap_or(cpus),
+            poll,
+            signals,
+            exe,
+            announced_ready: false,
+            stop_deadline: None,
+            next_cpu_check: Instant::now() + CPU_CHECK,
+            next_health_check: Instant::now() + crate::health::CHECK,
+            health: crate::health::Health::default(),
+            metrics,
+            outbound: None,
+            inbound: Some(Inbound {
+                channel,
+                generations,
+                predecessors,
+                deadline: Instant::now() + upgrade_timeout + HANDOVER_GRACE,
+                standby_sent: false,
+                file_text: (file_text != text).then_some(file_text),
+            }),
+            stats_path,
+        };
+        tracing::info!(
+            "upgrade: inherited {} listeners and {count} slots; starting workers to stand by",
+            sup.groups.len()
+        );
+        Ok(sup)
+    }
+
+    /// The new side: a worker said `Ready` while standing by.
+    pub(super) fn standby_ready(&mut self) {
+        let all = self.workers.iter().all(|w| w.state == WorkerState::Ready);
+        let Some(i) = self.inbound.as_mut() else {
+            return;
+        };
+        if !all || i.standby_sent {
+            return;
+        }
+        i.standby_sent = true;
+        let fds: Vec<RawFd> = self.handoff.iter().map(|(_, tx)| tx.as_raw_fd()).collect();
+        let msg = ControlMsg::Standby {
+            fds: fds.len() as u32,
+        };
+        if let Err(e) = i.channel.send(&msg, &fds) {
+            tracing::error!("upgrade: cannot tell the old generation we stand by: {e}");
+        }
+        tracing::info!("upgrade: {} workers stand by", fds.len());
+    }
+
+    fn read_from_old(&mut self) -> Result<bool, SupervisorError> {
+        let Some(i) = self.inbound.as_mut() else {
+            return Ok(false);
+        };
+        let _ = i.channel.flush();
+        let open = i.channel.read_available().unwrap_or(false);
+        let mut handed = false;
+        while let Some(msg) = i.channel.next_msg() {
+            match msg {
+                Ok((ControlMsg::Handed, _)) => handed = true,
+                Ok((other, _)) => tracing::warn!("upgrade: unexpected message {other:?}"),
+                Err(e) => tracing::warn!("upgrade: bad message from the old supervisor: {e}"),
+            }
+        }
+        if handed {
+            self.go_live();
+        } else if !open {
+            // The old supervisor is gone, and its workers with it
+            // (PR_SET_PDEATHSIG): the slots are ours.
+            tracing::warn!("upgrade: the old supervisor went away; taking the slots over");
+            self.go_live();
+        }
+        Ok(false)
+    }
+
+    /// Every slot is the new generation's: publish it, let the workers
+    /// serve, tell systemd and the old supervisor.
+    fn go_live(&mut self) {
+        let Some(mut i) = self.inbound.take() else {
+            return;
+        };
+        let pid = std::process::id();
+        self.region
+            .set_header(Header::SupervisorPid, u64::from(pid));
+        self.region.set_header(
+            Header::SupervisorStartTicks,
+            crate::process::start_ticks(pid).unwrap_or(0),
+        );
+        self.region.set_header(
+            Header::SupervisorPidNs,
+            crate::process::pid_namespace().unwrap_or(0),
+        );
+        self.region
+            .set_header(Header::SupervisorVersion, crate::version_word());
+        let upgrades = self.region.header(Header::Upgrades) + 1;
+        self.region.set_header(Header::Upgrades, upgrades);
+        for w in &mut self.workers {
+            if let Some(slot) = self.region.slot(w.id) {
+                slot.set_life(i.generation(w.id), SlotState::Ready);
+                slot.set(Counter::Cpu, w.cpu as u64);
+                slot.set(Counter::Version, crate::version_word());
+                slot.set(Counter::ConfigGeneration, w.config_gen);
+                if let Some(child) = &w.child {
+                    slot.set(Counter::Pid, u64::from(child.id()));
+                }
+            }
+            if let Some(control) = w.control.as_mut() {
+                if let Err(e) = control.send(&ControlMsg::Live, &[]) {
+                    tracing::warn!(worker = w.id, "cannot tell the worker it is live: {e}");
+                }
+            }
+        }
+        self.announced_ready = true;
+        let message = format!(
+            "upgraded to {}: {} workers serving, pid {pid}",
+            crate::VERSION,
+            self.workers.len()
+        );
+        tracing::info!("{message}");
+        notify_ready(&message);
+        let _ = i.channel.send(&ControlMsg::Took, &[]);
+        let _ = i.channel.stream.set_nonblocking(false);
+        let _ = i.channel.flush();
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&i.channel.stream.as_raw_fd()));
+        drop(i.predecessors);
+        if i.file_text.is_some() {
+            tracing::info!("upgrade: the config file differs from what ran; applying it");
+            self.reload();
+        }
+    }
+
+    /// The new side gives up: the old supervisor hears why, and this one
+    /// exits (its workers die with it).
+    pub(super) fn fail_inbound(&mut self, why: &str) -> SupervisorError {
+        if let Some(mut i) = self.inbound.take() {
+            let _ = i.channel.send(
+                &ControlMsg::UpgradeFailed {
+                    why: why.to_string(),
+                },
+                &[],
+            );
+            let _ = i.channel.stream.set_nonblocking(false);
+            let _ = i.channel.flush();
+        }
+        upgrade_error(why)
+    }
+}
+
+fn set_cloexec(fd: RawFd) {
+    // SAFETY: sets a flag on a descriptor this process owns.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+}
