@@ -99,9 +99,25 @@ grep -qx -- "-rw-r--r-- root:root $INSTALLED_CONFIG cn" "$OUT/rpm.list" ||
 # cargo-generate-rpm takes a script path it cannot find as the script itself.
 rpm -qp --scripts "$rpm" >"$OUT/rpm.scripts"
 grep -q useradd "$OUT/rpm.scripts" || fail "the .rpm's %pre does not create the user"
-grep -q 'try-restart udpshard.service' "$OUT/rpm.scripts" || fail "the .rpm's %postun is missing"
+grep -q 'daemon-reload' "$OUT/rpm.scripts" || fail "the .rpm's %postun is missing"
+grep -q '/usr/lib/udpshard/upgrade-service' "$OUT/rpm.scripts" ||
+    fail "the .rpm's %posttrans does not upgrade a running service in place"
+if grep -q 'try-restart' "$OUT/rpm.scripts"; then
+    fail "the .rpm restarts the service on upgrade (its sessions would be lost)"
+fi
+postinst=$(dpkg-deb --ctrl-tarfile "$deb" | tar -xOf - ./postinst)
+grep -q '/usr/lib/udpshard/upgrade-service' <<<"$postinst" ||
+    fail "the .deb's postinst does not upgrade a running service in place"
+prerm=$(dpkg-deb --ctrl-tarfile "$deb" | tar -xOf - ./prerm 2>/dev/null) || prerm=
+# Its prerm stops the service on remove only, and its postinst never
+# restarts it.
+if grep -q 'deb-systemd-invoke' <<<"$postinst" ||
+    { grep -q 'deb-systemd-invoke' <<<"$prerm" && ! grep -q '"$1" = remove ]; then' <<<"$prerm"; }; then
+    fail "the .deb stops or restarts the service on upgrade (its sessions would be lost)"
+fi
 
-for path in usr/bin/udpshard usr/lib/systemd/system/udpshard.service etc/udpshard/udpshard.toml \
+for path in usr/bin/udpshard usr/lib/udpshard/upgrade-service \
+    usr/lib/systemd/system/udpshard.service etc/udpshard/udpshard.toml \
     usr/lib/sysctl.d/60-udpshard.conf usr/share/doc/udpshard/README.md; do
     grep -q " \./$path\$" "$OUT/deb.list" || fail "the .deb lacks /$path"
     grep -q " /$path\( \|$\)" "$OUT/rpm.list" || fail "the .rpm lacks /$path"

@@ -14,6 +14,10 @@
 # - a reload of a broken file leaves the service active on its old config;
 #   the journal names file:line:col and `systemctl status` shows the error
 #   (STATUS=);
+# - `systemctl kill -s USR2 --kill-whom=main` upgrades the binary under steady
+#   traffic: a new MainPID, NRestarts=0, every datagram answered by its flow's
+#   one backend; `apt-get install --reinstall` does the same through the
+#   package's postinst;
 # - `systemctl kill -s KILL --kill-whom=main` is followed by a restart
 #   (NRestarts=1) with no orphan worker left;
 # - `systemctl stop` ends inactive with Result=success.
@@ -222,6 +226,50 @@ python3 .ci/roundtrip.py --proxy "127.0.0.1:$port" --backend "c=127.0.0.1:$c" \
     --flows 8 --cid-base 0x30000 --expect c || fail "the old config stopped serving"
 echo "still active on the old config"
 write_config "$c"
+
+images_step "systemctl kill -s USR2 --kill-whom=main: a binary upgrade under traffic"
+main=$(show MainPID)
+workers=$(in_c pgrep -P "$main" -x udpshard | tr '\n' ' ')
+ready=$(mktemp -u)
+traffic_log=$(mktemp)
+# 50 flows, a datagram each every 50 ms, for 6 s; the signal once replies flow.
+python3 .ci/roundtrip.py --proxy "127.0.0.1:$port" --backend "c=127.0.0.1:$c" \
+    --flows 50 --cid-base 0x50000 --steady 6 --ready "$ready" >"$traffic_log" 2>&1 &
+traffic=$!
+until_ok 5 "steady traffic through the service" test -e "$ready"
+in_c systemctl kill -s USR2 --kill-whom=main udpshard
+main_changed() { [ "$(show MainPID)" != "$main" ] && [ "$(show MainPID)" != 0 ]; }
+until_ok 30 "a new MainPID" main_changed
+until_ok 10 "STATUS= upgraded" grep_in '^upgraded to ' show StatusText
+wait "$traffic" || { cat "$traffic_log"; fail "traffic lost or moved during the upgrade"; }
+cat "$traffic_log"
+rm -f "$ready" "$traffic_log"
+upgraded_main=$(show MainPID)
+[ "$(show ActiveState)/$(show SubState)" = active/running ] || fail "not active (running) after the upgrade"
+[ "$(show NRestarts)" = 0 ] || fail "NRestarts=$(show NRestarts) after the upgrade"
+grep -q 'upgrade: the new generation serves; this supervisor exits' <<<"$(journal)" ||
+    fail "the old supervisor did not hand over"
+for w in $workers; do
+    if in_c test -e "/proc/$w"; then
+        fail "worker $w of the old generation is still alive"
+    fi
+done
+in_c test -e "/proc/$main" && fail "the old supervisor $main still runs"
+echo "upgraded: MainPID $main -> $upgraded_main, NRestarts=0, every datagram answered by its flow's one backend"
+
+images_step "apt-get install --reinstall: the package upgrades the running service in place"
+out=$(in_c sh -c "cd /tmp && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall ./$(basename "$deb")" 2>&1) ||
+    { echo "$out"; fail "apt-get install --reinstall"; }
+grep 'udpshard:' <<<"$out" || true
+grep -q 'upgraded in place' <<<"$out" || { echo "$out"; fail "the postinst did not upgrade the running service"; }
+[ "$(show MainPID)" != "$upgraded_main" ] || fail "the same MainPID after the package upgrade"
+[ "$(show NRestarts)" = 0 ] || fail "NRestarts=$(show NRestarts) after the package upgrade"
+in_c udpshard stats | head -2
+until_ok 5 "two upgrades in the stats" grep_in 'binary upgrades (SIGUSR2): 2 done, 0 failed' in_c udpshard stats
+python3 .ci/roundtrip.py --proxy "127.0.0.1:$port" --backend "c=127.0.0.1:$c" \
+    --flows 8 --cid-base 0x60000 --expect c || fail "round trips after the package upgrade"
+main=$(show MainPID)
+workers=$(in_c pgrep -P "$main" -x udpshard | tr '\n' ' ')
 
 images_step "systemctl kill -s KILL --kill-whom=main"
 in_c systemctl kill -s KILL --kill-whom=main udpshard
