@@ -47,7 +47,9 @@ pub fn spawn_worker(exe: &Path, spec: &WorkerSpec) -> io::Result<Child> {
     inherit.extend(spec.predecessor_fd);
 
     let mut cmd = Command::new(exe);
-    cmd.args(["--log-format", crate::logging::format().as_arg()])
+    // argv[0] as a user would run it (`ps`), whatever path the image came from.
+    cmd.arg0("udpshard")
+        .args(["--log-format", crate::logging::format().as_arg()])
         .arg("worker")
         .args(["--id", &spec.id.to_string()])
         .args(["--control-fd", &spec.control_fd.to_string()])

@@ -41,6 +41,8 @@ mod reload;
 mod upgrade;
 
 const SIGNALS: Token = Token(0);
+/// This process's own executable, even once its path holds another file.
+const RUNNING_IMAGE: &str = "/proc/self/exe";
 const CONTROL_TOKEN_BASE: usize = 1;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -443,7 +445,11 @@ impl Supervisor {
             standby,
             predecessor_fd,
         };
-        let mut child = spawn_worker(&self.exe, &spec)
+        // The image this process runs, whatever the path holds now: a
+        // package upgrade replaces the file, and a worker restarted after it
+        // must still speak this supervisor's protocol (SIGUSR2 is what
+        // moves the whole proxy to the new file).
+        let mut child = spawn_worker(std::path::Path::new(RUNNING_IMAGE), &spec)
             .map_err(|source| SupervisorError::Spawn { id, source })?;
         drop(theirs);
         let control = match self.open_control(id, ours) {
@@ -615,6 +621,17 @@ impl Supervisor {
             tracing::warn!("signal {signal} while draining: stopping the workers now");
             self.kill_all();
             return;
+        }
+        if self.inbound.is_some() {
+            // Standing by to take over: the old generation still serves,
+            // and goes on serving once this one is gone.
+            tracing::warn!("signal {signal} while taking over: giving the upgrade up");
+            let _ = self.fail_inbound(&format!("the new supervisor got signal {signal}"));
+            self.kill_all();
+            return;
+        }
+        if self.outbound.is_some() {
+            self.abandon_upgrade(&format!("signal {signal}: stopping instead"));
         }
         let timeout = self.config.drain_timeout;
         tracing::info!(

@@ -715,16 +715,30 @@ fn every_datagram_is_accounted_through_kills_and_resizes_and_totals_never_go_bac
     );
 }
 
+/// Sets the soft RLIMIT_NOFILE of process `pid` (its hard limit stays);
+/// returns the soft limit it had.
+fn set_nofile(pid: u32, soft: u64) -> u64 {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit(2) with a null new limit only reads.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(rc, 0, "prlimit read: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: prlimit(2) on the proxy this test started, with valid structs.
+    let rc = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    old.rlim_cur
+}
+
 #[test]
 fn a_worker_that_cannot_be_started_is_retried_while_the_others_serve() {
     let a = Backend::start("a");
-    // A copy of the binary, which the test takes away: every start of a
-    // worker then fails (the supervisor runs on, from memory).
-    let dir = udpshard_tests::harness::TempDir::new("spawn-failure");
-    let exe = dir.path().join("udpshard");
-    let away = dir.path().join("udpshard.away");
-    std::fs::copy(BIN, &exe).unwrap();
-    let proxy = Proxy::start(&exe, &config("2", &[a.addr]));
+    let proxy = Proxy::start(Path::new(BIN), &config("2", &[a.addr]));
     let stats = || udpshard_tests::harness::stats_json(Path::new(BIN), &proxy.stats_file);
     // A client the steering sends to worker 1, and one it sends to worker 0.
     let client_for = |worker: u32| loop {
@@ -735,7 +749,9 @@ fn a_worker_that_cannot_be_started_is_retried_while_the_others_serve() {
     };
     let (to_0, to_1) = (client_for(0), client_for(1));
     let victim = field_of(&stats()["workers"][0], "pid");
-    std::fs::rename(&exe, &away).unwrap();
+    // The supervisor may open no descriptor: every start of a worker fails
+    // (it has no socketpair to give it), and it runs on with what it holds.
+    let limit = set_nofile(proxy.pid(), 4);
     // SAFETY: kill(2) on the proxy's own worker.
     assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
     proxy.wait_log("cannot start worker 0", WAIT);
@@ -747,11 +763,53 @@ fn a_worker_that_cannot_be_started_is_retried_while_the_others_serve() {
     assert!(udpshard_tests::harness::process_exists(proxy.pid()));
     assert_eq!(s["workers"][0]["state"], "exited", "{s:#}");
     assert_eq!(s["workers"][1]["state"], "ready", "{s:#}");
-    // The binary is back: the slot's next try starts it, and what waited in
+    // Descriptors again: the slot's next try starts it, and what waited in
     // worker 0's socket meanwhile is served.
-    std::fs::rename(&away, &exe).unwrap();
+    set_nofile(proxy.pid(), limit);
     wait_until(WAIT, "worker 0 back, its queue served", || a.count() == 100);
     let s = stats();
     assert_eq!(s["workers"][0]["state"], "ready", "{s:#}");
     assert_eq!(total(&s, "drops.socket"), 0, "{s:#}");
+}
+
+#[test]
+fn a_worker_restarted_after_the_binary_was_replaced_runs_the_supervisors_own() {
+    let a = Backend::start("a");
+    // A copy of the binary, which the test replaces with a program that
+    // fails, as a package upgrade replaces the file before SIGUSR2.
+    let dir = udpshard_tests::harness::TempDir::new("replaced-binary");
+    let exe = dir.path().join("udpshard");
+    std::fs::copy(BIN, &exe).unwrap();
+    let proxy = Proxy::start(&exe, &config("2", &[a.addr]));
+    let stats = || udpshard_tests::harness::stats_json(Path::new(BIN), &proxy.stats_file);
+    let victim = field_of(&stats()["workers"][0], "pid");
+    let next = dir.path().join("udpshard.new");
+    std::fs::write(&next, "#!/bin/sh\nexit 1\n").unwrap();
+    std::fs::rename(&next, &exe).unwrap();
+    // SAFETY: kill(2) on the proxy's own worker.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    // (The stats through the test's binary: the proxy's path holds a broken one.)
+    wait_until(WAIT, "worker 0 restarted", || {
+        let s = stats();
+        field_of(&s["workers"][0], "pid") != victim && s["workers"][0]["state"] == "ready"
+    });
+    let s = stats();
+    assert_eq!(field_of(&s["workers"][0], "restarts"), 1, "{s:#}");
+    let pid = field_of(&s["workers"][0], "pid");
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(
+        comm.trim(),
+        "udpshard",
+        "the worker is named for what it is"
+    );
+    // Both workers serve, from the image the supervisor runs.
+    let client = bind_udp("127.0.0.1:0");
+    for port_client in 0..20u64 {
+        let c = bind_udp("127.0.0.1:0");
+        c.send_to(&quic_short(port_client, b"x"), proxy.addr("quic"))
+            .unwrap();
+    }
+    send_cids(&proxy, &client, 100..110, b"y");
+    wait_until(WAIT, "every datagram forwarded", || a.count() == 30);
+    assert_eq!(total(&stats(), "tx_packets"), 30, "{:#}", stats());
 }

@@ -55,6 +55,9 @@ type WorkerRouter = Router<ShmOwners, Upstream>;
 /// Runs a worker until the supervisor stops it or goes away.
 pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     args.check()?;
+    // Started from /proc/self/exe, the kernel names the process "exe":
+    // `ps`, `top` and `pgrep udpshard` should see what it is.
+    let _ = nix::sys::prctl::set_name(c"udpshard");
     let control = UnixStream::from(adopt_fd(args.control_fd, "control")?);
     let stats_file = File::from(adopt_fd(args.stats_fd, "stats")?);
     let state_fd = adopt_fd(args.state_fd, "state")?;
