@@ -187,6 +187,7 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         poll,
         control,
         undrained: vec![false; listeners.len()],
+        inbox_undrained: false,
         listeners,
         router,
         handoff,
@@ -342,6 +343,8 @@ struct Loop {
     rx: ListenerBatch,
     up_rx: sockio::RecvBatch,
     refs: Vec<Src>,
+    /// The inbox may still hold frames (a read stopped at its budget).
+    inbox_undrained: bool,
     /// Listeners whose socket may still hold datagrams (edge-triggered
     /// polling reports each arrival once; a budget-limited drain must come
     /// back without waiting for the next one).
@@ -487,7 +490,10 @@ impl Loop {
         // Two clock reads per iteration: when it begins and when it ends.
         let mut done = Instant::now();
         loop {
-            let timeout = if self.undrained.contains(&true) || !self.up_ready.is_empty() {
+            let timeout = if self.undrained.contains(&true)
+                || !self.up_ready.is_empty()
+                || self.inbox_undrained
+            {
                 Duration::ZERO
             } else {
                 next_tick.saturating_duration_since(done)
@@ -523,6 +529,9 @@ impl Loop {
                         }
                     }
                 }
+            }
+            if self.inbox_undrained {
+                self.read_inbox();
             }
             for l in 0..self.undrained.len() {
                 if self.undrained[l] {
@@ -829,12 +838,19 @@ impl Loop {
     /// batch too (a deferred datagram): its refs stay as they are.
     fn read_inbox(&mut self) {
         let mark = self.refs.len();
+        // Edge-triggered: frames left past the budget raise no new event,
+        // so the loop comes back for them.
+        self.inbox_undrained = true;
         for _ in 0..INBOX_BUDGET {
             let (len, fds) = match self.handoff.recv(&mut self.frame) {
                 Ok(Some(frame)) => frame,
-                Ok(None) => break,
+                Ok(None) => {
+                    self.inbox_undrained = false;
+                    break;
+                }
                 Err(e) => {
                     tracing::warn!(worker = self.id, "handoff inbox: {e}");
+                    self.inbox_undrained = false;
                     break;
                 }
             };
@@ -914,6 +930,10 @@ impl Loop {
         self.undrained.iter_mut().for_each(|u| *u = false);
         self.quiesced = true;
         self.router.set_successor(Owner::new(self.id, generation));
+        tracing::debug!(
+            worker = self.id,
+            "quiesced: the listeners are the successor's"
+        );
         let _ = self.control.send(&ControlMsg::Quiesced, &[]);
     }
 
@@ -941,7 +961,8 @@ impl Loop {
         if left > 0 {
             tracing::warn!(
                 worker = self.id,
-                "upgrade: {left} sessions could not be handed over in {HAND_OVER_TIMEOUT:?};                  their flows start afresh at the new generation"
+                "upgrade: {left} sessions could not be handed over in {HAND_OVER_TIMEOUT:?}; \
+                 their flows start afresh at the new generation"
             );
         }
         if let Some(h) = self.handing_over.as_mut() {
@@ -1027,6 +1048,11 @@ impl Loop {
                     self.quiesce(generation, fds.into_iter().next());
                 }
                 ControlMsg::HandOver if self.quiesced => {
+                    tracing::debug!(
+                        worker = self.id,
+                        sessions = self.router.sessions(),
+                        "handing over"
+                    );
                     self.handing_over = Some(HandingOver {
                         since: Instant::now(),
                         reported: false,

@@ -1497,12 +1497,21 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // backend lists differ (mid-reload), or we made our own session
         // meanwhile: it stays where it is.
         // Nor does it come to a worker that is leaving or full.
-        if fds != t.paths.len()
-            || !backend_ok
-            || self.sessions.lookup(listener, &t.key).is_some()
-            || self.draining
-            || self.sessions.admit(listener).is_err()
-        {
+        let refused = if fds != t.paths.len() {
+            Some("its sockets did not arrive")
+        } else if !backend_ok {
+            Some("the backend lists differ")
+        } else if self.sessions.lookup(listener, &t.key).is_some() {
+            Some("a session of its key is here")
+        } else if self.draining {
+            Some("draining")
+        } else if self.sessions.admit(listener).is_err() {
+            Some("at max_sessions")
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            tracing::debug!(worker = self.id, from, "transfer refused: {why}");
             accept(self, false);
             return;
         }

@@ -8,6 +8,11 @@
 //! slots serving); at a quarter of the run a reload to `workers = 1`, at half
 //! back to `auto`, at three quarters a reload that adds a third backend.
 //! Every stats read checks that no total went back.
+//!
+//! `--upgrades N` adds N binary upgrades (SIGUSR2) spread over the run, and
+//! times each from the signal to the new supervisor's takeover;
+//! `--kill-every 0s --no-reloads` leaves the upgrades alone under the load
+//! (`bash tests/bench.sh soak --upgrades 4 --kill-every 0s --no-reloads`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -46,9 +51,15 @@ struct Args {
     /// address (31,743 ports) serves 20,000 flows through a kill every 8 s.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
     upstream_sources: u8,
-    /// A worker is SIGKILLed this often.
+    /// A worker is SIGKILLed this often (0s: never).
     #[arg(long, default_value = "8s", value_parser = parse_duration)]
     kill_every: Duration,
+    /// Binary upgrades (SIGUSR2) spread over the run.
+    #[arg(long, default_value_t = 0)]
+    upgrades: u32,
+    /// No reloads (nor resizes).
+    #[arg(long)]
+    no_reloads: bool,
     /// Where the udpshard binary is; default: the directory of this executable.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
@@ -164,7 +175,8 @@ fn soak(args: &Args) -> Result<bool, String> {
     command.arg("run").arg("--config").arg(&config_path);
     let mut proxy = ProxyProcess::start(command).map_err(|e| format!("cannot start: {e}"))?;
     proxy.wait_ready(Duration::from_secs(15))?;
-    let supervisor = proxy.pid() as i32;
+    // The supervisor serving now: an upgrade replaces it.
+    let mut supervisor = proxy.pid() as i32;
 
     let mut spec = LoadSpec::new(listen);
     spec.flows = args.flows;
@@ -188,7 +200,14 @@ fn soak(args: &Args) -> Result<bool, String> {
         (args.duration * 3 / 4, &backends[..], "\"auto\""),
     ]
     .into_iter()
+    .filter(|_| !args.no_reloads)
     .peekable();
+    let mut upgrades = (1..=args.upgrades)
+        .map(|i| args.duration * i / (args.upgrades + 1))
+        .peekable();
+    // An upgrade under way: the old supervisor, when it was signalled.
+    let mut upgrading: Option<(i32, Instant)> = None;
+    let mut takeovers: Vec<Duration> = Vec::new();
     // A kill being timed: slot, the killed pid, the slot's tx then, when.
     let mut timing: Option<(usize, u64, u64, Instant)> = None;
     while start.elapsed() < args.duration {
@@ -196,6 +215,32 @@ fn soak(args: &Args) -> Result<bool, String> {
         let Some(snap) = read(&stats, &mut last, &mut backwards) else {
             continue;
         };
+        if let Some((old, at)) = upgrading {
+            let now = snap.header(Header::SupervisorPid) as i32;
+            if now != old && now != 0 {
+                takeovers.push(at.elapsed());
+                eprintln!(
+                    "soak: {:>5.1}s upgraded: supervisor {old} -> {now} in {:?}",
+                    start.elapsed().as_secs_f64(),
+                    at.elapsed()
+                );
+                supervisor = now;
+                upgrading = None;
+            } else if at.elapsed() > Duration::from_secs(60) {
+                eprintln!("soak: no takeover 60 s after SIGUSR2");
+                upgrading = None;
+            }
+        }
+        if let Some(&when) = upgrades.peek() {
+            if start.elapsed() >= when && upgrading.is_none() && timing.is_none() {
+                upgrades.next();
+                // SAFETY: kill(2) on the supervisor this program started
+                // (or the one that took over from it).
+                unsafe { libc::kill(supervisor, libc::SIGUSR2) };
+                upgrading = Some((supervisor, Instant::now()));
+                eprintln!("soak: {:>5.1}s SIGUSR2", start.elapsed().as_secs_f64());
+            }
+        }
         if let Some((slot, pid, tx, at)) = timing {
             if let Some(w) = snap.slots().nth(slot) {
                 if w.get(Counter::Pid) != pid && w.get(Counter::TxPackets) > tx {
@@ -223,7 +268,11 @@ fn soak(args: &Args) -> Result<bool, String> {
                 );
             }
         }
-        if timing.is_none() && Instant::now() >= next_kill {
+        if !args.kill_every.is_zero()
+            && timing.is_none()
+            && upgrading.is_none()
+            && Instant::now() >= next_kill
+        {
             next_kill += args.kill_every;
             let serving: Vec<_> = snap
                 .workers()
@@ -263,6 +312,15 @@ fn soak(args: &Args) -> Result<bool, String> {
         previous = Some(now);
     }
     let log = proxy.stderr_tail();
+    if supervisor != proxy.pid() as i32 {
+        // The supervisor serving now is not this program's child.
+        // SAFETY: kill(2) on the supervisor that took over.
+        unsafe { libc::kill(supervisor, libc::SIGTERM) };
+        let gone = Instant::now() + Duration::from_secs(15);
+        while Path::new(&format!("/proc/{supervisor}")).exists() && Instant::now() < gone {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
     let stderr = proxy.stop();
     // What the proxy warned of (refused paths, failed starts), at most 8
     // lines: the reasons behind the drops.
@@ -273,6 +331,10 @@ fn soak(args: &Args) -> Result<bool, String> {
     {
         println!("proxy: {line}");
     }
+    // And how each upgrade went.
+    for line in log.lines().filter(|l| l.contains("upgrade")).take(40) {
+        println!("proxy: {line}");
+    }
     let _ = std::fs::remove_dir_all(&workdir);
     let Some(snap) = settled else {
         return Err(format!("the proxy never settled; its stderr:\n{stderr}"));
@@ -281,13 +343,20 @@ fn soak(args: &Args) -> Result<bool, String> {
     let received = sink.stats().received;
     let unaccounted = report.sent as i64 - received as i64 - t.dropped as i64;
     restarts.sort();
+    takeovers.sort();
     println!(
-        "soak: {:.0}s at {}/s (achieved {:.0}/s) over {} flows, {} upstream sources; {kills} kills, 3 reloads (2 resizes, 1 backend added)",
+        "soak: {:.0}s at {}/s (achieved {:.0}/s) over {} flows, {} upstream sources; {kills} kills, {}, {} upgrades",
         args.duration.as_secs_f64(),
         args.rate,
         report.sent as f64 / args.duration.as_secs_f64(),
         args.flows,
-        args.upstream_sources
+        args.upstream_sources,
+        if args.no_reloads {
+            "no reloads"
+        } else {
+            "3 reloads (2 resizes, 1 backend added)"
+        },
+        takeovers.len(),
     );
     println!(
         "ledger: sent {} = received {received} + dropped {} + unaccounted {unaccounted}",
@@ -313,11 +382,23 @@ fn soak(args: &Args) -> Result<bool, String> {
         percentile(&restarts, 0.99),
         restarts.last().copied().unwrap_or_default()
     );
+    if args.upgrades > 0 {
+        println!(
+            "upgrades: {} of {} took over, SIGUSR2 to takeover p50 {:?} max {:?}; sink latency p99 {:?} max {:?}",
+            takeovers.len(),
+            args.upgrades,
+            percentile(&takeovers, 0.50),
+            takeovers.last().copied().unwrap_or_default(),
+            Duration::from_nanos(sink.stats().latency.quantile(0.99).unwrap_or(0)),
+            Duration::from_nanos(sink.stats().latency.max().unwrap_or(0)),
+        );
+    }
     println!(
         "totals went back: {backwards} times; duplicates at the sink: {}",
         sink.stats().duplicates
     );
     let ok = backwards == 0
+        && takeovers.len() == args.upgrades as usize
         && sink.stats().duplicates == 0
         && unaccounted.abs() <= IN_SYSCALL * i64::from(kills.max(1));
     println!("{}", if ok { "PASS" } else { "FAIL" });
