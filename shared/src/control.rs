@@ -62,6 +62,11 @@ pub enum ControlMsg {
     Handed,
     /// New supervisor -> old: it serves, and is the service's main process.
     Took,
+    /// Old supervisor -> new, then new supervisor -> its workers: the old
+    /// workers read no listener any more; the standby workers read them
+    /// from now on (a datagram of a session not yet handed over goes to the
+    /// old worker of its slot).
+    ReadListeners,
     /// New supervisor -> old: it cannot take over, and why.
     UpgradeFailed { why: String },
 }
@@ -83,6 +88,7 @@ const TAG_STANDBY: u8 = 15;
 const TAG_HANDED: u8 = 16;
 const TAG_TOOK: u8 = 17;
 const TAG_UPGRADE_FAILED: u8 = 18;
+const TAG_READ_LISTENERS: u8 = 19;
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -156,6 +162,7 @@ impl ControlMsg {
             }
             ControlMsg::Handed => TAG_HANDED,
             ControlMsg::Took => TAG_TOOK,
+            ControlMsg::ReadListeners => TAG_READ_LISTENERS,
             ControlMsg::UpgradeFailed { why } => {
                 put_str(&mut body, why);
                 TAG_UPGRADE_FAILED
@@ -205,6 +212,7 @@ impl ControlMsg {
             },
             TAG_HANDED => ControlMsg::Handed,
             TAG_TOOK => ControlMsg::Took,
+            TAG_READ_LISTENERS => ControlMsg::ReadListeners,
             TAG_UPGRADE_FAILED => ControlMsg::UpgradeFailed {
                 why: take_str(&mut body)?,
             },
@@ -303,6 +311,7 @@ mod tests {
             ControlMsg::Standby { fds: 2 },
             ControlMsg::Handed,
             ControlMsg::Took,
+            ControlMsg::ReadListeners,
             ControlMsg::UpgradeFailed { why: "no".into() },
         ];
         let stream: Vec<u8> = msgs.iter().flat_map(|m| m.encode()).collect();

@@ -161,7 +161,11 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         counters.publish(&slot);
     }
     let mut router = Router::new(me, routes, owners, upstream, index, counters);
-    router.set_standby(args.standby.is_some());
+    // The process it stands by to succeed: the slot's generation now.
+    router.set_standby(
+        args.standby
+            .map(|generation| Owner::new(args.id, generation.wrapping_sub(1))),
+    );
     let exec = Executor::new(
         raw_tx(config.upstream_send, args.id),
         config.upstream_send == UpstreamSend::Auto,
@@ -211,6 +215,7 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         replies_ahead: 0,
         last_warn_ms: 0,
         standby: args.standby.is_some(),
+        listening: args.standby.is_none(),
         quiesced: false,
         handing_over: None,
         wall_base: 0,
@@ -380,6 +385,9 @@ struct Loop {
     standby: bool,
     /// A binary upgrade: the listeners are left to the successor.
     quiesced: bool,
+    /// The listeners are registered for reading (a standby worker's are
+    /// not, until its predecessor has stopped reading them).
+    listening: bool,
     /// A binary upgrade: handing every session to the successor, since
     /// then; `reported` once the supervisor has heard it is done.
     handing_over: Option<HandingOver>,
@@ -974,6 +982,17 @@ impl Loop {
             .map_err(|e| WorkerError::Control(e.to_string()))
     }
 
+    /// A binary upgrade: the predecessor reads its listeners no more; this
+    /// process does from now on (once).
+    fn read_listeners(&mut self) -> Result<(), WorkerError> {
+        if !self.listening {
+            self.listening = true;
+            register_listeners(self.poll.registry(), &self.listeners)?;
+            self.undrained.iter_mut().for_each(|u| *u = true);
+        }
+        Ok(())
+    }
+
     /// A binary upgrade: the predecessor is gone and the slot is this
     /// process's. Its counters continue the slot's, it reads the listeners,
     /// and it takes over the sockets of the sessions it was handed.
@@ -999,10 +1018,9 @@ impl Loop {
             .get(Counter::DropSocket)
             .saturating_sub(self.socket_drops_seen);
         let _ = self.handoff.set_twin(self.id, None);
-        self.router.set_standby(false);
+        self.router.set_standby(None);
         self.standby = false;
-        register_listeners(self.poll.registry(), &self.listeners)?;
-        self.undrained.iter_mut().for_each(|u| *u = true);
+        self.read_listeners()?;
         self.router.adopt_orphans();
         self.flush(&mut []);
         tracing::info!(
@@ -1041,6 +1059,12 @@ impl Loop {
                 ControlMsg::Live if self.standby => {
                     if let Err(e) = self.take_over() {
                         tracing::error!(worker = self.id, "taking the slot over: {e}");
+                        return true;
+                    }
+                }
+                ControlMsg::ReadListeners if self.standby => {
+                    if let Err(e) = self.read_listeners() {
+                        tracing::error!(worker = self.id, "reading the listeners: {e}");
                         return true;
                     }
                 }

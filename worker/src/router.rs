@@ -435,9 +435,9 @@ pub struct Router<O, S> {
     /// A binary upgrade: the process taking this slot over, to which every
     /// session goes (frames to this worker's own id go to it).
     successor: Option<Owner>,
-    /// A binary upgrade: this process stands by to take the slot over and
-    /// is not yet live (frames to its own id go to its predecessor).
-    standby: bool,
+    /// A binary upgrade: this process stands by to take the slot over from
+    /// this predecessor and is not yet live (frames to its own id go to it).
+    standby: Option<Owner>,
 }
 
 impl<O: Owners, S: Sockets> Router<O, S> {
@@ -468,7 +468,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             actions: Vec::with_capacity(256),
             relay_cursor: 0,
             successor: None,
-            standby: false,
+            standby: None,
         }
     }
 
@@ -479,10 +479,11 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         self.successor = Some(to);
     }
 
-    /// A binary upgrade: this process stands by until it is live
-    /// (`false`), taking the sessions its predecessor hands it.
-    pub fn set_standby(&mut self, standby: bool) {
-        self.standby = standby;
+    /// A binary upgrade: this process stands by to take the slot over from
+    /// `predecessor` until it is live (`None`), taking the sessions the
+    /// predecessor hands it; a datagram of a session still there goes to it.
+    pub fn set_standby(&mut self, predecessor: Option<Owner>) {
+        self.standby = predecessor;
     }
 
     /// Offers up to `budget` sessions not yet on offer to the successor;
@@ -702,9 +703,25 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             return Err(Outcome::Done);
         }
         let mut inherited = None;
-        // Standing by, every other worker of this generation is not yet
-        // live and the old ones are handing over: the flow is made here.
-        if hops < MAX_HOPS && !self.standby {
+        // Standing by, a session its predecessor still has is served there
+        // until it comes (in order, on the predecessor's channel: what it
+        // forwards back arrives after the session). Every other owner is of
+        // a generation handing over, or of this one and not yet live: the
+        // flow is made here.
+        if let Some(pred) = self.standby {
+            if hops < MAX_HOPS {
+                match self.owners.lookup(hash) {
+                    Some(o) if o == pred => {
+                        self.hand_over(self.id, a, d, hops + 1);
+                        return Err(Outcome::Done);
+                    }
+                    Some(o) if o == self.me && a.via == Via::Socket => {
+                        return Err(Outcome::Deferred)
+                    }
+                    _ => {}
+                }
+            }
+        } else if hops < MAX_HOPS {
             match self.owners.lookup(hash) {
                 Some(o) if o != self.me && self.live(o) => {
                     self.hand_over(usize::from(o.worker), a, d, hops + 1);
@@ -722,7 +739,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         match self.owners.claim(hash, self.me) {
             Claim::Mine => {}
             // Claimed by another worker an instant ago.
-            Claim::Taken(o) if hops < MAX_HOPS && !self.standby => {
+            Claim::Taken(o) if hops < MAX_HOPS && self.standby.is_none() => {
                 self.hand_over(usize::from(o.worker), a, d, hops + 1);
                 return Err(Outcome::Done);
             }

@@ -15,12 +15,14 @@
 //!    a worker, `upgrade_timeout`) leaves the old generation untouched; it
 //!    counts `upgrade_failures` and says why.
 //! 2. The old supervisor tells each old worker to `Quiesce` (stop reading
-//!    the listeners; queued datagrams wait in the kernel for the new
-//!    generation), then, once all have, to `HandOver`: each transfers every
-//!    session with its upstream sockets (SCM_RIGHTS) to its slot's
-//!    successor, which the backend therefore never sees change. A datagram
-//!    reaching an old worker for a session it no longer has is handed to the
-//!    successor.
+//!    the listeners), then, once all have, to `HandOver`, and the new
+//!    workers to `ReadListeners`: each old worker transfers every session
+//!    with its upstream sockets (SCM_RIGHTS) to its slot's successor, which
+//!    the backend therefore never sees change. Meanwhile the successor
+//!    reads the listeners: a datagram of a session still at the old worker
+//!    goes there over its inbox, and one reaching an old worker for a
+//!    session it no longer has goes on to the successor (after the session,
+//!    on the same channel).
 //! 3. When every old worker has handed over and exited (its ledger booked as
 //!    after any exit), the old supervisor names the new one systemd's main
 //!    process (`MAINPID=`) and sends `Handed`. The new one publishes its
@@ -389,6 +391,13 @@ impl Supervisor {
             Phase::Quiescing => (Phase::HandingOver, ControlMsg::HandOver),
             _ => (Phase::Stopping, ControlMsg::Stop),
         };
+        if next == Phase::HandingOver {
+            // No old worker reads a listener now: the new ones may, and
+            // send what is not yet theirs back here while sessions move.
+            if let Err(e) = out.channel.send(&ControlMsg::ReadListeners, &[]) {
+                tracing::warn!("upgrade: cannot tell the new generation to read: {e}");
+            }
+        }
         out.phase = next;
         for (w, part) in self.workers.iter_mut().zip(&out.taking_part) {
             out.done[w.id] = !part;
@@ -782,12 +791,22 @@ impl Supervisor {
         let _ = i.channel.flush();
         let open = i.channel.read_available().unwrap_or(false);
         let mut handed = false;
+        let mut read = false;
         while let Some(msg) = i.channel.next_msg() {
             match msg {
                 Ok((ControlMsg::Handed, _)) => handed = true,
+                Ok((ControlMsg::ReadListeners, _)) => read = true,
                 Ok((other, _)) => tracing::warn!("upgrade: unexpected message {other:?}"),
                 Err(e) => tracing::warn!("upgrade: bad message from the old supervisor: {e}"),
             }
+        }
+        if read {
+            for w in &mut self.workers {
+                if let Some(control) = w.control.as_mut() {
+                    let _ = control.send(&ControlMsg::ReadListeners, &[]);
+                }
+            }
+            tracing::info!("upgrade: the new workers read the listeners while sessions move");
         }
         if handed {
             self.go_live();
