@@ -51,8 +51,8 @@ pub enum ControlMsg {
     /// Worker -> supervisor: every session is handed over (`left` could not
     /// be: the successor refused them); it waits for `Stop`.
     HandedOver { left: u64 },
-    /// Old supervisor -> new supervisor: what the new one inherits (a text
-    /// of `key value` lines naming the inherited descriptors).
+    /// Old supervisor -> new supervisor: what the new one inherits (a JSON
+    /// object naming the inherited descriptors).
     Inherit { state: String },
     /// New supervisor -> old: its workers stand by, unread listeners; the
     /// sending ends of their inboxes, by slot, come with it (`fds` of them).
@@ -306,7 +306,7 @@ mod tests {
             ControlMsg::HandOver,
             ControlMsg::HandedOver { left: 2 },
             ControlMsg::Inherit {
-                state: "workers 2\n".into(),
+                state: "{\"protocol\": 1}".into(),
             },
             ControlMsg::Standby { fds: 2 },
             ControlMsg::Handed,

@@ -83,7 +83,15 @@ pub fn spawn_worker(exe: &Path, spec: &WorkerSpec) -> io::Result<Child> {
             // supervisor, which drains the workers over their control
             // channels. Ignored dispositions survive exec, so this also
             // covers the worker's start-up.
-            for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            // SIGUSR2 too: `systemctl kill -s USR2` without --kill-whom=main
+            // must upgrade the proxy, not kill its workers.
+            for signal in [
+                libc::SIGINT,
+                libc::SIGTERM,
+                libc::SIGHUP,
+                libc::SIGQUIT,
+                libc::SIGUSR2,
+            ] {
                 if libc::signal(signal, libc::SIG_IGN) == libc::SIG_ERR {
                     return Err(io::Error::last_os_error());
                 }

@@ -160,6 +160,21 @@ pub struct Supervisor {
     inbound: Option<upgrade::Inbound>,
     /// Where the stats file is (a new generation inherits it).
     stats_path: PathBuf,
+    /// Whether this process serves the slots: a new generation does once it
+    /// has taken over (until then the stats file is the old one's).
+    serving: bool,
+    /// Slot generations an abandoned upgrade's successors had: the slot's
+    /// next worker comes after them, and what they leased cools.
+    burned: Vec<(usize, u64)>,
+}
+
+/// The path this binary was started by (the path a package upgrade puts
+/// the new version at, a symlink left unresolved), else the resolved one.
+fn own_path() -> io::Result<PathBuf> {
+    match std::env::args_os().next().map(PathBuf::from) {
+        Some(p) if p.is_absolute() => Ok(p),
+        _ => std::env::current_exe(),
+    }
 }
 
 /// The signals the supervisor acts on.
@@ -240,7 +255,7 @@ impl Supervisor {
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(SupervisorError::Poll)?;
-        let exe = std::env::current_exe().map_err(SupervisorError::Exe)?;
+        let exe = own_path().map_err(SupervisorError::Exe)?;
         let metrics = match config.metrics {
             None => None,
             Some(addr) => {
@@ -280,6 +295,8 @@ impl Supervisor {
             outbound: None,
             inbound: None,
             stats_path,
+            serving: true,
+            burned: Vec::new(),
         };
         sup.steer_groups()?;
         for id in 0..count {
@@ -297,8 +314,9 @@ impl Supervisor {
     /// a running one.
     pub fn run(mut self) -> Result<(), SupervisorError> {
         let result = self.serve();
-        // Handed over to a new generation, the proxy runs on.
-        if !matches!(result, Ok(Served::HandedOver)) {
+        // Handed over to a new generation, the proxy runs on; one that never
+        // took over leaves the file to the generation that serves.
+        if self.serving && !matches!(result, Ok(Served::HandedOver)) {
             self.region.set_header(Header::StoppedAt, unix_now());
         }
         result.map(|_| ())
@@ -343,7 +361,9 @@ impl Supervisor {
                 }
                 tracing::error!("after a worker exited: {e}");
             }
-            self.check_upgrade()?;
+            if self.check_upgrade()? {
+                return Ok(Served::HandedOver);
+            }
             if let Some(deadline) = self.stop_deadline {
                 if self.workers.iter().all(|w| w.child.is_none()) {
                     tracing::info!("all workers exited; bye");
@@ -357,7 +377,8 @@ impl Supervisor {
             if !self.upgrading() {
                 self.restart_due();
             }
-            if Instant::now() >= self.next_health_check {
+            // Standing by, the old generation's supervisor judges backends.
+            if Instant::now() >= self.next_health_check && self.inbound.is_none() {
                 self.next_health_check = Instant::now() + crate::health::CHECK;
                 self.check_health();
             }
@@ -602,8 +623,10 @@ impl Supervisor {
         for signal in pending {
             match signal {
                 SIGTERM | SIGINT => self.begin_stop(signal),
-                SIGHUP if self.stop_deadline.is_none() && self.inbound.is_some() => {
-                    tracing::warn!("SIGHUP while taking over from the old generation: reload again once it is done");
+                SIGHUP if self.stop_deadline.is_none() && self.upgrading() => {
+                    tracing::warn!(
+                        "SIGHUP during a binary upgrade: refused; reload again once it is done"
+                    );
                 }
                 SIGHUP if self.stop_deadline.is_none() => self.reload(),
                 SIGUSR2 => self.begin_upgrade(),
@@ -670,6 +693,7 @@ impl Supervisor {
     /// Collects every exited child and schedules its replacement.
     fn reap(&mut self) -> Result<(), SupervisorError> {
         let handing_over = self.handing_over();
+        let mut reaped = Vec::new();
         loop {
             let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
@@ -690,15 +714,21 @@ impl Supervisor {
                 // (the new generation of an upgrade is `check_upgrade`'s).
                 continue;
             };
-            if self.inbound.is_some() {
-                let why = format!(
-                    "worker {} died while standing by ({})",
-                    w.id,
-                    describe(&status)
-                );
+            // Standing by (or given up before taking over), the slot is the
+            // old generation's: nothing of it is this process's to write.
+            if self.inbound.is_some() || !self.serving {
                 w.child = None;
-                return Err(self.fail_inbound(&why));
+                if self.inbound.is_some() {
+                    let why = format!(
+                        "worker {} died while standing by ({})",
+                        w.id,
+                        describe(&status)
+                    );
+                    return Err(self.fail_inbound(&why));
+                }
+                continue;
             }
+            reaped.push(w.id);
             w.child = None;
             if let Some(control) = w.control.take() {
                 let _ = self
@@ -731,6 +761,14 @@ impl Supervisor {
                     + max_reuse_delay_ms(&self.config);
                 let cooled = self.state.leases().cool_dead(|o| o == dead, until);
                 tracing::debug!(worker = w.id, "{cooled} upstream ports cool after its exit");
+                // An abandoned upgrade's successor of this slot: its
+                // generation is spent, its leases cool too.
+                if let Some(at) = self.burned.iter().position(|(id, _)| *id == w.id) {
+                    let (_, spent) = self.burned.swap_remove(at);
+                    let successor = Owner::new(w.id, spent);
+                    self.state.leases().cool_dead(|o| o == successor, until);
+                    slot.set_life(spent, SlotState::Exited);
+                }
             }
             if self.stop_deadline.is_some() || w.retiring || handing_over {
                 tracing::info!(worker = w.id, "exited: {}", describe(&status));
@@ -754,7 +792,9 @@ impl Supervisor {
                 w.backoff
             );
         }
-        self.upgrade_reaped();
+        for id in reaped {
+            self.upgrade_reaped(id);
+        }
         self.remove_retired()
     }
 

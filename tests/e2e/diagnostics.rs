@@ -6,14 +6,15 @@
 //! what the kernel dropped, and that udpshard's drop counter equals the
 //! kernel's own /proc/net/udp drops column for that socket.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use udpshard_tests::harness::{bind_udp, field_of, total, wait_until, Backend, Proxy};
+use udpshard_tests::harness::{
+    bind_udp, field_of, free_tcp_port, http_get, http_get_with, total, wait_until, Backend, Proxy,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
 const WAIT: Duration = Duration::from_secs(15);
@@ -267,25 +268,6 @@ fn doctor_prints_the_rmem_max_fix() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/udpshard.toml"));
-}
-
-fn free_tcp_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
-fn http_get(addr: &str, path: &str) -> String {
-    http_get_with(addr, path, "")
-}
-
-/// GET with extra header lines (each ending in \r\n).
-fn http_get_with(addr: &str, path: &str, headers: &str) -> String {
-    let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).expect("read response");
-    out
 }
 
 /// The metric names packaging/grafana/udpshard.json queries, from its

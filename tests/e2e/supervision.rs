@@ -779,13 +779,13 @@ fn a_worker_restarted_after_the_binary_was_replaced_runs_the_supervisors_own() {
     // fails, as a package upgrade replaces the file before SIGUSR2.
     let dir = udpshard_tests::harness::TempDir::new("replaced-binary");
     let exe = dir.path().join("udpshard");
-    std::fs::copy(BIN, &exe).unwrap();
+    udpshard_tests::harness::install_executable(Path::new(BIN), &exe);
     let proxy = Proxy::start(&exe, &config("2", &[a.addr]));
     let stats = || udpshard_tests::harness::stats_json(Path::new(BIN), &proxy.stats_file);
     let victim = field_of(&stats()["workers"][0], "pid");
-    let next = dir.path().join("udpshard.new");
-    std::fs::write(&next, "#!/bin/sh\nexit 1\n").unwrap();
-    std::fs::rename(&next, &exe).unwrap();
+    let script = dir.path().join("broken.sh");
+    std::fs::write(&script, "#!/bin/sh\nexit 1\n").unwrap();
+    udpshard_tests::harness::install_executable(&script, &exe);
     // SAFETY: kill(2) on the proxy's own worker.
     assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
     // (The stats through the test's binary: the proxy's path holds a broken one.)

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use udpshard_tests::harness::{
-    bind_udp, listener_config, process_exists, quic_short, stats_json, total, wait_until, Backend,
-    Proxy, TempDir,
+    bind_udp, free_tcp_port, http_get, install_executable, listener_config, process_exists,
+    quic_short, stats_json, total, wait_until, Backend, Proxy, TempDir,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
@@ -32,18 +32,16 @@ fn config(backends: &[SocketAddr], top: &str) -> String {
 /// A copy of the binary at a path of its own, in `dir`.
 fn copy_binary(dir: &TempDir) -> PathBuf {
     let exe = dir.path().join("udpshard");
-    std::fs::copy(BIN, &exe).unwrap();
+    install_executable(Path::new(BIN), &exe);
     exe
 }
 
-/// Puts `content` at `exe` as a new file (written beside it, renamed over
-/// it), as dpkg and rpm install a new version.
-fn replace_binary(exe: &Path, content: &[u8]) {
-    use std::os::unix::fs::PermissionsExt;
-    let next = exe.with_extension("new");
-    std::fs::write(&next, content).unwrap();
-    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::rename(&next, exe).unwrap();
+/// Puts a script at `exe` as a new file, as a package upgrade would put a
+/// new version.
+fn replace_with_script(exe: &Path, script: &str) {
+    let text = exe.with_extension("script");
+    std::fs::write(&text, script).unwrap();
+    install_executable(&text, exe);
 }
 
 /// 200 clients, one CID each, sending in rounds and reading what comes back.
@@ -136,7 +134,9 @@ fn sigusr2_upgrades_without_losing_a_datagram_a_backend_or_a_4tuple() {
     );
     let dir = TempDir::new("upgrade");
     let exe = copy_binary(&dir);
-    let mut proxy = Proxy::start(&exe, &config(&[a.addr, b.addr, c.addr], ""));
+    let metrics = format!("127.0.0.1:{}", free_tcp_port());
+    let top = format!("metrics = \"{metrics}\"");
+    let mut proxy = Proxy::start(&exe, &config(&[a.addr, b.addr, c.addr], &top));
     let to = proxy.addr("quic");
     let old_pid = proxy.pid();
     let mut clients = Clients::new();
@@ -158,7 +158,7 @@ fn sigusr2_upgrades_without_losing_a_datagram_a_backend_or_a_4tuple() {
 
     // The package manager's part: a new file at the binary's path. Then
     // the signal, with the traffic going on.
-    replace_binary(&exe, &std::fs::read(BIN).unwrap());
+    install_executable(Path::new(BIN), &exe);
     proxy.signal(libc::SIGUSR2);
     let deadline = Instant::now() + WAIT;
     let mut after_took = None;
@@ -247,7 +247,61 @@ fn sigusr2_upgrades_without_losing_a_datagram_a_backend_or_a_4tuple() {
         assert_ne!(w["pid"], old["pid"], "{after:#}");
     }
     assert_eq!(total(&after, "drops.worker_lost"), 0, "{after:#}");
-    stop(new_pid);
+
+    // Again, from the new generation, with the config file changed
+    // meanwhile: the third generation starts on what ran, then applies the
+    // file (a fourth backend) as a reload would.
+    let d = Backend::start("d");
+    std::fs::write(
+        &proxy.config_path,
+        config(&[a.addr, b.addr, c.addr, d.addr], &top)
+            .replace("{stats_file}", &proxy.stats_file.display().to_string()),
+    )
+    .unwrap();
+    // SAFETY: kill(2) on the supervisor that took over.
+    assert_eq!(unsafe { libc::kill(new_pid as i32, libc::SIGUSR2) }, 0);
+    let third = wait_stats(&proxy, "a second upgrade", |s| {
+        s["upgrades"] == 2 && s["config_generation"] == 2
+    });
+    wait_until(WAIT, "the second old supervisor to exit", || {
+        !process_exists(new_pid)
+    });
+    let third_pid = third["supervisor_pid"].as_u64().unwrap() as u32;
+    assert!(
+        proxy
+            .log()
+            .contains("the config file differs from what ran; applying it"),
+        "{}",
+        proxy.log()
+    );
+    for (w, old) in third["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(before["workers"].as_array().unwrap())
+    {
+        assert_eq!(
+            w["generation"].as_u64(),
+            old["generation"].as_u64().map(|g| g + 2),
+            "{third:#}"
+        );
+    }
+    assert!(
+        third["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["addr"] == d.addr.to_string() && b["in_config"] == true),
+        "{third:#}"
+    );
+    clients.round(to, seq);
+    clients.settle(WAIT);
+    assert_eq!(clients.received(), clients.sent, "after the second upgrade");
+    // The metrics listener went from generation to generation.
+    let page = http_get(&metrics, "/metrics");
+    assert!(page.contains("udpshard_upgrades_total 2"), "{page}");
+    assert!(page.contains("udpshard_upgrade_failures_total 0"), "{page}");
+    stop(third_pid);
 }
 
 #[test]
@@ -271,7 +325,7 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
 
     // A new binary that never stands ready: the upgrade times out, and a
     // second SIGUSR2 meanwhile is refused.
-    replace_binary(&exe, b"#!/bin/sh\nexec sleep 30\n");
+    replace_with_script(&exe, "#!/bin/sh\nexec sleep 30\n");
     proxy.signal(libc::SIGUSR2);
     proxy.wait_log("upgrade: the new binary started", WAIT);
     proxy.signal(libc::SIGUSR2);
@@ -288,7 +342,7 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
     serves(20, "after a timeout");
 
     // A new binary that fails at once.
-    replace_binary(&exe, b"#!/bin/sh\nexit 1\n");
+    replace_with_script(&exe, "#!/bin/sh\nexit 1\n");
     proxy.signal(libc::SIGUSR2);
     let s = wait_stats(&proxy, "a second failed upgrade", |s| {
         s["upgrade_failures"] == 2
@@ -303,7 +357,7 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
     assert_eq!(total(&s, "tx_packets"), 30, "{s:#}");
 
     // A binary whose config check fails says why.
-    replace_binary(&exe, &std::fs::read(BIN).unwrap());
+    install_executable(Path::new(BIN), &exe);
     std::fs::write(&proxy.config_path, "workers = [\n").unwrap();
     proxy.signal(libc::SIGUSR2);
     let s = wait_stats(&proxy, "a third failed upgrade", |s| {

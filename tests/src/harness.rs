@@ -364,3 +364,48 @@ pub fn process_exists(pid: u32) -> bool {
         })
         .unwrap_or(false)
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for a metrics
+/// endpoint, which may not be port 0).
+pub fn free_tcp_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a TCP port");
+    l.local_addr().expect("its address").port()
+}
+
+/// GET `path` from `addr` over HTTP/1.1: the whole response.
+pub fn http_get(addr: &str, path: &str) -> String {
+    http_get_with(addr, path, "")
+}
+
+/// GET with extra header lines (each ending in \r\n).
+pub fn http_get_with(addr: &str, path: &str, headers: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read response");
+    out
+}
+
+/// Puts a copy of `from` at `to`, executable, as a new file (renamed into
+/// place, as dpkg and rpm install one). The copy is written by `cp`, not by
+/// this process: a test thread that forks meanwhile would inherit this
+/// process's descriptor open for writing, and until that child execs,
+/// running the file fails with ETXTBSY.
+pub fn install_executable(from: &Path, to: &Path) {
+    let next = to.with_extension("installing");
+    let status = Command::new("cp")
+        .arg(from)
+        .arg(&next)
+        .status()
+        .expect("run cp");
+    assert!(status.success(), "cp {} {}", from.display(), next.display());
+    let status = Command::new("chmod")
+        .arg("755")
+        .arg(&next)
+        .status()
+        .expect("run chmod");
+    assert!(status.success(), "chmod {}", next.display());
+    std::fs::rename(&next, to).expect("rename into place");
+}

@@ -914,6 +914,14 @@ impl Loop {
             }
         }
         self.read_inbox();
+        // Frames that wait for room in an inbox go with a last try or two.
+        for _ in 0..50 {
+            self.handoff.flush_pending();
+            if !self.handoff.has_pending() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// A binary upgrade: stop reading the listeners, which the successor
@@ -963,7 +971,8 @@ impl Loop {
             }
         }
         let left = self.router.sessions() as u64;
-        if left > 0 && !timed_out {
+        let refused = self.router.refused_by_successor() as u64;
+        if left > refused && !timed_out {
             return Ok(());
         }
         if left > 0 {

@@ -239,7 +239,7 @@ impl Handoff {
         self.pending = keep;
     }
 
-    #[cfg(test)]
+    /// Whether control frames wait for room.
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }

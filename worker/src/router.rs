@@ -438,6 +438,8 @@ pub struct Router<O, S> {
     /// A binary upgrade: this process stands by to take the slot over from
     /// this predecessor and is not yet live (frames to its own id go to it).
     standby: Option<Owner>,
+    /// Sessions the successor refused: not offered again.
+    refused_by_successor: ahash::AHashSet<SessionId>,
 }
 
 impl<O: Owners, S: Sockets> Router<O, S> {
@@ -469,6 +471,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             relay_cursor: 0,
             successor: None,
             standby: None,
+            refused_by_successor: ahash::AHashSet::new(),
         }
     }
 
@@ -501,12 +504,19 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 .sessions
                 .get(sid)
                 .is_some_and(|s| s.transferring.is_none())
+                && !self.refused_by_successor.contains(&sid)
             {
                 self.transfer(sid, self.id);
                 offered += 1;
             }
         }
         offered
+    }
+
+    /// Sessions the successor refused (they stay here until this process
+    /// exits; their flows start afresh there).
+    pub fn refused_by_successor(&self) -> usize {
+        self.refused_by_successor.len()
     }
 
     /// Sessions on offer and not yet answered.
@@ -697,9 +707,21 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let hash = self.owner_hash(a.listener, &key);
         let hops = a.via.hops();
         if self.successor.is_some() {
-            // Handing over: the successor makes the sessions now (one more
-            // hop, whatever the count: it never hands a datagram back).
-            self.hand_over(self.id, a, d, hops.saturating_add(1));
+            // Handing over: a session another old worker still has is
+            // served there; any other goes to the successor, which makes
+            // the sessions now (one more hop whatever the count: what it
+            // sends here is only what this generation still has).
+            let to = match self.owners.lookup(hash) {
+                Some(o)
+                    if o != self.me
+                        && usize::from(o.worker) != self.id
+                        && self.owners.is_live(o) =>
+                {
+                    usize::from(o.worker)
+                }
+                _ => self.id,
+            };
+            self.hand_over(to, a, d, hops.saturating_add(1));
             return Err(Outcome::Done);
         }
         let mut inherited = None;
@@ -711,7 +733,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         if let Some(pred) = self.standby {
             if hops < MAX_HOPS {
                 match self.owners.lookup(hash) {
-                    Some(o) if o == pred => {
+                    // The old generation's (this slot's, or another's: the
+                    // predecessor sends it on).
+                    Some(o) if o == pred || (o.worker != pred.worker && self.owners.is_live(o)) => {
                         self.hand_over(self.id, a, d, hops + 1);
                         return Err(Outcome::Done);
                     }
@@ -1514,7 +1538,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // backend lists differ (mid-reload), or we made our own session
         // meanwhile: it stays where it is.
         // Nor does it come to a worker that is leaving or full.
-        let refused = if fds != t.paths.len() {
+        let refused = if self.successor.is_some() {
+            Some("handing its own sessions over")
+        } else if fds != t.paths.len() {
             Some("its sockets did not arrive")
         } else if !backend_ok {
             Some("the backend lists differ")
@@ -1605,6 +1631,11 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let offer = s.transferring.take();
         if !accepted {
             s.handoff_streak = (0, 0);
+            // The successor will not have it: it is not offered again (the
+            // handover would loop until its timeout).
+            if self.successor.is_some() && usize::from(from) == self.id {
+                self.refused_by_successor.insert(sid);
+            }
             return;
         }
         if let Some(offer) = offer {

@@ -54,12 +54,25 @@ use crate::reuseport::ReuseportGroup;
 
 /// The channel between the two supervisors.
 pub(super) const UPGRADE: Token = Token((1 << 30) - 1);
-/// What the two sides speak: a new binary that speaks another refuses.
+/// What the two generations speak across an upgrade: this state, the
+/// upgrade's control messages, the handoff frames old and new workers
+/// exchange (a session's `Transfer`), and the layouts of the stats and
+/// state regions. A change to any of them bumps it; a new binary that
+/// speaks another refuses, and the old generation serves on.
 const PROTOCOL: u64 = 1;
-/// After the old generation starts handing over, how much longer than
-/// `upgrade_timeout` the whole may take (workers give up on sessions
-/// they cannot hand over after 10 s).
-const HANDOVER_GRACE: Duration = Duration::from_secs(15);
+/// How long the old workers may take to stop reading their listeners.
+const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long they may take to hand their sessions over (they give up on
+/// those left after 10 s, and say so).
+const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long they may take to exit once told; then they are killed (their
+/// sessions are the new generation's already).
+const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the new supervisor may take to say it serves, after which the
+/// old one exits anyway: the new one holds everything by then.
+const TOOK_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the new side waits for the old one's steps once it stands by.
+const INBOUND_GRACE: Duration = Duration::from_secs(40);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -89,6 +102,10 @@ pub(super) struct Outbound {
     successors: Vec<OwnedFd>,
     /// The new binary exited (reaped with the workers), and how.
     exited: Option<String>,
+    /// It has been reaped: its pid is no longer its to signal.
+    reaped: bool,
+    /// When its end of the channel closed (it is exiting).
+    closed_at: Option<Instant>,
 }
 
 /// The new side: this supervisor, standing by to take over.
@@ -128,6 +145,26 @@ impl Supervisor {
         }
         if self.stop_deadline.is_some() {
             tracing::warn!("SIGUSR2 while stopping: no upgrade");
+            return;
+        }
+        if std::process::id() == 1 {
+            // Its exit would end the container, the new generation with it.
+            tracing::warn!(
+                "SIGUSR2: as PID 1 (a container's init) this process cannot hand over and exit; \
+                 run the container with an init (docker run --init) to upgrade in place"
+            );
+            return;
+        }
+        if let Some(w) = self
+            .workers
+            .iter()
+            .find(|w| w.state != WorkerState::Ready || w.retiring)
+        {
+            tracing::warn!(
+                worker = w.id,
+                "SIGUSR2: refused while a worker is starting, restarting or retiring; \
+                 try again once `udpshard stats` shows every worker ready"
+            );
             return;
         }
         tracing::info!("SIGUSR2: upgrading to {}", self.exe.display());
@@ -243,6 +280,8 @@ impl Supervisor {
             done: vec![false; n],
             successors: Vec::new(),
             exited: None,
+            reaped: false,
+            closed_at: None,
         })
     }
 
@@ -292,22 +331,15 @@ impl Supervisor {
             }
         }
         if let Some(out) = self.outbound.as_mut().filter(|_| !open) {
-            // The channel closes as the process exits: say how it ended.
-            let deadline = Instant::now() + Duration::from_millis(200);
-            let status = loop {
-                match out.child.try_wait() {
-                    Ok(Some(status)) => break Some(status.to_string()),
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(5))
-                    }
-                    _ => break out.exited.take(),
-                }
-            };
-            let why = match status {
-                Some(status) => format!("the new binary exited ({status}) before it took over"),
-                None => "the new binary closed the upgrade channel".to_string(),
-            };
-            self.abandon_upgrade(&why);
+            // The channel closes as the process exits: its exit status,
+            // reaped in a moment, says how it ended (`check_upgrade`).
+            if out.closed_at.is_none() {
+                out.closed_at = Some(Instant::now());
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut SourceFd(&out.channel.stream.as_raw_fd()));
+            }
         }
         Ok(false)
     }
@@ -327,7 +359,7 @@ impl Supervisor {
             return;
         };
         out.phase = Phase::Quiescing;
-        out.deadline = Instant::now() + self.config.upgrade_timeout + HANDOVER_GRACE;
+        out.deadline = Instant::now() + QUIESCE_TIMEOUT;
         for (w, successor) in self.workers.iter_mut().zip(&successors) {
             let serving = w.state == WorkerState::Ready && !w.retiring && w.control.is_some();
             out.taking_part[w.id] = serving;
@@ -399,6 +431,11 @@ impl Supervisor {
             }
         }
         out.phase = next;
+        out.deadline = Instant::now()
+            + match next {
+                Phase::HandingOver => HAND_OVER_TIMEOUT,
+                _ => EXIT_TIMEOUT,
+            };
         for (w, part) in self.workers.iter_mut().zip(&out.taking_part) {
             out.done[w.id] = !part;
             if let Some(control) = w.control.as_mut().filter(|_| *part) {
@@ -420,6 +457,7 @@ impl Supervisor {
             return;
         };
         out.phase = Phase::Handed;
+        out.deadline = Instant::now() + TOOK_TIMEOUT;
         // systemd's main process is the new supervisor from now on; its
         // READY=1 then comes from the main process (NotifyAccess=main).
         notify(&format!("MAINPID={}", out.child.id()));
@@ -440,12 +478,21 @@ impl Supervisor {
             .poll
             .registry()
             .deregister(&mut SourceFd(&out.channel.stream.as_raw_fd()));
-        let _ = out.child.kill();
-        let _ = out.child.wait();
+        if !out.reaped {
+            // Killed, it is reaped with the workers (it has no PDEATHSIG).
+            let _ = out.child.kill();
+        }
         if out.phase != Phase::Starting {
             for w in &mut self.workers {
-                if let Some(child) = w.child.as_mut().filter(|_| out.taking_part[w.id]) {
+                let part = out.taking_part.get(w.id).copied().unwrap_or(false);
+                if let Some(child) = w.child.as_mut().filter(|_| part) {
                     let _ = child.kill();
+                }
+                // The generation its successor had is spent: the ownership
+                // entries and leases it took name it. The slot's next
+                // worker comes after it, and its leases cool.
+                if let Some(slot) = self.region.slot(w.id) {
+                    self.burned.push((w.id, slot.life().0 + 1));
                 }
             }
         }
@@ -459,22 +506,54 @@ impl Supervisor {
         self.count_upgrade_failure(why);
     }
 
-    /// The loop's periodic check.
-    pub(super) fn check_upgrade(&mut self) -> Result<(), SupervisorError> {
+    /// The loop's periodic check: true when this supervisor is to exit (it
+    /// handed everything over).
+    pub(super) fn check_upgrade(&mut self) -> Result<bool, SupervisorError> {
         let now = Instant::now();
         if let Some(out) = self.outbound.as_mut() {
             if let Some(status) = out.exited.take() {
                 let why = format!("the new binary exited ({status}) before it took over");
                 self.abandon_upgrade(&why);
+            } else if out
+                .closed_at
+                .is_some_and(|t| now >= t + Duration::from_secs(1))
+            {
+                self.abandon_upgrade("the new binary closed the upgrade channel");
             } else if now >= out.deadline {
-                let why = match out.phase {
-                    Phase::Starting => format!(
-                        "the new binary did not stand ready within upgrade_timeout ({:?})",
-                        self.config.upgrade_timeout
-                    ),
-                    _ => "the handover did not finish in time".to_string(),
-                };
-                self.abandon_upgrade(&why);
+                match out.phase {
+                    Phase::Starting => {
+                        let why = format!(
+                            "the new binary did not stand ready within upgrade_timeout ({:?})",
+                            self.config.upgrade_timeout
+                        );
+                        self.abandon_upgrade(&why);
+                    }
+                    Phase::Quiescing => self.abandon_upgrade(&format!(
+                        "the old workers did not stop reading within {QUIESCE_TIMEOUT:?}"
+                    )),
+                    Phase::HandingOver => self.abandon_upgrade(&format!(
+                        "the old workers did not hand over within {HAND_OVER_TIMEOUT:?}"
+                    )),
+                    Phase::Stopping => {
+                        // Their sessions are handed over: what is left of
+                        // them goes now.
+                        tracing::warn!("upgrade: old workers did not exit in time; killing them");
+                        for w in &mut self.workers {
+                            if let Some(child) = w.child.as_mut() {
+                                let _ = child.kill();
+                            }
+                        }
+                        out.deadline = now + EXIT_TIMEOUT;
+                    }
+                    // The new generation has everything: never kill it now.
+                    Phase::Handed => {
+                        tracing::warn!(
+                            "upgrade: the new supervisor did not confirm within {TOOK_TIMEOUT:?}; \
+                             it holds every slot, so this one exits anyway"
+                        );
+                        return Ok(true);
+                    }
+                }
             }
         }
         if let Some(i) = self.inbound.as_ref() {
@@ -482,7 +561,7 @@ impl Supervisor {
                 return Err(self.fail_inbound("the old generation did not hand over in time"));
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// `pid` was reaped: true when it is the new binary (not a worker).
@@ -490,19 +569,30 @@ impl Supervisor {
         match self.outbound.as_mut() {
             Some(out) if out.child.id() as i32 == pid => {
                 out.exited = Some(how.to_string());
+                out.reaped = true;
                 true
             }
             _ => false,
         }
     }
 
-    /// An old worker exited during the upgrade.
-    pub(super) fn upgrade_reaped(&mut self) {
-        if self
-            .outbound
-            .as_ref()
-            .is_some_and(|o| o.phase == Phase::Stopping)
-        {
+    /// Old worker `id` exited during the upgrade: one that crashed before
+    /// its step was done takes no further part (its sessions start afresh
+    /// at the new generation), so the others do not wait for it.
+    pub(super) fn upgrade_reaped(&mut self, id: usize) {
+        let Some(out) = self.outbound.as_mut() else {
+            return;
+        };
+        if matches!(out.phase, Phase::Quiescing | Phase::HandingOver) {
+            if let (Some(part), Some(done)) = (out.taking_part.get_mut(id), out.done.get_mut(id)) {
+                if *part && !*done {
+                    tracing::warn!(worker = id, "upgrade: died while handing over");
+                    *part = false;
+                    *done = true;
+                }
+            }
+        }
+        if out.phase != Phase::Starting {
             self.advance_upgrade();
         }
     }
@@ -580,7 +670,20 @@ impl Supervisor {
                 s["protocol"]
             );
         }
-        let fd = |v: &Value| v.as_i64().and_then(|n| RawFd::try_from(n).ok());
+        // Each named descriptor must be open, and named once: this process
+        // takes each as its own, and two owners of one would close it twice.
+        let taken = std::cell::RefCell::new(vec![channel.stream.as_raw_fd()]);
+        let fd = |v: &Value| {
+            let fd = v.as_i64().and_then(|n| RawFd::try_from(n).ok())?;
+            let mut taken = taken.borrow_mut();
+            // SAFETY: F_GETFD only reads the descriptor's flags; it fails
+            // with EBADF for one that is not open.
+            let open = fd > 2 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+            (open && !taken.contains(&fd)).then(|| {
+                taken.push(fd);
+                fd
+            })
+        };
         let (Some(origin), Some(text)) = (s["origin"].as_str(), s["config"].as_str()) else {
             bail!("the old supervisor's state names no config");
         };
@@ -594,9 +697,10 @@ impl Supervisor {
         let (Some(stats_fd), Some(state_fd)) = (fd(&s["stats_fd"]), fd(&s["state_fd"])) else {
             bail!("the old supervisor's state names no stats or state region");
         };
-        // SAFETY (both): descriptors inherited across exec for this process
-        // alone, named once in the state.
+        // SAFETY: open, inherited across exec for this process alone, and
+        // named once in the state (`fd` checks both).
         let stats_file = unsafe { File::from_raw_fd(stats_fd) };
+        // SAFETY: as for the stats file.
         let state_fd = unsafe { OwnedFd::from_raw_fd(state_fd) };
         set_cloexec(stats_file.as_raw_fd());
         set_cloexec(state_fd.as_raw_fd());
@@ -691,7 +795,7 @@ impl Supervisor {
         {
             bail!("signals: {e}");
         }
-        let exe = match std::env::current_exe() {
+        let exe = match super::own_path() {
             Ok(e) => e,
             Err(e) => bail!("cannot find the udpshard executable: {e}"),
         };
@@ -747,11 +851,13 @@ impl Supervisor {
             health: crate::health::Health::default(),
             metrics,
             outbound: None,
+            serving: false,
+            burned: Vec::new(),
             inbound: Some(Inbound {
                 channel,
                 generations,
                 predecessors,
-                deadline: Instant::now() + upgrade_timeout + HANDOVER_GRACE,
+                deadline: Instant::now() + upgrade_timeout + INBOUND_GRACE,
                 standby_sent: false,
                 file_text: (file_text != text).then_some(file_text),
             }),
@@ -825,6 +931,7 @@ impl Supervisor {
         let Some(mut i) = self.inbound.take() else {
             return;
         };
+        self.serving = true;
         let pid = std::process::id();
         self.region
             .set_header(Header::SupervisorPid, u64::from(pid));
