@@ -191,6 +191,10 @@ pub enum Counter {
     /// The version of the binary the slot's process runs ([`pack_version`]),
     /// supervisor-written.
     Version,
+    /// The kernel's drop counts on the listener sockets, summed, as the
+    /// worker last read them: `DropSocket` less this is what closed sockets
+    /// counted, and the slot's next process counts on from this reading.
+    ListenerDropsSeen,
 }
 
 /// A version `major.minor.patch` and the first 7 hex digits of its commit
@@ -229,7 +233,7 @@ pub fn version_text(word: u64) -> String {
 }
 
 impl Counter {
-    pub const COUNT: usize = Counter::Version as usize + 1;
+    pub const COUNT: usize = Counter::ListenerDropsSeen as usize + 1;
 }
 
 /// The client datagrams a worker's slot has taken in: read from its

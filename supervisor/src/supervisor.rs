@@ -377,13 +377,20 @@ impl Supervisor {
             if !self.upgrading() {
                 self.restart_due();
             }
-            // Standing by, the old generation's supervisor judges backends.
-            if Instant::now() >= self.next_health_check && self.inbound.is_none() {
+            // The timers run on through an upgrade (a timer left due would
+            // make every poll return at once); what they do waits. Standing
+            // by, the old generation's supervisor judges backends.
+            if Instant::now() >= self.next_health_check {
                 self.next_health_check = Instant::now() + crate::health::CHECK;
-                self.check_health();
+                if self.inbound.is_none() {
+                    self.check_health();
+                }
             }
-            if Instant::now() >= self.next_cpu_check && !self.upgrading() {
+            if Instant::now() >= self.next_cpu_check {
                 self.next_cpu_check = Instant::now() + CPU_CHECK;
+                if self.upgrading() {
+                    continue;
+                }
                 if let Err(e) = self.check_cpus() {
                     tracing::error!(
                         "following the allowed CPU set: {e}; trying again in {CPU_CHECK:?}"
@@ -422,7 +429,13 @@ impl Supervisor {
     }
 
     fn next_deadline(&self) -> Instant {
-        let restart = self.workers.iter().filter_map(|w| w.restart_at).min();
+        // Restarts wait while an upgrade runs: their times are not due.
+        let restart = self
+            .workers
+            .iter()
+            .filter_map(|w| w.restart_at)
+            .min()
+            .filter(|_| !self.upgrading());
         [
             restart,
             self.stop_deadline,
@@ -794,6 +807,14 @@ impl Supervisor {
         }
         for id in reaped {
             self.upgrade_reaped(id);
+        }
+        if !handing_over
+            && self.outbound.is_some()
+            && self.workers.iter().any(|w| w.child.is_none())
+        {
+            // Nothing has moved yet: the upgrade is given up, and the dead
+            // worker restarts as after any crash.
+            self.abandon_upgrade("a worker died while the new binary started");
         }
         self.remove_retired()
     }

@@ -8,7 +8,7 @@ use udpshard_shared::stats::{BackendCounts, Counter, StatsSlot};
 
 /// Words the worker owns in its slot (the supervisor writes the identity
 /// words: pid, cpu, generation, state, restarts).
-const WORKER_OWNED: [Counter; 42] = [
+const WORKER_OWNED: [Counter; 43] = [
     Counter::RxPackets,
     Counter::RxBytes,
     Counter::TxPackets,
@@ -51,6 +51,7 @@ const WORKER_OWNED: [Counter; 42] = [
     Counter::ControlLost,
     Counter::TxRaw,
     Counter::TxRawRefused,
+    Counter::ListenerDropsSeen,
 ];
 
 #[derive(Debug, Clone)]
@@ -121,7 +122,7 @@ impl Counters {
                 | Counter::LoopMaxUs
                 | Counter::Heartbeat
                 | Counter::HealthApplied => ours,
-                Counter::DropSocket => slot.get(c),
+                Counter::DropSocket | Counter::ListenerDropsSeen => slot.get(c),
                 _ => slot.get(c).wrapping_add(ours),
             };
         }

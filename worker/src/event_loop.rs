@@ -149,14 +149,12 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     {
         counters.resume_backends(&counts);
     }
-    // The slot's socket drops continue: its sockets' own counts (the same
-    // sockets after a crash, still counting what overflowed meanwhile),
-    // over what the slot counted before on sockets since closed (a resize
-    // that retired the slot, a reload that removed a listener).
-    let socket_drops_seen = listener_drops(&listeners);
-    let socket_drops_base = counters
-        .get(Counter::DropSocket)
-        .saturating_sub(socket_drops_seen);
+    // The slot's socket drops continue from its last process's reading of
+    // the same sockets (what overflowed since, after a crash, is counted at
+    // the next tick), over what the slot counted before on sockets since
+    // closed (a resize that retired the slot, a reload that removed a
+    // listener).
+    let (socket_drops_seen, socket_drops_base) = drops_from(&counters);
     if args.standby.is_none() {
         counters.publish(&slot);
     }
@@ -613,15 +611,7 @@ impl Loop {
         self.router.counters.add(Counter::ControlLost, queue.lost);
         self.router
             .handoff_queue_settled(queue.sent_datagrams, queue.lost_datagrams);
-        let socket_drops = listener_drops(&self.listeners);
-        if socket_drops < self.socket_drops_seen {
-            // A listener left (reload): what its socket counted stays.
-            self.socket_drops_base += self.socket_drops_seen - socket_drops;
-        }
-        self.socket_drops_seen = socket_drops;
-        self.router
-            .counters
-            .set(Counter::DropSocket, self.socket_drops_base + socket_drops);
+        self.note_listener_drops();
         // Refused paths: once a second at most, with what the ranges hold.
         let no_port = self.router.counters.get(Counter::DropNoPort);
         if no_port > self.last_no_port && now >= self.last_warn_ms + 1000 {
@@ -649,6 +639,19 @@ impl Loop {
                 );
             }
         }
+    }
+
+    /// The kernel's drops on the listener sockets, into `drops.socket`.
+    fn note_listener_drops(&mut self) {
+        let socket_drops = listener_drops(&self.listeners);
+        if socket_drops < self.socket_drops_seen {
+            // A listener left (reload): what its socket counted stays.
+            self.socket_drops_base += self.socket_drops_seen - socket_drops;
+        }
+        self.socket_drops_seen = socket_drops;
+        let counters = &mut self.router.counters;
+        counters.set(Counter::DropSocket, self.socket_drops_base + socket_drops);
+        counters.set(Counter::ListenerDropsSeen, socket_drops);
     }
 
     /// Reads up to the budget from listener `l`; true when its socket is empty.
@@ -914,6 +917,11 @@ impl Loop {
             }
         }
         self.read_inbox();
+        // The sockets' drops up to now are this process's to count (a
+        // successor counts from where this leaves them).
+        if !self.standby {
+            self.note_listener_drops();
+        }
         // Frames that wait for room in an inbox go with a last try or two.
         for _ in 0..50 {
             self.handoff.flush_pending();
@@ -1020,12 +1028,7 @@ impl Loop {
             .counters
             .get(Counter::WallNs)
             .saturating_sub(since_start);
-        self.socket_drops_seen = listener_drops(&self.listeners);
-        self.socket_drops_base = self
-            .router
-            .counters
-            .get(Counter::DropSocket)
-            .saturating_sub(self.socket_drops_seen);
+        (self.socket_drops_seen, self.socket_drops_base) = drops_from(&self.router.counters);
         let _ = self.handoff.set_twin(self.id, None);
         self.router.set_standby(None);
         self.standby = false;
@@ -1199,6 +1202,13 @@ fn raise_fd_limit() {
             let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
         }
     }
+}
+
+/// Where a slot's listener-socket drops stand: (the kernel's count its last
+/// process read, what sockets since closed had counted).
+fn drops_from(counters: &Counters) -> (u64, u64) {
+    let seen = counters.get(Counter::ListenerDropsSeen);
+    (seen, counters.get(Counter::DropSocket).saturating_sub(seen))
 }
 
 /// The kernel's drop counts on `listeners`' sockets, summed.

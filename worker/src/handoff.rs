@@ -38,8 +38,8 @@ pub struct Handoff {
     peers: Vec<UnixDatagram>,
     /// During a binary upgrade, this worker's id and the inbox of the other
     /// generation of its slot (its successor, or its predecessor): frames
-    /// to its own id go there.
-    twin: Option<(usize, UnixDatagram)>,
+    /// to its own id go there; once it is gone (`None`), nowhere.
+    twin: Option<(usize, Option<UnixDatagram>)>,
     cmsg: Vec<u8>,
     /// Control frames that found their inbox full, in order.
     pending: VecDeque<Pending>,
@@ -101,19 +101,23 @@ impl Handoff {
     }
 
     /// Frames to worker `me` (this one) go to `twin` from now on: the
-    /// inbox of the other generation of this slot (`None`: nowhere).
+    /// inbox of the other generation of this slot (`None`: it is gone, and
+    /// they fail, counted, rather than loop back into this inbox).
     pub fn set_twin(&mut self, me: usize, twin: Option<UnixDatagram>) -> io::Result<()> {
         if let Some(t) = &twin {
             t.set_nonblocking(true)?;
         }
-        self.twin = twin.map(|t| (me, t));
+        self.twin = Some((me, twin));
         Ok(())
     }
 
     fn peer(&self, to: usize) -> io::Result<RawFd> {
         if let Some((me, twin)) = &self.twin {
             if *me == to {
-                return Ok(twin.as_raw_fd());
+                return twin
+                    .as_ref()
+                    .map(|t| t.as_raw_fd())
+                    .ok_or_else(|| io::Error::other("the other generation of this slot is gone"));
             }
         }
         self.peers

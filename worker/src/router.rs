@@ -532,6 +532,15 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             .count()
     }
 
+    /// Whether `o` is the process about to take slot `o.worker` over in an
+    /// upgrade: the generation after the one serving it, not yet published.
+    fn unpublished_successor(&self, o: Owner) -> bool {
+        let worker = usize::from(o.worker);
+        self.owners
+            .live_owner(worker)
+            .is_some_and(|l| Owner::new(worker, u64::from(l.generation) + 1) == o)
+    }
+
     /// Whether `o` serves: the successor does, to its predecessor.
     fn live(&self, o: Owner) -> bool {
         self.successor == Some(o) || self.owners.is_live(o)
@@ -711,11 +720,12 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             // served there; any other goes to the successor, which makes
             // the sessions now (one more hop whatever the count: what it
             // sends here is only what this generation still has).
+            // Another slot's: its old worker has it, or passes it on to its
+            // successor (not yet published) that has.
             let to = match self.owners.lookup(hash) {
                 Some(o)
-                    if o != self.me
-                        && usize::from(o.worker) != self.id
-                        && self.owners.is_live(o) =>
+                    if usize::from(o.worker) != self.id
+                        && (self.owners.is_live(o) || self.unpublished_successor(o)) =>
                 {
                     usize::from(o.worker)
                 }
@@ -725,45 +735,46 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             return Err(Outcome::Done);
         }
         let mut inherited = None;
-        // Standing by, a session its predecessor still has is served there
-        // until it comes (in order, on the predecessor's channel: what it
-        // forwards back arrives after the session). Every other owner is of
-        // a generation handing over, or of this one and not yet live: the
-        // flow is made here.
-        if let Some(pred) = self.standby {
-            if hops < MAX_HOPS {
-                match self.owners.lookup(hash) {
-                    // The old generation's (this slot's, or another's: the
-                    // predecessor sends it on).
-                    Some(o) if o == pred || (o.worker != pred.worker && self.owners.is_live(o)) => {
-                        self.hand_over(self.id, a, d, hops + 1);
-                        return Err(Outcome::Done);
-                    }
-                    Some(o) if o == self.me && a.via == Via::Socket => {
-                        return Err(Outcome::Deferred)
-                    }
-                    _ => {}
-                }
-            }
-        } else if hops < MAX_HOPS {
+        // Standing by while the predecessor serves, a session of the old
+        // generation is served there until it comes (in order, on the
+        // predecessor's channel: what it sends back arrives after the
+        // session); once the predecessor is gone, or the slots are
+        // published, the flow is routed as any.
+        let standby = self.standby.filter(|p| self.owners.is_live(*p));
+        if hops < MAX_HOPS {
             match self.owners.lookup(hash) {
-                Some(o) if o != self.me && self.live(o) => {
-                    self.hand_over(usize::from(o.worker), a, d, hops + 1);
-                    return Err(Outcome::Done);
-                }
                 // Ours, but unknown here: what made it ours (a transfer, a
                 // learned alias) is in the inbox.
                 Some(o) if o == self.me && a.via == Via::Socket => return Err(Outcome::Deferred),
+                // Another slot's successor has it, not yet published.
+                Some(o)
+                    if standby.is_some()
+                        && o.worker != self.me.worker
+                        && self.unpublished_successor(o) =>
+                {
+                    self.hand_over(usize::from(o.worker), a, d, hops + 1);
+                    return Err(Outcome::Done);
+                }
+                // The old generation's: the predecessor has it, or sends it
+                // on to the old worker that has.
+                Some(o) if standby.is_some() && o != self.me && self.owners.is_live(o) => {
+                    self.hand_over(self.id, a, d, hops + 1);
+                    return Err(Outcome::Done);
+                }
+                Some(o) if standby.is_none() && o != self.me && self.live(o) => {
+                    self.hand_over(usize::from(o.worker), a, d, hops + 1);
+                    return Err(Outcome::Done);
+                }
                 // Its owner died with the session: its path's port, if the
                 // flow can have it back.
-                Some(o) if o != self.me => inherited = self.owners.hint(hash, o),
+                Some(o) if o != self.me && !self.live(o) => inherited = self.owners.hint(hash, o),
                 _ => {}
             }
         }
         match self.owners.claim(hash, self.me) {
             Claim::Mine => {}
             // Claimed by another worker an instant ago.
-            Claim::Taken(o) if hops < MAX_HOPS && self.standby.is_none() => {
+            Claim::Taken(o) if hops < MAX_HOPS && standby.is_none() => {
                 self.hand_over(usize::from(o.worker), a, d, hops + 1);
                 return Err(Outcome::Done);
             }
@@ -1193,9 +1204,13 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let Some(s) = self.sessions.get(sid) else {
             return;
         };
-        // Not twice at once, and not to a worker that is leaving.
+        // Not twice at once, and not to a worker that is leaving; handing
+        // over, only to the successor.
         let to_owner = self.live_at(to);
-        if s.transferring.is_some() || to_owner.is_none() {
+        if s.transferring.is_some()
+            || to_owner.is_none()
+            || (self.successor.is_some() && to != self.id)
+        {
             if let Some(s) = self.sessions.get_mut(sid) {
                 s.handoff_streak = (0, 0);
             }

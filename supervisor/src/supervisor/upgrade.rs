@@ -45,6 +45,7 @@ use mio::{Interest, Token};
 use serde_json::{json, Value};
 use udpshard_config::{self as config, Config};
 use udpshard_shared::control::{ControlChannel, ControlMsg};
+use udpshard_shared::owners::Owner;
 use udpshard_shared::state::StateRegion;
 use udpshard_shared::stats::{Counter, Header, SlotState, StatsRegion};
 
@@ -482,7 +483,13 @@ impl Supervisor {
             // Killed, it is reaped with the workers (it has no PDEATHSIG).
             let _ = out.child.kill();
         }
+        if out.phase == Phase::Handed {
+            // systemd was told the new one is the main process: no more.
+            notify(&format!("MAINPID={}", std::process::id()));
+        }
         if out.phase != Phase::Starting {
+            let until = udpshard_shared::clock::monotonic_ns() / 1_000_000
+                + super::max_reuse_delay_ms(&self.config);
             for w in &mut self.workers {
                 let part = out.taking_part.get(w.id).copied().unwrap_or(false);
                 if let Some(child) = w.child.as_mut().filter(|_| part) {
@@ -490,9 +497,19 @@ impl Supervisor {
                 }
                 // The generation its successor had is spent: the ownership
                 // entries and leases it took name it. The slot's next
-                // worker comes after it, and its leases cool.
-                if let Some(slot) = self.region.slot(w.id) {
-                    self.burned.push((w.id, slot.life().0 + 1));
+                // worker comes after it, and its leases cool: once this
+                // slot's old worker is reaped, or now if it is gone.
+                let Some(slot) = self.region.slot(w.id) else {
+                    continue;
+                };
+                let spent = slot.life().0 + 1;
+                if w.child.is_some() {
+                    self.burned.retain(|(id, _)| *id != w.id);
+                    self.burned.push((w.id, spent));
+                } else {
+                    let successor = Owner::new(w.id, spent);
+                    self.state.leases().cool_dead(|o| o == successor, until);
+                    slot.set_life(spent, SlotState::Exited);
                 }
             }
         }
