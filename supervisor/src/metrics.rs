@@ -77,19 +77,11 @@ pub struct MetricsServer {
 
 impl MetricsServer {
     pub fn bind(addr: SocketAddr, registry: &Registry, stats: &File) -> io::Result<MetricsServer> {
-        let mut listener = TcpListener::bind(addr)?;
-        registry.register(&mut listener, LISTENER, Interest::READABLE)?;
-        Ok(MetricsServer {
-            addr: listener.local_addr()?,
-            listener,
-            conns: HashMap::new(),
-            next: 0,
-            stats: stats.try_clone()?,
-        })
+        MetricsServer::from_listener(std::net::TcpListener::bind(addr)?, registry, stats)
     }
 
-    /// Serves on a listener inherited from the previous generation of a
-    /// binary upgrade.
+    /// Serves on `listener` (bound here, or inherited from the previous
+    /// generation of a binary upgrade).
     pub fn from_listener(
         listener: std::net::TcpListener,
         registry: &Registry,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use udpshard_tests::harness::{
     bind_udp, free_tcp_port, http_get, install_executable, listener_config, process_exists,
-    quic_short, stats_json, total, wait_until, Backend, Proxy, TempDir,
+    quic_short, total, wait_until, Backend, Proxy, TempDir,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
@@ -137,6 +137,7 @@ fn sigusr2_upgrades_without_losing_a_datagram_a_backend_or_a_4tuple() {
     let metrics = format!("127.0.0.1:{}", free_tcp_port());
     let top = format!("metrics = \"{metrics}\"");
     let mut proxy = Proxy::start(&exe, &config(&[a.addr, b.addr, c.addr], &top));
+    proxy.stats_with(Path::new(BIN));
     let to = proxy.addr("quic");
     let old_pid = proxy.pid();
     let mut clients = Clients::new();
@@ -152,7 +153,7 @@ fn sigusr2_upgrades_without_losing_a_datagram_a_backend_or_a_4tuple() {
     }
     clients.settle(WAIT);
     assert_eq!(clients.received(), clients.sent, "before the upgrade");
-    let before = stats(&proxy);
+    let before = proxy.stats();
     let before_sources = sources(&[&a, &b, &c]);
     assert_eq!(before_sources.len(), CIDS as usize);
 
@@ -181,7 +182,7 @@ fn sigusr2_upgrades_without_losing_a_datagram_a_backend_or_a_4tuple() {
     // The old supervisor handed over and exited 0; a new one serves.
     let status = proxy.wait_exit(WAIT).expect("the old supervisor exits");
     assert!(status.success(), "old supervisor: {status}\n{log}");
-    let after = stats_json(Path::new(BIN), &proxy.stats_file);
+    let after = proxy.stats();
     let new_pid = after["supervisor_pid"].as_u64().unwrap() as u32;
     assert_ne!(new_pid, old_pid, "{after:#}");
     assert!(process_exists(new_pid), "{log}");
@@ -260,7 +261,7 @@ fn sigusr2_upgrades_without_losing_a_datagram_a_backend_or_a_4tuple() {
     .unwrap();
     // SAFETY: kill(2) on the supervisor that took over.
     assert_eq!(unsafe { libc::kill(new_pid as i32, libc::SIGUSR2) }, 0);
-    let third = wait_stats(&proxy, "a second upgrade", |s| {
+    let third = proxy.wait_stats(WAIT, "a second upgrade", |s| {
         s["upgrades"] == 2 && s["config_generation"] == 2
     });
     wait_until(WAIT, "the second old supervisor to exit", || {
@@ -309,7 +310,10 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
     let a = Backend::start("a");
     let dir = TempDir::new("upgrade-fail");
     let exe = copy_binary(&dir);
-    let proxy = Proxy::start(&exe, &config(&[a.addr], "upgrade_timeout = \"2s\""));
+    let mut proxy = Proxy::start(&exe, &config(&[a.addr], "upgrade_timeout = \"2s\""));
+    // The stats through the test's own binary: the proxy's path will hold
+    // broken ones.
+    proxy.stats_with(Path::new(BIN));
     let to = proxy.addr("quic");
     let client = bind_udp("127.0.0.1:0");
     let serves = |n: usize, tag: &str| {
@@ -330,7 +334,7 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
     proxy.wait_log("upgrade: the new binary started", WAIT);
     proxy.signal(libc::SIGUSR2);
     proxy.wait_log("an upgrade is already running", WAIT);
-    let s = wait_stats(&proxy, "a failed upgrade", |s| s["upgrade_failures"] == 1);
+    let s = proxy.wait_stats(WAIT, "a failed upgrade", |s| s["upgrade_failures"] == 1);
     assert!(
         proxy
             .log()
@@ -344,7 +348,7 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
     // A new binary that fails at once.
     replace_with_script(&exe, "#!/bin/sh\nexit 1\n");
     proxy.signal(libc::SIGUSR2);
-    let s = wait_stats(&proxy, "a second failed upgrade", |s| {
+    let s = proxy.wait_stats(WAIT, "a second failed upgrade", |s| {
         s["upgrade_failures"] == 2
     });
     assert!(proxy.log().contains("exited"), "{}", proxy.log());
@@ -353,14 +357,14 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
     assert_eq!(s["supervisor_pid"], proxy.pid(), "{s:#}");
     assert_eq!(worker_pids(&proxy), pids);
     assert_eq!(s["upgrades"], 0, "{s:#}");
-    let s = stats(&proxy);
+    let s = proxy.stats();
     assert_eq!(total(&s, "tx_packets"), 30, "{s:#}");
 
     // A binary whose config check fails says why.
     install_executable(Path::new(BIN), &exe);
     std::fs::write(&proxy.config_path, "workers = [\n").unwrap();
     proxy.signal(libc::SIGUSR2);
-    let s = wait_stats(&proxy, "a third failed upgrade", |s| {
+    let s = proxy.wait_stats(WAIT, "a third failed upgrade", |s| {
         s["upgrade_failures"] == 3
     });
     let log = proxy.log();
@@ -373,35 +377,8 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
     assert_eq!(worker_pids(&proxy), pids);
 }
 
-/// The stats through the test's own binary (the proxy's path may hold a
-/// broken one).
-fn stats(proxy: &Proxy) -> serde_json::Value {
-    stats_json(Path::new(BIN), &proxy.stats_file)
-}
-
-/// Polls the stats until `pred` holds.
-fn wait_stats(
-    proxy: &Proxy,
-    what: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = stats(proxy);
-        if pred(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never {what}: {s:#}\n{}",
-            proxy.log()
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
-}
-
 fn worker_pids(proxy: &Proxy) -> Vec<u64> {
-    stats(proxy)["workers"]
+    proxy.stats()["workers"]
         .as_array()
         .unwrap()
         .iter()

@@ -130,6 +130,12 @@ impl Proxy {
         }
     }
 
+    /// Reads the stats with `bin` from now on (the proxy's own path may hold
+    /// another program: a test of binary upgrades replaces it).
+    pub fn stats_with(&mut self, bin: &Path) {
+        self.bin = bin.to_path_buf();
+    }
+
     /// `udpshard stats --json` through the real CLI.
     pub fn stats(&self) -> Value {
         stats_json(&self.bin, &self.stats_file)

@@ -737,16 +737,9 @@ impl Supervisor {
             else {
                 bail!("a listener of the old supervisor's state is malformed");
             };
-            let sockets: Vec<UdpSocket> = l["fds"]
-                .as_array()
+            let sockets: Vec<UdpSocket> = owned_fds(&l["fds"], &fd)
                 .into_iter()
-                .flatten()
-                .filter_map(fd)
-                .map(|fd| {
-                    set_cloexec(fd);
-                    // SAFETY: inherited across exec for this process alone.
-                    unsafe { UdpSocket::from_raw_fd(fd) }
-                })
+                .map(UdpSocket::from)
                 .collect();
             groups.push(ReuseportGroup {
                 name: name.to_string(),
@@ -757,17 +750,7 @@ impl Supervisor {
                 effective_recv_buffer: l["effective_recv_buffer"].as_u64().unwrap_or(0) as usize,
             });
         }
-        let predecessors: Vec<OwnedFd> = s["inboxes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(fd)
-            .map(|fd| {
-                set_cloexec(fd);
-                // SAFETY: inherited across exec for this process alone.
-                unsafe { OwnedFd::from_raw_fd(fd) }
-            })
-            .collect();
+        let predecessors = owned_fds(&s["inboxes"], &fd);
         let cpus: Vec<usize> = s["cpus"]
             .as_array()
             .into_iter()
@@ -1017,6 +1000,22 @@ impl Supervisor {
         }
         upgrade_error(why)
     }
+}
+
+/// The descriptors a JSON array names, each checked by `fd` (open, named
+/// once), close-on-exec, and this process's own.
+fn owned_fds(list: &Value, fd: &impl Fn(&Value) -> Option<RawFd>) -> Vec<OwnedFd> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(fd)
+        .map(|fd| {
+            set_cloexec(fd);
+            // SAFETY: open (checked by `fd`), inherited across exec for this
+            // process alone, and named once in the state.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        })
+        .collect()
 }
 
 fn set_cloexec(fd: RawFd) {
