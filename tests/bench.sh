@@ -6,7 +6,7 @@
 # `bash tests/bench.sh scale [ARGS]` runs the scale mode instead: open N sessions, then a steady
 # rate over them (floor, floor-ports, udpshard; see `scale-bench --help`).
 # `bash tests/bench.sh soak [ARGS]` runs the soak: load with workers killed, reloads and resizes,
-# and the ledger checked at the end (see `soak --help`).
+# and the ledger checked at the end (see `soak --help`); `--upgrades N` adds binary upgrades.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
