@@ -822,6 +822,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_version_word_reads_back_as_its_version_and_commit() {
+        let word = pack_version("0.1.0", "6fb97e8bbe33");
+        assert_eq!(version_text(word), "0.1.0+6fb97e8");
+        assert_eq!(
+            version_text(pack_version("12.345.6789", "unknown")),
+            "12.345.6789"
+        );
+        assert_eq!(version_text(0), "", "not written");
+        assert_ne!(
+            pack_version("0.1.0", "aaaaaaa"),
+            pack_version("0.1.1", "aaaaaaa")
+        );
+        assert_ne!(
+            pack_version("0.1.0", "aaaaaaa"),
+            pack_version("0.1.0", "aaaaaab")
+        );
+    }
+
+    #[test]
     fn region_round_trip_through_file() {
         let dir = std::env::temp_dir().join(format!("udpshard-stats-test-{}", std::process::id()));
         let path = dir.join("stats");
