@@ -62,6 +62,9 @@ pub enum ControlMsg {
     Handed,
     /// New supervisor -> old: it serves, and is the service's main process.
     Took,
+    /// Supervisor -> a quiesced worker: the upgrade is given up; read the
+    /// listeners again and serve on (sessions on offer stay).
+    Resume,
     /// Old supervisor -> new, then new supervisor -> its workers: the old
     /// workers read no listener any more; the standby workers read them
     /// from now on (a datagram of a session not yet handed over goes to the
@@ -89,6 +92,7 @@ const TAG_HANDED: u8 = 16;
 const TAG_TOOK: u8 = 17;
 const TAG_UPGRADE_FAILED: u8 = 18;
 const TAG_READ_LISTENERS: u8 = 19;
+const TAG_RESUME: u8 = 20;
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -163,6 +167,7 @@ impl ControlMsg {
             ControlMsg::Handed => TAG_HANDED,
             ControlMsg::Took => TAG_TOOK,
             ControlMsg::ReadListeners => TAG_READ_LISTENERS,
+            ControlMsg::Resume => TAG_RESUME,
             ControlMsg::UpgradeFailed { why } => {
                 put_str(&mut body, why);
                 TAG_UPGRADE_FAILED
@@ -213,6 +218,7 @@ impl ControlMsg {
             TAG_HANDED => ControlMsg::Handed,
             TAG_TOOK => ControlMsg::Took,
             TAG_READ_LISTENERS => ControlMsg::ReadListeners,
+            TAG_RESUME => ControlMsg::Resume,
             TAG_UPGRADE_FAILED => ControlMsg::UpgradeFailed {
                 why: take_str(&mut body)?,
             },
@@ -312,6 +318,7 @@ mod tests {
             ControlMsg::Handed,
             ControlMsg::Took,
             ControlMsg::ReadListeners,
+            ControlMsg::Resume,
             ControlMsg::UpgradeFailed { why: "no".into() },
         ];
         let stream: Vec<u8> = msgs.iter().flat_map(|m| m.encode()).collect();

@@ -385,3 +385,64 @@ fn worker_pids(proxy: &Proxy) -> Vec<u64> {
         .map(|w| w["pid"].as_u64().unwrap())
         .collect()
 }
+
+#[test]
+fn an_upgrade_given_up_after_the_old_workers_quiesced_leaves_them_serving() {
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    let dir = TempDir::new("upgrade-resume");
+    let exe = copy_binary(&dir);
+    let mut proxy = Proxy::start(&exe, &config(&[a.addr, b.addr], ""));
+    proxy.stats_with(Path::new(BIN));
+    let to = proxy.addr("quic");
+    let mut clients = Clients::new();
+    clients.round(to, 0);
+    clients.settle(WAIT);
+    assert_eq!(clients.received(), clients.sent);
+    let before = proxy.stats();
+    let pids = worker_pids(&proxy);
+    // Worker 0 stops (SIGSTOP): it cannot quiesce, so once the new binary
+    // stands by, worker 1 quiesces alone and the upgrade times out past
+    // that step; worker 1 must then serve on, and so must worker 0.
+    // SAFETY: kill(2) on the proxy's own worker.
+    assert_eq!(unsafe { libc::kill(pids[0] as i32, libc::SIGSTOP) }, 0);
+    proxy.signal(libc::SIGUSR2);
+    proxy.wait_log("old workers stop reading", WAIT);
+    // Traffic meanwhile waits in the kernel, for whoever serves next.
+    clients.round(to, 1);
+    let s = proxy.wait_stats(WAIT, "the upgrade given up", |s| s["upgrade_failures"] == 1);
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pids[0] as i32, libc::SIGCONT) }, 0);
+    proxy.wait_log("upgrade given up: reading the listeners again", WAIT);
+    clients.round(to, 2);
+    clients.settle(WAIT);
+    let log = proxy.log();
+    assert!(log.contains("did not stop reading within"), "{log}");
+    // The same processes serve every datagram, each CID on its backend.
+    let missing: Vec<u64> = (0..CIDS)
+        .filter(|cid| clients.replies.get(cid).map_or(0, Vec::len) < 3)
+        .collect();
+    assert_eq!(
+        clients.received(),
+        clients.sent,
+        "lost, CIDs {missing:?}:\n{:#}\n{log}",
+        proxy.stats()
+    );
+    for (cid, names) in &clients.replies {
+        assert!(names.iter().all(|n| n == &names[0]), "CID {cid}: {names:?}");
+    }
+    assert_eq!(s["supervisor_pid"], proxy.pid(), "{s:#}");
+    assert_eq!(worker_pids(&proxy), pids);
+    let after = proxy.stats();
+    assert_eq!(after["upgrades"], 0, "{after:#}");
+    assert_eq!(total(&after, "sessions_created"), CIDS, "{after:#}");
+    assert_eq!(total(&after, "tx_packets"), clients.sent, "{after:#}");
+    for (w, old) in after["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(before["workers"].as_array().unwrap())
+    {
+        assert_eq!(w["state"], "ready", "{after:#}");
+        assert_eq!(w["generation"], old["generation"], "{after:#}");
+    }
+}

@@ -961,6 +961,22 @@ impl Loop {
         let _ = self.control.send(&ControlMsg::Quiesced, &[]);
     }
 
+    /// The upgrade is given up: read the listeners again and serve on.
+    fn resume(&mut self) -> Result<(), WorkerError> {
+        self.quiesced = false;
+        self.handing_over = None;
+        self.router.resume();
+        let _ = self.handoff.set_twin(self.id, None);
+        register_listeners(self.poll.registry(), &self.listeners)?;
+        self.undrained.iter_mut().for_each(|u| *u = true);
+        tracing::warn!(
+            worker = self.id,
+            sessions = self.router.sessions(),
+            "upgrade given up: reading the listeners again"
+        );
+        Ok(())
+    }
+
     /// While handing over: offers the next sessions; once none is left
     /// (or the time is up), tells the supervisor.
     fn hand_over_step(&mut self) -> Result<(), WorkerError> {
@@ -1082,6 +1098,12 @@ impl Loop {
                 }
                 ControlMsg::Quiesce { generation } => {
                     self.quiesce(generation, fds.into_iter().next());
+                }
+                ControlMsg::Resume if self.quiesced => {
+                    if let Err(e) = self.resume() {
+                        tracing::error!(worker = self.id, "resuming: {e}");
+                        return true;
+                    }
                 }
                 ControlMsg::HandOver if self.quiesced => {
                     tracing::debug!(

@@ -482,6 +482,32 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         self.successor = Some(to);
     }
 
+    /// The upgrade is given up: this worker serves on. Sessions on offer to
+    /// the successor stay (whatever it answered, it is gone), their keys
+    /// this worker's again.
+    pub fn resume(&mut self) {
+        self.successor = None;
+        self.refused_by_successor.clear();
+        let me = self.me;
+        for sid in self.sessions.ids() {
+            let offered = self
+                .sessions
+                .get(sid)
+                .and_then(|s| s.transferring.as_ref())
+                .is_some_and(|o| usize::from(o.to) == self.id);
+            if !offered {
+                continue;
+            }
+            if let Some(s) = self.sessions.get_mut(sid) {
+                s.transferring = None;
+                s.handoff_streak = (0, 0);
+            }
+            for hash in self.key_hashes(sid) {
+                self.owners.assign(hash, me);
+            }
+        }
+    }
+
     /// A binary upgrade: this process stands by to take the slot over from
     /// `predecessor` until it is live (`None`), taking the sessions the
     /// predecessor hands it; a datagram of a session still there goes to it.

@@ -490,9 +490,16 @@ impl Supervisor {
         if out.phase != Phase::Starting {
             let until = udpshard_shared::clock::monotonic_ns() / 1_000_000
                 + super::max_reuse_delay_ms(&self.config);
+            // Old workers still quiescing or handing over serve on with the
+            // sessions they have; those told to exit have none left, and go.
+            let resume = matches!(out.phase, Phase::Quiescing | Phase::HandingOver);
             for w in &mut self.workers {
                 let part = out.taking_part.get(w.id).copied().unwrap_or(false);
-                if let Some(child) = w.child.as_mut().filter(|_| part) {
+                if let Some(control) = w.control.as_mut().filter(|_| part && resume) {
+                    if let Err(e) = control.send(&ControlMsg::Resume, &[]) {
+                        tracing::warn!(worker = w.id, "cannot tell it to serve on: {e}");
+                    }
+                } else if let Some(child) = w.child.as_mut().filter(|_| part) {
                     let _ = child.kill();
                 }
                 // The generation its successor had is spent: the ownership
@@ -503,12 +510,12 @@ impl Supervisor {
                     continue;
                 };
                 let spent = slot.life().0 + 1;
+                let successor = Owner::new(w.id, spent);
+                self.state.leases().cool_dead(|o| o == successor, until);
                 if w.child.is_some() {
                     self.burned.retain(|(id, _)| *id != w.id);
                     self.burned.push((w.id, spent));
                 } else {
-                    let successor = Owner::new(w.id, spent);
-                    self.state.leases().cool_dead(|o| o == successor, until);
                     slot.set_life(spent, SlotState::Exited);
                 }
             }
