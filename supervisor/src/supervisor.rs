@@ -388,13 +388,12 @@ impl Supervisor {
             }
             if Instant::now() >= self.next_cpu_check {
                 self.next_cpu_check = Instant::now() + CPU_CHECK;
-                if self.upgrading() {
-                    continue;
-                }
-                if let Err(e) = self.check_cpus() {
-                    tracing::error!(
-                        "following the allowed CPU set: {e}; trying again in {CPU_CHECK:?}"
-                    );
+                if !self.upgrading() {
+                    if let Err(e) = self.check_cpus() {
+                        tracing::error!(
+                            "following the allowed CPU set: {e}; trying again in {CPU_CHECK:?}"
+                        );
+                    }
                 }
             }
         }

@@ -230,12 +230,7 @@ fn sigusr2_upgrades_without_losing_a_datagram_a_backend_or_a_4tuple() {
     );
     assert_eq!(after["upgrades"], 1, "{after:#}");
     assert_eq!(after["upgrade_failures"], 0, "{after:#}");
-    for (w, old) in after["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(before["workers"].as_array().unwrap())
-    {
+    for (w, old) in beside(&after, &before) {
         assert_eq!(w["state"], "ready", "{after:#}");
         assert_eq!(
             w["generation"].as_u64(),
@@ -275,12 +270,7 @@ fn sigusr2_upgrades_without_losing_a_datagram_a_backend_or_a_4tuple() {
         "{}",
         proxy.log()
     );
-    for (w, old) in third["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(before["workers"].as_array().unwrap())
-    {
+    for (w, old) in beside(&third, &before) {
         assert_eq!(
             w["generation"].as_u64(),
             old["generation"].as_u64().map(|g| g + 2),
@@ -377,6 +367,20 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
     assert_eq!(worker_pids(&proxy), pids);
 }
 
+/// Each worker of stats `now` beside the same slot in stats `then`.
+fn beside<'a>(
+    now: &'a serde_json::Value,
+    then: &'a serde_json::Value,
+) -> impl Iterator<Item = (&'a serde_json::Value, &'a serde_json::Value)> {
+    let slots = |s: &'a serde_json::Value| {
+        s["workers"]
+            .as_array()
+            .expect("the stats list the workers")
+            .iter()
+    };
+    slots(now).zip(slots(then))
+}
+
 fn worker_pids(proxy: &Proxy) -> Vec<u64> {
     proxy.stats()["workers"]
         .as_array()
@@ -436,12 +440,7 @@ fn an_upgrade_given_up_after_the_old_workers_quiesced_leaves_them_serving() {
     assert_eq!(after["upgrades"], 0, "{after:#}");
     assert_eq!(total(&after, "sessions_created"), CIDS, "{after:#}");
     assert_eq!(total(&after, "tx_packets"), clients.sent, "{after:#}");
-    for (w, old) in after["workers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(before["workers"].as_array().unwrap())
-    {
+    for (w, old) in beside(&after, &before) {
         assert_eq!(w["state"], "ready", "{after:#}");
         assert_eq!(w["generation"], old["generation"], "{after:#}");
     }

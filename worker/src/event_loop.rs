@@ -384,7 +384,8 @@ struct Loop {
     /// A binary upgrade: the listeners are left to the successor.
     quiesced: bool,
     /// The listeners are registered for reading (a standby worker's are
-    /// not, until its predecessor has stopped reading them).
+    /// not until its predecessor has stopped reading them, a quiesced
+    /// worker's not unless its upgrade is given up).
     listening: bool,
     /// A binary upgrade: handing every session to the successor, since
     /// then; `reported` once the supervisor has heard it is done.
@@ -952,6 +953,7 @@ impl Loop {
             let _ = registry.deregister(&mut SourceFd(&listener.socket.as_raw_fd()));
         }
         self.undrained.iter_mut().for_each(|u| *u = false);
+        self.listening = false;
         self.quiesced = true;
         self.router.set_successor(Owner::new(self.id, generation));
         tracing::debug!(
@@ -967,8 +969,7 @@ impl Loop {
         self.handing_over = None;
         self.router.resume();
         let _ = self.handoff.set_twin(self.id, None);
-        register_listeners(self.poll.registry(), &self.listeners)?;
-        self.undrained.iter_mut().for_each(|u| *u = true);
+        self.read_listeners()?;
         tracing::warn!(
             worker = self.id,
             sessions = self.router.sessions(),
@@ -1015,8 +1016,9 @@ impl Loop {
             .map_err(|e| WorkerError::Control(e.to_string()))
     }
 
-    /// A binary upgrade: the predecessor reads its listeners no more; this
-    /// process does from now on (once).
+    /// Reads the listeners from now on (once): a standby worker whose
+    /// predecessor reads them no more, a quiesced one whose upgrade was
+    /// given up.
     fn read_listeners(&mut self) -> Result<(), WorkerError> {
         if !self.listening {
             self.listening = true;

@@ -101,10 +101,9 @@ pub(super) struct Outbound {
     done: Vec<bool>,
     /// The successors' inboxes (sending ends), by slot.
     successors: Vec<OwnedFd>,
-    /// The new binary exited (reaped with the workers), and how.
+    /// The new binary exited, reaped with the workers (its pid is no longer
+    /// its to signal), and how.
     exited: Option<String>,
-    /// It has been reaped: its pid is no longer its to signal.
-    reaped: bool,
     /// When its end of the channel closed (it is exiting).
     closed_at: Option<Instant>,
 }
@@ -281,7 +280,6 @@ impl Supervisor {
             done: vec![false; n],
             successors: Vec::new(),
             exited: None,
-            reaped: false,
             closed_at: None,
         })
     }
@@ -479,7 +477,7 @@ impl Supervisor {
             .poll
             .registry()
             .deregister(&mut SourceFd(&out.channel.stream.as_raw_fd()));
-        if !out.reaped {
+        if out.exited.is_none() {
             // Killed, it is reaped with the workers (it has no PDEATHSIG).
             let _ = out.child.kill();
         }
@@ -535,7 +533,7 @@ impl Supervisor {
     pub(super) fn check_upgrade(&mut self) -> Result<bool, SupervisorError> {
         let now = Instant::now();
         if let Some(out) = self.outbound.as_mut() {
-            if let Some(status) = out.exited.take() {
+            if let Some(status) = out.exited.clone() {
                 let why = format!("the new binary exited ({status}) before it took over");
                 self.abandon_upgrade(&why);
             } else if out
@@ -593,7 +591,6 @@ impl Supervisor {
         match self.outbound.as_mut() {
             Some(out) if out.child.id() as i32 == pid => {
                 out.exited = Some(how.to_string());
-                out.reaped = true;
                 true
             }
             _ => false,
@@ -651,9 +648,7 @@ impl Supervisor {
             Err(e) => return Err(upgrade_error(format!("upgrade channel: {e}"))),
         };
         let fail = |channel: &mut ControlChannel, why: String| {
-            let _ = channel.send(&ControlMsg::UpgradeFailed { why: why.clone() }, &[]);
-            let _ = channel.stream.set_nonblocking(false);
-            let _ = channel.flush();
+            send_last(channel, &ControlMsg::UpgradeFailed { why: why.clone() });
             upgrade_error(why)
         };
         let mut sup = match Supervisor::inherit(channel, config_path, loaded, &state) {
@@ -978,9 +973,7 @@ impl Supervisor {
         );
         tracing::info!("{message}");
         notify_ready(&message);
-        let _ = i.channel.send(&ControlMsg::Took, &[]);
-        let _ = i.channel.stream.set_nonblocking(false);
-        let _ = i.channel.flush();
+        send_last(&mut i.channel, &ControlMsg::Took);
         let _ = self
             .poll
             .registry()
@@ -996,17 +989,19 @@ impl Supervisor {
     /// exits (its workers die with it).
     pub(super) fn fail_inbound(&mut self, why: &str) -> SupervisorError {
         if let Some(mut i) = self.inbound.take() {
-            let _ = i.channel.send(
-                &ControlMsg::UpgradeFailed {
-                    why: why.to_string(),
-                },
-                &[],
-            );
-            let _ = i.channel.stream.set_nonblocking(false);
-            let _ = i.channel.flush();
+            let why = why.to_string();
+            send_last(&mut i.channel, &ControlMsg::UpgradeFailed { why });
         }
         upgrade_error(why)
     }
+}
+
+/// Sends `msg` as this side's last word on `channel`: it waits until the
+/// message is written (the process may exit right after).
+fn send_last(channel: &mut ControlChannel, msg: &ControlMsg) {
+    let _ = channel.send(msg, &[]);
+    let _ = channel.stream.set_nonblocking(false);
+    let _ = channel.flush();
 }
 
 /// The descriptors a JSON array names, each checked by `fd` (open, named
