@@ -30,7 +30,8 @@ use udpshard_tests::load::{
 
 /// Pause between loads, so one load's tail does not land in the next one's counters.
 const SETTLE: Duration = Duration::from_millis(300);
-/// Busy CPU of other programs, as a share of one CPU, above which a load is flagged.
+/// CPU taken by other programs or by the hypervisor (steal), as a share of one CPU, above
+/// which a load is flagged and, with `--retries`, measured again.
 const NOISY: f64 = 0.05;
 /// Pause before measuring a disturbed load again.
 const NOISE_PAUSE: Duration = Duration::from_secs(5);
@@ -197,6 +198,12 @@ impl Measurement {
             None => self.report.received,
         };
         (done > 0).then(|| self.cpu.tree.as_secs_f64() * 1e6 / done as f64)
+    }
+
+    /// CPU the load lost to others: other programs on this machine, and the hypervisor's
+    /// steal. Both slow the generator and grow the proxy's queues, so they disturb every figure.
+    fn disturbance(&self) -> f64 {
+        self.share(self.cpu.other_processes + self.cpu.steal)
     }
 
     /// CPU time as a share of one CPU over the load's wall time.
@@ -371,12 +378,12 @@ fn bench_proxy(
                 ..m
             };
             report_progress(&m);
-            let noise = m.share(m.cpu.other_processes);
+            let noise = m.disturbance();
             if noise <= NOISY || attempt > args.retries {
                 break m;
             }
             eprintln!(
-                "bench: {} @ {}: other programs used {:.0}% of a CPU; measuring again in {NOISE_PAUSE:?} (attempt {} of {})",
+                "bench: {} @ {}: other programs and steal took {:.0}% of a CPU; measuring again in {NOISE_PAUSE:?} (attempt {} of {})",
                 proxy.name(),
                 phase.label(),
                 noise * 100.0,
@@ -425,7 +432,7 @@ fn measure(
 fn report_progress(m: &Measurement) {
     let (proxy, phase) = (m.proxy, m.phase);
     eprintln!(
-        "bench: {} @ {}: sent {} ({:.0}/s, {} slipped), received {} ({} duplicates), loss {:.3}%, proxy cpu {:.2}s ({} µs/datagram), generator+sink cpu {:.2}s, ksoftirqd {:.2}s, other kernel threads {:.2}s, other processes {:.2}s, not in a live process (irqs on idle cpus, exited processes) {:.2}s",
+        "bench: {} @ {}: sent {} ({:.0}/s, {} slipped), received {} ({} duplicates), loss {:.3}%, proxy cpu {:.2}s ({} µs/datagram), generator+sink cpu {:.2}s, ksoftirqd {:.2}s, other kernel threads {:.2}s, other processes {:.2}s, not in a live process (irqs on idle cpus, exited processes) {:.2}s, stolen by the hypervisor {:.2}s",
         proxy.name(),
         phase.label(),
         m.report.sent,
@@ -441,6 +448,7 @@ fn report_progress(m: &Measurement) {
         m.cpu.kernel_threads.as_secs_f64(),
         m.cpu.other_processes.as_secs_f64(),
         m.cpu.unattributed.as_secs_f64(),
+        m.cpu.steal.as_secs_f64(),
     );
     if let Some(r) = &m.report.replies {
         eprintln!(
@@ -454,16 +462,23 @@ fn report_progress(m: &Measurement) {
             show_latency(r.rtt_p99),
         );
     }
-    if m.share(m.cpu.other_processes) > NOISY {
+    if m.disturbance() > NOISY {
+        let mut takers: Vec<String> = m
+            .cpu
+            .top_others
+            .iter()
+            .map(|(comm, cpu)| format!("{comm} {:.2}s", cpu.as_secs_f64()))
+            .collect();
+        if !m.cpu.steal.is_zero() {
+            takers.push(format!(
+                "hypervisor steal {:.2}s",
+                m.cpu.steal.as_secs_f64()
+            ));
+        }
         eprintln!(
-            "bench: warning: other programs used {:.0}% of a CPU during this load ({}); its figures are disturbed",
-            m.share(m.cpu.other_processes) * 100.0,
-            m.cpu
-                .top_others
-                .iter()
-                .map(|(comm, cpu)| format!("{comm} {:.2}s", cpu.as_secs_f64()))
-                .collect::<Vec<_>>()
-                .join(", ")
+            "bench: warning: other programs and steal took {:.0}% of a CPU during this load ({}); its figures are disturbed",
+            m.disturbance() * 100.0,
+            takers.join(", ")
         );
     }
 }
@@ -633,7 +648,7 @@ fn table(measurements: &[Measurement]) -> String {
     if echo {
         header.extend(["rtt p50", "rtt p99"]);
     }
-    header.extend(["rcvbuf drops", "ksoftirqd %", "others %"]);
+    header.extend(["rcvbuf drops", "ksoftirqd %", "others %", "steal %"]);
     let mut rows = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
     let ratio = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
     for m in measurements {
@@ -669,6 +684,7 @@ fn table(measurements: &[Measurement]) -> String {
             m.udp.map_or("-".into(), |u| u.rcvbuf_errors.to_string()),
             format!("{:.0}", m.share(m.cpu.softirq_threads) * 100.0),
             format!("{:.0}", m.share(m.cpu.other_processes) * 100.0),
+            format!("{:.0}", m.share(m.cpu.steal) * 100.0),
         ]);
         rows.push(row);
     }
@@ -721,6 +737,7 @@ fn to_json(
                 "kernel_threads_cpu_s": m.cpu.kernel_threads.as_secs_f64(),
                 "other_processes_cpu_s": m.cpu.other_processes.as_secs_f64(),
                 "unattributed_cpu_s": m.cpu.unattributed.as_secs_f64(),
+                "steal_cpu_s": m.cpu.steal.as_secs_f64(),
                 "top_other_processes": m.cpu.top_others.iter()
                     .map(|(comm, cpu)| json!({"comm": comm, "cpu_s": cpu.as_secs_f64()}))
                     .collect::<Vec<_>>(),
@@ -839,6 +856,20 @@ mod tests {
     }
 
     #[test]
+    fn steal_counts_as_disturbance() {
+        let mut m = measurement(ProxyKind::Udpshard, Phase::Rate(30_000), 1_000, 1_000);
+        assert_eq!(m.disturbance(), 0.0);
+        m.cpu.steal = Duration::from_millis(400);
+        assert!((m.disturbance() - 0.08).abs() < 1e-9, "{}", m.disturbance());
+        m.cpu.other_processes = Duration::from_millis(100);
+        assert!((m.disturbance() - 0.10).abs() < 1e-9, "{}", m.disturbance());
+        assert!(m.disturbance() > NOISY);
+        let table = table(&[m]);
+        let row = table.lines().nth(1).unwrap();
+        assert!(row.ends_with(" 8"), "{table}");
+    }
+
+    #[test]
     fn ratios_compare_with_the_floor_in_the_same_phase() {
         let ms = [
             measurement(ProxyKind::Floor, Phase::Rate(150_000), 1_000, 1_000_000),
@@ -852,7 +883,7 @@ mod tests {
         let table = table(&ms);
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 5);
-        assert!(lines[0].ends_with("others %"), "{table}");
+        assert!(lines[0].ends_with("steal %"), "{table}");
         assert!(
             lines[3].starts_with("udpshard") && lines[3].contains(" 1.50 "),
             "{table}"

@@ -314,13 +314,14 @@ fn run(args: &Args, kind: Kind, bin_dir: &Path, workdir: &Path) -> Result<Result
     );
     process.check_alive()?;
     eprintln!(
-        "scale-bench: {}: steady: sent {} at {:.0}/s, received {}, loss {:.4}%, proxy cpu {:.2}s",
+        "scale-bench: {}: steady: sent {} at {:.0}/s, received {}, loss {:.4}%, proxy cpu {:.2}s, stolen by the hypervisor {:.2}s",
         kind.name(),
         steady.sent,
         steady.achieved_rate,
         steady.received,
         steady.loss_ratio * 100.0,
-        cpu.tree.as_secs_f64()
+        cpu.tree.as_secs_f64(),
+        cpu.steal.as_secs_f64()
     );
     if kind.is_udpshard() {
         if let Ok(snap) = Snapshot::read(&stats_file) {

@@ -106,7 +106,7 @@ const KTHREADD: u32 = 2;
 #[derive(Clone, Debug)]
 pub struct CpuSnapshot {
     procs: Vec<ProcStat>,
-    host_busy: u64,
+    host: HostTicks,
 }
 
 /// Where the CPU time between two snapshots went.
@@ -126,6 +126,10 @@ pub struct CpuUse {
     /// Host busy time in no live process: interrupts and softirqs that ran on an idle CPU,
     /// and processes that exited between the snapshots (their time left /proc with them).
     pub unattributed: Duration,
+    /// Time the hypervisor ran something else while this machine had work for its CPUs
+    /// (`steal` in /proc/stat), summed over the CPUs. Nobody here spent it, but it disturbs
+    /// every figure: the generator slips and the queues it feeds grow meanwhile.
+    pub steal: Duration,
     /// The biggest of `other_processes`, by command name, largest first (at most 3).
     pub top_others: Vec<(String, Duration)>,
 }
@@ -133,12 +137,12 @@ pub struct CpuUse {
 impl CpuSnapshot {
     pub fn take() -> io::Result<CpuSnapshot> {
         let text = fs::read_to_string("/proc/stat")?;
-        let host_busy = parse_host_busy(&text).ok_or_else(|| {
+        let host = parse_host_ticks(&text).ok_or_else(|| {
             io::Error::new(io::ErrorKind::InvalidData, "no cpu line in /proc/stat")
         })?;
         Ok(CpuSnapshot {
             procs: all_processes()?,
-            host_busy,
+            host,
         })
     }
 
@@ -171,7 +175,7 @@ impl CpuSnapshot {
                 *others.entry(stat.comm.as_str()).or_default() += ticks;
             }
         }
-        let host = self.host_busy.saturating_sub(earlier.host_busy);
+        let host = self.host.busy.saturating_sub(earlier.host.busy);
         let attributed = in_tree + in_own + in_softirq + in_kernel + in_others;
         let hz = clock_ticks();
         let mut top_others: Vec<(&str, u64)> = others.into_iter().collect();
@@ -183,6 +187,7 @@ impl CpuSnapshot {
             kernel_threads: ticks_to_duration(in_kernel, hz),
             other_processes: ticks_to_duration(in_others, hz),
             unattributed: ticks_to_duration(host.saturating_sub(attributed), hz),
+            steal: ticks_to_duration(self.host.steal.saturating_sub(earlier.host.steal), hz),
             top_others: top_others
                 .into_iter()
                 .take(3)
@@ -192,8 +197,17 @@ impl CpuSnapshot {
     }
 }
 
-/// Busy ticks of the aggregate `cpu` line: user nice system idle iowait irq softirq steal ...
-pub fn parse_host_busy(text: &str) -> Option<u64> {
+/// The host's CPU ticks at one moment, summed over its CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostTicks {
+    /// Time this machine ran something: user, nice, system, irq and softirq.
+    pub busy: u64,
+    /// Time the hypervisor gave this machine's CPUs to another guest while they had work.
+    pub steal: u64,
+}
+
+/// The aggregate `cpu` line: user nice system idle iowait irq softirq steal ...
+pub fn parse_host_ticks(text: &str) -> Option<HostTicks> {
     let line = text.lines().find(|l| l.starts_with("cpu "))?;
     let fields: Vec<u64> = line
         .split_whitespace()
@@ -201,7 +215,10 @@ pub fn parse_host_busy(text: &str) -> Option<u64> {
         .map(|f| f.parse().ok())
         .collect::<Option<_>>()?;
     let field = |i: usize| fields.get(i).copied().unwrap_or(0);
-    Some(field(0) + field(1) + field(2) + field(5) + field(6) + field(7))
+    Some(HostTicks {
+        busy: field(0) + field(1) + field(2) + field(5) + field(6),
+        steal: field(7),
+    })
 }
 
 /// Reads and parses `/proc/PID/stat`.
@@ -331,7 +348,10 @@ mod tests {
                 stat(4, 2, "kworker/0:1-events", 3),
                 stat(40, 1, "old", 1000),
             ],
-            host_busy: 10_000,
+            host: HostTicks {
+                busy: 10_000,
+                steal: 500,
+            },
         };
         let after = CpuSnapshot {
             procs: vec![
@@ -343,7 +363,10 @@ mod tests {
                 stat(4, 2, "kworker/0:1-events", 7),
                 stat(40, 1, "rustc", 30), // pid 40 reused by another program
             ],
-            host_busy: 10_000 + 50 + 30 + 20 + 60 + 2 + 4 + 30 + 8,
+            host: HostTicks {
+                busy: 10_000 + 50 + 30 + 20 + 60 + 2 + 4 + 30 + 8,
+                steal: 500 + 45,
+            },
         };
         let hz = clock_ticks();
         let d = |ticks| ticks_to_duration(ticks, hz);
@@ -356,6 +379,7 @@ mod tests {
                 kernel_threads: d(4),
                 other_processes: d(30),
                 unattributed: d(8),
+                steal: d(45),
                 top_others: vec![("rustc".into(), d(30))],
             }
         );
@@ -371,10 +395,16 @@ mod tests {
     }
 
     #[test]
-    fn host_busy_leaves_out_idle_and_iowait() {
+    fn host_busy_leaves_out_idle_iowait_and_steal() {
         let text = "cpu  100 2 30 5000 7 1 4 3 0 0\ncpu0 50 1 15 2500 3 0 2 1 0 0\n";
-        assert_eq!(parse_host_busy(text), Some(100 + 2 + 30 + 1 + 4 + 3));
-        assert_eq!(parse_host_busy("intr 1 2\n"), None);
+        assert_eq!(
+            parse_host_ticks(text),
+            Some(HostTicks {
+                busy: 100 + 2 + 30 + 1 + 4,
+                steal: 3
+            })
+        );
+        assert_eq!(parse_host_ticks("intr 1 2\n"), None);
     }
 
     #[test]
