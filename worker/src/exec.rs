@@ -4,8 +4,9 @@
 //! datagram for one upstream socket in one sendmmsg (each with its own
 //! destination). Every reply of one listener goes in one sendmmsg (each with
 //! its own client and source address). Frames between workers go one by one, in
-//! the order they were decided. Failed sends are reported back to the
-//! router, which counts them.
+//! the order they were decided. A control frame is a barrier: the sends
+//! decided before it go out before it, those decided after it, after it.
+//! Failed sends are reported back to the router, which counts them.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -84,24 +85,60 @@ impl Executor {
         }
         self.actions.clear();
         self.actions.extend(router.actions());
-        self.forwards(router, bytes);
-        self.replies(router, listeners, bytes);
         // Taken and put back: the vector keeps its capacity across flushes.
         let mut actions = std::mem::take(&mut self.actions);
-        for action in actions.drain(..) {
+        // In runs, each ending at a control frame or a kept descriptor:
+        // what was decided before one goes out before it, and what was
+        // decided after it goes out after it. A moved path's home then
+        // re-points its relay before the backend can answer a later
+        // datagram of that path, which went straight out of this worker.
+        let mut start = 0;
+        while start < actions.len() {
+            let end = run_end(&actions, start);
+            self.run(
+                router,
+                listeners,
+                handoff,
+                fds,
+                &mut actions[start..end],
+                bytes,
+            );
+            start = end;
+        }
+        actions.clear();
+        self.actions = actions;
+    }
+
+    /// One run of the flush: its forwards, its replies, then its frames in
+    /// the order decided.
+    fn run<'a, O: Owners>(
+        &mut self,
+        router: &mut Router<O, Upstream>,
+        listeners: &[Listener],
+        handoff: &mut Handoff,
+        fds: &mut [Option<OwnedFd>],
+        actions: &mut [Action],
+        bytes: &dyn Fn(DatagramRef) -> &'a [u8],
+    ) {
+        self.forwards(router, actions, bytes);
+        self.replies(router, listeners, actions, bytes);
+        for action in actions {
             match action {
                 Action::Handoff {
                     to,
                     header,
                     datagram,
                 } => {
-                    if handoff.send_datagram(to, &header, bytes(datagram)).is_err() {
+                    if handoff
+                        .send_datagram(*to, header, bytes(*datagram))
+                        .is_err()
+                    {
                         router.handoff_failed();
                     }
                 }
                 Action::Control {
                     to,
-                    mut frame,
+                    frame,
                     socks,
                     payload,
                 } => {
@@ -110,11 +147,11 @@ impl Executor {
                         .filter_map(|s| router.sockets().fd(*s))
                         .collect();
                     if let Some(d) = payload {
-                        frame.extend_from_slice(bytes(d));
+                        frame.extend_from_slice(bytes(*d));
                     }
                     let sent = if raw.len() == socks.len() {
                         handoff
-                            .send_control(to, frame.clone(), &raw, payload.is_some())
+                            .send_control(*to, frame.clone(), &raw, payload.is_some())
                             .ok()
                     } else {
                         None
@@ -125,19 +162,18 @@ impl Executor {
                     if sent.is_none() {
                         match payload {
                             Some(_) => router.handoff_failed(),
-                            None => router.transfer_failed(&frame),
+                            None => router.transfer_failed(frame),
                         }
                     }
                 }
                 Action::Keep { index, sock } => {
-                    if let Some(fd) = fds.get_mut(index).and_then(Option::take) {
-                        router.sockets().keep(sock, fd);
+                    if let Some(fd) = fds.get_mut(*index).and_then(Option::take) {
+                        router.sockets().keep(*sock, fd);
                     }
                 }
                 Action::Forward { .. } | Action::Reply { .. } => {}
             }
         }
-        self.actions = actions;
     }
 
     /// Forwards: on the raw socket where it can, in the order decided;
@@ -145,10 +181,11 @@ impl Executor {
     fn forwards<'a, O: Owners>(
         &mut self,
         router: &mut Router<O, Upstream>,
+        actions: &[Action],
         bytes: &dyn Fn(DatagramRef) -> &'a [u8],
     ) {
         self.fwd.clear();
-        self.fwd.extend(self.actions.iter().filter_map(|a| match a {
+        self.fwd.extend(actions.iter().filter_map(|a| match a {
             Action::Forward { sock, to, datagram } => Some((*sock, *to, *datagram)),
             _ => None,
         }));
@@ -256,11 +293,11 @@ impl Executor {
         &mut self,
         router: &mut Router<O, Upstream>,
         listeners: &[Listener],
+        actions: &[Action],
         bytes: &dyn Fn(DatagramRef) -> &'a [u8],
     ) {
         for (l, listener) in listeners.iter().enumerate() {
-            let msgs: Vec<OutMsg<'a>> = self
-                .actions
+            let msgs: Vec<OutMsg<'a>> = actions
                 .iter()
                 .filter_map(|a| match a {
                     Action::Reply {
@@ -290,5 +327,70 @@ impl Executor {
                 router.reply_failed();
             }
         }
+    }
+}
+
+/// Where the run of `actions` that starts at `start` ends: just past its
+/// first control frame or kept descriptor, else at the end.
+fn run_end(actions: &[Action], start: usize) -> usize {
+    actions[start..]
+        .iter()
+        .position(|a| matches!(a, Action::Control { .. } | Action::Keep { .. }))
+        .map_or(actions.len(), |i| start + i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forward(n: u32) -> Action {
+        Action::Forward {
+            sock: 0,
+            to: "127.0.0.1:9".parse().unwrap(),
+            datagram: DatagramRef(n),
+        }
+    }
+
+    fn moved(n: u32) -> Action {
+        Action::Control {
+            to: 1,
+            frame: Vec::new(),
+            socks: Vec::new(),
+            payload: Some(DatagramRef(n)),
+        }
+    }
+
+    fn runs(actions: &[Action]) -> Vec<std::ops::Range<usize>> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < actions.len() {
+            let end = run_end(actions, start);
+            out.push(start..end);
+            start = end;
+        }
+        out
+    }
+
+    #[test]
+    fn a_control_frame_ends_a_run_so_later_forwards_wait_for_it() {
+        // A moved path's first datagram goes to its home in a frame; the
+        // next ones, straight out: they must leave after the frame.
+        let actions = [forward(0), moved(1), forward(2), forward(3)];
+        assert_eq!(runs(&actions), vec![0..2, 2..4]);
+        let kept = Action::Keep { index: 0, sock: 0 };
+        assert_eq!(runs(&[kept, forward(0)]), vec![0..1, 1..2]);
+    }
+
+    #[test]
+    fn a_flush_without_frames_is_one_run() {
+        let handoff = Action::Handoff {
+            to: 1,
+            header: [0; udpshard_shared::handoff::HEADER_LEN],
+            datagram: DatagramRef(1),
+        };
+        let actions = [forward(0), handoff, forward(2)];
+        assert_eq!(runs(&actions), vec![0..3]);
+        assert_eq!(runs(&[]), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(runs(&[moved(0)]), vec![0..1]);
     }
 }
