@@ -222,6 +222,23 @@ grep -E 'Active:|Status:' <<<"$status" || true
 grep -q 'Status: "reload failed, still serving the previous config: /etc/udpshard/udpshard.toml:4:1' <<<"$status" ||
     fail "systemctl status does not show the error"
 [ "$(show ActiveState)" = active ] || fail "not active after a broken reload"
+
+images_step "upgrade-service with the broken file: the failure is reported at once, twice"
+# The new binary refuses the file; the old generation serves on and says so
+# in STATUS=. The package's script reports that as soon as it shows, also a
+# second time with the same reason (the count keeps the text new), rather
+# than after a fixed wait.
+main=$(show MainPID)
+for attempt in 1 2; do
+    started=$SECONDS
+    out=$(in_c /usr/lib/udpshard/upgrade-service 2>&1)
+    echo "$out"
+    grep -q "upgrade failed (failure $attempt)" <<<"$out" ||
+        fail "upgrade-service did not report failure $attempt"
+    [ $((SECONDS - started)) -le 20 ] || fail "upgrade-service took $((SECONDS - started)) s to report a refused file"
+    [ "$(show MainPID)" = "$main" ] || fail "the main process changed on a failed upgrade"
+    [ "$(show ActiveState)" = active ] || fail "not active after a failed upgrade"
+done
 python3 .ci/roundtrip.py --proxy "127.0.0.1:$port" --backend "c=127.0.0.1:$c" \
     --flows 8 --cid-base 0x30000 --expect c || fail "the old config stopped serving"
 echo "still active on the old config"
@@ -265,7 +282,7 @@ grep -q 'upgraded in place' <<<"$out" || { echo "$out"; fail "the postinst did n
 [ "$(show MainPID)" != "$upgraded_main" ] || fail "the same MainPID after the package upgrade"
 [ "$(show NRestarts)" = 0 ] || fail "NRestarts=$(show NRestarts) after the package upgrade"
 in_c udpshard stats | head -2
-until_ok 5 "two upgrades in the stats" grep_in 'binary upgrades (SIGUSR2): 2 done, 0 failed' in_c udpshard stats
+until_ok 5 "two upgrades in the stats" grep_in 'binary upgrades (SIGUSR2): 2 done, 2 failed' in_c udpshard stats
 python3 .ci/roundtrip.py --proxy "127.0.0.1:$port" --backend "c=127.0.0.1:$c" \
     --flows 8 --cid-base 0x60000 --expect c || fail "round trips after the package upgrade"
 main=$(show MainPID)

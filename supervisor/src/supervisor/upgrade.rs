@@ -185,7 +185,9 @@ impl Supervisor {
     fn count_upgrade_failure(&mut self, why: &str) {
         let n = self.region.header(Header::UpgradeFailures) + 1;
         self.region.set_header(Header::UpgradeFailures, n);
-        let message = format!("upgrade failed, this generation serves on: {why}");
+        // The count makes each failure's STATUS= new, even one with the
+        // reason of the last: packaging/upgrade-service waits for a change.
+        let message = format!("upgrade failed (failure {n}), this generation serves on: {why}");
         tracing::error!("{message}");
         notify(&format!("STATUS={message}"));
     }
