@@ -2,7 +2,8 @@
 //! config reloaded and its workers resized, then the ledger checked: every
 //! datagram sent reached a backend or was counted as dropped at a named hop
 //! (`stats --json`'s `totals`). Also how fast a killed worker is replaced:
-//! from the kill to the first datagram its replacement forwards.
+//! from the kill to the first datagram its replacement passes on, to a
+//! backend or to the worker that holds the datagram's session.
 //!
 //! The schedule: a worker killed every `--kill-every` (round robin over the
 //! slots serving); at a quarter of the run a reload to `workers = 1`, at half
@@ -20,7 +21,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use udpshard_shared::stats::{Counter, Header, SlotState, Snapshot};
+use udpshard_shared::stats::{Counter, Header, SlotState, Snapshot, WorkerSnapshot};
 use udpshard_shared::DropReason;
 use udpshard_tests::load::proxy::{free_udp_addr, host_lock, own_dir, ProxyProcess};
 use udpshard_tests::load::units::{parse_duration, parse_rate};
@@ -133,6 +134,15 @@ fn read(stats: &Path, last: &mut Totals, backwards: &mut u32) -> Option<Snapshot
     Some(snap)
 }
 
+/// What a worker has passed on: datagrams it forwarded and those it handed
+/// to the worker holding their session. A worker started after a resize
+/// forwards nothing of its own for a while (sessions move to it after three
+/// handed datagrams: 3 s at one datagram per flow per second), and neither
+/// does its replacement; it still serves.
+fn passed_on(w: &WorkerSnapshot<'_>) -> u64 {
+    w.get(Counter::TxPackets) + w.get(Counter::HandoffOut)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -208,7 +218,8 @@ fn soak(args: &Args) -> Result<bool, String> {
     // An upgrade under way: the old supervisor, when it was signalled.
     let mut upgrading: Option<(i32, Instant)> = None;
     let mut takeovers: Vec<Duration> = Vec::new();
-    // A kill being timed: slot, the killed pid, the slot's tx then, when.
+    // A kill being timed: slot, the killed pid, what the slot had passed on
+    // then, when.
     let mut timing: Option<(usize, u64, u64, Instant)> = None;
     while start.elapsed() < args.duration {
         std::thread::sleep(Duration::from_millis(1));
@@ -243,13 +254,18 @@ fn soak(args: &Args) -> Result<bool, String> {
         }
         if let Some((slot, pid, tx, at)) = timing {
             if let Some(w) = snap.slots().nth(slot) {
-                if w.get(Counter::Pid) != pid && w.get(Counter::TxPackets) > tx {
+                if w.get(Counter::Pid) != pid && passed_on(&w) > tx {
                     restarts.push(at.elapsed());
+                    eprintln!(
+                        "soak: {:>5.1}s worker {slot} passes datagrams on again, {:?} after its kill",
+                        start.elapsed().as_secs_f64(),
+                        at.elapsed()
+                    );
                     timing = None;
                 }
             }
             if at.elapsed() > Duration::from_secs(10) {
-                eprintln!("soak: slot {slot} forwarded nothing 10 s after its kill");
+                eprintln!("soak: slot {slot} passed nothing on 10 s after its kill");
                 timing = None;
             }
         }
@@ -279,7 +295,7 @@ fn soak(args: &Args) -> Result<bool, String> {
                 .filter(|w| w.state() == SlotState::Ready)
                 .collect();
             if let Some(w) = serving.get(kills as usize % serving.len().max(1)) {
-                let (pid, tx) = (w.get(Counter::Pid), w.get(Counter::TxPackets));
+                let (pid, tx) = (w.get(Counter::Pid), passed_on(w));
                 // SAFETY: kill(2) on one of the proxy's own workers.
                 if unsafe { libc::kill(pid as i32, libc::SIGKILL) } == 0 {
                     kills += 1;
@@ -376,7 +392,7 @@ fn soak(args: &Args) -> Result<bool, String> {
         }
     );
     println!(
-        "restarts: {} timed, kill to first forward p50 {:?} p99 {:?} max {:?}",
+        "restarts: {} timed, kill to first datagram passed on p50 {:?} p99 {:?} max {:?}",
         restarts.len(),
         percentile(&restarts, 0.50),
         percentile(&restarts, 0.99),
