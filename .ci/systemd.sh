@@ -14,6 +14,8 @@
 # - a reload of a broken file leaves the service active on its old config;
 #   the journal names file:line:col and `systemctl status` shows the error
 #   (STATUS=);
+# - the package's upgrade-service, run against a broken file, reports each
+#   failed upgrade within 20 s (STATUS=), twice, and the service serves on;
 # - `systemctl kill -s USR2 --kill-whom=main` upgrades the binary under steady
 #   traffic: a new MainPID, NRestarts=0, every datagram answered by its flow's
 #   one backend; `apt-get install --reinstall` does the same through the

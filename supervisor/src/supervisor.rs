@@ -166,6 +166,9 @@ pub struct Supervisor {
     /// Slot generations an abandoned upgrade's successors had: the slot's
     /// next worker comes after them, and what they leased cools.
     burned: Vec<(usize, u64)>,
+    /// SIGUSR2s refused by this process: numbers their STATUS= (see
+    /// `refuse_upgrade`).
+    upgrades_refused: u64,
 }
 
 /// The path this binary was started by (the path a package upgrade puts
@@ -297,6 +300,7 @@ impl Supervisor {
             stats_path,
             serving: true,
             burned: Vec::new(),
+            upgrades_refused: 0,
         };
         sup.steer_groups()?;
         for id in 0..count {

@@ -300,7 +300,29 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
     let a = Backend::start("a");
     let dir = TempDir::new("upgrade-fail");
     let exe = copy_binary(&dir);
-    let mut proxy = Proxy::start(&exe, &config(&[a.addr], "upgrade_timeout = \"2s\""));
+    // systemd's notify socket, as packaging/upgrade-service reads it: every
+    // refusal and failure gets a STATUS= of its own.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(WAIT)).unwrap();
+    let status = |prefix: &str| -> String {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = notify.recv(&mut buf).expect("a notification");
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if let Some(at) = text.find("STATUS=") {
+                if text[at..].starts_with(prefix) {
+                    return text[at..].to_string();
+                }
+            }
+        }
+    };
+    let env = format!("NOTIFY_SOCKET={}", notify_path.display());
+    let mut proxy = Proxy::start_with(
+        &exe,
+        &config(&[a.addr], "upgrade_timeout = \"2s\""),
+        &["env", &env],
+    );
     // The stats through the test's own binary: the proxy's path will hold
     // broken ones.
     proxy.stats_with(Path::new(BIN));
@@ -324,7 +346,17 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
     proxy.wait_log("upgrade: the new binary started", WAIT);
     proxy.signal(libc::SIGUSR2);
     proxy.wait_log("an upgrade is already running", WAIT);
+    assert_eq!(
+        status("STATUS=upgrade refused"),
+        "STATUS=upgrade refused (refusal 1), this generation serves on: an upgrade is already running"
+    );
     let s = proxy.wait_stats(WAIT, "a failed upgrade", |s| s["upgrade_failures"] == 1);
+    let failed = status("STATUS=upgrade failed");
+    assert!(
+        failed.starts_with("STATUS=upgrade failed (failure 1), this generation serves on: ")
+            && failed.contains("did not stand ready within upgrade_timeout"),
+        "{failed}"
+    );
     assert!(
         proxy
             .log()
@@ -341,6 +373,12 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
     let s = proxy.wait_stats(WAIT, "a second failed upgrade", |s| {
         s["upgrade_failures"] == 2
     });
+    // The same kind of failure again: new text all the same.
+    let failed = status("STATUS=upgrade failed");
+    assert!(
+        failed.starts_with("STATUS=upgrade failed (failure 2), "),
+        "{failed}"
+    );
     assert!(proxy.log().contains("exited"), "{}", proxy.log());
     serves(30, "after a failure");
     // Untouched: the same supervisor, the same workers, nothing lost.
@@ -361,6 +399,12 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
     assert!(
         log.contains("upgrade failed") && log.contains("udpshard.toml:1:"),
         "{log}"
+    );
+    let failed = status("STATUS=upgrade failed");
+    assert!(
+        failed.starts_with("STATUS=upgrade failed (failure 3), ")
+            && failed.contains("udpshard.toml:1:"),
+        "{failed}"
     );
     serves(40, "after a bad config");
     assert_eq!(s["supervisor_pid"], proxy.pid(), "{s:#}");

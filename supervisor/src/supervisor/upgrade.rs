@@ -140,32 +140,29 @@ impl Supervisor {
     /// SIGUSR2: starts the binary at this one's path as the new generation.
     pub(super) fn begin_upgrade(&mut self) {
         if self.outbound.is_some() || self.inbound.is_some() {
-            tracing::warn!("SIGUSR2: an upgrade is already running; this one is refused");
-            return;
+            return self.refuse_upgrade("an upgrade is already running");
         }
         if self.stop_deadline.is_some() {
-            tracing::warn!("SIGUSR2 while stopping: no upgrade");
-            return;
+            return self.refuse_upgrade("the proxy is stopping");
         }
         if std::process::id() == 1 {
             // Its exit would end the container, the new generation with it.
-            tracing::warn!(
-                "SIGUSR2: as PID 1 (a container's init) this process cannot hand over and exit; \
-                 run the container with an init (docker run --init) to upgrade in place"
+            return self.refuse_upgrade(
+                "as PID 1 (a container's init) this process cannot hand over and exit; \
+                 run the container with an init (docker run --init) to upgrade in place",
             );
-            return;
         }
         if let Some(w) = self
             .workers
             .iter()
             .find(|w| w.state != WorkerState::Ready || w.retiring)
         {
-            tracing::warn!(
-                worker = w.id,
-                "SIGUSR2: refused while a worker is starting, restarting or retiring; \
-                 try again once `udpshard stats` shows every worker ready"
+            let why = format!(
+                "worker {} is starting, restarting or retiring; try again once \
+                 `udpshard stats` shows every worker ready",
+                w.id
             );
-            return;
+            return self.refuse_upgrade(&why);
         }
         tracing::info!("SIGUSR2: upgrading to {}", self.exe.display());
         match self.start_successor() {
@@ -180,6 +177,18 @@ impl Supervisor {
                 self.count_upgrade_failure(&format!("cannot start {}: {e}", self.exe.display()))
             }
         }
+    }
+
+    /// A SIGUSR2 that starts nothing. Numbered like a failure, so that
+    /// packaging/upgrade-service sees new STATUS= text each time.
+    fn refuse_upgrade(&mut self, why: &str) {
+        self.upgrades_refused += 1;
+        let message = format!(
+            "upgrade refused (refusal {}), this generation serves on: {why}",
+            self.upgrades_refused
+        );
+        tracing::warn!("SIGUSR2: {message}");
+        notify(&format!("STATUS={message}"));
     }
 
     fn count_upgrade_failure(&mut self, why: &str) {
@@ -857,6 +866,7 @@ impl Supervisor {
             outbound: None,
             serving: false,
             burned: Vec::new(),
+            upgrades_refused: 0,
             inbound: Some(Inbound {
                 channel,
                 generations,
