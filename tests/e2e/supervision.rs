@@ -505,20 +505,15 @@ fn sighup_adds_and_removes_listeners() {
 
 #[test]
 fn systemd_hears_ready_reloading_and_stopping() {
-    use std::os::unix::net::UnixDatagram;
     let dir = udpshard_tests::harness::TempDir::new("notify");
-    let path = dir.path().join("notify.sock");
-    let sock = UnixDatagram::bind(&path).unwrap();
-    sock.set_read_timeout(Some(WAIT)).unwrap();
-    std::env::set_var("NOTIFY_SOCKET", &path);
+    let notify = udpshard_tests::harness::NotifySocket::bind(&dir, WAIT);
     let a = Backend::start("a");
-    let mut proxy = Proxy::start(Path::new(BIN), &config("2", &[a.addr]));
-    std::env::remove_var("NOTIFY_SOCKET");
-    let mut buf = [0u8; 256];
-    let mut next = || {
-        let n = sock.recv(&mut buf).expect("a notification");
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    };
+    let mut proxy = Proxy::start_with(
+        Path::new(BIN),
+        &config("2", &[a.addr]),
+        &["env", &notify.env()],
+    );
+    let next = || notify.next();
     let ready = next();
     assert!(
         ready.starts_with("READY=1\nSTATUS=ready: 2 workers serving "),

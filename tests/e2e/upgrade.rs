@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use udpshard_tests::harness::{
     bind_udp, free_tcp_port, http_get, install_executable, listener_config, process_exists,
-    quic_short, total, wait_until, Backend, Proxy, TempDir,
+    quic_short, total, wait_until, Backend, NotifySocket, Proxy, TempDir,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
@@ -302,26 +302,11 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
     let exe = copy_binary(&dir);
     // systemd's notify socket, as packaging/upgrade-service reads it: every
     // refusal and failure gets a STATUS= of its own.
-    let notify_path = dir.path().join("notify.sock");
-    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(WAIT)).unwrap();
-    let status = |prefix: &str| -> String {
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = notify.recv(&mut buf).expect("a notification");
-            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-            if let Some(at) = text.find("STATUS=") {
-                if text[at..].starts_with(prefix) {
-                    return text[at..].to_string();
-                }
-            }
-        }
-    };
-    let env = format!("NOTIFY_SOCKET={}", notify_path.display());
+    let notify = NotifySocket::bind(&dir, WAIT);
     let mut proxy = Proxy::start_with(
         &exe,
         &config(&[a.addr], "upgrade_timeout = \"2s\""),
-        &["env", &env],
+        &["env", &notify.env()],
     );
     // The stats through the test's own binary: the proxy's path will hold
     // broken ones.
@@ -347,11 +332,11 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
     proxy.signal(libc::SIGUSR2);
     proxy.wait_log("an upgrade is already running", WAIT);
     assert_eq!(
-        status("STATUS=upgrade refused"),
+        notify.next_status("STATUS=upgrade refused"),
         "STATUS=upgrade refused (refusal 1), this generation serves on: an upgrade is already running"
     );
     let s = proxy.wait_stats(WAIT, "a failed upgrade", |s| s["upgrade_failures"] == 1);
-    let failed = status("STATUS=upgrade failed");
+    let failed = notify.next_status("STATUS=upgrade failed");
     assert!(
         failed.starts_with("STATUS=upgrade failed (failure 1), this generation serves on: ")
             && failed.contains("did not stand ready within upgrade_timeout"),
@@ -374,7 +359,7 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
         s["upgrade_failures"] == 2
     });
     // The same kind of failure again: new text all the same.
-    let failed = status("STATUS=upgrade failed");
+    let failed = notify.next_status("STATUS=upgrade failed");
     assert!(
         failed.starts_with("STATUS=upgrade failed (failure 2), "),
         "{failed}"
@@ -400,7 +385,7 @@ fn a_failed_upgrade_leaves_the_old_generation_serving_and_is_counted() {
         log.contains("upgrade failed") && log.contains("udpshard.toml:1:"),
         "{log}"
     );
-    let failed = status("STATUS=upgrade failed");
+    let failed = notify.next_status("STATUS=upgrade failed");
     assert!(
         failed.starts_with("STATUS=upgrade failed (failure 3), ")
             && failed.contains("udpshard.toml:1:"),

@@ -28,6 +28,49 @@ impl TempDir {
     }
 }
 
+/// A socket in the place of systemd's notify socket: run the proxy under
+/// `["env", &notify.env()]` and read what it tells systemd.
+pub struct NotifySocket {
+    sock: std::os::unix::net::UnixDatagram,
+    path: PathBuf,
+}
+
+impl NotifySocket {
+    /// Each read fails the test after `timeout`.
+    pub fn bind(dir: &TempDir, timeout: Duration) -> NotifySocket {
+        let path = dir.path().join("notify.sock");
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("bind the notify socket");
+        sock.set_read_timeout(Some(timeout))
+            .expect("set a read timeout");
+        NotifySocket { sock, path }
+    }
+
+    /// The `NOTIFY_SOCKET=` assignment that points a process here.
+    pub fn env(&self) -> String {
+        format!("NOTIFY_SOCKET={}", self.path.display())
+    }
+
+    /// The next notification, whole.
+    pub fn next(&self) -> String {
+        let mut buf = [0u8; 4096];
+        let n = self.sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// From `STATUS=` on, the next notification whose status starts with
+    /// `prefix` (which includes `STATUS=`); those before it are skipped.
+    pub fn next_status(&self, prefix: &str) -> String {
+        loop {
+            let text = self.next();
+            if let Some(at) = text.find("STATUS=") {
+                if text[at..].starts_with(prefix) {
+                    return text[at..].to_string();
+                }
+            }
+        }
+    }
+}
+
 /// A running `udpshard run`, stopped (SIGTERM, then SIGKILL) when dropped.
 pub struct Proxy {
     child: ProxyChild,

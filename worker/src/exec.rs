@@ -92,18 +92,8 @@ impl Executor {
         // decided after it goes out after it. A moved path's home then
         // re-points its relay before the backend can answer a later
         // datagram of that path, which went straight out of this worker.
-        let mut start = 0;
-        while start < actions.len() {
-            let end = run_end(&actions, start);
-            self.run(
-                router,
-                listeners,
-                handoff,
-                fds,
-                &mut actions[start..end],
-                bytes,
-            );
-            start = end;
+        for run in runs(&mut actions) {
+            self.run(router, listeners, handoff, fds, run, bytes);
         }
         actions.clear();
         self.actions = actions;
@@ -330,13 +320,10 @@ impl Executor {
     }
 }
 
-/// Where the run of `actions` that starts at `start` ends: just past its
-/// first control frame or kept descriptor, else at the end.
-fn run_end(actions: &[Action], start: usize) -> usize {
-    actions[start..]
-        .iter()
-        .position(|a| matches!(a, Action::Control { .. } | Action::Keep { .. }))
-        .map_or(actions.len(), |i| start + i + 1)
+/// The runs of a flush, each ending just past a control frame or a kept
+/// descriptor (the last may end without one).
+fn runs(actions: &mut [Action]) -> impl Iterator<Item = &mut [Action]> {
+    actions.split_inclusive_mut(|a| matches!(a, Action::Control { .. } | Action::Keep { .. }))
 }
 
 #[cfg(test)]
@@ -360,25 +347,19 @@ mod tests {
         }
     }
 
-    fn runs(actions: &[Action]) -> Vec<std::ops::Range<usize>> {
-        let mut out = Vec::new();
-        let mut start = 0;
-        while start < actions.len() {
-            let end = run_end(actions, start);
-            out.push(start..end);
-            start = end;
-        }
-        out
+    /// The length of each run.
+    fn lengths(mut actions: Vec<Action>) -> Vec<usize> {
+        runs(&mut actions).map(|run| run.len()).collect()
     }
 
     #[test]
     fn a_control_frame_ends_a_run_so_later_forwards_wait_for_it() {
         // A moved path's first datagram goes to its home in a frame; the
         // next ones, straight out: they must leave after the frame.
-        let actions = [forward(0), moved(1), forward(2), forward(3)];
-        assert_eq!(runs(&actions), vec![0..2, 2..4]);
+        let actions = vec![forward(0), moved(1), forward(2), forward(3)];
+        assert_eq!(lengths(actions), vec![2, 2]);
         let kept = Action::Keep { index: 0, sock: 0 };
-        assert_eq!(runs(&[kept, forward(0)]), vec![0..1, 1..2]);
+        assert_eq!(lengths(vec![kept, forward(0)]), vec![1, 1]);
     }
 
     #[test]
@@ -388,9 +369,9 @@ mod tests {
             header: [0; udpshard_shared::handoff::HEADER_LEN],
             datagram: DatagramRef(1),
         };
-        let actions = [forward(0), handoff, forward(2)];
-        assert_eq!(runs(&actions), vec![0..3]);
-        assert_eq!(runs(&[]), Vec::<std::ops::Range<usize>>::new());
-        assert_eq!(runs(&[moved(0)]), vec![0..1]);
+        let actions = vec![forward(0), handoff, forward(2)];
+        assert_eq!(lengths(actions), vec![3]);
+        assert_eq!(lengths(Vec::new()), Vec::<usize>::new());
+        assert_eq!(lengths(vec![moved(0)]), vec![1]);
     }
 }

@@ -252,9 +252,9 @@ fn soak(args: &Args) -> Result<bool, String> {
                 eprintln!("soak: {:>5.1}s SIGUSR2", start.elapsed().as_secs_f64());
             }
         }
-        if let Some((slot, pid, tx, at)) = timing {
+        if let Some((slot, pid, passed, at)) = timing {
             if let Some(w) = snap.slots().nth(slot) {
-                if w.get(Counter::Pid) != pid && passed_on(&w) > tx {
+                if w.get(Counter::Pid) != pid && passed_on(&w) > passed {
                     restarts.push(at.elapsed());
                     eprintln!(
                         "soak: {:>5.1}s worker {slot} passes datagrams on again, {:?} after its kill",
@@ -295,11 +295,11 @@ fn soak(args: &Args) -> Result<bool, String> {
                 .filter(|w| w.state() == SlotState::Ready)
                 .collect();
             if let Some(w) = serving.get(kills as usize % serving.len().max(1)) {
-                let (pid, tx) = (w.get(Counter::Pid), passed_on(w));
+                let (pid, passed) = (w.get(Counter::Pid), passed_on(w));
                 // SAFETY: kill(2) on one of the proxy's own workers.
                 if unsafe { libc::kill(pid as i32, libc::SIGKILL) } == 0 {
                     kills += 1;
-                    timing = Some((w.id, pid, tx, Instant::now()));
+                    timing = Some((w.id, pid, passed, Instant::now()));
                     eprintln!(
                         "soak: {:>5.1}s killed worker {} (pid {pid})",
                         start.elapsed().as_secs_f64(),
