@@ -20,6 +20,8 @@
 #   traffic: a new MainPID, NRestarts=0, every datagram answered by its flow's
 #   one backend; `apt-get install --reinstall` does the same through the
 #   package's postinst;
+# - after those upgrades, `systemctl stop` lets the upgraded supervisor (not
+#   systemd's child) drain and exit: Result=success, not SIGKILL;
 # - `systemctl kill -s KILL --kill-whom=main` is followed by a restart
 #   (NRestarts=1) with no orphan worker left;
 # - `systemctl stop` ends inactive with Result=success.
@@ -287,6 +289,24 @@ in_c udpshard stats | head -2
 until_ok 5 "two upgrades in the stats" grep_in 'binary upgrades (SIGUSR2): 2 done, 2 failed' in_c udpshard stats
 python3 .ci/roundtrip.py --proxy "127.0.0.1:$port" --backend "c=127.0.0.1:$c" \
     --flows 8 --cid-base 0x60000 --expect c || fail "round trips after the package upgrade"
+
+images_step "systemctl stop and start after the in-place upgrades: the upgraded supervisor drains"
+# Its main process is one systemd did not fork: without the unit's ExecStop,
+# systemd 252 SIGKILLs the group right after its SIGTERM (Result=signal).
+upgraded_main=$(show MainPID)
+in_c systemctl stop udpshard
+[ "$(show ActiveState)/$(show Result)" = inactive/success ] ||
+    fail "$(show ActiveState), Result=$(show Result) after stopping the upgraded service"
+log=$(in_c journalctl -u udpshard --no-pager -o short)
+for said in "signal 15: draining" "all workers exited; bye"; do
+    grep -q "udpshard\[$upgraded_main\]: .*$said" <<<"$log" ||
+        { tail -20 <<<"$log"; fail "the upgraded supervisor $upgraded_main did not log '$said'"; }
+done
+grep "udpshard\[$upgraded_main\]: .*signal 15: draining" <<<"$log" | tail -1
+in_c systemctl start udpshard
+[ "$(show ActiveState)" = active ] || fail "not active after the start"
+[ "$(show NRestarts)" = 0 ] || fail "NRestarts=$(show NRestarts) after a stop and a start"
+echo "stopped: the upgraded supervisor $upgraded_main drained and exited 0 (Result=success); started again"
 main=$(show MainPID)
 workers=$(in_c pgrep -P "$main" -x udpshard | tr '\n' ' ')
 

@@ -159,6 +159,13 @@ fn unit_has_what_the_service_needs() {
     assert_eq!(one(&service, "ExecReload"), "/bin/kill -HUP $MAINPID");
     assert_eq!(one(&service, "Restart"), "on-failure");
     assert_eq!(one(&service, "KillMode"), "mixed");
+    // The stop waits for the supervisor it signals, also one that systemd
+    // did not fork (after an in-place upgrade); .ci/systemd.sh runs it.
+    let stop = one(&service, "ExecStop");
+    assert!(
+        stop.contains(r#"kill -TERM "$$MAINPID""#) && stop.contains(r#"while kill -0 "$$MAINPID""#),
+        "{stop}"
+    );
     assert_eq!(one(&service, "User"), "udpshard");
     assert_eq!(
         one(&service, "AmbientCapabilities"),
