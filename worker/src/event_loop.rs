@@ -909,10 +909,13 @@ impl Loop {
     /// Before exiting on `Stop`. A retiring worker's sockets leave their
     /// groups when it exits: it forwards what is queued in them, and what
     /// other workers handed it meanwhile. One that handed its slot over
-    /// leaves the listeners to its successor.
+    /// leaves the listeners to its successor, and one standing by (its
+    /// upgrade given up) to its predecessor, which serves on: what a standby
+    /// worker reads is counted nowhere, and its replies would come to a
+    /// process that is gone (its supervisor's death SIGKILLs it mid-batch).
     fn leave(&mut self) {
         self.read_inbox();
-        if !self.quiesced {
+        if !self.quiesced && !self.standby {
             for l in 0..self.listeners.len() {
                 while !self.drain_listener(l) {}
             }
