@@ -307,6 +307,12 @@ in_c systemctl start udpshard
 [ "$(show ActiveState)" = active ] || fail "not active after the start"
 [ "$(show NRestarts)" = 0 ] || fail "NRestarts=$(show NRestarts) after a stop and a start"
 echo "stopped: the upgraded supervisor $upgraded_main drained and exited 0 (Result=success); started again"
+# Upgraded once more, so that the SIGKILL below hits a main process systemd
+# did not fork, as after any package upgrade.
+main=$(show MainPID)
+in_c systemctl kill -s USR2 --kill-whom=main udpshard
+until_ok 30 "a new MainPID" main_changed
+until_ok 10 "STATUS= upgraded" grep_in '^upgraded to ' show StatusText
 main=$(show MainPID)
 workers=$(in_c pgrep -P "$main" -x udpshard | tr '\n' ' ')
 
