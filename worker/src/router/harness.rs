@@ -646,7 +646,9 @@ impl World {
             self.at_client.len()
         );
         assert!(
-            self.hops_sent.iter().all(|h| *h <= super::MAX_HOPS),
+            self.hops_sent
+                .iter()
+                .all(|h| *h <= udpshard_shared::handoff::MAX_HOPS),
             "{:?}",
             self.hops_sent
         );

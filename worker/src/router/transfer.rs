@@ -1,0 +1,416 @@
+//! Sessions moving between workers: a flow the kernel keeps delivering to
+//! another worker is offered there with its paths' sockets (SCM_RIGHTS);
+//! the session stays here, served as before, until the receiver answers.
+//! The socket's home keeps reading it and relays the backend's replies.
+
+use std::net::{IpAddr, SocketAddr};
+
+use udpshard_shared::handoff::{Control, Frame, PathRef, Transfer, TransferPath};
+use udpshard_shared::owners::Owner;
+use udpshard_shared::stats::Counter;
+use udpshard_shared::{DropReason, FlowKey};
+
+use super::{Action, DatagramRef, Owners, Router, Sockets, TRANSFER_AFTER};
+use crate::paths::{Home, Path, PathId, NONE};
+use crate::session::{Offer, Session, SessionId};
+
+impl<O: Owners, S: Sockets> Router<O, S> {
+    /// Counts a handed-over datagram against its session; a flow the kernel
+    /// keeps delivering to another worker moves there.
+    pub(super) fn note_handoff(&mut self, sid: SessionId, from: u16) {
+        let Some(s) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        let (worker, count) = s.handoff_streak;
+        s.handoff_streak = if worker == from {
+            (from, count.saturating_add(1))
+        } else {
+            (from, 1)
+        };
+        if s.handoff_streak.1 >= TRANSFER_AFTER && usize::from(from) != self.id {
+            self.transfer(sid, usize::from(from));
+        }
+    }
+
+    /// Offers session `sid` to worker `to`, with a copy of each path's
+    /// socket. It stays here, served as before, until `to` answers.
+    pub(super) fn transfer(&mut self, sid: SessionId, to: usize) {
+        let Some(s) = self.sessions.get(sid) else {
+            return;
+        };
+        // Not twice at once, and not to a worker that is leaving; handing
+        // over, only to the successor.
+        let to_owner = self.live_at(to);
+        if s.transferring.is_some()
+            || to_owner.is_none()
+            || (self.successor.is_some() && to != self.id)
+        {
+            if let Some(s) = self.sessions.get_mut(sid) {
+                s.handoff_streak = (0, 0);
+            }
+            return;
+        }
+        let route = &self.routes[s.listener];
+        let mut paths = Vec::with_capacity(usize::from(s.path_count));
+        let mut socks = Vec::with_capacity(usize::from(s.path_count));
+        let mut upstreams = Vec::with_capacity(usize::from(s.path_count));
+        let mut pid = s.first_path;
+        while let Some(p) = self.paths.path(pid) {
+            if let Some(sock) = self.paths.sock(p.sock) {
+                let home = match sock.home {
+                    Home::Here => self.me,
+                    Home::Borrowed(o) => o,
+                };
+                paths.push(TransferPath {
+                    client: p.client,
+                    local_ip: p.local_ip,
+                    upstream: sock.local,
+                    home: home.worker,
+                    home_generation: home.generation,
+                    idle_ms: self
+                        .now_ms
+                        .saturating_sub(p.last_active_ms())
+                        .min(u64::from(u32::MAX)) as u32,
+                });
+                socks.push(p.sock);
+                upstreams.push(sock.local);
+            }
+            pid = p.next;
+        }
+        let offer = Offer {
+            to: to as u16,
+            since_ms: self.now_ms,
+            upstreams,
+            aliases: s.aliases.len(),
+        };
+        let transfer = Transfer {
+            key: s.key,
+            aliases: s.aliases.clone(),
+            backend: s.backend,
+            backend_addr: route.backends[usize::from(s.backend)],
+            paths,
+        };
+        let listener = s.listener;
+        if let Some(s) = self.sessions.get_mut(sid) {
+            s.transferring = Some(Box::new(offer));
+        }
+        self.control(to, listener, Control::Transfer(transfer), socks);
+    }
+
+    /// A transfer offer could not be sent at all: the session stays.
+    pub fn transfer_failed(&mut self, frame: &[u8]) {
+        if let Ok(Frame::Control {
+            listener,
+            control: Control::Transfer(t),
+            ..
+        }) = Frame::decode(frame)
+        {
+            let sid = self
+                .listener_of(listener)
+                .and_then(|l| self.sessions.lookup(l, &t.key));
+            if let Some(s) = sid.and_then(|sid| self.sessions.get_mut(sid)) {
+                s.transferring = None;
+                s.handoff_streak = (0, 0);
+            }
+        }
+    }
+
+    /// Takes over a session another worker offers, with its paths.
+    pub(super) fn transfer_in(&mut self, from: u16, listener: usize, t: Transfer, fds: usize) {
+        let accept = |r: &mut Self, accepted: bool| {
+            r.control(
+                usize::from(from),
+                listener,
+                Control::TransferDone {
+                    key: t.key,
+                    accepted,
+                },
+                Vec::new(),
+            );
+        };
+        let route = &self.routes[listener];
+        let backend_ok = route.backends.get(usize::from(t.backend)) == Some(&t.backend_addr);
+        // Its sockets' descriptors did not arrive (we are out of them), the
+        // backend lists differ (mid-reload), or we made our own session
+        // meanwhile: it stays where it is.
+        // Nor does it come to a worker that is leaving or full.
+        let refused = if self.successor.is_some() {
+            Some("handing its own sessions over")
+        } else if fds != t.paths.len() {
+            Some("its sockets did not arrive")
+        } else if !backend_ok {
+            Some("the backend lists differ")
+        } else if self.sessions.lookup(listener, &t.key).is_some() {
+            Some("a session of its key is here")
+        } else if self.draining {
+            Some("draining")
+        } else if self.sessions.admit(listener).is_err() {
+            Some("at max_sessions")
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            tracing::debug!(worker = self.id, from, "transfer refused: {why}");
+            accept(self, false);
+            return;
+        }
+        let backends = route.backends.len();
+        let mut session = Session::new(listener, t.key, t.backend, self.now_ms);
+        session.aliases = t.aliases.clone();
+        let sid = self.sessions.insert(session);
+        for (index, tp) in t.paths.iter().enumerate() {
+            let last = self.now_ms.saturating_sub(u64::from(tp.idle_ms));
+            let sock = match self.paths.by_local(tp.upstream) {
+                Some(sock) => sock,
+                None => {
+                    let home = Owner::new(usize::from(tp.home), u64::from(tp.home_generation));
+                    let sock = self
+                        .paths
+                        .borrow_sock(listener, tp.upstream, home, backends);
+                    self.actions.push(Action::Keep { index, sock });
+                    sock
+                }
+            };
+            // Our own socket (the session comes home): its relay becomes
+            // the session's path again.
+            if let Some(pid) = self.paths.on_slot(sock, t.backend) {
+                let first = self.sessions.get(sid).map_or(NONE, |s| s.first_path);
+                if let Some(p) = self
+                    .paths
+                    .path_mut(pid)
+                    .filter(|p| p.is_relay() && p.key == t.key)
+                {
+                    p.session = sid as u32;
+                    p.next = first;
+                    p.client = tp.client;
+                    p.local_ip = tp.local_ip;
+                    p.last_client_ms = last;
+                    if let Some(s) = self.sessions.get_mut(sid) {
+                        s.first_path = pid;
+                        s.path_count += 1;
+                    }
+                }
+                continue;
+            }
+            let path = Path::new(
+                listener,
+                t.backend,
+                sock,
+                tp.client,
+                tp.local_ip,
+                t.key,
+                last,
+            );
+            self.link_first(sid, path);
+        }
+        let me = self.me;
+        for hash in self.key_hashes(sid) {
+            self.owners.assign(hash, me);
+        }
+        self.counters.incr(Counter::TransfersIn);
+        accept(self, true);
+    }
+
+    /// The answer to a transfer we offered.
+    pub(super) fn transfer_done(
+        &mut self,
+        from: u16,
+        listener: usize,
+        key: FlowKey,
+        accepted: bool,
+    ) {
+        let Some(sid) = self.sessions.lookup(listener, &key) else {
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(sid) else {
+            return;
+        };
+        // An answer to an offer we had given up on (its receiver seemed
+        // gone) still counts: the receiver owns the session now.
+        if s.transferring.as_ref().is_some_and(|o| o.to != from) {
+            return;
+        }
+        let offer = s.transferring.take();
+        if !accepted {
+            s.handoff_streak = (0, 0);
+            // The successor will not have it: it is not offered again (the
+            // handover would loop until its timeout).
+            if self.successor.is_some() && usize::from(from) == self.id {
+                self.refused_by_successor.insert(sid);
+            }
+            return;
+        }
+        if let Some(offer) = offer {
+            self.reconcile(sid, from, listener, &offer);
+        }
+        // It is served there now. Our sockets' paths stay, as relays: we
+        // read those sockets and relay their replies. Borrowed copies go.
+        let Some(s) = self.sessions.get(sid) else {
+            return;
+        };
+        let mut pid = s.first_path;
+        self.sessions.remove(sid);
+        let cool = self.routes[listener].reuse_delay_ms;
+        while let Some(p) = self.paths.path(pid) {
+            let next = p.next;
+            if self.paths.sock(p.sock).map(|s| s.home) == Some(Home::Here) {
+                if let Some(p) = self.paths.path_mut(pid) {
+                    p.session = NONE;
+                    p.next = NONE;
+                }
+            } else {
+                self.paths.remove(pid, self.now_ms, cool);
+            }
+            pid = next;
+        }
+        self.counters.incr(Counter::TransfersOut);
+    }
+
+    /// The receiver of session `sid` took what `offer` sent it; what
+    /// changed here since is put right before the session leaves. A path
+    /// opened meanwhile on a socket of ours stays here as a relay (what it
+    /// forwarded has replies on their way; the receiver opens its own path
+    /// when the client sends again), one on a borrowed socket goes with the
+    /// other borrowed copies (`transfer_done`); the receiver closes its copy
+    /// of an offered path that closed here meanwhile, whose port may
+    /// otherwise serve another session once it cooled; aliases learned
+    /// meanwhile go with it.
+    fn reconcile(&mut self, sid: SessionId, to: u16, listener: usize, offer: &Offer) {
+        let Some(s) = self.sessions.get(sid) else {
+            return;
+        };
+        let (key, backend) = (s.key, s.backend);
+        let new_aliases: Vec<FlowKey> = s.aliases.get(offer.aliases..).unwrap_or(&[]).to_vec();
+        let mut now_here = Vec::new();
+        let mut pid = s.first_path;
+        while let Some(p) = self.paths.path(pid) {
+            if let Some(local) = self.paths.sock(p.sock).map(|s| s.local) {
+                if offer.upstreams.contains(&local) {
+                    now_here.push(local);
+                }
+            }
+            pid = p.next;
+        }
+        let Some(backend_addr) = self.routes[listener]
+            .backends
+            .get(usize::from(backend))
+            .copied()
+        else {
+            return;
+        };
+        for upstream in offer.upstreams.iter().filter(|u| !now_here.contains(u)) {
+            let control = Control::PathClosed(PathRef {
+                key,
+                upstream: *upstream,
+                backend: backend_addr,
+            });
+            self.control(usize::from(to), listener, control, Vec::new());
+        }
+        let owner = self.live_at(usize::from(to));
+        for alias in new_aliases {
+            if let Some(owner) = owner {
+                self.owners.assign(self.owner_hash(listener, &alias), owner);
+            }
+            let control = Control::AliasLearned { key, alias };
+            self.control(usize::from(to), listener, control, Vec::new());
+        }
+    }
+
+    /// The relay path named by `path` (its home is here).
+    fn relay(&self, listener: usize, path: &PathRef) -> Option<PathId> {
+        let sock = self.paths.by_local(path.upstream)?;
+        let backend = self.routes[listener].backend_of(path.backend)?;
+        let pid = self.paths.on_slot(sock, backend)?;
+        self.paths
+            .path(pid)
+            .filter(|p| p.is_relay() && p.key == path.key)
+            .map(|_| pid)
+    }
+
+    /// A path closed at another worker: the relay we keep for it (we are
+    /// its socket's home), or our copy of it (the worker that handed us the
+    /// session closed it before our acceptance reached it).
+    pub(super) fn path_closed(&mut self, listener: usize, path: PathRef) {
+        if let Some(pid) = self.relay(listener, &path) {
+            self.close_path(pid);
+            return;
+        }
+        let Some(sock) = self.paths.by_local(path.upstream) else {
+            return;
+        };
+        if !matches!(
+            self.paths.sock(sock).map(|s| s.home),
+            Some(Home::Borrowed(_))
+        ) {
+            return;
+        }
+        let Some(backend) = self.routes[listener].backend_of(path.backend) else {
+            return;
+        };
+        let ours = self.paths.on_slot(sock, backend).filter(|pid| {
+            self.paths
+                .path(*pid)
+                .is_some_and(|p| !p.is_relay() && p.key == path.key)
+        });
+        if let Some(pid) = ours {
+            self.close_path(pid);
+        }
+    }
+
+    /// The owner of a path we relay says its client moved, and hands us the
+    /// datagram that moved it to forward.
+    pub(super) fn relay_moved(
+        &mut self,
+        listener: usize,
+        path: PathRef,
+        client: SocketAddr,
+        local_ip: Option<IpAddr>,
+        carried: Option<(DatagramRef, usize)>,
+    ) {
+        let relay = self.relay(listener, &path);
+        if let Some(p) = relay.and_then(|pid| self.paths.path_mut(pid)) {
+            p.client = client;
+            p.local_ip = local_ip;
+        }
+        let Some((d, len)) = carried else {
+            return;
+        };
+        self.counters.incr(Counter::HandoffIn);
+        let relayed = relay
+            .and_then(|pid| self.paths.path(pid))
+            .map(|p| (p.sock, p.listener, p.backend));
+        match relayed {
+            Some((sock, listener, backend)) => {
+                self.actions.push(Action::Forward {
+                    sock,
+                    to: path.backend,
+                    datagram: d,
+                });
+                self.count_forward(listener, backend, len);
+            }
+            // The relay closed meanwhile: nothing carries the datagram.
+            None => self.drop_datagram(DropReason::Handoff),
+        }
+    }
+
+    /// A relaying home saw replies on one of our paths.
+    pub(super) fn relayed_activity(&mut self, listener: usize, path: PathRef) {
+        let Some(sock) = self.paths.by_local(path.upstream) else {
+            return;
+        };
+        let Some(backend) = self.routes[listener].backend_of(path.backend) else {
+            return;
+        };
+        let Some(pid) = self.paths.on_slot(sock, backend) else {
+            return;
+        };
+        let now = self.now_ms;
+        if let Some(p) = self.paths.path_mut(pid) {
+            p.last_reply_ms = now;
+            let sid = p.session;
+            if let Some(s) = self.sessions.get_mut(sid as usize) {
+                s.last_active_ms = now;
+            }
+        }
+    }
+}
