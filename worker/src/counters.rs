@@ -147,11 +147,17 @@ impl Counters {
         self.dirty.set(d);
     }
 
-    /// Adds `n` (wrapping: a failed send takes its count back within the
-    /// flush) to backend row `row`'s counter `c`; no row, no count.
+    /// Adds `n` to backend row `row`'s counter `c`; no row, no count.
     #[inline]
     pub fn backend_add(&mut self, row: Option<u16>, c: BackendCounter, n: u64) {
         self.backend_update(row, c, |x| x.wrapping_add(n));
+    }
+
+    /// Takes back `n` of what [`Counters::backend_add`] added: a send that
+    /// failed in the flush that counted it, before anything was published.
+    #[inline]
+    pub fn backend_sub(&mut self, row: Option<u16>, c: BackendCounter, n: u64) {
+        self.backend_update(row, c, |x| x.wrapping_sub(n));
     }
 
     pub fn backend_set(&mut self, row: Option<u16>, c: BackendCounter, v: u64) {
@@ -195,6 +201,13 @@ impl Counters {
     #[inline]
     pub fn add(&mut self, c: Counter, n: u64) {
         self.words[c as usize] = self.words[c as usize].wrapping_add(n);
+    }
+
+    /// Takes back `n` of what [`Counters::add`] added (see
+    /// [`Counters::backend_sub`]).
+    #[inline]
+    pub fn sub(&mut self, c: Counter, n: u64) {
+        self.words[c as usize] = self.words[c as usize].wrapping_sub(n);
     }
 
     #[inline]

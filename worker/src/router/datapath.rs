@@ -533,15 +533,13 @@ impl<O: Owners, S: Sockets> Router<O, S> {
     /// the flush that made it: its counts are taken back before anything
     /// is published).
     pub fn forward_failed(&mut self, sock: SockId, to: SocketAddr, len: usize) {
-        self.counters.add(Counter::TxPackets, u64::MAX);
-        self.counters
-            .add(Counter::TxBytes, (len as u64).wrapping_neg());
+        self.counters.sub(Counter::TxPackets, 1);
+        self.counters.sub(Counter::TxBytes, len as u64);
         self.drop_datagram(DropReason::Upstream);
         let row = self.row_toward(sock, to);
+        self.counters.backend_sub(row, BackendCounter::TxPackets, 1);
         self.counters
-            .backend_add(row, BackendCounter::TxPackets, u64::MAX);
-        self.counters
-            .backend_add(row, BackendCounter::TxBytes, (len as u64).wrapping_neg());
+            .backend_sub(row, BackendCounter::TxBytes, len as u64);
         self.counters
             .backend_add(row, BackendCounter::SendErrors, 1);
     }
@@ -604,7 +602,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
     /// A `Handoff` could not be delivered, in the flush that made it (its
     /// `handoff_out` is taken back before anything is published).
     pub fn handoff_failed(&mut self) {
-        self.counters.add(Counter::HandoffOut, u64::MAX);
+        self.counters.sub(Counter::HandoffOut, 1);
         self.drop_datagram(DropReason::Handoff);
     }
 
@@ -614,7 +612,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
     /// until [`Router::handoff_queue_settled`] says what became of it, so
     /// no published count goes back.
     pub fn handoff_queued(&mut self) {
-        self.counters.add(Counter::HandoffOut, u64::MAX);
+        self.counters.sub(Counter::HandoffOut, 1);
     }
 
     /// Of the datagrams queued behind full inboxes, `sent` went and `lost`
@@ -722,7 +720,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
 
     /// A `Reply` could not be sent.
     pub fn reply_failed(&mut self) {
-        self.counters.add(Counter::RepliesOut, u64::MAX);
+        self.counters.sub(Counter::RepliesOut, 1);
         self.drop_datagram(DropReason::Reply);
     }
 
