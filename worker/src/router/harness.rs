@@ -374,8 +374,13 @@ impl World {
 
     /// A client datagram from `client` that the kernel delivers to `worker`.
     pub fn send(&mut self, worker: usize, client: &str, bytes: &[u8]) {
+        self.send_on(worker, 0, client, bytes);
+    }
+
+    /// A client datagram to listener `listener` (see [`World::send`]).
+    pub fn send_on(&mut self, worker: usize, listener: usize, client: &str, bytes: &[u8]) {
         let a = Arrival {
-            listener: 0,
+            listener,
             client: addr(client),
             local_ip: None,
             via: Via::Socket,
@@ -581,6 +586,26 @@ impl World {
                 net.bound.remove(&addr);
             }
         }
+    }
+
+    /// Reloads every live router to config `text`: listeners are matched
+    /// by name, as the worker matches their sockets.
+    pub fn reload(&mut self, text: &str) {
+        let old = World::routes_for(&self.config);
+        let new = World::routes_for(text);
+        let map: Vec<Option<usize>> = old
+            .iter()
+            .map(|o| new.iter().position(|n| n.ident == o.ident))
+            .collect();
+        self.config = text.to_string();
+        for w in 0..self.routers.len() {
+            if self.owners.borrow().live[w].is_none() {
+                continue;
+            }
+            self.routers[w].reconfigure(World::routes_for(text), &map);
+            self.execute(w, &[]);
+        }
+        self.settle();
     }
 
     /// Replaces worker `w` with a fresh process (a new generation).

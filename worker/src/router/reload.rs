@@ -43,13 +43,14 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 continue;
             };
             match backends[listener][usize::from(backend)] {
-                Some(b) => rerouted.push((sid, b, Vec::new(), false)),
+                Some(b) => rerouted.push((sid, to, b, Vec::new(), false)),
                 None => {
                     // Its paths close; where their socket has the new
                     // backend's slot free, the new path takes it, so the
                     // backend sees the proxy address it would have seen.
                     let old = self.close_paths(sid);
-                    rerouted.push((sid, routes[to].pick(key.as_bytes()) as u16, old, true));
+                    let b = routes[to].pick(key.as_bytes()) as u16;
+                    rerouted.push((sid, to, b, old, true));
                 }
             }
         }
@@ -66,7 +67,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
         let counts: Vec<usize> = routes.iter().map(|r| r.backends.len()).collect();
         self.paths.remap(map, &backends, &counts);
-        for (sid, backend, old, moved) in rerouted {
+        for (sid, to, backend, old, moved) in rerouted {
             let Some(s) = self.sessions.get_mut(sid) else {
                 continue;
             };
@@ -75,20 +76,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 continue;
             }
             self.counters.incr(Counter::SessionsRerouted);
-            let (listener, key) = (s.listener, s.key);
-            for (sock, client, local_ip, last) in old {
-                let same_family = routes[listener].ipv4.get(usize::from(backend)).copied()
-                    == self.paths.sock(sock).map(|s| s.local.is_ipv4());
-                let free = self
-                    .paths
-                    .sock(sock)
-                    .is_some_and(|s| s.home == Home::Here && s.is_free(backend));
-                if !(same_family && free) {
-                    continue;
-                }
-                let path = Path::new(listener, backend, sock, client, local_ip, key, last);
-                self.link_first(sid, path);
-            }
+            // The session's listener index is remapped below; its paths'
+            // already are.
+            let v4 = routes[to].ipv4.get(usize::from(backend)).copied();
+            self.reopen_paths(sid, to, backend, v4, old);
         }
         let limits: Vec<usize> = routes.iter().map(|r| r.max_sessions).collect();
         self.sessions.remap(map, &limits);
@@ -122,14 +113,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
     }
 
-    /// Closes session `sid`'s paths (it is moving to another backend): what
-    /// each was, (socket, client, local address, last client datagram), so
-    /// its new paths can take the same sockets where their slot is free.
-    #[allow(clippy::type_complexity)]
-    pub(super) fn close_paths(
-        &mut self,
-        sid: SessionId,
-    ) -> Vec<(SockId, SocketAddr, Option<IpAddr>, u64)> {
+    /// Closes session `sid`'s paths (it is moving to another backend),
+    /// saying what each was, so its new paths can take the same sockets
+    /// where their slot is free ([`Router::reopen_paths`]).
+    pub(super) fn close_paths(&mut self, sid: SessionId) -> Vec<ClosedPath> {
         let mut old = Vec::new();
         while let Some(pid) = self
             .sessions
@@ -138,10 +125,57 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             .filter(|p| *p != NONE)
         {
             if let Some(p) = self.paths.path(pid) {
-                old.push((p.sock, p.client, p.local_ip, p.last_client_ms));
+                old.push(ClosedPath {
+                    sock: p.sock,
+                    client: p.client,
+                    local_ip: p.local_ip,
+                    last_client_ms: p.last_client_ms,
+                });
             }
             self.close_path(pid);
         }
         old
     }
+
+    /// Session `sid` moved to `backend` of `listener` (of family `v4`):
+    /// where a socket of its `old` paths has that backend's slot free, the
+    /// new path takes it, so the backend sees the proxy address it would
+    /// have seen; otherwise the session's next datagram opens one.
+    pub(super) fn reopen_paths(
+        &mut self,
+        sid: SessionId,
+        listener: usize,
+        backend: u16,
+        v4: Option<bool>,
+        old: Vec<ClosedPath>,
+    ) {
+        let Some(key) = self.sessions.get(sid).map(|s| s.key) else {
+            return;
+        };
+        for c in old {
+            let usable = self.paths.sock(c.sock).is_some_and(|s| {
+                Some(s.local.is_ipv4()) == v4 && s.home == Home::Here && s.is_free(backend)
+            });
+            if usable {
+                let path = Path::new(
+                    listener,
+                    backend,
+                    c.sock,
+                    c.client,
+                    c.local_ip,
+                    key,
+                    c.last_client_ms,
+                );
+                self.link_first(sid, path);
+            }
+        }
+    }
+}
+
+/// A path closed because its session moves to another backend.
+pub(super) struct ClosedPath {
+    sock: SockId,
+    client: SocketAddr,
+    local_ip: Option<IpAddr>,
+    last_client_ms: u64,
 }

@@ -12,7 +12,6 @@ use udpshard_shared::stats::Counter;
 use udpshard_shared::{stable_hash, Dissector, Maglev};
 
 use super::{Owners, Router, Sockets};
-use crate::paths::{Home, Path};
 
 /// A listener as the router routes it: built from its config (replaced on
 /// reload).
@@ -247,20 +246,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 s.awaiting_since_ms = None;
             }
             self.counters.incr(Counter::SessionsRerouted);
-            // Where the old socket has the new backend's slot free, the new
-            // path takes it; otherwise the next datagram opens one.
-            for (sock, client, local_ip, last) in old {
-                let same_family = self.routes[listener].ipv4.get(usize::from(to)).copied()
-                    == self.paths.sock(sock).map(|s| s.local.is_ipv4());
-                let free = self
-                    .paths
-                    .sock(sock)
-                    .is_some_and(|s| s.home == Home::Here && s.is_free(to));
-                if same_family && free {
-                    let path = Path::new(listener, to, sock, client, local_ip, key, last);
-                    self.link_first(sid, path);
-                }
-            }
+            let v4 = self.routes[listener].ipv4.get(usize::from(to)).copied();
+            self.reopen_paths(sid, listener, to, v4, old);
         }
         self.sessions.recount();
     }

@@ -551,6 +551,50 @@ fn router_re_routes_when_a_backend_is_removed() {
     w.assert_ledger();
 }
 
+/// A reload that removes one listener and a backend of another: the
+/// listeners after the removed one are renumbered, and a session re-routed
+/// off the removed backend must take its new path on its listener's new
+/// index (the old index was out of the new list's bounds: a panic).
+#[test]
+fn router_re_routes_on_a_listener_renumbered_by_the_same_reload() {
+    let listener = |name: &str, port: u16, backends: &[usize]| {
+        let list: Vec<String> = backends
+            .iter()
+            .map(|b| format!("\"{}\"", backend(*b)))
+            .collect();
+        format!(
+            "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:{port}\"\ndissector = \"quic\"\nbackends = [{}]\n",
+            list.join(", ")
+        )
+    };
+    let before = listener("a", 4433, &[0]) + &listener("b", 4434, &[0, 1]);
+    let mut w = World::new(1, &before, (20000, 20063));
+    for cid in 0..20u64 {
+        w.send_on(0, 1, CLIENT, &short(cid, b"one"));
+    }
+    let on_b0 = w
+        .at_backend
+        .iter()
+        .filter(|d| d.backend == backend(0))
+        .count();
+    assert!(on_b0 > 0, "some CIDs map to backend 0");
+    w.reload(&listener("b", 4434, &[1]));
+    let sent = w.at_backend.len();
+    for cid in 0..20u64 {
+        w.send_on(0, 0, CLIENT, &short(cid, b"two"));
+    }
+    assert_eq!(w.at_backend.len(), sent + 20, "every datagram forwarded");
+    assert!(w.at_backend[sent..].iter().all(|d| d.backend == backend(1)));
+    assert_eq!(w.counter(0, Counter::SessionsRerouted), on_b0 as u64);
+    assert_eq!(
+        w.counter(0, Counter::SessionsCreated),
+        20,
+        "the same sessions"
+    );
+    w.assert_unique_tuples();
+    w.assert_ledger();
+}
+
 #[test]
 fn router_idle_sessions_expire_in_virtual_time() {
     let mut w = world(1, "session_idle = \"10s\"", 1);
