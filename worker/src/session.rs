@@ -31,14 +31,29 @@ pub struct Session {
     pub path_count: u8,
     /// The last datagram either way, on any path.
     pub last_active_ms: u64,
-    /// Consecutive datagrams handed over by one other worker (which, then,
-    /// is where the kernel delivers this flow now): (worker, count).
-    pub handoff_streak: (u16, u8),
-    /// Sent to another worker, which has not answered yet.
-    pub transferring: Option<Box<Offer>>,
+    /// Whether it is on offer to another worker; changed only through
+    /// the methods below.
+    transfer: TransferState,
     /// Until its backend first answers (passive health): when it began;
     /// `None` once judged (answered, timed out, or not to be judged).
     pub awaiting_since_ms: Option<u64>,
+}
+
+/// A session's transfer to another worker. Lifecycle:
+///
+/// ```text
+/// Here { run } --(TRANSFER_AFTER datagrams in a row handed over by one
+///                 worker, or an upgrade's handover)--> Offered
+/// Offered --(refused, given up, or never sent)--> Here, with no run
+/// Offered --(accepted)--> the session leaves this worker
+/// ```
+#[derive(Debug, Clone)]
+enum TransferState {
+    /// Served here. `run`: how many datagrams in a row worker `from` handed
+    /// over (it is where the kernel delivers this flow now).
+    Here { from: u16, run: u8 },
+    /// Sent to another worker, which has not answered yet.
+    Offered(Box<Offer>),
 }
 
 /// A transfer offered and not yet answered: what the receiver was sent,
@@ -63,8 +78,7 @@ impl Session {
             first_path: NONE,
             path_count: 0,
             last_active_ms: now_ms,
-            handoff_streak: (0, 0),
-            transferring: None,
+            transfer: TransferState::Here { from: 0, run: 0 },
             awaiting_since_ms: None,
         }
     }
@@ -72,6 +86,51 @@ impl Session {
     /// Its key, then its aliases.
     pub fn keys(&self) -> impl Iterator<Item = &FlowKey> {
         std::iter::once(&self.key).chain(&self.aliases)
+    }
+
+    /// The transfer on offer, if any.
+    pub fn offer(&self) -> Option<&Offer> {
+        match &self.transfer {
+            TransferState::Offered(offer) => Some(offer),
+            TransferState::Here { .. } => None,
+        }
+    }
+
+    /// A datagram handed over by worker `from`: how many in a row it has
+    /// handed over now (0 while the session is on offer).
+    pub fn handed_over_by(&mut self, from: u16) -> u8 {
+        match &mut self.transfer {
+            TransferState::Here { from: f, run } if *f == from => {
+                *run = run.saturating_add(1);
+                *run
+            }
+            TransferState::Here { from: f, run } => {
+                (*f, *run) = (from, 1);
+                1
+            }
+            TransferState::Offered(_) => 0,
+        }
+    }
+
+    /// A datagram arrived another way: any run of handoffs ends.
+    pub fn end_run(&mut self) {
+        if let TransferState::Here { run, .. } = &mut self.transfer {
+            *run = 0;
+        }
+    }
+
+    /// Offered to another worker.
+    pub fn set_offered(&mut self, offer: Offer) {
+        self.transfer = TransferState::Offered(Box::new(offer));
+    }
+
+    /// The offer is settled here (refused, given up, never sent): served
+    /// here again, with no run of handoffs. Returns the offer.
+    pub fn take_offer(&mut self) -> Option<Box<Offer>> {
+        match std::mem::replace(&mut self.transfer, TransferState::Here { from: 0, run: 0 }) {
+            TransferState::Offered(offer) => Some(offer),
+            TransferState::Here { .. } => None,
+        }
     }
 
     /// Whether `key` is one of its keys.

@@ -314,7 +314,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         s.last_active_ms = now;
         // Arriving here directly ends any run of handoffs.
         if !matches!(a.via, Via::Handoff { .. }) {
-            s.handoff_streak = (0, 0);
+            s.end_run();
         }
         let (listener, backend) = (s.listener, s.backend);
         let Some(p) = self.paths.path_mut(pid) else {
@@ -347,7 +347,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
     /// socket (a datagram the receiver handed back opens its path here).
     fn receiver_of_new_path(&self, sid: SessionId, a: Arrival) -> Option<usize> {
         let s = self.sessions.get(sid)?;
-        let offer = s.transferring.as_ref()?;
+        let offer = s.offer()?;
         let route = &self.routes[s.listener];
         if a.via.hops() > 0
             || route.follow

@@ -236,7 +236,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             // move to), and not while a transfer names its backend.
             if to == s.backend
                 || self.routes[listener].is_down(usize::from(to))
-                || s.transferring.is_some()
+                || s.offer().is_some()
             {
                 continue;
             }

@@ -81,7 +81,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // Offered to another worker: it answers, unless it died (then the
         // offer is void; a replacement reading it late answers too). An
         // answer lost on the way is settled by the ownership table.
-        if let Some((to, since)) = s.transferring.as_ref().map(|o| (o.to, o.since_ms)) {
+        if let Some((to, since)) = s.offer().map(|o| (o.to, o.since_ms)) {
             let (listener, key) = (s.listener, s.key);
             let waited = now.saturating_sub(since);
             match self.live_at(usize::from(to)) {
@@ -98,26 +98,16 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 // too, or their ports, once cooled, would serve a second
                 // 4-tuple), and so does the session: nothing of it closes
                 // while the receiver may hold copies of its sockets.
-                Some(_) if waited < OFFER_LIFETIME_MS => {
-                    if let Some(s) = self.sessions.get_mut(sid) {
-                        s.handoff_streak = (0, 0);
-                    }
-                    return;
-                }
+                Some(_) if waited < OFFER_LIFETIME_MS => return,
                 // An answer that never came: the offer is void.
                 Some(_) => self.transfer_done(to, listener, key, false),
                 // The receiver died or is leaving: its replacement may read
                 // the offer from the inbox and say yes, which must still be
                 // reconciled; meanwhile the session stays, as above.
-                None if waited < OFFER_LIFETIME_MS => {
-                    if let Some(s) = self.sessions.get_mut(sid) {
-                        s.handoff_streak = (0, 0);
-                    }
-                    return;
-                }
+                None if waited < OFFER_LIFETIME_MS => return,
                 None => {
                     if let Some(s) = self.sessions.get_mut(sid) {
-                        s.transferring = None;
+                        s.take_offer();
                     }
                 }
             }

@@ -437,7 +437,7 @@ fn router_a_refused_transfer_whose_answer_is_lost_stays_and_may_be_offered_again
         sessions
             .get(sessions.lookup(0, &key).unwrap())
             .unwrap()
-            .transferring
+            .offer()
             .is_some()
     };
     w.advance(3_000);

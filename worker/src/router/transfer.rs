@@ -21,13 +21,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let Some(s) = self.sessions.get_mut(sid) else {
             return;
         };
-        let (worker, count) = s.handoff_streak;
-        s.handoff_streak = if worker == from {
-            (from, count.saturating_add(1))
-        } else {
-            (from, 1)
-        };
-        if s.handoff_streak.1 >= TRANSFER_AFTER && usize::from(from) != self.id {
+        if s.handed_over_by(from) >= TRANSFER_AFTER && usize::from(from) != self.id {
             self.transfer(sid, usize::from(from));
         }
     }
@@ -41,12 +35,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // Not twice at once, and not to a worker that is leaving; handing
         // over, only to the successor.
         let to_owner = self.live_at(to);
-        if s.transferring.is_some()
-            || to_owner.is_none()
-            || (self.successor.is_some() && to != self.id)
+        if s.offer().is_some() || to_owner.is_none() || (self.successor.is_some() && to != self.id)
         {
             if let Some(s) = self.sessions.get_mut(sid) {
-                s.handoff_streak = (0, 0);
+                s.end_run();
             }
             return;
         }
@@ -92,7 +84,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         };
         let listener = s.listener;
         if let Some(s) = self.sessions.get_mut(sid) {
-            s.transferring = Some(Box::new(offer));
+            s.set_offered(offer);
         }
         self.control(to, listener, Control::Transfer(transfer), socks);
     }
@@ -109,8 +101,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 .listener_of(listener)
                 .and_then(|l| self.sessions.lookup(l, &t.key));
             if let Some(s) = sid.and_then(|sid| self.sessions.get_mut(sid)) {
-                s.transferring = None;
-                s.handoff_streak = (0, 0);
+                s.take_offer();
             }
         }
     }
@@ -227,12 +218,11 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         };
         // An answer to an offer we had given up on (its receiver seemed
         // gone) still counts: the receiver owns the session now.
-        if s.transferring.as_ref().is_some_and(|o| o.to != from) {
+        if s.offer().is_some_and(|o| o.to != from) {
             return;
         }
-        let offer = s.transferring.take();
+        let offer = s.take_offer();
         if !accepted {
-            s.handoff_streak = (0, 0);
             // The successor will not have it: it is not offered again (the
             // handover would loop until its timeout).
             if self.successor.is_some() && usize::from(from) == self.id {

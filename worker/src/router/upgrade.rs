@@ -26,14 +26,13 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             let offered = self
                 .sessions
                 .get(sid)
-                .and_then(|s| s.transferring.as_ref())
+                .and_then(|s| s.offer())
                 .is_some_and(|o| usize::from(o.to) == self.id);
             if !offered {
                 continue;
             }
             if let Some(s) = self.sessions.get_mut(sid) {
-                s.transferring = None;
-                s.handoff_streak = (0, 0);
+                s.take_offer();
             }
             for hash in self.key_hashes(sid) {
                 self.owners.assign(hash, me);
@@ -59,10 +58,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             if offered >= budget {
                 break;
             }
-            if self
-                .sessions
-                .get(sid)
-                .is_some_and(|s| s.transferring.is_none())
+            if self.sessions.get(sid).is_some_and(|s| s.offer().is_none())
                 && !self.refused_by_successor.contains(&sid)
             {
                 self.transfer(sid, self.id);
@@ -83,11 +79,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         self.sessions
             .ids()
             .into_iter()
-            .filter(|&sid| {
-                self.sessions
-                    .get(sid)
-                    .is_some_and(|s| s.transferring.is_some())
-            })
+            .filter(|&sid| self.sessions.get(sid).is_some_and(|s| s.offer().is_some()))
             .count()
     }
 
