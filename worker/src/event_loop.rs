@@ -26,6 +26,7 @@ use crate::exec::Executor;
 use crate::handoff::{Handoff, MAX_DATAGRAM};
 use crate::listener::Listener;
 use crate::paths::SockId;
+use crate::phase::{HandingOver, Phase};
 use crate::rawtx::{drop_raw_capability, RawTx};
 use crate::router::{Arrival, DatagramRef, Outcome, Route, Router, Via};
 use crate::shm::ShmOwners;
@@ -158,12 +159,16 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     if args.standby.is_none() {
         counters.publish(&slot);
     }
-    let mut router = Router::new(me, routes, owners, upstream, index, counters);
-    // The process it stands by to succeed: the slot's generation now.
-    router.set_standby(
-        args.standby
-            .map(|generation| Owner::new(args.id, generation.wrapping_sub(1))),
-    );
+    // Standing by, it succeeds the process of the slot's generation now.
+    let phase = match args.standby {
+        Some(generation) => Phase::Standby {
+            predecessor: Owner::new(args.id, generation.wrapping_sub(1)),
+            listening: false,
+        },
+        None => Phase::Serving,
+    };
+    let registered = phase.reads_listeners();
+    let router = Router::new(me, phase, routes, owners, upstream, index, counters);
     let exec = Executor::new(
         raw_tx(config.upstream_send, args.id),
         config.upstream_send == UpstreamSend::Auto,
@@ -202,7 +207,7 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         up_queued: Vec::new(),
         region,
         id: args.id,
-        drain_deadline: None,
+        registered,
         start: Instant::now(),
         start_ns: monotonic_ns(),
         iter_ms: 0,
@@ -212,10 +217,6 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         rx_ahead: (0, 0),
         replies_ahead: 0,
         last_warn_ms: 0,
-        standby: args.standby.is_some(),
-        listening: args.standby.is_none(),
-        quiesced: false,
-        handing_over: None,
         wall_base: 0,
     };
     let epoch_ms = lp.start_ns / 1_000_000;
@@ -293,6 +294,12 @@ fn build_routes(
         .collect()
 }
 
+fn deregister_listeners(registry: &mio::Registry, listeners: &[Listener]) {
+    for listener in listeners {
+        let _ = registry.deregister(&mut SourceFd(&listener.socket.as_raw_fd()));
+    }
+}
+
 fn register_listeners(registry: &mio::Registry, listeners: &[Listener]) -> Result<(), WorkerError> {
     for (l, listener) in listeners.iter().enumerate() {
         let fd = listener.socket.as_raw_fd();
@@ -358,8 +365,9 @@ struct Loop {
     up_queued: Vec<bool>,
     region: StatsRegion,
     id: usize,
-    /// Set by `Drain`: serve live sessions until then, then exit.
-    drain_deadline: Option<Instant>,
+    /// The listeners are registered for reading: they are while the
+    /// router's phase reads them ([`Loop::follow_phase`]).
+    registered: bool,
     start: Instant,
     /// CLOCK_MONOTONIC at `start`, ns: the heartbeat is derived from it.
     start_ns: u64,
@@ -378,26 +386,8 @@ struct Loop {
     rx_ahead: (u64, u64),
     replies_ahead: u64,
     last_warn_ms: u64,
-    /// A binary upgrade: standing by to take the slot over (nothing is
-    /// published to the slot, which the predecessor still writes).
-    standby: bool,
-    /// A binary upgrade: the listeners are left to the successor.
-    quiesced: bool,
-    /// The listeners are registered for reading (a standby worker's are
-    /// not until its predecessor has stopped reading them, a quiesced
-    /// worker's not unless its upgrade is given up).
-    listening: bool,
-    /// A binary upgrade: handing every session to the successor, since
-    /// then; `reported` once the supervisor has heard it is done.
-    handing_over: Option<HandingOver>,
     /// The slot's wall time before this process's loop began.
     wall_base: u64,
-}
-
-/// Sessions handed to the successor during a binary upgrade.
-struct HandingOver {
-    since: Instant,
-    reported: bool,
 }
 
 /// Sessions offered to the successor per loop iteration, and at most on
@@ -406,7 +396,7 @@ const HAND_OVER_BATCH: usize = 256;
 const HAND_OVER_IN_FLIGHT: usize = 1024;
 /// How long a handover may take before the sessions still here are given
 /// up on (each is counted, and its flow starts afresh at the successor).
-const HAND_OVER_TIMEOUT: Duration = Duration::from_secs(10);
+const HAND_OVER_TIMEOUT_MS: u64 = 10_000;
 
 /// The bytes `d` names, resolved against the loop's buffers.
 fn resolve<'a>(
@@ -440,7 +430,7 @@ impl Loop {
     /// datagram, an inbox frame) the router has counted only part of it:
     /// the slot keeps the larger figure, so it never goes back.
     fn publish_ahead(&self) {
-        if self.standby {
+        if !self.router.phase().publishes() {
             return;
         }
         let Some(slot) = self.region.slot(self.id) else {
@@ -457,7 +447,7 @@ impl Loop {
     }
 
     fn publish(&self) {
-        if self.standby {
+        if !self.router.phase().publishes() {
             return;
         }
         if let Some(slot) = self.region.slot(self.id) {
@@ -550,12 +540,12 @@ impl Loop {
             if busy_from >= next_tick {
                 self.tick();
                 next_tick = busy_from + TICK;
-                if let Some(deadline) = self.drain_deadline {
+                if let Phase::Draining { deadline_ms } = *self.router.phase() {
                     if self.router.sessions() == 0 {
                         tracing::info!(worker = self.id, "drained: no live sessions left");
                         return Ok(());
                     }
-                    if busy_from >= deadline {
+                    if self.now_ms() >= deadline_ms {
                         tracing::info!(
                             worker = self.id,
                             sessions = self.router.sessions(),
@@ -915,7 +905,7 @@ impl Loop {
     /// process that is gone (its supervisor's death SIGKILLs it mid-batch).
     fn leave(&mut self) {
         self.read_inbox();
-        if !self.quiesced && !self.standby {
+        if self.router.phase().drains_listeners_on_exit() {
             for l in 0..self.listeners.len() {
                 while !self.drain_listener(l) {}
             }
@@ -923,7 +913,7 @@ impl Loop {
         self.read_inbox();
         // The sockets' drops up to now are this process's to count (a
         // successor counts from where this leaves them).
-        if !self.standby {
+        if self.router.phase().publishes() {
             self.note_listener_drops();
         }
         // Frames that wait for room in an inbox go with a last try or two.
@@ -936,43 +926,71 @@ impl Loop {
         }
     }
 
+    /// Moves the router to phase `next`, and the listeners' registration
+    /// with it; false when `next` is no step from the phase it is in.
+    fn enter(&mut self, next: Phase) -> Result<bool, WorkerError> {
+        if !self.router.phase().may_become(&next) {
+            tracing::warn!(
+                worker = self.id,
+                "no step from {} to {}: ignored",
+                self.router.phase().name(),
+                next.name()
+            );
+            return Ok(false);
+        }
+        self.router.set_phase(next);
+        let read = self.router.phase().reads_listeners();
+        if read != self.registered {
+            if read {
+                register_listeners(self.poll.registry(), &self.listeners)?;
+            } else {
+                deregister_listeners(self.poll.registry(), &self.listeners);
+            }
+            self.registered = read;
+            // Read what waits at once; edges raised before are not raised
+            // again.
+            self.undrained.iter_mut().for_each(|u| *u = read);
+        }
+        Ok(true)
+    }
+
     /// A binary upgrade: stop reading the listeners, which the successor
     /// (generation `generation` of this slot, whose inbox is `twin`) will
     /// read; from now on no session is made here.
-    fn quiesce(&mut self, generation: u64, twin: Option<OwnedFd>) {
+    fn quiesce(&mut self, generation: u64, twin: Option<OwnedFd>) -> Result<(), WorkerError> {
+        let next = HandingOver::to(Owner::new(self.id, generation));
+        if !self.router.phase().may_become(&next) {
+            tracing::error!(
+                worker = self.id,
+                "upgrade: asked to quiesce while {}",
+                self.router.phase().name()
+            );
+            return Ok(());
+        }
         let Some(twin) = twin else {
             tracing::error!(worker = self.id, "upgrade: no successor inbox came");
-            return;
+            return Ok(());
         };
         if let Err(e) = self
             .handoff
             .set_twin(self.id, Some(UnixDatagram::from(twin)))
         {
             tracing::error!(worker = self.id, "upgrade: successor inbox: {e}");
-            return;
+            return Ok(());
         }
-        let registry = self.poll.registry();
-        for listener in &self.listeners {
-            let _ = registry.deregister(&mut SourceFd(&listener.socket.as_raw_fd()));
-        }
-        self.undrained.iter_mut().for_each(|u| *u = false);
-        self.listening = false;
-        self.quiesced = true;
-        self.router.set_successor(Owner::new(self.id, generation));
+        self.enter(next)?;
         tracing::debug!(
             worker = self.id,
             "quiesced: the listeners are the successor's"
         );
         let _ = self.control.send(&ControlMsg::Quiesced, &[]);
+        Ok(())
     }
 
     /// The upgrade is given up: read the listeners again and serve on.
     fn resume(&mut self) -> Result<(), WorkerError> {
-        self.quiesced = false;
-        self.handing_over = None;
-        self.router.resume();
+        self.enter(Phase::Serving)?;
         let _ = self.handoff.set_twin(self.id, None);
-        self.read_listeners()?;
         tracing::warn!(
             worker = self.id,
             sessions = self.router.sessions(),
@@ -984,13 +1002,14 @@ impl Loop {
     /// While handing over: offers the next sessions; once none is left
     /// (or the time is up), tells the supervisor.
     fn hand_over_step(&mut self) -> Result<(), WorkerError> {
-        let Some(h) = self.handing_over.as_ref() else {
-            return Ok(());
+        let since_ms = match self.router.phase() {
+            Phase::HandingOver(h) if !h.reported => match h.since_ms {
+                Some(since_ms) => since_ms,
+                None => return Ok(()),
+            },
+            _ => return Ok(()),
         };
-        if h.reported {
-            return Ok(());
-        }
-        let timed_out = h.since.elapsed() >= HAND_OVER_TIMEOUT;
+        let timed_out = self.now_ms().saturating_sub(since_ms) >= HAND_OVER_TIMEOUT_MS;
         let pending = self.router.offers_pending();
         if pending < HAND_OVER_IN_FLIGHT && !timed_out {
             let room = (HAND_OVER_IN_FLIGHT - pending).min(HAND_OVER_BATCH);
@@ -1006,36 +1025,23 @@ impl Loop {
         if left > 0 {
             tracing::warn!(
                 worker = self.id,
-                "upgrade: {left} sessions could not be handed over in {HAND_OVER_TIMEOUT:?}; \
-                 their flows start afresh at the new generation"
+                "upgrade: {left} sessions could not be handed over in {} s; \
+                 their flows start afresh at the new generation",
+                HAND_OVER_TIMEOUT_MS / 1000
             );
         }
-        if let Some(h) = self.handing_over.as_mut() {
-            h.reported = true;
-        }
+        self.router.handover_reported();
         self.publish();
         self.control
             .send(&ControlMsg::HandedOver { left }, &[])
             .map_err(|e| WorkerError::Control(e.to_string()))
     }
 
-    /// Reads the listeners from now on (once): a standby worker whose
-    /// predecessor reads them no more, a quiesced one whose upgrade was
-    /// given up.
-    fn read_listeners(&mut self) -> Result<(), WorkerError> {
-        if !self.listening {
-            self.listening = true;
-            register_listeners(self.poll.registry(), &self.listeners)?;
-            self.undrained.iter_mut().for_each(|u| *u = true);
-        }
-        Ok(())
-    }
-
     /// A binary upgrade: the predecessor is gone and the slot is this
     /// process's. Its counters continue the slot's, it reads the listeners,
     /// and it takes over the sockets of the sessions it was handed.
     fn take_over(&mut self) -> Result<(), WorkerError> {
-        if !self.standby {
+        if self.router.phase().publishes() {
             return Ok(());
         }
         if let Some(slot) = self.region.slot(self.id) {
@@ -1051,9 +1057,7 @@ impl Loop {
             .saturating_sub(since_start);
         (self.socket_drops_seen, self.socket_drops_base) = drops_from(&self.router.counters);
         let _ = self.handoff.set_twin(self.id, None);
-        self.router.set_standby(None);
-        self.standby = false;
-        self.read_listeners()?;
+        self.enter(Phase::Serving)?;
         self.router.adopt_orphans();
         self.flush(&mut []);
         tracing::info!(
@@ -1066,6 +1070,8 @@ impl Loop {
 
     /// One control message; true when the worker is to exit now.
     fn handle_control(&mut self, msg: ControlMsg, fds: Vec<OwnedFd>) -> bool {
+        let standby = self.router.phase().predecessor().is_some();
+        let handing_over = self.router.phase().successor().is_some();
         {
             match msg {
                 ControlMsg::Stop => return true,
@@ -1086,40 +1092,54 @@ impl Loop {
                     }
                 }
                 ControlMsg::Drain { timeout_ms } => {
-                    self.router.drain();
-                    self.drain_deadline = Some(Instant::now() + Duration::from_millis(timeout_ms));
+                    let deadline_ms = self.now_ms().saturating_add(timeout_ms);
+                    if let Err(e) = self.enter(Phase::Draining { deadline_ms }) {
+                        tracing::error!(worker = self.id, "draining: {e}");
+                        return true;
+                    }
                 }
-                ControlMsg::Live if self.standby => {
+                ControlMsg::Live if standby => {
                     if let Err(e) = self.take_over() {
                         tracing::error!(worker = self.id, "taking the slot over: {e}");
                         return true;
                     }
                 }
-                ControlMsg::ReadListeners if self.standby => {
-                    if let Err(e) = self.read_listeners() {
+                ControlMsg::ReadListeners if standby => {
+                    let next = match *self.router.phase() {
+                        Phase::Standby {
+                            predecessor,
+                            listening: false,
+                        } => Some(Phase::Standby {
+                            predecessor,
+                            listening: true,
+                        }),
+                        _ => None,
+                    };
+                    if let Some(Err(e)) = next.map(|next| self.enter(next)) {
                         tracing::error!(worker = self.id, "reading the listeners: {e}");
                         return true;
                     }
                 }
                 ControlMsg::Quiesce { generation } => {
-                    self.quiesce(generation, fds.into_iter().next());
+                    if let Err(e) = self.quiesce(generation, fds.into_iter().next()) {
+                        tracing::error!(worker = self.id, "quiescing: {e}");
+                        return true;
+                    }
                 }
-                ControlMsg::Resume if self.quiesced => {
+                ControlMsg::Resume if handing_over => {
                     if let Err(e) = self.resume() {
                         tracing::error!(worker = self.id, "resuming: {e}");
                         return true;
                     }
                 }
-                ControlMsg::HandOver if self.quiesced => {
+                ControlMsg::HandOver if handing_over => {
                     tracing::debug!(
                         worker = self.id,
                         sessions = self.router.sessions(),
                         "handing over"
                     );
-                    self.handing_over = Some(HandingOver {
-                        since: Instant::now(),
-                        reported: false,
-                    });
+                    let now = self.now_ms();
+                    self.router.start_handing_over(now);
                 }
                 other => tracing::warn!("unexpected control message {other:?}"),
             }
@@ -1132,9 +1152,16 @@ impl Loop {
     fn reload(&mut self, origin: &str, text: &str, fds: Vec<OwnedFd>) -> Result<(), WorkerError> {
         let config = udpshard_config::parse(text, origin)?;
         let sockets: Vec<UdpSocket> = fds.into_iter().map(UdpSocket::from).collect();
+        // Listeners are read only while the phase says (a reload is
+        // refused during an upgrade, but a drain may be under way).
         let registry = self.poll.registry();
-        for listener in &self.listeners {
-            let _ = registry.deregister(&mut SourceFd(&listener.socket.as_raw_fd()));
+        let read = self.registered;
+        let register = |listeners: &[Listener]| match read {
+            true => register_listeners(registry, listeners),
+            false => Ok(()),
+        };
+        if read {
+            deregister_listeners(registry, &self.listeners);
         }
         let old: Vec<Listener> = std::mem::take(&mut self.listeners);
         let inodes: Vec<u64> = old.iter().map(|l| l.inode).collect();
@@ -1144,7 +1171,7 @@ impl Loop {
             Err(e) => {
                 // Put back what we had.
                 self.listeners = current.into_iter().flatten().collect();
-                register_listeners(registry, &self.listeners)?;
+                register(&self.listeners)?;
                 return Err(e);
             }
         };
@@ -1152,7 +1179,7 @@ impl Loop {
             Ok(r) => r,
             Err(e) => {
                 self.listeners = current.into_iter().flatten().collect();
-                register_listeners(registry, &self.listeners)?;
+                register(&self.listeners)?;
                 return Err(e);
             }
         };
@@ -1163,8 +1190,8 @@ impl Loop {
         // Removed listeners' sockets close with `current`; the supervisor
         // has closed its copies, so the kernel drops them from their group.
         drop(current);
-        register_listeners(registry, &listeners)?;
-        self.undrained = vec![true; listeners.len()];
+        register(&listeners)?;
+        self.undrained = vec![read; listeners.len()];
         self.listeners = listeners;
         self.router.sockets().configure(&config);
         self.router.reconfigure(routes, &map);

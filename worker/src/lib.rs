@@ -15,6 +15,7 @@ mod handoff;
 mod keyindex;
 mod listener;
 pub mod paths;
+pub mod phase;
 mod rawtx;
 pub mod router;
 mod session;

@@ -39,7 +39,8 @@ use udpshard_shared::{DropReason, FlowKey};
 
 use crate::counters::Counters;
 use crate::paths::{Paths, SockId};
-use crate::session::{SessionId, SessionTable};
+use crate::phase::Phase;
+use crate::session::SessionTable;
 
 mod datapath;
 mod refusals;
@@ -197,24 +198,20 @@ pub struct Router<O, S> {
     refused: Refusals,
     pub counters: Counters,
     now_ms: u64,
-    draining: bool,
+    /// Where this process is in its slot's life (`crate::phase`).
+    phase: Phase,
     /// CLOCK_MONOTONIC (ms) at `now_ms` 0.
     epoch_ms: u64,
     actions: Vec<Action>,
     relay_cursor: usize,
-    /// A binary upgrade: the process taking this slot over, to which every
-    /// session goes (frames to this worker's own id go to it).
-    successor: Option<Owner>,
-    /// A binary upgrade: this process stands by to take the slot over from
-    /// this predecessor and is not yet live (frames to its own id go to it).
-    standby: Option<Owner>,
-    /// Sessions the successor refused: not offered again.
-    refused_by_successor: ahash::AHashSet<SessionId>,
 }
 
 impl<O: Owners, S: Sockets> Router<O, S> {
+    /// A router for process `me`, starting in `phase` (`Serving`, or
+    /// `Standby` for a binary upgrade's new generation).
     pub fn new(
         me: Owner,
+        phase: Phase,
         routes: Vec<Route>,
         owners: O,
         sockets: S,
@@ -235,13 +232,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             refused: Refusals::default(),
             counters,
             now_ms: 0,
-            draining: false,
+            phase,
             epoch_ms: 0,
             actions: Vec::with_capacity(256),
             relay_cursor: 0,
-            successor: None,
-            standby: None,
-            refused_by_successor: ahash::AHashSet::new(),
         }
     }
 

@@ -106,7 +106,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
         let hash = self.owner_hash(a.listener, &key);
         let hops = a.via.hops();
-        if self.successor.is_some() {
+        if self.phase.successor().is_some() {
             // Handing over: a session another old worker still has is
             // served there; any other goes to the successor, which makes
             // the sessions now (one more hop whatever the count: what it
@@ -131,7 +131,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // predecessor's channel: what it sends back arrives after the
         // session); once the predecessor is gone, or the slots are
         // published, the flow is routed as any.
-        let standby = self.standby.filter(|p| self.owners.is_live(*p));
+        let standby = self.phase.predecessor().filter(|p| self.owners.is_live(*p));
         if hops < MAX_HOPS {
             match self.owners.lookup(hash) {
                 // Ours, but unknown here: what made it ours (a transfer, a
@@ -197,7 +197,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         inherited: Option<Inherited>,
         initial: bool,
     ) -> Result<SessionId, DropReason> {
-        if self.draining {
+        if self.phase.is_draining() {
             return Err(DropReason::Draining);
         }
         if self.sessions.admit(a.listener).is_err() {

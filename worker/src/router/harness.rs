@@ -17,6 +17,7 @@ use udpshard_shared::DropReason;
 use super::{Action, Arrival, DatagramRef, Inherited, Outcome, Owners, Route, Router, Via};
 use crate::counters::Counters;
 use crate::paths::{OpenError, SockId, Sockets};
+use crate::phase::Phase;
 
 /// The ownership table and worker liveness, shared by the routers.
 #[derive(Default)]
@@ -355,6 +356,7 @@ impl World {
         let owners = MemOwners(self.owners.clone());
         Router::new(
             Owner::new(id, self.generations[id]),
+            Phase::Serving,
             routes,
             owners.clone(),
             FakeSockets {
@@ -606,6 +608,13 @@ impl World {
             self.execute(w, &[]);
         }
         self.settle();
+    }
+
+    /// Worker `w` drains (SIGTERM): it makes no new session.
+    pub fn drain(&mut self, w: usize) {
+        assert!(self.routers[w].set_phase(Phase::Draining {
+            deadline_ms: u64::MAX
+        }));
     }
 
     /// Replaces worker `w` with a fresh process (a new generation).

@@ -299,7 +299,7 @@ fn router_a_refused_transfer_hands_a_new_client_address_back_to_open_its_path_at
     let mut w = world(2, "", 1);
     w.send(0, CLIENT, &short(7, b"first"));
     offer_to_worker_1(&mut w, 7);
-    w.routers[1].drain(); // a draining worker refuses transfers
+    w.drain(1); // a draining worker refuses transfers
     w.send(0, "192.0.2.99:9", &short(7, b"moved"));
     w.hold_inboxes = false;
     w.settle();
@@ -427,7 +427,7 @@ fn router_a_refused_transfer_whose_answer_is_lost_stays_and_may_be_offered_again
     w.send(0, CLIENT, &short(10, b"x"));
     offer_to_worker_1(&mut w, 10);
     // Worker 1 is draining: it refuses; the refusal is lost.
-    w.routers[1].drain();
+    w.drain(1);
     assert!(w.deliver(1));
     assert!(w.lose_frame(0));
     w.hold_inboxes = false;
@@ -783,7 +783,7 @@ fn router_session_limit_drops_new_flows() {
 fn router_draining_refuses_new_flows_and_serves_live_ones() {
     let mut w = world(1, "", 1);
     w.send(0, CLIENT, &short(1, b"live"));
-    w.routers[0].drain();
+    w.drain(0);
     w.send(0, CLIENT, &short(1, b"still live"));
     w.send(0, CLIENT, &short(2, b"new"));
     assert_eq!(w.drops(DropReason::Draining), 1);

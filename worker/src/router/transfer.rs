@@ -12,6 +12,7 @@ use udpshard_shared::{DropReason, FlowKey};
 
 use super::{Action, DatagramRef, Owners, Router, Sockets, TRANSFER_AFTER};
 use crate::paths::{Home, Path, PathId, NONE};
+use crate::phase::Phase;
 use crate::session::{Offer, Session, SessionId};
 
 impl<O: Owners, S: Sockets> Router<O, S> {
@@ -35,7 +36,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // Not twice at once, and not to a worker that is leaving; handing
         // over, only to the successor.
         let to_owner = self.live_at(to);
-        if s.offer().is_some() || to_owner.is_none() || (self.successor.is_some() && to != self.id)
+        if s.offer().is_some()
+            || to_owner.is_none()
+            || (self.phase.successor().is_some() && to != self.id)
         {
             if let Some(s) = self.sessions.get_mut(sid) {
                 s.end_run();
@@ -125,7 +128,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // backend lists differ (mid-reload), or we made our own session
         // meanwhile: it stays where it is.
         // Nor does it come to a worker that is leaving or full.
-        let refused = if self.successor.is_some() {
+        let refused = if self.phase.successor().is_some() {
             Some("handing its own sessions over")
         } else if fds != t.paths.len() {
             Some("its sockets did not arrive")
@@ -133,7 +136,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             Some("the backend lists differ")
         } else if self.sessions.lookup(listener, &t.key).is_some() {
             Some("a session of its key is here")
-        } else if self.draining {
+        } else if self.phase.is_draining() {
             Some("draining")
         } else if self.sessions.admit(listener).is_err() {
             Some("at max_sessions")
@@ -225,8 +228,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         if !accepted {
             // The successor will not have it: it is not offered again (the
             // handover would loop until its timeout).
-            if self.successor.is_some() && usize::from(from) == self.id {
-                self.refused_by_successor.insert(sid);
+            if let Phase::HandingOver(h) = &mut self.phase {
+                if usize::from(from) == self.id {
+                    h.refused.insert(sid);
+                }
             }
             return;
         }

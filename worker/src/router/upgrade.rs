@@ -1,26 +1,47 @@
-//! The binary upgrade's handover, as a router sees it: the old generation
-//! offers every session to its slot's successor, the new one stands by
-//! taking them, and an upgrade given up leaves the old one serving.
+//! The worker's phase as the router keeps it, and the binary upgrade's
+//! handover: the old generation offers every session to its slot's
+//! successor, the new one stands by taking them, and an upgrade given up
+//! leaves the old one serving.
 
 use udpshard_shared::owners::Owner;
 
 use super::{Owners, Router, Sockets};
 use crate::paths::{Home, SockId};
+use crate::phase::Phase;
 
 impl<O: Owners, S: Sockets> Router<O, S> {
-    /// A binary upgrade: `to` takes this slot over. From now on no session
-    /// is made here: a datagram with none goes to `to`, and so does every
-    /// session ([`Router::offer_to_successor`]).
-    pub fn set_successor(&mut self, to: Owner) {
-        self.successor = Some(to);
+    /// Where this process is in its slot's life.
+    pub fn phase(&self) -> &Phase {
+        &self.phase
     }
 
-    /// The upgrade is given up: this worker serves on. Sessions on offer to
-    /// the successor stay (whatever it answered, it is gone), their keys
+    /// Moves to phase `next`, a step of the lifecycle ([`Phase::may_become`];
+    /// any other is refused: a bug, and false). Leaving `HandingOver` for
+    /// `Serving` (the upgrade was given up): sessions on offer to the
+    /// successor stay (whatever it answered, it is gone), and their keys are
     /// this worker's again.
-    pub fn resume(&mut self) {
-        self.successor = None;
-        self.refused_by_successor.clear();
+    pub fn set_phase(&mut self, next: Phase) -> bool {
+        let legal = self.phase.may_become(&next);
+        debug_assert!(legal, "{:?} -> {next:?}", self.phase);
+        if !legal {
+            tracing::error!(
+                worker = self.id,
+                "refused a phase change from {} to {}",
+                self.phase.name(),
+                next.name()
+            );
+            return false;
+        }
+        let resumed = matches!(self.phase, Phase::HandingOver(_)) && next == Phase::Serving;
+        self.phase = next;
+        if resumed {
+            self.take_offers_back();
+        }
+        true
+    }
+
+    /// The sessions on offer to this slot's successor stay here.
+    fn take_offers_back(&mut self) {
         let me = self.me;
         for sid in self.sessions.ids() {
             let offered = self
@@ -40,38 +61,49 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
     }
 
-    /// A binary upgrade: this process stands by to take the slot over from
-    /// `predecessor` until it is live (`None`), taking the sessions the
-    /// predecessor hands it; a datagram of a session still there goes to it.
-    pub fn set_standby(&mut self, predecessor: Option<Owner>) {
-        self.standby = predecessor;
+    /// Handing over: the sessions are offered from `now_ms` on.
+    pub fn start_handing_over(&mut self, now_ms: u64) {
+        if let Phase::HandingOver(h) = &mut self.phase {
+            h.since_ms.get_or_insert(now_ms);
+        }
+    }
+
+    /// Handing over: the supervisor has heard how it ended.
+    pub fn handover_reported(&mut self) {
+        if let Phase::HandingOver(h) = &mut self.phase {
+            h.reported = true;
+        }
     }
 
     /// Offers up to `budget` sessions not yet on offer to the successor;
     /// returns how many it offered.
     pub fn offer_to_successor(&mut self, budget: usize) -> usize {
-        if self.successor.is_none() {
+        let Phase::HandingOver(h) = &self.phase else {
             return 0;
+        };
+        let candidates: Vec<_> = self
+            .sessions
+            .ids()
+            .into_iter()
+            .filter(|sid| {
+                self.sessions.get(*sid).is_some_and(|s| s.offer().is_none())
+                    && !h.refused.contains(sid)
+            })
+            .take(budget)
+            .collect();
+        for &sid in &candidates {
+            self.transfer(sid, self.id);
         }
-        let mut offered = 0;
-        for sid in self.sessions.ids() {
-            if offered >= budget {
-                break;
-            }
-            if self.sessions.get(sid).is_some_and(|s| s.offer().is_none())
-                && !self.refused_by_successor.contains(&sid)
-            {
-                self.transfer(sid, self.id);
-                offered += 1;
-            }
-        }
-        offered
+        candidates.len()
     }
 
     /// Sessions the successor refused (they stay here until this process
     /// exits; their flows start afresh there).
     pub fn refused_by_successor(&self) -> usize {
-        self.refused_by_successor.len()
+        match &self.phase {
+            Phase::HandingOver(h) => h.refused.len(),
+            _ => 0,
+        }
     }
 
     /// Sessions on offer and not yet answered.
@@ -94,12 +126,12 @@ impl<O: Owners, S: Sockets> Router<O, S> {
 
     /// Whether `o` serves: the successor does, to its predecessor.
     pub(super) fn live(&self, o: Owner) -> bool {
-        self.successor == Some(o) || self.owners.is_live(o)
+        self.phase.successor() == Some(o) || self.owners.is_live(o)
     }
 
     /// Who serves slot `worker`: this slot's successor, to its predecessor.
     pub(super) fn live_at(&self, worker: usize) -> Option<Owner> {
-        match self.successor {
+        match self.phase.successor() {
             Some(next) if worker == self.id => Some(next),
             _ => self.owners.live_owner(worker),
         }
@@ -123,10 +155,5 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 self.orphaned(sock, home);
             }
         }
-    }
-
-    /// Draining: live sessions are served, no new ones are made.
-    pub fn drain(&mut self) {
-        self.draining = true;
     }
 }
