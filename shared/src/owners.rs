@@ -41,14 +41,15 @@ const TOMBSTONE: u64 = 1;
 const HASH_SHIFT: u32 = 24;
 const OWNER_SHIFT: u32 = 14;
 const OWNER_MASK: u64 = 0x3ff;
-const GEN_MASK: u64 = 0x3fff;
+/// Generations are kept mod 2^14 (`Owner::generation`).
+pub const GEN_MASK: u64 = 0x3fff;
 
 /// Probes per operation: at the load the table is sized for (at most half
 /// full) a longer chain is vanishingly rare; past it the key goes untracked.
 pub const MAX_PROBE: usize = 32;
 
 /// A worker process: its slot and the generation of the process in it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Owner {
     pub worker: u16,
     /// The slot's generation, mod 2^14.

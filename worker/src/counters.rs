@@ -77,9 +77,15 @@ impl Counters {
     /// Counters that continue from what the slot holds, so a replacement
     /// worker does not make the slot's totals go backwards.
     pub fn resume_from(slot: &StatsSlot<'_>) -> Counters {
+        Counters::resume(|c| slot.get(c))
+    }
+
+    /// Counters that continue from the words `get` gives (a slot's): the
+    /// gauges start again at zero, as this process's.
+    pub fn resume(get: impl Fn(Counter) -> u64) -> Counters {
         let mut words = [0; Counter::COUNT];
         for c in WORKER_OWNED {
-            words[c as usize] = slot.get(c);
+            words[c as usize] = get(c);
         }
         // Gauges describe this process, not the slot's history.
         for gauge in [
@@ -98,9 +104,14 @@ impl Counters {
     /// Backend counters that continue from what the slot holds (the
     /// session gauge starts again at zero, as this process's).
     pub fn resume_backends(&mut self, counts: &BackendCounts<'_>) {
+        self.resume_backends_with(|row, c| counts.get(row, c));
+    }
+
+    /// [`Counters::resume_backends`] from what `get` gives (row, counter).
+    pub fn resume_backends_with(&mut self, get: impl Fn(usize, BackendCounter) -> u64) {
         for (row, fields) in self.backends.iter_mut().enumerate() {
             for c in BackendCounter::ALL {
-                fields[c as usize] = counts.get(row, c);
+                fields[c as usize] = get(row, c);
             }
             fields[BackendCounter::SessionsActive as usize] = 0;
         }
@@ -113,6 +124,14 @@ impl Counters {
     /// process stay its own; the slot's listener-socket drop count is taken
     /// as it stands (the loop recounts it from the same sockets).
     pub fn rebase(&mut self, slot: &StatsSlot<'_>, counts: Option<&BackendCounts<'_>>) {
+        self.rebase_with(|c| slot.get(c));
+        if let Some(counts) = counts {
+            self.rebase_backends_with(|row, c| counts.get(row, c));
+        }
+    }
+
+    /// [`Counters::rebase`] on the slot words `get` gives.
+    pub fn rebase_with(&mut self, get: impl Fn(Counter) -> u64) {
         for c in WORKER_OWNED {
             let ours = self.words[c as usize];
             self.words[c as usize] = match c {
@@ -122,22 +141,38 @@ impl Counters {
                 | Counter::LoopMaxUs
                 | Counter::Heartbeat
                 | Counter::HealthApplied => ours,
-                Counter::DropSocket | Counter::ListenerDropsSeen => slot.get(c),
-                _ => slot.get(c).wrapping_add(ours),
+                Counter::DropSocket | Counter::ListenerDropsSeen => get(c),
+                _ => get(c).wrapping_add(ours),
             };
         }
-        if let Some(counts) = counts {
-            for (row, fields) in self.backends.iter_mut().enumerate() {
-                for c in BackendCounter::ALL {
-                    let (theirs, ours) = (counts.get(row, c), fields[c as usize]);
-                    fields[c as usize] = match c {
-                        BackendCounter::SessionsActive => ours,
-                        BackendCounter::LastReplyMs => theirs.max(ours),
-                        _ => theirs.wrapping_add(ours),
-                    };
-                }
+    }
+
+    /// [`Counters::rebase`] on the backend rows `get` gives (row, counter).
+    pub fn rebase_backends_with(&mut self, get: impl Fn(usize, BackendCounter) -> u64) {
+        for (row, fields) in self.backends.iter_mut().enumerate() {
+            for c in BackendCounter::ALL {
+                let (theirs, ours) = (get(row, c), fields[c as usize]);
+                fields[c as usize] = match c {
+                    BackendCounter::SessionsActive => ours,
+                    BackendCounter::LastReplyMs => theirs.max(ours),
+                    _ => theirs.wrapping_add(ours),
+                };
             }
-            self.dirty.set([!0; BACKEND_ROWS / 64]);
+        }
+        self.dirty.set([!0; BACKEND_ROWS / 64]);
+    }
+
+    /// Adds every word and backend counter of `other` (the in-memory
+    /// world sums processes no slot kept).
+    #[cfg(test)]
+    pub fn add_all(&mut self, other: &Counters) {
+        for (w, o) in self.words.iter_mut().zip(other.words) {
+            *w = w.wrapping_add(o);
+        }
+        for (row, o) in self.backends.iter_mut().zip(&other.backends) {
+            for (f, x) in row.iter_mut().zip(o) {
+                *f = f.wrapping_add(*x);
+            }
         }
     }
 

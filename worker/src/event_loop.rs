@@ -26,7 +26,7 @@ use crate::exec::Executor;
 use crate::handoff::{Handoff, MAX_DATAGRAM};
 use crate::listener::Listener;
 use crate::paths::SockId;
-use crate::phase::{HandingOver, Phase};
+use crate::phase::{HandingOver, Phase, HAND_OVER_TIMEOUT_MS};
 use crate::rawtx::{drop_raw_capability, RawTx};
 use crate::router::{Arrival, DatagramRef, Outcome, Route, Router, Via};
 use crate::shm::ShmOwners;
@@ -394,9 +394,6 @@ struct Loop {
 /// offer at once: the successor's inbox holds a few thousand frames.
 const HAND_OVER_BATCH: usize = 256;
 const HAND_OVER_IN_FLIGHT: usize = 1024;
-/// How long a handover may take before the sessions still here are given
-/// up on (each is counted, and its flow starts afresh at the successor).
-const HAND_OVER_TIMEOUT_MS: u64 = 10_000;
 
 /// The bytes `d` names, resolved against the loop's buffers.
 fn resolve<'a>(

@@ -34,6 +34,10 @@ use udpshard_shared::owners::Owner;
 
 use crate::session::SessionId;
 
+/// How long a handover may take before the sessions still here are given
+/// up on (their flows start afresh at the successor).
+pub const HAND_OVER_TIMEOUT_MS: u64 = 10_000;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Phase {
     Standby {

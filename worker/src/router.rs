@@ -80,6 +80,8 @@ pub trait Owners {
     fn release(&self, hash: u64, me: Owner);
     /// The process serving slot `worker` now, if it serves.
     fn live_owner(&self, worker: usize) -> Option<Owner>;
+    /// The generation of slot `worker`'s latest process, serving or not.
+    fn slot_generation(&self, worker: usize) -> Option<u64>;
     /// Where dead owner `from`'s session of `hash` had its first path, as
     /// `from` recorded it.
     fn hint(&self, hash: u64, from: Owner) -> Option<Inherited>;
@@ -316,6 +318,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
 }
 
 #[cfg(test)]
+mod faults;
+#[cfg(test)]
 mod harness;
+#[cfg(test)]
+mod properties;
 #[cfg(test)]
 mod tests;

@@ -37,6 +37,10 @@ impl Owners for ShmOwners {
         self.stats.live_owner(worker)
     }
 
+    fn slot_generation(&self, worker: usize) -> Option<u64> {
+        self.stats.slot(worker).map(|s| s.life().0)
+    }
+
     fn hint(&self, hash: u64, from: Owner) -> Option<Inherited> {
         let h = self.state.owners().hint(hash).filter(|h| h.owner == from)?;
         let ip = self.state.source_ip(usize::from(h.row))?;

@@ -109,20 +109,28 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         if self.phase.successor().is_some() {
             // Handing over: a session another old worker still has is
             // served there; any other goes to the successor, which makes
-            // the sessions now (one more hop whatever the count: what it
-            // sends here is only what this generation still has).
+            // the sessions now (one more hop whatever the count, up to one
+            // past the cap: what it sends here is only what this generation
+            // still has).
             // Another slot's: its old worker has it, or passes it on to its
-            // successor (not yet published) that has.
+            // successor (not yet published) that has; within the hop cap.
             let to = match self.owners.lookup(hash) {
                 Some(o)
                     if usize::from(o.worker) != self.id
+                        && hops < MAX_HOPS
                         && (self.owners.is_live(o) || self.unpublished_successor(o)) =>
                 {
                     usize::from(o.worker)
                 }
                 _ => self.id,
             };
-            self.hand_over(to, a, d, hops.saturating_add(1));
+            // One hop past the cap, never two: a datagram that waited in an
+            // inbox through an upgrade has had its extra one.
+            if hops > MAX_HOPS {
+                self.drop_datagram(DropReason::Handoff);
+            } else {
+                self.hand_over(to, a, d, hops + 1);
+            }
             return Err(Outcome::Done);
         }
         let mut inherited = None;
@@ -131,18 +139,21 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // predecessor's channel: what it sends back arrives after the
         // session); once the predecessor is gone, or the slots are
         // published, the flow is routed as any.
+        let standing_by = self.phase.predecessor().is_some();
         let standby = self.phase.predecessor().filter(|p| self.owners.is_live(*p));
+        let owner = self.owners.lookup(hash);
+        // Another slot's successor, not yet published: standing by, this
+        // process's peer (its predecessor serving or not).
+        let peer = owner.filter(|o| {
+            standing_by && o.worker != self.me.worker && self.unpublished_successor(*o)
+        });
         if hops < MAX_HOPS {
-            match self.owners.lookup(hash) {
+            match owner {
                 // Ours, but unknown here: what made it ours (a transfer, a
                 // learned alias) is in the inbox.
                 Some(o) if o == self.me && a.via == Via::Socket => return Err(Outcome::Deferred),
-                // Another slot's successor has it, not yet published.
-                Some(o)
-                    if standby.is_some()
-                        && o.worker != self.me.worker
-                        && self.unpublished_successor(o) =>
-                {
+                // A peer has it.
+                Some(o) if peer.is_some() => {
                     self.hand_over(usize::from(o.worker), a, d, hops + 1);
                     return Err(Outcome::Done);
                 }
@@ -162,6 +173,12 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 _ => {}
             }
         }
+        if peer.is_some() {
+            // Out of hops (see below): the table's liveness does not know
+            // the peer, and would let this process take the flow from it.
+            self.drop_datagram(DropReason::Handoff);
+            return Err(Outcome::Done);
+        }
         match self.owners.claim(hash, self.me) {
             Claim::Mine => {}
             // Claimed by another worker an instant ago.
@@ -169,8 +186,14 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 self.hand_over(usize::from(o.worker), a, d, hops + 1);
                 return Err(Outcome::Done);
             }
-            // Out of hops: it is ours now.
-            Claim::Taken(_) => self.owners.assign(hash, self.me),
+            // Out of hops, and a live worker has the flow: a second session
+            // here would send it from a second 4-tuple, so what bounced this
+            // long is dropped (a datagram that waited in a dead worker's
+            // inbox while another took its flow over).
+            Claim::Taken(_) => {
+                self.drop_datagram(DropReason::Handoff);
+                return Err(Outcome::Done);
+            }
             Claim::Full => self.counters.incr(Counter::OwnersFull),
         }
         match self.open_session(a, key, hash, inherited, initial) {

@@ -1,23 +1,29 @@
-//! An in-memory world of 2-4 routers, as quinn-proto's `Pair` is for QUIC:
-//! one ownership table they share, a fake kernel that binds upstream ports
-//! and knows which worker reads each socket, inboxes, backends and clients,
+//! An in-memory world of 2-4 worker slots, as quinn-proto's `Pair` is for
+//! QUIC: one ownership table the routers share, a fake kernel that binds
+//! upstream ports and knows which process reads each socket, listener
+//! sockets and inboxes that outlive their processes, backends and clients,
 //! and virtual time. No sockets, no threads, no sleeps: every test is exact
 //! and runs in microseconds.
+//!
+//! It replays what the supervisor does to the workers: a kill and the
+//! restart after it, a reload, backend states, and the whole binary upgrade
+//! (a standby generation, quiesce, hand-over, give up or go live), each a
+//! step that the properties in `tests.rs` mix at random.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 
-use udpshard_shared::handoff::Frame;
+use udpshard_shared::handoff::{Frame, MAX_HOPS};
 use udpshard_shared::owners::{Claim, Owner, OwnerIndex};
 use udpshard_shared::stats::{client_arrived, client_settled, replies_ledger, Counter};
-use udpshard_shared::DropReason;
+use udpshard_shared::{DropReason, FlowKey};
 
 use super::{Action, Arrival, DatagramRef, Inherited, Outcome, Owners, Route, Router, Via};
 use crate::counters::Counters;
-use crate::paths::{OpenError, SockId, Sockets};
-use crate::phase::Phase;
+use crate::paths::{Home, OpenError, SockId, Sockets};
+use crate::phase::{HandingOver, Phase, HAND_OVER_TIMEOUT_MS};
 
 /// The ownership table and worker liveness, shared by the routers.
 #[derive(Default)]
@@ -27,6 +33,8 @@ pub struct OwnerState {
     pub hints: HashMap<u64, (Owner, SocketAddr, u16)>,
     /// The process serving each slot, if it serves.
     pub live: Vec<Option<Owner>>,
+    /// Each slot's latest published generation, serving or not.
+    pub generations: Vec<u64>,
 }
 
 #[derive(Clone)]
@@ -94,24 +102,32 @@ impl Owners for MemOwners {
     fn live_owner(&self, worker: usize) -> Option<Owner> {
         self.0.borrow().live.get(worker).copied().flatten()
     }
+
+    fn slot_generation(&self, worker: usize) -> Option<u64> {
+        self.0.borrow().generations.get(worker).copied()
+    }
 }
 
-/// The fake kernel: which (source, port) is bound, who reads it, and each
-/// worker's descriptors.
+/// The fake kernel: which (source, port) is bound, which process reads
+/// it, and each process's descriptors.
 pub struct Net {
     pub lo: u16,
     pub hi: u16,
     pub source: IpAddr,
-    /// local address -> the worker that reads it (its home).
-    pub bound: HashMap<SocketAddr, usize>,
-    /// per worker: socket id -> local address.
-    pub fds: Vec<HashMap<SockId, SocketAddr>>,
+    /// local address -> the process that reads it (its home).
+    pub bound: HashMap<SocketAddr, Owner>,
+    /// per process: socket id -> local address.
+    pub fds: HashMap<Owner, HashMap<SockId, SocketAddr>>,
+    /// Descriptors a process may hold (its RLIMIT_NOFILE), if limited.
     pub fd_limit: Option<usize>,
-    /// Ports whose holder died with paths on them, and no one has bound
-    /// since (the lease table's orphans).
-    pub orphans: HashMap<SocketAddr, Owner>,
-    /// Successful and failed opens, per worker.
-    pub opens: Vec<usize>,
+    /// Ports whose holder died with paths on them, cooling until a time
+    /// (the lease table's orphans): only that holder's heir may bind one
+    /// before then.
+    pub orphans: HashMap<SocketAddr, (Owner, u64)>,
+    /// Opens tried, per process.
+    pub opens: HashMap<Owner, usize>,
+    /// The world's clock, for the orphans' cooling.
+    pub now_ms: u64,
     cursor: u16,
 }
 
@@ -121,19 +137,45 @@ impl Net {
         for i in 0..span {
             let port = self.lo + ((u32::from(self.cursor) + i) % span) as u16;
             let addr = SocketAddr::new(self.source, port);
-            // An orphan cools (the lease table's word) until its heir
-            // takes it back.
-            if !self.bound.contains_key(&addr) && !self.orphans.contains_key(&addr) {
+            let cooling = self
+                .orphans
+                .get(&addr)
+                .is_some_and(|(_, until)| *until > self.now_ms);
+            if !self.bound.contains_key(&addr) && !cooling {
+                self.orphans.remove(&addr);
                 self.cursor = (port - self.lo + 1) % span as u16;
                 return Some(addr);
             }
         }
         None
     }
+
+    /// Whether any process holds a descriptor for `addr`.
+    fn held(&self, addr: SocketAddr) -> bool {
+        self.fds.values().any(|f| f.values().any(|a| *a == addr))
+    }
+
+    /// Process `dead` is gone: the kernel closes its descriptors. A port it
+    /// read that nobody else holds is its orphan until `until_ms`.
+    fn close_all(&mut self, dead: Owner, until_ms: u64) {
+        let mine: Vec<SocketAddr> = self
+            .fds
+            .remove(&dead)
+            .map(|f| f.into_values().collect())
+            .unwrap_or_default();
+        for addr in mine {
+            if self.held(addr) {
+                continue;
+            }
+            if self.bound.remove(&addr) == Some(dead) {
+                self.orphans.insert(addr, (dead, until_ms));
+            }
+        }
+    }
 }
 
 pub struct FakeSockets {
-    pub worker: usize,
+    pub me: Owner,
     pub net: Rc<RefCell<Net>>,
     pub owners: MemOwners,
 }
@@ -146,25 +188,23 @@ impl Sockets for FakeSockets {
         _ipv4: bool,
     ) -> Result<SocketAddr, OpenError> {
         let mut net = self.net.borrow_mut();
-        net.opens[self.worker] += 1;
-        if net
-            .fd_limit
-            .is_some_and(|l| net.fds[self.worker].len() >= l)
-        {
+        *net.opens.entry(self.me).or_default() += 1;
+        let held = net.fds.get(&self.me).map_or(0, HashMap::len);
+        if net.fd_limit.is_some_and(|l| held >= l) {
             return Err(OpenError::NoFd);
         }
         let addr = net.free_port().ok_or(OpenError::NoPort)?;
-        net.bound.insert(addr, self.worker);
-        net.fds[self.worker].insert(sock, addr);
+        net.bound.insert(addr, self.me);
+        net.fds.entry(self.me).or_default().insert(sock, addr);
         Ok(addr)
     }
 
     fn close(&mut self, sock: SockId) {
         let mut net = self.net.borrow_mut();
-        if let Some(addr) = net.fds[self.worker].remove(&sock) {
-            // The port is free once no worker holds a descriptor for it.
-            let held = net.fds.iter().any(|f| f.values().any(|a| *a == addr));
-            if !held {
+        let closed = net.fds.get_mut(&self.me).and_then(|f| f.remove(&sock));
+        if let Some(addr) = closed {
+            // The port is free once no process holds a descriptor for it.
+            if !net.held(addr) {
                 net.bound.remove(&addr);
             }
         }
@@ -172,14 +212,16 @@ impl Sockets for FakeSockets {
 
     fn adopt(&mut self, sock: SockId, local: SocketAddr, home: Owner) -> bool {
         let mut net = self.net.borrow_mut();
-        let reader = net.bound.get(&local).copied();
-        let reader_live = reader.is_some_and(|w| {
-            w != self.worker && self.owners.live_owner(w).is_some_and(|o| o != home)
-        });
-        if reader_live || !net.fds[self.worker].contains_key(&sock) {
+        // The lease is takeable unless another live process holds it.
+        let taken = net
+            .bound
+            .get(&local)
+            .is_some_and(|&o| o != self.me && o != home && self.owners.is_live(o));
+        let mine = net.fds.get(&self.me).is_some_and(|f| f.contains_key(&sock));
+        if taken || !mine {
             return false;
         }
-        net.bound.insert(local, self.worker);
+        net.bound.insert(local, self.me);
         true
     }
 
@@ -192,12 +234,13 @@ impl Sockets for FakeSockets {
         unreaped_cool_ms: u64,
     ) -> Result<u64, OpenError> {
         let mut net = self.net.borrow_mut();
-        if net.orphans.get(&local) != Some(&from) || net.bound.contains_key(&local) {
+        let orphan = net.orphans.get(&local).map(|(o, _)| *o);
+        if orphan != Some(from) || net.bound.contains_key(&local) {
             return Err(OpenError::NoPort);
         }
         net.orphans.remove(&local);
-        net.bound.insert(local, self.worker);
-        net.fds[self.worker].insert(sock, local);
+        net.bound.insert(local, self.me);
+        net.fds.entry(self.me).or_default().insert(sock, local);
         Ok(unreaped_cool_ms)
     }
 
@@ -221,7 +264,7 @@ pub struct AtClient {
     pub client: SocketAddr,
     pub from_ip: Option<IpAddr>,
     pub payload: Vec<u8>,
-    /// The worker whose listener socket sent it.
+    /// The slot whose listener socket sent it.
     pub worker: usize,
 }
 
@@ -233,24 +276,86 @@ struct InFrame {
     fds: Vec<SocketAddr>,
 }
 
+/// A client datagram waiting in a slot's listener socket.
+#[derive(Debug, Clone)]
+struct Queued {
+    listener: usize,
+    client: SocketAddr,
+    bytes: Vec<u8>,
+}
+
 pub type TestRouter = Router<MemOwners, FakeSockets>;
 
+/// A process of the world: slot `w`'s serving generation (`Cur`), or the
+/// generation standing by to take it over in a binary upgrade (`Next`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum P {
+    Cur(usize),
+    Next(usize),
+}
+
+/// Where frames a serving process sends to its own slot go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Twin {
+    /// Its own inbox (no upgrade has touched it).
+    Own,
+    /// The successor's inbox: it is handing over.
+    Successor,
+    /// Nowhere: the other generation is gone, and the send fails.
+    Gone,
+}
+
+/// How far a binary upgrade has come, as the old supervisor drives it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upgrade {
+    /// The new generation stands by, not yet reading.
+    Standby,
+    /// The old workers left the listeners to it.
+    Quiesced,
+    /// The old workers offer their sessions; the new ones read the
+    /// listeners.
+    HandingOver,
+}
+
 pub struct World {
+    /// Each slot's serving process (during an upgrade, the old one).
     pub routers: Vec<TestRouter>,
+    /// A binary upgrade's new generation, by slot.
+    pub standbys: Vec<Option<TestRouter>>,
     pub owners: Rc<RefCell<OwnerState>>,
     pub net: Rc<RefCell<Net>>,
+    /// The serving generation's inboxes (the supervisor holds them: they
+    /// outlive a process, and its replacement reads what waits).
     inboxes: Vec<VecDeque<InFrame>>,
+    /// The new generation's inboxes during an upgrade.
+    next_inboxes: Vec<VecDeque<InFrame>>,
+    /// Datagrams waiting in each slot's listener socket (no process reads
+    /// it now, or `hold_listeners`).
+    listeners: Vec<VecDeque<Queued>>,
+    twins: Vec<Twin>,
+    pub upgrade: Option<Upgrade>,
     /// Payloads the routers' actions name, by DatagramRef.
     payloads: Vec<Vec<u8>>,
     pub at_backend: Vec<AtBackend>,
     pub at_client: Vec<AtClient>,
+    /// Client datagrams sent to the proxy's listeners.
+    pub sent_by_clients: usize,
     /// Every handoff frame's hop count, as sent.
     pub hops_sent: Vec<u8>,
+    /// Those an old worker handing over sent its successor (one hop more
+    /// than the cap: what it sends is only what it no longer has).
+    pub hops_to_successor: Vec<u8>,
     pub now_ms: u64,
     /// When set, inboxes are read only by `deliver` (tests of ordering).
     pub hold_inboxes: bool,
+    /// When set, listener sockets are read only by `read_listener`.
+    pub hold_listeners: bool,
     config: String,
-    generations: Vec<u64>,
+    /// The generation each slot's next process will be.
+    next_generation: Vec<u64>,
+    /// What processes whose counts no slot kept (an upgrade's new
+    /// generation, given up) had counted.
+    discarded: Counters,
 }
 
 pub const CLIENT: &str = "192.0.2.10:5000";
@@ -301,34 +406,45 @@ impl World {
             table: HashMap::new(),
             hints: HashMap::new(),
             live: (0..workers).map(|w| Some(Owner::new(w, 1))).collect(),
+            generations: vec![1; workers],
         }));
         let net = Rc::new(RefCell::new(Net {
             lo: ports.0,
             hi: ports.1,
             source: "0.0.0.0".parse().unwrap(),
             bound: HashMap::new(),
-            fds: vec![HashMap::new(); workers],
+            fds: HashMap::new(),
             fd_limit: None,
             orphans: HashMap::new(),
-            opens: vec![0; workers],
+            opens: HashMap::new(),
+            now_ms: 1,
             cursor: 0,
         }));
         let mut w = World {
             routers: Vec::new(),
+            standbys: (0..workers).map(|_| None).collect(),
             owners,
             net,
             inboxes: vec![VecDeque::new(); workers],
+            next_inboxes: vec![VecDeque::new(); workers],
+            listeners: vec![VecDeque::new(); workers],
+            twins: vec![Twin::Own; workers],
+            upgrade: None,
             payloads: Vec::new(),
             at_backend: Vec::new(),
             at_client: Vec::new(),
+            sent_by_clients: 0,
             hops_sent: Vec::new(),
+            hops_to_successor: Vec::new(),
             now_ms: 1,
             hold_inboxes: false,
+            hold_listeners: false,
             config: text.to_string(),
-            generations: vec![1; workers],
+            next_generation: vec![2; workers],
+            discarded: Counters::default(),
         };
         for id in 0..workers {
-            let r = w.make_router(id);
+            let r = w.make_router(Owner::new(id, 1), Phase::Serving, Counters::default());
             w.routers.push(r);
         }
         w
@@ -351,22 +467,82 @@ impl World {
             .collect()
     }
 
-    fn make_router(&self, id: usize) -> TestRouter {
+    fn make_router(&self, me: Owner, phase: Phase, counters: Counters) -> TestRouter {
         let routes = World::routes_for(&self.config);
         let owners = MemOwners(self.owners.clone());
         Router::new(
-            Owner::new(id, self.generations[id]),
-            Phase::Serving,
+            me,
+            phase,
             routes,
             owners.clone(),
             FakeSockets {
-                worker: id,
+                me,
                 net: self.net.clone(),
                 owners,
             },
             OwnerIndex::new([7, 9]),
-            Counters::default(),
+            counters,
         )
+    }
+
+    /// How long a dead process's ports cool (the supervisor's longest
+    /// `port_reuse_delay`).
+    fn orphan_cool_ms(&self) -> u64 {
+        self.routers
+            .iter()
+            .flat_map(|r| r.routes.iter().map(|r| r.reuse_delay_ms))
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub fn workers(&self) -> usize {
+        self.routers.len()
+    }
+
+    fn router(&self, p: P) -> Option<&TestRouter> {
+        match p {
+            P::Cur(w) => self.routers.get(w),
+            P::Next(w) => self.standbys.get(w)?.as_ref(),
+        }
+    }
+
+    fn router_mut(&mut self, p: P) -> Option<&mut TestRouter> {
+        match p {
+            P::Cur(w) => self.routers.get_mut(w),
+            P::Next(w) => self.standbys.get_mut(w)?.as_mut(),
+        }
+    }
+
+    /// Whether process `p` runs.
+    pub fn alive(&self, p: P) -> bool {
+        match p {
+            P::Cur(w) => self.owners.borrow().live[w] == Some(self.routers[w].me),
+            P::Next(w) => self.standbys[w].is_some(),
+        }
+    }
+
+    /// The processes that run.
+    fn processes(&self) -> Vec<P> {
+        (0..self.workers())
+            .flat_map(|w| [P::Cur(w), P::Next(w)])
+            .filter(|p| self.alive(*p))
+            .collect()
+    }
+
+    /// The process that reads its slot's listener socket now, if any: one
+    /// generation at a time, the serving one first.
+    fn reader_of_slot(&self, w: usize) -> Option<P> {
+        [P::Cur(w), P::Next(w)].into_iter().find(|p| {
+            self.alive(*p) && self.router(*p).is_some_and(|r| r.phase().reads_listeners())
+        })
+    }
+
+    /// The process that owns socket `local`, by its owner.
+    fn process_of(&self, o: Owner) -> Option<P> {
+        let w = usize::from(o.worker);
+        [P::Cur(w), P::Next(w)]
+            .into_iter()
+            .find(|p| self.alive(*p) && self.router(*p).is_some_and(|r| r.me == o))
     }
 
     fn payload(&mut self, bytes: &[u8]) -> DatagramRef {
@@ -379,50 +555,86 @@ impl World {
         self.send_on(worker, 0, client, bytes);
     }
 
-    /// A client datagram to listener `listener` (see [`World::send`]).
+    /// A client datagram to listener `listener` (see [`World::send`]): it
+    /// waits in the slot's socket while no process reads it.
     pub fn send_on(&mut self, worker: usize, listener: usize, client: &str, bytes: &[u8]) {
-        let a = Arrival {
+        self.sent_by_clients += 1;
+        self.listeners[worker].push_back(Queued {
             listener,
             client: addr(client),
+            bytes: bytes.to_vec(),
+        });
+        if !self.hold_listeners {
+            self.read_listener(worker);
+        }
+    }
+
+    /// The process reading slot `w`'s listener socket reads what waits
+    /// there; false when no process reads it.
+    pub fn read_listener(&mut self, w: usize) -> bool {
+        let Some(p) = self.reader_of_slot(w) else {
+            return false;
+        };
+        self.drain_listener(p, w);
+        true
+    }
+
+    fn drain_listener(&mut self, p: P, w: usize) {
+        while let Some(q) = self.listeners[w].pop_front() {
+            self.client_datagram(p, q);
+        }
+    }
+
+    fn client_datagram(&mut self, p: P, q: Queued) {
+        let a = Arrival {
+            listener: q.listener,
+            client: q.client,
             local_ip: None,
             via: Via::Socket,
         };
-        let d = self.payload(bytes);
+        let d = self.payload(&q.bytes);
         let now = self.now_ms;
-        if self.routers[worker].client(now, a, bytes, d) == Outcome::Deferred {
+        let r = self.router_mut(p).expect("a reader");
+        if r.client(now, a, &q.bytes, d) == Outcome::Deferred {
             // The shell reads the inbox, then asks again.
-            self.execute(worker, &[]);
-            self.read_inbox(worker);
+            self.execute(p, &[]);
+            self.read_inbox_of(p);
             let a = Arrival {
                 via: Via::Retry,
                 ..a
             };
             let now = self.now_ms;
-            self.routers[worker].client(now, a, bytes, d);
+            if let Some(r) = self.router_mut(p) {
+                r.client(now, a, &q.bytes, d);
+            }
         }
-        self.execute(worker, &[]);
+        self.execute(p, &[]);
         if !self.hold_inboxes {
             self.settle();
         }
     }
 
     /// A backend's datagram to upstream address `to` (a path's local
-    /// address): the kernel gives it to the worker that reads that socket.
+    /// address): the kernel gives it to the process that reads that socket.
     pub fn reply(&mut self, backend: SocketAddr, to: SocketAddr, bytes: &[u8]) {
         let net = self.net.borrow();
         let Some(&reader) = net.bound.get(&to) else {
             return;
         };
-        let sock = net.fds[reader]
-            .iter()
-            .find(|(_, a)| **a == to)
-            .map(|(s, _)| *s);
+        let sock = net
+            .fds
+            .get(&reader)
+            .and_then(|f| f.iter().find(|(_, a)| **a == to).map(|(s, _)| *s));
         drop(net);
-        let Some(sock) = sock else { return };
+        let (Some(sock), Some(p)) = (sock, self.process_of(reader)) else {
+            return;
+        };
         let d = self.payload(bytes);
         let now = self.now_ms;
-        self.routers[reader].backend(now, sock, backend, bytes, d, None);
-        self.execute(reader, &[]);
+        if let Some(r) = self.router_mut(p) {
+            r.backend(now, sock, backend, bytes, d, None);
+        }
+        self.execute(p, &[]);
         if !self.hold_inboxes {
             self.settle();
         }
@@ -437,15 +649,36 @@ impl World {
         }
     }
 
-    /// Runs actions of router `worker`; `fds` are the local addresses of the
-    /// descriptors of the frame it just read.
-    fn execute(&mut self, worker: usize, fds: &[SocketAddr]) {
-        let actions: Vec<Action> = self.routers[worker].actions().collect();
+    /// The inbox a frame from process `from` to slot `to` goes to: its
+    /// generation's, or its own slot's other generation's (`None`: gone).
+    fn inbox_to(&mut self, from: P, to: usize) -> Option<&mut VecDeque<InFrame>> {
+        match from {
+            P::Cur(w) if w == to => match self.twins[w] {
+                Twin::Own => self.inboxes.get_mut(to),
+                Twin::Successor => self.next_inboxes.get_mut(to),
+                Twin::Gone => None,
+            },
+            P::Cur(_) => self.inboxes.get_mut(to),
+            P::Next(w) if w == to => self.inboxes.get_mut(to),
+            P::Next(_) => self.next_inboxes.get_mut(to),
+        }
+    }
+
+    /// Runs the actions of process `p`; `fds` are the local addresses of
+    /// the descriptors of the frame it just read.
+    fn execute(&mut self, p: P, fds: &[SocketAddr]) {
+        let Some(r) = self.router_mut(p) else {
+            return;
+        };
+        let me = r.me;
+        let actions: Vec<Action> = r.actions().collect();
         for action in actions {
             match action {
                 Action::Forward { sock, to, datagram } => {
-                    let from = self.net.borrow().fds[worker].get(&sock).copied();
-                    let from = from.expect("forward on a socket the worker holds");
+                    let net = self.net.borrow();
+                    let from = net.fds.get(&me).and_then(|f| f.get(&sock)).copied();
+                    drop(net);
+                    let from = from.expect("forward on a socket the process holds");
                     self.at_backend.push(AtBackend {
                         backend: to,
                         from,
@@ -457,24 +690,44 @@ impl World {
                     from_ip,
                     datagram,
                     ..
-                } => self.at_client.push(AtClient {
-                    client: to,
-                    from_ip,
-                    payload: self.payloads[datagram.0 as usize].clone(),
-                    worker,
-                }),
+                } => {
+                    let worker = match p {
+                        P::Cur(w) | P::Next(w) => w,
+                    };
+                    self.at_client.push(AtClient {
+                        client: to,
+                        from_ip,
+                        payload: self.payloads[datagram.0 as usize].clone(),
+                        worker,
+                    });
+                }
                 Action::Handoff {
                     to,
                     header,
                     datagram,
                 } => {
-                    self.hops_sent.push(header[1]);
                     let mut bytes = header.to_vec();
                     bytes.extend_from_slice(&self.payloads[datagram.0 as usize]);
-                    self.inboxes[to].push_back(InFrame {
-                        bytes,
-                        fds: Vec::new(),
-                    });
+                    let leaving = self
+                        .router(p)
+                        .is_some_and(|r| r.phase().successor().is_some());
+                    match self.inbox_to(p, to) {
+                        Some(inbox) => {
+                            inbox.push_back(InFrame {
+                                bytes,
+                                fds: Vec::new(),
+                            });
+                            match leaving {
+                                true => self.hops_to_successor.push(header[1]),
+                                false => self.hops_sent.push(header[1]),
+                            }
+                        }
+                        None => {
+                            if let Some(r) = self.router_mut(p) {
+                                r.handoff_failed();
+                            }
+                        }
+                    }
                 }
                 Action::Control {
                     to,
@@ -485,43 +738,66 @@ impl World {
                     let net = self.net.borrow();
                     let fds: Vec<SocketAddr> = socks
                         .iter()
-                        .filter_map(|s| net.fds[worker].get(s).copied())
+                        .filter_map(|s| net.fds.get(&me).and_then(|f| f.get(s)).copied())
                         .collect();
                     drop(net);
+                    let sent = frame.clone();
                     if let Some(d) = payload {
                         frame.extend_from_slice(&self.payloads[d.0 as usize]);
                     }
-                    self.inboxes[to].push_back(InFrame { bytes: frame, fds });
+                    match self.inbox_to(p, to) {
+                        Some(inbox) => inbox.push_back(InFrame { bytes: frame, fds }),
+                        None => {
+                            if let Some(r) = self.router_mut(p) {
+                                match payload {
+                                    Some(_) => r.handoff_failed(),
+                                    None => r.transfer_failed(&sent),
+                                }
+                            }
+                        }
+                    }
                 }
                 Action::Keep { index, sock } => {
                     if let Some(local) = fds.get(index) {
-                        self.net.borrow_mut().fds[worker].insert(sock, *local);
+                        self.net
+                            .borrow_mut()
+                            .fds
+                            .entry(me)
+                            .or_default()
+                            .insert(sock, *local);
                     }
                 }
             }
         }
     }
 
-    /// Reads worker `w`'s inbox to the end.
-    pub fn read_inbox(&mut self, w: usize) {
-        while let Some(f) = self.inboxes[w].pop_front() {
-            self.deliver_frame(w, f);
+    /// The inbox process `p` reads.
+    fn inbox_of(&mut self, p: P) -> &mut VecDeque<InFrame> {
+        match p {
+            P::Cur(w) => &mut self.inboxes[w],
+            P::Next(w) => &mut self.next_inboxes[w],
         }
+    }
+
+    fn read_inbox_of(&mut self, p: P) {
+        while self.deliver_to(p) {}
     }
 
     /// Delivers the first frame waiting in worker `w`'s inbox; false when
-    /// there is none.
+    /// there is none (or no process reads it).
     pub fn deliver(&mut self, w: usize) -> bool {
-        match self.inboxes[w].pop_front() {
-            Some(f) => {
-                self.deliver_frame(w, f);
-                true
-            }
-            None => false,
-        }
+        self.deliver_to(P::Cur(w))
     }
 
-    fn deliver_frame(&mut self, w: usize, f: InFrame) {
+    /// Delivers the first frame waiting for process `p`.
+    pub fn deliver_to(&mut self, p: P) -> bool {
+        // A dead process reads nothing: its frames wait for its successor.
+        if !self.alive(p) {
+            return false;
+        }
+        let Some(f) = self.inbox_of(p).pop_front() else {
+            return false;
+        };
         let bytes = f.bytes.clone();
         let payloads = &mut self.payloads;
         let mut payload = |at: usize| {
@@ -529,12 +805,13 @@ impl World {
             DatagramRef(payloads.len() as u32 - 1)
         };
         let now = self.now_ms;
-        // A dead worker reads nothing.
-        if self.owners.borrow().live[w].is_none() {
-            return;
-        }
-        self.routers[w].frame(now, &f.bytes, f.fds.len(), &mut payload);
-        self.execute(w, &f.fds);
+        let r = match p {
+            P::Cur(w) => &mut self.routers[w],
+            P::Next(w) => self.standbys[w].as_mut().expect("alive"),
+        };
+        r.frame(now, &f.bytes, f.fds.len(), &mut payload);
+        self.execute(p, &f.fds);
+        true
     }
 
     /// The frames waiting for worker `w` lose their descriptors.
@@ -544,53 +821,40 @@ impl World {
         }
     }
 
-    /// Delivers every frame until no inbox holds one (bounded).
+    /// Delivers every frame until no process has one to read (bounded).
     pub fn settle(&mut self) {
         for _ in 0..10_000 {
-            let Some(w) = (0..self.inboxes.len()).find(|w| !self.inboxes[*w].is_empty()) else {
+            let Some(p) = self.processes().into_iter().find(|p| !self.inbox_empty(*p)) else {
                 return;
             };
-            self.read_inbox(w);
+            self.read_inbox_of(p);
         }
         panic!("the routers never stopped sending frames");
     }
 
-    /// Advances virtual time by `ms` and ticks every live router (each
+    fn inbox_empty(&self, p: P) -> bool {
+        match p {
+            P::Cur(w) => self.inboxes[w].is_empty(),
+            P::Next(w) => self.next_inboxes[w].is_empty(),
+        }
+    }
+
+    /// Advances virtual time by `ms` and ticks every live process (each
     /// sweeping its whole table).
     pub fn advance(&mut self, ms: u64) {
         self.now_ms += ms;
-        for w in 0..self.routers.len() {
-            if self.owners.borrow().live[w].is_none() {
-                continue;
-            }
+        self.net.borrow_mut().now_ms = self.now_ms;
+        for p in self.processes() {
             let now = self.now_ms;
-            self.routers[w].tick(now, 1 << 16);
-            self.execute(w, &[]);
+            if let Some(r) = self.router_mut(p) {
+                r.tick(now, 1 << 16);
+            }
+            self.execute(p, &[]);
         }
         self.settle();
     }
 
-    /// Kills worker `w`: it stops serving; the kernel closes its
-    /// descriptors (a socket another worker holds a copy of stays bound).
-    pub fn kill(&mut self, w: usize) {
-        self.owners.borrow_mut().live[w] = None;
-        self.inboxes[w].clear();
-        let dead = Owner::new(w, self.generations[w]);
-        let mut net = self.net.borrow_mut();
-        let mine: Vec<SocketAddr> = net.fds[w].values().copied().collect();
-        net.fds[w].clear();
-        for addr in mine {
-            let held = net.fds.iter().any(|f| f.values().any(|a| *a == addr));
-            if !held && net.bound.get(&addr) == Some(&w) {
-                net.bound.remove(&addr);
-                net.orphans.insert(addr, dead);
-            } else if !held {
-                net.bound.remove(&addr);
-            }
-        }
-    }
-
-    /// Reloads every live router to config `text`: listeners are matched
+    /// Reloads every live process to config `text`: listeners are matched
     /// by name, as the worker matches their sockets.
     pub fn reload(&mut self, text: &str) {
         let old = World::routes_for(&self.config);
@@ -600,12 +864,23 @@ impl World {
             .map(|o| new.iter().position(|n| n.ident == o.ident))
             .collect();
         self.config = text.to_string();
-        for w in 0..self.routers.len() {
-            if self.owners.borrow().live[w].is_none() {
-                continue;
+        for p in self.processes() {
+            if let Some(r) = self.router_mut(p) {
+                r.reconfigure(World::routes_for(text), &map);
             }
-            self.routers[w].reconfigure(World::routes_for(text), &map);
-            self.execute(w, &[]);
+            self.execute(p, &[]);
+        }
+        self.settle();
+    }
+
+    /// Passive health as the supervisor decides it: every live process
+    /// applies `down` to listener 0's backends (at its next tick).
+    pub fn set_down(&mut self, down: &[bool]) {
+        for p in self.processes() {
+            if let Some(r) = self.router_mut(p) {
+                r.set_backend_states(0, down);
+            }
+            self.execute(p, &[]);
         }
         self.settle();
     }
@@ -617,30 +892,267 @@ impl World {
         }));
     }
 
-    /// Replaces worker `w` with a fresh process (a new generation).
-    pub fn restart(&mut self, w: usize) {
-        self.generations[w] += 1;
-        self.owners.borrow_mut().live[w] = Some(Owner::new(w, self.generations[w]));
-        self.routers[w] = self.make_router(w);
+    /// Kills worker `w`: it stops serving; the kernel closes its
+    /// descriptors (a socket another process holds a copy of stays bound).
+    /// Its inbox and listener socket keep what waits for its replacement.
+    pub fn kill(&mut self, w: usize) {
+        self.owners.borrow_mut().live[w] = None;
+        let dead = self.routers[w].me;
+        let until = self.now_ms + self.orphan_cool_ms();
+        self.net.borrow_mut().close_all(dead, until);
     }
 
+    /// Replaces worker `w` with a fresh process (the next generation),
+    /// whose counters continue the slot's; it reads what waited.
+    pub fn restart(&mut self, w: usize) {
+        let generation = self.next_generation[w];
+        self.next_generation[w] += 1;
+        let me = Owner::new(w, generation);
+        let old = &self.routers[w].counters;
+        let mut counters = Counters::resume(|c| old.get(c));
+        counters.resume_backends_with(|row, c| old.backend_get(row, c));
+        self.routers[w] = self.make_router(me, Phase::Serving, counters);
+        self.twins[w] = Twin::Own;
+        let mut owners = self.owners.borrow_mut();
+        owners.live[w] = Some(me);
+        owners.generations[w] = generation;
+        drop(owners);
+        self.read_listener(w);
+        if !self.hold_inboxes {
+            self.settle();
+        }
+    }
+
+    // ---- a binary upgrade, as the old supervisor drives it ----
+
+    /// SIGUSR2: the new binary starts one standby process per slot. Refused
+    /// (false) while another runs or a slot has no serving process.
+    pub fn begin_upgrade(&mut self) -> bool {
+        if self.upgrade.is_some() || (0..self.workers()).any(|w| !self.alive(P::Cur(w))) {
+            return false;
+        }
+        for w in 0..self.workers() {
+            let generation = self.next_generation[w];
+            self.next_generation[w] += 1;
+            let predecessor = self.routers[w].me;
+            let phase = Phase::Standby {
+                predecessor,
+                listening: false,
+            };
+            let me = Owner::new(w, generation);
+            self.standbys[w] = Some(self.make_router(me, phase, Counters::default()));
+            self.next_inboxes[w].clear();
+        }
+        self.upgrade = Some(Upgrade::Standby);
+        true
+    }
+
+    /// The next step of the upgrade under way: quiesce the old workers;
+    /// then hand over (the new ones read the listeners); then the old ones
+    /// offer a batch of sessions at a time, and once every one is handed
+    /// over (or refused), they exit and the new generation goes live.
+    /// Returns false when no upgrade runs.
+    pub fn upgrade_step(&mut self) -> bool {
+        match self.upgrade {
+            None => false,
+            Some(Upgrade::Standby) => {
+                for w in 0..self.workers() {
+                    let successor = self.standbys[w].as_ref().map(|r| r.me);
+                    let Some(successor) = successor else { continue };
+                    self.twins[w] = Twin::Successor;
+                    assert!(self.routers[w].set_phase(HandingOver::to(successor)));
+                }
+                self.upgrade = Some(Upgrade::Quiesced);
+                true
+            }
+            Some(Upgrade::Quiesced) => {
+                for w in 0..self.workers() {
+                    if let Some(r) = self.standbys[w].as_mut() {
+                        let predecessor = r.phase().predecessor().expect("standing by");
+                        assert!(r.set_phase(Phase::Standby {
+                            predecessor,
+                            listening: true,
+                        }));
+                    }
+                    let now = self.now_ms;
+                    self.routers[w].start_handing_over(now);
+                    self.read_listener(w);
+                }
+                self.upgrade = Some(Upgrade::HandingOver);
+                true
+            }
+            Some(Upgrade::HandingOver) => {
+                let mut done = true;
+                for w in 0..self.workers() {
+                    if !self.alive(P::Cur(w)) {
+                        continue;
+                    }
+                    let now = self.now_ms;
+                    let r = &mut self.routers[w];
+                    let timed_out = match r.phase() {
+                        Phase::HandingOver(h) => h
+                            .since_ms
+                            .is_some_and(|t| now.saturating_sub(t) >= HAND_OVER_TIMEOUT_MS),
+                        _ => true,
+                    };
+                    if r.sessions() > r.refused_by_successor() && !timed_out {
+                        done = false;
+                        if r.offers_pending() < 4 {
+                            r.offer_to_successor(2);
+                            self.execute(P::Cur(w), &[]);
+                        }
+                    }
+                }
+                if !self.hold_inboxes {
+                    self.settle();
+                }
+                if done {
+                    self.finish_upgrade();
+                }
+                true
+            }
+        }
+    }
+
+    /// Every old worker has handed its sessions over: each exits, and the
+    /// new generation is published and goes live.
+    fn finish_upgrade(&mut self) {
+        for w in 0..self.workers() {
+            if self.alive(P::Cur(w)) {
+                self.leave(P::Cur(w));
+            }
+            let old = self.routers[w].me;
+            let until = self.now_ms + self.orphan_cool_ms();
+            self.owners.borrow_mut().live[w] = None;
+            self.net.borrow_mut().close_all(old, until);
+        }
+        self.upgrade = None;
+        for w in 0..self.workers() {
+            let Some(mut next) = self.standbys[w].take() else {
+                continue;
+            };
+            let old = &self.routers[w].counters;
+            next.counters.rebase_with(|c| old.get(c));
+            next.counters
+                .rebase_backends_with(|row, c| old.backend_get(row, c));
+            let mut owners = self.owners.borrow_mut();
+            owners.live[w] = Some(next.me);
+            owners.generations[w] = u64::from(next.me.generation);
+            drop(owners);
+            self.routers[w] = next;
+            self.inboxes[w] = std::mem::take(&mut self.next_inboxes[w]);
+            self.twins[w] = Twin::Gone;
+        }
+        for w in 0..self.workers() {
+            assert!(self.routers[w].set_phase(Phase::Serving));
+            self.routers[w].adopt_orphans();
+            self.execute(P::Cur(w), &[]);
+            self.read_listener(w);
+        }
+        if !self.hold_inboxes {
+            self.settle();
+        }
+    }
+
+    /// The upgrade is given up: old workers that had quiesced serve on
+    /// (`Resume`), and the new generation exits (its supervisor is gone: its
+    /// workers see their control channel close, and leave), first or after
+    /// (`leave_first`: the two race); its generation is spent.
+    pub fn give_up_upgrade(&mut self, leave_first: bool) -> bool {
+        let Some(step) = self.upgrade else {
+            return false;
+        };
+        if leave_first {
+            self.standbys_leave();
+        }
+        for w in 0..self.workers() {
+            if step != Upgrade::Standby && self.alive(P::Cur(w)) {
+                self.twins[w] = Twin::Gone;
+                assert!(self.routers[w].set_phase(Phase::Serving));
+                self.execute(P::Cur(w), &[]);
+                self.read_listener(w);
+            }
+        }
+        self.standbys_leave();
+        self.upgrade = None;
+        for w in 0..self.workers() {
+            self.next_inboxes[w].clear();
+            self.read_listener(w);
+        }
+        if !self.hold_inboxes {
+            self.settle();
+        }
+        true
+    }
+
+    /// The new generation's workers leave; what they counted no slot keeps.
+    fn standbys_leave(&mut self) {
+        for w in 0..self.workers() {
+            if self.standbys[w].is_some() {
+                self.leave(P::Next(w));
+                let r = self.standbys[w].take().expect("standing by");
+                // Its generation is spent: a dead slot's next process comes
+                // after it.
+                if !self.alive(P::Cur(w)) {
+                    self.owners.borrow_mut().generations[w] = u64::from(r.me.generation);
+                }
+                self.discarded.add_all(&r.counters);
+                let until = self.now_ms + self.orphan_cool_ms();
+                self.net.borrow_mut().close_all(r.me, until);
+            }
+        }
+    }
+
+    /// Process `p` exits as the event loop's `leave` does: it reads its
+    /// inbox, and its listeners if its phase says so.
+    fn leave(&mut self, p: P) {
+        self.read_inbox_of(p);
+        let w = match p {
+            P::Cur(w) | P::Next(w) => w,
+        };
+        if self
+            .router(p)
+            .is_some_and(|r| r.phase().drains_listeners_on_exit())
+        {
+            self.drain_listener(p, w);
+        }
+        self.read_inbox_of(p);
+    }
+
+    /// Counter `c` of slot `w`'s serving process.
     pub fn counter(&self, w: usize, c: Counter) -> u64 {
         self.routers[w].counters.get(c)
     }
 
+    /// Counter `c` over every slot, every process standing by, and what
+    /// processes no slot kept had counted.
     pub fn total(&self, c: Counter) -> u64 {
-        (0..self.routers.len()).map(|w| self.counter(w, c)).sum()
+        let standing = self.standbys.iter().flatten().map(|r| r.counters.get(c));
+        (0..self.routers.len())
+            .map(|w| self.counter(w, c))
+            .chain(standing)
+            .fold(self.discarded.get(c), u64::wrapping_add)
     }
 
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.total(reason.counter())
     }
 
-    /// Workers holding a session for `cid`'s key.
+    /// Live processes holding a session for `cid`'s key: slot `w`'s serving
+    /// one as `w`, its standby as `workers + w`.
     pub fn holders(&self, cid: u64) -> Vec<usize> {
         let key = udpshard_shared::FlowKey::new(&cid.to_be_bytes()).unwrap();
-        (0..self.routers.len())
-            .filter(|w| self.routers[*w].sessions.lookup(0, &key).is_some())
+        let n = self.workers();
+        self.processes()
+            .into_iter()
+            .filter(|p| {
+                self.router(*p)
+                    .is_some_and(|r| r.sessions.lookup(0, &key).is_some())
+            })
+            .map(|p| match p {
+                P::Cur(w) => w,
+                P::Next(w) => n + w,
+            })
             .collect()
     }
 
@@ -654,12 +1166,20 @@ impl World {
             .collect()
     }
 
-    /// Checks the accounting identities that hold at rest: every client
-    /// datagram ended in exactly one of forward, hand over, drop; every
-    /// reply was relayed or dropped.
+    /// Checks the accounting identities, at rest or between any two steps:
+    /// every client datagram sent is waiting in a listener socket or was
+    /// read; every one read or handed in ended in exactly one of forward,
+    /// hand over, drop (a datagram in an inbox was handed over, and is not
+    /// yet handed in); every reply was relayed or dropped.
     pub fn assert_ledger(&self) {
         // The ledger the supervisor books a dead worker's losses from.
         let get = |c| self.total(c);
+        let queued: usize = self.listeners.iter().map(VecDeque::len).sum();
+        assert_eq!(
+            self.sent_by_clients as u64,
+            get(Counter::RxPackets) + queued as u64,
+            "client datagrams: sent != read + waiting in listener sockets"
+        );
         assert_eq!(
             client_arrived(get),
             client_settled(get),
@@ -680,39 +1200,52 @@ impl World {
             self.at_client.len()
         );
         assert!(
-            self.hops_sent
-                .iter()
-                .all(|h| *h <= udpshard_shared::handoff::MAX_HOPS),
+            self.hops_sent.iter().all(|h| *h <= MAX_HOPS),
             "{:?}",
             self.hops_sent
+        );
+        assert!(
+            self.hops_to_successor.iter().all(|h| *h <= MAX_HOPS + 1),
+            "{:?}",
+            self.hops_to_successor
         );
     }
 
     /// No two live paths anywhere share an upstream 4-tuple at their
-    /// sockets' homes, and no two sessions anywhere send on one (a relay
-    /// and the borrowed copy its session sends on are one path).
+    /// sockets' homes, and no two sessions of different keys anywhere send
+    /// on one (a relay and the borrowed copy its session sends on are one
+    /// path; a session on offer and the receiver's copy are one session).
     pub fn assert_unique_tuples(&self) {
-        let mut seen: HashMap<(SocketAddr, u16), usize> = HashMap::new();
-        let mut senders: HashMap<(SocketAddr, u16), usize> = HashMap::new();
-        for (w, r) in self.routers.iter().enumerate() {
-            if self.owners.borrow().live[w].is_none() {
-                continue;
-            }
-            for (_, p) in r.paths.paths.iter() {
-                let Some(s) = r.paths.sock(p.sock) else {
+        let mut seen: HashMap<(SocketAddr, SocketAddr), P> = HashMap::new();
+        let mut senders: HashMap<(SocketAddr, SocketAddr), (P, FlowKey)> = HashMap::new();
+        for p in self.processes() {
+            let r = self.router(p).expect("alive");
+            for (_, path) in r.paths.paths.iter() {
+                let Some(s) = r.paths.sock(path.sock) else {
                     continue;
                 };
-                let k = (s.local, p.backend);
-                if !p.is_relay() {
-                    if let Some(other) = senders.insert(k, w) {
-                        panic!("4-tuple {k:?} sent on by sessions on workers {other} and {w}");
+                let Some(to) = r
+                    .routes
+                    .get(path.listener)
+                    .and_then(|route| route.backends.get(usize::from(path.backend)))
+                else {
+                    continue;
+                };
+                let k = (s.local, *to);
+                if !path.is_relay() {
+                    if let Some((other, key)) = senders.insert(k, (p, path.key)) {
+                        assert!(
+                            key == path.key,
+                            "4-tuple {k:?} sent on by sessions {key:?} on {other:?} and {:?} on {p:?}",
+                            path.key
+                        );
                     }
                 }
-                if s.home != crate::paths::Home::Here {
+                if s.home != Home::Here {
                     continue;
                 }
-                if let Some(other) = seen.insert(k, w) {
-                    panic!("4-tuple {k:?} on workers {other} and {w}");
+                if let Some(other) = seen.insert(k, p) {
+                    panic!("4-tuple {k:?} on {other:?} and {p:?}");
                 }
             }
         }
@@ -723,9 +1256,25 @@ impl World {
         self.inboxes[w].pop_front().is_some()
     }
 
-    /// The routers' view: which worker reads `local`.
+    /// The slot of the process that reads `local`.
     pub fn reader(&self, local: SocketAddr) -> Option<usize> {
-        self.net.borrow().bound.get(&local).copied()
+        self.net
+            .borrow()
+            .bound
+            .get(&local)
+            .map(|o| usize::from(o.worker))
+    }
+
+    /// Upstream sockets slot `w`'s serving process holds.
+    pub fn fds(&self, w: usize) -> usize {
+        let me = self.routers[w].me;
+        self.net.borrow().fds.get(&me).map_or(0, HashMap::len)
+    }
+
+    /// Upstream sockets slot `w`'s serving process tried to open.
+    pub fn opens(&self, w: usize) -> usize {
+        let me = self.routers[w].me;
+        self.net.borrow().opens.get(&me).copied().unwrap_or(0)
     }
 
     /// Decodes the frames waiting in `w`'s inbox (for ordering tests).
@@ -742,5 +1291,32 @@ impl World {
                 Err(e) => format!("bad: {e}"),
             })
             .collect()
+    }
+
+    /// Where each slot's processes stand in an upgrade, for a failure
+    /// message.
+    pub fn upgrade_state(&self) -> String {
+        let mut out = String::new();
+        for w in 0..self.workers() {
+            let r = &self.routers[w];
+            out += &format!(
+                "\nslot {w}: old alive {}, {}, {} sessions, {} on offer, {} refused, {} in its inbox",
+                self.alive(P::Cur(w)),
+                r.phase().name(),
+                r.sessions(),
+                r.offers_pending(),
+                r.refused_by_successor(),
+                self.inboxes[w].len()
+            );
+            if let Some(n) = &self.standbys[w] {
+                out += &format!(
+                    "; new {}, {} sessions, {} in its inbox",
+                    n.phase().name(),
+                    n.sessions(),
+                    self.next_inboxes[w].len()
+                );
+            }
+        }
+        out
     }
 }

@@ -128,6 +128,19 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // backend lists differ (mid-reload), or we made our own session
         // meanwhile: it stays where it is.
         // Nor does it come to a worker that is leaving or full.
+        // Nor when another process has taken its key since the offer (the
+        // sender died, and its flow started afresh there).
+        // Nor from this slot's predecessor once it is gone (it died since
+        // it offered, or this process went live after it exited): its
+        // sessions start afresh here, as the supervisor says of an old
+        // worker lost mid-handover.
+        let owner = self.owners.lookup(self.owner_hash(listener, &t.key));
+        let taken = owner.is_some_and(|o| o != self.me && o.worker != from);
+        let orphaned = usize::from(from) == self.id
+            && self
+                .phase
+                .predecessor()
+                .is_none_or(|p| !self.owners.is_live(p));
         let refused = if self.phase.successor().is_some() {
             Some("handing its own sessions over")
         } else if fds != t.paths.len() {
@@ -140,6 +153,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             Some("draining")
         } else if self.sessions.admit(listener).is_err() {
             Some("at max_sessions")
+        } else if taken {
+            Some("another process took its key since")
+        } else if orphaned {
+            Some("its sender died")
         } else {
             None
         };
@@ -216,6 +233,16 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let Some(sid) = self.sessions.lookup(listener, &key) else {
             return;
         };
+        // The successor of an upgrade given up answers an offer this worker
+        // took back when it resumed: the session stays here, and its keys,
+        // which the successor took if it said yes, are ours again.
+        if usize::from(from) == self.id && self.phase.successor().is_none() {
+            let me = self.me;
+            for hash in self.key_hashes(sid) {
+                self.owners.assign(hash, me);
+            }
+            return;
+        }
         let Some(s) = self.sessions.get_mut(sid) else {
             return;
         };

@@ -3,7 +3,7 @@
 //! successor, the new one stands by taking them, and an upgrade given up
 //! leaves the old one serving.
 
-use udpshard_shared::owners::Owner;
+use udpshard_shared::owners::{Owner, GEN_MASK};
 
 use super::{Owners, Router, Sockets};
 use crate::paths::{Home, SockId};
@@ -115,18 +115,29 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             .count()
     }
 
-    /// Whether `o` is the process about to take slot `o.worker` over in an
-    /// upgrade: the generation after the one serving it, not yet published.
+    /// Whether `o` may be the process about to take slot `o.worker` over in
+    /// an upgrade: a generation after the slot's latest (serving, or dead
+    /// since the upgrade began), not yet published. Not only the next one:
+    /// an upgrade given up before spent a generation, which the next
+    /// upgrade's process comes after.
     pub(super) fn unpublished_successor(&self, o: Owner) -> bool {
         let worker = usize::from(o.worker);
-        self.owners
-            .live_owner(worker)
-            .is_some_and(|l| Owner::new(worker, u64::from(l.generation) + 1) == o)
+        self.owners.slot_generation(worker).is_some_and(|g| {
+            let published = Owner::new(worker, g).generation;
+            let ahead = o.generation.wrapping_sub(published) & GEN_MASK as u16;
+            ahead > 0 && u64::from(ahead) <= GEN_MASK / 2
+        })
     }
 
-    /// Whether `o` serves: the successor does, to its predecessor.
+    /// Whether `o` serves: the successor does, to its predecessor; so does
+    /// another slot's later generation, not yet published: a successor
+    /// standing by (its relays stay, its sockets are not adopted, a flow it
+    /// has is handed to it), or one an upgrade given up spent (whose keys
+    /// its slot's process takes back, or claims when it finds them).
     pub(super) fn live(&self, o: Owner) -> bool {
-        self.phase.successor() == Some(o) || self.owners.is_live(o)
+        self.owners.is_live(o)
+            || self.phase.successor() == Some(o)
+            || (o.worker != self.me.worker && self.unpublished_successor(o))
     }
 
     /// Who serves slot `worker`: this slot's successor, to its predecessor.

@@ -1,0 +1,359 @@
+//! Faults replayed in the in-memory world: the upgrade bugs end-to-end
+//! tests and CI once found by chance (f90abd2, 5a23141, fd69396), and the
+//! event sequences the fault properties found, each the smallest that
+//! failed before its fix.
+
+use udpshard_shared::stats::Counter;
+
+use super::harness::{config, short, World, CLIENT, P};
+use super::properties::{check, run, Event};
+use super::TRANSFER_AFTER;
+
+fn world(workers: usize) -> World {
+    World::new(workers, &config("", 1), (20000, 20063))
+}
+
+/// f90abd2: an upgrade given up after the new workers began to read the
+/// listeners. The standby worker that exits must leave what waits in the
+/// listener socket to its predecessor, which serves on: what a standby
+/// reads is counted in no slot (and in the real proxy its replies come to a
+/// process that is gone).
+#[test]
+fn a_standby_given_up_leaves_the_listeners_to_its_predecessor() {
+    let mut w = world(2);
+    w.send(0, CLIENT, &short(1, b"before"));
+    let tuple = w.at_backend[0].from;
+    assert!(w.begin_upgrade());
+    assert!(w.upgrade_step(), "quiesce");
+    assert!(w.upgrade_step(), "the new workers read the listeners");
+    w.hold_listeners = true;
+    for n in 0..5u8 {
+        w.send(0, CLIENT, &short(1, &[n]));
+    }
+    let rx = w.counter(0, Counter::RxPackets);
+    // The new workers leave before the old ones resume.
+    assert!(w.give_up_upgrade(true));
+    assert!(w.read_listener(0));
+    assert_eq!(
+        w.counter(0, Counter::RxPackets),
+        rx + 5,
+        "the old worker read all five"
+    );
+    assert_eq!(w.at_backend.len(), 6);
+    assert!(w.at_backend.iter().all(|d| d.from == tuple), "one 4-tuple");
+    check(&w);
+}
+
+/// 5a23141: an upgrade given up after the old workers quiesced and offered
+/// their sessions resumes them: every session stays where it was, on its
+/// 4-tuple, even when the successor said yes before it left (its yes comes
+/// to a worker that took the offer back).
+#[test]
+fn an_upgrade_given_up_mid_handover_leaves_every_flow_on_its_worker_and_4_tuple() {
+    for leave_first in [false, true] {
+        given_up_mid_handover(leave_first);
+    }
+}
+
+fn given_up_mid_handover(leave_first: bool) {
+    let mut w = world(2);
+    for cid in 0..6u64 {
+        w.send((cid % 2) as usize, CLIENT, &short(cid, b"before"));
+    }
+    let before: Vec<_> = w.at_backend.iter().map(|d| d.from).collect();
+    assert!(w.begin_upgrade());
+    assert!(w.upgrade_step(), "quiesce");
+    assert!(w.upgrade_step(), "hand over");
+    w.hold_inboxes = true;
+    assert!(w.upgrade_step(), "the first offers");
+    assert!(w.routers.iter().any(|r| r.offers_pending() > 0));
+    assert!(w.give_up_upgrade(leave_first));
+    w.hold_inboxes = false;
+    w.settle();
+    for cid in 0..6u64 {
+        // From either worker's socket: the flow is found where it was.
+        w.send(1 - (cid % 2) as usize, CLIENT, &short(cid, b"after"));
+        assert_eq!(w.holders(cid), vec![(cid % 2) as usize], "cid {cid}");
+        assert_eq!(
+            w.at_backend.last().unwrap().from,
+            before[cid as usize],
+            "cid {cid} kept its 4-tuple"
+        );
+    }
+    assert_eq!(w.total(Counter::SessionsCreated), 6, "no session made anew");
+    check(&w);
+}
+
+/// fd69396: handing over, an old worker offers its sessions to its
+/// successor and to no one else, however many datagrams another worker
+/// hands it.
+#[test]
+fn handing_over_a_session_goes_to_the_successor_only() {
+    let mut w = world(2);
+    w.send(0, CLIENT, &short(7, b"a"));
+    assert!(w.begin_upgrade());
+    assert!(w.upgrade_step(), "quiesce");
+    assert!(w.upgrade_step(), "hand over");
+    // The kernel now gives the flow to slot 1's new worker, which hands it
+    // to its predecessor, which hands it to slot 0's old worker: a run of
+    // handoffs by worker 1 that would move the flow there.
+    w.hold_inboxes = true;
+    for n in 0..2 * TRANSFER_AFTER {
+        w.send(1, CLIENT, &short(7, &[n]));
+        assert!(w.deliver_to(P::Cur(1)));
+        assert!(w.deliver_to(P::Cur(0)));
+        assert!(
+            !w.inbox_kinds(1).iter().any(|k| k == "Transfer"),
+            "offered to worker 1: {:?}",
+            w.inbox_kinds(1)
+        );
+    }
+    w.hold_inboxes = false;
+    while w.upgrade.is_some() {
+        w.upgrade_step();
+    }
+    assert_eq!(w.holders(7), vec![0], "at slot 0's new worker");
+    check(&w);
+}
+
+/// fd69396: a standby worker whose predecessor died routes a flow as any
+/// worker does, and a flow another slot's standby has goes there.
+#[test]
+fn a_standby_whose_predecessor_died_routes_as_any_and_finds_its_peers() {
+    let mut w = world(2);
+    w.send(1, CLIENT, &short(3, b"a"));
+    assert!(w.begin_upgrade());
+    assert!(w.upgrade_step(), "quiesce");
+    assert!(w.upgrade_step(), "hand over");
+    while w.upgrade.is_some() && w.holders(3) != vec![3] {
+        w.upgrade_step();
+    }
+    w.kill(0);
+    w.send(0, CLIENT, &short(3, b"b"));
+    assert_eq!(w.holders(3), vec![3], "at slot 1's new worker only");
+    assert_eq!(w.at_backend.len(), 2);
+    check(&w);
+}
+
+fn client(cid: u8, client: u8, worker: u8) -> Event {
+    Event::Client {
+        cid,
+        client,
+        worker,
+    }
+}
+
+fn deliver(worker: u8) -> Event {
+    Event::Deliver {
+        worker,
+        next: false,
+    }
+}
+
+/// A worker that died mid-handover with offers in its successor's inbox:
+/// another slot's successor took one of its flows meanwhile, and the dead
+/// worker's successor must not take it too (found as a flow on two workers).
+#[test]
+fn offers_of_a_worker_that_died_mid_handover_are_refused() {
+    use Event::*;
+    let events = [
+        client(0, 0, 0),
+        client(5, 0, 0),
+        Upgrade,
+        Upgrade,
+        Upgrade,
+        Upgrade,
+        Kill { worker: 0 },
+        client(5, 0, 1),
+    ];
+    check(&run(2, &events, true, false));
+}
+
+/// An upgrade after one given up: its new workers are two generations
+/// after the old ones (the first one's is spent), and must still know one
+/// another (found as a flow on two workers).
+#[test]
+fn a_second_upgrade_after_one_given_up_still_finds_its_peers() {
+    use Event::*;
+    let events = [
+        Upgrade,
+        GiveUp { leave_first: false },
+        Upgrade,
+        Upgrade,
+        client(0, 0, 1),
+        client(0, 0, 0),
+    ];
+    check(&run(2, &events, false, false));
+}
+
+/// A datagram out of hops at a standby whose peer has its flow: dropped,
+/// not made a second session (the ownership table's liveness does not know
+/// the peer).
+#[test]
+fn out_of_hops_a_standby_does_not_take_a_flow_from_its_peer() {
+    use Event::*;
+    let events = [
+        client(8, 0, 0),
+        client(8, 0, 1),
+        Kill { worker: 0 },
+        Restart,
+        Upgrade,
+        client(0, 0, 0),
+        Upgrade,
+        Upgrade,
+        deliver(0),
+        client(8, 0, 1),
+    ];
+    check(&run(2, &events, true, false));
+}
+
+/// A datagram that waited in a dead worker's inbox while another worker
+/// took its flow over: out of hops, it is dropped rather than made a second
+/// session of the flow.
+#[test]
+fn out_of_hops_a_live_owners_flow_is_not_taken() {
+    use Event::*;
+    let events = [
+        client(4, 0, 0),
+        Upgrade,
+        Upgrade,
+        client(4, 0, 1),
+        Upgrade,
+        deliver(1),
+        Kill { worker: 0 },
+        GiveUp { leave_first: false },
+        client(4, 0, 1),
+    ];
+    let w = run(2, &events, false, false);
+    check(&w);
+    assert!(w.drops(udpshard_shared::DropReason::Handoff) > 0);
+}
+
+/// A datagram that waited in an inbox through one upgrade gets its one hop
+/// past the cap there, and no second one in the next.
+#[test]
+fn one_hop_past_the_cap_at_most_across_upgrades() {
+    use Event::*;
+    let mut events = vec![
+        client(10, 0, 2),
+        Upgrade,
+        Upgrade,
+        client(10, 0, 0),
+        Upgrade,
+        deliver(0),
+        Kill { worker: 2 },
+        GiveUp { leave_first: false },
+        Restart,
+    ];
+    events.extend([Upgrade; 6]);
+    events.push(client(0, 0, 0));
+    check(&run(3, &events, false, false));
+}
+
+/// A new worker that goes live reads its predecessor's late offer (the
+/// predecessor died before it heard an answer): refused, or two sessions
+/// would send on one 4-tuple once the port cooled.
+#[test]
+fn a_late_offer_from_a_dead_predecessor_is_refused_after_going_live() {
+    use Event::*;
+    let events = [
+        client(0, 0, 0),
+        client(0, 0, 0),
+        Upgrade,
+        Upgrade,
+        Upgrade,
+        Advance { ms: 14043 },
+        Advance { ms: 15958 },
+        Upgrade,
+        Upgrade,
+        client(1, 0, 0),
+        client(3, 0, 0),
+        Upgrade,
+        Upgrade,
+        Upgrade,
+        Kill { worker: 0 },
+        client(1, 0, 1),
+        Upgrade,
+        Advance { ms: 5000 },
+        Reload { backends: 2 },
+    ];
+    check(&run(2, &events, true, false));
+}
+
+/// Standby workers keep the relays of sessions their peers took over, and
+/// do not adopt their peers' sockets (found as one 4-tuple sent on by two
+/// sessions).
+#[test]
+fn standbys_keep_relays_for_their_peers() {
+    use Event::*;
+    let events = [
+        client(0, 0, 0),
+        Upgrade,
+        Upgrade,
+        Upgrade,
+        client(1, 1, 2),
+        client(11, 3, 2),
+        client(11, 0, 0),
+        client(11, 0, 0),
+        Upgrade,
+        client(11, 3, 0),
+        Advance { ms: 1 },
+        Advance { ms: 1 },
+        client(0, 0, 0),
+        client(0, 0, 0),
+        client(1, 0, 0),
+        Advance { ms: 5000 },
+        client(0, 0, 0),
+    ];
+    check(&run(3, &events, false, false));
+}
+
+/// A successor's yes that comes after the upgrade was given up, while
+/// another worker finds the flow's entry naming the spent successor: it is
+/// handed to the slot that took its session back, not made anew.
+#[test]
+fn a_spent_successors_keys_lead_back_to_the_worker_that_resumed() {
+    use Event::*;
+    let events = [
+        client(3, 0, 1),
+        client(0, 0, 0),
+        client(0, 0, 0),
+        Upgrade,
+        Upgrade,
+        Upgrade,
+        Upgrade,
+        GiveUp { leave_first: false },
+        client(3, 0, 0),
+        client(0, 0, 0),
+        client(0, 0, 0),
+    ];
+    check(&run(4, &events, false, false));
+}
+
+/// The old worker that a flow's offer waits on dies as the upgrade begins:
+/// the handover ends at its timeout, and the upgrade completes.
+#[test]
+fn a_handover_ends_at_its_timeout_when_an_offer_waits_on_a_dead_worker() {
+    let mut w = world(2);
+    w.send(0, CLIENT, &short(9, b"a"));
+    w.hold_inboxes = true;
+    for n in 0..TRANSFER_AFTER {
+        w.send(1, CLIENT, &short(9, &[n]));
+    }
+    w.deliver_to(P::Cur(0));
+    w.deliver_to(P::Cur(0));
+    w.deliver_to(P::Cur(0));
+    assert_eq!(w.routers[0].offers_pending(), 1, "offered to worker 1");
+    w.hold_inboxes = false;
+    assert!(w.begin_upgrade());
+    w.kill(1);
+    for _ in 0..400 {
+        if w.upgrade.is_none() {
+            break;
+        }
+        w.upgrade_step();
+        w.advance(100);
+    }
+    assert!(w.upgrade.is_none(), "{}", w.upgrade_state());
+    check(&w);
+}
