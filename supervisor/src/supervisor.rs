@@ -3,42 +3,40 @@
 //! CPU-set changes, and drains everything on SIGTERM/SIGINT. It never
 //! touches a datagram.
 //!
-//! Worker lifecycle, per slot:
-//! `Starting` (spawned, config sent) -> `Ready` (said so on its control
-//! channel) -> `Exited` (reaped) -> `Starting` again after a backoff that
-//! doubles while it keeps crashing, unless the supervisor is stopping or the
-//! slot is retiring (the group shrank; slots go from the end only).
+//! Its role (serving, handing off to a new binary, taking over from an old
+//! one, stopping) and each slot's process (live, then exited and restarted
+//! after a backoff that doubles while it keeps crashing, unless the
+//! supervisor is stopping or the slot is retiring) are the enums of
+//! `lifecycle`. The slots' processes are `workers`' job, a reload and a
+//! resize `reload`'s, a binary upgrade `upgrade`'s.
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
-use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use udpshard_config::{self as config, Config, Workers};
 use udpshard_shared::backends::BackendState;
-use udpshard_shared::control::{ControlChannel, ControlMsg};
+use udpshard_shared::control::ControlMsg;
 use udpshard_shared::owners;
-use udpshard_shared::owners::Owner;
 use udpshard_shared::state::StateRegion;
-use udpshard_shared::stats::{Counter, Header, SlotState, StatsError, StatsRegion};
+use udpshard_shared::stats::{Header, SlotState, StatsError, StatsRegion};
 
 use crate::cpus::{allowed_cpus, format_cpu_list};
-use crate::notify::{notify, notify_ready};
+use crate::notify::notify;
 use crate::reuseport::{rmem_fix, ReuseportGroup};
-use crate::spawn::{spawn_worker, WorkerSpec};
 
+mod lifecycle;
 mod reload;
 mod upgrade;
+mod workers;
+
+use lifecycle::{Role, WorkerSlot};
 
 const SIGNALS: Token = Token(0);
 /// This process's own executable, even once its path holds another file.
@@ -97,31 +95,6 @@ enum Served {
     HandedOver,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum WorkerState {
-    Starting,
-    Ready,
-    /// Dead, waiting for its restart time.
-    Exited,
-}
-
-struct WorkerSlot {
-    id: usize,
-    cpu: usize,
-    state: WorkerState,
-    child: Option<Child>,
-    control: Option<ControlChannel>,
-    started_at: Instant,
-    restart_at: Option<Instant>,
-    backoff: Duration,
-    /// Crashes in a row, each within HEALTHY_RUN of its start.
-    crashes: u32,
-    /// The config generation it was given.
-    config_gen: u64,
-    /// The group shrank past it: stopped, not restarted, removed on exit.
-    retiring: bool,
-}
-
 pub struct Supervisor {
     /// `None`: the embedded default.
     config_path: Option<PathBuf>,
@@ -146,26 +119,15 @@ pub struct Supervisor {
     poll: Poll,
     signals: Signals,
     exe: PathBuf,
-    announced_ready: bool,
-    /// Set by SIGTERM/SIGINT: when to kill what is still running.
-    stop_deadline: Option<Instant>,
+    /// What this process does with the slots (`lifecycle`).
+    role: Role,
     next_cpu_check: Instant,
     next_health_check: Instant,
     health: crate::health::Health,
     /// The Prometheus endpoint, when the config asks for one.
     metrics: Option<crate::metrics::MetricsServer>,
-    /// A binary upgrade this supervisor started: the new one, on its way.
-    outbound: Option<upgrade::Outbound>,
-    /// This supervisor is the new generation of an upgrade, standing by.
-    inbound: Option<upgrade::Inbound>,
     /// Where the stats file is (a new generation inherits it).
     stats_path: PathBuf,
-    /// Whether this process serves the slots: a new generation does once it
-    /// has taken over (until then the stats file is the old one's).
-    serving: bool,
-    /// Slot generations an abandoned upgrade's successors had: the slot's
-    /// next worker comes after them, and what they leased cools.
-    burned: Vec<(usize, u64)>,
     /// SIGUSR2s refused by this process: numbers their STATUS= (see
     /// `refuse_upgrade`).
     upgrades_refused: u64,
@@ -289,24 +251,21 @@ impl Supervisor {
             poll,
             signals,
             exe,
-            announced_ready: false,
-            stop_deadline: None,
+            role: Role::Serving {
+                announced_ready: false,
+            },
             next_cpu_check: Instant::now() + CPU_CHECK,
             next_health_check: Instant::now() + crate::health::CHECK,
             health: crate::health::Health::default(),
             metrics,
-            outbound: None,
-            inbound: None,
             stats_path,
-            serving: true,
-            burned: Vec::new(),
             upgrades_refused: 0,
         };
         sup.steer_groups()?;
         for id in 0..count {
             sup.spawn_or_retry(id);
         }
-        if sup.workers.iter().all(|w| w.child.is_none()) {
+        if sup.workers.iter().all(|w| !w.is_live()) {
             // Not one worker could start: say so, rather than serve nothing.
             return Err(SupervisorError::NoWorker);
         }
@@ -320,7 +279,7 @@ impl Supervisor {
         let result = self.serve();
         // Handed over to a new generation, the proxy runs on; one that never
         // took over leaves the file to the generation that serves.
-        if self.serving && !matches!(result, Ok(Served::HandedOver)) {
+        if self.role.serves() && !matches!(result, Ok(Served::HandedOver)) {
             self.region.set_header(Header::StoppedAt, unix_now());
         }
         result.map(|_| ())
@@ -368,8 +327,8 @@ impl Supervisor {
             if self.check_upgrade()? {
                 return Ok(Served::HandedOver);
             }
-            if let Some(deadline) = self.stop_deadline {
-                if self.workers.iter().all(|w| w.child.is_none()) {
+            if let Role::Stopping { deadline, .. } = self.role {
+                if self.workers.iter().all(|w| !w.is_live()) {
                     tracing::info!("all workers exited; bye");
                     return Ok(Served::Stopped);
                 }
@@ -386,7 +345,7 @@ impl Supervisor {
             // by, the old generation's supervisor judges backends.
             if Instant::now() >= self.next_health_check {
                 self.next_health_check = Instant::now() + crate::health::CHECK;
-                if self.inbound.is_none() {
+                if self.role.serves() {
                     self.check_health();
                 }
             }
@@ -436,12 +395,16 @@ impl Supervisor {
         let restart = self
             .workers
             .iter()
-            .filter_map(|w| w.restart_at)
+            .filter_map(|w| w.restart_at())
             .min()
             .filter(|_| !self.upgrading());
+        let stop = match self.role {
+            Role::Stopping { deadline, .. } => Some(deadline),
+            _ => None,
+        };
         [
             restart,
-            self.stop_deadline,
+            stop,
             self.upgrade_deadline(),
             Some(self.next_cpu_check),
             Some(self.next_health_check),
@@ -452,199 +415,17 @@ impl Supervisor {
         .unwrap_or_else(|| Instant::now() + CPU_CHECK)
     }
 
-    fn spawn(&mut self, id: usize) -> Result<(), SupervisorError> {
-        // The new generation is published before the process exists: the
-        // worker takes its identity from it. Taking over from an old
-        // generation, the slot is the old process's until it has handed
-        // over: the worker is told its generation, and stands by.
-        let standby = self.inbound.as_ref().map(|i| i.generation(id));
-        if let Some(slot) = self.region.slot(id).filter(|_| standby.is_none()) {
-            slot.set_life(slot.life().0 + 1, SlotState::Starting);
-            slot.set(Counter::Cpu, self.workers[id].cpu as u64);
-            slot.set(Counter::Version, crate::version_word());
-        }
-        let predecessor_fd = self.inbound.as_ref().and_then(|i| i.predecessor_fd(id));
-        let (ours, theirs) =
-            UnixStream::pair().map_err(|source| SupervisorError::Spawn { id, source })?;
-        let spec = WorkerSpec {
-            id,
-            cpu: self.workers[id].cpu,
-            control_fd: theirs.as_raw_fd(),
-            stats_fd: self.stats_file.as_raw_fd(),
-            state_fd: self.state_fd.as_raw_fd(),
-            listener_fds: self
-                .groups
-                .iter()
-                .map(|g| g.sockets[id].as_raw_fd())
-                .collect(),
-            handoff_fd: self.handoff[id].0.as_raw_fd(),
-            peer_fds: self.handoff.iter().map(|(_, tx)| tx.as_raw_fd()).collect(),
-            standby,
-            predecessor_fd,
-        };
-        // The image this process runs, whatever the path holds now: a
-        // package upgrade replaces the file, and a worker restarted after it
-        // must still speak this supervisor's protocol (SIGUSR2 is what
-        // moves the whole proxy to the new file).
-        let mut child = spawn_worker(std::path::Path::new(RUNNING_IMAGE), &spec)
-            .map_err(|source| SupervisorError::Spawn { id, source })?;
-        drop(theirs);
-        let control = match self.open_control(id, ours) {
-            Ok(control) => control,
-            Err(e) => {
-                // No way to talk to it: it must not run on its own.
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(e);
-            }
-        };
-        if let Some(slot) = self.region.slot(id).filter(|_| standby.is_none()) {
-            slot.set(Counter::Pid, u64::from(child.id()));
-        }
-        let w = &mut self.workers[id];
-        tracing::debug!(worker = id, pid = child.id(), cpu = w.cpu, "spawned");
-        w.child = Some(child);
-        w.control = Some(control);
-        w.state = WorkerState::Starting;
-        w.started_at = Instant::now();
-        w.restart_at = None;
-        w.config_gen = self.config_gen;
-        Ok(())
-    }
-
-    /// The supervisor's end of worker `id`'s control channel, in the loop
-    /// and with the worker's config on its way.
-    fn open_control(
-        &mut self,
-        id: usize,
-        ours: UnixStream,
-    ) -> Result<ControlChannel, SupervisorError> {
-        ours.set_nonblocking(true)
-            .map_err(|source| SupervisorError::Spawn { id, source })?;
-        let mut control = ControlChannel::new(ours);
-        let start = ControlMsg::Start {
-            origin: self.origin.clone(),
-            config: self.text.clone(),
-        };
-        // A worker that died before reading it shows up as a reaped child.
-        let _ = control.send(&start, &[]);
-        // Writable too: a frame the socket had no room for goes out when
-        // it has (the loop never waits for a worker to read).
-        self.poll
-            .registry()
-            .register(
-                &mut SourceFd(&control.stream.as_raw_fd()),
-                Token(CONTROL_TOKEN_BASE + id),
-                Interest::READABLE | Interest::WRITABLE,
-            )
-            .map_err(SupervisorError::Poll)?;
-        Ok(control)
-    }
-
-    fn read_control(&mut self, id: usize) {
-        let Some(w) = self.workers.get_mut(id) else {
-            return;
-        };
-        let Some(control) = w.control.as_mut() else {
-            return;
-        };
-        if let Err(e) = control.flush() {
-            tracing::debug!(worker = id, "control channel: {e}");
-        }
-        let _ = control.read_available();
-        let mut became_ready = false;
-        let mut became_standby = false;
-        let mut upgrade_steps = Vec::new();
-        while let Some(msg) = control.next_msg() {
-            match msg {
-                Ok((ControlMsg::Ready, _)) if self.inbound.is_some() => {
-                    // Standing by: the slot is the old generation's yet.
-                    w.state = WorkerState::Ready;
-                    tracing::debug!(worker = id, "standing by");
-                    became_standby = true;
-                }
-                Ok((msg @ (ControlMsg::Quiesced | ControlMsg::HandedOver { .. }), _)) => {
-                    upgrade_steps.push(msg);
-                }
-                Ok((ControlMsg::Ready, _)) => {
-                    w.state = WorkerState::Ready;
-                    if let Some(slot) = self.region.slot(id) {
-                        slot.set(Counter::ConfigGeneration, w.config_gen);
-                        // A shrink or a stop that came while it started
-                        // stands: it is published as leaving, not as ready.
-                        slot.set_state(if w.retiring {
-                            SlotState::Retiring
-                        } else if self.stop_deadline.is_some() {
-                            SlotState::Draining
-                        } else {
-                            SlotState::Ready
-                        });
-                    }
-                    if let Err(e) = control.send(&ControlMsg::Live, &[]) {
-                        tracing::warn!(worker = id, "cannot tell the worker it is live: {e}");
-                    }
-                    became_ready = true;
-                    tracing::info!(
-                        worker = id,
-                        cpu = w.cpu,
-                        pid = w.child.as_ref().map(|c| c.id()),
-                        "worker ready"
-                    );
-                }
-                Ok((ControlMsg::Reloaded, _)) => {
-                    if let Some(slot) = self.region.slot(id) {
-                        slot.set(Counter::ConfigGeneration, w.config_gen);
-                    }
-                }
-                Ok((other, _)) => {
-                    tracing::warn!(worker = id, "unexpected control message {other:?}")
-                }
-                Err(e) => tracing::warn!(worker = id, "bad control stream: {e}"),
-            }
-        }
-        for msg in upgrade_steps {
-            self.upgrade_step_done(id, &msg);
-        }
-        if became_standby {
-            self.standby_ready();
-            return;
-        }
-        let Some(w) = self.workers.get_mut(id) else {
-            return;
-        };
-        // Started before a reload: it serves the old config; bring it up to date.
-        if became_ready && w.config_gen != self.config_gen {
-            self.send_reload(id);
-        }
-        if !self.announced_ready && self.workers.iter().all(|w| w.state == WorkerState::Ready) {
-            self.announced_ready = true;
-            let addrs: Vec<String> = self
-                .groups
-                .iter()
-                .map(|g| format!("{}@{}", g.name, g.addr))
-                .collect();
-            let n = self.workers.len();
-            let message = format!(
-                "ready: {n} {} serving {}",
-                if n == 1 { "worker" } else { "workers" },
-                addrs.join(" ")
-            );
-            tracing::info!("{message}");
-            notify_ready(&message);
-        }
-    }
-
     fn handle_signals(&mut self) {
         let pending: Vec<i32> = self.signals.pending().collect();
         for signal in pending {
             match signal {
                 SIGTERM | SIGINT => self.begin_stop(signal),
-                SIGHUP if self.stop_deadline.is_none() && self.upgrading() => {
+                SIGHUP if self.upgrading() => {
                     tracing::warn!(
                         "SIGHUP during a binary upgrade: refused; reload again once it is done"
                     );
                 }
-                SIGHUP if self.stop_deadline.is_none() => self.reload(),
+                SIGHUP if matches!(self.role, Role::Serving { .. }) => self.reload(),
                 SIGUSR2 => self.begin_upgrade(),
                 // SIGCHLD: reaped after every wakeup.
                 _ => {}
@@ -655,22 +436,25 @@ impl Supervisor {
     /// Stops taking new flows and lets live sessions finish for
     /// `drain_timeout`, then exits.
     fn begin_stop(&mut self, signal: i32) {
-        if self.stop_deadline.is_some() {
-            // A second Ctrl-C: the user does not want to wait for the drain.
-            tracing::warn!("signal {signal} while draining: stopping the workers now");
-            self.kill_all();
-            return;
-        }
-        if self.inbound.is_some() {
-            // Standing by to take over: the old generation still serves,
-            // and goes on serving once this one is gone.
-            tracing::warn!("signal {signal} while taking over: giving the upgrade up");
-            let _ = self.fail_inbound(&format!("the new supervisor got signal {signal}"));
-            self.kill_all();
-            return;
-        }
-        if self.outbound.is_some() {
-            self.abandon_upgrade(&format!("signal {signal}: stopping instead"));
+        match self.role {
+            Role::Stopping { .. } | Role::GaveUp => {
+                // A second Ctrl-C: the user does not want to wait for the drain.
+                tracing::warn!("signal {signal} while draining: stopping the workers now");
+                self.kill_all();
+                return;
+            }
+            Role::TakingOver(_) => {
+                // Standing by to take over: the old generation still serves,
+                // and goes on serving once this one is gone.
+                tracing::warn!("signal {signal} while taking over: giving the upgrade up");
+                let _ = self.fail_inbound(&format!("the new supervisor got signal {signal}"));
+                self.kill_all();
+                return;
+            }
+            Role::HandingOff(_) => {
+                self.abandon_upgrade(&format!("signal {signal}: stopping instead"));
+            }
+            Role::Serving { .. } => {}
         }
         let timeout = self.config.drain_timeout;
         tracing::info!(
@@ -679,13 +463,16 @@ impl Supervisor {
             timeout
         );
         notify("STOPPING=1");
-        self.stop_deadline = Some(Instant::now() + timeout + STOP_GRACE);
+        self.set_role(Role::Stopping {
+            deadline: Instant::now() + timeout + STOP_GRACE,
+            served: true,
+        });
         let drain = ControlMsg::Drain {
             timeout_ms: timeout.as_millis() as u64,
         };
         for w in &mut self.workers {
-            w.restart_at = None;
-            if let Some(control) = w.control.as_mut() {
+            w.set_restart(None);
+            if let Some(control) = w.control() {
                 let _ = control.send(&drain, &[]);
                 if let Some(slot) = self.region.slot(w.id) {
                     if slot.life().1 == SlotState::Ready {
@@ -696,192 +483,29 @@ impl Supervisor {
         }
     }
 
-    fn kill_all(&mut self) {
-        for w in &mut self.workers {
-            if let Some(child) = w.child.as_mut() {
-                tracing::warn!(worker = w.id, "did not stop in time; killing it");
-                let _ = child.kill();
-            }
-        }
-        self.stop_deadline = Some(Instant::now() + Duration::from_millis(200));
-    }
-
-    /// Collects every exited child and schedules its replacement.
-    fn reap(&mut self) -> Result<(), SupervisorError> {
-        let handing_over = self.handing_over();
-        let mut reaped = Vec::new();
-        loop {
-            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) | Err(_) => break,
-                Ok(status) => status,
-            };
-            let Some(pid) = status.pid() else {
-                break;
-            };
-            if self.successor_exited(pid.as_raw(), &describe(&status)) {
-                continue;
-            }
-            let Some(w) = self.workers.iter_mut().find(|w| {
-                w.child
-                    .as_ref()
-                    .is_some_and(|c| c.id() as i32 == pid.as_raw())
-            }) else {
-                // Not a worker: as PID 1 in a container we reap orphans too
-                // (the new generation of an upgrade is `check_upgrade`'s).
-                continue;
-            };
-            // Standing by (or given up before taking over), the slot is the
-            // old generation's: nothing of it is this process's to write.
-            if self.inbound.is_some() || !self.serving {
-                w.child = None;
-                if self.inbound.is_some() {
-                    let why = format!(
-                        "worker {} died while standing by ({})",
-                        w.id,
-                        describe(&status)
-                    );
-                    return Err(self.fail_inbound(&why));
-                }
-                continue;
-            }
-            reaped.push(w.id);
-            w.child = None;
-            if let Some(control) = w.control.take() {
-                let _ = self
-                    .poll
-                    .registry()
-                    .deregister(&mut SourceFd(&control.stream.as_raw_fd()));
-            }
-            w.state = WorkerState::Exited;
-            if let Some(slot) = self.region.slot(w.id) {
-                slot.set_state(SlotState::Exited);
-                // What it had taken in and not yet sent on died with it:
-                // booked from its own ledger, so that every datagram it read
-                // stays counted (the slot's next worker continues the ledger).
-                let (lost, lost_replies) = worker_lost(&slot);
-                slot.add(Counter::DropWorkerLost, lost);
-                slot.add(Counter::DropWorkerLostReply, lost_replies);
-                if lost + lost_replies > 0 {
-                    tracing::warn!(
-                        worker = w.id,
-                        "{lost} client datagrams and {lost_replies} replies it had read were \
-                         lost with it (drops.worker_lost, drops.worker_lost_reply)"
-                    );
-                }
-                // Its upstream sockets closed with it, some with live paths:
-                // their ports wait out the reuse delay before anyone leases
-                // them again (a copy another worker borrowed keeps its port
-                // bound, and that worker adopts it).
-                let dead = Owner::new(w.id, slot.life().0);
-                let until = udpshard_shared::clock::monotonic_ns() / 1_000_000
-                    + max_reuse_delay_ms(&self.config);
-                let cooled = self.state.leases().cool_dead(|o| o == dead, until);
-                tracing::debug!(worker = w.id, "{cooled} upstream ports cool after its exit");
-                // An abandoned upgrade's successor of this slot: its
-                // generation is spent, its leases cool too.
-                if let Some(at) = self.burned.iter().position(|(id, _)| *id == w.id) {
-                    let (_, spent) = self.burned.swap_remove(at);
-                    let successor = Owner::new(w.id, spent);
-                    self.state.leases().cool_dead(|o| o == successor, until);
-                    slot.set_life(spent, SlotState::Exited);
-                }
-            }
-            if self.stop_deadline.is_some() || w.retiring || handing_over {
-                tracing::info!(worker = w.id, "exited: {}", describe(&status));
-                continue;
-            }
-            let ran = w.started_at.elapsed();
-            // The first crash is replaced at once (its socket is filling);
-            // one that keeps crashing waits 100 ms, 200 ms, ... up to 30 s.
-            w.crashes = if ran >= HEALTHY_RUN { 1 } else { w.crashes + 1 };
-            w.backoff = restart_backoff(w.crashes);
-            w.restart_at = Some(Instant::now() + w.backoff);
-            if let Some(slot) = self.region.slot(w.id) {
-                slot.add(Counter::Restarts, 1);
-            }
-            tracing::warn!(
-                worker = w.id,
-                cpu = w.cpu,
-                "died ({}) after {:.1}s; restarting in {:?}",
-                describe(&status),
-                ran.as_secs_f64(),
-                w.backoff
+    /// Moves to role `next`, a step of the lifecycle (`lifecycle`), and
+    /// returns the role it leaves; any other step is refused (a bug: it is
+    /// logged) and `next` is dropped.
+    fn set_role(&mut self, next: Role) -> Option<Role> {
+        let legal = self.role.may_become(&next);
+        debug_assert!(legal, "{} -> {}", self.role.name(), next.name());
+        if !legal {
+            tracing::error!(
+                "refused a role change from {} to {}",
+                self.role.name(),
+                next.name()
             );
+            return None;
         }
-        for id in reaped {
-            self.upgrade_reaped(id);
-        }
-        if !handing_over
-            && self.outbound.is_some()
-            && self.workers.iter().any(|w| w.child.is_none())
-        {
-            // Nothing has moved yet: the upgrade is given up, and the dead
-            // worker restarts as after any crash.
-            self.abandon_upgrade("a worker died while the new binary started");
-        }
-        self.remove_retired()
+        Some(std::mem::replace(&mut self.role, next))
     }
 
-    fn restart_due(&mut self) {
-        let now = Instant::now();
-        let due: Vec<usize> = self
-            .workers
-            .iter()
-            .filter(|w| w.restart_at.is_some_and(|t| t <= now))
-            .map(|w| w.id)
-            .collect();
-        for id in due {
-            self.spawn_or_retry(id);
+    /// The upgrade this process takes part in as the new generation.
+    fn inbound(&self) -> Option<&upgrade::Inbound> {
+        match &self.role {
+            Role::TakingOver(i) => Some(i),
+            _ => None,
         }
-    }
-
-    /// Starts slot `id`'s worker; when that fails (fork, EMFILE, ENOMEM,
-    /// an executable gone), the slot backs off and tries again, as after a
-    /// crash, while the other workers keep serving.
-    pub(super) fn spawn_or_retry(&mut self, id: usize) {
-        let Err(e) = self.spawn(id) else {
-            return;
-        };
-        let Some(w) = self.workers.get_mut(id) else {
-            return;
-        };
-        w.crashes = w.crashes.saturating_add(1).max(2);
-        w.backoff = restart_backoff(w.crashes);
-        w.restart_at = Some(Instant::now() + w.backoff);
-        w.state = WorkerState::Exited;
-        if let Some(slot) = self.region.slot(id) {
-            slot.set_state(SlotState::Exited);
-        }
-        tracing::error!(worker = id, "{e}; trying again in {:?}", w.backoff);
-    }
-}
-
-impl WorkerSlot {
-    fn new(id: usize, cpu: usize) -> WorkerSlot {
-        WorkerSlot {
-            id,
-            cpu,
-            state: WorkerState::Exited,
-            child: None,
-            control: None,
-            started_at: Instant::now(),
-            restart_at: None,
-            backoff: Duration::ZERO,
-            crashes: 0,
-            config_gen: 0,
-            retiring: false,
-        }
-    }
-}
-
-/// How long to wait before restarting a worker that crashed `crashes`
-/// times in a row.
-fn restart_backoff(crashes: u32) -> Duration {
-    match crashes {
-        0 | 1 => Duration::ZERO,
-        n => FIRST_BACKOFF
-            .saturating_mul(1 << (n - 2).min(16))
-            .min(MAX_BACKOFF),
     }
 }
 
@@ -1026,43 +650,8 @@ fn handoff_pair() -> io::Result<(UnixDatagram, UnixDatagram)> {
     Ok((inbox, tx))
 }
 
-fn describe(status: &WaitStatus) -> String {
-    match status {
-        WaitStatus::Exited(_, code) => format!("exit code {code}"),
-        WaitStatus::Signaled(_, signal, _) => format!("killed by {}", Signal::as_str(*signal)),
-        other => format!("{other:?}"),
-    }
-}
-
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// The client datagrams and the replies an exited worker's slot holds as
-/// taken in and not settled: what died with the process.
-fn worker_lost(slot: &udpshard_shared::stats::StatsSlot<'_>) -> (u64, u64) {
-    use udpshard_shared::stats::{client_arrived, client_settled, replies_ledger};
-    let get = |c| slot.get(c);
-    let (replies_in, replies_settled) = replies_ledger(get);
-    (
-        client_arrived(get).saturating_sub(client_settled(get)),
-        replies_in.saturating_sub(replies_settled),
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_from_the_second_crash_and_is_capped() {
-        let ms: Vec<u128> = (1..=12).map(|n| restart_backoff(n).as_millis()).collect();
-        assert_eq!(
-            ms,
-            [0, 100, 200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000]
-        );
-        assert_eq!(restart_backoff(1000), MAX_BACKOFF);
-    }
 }

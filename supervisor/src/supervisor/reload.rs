@@ -48,7 +48,7 @@ impl Supervisor {
         // has.
         for id in 0..self.workers.len() {
             let w = &self.workers[id];
-            if w.state == super::WorkerState::Ready && !w.retiring {
+            if w.is_ready() && !w.retiring {
                 self.send_reload(id);
             }
         }
@@ -240,10 +240,11 @@ impl Supervisor {
             config: self.text.clone(),
             fds: fds.len() as u32,
         };
-        let w = &mut self.workers[id];
-        if let Some(control) = w.control.as_mut() {
+        let config_gen = self.config_gen;
+        if let Some(live) = self.workers[id].live_mut() {
+            let control = &mut live.control;
             match control.send(&msg, &fds) {
-                Ok(()) => w.config_gen = self.config_gen,
+                Ok(()) => live.config_gen = config_gen,
                 // It is exiting; its reap restarts it with the new config.
                 Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
                     tracing::debug!(worker = id, "exited before its new config reached it")
@@ -295,10 +296,10 @@ impl Supervisor {
             if let Some(slot) = self.region.slot(w.id) {
                 slot.set(Counter::Cpu, cpu as u64);
             }
-            if let Some(child) = &w.child {
+            if let Some(live) = w.live() {
                 let mut set = CpuSet::new();
                 if set.set(cpu).is_ok() {
-                    if let Err(e) = sched_setaffinity(Pid::from_raw(child.id() as i32), &set) {
+                    if let Err(e) = sched_setaffinity(Pid::from_raw(live.child.id() as i32), &set) {
                         tracing::warn!(worker = w.id, "cannot re-pin to CPU {cpu}: {e}");
                     }
                 }
@@ -365,14 +366,14 @@ impl Supervisor {
             // its sockets leave the groups.
             for w in self.workers.iter_mut().skip(count) {
                 w.retiring = true;
-                w.restart_at = None;
+                w.set_restart(None);
                 if let Some(slot) = self.region.slot(w.id) {
                     slot.set_state(SlotState::Retiring);
                 }
             }
             let steered = if steer { self.steer_groups() } else { Ok(()) };
             for w in self.workers.iter_mut().skip(count) {
-                if let Some(control) = w.control.as_mut() {
+                if let Some(control) = w.control() {
                     let _ = control.send(&ControlMsg::Stop, &[]);
                 }
             }
@@ -388,7 +389,7 @@ impl Supervisor {
         while self
             .workers
             .last()
-            .is_some_and(|w| w.retiring && w.child.is_none())
+            .is_some_and(|w| w.retiring && !w.is_live())
         {
             for g in &mut self.groups {
                 g.pop();
@@ -411,7 +412,7 @@ impl Supervisor {
             fds: fds.len() as u32,
         };
         for w in &mut self.workers {
-            if let Some(control) = w.control.as_mut() {
+            if let Some(control) = w.control() {
                 if let Err(e) = control.send(&msg, &fds) {
                     tracing::warn!(worker = w.id, "cannot update handoff peers: {e}");
                 }

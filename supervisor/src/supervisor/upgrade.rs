@@ -30,28 +30,25 @@
 //!    listeners, adopt the sockets they were handed and continue the slot's
 //!    counters), sends READY=1 and `Took`; the old one exits 0.
 
-use std::fs::File;
 use std::io;
-use std::net::{SocketAddr, TcpListener, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Interest, Token};
-use serde_json::{json, Value};
-use udpshard_config::{self as config, Config};
 use udpshard_shared::control::{ControlChannel, ControlMsg};
 use udpshard_shared::owners::Owner;
-use udpshard_shared::state::StateRegion;
-use udpshard_shared::stats::{Counter, Header, SlotState, StatsRegion};
+use udpshard_shared::stats::{Header, SlotState};
 
-use super::{handoff_pair, Supervisor, SupervisorError, WorkerSlot, WorkerState, CPU_CHECK};
-use crate::notify::{notify, notify_ready};
-use crate::reuseport::ReuseportGroup;
+use super::{Role, Supervisor, SupervisorError, WorkerSlot, CPU_CHECK};
+use state::{ListenerState, UpgradeState};
+
+mod inbound;
+mod state;
+use crate::notify::notify;
 
 /// The channel between the two supervisors.
 pub(super) const UPGRADE: Token = Token((1 << 30) - 1);
@@ -139,11 +136,14 @@ fn upgrade_error(e: impl std::fmt::Display) -> SupervisorError {
 impl Supervisor {
     /// SIGUSR2: starts the binary at this one's path as the new generation.
     pub(super) fn begin_upgrade(&mut self) {
-        if self.outbound.is_some() || self.inbound.is_some() {
-            return self.refuse_upgrade("an upgrade is already running");
-        }
-        if self.stop_deadline.is_some() {
-            return self.refuse_upgrade("the proxy is stopping");
+        match self.role {
+            Role::HandingOff(_) | Role::TakingOver(_) => {
+                return self.refuse_upgrade("an upgrade is already running")
+            }
+            Role::Stopping { .. } | Role::GaveUp => {
+                return self.refuse_upgrade("the proxy is stopping")
+            }
+            Role::Serving { .. } => {}
         }
         if std::process::id() == 1 {
             // Its exit would end the container, the new generation with it.
@@ -152,11 +152,7 @@ impl Supervisor {
                  run the container with an init (docker run --init) to upgrade in place",
             );
         }
-        if let Some(w) = self
-            .workers
-            .iter()
-            .find(|w| w.state != WorkerState::Ready || w.retiring)
-        {
+        if let Some(w) = self.workers.iter().find(|w| !w.is_ready() || w.retiring) {
             let why = format!(
                 "worker {} is starting, restarting or retiring; try again once \
                  `udpshard stats` shows every worker ready",
@@ -171,7 +167,7 @@ impl Supervisor {
                     pid = out.child.id(),
                     "upgrade: the new binary started; this generation serves until it stands ready"
                 );
-                self.outbound = Some(out);
+                self.set_role(Role::HandingOff(Box::new(out)));
             }
             Err(e) => {
                 self.count_upgrade_failure(&format!("cannot start {}: {e}", self.exe.display()))
@@ -210,38 +206,39 @@ impl Supervisor {
         ];
         let metrics_fd = self.metrics.as_ref().map(|m| m.raw_fd());
         inherit.extend(metrics_fd);
-        let listeners: Vec<Value> = self
+        let listeners: Vec<ListenerState> = self
             .groups
             .iter()
             .map(|g| {
                 let fds: Vec<RawFd> = g.sockets.iter().map(|s| s.as_raw_fd()).collect();
                 inherit.extend(&fds);
-                json!({
-                    "name": g.name,
-                    "configured": g.configured.to_string(),
-                    "addr": g.addr.to_string(),
-                    "recv_buffer": g.recv_buffer,
-                    "effective_recv_buffer": g.effective_recv_buffer,
-                    "fds": fds,
-                })
+                ListenerState {
+                    name: g.name.clone(),
+                    configured: g.configured,
+                    addr: g.addr,
+                    recv_buffer: g.recv_buffer,
+                    effective_recv_buffer: g.effective_recv_buffer,
+                    fds,
+                }
             })
             .collect();
         let inboxes: Vec<RawFd> = self.handoff.iter().map(|(_, tx)| tx.as_raw_fd()).collect();
         inherit.extend(&inboxes);
-        let state = json!({
-            "protocol": PROTOCOL,
-            "version": crate::version_word(),
-            "origin": self.origin,
-            "config": self.text,
-            "config_generation": self.config_gen,
-            "stats_path": self.stats_path.display().to_string(),
-            "stats_fd": self.stats_file.as_raw_fd(),
-            "state_fd": self.state_fd.as_raw_fd(),
-            "metrics_fd": metrics_fd,
-            "listeners": listeners,
-            "inboxes": inboxes,
-            "cpus": self.workers.iter().map(|w| w.cpu).collect::<Vec<_>>(),
-        });
+        let state = UpgradeState {
+            protocol: PROTOCOL,
+            version: crate::version_word(),
+            origin: self.origin.clone(),
+            config: self.text.clone(),
+            config_generation: self.config_gen,
+            stats_path: self.stats_path.display().to_string(),
+            stats_fd: self.stats_file.as_raw_fd(),
+            state_fd: self.state_fd.as_raw_fd(),
+            metrics_fd,
+            listeners,
+            inboxes,
+            cpus: self.workers.iter().map(|w| w.cpu).collect(),
+        };
+        let state = serde_json::to_string(&state).map_err(io::Error::other)?;
         let mut cmd = Command::new(&self.exe);
         cmd.args(["--log-format", crate::logging::format().as_arg(), "run"]);
         if let Some(path) = &self.config_path {
@@ -268,12 +265,7 @@ impl Supervisor {
         let mut channel = ControlChannel::new(ours);
         // A binary that exits at once closes the channel: its exit is
         // reported as such (`read_upgrade`).
-        if let Err(e) = channel.send(
-            &ControlMsg::Inherit {
-                state: state.to_string(),
-            },
-            &[],
-        ) {
+        if let Err(e) = channel.send(&ControlMsg::Inherit { state }, &[]) {
             tracing::debug!("upgrade: sending the state: {e}");
         }
         self.poll.registry().register(
@@ -297,23 +289,24 @@ impl Supervisor {
 
     /// The upgrade's deadline, for the loop's timeout.
     pub(super) fn upgrade_deadline(&self) -> Option<Instant> {
-        self.outbound
-            .as_ref()
-            .map(|o| o.deadline)
-            .or(self.inbound.as_ref().map(|i| i.deadline))
+        match &self.role {
+            Role::HandingOff(o) => Some(o.deadline),
+            Role::TakingOver(i) => Some(i.deadline),
+            _ => None,
+        }
     }
 
     /// Whether an upgrade holds restarts and resizes back.
     pub(super) fn upgrading(&self) -> bool {
-        self.outbound.is_some() || self.inbound.is_some()
+        matches!(self.role, Role::HandingOff(_) | Role::TakingOver(_))
     }
 
     /// The other supervisor's channel has something, or room.
     pub(super) fn read_upgrade(&mut self) -> Result<bool, SupervisorError> {
-        if self.inbound.is_some() {
+        if matches!(self.role, Role::TakingOver(_)) {
             return self.read_from_old();
         }
-        let Some(out) = self.outbound.as_mut() else {
+        let Role::HandingOff(out) = &mut self.role else {
             return Ok(false);
         };
         let _ = out.channel.flush();
@@ -340,7 +333,10 @@ impl Supervisor {
                 }
             }
         }
-        if let Some(out) = self.outbound.as_mut().filter(|_| !open) {
+        if let Role::HandingOff(out) = &mut self.role {
+            if open {
+                return Ok(false);
+            }
             // The channel closes as the process exits: its exit status,
             // reaped in a moment, says how it ended (`check_upgrade`).
             if out.closed_at.is_none() {
@@ -365,24 +361,25 @@ impl Supervisor {
             ));
             return;
         }
-        let Some(out) = self.outbound.as_mut() else {
+        let Role::HandingOff(out) = &mut self.role else {
             return;
         };
         out.phase = Phase::Quiescing;
         out.deadline = Instant::now() + QUIESCE_TIMEOUT;
         for (w, successor) in self.workers.iter_mut().zip(&successors) {
-            let serving = w.state == WorkerState::Ready && !w.retiring && w.control.is_some();
+            let serving = w.is_ready() && !w.retiring;
             out.taking_part[w.id] = serving;
             out.done[w.id] = !serving;
-            let Some(control) = w.control.as_mut().filter(|_| serving) else {
+            let id = w.id;
+            let Some(control) = w.control().filter(|_| serving) else {
                 continue;
             };
-            let generation = self.region.slot(w.id).map_or(0, |s| s.life().0) + 1;
+            let generation = self.region.slot(id).map_or(0, |s| s.life().0) + 1;
             if let Err(e) = control.send(
                 &ControlMsg::Quiesce { generation },
                 &[successor.as_raw_fd()],
             ) {
-                tracing::warn!(worker = w.id, "upgrade: cannot tell it to quiesce: {e}");
+                tracing::warn!(worker = id, "upgrade: cannot tell it to quiesce: {e}");
             }
         }
         out.successors = successors;
@@ -392,7 +389,7 @@ impl Supervisor {
 
     /// A worker's answer during an upgrade.
     pub(super) fn upgrade_step_done(&mut self, id: usize, msg: &ControlMsg) {
-        let Some(out) = self.outbound.as_mut() else {
+        let Role::HandingOff(out) = &mut self.role else {
             return;
         };
         let expected = match out.phase {
@@ -416,13 +413,13 @@ impl Supervisor {
 
     /// Moves to the next step once every old worker has done this one.
     fn advance_upgrade(&mut self) {
-        let Some(out) = self.outbound.as_mut() else {
+        let Role::HandingOff(out) = &mut self.role else {
             return;
         };
         match out.phase {
             Phase::Quiescing | Phase::HandingOver if out.done.iter().all(|d| *d) => {}
             Phase::Stopping => {
-                if self.workers.iter().all(|w| w.child.is_none()) {
+                if self.workers.iter().all(|w| !w.is_live()) {
                     self.all_handed();
                 }
                 return;
@@ -448,14 +445,14 @@ impl Supervisor {
             };
         for (w, part) in self.workers.iter_mut().zip(&out.taking_part) {
             out.done[w.id] = !part;
-            if let Some(control) = w.control.as_mut().filter(|_| *part) {
+            if let Some(control) = w.control().filter(|_| *part) {
                 let _ = control.send(&msg, &[]);
             }
         }
         if next == Phase::Stopping {
             // Slots not taking part have no process: nothing to wait for.
             for w in &mut self.workers {
-                w.restart_at = None;
+                w.set_restart(None);
             }
         }
         self.advance_upgrade();
@@ -463,7 +460,7 @@ impl Supervisor {
 
     /// Every old worker has exited: the slots are the new generation's.
     fn all_handed(&mut self) {
-        let Some(out) = self.outbound.as_mut() else {
+        let Role::HandingOff(out) = &mut self.role else {
             return;
         };
         out.phase = Phase::Handed;
@@ -481,7 +478,13 @@ impl Supervisor {
     /// quiesced, nothing changed; after, they are restarted as after a
     /// crash (the sessions handed to the dead successor start afresh).
     pub(super) fn abandon_upgrade(&mut self, why: &str) {
-        let Some(mut out) = self.outbound.take() else {
+        if !matches!(self.role, Role::HandingOff(_)) {
+            return;
+        }
+        let serving = Role::Serving {
+            announced_ready: true,
+        };
+        let Some(Role::HandingOff(mut out)) = self.set_role(serving) else {
             return;
         };
         let _ = self
@@ -503,12 +506,12 @@ impl Supervisor {
             // sessions they have; those told to exit have none left, and go.
             let resume = matches!(out.phase, Phase::Quiescing | Phase::HandingOver);
             for w in &mut self.workers {
-                let part = out.taking_part.get(w.id).copied().unwrap_or(false);
-                if let Some(control) = w.control.as_mut().filter(|_| part && resume) {
+                let (id, part) = (w.id, out.taking_part.get(w.id).copied().unwrap_or(false));
+                if let Some(control) = w.control().filter(|_| part && resume) {
                     if let Err(e) = control.send(&ControlMsg::Resume, &[]) {
-                        tracing::warn!(worker = w.id, "cannot tell it to serve on: {e}");
+                        tracing::warn!(worker = id, "cannot tell it to serve on: {e}");
                     }
-                } else if let Some(child) = w.child.as_mut().filter(|_| part) {
+                } else if let Some(child) = w.child_mut().filter(|_| part) {
                     let _ = child.kill();
                 }
                 // The generation its successor had is spent: the ownership
@@ -521,9 +524,8 @@ impl Supervisor {
                 let spent = slot.life().0 + 1;
                 let successor = Owner::new(w.id, spent);
                 self.state.leases().cool_dead(|o| o == successor, until);
-                if w.child.is_some() {
-                    self.burned.retain(|(id, _)| *id != w.id);
-                    self.burned.push((w.id, spent));
+                if w.is_live() {
+                    w.spent = Some(spent);
                 } else {
                     slot.set_life(spent, SlotState::Exited);
                 }
@@ -532,8 +534,8 @@ impl Supervisor {
         // A slot whose worker died meanwhile restarts now.
         let now = Instant::now();
         for w in &mut self.workers {
-            if w.child.is_none() && !w.retiring && w.restart_at.is_none() {
-                w.restart_at = Some(now);
+            if !w.is_live() && !w.retiring && w.restart_at().is_none() {
+                w.set_restart(Some(now));
             }
         }
         self.count_upgrade_failure(why);
@@ -543,7 +545,7 @@ impl Supervisor {
     /// handed everything over).
     pub(super) fn check_upgrade(&mut self) -> Result<bool, SupervisorError> {
         let now = Instant::now();
-        if let Some(out) = self.outbound.as_mut() {
+        if let Role::HandingOff(out) = &mut self.role {
             if let Some(status) = out.exited.clone() {
                 let why = format!("the new binary exited ({status}) before it took over");
                 self.abandon_upgrade(&why);
@@ -572,7 +574,7 @@ impl Supervisor {
                         // them goes now.
                         tracing::warn!("upgrade: old workers did not exit in time; killing them");
                         for w in &mut self.workers {
-                            if let Some(child) = w.child.as_mut() {
+                            if let Some(child) = w.child_mut() {
                                 let _ = child.kill();
                             }
                         }
@@ -589,7 +591,7 @@ impl Supervisor {
                 }
             }
         }
-        if let Some(i) = self.inbound.as_ref() {
+        if let Some(i) = self.inbound() {
             if now >= i.deadline {
                 return Err(self.fail_inbound("the old generation did not hand over in time"));
             }
@@ -599,8 +601,8 @@ impl Supervisor {
 
     /// `pid` was reaped: true when it is the new binary (not a worker).
     pub(super) fn successor_exited(&mut self, pid: i32, how: &str) -> bool {
-        match self.outbound.as_mut() {
-            Some(out) if out.child.id() as i32 == pid => {
+        match &mut self.role {
+            Role::HandingOff(out) if out.child.id() as i32 == pid => {
                 out.exited = Some(how.to_string());
                 true
             }
@@ -612,7 +614,7 @@ impl Supervisor {
     /// its step was done takes no further part (its sessions start afresh
     /// at the new generation), so the others do not wait for it.
     pub(super) fn upgrade_reaped(&mut self, id: usize) {
-        let Some(out) = self.outbound.as_mut() else {
+        let Role::HandingOff(out) = &mut self.role else {
             return;
         };
         if matches!(out.phase, Phase::Quiescing | Phase::HandingOver) {
@@ -631,408 +633,6 @@ impl Supervisor {
 
     /// Whether exits are the upgrade's (no restart).
     pub(super) fn handing_over(&self) -> bool {
-        self.outbound
-            .as_ref()
-            .is_some_and(|o| o.phase != Phase::Starting)
+        matches!(&self.role, Role::HandingOff(o) if o.phase != Phase::Starting)
     }
-
-    // ---- the new side ----
-
-    /// `udpshard run --upgrade-fd N`: takes over from the supervisor at the
-    /// other end of `fd`. `loaded` is the config file as this binary read
-    /// it: an error fails the upgrade, and the old generation serves on.
-    pub fn take_over(
-        fd: RawFd,
-        config_path: Option<PathBuf>,
-        loaded: Result<(Config, String, String), config::ConfigError>,
-    ) -> Result<Supervisor, SupervisorError> {
-        // SAFETY: the old supervisor passed this descriptor for us alone
-        // (`--upgrade-fd`), open across exec.
-        let stream = unsafe { UnixStream::from_raw_fd(fd) };
-        set_cloexec(fd);
-        let mut channel = ControlChannel::new(stream);
-        let state = match channel.recv_timeout(Duration::from_secs(10)) {
-            Ok((ControlMsg::Inherit { state }, _)) => state,
-            Ok((other, _)) => {
-                return Err(upgrade_error(format!("expected Inherit, got {other:?}")))
-            }
-            Err(e) => return Err(upgrade_error(format!("upgrade channel: {e}"))),
-        };
-        let fail = |channel: &mut ControlChannel, why: String| {
-            send_last(channel, &ControlMsg::UpgradeFailed { why: why.clone() });
-            upgrade_error(why)
-        };
-        let mut sup = match Supervisor::inherit(channel, config_path, loaded, &state) {
-            Ok(sup) => sup,
-            Err(failed) => {
-                let (mut channel, why) = *failed;
-                return Err(fail(&mut channel, why));
-            }
-        };
-        for id in 0..sup.workers.len() {
-            if let Err(e) = sup.spawn(id) {
-                return Err(sup.fail_inbound(&e.to_string()));
-            }
-        }
-        Ok(sup)
-    }
-
-    fn inherit(
-        channel: ControlChannel,
-        config_path: Option<PathBuf>,
-        loaded: Result<(Config, String, String), config::ConfigError>,
-        state: &str,
-    ) -> Result<Supervisor, Box<(ControlChannel, String)>> {
-        macro_rules! bail {
-            ($($t:tt)*) => { return Err(Box::new((channel, format!($($t)*)))) };
-        }
-        let (_, _, file_text) = match loaded {
-            Ok(l) => l,
-            Err(e) => bail!("{e}"),
-        };
-        let s: Value = match serde_json::from_str(state) {
-            Ok(v) => v,
-            Err(e) => bail!("the old supervisor's state does not parse: {e}"),
-        };
-        if s["protocol"].as_u64() != Some(PROTOCOL) {
-            bail!(
-                "the running udpshard speaks upgrade protocol {}, this binary {PROTOCOL}: restart instead",
-                s["protocol"]
-            );
-        }
-        // Each named descriptor must be open, and named once: this process
-        // takes each as its own, and two owners of one would close it twice.
-        let taken = std::cell::RefCell::new(vec![channel.stream.as_raw_fd()]);
-        let fd = |v: &Value| {
-            let fd = v.as_i64().and_then(|n| RawFd::try_from(n).ok())?;
-            let mut taken = taken.borrow_mut();
-            // SAFETY: F_GETFD only reads the descriptor's flags; it fails
-            // with EBADF for one that is not open.
-            let open = fd > 2 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
-            (open && !taken.contains(&fd)).then(|| {
-                taken.push(fd);
-                fd
-            })
-        };
-        let (Some(origin), Some(text)) = (s["origin"].as_str(), s["config"].as_str()) else {
-            bail!("the old supervisor's state names no config");
-        };
-        // The config the old generation runs, as this binary reads it: the
-        // new workers start with it; the file, if it differs, follows as a
-        // reload once they are live.
-        let running = match config::parse(text, origin) {
-            Ok(c) => c,
-            Err(e) => bail!("this binary refuses the running config: {e}"),
-        };
-        let (Some(stats_fd), Some(state_fd)) = (fd(&s["stats_fd"]), fd(&s["state_fd"])) else {
-            bail!("the old supervisor's state names no stats or state region");
-        };
-        // SAFETY: open, inherited across exec for this process alone, and
-        // named once in the state (`fd` checks both).
-        let stats_file = unsafe { File::from_raw_fd(stats_fd) };
-        // SAFETY: as for the stats file.
-        let state_fd = unsafe { OwnedFd::from_raw_fd(state_fd) };
-        set_cloexec(stats_file.as_raw_fd());
-        set_cloexec(state_fd.as_raw_fd());
-        let region = match StatsRegion::open(&stats_file) {
-            Ok(r) => r,
-            Err(e) => bail!("the stats region: {e}"),
-        };
-        let state_region = match StateRegion::open(&state_fd) {
-            Ok(r) => r,
-            Err(e) => bail!("the state region: {e}"),
-        };
-        let mut groups = Vec::new();
-        for l in s["listeners"].as_array().into_iter().flatten() {
-            let addr = |k: &str| l[k].as_str().and_then(|a| a.parse::<SocketAddr>().ok());
-            let (Some(name), Some(configured), Some(bound)) =
-                (l["name"].as_str(), addr("configured"), addr("addr"))
-            else {
-                bail!("a listener of the old supervisor's state is malformed");
-            };
-            let sockets: Vec<UdpSocket> = owned_fds(&l["fds"], &fd)
-                .into_iter()
-                .map(UdpSocket::from)
-                .collect();
-            groups.push(ReuseportGroup {
-                name: name.to_string(),
-                addr: bound,
-                configured,
-                recv_buffer: l["recv_buffer"].as_u64().unwrap_or(0) as usize,
-                sockets,
-                effective_recv_buffer: l["effective_recv_buffer"].as_u64().unwrap_or(0) as usize,
-            });
-        }
-        let predecessors = owned_fds(&s["inboxes"], &fd);
-        let cpus: Vec<usize> = s["cpus"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c.as_u64().map(|c| c as usize))
-            .collect();
-        let count = cpus.len();
-        if count == 0
-            || predecessors.len() != count
-            || groups.len() != running.listeners.len()
-            || groups.iter().any(|g| g.sockets.len() != count)
-            || region.slot_capacity() < count
-        {
-            bail!("the old supervisor's state does not describe {count} workers whole");
-        }
-        let metrics_listener = fd(&s["metrics_fd"]).map(|fd| {
-            set_cloexec(fd);
-            // SAFETY: inherited across exec for this process alone.
-            unsafe { TcpListener::from_raw_fd(fd) }
-        });
-        let generations = (0..count)
-            .map(|k| region.slot(k).map_or(0, |s| s.life().0) + 1)
-            .collect();
-        let handoff = match (0..count)
-            .map(|_| handoff_pair())
-            .collect::<io::Result<Vec<_>>>()
-        {
-            Ok(h) => h,
-            Err(e) => bail!("handoff inboxes: {e}"),
-        };
-        let poll = match mio::Poll::new() {
-            Ok(p) => p,
-            Err(e) => bail!("event loop: {e}"),
-        };
-        let mut signals = match super::signals() {
-            Ok(s) => s,
-            Err(e) => bail!("signals: {e}"),
-        };
-        if let Err(e) = poll
-            .registry()
-            .register(&mut signals, super::SIGNALS, Interest::READABLE)
-        {
-            bail!("signals: {e}");
-        }
-        let exe = match super::own_path() {
-            Ok(e) => e,
-            Err(e) => bail!("cannot find the udpshard executable: {e}"),
-        };
-        let metrics = match metrics_listener {
-            None => None,
-            Some(l) => {
-                match crate::metrics::MetricsServer::from_listener(l, poll.registry(), &stats_file)
-                {
-                    Ok(m) => Some(m),
-                    Err(e) => bail!("metrics endpoint: {e}"),
-                }
-            }
-        };
-        if let Err(e) = channel.stream.set_nonblocking(true) {
-            bail!("upgrade channel: {e}");
-        }
-        if let Err(e) = poll.registry().register(
-            &mut SourceFd(&channel.stream.as_raw_fd()),
-            UPGRADE,
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            bail!("upgrade channel: {e}");
-        }
-        let stats_path = PathBuf::from(s["stats_path"].as_str().unwrap_or_default());
-        let config_gen = s["config_generation"].as_u64().unwrap_or(1);
-        let upgrade_timeout = running.upgrade_timeout;
-        let workers = cpus
-            .iter()
-            .enumerate()
-            .map(|(id, &cpu)| WorkerSlot::new(id, cpu))
-            .collect();
-        let sup = Supervisor {
-            config_path,
-            config: running,
-            origin: origin.to_string(),
-            text: text.to_string(),
-            config_gen,
-            groups,
-            handoff,
-            region,
-            stats_file,
-            state: state_region,
-            state_fd,
-            workers,
-            cpus: super::allowed_cpus().unwrap_or(cpus),
-            poll,
-            signals,
-            exe,
-            announced_ready: false,
-            stop_deadline: None,
-            next_cpu_check: Instant::now() + CPU_CHECK,
-            next_health_check: Instant::now() + crate::health::CHECK,
-            health: crate::health::Health::default(),
-            metrics,
-            outbound: None,
-            serving: false,
-            burned: Vec::new(),
-            upgrades_refused: 0,
-            inbound: Some(Inbound {
-                channel,
-                generations,
-                predecessors,
-                deadline: Instant::now() + upgrade_timeout + INBOUND_GRACE,
-                standby_sent: false,
-                file_text: (file_text != text).then_some(file_text),
-            }),
-            stats_path,
-        };
-        tracing::info!(
-            "upgrade: inherited {} listeners and {count} slots; starting workers to stand by",
-            sup.groups.len()
-        );
-        Ok(sup)
-    }
-
-    /// The new side: a worker said `Ready` while standing by.
-    pub(super) fn standby_ready(&mut self) {
-        let all = self.workers.iter().all(|w| w.state == WorkerState::Ready);
-        let Some(i) = self.inbound.as_mut() else {
-            return;
-        };
-        if !all || i.standby_sent {
-            return;
-        }
-        i.standby_sent = true;
-        let fds: Vec<RawFd> = self.handoff.iter().map(|(_, tx)| tx.as_raw_fd()).collect();
-        let msg = ControlMsg::Standby {
-            fds: fds.len() as u32,
-        };
-        if let Err(e) = i.channel.send(&msg, &fds) {
-            tracing::error!("upgrade: cannot tell the old generation we stand by: {e}");
-        }
-        tracing::info!("upgrade: {} workers stand by", fds.len());
-    }
-
-    fn read_from_old(&mut self) -> Result<bool, SupervisorError> {
-        let Some(i) = self.inbound.as_mut() else {
-            return Ok(false);
-        };
-        let _ = i.channel.flush();
-        let open = i.channel.read_available().unwrap_or(false);
-        let mut handed = false;
-        let mut read = false;
-        while let Some(msg) = i.channel.next_msg() {
-            match msg {
-                Ok((ControlMsg::Handed, _)) => handed = true,
-                Ok((ControlMsg::ReadListeners, _)) => read = true,
-                Ok((other, _)) => tracing::warn!("upgrade: unexpected message {other:?}"),
-                Err(e) => tracing::warn!("upgrade: bad message from the old supervisor: {e}"),
-            }
-        }
-        if read {
-            for w in &mut self.workers {
-                if let Some(control) = w.control.as_mut() {
-                    let _ = control.send(&ControlMsg::ReadListeners, &[]);
-                }
-            }
-            tracing::info!("upgrade: the new workers read the listeners while sessions move");
-        }
-        if handed {
-            self.go_live();
-        } else if !open {
-            // The old supervisor is gone, and its workers with it
-            // (PR_SET_PDEATHSIG): the slots are ours.
-            tracing::warn!("upgrade: the old supervisor went away; taking the slots over");
-            self.go_live();
-        }
-        Ok(false)
-    }
-
-    /// Every slot is the new generation's: publish it, let the workers
-    /// serve, tell systemd and the old supervisor.
-    fn go_live(&mut self) {
-        let Some(mut i) = self.inbound.take() else {
-            return;
-        };
-        self.serving = true;
-        let pid = std::process::id();
-        self.region
-            .set_header(Header::SupervisorPid, u64::from(pid));
-        self.region.set_header(
-            Header::SupervisorStartTicks,
-            crate::process::start_ticks(pid).unwrap_or(0),
-        );
-        self.region.set_header(
-            Header::SupervisorPidNs,
-            crate::process::pid_namespace().unwrap_or(0),
-        );
-        self.region
-            .set_header(Header::SupervisorVersion, crate::version_word());
-        let upgrades = self.region.header(Header::Upgrades) + 1;
-        self.region.set_header(Header::Upgrades, upgrades);
-        for w in &mut self.workers {
-            if let Some(slot) = self.region.slot(w.id) {
-                slot.set_life(i.generation(w.id), SlotState::Ready);
-                slot.set(Counter::Cpu, w.cpu as u64);
-                slot.set(Counter::Version, crate::version_word());
-                slot.set(Counter::ConfigGeneration, w.config_gen);
-                if let Some(child) = &w.child {
-                    slot.set(Counter::Pid, u64::from(child.id()));
-                }
-            }
-            if let Some(control) = w.control.as_mut() {
-                if let Err(e) = control.send(&ControlMsg::Live, &[]) {
-                    tracing::warn!(worker = w.id, "cannot tell the worker it is live: {e}");
-                }
-            }
-        }
-        self.announced_ready = true;
-        let message = format!(
-            "upgraded to {}: {} workers serving, pid {pid}",
-            crate::VERSION,
-            self.workers.len()
-        );
-        tracing::info!("{message}");
-        notify_ready(&message);
-        send_last(&mut i.channel, &ControlMsg::Took);
-        let _ = self
-            .poll
-            .registry()
-            .deregister(&mut SourceFd(&i.channel.stream.as_raw_fd()));
-        drop(i.predecessors);
-        if i.file_text.is_some() {
-            tracing::info!("upgrade: the config file differs from what ran; applying it");
-            self.reload();
-        }
-    }
-
-    /// The new side gives up: the old supervisor hears why, and this one
-    /// exits (its workers die with it).
-    pub(super) fn fail_inbound(&mut self, why: &str) -> SupervisorError {
-        if let Some(mut i) = self.inbound.take() {
-            let why = why.to_string();
-            send_last(&mut i.channel, &ControlMsg::UpgradeFailed { why });
-        }
-        upgrade_error(why)
-    }
-}
-
-/// Sends `msg` as this side's last word on `channel`: it waits until the
-/// message is written (the process may exit right after).
-fn send_last(channel: &mut ControlChannel, msg: &ControlMsg) {
-    let _ = channel.send(msg, &[]);
-    let _ = channel.stream.set_nonblocking(false);
-    let _ = channel.flush();
-}
-
-/// The descriptors a JSON array names, each checked by `fd` (open, named
-/// once), close-on-exec, and this process's own.
-fn owned_fds(list: &Value, fd: &impl Fn(&Value) -> Option<RawFd>) -> Vec<OwnedFd> {
-    list.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(fd)
-        .map(|fd| {
-            set_cloexec(fd);
-            // SAFETY: open (checked by `fd`), inherited across exec for this
-            // process alone, and named once in the state.
-            unsafe { OwnedFd::from_raw_fd(fd) }
-        })
-        .collect()
-}
-
-fn set_cloexec(fd: RawFd) {
-    // SAFETY: sets a flag on a descriptor this process owns.
-    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
 }
