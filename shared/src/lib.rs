@@ -6,6 +6,7 @@
 pub mod backends;
 pub mod clock;
 pub mod control;
+pub mod counter;
 pub mod drops;
 pub mod flow;
 pub mod handoff;

@@ -31,6 +31,7 @@ use memmap2::MmapMut;
 use crate::backends::{
     self, BackendCounter, BackendMeta, BackendState, BACKEND_ROWS, FIELDS, META_WORDS,
 };
+pub use crate::counter::{Counter, Entry, Kind};
 use crate::owners::Owner;
 use crate::DropReason;
 
@@ -87,116 +88,6 @@ pub enum Header {
     SupervisorVersion,
 }
 
-/// Per-worker slot words. Identity words (pid, cpu, generation, state,
-/// restarts) are written by the supervisor, the rest by the worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(usize)]
-pub enum Counter {
-    Pid = 0,
-    Cpu,
-    /// Incremented each time a process takes the slot.
-    Generation,
-    State,
-    Restarts,
-    /// Datagrams read from clients on the listener sockets.
-    RxPackets,
-    RxBytes,
-    /// Datagrams forwarded to backends.
-    TxPackets,
-    TxBytes,
-    /// Datagrams read from backends on upstream sockets.
-    RepliesIn,
-    /// Replies sent on to clients.
-    RepliesOut,
-    SessionsActive,
-    SessionsCreated,
-    SessionsExpired,
-    HandoffIn,
-    HandoffOut,
-    /// Kernel drops on the worker's listener sockets (SK_MEMINFO_DROPS).
-    DropSocket,
-    DropMalformed,
-    DropSessionLimit,
-    DropNoBackend,
-    /// Forwarding to a backend failed (send error, no upstream socket).
-    DropUpstream,
-    DropHandoff,
-    /// A backend's reply could not be sent to the client.
-    DropReply,
-    /// Kernel drops on upstream sockets, closed ones included.
-    DropUpstreamSocket,
-    /// Sessions moved to or from another worker (with their upstream socket).
-    TransfersIn,
-    TransfersOut,
-    /// Keys the ownership table had no room for (tracked locally only).
-    OwnersFull,
-    /// New flows refused while draining.
-    DropDraining,
-    /// The config generation the worker has applied (supervisor-written,
-    /// when the worker confirms).
-    ConfigGeneration,
-    /// Live sessions moved to another backend because theirs was removed.
-    SessionsRerouted,
-    /// Nanoseconds spent handling events (not waiting in poll).
-    BusyNs,
-    /// Nanoseconds since the worker started its loop.
-    WallNs,
-    /// Event-loop iterations.
-    Loops,
-    /// The longest single iteration (handling time, µs) in the last
-    /// completed second: how long a datagram can wait behind the loop.
-    LoopMaxUs,
-    /// The worker's clock at its last publish (CLOCK_MONOTONIC, ns).
-    Heartbeat,
-    /// New paths refused: no (source, port) free toward the backend.
-    DropNoPort,
-    /// New paths refused: no descriptor left for an upstream socket.
-    DropNoFd,
-    /// Datagrams on upstream sockets that no path expects.
-    DropStray,
-    /// Paths (client address, upstream 4-tuple) this worker serves or relays.
-    PathsActive,
-    PathsCreated,
-    /// Paths closed because their session reached `max_paths`.
-    PathsEvicted,
-    /// Paths opened on the port their flow had at a worker that died (bound
-    /// again: the backend saw no change).
-    PathsInherited,
-    /// Upstream sockets this worker holds (each one (source, port)).
-    UpstreamSockets,
-    /// Frames from other workers that did not decode (a bug, never traffic).
-    BadFrames,
-    /// Control frames to other workers given up: their inbox stayed full
-    /// past the queue's bound, or their worker was gone.
-    ControlLost,
-    /// Datagrams of `TxPackets` that left as raw IP packets (many upstream
-    /// ports per sendmmsg) rather than on their own sockets.
-    TxRaw,
-    /// Forwards the raw socket refused (a full send buffer, a datagram over
-    /// the device MTU), sent on their own sockets instead.
-    TxRawRefused,
-    /// Client datagrams a worker had taken in (read, or been handed) and
-    /// not yet forwarded, handed on or dropped when it died: booked by the
-    /// supervisor when it reaps the worker, from the slot's own ledger.
-    DropWorkerLost,
-    /// Replies likewise (read from backends, not yet sent on).
-    DropWorkerLostReply,
-    /// The `Header::HealthGeneration` whose backend states the worker
-    /// routes new sessions by.
-    HealthApplied,
-    /// The slot's generation and state in one word (generation << 8 |
-    /// state), written by the supervisor alone: what liveness is read from,
-    /// in one load. `Generation` and `State` repeat it for display.
-    Life,
-    /// The version of the binary the slot's process runs ([`pack_version`]),
-    /// supervisor-written.
-    Version,
-    /// The kernel's drop counts on the listener sockets, summed, as the
-    /// worker last read them: `DropSocket` less this is what closed sockets
-    /// counted, and the slot's next process counts on from this reading.
-    ListenerDropsSeen,
-}
-
 /// A version `major.minor.patch` and the first 7 hex digits of its commit
 /// in one word: major 8 bits, minor 12, patch 16, commit 28 (0: unknown).
 pub fn pack_version(version: &str, commit: &str) -> u64 {
@@ -230,10 +121,6 @@ pub fn version_text(word: u64) -> String {
         0 => base,
         commit => format!("{base}+{commit:07x}"),
     }
-}
-
-impl Counter {
-    pub const COUNT: usize = Counter::ListenerDropsSeen as usize + 1;
 }
 
 /// The client datagrams a worker's slot has taken in: read from its

@@ -32,6 +32,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry as MetricRegistry;
+use udpshard_shared::counter::CATALOGUE;
 use udpshard_shared::stats::{Counter, Header, SlotState, Snapshot, StatsError};
 
 use crate::system::SystemCounters;
@@ -323,101 +324,6 @@ fn http(status: u16, content_type: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// Per-worker counters: (name, help, counter).
-const WORKER_COUNTERS: [(&str, &str, Counter); 19] = [
-    (
-        "rx_packets",
-        "Datagrams read from clients on the listener sockets.",
-        Counter::RxPackets,
-    ),
-    (
-        "rx_bytes",
-        "Bytes read from clients on the listener sockets.",
-        Counter::RxBytes,
-    ),
-    (
-        "tx_packets",
-        "Datagrams forwarded to backends.",
-        Counter::TxPackets,
-    ),
-    ("tx_bytes", "Bytes forwarded to backends.", Counter::TxBytes),
-    (
-        "tx_raw_packets",
-        "Datagrams of tx_packets sent as raw IP packets (upstream_send = auto with CAP_NET_RAW).",
-        Counter::TxRaw,
-    ),
-    (
-        "tx_raw_refused_packets",
-        "Forwards the raw socket refused (full send buffer, over the device MTU), sent on their own sockets.",
-        Counter::TxRawRefused,
-    ),
-    (
-        "replies_in",
-        "Datagrams read from backends on upstream sockets.",
-        Counter::RepliesIn,
-    ),
-    (
-        "replies_out",
-        "Replies sent on to clients.",
-        Counter::RepliesOut,
-    ),
-    (
-        "handoff_in",
-        "Datagrams handed to this worker by another.",
-        Counter::HandoffIn,
-    ),
-    (
-        "handoff_out",
-        "Datagrams this worker handed to the owner of their flow.",
-        Counter::HandoffOut,
-    ),
-    (
-        "transfers_in",
-        "Sessions moved to this worker.",
-        Counter::TransfersIn,
-    ),
-    (
-        "transfers_out",
-        "Sessions moved away from this worker.",
-        Counter::TransfersOut,
-    ),
-    (
-        "sessions_created",
-        "Sessions created.",
-        Counter::SessionsCreated,
-    ),
-    (
-        "sessions_expired",
-        "Sessions closed after their idle timeout.",
-        Counter::SessionsExpired,
-    ),
-    (
-        "sessions_rerouted",
-        "Live sessions moved to another backend because theirs was removed.",
-        Counter::SessionsRerouted,
-    ),
-    (
-        "paths_inherited",
-        "Paths opened on the port their flow had at a worker that died: the backend saw no change.",
-        Counter::PathsInherited,
-    ),
-    (
-        "worker_restarts",
-        "Times the worker slot's process was restarted.",
-        Counter::Restarts,
-    ),
-    (
-        "handoff_bad_frames",
-        "Frames from other workers that did not decode (a bug, never traffic).",
-        Counter::BadFrames,
-    ),
-    (
-        "handoff_control_lost",
-        "Control frames to other workers given up: their inbox stayed full past the queue's bound.",
-        Counter::ControlLost,
-    ),
-];
-
 /// A label value, escaped as the exposition format requires (prometheus-client
 /// writes label values as given: a quote or backslash in a listener or device
 /// name would otherwise break the line).
@@ -519,12 +425,13 @@ impl Exposition {
         // goes back. Gauges cover the slots in use.
         let served: Vec<_> = snap.slots().collect();
         let live: Vec<_> = snap.workers().collect();
-        for (name, help, counter) in WORKER_COUNTERS {
+        for e in CATALOGUE.iter() {
+            let Some(name) = e.metric else { continue };
             counters(
                 enc,
                 name,
-                help,
-                served.iter().map(|w| (worker(w.id), w.get(counter))),
+                e.help,
+                served.iter().map(|w| (worker(w.id), w.get(e.counter))),
             )?;
         }
         counters(

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use udpshard_shared::backends::BackendCounter;
+use udpshard_shared::counter::{Entry, Kind, Shown, CATALOGUE};
 use udpshard_shared::stats::{
     version_text, BackendSnapshot, Counter, Header, Snapshot, StatsError, WorkerSnapshot,
 };
@@ -19,37 +20,10 @@ use udpshard_shared::{DropReason, Stage};
 
 use crate::system::SystemCounters;
 
-const PLAIN: [(&str, Counter); 29] = [
-    ("pid", Counter::Pid),
-    ("cpu", Counter::Cpu),
-    ("generation", Counter::Generation),
-    ("restarts", Counter::Restarts),
-    ("rx_packets", Counter::RxPackets),
-    ("rx_bytes", Counter::RxBytes),
-    ("tx_packets", Counter::TxPackets),
-    ("tx_bytes", Counter::TxBytes),
-    ("tx_raw", Counter::TxRaw),
-    ("tx_raw_refused", Counter::TxRawRefused),
-    ("replies_in", Counter::RepliesIn),
-    ("replies_out", Counter::RepliesOut),
-    ("sessions_active", Counter::SessionsActive),
-    ("sessions_created", Counter::SessionsCreated),
-    ("sessions_expired", Counter::SessionsExpired),
-    ("handoff_in", Counter::HandoffIn),
-    ("transfers_in", Counter::TransfersIn),
-    ("transfers_out", Counter::TransfersOut),
-    ("owners_full", Counter::OwnersFull),
-    ("sessions_rerouted", Counter::SessionsRerouted),
-    ("paths_active", Counter::PathsActive),
-    ("paths_created", Counter::PathsCreated),
-    ("paths_evicted", Counter::PathsEvicted),
-    ("paths_inherited", Counter::PathsInherited),
-    ("upstream_sockets", Counter::UpstreamSockets),
-    ("config_generation", Counter::ConfigGeneration),
-    ("bad_frames", Counter::BadFrames),
-    ("control_lost", Counter::ControlLost),
-    ("health_generation", Counter::HealthApplied),
-];
+/// The counters `--json` shows for each worker (drops go under `drops`).
+fn shown() -> impl Iterator<Item = &'static Entry> {
+    CATALOGUE.iter().filter(|e| e.shown != Shown::No)
+}
 
 /// How `stats` prints.
 #[derive(Debug, Clone, Copy, Default)]
@@ -285,18 +259,15 @@ pub fn to_json(snap: &Snapshot) -> Value {
         .map(|w| {
             let mut obj = serde_json::Map::new();
             obj.insert("id".into(), json!(w.id));
-            for (name, c) in PLAIN {
-                obj.insert(name.into(), json!(w.get(c)));
+            for e in shown() {
+                obj.insert(e.name.into(), json!(w.get(e.counter)));
             }
-            obj.insert("handoff_out".into(), json!(w.get(Counter::HandoffOut)));
             obj.insert("state".into(), json!(w.state().name()));
             obj.insert(
                 "version".into(),
                 json!(version_text(w.get(Counter::Version))),
             );
             obj.insert("busy_ratio".into(), json!(busy_ratio(&w)));
-            obj.insert("loops".into(), json!(w.get(Counter::Loops)));
-            obj.insert("loop_max_us".into(), json!(w.get(Counter::LoopMaxUs)));
             obj.insert("drops".into(), drops_json(|c| w.get(c)));
             Value::Object(obj)
         })
@@ -418,35 +389,19 @@ fn drops_json(get: impl Fn(Counter) -> u64) -> Value {
         .into()
 }
 
-/// Gauges: what is live now, summed over the workers serving.
-const GAUGES: [Counter; 3] = [
-    Counter::SessionsActive,
-    Counter::PathsActive,
-    Counter::UpstreamSockets,
-];
-
 /// The workers' fields summed over every slot that has served since the
 /// start (restarted workers continue their slot; a slot a resize retired
 /// keeps its counts), so no total ever goes backwards; gauges over the
 /// workers serving now.
 fn totals_json(snap: &Snapshot) -> Value {
     let mut obj = serde_json::Map::new();
-    for (name, c) in PLAIN {
-        if matches!(
-            c,
-            Counter::Pid | Counter::Cpu | Counter::Generation | Counter::ConfigGeneration
-        ) {
-            continue;
-        }
-        let value = if GAUGES.contains(&c) {
-            sum_workers(snap, &[c])
-        } else {
-            snap.total(c)
+    for e in shown().filter(|e| e.shown == Shown::WorkerAndTotal) {
+        let value = match e.kind {
+            Kind::Gauge => sum_workers(snap, &[e.counter]),
+            Kind::Total | Kind::Identity => snap.total(e.counter),
         };
-        obj.insert(name.into(), json!(value));
+        obj.insert(e.name.into(), json!(value));
     }
-    obj.insert("handoff_out".into(), json!(snap.total(Counter::HandoffOut)));
-    obj.insert("loops".into(), json!(snap.total(Counter::Loops)));
     obj.insert("drops".into(), drops_json(|c| snap.total(c)));
     obj.insert(
         "workers_retired".into(),
@@ -470,11 +425,11 @@ struct Column {
     help: &'static str,
 }
 
-fn column(name: &'static str, c: Counter, help: &'static str) -> Column {
+fn column(name: &'static str, c: Counter) -> Column {
     Column {
         name,
         counters: vec![c],
-        help,
+        help: c.help(),
     }
 }
 
@@ -483,9 +438,9 @@ fn column(name: &'static str, c: Counter, help: &'static str) -> Column {
 fn columns(wide: bool) -> Vec<Column> {
     if !wide {
         return vec![
-            column("rx", Counter::RxPackets, ""),
-            column("tx", Counter::TxPackets, ""),
-            column("replies", Counter::RepliesOut, ""),
+            column("rx", Counter::RxPackets),
+            column("tx", Counter::TxPackets),
+            column("replies", Counter::RepliesOut),
             Column {
                 name: "drops",
                 counters: DropReason::ALL.iter().map(|r| r.counter()).collect(),
@@ -494,43 +449,19 @@ fn columns(wide: bool) -> Vec<Column> {
         ];
     }
     let mut out = vec![
-        column(
-            "rx",
-            Counter::RxPackets,
-            "datagrams read from clients on the worker's listener socket",
-        ),
-        column(
-            "hoff_in",
-            Counter::HandoffIn,
-            "datagrams handed to this worker, which owns their session",
-        ),
-        column(
-            "hoff_out",
-            Counter::HandoffOut,
-            "datagrams handed to the worker that owns their session",
-        ),
-        column("tx", Counter::TxPackets, "datagrams forwarded to backends"),
-        column(
-            "paths",
-            Counter::PathsActive,
-            "client addresses with their own upstream 4-tuple (relayed ones too)",
-        ),
-        column(
-            "up_socks",
-            Counter::UpstreamSockets,
-            "upstream sockets held, one (source, port) each",
-        ),
-        column(
-            "replies_in",
-            Counter::RepliesIn,
-            "datagrams read from backends",
-        ),
-        column("replies", Counter::RepliesOut, "replies sent on to clients"),
+        column("rx", Counter::RxPackets),
+        column("hoff_in", Counter::HandoffIn),
+        column("hoff_out", Counter::HandoffOut),
+        column("tx", Counter::TxPackets),
+        column("paths", Counter::PathsActive),
+        column("up_socks", Counter::UpstreamSockets),
+        column("replies_in", Counter::RepliesIn),
+        column("replies", Counter::RepliesOut),
     ];
     // Drops after the datagram's way in, before its way out.
     let drops = DropReason::ALL
         .iter()
-        .map(|r| column(r.name(), r.counter(), r.help()));
+        .map(|r| column(r.name(), r.counter()));
     let tail = out.split_off(3);
     out.extend(drops);
     out.extend(tail);

@@ -7,52 +7,10 @@ use udpshard_shared::backends::{BackendCounter, BACKEND_ROWS, FIELDS};
 use udpshard_shared::stats::{BackendCounts, Counter, StatsSlot};
 
 /// Words the worker owns in its slot (the supervisor writes the identity
-/// words: pid, cpu, generation, state, restarts).
-const WORKER_OWNED: [Counter; 43] = [
-    Counter::RxPackets,
-    Counter::RxBytes,
-    Counter::TxPackets,
-    Counter::TxBytes,
-    Counter::RepliesIn,
-    Counter::RepliesOut,
-    Counter::SessionsActive,
-    Counter::SessionsCreated,
-    Counter::SessionsExpired,
-    Counter::HandoffIn,
-    Counter::HandoffOut,
-    Counter::DropSocket,
-    Counter::DropMalformed,
-    Counter::DropSessionLimit,
-    Counter::DropNoBackend,
-    Counter::DropUpstream,
-    Counter::DropHandoff,
-    Counter::DropReply,
-    Counter::DropUpstreamSocket,
-    Counter::TransfersIn,
-    Counter::TransfersOut,
-    Counter::OwnersFull,
-    Counter::DropDraining,
-    Counter::SessionsRerouted,
-    Counter::BusyNs,
-    Counter::WallNs,
-    Counter::Loops,
-    Counter::LoopMaxUs,
-    Counter::Heartbeat,
-    Counter::DropNoPort,
-    Counter::DropNoFd,
-    Counter::DropStray,
-    Counter::PathsActive,
-    Counter::PathsCreated,
-    Counter::PathsEvicted,
-    Counter::PathsInherited,
-    Counter::HealthApplied,
-    Counter::UpstreamSockets,
-    Counter::BadFrames,
-    Counter::ControlLost,
-    Counter::TxRaw,
-    Counter::TxRawRefused,
-    Counter::ListenerDropsSeen,
-];
+/// words: pid, cpu, generation, state, restarts), in slot order.
+fn worker_owned() -> impl Iterator<Item = Counter> {
+    Counter::all().filter(|c| c.worker_owned())
+}
 
 #[derive(Debug, Clone)]
 pub struct Counters {
@@ -84,7 +42,7 @@ impl Counters {
     /// gauges start again at zero, as this process's.
     pub fn resume(get: impl Fn(Counter) -> u64) -> Counters {
         let mut words = [0; Counter::COUNT];
-        for c in WORKER_OWNED {
+        for c in worker_owned() {
             words[c as usize] = get(c);
         }
         // Gauges describe this process, not the slot's history.
@@ -132,7 +90,7 @@ impl Counters {
 
     /// [`Counters::rebase`] on the slot words `get` gives.
     pub fn rebase_with(&mut self, get: impl Fn(Counter) -> u64) {
-        for c in WORKER_OWNED {
+        for c in worker_owned() {
             let ours = self.words[c as usize];
             self.words[c as usize] = match c {
                 Counter::SessionsActive
@@ -260,7 +218,7 @@ impl Counters {
     }
 
     pub fn publish(&self, slot: &StatsSlot<'_>) {
-        for c in WORKER_OWNED {
+        for c in worker_owned() {
             slot.set(c, self.words[c as usize]);
         }
     }
