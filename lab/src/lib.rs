@@ -201,8 +201,9 @@ impl std::fmt::Display for SpawnError {
 
 impl std::error::Error for SpawnError {}
 
-/// A `udpshard run` child. Its stderr is read line by line into a log (and
-/// handed to `on_line`); readiness is the `ready:` line. Dropping it stops it:
+/// A proxy child (`udpshard run`, or a baseline the benchmarks measure
+/// against). Its stderr is read line by line into a log (and handed to
+/// `on_line`); readiness is the `ready:` line. Dropping it stops it:
 /// SIGTERM, then SIGKILL after 5 s.
 pub struct ProxyChild {
     child: Option<Child>,
@@ -211,15 +212,28 @@ pub struct ProxyChild {
     log: Arc<Mutex<String>>,
     /// Set when every writer of the log (workers too) has closed it.
     log_closed: Arc<AtomicBool>,
+    /// The text after `ready: `, once, when the child says it.
+    ready: mpsc::Receiver<String>,
 }
 
 impl ProxyChild {
-    /// Starts `cmd` (stdin and stdout null, stderr piped). The child dies
-    /// with this process (PR_SET_PDEATHSIG: SIGTERM, so it still drains).
+    /// Starts `cmd` and waits up to `ready_timeout` for its `ready:` line.
     pub fn spawn(
+        cmd: Command,
+        on_line: impl FnMut(&str) + Send + 'static,
+        ready_timeout: Duration,
+    ) -> Result<ProxyChild, SpawnError> {
+        let mut proxy = ProxyChild::start(cmd, on_line)?;
+        proxy.wait_ready(ready_timeout)?;
+        Ok(proxy)
+    }
+
+    /// Starts `cmd` (stdin and stdout null, stderr piped), without waiting
+    /// for it. The child dies with this process (PR_SET_PDEATHSIG: SIGTERM,
+    /// so it still drains).
+    pub fn start(
         mut cmd: Command,
         mut on_line: impl FnMut(&str) + Send + 'static,
-        ready_timeout: Duration,
     ) -> Result<ProxyChild, SpawnError> {
         let parent = std::process::id() as libc::pid_t;
         cmd.stdin(Stdio::null())
@@ -268,20 +282,38 @@ impl ProxyChild {
                 closed.store(true, Ordering::Release);
             });
         }
-        let mut proxy = ProxyChild {
+        Ok(ProxyChild {
             child: Some(child),
             listeners: HashMap::new(),
             log,
             log_closed,
-        };
-        match ready_rx.recv_timeout(ready_timeout) {
-            Ok(rest) => proxy.listeners = listener_addrs(&rest),
-            Err(mpsc::RecvTimeoutError::Timeout) => return Err(SpawnError::NotReady(proxy.log())),
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(SpawnError::Exited(proxy.log()))
+            ready: ready_rx,
+        })
+    }
+
+    /// Waits up to `timeout` for the `ready:` line, and takes the listeners'
+    /// addresses from it.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), SpawnError> {
+        match self.ready.recv_timeout(timeout) {
+            Ok(rest) => {
+                self.listeners = listener_addrs(&rest);
+                Ok(())
             }
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(SpawnError::NotReady(self.log())),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(SpawnError::Exited(self.log())),
         }
-        Ok(proxy)
+    }
+
+    /// Its exit status, if it has exited (reaped now).
+    pub fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(Some(status))) => {
+                self.child = None;
+                Ok(Some(status))
+            }
+            Some(other) => other,
+            None => Err(io::Error::other("already reaped")),
+        }
     }
 
     pub fn pid(&self) -> u32 {

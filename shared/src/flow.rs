@@ -159,9 +159,30 @@ fn quic_dcid(datagram: &[u8], short_cid_len: usize) -> Result<FlowKey, Malformed
     FlowKey::new(cid).ok_or(Malformed::CidTooLong)
 }
 
-/// Where a QUIC server's long-header packet carries its chosen source
-/// connection ID: the SCID follows the DCID. Used to learn the IDs a client
-/// will use after the handshake.
+/// A QUIC short-header datagram (fixed bit set) with connection ID `cid`,
+/// then `body`: what a client sends once its connection is up.
+pub fn quic_short(cid: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut d = Vec::with_capacity(1 + cid.len() + body.len());
+    d.push(0x40);
+    d.extend_from_slice(cid);
+    d.extend_from_slice(body);
+    d
+}
+
+/// A QUIC v1 Initial's long header with `dcid` and `scid`, then `body`
+/// (where a real Initial has its token, length and packet number).
+pub fn quic_initial(dcid: &[u8], scid: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut d = Vec::with_capacity(7 + dcid.len() + scid.len() + body.len());
+    d.push(0xc0);
+    d.extend_from_slice(&1u32.to_be_bytes());
+    d.push(dcid.len() as u8);
+    d.extend_from_slice(dcid);
+    d.push(scid.len() as u8);
+    d.extend_from_slice(scid);
+    d.extend_from_slice(body);
+    d
+}
+
 /// Whether `datagram` is a QUIC Initial packet (v1, or v2 with its own type
 /// codepoint): a server answers every one, so a new session that began
 /// with one and got no reply says something about its backend.
@@ -183,6 +204,9 @@ pub fn quic_is_initial(datagram: &[u8]) -> bool {
     }
 }
 
+/// Where a QUIC server's long-header packet carries its chosen source
+/// connection ID: the SCID follows the DCID. Used to learn the IDs a client
+/// will use after the handshake.
 pub fn quic_long_scid(datagram: &[u8]) -> Option<FlowKey> {
     if datagram.first()? & 0x80 == 0 {
         return None;

@@ -1,7 +1,9 @@
-//! What both udpshard process kinds need, with no I/O of its own: flow keys and
-//! the dissectors that extract them, the fleet-stable hash, Maglev backend
-//! choice, the shared-memory stats layout, and the supervisor<->worker control
-//! framing.
+//! What both udpshard process kinds need: flow keys and the dissectors that
+//! extract them, the fleet-stable hash, Maglev and QUIC-LB backend choice,
+//! the counters' catalogue, the handoff and control framing (pure), and the
+//! few pieces of I/O both sides share: the stats file and the state region
+//! (shared memory), the control channel, and the host's counters under
+//! /proc.
 
 pub mod backends;
 pub mod clock;

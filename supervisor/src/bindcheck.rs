@@ -16,7 +16,7 @@ use udpshard_shared::stats::{Header, Snapshot};
 
 /// What the probe found for an address that can be used.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Probe {
+pub(crate) enum Probe {
     Free,
     /// Held by the running udpshard that the config's stats file names.
     HeldByRunning {
@@ -25,7 +25,7 @@ pub enum Probe {
 }
 
 #[derive(Debug)]
-pub enum ProbeError {
+pub(crate) enum ProbeError {
     /// This user may not bind it (a port below 1024 without
     /// CAP_NET_BIND_SERVICE): the service, with the capability, may.
     Denied(io::Error),
@@ -37,7 +37,7 @@ pub enum ProbeError {
 
 /// Probes `addr`; `stats_file` is where a running udpshard with this config
 /// keeps its counters.
-pub fn probe(addr: SocketAddr, stats_file: &Path) -> Result<Probe, ProbeError> {
+pub(crate) fn probe(addr: SocketAddr, stats_file: &Path) -> Result<Probe, ProbeError> {
     if addr.port() == 0 {
         return Ok(Probe::Free);
     }

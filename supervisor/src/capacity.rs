@@ -9,11 +9,11 @@ use std::ops::RangeInclusive;
 use udpshard_config::Config;
 
 /// Descriptors a worker needs besides its upstream sockets.
-pub const FD_OVERHEAD: u64 = 1024;
+pub(crate) const FD_OVERHEAD: u64 = 1024;
 
 /// The host's figures that bound a config's capacity.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Host {
+pub(crate) struct Host {
     /// net.ipv4.ip_local_port_range.
     pub ephemeral: (u16, u16),
     /// net.ipv4.ip_local_reserved_ports.
@@ -25,13 +25,13 @@ pub struct Host {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
+pub(crate) struct Finding {
     pub saw: String,
     pub fix: String,
 }
 
 /// "1000-2000,3000" (ip_local_reserved_ports) as ranges.
-pub fn parse_port_list(text: &str) -> Vec<RangeInclusive<u16>> {
+pub(crate) fn parse_port_list(text: &str) -> Vec<RangeInclusive<u16>> {
     text.trim()
         .split(',')
         .filter(|p| !p.trim().is_empty())
@@ -51,7 +51,7 @@ fn parse_range(text: &str) -> Option<(u16, u16)> {
 }
 
 impl Host {
-    pub fn read(systemd: bool) -> Host {
+    pub(crate) fn read(systemd: bool) -> Host {
         let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
         Host {
             ephemeral: parse_range(&read("/proc/sys/net/ipv4/ip_local_port_range"))
@@ -67,7 +67,7 @@ impl Host {
 /// backend, so a listener needs about max_sessions / backends of them (one
 /// path per session), and as many again for the copies it borrows for
 /// sessions other workers hand it.
-pub fn fds_needed(config: &Config) -> u64 {
+pub(crate) fn fds_needed(config: &Config) -> u64 {
     let sockets: u64 = config
         .listeners
         .iter()
@@ -77,7 +77,7 @@ pub fn fds_needed(config: &Config) -> u64 {
 }
 
 /// Every capacity finding for `config` on `host`.
-pub fn findings(config: &Config, host: &Host) -> Vec<Finding> {
+pub(crate) fn findings(config: &Config, host: &Host) -> Vec<Finding> {
     let mut out = Vec::new();
     let (elo, ehi) = host.ephemeral;
     for l in &config.listeners {
@@ -148,7 +148,7 @@ pub fn findings(config: &Config, host: &Host) -> Vec<Finding> {
 /// allows on `workers` workers (for `doctor`: a config that can never fill
 /// its max_sessions is not wrong, but the operator should know where the
 /// ceiling is).
-pub fn ceilings(config: &Config, workers: usize, ephemeral: (u16, u16)) -> Vec<Finding> {
+pub(crate) fn ceilings(config: &Config, workers: usize, ephemeral: (u16, u16)) -> Vec<Finding> {
     let mut out = Vec::new();
     let mut total_sessions: u64 = 0;
     for l in &config.listeners {
@@ -217,7 +217,7 @@ pub fn ceilings(config: &Config, workers: usize, ephemeral: (u16, u16)) -> Vec<F
 /// Raises the soft fd limit to the hard one, and the hard one to what
 /// `config` can need where the process may (CAP_SYS_RESOURCE), then logs
 /// every capacity finding once.
-pub fn warn_at_start(config: &Config, _workers: usize) {
+pub(crate) fn warn_at_start(config: &Config, _workers: usize) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let need = fds_needed(config);
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {

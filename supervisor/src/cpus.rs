@@ -4,7 +4,7 @@
 use nix::sched::{sched_getaffinity, CpuSet};
 use nix::unistd::Pid;
 
-pub fn allowed_cpus() -> nix::Result<Vec<usize>> {
+pub(crate) fn allowed_cpus() -> nix::Result<Vec<usize>> {
     let set = sched_getaffinity(Pid::from_raw(0))?;
     Ok((0..CpuSet::count())
         .filter(|&c| set.is_set(c).unwrap_or(false))
@@ -12,7 +12,7 @@ pub fn allowed_cpus() -> nix::Result<Vec<usize>> {
 }
 
 /// "0-3,6,8-9": the form taskset and cpuset files use.
-pub fn format_cpu_list(cpus: &[usize]) -> String {
+pub(crate) fn format_cpu_list(cpus: &[usize]) -> String {
     let mut out = Vec::new();
     let mut i = 0;
     while i < cpus.len() {

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
 use udpshard_lab::{Echo, ProxyChild, TempDir};
+use udpshard_shared::flow::{quic_initial, quic_short};
 
 use crate::cpus::{allowed_cpus, format_cpu_list};
 use crate::stats_cmd::{Sample, Window};
@@ -50,14 +51,14 @@ const MAX_WORKERS: usize = 4;
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 const REPLY_GRACE: Duration = Duration::from_millis(500);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-pub const MIN_DURATION: Duration = Duration::from_secs(1);
-pub const MAX_DURATION: Duration = Duration::from_secs(3600);
+pub(crate) const MIN_DURATION: Duration = Duration::from_secs(1);
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(3600);
 
 /// Echo backends' names: the first byte of every reply says who answered.
 const BACKENDS: [u8; 2] = [b'A', b'B'];
 
 #[derive(Debug, thiserror::Error)]
-pub enum DemoError {
+pub(crate) enum DemoError {
     #[error("temp directory: {0}")]
     TempDir(io::Error),
     #[error("temp directory {0} is not valid UTF-8")]
@@ -81,7 +82,7 @@ pub enum DemoError {
 }
 
 /// Parses `--duration`: "10s", "500ms", "2m", or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let (digits, unit) = text.split_at(
         text.find(|c: char| !c.is_ascii_digit())
             .unwrap_or(text.len()),
@@ -101,7 +102,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-pub fn run(duration: Duration) -> ExitCode {
+pub(crate) fn run(duration: Duration) -> ExitCode {
     let interrupted = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         if let Err(e) = signal_hook::flag::register(signal, Arc::clone(&interrupted)) {
@@ -236,18 +237,9 @@ fn demo_config(
 /// follow the header.
 fn datagram(cid: u64, flow: u32, seq: u32) -> Vec<u8> {
     let mut d = if seq == 0 {
-        let mut d = Vec::with_capacity(INITIAL_LEN);
-        d.push(0xc0); // long header, fixed bit, Initial
-        d.extend_from_slice(&1u32.to_be_bytes()); // QUIC v1
-        d.push(CID_LEN as u8);
-        d.extend_from_slice(&cid.to_be_bytes());
-        d.push(0); // SCID length
-        d
+        quic_initial(&cid.to_be_bytes(), &[], &[])
     } else {
-        let mut d = Vec::with_capacity(SHORT_LEN);
-        d.push(0x40); // short header, fixed bit
-        d.extend_from_slice(&cid.to_be_bytes());
-        d
+        quic_short(&cid.to_be_bytes(), &[])
     };
     d.extend_from_slice(&flow.to_be_bytes());
     d.extend_from_slice(&seq.to_be_bytes());

@@ -27,7 +27,7 @@ const SAMPLE: Duration = Duration::from_secs(1);
 
 /// The host as doctor saw it; `None` where the host does not say.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Facts {
+pub(crate) struct Facts {
     pub rmem_max: Option<u64>,
     pub rmem_default: Option<u64>,
     pub netdev_max_backlog: Option<u64>,
@@ -52,7 +52,7 @@ pub struct Facts {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finding {
+pub(crate) struct Finding {
     pub saw: String,
     pub fix: String,
     /// How to keep the fix across reboots, where `fix` does not.
@@ -75,11 +75,11 @@ fn sysctl_finding(saw: String, key: &str, value: &str) -> Finding {
 /// Full-size (1472-byte) datagrams a receive buffer of `bytes` holds: each
 /// is charged its kernel buffer, about 2304 bytes (measured on loopback:
 /// 92 in the kernel's default 212992).
-pub fn full_size_datagrams(bytes: u64) -> u64 {
+pub(crate) fn full_size_datagrams(bytes: u64) -> u64 {
     bytes / 2304
 }
 
-pub fn run(path: Option<&Path>) -> ExitCode {
+pub(crate) fn run(path: Option<&Path>) -> ExitCode {
     let (cfg, origin) = match path {
         Some(p) => match config::load(p) {
             Ok(cfg) => (cfg, p.display().to_string()),
@@ -122,7 +122,7 @@ fn workers_for(cfg: &Config, allowed_cpus: usize) -> usize {
 }
 
 /// Every finding, in path order (buffers, drops, CPUs, limits).
-pub fn diagnose(cfg: &Config, facts: &Facts) -> Vec<Finding> {
+pub(crate) fn diagnose(cfg: &Config, facts: &Facts) -> Vec<Finding> {
     let mut out = Vec::new();
     let workers = workers_for(cfg, facts.allowed_cpus) as u64;
 
@@ -252,7 +252,7 @@ pub fn diagnose(cfg: &Config, facts: &Facts) -> Vec<Finding> {
 
 impl Facts {
     /// Reads the host; takes `SAMPLE` (two readings of UDP's counters).
-    pub fn gather(cfg: &Config) -> Facts {
+    pub(crate) fn gather(cfg: &Config) -> Facts {
         let sys = |p: &str| read_u64(Path::new(p));
         let host = crate::capacity::Host::read(false);
         let rcvbuf_before = rcvbuf_errors();
@@ -331,7 +331,7 @@ fn rcvbuf_errors() -> Option<u64> {
 }
 
 /// "575799\t767732\t1151598"
-pub fn parse_udp_mem(text: &str) -> Option<[u64; 3]> {
+pub(crate) fn parse_udp_mem(text: &str) -> Option<[u64; 3]> {
     let v: Vec<u64> = text
         .split_whitespace()
         .map(|s| s.parse().ok())
@@ -340,7 +340,7 @@ pub fn parse_udp_mem(text: &str) -> Option<[u64; 3]> {
 }
 
 /// cgroup v2 cpu.max: "50000 100000" -> 0.5 CPUs; "max 100000" -> none.
-pub fn parse_cpu_max(text: &str) -> Option<f64> {
+pub(crate) fn parse_cpu_max(text: &str) -> Option<f64> {
     let mut parts = text.split_whitespace();
     let quota: u64 = parts.next()?.parse().ok()?;
     let period: u64 = parts.next().map_or(Some(100_000), |p| p.parse().ok())?;
@@ -348,7 +348,7 @@ pub fn parse_cpu_max(text: &str) -> Option<f64> {
 }
 
 /// cgroup v1: cpu.cfs_quota_us (-1: none) over cpu.cfs_period_us.
-pub fn parse_cfs(quota: &str, period: &str) -> Option<f64> {
+pub(crate) fn parse_cfs(quota: &str, period: &str) -> Option<f64> {
     let quota: i64 = quota.trim().parse().ok()?;
     let period: u64 = period.trim().parse().ok()?;
     (quota > 0 && period > 0).then(|| quota as f64 / period as f64)
@@ -389,7 +389,7 @@ fn cgroup_dirs(cgroup: &str, v2: bool, mount: &Path) -> Vec<PathBuf> {
 
 /// At start: a CPU quota smaller than the workers started is logged as the
 /// jitter it causes, with what `udpshard doctor` would say.
-pub fn warn_cpu_quota(workers: usize) {
+pub(crate) fn warn_cpu_quota(workers: usize) {
     if let Some((quota, source)) = cpu_quota() {
         if let Some((saw, fix)) = quota_finding(quota, &source, workers) {
             tracing::warn!("{saw}; fix: {fix}, or a CPU set instead of a quota (--cpuset-cpus)");

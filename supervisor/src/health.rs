@@ -26,7 +26,7 @@ use udpshard_shared::backends::{BackendCounter, BackendState};
 use udpshard_shared::stats::StatsRegion;
 
 /// How often the supervisor looks.
-pub const CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+pub(crate) const CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One backend's evidence, as of the last look.
 #[derive(Debug, Default, Clone)]
@@ -126,14 +126,14 @@ impl Prober {
 }
 
 #[derive(Debug, Default)]
-pub struct Health {
+pub(crate) struct Health {
     tracks: HashMap<(String, SocketAddr), Track>,
     probers: HashMap<(String, SocketAddr), Prober>,
 }
 
 /// A change of a backend's state, for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
+pub(crate) struct Change {
     pub listener: String,
     pub addr: SocketAddr,
     pub down: bool,
@@ -143,7 +143,12 @@ pub struct Change {
 impl Health {
     /// Looks at the workers' counters in `region` and applies what `config`
     /// says to its rows; returns the changes made.
-    pub fn check(&mut self, config: &Config, region: &StatsRegion, now_ms: u64) -> Vec<Change> {
+    pub(crate) fn check(
+        &mut self,
+        config: &Config,
+        region: &StatsRegion,
+        now_ms: u64,
+    ) -> Vec<Change> {
         let mut changes = Vec::new();
         // Probers of backends no longer probed close.
         self.probers.retain(|(name, addr), _| {

@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 /// `--log-format`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// `2026-12-02T12:32:34.378404Z  INFO allowed CPUs: 1 (1 CPU); ...`
     #[default]
     Text,
@@ -16,7 +16,7 @@ pub enum LogFormat {
 }
 
 impl LogFormat {
-    pub fn as_arg(self) -> &'static str {
+    pub(crate) fn as_arg(self) -> &'static str {
         match self {
             LogFormat::Text => "text",
             LogFormat::Json => "json",
@@ -27,7 +27,7 @@ impl LogFormat {
 static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
 /// The format this process logs in, for the workers it starts.
-pub fn format() -> LogFormat {
+pub(crate) fn format() -> LogFormat {
     FORMAT.get().copied().unwrap_or_default()
 }
 
@@ -36,7 +36,7 @@ pub fn format() -> LogFormat {
 /// process: write errors are dropped, not reported on the same broken stream.
 /// Fails only for a format this build lacks (`json` without the `json-log`
 /// feature).
-pub fn init(format: LogFormat, worker: bool) -> Result<(), String> {
+pub(crate) fn init(format: LogFormat, worker: bool) -> Result<(), String> {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("UDPSHARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

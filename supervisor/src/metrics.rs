@@ -45,7 +45,7 @@ const TEXT_004: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Tokens at and above this belong to the metrics server (the supervisor's
 /// control tokens are worker ids, far below).
-pub const LISTENER: Token = Token(1 << 30);
+pub(crate) const LISTENER: Token = Token(1 << 30);
 const CONN_BASE: usize = (1 << 30) + 1;
 /// Scrapers are few; more connections than this are refused at accept.
 const MAX_CONNS: usize = 32;
@@ -54,7 +54,7 @@ const MAX_REQUEST: usize = 8 << 10;
 /// A connection that has not finished in this long is closed.
 const CONN_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub fn owns(token: Token) -> bool {
+pub(crate) fn owns(token: Token) -> bool {
     token.0 >= LISTENER.0
 }
 
@@ -66,7 +66,7 @@ struct Conn {
     opened: Instant,
 }
 
-pub struct MetricsServer {
+pub(crate) struct MetricsServer {
     listener: TcpListener,
     pub addr: SocketAddr,
     conns: HashMap<Token, Conn>,
@@ -77,13 +77,17 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
-    pub fn bind(addr: SocketAddr, registry: &Registry, stats: &File) -> io::Result<MetricsServer> {
+    pub(crate) fn bind(
+        addr: SocketAddr,
+        registry: &Registry,
+        stats: &File,
+    ) -> io::Result<MetricsServer> {
         MetricsServer::from_listener(std::net::TcpListener::bind(addr)?, registry, stats)
     }
 
     /// Serves on `listener` (bound here, or inherited from the previous
     /// generation of a binary upgrade).
-    pub fn from_listener(
+    pub(crate) fn from_listener(
         listener: std::net::TcpListener,
         registry: &Registry,
         stats: &File,
@@ -101,13 +105,13 @@ impl MetricsServer {
     }
 
     /// The listening socket's descriptor (a binary upgrade passes it on).
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
         self.listener.as_raw_fd()
     }
 
     /// Handles a readiness event for one of its tokens; never blocks.
-    pub fn handle(&mut self, registry: &Registry, token: Token) {
+    pub(crate) fn handle(&mut self, registry: &Registry, token: Token) {
         self.expire(registry);
         if token == LISTENER {
             self.accept(registry);
@@ -174,7 +178,7 @@ impl MetricsServer {
 
     /// Closes connections that outstayed [`CONN_TIMEOUT`] (slow or idle
     /// clients must not hold slots forever).
-    pub fn expire(&mut self, registry: &Registry) {
+    pub(crate) fn expire(&mut self, registry: &Registry) {
         let stale: Vec<Token> = self
             .conns
             .iter()
@@ -719,7 +723,7 @@ type HostFamily<T> = (&'static str, &'static str, fn(&T) -> u64);
 /// stats snapshot and the host's counters.
 /// Fails only for a value the encoder refuses (a gauge above i64::MAX):
 /// the scrape then gets a 500, never a page cut short.
-pub fn render(snap: Snapshot, system: SystemCounters) -> Result<String, fmt::Error> {
+pub(crate) fn render(snap: Snapshot, system: SystemCounters) -> Result<String, fmt::Error> {
     let mut registry = MetricRegistry::with_prefix("udpshard");
     registry.register_collector(Box::new(Exposition { snap, system }));
     let mut out = String::with_capacity(16 << 10);

@@ -4,7 +4,7 @@
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
-pub fn notify(state: &str) {
+pub(crate) fn notify(state: &str) {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
@@ -21,7 +21,7 @@ pub fn notify(state: &str) {
 
 /// READY=1 with a status line for `systemctl status` (one line: newlines
 /// would end the STATUS= field).
-pub fn notify_ready(status: &str) {
+pub(crate) fn notify_ready(status: &str) {
     notify(&format!("READY=1\nSTATUS={}", status.replace('\n', " ")));
 }
 

@@ -3,7 +3,7 @@
 
 /// The start time of process `pid` in clock ticks since boot (field 22 of
 /// /proc/PID/stat); `None` when there is no such process.
-pub fn start_ticks(pid: u32) -> Option<u64> {
+pub(crate) fn start_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_start_ticks(&stat)
 }
@@ -11,7 +11,7 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
 /// Field 22 of a /proc/PID/stat line. The command name (field 2) is in
 /// parentheses and may itself contain spaces and parentheses, so fields are
 /// counted from after its last `)`.
-pub fn parse_start_ticks(stat: &str) -> Option<u64> {
+pub(crate) fn parse_start_ticks(stat: &str) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 1..];
     // After the name come field 3 (state) onwards: field 22 is the 20th.
     rest.split_whitespace().nth(19)?.parse().ok()
@@ -19,13 +19,13 @@ pub fn parse_start_ticks(stat: &str) -> Option<u64> {
 
 /// The inode of this process's PID namespace: two processes with the same
 /// one see the same PIDs.
-pub fn pid_namespace() -> Option<u64> {
+pub(crate) fn pid_namespace() -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
 }
 
 /// Whether process `pid` is a zombie or gone.
-pub fn is_gone(pid: u32) -> bool {
+pub(crate) fn is_gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => stat
             .rfind(')')

@@ -13,7 +13,7 @@ use udpshard_config::{self as config, Steering};
 use udpshard_shared::steer;
 
 #[derive(Debug, thiserror::Error)]
-pub enum GroupError {
+pub(crate) enum GroupError {
     #[error("listener {listener}: cannot bind {addr}: {source}")]
     Bind {
         listener: String,
@@ -28,7 +28,7 @@ pub enum GroupError {
     },
 }
 
-pub struct ReuseportGroup {
+pub(crate) struct ReuseportGroup {
     pub name: String,
     /// The bound address (the real port when the config asked for port 0).
     pub addr: SocketAddr,
@@ -43,7 +43,7 @@ pub struct ReuseportGroup {
 }
 
 impl ReuseportGroup {
-    pub fn bind(cfg: &config::Listener, size: usize) -> Result<ReuseportGroup, GroupError> {
+    pub(crate) fn bind(cfg: &config::Listener, size: usize) -> Result<ReuseportGroup, GroupError> {
         let mut group = ReuseportGroup {
             name: cfg.name.clone(),
             addr: cfg.bind,
@@ -59,12 +59,12 @@ impl ReuseportGroup {
     }
 
     /// Removes the last socket (the only place one may be removed from).
-    pub fn pop(&mut self) {
+    pub(crate) fn pop(&mut self) {
         self.sockets.pop();
     }
 
     /// Applies a new receive buffer size to every socket of the group.
-    pub fn set_recv_buffer(&mut self, bytes: usize) -> Result<(), GroupError> {
+    pub(crate) fn set_recv_buffer(&mut self, bytes: usize) -> Result<(), GroupError> {
         for s in &self.sockets {
             socket2::SockRef::from(s)
                 .set_recv_buffer_size(bytes)
@@ -80,7 +80,7 @@ impl ReuseportGroup {
 
     /// Adds a socket at the end of the group (the only place one may be
     /// added: the kernel numbers group members by position).
-    pub fn push(&mut self) -> Result<(), GroupError> {
+    pub(crate) fn push(&mut self) -> Result<(), GroupError> {
         let recv_buffer = self.recv_buffer;
         let err = |what, source| GroupError::Socket {
             listener: self.name.clone(),
@@ -124,7 +124,7 @@ impl ReuseportGroup {
     /// it got, and why, in the log.
     /// `active` is how many sockets, from the start, take datagrams (fewer
     /// than the group while retiring sockets drain at its end).
-    pub fn steer(&self, cfg: &config::Listener, active: usize) -> Result<(), GroupError> {
+    pub(crate) fn steer(&self, cfg: &config::Listener, active: usize) -> Result<(), GroupError> {
         let dissector: udpshard_shared::Dissector = cfg.dissector.into();
         let n = active.clamp(1, self.sockets.len().max(1)) as u32;
         let attach = |prog: &[steer::Insn]| match self.sockets.first() {
@@ -191,7 +191,7 @@ impl ReuseportGroup {
 
 /// Attaches a classic BPF program to the reuseport group `socket` belongs
 /// to; attaching again replaces the group's program.
-pub fn attach_reuseport_cbpf(socket: &UdpSocket, prog: &[steer::Insn]) -> io::Result<()> {
+pub(crate) fn attach_reuseport_cbpf(socket: &UdpSocket, prog: &[steer::Insn]) -> io::Result<()> {
     let mut filters: Vec<libc::sock_filter> = prog
         .iter()
         .map(|i| libc::sock_filter {
@@ -224,7 +224,7 @@ pub fn attach_reuseport_cbpf(socket: &UdpSocket, prog: &[steer::Insn]) -> io::Re
 
 /// The line that lets the kernel grant `requested` bytes, when it clamped
 /// the request (SO_RCVBUF is silently limited to net.core.rmem_max).
-pub fn rmem_fix(requested: usize, effective: usize) -> Option<String> {
+pub(crate) fn rmem_fix(requested: usize, effective: usize) -> Option<String> {
     (effective < requested).then(|| format!("sysctl -w net.core.rmem_max={requested}"))
 }
 
@@ -290,9 +290,8 @@ mod tests {
                 d.extend((0..len).map(|_| next() as u8));
                 d
             } else {
-                let mut d = vec![0x40];
-                d.extend((0..8).map(|_| next() as u8));
-                d
+                let cid: Vec<u8> = (0..8).map(|_| next() as u8).collect();
+                udpshard_shared::flow::quic_short(&cid, &[])
             };
             d.extend_from_slice(&i.to_be_bytes());
             let k = steer::kernel_cid_index(&dissector, &d, N as u32).unwrap() as usize;

@@ -14,7 +14,7 @@ const MAX_CID: usize = 20;
 /// Exit status for a CID or listener name that cannot be routed.
 const USAGE: u8 = 2;
 
-pub fn run(file: &Path, listener: Option<&str>, cid: &str) -> ExitCode {
+pub(crate) fn run(file: &Path, listener: Option<&str>, cid: &str) -> ExitCode {
     let key = match parse_cid(cid) {
         Ok(key) => key,
         Err(e) => {

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 
 use nix::sched::CpuSet;
 
-pub struct WorkerSpec {
+pub(crate) struct WorkerSpec {
     pub id: usize,
     pub cpu: usize,
     pub control_fd: RawFd,
@@ -32,7 +32,7 @@ fn fd_list(fds: &[RawFd]) -> String {
         .join(",")
 }
 
-pub fn spawn_worker(exe: &Path, spec: &WorkerSpec) -> io::Result<Child> {
+pub(crate) fn spawn_worker(exe: &Path, spec: &WorkerSpec) -> io::Result<Child> {
     let mut cpus = CpuSet::new();
     cpus.set(spec.cpu).map_err(io::Error::from)?;
     let parent = nix::unistd::getpid();

@@ -27,7 +27,7 @@ fn shown() -> impl Iterator<Item = &'static Entry> {
 
 /// How `stats` prints.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct View {
+pub(crate) struct View {
     pub json: bool,
     /// Every counter as its own column, with a legend.
     pub wide: bool,
@@ -35,7 +35,7 @@ pub struct View {
 
 /// The exit status of `stats` when the proxy is not running (as LSB init
 /// scripts and `systemctl status` use 3 for "not running").
-pub const NOT_RUNNING: u8 = 3;
+pub(crate) const NOT_RUNNING: u8 = 3;
 
 /// A supervisor beats at least every 2 s (its CPU-set check); one silent
 /// this long is gone.
@@ -43,7 +43,7 @@ const HEARTBEAT_STALE: Duration = Duration::from_secs(10);
 
 /// Whether the supervisor that wrote a stats file still runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Liveness {
+pub(crate) enum Liveness {
     Running,
     /// It stopped (SIGTERM, SIGINT, or an error it logged) at this Unix time.
     Stopped {
@@ -57,7 +57,7 @@ pub enum Liveness {
 }
 
 impl Liveness {
-    pub fn of(snap: &Snapshot) -> Liveness {
+    pub(crate) fn of(snap: &Snapshot) -> Liveness {
         let pid = snap.header(Header::SupervisorPid);
         let stopped = snap.header(Header::StoppedAt);
         if stopped != 0 {
@@ -104,7 +104,7 @@ impl std::fmt::Display for Liveness {
 }
 
 /// Prints one sample; says whether its proxy is running.
-pub fn print(path: &Path, view: View) -> Result<Liveness, StatsError> {
+pub(crate) fn print(path: &Path, view: View) -> Result<Liveness, StatsError> {
     let sample = Sample::take(path)?;
     if view.json {
         println!("{}", sample.to_json());
@@ -118,7 +118,7 @@ pub fn print(path: &Path, view: View) -> Result<Liveness, StatsError> {
 /// `None`), until the proxy stops. After the first, the table shows
 /// per-second rates and the stage summary marks the first stage whose drops
 /// grew.
-pub fn watch(
+pub(crate) fn watch(
     path: &Path,
     view: View,
     interval: Duration,
@@ -148,7 +148,7 @@ pub fn watch(
 }
 
 /// One reading of the proxy's and the host's counters.
-pub struct Sample {
+pub(crate) struct Sample {
     pub snap: Snapshot,
     pub system: SystemCounters,
     pub at: Instant,
@@ -156,7 +156,7 @@ pub struct Sample {
 }
 
 impl Sample {
-    pub fn take(path: &Path) -> Result<Sample, StatsError> {
+    pub(crate) fn take(path: &Path) -> Result<Sample, StatsError> {
         let snap = Snapshot::read(path)?;
         Ok(Sample {
             liveness: Liveness::of(&snap),
@@ -201,7 +201,7 @@ fn sum_workers(snap: &Snapshot, counters: &[Counter]) -> u64 {
 /// Drops per stage, in path order. The host's UDP InErrors also counts the
 /// kernel drops on udpshard's own sockets; they are subtracted so a full
 /// listener buffer shows up once, at the listener stage.
-pub fn stage_drops(snap: &Snapshot, system: &SystemCounters) -> [u64; 7] {
+pub(crate) fn stage_drops(snap: &Snapshot, system: &SystemCounters) -> [u64; 7] {
     let own = sum_workers(snap, &[Counter::DropSocket, Counter::DropUpstreamSocket]);
     Stage::ALL.map(|stage| match stage {
         Stage::Nic => system.nic_drops(),
@@ -212,7 +212,7 @@ pub fn stage_drops(snap: &Snapshot, system: &SystemCounters) -> [u64; 7] {
 }
 
 /// The first stage (path order) whose drops grew from `before` to `after`.
-pub fn first_growing(before: &[u64; 7], after: &[u64; 7]) -> Option<Stage> {
+pub(crate) fn first_growing(before: &[u64; 7], after: &[u64; 7]) -> Option<Stage> {
     Stage::ALL
         .iter()
         .zip(before.iter().zip(after))
@@ -253,7 +253,7 @@ fn busy_ratio_between(before: Option<&WorkerSnapshot<'_>>, after: &WorkerSnapsho
         .saturating_sub(b.get(Counter::BusyNs)) as f64
         / wall as f64
 }
-pub fn to_json(snap: &Snapshot) -> Value {
+pub(crate) fn to_json(snap: &Snapshot) -> Value {
     let workers: Vec<Value> = snap
         .workers()
         .map(|w| {
@@ -479,7 +479,7 @@ fn width(wide: bool) -> usize {
 
 /// How a table relates two samples.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Window {
+pub(crate) enum Window {
     /// Per second, over the interval (`--watch`).
     Rates,
     /// What happened between the two samples (the demo's run).
@@ -637,13 +637,13 @@ fn header_line(sample: &Sample) -> String {
 }
 
 /// The totals since start, in path order.
-pub fn to_table(sample: &Sample, wide: bool) -> String {
+pub(crate) fn to_table(sample: &Sample, wide: bool) -> String {
     render(None, sample, None, wide)
 }
 
 /// What happened between two samples: per second (`--watch`) or in all
 /// (the demo), with the first stage whose drops grew marked.
-pub fn window_table(before: &Sample, after: &Sample, window: Window, wide: bool) -> String {
+pub(crate) fn window_table(before: &Sample, after: &Sample, window: Window, wide: bool) -> String {
     render(Some(before), after, Some(window), wide)
 }
 
@@ -717,7 +717,7 @@ fn render(before: Option<&Sample>, after: &Sample, window: Option<Window>, wide:
 }
 
 /// `2026-12-01 20:45:31 UTC` for a Unix time.
-pub fn utc(secs: u64) -> String {
+pub(crate) fn utc(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Howard Hinnant's civil_from_days.

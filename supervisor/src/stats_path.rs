@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use udpshard_config::DEFAULT_STATS_FILE;
 
 /// The default path, then the per-user fallbacks, in order.
-pub fn default_candidates() -> Vec<PathBuf> {
+pub(crate) fn default_candidates() -> Vec<PathBuf> {
     let mut out = vec![PathBuf::from(DEFAULT_STATS_FILE)];
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         out.push(PathBuf::from(dir).join("udpshard/stats"));
@@ -22,7 +22,7 @@ pub fn default_candidates() -> Vec<PathBuf> {
 
 /// For `udpshard stats` with no --stats-file: the first candidate that exists
 /// (the default when none does, so the error names it).
-pub fn find_default() -> PathBuf {
+pub(crate) fn find_default() -> PathBuf {
     let candidates = default_candidates();
     candidates
         .iter()

@@ -54,7 +54,7 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 const CPU_CHECK: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
-pub enum SupervisorError {
+pub(crate) enum SupervisorError {
     #[error("cannot read the allowed CPU set: {0}")]
     Affinity(nix::Error),
     #[error(transparent)]
@@ -95,7 +95,7 @@ enum Served {
     HandedOver,
 }
 
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     /// `None`: the embedded default.
     config_path: Option<PathBuf>,
     config: Config,
@@ -156,7 +156,7 @@ fn worker_count(config: &Config, cpus: &[usize]) -> usize {
 
 impl Supervisor {
     /// Binds every listener, creates the stats region and starts the workers.
-    pub fn start(
+    pub(crate) fn start(
         config: Config,
         config_path: Option<PathBuf>,
         origin: String,
@@ -275,7 +275,7 @@ impl Supervisor {
     /// Serves until stopped; returns once every worker has exited. The stats
     /// file records when, so `udpshard stats` can tell a stopped proxy from
     /// a running one.
-    pub fn run(mut self) -> Result<(), SupervisorError> {
+    pub(crate) fn run(mut self) -> Result<(), SupervisorError> {
         let result = self.serve();
         // Handed over to a new generation, the proxy runs on; one that never
         // took over leaves the file to the generation that serves.

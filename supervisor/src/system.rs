@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 /// UDP's counters for one address family (`Udp:` in /proc/net/snmp,
 /// `Udp6*` in /proc/net/snmp6).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct UdpCounters {
+pub(crate) struct UdpCounters {
     pub in_datagrams: u64,
     /// Every datagram UDP dropped after it was addressed to a socket:
     /// receive buffer full (RcvbufErrors), bad checksum, and so on.
@@ -27,7 +27,7 @@ pub struct UdpCounters {
 
 /// /proc/net/softnet_stat summed over CPUs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Softnet {
+pub(crate) struct Softnet {
     /// The per-CPU input backlog was full (netdev_max_backlog).
     pub dropped: u64,
     /// The softirq ran out of budget with work left (not a drop by itself).
@@ -36,7 +36,7 @@ pub struct Softnet {
 
 /// One interface's counters from /sys/class/net/NAME/statistics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Nic {
+pub(crate) struct Nic {
     pub name: String,
     pub rx_dropped: u64,
     pub rx_errors: u64,
@@ -45,7 +45,7 @@ pub struct Nic {
 
 /// Everything the host counts; `None` / empty where this host does not say.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SystemCounters {
+pub(crate) struct SystemCounters {
     pub nics: Vec<Nic>,
     pub softnet: Option<Softnet>,
     pub udp: Option<UdpCounters>,
@@ -54,7 +54,7 @@ pub struct SystemCounters {
 
 impl SystemCounters {
     /// Reads the current process's network namespace's counters.
-    pub fn read() -> SystemCounters {
+    pub(crate) fn read() -> SystemCounters {
         let text = |p: &str| std::fs::read_to_string(p).ok();
         SystemCounters {
             nics: read_nics(Path::new("/sys/class/net")),
@@ -66,20 +66,20 @@ impl SystemCounters {
 
     /// Drops before the UDP layer at the NIC: received packets the
     /// interfaces dropped or found in error.
-    pub fn nic_drops(&self) -> u64 {
+    pub(crate) fn nic_drops(&self) -> u64 {
         self.nics
             .iter()
             .map(|n| n.rx_dropped.saturating_add(n.rx_errors))
             .fold(0, u64::saturating_add)
     }
 
-    pub fn softnet_drops(&self) -> u64 {
+    pub(crate) fn softnet_drops(&self) -> u64 {
         self.softnet.map_or(0, |s| s.dropped)
     }
 
     /// UDP InErrors over both families (includes the drops on udpshard's
     /// own sockets: the kernel counts those here too).
-    pub fn udp_in_errors(&self) -> u64 {
+    pub(crate) fn udp_in_errors(&self) -> u64 {
         [self.udp, self.udp6]
             .iter()
             .flatten()
@@ -87,7 +87,7 @@ impl SystemCounters {
             .fold(0, u64::saturating_add)
     }
 
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         let udp = |u: &Option<UdpCounters>| match u {
             None => Value::Null,
             Some(u) => json!({
@@ -125,7 +125,7 @@ impl SystemCounters {
 }
 
 /// The `Udp:` header/value line pair of /proc/net/snmp (not `UdpLite:`).
-pub fn parse_snmp_udp(text: &str) -> Option<UdpCounters> {
+pub(crate) fn parse_snmp_udp(text: &str) -> Option<UdpCounters> {
     let mut lines = text.lines().filter(|l| l.starts_with("Udp: "));
     let names: Vec<&str> = lines.next()?.split_whitespace().skip(1).collect();
     let values: Vec<&str> = lines.next()?.split_whitespace().skip(1).collect();
@@ -150,7 +150,7 @@ pub fn parse_snmp_udp(text: &str) -> Option<UdpCounters> {
 }
 
 /// `Udp6InErrors   12` lines of /proc/net/snmp6.
-pub fn parse_snmp6_udp(text: &str) -> Option<UdpCounters> {
+pub(crate) fn parse_snmp6_udp(text: &str) -> Option<UdpCounters> {
     let mut out = UdpCounters::default();
     let mut seen = false;
     for line in text.lines() {
@@ -179,7 +179,7 @@ pub fn parse_snmp6_udp(text: &str) -> Option<UdpCounters> {
 }
 
 /// One line per CPU of hex columns: processed, dropped, time_squeeze, ...
-pub fn parse_softnet(text: &str) -> Option<Softnet> {
+pub(crate) fn parse_softnet(text: &str) -> Option<Softnet> {
     let mut out = Softnet::default();
     let mut seen = false;
     for line in text.lines() {
@@ -199,7 +199,7 @@ pub fn parse_softnet(text: &str) -> Option<Softnet> {
 
 /// Every interface under `dir` (/sys/class/net) that has statistics;
 /// sorted by name. Missing files count as 0, a missing `dir` as none.
-pub fn read_nics(dir: &Path) -> Vec<Nic> {
+pub(crate) fn read_nics(dir: &Path) -> Vec<Nic> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -224,7 +224,7 @@ pub fn read_nics(dir: &Path) -> Vec<Nic> {
 }
 
 /// A file holding one decimal number (sysfs, /proc/sys).
-pub fn read_u64(path: &Path) -> Option<u64> {
+pub(crate) fn read_u64(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 

@@ -369,10 +369,7 @@ pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool)
 
 /// A QUIC short-header datagram for an 8-byte CID.
 pub fn quic_short(cid: u64, body: &[u8]) -> Vec<u8> {
-    let mut d = vec![0x40];
-    d.extend_from_slice(&cid.to_be_bytes());
-    d.extend_from_slice(body);
-    d
+    udpshard_shared::flow::quic_short(&cid.to_be_bytes(), body)
 }
 
 /// The CPUs this process may run on, from /proc/self/status.

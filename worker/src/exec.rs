@@ -21,7 +21,7 @@ use crate::sockio::{send_batch, OutMsg, SendBatch};
 use crate::upstream::Upstream;
 
 /// Reusable buffers for one flush.
-pub struct Executor {
+pub(crate) struct Executor {
     actions: Vec<Action>,
     failed: Vec<usize>,
     send: SendBatch,
@@ -40,7 +40,7 @@ pub struct Executor {
 impl Executor {
     /// Forwards through `raw` where it carries their family, while
     /// `use_raw`.
-    pub fn new(raw: RawTx, use_raw: bool) -> Executor {
+    pub(crate) fn new(raw: RawTx, use_raw: bool) -> Executor {
         Executor {
             actions: Vec::new(),
             failed: Vec::new(),
@@ -55,24 +55,24 @@ impl Executor {
     }
 
     /// Whether forwards go out as raw IP packets (some family at least).
-    pub fn sends_raw(&self) -> bool {
+    pub(crate) fn sends_raw(&self) -> bool {
         self.use_raw && self.raw.is_on()
     }
 
     /// Whether raw sockets are open (a reload may then turn them on).
-    pub fn has_raw(&self) -> bool {
+    pub(crate) fn has_raw(&self) -> bool {
         self.raw.is_on()
     }
 
     /// Raw sends on (`upstream_send = "auto"`) or off, from the next flush.
-    pub fn use_raw(&mut self, on: bool) {
+    pub(crate) fn use_raw(&mut self, on: bool) {
         self.use_raw = on;
     }
 
     /// Executes every action the router has decided. `bytes` resolves a
     /// datagram the actions name; `fds` are the descriptors that came with
     /// the frame just read (taken by `Keep`).
-    pub fn flush<'a, O: Owners>(
+    pub(crate) fn flush<'a, O: Owners>(
         &mut self,
         router: &mut Router<O, Upstream>,
         listeners: &[Listener],

@@ -12,7 +12,7 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 use udpshard_shared::handoff::{HEADER_LEN, MAX_TRANSFER_PATHS};
 
 /// The largest UDP payload: nothing is ever truncated.
-pub const MAX_DATAGRAM: usize = 65_536;
+pub(crate) const MAX_DATAGRAM: usize = 65_536;
 
 /// Control frames that may wait for room in an inbox, and their bytes;
 /// past either the oldest go (a worker whose inbox stays full that long is
@@ -32,7 +32,7 @@ struct Pending {
     carries: bool,
 }
 
-pub struct Handoff {
+pub(crate) struct Handoff {
     pub inbox: UnixDatagram,
     /// Sending ends, by worker id.
     peers: Vec<UnixDatagram>,
@@ -55,7 +55,7 @@ pub struct Handoff {
 
 /// What [`Handoff::send_control`] did with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sent {
+pub(crate) enum Sent {
     Now,
     /// Queued behind a full inbox: it goes, or is given up, later.
     Queued,
@@ -63,7 +63,7 @@ pub enum Sent {
 
 /// What became of queued frames since the last [`Handoff::take_outcomes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Outcomes {
+pub(crate) struct Outcomes {
     /// Frames given up.
     pub lost: u64,
     /// Of them, those that carried a client datagram.
@@ -73,7 +73,7 @@ pub struct Outcomes {
 }
 
 impl Handoff {
-    pub fn new(inbox: UnixDatagram, peers: Vec<UnixDatagram>) -> io::Result<Handoff> {
+    pub(crate) fn new(inbox: UnixDatagram, peers: Vec<UnixDatagram>) -> io::Result<Handoff> {
         inbox.set_nonblocking(true)?;
         for p in &peers {
             p.set_nonblocking(true)?;
@@ -92,7 +92,7 @@ impl Handoff {
     }
 
     /// The group was resized: these are every worker's inboxes now.
-    pub fn set_peers(&mut self, peers: Vec<UnixDatagram>) -> io::Result<()> {
+    pub(crate) fn set_peers(&mut self, peers: Vec<UnixDatagram>) -> io::Result<()> {
         for p in &peers {
             p.set_nonblocking(true)?;
         }
@@ -103,7 +103,7 @@ impl Handoff {
     /// Frames to worker `me` (this one) go to `twin` from now on: the
     /// inbox of the other generation of this slot (`None`: it is gone, and
     /// they fail, counted, rather than loop back into this inbox).
-    pub fn set_twin(&mut self, me: usize, twin: Option<UnixDatagram>) -> io::Result<()> {
+    pub(crate) fn set_twin(&mut self, me: usize, twin: Option<UnixDatagram>) -> io::Result<()> {
         if let Some(t) = &twin {
             t.set_nonblocking(true)?;
         }
@@ -127,7 +127,7 @@ impl Handoff {
     }
 
     /// Hands a client datagram to worker `to`.
-    pub fn send_datagram(
+    pub(crate) fn send_datagram(
         &self,
         to: usize,
         header: &[u8; HEADER_LEN],
@@ -150,7 +150,7 @@ impl Handoff {
     /// one with descriptors is not (they name sockets that may be gone by
     /// then), nor may it overtake what waits for that inbox: its error is
     /// returned.
-    pub fn send_control(
+    pub(crate) fn send_control(
         &mut self,
         to: usize,
         frame: Vec<u8>,
@@ -204,7 +204,7 @@ impl Handoff {
     }
 
     /// What became of queued frames since the last call.
-    pub fn take_outcomes(&mut self) -> Outcomes {
+    pub(crate) fn take_outcomes(&mut self) -> Outcomes {
         let out = Outcomes {
             lost: self.lost,
             lost_datagrams: self.lost_datagrams,
@@ -215,7 +215,7 @@ impl Handoff {
     }
 
     /// Sends what waits, in order, as far as the inboxes have room.
-    pub fn flush_pending(&mut self) {
+    pub(crate) fn flush_pending(&mut self) {
         let mut blocked: Vec<usize> = Vec::new();
         let mut keep = VecDeque::new();
         while let Some(p) = self.pending.pop_front() {
@@ -244,19 +244,19 @@ impl Handoff {
     }
 
     /// Whether control frames wait for room.
-    pub fn has_pending(&self) -> bool {
+    pub(crate) fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }
 
     /// A buffer that holds any frame.
-    pub fn frame_buffer() -> Vec<u8> {
+    pub(crate) fn frame_buffer() -> Vec<u8> {
         vec![0; HEADER_LEN.max(MAX_CONTROL_HEADER) + MAX_DATAGRAM]
     }
 
     /// Reads one frame into `frame` (a [`Handoff::frame_buffer`]): its
     /// length and the descriptors that came with it. `Ok(None)` when the
     /// inbox is empty.
-    pub fn recv(&mut self, frame: &mut [u8]) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
+    pub(crate) fn recv(&mut self, frame: &mut [u8]) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
         let mut iov = [IoSliceMut::new(frame)];
         let msg = match recvmsg::<()>(
             self.inbox.as_raw_fd(),

@@ -21,7 +21,7 @@ use std::hash::Hash;
 use ahash::RandomState;
 
 /// Shards per index: a power of two.
-pub const SHARDS: usize = 64;
+pub(crate) const SHARDS: usize = 64;
 
 /// Slots a shard starts with: a power of two.
 const MIN_SLOTS: usize = 16;
@@ -32,7 +32,7 @@ const EMPTY: u64 = 0;
 /// Maps keys to `u32` ids (below `u32::MAX`) without holding the keys: the
 /// caller's `is` tells whether an id's key is the one looked for.
 #[derive(Debug)]
-pub struct KeyIndex {
+pub(crate) struct KeyIndex {
     shards: Box<[Shard]>,
     /// Keyed per process, so that keys a client picks cannot crowd one
     /// shard or one probe run.
@@ -164,7 +164,7 @@ impl Default for KeyIndex {
 }
 
 impl KeyIndex {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
@@ -179,7 +179,7 @@ impl KeyIndex {
 
     /// The id filed under `key`, among those whose key `is(id)` confirms.
     #[inline]
-    pub fn get<K: Hash>(&self, key: &K, is: impl FnMut(u32) -> bool) -> Option<u32> {
+    pub(crate) fn get<K: Hash>(&self, key: &K, is: impl FnMut(u32) -> bool) -> Option<u32> {
         let s = self.slot(key);
         self.shards[s.shard].find(s.tag, is)
     }
@@ -187,7 +187,7 @@ impl KeyIndex {
     /// Starts loading the line a lookup of `key` reads first, so that a
     /// batch's lookups wait for memory together rather than one by one.
     #[inline]
-    pub fn prefetch<K: Hash>(&self, key: &K) {
+    pub(crate) fn prefetch<K: Hash>(&self, key: &K) {
         let s = self.slot(key);
         let shard = &self.shards[s.shard];
         if let Some(e) = shard.slots.get(shard.home(s.tag)) {
@@ -197,26 +197,26 @@ impl KeyIndex {
 
     /// Files `id` (below `u32::MAX`) under `key`; the caller has checked
     /// that no id is filed under it ([`KeyIndex::get`]).
-    pub fn insert<K: Hash>(&mut self, key: &K, id: u32) {
+    pub(crate) fn insert<K: Hash>(&mut self, key: &K, id: u32) {
         debug_assert!(id < u32::MAX);
         let s = self.slot(key);
         self.shards[s.shard].insert(entry(s.tag, id));
     }
 
     /// Removes `id` from under `key`; false when it was not filed there.
-    pub fn remove<K: Hash>(&mut self, key: &K, id: u32) -> bool {
+    pub(crate) fn remove<K: Hash>(&mut self, key: &K, id: u32) -> bool {
         let s = self.slot(key);
         self.shards[s.shard].remove(entry(s.tag, id))
     }
 
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.shards.iter().map(|s| s.len).sum()
     }
 
     /// The largest shard's entries: what one growth step moves at most.
     #[cfg(test)]
-    pub fn largest_shard(&self) -> usize {
+    pub(crate) fn largest_shard(&self) -> usize {
         self.shards.iter().map(|s| s.len).max().unwrap_or(0)
     }
 }
@@ -224,7 +224,7 @@ impl KeyIndex {
 /// A hint to the CPU to load `at`'s cache line; no effect on what any
 /// code reads.
 #[inline(always)]
-pub fn prefetch<T>(at: &T) {
+pub(crate) fn prefetch<T>(at: &T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: PREFETCHT0 only hints the cache: it reads nothing into a
     // register and cannot fault, and `at` is a valid reference anyway.

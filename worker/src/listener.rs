@@ -9,7 +9,7 @@ use udpshard_config as config;
 
 use crate::{sockio, WorkerError};
 
-pub struct Listener {
+pub(crate) struct Listener {
     pub name: String,
     /// This worker's socket of the listener's reuseport group.
     pub socket: UdpSocket,
@@ -23,7 +23,7 @@ pub struct Listener {
 }
 
 impl Listener {
-    pub fn new(cfg: &config::Listener, socket: UdpSocket) -> Result<Listener, WorkerError> {
+    pub(crate) fn new(cfg: &config::Listener, socket: UdpSocket) -> Result<Listener, WorkerError> {
         let err = |source| WorkerError::Socket {
             listener: cfg.name.clone(),
             source,
@@ -49,7 +49,7 @@ impl Listener {
     }
 }
 
-pub fn socket_inode(socket: &UdpSocket) -> std::io::Result<u64> {
+pub(crate) fn socket_inode(socket: &UdpSocket) -> std::io::Result<u64> {
     nix::sys::stat::fstat(socket)
         .map(|st| st.st_ino)
         .map_err(std::io::Error::from)

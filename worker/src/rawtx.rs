@@ -59,14 +59,14 @@ const MAX_PAYLOAD: usize = 65_535 - IPV4_HEADER - UDP_HEADER;
 /// One datagram to send: from `src` (the path's upstream address, source IP
 /// resolved) to `dst`.
 #[derive(Clone, Copy)]
-pub struct RawMsg<'a> {
+pub(crate) struct RawMsg<'a> {
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub bytes: &'a [u8],
 }
 
 /// The raw sockets, and reusable buffers for one send.
-pub struct RawTx {
+pub(crate) struct RawTx {
     v4: Option<OwnedFd>,
     v6: Option<OwnedFd>,
     headers: Vec<[u8; HEADER_ROOM]>,
@@ -82,7 +82,7 @@ pub struct RawTx {
 
 impl RawTx {
     /// No raw sockets: every forward goes out on its own socket.
-    pub fn none() -> RawTx {
+    pub(crate) fn none() -> RawTx {
         RawTx {
             v4: None,
             v6: None,
@@ -98,7 +98,7 @@ impl RawTx {
 
     /// Opens a raw socket for each family the process may (CAP_NET_RAW);
     /// the errors of those it could not.
-    pub fn open() -> (RawTx, Vec<io::Error>) {
+    pub(crate) fn open() -> (RawTx, Vec<io::Error>) {
         let mut tx = RawTx::none();
         let mut errors = Vec::new();
         match raw_socket(socket2::Domain::IPV4) {
@@ -113,7 +113,7 @@ impl RawTx {
     }
 
     /// Whether datagrams of this family can go out here.
-    pub fn carries(&self, ipv4: bool) -> bool {
+    pub(crate) fn carries(&self, ipv4: bool) -> bool {
         if ipv4 {
             self.v4.is_some()
         } else {
@@ -122,7 +122,7 @@ impl RawTx {
     }
 
     /// Whether any family can.
-    pub fn is_on(&self) -> bool {
+    pub(crate) fn is_on(&self) -> bool {
         self.v4.is_some() || self.v6.is_some()
     }
 
@@ -130,7 +130,7 @@ impl RawTx {
     /// one the raw socket carries) in as few sendmmsg calls as it takes. The
     /// index of every datagram that did not go out is pushed to `refused`,
     /// for the caller to send on its own socket.
-    pub fn send<'a>(
+    pub(crate) fn send<'a>(
         &mut self,
         count: usize,
         msg: impl Fn(usize) -> RawMsg<'a>,
@@ -254,7 +254,7 @@ impl RawTx {
 /// parses datagrams from the network, and needs no power to open more raw
 /// sockets (one of IPPROTO_UDP would read the host's UDP traffic). Without
 /// the capability it changes nothing.
-pub fn drop_raw_capability() {
+pub(crate) fn drop_raw_capability() {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -331,7 +331,7 @@ fn raw_socket(domain: socket2::Domain) -> io::Result<OwnedFd> {
 /// Writes the IP and UDP headers of `payload` from `src` to `dst` into
 /// `out`; their length, or `None` when the pair cannot be one packet
 /// (families differ, the payload is too large).
-pub fn write_headers(
+pub(crate) fn write_headers(
     out: &mut [u8; HEADER_ROOM],
     src: SocketAddr,
     dst: SocketAddr,

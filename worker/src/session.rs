@@ -14,10 +14,10 @@ use crate::keyindex::KeyIndex;
 use crate::paths::{PathId, NONE};
 
 /// A session's index in the table; stable for the session's life.
-pub type SessionId = usize;
+pub(crate) type SessionId = usize;
 
 #[derive(Debug, Clone)]
-pub struct Session {
+pub(crate) struct Session {
     pub listener: usize,
     pub key: FlowKey,
     /// Other keys of this connection: connection IDs the server chose,
@@ -59,7 +59,7 @@ enum TransferState {
 /// A transfer offered and not yet answered: what the receiver was sent,
 /// so that what changed here meanwhile can be put right when it accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Offer {
+pub(crate) struct Offer {
     pub to: u16,
     pub since_ms: u64,
     /// The upstream sockets (their local addresses) of the paths offered.
@@ -69,7 +69,7 @@ pub struct Offer {
 }
 
 impl Session {
-    pub fn new(listener: usize, key: FlowKey, backend: u16, now_ms: u64) -> Session {
+    pub(crate) fn new(listener: usize, key: FlowKey, backend: u16, now_ms: u64) -> Session {
         Session {
             listener,
             key,
@@ -84,12 +84,12 @@ impl Session {
     }
 
     /// Its key, then its aliases.
-    pub fn keys(&self) -> impl Iterator<Item = &FlowKey> {
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &FlowKey> {
         std::iter::once(&self.key).chain(&self.aliases)
     }
 
     /// The transfer on offer, if any.
-    pub fn offer(&self) -> Option<&Offer> {
+    pub(crate) fn offer(&self) -> Option<&Offer> {
         match &self.transfer {
             TransferState::Offered(offer) => Some(offer),
             TransferState::Here { .. } => None,
@@ -98,7 +98,7 @@ impl Session {
 
     /// A datagram handed over by worker `from`: how many in a row it has
     /// handed over now (0 while the session is on offer).
-    pub fn handed_over_by(&mut self, from: u16) -> u8 {
+    pub(crate) fn handed_over_by(&mut self, from: u16) -> u8 {
         match &mut self.transfer {
             TransferState::Here { from: f, run } if *f == from => {
                 *run = run.saturating_add(1);
@@ -113,20 +113,20 @@ impl Session {
     }
 
     /// A datagram arrived another way: any run of handoffs ends.
-    pub fn end_run(&mut self) {
+    pub(crate) fn end_run(&mut self) {
         if let TransferState::Here { run, .. } = &mut self.transfer {
             *run = 0;
         }
     }
 
     /// Offered to another worker.
-    pub fn set_offered(&mut self, offer: Offer) {
+    pub(crate) fn set_offered(&mut self, offer: Offer) {
         self.transfer = TransferState::Offered(Box::new(offer));
     }
 
     /// The offer is settled here (refused, given up, never sent): served
     /// here again, with no run of handoffs. Returns the offer.
-    pub fn take_offer(&mut self) -> Option<Box<Offer>> {
+    pub(crate) fn take_offer(&mut self) -> Option<Box<Offer>> {
         match std::mem::replace(&mut self.transfer, TransferState::Here { from: 0, run: 0 }) {
             TransferState::Offered(offer) => Some(offer),
             TransferState::Here { .. } => None,
@@ -135,14 +135,14 @@ impl Session {
 
     /// Whether `key` is one of its keys.
     #[inline]
-    pub fn has_key(&self, key: &FlowKey) -> bool {
+    pub(crate) fn has_key(&self, key: &FlowKey) -> bool {
         self.key == *key || self.aliases.contains(key)
     }
 }
 
 /// Why a new session could not be made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refused {
+pub(crate) enum Refused {
     /// The listener already holds `max_sessions`.
     SessionLimit,
 }
@@ -182,7 +182,7 @@ impl ListenerTable {
 
 /// All sessions of one worker, across its listeners.
 #[derive(Debug)]
-pub struct SessionTable {
+pub(crate) struct SessionTable {
     sessions: Slab<Session>,
     listeners: Vec<ListenerTable>,
     /// Where the incremental sweep resumes.
@@ -205,7 +205,7 @@ impl SessionTable {
     /// A table for listeners with these `max_sessions`. The slab is sized
     /// for their limit (up to [`PRESIZE_CAP`]); the key maps start small,
     /// so a few sessions stay in cache, and grow a shard at a time.
-    pub fn new(limits: impl IntoIterator<Item = usize>) -> Self {
+    pub(crate) fn new(limits: impl IntoIterator<Item = usize>) -> Self {
         let listeners: Vec<ListenerTable> = limits.into_iter().map(ListenerTable::new).collect();
         let total: usize = listeners
             .iter()
@@ -219,7 +219,7 @@ impl SessionTable {
         }
     }
 
-    pub fn lookup(&self, listener: usize, key: &FlowKey) -> Option<SessionId> {
+    pub(crate) fn lookup(&self, listener: usize, key: &FlowKey) -> Option<SessionId> {
         let sessions = &self.sessions;
         let id = self.listeners.get(listener)?.keys.get(key, |id| {
             sessions
@@ -231,14 +231,14 @@ impl SessionTable {
 
     /// Starts loading the index line a lookup of `key` reads first.
     #[inline]
-    pub fn prefetch(&self, listener: usize, key: &FlowKey) {
+    pub(crate) fn prefetch(&self, listener: usize, key: &FlowKey) {
         if let Some(l) = self.listeners.get(listener) {
             l.keys.prefetch(key);
         }
     }
 
     /// Whether `listener` may take one more session.
-    pub fn admit(&self, listener: usize) -> Result<(), Refused> {
+    pub(crate) fn admit(&self, listener: usize) -> Result<(), Refused> {
         match self.listeners.get(listener) {
             // The index holds ids as u32.
             Some(l) if l.sessions < l.max_sessions && self.sessions.len() < MAX_IDS => Ok(()),
@@ -248,7 +248,7 @@ impl SessionTable {
 
     /// Adds a session under its keys; the caller has checked
     /// [`SessionTable::admit`]. Keys another session holds stay with it.
-    pub fn insert(&mut self, session: Session) -> SessionId {
+    pub(crate) fn insert(&mut self, session: Session) -> SessionId {
         let listener = session.listener;
         let id = self.sessions.insert(session);
         self.span = self.span.max(id + 1);
@@ -264,15 +264,15 @@ impl SessionTable {
         id
     }
 
-    pub fn get(&self, id: SessionId) -> Option<&Session> {
+    pub(crate) fn get(&self, id: SessionId) -> Option<&Session> {
         self.sessions.get(id)
     }
 
-    pub fn get_mut(&mut self, id: SessionId) -> Option<&mut Session> {
+    pub(crate) fn get_mut(&mut self, id: SessionId) -> Option<&mut Session> {
         self.sessions.get_mut(id)
     }
 
-    pub fn remove(&mut self, id: SessionId) -> Option<Session> {
+    pub(crate) fn remove(&mut self, id: SessionId) -> Option<Session> {
         let session = self.sessions.try_remove(id)?;
         if let Some(l) = self.listeners.get_mut(session.listener) {
             l.sessions -= 1;
@@ -286,7 +286,7 @@ impl SessionTable {
 
     /// Makes `alias` another key of session `id`; false when the key is
     /// already taken (by this session or another) or the session is full.
-    pub fn add_alias(&mut self, id: SessionId, alias: FlowKey) -> bool {
+    pub(crate) fn add_alias(&mut self, id: SessionId, alias: FlowKey) -> bool {
         let Some(session) = self.sessions.get(id) else {
             return false;
         };
@@ -299,12 +299,12 @@ impl SessionTable {
         true
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.sessions.len()
     }
 
     /// Sessions of `listener` with backend `backend`.
-    pub fn on_backend(&self, listener: usize, backend: usize) -> u32 {
+    pub(crate) fn on_backend(&self, listener: usize, backend: usize) -> u32 {
         self.listeners
             .get(listener)
             .and_then(|l| l.by_backend.get(backend))
@@ -314,7 +314,7 @@ impl SessionTable {
 
     /// Counts sessions by backend again (after a reload moved listener and
     /// backend indices, or sessions to other backends).
-    pub fn recount(&mut self) {
+    pub(crate) fn recount(&mut self) {
         for l in &mut self.listeners {
             l.by_backend.clear();
         }
@@ -326,7 +326,7 @@ impl SessionTable {
     }
 
     /// The slab indices a sweep covers.
-    pub fn span(&self) -> usize {
+    pub(crate) fn span(&self) -> usize {
         self.span
     }
 
@@ -334,7 +334,7 @@ impl SessionTable {
     /// hold a session: called every tick with a budget sized so the whole
     /// table is visited about once a second, without a pause proportional
     /// to the table.
-    pub fn sweep(&mut self, budget: usize) -> Vec<SessionId> {
+    pub(crate) fn sweep(&mut self, budget: usize) -> Vec<SessionId> {
         let span = self.span;
         let mut out = Vec::new();
         if span == 0 {
@@ -352,7 +352,7 @@ impl SessionTable {
 
     /// Follows a reload: listener `j` becomes `map[j]` (its sessions must
     /// already be gone when it is `None`), and listeners take `limits`.
-    pub fn remap(&mut self, map: &[Option<usize>], limits: &[usize]) {
+    pub(crate) fn remap(&mut self, map: &[Option<usize>], limits: &[usize]) {
         let mut old: Vec<Option<ListenerTable>> = std::mem::take(&mut self.listeners)
             .into_iter()
             .map(Some)
@@ -376,7 +376,7 @@ impl SessionTable {
     }
 
     /// Every session's id.
-    pub fn ids(&self) -> Vec<SessionId> {
+    pub(crate) fn ids(&self) -> Vec<SessionId> {
         self.sessions.iter().map(|(id, _)| id).collect()
     }
 }

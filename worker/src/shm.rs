@@ -9,7 +9,7 @@ use udpshard_shared::stats::StatsRegion;
 
 use crate::router::{Inherited, Owners};
 
-pub struct ShmOwners {
+pub(crate) struct ShmOwners {
     pub state: StateRegion,
     pub stats: StatsRegion,
 }

@@ -12,11 +12,11 @@ use std::os::fd::RawFd;
 use nix::sys::socket::{setsockopt, sockopt};
 
 /// Datagrams per batched call.
-pub const BATCH: usize = 32;
+pub(crate) const BATCH: usize = 32;
 
 /// The kernel's count of datagrams dropped on this socket since it was
 /// created (SK_MEMINFO_DROPS: the same number as /proc/net/udp's `drops`).
-pub fn socket_drops(fd: RawFd) -> io::Result<u32> {
+pub(crate) fn socket_drops(fd: RawFd) -> io::Result<u32> {
     let mut info = [0u32; libc::SK_MEMINFO_DROPS as usize + 1];
     let mut len = size_of::<[u32; libc::SK_MEMINFO_DROPS as usize + 1]>() as libc::socklen_t;
     // SAFETY: `info` is a live, writable buffer of `len` bytes; the kernel
@@ -45,7 +45,7 @@ pub fn socket_drops(fd: RawFd) -> io::Result<u32> {
 /// Which per-datagram control messages a listener socket receives: the
 /// destination address only when `want_dst` (wildcard binds), never TOS or
 /// timestamps.
-pub fn set_recv_control(socket: &UdpSocket, want_dst: bool) -> io::Result<()> {
+pub(crate) fn set_recv_control(socket: &UdpSocket, want_dst: bool) -> io::Result<()> {
     // quinn-udp turns on SO_TIMESTAMPNS for every socket it sets up: a
     // control message per datagram, and packet timestamps for the host.
     setsockopt(socket, sockopt::ReceiveTimestampns, &false)?;
@@ -64,13 +64,13 @@ pub fn set_recv_control(socket: &UdpSocket, want_dst: bool) -> io::Result<()> {
 
 /// A socket address in the kernel's form.
 #[derive(Clone, Copy)]
-pub struct RawAddr {
+pub(crate) struct RawAddr {
     storage: libc::sockaddr_storage,
     len: libc::socklen_t,
 }
 
 impl RawAddr {
-    pub fn new(addr: SocketAddr) -> RawAddr {
+    pub(crate) fn new(addr: SocketAddr) -> RawAddr {
         // SAFETY: an all-zero sockaddr_storage is a valid (AF_UNSPEC) value.
         let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
         let len = match addr {
@@ -115,11 +115,11 @@ impl RawAddr {
     }
 
     /// For a message header's `msg_name`.
-    pub fn as_mut_ptr(&mut self) -> *mut libc::c_void {
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut libc::c_void {
         (&mut self.storage as *mut libc::sockaddr_storage).cast()
     }
 
-    pub fn len(&self) -> libc::socklen_t {
+    pub(crate) fn len(&self) -> libc::socklen_t {
         self.len
     }
 }
@@ -159,10 +159,10 @@ fn parse_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<
 
 /// Room for one IP_PKTINFO or IPV6_PKTINFO control message (the larger),
 /// 8-byte aligned.
-pub const CMSG_WORDS: usize = 8;
+pub(crate) const CMSG_WORDS: usize = 8;
 
 /// One datagram of a batched send.
-pub struct OutMsg<'a> {
+pub(crate) struct OutMsg<'a> {
     pub to: SocketAddr,
     /// The source address (IP_PKTINFO / IPV6_PKTINFO), for replies from a
     /// wildcard-bound socket.
@@ -171,7 +171,7 @@ pub struct OutMsg<'a> {
 }
 
 /// Reusable buffers for [`send_batch`].
-pub struct SendBatch {
+pub(crate) struct SendBatch {
     names: Vec<RawAddr>,
     iovs: Vec<libc::iovec>,
     cmsgs: Vec<[u64; CMSG_WORDS]>,
@@ -193,7 +193,12 @@ impl Default for SendBatch {
 /// of every datagram that did not go out is pushed to `failed`: a full send
 /// buffer (that one and all after it), or an error of its own (an
 /// unreachable destination, a firewall's EPERM).
-pub fn send_batch(fd: RawFd, msgs: &[OutMsg<'_>], b: &mut SendBatch, failed: &mut Vec<usize>) {
+pub(crate) fn send_batch(
+    fd: RawFd,
+    msgs: &[OutMsg<'_>],
+    b: &mut SendBatch,
+    failed: &mut Vec<usize>,
+) {
     let mut at = 0;
     // Where a send last failed with an error an ICMP report left on the
     // socket (it belongs to an earlier datagram, perhaps to another
@@ -247,7 +252,7 @@ pub fn send_batch(fd: RawFd, msgs: &[OutMsg<'_>], b: &mut SendBatch, failed: &mu
 }
 
 /// What one sendmmsg did with the first of its datagrams.
-pub enum Sent {
+pub(crate) enum Sent {
     /// This many went (at least one).
     Some(usize),
     /// A signal came first: try again.
@@ -268,7 +273,7 @@ pub enum Sent {
 /// # Safety
 /// Every header must point at live buffers (name, iovecs, control data)
 /// with their lengths, none of them touched until the call returns.
-pub unsafe fn send_some(fd: RawFd, hdrs: &mut [libc::mmsghdr]) -> Sent {
+pub(crate) unsafe fn send_some(fd: RawFd, hdrs: &mut [libc::mmsghdr]) -> Sent {
     // SAFETY: the caller vouches for the headers; `hdrs` is a live slice of
     // `hdrs.len()` of them.
     let n = unsafe {
@@ -292,7 +297,7 @@ pub unsafe fn send_some(fd: RawFd, hdrs: &mut [libc::mmsghdr]) -> Sent {
 
 /// Writes an IP_PKTINFO (IPv4) or IPV6_PKTINFO control message asking for
 /// source address `ip` into `buf`; returns its length.
-pub fn put_pktinfo(buf: &mut [u64; CMSG_WORDS], ip: IpAddr) -> usize {
+pub(crate) fn put_pktinfo(buf: &mut [u64; CMSG_WORDS], ip: IpAddr) -> usize {
     let (level, kind, data_len) = match ip {
         IpAddr::V4(_) => (
             libc::IPPROTO_IP,
@@ -345,7 +350,7 @@ pub fn put_pktinfo(buf: &mut [u64; CMSG_WORDS], ip: IpAddr) -> usize {
 
 /// One datagram of a batched receive.
 #[derive(Debug, Clone, Copy)]
-pub struct InMeta {
+pub(crate) struct InMeta {
     pub len: usize,
     pub from: Option<SocketAddr>,
     /// The socket's lifetime drop count, when the kernel attached it
@@ -354,7 +359,7 @@ pub struct InMeta {
 }
 
 /// Reusable buffers for [`recv_batch`].
-pub struct RecvBatch {
+pub(crate) struct RecvBatch {
     pub bufs: Vec<Vec<u8>>,
     pub meta: [InMeta; BATCH],
     names: Vec<libc::sockaddr_storage>,
@@ -365,7 +370,7 @@ pub struct RecvBatch {
 
 impl RecvBatch {
     /// Buffers for `BATCH` datagrams of up to `size` bytes.
-    pub fn new(size: usize) -> RecvBatch {
+    pub(crate) fn new(size: usize) -> RecvBatch {
         RecvBatch {
             bufs: (0..BATCH).map(|_| vec![0u8; size]).collect(),
             meta: [InMeta {
@@ -384,7 +389,7 @@ impl RecvBatch {
 
 /// Receives up to `BATCH` datagrams from `fd` with recvmmsg: how many, with
 /// each one's sender and drop count in `b.meta`. `Ok(0)` when none waits.
-pub fn recv_batch(fd: RawFd, b: &mut RecvBatch) -> io::Result<usize> {
+pub(crate) fn recv_batch(fd: RawFd, b: &mut RecvBatch) -> io::Result<usize> {
     b.iovs.clear();
     b.hdrs.clear();
     for buf in b.bufs.iter_mut() {
@@ -452,7 +457,7 @@ pub fn recv_batch(fd: RawFd, b: &mut RecvBatch) -> io::Result<usize> {
 /// paths, with SO_RXQ_OVFL on so replies carry its drop count. No
 /// SO_REUSEADDR: the kernel refuses a (source, port) another socket holds,
 /// so two sockets never share a 4-tuple.
-pub fn bound_upstream(local: SocketAddr) -> io::Result<UdpSocket> {
+pub(crate) fn bound_upstream(local: SocketAddr) -> io::Result<UdpSocket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(local),
         socket2::Type::DGRAM.nonblocking().cloexec(),
@@ -480,7 +485,7 @@ const ERRORS_PER_READ: usize = 256;
 
 /// Reads the error queue of `fd` (IP_RECVERR): each error with the address
 /// the datagram that caused it was sent to and its errno. Returns how many.
-pub fn recv_errors(fd: RawFd, mut on: impl FnMut(SocketAddr, i32)) -> usize {
+pub(crate) fn recv_errors(fd: RawFd, mut on: impl FnMut(SocketAddr, i32)) -> usize {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
     let mut n = 0;
     let mut buf = [0u8; 64];

@@ -19,7 +19,7 @@ use crate::paths::{OpenError, SockId, Sockets};
 use crate::sockio;
 
 /// Upstream sockets' poll tokens start here (above listeners and control).
-pub const UPSTREAM_TOKEN_BASE: usize = 1 << 20;
+pub(crate) const UPSTREAM_TOKEN_BASE: usize = 1 << 20;
 
 /// A port another program holds is not tried again for this long.
 const FOREIGN_COOL_MS: u64 = 60_000;
@@ -61,7 +61,7 @@ struct Entry {
     lease: Option<(usize, u16)>,
 }
 
-pub struct Upstream {
+pub(crate) struct Upstream {
     me: Owner,
     registry: Registry,
     state: StateRegion,
@@ -127,7 +127,12 @@ pub fn sources_of(cfg: &config::Listener) -> Vec<IpAddr> {
 }
 
 impl Upstream {
-    pub fn new(me: Owner, registry: Registry, state: StateRegion, stats: StatsRegion) -> Upstream {
+    pub(crate) fn new(
+        me: Owner,
+        registry: Registry,
+        state: StateRegion,
+        stats: StatsRegion,
+    ) -> Upstream {
         Upstream {
             me,
             registry,
@@ -141,7 +146,7 @@ impl Upstream {
     }
 
     /// Takes the listeners' ranges from `config` (at start and on reload).
-    pub fn configure(&mut self, config: &config::Config) {
+    pub(crate) fn configure(&mut self, config: &config::Config) {
         // A reload is when addresses and routes were likely changed too.
         self.route_sources.clear();
         self.ranges = config
@@ -167,7 +172,7 @@ impl Upstream {
     }
 
     /// The descriptor of socket `sock`.
-    pub fn fd(&self, sock: SockId) -> Option<RawFd> {
+    pub(crate) fn fd(&self, sock: SockId) -> Option<RawFd> {
         self.socks
             .get(sock as usize)?
             .as_ref()
@@ -177,7 +182,7 @@ impl Upstream {
     /// The address a datagram from socket `sock` to `dst` leaves from: the
     /// socket's own, with the source address the route to `dst` picks when
     /// it is bound to the wildcard. `None` when that cannot be told.
-    pub fn source_toward(
+    pub(crate) fn source_toward(
         &mut self,
         sock: SockId,
         dst: SocketAddr,
@@ -208,7 +213,7 @@ impl Upstream {
 
     /// Keeps a descriptor received with a transfer as borrowed socket
     /// `sock` (sent on, never read here).
-    pub fn keep(&mut self, sock: SockId, fd: OwnedFd) {
+    pub(crate) fn keep(&mut self, sock: SockId, fd: OwnedFd) {
         let i = sock as usize;
         if self.socks.len() <= i {
             self.socks.resize_with(i + 1, || None);
@@ -224,7 +229,7 @@ impl Upstream {
 
     /// Listener `l`'s ports, and its sources of each family (IPv4, IPv6):
     /// a backend's paths are its family's sources times the ports.
-    pub fn capacity(&self, listener: usize) -> Option<(usize, usize, usize)> {
+    pub(crate) fn capacity(&self, listener: usize) -> Option<(usize, usize, usize)> {
         let r = self.ranges.get(listener)?;
         let v4 = r.sources.iter().filter(|(ip, _)| ip.is_ipv4()).count();
         Some((usize::from(r.hi - r.lo) + 1, v4, r.sources.len() - v4))

@@ -3,21 +3,18 @@
 //! whatever it left behind, and the host-wide lock that keeps two benchmark
 //! runs from measuring each other.
 
-use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use udpshard_lab::{ProxyChild, SpawnError};
 use udpshard_shared::procnet::udp_sockets;
 
 use super::procstat::{all_processes, read_stat, tree_pids, ProcStat};
@@ -79,60 +76,44 @@ pub fn show_command(command: &Command) -> String {
     line
 }
 
-/// A proxy under test: its process, and its stderr read on a thread (kept so that a failure
-/// can show it, and read to the end so that the proxy never blocks on a full pipe).
+/// A proxy under test: lab's [`ProxyChild`] (stderr read on a thread, kept so that a failure
+/// can show it, and read to the end so that the proxy never blocks on a full pipe), with what a
+/// benchmark adds: waiting for a proxy that prints nothing when it is up, and stopping what its
+/// process left behind.
 pub struct ProxyProcess {
-    child: Child,
-    stderr: Arc<Mutex<VecDeque<String>>>,
-    ready: mpsc::Receiver<()>,
+    child: ProxyChild,
+    pid: u32,
 }
 
 impl ProxyProcess {
-    pub fn start(mut command: Command) -> std::io::Result<ProxyProcess> {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stderr = Arc::new(Mutex::new(VecDeque::new()));
-        let (ready_tx, ready) = mpsc::channel();
-        if let Some(pipe) = child.stderr.take() {
-            let lines = Arc::clone(&stderr);
-            std::thread::spawn(move || read_stderr(pipe, &lines, &ready_tx));
-        }
-        Ok(ProxyProcess {
-            child,
-            stderr,
-            ready,
-        })
+    pub fn start(command: Command) -> std::io::Result<ProxyProcess> {
+        let child = ProxyChild::start(command, |_| {}).map_err(|e| match e {
+            SpawnError::Spawn(e) => e,
+            other => std::io::Error::other(other.to_string()),
+        })?;
+        let pid = child.pid();
+        Ok(ProxyProcess { child, pid })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid
     }
 
     /// Waits for a stderr line containing `ready:`; fails with the stderr so far if the proxy
     /// exits or the timeout passes first.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        let mut stderr_open = true;
-        loop {
-            if stderr_open {
-                match self.ready.recv_timeout(Duration::from_millis(100)) {
-                    Ok(()) => return Ok(()),
-                    // The proxy closed stderr: it is exiting, or will never say ready.
-                    Err(mpsc::RecvTimeoutError::Disconnected) => stderr_open = false,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {}
-                }
-            } else {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            self.check_alive()?;
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "no `ready:` on stderr within {timeout:?}; its stderr:\n{}",
+        match self.child.wait_ready(timeout) {
+            Ok(()) => Ok(()),
+            Err(SpawnError::NotReady(_)) => Err(format!(
+                "no `ready:` on stderr within {timeout:?}; its stderr:\n{}",
+                self.stderr_tail()
+            )),
+            Err(_) => {
+                self.check_alive()?;
+                Err(format!(
+                    "it closed stderr without `ready:`; its stderr:\n{}",
                     self.stderr_tail()
-                ));
+                ))
             }
         }
     }
@@ -172,7 +153,7 @@ impl ProxyProcess {
             Ok(None) => Ok(()),
             Ok(Some(status)) => {
                 // Let the reader thread take in the last lines before they are shown.
-                std::thread::sleep(Duration::from_millis(200));
+                self.child.wait_log_closed(Duration::from_millis(200));
                 Err(format!(
                     "exited ({status}); its stderr:\n{}",
                     self.stderr_tail()
@@ -182,10 +163,12 @@ impl ProxyProcess {
         }
     }
 
+    /// The last lines of its stderr, for a report.
     pub fn stderr_tail(&self) -> String {
-        let lines = self.stderr.lock().unwrap_or_else(PoisonError::into_inner);
+        let log = self.child.log();
+        let lines: Vec<&str> = log.lines().collect();
         let mut text = String::new();
-        for line in lines.iter() {
+        for line in &lines[lines.len().saturating_sub(STDERR_LINES)..] {
             let _ = writeln!(text, "  | {line}");
         }
         if text.is_empty() {
@@ -200,7 +183,7 @@ impl ProxyProcess {
         if let Ok(Some(status)) = self.child.try_wait() {
             return status.to_string();
         }
-        let root = self.child.id();
+        let root = self.pid;
         let descendants: Vec<ProcStat> = all_processes()
             .map(|all| {
                 let tree = tree_pids(root, &all);
@@ -209,32 +192,16 @@ impl ProxyProcess {
                     .collect()
             })
             .unwrap_or_default();
-        let status = self.terminate();
+        let status = match self.child.stop(STOP_GRACE) {
+            Ok(status) => status.to_string(),
+            Err(e) => format!("{e} (no exit on SIGTERM within {STOP_GRACE:?})"),
+        };
         let leftovers = kill_leftovers(&descendants);
         if leftovers == 0 {
             status
         } else {
             format!("{status}; killed {leftovers} process(es) it left behind")
         }
-    }
-
-    fn terminate(&mut self) -> String {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
-        let deadline = Instant::now() + STOP_GRACE;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.to_string();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let status = self
-            .child
-            .wait()
-            .map_or("unknown".into(), |s: ExitStatus| s.to_string());
-        format!("killed after {STOP_GRACE:?} without exiting on SIGTERM: {status}")
     }
 }
 
@@ -267,33 +234,6 @@ impl Drop for ProxyProcess {
         if let Ok(None) = self.child.try_wait() {
             self.stop();
         }
-    }
-}
-
-pub fn read_stderr(
-    pipe: std::process::ChildStderr,
-    lines: &Mutex<VecDeque<String>>,
-    ready: &mpsc::Sender<()>,
-) {
-    let mut reader = BufReader::new(pipe);
-    let mut buf = Vec::new();
-    let mut said_ready = false;
-    loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let line = String::from_utf8_lossy(&buf).trim_end().to_string();
-        if !said_ready && line.contains("ready:") {
-            said_ready = true;
-            let _ = ready.send(());
-        }
-        let mut lines = lines.lock().unwrap_or_else(PoisonError::into_inner);
-        if lines.len() == STDERR_LINES {
-            lines.pop_front();
-        }
-        lines.push_back(line);
     }
 }
 

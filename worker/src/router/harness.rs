@@ -27,7 +27,7 @@ use crate::phase::{HandingOver, Phase, HAND_OVER_TIMEOUT_MS};
 
 /// The ownership table and worker liveness, shared by the routers.
 #[derive(Default)]
-pub struct OwnerState {
+pub(super) struct OwnerState {
     pub table: HashMap<u64, Owner>,
     /// Port hints: (writer, local address, backend tag), by entry.
     pub hints: HashMap<u64, (Owner, SocketAddr, u16)>,
@@ -38,7 +38,7 @@ pub struct OwnerState {
 }
 
 #[derive(Clone)]
-pub struct MemOwners(pub Rc<RefCell<OwnerState>>);
+pub(super) struct MemOwners(pub Rc<RefCell<OwnerState>>);
 
 impl Owners for MemOwners {
     fn lookup(&self, hash: u64) -> Option<Owner> {
@@ -110,7 +110,7 @@ impl Owners for MemOwners {
 
 /// The fake kernel: which (source, port) is bound, which process reads
 /// it, and each process's descriptors.
-pub struct Net {
+pub(super) struct Net {
     pub lo: u16,
     pub hi: u16,
     pub source: IpAddr,
@@ -174,7 +174,7 @@ impl Net {
     }
 }
 
-pub struct FakeSockets {
+pub(super) struct FakeSockets {
     pub me: Owner,
     pub net: Rc<RefCell<Net>>,
     pub owners: MemOwners,
@@ -252,7 +252,7 @@ impl Sockets for FakeSockets {
 
 /// What a backend received: from which upstream 4-tuple.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AtBackend {
+pub(super) struct AtBackend {
     pub backend: SocketAddr,
     pub from: SocketAddr,
     pub payload: Vec<u8>,
@@ -260,7 +260,7 @@ pub struct AtBackend {
 
 /// What a client received.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AtClient {
+pub(super) struct AtClient {
     pub client: SocketAddr,
     pub from_ip: Option<IpAddr>,
     pub payload: Vec<u8>,
@@ -284,12 +284,12 @@ struct Queued {
     bytes: Vec<u8>,
 }
 
-pub type TestRouter = Router<MemOwners, FakeSockets>;
+pub(super) type TestRouter = Router<MemOwners, FakeSockets>;
 
 /// A process of the world: slot `w`'s serving generation (`Cur`), or the
 /// generation standing by to take it over in a binary upgrade (`Next`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum P {
+pub(super) enum P {
     Cur(usize),
     Next(usize),
 }
@@ -307,7 +307,7 @@ enum Twin {
 
 /// How far a binary upgrade has come, as the old supervisor drives it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Upgrade {
+pub(super) enum Upgrade {
     /// The new generation stands by, not yet reading.
     Standby,
     /// The old workers left the listeners to it.
@@ -317,7 +317,7 @@ pub enum Upgrade {
     HandingOver,
 }
 
-pub struct World {
+pub(super) struct World {
     /// Each slot's serving process (during an upgrade, the old one).
     pub routers: Vec<TestRouter>,
     /// A binary upgrade's new generation, by slot.
@@ -358,11 +358,11 @@ pub struct World {
     discarded: Counters,
 }
 
-pub const CLIENT: &str = "192.0.2.10:5000";
+pub(super) const CLIENT: &str = "192.0.2.10:5000";
 
 /// A one-listener config (QUIC, 8-byte short-header CIDs) with `extra` keys
 /// and `backends` backends at 198.51.100.1..
-pub fn config(extra: &str, backends: usize) -> String {
+pub(super) fn config(extra: &str, backends: usize) -> String {
     let list: Vec<String> = (1..=backends)
         .map(|i| format!("\"198.51.100.{i}:443\""))
         .collect();
@@ -372,36 +372,28 @@ pub fn config(extra: &str, backends: usize) -> String {
     )
 }
 
-pub fn backend(i: usize) -> SocketAddr {
+pub(super) fn backend(i: usize) -> SocketAddr {
     format!("198.51.100.{}:443", i + 1).parse().unwrap()
 }
 
-pub fn addr(s: &str) -> SocketAddr {
+pub(super) fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
 /// A QUIC short-header datagram for 8-byte CID `cid`.
-pub fn short(cid: u64, body: &[u8]) -> Vec<u8> {
-    let mut d = vec![0x40];
-    d.extend_from_slice(&cid.to_be_bytes());
-    d.extend_from_slice(body);
-    d
+pub(super) fn short(cid: u64, body: &[u8]) -> Vec<u8> {
+    udpshard_shared::flow::quic_short(&cid.to_be_bytes(), body)
 }
 
 /// A QUIC long-header (Initial) datagram with `dcid` and `scid`.
-pub fn long(dcid: u64, scid: u64) -> Vec<u8> {
-    let mut d = vec![0xc0, 0, 0, 0, 1, 8];
-    d.extend_from_slice(&dcid.to_be_bytes());
-    d.push(8);
-    d.extend_from_slice(&scid.to_be_bytes());
-    d.extend_from_slice(b"handshake");
-    d
+pub(super) fn long(dcid: u64, scid: u64) -> Vec<u8> {
+    udpshard_shared::flow::quic_initial(&dcid.to_be_bytes(), &scid.to_be_bytes(), b"handshake")
 }
 
 impl World {
     /// `workers` routers on config `text` (see [`config`]), upstream ports
     /// `lo..=hi`.
-    pub fn new(workers: usize, text: &str, ports: (u16, u16)) -> World {
+    pub(super) fn new(workers: usize, text: &str, ports: (u16, u16)) -> World {
         let owners = Rc::new(RefCell::new(OwnerState {
             table: HashMap::new(),
             hints: HashMap::new(),
@@ -451,7 +443,7 @@ impl World {
     }
 
     /// The routes of config `text` (see [`config`]), for a reload.
-    pub fn routes_for(text: &str) -> Vec<Route> {
+    pub(super) fn routes_for(text: &str) -> Vec<Route> {
         let cfg = udpshard_config::parse(text, "test").unwrap();
         // Backend b of listener l counts in row 16 l + b.
         cfg.listeners
@@ -495,7 +487,7 @@ impl World {
             .unwrap_or(0)
     }
 
-    pub fn workers(&self) -> usize {
+    pub(super) fn workers(&self) -> usize {
         self.routers.len()
     }
 
@@ -514,7 +506,7 @@ impl World {
     }
 
     /// Whether process `p` runs.
-    pub fn alive(&self, p: P) -> bool {
+    pub(super) fn alive(&self, p: P) -> bool {
         match p {
             P::Cur(w) => self.owners.borrow().live[w] == Some(self.routers[w].me),
             P::Next(w) => self.standbys[w].is_some(),
@@ -551,13 +543,13 @@ impl World {
     }
 
     /// A client datagram from `client` that the kernel delivers to `worker`.
-    pub fn send(&mut self, worker: usize, client: &str, bytes: &[u8]) {
+    pub(super) fn send(&mut self, worker: usize, client: &str, bytes: &[u8]) {
         self.send_on(worker, 0, client, bytes);
     }
 
     /// A client datagram to listener `listener` (see [`World::send`]): it
     /// waits in the slot's socket while no process reads it.
-    pub fn send_on(&mut self, worker: usize, listener: usize, client: &str, bytes: &[u8]) {
+    pub(super) fn send_on(&mut self, worker: usize, listener: usize, client: &str, bytes: &[u8]) {
         self.sent_by_clients += 1;
         self.listeners[worker].push_back(Queued {
             listener,
@@ -571,7 +563,7 @@ impl World {
 
     /// The process reading slot `w`'s listener socket reads what waits
     /// there; false when no process reads it.
-    pub fn read_listener(&mut self, w: usize) -> bool {
+    pub(super) fn read_listener(&mut self, w: usize) -> bool {
         let Some(p) = self.reader_of_slot(w) else {
             return false;
         };
@@ -616,7 +608,7 @@ impl World {
 
     /// A backend's datagram to upstream address `to` (a path's local
     /// address): the kernel gives it to the process that reads that socket.
-    pub fn reply(&mut self, backend: SocketAddr, to: SocketAddr, bytes: &[u8]) {
+    pub(super) fn reply(&mut self, backend: SocketAddr, to: SocketAddr, bytes: &[u8]) {
         let net = self.net.borrow();
         let Some(&reader) = net.bound.get(&to) else {
             return;
@@ -642,7 +634,7 @@ impl World {
 
     /// Answers every datagram backends have received since `from` (index in
     /// `at_backend`), echoing its payload from the backend to its sender.
-    pub fn echo_since(&mut self, from: usize) {
+    pub(super) fn echo_since(&mut self, from: usize) {
         let pending: Vec<AtBackend> = self.at_backend[from..].to_vec();
         for d in pending {
             self.reply(d.backend, d.from, &d.payload);
@@ -785,12 +777,12 @@ impl World {
 
     /// Delivers the first frame waiting in worker `w`'s inbox; false when
     /// there is none (or no process reads it).
-    pub fn deliver(&mut self, w: usize) -> bool {
+    pub(super) fn deliver(&mut self, w: usize) -> bool {
         self.deliver_to(P::Cur(w))
     }
 
     /// Delivers the first frame waiting for process `p`.
-    pub fn deliver_to(&mut self, p: P) -> bool {
+    pub(super) fn deliver_to(&mut self, p: P) -> bool {
         // A dead process reads nothing: its frames wait for its successor.
         if !self.alive(p) {
             return false;
@@ -815,14 +807,14 @@ impl World {
     }
 
     /// The frames waiting for worker `w` lose their descriptors.
-    pub fn drop_descriptors(&mut self, w: usize) {
+    pub(super) fn drop_descriptors(&mut self, w: usize) {
         for f in &mut self.inboxes[w] {
             f.fds.clear();
         }
     }
 
     /// Delivers every frame until no process has one to read (bounded).
-    pub fn settle(&mut self) {
+    pub(super) fn settle(&mut self) {
         for _ in 0..10_000 {
             let Some(p) = self.processes().into_iter().find(|p| !self.inbox_empty(*p)) else {
                 return;
@@ -841,7 +833,7 @@ impl World {
 
     /// Advances virtual time by `ms` and ticks every live process (each
     /// sweeping its whole table).
-    pub fn advance(&mut self, ms: u64) {
+    pub(super) fn advance(&mut self, ms: u64) {
         self.now_ms += ms;
         self.net.borrow_mut().now_ms = self.now_ms;
         for p in self.processes() {
@@ -856,7 +848,7 @@ impl World {
 
     /// Reloads every live process to config `text`: listeners are matched
     /// by name, as the worker matches their sockets.
-    pub fn reload(&mut self, text: &str) {
+    pub(super) fn reload(&mut self, text: &str) {
         let old = World::routes_for(&self.config);
         let new = World::routes_for(text);
         let map: Vec<Option<usize>> = old
@@ -875,7 +867,7 @@ impl World {
 
     /// Passive health as the supervisor decides it: every live process
     /// applies `down` to listener 0's backends (at its next tick).
-    pub fn set_down(&mut self, down: &[bool]) {
+    pub(super) fn set_down(&mut self, down: &[bool]) {
         for p in self.processes() {
             if let Some(r) = self.router_mut(p) {
                 r.set_backend_states(0, down);
@@ -886,7 +878,7 @@ impl World {
     }
 
     /// Worker `w` drains (SIGTERM): it makes no new session.
-    pub fn drain(&mut self, w: usize) {
+    pub(super) fn drain(&mut self, w: usize) {
         assert!(self.routers[w].set_phase(Phase::Draining {
             deadline_ms: u64::MAX
         }));
@@ -895,7 +887,7 @@ impl World {
     /// Kills worker `w`: it stops serving; the kernel closes its
     /// descriptors (a socket another process holds a copy of stays bound).
     /// Its inbox and listener socket keep what waits for its replacement.
-    pub fn kill(&mut self, w: usize) {
+    pub(super) fn kill(&mut self, w: usize) {
         self.owners.borrow_mut().live[w] = None;
         let dead = self.routers[w].me;
         let until = self.now_ms + self.orphan_cool_ms();
@@ -904,7 +896,7 @@ impl World {
 
     /// Replaces worker `w` with a fresh process (the next generation),
     /// whose counters continue the slot's; it reads what waited.
-    pub fn restart(&mut self, w: usize) {
+    pub(super) fn restart(&mut self, w: usize) {
         let generation = self.next_generation[w];
         self.next_generation[w] += 1;
         let me = Owner::new(w, generation);
@@ -927,7 +919,7 @@ impl World {
 
     /// SIGUSR2: the new binary starts one standby process per slot. Refused
     /// (false) while another runs or a slot has no serving process.
-    pub fn begin_upgrade(&mut self) -> bool {
+    pub(super) fn begin_upgrade(&mut self) -> bool {
         if self.upgrade.is_some() || (0..self.workers()).any(|w| !self.alive(P::Cur(w))) {
             return false;
         }
@@ -952,7 +944,7 @@ impl World {
     /// offer a batch of sessions at a time, and once every one is handed
     /// over (or refused), they exit and the new generation goes live.
     /// Returns false when no upgrade runs.
-    pub fn upgrade_step(&mut self) -> bool {
+    pub(super) fn upgrade_step(&mut self) -> bool {
         match self.upgrade {
             None => false,
             Some(Upgrade::Standby) => {
@@ -1058,7 +1050,7 @@ impl World {
     /// (`Resume`), and the new generation exits (its supervisor is gone: its
     /// workers see their control channel close, and leave), first or after
     /// (`leave_first`: the two race); its generation is spent.
-    pub fn give_up_upgrade(&mut self, leave_first: bool) -> bool {
+    pub(super) fn give_up_upgrade(&mut self, leave_first: bool) -> bool {
         let Some(step) = self.upgrade else {
             return false;
         };
@@ -1120,13 +1112,13 @@ impl World {
     }
 
     /// Counter `c` of slot `w`'s serving process.
-    pub fn counter(&self, w: usize, c: Counter) -> u64 {
+    pub(super) fn counter(&self, w: usize, c: Counter) -> u64 {
         self.routers[w].counters.get(c)
     }
 
     /// Counter `c` over every slot, every process standing by, and what
     /// processes no slot kept had counted.
-    pub fn total(&self, c: Counter) -> u64 {
+    pub(super) fn total(&self, c: Counter) -> u64 {
         let standing = self.standbys.iter().flatten().map(|r| r.counters.get(c));
         (0..self.routers.len())
             .map(|w| self.counter(w, c))
@@ -1134,13 +1126,13 @@ impl World {
             .fold(self.discarded.get(c), u64::wrapping_add)
     }
 
-    pub fn drops(&self, reason: DropReason) -> u64 {
+    pub(super) fn drops(&self, reason: DropReason) -> u64 {
         self.total(reason.counter())
     }
 
     /// Live processes holding a session for `cid`'s key: slot `w`'s serving
     /// one as `w`, its standby as `workers + w`.
-    pub fn holders(&self, cid: u64) -> Vec<usize> {
+    pub(super) fn holders(&self, cid: u64) -> Vec<usize> {
         let key = udpshard_shared::FlowKey::new(&cid.to_be_bytes()).unwrap();
         let n = self.workers();
         self.processes()
@@ -1158,7 +1150,7 @@ impl World {
 
     /// Every distinct upstream address `backend` saw for datagrams whose
     /// payload starts with `prefix`.
-    pub fn froms(&self, prefix: &[u8]) -> HashSet<(SocketAddr, SocketAddr)> {
+    pub(super) fn froms(&self, prefix: &[u8]) -> HashSet<(SocketAddr, SocketAddr)> {
         self.at_backend
             .iter()
             .filter(|d| d.payload.starts_with(prefix))
@@ -1171,7 +1163,7 @@ impl World {
     /// read; every one read or handed in ended in exactly one of forward,
     /// hand over, drop (a datagram in an inbox was handed over, and is not
     /// yet handed in); every reply was relayed or dropped.
-    pub fn assert_ledger(&self) {
+    pub(super) fn assert_ledger(&self) {
         // The ledger the supervisor books a dead worker's losses from.
         let get = |c| self.total(c);
         let queued: usize = self.listeners.iter().map(VecDeque::len).sum();
@@ -1215,7 +1207,7 @@ impl World {
     /// sockets' homes, and no two sessions of different keys anywhere send
     /// on one (a relay and the borrowed copy its session sends on are one
     /// path; a session on offer and the receiver's copy are one session).
-    pub fn assert_unique_tuples(&self) {
+    pub(super) fn assert_unique_tuples(&self) {
         let mut seen: HashMap<(SocketAddr, SocketAddr), P> = HashMap::new();
         let mut senders: HashMap<(SocketAddr, SocketAddr), (P, FlowKey)> = HashMap::new();
         for p in self.processes() {
@@ -1252,12 +1244,12 @@ impl World {
     }
 
     /// Loses the first frame waiting in worker `w`'s inbox.
-    pub fn lose_frame(&mut self, w: usize) -> bool {
+    pub(super) fn lose_frame(&mut self, w: usize) -> bool {
         self.inboxes[w].pop_front().is_some()
     }
 
     /// The slot of the process that reads `local`.
-    pub fn reader(&self, local: SocketAddr) -> Option<usize> {
+    pub(super) fn reader(&self, local: SocketAddr) -> Option<usize> {
         self.net
             .borrow()
             .bound
@@ -1266,19 +1258,19 @@ impl World {
     }
 
     /// Upstream sockets slot `w`'s serving process holds.
-    pub fn fds(&self, w: usize) -> usize {
+    pub(super) fn fds(&self, w: usize) -> usize {
         let me = self.routers[w].me;
         self.net.borrow().fds.get(&me).map_or(0, HashMap::len)
     }
 
     /// Upstream sockets slot `w`'s serving process tried to open.
-    pub fn opens(&self, w: usize) -> usize {
+    pub(super) fn opens(&self, w: usize) -> usize {
         let me = self.routers[w].me;
         self.net.borrow().opens.get(&me).copied().unwrap_or(0)
     }
 
     /// Decodes the frames waiting in `w`'s inbox (for ordering tests).
-    pub fn inbox_kinds(&self, w: usize) -> Vec<String> {
+    pub(super) fn inbox_kinds(&self, w: usize) -> Vec<String> {
         self.inboxes[w]
             .iter()
             .map(|f| match Frame::decode(&f.bytes) {
@@ -1295,7 +1287,7 @@ impl World {
 
     /// Where each slot's processes stand in an upgrade, for a failure
     /// message.
-    pub fn upgrade_state(&self) -> String {
+    pub(super) fn upgrade_state(&self) -> String {
         let mut out = String::new();
         for w in 0..self.workers() {
             let r = &self.routers[w];

@@ -30,7 +30,7 @@ impl Supervisor {
     /// `udpshard run --upgrade-fd N`: takes over from the supervisor at the
     /// other end of `fd`. `loaded` is the config file as this binary read
     /// it: an error fails the upgrade, and the old generation serves on.
-    pub fn take_over(
+    pub(crate) fn take_over(
         fd: RawFd,
         config_path: Option<PathBuf>,
         loaded: Result<(Config, String, String), config::ConfigError>,
