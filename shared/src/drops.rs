@@ -12,7 +12,8 @@ pub enum DropReason {
     /// No flow key in it: not the configured protocol.
     Malformed,
     /// It could not be handed to the worker that owns its session (that
-    /// worker's inbox was full, or its listener is gone).
+    /// worker's inbox was full, or its listener is gone), or it bounced
+    /// between workers up to the hop cap while another had its flow.
     Handoff,
     /// A new flow beyond `max_sessions`.
     SessionLimit,
@@ -151,7 +152,9 @@ impl DropReason {
         match self {
             DropReason::Socket => "dropped by the kernel on the listener socket (buffer full)",
             DropReason::Malformed => "no flow key in the datagram (not the configured protocol)",
-            DropReason::Handoff => "could not be handed to the worker owning its session",
+            DropReason::Handoff => {
+                "could not be handed to the worker owning its session (or bounced past the hop cap)"
+            }
             DropReason::SessionLimit => "a new flow beyond max_sessions",
             DropReason::Draining => "a new flow while stopping (SIGTERM/SIGINT)",
             DropReason::NoBackend => "a new flow with no backend to go to",
