@@ -50,7 +50,25 @@ pub(crate) struct FileListener {
     pub reply_timeout: Option<Spanned<IntOrStr>>,
     pub revive_after: Option<Spanned<IntOrStr>>,
     pub on_backend_down: Option<Spanned<String>>,
+    pub max_ejection_percent: Option<Spanned<Int>>,
     pub health: Option<Spanned<FileHealth>>,
+    pub admission: Option<Spanned<FileAdmission>>,
+}
+
+/// `[listener.admission]`: what an unauthenticated datagram may create.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileAdmission {
+    pub max_embryonic: Option<Spanned<Int>>,
+    pub embryonic_timeout: Option<Spanned<IntOrStr>>,
+    pub source_prefix_v4: Option<Spanned<Int>>,
+    pub source_prefix_v6: Option<Spanned<Int>>,
+    pub new_sessions_per_source: Option<Spanned<Int>>,
+    pub new_sessions_burst: Option<Spanned<Int>>,
+    pub new_paths_per_source: Option<Spanned<Int>>,
+    pub new_paths_burst: Option<Spanned<Int>>,
+    pub new_paths_per_session: Option<Spanned<Int>>,
+    pub new_paths_per_session_burst: Option<Spanned<Int>>,
 }
 
 /// `[listener.health]`: active probes.

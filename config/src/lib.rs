@@ -5,6 +5,7 @@
 //! which the rest of the program trusts without re-checking. Every error
 //! carries `origin:line:col` like `nginx -t`.
 
+mod admission;
 mod error;
 mod file;
 mod units;
@@ -112,8 +113,36 @@ pub struct Listener {
     /// A down backend is tried again after this long, in `1s..=1h`.
     pub revive_after: Duration,
     pub on_backend_down: OnBackendDown,
+    /// The share of the backends passive evidence may hold down at once, in
+    /// `0..=100` (rounded down; active probes are not capped).
+    pub max_ejection_percent: u32,
     /// `[listener.health]`: active probes, if configured.
     pub health: Option<Health>,
+    /// `[listener.admission]`: what an unauthenticated datagram may create.
+    pub admission: Admission,
+}
+
+/// What an unauthenticated datagram may create. A session is embryonic
+/// until its backend first sends on it; new sessions and new paths go
+/// through token buckets per source prefix, and new paths through one per
+/// session. Rates are per second and per worker; 0 turns a limit off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// Embryonic sessions a worker may hold per listener, in
+    /// `1..=max_sessions`; past it the oldest makes room.
+    pub max_embryonic: usize,
+    /// How long a session may wait for its backend's first datagram, in
+    /// `1s..=session_idle`.
+    pub embryonic_timeout: Duration,
+    /// The prefix lengths a source is counted by (`1..=32`, `1..=128`).
+    pub source_prefix_v4: u8,
+    pub source_prefix_v6: u8,
+    pub new_sessions_per_source: u32,
+    pub new_sessions_burst: u32,
+    pub new_paths_per_source: u32,
+    pub new_paths_burst: u32,
+    pub new_paths_per_session: u32,
+    pub new_paths_per_session_burst: u32,
 }
 
 /// Active health: every `interval` each backend is sent `probe` from a
@@ -122,8 +151,9 @@ pub struct Listener {
 /// good ones bring it back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Health {
-    /// 1 to 1400 bytes (`0x...` in the file: hex; else the text's bytes).
-    pub probe: Vec<u8>,
+    /// 1 to 1400 bytes (`0x...` in the file: hex; else the text's bytes),
+    /// or the built-in QUIC probe.
+    pub probe: Probe,
     /// A prefix the reply must start with; empty: any reply.
     pub expect: Vec<u8>,
     /// In `100ms..=1h`.
@@ -134,6 +164,18 @@ pub struct Health {
     pub rise: u32,
     /// In `1..=100`.
     pub fall: u32,
+}
+
+/// What an active health probe sends, and what answers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// These bytes; a reply that starts with `expect` is good.
+    Bytes(Vec<u8>),
+    /// `probe = "quic"`: a 1200-byte QUIC long header with a reserved
+    /// version (RFC 9000 15), which every QUIC server answers with a
+    /// Version Negotiation packet, statelessly and without keys; that
+    /// answer is good.
+    Quic,
 }
 
 /// What a backend going down does to its live sessions.

@@ -69,7 +69,20 @@ fn default_parses() {
             reply_timeout: Duration::from_secs(1),
             revive_after: Duration::from_secs(10),
             on_backend_down: OnBackendDown::Keep,
+            max_ejection_percent: 50,
             health: None,
+            admission: Admission {
+                max_embryonic: 250_000,
+                embryonic_timeout: Duration::from_secs(10),
+                source_prefix_v4: 32,
+                source_prefix_v6: 64,
+                new_sessions_per_source: 1000,
+                new_sessions_burst: 2000,
+                new_paths_per_source: 200,
+                new_paths_burst: 400,
+                new_paths_per_session: 1,
+                new_paths_per_session_burst: 4,
+            },
             backends: vec![
                 Backend {
                     addr: sa("127.0.0.1:4434"),
@@ -654,7 +667,7 @@ fn active_health_is_checked() {
         .health
         .clone()
         .unwrap();
-    assert_eq!(h.probe, vec![0x0a, 0x0b]);
+    assert_eq!(h.probe, Probe::Bytes(vec![0x0a, 0x0b]));
     assert_eq!(h.expect, b"PONG".to_vec());
     assert_eq!(
         (h.interval, h.timeout, h.rise, h.fall),
@@ -665,9 +678,9 @@ fn active_health_is_checked() {
         .clone()
         .unwrap();
     assert_eq!(
-        (d.probe.as_slice(), d.interval, d.timeout, d.rise, d.fall),
+        (d.probe, d.interval, d.timeout, d.rise, d.fall),
         (
-            &b"PING"[..],
+            Probe::Bytes(b"PING".to_vec()),
             Duration::from_secs(2),
             Duration::from_secs(1),
             2,
@@ -1216,4 +1229,82 @@ fn upstream_send_is_auto_or_socket() {
     let e = parse(&bad, "t.toml").unwrap_err().to_string();
     assert!(e.starts_with("t.toml:1:17:"), "{e}");
     assert!(e.contains("expected \"auto\" or \"socket\""), "{e}");
+}
+
+#[test]
+fn admission_takes_its_defaults_from_the_listener() {
+    let a = ok(&with("max_sessions = 1000\nsession_idle = \"5s\"")).listeners[0]
+        .admission
+        .clone();
+    assert_eq!(a.max_embryonic, 250, "a quarter of max_sessions");
+    assert_eq!(
+        a.embryonic_timeout,
+        Duration::from_secs(5),
+        "at most session_idle"
+    );
+    assert_eq!((a.source_prefix_v4, a.source_prefix_v6), (32, 64));
+    let a = ok(&with(
+        "[listener.admission]\nmax_embryonic = 10\nembryonic_timeout = \"2s\"\nsource_prefix_v4 = 24\n\
+         new_sessions_per_source = 5\nnew_paths_per_session = 0",
+    ))
+    .listeners[0]
+    .admission
+    .clone();
+    assert_eq!(
+        (a.max_embryonic, a.embryonic_timeout, a.source_prefix_v4),
+        (10, Duration::from_secs(2), 24)
+    );
+    assert_eq!((a.new_sessions_per_source, a.new_sessions_burst), (5, 10));
+    assert_eq!(a.new_paths_per_session, 0, "0 turns the limit off");
+}
+
+#[test]
+fn admission_refuses_what_cannot_hold() {
+    assert_err(
+        &with("max_sessions = 10\n[listener.admission]\nmax_embryonic = 11"),
+        8,
+        17,
+        "admission.max_embryonic (at most max_sessions) = 11 is out of range",
+    );
+    assert_err(
+        &with("session_idle = \"5s\"\n[listener.admission]\nembryonic_timeout = \"6s\""),
+        8,
+        21,
+        "is longer than session_idle",
+    );
+    assert_err(
+        &with("[listener.admission]\nsource_prefix_v6 = 129"),
+        7,
+        20,
+        "source_prefix_v6 = 129 is out of range",
+    );
+    assert_err(
+        &with("[listener.admission]\nnew_sessions_per_source = -1"),
+        7,
+        27,
+        "out of range",
+    );
+    assert_err(
+        &with("[listener.admission]\nnew_session_rate = 1"),
+        7,
+        1,
+        "unknown field",
+    );
+}
+
+#[test]
+fn the_quic_probe_and_the_ejection_cap() {
+    let c = ok(&with(
+        "max_ejection_percent = 30\n[listener.health]\nprobe = \"quic\"",
+    ));
+    assert_eq!(c.listeners[0].max_ejection_percent, 30);
+    assert_eq!(c.listeners[0].health.as_ref().unwrap().probe, Probe::Quic);
+    assert_eq!(ok(BASE).listeners[0].max_ejection_percent, 50);
+    assert_err(&with("max_ejection_percent = 101"), 6, 24, "out of range");
+    assert_err(
+        &with("[listener.health]\nprobe = \"quic\"\nexpect = \"x\""),
+        8,
+        10,
+        "has no place with probe = \"quic\"",
+    );
 }

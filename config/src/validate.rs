@@ -18,7 +18,7 @@ use crate::{
     Backend, Config, Dissector, Listener, Migration, QuicLb, Steering, UpstreamSend, Workers,
     DEFAULT_STATS_FILE,
 };
-use crate::{Health, OnBackendDown};
+use crate::{Health, OnBackendDown, Probe};
 
 type Result<T> = std::result::Result<T, SpanError>;
 type Span = Range<usize>;
@@ -54,6 +54,9 @@ const DEFAULT_MAGLEV_TABLE_SIZE: usize = 65_537;
 const DEFAULT_WEIGHT: u32 = 1;
 const DEFAULT_PATH_IDLE: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_PATHS: usize = 4;
+/// Passive evidence may hold down half the backends (one of two, one of
+/// three, five of ten): garbage cannot empty a listener.
+const DEFAULT_MAX_EJECTION_PERCENT: u32 = 50;
 const MAX_PATHS: RangeInclusive<i64> = 1..=16;
 const MAX_SOURCES: usize = 64;
 const DEFAULT_PORT_REUSE_DELAY: Duration = Duration::from_secs(60);
@@ -342,6 +345,12 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
         None => None,
         Some(v) => Some(health(v, &ctx)?),
     };
+    let max_ejection_percent = match &l.max_ejection_percent {
+        None => DEFAULT_MAX_EJECTION_PERCENT,
+        Some(v) => int_in(v, 0..=100, &format!("{ctx}: max_ejection_percent"))?,
+    };
+    let admission =
+        crate::admission::admission(l.admission.as_ref(), max_sessions, session_idle, &ctx)?;
     let upstream_ports = match &l.upstream_ports {
         None => None,
         Some(v) => Some(port_range(v, &ctx)?),
@@ -372,7 +381,9 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
         reply_timeout,
         revive_after,
         on_backend_down,
+        max_ejection_percent,
         health,
+        admission,
     })
 }
 
@@ -400,10 +411,24 @@ fn health(v: &Spanned<FileHealth>, ctx: &str) -> Result<Health> {
     let t = v.get_ref();
     let hctx = format!("{ctx}: health");
     let probe_v = required(t.probe.as_ref(), &v.span(), &hctx, "probe")?;
-    let probe = payload(probe_v, &format!("{hctx}.probe"))?;
-    if probe.is_empty() || probe.len() > 1400 {
-        return Err(at(probe_v, format!("{hctx}.probe must be 1 to 1400 bytes")));
-    }
+    let probe = if probe_v.get_ref() == "quic" {
+        if let Some(e) = &t.expect {
+            return Err(at(
+                e,
+                format!(
+                    "{hctx}.expect has no place with probe = \"quic\": a Version Negotiation \
+                     packet is the answer it expects"
+                ),
+            ));
+        }
+        Probe::Quic
+    } else {
+        let probe = payload(probe_v, &format!("{hctx}.probe"))?;
+        if probe.is_empty() || probe.len() > 1400 {
+            return Err(at(probe_v, format!("{hctx}.probe must be 1 to 1400 bytes")));
+        }
+        Probe::Bytes(probe)
+    };
     let expect = match &t.expect {
         None => Vec::new(),
         Some(e) => payload(e, &format!("{hctx}.expect"))?,
@@ -693,7 +718,7 @@ fn session_idle(v: &Spanned<IntOrStr>, ctx: &str) -> Result<Duration> {
 }
 
 /// A duration key within `range`; `what` names the key in messages.
-fn duration_in(
+pub(crate) fn duration_in(
     v: &Spanned<IntOrStr>,
     range: RangeInclusive<Duration>,
     range_text: &str,
@@ -860,7 +885,11 @@ fn required<'a, T>(
 }
 
 /// `what` is the message prefix naming the key, e.g. `listener "a": cid_len`.
-fn int_in<T: TryFrom<i64>>(v: &Spanned<Int>, range: RangeInclusive<i64>, what: &str) -> Result<T> {
+pub(crate) fn int_in<T: TryFrom<i64>>(
+    v: &Spanned<Int>,
+    range: RangeInclusive<i64>,
+    what: &str,
+) -> Result<T> {
     let n = v.get_ref().0;
     let out_of_range = || {
         at(
@@ -874,7 +903,7 @@ fn int_in<T: TryFrom<i64>>(v: &Spanned<Int>, range: RangeInclusive<i64>, what: &
     T::try_from(n).map_err(|_| out_of_range())
 }
 
-fn at<T>(v: &Spanned<T>, message: String) -> SpanError {
+pub(crate) fn at<T>(v: &Spanned<T>, message: String) -> SpanError {
     SpanError::new(v.span(), message)
 }
 

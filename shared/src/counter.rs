@@ -115,10 +115,18 @@ pub enum Counter {
     /// worker last read them: `DropSocket` less this is what closed sockets
     /// counted, and the slot's next process counts on from this reading.
     ListenerDropsSeen,
+    DropNotInitial,
+    DropRateLimited,
+    DropPathLimit,
+    /// Sessions whose backend has not sent on them yet.
+    SessionsEmbryonic,
+    /// Embryonic sessions closed unanswered: to make room for a new flow,
+    /// or after `embryonic_timeout`.
+    SessionsEvicted,
 }
 
 impl Counter {
-    pub const COUNT: usize = Counter::ListenerDropsSeen as usize + 1;
+    pub const COUNT: usize = Counter::SessionsEvicted as usize + 1;
 
     /// Every counter, in slot order.
     pub fn all() -> impl Iterator<Item = Counter> {
@@ -671,6 +679,51 @@ pub const CATALOGUE: [Entry; Counter::COUNT] = [
         kind: Kind::Gauge,
         writer: Writer::Worker,
         shown: Shown::No,
+    },
+    Entry {
+        counter: Counter::DropNotInitial,
+        name: "drop_not_initial",
+        metric: None,
+        help: "",
+        kind: Kind::Total,
+        writer: Writer::Worker,
+        shown: Shown::No,
+    },
+    Entry {
+        counter: Counter::DropRateLimited,
+        name: "drop_rate_limited",
+        metric: None,
+        help: "",
+        kind: Kind::Total,
+        writer: Writer::Worker,
+        shown: Shown::No,
+    },
+    Entry {
+        counter: Counter::DropPathLimit,
+        name: "drop_path_limit",
+        metric: None,
+        help: "",
+        kind: Kind::Total,
+        writer: Writer::Worker,
+        shown: Shown::No,
+    },
+    Entry {
+        counter: Counter::SessionsEmbryonic,
+        name: "sessions_embryonic",
+        metric: None,
+        help: "Live sessions whose backend has not sent on them yet (embryonic).",
+        kind: Kind::Gauge,
+        writer: Writer::Worker,
+        shown: Shown::WorkerAndTotal,
+    },
+    Entry {
+        counter: Counter::SessionsEvicted,
+        name: "sessions_evicted",
+        metric: Some("sessions_evicted"),
+        help: "Embryonic sessions closed unanswered: to make room for a new flow, or after embryonic_timeout.",
+        kind: Kind::Total,
+        writer: Writer::Worker,
+        shown: Shown::WorkerAndTotal,
     },
 ];
 

@@ -15,12 +15,20 @@ pub enum DropReason {
     /// worker's inbox was full, or its listener is gone), or it bounced
     /// between workers up to the hop cap while another had its flow.
     Handoff,
+    /// A long header with no session that is not a QUIC Initial in a
+    /// datagram of at least 1200 bytes (RFC 9000 14.1): it may not open one.
+    NotInitial,
+    /// A new session or path beyond its source prefix's rate.
+    RateLimited,
     /// A new flow beyond `max_sessions`.
     SessionLimit,
     /// A new flow while the worker drains (SIGTERM/SIGINT).
     Draining,
     /// A new flow with no backend to go to.
     NoBackend,
+    /// A new path its session may not have now: beyond its rate of new
+    /// paths, or every path it has is one its backend answered.
+    PathLimit,
     /// A new path for which no (source, port) is free toward its backend.
     NoPort,
     /// A new path for which the worker may open no more descriptors.
@@ -89,14 +97,17 @@ impl Stage {
 
 impl DropReason {
     /// Every reason, in path order.
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::Socket,
         DropReason::WorkerLost,
         DropReason::Malformed,
         DropReason::Handoff,
+        DropReason::NotInitial,
+        DropReason::RateLimited,
         DropReason::SessionLimit,
         DropReason::Draining,
         DropReason::NoBackend,
+        DropReason::PathLimit,
         DropReason::NoPort,
         DropReason::NoFd,
         DropReason::Upstream,
@@ -133,9 +144,12 @@ impl DropReason {
             DropReason::Socket => "socket",
             DropReason::Malformed => "malformed",
             DropReason::Handoff => "handoff",
+            DropReason::NotInitial => "not_initial",
+            DropReason::RateLimited => "rate_limited",
             DropReason::SessionLimit => "session_limit",
             DropReason::Draining => "draining",
             DropReason::NoBackend => "no_backend",
+            DropReason::PathLimit => "path_limit",
             DropReason::NoPort => "no_port",
             DropReason::NoFd => "no_fd",
             DropReason::Upstream => "upstream",
@@ -155,9 +169,16 @@ impl DropReason {
             DropReason::Handoff => {
                 "could not be handed to the worker owning its session (or bounced past the hop cap)"
             }
+            DropReason::NotInitial => {
+                "a long header with no session that is no QUIC Initial of 1200 bytes or more"
+            }
+            DropReason::RateLimited => "a new session or path beyond its source's rate (admission)",
             DropReason::SessionLimit => "a new flow beyond max_sessions",
             DropReason::Draining => "a new flow while stopping (SIGTERM/SIGINT)",
             DropReason::NoBackend => "a new flow with no backend to go to",
+            DropReason::PathLimit => {
+                "a new path beyond its session's rate, or every path is one its backend answered"
+            }
             DropReason::NoPort => "no (source, port) free toward the backend (upstream_ports)",
             DropReason::NoFd => "no descriptor left for a new upstream socket (RLIMIT_NOFILE)",
             DropReason::Upstream => "sending to the backend failed",
@@ -178,6 +199,9 @@ impl DropReason {
             DropReason::Socket => Counter::DropSocket,
             DropReason::Malformed => Counter::DropMalformed,
             DropReason::Handoff => Counter::DropHandoff,
+            DropReason::NotInitial => Counter::DropNotInitial,
+            DropReason::RateLimited => Counter::DropRateLimited,
+            DropReason::PathLimit => Counter::DropPathLimit,
             DropReason::SessionLimit => Counter::DropSessionLimit,
             DropReason::Draining => Counter::DropDraining,
             DropReason::NoBackend => Counter::DropNoBackend,
@@ -198,7 +222,10 @@ impl DropReason {
             // Taken off the listener socket, never sent on.
             DropReason::Socket | DropReason::WorkerLost | DropReason::Malformed => Stage::Listener,
             DropReason::Handoff => Stage::Handoff,
-            DropReason::SessionLimit
+            DropReason::NotInitial
+            | DropReason::RateLimited
+            | DropReason::SessionLimit
+            | DropReason::PathLimit
             | DropReason::Draining
             | DropReason::NoBackend
             | DropReason::NoPort

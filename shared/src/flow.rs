@@ -204,6 +204,34 @@ pub fn quic_is_initial(datagram: &[u8]) -> bool {
     }
 }
 
+/// The smallest datagram that may carry a client's Initial (RFC 9000 14.1).
+pub const QUIC_MIN_INITIAL: usize = 1200;
+
+/// Whether `datagram`, whose connection ID has no session, may open one: a
+/// short header may (a connection moving to this host from another of the
+/// fleet), a long header only as a client's first flight: an Initial (of
+/// QUIC v1 or v2) in a datagram of at least 1200 bytes, or a long header of
+/// a version this proxy does not know, as large, which its server answers
+/// with Version Negotiation. Anything else (Handshake, 0-RTT or Retry
+/// packets, short Initials, version 0) is refused before it costs a
+/// session.
+pub fn quic_may_open(datagram: &[u8]) -> bool {
+    let Some(&first) = datagram.first() else {
+        return false;
+    };
+    if first & 0x80 == 0 {
+        return true;
+    }
+    if datagram.len() < QUIC_MIN_INITIAL {
+        return false;
+    }
+    match datagram.get(1..5) {
+        Some([0, 0, 0, 0]) | None => false,
+        Some([0, 0, 0, 1] | [0x6b, 0x33, 0x43, 0xcf]) => quic_is_initial(datagram),
+        Some(_) => true,
+    }
+}
+
 /// Where a QUIC server's long-header packet carries its chosen source
 /// connection ID: the SCID follows the DCID. Used to learn the IDs a client
 /// will use after the handshake.
@@ -380,5 +408,33 @@ mod tests {
     fn key_capacity() {
         assert!(FlowKey::new(&[0; 20]).is_some());
         assert!(FlowKey::new(&[0; 21]).is_none());
+    }
+
+    #[test]
+    fn only_a_full_sized_first_flight_may_open_a_session() {
+        let cid = [7u8; 8];
+        let initial = |len: usize| {
+            let mut d = quic_initial(&cid, &cid, &[]);
+            d.resize(len, 0);
+            d
+        };
+        assert!(quic_may_open(&quic_short(&cid, b"x")), "a short header may");
+        assert!(quic_may_open(&initial(1200)));
+        assert!(!quic_may_open(&initial(1199)), "a short Initial may not");
+        let mut handshake = initial(1200);
+        handshake[0] = 0xe0;
+        assert!(!quic_may_open(&handshake), "a Handshake packet may not");
+        let mut unknown = initial(1200);
+        unknown[1..5].copy_from_slice(&[0x1a, 0x2a, 0x3a, 0x4a]);
+        assert!(
+            quic_may_open(&unknown),
+            "an unknown version, for negotiation"
+        );
+        unknown.truncate(1199);
+        assert!(!quic_may_open(&unknown));
+        let mut negotiation = initial(1200);
+        negotiation[1..5].copy_from_slice(&[0; 4]);
+        assert!(!quic_may_open(&negotiation), "version 0 comes from servers");
+        assert!(!quic_may_open(&[]));
     }
 }

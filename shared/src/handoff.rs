@@ -107,10 +107,20 @@ pub struct TransferPath {
     pub upstream: SocketAddr,
     /// The worker holding the socket's lease (it reads the socket).
     pub home: u16,
+    /// Its generation, mod 2^14.
     pub home_generation: u16,
     /// How long since its client last sent, in ms.
     pub idle_ms: u32,
+    /// Whether its backend has sent on it; `None` from a sender that does
+    /// not say (a release before admission, in a binary upgrade).
+    pub answered: Option<bool>,
 }
+
+/// On the wire a path's `answered` rides in the generation's top bits,
+/// which a generation (mod 2^14) never sets: bit 14 says it is there, bit
+/// 15 what it is. Frames of earlier releases read as `None`.
+const ANSWER_KNOWN: u16 = 1 << 14;
+const ANSWERED: u16 = 1 << 15;
 
 /// A session as it travels to its new owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,7 +325,13 @@ impl Control {
                     put_opt_ip(w, p.local_ip);
                     put_addr(w, p.upstream);
                     w.extend_from_slice(&p.home.to_le_bytes());
-                    w.extend_from_slice(&p.home_generation.to_le_bytes());
+                    let answer = match p.answered {
+                        None => 0,
+                        Some(false) => ANSWER_KNOWN,
+                        Some(true) => ANSWER_KNOWN | ANSWERED,
+                    };
+                    let generation = (p.home_generation & !(ANSWER_KNOWN | ANSWERED)) | answer;
+                    w.extend_from_slice(&generation.to_le_bytes());
                     w.extend_from_slice(&p.idle_ms.to_le_bytes());
                 }
             }
@@ -454,13 +470,16 @@ impl<'a> Reader<'a> {
         }
         let mut paths = Vec::with_capacity(count);
         for _ in 0..count {
+            let (client, local_ip, upstream) = (self.addr()?, self.opt_ip()?, self.addr()?);
+            let (home, generation) = (self.u16()?, self.u16()?);
             paths.push(TransferPath {
-                client: self.addr()?,
-                local_ip: self.opt_ip()?,
-                upstream: self.addr()?,
-                home: self.u16()?,
-                home_generation: self.u16()?,
+                client,
+                local_ip,
+                upstream,
+                home,
+                home_generation: generation & !(ANSWER_KNOWN | ANSWERED),
                 idle_ms: self.u32()?,
+                answered: (generation & ANSWER_KNOWN != 0).then_some(generation & ANSWERED != 0),
             });
         }
         Ok(Transfer {
@@ -527,6 +546,7 @@ mod tests {
                         upstream: "10.9.9.9:30000".parse().unwrap(),
                         home: 1,
                         home_generation: 9,
+                        answered: Some(true),
                         idle_ms: 1234,
                     },
                     TransferPath {
@@ -535,6 +555,7 @@ mod tests {
                         upstream: "[::]:30001".parse().unwrap(),
                         home: 0,
                         home_generation: 2,
+                        answered: None,
                         idle_ms: 0,
                     },
                 ],

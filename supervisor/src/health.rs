@@ -10,18 +10,25 @@
 //! trial, and its first failure (one unreachable report or unanswered
 //! session) takes it down again.
 //!
+//! Garbage can look like evidence (a QUIC server ignores what it cannot
+//! decrypt, so a flood of junk Initials reads as unanswered sessions), so
+//! passive evidence may hold at most `max_ejection_percent` of a listener's
+//! backends down at once.
+//!
 //! Active health (`[listener.health]`): every `interval` each backend is
 //! sent the probe from a socket of its own (connected, so ICMP errors come
-//! back on it). A reply within `timeout` that starts with `expect` is good;
-//! silence, an error or any other reply is bad. `fall` bad probes in a row
-//! take a backend down, `rise` good ones bring it back (then `revive_after`
-//! plays no part).
+//! back on it). A reply within `timeout` that starts with `expect` is good
+//! (with `probe = "quic"`: a Version Negotiation packet that echoes the
+//! probe's connection IDs); silence, an error or any other reply is bad.
+//! `fall` bad probes in a row take a backend down, `rise` good ones bring it
+//! back. Probes decide: passive evidence then only asks for a probe at once
+//! (and `revive_after` plays no part).
 
 use std::collections::HashMap;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 
-use udpshard_config::Config;
+use udpshard_config::{Config, Probe};
 use udpshard_shared::backends::{BackendCounter, BackendState};
 use udpshard_shared::stats::StatsRegion;
 
@@ -46,6 +53,9 @@ struct Track {
 #[derive(Debug)]
 struct Prober {
     socket: UdpSocket,
+    /// The datagram it sends (for the QUIC probe, with its own random
+    /// connection IDs, which the answer must echo).
+    probe: Vec<u8>,
     /// When the probe in flight went out.
     sent_ms: Option<u64>,
     next_ms: u64,
@@ -56,7 +66,7 @@ struct Prober {
 }
 
 impl Prober {
-    fn new(to: SocketAddr) -> io::Result<Prober> {
+    fn new(to: SocketAddr, probe: &Probe) -> io::Result<Prober> {
         let any: SocketAddr = if to.is_ipv4() {
             "0.0.0.0:0".parse().unwrap_or(to)
         } else {
@@ -65,8 +75,13 @@ impl Prober {
         let socket = UdpSocket::bind(any)?;
         socket.connect(to)?;
         socket.set_nonblocking(true)?;
+        let probe = match probe {
+            Probe::Bytes(b) => b.clone(),
+            Probe::Quic => quic_probe(rand_cid(), rand_cid()),
+        };
         Ok(Prober {
             socket,
+            probe,
             sent_ms: None,
             next_ms: 0,
             good: 0,
@@ -94,8 +109,17 @@ impl Prober {
             match self.socket.recv(&mut buf) {
                 Ok(n) => {
                     if self.sent_ms.take().is_some() {
-                        let ok = buf[..n].starts_with(&h.expect);
-                        self.verdict(ok, "a reply that does not start with `expect`");
+                        let (ok, why) = match h.probe {
+                            Probe::Bytes(_) => (
+                                buf[..n].starts_with(&h.expect),
+                                "a reply that does not start with `expect`",
+                            ),
+                            Probe::Quic => (
+                                answers_quic_probe(&buf[..n], &self.probe),
+                                "a reply that is no Version Negotiation for the probe",
+                            ),
+                        };
+                        self.verdict(ok, why);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -117,7 +141,7 @@ impl Prober {
         }
         if now_ms >= self.next_ms {
             self.next_ms = now_ms + h.interval.as_millis() as u64;
-            match self.socket.send(&h.probe) {
+            match self.socket.send(&self.probe) {
                 Ok(_) => self.sent_ms = Some(now_ms),
                 Err(e) => self.verdict(false, &format!("the probe could not be sent: {e}")),
             }
@@ -157,6 +181,19 @@ impl Health {
             })
         });
         for l in &config.listeners {
+            // Passive evidence may hold this many of the listener's
+            // backends down at once (those of weight 0 take no sessions).
+            let taking: Vec<_> = l.backends.iter().filter(|b| b.weight > 0).collect();
+            let cap = taking.len() * l.max_ejection_percent as usize / 100;
+            let mut down = taking
+                .iter()
+                .filter(|b| {
+                    region
+                        .backend_row(&l.name, b.addr)
+                        .and_then(|row| region.backend_state(row))
+                        == Some(BackendState::Down)
+                })
+                .count();
             for b in &l.backends {
                 let Some(row) = region.backend_row(&l.name, b.addr) else {
                     continue;
@@ -189,12 +226,27 @@ impl Health {
                     t.down_since_ms = None;
                     continue;
                 }
+                // What passive evidence says, if it says down.
+                let evidence = if unreachable.saturating_sub(t.unreachable_base) >= fall {
+                    Some(format!(
+                        "{} ICMP unreachable reports in a row with no reply (fall = {fall})",
+                        unreachable.saturating_sub(t.unreachable_base)
+                    ))
+                } else if unanswered.saturating_sub(t.unanswered_base) >= fall {
+                    Some(format!(
+                        "{} new sessions in a row without a reply within {:?} (fall = {fall})",
+                        unanswered.saturating_sub(t.unanswered_base),
+                        l.reply_timeout
+                    ))
+                } else {
+                    None
+                };
                 let key = (l.name.clone(), b.addr);
                 let probed = match &l.health {
                     None => None,
                     Some(h) => {
                         if !self.probers.contains_key(&key) {
-                            match Prober::new(b.addr) {
+                            match Prober::new(b.addr, &h.probe) {
                                 Ok(p) => {
                                     self.probers.insert(key.clone(), p);
                                 }
@@ -205,30 +257,34 @@ impl Health {
                                 ),
                             }
                         }
-                        self.probers.get_mut(&key).map(|p| {
-                            p.step(h, now_ms);
-                            (h, p)
-                        })
+                        self.probers.get_mut(&key).map(|p| (h, p))
                     }
                 };
                 if let Some((h, p)) = probed {
-                    let mut set = |down: bool, why: String| {
-                        changes.push(change(region, row, l, b, down, why, now_ms));
+                    // Probes decide; evidence asks for one at once.
+                    if evidence.is_some() && state != Some(BackendState::Down) {
+                        p.next_ms = now_ms;
+                        t.unreachable_base = unreachable;
+                        t.unanswered_base = unanswered;
+                    }
+                    p.step(h, now_ms);
+                    let mut set = |is_down: bool, why: String| {
+                        changes.push(change(region, row, l, b, is_down, why, now_ms));
                     };
                     if state == Some(BackendState::Down) {
                         if p.good >= h.rise {
                             t.down_since_ms = None;
                             t.unreachable_base = unreachable;
                             t.unanswered_base = unanswered;
+                            down = down.saturating_sub(1);
                             set(
                                 false,
                                 format!("{} good probes in a row (rise = {})", p.good, h.rise),
                             );
                         }
-                        continue;
-                    }
-                    if p.bad >= h.fall {
+                    } else if p.bad >= h.fall {
                         t.down_since_ms = Some(now_ms);
+                        down += 1;
                         set(
                             true,
                             format!(
@@ -236,18 +292,17 @@ impl Health {
                                 p.bad, h.fall, p.why
                             ),
                         );
-                        continue;
                     }
+                    continue;
                 }
                 match (state, t.down_since_ms) {
                     (Some(BackendState::Down), Some(since)) => {
-                        if l.health.is_none()
-                            && now_ms.saturating_sub(since) >= l.revive_after.as_millis() as u64
-                        {
+                        if now_ms.saturating_sub(since) >= l.revive_after.as_millis() as u64 {
                             t.down_since_ms = None;
                             t.on_trial = true;
                             t.unreachable_base = unreachable;
                             t.unanswered_base = unanswered;
+                            down = down.saturating_sub(1);
                             let why = format!(
                                 "down for {:?} (revive_after): on trial, the next reply keeps \
                                  it up and the next failure takes it down",
@@ -260,29 +315,24 @@ impl Health {
                     // reload): start its revive clock now.
                     (Some(BackendState::Down), None) => t.down_since_ms = Some(now_ms),
                     _ => {
-                        let why = if unreachable.saturating_sub(t.unreachable_base) >= fall {
-                            Some(format!(
-                                "{} ICMP unreachable reports in a row with no reply (fall = {fall})",
-                                unreachable.saturating_sub(t.unreachable_base)
-                            ))
-                        } else if unanswered.saturating_sub(t.unanswered_base) >= fall {
-                            Some(format!(
-                                "{} new sessions in a row without a reply within {:?} (fall = {fall})",
-                                unanswered.saturating_sub(t.unanswered_base),
-                                l.reply_timeout
-                            ))
-                        } else {
-                            None
-                        };
-                        if let Some(why) = why {
-                            t.down_since_ms = Some(now_ms);
-                            // Probes that answer must start over: `rise`
-                            // good ones from now bring it back.
-                            if let Some(p) = self.probers.get_mut(&key) {
-                                p.good = 0;
-                            }
-                            changes.push(change(region, row, l, b, true, why, now_ms));
+                        let Some(why) = evidence else { continue };
+                        t.unreachable_base = unreachable;
+                        t.unanswered_base = unanswered;
+                        if down >= cap {
+                            tracing::warn!(
+                                "listener {}: backend {} stays up although {why}: {down} of {} \
+                                 backends are down already, the most passive evidence may hold \
+                                 down (max_ejection_percent = {})",
+                                l.name,
+                                b.addr,
+                                taking.len(),
+                                l.max_ejection_percent
+                            );
+                            continue;
                         }
+                        t.down_since_ms = Some(now_ms);
+                        down += 1;
+                        changes.push(change(region, row, l, b, true, why, now_ms));
                     }
                 }
             }
@@ -314,5 +364,74 @@ fn change(
         addr: b.addr,
         down,
         why,
+    }
+}
+
+/// A QUIC long header with a reserved version (0x?a?a?a?a: RFC 9000 15),
+/// connection IDs `dcid` and `scid`, padded to 1200 bytes (RFC 9000 14.1):
+/// every QUIC server answers it with Version Negotiation.
+fn quic_probe(dcid: [u8; 8], scid: [u8; 8]) -> Vec<u8> {
+    let mut d = udpshard_shared::flow::quic_initial(&dcid, &scid, &[]);
+    d[1..5].copy_from_slice(&[0x1a, 0x2a, 0x3a, 0x4a]);
+    d.resize(1200, 0);
+    d
+}
+
+/// Whether `reply` is the Version Negotiation packet that answers `probe`:
+/// a long header of version 0 whose connection IDs are the probe's, swapped
+/// (RFC 9000 17.2.1).
+fn answers_quic_probe(reply: &[u8], probe: &[u8]) -> bool {
+    let ids = |d: &[u8]| -> Option<(Vec<u8>, Vec<u8>)> {
+        let dlen = usize::from(*d.get(5)?);
+        let dcid = d.get(6..6 + dlen)?.to_vec();
+        let slen = usize::from(*d.get(6 + dlen)?);
+        let scid = d.get(7 + dlen..7 + dlen + slen)?.to_vec();
+        Some((dcid, scid))
+    };
+    let long = reply.first().is_some_and(|b| b & 0x80 != 0);
+    let negotiation = reply.get(1..5) == Some(&[0, 0, 0, 0][..]);
+    match (ids(reply), ids(probe)) {
+        (Some((rd, rs)), Some((pd, ps))) => long && negotiation && rd == ps && rs == pd,
+        _ => false,
+    }
+}
+
+/// Connection ID bytes no one can guess, from the kernel's generator.
+fn rand_cid() -> [u8; 8] {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom(2) writes at most `b.len()` bytes into `b`, which
+    // is valid for that many.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // The time will do: the IDs only have to match the answer.
+        let t = udpshard_shared::clock::monotonic_ns();
+        b = t.to_le_bytes();
+    }
+    b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_quic_probe_is_an_initial_sized_long_header_of_a_reserved_version() {
+        let p = quic_probe([1; 8], [2; 8]);
+        assert_eq!(p.len(), 1200);
+        assert_eq!(p[0] & 0xc0, 0xc0);
+        assert!(p[1..5].iter().all(|b| b & 0x0f == 0x0a), "0x?a?a?a?a");
+        let mut vn = vec![0x80, 0, 0, 0, 0, 8];
+        vn.extend_from_slice(&[2; 8]);
+        vn.push(8);
+        vn.extend_from_slice(&[1; 8]);
+        vn.extend_from_slice(&1u32.to_be_bytes());
+        assert!(answers_quic_probe(&vn, &p));
+        let mut other = vn.clone();
+        other[6] = 9;
+        assert!(!answers_quic_probe(&other, &p), "another probe's answer");
+        let mut v1 = vn.clone();
+        v1[4] = 1;
+        assert!(!answers_quic_probe(&v1, &p), "not Version Negotiation");
+        assert!(!answers_quic_probe(&[], &p));
     }
 }

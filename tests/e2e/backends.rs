@@ -409,14 +409,15 @@ fn a_backend_that_never_answers_new_quic_sessions_goes_down() {
     assert_eq!(get(&rows[&live.addr], "sessions_unanswered"), 0);
 }
 
-/// A QUIC v1 Initial's first bytes for destination CID `cid`.
+/// A QUIC v1 Initial for destination CID `cid`, in the 1200 bytes a
+/// client's first flight has (a shorter one opens no session).
 fn quic_initial(cid: u64) -> Vec<u8> {
-    let mut d = vec![0xc3, 0, 0, 0, 1, 8];
-    d.extend_from_slice(&cid.to_be_bytes());
-    d.push(8);
-    d.extend_from_slice(&(!cid).to_be_bytes());
-    d.extend_from_slice(&[0, 0x40, 0x10]);
-    d.extend_from_slice(&[0u8; 16]);
+    let mut d = udpshard_shared::flow::quic_initial(
+        &cid.to_be_bytes(),
+        &(!cid).to_be_bytes(),
+        &[0, 0x40, 0x10],
+    );
+    d.resize(udpshard_shared::flow::QUIC_MIN_INITIAL, 0);
     d
 }
 

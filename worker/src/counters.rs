@@ -48,6 +48,7 @@ impl Counters {
         // Gauges describe this process, not the slot's history.
         for gauge in [
             Counter::SessionsActive,
+            Counter::SessionsEmbryonic,
             Counter::PathsActive,
             Counter::UpstreamSockets,
         ] {
@@ -94,6 +95,7 @@ impl Counters {
             let ours = self.words[c as usize];
             self.words[c as usize] = match c {
                 Counter::SessionsActive
+                | Counter::SessionsEmbryonic
                 | Counter::PathsActive
                 | Counter::UpstreamSockets
                 | Counter::LoopMaxUs

@@ -42,6 +42,7 @@ use crate::paths::{Paths, SockId};
 use crate::phase::Phase;
 use crate::session::SessionTable;
 
+mod admission;
 mod datapath;
 mod refusals;
 mod reload;
@@ -206,6 +207,9 @@ pub struct Router<O, S> {
     epoch_ms: u64,
     actions: Vec<Action>,
     relay_cursor: usize,
+    /// Per listener: where a reroute off down backends is, when one is
+    /// under way (a slab index).
+    reroute: Vec<Option<usize>>,
 }
 
 impl<O: Owners, S: Sockets> Router<O, S> {
@@ -238,6 +242,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             epoch_ms: 0,
             actions: Vec::with_capacity(256),
             relay_cursor: 0,
+            reroute: Vec::new(),
         }
     }
 
@@ -317,6 +322,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
     }
 }
 
+#[cfg(test)]
+mod admission_tests;
 #[cfg(test)]
 mod faults;
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! for life) and its paths (one per client address, in the path table).
 //! No I/O.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use slab::Slab;
@@ -37,6 +38,16 @@ pub(crate) struct Session {
     /// Until its backend first answers (passive health): when it began;
     /// `None` once judged (answered, timed out, or not to be judged).
     pub awaiting_since_ms: Option<u64>,
+    /// Its backend has sent on it: established. Until then it is
+    /// embryonic: bounded, given up after `embryonic_timeout`, and the
+    /// first to make room. Changed only through [`SessionTable::establish`].
+    answered: bool,
+    pub created_ms: u64,
+    /// Its place in its listener's queue of embryonic sessions.
+    seq: u32,
+    /// New paths it may open now (a token bucket), as of `paths_at_ms`.
+    path_tokens: f32,
+    paths_at_ms: u64,
 }
 
 /// A session's transfer to another worker. Lifecycle:
@@ -80,6 +91,50 @@ impl Session {
             last_active_ms: now_ms,
             transfer: TransferState::Here { from: 0, run: 0 },
             awaiting_since_ms: None,
+            answered: false,
+            created_ms: now_ms,
+            seq: 0,
+            path_tokens: f32::MAX,
+            paths_at_ms: now_ms,
+        }
+    }
+
+    /// A session taken over from another worker, which its backend had
+    /// (`answered`) or had not yet sent on.
+    pub(crate) fn transferred(
+        listener: usize,
+        key: FlowKey,
+        backend: u16,
+        now_ms: u64,
+        answered: bool,
+    ) -> Session {
+        Session {
+            answered,
+            ..Session::new(listener, key, backend, now_ms)
+        }
+    }
+
+    /// Whether its backend has sent on it.
+    #[cfg(test)]
+    pub(crate) fn answered(&self) -> bool {
+        self.answered
+    }
+
+    /// Takes one of the new paths it may open: `rate` a second, up to
+    /// `burst` at once (0: no limit).
+    pub(crate) fn take_path_token(&mut self, now_ms: u64, rate: u32, burst: u32) -> bool {
+        if rate == 0 {
+            return true;
+        }
+        let elapsed = now_ms.saturating_sub(self.paths_at_ms) as f32 / 1000.0;
+        self.paths_at_ms = now_ms;
+        let cap = burst.max(1) as f32;
+        self.path_tokens = (self.path_tokens.min(cap) + elapsed * rate as f32).min(cap);
+        if self.path_tokens >= 1.0 {
+            self.path_tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 
@@ -155,6 +210,11 @@ struct ListenerTable {
     max_sessions: usize,
     /// Its sessions by backend index.
     by_backend: Vec<u32>,
+    /// Its embryonic sessions, and the queue they were made in: (id, seq),
+    /// oldest first; an entry whose session is gone or established is
+    /// skipped when it comes to the front.
+    embryonic: usize,
+    fifo: VecDeque<(u32, u32)>,
 }
 
 impl ListenerTable {
@@ -164,6 +224,8 @@ impl ListenerTable {
             sessions: 0,
             max_sessions,
             by_backend: Vec::new(),
+            embryonic: 0,
+            fifo: VecDeque::new(),
         }
     }
 
@@ -191,6 +253,8 @@ pub(crate) struct SessionTable {
     /// indices, so every session is below it (its capacity, pre-sized, is
     /// far larger).
     span: usize,
+    /// The next session's place in its embryonic queue.
+    next_seq: u32,
 }
 
 /// Sessions the slab is sized for up front (address space: untouched
@@ -216,6 +280,7 @@ impl SessionTable {
             listeners,
             sweep_cursor: 0,
             span: 0,
+            next_seq: 0,
         }
     }
 
@@ -248,10 +313,18 @@ impl SessionTable {
 
     /// Adds a session under its keys; the caller has checked
     /// [`SessionTable::admit`]. Keys another session holds stay with it.
-    pub(crate) fn insert(&mut self, session: Session) -> SessionId {
+    pub(crate) fn insert(&mut self, mut session: Session) -> SessionId {
         let listener = session.listener;
+        session.seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        let (answered, seq) = (session.answered, session.seq);
         let id = self.sessions.insert(session);
         self.span = self.span.max(id + 1);
+        if !answered {
+            let l = &mut self.listeners[listener];
+            l.embryonic += 1;
+            l.fifo.push_back((id as u32, seq));
+        }
         let keys: Vec<FlowKey> = self.sessions[id].keys().copied().collect();
         let backend = self.sessions[id].backend;
         self.listeners[listener].sessions += 1;
@@ -276,6 +349,9 @@ impl SessionTable {
         let session = self.sessions.try_remove(id)?;
         if let Some(l) = self.listeners.get_mut(session.listener) {
             l.sessions -= 1;
+            if !session.answered {
+                l.embryonic -= 1;
+            }
             l.count(session.backend, false);
             for key in session.keys() {
                 l.keys.remove(key, id as u32);
@@ -301,6 +377,88 @@ impl SessionTable {
 
     pub(crate) fn len(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// Session `id`'s backend has sent on it; true when that makes it
+    /// established.
+    pub(crate) fn establish(&mut self, id: SessionId) -> bool {
+        let Some(s) = self.sessions.get_mut(id).filter(|s| !s.answered) else {
+            return false;
+        };
+        s.answered = true;
+        let listener = s.listener;
+        if let Some(l) = self.listeners.get_mut(listener) {
+            l.embryonic -= 1;
+        }
+        true
+    }
+
+    /// Embryonic sessions of `listener`.
+    pub(crate) fn embryonic(&self, listener: usize) -> usize {
+        self.listeners.get(listener).map_or(0, |l| l.embryonic)
+    }
+
+    /// Embryonic sessions of every listener.
+    pub(crate) fn embryonic_total(&self) -> usize {
+        self.listeners.iter().map(|l| l.embryonic).sum()
+    }
+
+    /// Whether queue entry `(id, seq)` still names an embryonic session.
+    fn waiting(&self, (id, seq): (u32, u32)) -> bool {
+        self.sessions
+            .get(id as usize)
+            .is_some_and(|s| s.seq == seq && !s.answered)
+    }
+
+    /// The oldest embryonic session of `listener` not on offer to another
+    /// worker (one on offer may not close): what makes room for a new flow.
+    pub(crate) fn oldest_embryonic(&mut self, listener: usize) -> Option<SessionId> {
+        loop {
+            let l = self.listeners.get(listener)?;
+            let &front = l.fifo.front()?;
+            if self.waiting(front) {
+                break;
+            }
+            self.listeners[listener].fifo.pop_front();
+        }
+        let l = &self.listeners[listener];
+        // Offers are rare and short: look a little way past them.
+        l.fifo
+            .iter()
+            .take(16)
+            .filter(|&&e| self.waiting(e))
+            .map(|&(id, _)| id as usize)
+            .find(|&id| self.sessions.get(id).is_some_and(|s| s.offer().is_none()))
+    }
+
+    /// Embryonic sessions of `listener` made before `before_ms`, oldest
+    /// first, up to `budget` (they are given up).
+    pub(crate) fn embryonic_before(
+        &mut self,
+        listener: usize,
+        before_ms: u64,
+        budget: usize,
+    ) -> Vec<SessionId> {
+        let mut out = Vec::new();
+        while out.len() < budget {
+            let Some(&front) = self.listeners.get(listener).and_then(|l| l.fifo.front()) else {
+                break;
+            };
+            if !self.waiting(front) {
+                self.listeners[listener].fifo.pop_front();
+                continue;
+            }
+            let Some(s) = self.sessions.get(front.0 as usize) else {
+                break;
+            };
+            // On offer: it closes when the offer is settled (the sweep).
+            if s.created_ms >= before_ms || s.offer().is_some() {
+                break;
+            }
+            self.listeners[listener].fifo.pop_front();
+            out.push(front.0 as usize);
+        }
+        out
     }
 
     /// Sessions of `listener` with backend `backend`.
@@ -366,6 +524,8 @@ impl SessionTable {
                 let l = &mut self.listeners[*i];
                 l.keys = table.keys;
                 l.sessions = table.sessions;
+                l.embryonic = table.embryonic;
+                l.fifo = table.fifo;
             }
         }
         for (_, s) in self.sessions.iter_mut() {

@@ -9,12 +9,13 @@
 use std::net::{IpAddr, SocketAddr};
 
 use udpshard_shared::backends::BackendCounter;
-use udpshard_shared::flow::{quic_is_initial, quic_long_scid};
+use udpshard_shared::flow::{quic_is_initial, quic_long_scid, quic_may_open};
 use udpshard_shared::handoff::{Control, Frame, Header, PathRef, HEADER_LEN, MAX_HOPS};
 use udpshard_shared::owners::Claim;
 use udpshard_shared::stats::Counter;
 use udpshard_shared::{DropReason, FlowKey};
 
+use super::admission::MAX_EVICTIONS;
 use super::{
     Action, Arrival, DatagramRef, Inherited, Outcome, Owners, Router, Sockets, Via,
     TRANSFER_TIMEOUT_MS, WARM_BATCH,
@@ -22,6 +23,17 @@ use super::{
 use crate::keyindex::prefetch;
 use crate::paths::{Home, OpenError, Path, PathId, SockId, NONE};
 use crate::session::{Session, SessionId};
+
+/// What a datagram with no session may make of itself.
+#[derive(Debug, Clone, Copy)]
+struct Opening {
+    /// Admission lets it open a session (on `quic` listeners: a first
+    /// flight, or a short header).
+    may_open: bool,
+    /// It is a QUIC Initial, which its backend must answer: passive health
+    /// judges the session.
+    initial: bool,
+}
 
 impl<O: Owners, S: Sockets> Router<O, S> {
     /// Starts loading what a batch of client datagrams on `listener` will
@@ -75,30 +87,29 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         };
         let sid = match self.sessions.lookup(a.listener, &key) {
             Some(sid) => sid,
-            None => match self.miss(
-                a,
-                key,
-                d,
-                route.learns_server_cids && quic_is_initial(bytes),
-            ) {
-                Ok(sid) => sid,
-                Err(outcome) => return outcome,
-            },
+            None => {
+                let opening = Opening {
+                    may_open: !route.admission.quic || quic_may_open(bytes),
+                    initial: route.learns_server_cids && quic_is_initial(bytes),
+                };
+                match self.miss(a, key, d, opening) {
+                    Ok(sid) => sid,
+                    Err(outcome) => return outcome,
+                }
+            }
         };
         self.forward(sid, a, bytes.len(), d);
         Outcome::Done
     }
 
     /// No local session has the key: hand the datagram to its owner, or
-    /// take the flow.
-    /// `initial`: it is a QUIC Initial, which its backend must answer
-    /// (passive health judges the session).
+    /// take the flow, if it may open one (`admission`).
     fn miss(
         &mut self,
         a: Arrival,
         key: FlowKey,
         d: DatagramRef,
-        initial: bool,
+        opening: Opening,
     ) -> Result<SessionId, Outcome> {
         if let Some(reason) = self.refused.check(a.listener, &key, self.now_ms) {
             self.drop_datagram(reason);
@@ -179,6 +190,18 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             self.drop_datagram(DropReason::Handoff);
             return Err(Outcome::Done);
         }
+        // Admission, before the ownership table is written: a first flight
+        // only, within its source's rate.
+        if !opening.may_open {
+            self.drop_datagram(DropReason::NotInitial);
+            return Err(Outcome::Done);
+        }
+        let now = self.now_ms;
+        let admission = &mut self.routes[a.listener].admission;
+        if !admission.new_sessions.take(a.client.ip(), now) {
+            self.drop_datagram(DropReason::RateLimited);
+            return Err(Outcome::Done);
+        }
         match self.owners.claim(hash, self.me) {
             Claim::Mine => {}
             // Claimed by another worker an instant ago.
@@ -196,7 +219,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             }
             Claim::Full => self.counters.incr(Counter::OwnersFull),
         }
-        match self.open_session(a, key, hash, inherited, initial) {
+        match self.open_session(a, key, hash, inherited, opening.initial) {
             Ok(sid) => Ok(sid),
             Err(reason) => {
                 self.owners.release(hash, self.me);
@@ -223,7 +246,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         if self.phase.is_draining() {
             return Err(DropReason::Draining);
         }
-        if self.sessions.admit(a.listener).is_err() {
+        // The oldest embryonic sessions make room, never an established one.
+        if !self.room_for_session(a.listener) {
             return Err(DropReason::SessionLimit);
         }
         let route = &self.routes[a.listener];
@@ -240,10 +264,25 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             session.awaiting_since_ms = Some(self.now_ms);
         }
         let sid = self.sessions.insert(session);
-        let opened = match inherited.and_then(|h| self.inherited_path(sid, a, h)) {
+        let mut opened = match inherited.and_then(|h| self.inherited_path(sid, a, h)) {
             Some(pid) => Ok(pid),
             None => self.open_path(sid, a.client, a.local_ip),
         };
+        // Out of ports or descriptors: the oldest embryonic sessions give
+        // theirs back (at once: their backend never sent on them).
+        for _ in 0..MAX_EVICTIONS {
+            if !matches!(opened, Err(DropReason::NoPort | DropReason::NoFd)) {
+                break;
+            }
+            match self.sessions.oldest_embryonic(a.listener) {
+                Some(old) if old != sid => {
+                    self.close_session(old);
+                    self.counters.incr(Counter::SessionsEvicted);
+                }
+                _ => break,
+            }
+            opened = self.open_path(sid, a.client, a.local_ip);
+        }
         if let Err(reason) = opened {
             self.sessions.remove(sid);
             return Err(reason);
@@ -280,6 +319,12 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             key,
             self.now_ms,
         );
+        // Its backend knew this 4-tuple: it cools when it closes, and is
+        // trusted until its session's backend answers elsewhere.
+        let path = Path {
+            last_reply_ms: self.now_ms,
+            ..path
+        };
         let pid = self.link_first(sid, path)?;
         self.counters.incr(Counter::PathsCreated);
         self.counters.incr(Counter::PathsInherited);
@@ -424,8 +469,28 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             }
             pid = p.next;
         }
-        if usize::from(s.path_count) >= route.max_paths {
-            self.evict_lru(sid);
+        // A new client address: a path of its own, within its session's and
+        // its source's rates of new paths, and never in the place of one its
+        // backend answered.
+        let full = usize::from(s.path_count) >= route.max_paths;
+        let (listener, now) = (s.listener, self.now_ms);
+        let (rate, burst) = (
+            route.admission.paths_per_session,
+            route.admission.paths_per_session_burst,
+        );
+        let s = self.sessions.get_mut(sid).ok_or(DropReason::Upstream)?;
+        if !s.take_path_token(now, rate, burst) {
+            return Err(DropReason::PathLimit);
+        }
+        if !self.routes[listener]
+            .admission
+            .new_paths
+            .take(client.ip(), now)
+        {
+            return Err(DropReason::RateLimited);
+        }
+        if full && !self.evict_untrusted(sid) {
+            return Err(DropReason::PathLimit);
         }
         self.open_path(sid, client, local_ip)
             .map(|pid| (pid, false))
@@ -469,22 +534,38 @@ impl<O: Owners, S: Sockets> Router<O, S> {
 
     /// Closes session `sid`'s least recently used path (it is at
     /// `max_paths`).
-    fn evict_lru(&mut self, sid: SessionId) {
+    /// Closes the least recently used of session `sid`'s paths that its
+    /// backend has not answered lately (`trusted`): it is at `max_paths`.
+    /// False when every path is trusted, unless the session may have one
+    /// path only (`max_paths = 1`: a move replaces it, or a client that
+    /// moved could never be answered at its new address).
+    fn evict_untrusted(&mut self, sid: SessionId) -> bool {
         let Some(s) = self.sessions.get(sid) else {
-            return;
+            return false;
         };
+        let mut newest_reply = 0;
+        let mut pid = s.first_path;
+        while let Some(p) = self.paths.path(pid) {
+            newest_reply = newest_reply.max(p.last_reply_ms);
+            pid = p.next;
+        }
+        let one = self.routes[s.listener].max_paths == 1;
         let mut oldest: Option<(u64, PathId)> = None;
         let mut pid = s.first_path;
         while let Some(p) = self.paths.path(pid) {
-            if oldest.is_none_or(|(t, _)| p.last_active_ms() < t) {
+            if (one || !self.trusted(pid, newest_reply))
+                && oldest.is_none_or(|(t, _)| p.last_active_ms() < t)
+            {
                 oldest = Some((p.last_active_ms(), pid));
             }
             pid = p.next;
         }
-        if let Some((_, pid)) = oldest {
-            self.close_path(pid);
-            self.counters.incr(Counter::PathsEvicted);
-        }
+        let Some((_, pid)) = oldest else {
+            return false;
+        };
+        self.close_path(pid);
+        self.counters.incr(Counter::PathsEvicted);
+        true
     }
 
     /// Closes a path: unlinks it from its session, cools its slot, and tells
@@ -516,7 +597,13 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 }
             }
         }
-        let cool = self.routes.get(listener).map_or(0, |r| r.reuse_delay_ms);
+        // A port whose backend never sent on it needs no cooling: no reply
+        // of an old flow can reach a new one on it.
+        let answered = self.paths.path(pid).is_some_and(|p| p.last_reply_ms > 0);
+        let cool = match answered {
+            true => self.routes.get(listener).map_or(0, |r| r.reuse_delay_ms),
+            false => 0,
+        };
         let Some(p) = self.paths.remove(pid, self.now_ms, cool) else {
             return;
         };
@@ -731,6 +818,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             if s.awaiting_since_ms.take().is_some() {
                 self.counters.backend_add(row, BackendCounter::Answered, 1);
             }
+            self.established(session as usize);
         }
         self.actions.push(Action::Reply {
             listener,
@@ -784,12 +872,17 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let hash = self.owner_hash(listener, &scid);
         if session != NONE {
             let sid = session as usize;
-            if self.sessions.lookup(listener, &scid) == Some(sid) {
+            if self.sessions.lookup(listener, &scid).is_some() {
                 return;
             }
-            if self.sessions.add_alias(sid, scid) && self.owners.claim(hash, self.me) == Claim::Mine
-            {
-                self.hint_port(sid, hash);
+            // Never over a live owner's: the ID is another session's.
+            match self.owners.claim(hash, self.me) {
+                Claim::Mine if self.sessions.add_alias(sid, scid) => self.hint_port(sid, hash),
+                Claim::Mine => self.owners.release(hash, self.me),
+                Claim::Full => {
+                    self.sessions.add_alias(sid, scid);
+                }
+                Claim::Taken(_) => {}
             }
             return;
         }
@@ -799,8 +892,11 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let Some(owner) = self.owners.lookup(owner_hash).filter(|o| self.live(*o)) else {
             return;
         };
-        if self.owners.lookup(hash) == Some(owner) {
-            return;
+        match self.owners.lookup(hash) {
+            Some(o) if o == owner => return,
+            // Never over a live owner's: the ID is another session's.
+            Some(o) if self.live(o) => return,
+            _ => {}
         }
         self.owners.assign(hash, owner);
         self.control(

@@ -367,7 +367,7 @@ pub(super) fn config(extra: &str, backends: usize) -> String {
         .map(|i| format!("\"198.51.100.{i}:443\""))
         .collect();
     format!(
-        "[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:4433\"\ndissector = \"quic\"\nmax_sessions = 1000\n{extra}\nbackends = [{}]\n",
+        "[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:4433\"\ndissector = \"quic\"\nmax_sessions = 1000\nbackends = [{}]\n{extra}\n",
         list.join(", ")
     )
 }
@@ -385,9 +385,13 @@ pub(super) fn short(cid: u64, body: &[u8]) -> Vec<u8> {
     udpshard_shared::flow::quic_short(&cid.to_be_bytes(), body)
 }
 
-/// A QUIC long-header (Initial) datagram with `dcid` and `scid`.
+/// A QUIC long-header (Initial) datagram with `dcid` and `scid`, of the
+/// 1200 bytes a client's first flight has.
 pub(super) fn long(dcid: u64, scid: u64) -> Vec<u8> {
-    udpshard_shared::flow::quic_initial(&dcid.to_be_bytes(), &scid.to_be_bytes(), b"handshake")
+    let mut d =
+        udpshard_shared::flow::quic_initial(&dcid.to_be_bytes(), &scid.to_be_bytes(), b"handshake");
+    d.resize(udpshard_shared::flow::QUIC_MIN_INITIAL, 0);
+    d
 }
 
 impl World {

@@ -98,6 +98,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             }
         }
         self.routes = routes;
+        // Listener indices moved: the next backend states start afresh.
+        self.reroute.clear();
         // Sockets outside a listener's new ranges take no new paths.
         let retire: Vec<SockId> = self
             .paths

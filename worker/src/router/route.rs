@@ -11,7 +11,9 @@ use udpshard_shared::quic_lb::QuicLbRouter;
 use udpshard_shared::stats::Counter;
 use udpshard_shared::{stable_hash, Dissector, Maglev};
 
+use super::admission::Admission;
 use super::{Owners, Router, Sockets};
+use crate::session::SessionId;
 
 /// A listener as the router routes it: built from its config (replaced on
 /// reload).
@@ -56,6 +58,8 @@ pub struct Route {
     /// The config's backends (for rebuilding Maglev when states change).
     weights: Vec<u32>,
     maglev_size: usize,
+    /// What an unauthenticated datagram may create here.
+    pub(crate) admission: Admission,
 }
 
 impl Route {
@@ -100,6 +104,7 @@ impl Route {
             down,
             weights,
             maglev_size: cfg.maglev_table_size,
+            admission: Admission::new(cfg),
         })
     }
 
@@ -223,32 +228,59 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         if !route.set_down(down) || !route.reroute_when_down {
             return;
         }
-        for sid in self.sessions.ids() {
-            let Some(s) = self.sessions.get(sid) else {
+        // The sessions move a batch per tick from here (`reroute_step`):
+        // a flip costs no pause in proportion to the table.
+        if self.reroute.len() <= listener {
+            self.reroute.resize(listener + 1, None);
+        }
+        self.reroute[listener] = Some(0);
+    }
+
+    /// Moves up to `batch` table slots' worth of sessions off the backends
+    /// that are down, where a reroute is under way.
+    pub(super) fn reroute_step(&mut self, batch: usize) {
+        let mut moved = false;
+        for listener in 0..self.reroute.len() {
+            let Some(from) = self.reroute[listener] else {
                 continue;
             };
-            if s.listener != listener || !self.routes[listener].is_down(usize::from(s.backend)) {
-                continue;
+            let end = (from + batch).min(self.sessions.span());
+            for sid in from..end {
+                moved |= self.reroute_session(listener, sid);
             }
-            let key = s.key;
-            let to = self.routes[listener].pick(key.as_bytes()) as u16;
-            // Not onto another down backend (every one is: nothing to
-            // move to), and not while a transfer names its backend.
-            if to == s.backend
-                || self.routes[listener].is_down(usize::from(to))
-                || s.offer().is_some()
-            {
-                continue;
-            }
-            let old = self.close_paths(sid);
-            if let Some(s) = self.sessions.get_mut(sid) {
-                s.backend = to;
-                s.awaiting_since_ms = None;
-            }
-            self.counters.incr(Counter::SessionsRerouted);
-            let v4 = self.routes[listener].ipv4.get(usize::from(to)).copied();
-            self.reopen_paths(sid, listener, to, v4, old);
+            self.reroute[listener] = (end < self.sessions.span()).then_some(end);
         }
-        self.sessions.recount();
+        if moved {
+            self.sessions.recount();
+        }
+    }
+
+    /// Session `sid`, if it is `listener`'s and its backend is down, moves
+    /// to the backend its key maps to now; true when it moved.
+    fn reroute_session(&mut self, listener: usize, sid: SessionId) -> bool {
+        let Some(s) = self.sessions.get(sid) else {
+            return false;
+        };
+        let Some(route) = self.routes.get(listener) else {
+            return false;
+        };
+        if s.listener != listener || !route.is_down(usize::from(s.backend)) {
+            return false;
+        }
+        let to = route.pick(s.key.as_bytes()) as u16;
+        // Not onto another down backend (every one is: nothing to move
+        // to), and not while a transfer names its backend.
+        if to == s.backend || route.is_down(usize::from(to)) || s.offer().is_some() {
+            return false;
+        }
+        let old = self.close_paths(sid);
+        if let Some(s) = self.sessions.get_mut(sid) {
+            s.backend = to;
+            s.awaiting_since_ms = None;
+        }
+        self.counters.incr(Counter::SessionsRerouted);
+        let v4 = self.routes[listener].ipv4.get(usize::from(to)).copied();
+        self.reopen_paths(sid, listener, to, v4, old);
+        true
     }
 }

@@ -10,6 +10,9 @@ use super::{Owners, Router, Sockets, OFFER_LIFETIME_MS, TRANSFER_TIMEOUT_MS};
 use crate::paths::{PathId, SockId, NONE};
 use crate::session::SessionId;
 
+/// Sessions a tick moves off backends that went down (10 ticks a second).
+const REROUTE_BATCH: usize = 4096;
+
 impl<O: Owners, S: Sockets> Router<O, S> {
     /// Periodic work, with a budget of sessions and sockets to look at (the
     /// whole table about once a second): idle paths and sessions close,
@@ -17,6 +20,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
     /// are adopted, cooled ports come back.
     pub fn tick(&mut self, now_ms: u64, budget: usize) {
         self.now_ms = now_ms;
+        self.expire_embryonic(budget);
+        self.reroute_step(REROUTE_BATCH);
         for sid in self.sessions.sweep(budget) {
             self.sweep_session(sid);
         }
@@ -52,6 +57,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
     pub fn update_gauges(&mut self) {
         self.counters
             .set(Counter::SessionsActive, self.sessions.len() as u64);
+        self.counters.set(
+            Counter::SessionsEmbryonic,
+            self.sessions.embryonic_total() as u64,
+        );
         self.counters
             .set(Counter::PathsActive, self.paths.paths.len() as u64);
         self.counters

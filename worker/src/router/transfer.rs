@@ -66,6 +66,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                         .now_ms
                         .saturating_sub(p.last_active_ms())
                         .min(u64::from(u32::MAX)) as u32,
+                    answered: Some(p.last_reply_ms > 0),
                 });
                 socks.push(p.sock);
                 upstreams.push(sock.local);
@@ -166,7 +167,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             return;
         }
         let backends = route.backends.len();
-        let mut session = Session::new(listener, t.key, t.backend, self.now_ms);
+        // Embryonic only when the sender says no path was answered (a
+        // sender of an earlier release says nothing: established).
+        let answered = t.paths.is_empty() || t.paths.iter().any(|p| p.answered != Some(false));
+        let mut session = Session::transferred(listener, t.key, t.backend, self.now_ms, answered);
         session.aliases = t.aliases.clone();
         let sid = self.sessions.insert(session);
         for (index, tp) in t.paths.iter().enumerate() {
@@ -212,6 +216,14 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 t.key,
                 last,
             );
+            let path = Path {
+                last_reply_ms: if tp.answered == Some(false) {
+                    0
+                } else {
+                    last.max(1)
+                },
+                ..path
+            };
             self.link_first(sid, path);
         }
         let me = self.me;
@@ -429,9 +441,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let now = self.now_ms;
         if let Some(p) = self.paths.path_mut(pid) {
             p.last_reply_ms = now;
-            let sid = p.session;
-            if let Some(s) = self.sessions.get_mut(sid as usize) {
+            let sid = p.session as usize;
+            if let Some(s) = self.sessions.get_mut(sid) {
                 s.last_active_ms = now;
+                self.established(sid);
             }
         }
     }
