@@ -18,10 +18,10 @@ type Result<T> = std::result::Result<T, SpanError>;
 /// timeouts are 10 s to 30 s of idle).
 const DEFAULT_EMBRYONIC_TIMEOUT: Duration = Duration::from_secs(10);
 const RATE: RangeInclusive<i64> = 0..=10_000_000;
-/// The defaults: generous for one host (a large NAT opens hundreds of
-/// connections a second), bounded for one that floods.
-const DEFAULT_SESSIONS_PER_SOURCE: u32 = 1000;
-const DEFAULT_PATHS_PER_SOURCE: u32 = 200;
+/// The defaults, per worker: generous for one address (a carrier's NAT
+/// opens thousands of connections a second), bounded for one that floods.
+const DEFAULT_SESSIONS_PER_SOURCE: u32 = 10_000;
+const DEFAULT_PATHS_PER_SOURCE: u32 = 2000;
 /// A client migrates now and then, not many times a second.
 const DEFAULT_PATHS_PER_SESSION: u32 = 1;
 const DEFAULT_PATHS_PER_SESSION_BURST: u32 = 4;

@@ -373,13 +373,15 @@ impl<'a> OwnerTable<'a> {
 }
 
 /// The table's capacity for listeners allowing `max_sessions` in total per
-/// worker over `workers` workers: twice the sessions, as a power of two. The
-/// state region allocates its pages as entries touch them; 2^25 entries
-/// (256 MiB) bound it however large `max_sessions` is.
+/// worker over `workers` workers: an entry for each session's key and one
+/// alias (the server's connection ID), at most half full, as a power of
+/// two. The state region allocates its pages as entries touch them; 2^25
+/// entries (256 MiB, and as much again for the port hints) bound it however
+/// large `max_sessions` is.
 pub fn capacity_for(max_sessions: usize, workers: usize) -> usize {
     max_sessions
         .saturating_mul(workers)
-        .saturating_mul(2)
+        .saturating_mul(4)
         .clamp(1 << 12, 1 << 25)
         .next_power_of_two()
 }
@@ -640,7 +642,7 @@ mod tests {
     #[test]
     fn capacity_follows_max_sessions_within_bounds() {
         assert_eq!(capacity_for(10, 2), 4096);
-        assert_eq!(capacity_for(1_000_000, 2), 1 << 22);
+        assert_eq!(capacity_for(1_000_000, 2), 1 << 23);
         assert_eq!(capacity_for(100_000_000, 64), 1 << 25);
         assert!(capacity_for(100_000, 1).is_power_of_two());
     }

@@ -199,14 +199,15 @@ pub(crate) fn ceilings(config: &Config, workers: usize, ephemeral: (u16, u16)) -
         config.listeners.iter().map(|l| l.max_sessions).sum(),
         workers,
     ) as u64;
-    // The table works at half load; each session's keys take an entry.
-    if total_sessions * 2 > table {
+    // The table works at half load; each session's key and its alias take
+    // an entry each.
+    if total_sessions * 4 > table {
         out.push(Finding {
             saw: format!(
                 "the ownership table has {table} entries, room for about {} sessions, but max_sessions \
                  x {workers} workers allows {total_sessions}: past it flows are tracked by their worker \
                  only (owners_full), and a migrating one may get a second session",
-                table / 2
+                table / 4
             ),
             fix: format!("max_sessions = {}   # per listener and worker", table / 2 / workers.max(1) as u64 / config.listeners.len().max(1) as u64),
         });

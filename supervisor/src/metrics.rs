@@ -457,6 +457,13 @@ impl Exposition {
             live.iter()
                 .map(|w| (worker(w.id), w.get(Counter::SessionsActive))),
         )?;
+        gauges(
+            enc,
+            "sessions_embryonic",
+            Counter::SessionsEmbryonic.help(),
+            live.iter()
+                .map(|w| (worker(w.id), w.get(Counter::SessionsEmbryonic))),
+        )?;
         counters(
             enc,
             "worker_busy_seconds",

@@ -454,6 +454,7 @@ fn columns(wide: bool) -> Vec<Column> {
         column("hoff_out", Counter::HandoffOut),
         column("tx", Counter::TxPackets),
         column("paths", Counter::PathsActive),
+        column("embryonic", Counter::SessionsEmbryonic),
         column("up_socks", Counter::UpstreamSockets),
         column("replies_in", Counter::RepliesIn),
         column("replies", Counter::RepliesOut),

@@ -187,8 +187,16 @@ impl Supervisor {
         );
         let max_sessions: usize = config.listeners.iter().map(|l| l.max_sessions).sum();
         let (region, stats_file, stats_path) = create_stats(&config.stats_file, capacity)?;
-        let (state, state_fd) = StateRegion::create(owners::capacity_for(max_sessions, capacity))
-            .map_err(SupervisorError::State)?;
+        // The ownership table is sized for the workers the allowed CPUs
+        // give (not the machine's): every datagram a flood sends may touch
+        // its pages.
+        let entries = owners::capacity_for(max_sessions, count);
+        let (state, state_fd) = StateRegion::create(entries).map_err(SupervisorError::State)?;
+        tracing::info!(
+            "ownership table: {entries} entries ({} MiB with their port hints, touched as used), \
+             for {count} workers of up to {max_sessions} sessions each",
+            entries * 16 >> 20
+        );
         register_sources(&state, &config)?;
         register_backends(&region, &config);
         crate::capacity::warn_at_start(&config, count);

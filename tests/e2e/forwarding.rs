@@ -178,7 +178,14 @@ fn session_limit_drops_new_flows_and_counts_them() {
     let proxy = Proxy::start(Path::new(BIN), &cfg);
     let target = proxy.addr("quic");
     let c = client();
-    for cid in 0..12u64 {
+    // Five flows their backend answers: established, they hold their
+    // places (an unanswered one would make room for a new flow).
+    for cid in 0..5u64 {
+        c.send_to(&quic_short(cid, b"x"), target).unwrap();
+        let mut buf = [0u8; 64];
+        c.recv_from(&mut buf).expect("the backend's answer");
+    }
+    for cid in 5..12u64 {
         c.send_to(&quic_short(cid, b"x"), target).unwrap();
     }
     // Handled: read, and forwarded or dropped (a worker publishes what it
@@ -200,7 +207,8 @@ fn session_limit_drops_new_flows_and_counts_them() {
 fn idle_sessions_expire_and_free_their_place() {
     let a = Backend::start("a");
     let cfg = config(
-        "dissector = \"quic\"\nsession_idle = \"1s\"\nmax_sessions = 3",
+        "dissector = \"quic\"\nsession_idle = \"1s\"\nmax_sessions = 3\n\
+         [listener.admission]\nmax_embryonic = 3",
         &[&a],
     )
     .replace("workers = \"auto\"", "workers = 1");

@@ -346,7 +346,7 @@ pub fn listener_config(top: &str, listener: &str, backends: &[SocketAddr]) -> St
         "upstream_ports = \"1025-32767\"\n"
     };
     format!(
-        "{top}\nstats_file = \"{{stats_file}}\"\n\n[[listener]]\nname = \"quic\"\nbind = \"127.0.0.1:0\"\n{listener}\n{ports}backends = [{}]\n",
+        "{top}\nstats_file = \"{{stats_file}}\"\n\n[[listener]]\nname = \"quic\"\nbind = \"127.0.0.1:0\"\n{ports}backends = [{}]\n{listener}\n",
         list.join(", ")
     )
 }

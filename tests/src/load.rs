@@ -26,6 +26,18 @@ pub mod sink;
 pub mod units;
 
 pub use datagram::{flow_cid, Datagram, DEFAULT_SIZE, MIN_SIZE};
+
+/// A udpshard listener's `[listener.admission]` for a load of one generator: it stands for
+/// many clients (so no per-source rate applies), and its sinks answer nothing (so its
+/// sessions stay embryonic: bounded only by `max_sessions`, given up after `session_idle`).
+/// Goes last in the listener's table.
+pub fn one_generator_admission(max_sessions: usize, session_idle: &str) -> String {
+    format!(
+        "\n# One generator stands for many clients, and its sinks answer nothing.\n\
+         [listener.admission]\nmax_embryonic = {max_sessions}\nembryonic_timeout = \"{session_idle}\"\n\
+         new_sessions_per_source = 0\nnew_paths_per_source = 0\nnew_paths_per_session = 0\n"
+    )
+}
 pub use generator::{
     run_load, send_load, show_latency, Generator, LoadError, LoadReport, LoadSpec, Replies,
     SendReport,

@@ -61,6 +61,16 @@ enum Src {
     Inbox { off: u32, len: u32 },
 }
 
+/// What the log last said of refusals, and when (the loop's clock, ms).
+#[derive(Debug, Default)]
+struct Warned {
+    no_port: u64,
+    no_port_ms: u64,
+    /// not_initial, rate_limited, path_limit, sessions_evicted.
+    admission: [u64; 4],
+    admission_ms: u64,
+}
+
 /// Receive buffers for one listener batch, reused forever.
 struct ListenerBatch {
     buf: Vec<u8>,
@@ -109,8 +119,8 @@ struct Loop {
     /// Milliseconds since `start` when the current iteration began: one
     /// clock read serves every datagram of the iteration.
     iter_ms: u64,
-    /// `drops.no_port` when it was last logged, and when.
-    last_no_port: u64,
+    /// What the log last said of refusals, and when.
+    warned: Warned,
     /// Kernel drops on the listener sockets held now, at the last reading.
     socket_drops_seen: u64,
     /// Drops counted before on listener sockets no longer held: the slot's
@@ -120,7 +130,6 @@ struct Loop {
     /// since the current batch was read (counted ahead of the router).
     rx_ahead: (u64, u64),
     replies_ahead: u64,
-    last_warn_ms: u64,
     /// The slot's wall time before this process's loop began.
     wall_base: u64,
 }
@@ -332,9 +341,11 @@ impl Loop {
         self.note_listener_drops();
         // Refused paths: once a second at most, with what the ranges hold.
         let no_port = self.router.counters.get(Counter::DropNoPort);
-        if no_port > self.last_no_port && now >= self.last_warn_ms + 1000 {
-            let refused = no_port - self.last_no_port;
-            (self.last_no_port, self.last_warn_ms) = (no_port, now);
+        self.note_admission(now);
+        let w = &mut self.warned;
+        if no_port > w.no_port && now >= w.no_port_ms + 1000 {
+            let refused = no_port - w.no_port;
+            (w.no_port, w.no_port_ms) = (no_port, now);
             let held = self.router.paths().sock_counts().0;
             for l in 0..self.router.routes().len() {
                 let Some((ports, v4, v6)) = self.router.sockets().capacity(l) else {
@@ -357,6 +368,47 @@ impl Loop {
                 );
             }
         }
+    }
+
+    /// What admission refused since the log last said, once a second at
+    /// most: a flood shows in the log as one line a second per worker.
+    fn note_admission(&mut self, now: u64) {
+        let c = &self.router.counters;
+        let counts = [
+            c.get(Counter::DropNotInitial),
+            c.get(Counter::DropRateLimited),
+            c.get(Counter::DropPathLimit),
+            c.get(Counter::SessionsEvicted),
+        ];
+        let w = &mut self.warned;
+        // The first look only notes where the counts stand (a restarted
+        // worker continues its slot's).
+        if w.admission_ms == 0 {
+            (w.admission, w.admission_ms) = (counts, now.max(1));
+            return;
+        }
+        if counts == w.admission || now < w.admission_ms + 1000 {
+            return;
+        }
+        let d: Vec<u64> = counts
+            .iter()
+            .zip(w.admission)
+            .map(|(now, then)| now.saturating_sub(then))
+            .collect();
+        let secs = (now.saturating_sub(w.admission_ms) as f64 / 1000.0).min(999.0);
+        (w.admission, w.admission_ms) = (counts, now);
+        tracing::warn!(
+            worker = self.id,
+            "admission, over {secs:.1}s: refused {} long headers that were no client's first \
+             flight (drops.not_initial), {} new sessions or paths over their source's rate \
+             (drops.rate_limited), {} new paths over their session's (drops.path_limit); gave \
+             up {} unanswered sessions (sessions_evicted); {} unanswered now",
+            d[0],
+            d[1],
+            d[2],
+            d[3],
+            self.router.counters.get(Counter::SessionsEmbryonic),
+        );
     }
 
     /// The kernel's drops on the listener sockets, into `drops.socket`.

@@ -162,6 +162,8 @@ pub struct Path {
     pub key: FlowKey,
     pub last_client_ms: u64,
     pub last_reply_ms: u64,
+    /// Its backend has sent on it (`last_reply_ms` says when).
+    pub answered: bool,
     /// When a relay last told the owner that replies flow.
     pub reported_ms: u64,
 }
@@ -189,6 +191,7 @@ impl Path {
             key,
             last_client_ms,
             last_reply_ms: 0,
+            answered: false,
             reported_ms: 0,
         }
     }

@@ -555,8 +555,9 @@ dissector = "quic"
 short_cid_len = 8
 recv_buffer = "4MiB"
 backends = [{backends}]
-"#,
+{admission}"#,
         stats = workdir.join("stats").display(),
+        admission = udpshard_tests::load::one_generator_admission(1_000_000, "60s"),
         backends = backends.join(", "),
     )
 }

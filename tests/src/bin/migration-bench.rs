@@ -44,8 +44,9 @@ fn main() {
     let backends: Vec<String> = sink.addrs().iter().map(|a| format!("\"{a}\"")).collect();
     let config = format!(
         "workers = 2\nstats_file = \"{{stats_file}}\"\n[[listener]]\nname = \"bench\"\nbind = \"127.0.0.1:0\"\n\
-         dissector = \"quic\"\nshort_cid_len = 8\nsteering = \"{steering}\"\nrecv_buffer = \"4MiB\"\nbackends = [{}]\n",
-        backends.join(", ")
+         dissector = \"quic\"\nshort_cid_len = 8\nsteering = \"{steering}\"\nrecv_buffer = \"4MiB\"\nbackends = [{}]\n{}",
+        backends.join(", "),
+        udpshard_tests::load::one_generator_admission(1_000_000, "60s"),
     );
     let proxy = Proxy::start(Path::new(&bin), &config);
     let target = proxy.addr("bench");

@@ -393,8 +393,9 @@ session_idle = "120s"
 max_sessions = {max}
 upstream_ports = "{ports}"
 backends = [{backends}]
-"#,
+{admission}"#,
         stats = stats.display(),
+        admission = udpshard_tests::load::one_generator_admission(args.sessions, "120s"),
         max = args.sessions,
         ports = args.upstream_ports,
         backends = backends.join(", "),

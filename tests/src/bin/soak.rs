@@ -97,8 +97,9 @@ recv_buffer = "4MiB"
 upstream_ports = "1025-32767"
 upstream_sources = [{sources}]
 backends = [{backends}]
-"#,
+{admission}"#,
         stats = stats.display(),
+        admission = udpshard_tests::load::one_generator_admission(1_000_000, "60s"),
         sources = sources.join(", "),
         backends = backends.join(", "),
     )

@@ -91,12 +91,11 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         start: Instant::now(),
         start_ns: monotonic_ns(),
         iter_ms: 0,
-        last_no_port: 0,
+        warned: Default::default(),
         socket_drops_seen: socket_drops.0,
         socket_drops_base: socket_drops.1,
         rx_ahead: (0, 0),
         replies_ahead: 0,
-        last_warn_ms: 0,
         wall_base: 0,
     };
     let epoch_ms = lp.start_ns / 1_000_000;

@@ -198,7 +198,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             return false;
         };
         let path_idle = self.routes.get(p.listener).map_or(0, |r| r.path_idle_ms);
-        p.last_reply_ms > 0
+        p.answered
             && (p.last_reply_ms == newest_reply_ms
                 || self.now_ms.saturating_sub(p.last_reply_ms) <= path_idle)
     }

@@ -323,6 +323,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // trusted until its session's backend answers elsewhere.
         let path = Path {
             last_reply_ms: self.now_ms,
+            answered: true,
             ..path
         };
         let pid = self.link_first(sid, path)?;
@@ -599,7 +600,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
         // A port whose backend never sent on it needs no cooling: no reply
         // of an old flow can reach a new one on it.
-        let answered = self.paths.path(pid).is_some_and(|p| p.last_reply_ms > 0);
+        let answered = self.paths.path(pid).is_some_and(|p| p.answered);
         let cool = match answered {
             true => self.routes.get(listener).map_or(0, |r| r.reuse_delay_ms),
             false => 0,
@@ -803,6 +804,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             return;
         };
         p.last_reply_ms = now_ms;
+        p.answered = true;
         let (session, client, local_ip) = (p.session, p.client, p.local_ip);
         // Learn the server's connection ID before the client can answer
         // with it: a reply to this reply may reach another worker at once.

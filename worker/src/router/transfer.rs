@@ -66,7 +66,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                         .now_ms
                         .saturating_sub(p.last_active_ms())
                         .min(u64::from(u32::MAX)) as u32,
-                    answered: Some(p.last_reply_ms > 0),
+                    answered: Some(p.answered),
                 });
                 socks.push(p.sock);
                 upstreams.push(sock.local);
@@ -216,12 +216,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 t.key,
                 last,
             );
+            let answered = tp.answered != Some(false);
             let path = Path {
-                last_reply_ms: if tp.answered == Some(false) {
-                    0
-                } else {
-                    last.max(1)
-                },
+                last_reply_ms: if answered { last } else { 0 },
+                answered,
                 ..path
             };
             self.link_first(sid, path);
@@ -441,6 +439,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let now = self.now_ms;
         if let Some(p) = self.paths.path_mut(pid) {
             p.last_reply_ms = now;
+            p.answered = true;
             let sid = p.session as usize;
             if let Some(s) = self.sessions.get_mut(sid) {
                 s.last_active_ms = now;
