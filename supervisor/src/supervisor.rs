@@ -195,7 +195,7 @@ impl Supervisor {
         tracing::info!(
             "ownership table: {entries} entries ({} MiB with their port hints, touched as used), \
              for {count} workers of up to {max_sessions} sessions each",
-            entries * 16 >> 20
+            (entries * 16) >> 20
         );
         register_sources(&state, &config)?;
         register_backends(&region, &config);
