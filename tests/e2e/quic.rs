@@ -278,3 +278,93 @@ fn quinn_connections_survive_rebinding_with_kernel_cid_steering_in_follow_mode()
 fn quinn_connections_survive_rebinding_with_reshuffle_steering_in_follow_mode() {
     handshakes_and_rebinds("reshuffle", "follow");
 }
+
+/// Which backends the stats say are down.
+fn down(proxy: &Proxy) -> Vec<String> {
+    let s = proxy.stats();
+    s["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["state"] == "down")
+        .map(|b| b["addr"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// With `probe = "quic"` the probes decide: junk Initials, which a quinn
+/// server drops (it cannot decrypt them), only ask for a probe, and every
+/// server answers the probe with Version Negotiation, so none goes down;
+/// a server that is gone stops answering and goes down.
+#[test]
+fn the_quic_probe_keeps_quic_servers_up_through_junk_and_finds_one_gone() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (certs, key) = cert();
+        let (a, a_addr) = server("a", [0x0a, 0x0a], &certs, &key);
+        let (b, b_addr) = server("b", [0x0b, 0x0b], &certs, &key);
+        let config = format!(
+            r#"
+workers = 1
+stats_file = "{{stats_file}}"
+
+[[listener]]
+name = "quic"
+bind = "127.0.0.1:0"
+dissector = "quic"
+fall = 2
+reply_timeout = "200ms"
+upstream_ports = "1025-32767"
+backends = ["{a_addr}", "{b_addr}"]
+
+[listener.health]
+probe = "quic"
+interval = "200ms"
+timeout = "150ms"
+fall = 2
+rise = 1
+"#
+        );
+        let proxy = Proxy::start(Path::new(BIN), &config);
+        let target = proxy.addr("quic");
+        let junk = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for n in 0..40u64 {
+            let mut d = udpshard_shared::flow::quic_initial(&(n + 1).to_be_bytes(), &[], b"junk");
+            d.resize(1200, 0);
+            junk.send_to(&d, target).unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(
+                down(&proxy).is_empty(),
+                "after junk {n}: {:?}",
+                down(&proxy)
+            );
+        }
+        let stats = proxy.stats();
+        let unanswered: u64 = stats["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| b["sessions_unanswered"].as_u64().unwrap_or(0))
+            .sum();
+        assert!(unanswered >= 4, "the junk was evidence: {stats:#}");
+        // Server b goes away: its probes fail, and it goes down.
+        b.close(0u32.into(), b"bye");
+        drop(b);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !down(&proxy).contains(&b_addr.to_string()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "b never went down: {}",
+                proxy.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(down(&proxy), vec![b_addr.to_string()]);
+        proxy.wait_log("probes failed in a row", Duration::from_secs(5));
+        drop(a);
+        assert_eq!(total(&proxy.stats(), "drops.not_initial"), 0);
+    });
+}

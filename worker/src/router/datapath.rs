@@ -264,25 +264,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             session.awaiting_since_ms = Some(self.now_ms);
         }
         let sid = self.sessions.insert(session);
-        let mut opened = match inherited.and_then(|h| self.inherited_path(sid, a, h)) {
+        let opened = match inherited.and_then(|h| self.inherited_path(sid, a, h)) {
             Some(pid) => Ok(pid),
-            None => self.open_path(sid, a.client, a.local_ip),
+            None => self.open_path_making_room(sid, a.client, a.local_ip),
         };
-        // Out of ports or descriptors: the oldest embryonic sessions give
-        // theirs back (at once: their backend never sent on them).
-        for _ in 0..MAX_EVICTIONS {
-            if !matches!(opened, Err(DropReason::NoPort | DropReason::NoFd)) {
-                break;
-            }
-            match self.sessions.oldest_embryonic(a.listener) {
-                Some(old) if old != sid => {
-                    self.close_session(old);
-                    self.counters.incr(Counter::SessionsEvicted);
-                }
-                _ => break,
-            }
-            opened = self.open_path(sid, a.client, a.local_ip);
-        }
         if let Err(reason) = opened {
             self.sessions.remove(sid);
             return Err(reason);
@@ -493,7 +478,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         if full && !self.evict_untrusted(sid) {
             return Err(DropReason::PathLimit);
         }
-        self.open_path(sid, client, local_ip)
+        self.open_path_making_room(sid, client, local_ip)
             .map(|pid| (pid, false))
     }
 
@@ -519,6 +504,33 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let pid = self.link_first(sid, path).ok_or(DropReason::Upstream)?;
         self.counters.incr(Counter::PathsCreated);
         Ok(pid)
+    }
+
+    /// [`Router::open_path`], and when ports or descriptors run short, the
+    /// oldest embryonic sessions give theirs back (at once: their backend
+    /// never sent on them), never an established one.
+    fn open_path_making_room(
+        &mut self,
+        sid: SessionId,
+        client: SocketAddr,
+        local_ip: Option<IpAddr>,
+    ) -> Result<PathId, DropReason> {
+        let mut opened = self.open_path(sid, client, local_ip);
+        let listener = self.sessions.get(sid).map_or(0, |s| s.listener);
+        for _ in 0..MAX_EVICTIONS {
+            if !matches!(opened, Err(DropReason::NoPort | DropReason::NoFd)) {
+                break;
+            }
+            match self.sessions.oldest_embryonic(listener) {
+                Some(old) if old != sid => {
+                    self.close_session(old);
+                    self.counters.incr(Counter::SessionsEvicted);
+                }
+                _ => break,
+            }
+            opened = self.open_path(sid, client, local_ip);
+        }
+        opened
     }
 
     /// Inserts `path` as the first of session `sid`'s paths.
