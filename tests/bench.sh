@@ -7,6 +7,9 @@
 # rate over them (floor, floor-ports, udpshard; see `scale-bench --help`).
 # `bash tests/bench.sh soak [ARGS]` runs the soak: load with workers killed, reloads and resizes,
 # and the ledger checked at the end (see `soak --help`); `--upgrades N` adds binary upgrades.
+# `bash tests/bench.sh flood [ARGS]` runs udpshard under junk Initials and sprays of live CIDs
+# from forged loopback sources (a raw socket: as root) beside established flows and new
+# connections (see `flood-bench --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +19,9 @@ if [[ "${1:-}" == scale ]]; then
     shift
 elif [[ "${1:-}" == soak ]]; then
     bench=soak
+    shift
+elif [[ "${1:-}" == flood ]]; then
+    bench=flood-bench
     shift
 fi
 extra=()
@@ -42,8 +48,8 @@ if ! cargo build --release --workspace --bins; then
     # udpshard binary left over from an earlier build.
     echo "bench.sh: the workspace does not build; building the baselines only and skipping udpshard" >&2
     cargo build --release -p udpshard-tests --bins
-    if [[ $bench == soak ]]; then
-        echo "bench.sh: the soak needs udpshard" >&2
+    if [[ $bench == soak || $bench == flood-bench ]]; then
+        echo "bench.sh: $bench needs udpshard" >&2
         exit 1
     elif [[ $bench == scale-bench ]]; then
         extra=(--only floor --only floor-ports)  # not udpshard, not udpshard-socket

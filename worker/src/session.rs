@@ -413,6 +413,17 @@ impl SessionTable {
     /// The oldest embryonic session of `listener` not on offer to another
     /// worker (one on offer may not close): what makes room for a new flow.
     pub(crate) fn oldest_embryonic(&mut self, listener: usize) -> Option<SessionId> {
+        self.oldest_embryonic_where(listener, |_| true)
+    }
+
+    /// [`SessionTable::oldest_embryonic`], preferring among the oldest few
+    /// one that `prefer` likes (one whose port slot a new path can take),
+    /// else the oldest.
+    pub(crate) fn oldest_embryonic_where(
+        &mut self,
+        listener: usize,
+        prefer: impl Fn(&Session) -> bool,
+    ) -> Option<SessionId> {
         loop {
             let l = self.listeners.get(listener)?;
             let &front = l.fifo.front()?;
@@ -423,12 +434,22 @@ impl SessionTable {
         }
         let l = &self.listeners[listener];
         // Offers are rare and short: look a little way past them.
-        l.fifo
+        let mut candidates = l
+            .fifo
             .iter()
             .take(16)
             .filter(|&&e| self.waiting(e))
             .map(|&(id, _)| id as usize)
-            .find(|&id| self.sessions.get(id).is_some_and(|s| s.offer().is_none()))
+            .filter(|&id| self.sessions.get(id).is_some_and(|s| s.offer().is_none()));
+        let first = candidates.next()?;
+        if self.sessions.get(first).is_some_and(&prefer) {
+            return Some(first);
+        }
+        Some(
+            candidates
+                .find(|&id| self.sessions.get(id).is_some_and(&prefer))
+                .unwrap_or(first),
+        )
     }
 
     /// Embryonic sessions of `listener` made before `before_ms`, oldest

@@ -174,6 +174,42 @@ fn out_of_ports_a_new_flow_takes_an_embryonic_ones_port_at_once() {
 }
 
 #[test]
+fn out_of_ports_a_migration_takes_the_place_of_a_flow_to_its_own_backend() {
+    // Two ports shared by two backends: four paths, each socket carrying
+    // one path to each backend.
+    let text = config("max_paths = 2\nport_reuse_delay = \"60s\"", 2);
+    let mut w = World::new(1, &text, (20000, 20001));
+    let pick = |w: &World, cid: u64| w.routers[0].routes[0].pick(&cid.to_be_bytes());
+    w.send(0, CLIENT, &short(0, b"real"));
+    w.echo_since(0);
+    let home = pick(&w, 0);
+    // The two oldest garbage flows go to the other backend, the newest to
+    // the real client's.
+    let other: Vec<u64> = (10..).filter(|&c| pick(&w, c) != home).take(2).collect();
+    let same = (10..).find(|&c| pick(&w, c) == home).unwrap();
+    for cid in [other[0], other[1], same] {
+        w.send(0, CLIENT, &short(cid, b"junk"));
+    }
+    assert_eq!(w.routers[0].paths.paths.len(), 4);
+    assert_eq!(w.counter(0, Counter::SessionsEvicted), 0);
+    // The client moves: its new path needs a place toward its backend, and
+    // only the garbage flow there gives one back.
+    w.send(0, "192.0.2.9:9", &short(0, b"moved"));
+    assert_eq!(w.drops(DropReason::NoPort), 0);
+    assert_eq!(w.counter(0, Counter::SessionsEvicted), 1);
+    assert_eq!(w.at_backend.last().unwrap().backend, backend(home));
+    let sessions = &w.routers[0].sessions;
+    let alive = |cid: u64| {
+        let key = udpshard_shared::FlowKey::new(&cid.to_be_bytes()).unwrap();
+        sessions.lookup(0, &key).is_some()
+    };
+    assert!(alive(other[0]) && alive(other[1]), "the others stay");
+    assert!(!alive(same));
+    w.assert_unique_tuples();
+    w.assert_ledger();
+}
+
+#[test]
 fn one_source_over_its_rate_is_refused_while_another_passes() {
     let mut w = world(
         "[listener.admission]\nnew_sessions_per_source = 10\nnew_sessions_burst = 20",

@@ -516,12 +516,19 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         local_ip: Option<IpAddr>,
     ) -> Result<PathId, DropReason> {
         let mut opened = self.open_path(sid, client, local_ip);
-        let listener = self.sessions.get(sid).map_or(0, |s| s.listener);
+        let (listener, backend) = self
+            .sessions
+            .get(sid)
+            .map_or((0, 0), |s| (s.listener, s.backend));
         for _ in 0..MAX_EVICTIONS {
             if !matches!(opened, Err(DropReason::NoPort | DropReason::NoFd)) {
                 break;
             }
-            match self.sessions.oldest_embryonic(listener) {
+            // One toward the same backend frees the slot this path needs.
+            let victim = self
+                .sessions
+                .oldest_embryonic_where(listener, |s| s.backend == backend);
+            match victim {
                 Some(old) if old != sid => {
                     self.close_session(old);
                     self.counters.incr(Counter::SessionsEvicted);
