@@ -576,12 +576,29 @@ fn reloads_under_steady_load(steering: &str) {
     });
     write("2");
     sighup_and_wait(&proxy, 4);
-    let (report, _sink) = load.join().unwrap();
+    let (report, sink) = load.join().unwrap();
+    // The generator stops waiting after 200 ms without an arrival; on a loaded machine a
+    // worker that has just started can hold the last datagrams longer than that. Late is
+    // not lost: wait for them (bounded), then count what never came.
+    let arrived = || sink.stats().received;
+    let deadline = Instant::now() + WAIT;
+    while arrived() < report.sent && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let lost = report.sent.saturating_sub(arrived());
     eprintln!(
-        "reloads under load ({steering}): sent {} received {} lost {}",
-        report.sent, report.received, report.lost
+        "reloads under load ({steering}): sent {} received {} (late {}) lost {lost}",
+        report.sent,
+        arrived(),
+        arrived().saturating_sub(report.received),
     );
-    assert_eq!(report.lost, 0, "{report:?}");
+    let totals = &proxy.stats()["totals"];
+    assert_eq!(
+        lost,
+        0,
+        "{report:?}; the proxy's client drops: {}",
+        client_drops(totals)
+    );
 }
 
 #[test]
