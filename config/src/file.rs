@@ -21,6 +21,7 @@ pub(crate) struct FileConfig {
     pub upgrade_timeout: Option<Spanned<IntOrStr>>,
     pub metrics: Option<Spanned<String>>,
     pub upstream_send: Option<Spanned<String>>,
+    pub offload: Option<Spanned<String>>,
     pub listener: Option<Spanned<ArrayOf<Spanned<FileListener>>>>,
 }
 

@@ -41,6 +41,20 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// How workers put forwarded datagrams on the wire.
     pub upstream_send: UpstreamSend,
+    /// Whether workers use the kernel's UDP segmentation offloads: GSO on
+    /// every send (runs of datagrams to one address as one message), GRO
+    /// on upstream sockets (a backend's flight read as one buffer).
+    pub offload: Offload,
+}
+
+/// The kernel's UDP segmentation offloads (GSO out, GRO in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offload {
+    /// Where the kernel offers them (Linux 4.18 for GSO, 5.0 for GRO); a
+    /// device that refuses a segmented send turns GSO off for that socket.
+    Auto,
+    /// One datagram per system call message, both ways.
+    Off,
 }
 
 /// How a worker sends datagrams to backends.

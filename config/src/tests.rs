@@ -48,6 +48,7 @@ fn default_parses() {
         drain_timeout: Duration::from_secs(5),
         upgrade_timeout: Duration::from_secs(30),
         upstream_send: UpstreamSend::Auto,
+        offload: Offload::Auto,
         metrics: None,
         listeners: vec![Listener {
             name: "quic".into(),
@@ -1211,6 +1212,18 @@ fn metrics() {
         "port 0",
     );
     assert_err(&format!("metrics = 9469\n{base}"), 1, 11, "");
+}
+
+#[test]
+fn offload_is_auto_or_off() {
+    let base = "[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:4433\"\ndissector = \"tuple\"\nbackends = [{ addr = \"127.0.0.1:5000\" }]\n";
+    assert_eq!(parse(base, "t.toml").unwrap().offload, Offload::Auto);
+    let off = format!("offload = \"off\"\n{base}");
+    assert_eq!(parse(&off, "t.toml").unwrap().offload, Offload::Off);
+    let bad = format!("offload = \"on\"\n{base}");
+    let e = parse(&bad, "t.toml").unwrap_err().to_string();
+    assert!(e.starts_with("t.toml:1:11:"), "{e}");
+    assert!(e.contains("expected \"auto\" or \"off\""), "{e}");
 }
 
 #[test]

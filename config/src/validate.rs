@@ -15,8 +15,8 @@ use crate::file::{
 };
 use crate::units::{self, UnitError, DURATION_FORMS, SIZE_FORMS};
 use crate::{
-    Backend, Config, Dissector, Listener, Migration, QuicLb, Steering, UpstreamSend, Workers,
-    DEFAULT_STATS_FILE,
+    Backend, Config, Dissector, Listener, Migration, Offload, QuicLb, Steering, UpstreamSend,
+    Workers, DEFAULT_STATS_FILE,
 };
 use crate::{Health, OnBackendDown, Probe};
 
@@ -107,6 +107,19 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
             }
         },
     };
+    let offload = match &file.offload {
+        None => Offload::Auto,
+        Some(v) => match v.get_ref().as_str() {
+            "auto" => Offload::Auto,
+            "off" => Offload::Off,
+            other => {
+                return Err(at(
+                    v,
+                    format!("offload = {other:?} is invalid (expected \"auto\" or \"off\")"),
+                ))
+            }
+        },
+    };
     let Some(list) = file.listener else {
         // Nothing to point at; the top of the file is where one would go.
         return Err(SpanError::new(
@@ -133,6 +146,7 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
         upgrade_timeout,
         metrics,
         upstream_send,
+        offload,
     })
 }
 

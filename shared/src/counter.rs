@@ -123,10 +123,17 @@ pub enum Counter {
     /// Embryonic sessions closed unanswered: to make room for a new flow,
     /// or after `embryonic_timeout`.
     SessionsEvicted,
+    /// Upstream receive buffers that held more than one datagram (UDP_GRO).
+    RxGroBuffers,
+    /// Messages of more than one datagram sent with UDP_SEGMENT (GSO),
+    /// replies and forwards.
+    TxGsoMessages,
+    /// The datagrams those messages carried.
+    TxGsoDatagrams,
 }
 
 impl Counter {
-    pub const COUNT: usize = Counter::SessionsEvicted as usize + 1;
+    pub const COUNT: usize = Counter::TxGsoDatagrams as usize + 1;
 
     /// Every counter, in slot order.
     pub fn all() -> impl Iterator<Item = Counter> {
@@ -721,6 +728,33 @@ pub const CATALOGUE: [Entry; Counter::COUNT] = [
         name: "sessions_evicted",
         metric: Some("sessions_evicted"),
         help: "Embryonic sessions closed unanswered: to make room for a new flow, or after embryonic_timeout.",
+        kind: Kind::Total,
+        writer: Writer::Worker,
+        shown: Shown::WorkerAndTotal,
+    },
+    Entry {
+        counter: Counter::RxGroBuffers,
+        name: "rx_gro_buffers",
+        metric: Some("rx_gro_buffers"),
+        help: "Reads from backends that returned several datagrams in one buffer (UDP GRO): a flight read in one trip.",
+        kind: Kind::Total,
+        writer: Writer::Worker,
+        shown: Shown::WorkerAndTotal,
+    },
+    Entry {
+        counter: Counter::TxGsoMessages,
+        name: "tx_gso_messages",
+        metric: Some("tx_gso_messages"),
+        help: "Sends of several datagrams as one message that the kernel segments (UDP GSO), replies and forwards.",
+        kind: Kind::Total,
+        writer: Writer::Worker,
+        shown: Shown::WorkerAndTotal,
+    },
+    Entry {
+        counter: Counter::TxGsoDatagrams,
+        name: "tx_gso_datagrams",
+        metric: Some("tx_gso_datagrams"),
+        help: "Datagrams sent inside UDP GSO messages (each also counted where it went: tx_packets or replies_out).",
         kind: Kind::Total,
         writer: Writer::Worker,
         shown: Shown::WorkerAndTotal,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use udpshard_shared::Maglev;
 use udpshard_tests::harness::{
-    bind_udp, listener_config, quic_short, total, wait_until, Backend, Proxy,
+    bind_udp, listener_config, quic_short, send_segmented, total, wait_until, Backend, Proxy,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
@@ -319,5 +319,70 @@ fn a_wildcard_listener_replies_from_the_address_the_client_wrote_to() {
             from, target,
             "the reply must come from the address the client used"
         );
+    }
+}
+
+/// A QUIC server sends a flight as one GSO message. The proxy reads it as
+/// one buffer (GRO) and sends it on to the client as one message (GSO); the
+/// client sees the datagrams, whole and in order, and every counter counts
+/// datagrams. A client's run is forwarded the same way. With
+/// `offload = "off"` the same datagrams go one by one.
+#[test]
+fn a_backends_segmented_flight_reaches_the_client_whole_and_goes_on_segmented() {
+    for offload in ["auto", "off"] {
+        let backend = bind_udp("127.0.0.1:0");
+        backend.set_read_timeout(Some(WAIT)).unwrap();
+        let top = format!("workers = 1\noffload = \"{offload}\"\nupstream_send = \"socket\"");
+        let addr = backend.local_addr().unwrap();
+        let proxy = Proxy::start(
+            Path::new(BIN),
+            &listener_config(&top, "dissector = \"tuple\"", &[addr]),
+        );
+        let target = proxy.addr("quic");
+        let c = client();
+        c.send_to(b"get", target).unwrap();
+        let mut buf = vec![0u8; 65536];
+        let (n, upstream) = backend.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"get");
+
+        // Nine of 1350 bytes and a last of 200, each its own bytes.
+        let flight: Vec<Vec<u8>> = (0..10u8)
+            .map(|i| vec![i + 1; if i == 9 { 200 } else { 1350 }])
+            .collect();
+        let refs: Vec<&[u8]> = flight.iter().map(Vec::as_slice).collect();
+        send_segmented(&backend, upstream, &refs).unwrap();
+        let got: Vec<Vec<u8>> = (0..10)
+            .map(|_| {
+                let n = c.recv(&mut buf).expect("every datagram of the flight");
+                buf[..n].to_vec()
+            })
+            .collect();
+        assert_eq!(got, flight, "offload = {offload}");
+        let s = proxy.wait_stats(WAIT, "the flight counted", |s| {
+            total(s, "replies_out") >= 10
+        });
+        assert_eq!(total(&s, "replies_in"), 10, "datagrams, not buffers");
+        assert_eq!(total(&s, "replies_out"), 10);
+        let on = offload == "auto";
+        assert_eq!(total(&s, "rx_gro_buffers"), u64::from(on), "{offload}");
+        assert_eq!(total(&s, "tx_gso_messages"), u64::from(on), "{offload}");
+        assert_eq!(total(&s, "tx_gso_datagrams"), 10 * u64::from(on));
+
+        // The client's run of four, forwarded.
+        let run: Vec<Vec<u8>> = (0..4u8).map(|i| vec![b'a' + i; 1200]).collect();
+        let refs: Vec<&[u8]> = run.iter().map(Vec::as_slice).collect();
+        send_segmented(&c, target, &refs).unwrap();
+        let got: Vec<Vec<u8>> = (0..4)
+            .map(|_| {
+                let (n, from) = backend.recv_from(&mut buf).unwrap();
+                assert_eq!(from, upstream, "the path's own socket");
+                buf[..n].to_vec()
+            })
+            .collect();
+        assert_eq!(got, run, "offload = {offload}");
+        let s = proxy.wait_stats(WAIT, "the run counted", |s| total(s, "tx_packets") >= 5);
+        assert_eq!(total(&s, "tx_packets"), 5);
+        assert_eq!(total(&s, "tx_gso_messages"), 2 * u64::from(on));
+        assert_eq!(total(&s, "tx_gso_datagrams"), 14 * u64::from(on));
     }
 }

@@ -358,6 +358,32 @@ pub fn bind_udp(addr: &str) -> UdpSocket {
     udpshard_lab::bind_udp(addr.parse().expect("socket address")).expect("bind")
 }
 
+/// Sends `datagrams` to `to` as one UDP_SEGMENT message (GSO), the way a
+/// QUIC stack sends a flight: each as long as the first but the last. The
+/// receiver sees them as separate datagrams (or, with UDP_GRO, as one
+/// buffer with their size).
+pub fn send_segmented(
+    socket: &UdpSocket,
+    to: SocketAddr,
+    datagrams: &[&[u8]],
+) -> std::io::Result<usize> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, SockaddrStorage};
+    use std::os::fd::AsRawFd;
+    let iov: Vec<std::io::IoSlice<'_>> =
+        datagrams.iter().map(|d| std::io::IoSlice::new(d)).collect();
+    let size = datagrams.first().map_or(0, |d| d.len()) as u16;
+    let cmsg = [ControlMessage::UdpGsoSegments(&size)];
+    let to = SockaddrStorage::from(to);
+    sendmsg(
+        socket.as_raw_fd(),
+        &iov,
+        &cmsg,
+        MsgFlags::empty(),
+        Some(&to),
+    )
+    .map_err(std::io::Error::from)
+}
+
 /// Waits until `cond` holds, polling; panics with `what` after `timeout`.
 pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

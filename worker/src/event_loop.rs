@@ -55,8 +55,8 @@ pub use start::run;
 enum Src {
     /// In the listener batch: slot, offset (a GRO segment), length.
     Listener { slot: u16, off: u32, len: u32 },
-    /// In the upstream batch: slot, length.
-    Upstream { slot: u16, len: u32 },
+    /// In the upstream batch: slot, offset (a GRO segment), length.
+    Upstream { slot: u16, off: u32, len: u32 },
     /// Bytes of the inbox frame just read: from an offset, a length.
     Inbox { off: u32, len: u32 },
 }
@@ -147,7 +147,9 @@ fn resolve<'a>(
             let start = usize::from(*slot) * MAX_DATAGRAM + *off as usize;
             &rx.buf[start..start + *len as usize]
         }
-        Some(Src::Upstream { slot, len }) => &up_rx.bufs[usize::from(*slot)][..*len as usize],
+        Some(Src::Upstream { slot, off, len }) => {
+            &up_rx.bufs[usize::from(*slot)][*off as usize..(*off + *len) as usize]
+        }
         Some(Src::Inbox { off, len }) => &frame[*off as usize..(*off + *len) as usize],
         None => &[],
     }
@@ -453,7 +455,10 @@ impl Loop {
             self.refs.clear();
             let counters = &self.router.counters;
             let (datagrams, bytes) = self.rx.meta[..n].iter().fold((0, 0), |(d, b), m| {
-                (d + segments(m).count() as u64, b + m.len as u64)
+                (
+                    d + segments(m.len, m.stride).count() as u64,
+                    b + m.len as u64,
+                )
             });
             self.rx_ahead = (
                 counters.get(Counter::RxPackets) + datagrams,
@@ -464,7 +469,7 @@ impl Loop {
             self.router.warm(
                 l,
                 meta[..n].iter().enumerate().map(|(i, m)| {
-                    let first = segments(m).next().map_or(0, |(_, len)| len);
+                    let first = segments(m.len, m.stride).next().map_or(0, |(_, len)| len);
                     (&buf[i * MAX_DATAGRAM..i * MAX_DATAGRAM + first], m.addr)
                 }),
             );
@@ -476,7 +481,7 @@ impl Loop {
                     local_ip: meta.dst_ip,
                     via: Via::Socket,
                 };
-                for (off, len) in segments(&meta) {
+                for (off, len) in segments(meta.len, meta.stride) {
                     self.client_datagram(now, a, i, off, len);
                 }
             }
@@ -574,23 +579,31 @@ impl Loop {
                 };
                 let now = self.now_ms();
                 self.refs.clear();
-                // Counted before they are handled, as client batches are.
-                let replies = self.up_rx.meta[..n]
+                // Counted before they are handled, as client batches are:
+                // each datagram of a GRO buffer.
+                let replies: usize = self.up_rx.meta[..n]
                     .iter()
                     .filter(|m| m.from.is_some())
-                    .count();
+                    .map(|m| segments(m.len, m.stride).count())
+                    .sum();
                 self.replies_ahead = self.router.counters.get(Counter::RepliesIn) + replies as u64;
                 self.publish_ahead();
                 for i in 0..n {
                     let meta = self.up_rx.meta[i];
-                    let d = DatagramRef(self.refs.len() as u32);
-                    self.refs.push(Src::Upstream {
-                        slot: i as u16,
-                        len: meta.len as u32,
-                    });
                     let Some(from) = meta.from else { continue };
-                    let bytes = &self.up_rx.bufs[i][..meta.len];
-                    self.router.backend(now, sock, from, bytes, d, meta.drops);
+                    if meta.stride < meta.len {
+                        self.router.counters.incr(Counter::RxGroBuffers);
+                    }
+                    for (off, len) in segments(meta.len, meta.stride) {
+                        let d = DatagramRef(self.refs.len() as u32);
+                        self.refs.push(Src::Upstream {
+                            slot: i as u16,
+                            off: off as u32,
+                            len: len as u32,
+                        });
+                        let bytes = &self.up_rx.bufs[i][off..off + len];
+                        self.router.backend(now, sock, from, bytes, d, meta.drops);
+                    }
                 }
                 self.flush(&mut []);
                 if n < sockio::BATCH {
@@ -671,13 +684,8 @@ fn listener_drops(listeners: &[Listener]) -> u64 {
 /// The datagrams in one receive slot, as (offset, length): GRO may coalesce
 /// several of one sender, `stride` bytes each but the last. An empty
 /// datagram is one, of length 0.
-fn segments(meta: &RecvMeta) -> impl Iterator<Item = (usize, usize)> {
-    let stride = if meta.stride == 0 {
-        meta.len.max(1)
-    } else {
-        meta.stride
-    };
-    let len = meta.len;
+fn segments(len: usize, stride: usize) -> impl Iterator<Item = (usize, usize)> {
+    let stride = if stride == 0 { len.max(1) } else { stride };
     (0..len.max(1))
         .step_by(stride)
         .map(move |off| (off, stride.min(len - off)))
@@ -687,15 +695,13 @@ fn segments(meta: &RecvMeta) -> impl Iterator<Item = (usize, usize)> {
 mod tests {
     use super::*;
 
-    fn meta(len: usize, stride: usize) -> RecvMeta {
-        let mut m = RecvMeta::default();
-        (m.len, m.stride) = (len, stride);
-        m
+    fn meta(len: usize, stride: usize) -> (usize, usize) {
+        (len, stride)
     }
 
     #[test]
     fn a_receive_slot_splits_into_its_datagrams() {
-        let all = |m: RecvMeta| segments(&m).collect::<Vec<_>>();
+        let all = |(len, stride)| segments(len, stride).collect::<Vec<_>>();
         assert_eq!(all(meta(33, 0)), [(0, 33)]);
         assert_eq!(all(meta(0, 0)), [(0, 0)], "an empty datagram is one");
         assert_eq!(all(meta(0, 40)), [(0, 0)]);

@@ -17,7 +17,7 @@ use udpshard_shared::stats::Counter;
 use crate::listener::Listener;
 use crate::rawtx::{RawMsg, RawTx};
 use crate::router::{Action, DatagramRef, Owners, Router};
-use crate::sockio::{send_batch, OutMsg, SendBatch};
+use crate::sockio::{send_batch, Coalesced, Gso, OutMsg, SendBatch};
 use crate::upstream::Upstream;
 
 /// Reusable buffers for one flush.
@@ -28,6 +28,10 @@ pub(crate) struct Executor {
     raw: RawTx,
     /// Whether forwards use `raw` (`upstream_send = "auto"`).
     use_raw: bool,
+    /// Whether sends use UDP_SEGMENT runs (`offload = "auto"`), and how,
+    /// for forwards on upstream sockets (replies: each listener's own).
+    offload: bool,
+    fwd_gso: Gso,
     /// The flush's forwards, (socket, backend, datagram), in the order decided.
     fwd: Vec<(u32, SocketAddr, DatagramRef)>,
     /// Per forward: whether it goes out on its own socket.
@@ -40,13 +44,15 @@ pub(crate) struct Executor {
 impl Executor {
     /// Forwards through `raw` where it carries their family, while
     /// `use_raw`.
-    pub(crate) fn new(raw: RawTx, use_raw: bool) -> Executor {
+    pub(crate) fn new(raw: RawTx, use_raw: bool, offload: bool) -> Executor {
         Executor {
             actions: Vec::new(),
             failed: Vec::new(),
             send: SendBatch::default(),
             raw,
             use_raw,
+            offload,
+            fwd_gso: Gso::probe(),
             fwd: Vec::new(),
             own: Vec::new(),
             raw_src: Vec::new(),
@@ -67,6 +73,32 @@ impl Executor {
     /// Raw sends on (`upstream_send = "auto"`) or off, from the next flush.
     pub(crate) fn use_raw(&mut self, on: bool) {
         self.use_raw = on;
+    }
+
+    /// Segmented sends on (`offload = "auto"`) or off, from the next flush.
+    pub(crate) fn use_offload(&mut self, on: bool) {
+        self.offload = on;
+    }
+
+    /// Sends `msgs` on `fd`, in UDP_SEGMENT runs where `gso` (kept across
+    /// flushes) and the config allow; counts the runs.
+    fn send<O: Owners>(
+        &mut self,
+        router: &mut Router<O, Upstream>,
+        fd: std::os::fd::RawFd,
+        msgs: &[OutMsg<'_>],
+        gso: &mut Gso,
+    ) {
+        let mut off = Gso::off();
+        let gso = if self.offload { gso } else { &mut off };
+        let Coalesced {
+            messages,
+            datagrams,
+        } = send_batch(fd, msgs, &mut self.send, gso, &mut self.failed);
+        if messages > 0 {
+            router.counters.add(Counter::TxGsoMessages, messages);
+            router.counters.add(Counter::TxGsoDatagrams, datagrams);
+        }
     }
 
     /// Executes every action the router has decided. `bytes` resolves a
@@ -216,7 +248,11 @@ impl Executor {
             at += group.len();
             self.failed.clear();
             match router.sockets().fd(group[0]) {
-                Some(fd) => send_batch(fd, msgs, &mut self.send, &mut self.failed),
+                Some(fd) => {
+                    let mut gso = self.fwd_gso;
+                    self.send(router, fd, msgs, &mut gso);
+                    self.fwd_gso = gso;
+                }
                 None => self.failed.extend(0..msgs.len()),
             }
             for &f in &self.failed {
@@ -307,12 +343,9 @@ impl Executor {
                 continue;
             }
             self.failed.clear();
-            send_batch(
-                listener.socket.as_raw_fd(),
-                &msgs,
-                &mut self.send,
-                &mut self.failed,
-            );
+            let mut gso = listener.gso.get();
+            self.send(router, listener.socket.as_raw_fd(), &msgs, &mut gso);
+            listener.gso.set(gso);
             for _ in &self.failed {
                 router.reply_failed();
             }

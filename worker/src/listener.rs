@@ -2,6 +2,7 @@
 //! listener's reuseport group, kept across reloads. Its routing lives in
 //! the router ([`crate::router::Route`]).
 
+use std::cell::Cell;
 use std::net::UdpSocket;
 
 use quinn_udp::{UdpSockRef, UdpSocketState};
@@ -20,6 +21,9 @@ pub(crate) struct Listener {
     /// Bound to 0.0.0.0 or [::]: a reply must leave from the address the
     /// client wrote to (IP_PKTINFO).
     pub wildcard: bool,
+    /// Whether replies go out in UDP_SEGMENT runs: off for good once a
+    /// device refused one.
+    pub gso: Cell<sockio::Gso>,
 }
 
 impl Listener {
@@ -45,6 +49,7 @@ impl Listener {
             inode,
             io,
             wildcard,
+            gso: Cell::new(sockio::Gso::probe()),
         })
     }
 }

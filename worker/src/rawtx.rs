@@ -239,7 +239,7 @@ impl RawTx {
                 }
                 // This datagram's own error (EMSGSIZE over the device's
                 // MTU, a firewall's EPERM): its socket may do better.
-                Sent::Refused | Sent::Reported => {
+                Sent::Refused(_) | Sent::Reported => {
                     refused.push(self.sendable[at].0);
                     at += 1;
                 }

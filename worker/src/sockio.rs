@@ -170,12 +170,96 @@ pub(crate) struct OutMsg<'a> {
     pub bytes: &'a [u8],
 }
 
+/// The most datagrams the kernel takes in one UDP_SEGMENT message
+/// (UDP_MAX_SEGMENTS: 64 before Linux 6.5, 128 since).
+const MAX_SEGMENTS: usize = 64;
+/// The most bytes one UDP_SEGMENT message carries: an IP packet's 65,535
+/// less the largest IPv6 and UDP headers.
+const MAX_SEGMENTED_BYTES: usize = u16::MAX as usize - 40 - 8;
+
+/// Whether a socket sends runs of datagrams as one message with
+/// UDP_SEGMENT (GSO), and how many per message: the kernel cuts the
+/// message into datagrams again, at one trip through the send path for
+/// the whole run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Gso {
+    max_segments: usize,
+}
+
+impl Gso {
+    /// On where the kernel takes UDP_SEGMENT (Linux 4.18), probed once per
+    /// process on a throwaway socket.
+    pub(crate) fn probe() -> Gso {
+        static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let supported = *SUPPORTED.get_or_init(|| {
+            UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))
+                .and_then(|s| {
+                    setsockopt(&s, sockopt::UdpGsoSegment, &1200).map_err(io::Error::from)
+                })
+                .is_ok()
+        });
+        Gso {
+            max_segments: if supported { MAX_SEGMENTS } else { 1 },
+        }
+    }
+
+    /// One datagram per message.
+    pub(crate) fn off() -> Gso {
+        Gso { max_segments: 1 }
+    }
+
+    pub(crate) fn is_on(&self) -> bool {
+        self.max_segments > 1
+    }
+
+    /// How many of `msgs`, from the first, go in one message: the run that
+    /// shares the first's destination and source, each as long as the
+    /// first but the last, which may be shorter (and ends the run), within
+    /// the kernel's limits.
+    fn run_len(&self, msgs: &[OutMsg<'_>]) -> usize {
+        let first = &msgs[0];
+        let size = first.bytes.len();
+        let (mut n, mut total) = (1, size);
+        if size == 0 || size > u16::MAX as usize {
+            return 1;
+        }
+        while n < msgs.len().min(self.max_segments) {
+            let m = &msgs[n];
+            let len = m.bytes.len();
+            if m.to != first.to
+                || m.from_ip != first.from_ip
+                || len == 0
+                || len > size
+                || total + len > MAX_SEGMENTED_BYTES
+            {
+                break;
+            }
+            total += len;
+            n += 1;
+            if len < size {
+                break;
+            }
+        }
+        n
+    }
+}
+
+/// What a send coalesced: messages of more than one datagram that went
+/// out, and the datagrams they carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Coalesced {
+    pub messages: u64,
+    pub datagrams: u64,
+}
+
 /// Reusable buffers for [`send_batch`].
 pub(crate) struct SendBatch {
     names: Vec<RawAddr>,
     iovs: Vec<libc::iovec>,
     cmsgs: Vec<[u64; CMSG_WORDS]>,
     hdrs: Vec<libc::mmsghdr>,
+    /// Per message: its first datagram, how many, and its control length.
+    runs: Vec<(usize, usize, usize)>,
 }
 
 impl Default for SendBatch {
@@ -185,70 +269,115 @@ impl Default for SendBatch {
             iovs: Vec::with_capacity(BATCH),
             cmsgs: Vec::with_capacity(BATCH),
             hdrs: Vec::with_capacity(BATCH),
+            runs: Vec::with_capacity(BATCH),
         }
     }
 }
 
-/// Sends `msgs` on `fd` with as few sendmmsg calls as it takes. The index
-/// of every datagram that did not go out is pushed to `failed`: a full send
-/// buffer (that one and all after it), or an error of its own (an
-/// unreachable destination, a firewall's EPERM).
+/// Sends `msgs` on `fd` with as few sendmmsg calls as it takes, runs of
+/// one destination as single UDP_SEGMENT messages where `gso` allows. The
+/// index of every datagram that did not go out is pushed to `failed`: a
+/// full send buffer (that one and all after it), or an error of its own
+/// (an unreachable destination, a firewall's EPERM). A segmented message
+/// the kernel refuses (EINVAL: a segment over the route's MTU; EIO: a
+/// device without checksum offload, after which `gso` is turned off) is
+/// sent again one datagram per message, so each failure is a datagram's.
 pub(crate) fn send_batch(
     fd: RawFd,
     msgs: &[OutMsg<'_>],
     b: &mut SendBatch,
+    gso: &mut Gso,
     failed: &mut Vec<usize>,
-) {
+) -> Coalesced {
+    let mut coalesced = Coalesced::default();
     let mut at = 0;
     // Where a send last failed with an error an ICMP report left on the
     // socket (it belongs to an earlier datagram, perhaps to another
     // backend, and the failed call consumed it): that one is tried again.
     let mut retried = None;
+    // Datagrams before this index go one per message (a segmented message
+    // holding them was refused).
+    let mut plain_until = 0;
     while at < msgs.len() {
-        let chunk = &msgs[at..msgs.len().min(at + BATCH)];
         b.names.clear();
         b.iovs.clear();
         b.cmsgs.clear();
         b.hdrs.clear();
-        for m in chunk {
-            b.names.push(RawAddr::new(m.to));
-            b.iovs.push(libc::iovec {
-                iov_base: m.bytes.as_ptr() as *mut libc::c_void,
-                iov_len: m.bytes.len(),
-            });
-            b.cmsgs.push([0; CMSG_WORDS]);
+        b.runs.clear();
+        let mut next = at;
+        while next < msgs.len() && b.runs.len() < BATCH {
+            let n = if next < plain_until {
+                1
+            } else {
+                gso.run_len(&msgs[next..])
+            };
+            let first = &msgs[next];
+            b.names.push(RawAddr::new(first.to));
+            let mut cmsg = [0; CMSG_WORDS];
+            let mut len = first.from_ip.map_or(0, |ip| put_pktinfo(&mut cmsg, ip));
+            if n > 1 {
+                len = put_segment_size(&mut cmsg, len, first.bytes.len() as u16);
+            }
+            b.cmsgs.push(cmsg);
+            for m in &msgs[next..next + n] {
+                b.iovs.push(libc::iovec {
+                    iov_base: m.bytes.as_ptr() as *mut libc::c_void,
+                    iov_len: m.bytes.len(),
+                });
+            }
+            b.runs.push((next, n, len));
+            next += n;
         }
-        for (i, m) in chunk.iter().enumerate() {
+        let mut iov = 0;
+        for (i, &(_, n, control)) in b.runs.iter().enumerate() {
             // SAFETY: an all-zero mmsghdr is valid (no name, no iov, no control).
             let mut h: libc::mmsghdr = unsafe { zeroed() };
-            h.msg_hdr.msg_name = (&mut b.names[i].storage as *mut libc::sockaddr_storage).cast();
+            h.msg_hdr.msg_name = b.names[i].as_mut_ptr();
             h.msg_hdr.msg_namelen = b.names[i].len;
-            h.msg_hdr.msg_iov = &mut b.iovs[i];
-            h.msg_hdr.msg_iovlen = 1;
-            if let Some(ip) = m.from_ip {
-                let len = put_pktinfo(&mut b.cmsgs[i], ip);
+            h.msg_hdr.msg_iov = &mut b.iovs[iov];
+            h.msg_hdr.msg_iovlen = n;
+            if control > 0 {
                 h.msg_hdr.msg_control = b.cmsgs[i].as_mut_ptr().cast();
-                h.msg_hdr.msg_controllen = len;
+                h.msg_hdr.msg_controllen = control;
             }
             b.hdrs.push(h);
+            iov += n;
         }
-        // SAFETY: every header points at live buffers above (names, one iovec
-        // over a borrowed datagram, control space) with their lengths; they
+        let (start, n, _) = b.runs[0];
+        // SAFETY: every header points at live buffers above (a name, its
+        // run's iovecs over borrowed datagrams, control space) with their
+        // lengths; all were filled before the first pointer was taken, they
         // outlive the call, and the kernel only reads them.
         match unsafe { send_some(fd, &mut b.hdrs) } {
-            Sent::Some(n) => at += n,
+            Sent::Some(k) => {
+                for &(_, n, _) in &b.runs[..k] {
+                    if n > 1 {
+                        coalesced.messages += 1;
+                        coalesced.datagrams += n as u64;
+                    }
+                }
+                at = b.runs.get(k).map_or(next, |&(first, _, _)| first);
+            }
             Sent::Interrupted => {}
             Sent::Full => {
                 failed.extend(at..msgs.len());
-                return;
+                return coalesced;
+            }
+            Sent::Refused(errno) if n > 1 => {
+                if errno == libc::EIO {
+                    tracing::info!("the kernel refused a segmented send (EIO): sending one datagram per message from now on");
+                    *gso = Gso::off();
+                }
+                plain_until = start + n;
             }
             Sent::Reported if retried != Some(at) => retried = Some(at),
-            Sent::Refused | Sent::Reported => {
+            Sent::Refused(_) | Sent::Reported => {
                 failed.push(at);
                 at += 1;
             }
         }
     }
+    coalesced
 }
 
 /// What one sendmmsg did with the first of its datagrams.
@@ -260,8 +389,8 @@ pub(crate) enum Sent {
     /// The send buffer is full (EAGAIN, ENOBUFS): it and the rest wait.
     Full,
     /// Its own error (EMSGSIZE, a firewall's EPERM, an unreachable
-    /// destination): the ones after it may go.
-    Refused,
+    /// destination; the errno): the ones after it may go.
+    Refused(i32),
     /// ECONNREFUSED, EHOSTUNREACH or ENETUNREACH: with IP_RECVERR, most
     /// likely an ICMP report for an earlier datagram, which this call
     /// consumed without sending: it may go if tried again.
@@ -291,67 +420,92 @@ pub(crate) unsafe fn send_some(fd: RawFd, hdrs: &mut [libc::mmsghdr]) -> Sent {
         Some(libc::EINTR) => Sent::Interrupted,
         Some(libc::EAGAIN | libc::ENOBUFS) => Sent::Full,
         Some(libc::ECONNREFUSED | libc::EHOSTUNREACH | libc::ENETUNREACH) => Sent::Reported,
-        _ => Sent::Refused,
+        errno => Sent::Refused(errno.unwrap_or(0)),
     }
 }
 
 /// Writes an IP_PKTINFO (IPv4) or IPV6_PKTINFO control message asking for
-/// source address `ip` into `buf`; returns its length.
+/// source address `ip` at the start of `buf`; returns its length.
 pub(crate) fn put_pktinfo(buf: &mut [u64; CMSG_WORDS], ip: IpAddr) -> usize {
-    let (level, kind, data_len) = match ip {
-        IpAddr::V4(_) => (
+    match ip {
+        IpAddr::V4(v4) => put_cmsg(
+            buf,
+            0,
             libc::IPPROTO_IP,
             libc::IP_PKTINFO,
-            size_of::<libc::in_pktinfo>(),
+            libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.octets()),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            },
         ),
-        IpAddr::V6(_) => (
+        IpAddr::V6(v6) => put_cmsg(
+            buf,
+            0,
             libc::IPPROTO_IPV6,
             libc::IPV6_PKTINFO,
-            size_of::<libc::in6_pktinfo>(),
+            libc::in6_pktinfo {
+                ipi6_addr: libc::in6_addr {
+                    s6_addr: v6.octets(),
+                },
+                ipi6_ifindex: 0,
+            },
         ),
-    };
-    // SAFETY: CMSG_SPACE of a pktinfo struct fits the 64-byte buffer (it is
-    // at most 40 bytes); the header and data are written inside it through
-    // the CMSG_* macros, with unaligned writes for the data.
-    unsafe {
-        let space = libc::CMSG_SPACE(data_len as u32) as usize;
-        debug_assert!(space <= size_of::<[u64; CMSG_WORDS]>());
-        let mut h: libc::msghdr = zeroed();
-        h.msg_control = buf.as_mut_ptr().cast();
-        h.msg_controllen = space;
-        let c = libc::CMSG_FIRSTHDR(&h);
-        (*c).cmsg_level = level;
-        (*c).cmsg_type = kind;
-        (*c).cmsg_len = libc::CMSG_LEN(data_len as u32) as usize;
-        match ip {
-            IpAddr::V4(v4) => {
-                let info = libc::in_pktinfo {
-                    ipi_ifindex: 0,
-                    ipi_spec_dst: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(v4.octets()),
-                    },
-                    ipi_addr: libc::in_addr { s_addr: 0 },
-                };
-                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);
-            }
-            IpAddr::V6(v6) => {
-                let info = libc::in6_pktinfo {
-                    ipi6_addr: libc::in6_addr {
-                        s6_addr: v6.octets(),
-                    },
-                    ipi6_ifindex: 0,
-                };
-                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), info);
-            }
-        }
-        space
     }
+}
+
+/// Writes a UDP_SEGMENT control message (the size the kernel cuts the
+/// message's bytes into) at byte `at` of `buf`; returns the length so far.
+fn put_segment_size(buf: &mut [u64; CMSG_WORDS], at: usize, size: u16) -> usize {
+    put_cmsg(buf, at, libc::SOL_UDP, libc::UDP_SEGMENT, size)
+}
+
+/// Writes one control message, `data` of (`level`, `kind`), at byte `at`
+/// of `buf` (a multiple of 8, the end of the previous one); returns where
+/// it ends.
+fn put_cmsg<T: Copy>(
+    buf: &mut [u64; CMSG_WORDS],
+    at: usize,
+    level: libc::c_int,
+    kind: libc::c_int,
+    data: T,
+) -> usize {
+    let data_len = size_of::<T>() as u32;
+    // SAFETY: CMSG_SPACE and CMSG_LEN compute sizes only.
+    let (space, len, data_at) = unsafe {
+        (
+            libc::CMSG_SPACE(data_len) as usize,
+            libc::CMSG_LEN(data_len) as usize,
+            libc::CMSG_LEN(0) as usize,
+        )
+    };
+    assert!(at % 8 == 0 && at + space <= size_of::<[u64; CMSG_WORDS]>());
+    // SAFETY: an all-zero cmsghdr is valid (it may have padding fields).
+    let mut header: libc::cmsghdr = unsafe { zeroed() };
+    header.cmsg_len = len as _;
+    header.cmsg_level = level;
+    header.cmsg_type = kind;
+    // SAFETY: `at..at + space` lies inside `buf` (asserted), whose u64
+    // words align the header at any multiple of 8; the data goes
+    // CMSG_LEN(0) past the header, inside the space, written unaligned.
+    unsafe {
+        let base = buf.as_mut_ptr().cast::<u8>().add(at);
+        std::ptr::write(base.cast::<libc::cmsghdr>(), header);
+        std::ptr::write_unaligned(base.add(data_at).cast::<T>(), data);
+    }
+    at + space
 }
 
 /// One datagram of a batched receive.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct InMeta {
     pub len: usize,
+    /// The size of each datagram in the buffer (UDP_GRO: a run of one
+    /// sender's datagrams read as one, all this long but the last): `len`
+    /// when it holds one.
+    pub stride: usize,
     pub from: Option<SocketAddr>,
     /// The socket's lifetime drop count, when the kernel attached it
     /// (SO_RXQ_OVFL: only once the count is non-zero).
@@ -375,6 +529,7 @@ impl RecvBatch {
             bufs: (0..BATCH).map(|_| vec![0u8; size]).collect(),
             meta: [InMeta {
                 len: 0,
+                stride: 0,
                 from: None,
                 drops: None,
             }; BATCH],
@@ -432,20 +587,34 @@ pub(crate) fn recv_batch(fd: RawFd, b: &mut RecvBatch) -> io::Result<usize> {
     for i in 0..n {
         let h = &b.hdrs[i];
         let mut drops = None;
+        let mut stride = 0;
         // SAFETY: the CMSG_* macros walk the control buffer the kernel
         // filled, bounded by msg_controllen; SO_RXQ_OVFL's payload is one
-        // u32, read unaligned.
+        // u32 and UDP_GRO's one int, read unaligned.
         unsafe {
             let mut c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
             while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_RXQ_OVFL {
-                    drops = Some(std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const u32));
+                match ((*c).cmsg_level, (*c).cmsg_type) {
+                    (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => {
+                        drops = Some(std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const u32));
+                    }
+                    (libc::SOL_UDP, libc::UDP_GRO) => {
+                        let size = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const i32);
+                        stride = usize::try_from(size).unwrap_or(0);
+                    }
+                    _ => {}
                 }
                 c = libc::CMSG_NXTHDR(&h.msg_hdr, c);
             }
         }
+        let len = h.msg_len as usize;
         b.meta[i] = InMeta {
-            len: h.msg_len as usize,
+            len,
+            stride: if stride == 0 || stride > len {
+                len
+            } else {
+                stride
+            },
             from: parse_addr(&b.names[i], h.msg_hdr.msg_namelen),
             drops,
         };
@@ -454,10 +623,11 @@ pub(crate) fn recv_batch(fd: RawFd, b: &mut RecvBatch) -> io::Result<usize> {
 }
 
 /// An unconnected, non-blocking UDP socket bound to `local` for upstream
-/// paths, with SO_RXQ_OVFL on so replies carry its drop count. No
+/// paths, with SO_RXQ_OVFL on so replies carry its drop count, and UDP_GRO
+/// when `gro`. No
 /// SO_REUSEADDR: the kernel refuses a (source, port) another socket holds,
 /// so two sockets never share a 4-tuple.
-pub(crate) fn bound_upstream(local: SocketAddr) -> io::Result<UdpSocket> {
+pub(crate) fn bound_upstream(local: SocketAddr, gro: bool) -> io::Result<UdpSocket> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(local),
         socket2::Type::DGRAM.nonblocking().cloexec(),
@@ -467,6 +637,12 @@ pub(crate) fn bound_upstream(local: SocketAddr) -> io::Result<UdpSocket> {
         socket.set_only_v6(true)?;
     }
     setsockopt(&socket, sockopt::RxqOvfl, &1)?;
+    // A backend's flight to one path (a QUIC stack sends it with GSO) is
+    // read as one buffer where the kernel keeps it whole (Linux 5.0): one
+    // trip through the receive path for the run. Without it, one each.
+    if gro {
+        let _ = setsockopt(&socket, sockopt::UdpGroSegment, &true);
+    }
     // ICMP errors for what it sends (port unreachable, above all) are
     // queued for it to read, naming the backend they are about: an
     // unconnected socket otherwise never hears of them.
@@ -542,7 +718,7 @@ mod tests {
 
     #[test]
     fn a_batch_goes_to_each_destination_and_comes_back_with_senders_and_drops() {
-        let up = bound_upstream("127.0.0.1:0".parse().unwrap()).unwrap();
+        let up = bound_upstream("127.0.0.1:0".parse().unwrap(), true).unwrap();
         let (a, b) = (udp("127.0.0.1:0"), udp("127.0.0.1:0"));
         let msgs = [
             OutMsg {
@@ -558,7 +734,7 @@ mod tests {
         ];
         let mut sb = SendBatch::default();
         let mut failed = Vec::new();
-        send_batch(up.as_raw_fd(), &msgs, &mut sb, &mut failed);
+        send_batch(up.as_raw_fd(), &msgs, &mut sb, &mut Gso::off(), &mut failed);
         assert!(failed.is_empty());
         let mut buf = [0u8; 16];
         let (n, from) = a.recv_from(&mut buf).unwrap();
@@ -618,11 +794,175 @@ mod tests {
         assert_eq!(rb.meta[0].drops, Some(kernel));
     }
 
+    /// Sends `msgs` on `fd` with `gso`, expecting every one to go.
+    fn send_all(fd: RawFd, msgs: &[OutMsg<'_>], gso: &mut Gso) -> Coalesced {
+        let mut failed = Vec::new();
+        let c = send_batch(fd, msgs, &mut SendBatch::default(), gso, &mut failed);
+        assert!(failed.is_empty(), "{failed:?}");
+        c
+    }
+
+    /// Reads what `s` has (a socket without GRO: one datagram per read).
+    fn read_all(s: &UdpSocket, n: usize) -> Vec<Vec<u8>> {
+        let mut buf = vec![0u8; 65536];
+        (0..n)
+            .map(|_| {
+                let (len, _) = s.recv_from(&mut buf).unwrap();
+                buf[..len].to_vec()
+            })
+            .collect()
+    }
+
+    fn flight(tag: u8, sizes: &[usize]) -> Vec<Vec<u8>> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| vec![tag.wrapping_add(i as u8); n])
+            .collect()
+    }
+
+    #[test]
+    fn runs_to_one_address_go_as_one_segmented_message_and_arrive_as_datagrams() {
+        let gso = Gso::probe();
+        assert!(gso.is_on(), "this kernel takes UDP_SEGMENT (4.18)");
+        let out = udp("127.0.0.1:0");
+        let (a, b) = (udp("127.0.0.1:0"), udp("127.0.0.1:0"));
+        // A flight of ten to a, the last shorter; one to b; two to a.
+        let mut sizes = vec![1350; 9];
+        sizes.push(700);
+        let to_a = flight(1, &sizes);
+        let to_b = flight(100, &[1350]);
+        let again = flight(200, &[1350, 1350]);
+        fn msg<'a>(to: &UdpSocket, bytes: &'a [u8]) -> OutMsg<'a> {
+            OutMsg {
+                to: to.local_addr().unwrap(),
+                from_ip: None,
+                bytes,
+            }
+        }
+        let mut msgs: Vec<OutMsg<'_>> = to_a.iter().map(|d| msg(&a, d)).collect();
+        msgs.push(msg(&b, &to_b[0]));
+        msgs.extend(again.iter().map(|d| msg(&a, d)));
+        let mut g = gso;
+        let c = send_all(out.as_raw_fd(), &msgs, &mut g);
+        assert_eq!(
+            c,
+            Coalesced {
+                messages: 2,
+                datagrams: 12
+            }
+        );
+        let mut want = to_a.clone();
+        want.extend(again.iter().cloned());
+        assert_eq!(read_all(&a, 12), want, "each datagram whole, in order");
+        assert_eq!(read_all(&b, 1), to_b);
+
+        // A longer datagram ends a run (the kernel cuts at the first's size),
+        // and so does a different source address.
+        let mixed = flight(7, &[500, 1000, 1000]);
+        let msgs: Vec<OutMsg<'_>> = mixed.iter().map(|d| msg(&a, d)).collect();
+        let c = send_all(out.as_raw_fd(), &msgs, &mut g);
+        assert_eq!(
+            c,
+            Coalesced {
+                messages: 1,
+                datagrams: 2
+            }
+        );
+        assert_eq!(read_all(&a, 3), mixed);
+        // Off: one datagram per message.
+        let c = send_all(out.as_raw_fd(), &msgs, &mut Gso::off());
+        assert_eq!(c, Coalesced::default());
+        assert_eq!(read_all(&a, 3), mixed);
+    }
+
+    #[test]
+    fn a_refused_segmented_message_goes_again_one_datagram_each() {
+        // The kernel refuses UDP_SEGMENT on a socket that skips checksums
+        // (EINVAL), as it does a segment over the route's MTU.
+        let out = udp("127.0.0.1:0");
+        setsockopt(&out, sockopt::UdpGsoSegment, &0).unwrap();
+        // SAFETY: setsockopt reads one int from a live local.
+        let rc = unsafe {
+            let one: libc::c_int = 1;
+            libc::setsockopt(
+                out.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_NO_CHECK,
+                (&one as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let a = udp("127.0.0.1:0");
+        let datagrams = flight(3, &[1200, 1200, 1200, 40]);
+        let msgs: Vec<OutMsg<'_>> = datagrams
+            .iter()
+            .map(|d| OutMsg {
+                to: a.local_addr().unwrap(),
+                from_ip: None,
+                bytes: d,
+            })
+            .collect();
+        let mut gso = Gso::probe();
+        let c = send_all(out.as_raw_fd(), &msgs, &mut gso);
+        assert_eq!(c, Coalesced::default(), "none went segmented");
+        assert_eq!(read_all(&a, 4), datagrams);
+        assert!(gso.is_on(), "EINVAL is this message's, not the device's");
+    }
+
+    #[test]
+    fn a_backends_segmented_flight_is_read_as_one_buffer_with_its_stride() {
+        let up = bound_upstream("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let backend = udp("127.0.0.1:0");
+        let mut sizes = vec![1350; 9];
+        sizes.push(100);
+        let datagrams = flight(9, &sizes);
+        let msgs: Vec<OutMsg<'_>> = datagrams
+            .iter()
+            .map(|d| OutMsg {
+                to: up.local_addr().unwrap(),
+                from_ip: None,
+                bytes: d,
+            })
+            .collect();
+        send_all(backend.as_raw_fd(), &msgs, &mut Gso::probe());
+        readable(&up);
+        let mut rb = RecvBatch::new(65536);
+        assert_eq!(recv_batch(up.as_raw_fd(), &mut rb).unwrap(), 1);
+        let m = rb.meta[0];
+        assert_eq!((m.len, m.stride), (9 * 1350 + 100, 1350));
+        assert_eq!(m.from, Some(backend.local_addr().unwrap()));
+        assert_eq!(rb.bufs[0][..m.len], datagrams.concat()[..]);
+
+        // Without GRO the kernel cuts it again: ten reads of one each.
+        let plain = bound_upstream("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let msgs: Vec<OutMsg<'_>> = msgs
+            .iter()
+            .map(|m| OutMsg {
+                to: plain.local_addr().unwrap(),
+                ..*m
+            })
+            .collect();
+        send_all(backend.as_raw_fd(), &msgs, &mut Gso::probe());
+        let mut got = Vec::new();
+        while got.len() < 10 {
+            readable(&plain);
+            let n = recv_batch(plain.as_raw_fd(), &mut rb).unwrap();
+            for i in 0..n {
+                let m = rb.meta[i];
+                assert_eq!(m.stride, m.len);
+                got.push(rb.bufs[i][..m.len].to_vec());
+            }
+        }
+        assert_eq!(got, datagrams);
+    }
+
     #[test]
     fn a_bound_port_is_refused_to_a_second_socket() {
-        let first = bound_upstream("127.0.0.1:0".parse().unwrap()).unwrap();
+        let first = bound_upstream("127.0.0.1:0".parse().unwrap(), true).unwrap();
         let taken = first.local_addr().unwrap();
-        let err = bound_upstream(taken).unwrap_err();
+        let err = bound_upstream(taken, true).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
     }
 
@@ -631,22 +971,24 @@ mod tests {
         let wild = udp("0.0.0.0:0");
         let port = wild.local_addr().unwrap().port();
         let peer = udp("127.0.0.1:0");
-        let msgs = [OutMsg {
-            to: peer.local_addr().unwrap(),
-            from_ip: Some("127.0.0.2".parse().unwrap()),
-            bytes: b"x",
-        }];
-        let mut failed = Vec::new();
-        send_batch(
-            wild.as_raw_fd(),
-            &msgs,
-            &mut SendBatch::default(),
-            &mut failed,
-        );
-        assert!(failed.is_empty());
-        let mut buf = [0u8; 4];
-        let (_, from) = peer.recv_from(&mut buf).unwrap();
-        assert_eq!(from, SocketAddr::from(([127, 0, 0, 2], port)));
+        // One alone, then a segmented run: the source rides beside the
+        // segment size.
+        let sources = ["127.0.0.2", "127.0.0.3", "127.0.0.3", "127.0.0.3"];
+        let msgs: Vec<OutMsg<'_>> = sources
+            .iter()
+            .map(|ip| OutMsg {
+                to: peer.local_addr().unwrap(),
+                from_ip: Some(ip.parse().unwrap()),
+                bytes: b"xy",
+            })
+            .collect();
+        let c = send_all(wild.as_raw_fd(), &msgs, &mut Gso::probe());
+        assert_eq!(c.datagrams, 3);
+        for ip in sources {
+            let mut buf = [0u8; 4];
+            let (n, from) = peer.recv_from(&mut buf).unwrap();
+            assert_eq!((n, from), (2, SocketAddr::new(ip.parse().unwrap(), port)));
+        }
     }
 
     #[test]

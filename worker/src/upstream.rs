@@ -72,6 +72,10 @@ pub(crate) struct Upstream {
     /// The source address the route to a backend picks, for sockets bound
     /// to the wildcard, and until when that answer is trusted.
     route_sources: ahash::AHashMap<IpAddr, (Option<IpAddr>, u64)>,
+    /// Sockets opened from now on read backends' flights as one buffer
+    /// (UDP_GRO; `offload = "auto"`). Open ones keep what they had: a
+    /// buffer already coalesced would read as one datagram without it.
+    gro: bool,
 }
 
 /// How long a route's source address is trusted before it is asked again
@@ -142,6 +146,7 @@ impl Upstream {
             ranges: Vec::new(),
             no_fd_until: 0,
             route_sources: ahash::AHashMap::new(),
+            gro: true,
         }
     }
 
@@ -149,6 +154,7 @@ impl Upstream {
     pub(crate) fn configure(&mut self, config: &config::Config) {
         // A reload is when addresses and routes were likely changed too.
         self.route_sources.clear();
+        self.gro = config.offload == config::Offload::Auto;
         self.ranges = config
             .listeners
             .iter()
@@ -312,7 +318,7 @@ impl Sockets for Upstream {
                 continue;
             }
             binds += 1;
-            match sockio::bound_upstream(SocketAddr::new(ip, port)) {
+            match sockio::bound_upstream(SocketAddr::new(ip, port), self.gro) {
                 Ok(socket) => {
                     found = Some((row, port, socket));
                     break;
@@ -377,7 +383,7 @@ impl Sockets for Upstream {
             .leases()
             .reclaim(row, port, me, from, now + unreaped_cool_ms)
             .ok_or(OpenError::NoPort)?;
-        let kept = match sockio::bound_upstream(local) {
+        let kept = match sockio::bound_upstream(local, self.gro) {
             Ok(socket) => self.keep_leased(sock, row, port, socket),
             Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
                 Err(OpenError::NoFd)

@@ -7,7 +7,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use udpshard_config::UpstreamSend;
+use udpshard_config::{Offload, UpstreamSend};
 use udpshard_shared::control::ControlMsg;
 use udpshard_shared::owners::Owner;
 use udpshard_shared::stats::Counter;
@@ -354,6 +354,7 @@ impl Loop {
             );
         }
         self.exec.use_raw(want_raw);
+        self.exec.use_offload(config.offload == Offload::Auto);
         tracing::info!(worker = self.id, "reloaded {origin}");
         Ok(())
     }

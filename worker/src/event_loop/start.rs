@@ -11,7 +11,7 @@ use std::time::Instant;
 use mio::unix::SourceFd;
 use mio::{Interest, Poll, Token};
 use quinn_udp::BATCH_SIZE;
-use udpshard_config::UpstreamSend;
+use udpshard_config::{Offload, UpstreamSend};
 use udpshard_shared::clock::monotonic_ns;
 use udpshard_shared::control::{ControlChannel, ControlMsg};
 use udpshard_shared::owners::{Owner, OwnerIndex};
@@ -62,9 +62,16 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     if registered {
         register_listeners(poll.registry(), &listeners)?;
     }
+    if config.offload == Offload::Auto && !sockio::Gso::probe().is_on() && args.id == 0 {
+        tracing::info!(
+            "offload = \"auto\": this kernel refuses UDP_SEGMENT (it needs Linux 4.18), so \
+             every datagram goes out as its own message"
+        );
+    }
     let exec = Executor::new(
         raw_tx(config.upstream_send, args.id),
         config.upstream_send == UpstreamSend::Auto,
+        config.offload == Offload::Auto,
     );
     control.send(&ControlMsg::Ready, &[]).map_err(control_err)?;
     let early = wait_live(&mut control, args.standby.is_some())?;
