@@ -10,6 +10,9 @@
 # `bash tests/bench.sh flood [ARGS]` runs udpshard under junk Initials and sprays of live CIDs
 # from forged loopback sources (a raw socket: as root) beside established flows and new
 # connections (see `flood-bench --help`).
+# `bash tests/bench.sh burst [ARGS]` runs QUIC-shaped traffic: small requests answered by flights
+# of large datagrams (sent with GSO or sendmmsg) back through nginx and udpshard, with and
+# without udpshard's offloads (see `burst-bench --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,9 +26,12 @@ elif [[ "${1:-}" == soak ]]; then
 elif [[ "${1:-}" == flood ]]; then
     bench=flood-bench
     shift
+elif [[ "${1:-}" == burst ]]; then
+    bench=burst-bench
+    shift
 fi
 extra=()
-if [[ $bench == bench ]] && ! { [ -x /usr/sbin/nginx ] && [ -e /usr/lib/nginx/modules/ngx_stream_module.so ]; }; then
+if [[ $bench == bench || $bench == burst-bench ]] && ! { [ -x /usr/sbin/nginx ] && [ -e /usr/lib/nginx/modules/ngx_stream_module.so ]; }; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "bench.sh: installing nginx and libnginx-mod-stream (the bench's nginx)" >&2
         # The package would start the system's nginx, which would then run beside every
@@ -53,6 +59,8 @@ if ! cargo build --release --workspace --bins; then
         exit 1
     elif [[ $bench == scale-bench ]]; then
         extra=(--only floor --only floor-ports)  # not udpshard, not udpshard-socket
+    elif [[ $bench == burst-bench ]]; then
+        extra=(--only nginx)
     else
         extra=(--skip udpshard --skip udpshard-socket)
     fi

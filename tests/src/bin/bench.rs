@@ -22,7 +22,9 @@ use clap::{Parser, ValueEnum};
 use serde_json::json;
 use udpshard_tests::load::baseline::allowed_cpus;
 use udpshard_tests::load::procstat::{clock_ticks, CpuSnapshot, CpuUse, UdpCounters};
-use udpshard_tests::load::proxy::{free_udp_addr, host_lock, own_dir, show_command, ProxyProcess};
+use udpshard_tests::load::proxy::{
+    free_udp_addr, host_lock, nginx_conf, own_dir, show_command, udpshard_toml, ProxyProcess,
+};
 use udpshard_tests::load::units::{parse_duration, parse_rate};
 use udpshard_tests::load::{
     show_latency, Generator, LoadError, LoadReport, LoadSpec, Sink, DEFAULT_SIZE,
@@ -524,85 +526,20 @@ fn proxy_command(
             } else {
                 "auto"
             };
-            std::fs::write(&config, udpshard_toml(listen, backends, workdir, send))
-                .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+            std::fs::write(
+                &config,
+                udpshard_toml(
+                    listen,
+                    backends,
+                    workdir,
+                    &format!("upstream_send = \"{send}\""),
+                ),
+            )
+            .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
             command.arg("run").arg("--config").arg(config);
         }
     }
     Ok(command)
-}
-
-/// udpshard's configuration for the benchmark: one QUIC listener, 8-byte short-header CIDs,
-/// a 4 MiB receive buffer like the other proxies, the sinks as backends.
-fn udpshard_toml(
-    listen: SocketAddr,
-    backends: &[SocketAddr],
-    workdir: &Path,
-    upstream_send: &str,
-) -> String {
-    let backends: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
-    format!(
-        r#"workers = "auto"
-stats_file = "{stats}"
-upstream_send = "{upstream_send}"
-# The load has stopped when the bench stops the proxy: no drain to wait for.
-drain_timeout = "0s"
-
-[[listener]]
-name = "bench"
-bind = "{listen}"
-dissector = "quic"
-short_cid_len = 8
-recv_buffer = "4MiB"
-backends = [{backends}]
-{admission}"#,
-        stats = workdir.join("stats").display(),
-        admission = udpshard_tests::load::one_generator_admission(1_000_000, "60s"),
-        backends = backends.join(", "),
-    )
-}
-
-/// Where Debian's libnginx-mod-stream puts the stream module (absent: built in, or missing,
-/// and nginx says which when it reads `stream {}`).
-const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
-
-/// nginx's configuration for the benchmark: one worker per CPU (as the others), pinned, each
-/// with its own SO_REUSEPORT socket; sessions kept for 60 s (`proxy_timeout`), replies
-/// relayed without limit; backends round robin, one per session.
-fn nginx_conf(listen: SocketAddr, backends: &[SocketAddr], workdir: &Path) -> String {
-    let module = if Path::new(NGINX_STREAM_MODULE).is_file() {
-        format!("load_module {NGINX_STREAM_MODULE};\n")
-    } else {
-        String::new()
-    };
-    let servers: String = backends
-        .iter()
-        .map(|b| format!("        server {b};\n"))
-        .collect();
-    format!(
-        r#"{module}daemon off;
-master_process on;
-worker_processes {workers};
-worker_cpu_affinity auto;
-worker_rlimit_nofile 65536;
-pid {pid};
-error_log stderr warn;
-events {{
-    worker_connections 16384;
-}}
-stream {{
-    upstream backends {{
-{servers}    }}
-    server {{
-        listen {listen} udp reuseport;
-        proxy_pass backends;
-        proxy_timeout 60s;
-    }}
-}}
-"#,
-        workers = allowed_cpus().len(),
-        pid = workdir.join("nginx.pid").display(),
-    )
 }
 
 /// The floor's CPU per datagram in the same phase, for the ratio column.
@@ -812,7 +749,7 @@ mod tests {
             "127.0.0.1:4000".parse().unwrap(),
             &backends,
             Path::new("/tmp/x"),
-            "socket",
+            "upstream_send = \"socket\"\noffload = \"off\"",
         );
         assert!(text.contains("stats_file = \"/tmp/x/stats\""));
         assert!(text.contains(r#"backends = ["127.0.0.1:4001", "127.0.0.1:4002"]"#));

@@ -17,6 +17,7 @@ use nix::unistd::Pid;
 use udpshard_lab::{ProxyChild, SpawnError};
 use udpshard_shared::procnet::udp_sockets;
 
+use super::baseline::allowed_cpus;
 use super::procstat::{all_processes, read_stat, tree_pids, ProcStat};
 
 /// How long a proxy gets to exit after SIGTERM before SIGKILL.
@@ -235,6 +236,80 @@ impl Drop for ProxyProcess {
             self.stop();
         }
     }
+}
+
+/// udpshard's configuration for the benchmark: one QUIC listener, 8-byte short-header CIDs,
+/// a 4 MiB receive buffer like the other proxies, the sinks as backends; `top` adds
+/// top-level keys (`upstream_send`, `offload`).
+pub fn udpshard_toml(
+    listen: SocketAddr,
+    backends: &[SocketAddr],
+    workdir: &Path,
+    top: &str,
+) -> String {
+    let backends: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    format!(
+        r#"workers = "auto"
+stats_file = "{stats}"
+{top}
+# The load has stopped when the bench stops the proxy: no drain to wait for.
+drain_timeout = "0s"
+
+[[listener]]
+name = "bench"
+bind = "{listen}"
+dissector = "quic"
+short_cid_len = 8
+recv_buffer = "4MiB"
+backends = [{backends}]
+{admission}"#,
+        stats = workdir.join("stats").display(),
+        admission = super::one_generator_admission(1_000_000, "60s"),
+        backends = backends.join(", "),
+    )
+}
+
+/// Where Debian's libnginx-mod-stream puts the stream module (absent: built in, or missing,
+/// and nginx says which when it reads `stream {}`).
+const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+/// nginx's configuration for the benchmark: one worker per CPU (as the others), pinned, each
+/// with its own SO_REUSEPORT socket; sessions kept for 60 s (`proxy_timeout`), replies
+/// relayed without limit; backends round robin, one per session.
+pub fn nginx_conf(listen: SocketAddr, backends: &[SocketAddr], workdir: &Path) -> String {
+    let module = if Path::new(NGINX_STREAM_MODULE).is_file() {
+        format!("load_module {NGINX_STREAM_MODULE};\n")
+    } else {
+        String::new()
+    };
+    let servers: String = backends
+        .iter()
+        .map(|b| format!("        server {b};\n"))
+        .collect();
+    format!(
+        r#"{module}daemon off;
+master_process on;
+worker_processes {workers};
+worker_cpu_affinity auto;
+worker_rlimit_nofile 65536;
+pid {pid};
+error_log stderr warn;
+events {{
+    worker_connections 16384;
+}}
+stream {{
+    upstream backends {{
+{servers}    }}
+    server {{
+        listen {listen} udp reuseport;
+        proxy_pass backends;
+        proxy_timeout 60s;
+    }}
+}}
+"#,
+        workers = allowed_cpus().len(),
+        pid = workdir.join("nginx.pid").display(),
+    )
 }
 
 #[cfg(test)]
