@@ -13,6 +13,8 @@
 # `bash tests/bench.sh burst [ARGS]` runs QUIC-shaped traffic: small requests answered by flights
 # of large datagrams (sent with GSO or sendmmsg) back through nginx and udpshard, with and
 # without udpshard's offloads (see `burst-bench --help`).
+# `bash tests/bench.sh quic [ARGS]` runs real QUIC downloads (quinn, half the clients migrating
+# midway) directly, through nginx and through udpshard (see `quic-bench --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,9 +31,12 @@ elif [[ "${1:-}" == flood ]]; then
 elif [[ "${1:-}" == burst ]]; then
     bench=burst-bench
     shift
+elif [[ "${1:-}" == quic ]]; then
+    bench=quic-bench
+    shift
 fi
 extra=()
-if [[ $bench == bench || $bench == burst-bench ]] && ! { [ -x /usr/sbin/nginx ] && [ -e /usr/lib/nginx/modules/ngx_stream_module.so ]; }; then
+if [[ $bench == bench || $bench == burst-bench || $bench == quic-bench ]] && ! { [ -x /usr/sbin/nginx ] && [ -e /usr/lib/nginx/modules/ngx_stream_module.so ]; }; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         echo "bench.sh: installing nginx and libnginx-mod-stream (the bench's nginx)" >&2
         # The package would start the system's nginx, which would then run beside every
@@ -61,6 +66,8 @@ if ! cargo build --release --workspace --bins; then
         extra=(--only floor --only floor-ports)  # not udpshard, not udpshard-socket
     elif [[ $bench == burst-bench ]]; then
         extra=(--only nginx)
+    elif [[ $bench == quic-bench ]]; then
+        extra=(--skip udpshard)
     else
         extra=(--skip udpshard --skip udpshard-socket)
     fi
