@@ -15,6 +15,8 @@
 # without udpshard's offloads (see `burst-bench --help`).
 # `bash tests/bench.sh quic [ARGS]` runs real QUIC downloads (quinn, half the clients migrating
 # midway) directly, through nginx and through udpshard (see `quic-bench --help`).
+# `bash tests/bench.sh scaling [ARGS]` measures udpshard's delivered rate at 1, 2, 4 ... workers
+# with the generator on CPUs of its own (see `scaling-bench --help`); on 2 CPUs, 1 worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +35,9 @@ elif [[ "${1:-}" == burst ]]; then
     shift
 elif [[ "${1:-}" == quic ]]; then
     bench=quic-bench
+    shift
+elif [[ "${1:-}" == scaling ]]; then
+    bench=scaling-bench
     shift
 fi
 extra=()
@@ -59,7 +64,7 @@ if ! cargo build --release --workspace --bins; then
     # udpshard binary left over from an earlier build.
     echo "bench.sh: the workspace does not build; building the baselines only and skipping udpshard" >&2
     cargo build --release -p udpshard-tests --bins
-    if [[ $bench == soak || $bench == flood-bench ]]; then
+    if [[ $bench == soak || $bench == flood-bench || $bench == scaling-bench ]]; then
         echo "bench.sh: $bench needs udpshard" >&2
         exit 1
     elif [[ $bench == scale-bench ]]; then
