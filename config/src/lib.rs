@@ -53,7 +53,9 @@ pub enum Offload {
     /// Where the kernel offers them (Linux 4.18 for GSO, 5.0 for GRO); a
     /// device that refuses a segmented send turns GSO off for that socket.
     Auto,
-    /// One datagram per system call message, both ways.
+    /// One datagram per message on every send, and one per read on
+    /// upstream sockets (listener sockets keep the GRO quinn-udp sets: their
+    /// buffers are split as always).
     Off,
 }
 

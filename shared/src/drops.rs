@@ -182,7 +182,9 @@ impl DropReason {
             DropReason::NoPort => "no (source, port) free toward the backend (upstream_ports)",
             DropReason::NoFd => "no descriptor left for a new upstream socket (RLIMIT_NOFILE)",
             DropReason::Upstream => "sending to the backend failed",
-            DropReason::UpstreamSocket => "replies dropped by the kernel on upstream sockets",
+            DropReason::UpstreamSocket => {
+                "replies dropped by the kernel on upstream sockets (it counts a GRO buffer, a backend's whole flight, as one)"
+            }
             DropReason::Stray => {
                 "on an upstream socket, not from a path's backend (late or foreign)"
             }

@@ -32,8 +32,9 @@ const LISTENER_TOKEN_BASE: usize = 2;
 /// Batches read from one listener per loop iteration before the loop turns
 /// to replies and timers: bounds the latency a flood adds to the return path.
 const LISTENER_BATCH_BUDGET: usize = 8;
-/// Batches read from one upstream socket per visit.
-const REPLY_BATCH_BUDGET: usize = 2;
+/// Replies read from one upstream socket per visit: reads go on until this
+/// many datagrams (GRO buffers count as what they hold) or an empty socket.
+const REPLY_BUDGET: usize = 2 * sockio::BATCH;
 /// Handoff frames read per wakeup.
 const INBOX_BUDGET: usize = 256;
 
@@ -558,7 +559,8 @@ impl Loop {
             let mut emptied = false;
             let mut burst = false;
             let mut errors = 0;
-            for _ in 0..REPLY_BATCH_BUDGET {
+            let mut handled = 0;
+            while handled < REPLY_BUDGET {
                 if moves_first {
                     self.read_inbox();
                 }
@@ -586,6 +588,7 @@ impl Loop {
                     .filter(|m| m.from.is_some())
                     .map(|m| segments(m.len, m.stride).count())
                     .sum();
+                handled += replies.max(1);
                 self.replies_ahead = self.router.counters.get(Counter::RepliesIn) + replies as u64;
                 self.publish_ahead();
                 for i in 0..n {

@@ -157,8 +157,9 @@ fn parse_addr(storage: &libc::sockaddr_storage, len: libc::socklen_t) -> Option<
     }
 }
 
-/// Room for one IP_PKTINFO or IPV6_PKTINFO control message (the larger),
-/// 8-byte aligned.
+/// Room for the control messages of one datagram, 8-byte aligned: to send,
+/// IPV6_PKTINFO (40 bytes) and UDP_SEGMENT (24) exactly; to receive,
+/// SO_RXQ_OVFL and UDP_GRO (16 each).
 pub(crate) const CMSG_WORDS: usize = 8;
 
 /// One datagram of a batched send.

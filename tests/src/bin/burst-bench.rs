@@ -300,7 +300,8 @@ impl Rig {
         loop {
             std::thread::sleep(Duration::from_millis(5));
             let now = self.tally.read();
-            if now.replies_in >= now.replies_sent && now.requests_in >= now.requests_sent {
+            let load = now.since(&before);
+            if load.replies_in >= load.replies_sent && load.requests_in >= load.requests_sent {
                 break;
             }
             if now.replies_in != last.replies_in || now.requests_in != last.requests_in {
@@ -481,10 +482,16 @@ impl Measurement {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if args.flight == 0 || args.size == 0 || args.size > 1472 || args.cids == 0 || args.sockets == 0
+    // A flight must fit one UDP_SEGMENT message: 64 datagrams, one IP packet's bytes.
+    if !(1..=64).contains(&args.flight)
+        || args.size == 0
+        || args.size > 1472
+        || args.flight * args.size > 65_000
+        || args.cids == 0
+        || args.sockets == 0
     {
         eprintln!(
-            "burst-bench: --flight, --cids and --sockets must be at least 1, --size 1..=1472"
+            "burst-bench: --flight 1..=64, --size 1..=1472 (a flight at most 65000 bytes), --cids and --sockets at least 1"
         );
         return ExitCode::FAILURE;
     }

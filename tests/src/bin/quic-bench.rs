@@ -523,12 +523,14 @@ fn start_proxy(
 }
 
 /// udpshard in front of one quinn server: QUIC-LB routing (a client that moves to a fresh
-/// connection ID is routed by it), sockets for forwards as a user without CAP_NET_RAW has.
+/// connection ID is routed by it), forwards on their sockets whoever runs the bench (raw
+/// sends need CAP_NET_RAW).
 fn udpshard_toml(listen: SocketAddr, server: SocketAddr, workdir: &Path) -> String {
     format!(
         r#"workers = "auto"
 stats_file = "{stats}"
 drain_timeout = "0s"
+upstream_send = "socket"
 
 [[listener]]
 name = "bench"

@@ -78,6 +78,9 @@ struct Row {
     cpus: Vec<usize>,
     sent: u64,
     delivered: u64,
+    /// What the sinks' own sockets dropped (their threads share CPUs with the generator):
+    /// not the proxy's loss.
+    sink_drops: u64,
     sending: Duration,
     /// The proxy's CPU over the load, in CPUs (1.0: one CPU all the time).
     busy_cpus: f64,
@@ -96,8 +99,10 @@ impl Row {
         self.busy_cpus / self.workers as f64
     }
 
+    /// The share of what the generator sent that the proxy did not deliver (the sinks' own
+    /// drops are theirs).
     fn loss(&self) -> f64 {
-        self.sent.saturating_sub(self.delivered) as f64 / self.sent.max(1) as f64
+        self.sent.saturating_sub(self.delivered + self.sink_drops) as f64 / self.sent.max(1) as f64
     }
 
     /// Whether the workers were the limit: busy, or losing datagrams the generator sent.
@@ -336,13 +341,15 @@ fn measure(
     blast(args, listen, generator, Duration::from_millis(500), false)?;
     std::thread::sleep(Duration::from_millis(300));
     let before = sinks.delivered.load(Ordering::Relaxed);
+    let drops_before = socket_drops(&sinks.addrs);
     let cpu_before = CpuSnapshot::take().map_err(|e| format!("/proc: {e}"))?;
     let started = Instant::now();
     let sent = blast(args, listen, generator, args.duration, false)?;
     let sending = started.elapsed();
-    // The queues drain.
+    // The queues drain (at most 2 s).
     let mut last = sinks.delivered.load(Ordering::Relaxed);
-    loop {
+    let drain = Instant::now();
+    while drain.elapsed() < Duration::from_secs(2) {
         std::thread::sleep(Duration::from_millis(200));
         let now = sinks.delivered.load(Ordering::Relaxed);
         if now == last {
@@ -350,10 +357,10 @@ fn measure(
         }
         last = now;
     }
-    let wall = started.elapsed();
     let cpu = CpuSnapshot::take()
         .map_err(|e| format!("/proc: {e}"))?
         .since(&cpu_before, process.pid(), std::process::id());
+    let sink_drops = socket_drops(&sinks.addrs).saturating_sub(drops_before);
     process.check_alive()?;
     let status = process.stop();
     eprintln!("scaling-bench: stopped ({status})");
@@ -363,17 +370,48 @@ fn measure(
         cpus: cpus.to_vec(),
         sent,
         delivered: last - before,
+        sink_drops,
         sending,
-        busy_cpus: cpu.tree.as_secs_f64() / wall.as_secs_f64().max(1e-9),
+        // Over the sending time: the drain's idle tail would understate it.
+        busy_cpus: cpu.tree.as_secs_f64() / sending.as_secs_f64().max(1e-9),
     })
+}
+
+/// The kernel's drop counts of the sockets bound to `addrs` (IPv4 loopback), from
+/// /proc/net/udp.
+fn socket_drops(addrs: &[SocketAddr]) -> u64 {
+    let wanted: Vec<String> = addrs
+        .iter()
+        .filter_map(|a| match a {
+            SocketAddr::V4(v4) => Some(format!(
+                "{:08X}:{:04X}",
+                u32::from_le_bytes(v4.ip().octets()),
+                v4.port()
+            )),
+            SocketAddr::V6(_) => None,
+        })
+        .collect();
+    std::fs::read_to_string("/proc/net/udp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local = fields.get(1)?;
+            wanted
+                .iter()
+                .any(|w| w == local)
+                .then(|| fields.last()?.parse::<u64>().ok())?
+        })
+        .sum()
 }
 
 fn table(rows: &[Row]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>7}  {:>12}  {:>14}  {:>10}  {:>8}  {:>10}",
-        "workers", "delivered/s", "per worker/s", "efficiency", "loss %", "busy %"
+        "{:>7}  {:>12}  {:>14}  {:>10}  {:>8}  {:>10}  {:>10}",
+        "workers", "delivered/s", "per worker/s", "efficiency", "loss %", "busy %", "sink drops"
     );
     for r in rows {
         let efficiency = match r.efficiency(rows) {
@@ -383,13 +421,14 @@ fn table(rows: &[Row]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:>7}  {:>12.0}  {:>14.0}  {:>10}  {:>8.2}  {:>10.0}",
+            "{:>7}  {:>12.0}  {:>14.0}  {:>10}  {:>8.2}  {:>10.0}  {:>10}",
             r.workers,
             r.rate(),
             r.per_worker(),
             efficiency,
             r.loss() * 100.0,
-            r.busy() * 100.0
+            r.busy() * 100.0,
+            r.sink_drops
         );
     }
     out
@@ -403,6 +442,7 @@ fn to_json(rows: &[Row]) -> serde_json::Value {
             "cpus": r.cpus,
             "sent": r.sent,
             "delivered": r.delivered,
+            "sink_drops": r.sink_drops,
             "delivered_per_s": r.rate(),
             "per_worker_per_s": r.per_worker(),
             "efficiency": r.efficiency(rows),
