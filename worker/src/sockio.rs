@@ -993,6 +993,44 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_run_leaves_segmented_from_the_address_asked_for() {
+        let Ok(wild) = UdpSocket::bind("[::]:0") else {
+            return; // no IPv6 on this host
+        };
+        let Ok(peer) = UdpSocket::bind("[::1]:0") else {
+            return;
+        };
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let datagrams = flight(5, &[1200, 1200, 1200, 300]);
+        let msgs: Vec<OutMsg<'_>> = datagrams
+            .iter()
+            .map(|d| OutMsg {
+                to: peer.local_addr().unwrap(),
+                from_ip: Some("::1".parse().unwrap()),
+                bytes: d,
+            })
+            .collect();
+        let c = send_all(wild.as_raw_fd(), &msgs, &mut Gso::probe());
+        assert_eq!(
+            c,
+            Coalesced {
+                messages: 1,
+                datagrams: 4
+            }
+        );
+        let port = wild.local_addr().unwrap().port();
+        let mut buf = vec![0u8; 2048];
+        for d in &datagrams {
+            let (n, from) = peer.recv_from(&mut buf).unwrap();
+            assert_eq!(
+                (&buf[..n], from),
+                (&d[..], SocketAddr::new("::1".parse().unwrap(), port))
+            );
+        }
+    }
+
+    #[test]
     fn addresses_round_trip_through_the_kernel_form() {
         for a in ["127.0.0.1:9", "[::1]:443", "[2001:db8::1]:65535"] {
             let addr: SocketAddr = a.parse().unwrap();
