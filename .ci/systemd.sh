@@ -170,25 +170,29 @@ user=$(in_c ps -o user= -p "$main" | tr -d ' ')
 [ "$user" = udpshard ] || fail "the main process runs as $user, not udpshard"
 workers=$(in_c pgrep -P "$main" -x udpshard | tr '\n' ' ' || true)
 [ -n "$workers" ] || fail "no worker under the main process"
-# Capabilities: the supervisor keeps the unit's two; each worker drops
-# CAP_NET_RAW once its raw sockets are open, leaving CAP_NET_BIND_SERVICE.
-caps_of() { in_c sh -c "sed -n 's/^CapEff:[[:space:]]*//p' /proc/$1/status"; }
-BIND=0000000000000400 BIND_RAW=0000000000002400
-sup_caps=$(caps_of "$main")
+# Capabilities: the supervisor keeps the unit's two; each worker, once its
+# raw sockets are open, drops every capability (its upstream ports are the
+# ephemeral range, above 1024) and sets no_new_privs.
+caps_of() { in_c sh -c "sed -n 's/^$2:[[:space:]]*//p' /proc/$1/status"; }
+NONE=0000000000000000 BIND_RAW=0000000000002400
+sup_caps=$(caps_of "$main" CapEff)
 echo "main pid $main (user $user) CapEff $sup_caps; workers $workers"
 [ "$sup_caps" = $BIND_RAW ] ||
     fail "the supervisor holds CapEff $sup_caps, not CAP_NET_BIND_SERVICE and CAP_NET_RAW"
 for w in $workers; do
-    w_caps=$(caps_of "$w")
-    [ "$w_caps" = $BIND ] || fail "worker $w holds CapEff $w_caps, not only CAP_NET_BIND_SERVICE"
+    for set in CapEff CapPrm CapAmb; do
+        w_caps=$(caps_of "$w" $set)
+        [ "$w_caps" = $NONE ] || fail "worker $w holds $set $w_caps, not none"
+    done
+    [ "$(caps_of "$w" NoNewPrivs)" = 1 ] || fail "worker $w runs without no_new_privs"
 done
 grep -q "127.0.0.1:$port " <<<"$(ss -ulpn)" || fail "nothing listens on 127.0.0.1:$port"
-echo "listening on 127.0.0.1:$port (below 1024) as udpshard; workers hold only CAP_NET_BIND_SERVICE"
+echo "listening on 127.0.0.1:$port (below 1024) as udpshard; workers hold no capability"
 
 python3 .ci/roundtrip.py --proxy "127.0.0.1:$port" --backend "a=127.0.0.1:$a" --backend "b=127.0.0.1:$b" \
     --flows 32 --cid-base 0x10000 || fail "round trips through the service"
 # Forwards left as raw IP packets: the workers opened their raw sockets
-# before dropping CAP_NET_RAW. Workers publish counters in batches: poll
+# before dropping their capabilities. Workers publish counters in batches: poll
 # until every forward (32, more if the client had to retry) is counted, and
 # all of them raw.
 sent_and_raw() {

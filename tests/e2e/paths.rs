@@ -388,6 +388,57 @@ fn under_a_low_fd_limit_it_raises_it_or_logs_the_fix() {
 
 /// Whether this process may open a raw socket of `domain` (CAP_NET_RAW),
 /// as the proxy's workers, started by it, then may too.
+/// The raw sockets process `pid` holds: (IPv4, IPv6).
+fn raw_sockets_of(pid: u32) -> (usize, usize) {
+    let inodes: HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let count = |table: &str| {
+        std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                l.split_whitespace()
+                    .nth(9)
+                    .is_some_and(|inode| inodes.contains(inode))
+            })
+            .count()
+    };
+    (count("/proc/net/raw"), count("/proc/net/raw6"))
+}
+
+#[test]
+fn a_worker_holds_a_raw_socket_only_where_forwards_use_it_and_only_of_its_backends_family() {
+    let backend = Backend::start("a");
+    let start = |send: &str| {
+        Proxy::start(
+            Path::new(BIN),
+            &listener_config(
+                &format!("workers = 1\nupstream_send = \"{send}\""),
+                "dissector = \"quic\"",
+                &[backend.addr],
+            ),
+        )
+    };
+    let socket = start("socket");
+    for pid in worker_pids(&socket) {
+        assert_eq!(raw_sockets_of(pid), (0, 0), "upstream_send = socket");
+    }
+    drop(socket);
+    let auto = start("auto");
+    let v4 = usize::from(may_send_raw(socket2::Domain::IPV4));
+    for pid in worker_pids(&auto) {
+        // An IPv4 backend only: no IPv6 raw socket.
+        assert_eq!(raw_sockets_of(pid), (v4, 0), "upstream_send = auto");
+    }
+}
+
 fn may_send_raw(domain: socket2::Domain) -> bool {
     socket2::Socket::new(
         domain,
@@ -507,14 +558,27 @@ fn forwards_leave_from_their_paths_address_whether_sent_raw_or_on_their_socket()
         total(s, "tx_packets") == 24 && total(s, "replies_out") == 24
     });
     assert_eq!(total(&stats, "tx_raw"), raw, "{stats:#}");
-    // The workers hold their raw sockets, not the power to open more.
+    // The workers hold their raw sockets, and no power at all: no
+    // capability in any set (the bounding set too, where this test could
+    // give it: as root), and no_new_privs.
+    let root = nix::unistd::geteuid().is_root();
     for pid in worker_pids(&proxy) {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        for set in ["CapEff:", "CapPrm:", "CapAmb:"] {
-            let line = status.lines().find(|l| l.starts_with(set)).unwrap();
-            let caps = u64::from_str_radix(line[set.len()..].trim(), 16).unwrap();
-            assert_eq!(caps & (1 << 13), 0, "worker {pid} kept CAP_NET_RAW: {line}");
+        let field = |name: &str| {
+            let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+            line[name.len()..].trim().to_string()
+        };
+        for set in ["CapEff:", "CapPrm:", "CapInh:", "CapAmb:"] {
+            assert_eq!(
+                u64::from_str_radix(&field(set), 16).unwrap(),
+                0,
+                "worker {pid} {set}"
+            );
         }
+        if root {
+            assert_eq!(u64::from_str_radix(&field("CapBnd:"), 16).unwrap(), 0);
+        }
+        assert_eq!(field("NoNewPrivs:"), "1", "worker {pid}");
     }
 
     // Each forward on its own socket from now on: the same paths, the same

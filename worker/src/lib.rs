@@ -18,6 +18,7 @@ pub mod paths;
 pub mod phase;
 mod rawtx;
 pub mod router;
+mod sandbox;
 mod session;
 mod shm;
 mod sockio;

@@ -96,18 +96,23 @@ impl RawTx {
         }
     }
 
-    /// Opens a raw socket for each family the process may (CAP_NET_RAW);
-    /// the errors of those it could not.
-    pub(crate) fn open() -> (RawTx, Vec<io::Error>) {
+    /// Opens a raw socket for each family asked for (`v4`, `v6`: those of
+    /// the backends) that the process may (CAP_NET_RAW); the errors of those
+    /// it could not.
+    pub(crate) fn open(v4: bool, v6: bool) -> (RawTx, Vec<io::Error>) {
         let mut tx = RawTx::none();
         let mut errors = Vec::new();
-        match raw_socket(socket2::Domain::IPV4) {
-            Ok(fd) => tx.v4 = Some(fd),
-            Err(e) => errors.push(e),
+        if v4 {
+            match raw_socket(socket2::Domain::IPV4) {
+                Ok(fd) => tx.v4 = Some(fd),
+                Err(e) => errors.push(e),
+            }
         }
-        match raw_socket(socket2::Domain::IPV6) {
-            Ok(fd) => tx.v6 = Some(fd),
-            Err(e) => errors.push(e),
+        if v6 {
+            match raw_socket(socket2::Domain::IPV6) {
+                Ok(fd) => tx.v6 = Some(fd),
+                Err(e) => errors.push(e),
+            }
         }
         (tx, errors)
     }
@@ -246,69 +251,6 @@ impl RawTx {
             }
         }
         true
-    }
-}
-
-/// Drops CAP_NET_RAW from this process for good (ambient, inheritable,
-/// permitted and effective sets), once its raw sockets are open: a worker
-/// parses datagrams from the network, and needs no power to open more raw
-/// sockets (one of IPPROTO_UDP would read the host's UDP traffic). Without
-/// the capability it changes nothing.
-pub(crate) fn drop_raw_capability() {
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: libc::c_int,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    /// _LINUX_CAPABILITY_VERSION_3: two `Data`, for capabilities 0-31 and 32-63.
-    const VERSION_3: u32 = 0x2008_0522;
-    const CAP_NET_RAW: u32 = 13;
-    // SAFETY: prctl with integer arguments only; it fails harmlessly where
-    // ambient capabilities do not exist.
-    unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_LOWER,
-            CAP_NET_RAW as libc::c_ulong,
-            0,
-            0,
-        )
-    };
-    let mut header = Header {
-        version: VERSION_3,
-        pid: 0,
-    };
-    let mut data = [Data {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
-    // SAFETY: capget(2) with version 3 reads a header and writes two data
-    // structs of this layout; both live on this stack frame.
-    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
-        return;
-    }
-    let bit = 1u32 << CAP_NET_RAW;
-    if data[0].permitted & bit == 0 {
-        return;
-    }
-    data[0].effective &= !bit;
-    data[0].permitted &= !bit;
-    data[0].inheritable &= !bit;
-    // SAFETY: capset(2) reads the same header and two data structs.
-    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
-    if rc != 0 {
-        tracing::warn!(
-            "cannot drop CAP_NET_RAW after opening the raw sockets: {}",
-            io::Error::last_os_error()
-        );
     }
 }
 
@@ -558,7 +500,7 @@ mod tests {
     /// marked as verified), so a datagram that arrives proves it right.
     #[test]
     fn raw_datagrams_arrive_from_the_source_they_name() {
-        let (mut tx, _) = RawTx::open();
+        let (mut tx, _) = RawTx::open(true, true);
         if !tx.is_on() {
             // No CAP_NET_RAW here: the e2e tests cover the socket path.
             eprintln!("skipped: no raw socket (CAP_NET_RAW)");

@@ -26,8 +26,9 @@ use crate::exec::Executor;
 use crate::handoff::{Handoff, MAX_DATAGRAM};
 use crate::listener::Listener;
 use crate::phase::Phase;
-use crate::rawtx::{drop_raw_capability, RawTx};
+use crate::rawtx::RawTx;
 use crate::router::{Route, Router};
+use crate::sandbox;
 use crate::shm::ShmOwners;
 use crate::sockio;
 use crate::upstream::Upstream;
@@ -69,10 +70,12 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         );
     }
     let exec = Executor::new(
-        raw_tx(config.upstream_send, args.id),
+        raw_tx(&config, args.id),
         config.upstream_send == UpstreamSend::Auto,
         config.offload == Offload::Auto,
     );
+    // The raw sockets were the last thing that took privilege.
+    sandbox(&config, args.id);
     control.send(&ControlMsg::Ready, &[]).map_err(control_err)?;
     let early = wait_live(&mut control, args.standby.is_some())?;
     tracing::debug!(worker = args.id, "ready");
@@ -371,15 +374,19 @@ fn adopt_fd(fd: RawFd, name: &'static str) -> Result<OwnedFd, WorkerError> {
     Ok(owned)
 }
 
-/// The raw sockets forwards may leave on: opened at start whatever `mode`
-/// says (a reload may turn them on), after which the worker gives up
-/// CAP_NET_RAW.
-fn raw_tx(mode: UpstreamSend, worker: usize) -> RawTx {
-    let (tx, errors) = RawTx::open();
-    drop_raw_capability();
-    if mode == UpstreamSend::Socket {
-        return tx;
+/// The raw sockets forwards may leave on, only where `upstream_send =
+/// "auto"` asks for them and only for the families of the backends: a raw
+/// socket can send any packet, so a worker holds none it does not use. (A
+/// reload to "auto" or to a backend of another family finds none: those
+/// forwards go out on their own sockets until the workers restart.)
+fn raw_tx(config: &udpshard_config::Config, worker: usize) -> RawTx {
+    if config.upstream_send == UpstreamSend::Socket {
+        return RawTx::none();
     }
+    let backends = || config.listeners.iter().flat_map(|l| &l.backends);
+    let v4 = backends().any(|b| b.addr.is_ipv4());
+    let v6 = backends().any(|b| b.addr.is_ipv6());
+    let (tx, errors) = RawTx::open(v4, v6);
     if tx.is_on() {
         tracing::debug!(worker, "forwards leave as raw IP packets");
     } else if let Some(e) = errors.first() {
@@ -392,6 +399,33 @@ fn raw_tx(mode: UpstreamSend, worker: usize) -> RawTx {
         }
     }
     tx
+}
+
+/// Gives up every capability (CAP_NET_BIND_SERVICE stays where the config
+/// binds upstream ports below the kernel's unprivileged start) and sets
+/// no_new_privs: from here the worker needs only its descriptors.
+fn sandbox(config: &udpshard_config::Config, worker: usize) {
+    let keep_bind = config.listeners.iter().any(|l| {
+        let (lo, _) = l.upstream_ports.unwrap_or_else(crate::ephemeral_range);
+        sandbox::port_needs_privilege(lo)
+    });
+    match sandbox::drop_privileges(keep_bind) {
+        Ok(dropped) if worker == 0 => tracing::info!(
+            "workers run with no capabilities{}{} and no_new_privs",
+            if dropped.kept_bind {
+                " but CAP_NET_BIND_SERVICE (upstream_ports below the unprivileged start)"
+            } else {
+                ""
+            },
+            if dropped.bounding_cleared {
+                ", an empty bounding set"
+            } else {
+                ""
+            }
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(worker, "cannot drop the worker's privileges: {e}"),
+    }
 }
 
 /// Each upstream socket is a descriptor: allow as many as the hard limit.
