@@ -76,13 +76,25 @@ impl StateRegion {
         let hints_at = owners_at + owners;
         let leases_at = hints_at + owners;
         let words = leases_at + SOURCE_ROWS * PORTS;
-        let fd = nix::sys::memfd::memfd_create(
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        use nix::sys::memfd::{memfd_create, MFdFlags};
+        let fd = memfd_create(
             c"udpshard-state",
-            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+            MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
         )
         .map_err(io::Error::from)?;
         let file = File::from(fd);
         file.set_len((words * 8) as u64)?;
+        // Its size for good: a process holding the descriptor (a worker gone
+        // wrong) cannot shrink it under the others' mappings, which would
+        // raise SIGBUS in every one of them, nor grow it, nor lift the seals.
+        fcntl(
+            &file,
+            FcntlArg::F_ADD_SEALS(
+                SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL,
+            ),
+        )
+        .map_err(io::Error::from)?;
         let region = StateRegion::map(&file)?;
         let mut key = [0u8; 16];
         File::open("/dev/urandom")?.read_exact(&mut key)?;
@@ -125,9 +137,10 @@ impl StateRegion {
     }
 
     fn map(fd: &impl AsRawFd) -> io::Result<StateRegion> {
-        // SAFETY: the file is created at its final size and never truncated
-        // while mapped; every access goes through the atomic views below, so
-        // concurrent writers in other processes cannot cause a data race.
+        // SAFETY: the memfd is created at its final size and sealed against
+        // shrinking, so the mapping stays backed; every access goes through
+        // the atomic views below, so concurrent writers in other processes
+        // cannot cause a data race.
         let map = unsafe { MmapMut::map_mut(fd.as_raw_fd())? };
         Ok(StateRegion { map })
     }
@@ -264,6 +277,20 @@ mod tests {
             assert_eq!(sup.register_source(ip), Some(i));
         }
         assert_eq!(sup.register_source("10.1.0.0".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn the_region_cannot_be_resized_or_unsealed() {
+        use nix::fcntl::{fcntl, FcntlArg, SealFlag};
+        let (_region, fd) = StateRegion::create(1024).unwrap();
+        let file = File::from(fd);
+        let len = file.metadata().unwrap().len();
+        for to in [0, len / 2, len * 2] {
+            let err = file.set_len(to).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EPERM), "set_len({to})");
+        }
+        assert_eq!(file.metadata().unwrap().len(), len);
+        assert!(fcntl(&file, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE)).is_err());
     }
 
     #[test]
