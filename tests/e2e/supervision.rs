@@ -256,6 +256,45 @@ fn sighup_with_a_broken_file_keeps_serving_the_old_config() {
     wait_until(WAIT, "still serving", || a.count() == 50);
 }
 
+/// Workers give up CAP_NET_BIND_SERVICE at start when their upstream ports
+/// do not need it: a reload that moves them below the unprivileged start is
+/// refused with the reason, and the old config serves on.
+#[test]
+fn a_reload_to_privileged_upstream_ports_is_refused_and_says_restart() {
+    let start: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(1024);
+    if start <= 600 {
+        eprintln!("skipped: every port from {start} up binds without privilege here");
+        return;
+    }
+    let a = Backend::start("a");
+    let text = config("2", &[a.addr]);
+    let proxy = Proxy::start(Path::new(BIN), &text);
+    let low = text.replace(
+        "upstream_ports = \"1025-32767\"",
+        "upstream_ports = \"500-600\"",
+    );
+    assert_ne!(low, text, "the test config names its upstream ports");
+    std::fs::write(
+        &proxy.config_path,
+        low.replace("{stats_file}", &proxy.stats_file.display().to_string()),
+    )
+    .unwrap();
+    proxy.signal(libc::SIGHUP);
+    let stats = proxy.wait_stats(WAIT, "a reload failure", |s| s["reload_failures"] == 1);
+    assert_eq!(stats["config_generation"], 1);
+    let log = proxy.wait_log("reload failed", WAIT);
+    assert!(
+        log.contains("upstream_ports 500-600") && log.contains("restart to apply"),
+        "{log}"
+    );
+    let client = bind_udp("127.0.0.1:0");
+    send_cids(&proxy, &client, 1..51, b"still");
+    wait_until(WAIT, "still serving", || a.count() == 50);
+}
+
 /// The soft RLIMIT_NOFILE at which process `pid` can open exactly one more
 /// descriptor (the lowest free numbers are used first).
 fn one_more_fd(pid: u32) -> u64 {

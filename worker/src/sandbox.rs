@@ -1,6 +1,8 @@
 //! What a worker gives up once it is set up. It parses every datagram from
 //! the network; if a parser bug ever ran an attacker's code, the process
-//! should hold no power beyond its descriptors. Once its raw sockets are
+//! should hold no capability (it keeps its uid: run as root, it can still
+//! write what root owns; the packaged unit runs it as a user of its own).
+//! Once its raw sockets are
 //! open (the last thing that needs privilege), a worker drops every
 //! capability from every set (effective, permitted, inheritable, ambient and
 //! bounding), keeping only CAP_NET_BIND_SERVICE where its config binds
@@ -38,45 +40,85 @@ pub(crate) struct Dropped {
     pub bounding_cleared: bool,
 }
 
-/// Whether binding `port` takes CAP_NET_BIND_SERVICE on this host.
-pub(crate) fn port_needs_privilege(port: u16) -> bool {
-    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+/// The kernel's first port any process may bind
+/// (`net.ipv4.ip_unprivileged_port_start`).
+fn unprivileged_start() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
         .ok()
         .and_then(|t| t.trim().parse::<u32>().ok())
-        .unwrap_or(1024);
-    u32::from(port) < start
+        .unwrap_or(1024)
+}
+
+/// The first listener of `config` whose upstream ports begin below the
+/// unprivileged start (binding them takes CAP_NET_BIND_SERVICE, which a
+/// worker keeps only when the config it starts with needs it), with that
+/// range and the start.
+pub fn privileged_upstream_ports(
+    config: &udpshard_config::Config,
+) -> Option<(String, u16, u16, u32)> {
+    let start = unprivileged_start();
+    config.listeners.iter().find_map(|l| {
+        let (lo, hi) = l.upstream_ports.unwrap_or_else(crate::ephemeral_range);
+        (u32::from(lo) < start).then(|| (l.name.clone(), lo, hi, start))
+    })
 }
 
 /// Drops every capability but CAP_NET_BIND_SERVICE (with `keep_bind`) and
 /// sets no_new_privs. An error leaves the process as it is, minus what was
 /// already dropped: the caller logs it and serves on.
 pub(crate) fn drop_privileges(keep_bind: bool) -> io::Result<Dropped> {
+    // Where the kernel does not say, the highest it could know: a drop past
+    // its last capability fails with EINVAL, which is no loss.
     let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|t| t.trim().parse::<u32>().ok())
-        .unwrap_or(40)
+        .unwrap_or(63)
         .min(63);
-    // The bounding set first, while CAP_SETPCAP (if held) is still there.
+    const ZERO: libc::c_ulong = 0;
+    // First, as it takes no privilege and cannot fail: no execve from here
+    // on can give anything back.
+    // SAFETY: prctl with integer arguments only.
+    if unsafe {
+        libc::prctl(
+            libc::PR_SET_NO_NEW_PRIVS,
+            1 as libc::c_ulong,
+            ZERO,
+            ZERO,
+            ZERO,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    // The bounding set next, while CAP_SETPCAP (if held) is still there.
     let mut bounding_cleared = true;
     for cap in 0..=last {
         if keep_bind && cap == NET_BIND_SERVICE {
             continue;
         }
         // SAFETY: prctl with integer arguments only.
-        let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        let rc = unsafe {
+            libc::prctl(
+                libc::PR_CAPBSET_DROP,
+                libc::c_ulong::from(cap),
+                ZERO,
+                ZERO,
+                ZERO,
+            )
+        };
         if rc != 0 {
             bounding_cleared = false;
         }
     }
     // SAFETY: prctl with integer arguments only; it fails harmlessly where
-    // ambient capabilities do not exist.
+    // ambient capabilities do not exist (capset below empties them anyway).
     unsafe {
         libc::prctl(
             libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            ZERO,
+            ZERO,
+            ZERO,
         )
     };
     let mut header = CapHeader {
@@ -102,10 +144,6 @@ pub(crate) fn drop_privileges(keep_bind: bool) -> io::Result<Dropped> {
     ];
     // SAFETY: capset(2) reads the same header and two data structs.
     if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: prctl with integer arguments only.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(Dropped {

@@ -95,6 +95,18 @@ impl Supervisor {
                 config::DEFAULT_CONFIG_TOML.to_string(),
             ),
         };
+        // Workers keep CAP_NET_BIND_SERVICE only when the config they start
+        // with binds low upstream ports: a reload cannot bring them there.
+        if let (Some((name, lo, hi, start)), None) = (
+            udpshard_worker::privileged_upstream_ports(&cfg),
+            udpshard_worker::privileged_upstream_ports(&self.config),
+        ) {
+            return Err(format!(
+                "listener {name:?}: upstream_ports {lo}-{hi} begins below \
+                 net.ipv4.ip_unprivileged_port_start ({start}), which takes CAP_NET_BIND_SERVICE; \
+                 the workers gave it up at start: restart to apply"
+            ));
+        }
         // Lease rows for new upstream sources first: nothing has changed yet.
         super::register_sources(&self.state, &cfg).map_err(|e| e.to_string())?;
         let cpus = allowed_cpus().map_err(|e| format!("cannot read the allowed CPU set: {e}"))?;

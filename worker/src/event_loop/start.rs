@@ -405,10 +405,7 @@ fn raw_tx(config: &udpshard_config::Config, worker: usize) -> RawTx {
 /// binds upstream ports below the kernel's unprivileged start) and sets
 /// no_new_privs: from here the worker needs only its descriptors.
 fn sandbox(config: &udpshard_config::Config, worker: usize) {
-    let keep_bind = config.listeners.iter().any(|l| {
-        let (lo, _) = l.upstream_ports.unwrap_or_else(crate::ephemeral_range);
-        sandbox::port_needs_privilege(lo)
-    });
+    let keep_bind = sandbox::privileged_upstream_ports(config).is_some();
     match sandbox::drop_privileges(keep_bind) {
         Ok(dropped) if worker == 0 => tracing::info!(
             "workers run with no capabilities{}{} and no_new_privs",
@@ -424,7 +421,7 @@ fn sandbox(config: &udpshard_config::Config, worker: usize) {
             }
         ),
         Ok(_) => {}
-        Err(e) => tracing::warn!(worker, "cannot drop the worker's privileges: {e}"),
+        Err(e) => tracing::error!(worker, "cannot drop the worker's privileges: {e}"),
     }
 }
 
