@@ -49,6 +49,18 @@ pub(crate) struct Facts {
     /// The proxy runs (or, when none runs, this doctor runs) as a systemd
     /// service: limits are set in the unit, not in a shell.
     pub systemd: bool,
+    /// Sockets of other programs inside a listener's `upstream_ports`.
+    pub foreign_ports: Vec<ForeignPort>,
+}
+
+/// A socket another program holds on a port of a listener's range, where
+/// the proxy's bind of that port would fail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ForeignPort {
+    pub listener: String,
+    pub local: std::net::SocketAddr,
+    /// "pid N (comm)", or who owns it where the process is not visible.
+    pub owner: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,6 +248,35 @@ pub(crate) fn diagnose(cfg: &Config, facts: &Facts) -> Vec<Finding> {
             keep: None,
         });
     }
+    for l in &cfg.listeners {
+        let held: Vec<&ForeignPort> = facts
+            .foreign_ports
+            .iter()
+            .filter(|f| f.listener == l.name)
+            .collect();
+        let (Some((lo, hi)), false) = (l.upstream_ports, held.is_empty()) else {
+            continue;
+        };
+        let shown: Vec<String> = held
+            .iter()
+            .take(5)
+            .map(|f| format!("{} ({})", f.local, f.owner))
+            .collect();
+        out.push(Finding {
+            saw: format!(
+                "listener {:?}: {} port(s) of upstream_ports {lo}-{hi} are held by other programs: {}{}; \
+                 the proxy's binds of them fail, and it leaves each alone a minute at a time",
+                l.name,
+                held.len(),
+                shown.join(", "),
+                if held.len() > shown.len() { ", ..." } else { "" }
+            ),
+            fix: "stop or move those programs, or give udpshard a range nobody else binds \
+                  (upstream_ports); keep other services off it (systemd: SocketBindDeny=)"
+                .into(),
+            keep: None,
+        });
+    }
     if let Some((count, max)) = facts.conntrack {
         if max > 0 && count as f64 >= CONNTRACK_FULL * max as f64 {
             out.push(sysctl_finding(
@@ -280,8 +321,105 @@ impl Facts {
             conntrack: sys("/proc/sys/net/netfilter/nf_conntrack_count")
                 .zip(sys("/proc/sys/net/netfilter/nf_conntrack_max")),
             systemd: under_systemd(&cfg.stats_file),
+            foreign_ports: foreign_ports(cfg),
         }
     }
+}
+
+/// Logs the ports of each listener's `upstream_ports` that other programs
+/// hold (at start: the proxy leaves each alone a minute at a time when its
+/// bind fails there).
+pub(crate) fn warn_foreign_ports(cfg: &Config) {
+    let held = foreign_ports(cfg);
+    if held.is_empty() {
+        return;
+    }
+    let shown: Vec<String> = held
+        .iter()
+        .take(5)
+        .map(|f| format!("{} ({})", f.local, f.owner))
+        .collect();
+    tracing::warn!(
+        "{} port(s) of upstream_ports are held by other programs: {}{}; binds there fail \
+         (`udpshard doctor` lists them)",
+        held.len(),
+        shown.join(", "),
+        if held.len() > shown.len() {
+            ", ..."
+        } else {
+            ""
+        }
+    );
+}
+
+/// The UDP sockets of programs other than udpshard on ports of each
+/// listener's `upstream_ports` (the ephemeral range, when unset, is
+/// everybody's), on an address where a bind by the proxy would collide.
+fn foreign_ports(cfg: &Config) -> Vec<ForeignPort> {
+    let sockets = udpshard_shared::procnet::udp_sockets();
+    let mut owners: Option<std::collections::HashMap<u64, (u32, String)>> = None;
+    let mut out = Vec::new();
+    for l in &cfg.listeners {
+        let Some((lo, hi)) = l.upstream_ports else {
+            continue;
+        };
+        let sources = udpshard_worker::upstream_sources(l);
+        for s in &sockets {
+            let port = s.local.port();
+            let collides = sources.iter().any(|ip| {
+                ip.is_ipv4() == s.local.is_ipv4()
+                    && (ip.is_unspecified() || s.local.ip().is_unspecified() || *ip == s.local.ip())
+            });
+            if !(lo..=hi).contains(&port) || !collides {
+                continue;
+            }
+            let owners = owners.get_or_insert_with(socket_owners);
+            let owner = match owners.get(&s.inode) {
+                Some((_, comm)) if comm == "udpshard" => continue,
+                Some((pid, comm)) => format!("pid {pid} {comm}"),
+                None => format!("uid {}, process not visible", s.uid),
+            };
+            out.push(ForeignPort {
+                listener: l.name.clone(),
+                local: s.local,
+                owner,
+            });
+        }
+    }
+    out
+}
+
+/// Socket inode -> (pid, command name), for every process this one may see.
+fn socket_owners() -> std::collections::HashMap<u64, (u32, String)> {
+    let mut owners = std::collections::HashMap::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return owners;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(p.path().join("comm"))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_default();
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            let target = target.to_string_lossy();
+            if let Some(inode) = target
+                .strip_prefix("socket:[")
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u64>().ok())
+            {
+                owners.insert(inode, (pid, comm.clone()));
+            }
+        }
+    }
+    owners
 }
 
 /// Whether the proxy of this config runs as a systemd service (its
@@ -462,6 +600,7 @@ mod tests {
             reserved: vec![],
             conntrack: Some((10, 262_144)),
             systemd: false,
+            foreign_ports: vec![],
         }
     }
 
@@ -475,6 +614,34 @@ mod tests {
 
     fn fixes(cfg: &Config, facts: &Facts) -> Vec<String> {
         diagnose(cfg, facts).into_iter().map(|f| f.fix).collect()
+    }
+
+    #[test]
+    fn ports_other_programs_hold_in_the_range_are_named() {
+        let c = cfg("");
+        let mut f = clean();
+        f.foreign_ports = (0..7)
+            .map(|i| ForeignPort {
+                listener: "q".into(),
+                local: format!("127.0.0.1:{}", 20_000 + i).parse().unwrap(),
+                owner: format!("pid {} nc", 100 + i),
+            })
+            .collect();
+        let found = diagnose(&c, &f);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(
+            found[0].saw.starts_with(
+                "listener \"q\": 7 port(s) of upstream_ports 20000-29999 are held by other programs: \
+                 127.0.0.1:20000 (pid 100 nc), 127.0.0.1:20001 (pid 101 nc)"
+            ),
+            "{}",
+            found[0].saw
+        );
+        assert!(found[0].saw.contains("(pid 104 nc), ...;"), "five shown");
+        // Another listener's ports are not this one's.
+        f.foreign_ports[0].listener = "other".into();
+        f.foreign_ports.truncate(1);
+        assert_eq!(diagnose(&c, &f), vec![]);
     }
 
     #[test]

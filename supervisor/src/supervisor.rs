@@ -173,6 +173,7 @@ impl Supervisor {
         );
         warn_oversubscribed(count, &cpus);
         crate::doctor::warn_cpu_quota(count);
+        crate::doctor::warn_foreign_ports(&config);
         let mut groups = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             groups.push(bind_group(l, count)?);

@@ -270,6 +270,48 @@ fn doctor_prints_the_rmem_max_fix() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/udpshard.toml"));
 }
 
+/// A port of `upstream_ports` that another program holds is named, with the
+/// program, by `doctor`.
+#[test]
+fn doctor_names_the_programs_that_hold_upstream_ports() {
+    let squatter = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = squatter.local_addr().unwrap().port();
+    let dir = udpshard_tests::harness::TempDir::new("doctor-ports");
+    let file = dir.path().join("udpshard.toml");
+    std::fs::write(
+        &file,
+        config(
+            "127.0.0.1:9".parse().unwrap(),
+            "",
+            &format!("upstream_ports = \"{port}-{port}\"\nmax_sessions = 1"),
+        )
+        .replace("stats_file = \"{stats_file}\"\n", ""),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["doctor", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let named = format!("127.0.0.1:{port} (pid {} ", std::process::id());
+    assert!(
+        stdout.lines().any(|l| l.contains(&format!(
+            "listener \"l\": 1 port(s) of upstream_ports {port}-{port} are held by other programs"
+        )) && l.contains(&named)),
+        "{stdout}"
+    );
+    drop(squatter);
+    let out = Command::new(BIN)
+        .args(["doctor", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("held by other programs"), "{stdout}");
+}
+
 /// The metric names packaging/grafana/udpshard.json queries, from its
 /// panels' `expr` fields.
 fn dashboard_metrics() -> Vec<String> {
