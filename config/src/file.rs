@@ -22,6 +22,7 @@ pub(crate) struct FileConfig {
     pub metrics: Option<Spanned<String>>,
     pub upstream_send: Option<Spanned<String>>,
     pub offload: Option<Spanned<String>>,
+    pub syscall_filter: Option<Spanned<String>>,
     pub listener: Option<Spanned<ArrayOf<Spanned<FileListener>>>>,
 }
 

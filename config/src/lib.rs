@@ -45,6 +45,9 @@ pub struct Config {
     /// every send (runs of datagrams to one address as one message), GRO
     /// on upstream sockets (a backend's flight read as one buffer).
     pub offload: Offload,
+    /// Whether workers run under their system-call allowlist (seccomp), from
+    /// their next start.
+    pub syscall_filter: bool,
 }
 
 /// The kernel's UDP segmentation offloads (GSO out, GRO in).

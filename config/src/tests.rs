@@ -49,6 +49,7 @@ fn default_parses() {
         upgrade_timeout: Duration::from_secs(30),
         upstream_send: UpstreamSend::Auto,
         offload: Offload::Auto,
+        syscall_filter: true,
         metrics: None,
         listeners: vec![Listener {
             name: "quic".into(),
@@ -1212,6 +1213,18 @@ fn metrics() {
         "port 0",
     );
     assert_err(&format!("metrics = 9469\n{base}"), 1, 11, "");
+}
+
+#[test]
+fn syscall_filter_is_on_or_off() {
+    let base = "[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:4433\"\ndissector = \"tuple\"\nbackends = [{ addr = \"127.0.0.1:5000\" }]\n";
+    assert!(parse(base, "t.toml").unwrap().syscall_filter);
+    let off = format!("syscall_filter = \"off\"\n{base}");
+    assert!(!parse(&off, "t.toml").unwrap().syscall_filter);
+    let bad = format!("syscall_filter = \"yes\"\n{base}");
+    let e = parse(&bad, "t.toml").unwrap_err().to_string();
+    assert!(e.starts_with("t.toml:1:18:"), "{e}");
+    assert!(e.contains("expected \"on\" or \"off\""), "{e}");
 }
 
 #[test]

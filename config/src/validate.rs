@@ -120,6 +120,19 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
             }
         },
     };
+    let syscall_filter = match &file.syscall_filter {
+        None => true,
+        Some(v) => match v.get_ref().as_str() {
+            "on" => true,
+            "off" => false,
+            other => {
+                return Err(at(
+                    v,
+                    format!("syscall_filter = {other:?} is invalid (expected \"on\" or \"off\")"),
+                ))
+            }
+        },
+    };
     let Some(list) = file.listener else {
         // Nothing to point at; the top of the file is where one would go.
         return Err(SpanError::new(
@@ -147,6 +160,7 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
         metrics,
         upstream_send,
         offload,
+        syscall_filter,
     })
 }
 

@@ -588,6 +588,11 @@ fn forwards_leave_from_their_paths_address_whether_sent_raw_or_on_their_socket()
             assert_eq!(u64::from_str_radix(&field("CapBnd:"), 16).unwrap(), 0);
         }
         assert_eq!(field("NoNewPrivs:"), "1", "worker {pid}");
+        assert_eq!(
+            field("Seccomp:"),
+            "2",
+            "worker {pid}: its system-call filter"
+        );
     }
 
     // Each forward on its own socket from now on: the same paths, the same

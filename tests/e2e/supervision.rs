@@ -295,6 +295,41 @@ fn a_reload_to_privileged_upstream_ports_is_refused_and_says_restart() {
     wait_until(WAIT, "still serving", || a.count() == 50);
 }
 
+/// A worker that calls what its system-call filter forbids dies of it: it
+/// names the call, the supervisor says why it died and replaces it, and the
+/// proxy serves on. (A test-only hook makes worker 1 call acct(2) once.)
+#[test]
+fn a_worker_that_breaks_the_system_call_filter_is_killed_named_and_replaced() {
+    let a = Backend::start("a");
+    let (dir, config_path, stats_file) =
+        udpshard_tests::harness::write_config(&config("2", &[a.addr]));
+    let hook = dir.path().join("forbidden");
+    std::fs::write(&hook, "1").unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&config_path)
+        .env("UDPSHARD_TEST_FORBIDDEN_SYSCALL", &hook);
+    let proxy = Proxy::spawn(cmd, Path::new(BIN), dir, config_path, stats_file);
+    proxy.expect_filter_kills();
+    let log = proxy.wait_log("died (killed by the system-call filter", WAIT);
+    assert!(
+        log.contains(&format!(
+            "udpshard worker: killed by the system-call filter: syscall {}\n",
+            libc::SYS_acct
+        )),
+        "the worker names the call:\n{log}"
+    );
+    assert!(!hook.exists(), "the hook fires once");
+    proxy.wait_stats(WAIT, "worker 1 replaced and serving", |s| {
+        let w = &s["workers"][1];
+        field_of(w, "restarts") == 1 && w["state"] == "ready"
+    });
+    let client = bind_udp("127.0.0.1:0");
+    send_cids(&proxy, &client, 1..101, b"after");
+    wait_until(WAIT, "every datagram at the backend", || a.count() == 100);
+}
+
 /// The soft RLIMIT_NOFILE at which process `pid` can open exactly one more
 /// descriptor (the lowest free numbers are used first).
 fn one_more_fd(pid: u32) -> u64 {

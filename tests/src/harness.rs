@@ -80,6 +80,26 @@ pub struct Proxy {
     pub stats_file: PathBuf,
     /// Listener name -> bound address, from the ready line.
     pub listeners: HashMap<String, SocketAddr>,
+    /// A test that makes a worker break the system-call filter says so;
+    /// anywhere else, a worker the filter killed fails the test.
+    filter_kills_expected: std::cell::Cell<bool>,
+}
+
+/// What the supervisor says of a worker the system-call filter killed.
+pub const FILTER_KILL: &str = "killed by the system-call filter";
+
+impl Drop for Proxy {
+    /// The allowlist must hold whatever a test drives: a worker the filter
+    /// killed (and the supervisor restarted) fails the test that saw it.
+    fn drop(&mut self) {
+        if std::thread::panicking() || self.filter_kills_expected.get() {
+            return;
+        }
+        let log = self.log();
+        if let Some(line) = log.lines().find(|l| l.contains(FILTER_KILL)) {
+            panic!("a worker broke the system-call filter: {line}\n{log}");
+        }
+    }
 }
 
 /// How long a proxy may take to say it is ready.
@@ -132,7 +152,13 @@ impl Proxy {
             dir,
             config_path,
             stats_file,
+            filter_kills_expected: std::cell::Cell::new(false),
         }
+    }
+
+    /// This test makes a worker call what the system-call filter forbids.
+    pub fn expect_filter_kills(&self) {
+        self.filter_kills_expected.set(true);
     }
 
     pub fn addr(&self, listener: &str) -> SocketAddr {

@@ -151,3 +151,170 @@ pub(crate) fn drop_privileges(keep_bind: bool) -> io::Result<Dropped> {
         bounding_cleared,
     })
 }
+
+/// The system calls a serving worker makes (x86_64): receiving and sending
+/// on its sockets, epoll, the control and handoff sockets (with descriptors
+/// passed), upstream sockets opened, bound, probed and closed, memory, time,
+/// a reload's reads of /proc/sys, logging, and its own exit. Everything else
+/// traps: the process dies of SIGSYS after saying which call it was.
+#[cfg(target_arch = "x86_64")]
+const ALLOWED: &[libc::c_long] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_lseek,
+    libc::SYS_openat,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    libc::SYS_epoll_ctl,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_socket,
+    libc::SYS_bind,
+    libc::SYS_connect,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_shutdown,
+    libc::SYS_sendmsg,
+    libc::SYS_sendmmsg,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_recvmmsg,
+    libc::SYS_recvfrom,
+    libc::SYS_fcntl,
+    libc::SYS_ioctl,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_gettimeofday,
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_getrandom,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_getuid,
+    libc::SYS_geteuid,
+    libc::SYS_uname,
+    libc::SYS_restart_syscall,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// Installs the system-call filter on this (single-threaded) process: the
+/// calls in `ALLOWED`, and tgkill to itself (an abort); anything else
+/// raises SIGSYS, whose handler names the call on stderr and lets the
+/// signal kill the process. Needs no_new_privs (set by
+/// [`drop_privileges`]) or CAP_SYS_ADMIN.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn install_syscall_filter() -> io::Result<()> {
+    use std::collections::BTreeMap;
+
+    use seccompiler::{
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule, TargetArch,
+    };
+    let err = |e: seccompiler::BackendError| io::Error::other(e.to_string());
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
+    let me = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Eq,
+        u64::from(std::process::id()),
+    )
+    .map_err(err)?;
+    rules.insert(
+        libc::SYS_tgkill,
+        vec![SeccompRule::new(vec![me]).map_err(err)?],
+    );
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Trap,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(err)?;
+    let program: BpfProgram = filter.try_into().map_err(err)?;
+    install_sigsys_handler()?;
+    seccompiler::apply_filter(&program).map_err(|e| io::Error::other(e.to_string()))
+}
+
+/// No filter where its list was not written (the architecture's calls
+/// differ): said at start.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn install_syscall_filter() -> io::Result<()> {
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "no system-call list for this architecture",
+    ))
+}
+
+/// SIGSYS (a call the filter refused): writes "killed by the system-call
+/// filter: syscall N" to stderr, then dies of the signal, which the
+/// supervisor reports.
+#[cfg(target_arch = "x86_64")]
+fn install_sigsys_handler() -> io::Result<()> {
+    extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO; for
+        // SIGSYS from seccomp, si_syscall is at offset 24 (after si_signo,
+        // si_errno, si_code, padding, si_call_addr), read as an i32.
+        let nr = unsafe { std::ptr::read_unaligned((info as *const u8).add(24).cast::<i32>()) };
+        let mut line = *b"udpshard worker: killed by the system-call filter: syscall           \n";
+        // Digits, right to left, into the blanks before the newline; only
+        // async-signal-safe work here (no allocation, no locks).
+        let mut at = line.len() - 1;
+        let mut n = nr.unsigned_abs();
+        loop {
+            at -= 1;
+            line[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let start = b"udpshard worker: killed by the system-call filter: syscall ".len();
+        let end = line.len();
+        line.copy_within(at..end, start);
+        let len = start + (end - at);
+        // SAFETY: write(2) of a live stack buffer, then the default action
+        // for SIGSYS (termination) and the signal again, to itself: each
+        // is async-signal-safe and allowed by the filter.
+        unsafe {
+            libc::write(2, line.as_ptr().cast(), len);
+            libc::signal(libc::SIGSYS, libc::SIG_DFL);
+            libc::raise(libc::SIGSYS);
+        }
+    }
+    // SAFETY: a zeroed sigaction is valid; the handler only does
+    // async-signal-safe work (above); sigaction copies the struct.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+            on_sigsys;
+        action.sa_sigaction = handler as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        if libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

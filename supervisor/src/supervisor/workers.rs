@@ -388,6 +388,9 @@ fn restart_backoff(crashes: u32) -> Duration {
 fn describe(status: &WaitStatus) -> String {
     match status {
         WaitStatus::Exited(_, code) => format!("exit code {code}"),
+        WaitStatus::Signaled(_, Signal::SIGSYS, _) => {
+            "killed by the system-call filter (SIGSYS: its last log line names the call)".into()
+        }
         WaitStatus::Signaled(_, signal, _) => format!("killed by {}", Signal::as_str(*signal)),
         other => format!("{other:?}"),
     }

@@ -423,6 +423,35 @@ fn sandbox(config: &udpshard_config::Config, worker: usize) {
         Ok(_) => {}
         Err(e) => tracing::error!(worker, "cannot drop the worker's privileges: {e}"),
     }
+    // A test's hook: this worker calls what the filter forbids, once (the
+    // hook's file is gone before the filter is on, so a restart serves).
+    let forbidden = std::env::var_os("UDPSHARD_TEST_FORBIDDEN_SYSCALL")
+        .map(std::path::PathBuf::from)
+        .filter(|f| {
+            std::fs::read_to_string(f).is_ok_and(|t| t.trim() == worker.to_string())
+                && std::fs::remove_file(f).is_ok()
+        });
+    if !config.syscall_filter {
+        if worker == 0 {
+            tracing::info!(
+                "syscall_filter = \"off\": workers run without their system-call allowlist"
+            );
+        }
+        return;
+    }
+    match sandbox::install_syscall_filter() {
+        Ok(()) if worker == 0 => tracing::info!(
+            "workers run under a system-call allowlist (seccomp; syscall_filter = \"off\" for debugging)"
+        ),
+        Ok(()) => {}
+        Err(e) if worker == 0 => tracing::warn!("no system-call filter: {e}"),
+        Err(_) => {}
+    }
+    if forbidden.is_some() {
+        // SAFETY: acct(2) with a null path, which the filter refuses before
+        // the kernel runs it.
+        unsafe { libc::syscall(libc::SYS_acct, std::ptr::null::<libc::c_char>()) };
+    }
 }
 
 /// Each upstream socket is a descriptor: allow as many as the hard limit.
