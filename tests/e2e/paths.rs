@@ -588,9 +588,16 @@ fn forwards_leave_from_their_paths_address_whether_sent_raw_or_on_their_socket()
             assert_eq!(u64::from_str_radix(&field("CapBnd:"), 16).unwrap(), 0);
         }
         assert_eq!(field("NoNewPrivs:"), "1", "worker {pid}");
+        // Its own filter, on top of any this test runs under (a container's
+        // profile): filters are inherited, and the supervisor adds none.
+        let own_filters = own
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+            .map_or(0, |v| v.trim().parse::<u32>().unwrap());
+        assert_eq!(field("Seccomp:"), "2", "worker {pid}");
         assert_eq!(
-            field("Seccomp:"),
-            "2",
+            field("Seccomp_filters:").parse::<u32>().unwrap(),
+            own_filters + 1,
             "worker {pid}: its system-call filter"
         );
     }

@@ -214,6 +214,10 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_getuid,
     libc::SYS_geteuid,
     libc::SYS_uname,
+    // A panic's backtrace (RUST_BACKTRACE) names the directory and the
+    // executable.
+    libc::SYS_getcwd,
+    libc::SYS_readlink,
     libc::SYS_restart_syscall,
     libc::SYS_exit,
     libc::SYS_exit_group,
@@ -222,8 +226,8 @@ const ALLOWED: &[libc::c_long] = &[
 /// Installs the system-call filter on this (single-threaded) process: the
 /// calls in `ALLOWED`, and tgkill to itself (an abort); anything else
 /// raises SIGSYS, whose handler names the call on stderr and lets the
-/// signal kill the process. Needs no_new_privs (set by
-/// [`drop_privileges`]) or CAP_SYS_ADMIN.
+/// signal kill the process. (seccompiler sets no_new_privs, which
+/// [`drop_privileges`] has already set.)
 #[cfg(target_arch = "x86_64")]
 pub(crate) fn install_syscall_filter() -> io::Result<()> {
     use std::collections::BTreeMap;
@@ -274,9 +278,22 @@ pub(crate) fn install_syscall_filter() -> io::Result<()> {
 #[cfg(target_arch = "x86_64")]
 fn install_sigsys_handler() -> io::Result<()> {
     extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-        // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO; for
-        // SIGSYS from seccomp, si_syscall is at offset 24 (after si_signo,
-        // si_errno, si_code, padding, si_call_addr), read as an i32.
+        /// si_code of a SIGSYS the filter raised.
+        const SYS_SECCOMP: libc::c_int = 1;
+        // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO.
+        let code = unsafe { (*info).si_code };
+        if code != SYS_SECCOMP {
+            // Sent by someone (kill -SYS): die of it, naming nothing.
+            // SAFETY: as below.
+            unsafe {
+                libc::signal(libc::SIGSYS, libc::SIG_DFL);
+                libc::raise(libc::SIGSYS);
+            }
+            return;
+        }
+        // SAFETY: for SIGSYS from seccomp, si_syscall is at offset 24
+        // (after si_signo, si_errno, si_code, padding, si_call_addr), read
+        // as an i32.
         let nr = unsafe { std::ptr::read_unaligned((info as *const u8).add(24).cast::<i32>()) };
         let mut line = *b"udpshard worker: killed by the system-call filter: syscall           \n";
         // Digits, right to left, into the blanks before the newline; only
