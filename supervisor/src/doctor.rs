@@ -257,19 +257,13 @@ pub(crate) fn diagnose(cfg: &Config, facts: &Facts) -> Vec<Finding> {
         let (Some((lo, hi)), false) = (l.upstream_ports, held.is_empty()) else {
             continue;
         };
-        let shown: Vec<String> = held
-            .iter()
-            .take(5)
-            .map(|f| format!("{} ({})", f.local, f.owner))
-            .collect();
         out.push(Finding {
             saw: format!(
-                "listener {:?}: {} port(s) of upstream_ports {lo}-{hi} are held by other programs: {}{}; \
+                "listener {:?}: {} port(s) of upstream_ports {lo}-{hi} are held by other programs: {}; \
                  the proxy's binds of them fail, and it leaves each alone a minute at a time",
                 l.name,
                 held.len(),
-                shown.join(", "),
-                if held.len() > shown.len() { ", ..." } else { "" }
+                listed(&held),
             ),
             fix: "stop or move those programs, or give udpshard a range nobody else binds \
                   (upstream_ports); keep other services off it (systemd: SocketBindDeny=)"
@@ -334,22 +328,27 @@ pub(crate) fn warn_foreign_ports(cfg: &Config) {
     if held.is_empty() {
         return;
     }
+    tracing::warn!(
+        "{} port(s) of upstream_ports are held by other programs: {}; binds there fail \
+         (`udpshard doctor` lists them)",
+        held.len(),
+        listed(&held.iter().collect::<Vec<_>>()),
+    );
+}
+
+/// The first five of `held`, each with its owner, then "..." if more.
+fn listed(held: &[&ForeignPort]) -> String {
     let shown: Vec<String> = held
         .iter()
         .take(5)
         .map(|f| format!("{} ({})", f.local, f.owner))
         .collect();
-    tracing::warn!(
-        "{} port(s) of upstream_ports are held by other programs: {}{}; binds there fail \
-         (`udpshard doctor` lists them)",
-        held.len(),
-        shown.join(", "),
-        if held.len() > shown.len() {
-            ", ..."
-        } else {
-            ""
-        }
-    );
+    let more = if held.len() > shown.len() {
+        ", ..."
+    } else {
+        ""
+    };
+    format!("{}{more}", shown.join(", "))
 }
 
 /// The UDP sockets of programs other than udpshard on ports of each

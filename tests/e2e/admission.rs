@@ -296,18 +296,6 @@ fn one_address_over_its_rate_is_refused_while_another_is_served() {
     assert!(answered_within(target, 10_000, WAIT));
 }
 
-/// Which backends the stats say are down.
-fn down(proxy: &Proxy) -> Vec<String> {
-    let s = proxy.stats();
-    s["backends"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|b| b["state"] == "down")
-        .map(|b| b["addr"].as_str().unwrap_or("").to_string())
-        .collect()
-}
-
 #[test]
 fn junk_holds_at_most_half_the_backends_down_and_probes_decide() {
     let backends: Vec<QuicLike> = (0..3).map(|_| QuicLike::start()).collect();
@@ -330,7 +318,7 @@ fn junk_holds_at_most_half_the_backends_down_and_probes_decide() {
             .send_to(&junk_initial(2_000_000 + n), target)
             .unwrap();
         std::thread::sleep(Duration::from_millis(20));
-        let d = down(&proxy);
+        let d = proxy.backends_down();
         most_down = most_down.max(d.len());
         for b in d {
             *seen.entry(b).or_default() += 1;

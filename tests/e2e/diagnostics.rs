@@ -220,6 +220,15 @@ fn upstream_socket_drops_account_for_every_reply() {
     );
 }
 
+/// `udpshard doctor --config file`, run to the end.
+fn doctor(file: &Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["doctor", "--config"])
+        .arg(file)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn doctor_prints_the_rmem_max_fix() {
     let rmem_max: u64 = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
@@ -244,11 +253,7 @@ fn doctor_prints_the_rmem_max_fix() {
         .replace("stats_file = \"{stats_file}\"\n", ""),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["doctor", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = doctor(&file);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -262,10 +267,7 @@ fn doctor_prints_the_rmem_max_fix() {
         "{stdout}"
     );
 
-    let out = Command::new(BIN)
-        .args(["doctor", "--config", "/nonexistent/udpshard.toml"])
-        .output()
-        .unwrap();
+    let out = doctor(Path::new("/nonexistent/udpshard.toml"));
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/udpshard.toml"));
 }
@@ -288,11 +290,7 @@ fn doctor_names_the_programs_that_hold_upstream_ports() {
         .replace("stats_file = \"{stats_file}\"\n", ""),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["doctor", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = doctor(&file);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     let named = format!("127.0.0.1:{port} (pid {} ", std::process::id());
@@ -303,11 +301,7 @@ fn doctor_names_the_programs_that_hold_upstream_ports() {
         "{stdout}"
     );
     drop(squatter);
-    let out = Command::new(BIN)
-        .args(["doctor", "--config"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = doctor(&file);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("held by other programs"), "{stdout}");
 }

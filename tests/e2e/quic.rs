@@ -279,18 +279,6 @@ fn quinn_connections_survive_rebinding_with_reshuffle_steering_in_follow_mode() 
     handshakes_and_rebinds("reshuffle", "follow");
 }
 
-/// Which backends the stats say are down.
-fn down(proxy: &Proxy) -> Vec<String> {
-    let s = proxy.stats();
-    s["backends"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|b| b["state"] == "down")
-        .map(|b| b["addr"].as_str().unwrap_or("").to_string())
-        .collect()
-}
-
 /// With `probe = "quic"` the probes decide: junk Initials, which a quinn
 /// server drops (it cannot decrypt them), only ask for a probe, and every
 /// server answers the probe with Version Negotiation, so none goes down;
@@ -337,9 +325,9 @@ rise = 1
             junk.send_to(&d, target).unwrap();
             tokio::time::sleep(Duration::from_millis(50)).await;
             assert!(
-                down(&proxy).is_empty(),
+                proxy.backends_down().is_empty(),
                 "after junk {n}: {:?}",
-                down(&proxy)
+                proxy.backends_down()
             );
         }
         let stats = proxy.stats();
@@ -354,7 +342,7 @@ rise = 1
         b.close(0u32.into(), b"bye");
         drop(b);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !down(&proxy).contains(&b_addr.to_string()) {
+        while !proxy.backends_down().contains(&b_addr.to_string()) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "b never went down: {}",
@@ -362,7 +350,7 @@ rise = 1
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(down(&proxy), vec![b_addr.to_string()]);
+        assert_eq!(proxy.backends_down(), vec![b_addr.to_string()]);
         proxy.wait_log("probes failed in a row", Duration::from_secs(5));
         drop(a);
         assert_eq!(total(&proxy.stats(), "drops.not_initial"), 0);

@@ -156,6 +156,17 @@ impl Proxy {
         }
     }
 
+    /// The addresses of the backends the stats say are down.
+    pub fn backends_down(&self) -> Vec<String> {
+        self.stats()["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|b| b["state"] == "down")
+            .map(|b| b["addr"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+
     /// This test makes a worker call what the system-call filter forbids.
     pub fn expect_filter_kills(&self) {
         self.filter_kills_expected.set(true);

@@ -23,6 +23,7 @@ pub mod procstat;
 pub mod proxy;
 pub mod seqset;
 pub mod sink;
+pub mod table;
 pub mod units;
 
 pub use datagram::{flow_cid, Datagram, DEFAULT_SIZE, MIN_SIZE};

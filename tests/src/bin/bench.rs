@@ -12,7 +12,6 @@
 //! from /proc just before and after each load (the drain included). The sibling binaries are
 //! found next to this one (`cargo build --release --workspace --bins`, see tests/bench.sh).
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -626,31 +625,7 @@ fn table(measurements: &[Measurement]) -> String {
         ]);
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..header.len())
-        .map(|c| {
-            rows.iter()
-                .map(|row| row[c].chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for row in &rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(&widths)
-            .enumerate()
-            .map(|(c, (cell, &w))| {
-                if c == 0 {
-                    format!("{cell:<w$}")
-                } else {
-                    format!("{cell:>w$}")
-                }
-            })
-            .collect();
-        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
-    }
-    out
+    udpshard_tests::load::table::render(&rows)
 }
 
 fn to_json(

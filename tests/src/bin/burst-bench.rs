@@ -735,27 +735,9 @@ fn table(args: &Args, all: &[Measurement]) -> String {
             ]
         })
         .collect();
-    let widths: Vec<usize> = (0..header.len())
-        .map(|c| {
-            rows.iter()
-                .map(|r| r[c].chars().count())
-                .chain([header[c].chars().count()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let line = |cells: &[String]| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:>w$}"))
-            .collect();
-        padded.join("  ")
-    };
-    let _ = writeln!(out, "{}", line(&header.map(String::from)));
-    for r in &rows {
-        let _ = writeln!(out, "{}", line(r));
-    }
+    let mut table = vec![header.map(String::from).to_vec()];
+    table.extend(rows.iter().map(|r| r.to_vec()));
+    out.push_str(&udpshard_tests::load::table::render(&table));
     out
 }
 

@@ -8,7 +8,6 @@
 //! workers were not the limit (under 90% of their CPUs busy and under 1% lost) the generator
 //! was, and the efficiency says so rather than a number.
 
-use std::fmt::Write as _;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -407,31 +406,33 @@ fn socket_drops(addrs: &[SocketAddr]) -> u64 {
 }
 
 fn table(rows: &[Row]) -> String {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "{:>7}  {:>12}  {:>14}  {:>10}  {:>8}  {:>10}  {:>10}",
-        "workers", "delivered/s", "per worker/s", "efficiency", "loss %", "busy %", "sink drops"
-    );
-    for r in rows {
+    let header = [
+        "workers",
+        "delivered/s",
+        "per worker/s",
+        "efficiency",
+        "loss %",
+        "busy %",
+        "sink drops",
+    ];
+    let mut table = vec![header.map(String::from).to_vec()];
+    table.extend(rows.iter().map(|r| {
         let efficiency = match r.efficiency(rows) {
             Some(e) => format!("{e:.2}"),
             None if !r.saturated() => "gen-bound".into(),
             None => "-".into(),
         };
-        let _ = writeln!(
-            out,
-            "{:>7}  {:>12.0}  {:>14.0}  {:>10}  {:>8.2}  {:>10.0}  {:>10}",
-            r.workers,
-            r.rate(),
-            r.per_worker(),
+        vec![
+            r.workers.to_string(),
+            format!("{:.0}", r.rate()),
+            format!("{:.0}", r.per_worker()),
             efficiency,
-            r.loss() * 100.0,
-            r.busy() * 100.0,
-            r.sink_drops
-        );
-    }
-    out
+            format!("{:.2}", r.loss() * 100.0),
+            format!("{:.0}", r.busy() * 100.0),
+            r.sink_drops.to_string(),
+        ]
+    }));
+    udpshard_tests::load::table::render(&table)
 }
 
 fn to_json(rows: &[Row]) -> serde_json::Value {
