@@ -23,6 +23,7 @@ pub(crate) struct FileConfig {
     pub upstream_send: Option<Spanned<String>>,
     pub offload: Option<Spanned<String>>,
     pub syscall_filter: Option<Spanned<String>>,
+    pub user: Option<Spanned<String>>,
     pub listener: Option<Spanned<ArrayOf<Spanned<FileListener>>>>,
 }
 

@@ -48,6 +48,9 @@ pub struct Config {
     /// Whether workers run under their system-call allowlist (seccomp), from
     /// their next start.
     pub syscall_filter: bool,
+    /// Started as root, the user every udpshard process runs as once the
+    /// supervisor has bound its sockets; `None`: the user it was started as.
+    pub user: Option<String>,
 }
 
 /// The kernel's UDP segmentation offloads (GSO out, GRO in).
@@ -292,6 +295,15 @@ pub fn error_at_bind(text: &str, origin: &str, index: usize, message: String) ->
             let l = l.into_inner();
             l.bind.map(|b| b.span().start)
         })
+        .unwrap_or(0);
+    ConfigError::at(origin, text, offset, message)
+}
+
+/// `message` about the top-level `user` of `text`, at its value.
+pub fn error_at_user(text: &str, origin: &str, message: String) -> ConfigError {
+    let offset = toml::from_str::<file::FileConfig>(text)
+        .ok()
+        .and_then(|f| f.user.map(|u| u.span().start))
         .unwrap_or(0);
     ConfigError::at(origin, text, offset, message)
 }

@@ -50,6 +50,7 @@ fn default_parses() {
         upstream_send: UpstreamSend::Auto,
         offload: Offload::Auto,
         syscall_filter: true,
+        user: None,
         metrics: None,
         listeners: vec![Listener {
             name: "quic".into(),
@@ -1225,6 +1226,23 @@ fn syscall_filter_is_on_or_off() {
     let e = parse(&bad, "t.toml").unwrap_err().to_string();
     assert!(e.starts_with("t.toml:1:18:"), "{e}");
     assert!(e.contains("expected \"on\" or \"off\""), "{e}");
+}
+
+#[test]
+fn user_is_a_user_name() {
+    let base = "[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:4433\"\ndissector = \"tuple\"\nbackends = [{ addr = \"127.0.0.1:5000\" }]\n";
+    assert_eq!(parse(base, "t.toml").unwrap().user, None);
+    let nobody = format!("user = \"nobody\"\n{base}");
+    assert_eq!(
+        parse(&nobody, "t.toml").unwrap().user.as_deref(),
+        Some("nobody")
+    );
+    for bad in ["", "-x", "a b", "root:root", "../etc"] {
+        let text = format!("user = {bad:?}\n{base}");
+        let e = parse(&text, "t.toml").unwrap_err().to_string();
+        assert!(e.starts_with("t.toml:1:8:"), "{e}");
+        assert!(e.contains("is not a user name"), "{e}");
+    }
 }
 
 #[test]

@@ -133,6 +133,10 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
             }
         },
     };
+    let user = match &file.user {
+        None => None,
+        Some(v) => Some(user(v)?),
+    };
     let Some(list) = file.listener else {
         // Nothing to point at; the top of the file is where one would go.
         return Err(SpanError::new(
@@ -161,7 +165,30 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
         upstream_send,
         offload,
         syscall_filter,
+        user,
     })
+}
+
+/// A user name as passwd holds one (whether this host has it is the
+/// supervisor's check, at start).
+fn user(v: &Spanned<String>) -> Result<String> {
+    let name = v.get_ref();
+    let valid = !name.is_empty()
+        && name.len() <= 32
+        && !name.starts_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if !valid {
+        return Err(at(
+            v,
+            format!(
+                "user = {name:?} is not a user name (1 to 32 of a-z, A-Z, 0-9, '_', '-', '.', \
+                 not starting with '-')"
+            ),
+        ));
+    }
+    Ok(name.clone())
 }
 
 /// The Prometheus endpoint's address; port 0 would leave scrapers guessing.

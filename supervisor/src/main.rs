@@ -324,6 +324,14 @@ fn check_config(file: &std::path::Path) -> ExitCode {
         eprintln!("{}", config::error_at_bind(&text, &origin, i, message));
         return ExitCode::FAILURE;
     }
+    // The user must exist here; whether the service may become it depends
+    // on who starts it (root, or that user).
+    if let Some(name) = &cfg.user {
+        if let Err(e) = udpshard_worker::lookup_user(name) {
+            eprintln!("{}", config::error_at_user(&text, &origin, e.to_string()));
+            return ExitCode::FAILURE;
+        }
+    }
     let n = cfg.listeners.len();
     println!(
         "{}: ok ({n} {})",

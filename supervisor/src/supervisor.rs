@@ -80,6 +80,8 @@ pub(crate) enum SupervisorError {
     NoWorker,
     #[error("upgrade: {0}")]
     Upgrade(String),
+    #[error(transparent)]
+    User(#[from] udpshard_worker::UserError),
     #[error("metrics endpoint {addr}: {source}")]
     Metrics {
         addr: std::net::SocketAddr,
@@ -142,6 +144,44 @@ fn own_path() -> io::Result<PathBuf> {
     }
 }
 
+/// Applies the config's `user` (started as root: changes to it; started as
+/// it: changes nothing; else refuses) and says who this process and its
+/// workers run as.
+pub(crate) fn run_as(config: &Config) -> Result<(), SupervisorError> {
+    let Some(name) = &config.user else {
+        let uid = nix::unistd::geteuid();
+        tracing::info!(
+            "running as uid {uid}, supervisor and workers{}",
+            if uid.is_root() {
+                " (root: workers give up every capability but keep uid 0; \
+                 user = \"NAME\" runs every process as NAME)"
+            } else {
+                ""
+            }
+        );
+        return Ok(());
+    };
+    let raw = config.upstream_send == config::UpstreamSend::Auto;
+    let run_as = udpshard_worker::become_user(name, raw)?;
+    if run_as.changed {
+        tracing::info!(
+            "running as user {name} (uid {}, gid {}) from here on, supervisor and workers; \
+             workers start with {} and drop {} once set up",
+            run_as.uid,
+            run_as.gid,
+            run_as.kept.join(", "),
+            if run_as.kept.len() == 1 { "it" } else { "them" },
+        );
+    } else {
+        tracing::info!(
+            "running as user {name} (uid {}, gid {}), as started",
+            run_as.uid,
+            run_as.gid
+        );
+    }
+    Ok(())
+}
+
 /// The signals the supervisor acts on.
 fn signals() -> io::Result<Signals> {
     Signals::new([SIGTERM, SIGINT, SIGHUP, SIGCHLD, SIGUSR2])
@@ -171,6 +211,11 @@ impl Supervisor {
             if cpus.len() == 1 { "CPU" } else { "CPUs" },
             if count == 1 { "worker" } else { "workers" },
         );
+        // A user this process cannot become fails the start before it
+        // binds or replaces anything.
+        if let Some(name) = &config.user {
+            udpshard_worker::check_user(name)?;
+        }
         warn_oversubscribed(count, &cpus);
         crate::doctor::warn_cpu_quota(count);
         crate::doctor::warn_foreign_ports(&config);
@@ -240,6 +285,9 @@ impl Supervisor {
                 Some(server)
             }
         };
+        // Everything that takes root is bound or open: from here on, the
+        // user the config names.
+        run_as(&config)?;
         let workers = (0..count)
             .map(|id| WorkerSlot::new(id, cpus[id % cpus.len()]))
             .collect();

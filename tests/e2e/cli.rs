@@ -39,6 +39,37 @@ fn check_config_names_file_line_col_and_exits_1() {
 }
 
 #[test]
+fn a_user_the_host_lacks_fails_check_config_and_the_start_before_anything_is_bound() {
+    let text = "user = \"udpshard-no-such-user\"\n[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:0\"\ndissector = \"tuple\"\nbackends = [\"127.0.0.1:9\"]\n";
+    let (code, _, stderr) = check_config(text);
+    assert_eq!(code, Some(1));
+    assert!(stderr.starts_with("FILE:1:8: "), "{stderr}");
+    assert!(
+        stderr.contains("user = \"udpshard-no-such-user\": no such user on this host"),
+        "{stderr}"
+    );
+
+    let dir = TempDir::new("nouser");
+    let file = dir.path().join("u.toml");
+    let stats = dir.path().join("stats");
+    std::fs::write(
+        &file,
+        format!("stats_file = \"{}\"\n{text}", stats.display()),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no such user on this host"), "{stderr}");
+    assert!(!stderr.contains("bound to"), "{stderr}");
+    assert!(!stats.exists(), "the start created its stats file");
+}
+
+#[test]
 fn check_config_of_a_missing_file_fails_clearly() {
     let out = Command::new(BIN)
         .args(["check-config", "/nonexistent/udpshard.toml"])

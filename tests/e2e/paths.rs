@@ -623,3 +623,125 @@ fn forwards_leave_from_their_paths_address_whether_sent_raw_or_on_their_socket()
     assert_eq!(total(&stats, "sessions_created"), 24);
     assert_eq!(total(&stats, "drops.upstream"), 0);
 }
+
+/// Capabilities in a `/proc/PID/status` line's hex set.
+fn cap_set(status: &str, name: &str) -> u64 {
+    let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+    u64::from_str_radix(line[name.len()..].trim(), 16).unwrap()
+}
+
+#[test]
+fn started_as_root_with_a_user_every_process_runs_as_that_user_and_workers_hold_nothing() {
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: changing to user = \"nobody\" takes a start as root");
+        return;
+    }
+    let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
+        eprintln!("skipped: this host has no user \"nobody\"");
+        return;
+    };
+    let backend = bind_udp("127.0.0.1:0");
+    backend
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let backends = [&backend];
+    let addrs = [backend.local_addr().unwrap()];
+    let config = |user: &str| {
+        listener_config(
+            &format!("workers = 2\nupstream_send = \"auto\"\nuser = \"{user}\""),
+            "dissector = \"quic\"\nupstream_ports = \"61300-61399\"",
+            &addrs,
+        )
+    };
+    let proxy = Proxy::start(Path::new(BIN), &config("nobody"));
+    let uid = nobody.uid.as_raw();
+    proxy.wait_log(
+        &format!("running as user nobody (uid {uid}"),
+        Duration::from_secs(5),
+    );
+    let clients: Vec<UdpSocket> = (0..16)
+        .map(|_| {
+            let c = bind_udp("127.0.0.1:0");
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c
+        })
+        .collect();
+    let paths = paths_seen(&proxy, &clients, &backends, b"one");
+    answer_on(&paths, &backends, &clients);
+    let stats = proxy.wait_stats(WAIT, "16 forwards and 16 replies counted", |s| {
+        total(s, "tx_packets") == 16 && total(s, "replies_out") == 16
+    });
+    // Root here, so the workers opened their raw socket before they gave
+    // everything up: every forward left as a raw IP packet.
+    assert_eq!(total(&stats, "tx_raw"), 16, "{stats:#}");
+
+    let ids = |status: &str, name: &str| -> Vec<u32> {
+        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+        line[name.len()..]
+            .split_whitespace()
+            .map(|v| v.parse().unwrap())
+            .collect()
+    };
+    let gid = nobody.gid.as_raw();
+    let supervisor = proxy.pid();
+    let workers = worker_pids(&proxy);
+    assert_eq!(workers.len(), 2);
+    for &pid in std::iter::once(&supervisor).chain(&workers) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        // Real, effective, saved and filesystem ids, all four.
+        assert_eq!(ids(&status, "Uid:"), [uid; 4], "process {pid}");
+        assert_eq!(ids(&status, "Gid:"), [gid; 4], "process {pid}");
+        assert!(!ids(&status, "Groups:").contains(&0), "process {pid}");
+        assert_eq!(
+            status.lines().find(|l| l.starts_with("NoNewPrivs:")),
+            Some("NoNewPrivs:\t1"),
+            "process {pid}"
+        );
+        if pid == supervisor {
+            // CAP_SETPCAP, CAP_NET_BIND_SERVICE and CAP_NET_RAW, for the
+            // workers it starts, and nothing else can come back.
+            let kept = 1 << 8 | 1 << 10 | 1 << 13;
+            for set in ["CapEff:", "CapPrm:", "CapAmb:", "CapBnd:"] {
+                assert_eq!(cap_set(&status, set), kept, "supervisor {set}");
+            }
+        } else {
+            for set in ["CapEff:", "CapPrm:", "CapInh:", "CapAmb:", "CapBnd:"] {
+                assert_eq!(cap_set(&status, set), 0, "worker {pid} {set}");
+            }
+        }
+    }
+    let log = proxy.log();
+    assert!(
+        log.contains(&format!("workers run as uid {uid} with no capabilities")),
+        "{log}"
+    );
+
+    // A reload cannot change the user: refused, named, and nothing changes.
+    // (The supervisor reads its config as nobody from here on.)
+    std::fs::set_permissions(
+        proxy.dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(
+        &proxy.config_path,
+        config("root").replace("{stats_file}", &proxy.stats_file.display().to_string()),
+    )
+    .unwrap();
+    proxy.signal(libc::SIGHUP);
+    proxy.wait_log(
+        "user changed from \"nobody\" to \"root\": a running proxy cannot change its user",
+        Duration::from_secs(10),
+    );
+    let paths = paths_seen(&proxy, &clients, &backends, b"two");
+    answer_on(&paths, &backends, &clients);
+    let stats = proxy.wait_stats(WAIT, "32 forwards and 32 replies counted", |s| {
+        total(s, "tx_packets") == 32 && total(s, "replies_out") == 32
+    });
+    assert_eq!(total(&stats, "sessions_created"), 16);
+    for pid in worker_pids(&proxy) {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert_eq!(ids(&status, "Uid:"), [uid; 4], "worker {pid}");
+    }
+}

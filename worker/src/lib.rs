@@ -28,7 +28,9 @@ use std::io;
 use std::os::fd::RawFd;
 
 pub use event_loop::run;
-pub use sandbox::privileged_upstream_ports;
+pub use sandbox::{
+    become_user, check_user, lookup_user, privileged_upstream_ports, RunAs, UserError,
+};
 pub use upstream::{ephemeral_range, sources_of as upstream_sources};
 
 /// What the supervisor hands a worker on its command line.

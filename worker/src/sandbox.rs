@@ -1,18 +1,26 @@
 //! What a worker gives up once it is set up. It parses every datagram from
 //! the network; if a parser bug ever ran an attacker's code, the process
-//! should hold no capability (it keeps its uid: run as root, it can still
-//! write what root owns; the packaged unit runs it as a user of its own).
-//! Once its raw sockets are
-//! open (the last thing that needs privilege), a worker drops every
-//! capability from every set (effective, permitted, inheritable, ambient and
-//! bounding), keeping only CAP_NET_BIND_SERVICE where its config binds
-//! upstream ports below the kernel's unprivileged start, and sets
-//! no_new_privs, so no execve can give any back.
+//! should hold no capability. Once its raw sockets are open (the last thing
+//! that needs privilege), a worker drops every capability from every set
+//! (effective, permitted, inheritable, ambient and bounding), keeping only
+//! CAP_NET_BIND_SERVICE where its config binds upstream ports below the
+//! kernel's unprivileged start, and sets no_new_privs, so no execve can give
+//! any back. It keeps the uid it was started with: the packaged unit's
+//! user, or the config's `user` (`user`, which the supervisor applies
+//! before it starts a worker), else root's.
 
 use std::io;
 
+mod user;
+
+pub use user::{become_user, check_user, lookup_user, RunAs, UserError};
+
+/// CAP_SETPCAP.
+const SETPCAP: u32 = 8;
 /// CAP_NET_BIND_SERVICE.
 const NET_BIND_SERVICE: u32 = 10;
+/// CAP_NET_RAW.
+const NET_RAW: u32 = 13;
 /// _LINUX_CAPABILITY_VERSION_3: two `CapData`, for capabilities 0-31 and 32-63.
 const VERSION_3: u32 = 0x2008_0522;
 
@@ -67,60 +75,69 @@ pub fn privileged_upstream_ports(
 /// sets no_new_privs. An error leaves the process as it is, minus what was
 /// already dropped: the caller logs it and serves on.
 pub(crate) fn drop_privileges(keep_bind: bool) -> io::Result<Dropped> {
-    // Where the kernel does not say, the highest it could know: a drop past
-    // its last capability fails with EINVAL, which is no loss.
-    let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+    // First, as it takes no privilege and cannot fail: no execve from here
+    // on can give anything back.
+    prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0)?;
+    let bind = bit(NET_BIND_SERVICE);
+    // The bounding set next, while CAP_SETPCAP (if held) is still there.
+    let bounding_cleared = drop_bounding(if keep_bind { bind } else { 0 });
+    // It fails harmlessly where ambient capabilities do not exist (the
+    // capset below empties them anyway).
+    let _ = prctl(
+        libc::PR_CAP_AMBIENT,
+        libc::PR_CAP_AMBIENT_CLEAR_ALL as u32,
+        0,
+    );
+    let kept_bind = keep_bind && permitted()? & bind != 0;
+    let keep = if kept_bind { bind } else { 0 };
+    set_caps(keep, 0)?;
+    Ok(Dropped {
+        kept_bind,
+        bounding_cleared,
+    })
+}
+
+/// The bit of capability `cap` in a 64-bit set.
+const fn bit(cap: u32) -> u64 {
+    1 << cap
+}
+
+/// prctl(2) with integer arguments.
+fn prctl(option: libc::c_int, arg2: u32, arg3: u32) -> io::Result<()> {
+    const ZERO: libc::c_ulong = 0;
+    let [arg2, arg3] = [arg2, arg3].map(libc::c_ulong::from);
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(option, arg2, arg3, ZERO, ZERO) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The kernel's last capability (where it does not say, the highest it
+/// could know: a drop past its last one fails with EINVAL, which is no
+/// loss).
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|t| t.trim().parse::<u32>().ok())
         .unwrap_or(63)
-        .min(63);
-    const ZERO: libc::c_ulong = 0;
-    // First, as it takes no privilege and cannot fail: no execve from here
-    // on can give anything back.
-    // SAFETY: prctl with integer arguments only.
-    if unsafe {
-        libc::prctl(
-            libc::PR_SET_NO_NEW_PRIVS,
-            1 as libc::c_ulong,
-            ZERO,
-            ZERO,
-            ZERO,
-        )
-    } != 0
-    {
-        return Err(io::Error::last_os_error());
-    }
-    // The bounding set next, while CAP_SETPCAP (if held) is still there.
-    let mut bounding_cleared = true;
-    for cap in 0..=last {
-        if keep_bind && cap == NET_BIND_SERVICE {
-            continue;
-        }
-        // SAFETY: prctl with integer arguments only.
-        let rc = unsafe {
-            libc::prctl(
-                libc::PR_CAPBSET_DROP,
-                libc::c_ulong::from(cap),
-                ZERO,
-                ZERO,
-                ZERO,
-            )
-        };
-        if rc != 0 {
-            bounding_cleared = false;
+        .min(63)
+}
+
+/// Drops every capability outside `keep` from the bounding set; whether
+/// all of them went (it takes CAP_SETPCAP).
+fn drop_bounding(keep: u64) -> bool {
+    let mut all = true;
+    for cap in (0..=last_cap()).filter(|&c| keep & bit(c) == 0) {
+        if prctl(libc::PR_CAPBSET_DROP, cap, 0).is_err() {
+            all = false;
         }
     }
-    // SAFETY: prctl with integer arguments only; it fails harmlessly where
-    // ambient capabilities do not exist (capset below empties them anyway).
-    unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            ZERO,
-            ZERO,
-            ZERO,
-        )
-    };
+    all
+}
+
+/// This process's permitted set.
+fn permitted() -> io::Result<u64> {
     let mut header = CapHeader {
         version: VERSION_3,
         pid: 0,
@@ -131,25 +148,28 @@ pub(crate) fn drop_privileges(keep_bind: bool) -> io::Result<Dropped> {
     if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    let bind = 1u32 << NET_BIND_SERVICE;
-    let kept_bind = keep_bind && data[0].permitted & bind != 0;
-    let keep = if kept_bind { bind } else { 0 };
-    data = [
-        CapData {
-            effective: keep,
-            permitted: keep,
-            inheritable: 0,
-        },
-        CapData::default(),
-    ];
-    // SAFETY: capset(2) reads the same header and two data structs.
+    Ok(u64::from(data[0].permitted) | u64::from(data[1].permitted) << 32)
+}
+
+/// Sets the effective and permitted sets to `keep`, and the inheritable
+/// set to `inheritable`.
+fn set_caps(keep: u64, inheritable: u64) -> io::Result<()> {
+    let mut header = CapHeader {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let half = |set: u64, high: bool| (if high { set >> 32 } else { set }) as u32;
+    let data = [false, true].map(|high| CapData {
+        effective: half(keep, high),
+        permitted: half(keep, high),
+        inheritable: half(inheritable, high),
+    });
+    // SAFETY: capset(2) with version 3 reads a header and two data structs
+    // of this layout, which live on this stack frame.
     if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(Dropped {
-        kept_bind,
-        bounding_cleared,
-    })
+    Ok(())
 }
 
 /// The system calls a serving worker makes (x86_64): receiving and sending

@@ -95,6 +95,16 @@ impl Supervisor {
                 config::DEFAULT_CONFIG_TOML.to_string(),
             ),
         };
+        // Every process already runs as the user the config started with.
+        if cfg.user != self.config.user {
+            let name =
+                |u: &Option<String>| u.as_deref().map_or("(none)".into(), |n| format!("{n:?}"));
+            return Err(format!(
+                "user changed from {} to {}: a running proxy cannot change its user: restart to apply",
+                name(&self.config.user),
+                name(&cfg.user)
+            ));
+        }
         // Workers keep CAP_NET_BIND_SERVICE only when the config they start
         // with binds low upstream ports: a reload cannot bring them there.
         if let (Some((name, lo, hi, start)), None) = (

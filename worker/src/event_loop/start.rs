@@ -408,7 +408,8 @@ fn sandbox(config: &udpshard_config::Config, worker: usize) {
     let keep_bind = sandbox::privileged_upstream_ports(config).is_some();
     match sandbox::drop_privileges(keep_bind) {
         Ok(dropped) if worker == 0 => tracing::info!(
-            "workers run with no capabilities{}{} and no_new_privs",
+            "workers run as uid {} with no capabilities{}{} and no_new_privs",
+            nix::unistd::geteuid(),
             if dropped.kept_bind {
                 " but CAP_NET_BIND_SERVICE (upstream_ports below the unprivileged start)"
             } else {

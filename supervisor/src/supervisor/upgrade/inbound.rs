@@ -113,6 +113,11 @@ impl Supervisor {
             Ok(c) => c,
             Err(e) => bail!("this binary refuses the running config: {e}"),
         };
+        // Started by the old generation, this one runs as its user: a
+        // config that names another cannot take over.
+        if let Err(e) = crate::supervisor::run_as(&running) {
+            bail!("{e}");
+        }
         let (Some(stats_fd), Some(state_fd)) = (fd(s.stats_fd), fd(s.state_fd)) else {
             bail!("the old supervisor's state names no stats or state region");
         };
