@@ -130,10 +130,14 @@ pub enum Counter {
     TxGsoMessages,
     /// The datagrams those messages carried.
     TxGsoDatagrams,
+    /// Times the slot's worker was killed by its system-call filter
+    /// (SIGSYS), supervisor-written; each is also one of `Restarts` where
+    /// the worker was restarted.
+    FilterKills,
 }
 
 impl Counter {
-    pub const COUNT: usize = Counter::TxGsoDatagrams as usize + 1;
+    pub const COUNT: usize = Counter::FilterKills as usize + 1;
 
     /// Every counter, in slot order.
     pub fn all() -> impl Iterator<Item = Counter> {
@@ -757,6 +761,15 @@ pub const CATALOGUE: [Entry; Counter::COUNT] = [
         help: "Datagrams sent inside UDP GSO messages (each also counted where it went: tx_packets or replies_out).",
         kind: Kind::Total,
         writer: Writer::Worker,
+        shown: Shown::WorkerAndTotal,
+    },
+    Entry {
+        counter: Counter::FilterKills,
+        name: "filter_kills",
+        metric: Some("worker_filter_kills"),
+        help: "Times the slot's worker was killed by its system-call filter (a call outside the allowlist: a bug, or an attack).",
+        kind: Kind::Total,
+        writer: Writer::Supervisor,
         shown: Shown::WorkerAndTotal,
     },
 ];

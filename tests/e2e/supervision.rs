@@ -325,6 +325,18 @@ fn a_worker_that_breaks_the_system_call_filter_is_killed_named_and_replaced() {
         let w = &s["workers"][1];
         field_of(w, "restarts") == 1 && w["state"] == "ready"
     });
+    // Counted, on the slot whose worker it was.
+    let stats = proxy.stats();
+    assert_eq!(
+        field_of(&stats["workers"][1], "filter_kills"),
+        1,
+        "{stats:#}"
+    );
+    assert_eq!(
+        field_of(&stats["workers"][0], "filter_kills"),
+        0,
+        "{stats:#}"
+    );
     let client = bind_udp("127.0.0.1:0");
     send_cids(&proxy, &client, 1..101, b"after");
     wait_until(WAIT, "every datagram at the backend", || a.count() == 100);

@@ -306,6 +306,11 @@ impl Supervisor {
                     slot.set_life(spent, SlotState::Exited);
                 }
             }
+            if matches!(status, WaitStatus::Signaled(_, Signal::SIGSYS, _)) {
+                if let Some(slot) = self.region.slot(w.id) {
+                    slot.add(Counter::FilterKills, 1);
+                }
+            }
             if matches!(self.role, Role::Stopping { .. }) || w.retiring || handing_over {
                 tracing::info!(worker = w.id, "exited: {}", describe(&status));
                 continue;
