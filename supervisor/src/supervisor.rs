@@ -82,11 +82,22 @@ pub(crate) enum SupervisorError {
     Upgrade(String),
     #[error(transparent)]
     User(#[from] udpshard_worker::UserError),
-    #[error("metrics endpoint {addr}: {source}")]
+    #[error("metrics endpoint {addr}: {source}{}", bind_denied_hint(source))]
     Metrics {
         addr: std::net::SocketAddr,
         source: io::Error,
     },
+}
+
+/// EPERM from bind(2) is a cgroup's rule (systemd's SocketBindDeny=), not
+/// the file permissions EACCES names: say which.
+fn bind_denied_hint(e: &io::Error) -> &'static str {
+    if e.raw_os_error() == Some(libc::EPERM) {
+        " (a cgroup rule denies it: the packaged unit allows TCP binds on port 9469 only, \
+         SocketBindAllow=tcp:9469; allow another with `systemctl edit udpshard`)"
+    } else {
+        ""
+    }
 }
 
 /// How the loop ended.

@@ -219,6 +219,64 @@ fn exhaustion_is_counted_as_no_port_and_opens_no_socket() {
     );
 }
 
+/// Ports of `upstream_ports` that another program holds are named at
+/// start and skipped: each new flow gets a free port, and only when none
+/// is left are flows refused, counted as no_port.
+#[test]
+fn ports_another_program_holds_are_named_at_start_and_skipped() {
+    let a = Backend::start("a");
+    // Held on the wildcard address: the proxy's bind of 127.0.0.1 on the
+    // same port collides.
+    let held: Vec<UdpSocket> = [61502u16, 61505, 61508]
+        .iter()
+        .map(|p| UdpSocket::bind(("0.0.0.0", *p)).expect("a port of the test's own range"))
+        .collect();
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &listener_config(
+            "workers = 1",
+            "dissector = \"quic\"\nupstream_ports = \"61500-61509\"",
+            &[a.addr],
+        ),
+    );
+    let log = proxy.wait_log(
+        "3 port(s) of upstream_ports are held by other programs",
+        WAIT,
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("held by other programs"))
+        .unwrap();
+    for p in ["0.0.0.0:61502", "0.0.0.0:61505", "0.0.0.0:61508"] {
+        assert!(line.contains(p), "{line}");
+    }
+    let target = proxy.addr("quic");
+    let cl = clients(1);
+    let served = round(&cl, target, 0..7, b"in");
+    assert_eq!(
+        served.len(),
+        7,
+        "seven free ports, one backend: seven sessions"
+    );
+    let ports: HashSet<u16> = a.seen().iter().map(|s| s.from.port()).collect();
+    assert_eq!(ports.len(), 7, "{ports:?}");
+    assert!(
+        ports
+            .iter()
+            .all(|p| (61500..=61509).contains(p) && ![61502, 61505, 61508].contains(p)),
+        "{ports:?}"
+    );
+    // Every free port serves an answered session: the next flows are
+    // refused, counted, and the live sessions are served on.
+    for cid in 7..10u64 {
+        cl[0].send_to(&quic_short(cid, b"more"), target).unwrap();
+    }
+    let stats = proxy.wait_stats(WAIT, "three refusals", |s| total(s, "drops.no_port") == 3);
+    assert_eq!(total(&stats, "sessions_active"), 7);
+    assert_eq!(round(&cl, target, 0..7, b"again").len(), 7);
+    drop(held);
+}
+
 #[test]
 fn a_freed_port_waits_out_the_reuse_delay_toward_its_backend() {
     let a = Backend::start("a");
