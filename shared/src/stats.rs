@@ -35,6 +35,8 @@ pub use crate::counter::{Counter, Entry, Kind};
 use crate::owners::Owner;
 use crate::DropReason;
 
+pub mod guard;
+
 /// "UDPSHRD" and the layout version in the top byte.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"UDPSHRD\x03");
 pub const HEADER_WORDS: usize = 64;
@@ -86,6 +88,9 @@ pub enum Header {
     Upgrades,
     /// The supervisor's version ([`pack_version`]).
     SupervisorVersion,
+    /// Times a process found the file cut short under its mapping and put
+    /// its length back (`guard`).
+    Repairs,
 }
 
 /// A version `major.minor.patch` and the first 7 hex digits of its commit
@@ -222,6 +227,16 @@ pub const STATS_GROUP: &str = "udpshard";
 /// The mapped region, as the supervisor or a worker holds it.
 pub struct StatsRegion {
     map: MmapMut,
+    /// Its range in the truncation guard (`guard`), if guarded.
+    guarded: Option<usize>,
+}
+
+impl Drop for StatsRegion {
+    fn drop(&mut self) {
+        if let Some(slot) = self.guarded {
+            guard::unguard(slot);
+        }
+    }
 }
 
 impl StatsRegion {
@@ -285,11 +300,59 @@ impl StatsRegion {
     }
 
     fn map(file: &File) -> io::Result<StatsRegion> {
-        // SAFETY: the file is created at its final size and never truncated
-        // while mapped; every access goes through the atomic views below, so
-        // concurrent writers in other processes cannot cause a data race.
+        // SAFETY: the file is created at its final size, which no udpshard
+        // process changes (one cut by another program is put back by the
+        // guard on the first access past the cut, below); every access goes
+        // through the atomic views below, so concurrent writers in other
+        // processes cannot cause a data race.
         let map = unsafe { MmapMut::map_mut(file)? };
-        Ok(StatsRegion { map })
+        let guarded = guard::guard(map.as_ptr(), map.len(), file);
+        Ok(StatsRegion { map, guarded })
+    }
+
+    /// The words a repair writes back ([`StatsRegion::restore`]): the
+    /// header, every slot, the backend metadata (not the backend counters,
+    /// which workers write).
+    pub fn save(&self, into: &mut Vec<u64>) {
+        let end = backend_counts_at(self.slot_capacity(), 0).min(self.words().len());
+        into.clear();
+        into.extend(
+            self.words()[..end]
+                .iter()
+                .map(|w| w.load(Ordering::Relaxed)),
+        );
+    }
+
+    /// After the file was cut short and its length put back (zeros where
+    /// it was cut): writes back what [`StatsRegion::save`] saved of the
+    /// supervisor's words (the header but its heartbeat and repair count,
+    /// the slots' supervisor-written words, the backend metadata). Workers
+    /// put theirs back at their next publish.
+    pub fn restore(&self, saved: &[u64]) {
+        let words = self.words();
+        let Some(&capacity) = saved.get(Header::SlotCapacity as usize) else {
+            return;
+        };
+        let slots_end = slot_words_end(capacity as usize).min(saved.len());
+        for (i, &value) in saved.iter().enumerate().take(words.len()) {
+            let keep = if i < HEADER_WORDS {
+                i == Header::SupervisorHeartbeat as usize || i == Header::Repairs as usize
+            } else if i < slots_end {
+                Counter::all()
+                    .find(|c| *c as usize == (i - HEADER_WORDS) % SLOT_WORDS)
+                    .is_some_and(Counter::worker_owned)
+            } else {
+                false
+            };
+            if !keep {
+                words[i].store(value, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The region's length in bytes (the file's, when whole).
+    pub fn bytes(&self) -> usize {
+        self.map.len()
     }
 
     fn words(&self) -> &[AtomicU64] {

@@ -279,6 +279,7 @@ pub(crate) fn to_json(snap: &Snapshot) -> Value {
         "reload_failures": snap.header(Header::ReloadFailures),
         "upgrades": snap.header(Header::Upgrades),
         "upgrade_failures": snap.header(Header::UpgradeFailures),
+        "stats_repairs": snap.header(Header::Repairs),
         "supervisor_version": version_text(snap.header(Header::SupervisorVersion)),
         "health_generation": snap.header(Header::HealthGeneration),
         "totals": totals_json(snap),

@@ -144,6 +144,11 @@ pub(crate) struct Supervisor {
     /// SIGUSR2s refused by this process: numbers their STATUS= (see
     /// `refuse_upgrade`).
     upgrades_refused: u64,
+    /// The supervisor's words of the stats region as of its last loop
+    /// iteration, and the region's repair count then: what a repair of a
+    /// truncated file writes back (`check_stats_file`).
+    stats_saved: Vec<u64>,
+    stats_repairs: u64,
 }
 
 /// The path this binary was started by (the path a package upgrade puts
@@ -328,6 +333,8 @@ impl Supervisor {
             metrics,
             stats_path,
             upgrades_refused: 0,
+            stats_saved: Vec::new(),
+            stats_repairs: 0,
         };
         sup.steer_groups()?;
         for id in 0..count {
@@ -338,6 +345,34 @@ impl Supervisor {
             return Err(SupervisorError::NoWorker);
         }
         Ok(sup)
+    }
+
+    /// The stats file cut short under the running proxy (by anything that
+    /// may write it): puts its length back if no process has yet (each
+    /// one's guard does on its first access past the cut), then writes
+    /// back the supervisor's words and says so. Saves those words for the
+    /// next time.
+    fn check_stats_file(&mut self) {
+        let full = self.region.bytes() as u64;
+        let len = self.stats_file.metadata().map_or(full, |m| m.len());
+        let mut repairs = self.region.header(Header::Repairs);
+        if len < full && self.stats_file.set_len(full).is_ok() {
+            repairs += 1;
+            self.region.set_header(Header::Repairs, repairs);
+        }
+        let whole = self.region.header(Header::Magic) == udpshard_shared::stats::MAGIC;
+        if (repairs != self.stats_repairs || !whole) && !self.stats_saved.is_empty() {
+            self.region.restore(&self.stats_saved);
+            tracing::error!(
+                "the stats file {} was cut short under the running proxy (by another program, \
+                 or by hand): its length is back, the supervisor wrote its words back and the \
+                 workers publish theirs again; backend counters show again as they change \
+                 (repair {repairs})",
+                self.stats_path.display()
+            );
+        }
+        self.stats_repairs = repairs;
+        self.region.save(&mut self.stats_saved);
     }
 
     /// Serves until stopped; returns once every worker has exited. The stats
@@ -368,6 +403,7 @@ impl Supervisor {
                 Header::SupervisorHeartbeat,
                 udpshard_shared::clock::monotonic_ns(),
             );
+            self.check_stats_file();
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => self.handle_signals(),

@@ -911,3 +911,75 @@ fn a_worker_restarted_after_the_binary_was_replaced_runs_the_supervisors_own() {
     wait_until(WAIT, "every datagram forwarded", || a.count() == 30);
     assert_eq!(total(&stats(), "tx_packets"), 30, "{:#}", stats());
 }
+
+/// The stats file cut short under the running proxy (`: > stats`, as an
+/// operator might) kills nothing: each process puts its length back at
+/// its first access past the cut, the supervisor says so and writes its
+/// words back, the workers publish theirs again, and traffic goes on. Read
+/// while cut, `udpshard stats` names the damage.
+#[test]
+fn a_stats_file_cut_short_under_the_running_proxy_is_repaired_and_kills_nothing() {
+    let a = Backend::start("a");
+    let mut proxy = Proxy::start(Path::new(BIN), &config("2", &[a.addr]));
+    let client = bind_udp("127.0.0.1:0");
+    send_cids(&proxy, &client, 1..101, b"before");
+    wait_until(WAIT, "100 datagrams at the backend", || a.count() == 100);
+    let pids = worker_pids(&proxy);
+    let stats_file = proxy.stats_file.clone();
+    let cut = |len: u64| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&stats_file)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+    };
+
+    // Whole, then past the header and into the slots.
+    for (round, len) in [(1u64, 0u64), (2, 4096)] {
+        cut(len);
+        let from = round * 1000;
+        send_cids(&proxy, &client, from..from + 100, b"after");
+        wait_until(WAIT, "100 more datagrams at the backend", || {
+            a.count() == 100 * (round as usize + 1)
+        });
+        proxy.wait_log(&format!("(repair {round})"), WAIT);
+        let stats = proxy.wait_stats(WAIT, "every forward counted again", |s| {
+            total(s, "tx_packets") == 100 * (round + 1)
+        });
+        assert!(
+            stats["stats_repairs"].as_u64().unwrap() >= round,
+            "{stats:#}"
+        );
+        assert_eq!(worker_pids(&proxy), pids, "a worker died: {stats:#}");
+        assert_eq!(total(&stats, "restarts"), 0, "{stats:#}");
+        for w in stats["workers"].as_array().unwrap() {
+            assert_eq!(w["state"], "ready", "{stats:#}");
+        }
+    }
+    assert!(
+        proxy
+            .log()
+            .contains("was cut short under the running proxy"),
+        "{}",
+        proxy.log()
+    );
+
+    // Stopped, and cut again: the reader says so, and reads nothing else.
+    proxy.signal(libc::SIGTERM);
+    assert!(proxy.wait_exit(WAIT).is_some_and(|s| s.success()));
+    cut(100);
+    let (code, _, stderr) = udpshard_tests::harness::run_cli(
+        Path::new(BIN),
+        [
+            "stats".as_ref(),
+            "--stats-file".as_ref(),
+            stats_file.as_os_str(),
+        ],
+    );
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("stats file is truncated: 100 bytes"),
+        "{stderr}"
+    );
+}

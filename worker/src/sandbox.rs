@@ -188,7 +188,6 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_newfstatat,
     libc::SYS_statx,
     libc::SYS_lseek,
-    libc::SYS_openat,
     libc::SYS_mmap,
     libc::SYS_munmap,
     libc::SYS_mremap,
@@ -270,6 +269,35 @@ pub(crate) fn install_syscall_filter() -> io::Result<()> {
         libc::SYS_tgkill,
         vec![SeccompRule::new(vec![me]).map_err(err)?],
     );
+    // Files for reading only (a reload's /proc/sys, a backtrace's
+    // executable): a worker creates, truncates and writes no file.
+    let writes =
+        (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND) as u64;
+    let read_only = SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(writes),
+        0,
+    )
+    .map_err(err)?;
+    rules.insert(
+        libc::SYS_openat,
+        vec![SeccompRule::new(vec![read_only]).map_err(err)?],
+    );
+    // The stats file's guard puts a cut file's length back, and nothing
+    // else may change its length.
+    if let Some((fd, len)) = udpshard_shared::stats::guard::repair_call() {
+        let on =
+            |arg, len, value| SeccompCondition::new(arg, len, SeccompCmpOp::Eq, value).map_err(err);
+        rules.insert(
+            libc::SYS_ftruncate,
+            vec![SeccompRule::new(vec![
+                on(0, SeccompCmpArgLen::Dword, fd as u64)?,
+                on(1, SeccompCmpArgLen::Qword, len)?,
+            ])
+            .map_err(err)?],
+        );
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Trap,

@@ -245,6 +245,8 @@ impl Supervisor {
             health: crate::health::Health::default(),
             metrics,
             upgrades_refused: 0,
+            stats_saved: Vec::new(),
+            stats_repairs: 0,
             role: Role::TakingOver(Box::new(Inbound {
                 channel,
                 generations,
