@@ -56,6 +56,7 @@ pub(crate) struct FileListener {
     pub max_ejection_percent: Option<Spanned<Int>>,
     pub health: Option<Spanned<FileHealth>>,
     pub admission: Option<Spanned<FileAdmission>>,
+    pub proxy_protocol: Option<Spanned<String>>,
 }
 
 /// `[listener.admission]`: what an unauthenticated datagram may create.

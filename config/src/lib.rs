@@ -109,6 +109,8 @@ pub struct Listener {
     /// What a datagram with a live session's key from a new client address
     /// does.
     pub migration: Migration,
+    /// A PROXY protocol v2 header in front of every forwarded datagram.
+    pub proxy_protocol: ProxyProtocol,
     /// A path that is not its session's last closes after this long without
     /// a datagram either way; in `1s..=session_idle`.
     pub path_idle: Duration,
@@ -207,6 +209,16 @@ pub enum OnBackendDown {
     Keep,
     /// They move to the backend their key maps to now (`sessions_rerouted`).
     Reroute,
+}
+
+/// What goes in front of each datagram forwarded to a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    /// Nothing: the datagram as the client sent it.
+    Off,
+    /// A PROXY protocol v2 header naming the client's address and the one
+    /// it reached (`udpshard_shared::proxy_v2`), for backends that read it.
+    V2,
 }
 
 /// How a session treats a client address it has not seen.

@@ -63,6 +63,7 @@ fn default_parses() {
             maglev_table_size: 65_537,
             quic_lb: None,
             migration: Migration::Path,
+            proxy_protocol: ProxyProtocol::Off,
             path_idle: Duration::from_secs(30),
             max_paths: 4,
             upstream_sources: vec![],
@@ -1226,6 +1227,24 @@ fn syscall_filter_is_on_or_off() {
     let e = parse(&bad, "t.toml").unwrap_err().to_string();
     assert!(e.starts_with("t.toml:1:18:"), "{e}");
     assert!(e.contains("expected \"on\" or \"off\""), "{e}");
+}
+
+#[test]
+fn proxy_protocol_is_v2_or_off() {
+    let base = "[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:4433\"\ndissector = \"tuple\"\nbackends = [{ addr = \"127.0.0.1:5000\" }]\n";
+    assert_eq!(
+        parse(base, "t.toml").unwrap().listeners[0].proxy_protocol,
+        ProxyProtocol::Off
+    );
+    let on = format!("{base}proxy_protocol = \"v2\"\n");
+    assert_eq!(
+        parse(&on, "t.toml").unwrap().listeners[0].proxy_protocol,
+        ProxyProtocol::V2
+    );
+    let bad = format!("{base}proxy_protocol = \"v1\"\n");
+    let e = parse(&bad, "t.toml").unwrap_err().to_string();
+    assert!(e.starts_with("t.toml:6:18:"), "{e}");
+    assert!(e.contains("expected \"v2\" or \"off\""), "{e}");
 }
 
 #[test]

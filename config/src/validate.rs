@@ -15,8 +15,8 @@ use crate::file::{
 };
 use crate::units::{self, UnitError, DURATION_FORMS, SIZE_FORMS};
 use crate::{
-    Backend, Config, Dissector, Listener, Migration, Offload, QuicLb, Steering, UpstreamSend,
-    Workers, DEFAULT_STATS_FILE,
+    Backend, Config, Dissector, Listener, Migration, Offload, ProxyProtocol, QuicLb, Steering,
+    UpstreamSend, Workers, DEFAULT_STATS_FILE,
 };
 use crate::{Health, OnBackendDown, Probe};
 
@@ -322,6 +322,21 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
             }
         },
     };
+    let proxy_protocol = match &l.proxy_protocol {
+        None => ProxyProtocol::Off,
+        Some(v) => match v.get_ref().as_str() {
+            "off" => ProxyProtocol::Off,
+            "v2" => ProxyProtocol::V2,
+            other => {
+                return Err(at(
+                    v,
+                    format!(
+                        "{ctx}: proxy_protocol = {other:?} is invalid (expected \"v2\" or \"off\")"
+                    ),
+                ))
+            }
+        },
+    };
     let max_paths = match (&l.max_paths, migration) {
         (None, Migration::Path) => DEFAULT_MAX_PATHS,
         (None, Migration::Follow) => 1,
@@ -439,6 +454,7 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
         max_ejection_percent,
         health,
         admission,
+        proxy_protocol,
     })
 }
 

@@ -134,10 +134,12 @@ pub enum Counter {
     /// (SIGSYS), supervisor-written; each is also one of `Restarts` where
     /// the worker was restarted.
     FilterKills,
+    /// Datagrams the PROXY v2 header would have taken past the path MTU.
+    DropProxyMtu,
 }
 
 impl Counter {
-    pub const COUNT: usize = Counter::FilterKills as usize + 1;
+    pub const COUNT: usize = Counter::DropProxyMtu as usize + 1;
 
     /// Every counter, in slot order.
     pub fn all() -> impl Iterator<Item = Counter> {
@@ -771,6 +773,15 @@ pub const CATALOGUE: [Entry; Counter::COUNT] = [
         kind: Kind::Total,
         writer: Writer::Supervisor,
         shown: Shown::WorkerAndTotal,
+    },
+    Entry {
+        counter: Counter::DropProxyMtu,
+        name: "drop_proxy_mtu",
+        metric: None,
+        help: "",
+        kind: Kind::Total,
+        writer: Writer::Worker,
+        shown: Shown::No,
     },
 ];
 

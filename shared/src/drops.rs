@@ -33,6 +33,9 @@ pub enum DropReason {
     NoPort,
     /// A new path for which the worker may open no more descriptors.
     NoFd,
+    /// With `proxy_protocol = "v2"`: the header would take it past the
+    /// largest datagram the path to its backend carries unfragmented.
+    ProxyMtu,
     /// Sending it to the backend failed.
     Upstream,
     /// The kernel dropped a reply on an upstream socket (buffer full).
@@ -97,7 +100,7 @@ impl Stage {
 
 impl DropReason {
     /// Every reason, in path order.
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::Socket,
         DropReason::WorkerLost,
         DropReason::Malformed,
@@ -110,6 +113,7 @@ impl DropReason {
         DropReason::PathLimit,
         DropReason::NoPort,
         DropReason::NoFd,
+        DropReason::ProxyMtu,
         DropReason::Upstream,
         DropReason::UpstreamSocket,
         DropReason::Stray,
@@ -152,6 +156,7 @@ impl DropReason {
             DropReason::PathLimit => "path_limit",
             DropReason::NoPort => "no_port",
             DropReason::NoFd => "no_fd",
+            DropReason::ProxyMtu => "proxy_mtu",
             DropReason::Upstream => "upstream",
             DropReason::UpstreamSocket => "upstream_socket",
             DropReason::Stray => "stray",
@@ -181,6 +186,9 @@ impl DropReason {
             }
             DropReason::NoPort => "no (source, port) free toward the backend (upstream_ports)",
             DropReason::NoFd => "no descriptor left for a new upstream socket (RLIMIT_NOFILE)",
+            DropReason::ProxyMtu => {
+                "the PROXY v2 header would take it past the path MTU to its backend"
+            }
             DropReason::Upstream => "sending to the backend failed",
             DropReason::UpstreamSocket => {
                 "replies dropped by the kernel on upstream sockets (it counts a GRO buffer, a backend's whole flight, as one)"
@@ -209,6 +217,7 @@ impl DropReason {
             DropReason::NoBackend => Counter::DropNoBackend,
             DropReason::NoPort => Counter::DropNoPort,
             DropReason::NoFd => Counter::DropNoFd,
+            DropReason::ProxyMtu => Counter::DropProxyMtu,
             DropReason::Upstream => Counter::DropUpstream,
             DropReason::UpstreamSocket => Counter::DropUpstreamSocket,
             DropReason::Stray => Counter::DropStray,
@@ -232,6 +241,7 @@ impl DropReason {
             | DropReason::NoBackend
             | DropReason::NoPort
             | DropReason::NoFd
+            | DropReason::ProxyMtu
             | DropReason::Upstream => Stage::Sessions,
             DropReason::UpstreamSocket
             | DropReason::Stray

@@ -17,6 +17,7 @@ pub mod leases;
 pub mod maglev;
 pub mod owners;
 pub mod procnet;
+pub mod proxy_v2;
 pub mod quic_lb;
 pub mod state;
 pub mod stats;

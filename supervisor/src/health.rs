@@ -56,6 +56,8 @@ struct Prober {
     /// The datagram it sends (for the QUIC probe, with its own random
     /// connection IDs, which the answer must echo).
     probe: Vec<u8>,
+    /// Where the probe's own bytes start (after a PROXY v2 LOCAL header).
+    body_at: usize,
     /// When the probe in flight went out.
     sent_ms: Option<u64>,
     next_ms: u64,
@@ -66,7 +68,10 @@ struct Prober {
 }
 
 impl Prober {
-    fn new(to: SocketAddr, probe: &Probe) -> io::Result<Prober> {
+    /// `proxied`: the listener sends PROXY v2 headers, so the probe carries
+    /// a LOCAL one (a backend that reads them expects one on every
+    /// datagram, and answers a LOCAL one as from the proxy itself).
+    fn new(to: SocketAddr, probe: &Probe, proxied: bool) -> io::Result<Prober> {
         let any: SocketAddr = if to.is_ipv4() {
             "0.0.0.0:0".parse().unwrap_or(to)
         } else {
@@ -75,13 +80,20 @@ impl Prober {
         let socket = UdpSocket::bind(any)?;
         socket.connect(to)?;
         socket.set_nonblocking(true)?;
-        let probe = match probe {
+        let body = match probe {
             Probe::Bytes(b) => b.clone(),
             Probe::Quic => quic_probe(rand_cid(), rand_cid()),
         };
+        let mut probe = Vec::with_capacity(16 + body.len());
+        if proxied {
+            probe.extend_from_slice(udpshard_shared::proxy_v2::Header::local().as_bytes());
+        }
+        let body_at = probe.len();
+        probe.extend_from_slice(&body);
         Ok(Prober {
             socket,
             probe,
+            body_at,
             sent_ms: None,
             next_ms: 0,
             good: 0,
@@ -115,7 +127,7 @@ impl Prober {
                                 "a reply that does not start with `expect`",
                             ),
                             Probe::Quic => (
-                                answers_quic_probe(&buf[..n], &self.probe),
+                                answers_quic_probe(&buf[..n], &self.probe[self.body_at..]),
                                 "a reply that is no Version Negotiation for the probe",
                             ),
                         };
@@ -246,7 +258,8 @@ impl Health {
                     None => None,
                     Some(h) => {
                         if !self.probers.contains_key(&key) {
-                            match Prober::new(b.addr, &h.probe) {
+                            let proxied = l.proxy_protocol == udpshard_config::ProxyProtocol::V2;
+                            match Prober::new(b.addr, &h.probe, proxied) {
                                 Ok(p) => {
                                     self.probers.insert(key.clone(), p);
                                 }

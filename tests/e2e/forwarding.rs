@@ -386,3 +386,97 @@ fn a_backends_segmented_flight_reaches_the_client_whole_and_goes_on_segmented() 
         assert_eq!(total(&s, "tx_gso_datagrams"), 14 * u64::from(on));
     }
 }
+
+/// `proxy_protocol = "v2"`: every datagram reaches the backend after a
+/// PROXY v2 header naming the client that sent it (each client its own
+/// address) and the listener address it reached; the backend's replies,
+/// without one, reach each client. One the header would take past the
+/// largest datagram the path carries is dropped and counted as proxy_mtu.
+#[test]
+fn proxy_v2_headers_tell_the_backend_each_client_and_replies_come_back_bare() {
+    use udpshard_shared::proxy_v2::{parse, Parsed};
+    let backend = bind_udp("127.0.0.1:0");
+    backend
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &listener_config(
+            "workers = 2",
+            "dissector = \"tuple\"\nproxy_protocol = \"v2\"",
+            &[backend.local_addr().unwrap()],
+        ),
+    );
+    let target = proxy.addr("quic");
+    let clients: Vec<UdpSocket> = ["127.0.0.2:0", "127.0.0.3:0", "127.0.0.1:0"]
+        .iter()
+        .map(|a| {
+            let c = bind_udp(a);
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c
+        })
+        .collect();
+    let mut buf = vec![0u8; 65_536];
+    for round in 0..4 {
+        for (i, c) in clients.iter().enumerate() {
+            c.send_to(format!("query {round} from {i}").as_bytes(), target)
+                .unwrap();
+        }
+        for _ in 0..clients.len() {
+            let (n, path) = backend.recv_from(&mut buf).unwrap();
+            let (parsed, len) = parse(&buf[..n]).expect("a PROXY v2 header");
+            let Parsed::Proxy { client, reached } = parsed else {
+                panic!("{parsed:?}");
+            };
+            assert_eq!(reached, target);
+            let i = clients
+                .iter()
+                .position(|c| c.local_addr().unwrap() == client)
+                .unwrap_or_else(|| panic!("{client} is none of the clients"));
+            assert_eq!(
+                &buf[len..n],
+                format!("query {round} from {i}").as_bytes(),
+                "the datagram follows its header whole"
+            );
+            let answer = format!("answer {round} to {i}");
+            backend.send_to(answer.as_bytes(), path).unwrap();
+        }
+        for (i, c) in clients.iter().enumerate() {
+            let (n, from) = c.recv_from(&mut buf).unwrap();
+            assert_eq!(from, target);
+            assert_eq!(&buf[..n], format!("answer {round} to {i}").as_bytes());
+        }
+    }
+    let stats = proxy.wait_stats(WAIT, "12 forwards and 12 replies", |s| {
+        total(s, "tx_packets") == 12 && total(s, "replies_out") == 12
+    });
+    // Each on the wire with its 28 bytes of header.
+    let body: u64 = (0..4)
+        .flat_map(|r| (0..3).map(move |i| format!("query {r} from {i}").len() as u64))
+        .sum();
+    assert_eq!(total(&stats, "tx_bytes"), body + 12 * 28, "{stats:#}");
+
+    // 65,479 bytes and a 28-byte header are the most one IPv4 datagram
+    // holds (65,507): it goes; one byte more cannot, and is counted.
+    let c = &clients[0];
+    c.send_to(&vec![b'x'; 65_480], target).unwrap();
+    c.send_to(&vec![b'y'; 65_479], target).unwrap();
+    let (n, _) = backend.recv_from(&mut buf).unwrap();
+    assert_eq!(n, 65_507);
+    assert!(buf[28..n].iter().all(|&b| b == b'y'));
+    let stats = proxy.wait_stats(WAIT, "one proxy_mtu drop", |s| {
+        total(s, "drops.proxy_mtu") == 1 && total(s, "tx_packets") == 13
+    });
+    assert_eq!(total(&stats, "drops.malformed"), 0, "{stats:#}");
+    // Where the workers could open their raw socket (root here), every
+    // forward left through it, header and all.
+    let raw = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::RAW,
+        Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+    )
+    .is_ok();
+    if raw {
+        assert_eq!(total(&stats, "tx_raw"), 13, "{stats:#}");
+    }
+}

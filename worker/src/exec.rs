@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::handoff::{Handoff, Sent};
+use udpshard_shared::proxy_v2::Header;
 use udpshard_shared::stats::Counter;
 
 use crate::listener::Listener;
@@ -32,8 +33,15 @@ pub(crate) struct Executor {
     /// for forwards on upstream sockets (replies: each listener's own).
     offload: bool,
     fwd_gso: Gso,
-    /// The flush's forwards, (socket, backend, datagram), in the order decided.
-    fwd: Vec<(u32, SocketAddr, DatagramRef)>,
+    /// The flush's forwards, (socket, backend, datagram, PROXY v2 header),
+    /// in the order decided.
+    fwd: Vec<(u32, SocketAddr, DatagramRef, Option<u32>)>,
+    /// The PROXY v2 headers the flush's forwards name (the router's).
+    prefixes: Vec<Header>,
+    /// Forwards with a header, written whole: header then datagram, each
+    /// forward's range in it.
+    joined: Vec<u8>,
+    joined_at: Vec<std::ops::Range<usize>>,
     /// Per forward: whether it goes out on its own socket.
     own: Vec<bool>,
     /// The raw sends: their source addresses, and their indexes in `fwd`.
@@ -54,6 +62,9 @@ impl Executor {
             offload,
             fwd_gso: Gso::probe(),
             fwd: Vec::new(),
+            prefixes: Vec::new(),
+            joined: Vec::new(),
+            joined_at: Vec::new(),
             own: Vec::new(),
             raw_src: Vec::new(),
             raw_of: Vec::new(),
@@ -117,6 +128,7 @@ impl Executor {
         }
         self.actions.clear();
         self.actions.extend(router.actions());
+        router.swap_prefixes(&mut self.prefixes);
         // Taken and put back: the vector keeps its capacity across flushes.
         let mut actions = std::mem::take(&mut self.actions);
         // In runs, each ending at a control frame or a kept descriptor:
@@ -208,72 +220,106 @@ impl Executor {
     ) {
         self.fwd.clear();
         self.fwd.extend(actions.iter().filter_map(|a| match a {
-            Action::Forward { sock, to, datagram } => Some((*sock, *to, *datagram)),
+            Action::Forward {
+                sock,
+                to,
+                datagram,
+                prefix,
+            } => Some((*sock, *to, *datagram, *prefix)),
             _ => None,
         }));
         if self.fwd.is_empty() {
             return;
         }
-        self.own.clear();
-        if self.sends_raw() {
-            self.forward_raw(router, bytes);
-            if !self.own.contains(&true) {
-                return;
-            }
-        } else {
-            self.own.resize(self.fwd.len(), true);
-        }
-        let mut out: Vec<(u32, OutMsg<'a>)> = self
-            .fwd
-            .iter()
-            .zip(&self.own)
-            .filter(|(_, own)| **own)
-            .map(|(&(sock, to, d), _)| {
-                (
-                    sock,
-                    OutMsg {
-                        to,
-                        from_ip: None,
-                        bytes: bytes(d),
-                    },
-                )
-            })
-            .collect();
-        // Stable: each socket's datagrams keep the order they were decided.
-        out.sort_by_key(|(sock, _)| *sock);
-        let (socks, msgs): (Vec<u32>, Vec<OutMsg<'a>>) = out.into_iter().unzip();
-        let mut at = 0;
-        for group in socks.chunk_by(|a, b| a == b) {
-            let msgs = &msgs[at..at + group.len()];
-            at += group.len();
-            self.failed.clear();
-            match router.sockets().fd(group[0]) {
-                Some(fd) => {
-                    let mut gso = self.fwd_gso;
-                    self.send(router, fd, msgs, &mut gso);
-                    self.fwd_gso = gso;
+        // Forwards with a PROXY v2 header go out as one buffer each (the
+        // header, then the datagram): written here, once.
+        let mut joined = std::mem::take(&mut self.joined);
+        let mut joined_at = std::mem::take(&mut self.joined_at);
+        joined.clear();
+        joined_at.clear();
+        if self.fwd.iter().any(|f| f.3.is_some()) {
+            for &(_, _, d, prefix) in &self.fwd {
+                let start = joined.len();
+                if let Some(h) = prefix.and_then(|i| self.prefixes.get(i as usize)) {
+                    joined.extend_from_slice(h.as_bytes());
+                    joined.extend_from_slice(bytes(d));
                 }
-                None => self.failed.extend(0..msgs.len()),
-            }
-            for &f in &self.failed {
-                router.forward_failed(group[0], msgs[f].to, msgs[f].bytes.len());
+                joined_at.push(start..joined.len());
             }
         }
+        let fwd = std::mem::take(&mut self.fwd);
+        let payload = |k: usize| -> &[u8] {
+            match joined_at.get(k) {
+                Some(r) if !r.is_empty() => &joined[r.clone()],
+                _ => bytes(fwd[k].2),
+            }
+        };
+        let mut own = std::mem::take(&mut self.own);
+        own.clear();
+        if self.sends_raw() {
+            self.forward_raw(router, &fwd, &payload, &mut own);
+        } else {
+            own.resize(fwd.len(), true);
+        }
+        if own.contains(&true) {
+            let mut out: Vec<(u32, OutMsg<'_>)> = fwd
+                .iter()
+                .enumerate()
+                .zip(&own)
+                .filter(|(_, own)| **own)
+                .map(|((k, &(sock, to, _, _)), _)| {
+                    (
+                        sock,
+                        OutMsg {
+                            to,
+                            from_ip: None,
+                            bytes: payload(k),
+                        },
+                    )
+                })
+                .collect();
+            // Stable: each socket's datagrams keep the order they were decided.
+            out.sort_by_key(|(sock, _)| *sock);
+            let (socks, msgs): (Vec<u32>, Vec<OutMsg<'_>>) = out.into_iter().unzip();
+            let mut at = 0;
+            for group in socks.chunk_by(|a, b| a == b) {
+                let msgs = &msgs[at..at + group.len()];
+                at += group.len();
+                self.failed.clear();
+                match router.sockets().fd(group[0]) {
+                    Some(fd) => {
+                        let mut gso = self.fwd_gso;
+                        self.send(router, fd, msgs, &mut gso);
+                        self.fwd_gso = gso;
+                    }
+                    None => self.failed.extend(0..msgs.len()),
+                }
+                for &f in &self.failed {
+                    router.forward_failed(group[0], msgs[f].to, msgs[f].bytes.len());
+                }
+            }
+        }
+        self.own = own;
+        self.fwd = fwd;
+        self.joined = joined;
+        self.joined_at = joined_at;
     }
 
     /// Sends what it can of `fwd` on the raw socket, in the order decided;
     /// marks in `own` the rest (no source address known, refused by the
-    /// raw socket), for their own sockets.
-    fn forward_raw<'a, O: Owners>(
+    /// raw socket), for their own sockets. `payload(k)`: forward k's bytes.
+    fn forward_raw<'p, O: Owners>(
         &mut self,
         router: &mut Router<O, Upstream>,
-        bytes: &dyn Fn(DatagramRef) -> &'a [u8],
+        fwd: &[(u32, SocketAddr, DatagramRef, Option<u32>)],
+        payload: &dyn Fn(usize) -> &'p [u8],
+        own: &mut Vec<bool>,
     ) {
         let now = router.now_ms();
-        self.own.resize(self.fwd.len(), false);
+        own.resize(fwd.len(), false);
         self.raw_src.clear();
         self.raw_of.clear();
-        for (k, &(sock, to, _)) in self.fwd.iter().enumerate() {
+        for (k, &(sock, to, _, _)) in fwd.iter().enumerate() {
             let src = if self.raw.carries(to.is_ipv4()) {
                 router.sockets().source_toward(sock, to, now)
             } else {
@@ -284,23 +330,20 @@ impl Executor {
                     self.raw_src.push(src);
                     self.raw_of.push(k);
                 }
-                None => self.own[k] = true,
+                None => own[k] = true,
             }
         }
         if self.raw_of.is_empty() {
             return;
         }
         self.failed.clear();
-        let (fwd, raw_src, raw_of) = (&self.fwd, &self.raw_src, &self.raw_of);
+        let (raw_src, raw_of) = (&self.raw_src, &self.raw_of);
         self.raw.send(
             raw_of.len(),
-            |i| {
-                let (_, to, d) = fwd[raw_of[i]];
-                RawMsg {
-                    src: raw_src[i],
-                    dst: to,
-                    bytes: bytes(d),
-                }
+            |i| RawMsg {
+                src: raw_src[i],
+                dst: fwd[raw_of[i]].1,
+                bytes: payload(raw_of[i]),
             },
             &mut self.failed,
         );
@@ -310,7 +353,7 @@ impl Executor {
             .counters
             .add(Counter::TxRawRefused, self.failed.len() as u64);
         for &f in &self.failed {
-            self.own[self.raw_of[f]] = true;
+            own[self.raw_of[f]] = true;
         }
     }
 
@@ -368,6 +411,7 @@ mod tests {
             sock: 0,
             to: "127.0.0.1:9".parse().unwrap(),
             datagram: DatagramRef(n),
+            prefix: None,
         }
     }
 

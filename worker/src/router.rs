@@ -154,11 +154,13 @@ pub enum Outcome {
 /// ([`Router::forward_failed`] and its siblings) and counted as drops.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Send `datagram` to backend `to` from upstream socket `sock`.
+    /// Send `datagram` to backend `to` from upstream socket `sock`, after
+    /// the PROXY v2 header [`Router::swap_prefixes`] holds at `prefix`.
     Forward {
         sock: SockId,
         to: SocketAddr,
         datagram: DatagramRef,
+        prefix: Option<u32>,
     },
     /// Send `datagram` to a client from listener `listener`'s socket, from
     /// `from_ip` when the listener is a wildcard bind.
@@ -206,6 +208,8 @@ pub struct Router<O, S> {
     /// CLOCK_MONOTONIC (ms) at `now_ms` 0.
     epoch_ms: u64,
     actions: Vec<Action>,
+    /// The PROXY v2 headers the forwards among `actions` name.
+    prefixes: Vec<udpshard_shared::proxy_v2::Header>,
     relay_cursor: usize,
     /// Per listener: where a reroute off down backends is, when one is
     /// under way (a slab index).
@@ -241,6 +245,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             phase,
             epoch_ms: 0,
             actions: Vec::with_capacity(256),
+            prefixes: Vec::new(),
             relay_cursor: 0,
             reroute: Vec::new(),
         }
@@ -249,6 +254,13 @@ impl<O: Owners, S: Sockets> Router<O, S> {
     /// The actions decided since the last call, in order.
     pub fn actions(&mut self) -> std::vec::Drain<'_, Action> {
         self.actions.drain(..)
+    }
+
+    /// Hands the PROXY v2 headers of the actions just taken to `into`
+    /// (which is cleared, and whose capacity the router keeps).
+    pub fn swap_prefixes(&mut self, into: &mut Vec<udpshard_shared::proxy_v2::Header>) {
+        into.clear();
+        std::mem::swap(&mut self.prefixes, into);
     }
 
     pub fn has_actions(&self) -> bool {

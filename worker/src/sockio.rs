@@ -623,6 +623,52 @@ pub(crate) fn recv_batch(fd: RawFd, b: &mut RecvBatch) -> io::Result<usize> {
     Ok(n)
 }
 
+/// The largest UDP payload the path to `dst` carries unfragmented, as the
+/// kernel's route (with what path MTU discovery taught it) says: a socket
+/// connected there (connect() on UDP sends nothing) reads IP_MTU. Where it
+/// cannot tell, the most one IP packet carries.
+pub(crate) fn path_room(dst: SocketAddr) -> usize {
+    use std::os::fd::AsRawFd;
+    let (headers, most) = if dst.is_ipv4() {
+        (20 + 8, 65_535 - 20 - 8)
+    } else {
+        // IPv6's payload length leaves out its own 40-byte header.
+        (40 + 8, 65_535 - 8)
+    };
+    let mtu = (|| {
+        let probe = socket2::Socket::new(
+            socket2::Domain::for_address(dst),
+            socket2::Type::DGRAM.cloexec(),
+            Some(socket2::Protocol::UDP),
+        )
+        .ok()?;
+        probe.connect(&dst.into()).ok()?;
+        let (level, name) = if dst.is_ipv4() {
+            (libc::IPPROTO_IP, libc::IP_MTU)
+        } else {
+            (libc::IPPROTO_IPV6, libc::IPV6_MTU)
+        };
+        let mut mtu: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `mtu`, which
+        // lives on this frame, and the new length into `len`.
+        let rc = unsafe {
+            libc::getsockopt(
+                probe.as_raw_fd(),
+                level,
+                name,
+                (&mut mtu as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0).then_some(mtu)
+    })();
+    match mtu {
+        Some(mtu) if mtu as usize > headers => (mtu as usize - headers).min(most),
+        _ => most,
+    }
+}
+
 /// An unconnected, non-blocking UDP socket bound to `local` for upstream
 /// paths, with SO_RXQ_OVFL on so replies carry its drop count, and UDP_GRO
 /// when `gro`. No

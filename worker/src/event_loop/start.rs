@@ -329,6 +329,15 @@ pub(super) fn build_routes(
                 let row = region.backend_row(&cfg.name, backend.addr);
                 route.set_row(b, row.map(|r| r as u16));
             }
+            if route.sends_proxy_v2() {
+                let local = l.socket.local_addr().unwrap_or(cfg.bind);
+                let room = cfg
+                    .backends
+                    .iter()
+                    .map(|b| sockio::path_room(b.addr))
+                    .collect();
+                route.set_proxy_v2_path(local, room);
+            }
             Ok(route)
         })
         .collect()

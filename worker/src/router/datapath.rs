@@ -375,7 +375,6 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             return;
         };
         p.last_client_ms = now;
-        let to = self.routes[listener].backends[usize::from(backend)];
         if moved {
             // A relayed path's client moved (`follow`): its home re-points
             // its relay and then forwards this datagram, so no reply to it
@@ -384,12 +383,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             self.tell_home_moved(&p, d);
             self.counters.incr(Counter::HandoffOut);
         } else {
-            self.actions.push(Action::Forward {
-                sock: p.sock,
-                to,
-                datagram: d,
-            });
-            self.count_forward(listener, backend, len);
+            let (sock, client, local_ip) = (p.sock, p.client, p.local_ip);
+            self.push_forward(sock, listener, backend, (client, local_ip), d, len);
         }
         if let Via::Handoff { from, .. } = a.via {
             self.note_handoff(sid, from);
@@ -650,6 +645,46 @@ impl<O: Owners, S: Sockets> Router<O, S> {
     }
 
     /// A forward of `len` bytes to backend `backend` of `listener`.
+    /// Forwards `d` (`len` bytes) on `sock` to backend `backend` of
+    /// `listener`, for the client `from.0` that reached `from.1` (wildcard
+    /// listeners): after its PROXY v2 header where the listener sends one,
+    /// unless the header would take it past its path's MTU (then dropped).
+    pub(super) fn push_forward(
+        &mut self,
+        sock: SockId,
+        listener: usize,
+        backend: u16,
+        from: (SocketAddr, Option<IpAddr>),
+        d: DatagramRef,
+        len: usize,
+    ) {
+        let route = &self.routes[listener];
+        let b = usize::from(backend);
+        let to = route.backends[b];
+        let (prefix, sent) = match &route.proxy_v2 {
+            None => (None, len),
+            Some(p) => {
+                let (client, local_ip) = from;
+                let reached = SocketAddr::new(local_ip.unwrap_or(p.local.ip()), p.local.port());
+                let header = udpshard_shared::proxy_v2::Header::proxy(client, reached);
+                let sent = header.as_bytes().len() + len;
+                if sent > p.room.get(b).copied().unwrap_or(usize::MAX) {
+                    self.drop_datagram(DropReason::ProxyMtu);
+                    return;
+                }
+                self.prefixes.push(header);
+                (Some(self.prefixes.len() as u32 - 1), sent)
+            }
+        };
+        self.actions.push(Action::Forward {
+            sock,
+            to,
+            datagram: d,
+            prefix,
+        });
+        self.count_forward(listener, backend, sent);
+    }
+
     pub(super) fn count_forward(&mut self, listener: usize, backend: u16, len: usize) {
         self.counters.incr(Counter::TxPackets);
         self.counters.add(Counter::TxBytes, len as u64);

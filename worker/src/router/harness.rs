@@ -668,17 +668,28 @@ impl World {
         };
         let me = r.me;
         let actions: Vec<Action> = r.actions().collect();
+        let mut prefixes = Vec::new();
+        r.swap_prefixes(&mut prefixes);
         for action in actions {
             match action {
-                Action::Forward { sock, to, datagram } => {
+                Action::Forward {
+                    sock,
+                    to,
+                    datagram,
+                    prefix,
+                } => {
                     let net = self.net.borrow();
                     let from = net.fds.get(&me).and_then(|f| f.get(&sock)).copied();
                     drop(net);
                     let from = from.expect("forward on a socket the process holds");
+                    let mut payload = prefix
+                        .and_then(|i| prefixes.get(i as usize))
+                        .map_or_else(Vec::new, |h| h.as_bytes().to_vec());
+                    payload.extend_from_slice(&self.payloads[datagram.0 as usize]);
                     self.at_backend.push(AtBackend {
                         backend: to,
                         from,
-                        payload: self.payloads[datagram.0 as usize].clone(),
+                        payload,
                     });
                 }
                 Action::Reply {

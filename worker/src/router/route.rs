@@ -60,6 +60,18 @@ pub struct Route {
     maglev_size: usize,
     /// What an unauthenticated datagram may create here.
     pub(crate) admission: Admission,
+    /// With `proxy_protocol = "v2"`: what each forward's header needs.
+    pub(super) proxy_v2: Option<ProxyV2>,
+}
+
+/// What a listener's PROXY v2 headers need beyond each path's client.
+#[derive(Debug, Clone)]
+pub(super) struct ProxyV2 {
+    /// The listener's address: its port is the one clients reached, and so
+    /// is its IP unless it is a wildcard (then each path's own).
+    pub local: SocketAddr,
+    /// Per backend: the largest datagram its path carries unfragmented.
+    pub room: Vec<usize>,
 }
 
 impl Route {
@@ -105,7 +117,28 @@ impl Route {
             weights,
             maglev_size: cfg.maglev_table_size,
             admission: Admission::new(cfg),
+            proxy_v2: (cfg.proxy_protocol == config::ProxyProtocol::V2).then(|| ProxyV2 {
+                local: cfg.bind,
+                room: vec![usize::MAX; cfg.backends.len()],
+            }),
         })
+    }
+
+    /// With PROXY v2 headers: the address the listener is bound to (its
+    /// port, the one the kernel picked for port 0), and per backend the
+    /// largest datagram its path carries (the shell measures both).
+    pub fn set_proxy_v2_path(&mut self, local: SocketAddr, room: Vec<usize>) {
+        if let Some(p) = self.proxy_v2.as_mut() {
+            p.local = local;
+            if room.len() == self.backends.len() {
+                p.room = room;
+            }
+        }
+    }
+
+    /// Whether forwards carry a PROXY v2 header.
+    pub fn sends_proxy_v2(&self) -> bool {
+        self.proxy_v2.is_some()
     }
 
     /// Takes the backends `down` says are down out of new sessions' way:

@@ -1109,3 +1109,50 @@ fn router_a_hint_follows_the_sessions_paths_and_never_names_a_closed_one() {
     assert_eq!(w.at_backend.last().unwrap().from, second);
     assert_eq!(w.counter(0, Counter::PathsInherited), 1);
 }
+
+/// With `proxy_protocol = "v2"` every forward carries a header naming its
+/// own path's client (a migrated client's datagrams name the new address,
+/// whichever worker read them) and the address it reached; a datagram the
+/// header would take past its path's MTU is dropped and counted.
+#[test]
+fn router_proxy_v2_headers_name_each_path_s_client_and_respect_the_path_mtu() {
+    use udpshard_shared::proxy_v2::{parse, Parsed};
+    let mut w = world(2, "proxy_protocol = \"v2\"", 1);
+    w.send(0, CLIENT, &short(1, b"hi"));
+    // The same connection from a new address, read by the other worker:
+    // handed to the session's owner, which forwards it on a new path.
+    w.send(1, "192.0.2.11:6000", &short(1, b"moved"));
+    assert_eq!(w.at_backend.len(), 2);
+    for (d, (client, body)) in w.at_backend.iter().zip([
+        (CLIENT, short(1, b"hi")),
+        ("192.0.2.11:6000", short(1, b"moved")),
+    ]) {
+        let (parsed, len) = parse(&d.payload).expect("a PROXY v2 header");
+        assert_eq!(
+            parsed,
+            Parsed::Proxy {
+                client: addr(client),
+                reached: addr("127.0.0.1:4433"),
+            }
+        );
+        assert_eq!(d.payload[len..], body[..]);
+    }
+    // Replies carry no header and reach the path's client.
+    w.echo_since(0);
+    assert_eq!(w.at_client.len(), 2);
+
+    // A path that carries 100-byte datagrams: 28 bytes of header leave 72.
+    let cfg = udpshard_config::parse(&config("proxy_protocol = \"v2\"", 1), "t").unwrap();
+    for r in 0..2 {
+        let mut route = super::Route::new(&cfg.listeners[0], false).unwrap();
+        route.set_proxy_v2_path(addr("127.0.0.1:4433"), vec![100]);
+        w.routers[r].reconfigure(vec![route], &[Some(0)]);
+    }
+    let sent = w.at_backend.len();
+    w.send(0, CLIENT, &short(1, &[7; 64])); // 73 bytes + 28 > 100
+    w.send(0, CLIENT, &short(1, &[7; 63])); // 72 bytes + 28 = 100
+    assert_eq!(w.drops(DropReason::ProxyMtu), 1);
+    assert_eq!(w.at_backend.len(), sent + 1);
+    assert_eq!(w.at_backend[sent].payload.len(), 100);
+    w.assert_ledger();
+}

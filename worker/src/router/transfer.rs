@@ -413,12 +413,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             .map(|p| (p.sock, p.listener, p.backend));
         match relayed {
             Some((sock, listener, backend)) => {
-                self.actions.push(Action::Forward {
-                    sock,
-                    to: path.backend,
-                    datagram: d,
-                });
-                self.count_forward(listener, backend, len);
+                self.push_forward(sock, listener, backend, (client, local_ip), d, len);
             }
             // The relay closed meanwhile: nothing carries the datagram.
             None => self.drop_datagram(DropReason::Handoff),
