@@ -198,6 +198,23 @@ pub(crate) fn run_as(config: &Config) -> Result<(), SupervisorError> {
     Ok(())
 }
 
+/// A QUIC server reads no PROXY header: a listener that sends one to QUIC
+/// backends needs backends that strip it.
+fn warn_proxy_v2_on_quic(config: &Config) {
+    for l in &config.listeners {
+        if l.proxy_protocol == config::ProxyProtocol::V2
+            && matches!(l.dissector, config::Dissector::Quic { .. })
+        {
+            tracing::warn!(
+                "listener {:?}: proxy_protocol = \"v2\" with dissector = \"quic\": QUIC servers \
+                 read no PROXY header, so its backends must strip it (it is meant for the \
+                 \"tuple\" and \"bytes\" dissectors, and DNS servers that read it)",
+                l.name
+            );
+        }
+    }
+}
+
 /// The signals the supervisor acts on.
 fn signals() -> io::Result<Signals> {
     Signals::new([SIGTERM, SIGINT, SIGHUP, SIGCHLD, SIGUSR2])
@@ -235,6 +252,7 @@ impl Supervisor {
         warn_oversubscribed(count, &cpus);
         crate::doctor::warn_cpu_quota(count);
         crate::doctor::warn_foreign_ports(&config);
+        warn_proxy_v2_on_quic(&config);
         let mut groups = Vec::with_capacity(config.listeners.len());
         for l in &config.listeners {
             groups.push(bind_group(l, count)?);
