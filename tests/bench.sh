@@ -17,6 +17,8 @@
 # midway) directly, through nginx and through udpshard (see `quic-bench --help`).
 # `bash tests/bench.sh scaling [ARGS]` measures udpshard's delivered rate at 1, 2, 4 ... workers
 # with the generator on CPUs of its own (see `scaling-bench --help`); on 2 CPUs, 1 worker.
+# `bash tests/bench.sh dns [ARGS]` runs dnsperf against NSD directly, through nginx and through
+# udpshard (see `dns-bench --help`); dnsperf and nsd are installed here when missing, as nginx.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,25 +41,37 @@ elif [[ "${1:-}" == quic ]]; then
 elif [[ "${1:-}" == scaling ]]; then
     bench=scaling-bench
     shift
+elif [[ "${1:-}" == dns ]]; then
+    bench=dns-bench
+    shift
 fi
-extra=()
-if [[ $bench == bench || $bench == burst-bench || $bench == quic-bench ]] && ! { [ -x /usr/sbin/nginx ] && [ -e /usr/lib/nginx/modules/ngx_stream_module.so ]; }; then
+# Debian packages a bench needs, installed where this runs as root with apt-get. The package
+# scripts would start the system's nginx or NSD, which would then run beside every
+# measurement: a policy-rc.d tells them not to start services.
+install_packages() { # WHAT PACKAGE...
+    local what=$1
+    shift
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "bench.sh: installing nginx and libnginx-mod-stream (the bench's nginx)" >&2
-        # The package would start the system's nginx, which would then run beside every
-        # measurement: policy-rc.d tells the package scripts not to start services.
-        policy=""
+        echo "bench.sh: installing $* ($what)" >&2
+        local policy=""
         if [ ! -e /usr/sbin/policy-rc.d ]; then
             printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
             policy=/usr/sbin/policy-rc.d
         fi
-        apt-get install -y -qq nginx libnginx-mod-stream >/dev/null 2>&1 ||
-            { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq nginx libnginx-mod-stream >/dev/null 2>&1; } ||
-            echo "bench.sh: could not install nginx; the bench will skip it" >&2
+        apt-get install -y -qq "$@" >/dev/null 2>&1 ||
+            { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "$@" >/dev/null 2>&1; } ||
+            echo "bench.sh: could not install $*" >&2
         [ -z "$policy" ] || rm -f "$policy"
     else
-        echo "bench.sh: no nginx with the stream module (apt-get install nginx libnginx-mod-stream); the bench will skip it" >&2
+        echo "bench.sh: $what is missing (apt-get install $*)" >&2
     fi
+}
+if [[ $bench == dns-bench ]] && ! { [ -x /usr/bin/dnsperf ] && [ -x /usr/sbin/nsd ]; }; then
+    install_packages "the DNS bench's client and server" dnsperf nsd
+fi
+extra=()
+if [[ $bench == bench || $bench == burst-bench || $bench == quic-bench || $bench == dns-bench ]] && ! { [ -x /usr/sbin/nginx ] && [ -e /usr/lib/nginx/modules/ngx_stream_module.so ]; }; then
+    install_packages "the bench's nginx; without it the bench skips nginx" nginx libnginx-mod-stream
 fi
 if ! cargo build --release --workspace --bins; then
     # udpshard is under development: still measure the baselines, and never run a stale
@@ -71,7 +85,7 @@ if ! cargo build --release --workspace --bins; then
         extra=(--only floor --only floor-ports)  # not udpshard, not udpshard-socket
     elif [[ $bench == burst-bench ]]; then
         extra=(--only nginx)
-    elif [[ $bench == quic-bench ]]; then
+    elif [[ $bench == quic-bench || $bench == dns-bench ]]; then
         extra=(--skip udpshard)
     else
         extra=(--skip udpshard --skip udpshard-socket)

@@ -247,6 +247,24 @@ pub fn udpshard_toml(
     workdir: &Path,
     top: &str,
 ) -> String {
+    udpshard_toml_keyed(
+        listen,
+        backends,
+        workdir,
+        top,
+        "dissector = \"quic\"\nshort_cid_len = 8",
+    )
+}
+
+/// As [`udpshard_toml`], with the listener's flow key given by `dissector` (its keys, for
+/// instance `dissector = "tuple"`).
+pub fn udpshard_toml_keyed(
+    listen: SocketAddr,
+    backends: &[SocketAddr],
+    workdir: &Path,
+    top: &str,
+    dissector: &str,
+) -> String {
     let backends: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     format!(
         r#"workers = "auto"
@@ -258,8 +276,7 @@ drain_timeout = "0s"
 [[listener]]
 name = "bench"
 bind = "{listen}"
-dissector = "quic"
-short_cid_len = 8
+{dissector}
 recv_buffer = "4MiB"
 backends = [{backends}]
 {admission}"#,
