@@ -58,6 +58,9 @@ struct Prober {
     probe: Vec<u8>,
     /// Where the probe's own bytes start (after a PROXY v2 LOCAL header).
     body_at: usize,
+    /// What it was made for: the listener's probe and whether it sends
+    /// PROXY v2 headers (a reload that changes either makes a new one).
+    made_for: (Probe, bool),
     /// When the probe in flight went out.
     sent_ms: Option<u64>,
     next_ms: u64,
@@ -71,7 +74,7 @@ impl Prober {
     /// `proxied`: the listener sends PROXY v2 headers, so the probe carries
     /// a LOCAL one (a backend that reads them expects one on every
     /// datagram, and answers a LOCAL one as from the proxy itself).
-    fn new(to: SocketAddr, probe: &Probe, proxied: bool) -> io::Result<Prober> {
+    fn new(to: SocketAddr, probe_of: &Probe, proxied: bool) -> io::Result<Prober> {
         let any: SocketAddr = if to.is_ipv4() {
             "0.0.0.0:0".parse().unwrap_or(to)
         } else {
@@ -80,7 +83,7 @@ impl Prober {
         let socket = UdpSocket::bind(any)?;
         socket.connect(to)?;
         socket.set_nonblocking(true)?;
-        let body = match probe {
+        let body = match probe_of {
             Probe::Bytes(b) => b.clone(),
             Probe::Quic => quic_probe(rand_cid(), rand_cid()),
         };
@@ -94,6 +97,7 @@ impl Prober {
             socket,
             probe,
             body_at,
+            made_for: (probe_of.clone(), proxied),
             sent_ms: None,
             next_ms: 0,
             good: 0,
@@ -257,8 +261,16 @@ impl Health {
                 let probed = match &l.health {
                     None => None,
                     Some(h) => {
+                        let proxied = l.proxy_protocol == udpshard_config::ProxyProtocol::V2;
+                        if self
+                            .probers
+                            .get(&key)
+                            .is_some_and(|p| p.made_for.0 != h.probe || p.made_for.1 != proxied)
+                        {
+                            // A reload changed what the probe sends.
+                            self.probers.remove(&key);
+                        }
                         if !self.probers.contains_key(&key) {
-                            let proxied = l.proxy_protocol == udpshard_config::ProxyProtocol::V2;
                             match Prober::new(b.addr, &h.probe, proxied) {
                                 Ok(p) => {
                                     self.probers.insert(key.clone(), p);

@@ -93,8 +93,9 @@ pub(crate) enum SupervisorError {
 /// the file permissions EACCES names: say which.
 fn bind_denied_hint(e: &io::Error) -> &'static str {
     if e.raw_os_error() == Some(libc::EPERM) {
-        " (a cgroup rule denies it: the packaged unit allows TCP binds on port 9469 only, \
-         SocketBindAllow=tcp:9469; allow another with `systemctl edit udpshard`)"
+        " (a cgroup rule denies it, such as systemd's SocketBindDeny=: the packaged unit \
+         allows TCP binds on port 9469 only; allow another port with a SocketBindAllow= \
+         line in `systemctl edit udpshard`)"
     } else {
         ""
     }
@@ -144,10 +145,12 @@ pub(crate) struct Supervisor {
     /// SIGUSR2s refused by this process: numbers their STATUS= (see
     /// `refuse_upgrade`).
     upgrades_refused: u64,
-    /// The supervisor's words of the stats region as of its last loop
-    /// iteration, and the region's repair count then: what a repair of a
-    /// truncated file writes back (`check_stats_file`).
+    /// The supervisor's words of the stats region as of the end of its last
+    /// loop pass (`save_stats`; `stats_scratch` is the next copy's room),
+    /// and the region's repair count then: what a repair of a truncated
+    /// file writes back (`check_stats_file`).
     stats_saved: Vec<u64>,
+    stats_scratch: Vec<u64>,
     stats_repairs: u64,
 }
 
@@ -352,6 +355,7 @@ impl Supervisor {
             stats_path,
             upgrades_refused: 0,
             stats_saved: Vec::new(),
+            stats_scratch: Vec::new(),
             stats_repairs: 0,
         };
         sup.steer_groups()?;
@@ -390,7 +394,30 @@ impl Supervisor {
             );
         }
         self.stats_repairs = repairs;
-        self.region.save(&mut self.stats_saved);
+    }
+
+    /// Keeps a copy of the supervisor's words of the stats region, as they
+    /// are at the end of a loop pass, for [`Supervisor::check_stats_file`].
+    /// A copy taken while the file was cut (before, or during the copy) is
+    /// not kept: the one before stays.
+    fn save_stats(&mut self) {
+        let full = self.region.bytes() as u64;
+        let whole = |sup: &Supervisor, repairs: u64| {
+            sup.stats_file.metadata().is_ok_and(|m| m.len() >= full)
+                && sup.region.header(Header::Repairs) == repairs
+                && sup.region.header(Header::Magic) == udpshard_shared::stats::MAGIC
+        };
+        if !whole(self, self.stats_repairs) {
+            return;
+        }
+        let mut copy = std::mem::take(&mut self.stats_scratch);
+        self.region.save(&mut copy);
+        if whole(self, self.stats_repairs)
+            && copy.get(Header::Magic as usize) == Some(&udpshard_shared::stats::MAGIC)
+        {
+            std::mem::swap(&mut self.stats_saved, &mut copy);
+        }
+        self.stats_scratch = copy;
     }
 
     /// Serves until stopped; returns once every worker has exited. The stats
@@ -409,6 +436,7 @@ impl Supervisor {
     fn serve(&mut self) -> Result<Served, SupervisorError> {
         let mut events = Events::with_capacity(64);
         loop {
+            self.save_stats();
             let timeout = self
                 .next_deadline()
                 .saturating_duration_since(Instant::now());

@@ -90,7 +90,7 @@ pub(crate) fn drop_privileges(keep_bind: bool) -> io::Result<Dropped> {
     );
     let kept_bind = keep_bind && permitted()? & bind != 0;
     let keep = if kept_bind { bind } else { 0 };
-    set_caps(keep, 0)?;
+    set_caps(keep, keep, 0)?;
     Ok(Dropped {
         kept_bind,
         bounding_cleared,
@@ -151,17 +151,16 @@ fn permitted() -> io::Result<u64> {
     Ok(u64::from(data[0].permitted) | u64::from(data[1].permitted) << 32)
 }
 
-/// Sets the effective and permitted sets to `keep`, and the inheritable
-/// set to `inheritable`.
-fn set_caps(keep: u64, inheritable: u64) -> io::Result<()> {
+/// Sets the effective, permitted and inheritable sets.
+fn set_caps(effective: u64, permitted: u64, inheritable: u64) -> io::Result<()> {
     let mut header = CapHeader {
         version: VERSION_3,
         pid: 0,
     };
     let half = |set: u64, high: bool| (if high { set >> 32 } else { set }) as u32;
     let data = [false, true].map(|high| CapData {
-        effective: half(keep, high),
-        permitted: half(keep, high),
+        effective: half(effective, high),
+        permitted: half(permitted, high),
         inheritable: half(inheritable, high),
     });
     // SAFETY: capset(2) with version 3 reads a header and two data structs

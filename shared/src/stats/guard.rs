@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering}
 use super::Header;
 
 /// Mappings of the stats file a process holds at once (a worker maps it
-/// three times, the supervisor once).
+/// three times, the supervisor once). The guard serves one file per
+/// process, the first it is given (each process maps only its proxy's).
 const RANGES: usize = 8;
 
 /// Per range: its first byte's address (0: unused) and its length.
@@ -92,12 +93,15 @@ fn range_of(addr: usize) -> Option<usize> {
 
 fn install() -> io::Result<()> {
     extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+        /// si_code of a SIGBUS for an access past the end of a mapped file.
+        const BUS_ADRERR: libc::c_int = 2;
         // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO; si_addr
-        // is the faulting address for a SIGBUS it raised.
-        let addr = unsafe { (*info).si_addr() } as usize;
+        // is the faulting address for a SIGBUS it raised (si_code says so:
+        // one sent by kill(2) names no address).
+        let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
         let fd = FD.load(Ordering::Acquire);
         let len = FILE_LEN.load(Ordering::Acquire) as libc::off_t;
-        if let Some(start) = range_of(addr) {
+        if let Some(start) = range_of(addr).filter(|_| code == BUS_ADRERR) {
             // SAFETY: ftruncate(2) on the guard's own descriptor, to the
             // length every mapping of it was made with: async-signal-safe.
             if fd >= 0 && unsafe { libc::ftruncate(fd, len) } == 0 {

@@ -76,6 +76,7 @@ impl Supervisor {
             return Err(format!("{e} (rolled back)"));
         }
         self.commit(staged);
+        super::warn_proxy_v2_on_quic(&self.config);
         Ok(())
     }
 

@@ -644,11 +644,12 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
     }
 
-    /// A forward of `len` bytes to backend `backend` of `listener`.
     /// Forwards `d` (`len` bytes) on `sock` to backend `backend` of
     /// `listener`, for the client `from.0` that reached `from.1` (wildcard
     /// listeners): after its PROXY v2 header where the listener sends one,
-    /// unless the header would take it past its path's MTU (then dropped).
+    /// unless the header would take past its path's MTU a datagram that
+    /// fits it (then dropped; one too big already goes as it would without
+    /// a header).
     pub(super) fn push_forward(
         &mut self,
         sock: SockId,
@@ -668,7 +669,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 let reached = SocketAddr::new(local_ip.unwrap_or(p.local.ip()), p.local.port());
                 let header = udpshard_shared::proxy_v2::Header::proxy(client, reached);
                 let sent = header.as_bytes().len() + len;
-                if sent > p.room.get(b).copied().unwrap_or(usize::MAX) {
+                let room = p.room.get(b).copied().unwrap_or(usize::MAX);
+                if sent > room && len <= room {
                     self.drop_datagram(DropReason::ProxyMtu);
                     return;
                 }
@@ -685,6 +687,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         self.count_forward(listener, backend, sent);
     }
 
+    /// A forward of `len` bytes to backend `backend` of `listener`.
     pub(super) fn count_forward(&mut self, listener: usize, backend: u16, len: usize) {
         self.counters.incr(Counter::TxPackets);
         self.counters.add(Counter::TxBytes, len as u64);

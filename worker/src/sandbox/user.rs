@@ -141,7 +141,10 @@ pub fn become_user(name: &str, raw: bool) -> Result<RunAs, UserError> {
         .map_err(io::Error::from)
         .map_err(change("setresuid"))?;
     // PR_SET_KEEPCAPS kept the permitted set; the effective one is empty.
-    set_caps(keep, keep).map_err(change("capset"))?;
+    // The supervisor itself uses only CAP_NET_BIND_SERVICE (a reload's new
+    // listeners); the others are for its children, through the ambient set
+    // (which takes them permitted and inheritable, not effective).
+    set_caps(keep & bit(NET_BIND_SERVICE), keep, keep).map_err(change("capset"))?;
     for &(cap, cap_name) in &KEPT {
         if keep & bit(cap) != 0 {
             prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE as u32, cap)
@@ -151,14 +154,16 @@ pub fn become_user(name: &str, raw: bool) -> Result<RunAs, UserError> {
     }
     prctl(libc::PR_SET_KEEPCAPS, 0, 0).map_err(change("PR_SET_KEEPCAPS"))?;
     prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0).map_err(change("PR_SET_NO_NEW_PRIVS"))?;
-    // No way back: without CAP_SETUID and CAP_SETGID, these must fail.
+    // No way back: without CAP_SETUID and CAP_SETGID, these must fail (the
+    // group's only where it is not root's own).
+    let root_gid = Gid::from_raw(0);
     if nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).is_ok()
-        || nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)).is_ok()
+        || (user.gid != root_gid && nix::unistd::setresgid(root_gid, root_gid, root_gid).is_ok())
     {
         return Err(UserError::Change {
             name: name.to_string(),
             step: "checking that root cannot come back",
-            source: io::Error::other("setresuid(0) succeeded"),
+            source: io::Error::other("setresuid(0) or setresgid(0) succeeded"),
         });
     }
     run_as.changed = true;

@@ -246,6 +246,7 @@ impl Supervisor {
             metrics,
             upgrades_refused: 0,
             stats_saved: Vec::new(),
+            stats_scratch: Vec::new(),
             stats_repairs: 0,
             role: Role::TakingOver(Box::new(Inbound {
                 channel,
