@@ -59,7 +59,7 @@ fn default_parses() {
             steering: Steering::Auto,
             recv_buffer: 4 << 20,
             session_idle: Duration::from_secs(60),
-            max_sessions: 1_000_000,
+            max_sessions: 10_000,
             maglev_table_size: 65_537,
             quic_lb: None,
             migration: Migration::Path,
@@ -76,7 +76,7 @@ fn default_parses() {
             max_ejection_percent: 50,
             health: None,
             admission: Admission {
-                max_embryonic: 250_000,
+                max_embryonic: 2_500,
                 embryonic_timeout: Duration::from_secs(10),
                 source_prefix_v4: 32,
                 source_prefix_v6: 64,

@@ -244,6 +244,14 @@ fn run_without_config_uses_the_embedded_default() {
     let log = proxy.log();
     assert!(log.contains("embedded default"), "{log}");
     assert_eq!(proxy.addr("quic").to_string(), "127.0.0.1:4433");
+    // A first run warns of nothing the host does not lack.
+    match harness::host_lacks_for_a_first_run() {
+        None => assert!(
+            !log.lines().any(|l| l.contains(" WARN ")),
+            "a warning on a first run:\n{log}"
+        ),
+        Some(why) => eprintln!("not checking for warnings: {why}"),
+    }
     let out = Command::new(BIN)
         .args(["stats", "--json"])
         .output()

@@ -54,6 +54,15 @@ fn demo_shows_the_table_and_replies_then_leaves_nothing_behind() {
         "{both}"
     );
 
+    // A first run warns of nothing the host does not lack.
+    match udpshard_tests::harness::host_lacks_for_a_first_run() {
+        None => assert!(
+            !stderr.lines().any(|l| l.contains(" WARN ")),
+            "a warning on a first run: {both}"
+        ),
+        Some(why) => eprintln!("not checking for warnings: {why}"),
+    }
+
     // The supervisor and its workers are gone...
     let supervisor = number_after(&stdout, "udpshard supervisor pid").expect("supervisor pid");
     for pid in worker_pids.into_iter().chain([supervisor as u32]) {

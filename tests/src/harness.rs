@@ -518,3 +518,31 @@ pub fn install_executable(from: &Path, to: &Path) {
     assert!(status.success(), "chmod {}", next.display());
     std::fs::rename(&next, to).expect("rename into place");
 }
+
+/// Why this host would make a first run of the embedded default or the demo
+/// warn (a true warning: its descriptor limit or its socket buffer ceiling
+/// is below what they ask for), or `None`: they must not warn here.
+pub fn host_lacks_for_a_first_run() -> Option<String> {
+    let mut hard = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit, which lives on this frame.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut hard) } == 0;
+    // 10,000 sessions per worker and room for the rest (max_sessions + 1024).
+    if got && hard.rlim_max < 11_024 {
+        return Some(format!(
+            "RLIMIT_NOFILE's hard limit is {}, below 11024",
+            hard.rlim_max
+        ));
+    }
+    let rmem_max: u64 = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0);
+    // recv_buffer = "4MiB"
+    if rmem_max < 4 << 20 {
+        return Some(format!("net.core.rmem_max is {rmem_max}, below 4 MiB"));
+    }
+    None
+}
