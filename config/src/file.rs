@@ -57,6 +57,7 @@ pub(crate) struct FileListener {
     pub health: Option<Spanned<FileHealth>>,
     pub admission: Option<Spanned<FileAdmission>>,
     pub proxy_protocol: Option<Spanned<String>>,
+    pub session_log: Option<Spanned<Int>>,
 }
 
 /// `[listener.admission]`: what an unauthenticated datagram may create.

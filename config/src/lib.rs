@@ -111,6 +111,9 @@ pub struct Listener {
     pub migration: Migration,
     /// A PROXY protocol v2 header in front of every forwarded datagram.
     pub proxy_protocol: ProxyProtocol,
+    /// Log one session in this many (by its key's hash, so every host of a
+    /// fleet picks the same ones) when it opens and when it closes; 0: off.
+    pub session_log: u32,
     /// A path that is not its session's last closes after this long without
     /// a datagram either way; in `1s..=session_idle`.
     pub path_idle: Duration,

@@ -64,6 +64,7 @@ fn default_parses() {
             quic_lb: None,
             migration: Migration::Path,
             proxy_protocol: ProxyProtocol::Off,
+            session_log: 0,
             path_idle: Duration::from_secs(30),
             max_paths: 4,
             upstream_sources: vec![],
@@ -1227,6 +1228,18 @@ fn syscall_filter_is_on_or_off() {
     let e = parse(&bad, "t.toml").unwrap_err().to_string();
     assert!(e.starts_with("t.toml:1:18:"), "{e}");
     assert!(e.contains("expected \"on\" or \"off\""), "{e}");
+}
+
+#[test]
+fn session_log_is_off_or_one_in_n() {
+    let base = "[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:4433\"\ndissector = \"tuple\"\nbackends = [{ addr = \"127.0.0.1:5000\" }]\n";
+    assert_eq!(parse(base, "t.toml").unwrap().listeners[0].session_log, 0);
+    let on = format!("{base}session_log = 10000\n");
+    assert_eq!(parse(&on, "t.toml").unwrap().listeners[0].session_log, 10_000);
+    let bad = format!("{base}session_log = -1\n");
+    let e = parse(&bad, "t.toml").unwrap_err().to_string();
+    assert!(e.starts_with("t.toml:6:15:"), "{e}");
+    assert!(e.contains("session_log = -1 is out of range"), "{e}");
 }
 
 #[test]

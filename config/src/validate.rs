@@ -337,6 +337,10 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
             }
         },
     };
+    let session_log = match &l.session_log {
+        None => 0,
+        Some(v) => int_in(v, 0..=1_000_000_000, &format!("{ctx}: session_log"))?,
+    };
     let max_paths = match (&l.max_paths, migration) {
         (None, Migration::Path) => DEFAULT_MAX_PATHS,
         (None, Migration::Follow) => 1,
@@ -455,6 +459,7 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
         health,
         admission,
         proxy_protocol,
+        session_log,
     })
 }
 

@@ -476,3 +476,130 @@ fn stats_watch_prints_samples_and_json_has_system() {
         .mode();
     assert_eq!(mode & 0o777, 0o640, "{mode:o}");
 }
+
+/// `udpshard --log-format json run` on `text`: the proxy, and its log's
+/// session events (`event` open, close or moved) as JSON objects.
+fn json_proxy(text: &str) -> Proxy {
+    let (dir, config_path, stats_file) = udpshard_tests::harness::write_config(text);
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--log-format", "json", "run", "--config"])
+        .arg(&config_path);
+    Proxy::spawn(cmd, Path::new(BIN), dir, config_path, stats_file)
+}
+
+fn session_events(proxy: &Proxy) -> Vec<Value> {
+    proxy
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| {
+            v["event"].is_string()
+                && v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("session "))
+        })
+        .collect()
+}
+
+/// `session_log = 1`: every session's opening and closing, each a JSON
+/// object with its key, client, backend and what went each way.
+#[test]
+fn session_log_1_logs_every_session_opening_and_closing_with_its_counts() {
+    let a = Backend::start("a");
+    let proxy = json_proxy(&config(
+        a.addr,
+        "",
+        "session_idle = \"1s\"\nsession_log = 1",
+    ));
+    let target = proxy.addr("l");
+    let clients: Vec<UdpSocket> = (0..5).map(|_| bind_udp("127.0.0.1:0")).collect();
+    let mut buf = [0u8; 256];
+    for c in &clients {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for i in 0..3 {
+            c.send_to(format!("query {i}").as_bytes(), target).unwrap();
+            let (n, _) = c.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], format!("a:query {i}").as_bytes());
+        }
+    }
+    // Idle past session_idle, each closes.
+    wait_until(WAIT, "five sessions closed", || {
+        session_events(&proxy)
+            .iter()
+            .filter(|e| e["event"] == "close")
+            .count()
+            == 5
+    });
+    let events = session_events(&proxy);
+    for c in &clients {
+        let client = c.local_addr().unwrap().to_string();
+        let open: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["event"] == "open" && e["client"] == client.as_str())
+            .collect();
+        assert_eq!(open.len(), 1, "{events:#?}");
+        assert_eq!(open[0]["backend"], a.addr.to_string().as_str());
+        assert_eq!(open[0]["listener"], "l");
+        let key = open[0]["key"].as_str().unwrap();
+        let close: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["event"] == "close" && e["key"] == key)
+            .collect();
+        assert_eq!(close.len(), 1, "{events:#?}");
+        let close = close[0];
+        assert_eq!(close["clients"], client.as_str());
+        assert_eq!(close["forwarded"], 3);
+        assert_eq!(close["forwarded_bytes"], 3 * 7);
+        assert_eq!(close["replied"], 3);
+        assert_eq!(close["replied_bytes"], 3 * 9);
+        assert_eq!(close["drops"], 0);
+        assert_eq!(close["paths"], 1);
+        assert!(close["duration_ms"].as_u64().unwrap() >= 1000, "{close}");
+    }
+}
+
+/// `session_log = 4` logs about a quarter of the sessions, chosen by their
+/// key alone: two proxies with the same config log the same ones.
+#[test]
+fn session_log_4_samples_a_quarter_and_two_proxies_sample_the_same_sessions() {
+    let a = Backend::start("a");
+    let text = config(a.addr, "", "dissector = \"quic\"\nsession_log = 4")
+        .replace("dissector = \"tuple\"\n", "");
+    let proxies = [json_proxy(&text), json_proxy(&text)];
+    let client = bind_udp("127.0.0.1:0");
+    for p in &proxies {
+        for cid in 0..400u64 {
+            client
+                .send_to(&udpshard_tests::harness::quic_short(cid, b"x"), p.addr("l"))
+                .unwrap();
+        }
+    }
+    wait_until(WAIT, "800 datagrams at the backend", || a.count() == 800);
+    let logged = |p: &Proxy| -> std::collections::BTreeSet<String> {
+        session_events(p)
+            .iter()
+            .filter(|e| e["event"] == "open")
+            .map(|e| e["key"].as_str().unwrap().to_string())
+            .collect()
+    };
+    for p in &proxies {
+        p.wait_stats(WAIT, "400 sessions", |s| {
+            total(s, "sessions_created") == 400
+        });
+    }
+    // The sample is the keys (here the 8-byte connection IDs) whose
+    // stable_hash2 is 0 modulo 4.
+    let expected: std::collections::BTreeSet<String> = (0..400u64)
+        .map(|cid| cid.to_be_bytes())
+        .filter(|k| udpshard_shared::hash::stable_hash2(k) % 4 == 0)
+        .map(|k| k.iter().map(|b| format!("{b:02x}")).collect())
+        .collect();
+    wait_until(WAIT, "both proxies' session lines", || {
+        proxies.iter().all(|p| logged(p) == expected)
+    });
+    let (first, second) = (logged(&proxies[0]), logged(&proxies[1]));
+    // 400 draws of 1 in 4: 100 expected, 60..140 is beyond 4 standard
+    // deviations (8.7) either way.
+    assert!((60..=140).contains(&first.len()), "{} sampled", first.len());
+    assert_eq!(first, second, "the two proxies sampled different sessions");
+}

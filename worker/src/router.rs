@@ -47,6 +47,7 @@ mod datapath;
 mod refusals;
 mod reload;
 mod route;
+mod session_log;
 mod sweep;
 mod transfer;
 mod upgrade;

@@ -48,6 +48,37 @@ pub(crate) struct Session {
     /// New paths it may open now (a token bucket), as of `paths_at_ms`.
     path_tokens: f32,
     paths_at_ms: u64,
+    /// A session its listener's `session_log` samples: what its close
+    /// line reports. `None` for every other (one pointer's room).
+    pub sample: Option<Box<Sample>>,
+}
+
+/// What a sampled session's log lines report, as this worker saw it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Sample {
+    /// Datagrams and bytes forwarded to its backend (bytes as sent: with
+    /// a PROXY v2 header where the listener adds one).
+    pub forwarded: (u64, u64),
+    /// Replies and bytes sent on to its clients.
+    pub replied: (u64, u64),
+    /// Its datagrams dropped here (a path it could not have, a header
+    /// past the MTU).
+    pub drops: u64,
+    /// Its clients' addresses, in the order they appeared (at most
+    /// [`Sample::CLIENTS`]), and how many paths it opened.
+    pub clients: Vec<std::net::SocketAddr>,
+    pub paths: u32,
+}
+
+impl Sample {
+    pub(crate) const CLIENTS: usize = 8;
+
+    /// Notes a client address its session forwarded for.
+    pub(crate) fn client(&mut self, client: std::net::SocketAddr) {
+        if self.clients.len() < Sample::CLIENTS && !self.clients.contains(&client) {
+            self.clients.push(client);
+        }
+    }
 }
 
 /// A session's transfer to another worker. Lifecycle:
@@ -96,6 +127,7 @@ impl Session {
             seq: 0,
             path_tokens: f32::MAX,
             paths_at_ms: now_ms,
+            sample: None,
         }
     }
 

@@ -273,6 +273,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             return Err(reason);
         }
         self.hint_port(sid, hash);
+        self.sample_session(sid, None);
         self.counters.incr(Counter::SessionsCreated);
         let row = self.row_of(a.listener, backend as u16);
         self.counters
@@ -358,6 +359,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             Ok(found) => found,
             Err(reason) => {
                 self.drop_datagram(reason);
+                if let Some(sample) = self.sample_of(sid) {
+                    sample.drops += 1;
+                }
                 return;
             }
         };
@@ -384,7 +388,22 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             self.counters.incr(Counter::HandoffOut);
         } else {
             let (sock, client, local_ip) = (p.sock, p.client, p.local_ip);
-            self.push_forward(sock, listener, backend, (client, local_ip), d, len);
+            let sent = self.push_forward(sock, listener, backend, (client, local_ip), d, len);
+            let paths = self
+                .sessions
+                .get(sid)
+                .map_or(0, |s| u32::from(s.path_count));
+            if let Some(sample) = self.sample_of(sid) {
+                match sent {
+                    Some(bytes) => {
+                        sample.forwarded.0 += 1;
+                        sample.forwarded.1 += bytes as u64;
+                    }
+                    None => sample.drops += 1,
+                }
+                sample.client(client);
+                sample.paths = sample.paths.max(paths);
+            }
         }
         if let Via::Handoff { from, .. } = a.via {
             self.note_handoff(sid, from);
@@ -649,7 +668,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
     /// listeners): after its PROXY v2 header where the listener sends one,
     /// unless the header would take past its path's MTU a datagram that
     /// fits it (then dropped; one too big already goes as it would without
-    /// a header).
+    /// a header). The bytes it sends; `None`: dropped.
     pub(super) fn push_forward(
         &mut self,
         sock: SockId,
@@ -658,7 +677,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         from: (SocketAddr, Option<IpAddr>),
         d: DatagramRef,
         len: usize,
-    ) {
+    ) -> Option<usize> {
         let route = &self.routes[listener];
         let b = usize::from(backend);
         let to = route.backends[b];
@@ -672,7 +691,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 let room = p.room.get(b).copied().unwrap_or(usize::MAX);
                 if sent > room && len <= room {
                     self.drop_datagram(DropReason::ProxyMtu);
-                    return;
+                    return None;
                 }
                 self.prefixes.push(header);
                 (Some(self.prefixes.len() as u32 - 1), sent)
@@ -685,6 +704,12 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             prefix,
         });
         self.count_forward(listener, backend, sent);
+        Some(sent)
+    }
+
+    /// Session `sid`'s sample, where `session_log` samples it.
+    pub(super) fn sample_of(&mut self, sid: SessionId) -> Option<&mut crate::session::Sample> {
+        self.sessions.get_mut(sid)?.sample.as_deref_mut()
     }
 
     /// A forward of `len` bytes to backend `backend` of `listener`.
@@ -874,6 +899,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             self.relay_activity(pid);
         } else if let Some(s) = self.sessions.get_mut(session as usize) {
             s.last_active_ms = now_ms;
+            if let Some(sample) = s.sample.as_deref_mut() {
+                sample.replied.0 += 1;
+                sample.replied.1 += bytes.len() as u64;
+            }
             if s.awaiting_since_ms.take().is_some() {
                 self.counters.backend_add(row, BackendCounter::Answered, 1);
             }

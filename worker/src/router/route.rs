@@ -62,6 +62,8 @@ pub struct Route {
     pub(crate) admission: Admission,
     /// With `proxy_protocol = "v2"`: what each forward's header needs.
     pub(super) proxy_v2: Option<ProxyV2>,
+    /// `session_log`: one session in this many is logged (0: none).
+    pub(super) session_log: u64,
 }
 
 /// What a listener's PROXY v2 headers need beyond each path's client.
@@ -121,6 +123,7 @@ impl Route {
                 local: cfg.bind,
                 room: vec![usize::MAX; cfg.backends.len()],
             }),
+            session_log: u64::from(cfg.session_log),
         })
     }
 
@@ -134,6 +137,12 @@ impl Route {
                 p.room = room;
             }
         }
+    }
+
+    /// Whether `key`'s session is one `session_log` samples: by a hash of
+    /// the key alone, so every host of a fleet samples the same ones.
+    pub fn samples(&self, key: &[u8]) -> bool {
+        self.session_log > 0 && udpshard_shared::hash::stable_hash2(key) % self.session_log == 0
     }
 
     /// Whether forwards carry a PROXY v2 header.

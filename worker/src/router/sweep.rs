@@ -157,6 +157,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
 
     /// Closes a session, its paths and its ownership entries.
     pub(super) fn close_session(&mut self, sid: SessionId) {
+        self.log_session_end(sid, None);
         let Some(s) = self.sessions.get(sid) else {
             return;
         };

@@ -229,6 +229,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             self.owners.assign(hash, me);
         }
         self.counters.incr(Counter::TransfersIn);
+        self.sample_session(sid, Some(usize::from(from)));
         accept(self, true);
     }
 
@@ -281,6 +282,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             return;
         };
         let mut pid = s.first_path;
+        self.log_session_end(sid, Some(usize::from(from)));
         self.sessions.remove(sid);
         let cool = self.routes[listener].reuse_delay_ms;
         while let Some(p) = self.paths.path(pid) {
@@ -413,7 +415,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             .map(|p| (p.sock, p.listener, p.backend));
         match relayed {
             Some((sock, listener, backend)) => {
-                self.push_forward(sock, listener, backend, (client, local_ip), d, len);
+                let _ = self.push_forward(sock, listener, backend, (client, local_ip), d, len);
             }
             // The relay closed meanwhile: nothing carries the datagram.
             None => self.drop_datagram(DropReason::Handoff),
