@@ -1235,7 +1235,10 @@ fn session_log_is_off_or_one_in_n() {
     let base = "[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:4433\"\ndissector = \"tuple\"\nbackends = [{ addr = \"127.0.0.1:5000\" }]\n";
     assert_eq!(parse(base, "t.toml").unwrap().listeners[0].session_log, 0);
     let on = format!("{base}session_log = 10000\n");
-    assert_eq!(parse(&on, "t.toml").unwrap().listeners[0].session_log, 10_000);
+    assert_eq!(
+        parse(&on, "t.toml").unwrap().listeners[0].session_log,
+        10_000
+    );
     let bad = format!("{base}session_log = -1\n");
     let e = parse(&bad, "t.toml").unwrap_err().to_string();
     assert!(e.starts_with("t.toml:6:15:"), "{e}");

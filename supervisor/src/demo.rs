@@ -226,7 +226,7 @@ fn demo_config(
          short_cid_len = {CID_LEN}\n\
          # short, so that the drain on SIGTERM ends soon after the load\n\
          session_idle = \"1s\"\n\
-         # outside the kernel's ephemeral range, and what a 20,000-descriptor\n\
+         # outside the kernel's ephemeral range, and what an 11,024-descriptor\n\
          # limit holds: the demo's 200 flows need far less\n\
          upstream_ports = \"20000-29999\"\n\
          max_sessions = 10000\n\

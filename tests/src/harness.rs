@@ -544,5 +544,26 @@ pub fn host_lacks_for_a_first_run() -> Option<String> {
     if rmem_max < 4 << 20 {
         return Some(format!("net.core.rmem_max is {rmem_max}, below 4 MiB"));
     }
+    // upstream_ports = "20000-29999", which must be outside the kernel's
+    // ephemeral range.
+    let range =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let ends: Vec<u32> = range
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    if let [lo, hi] = ends[..] {
+        if lo <= 29_999 && hi >= 20_000 {
+            return Some(format!(
+                "the ephemeral range {lo}-{hi} overlaps upstream_ports 20000-29999"
+            ));
+        }
+    }
+    // A CPU quota below one worker per allowed CPU is said as a warning.
+    if let Ok(max) = std::fs::read_to_string("/sys/fs/cgroup/cpu.max") {
+        if !max.starts_with("max") {
+            return Some(format!("a cgroup CPU quota ({})", max.trim()));
+        }
+    }
     None
 }

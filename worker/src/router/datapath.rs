@@ -389,11 +389,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         } else {
             let (sock, client, local_ip) = (p.sock, p.client, p.local_ip);
             let sent = self.push_forward(sock, listener, backend, (client, local_ip), d, len);
-            let paths = self
-                .sessions
-                .get(sid)
-                .map_or(0, |s| u32::from(s.path_count));
-            if let Some(sample) = self.sample_of(sid) {
+            let s = self.sessions.get_mut(sid);
+            if let Some((sample, paths)) =
+                s.and_then(|s| Some((s.sample.as_deref_mut()?, u32::from(s.path_count))))
+            {
                 match sent {
                     Some(bytes) => {
                         sample.forwarded.0 += 1;

@@ -27,8 +27,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let first = self.paths.path(s.first_path).map(|p| p.client);
         if let Some(client) = first {
             sample.client(client);
-            sample.paths = 1;
         }
+        sample.paths = u32::from(s.path_count);
         s.sample = Some(Box::new(sample));
         if moved_from.is_some() {
             return;
