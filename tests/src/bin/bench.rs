@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 use udpshard_tests::load::baseline::allowed_cpus;
+use udpshard_tests::load::cli::Common;
 use udpshard_tests::load::procstat::{clock_ticks, CpuSnapshot, CpuUse, UdpCounters};
 use udpshard_tests::load::proxy::{
-    free_udp_addr, host_lock, nginx_conf, own_dir, show_command, udpshard_toml, ProxyProcess,
+    free_udp_addr, nginx_conf, show_command, udpshard_toml, ProxyProcess,
 };
 use udpshard_tests::load::units::{parse_duration, parse_rate};
 use udpshard_tests::load::{
@@ -80,19 +81,8 @@ struct Args {
     /// Skip the max-rate load.
     #[arg(long)]
     no_max: bool,
-    /// Where the proxy binaries are; default: the directory of this executable.
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
-    /// How long a proxy may take to print `ready:`.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
-    ready_timeout: Duration,
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    json: bool,
-    /// How long to wait for another bench run on this host to finish (runs at the same time
-    /// would measure each other).
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
-    lock_timeout: Duration,
+    #[command(flatten)]
+    common: Common,
 }
 
 fn fixed_rate(text: &str) -> Result<u64, String> {
@@ -219,7 +209,7 @@ impl Measurement {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let bin_dir = match args.bin_dir.clone().map_or_else(own_dir, Ok) {
+    let bin_dir = match args.common.bin_dir() {
         Ok(dir) => dir,
         Err(e) => {
             eprintln!("bench: cannot find the directory of this executable: {e}");
@@ -241,7 +231,7 @@ fn main() -> ExitCode {
         eprintln!("bench: no proxy selected (see --only and --skip)");
         return ExitCode::FAILURE;
     }
-    let _lock = match host_lock(args.lock_timeout) {
+    let _lock = match args.common.lock() {
         Ok(lock) => lock,
         Err(why) => {
             eprintln!("bench: {why}");
@@ -283,7 +273,7 @@ fn main() -> ExitCode {
     }
     let _ = std::fs::remove_dir_all(&workdir);
 
-    if args.json {
+    if args.common.json {
         println!("{}", to_json(&args, &measurements, &skipped, &failed));
     } else {
         print!("{}", table(&measurements));
@@ -328,8 +318,10 @@ fn bench_proxy(
     let mut process = ProxyProcess::start(command).map_err(|e| format!("cannot start: {e}"))?;
     match proxy {
         // nginx says nothing when it is up: its workers' sockets in /proc/net/udp say it.
-        ProxyKind::Nginx => process.wait_bound(listen, allowed_cpus().len(), args.ready_timeout)?,
-        _ => process.wait_ready(args.ready_timeout)?,
+        ProxyKind::Nginx => {
+            process.wait_bound(listen, allowed_cpus().len(), args.common.ready_timeout)?
+        }
+        _ => process.wait_ready(args.common.ready_timeout)?,
     }
 
     let mut generator = Generator::open(listen, args.flows).map_err(|e| e.to_string())?;

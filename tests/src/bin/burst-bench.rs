@@ -33,11 +33,12 @@ use serde_json::json;
 use udpshard_shared::flow::quic_short;
 use udpshard_tests::harness::send_segmented;
 use udpshard_tests::load::baseline::allowed_cpus;
+use udpshard_tests::load::cli::Common;
 use udpshard_tests::load::mmsg::Batch;
 use udpshard_tests::load::pacing::{Pacer, Step};
 use udpshard_tests::load::procstat::{CpuSnapshot, CpuUse};
 use udpshard_tests::load::proxy::{
-    free_udp_addr, host_lock, nginx_conf, own_dir, show_command, udpshard_toml, ProxyProcess,
+    free_udp_addr, nginx_conf, show_command, udpshard_toml, ProxyProcess,
 };
 use udpshard_tests::load::units::{parse_duration, parse_rate};
 
@@ -104,17 +105,8 @@ struct Args {
     /// nginx's binary (Debian's `nginx` with `libnginx-mod-stream`).
     #[arg(long, default_value = "/usr/sbin/nginx")]
     nginx: PathBuf,
-    /// Where udpshard is; default: the directory of this executable.
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
-    ready_timeout: Duration,
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    json: bool,
-    /// How long to wait for another bench run on this host to finish.
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
-    lock_timeout: Duration,
+    #[command(flatten)]
+    common: Common,
 }
 
 fn fixed_rate(text: &str) -> Result<u64, String> {
@@ -495,7 +487,7 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    let _lock = match host_lock(args.lock_timeout) {
+    let _lock = match args.common.lock() {
         Ok(lock) => lock,
         Err(e) => {
             eprintln!("burst-bench: {e}");
@@ -512,7 +504,7 @@ fn main() -> ExitCode {
     } else {
         args.send.clone()
     };
-    let bin_dir = match args.bin_dir.clone().map_or_else(own_dir, Ok) {
+    let bin_dir = match args.common.bin_dir() {
         Ok(d) => d,
         Err(e) => {
             eprintln!("burst-bench: cannot find the binaries: {e}");
@@ -542,7 +534,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    if args.json {
+    if args.common.json {
         println!("{}", to_json(&args, &all));
     } else {
         print!("{}", table(&args, &all));
@@ -601,8 +593,10 @@ fn bench_proxy(
     );
     let mut process = ProxyProcess::start(command).map_err(|e| format!("cannot start: {e}"))?;
     match kind {
-        Kind::Nginx => process.wait_bound(listen, allowed_cpus().len(), args.ready_timeout)?,
-        _ => process.wait_ready(args.ready_timeout)?,
+        Kind::Nginx => {
+            process.wait_bound(listen, allowed_cpus().len(), args.common.ready_timeout)?
+        }
+        _ => process.wait_ready(args.common.ready_timeout)?,
     }
     if !args.warmup.is_zero() {
         let (c, _) = rig.load(args, args.rate[0], args.warmup);

@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 use udpshard_tests::load::baseline::allowed_cpus;
+use udpshard_tests::load::cli::Common;
 use udpshard_tests::load::procstat::{tree_cpu_time, CpuSnapshot, CpuUse};
 use udpshard_tests::load::proxy::{
-    free_udp_addr, host_lock, nginx_conf, own_dir, show_command, udpshard_toml_keyed, ProxyProcess,
+    free_udp_addr, nginx_conf, show_command, udpshard_toml_keyed, ProxyProcess,
 };
 use udpshard_tests::load::units::{parse_duration, Rate};
 
@@ -79,17 +80,8 @@ struct Args {
     nsd: PathBuf,
     #[arg(long, default_value = "/usr/bin/dnsperf")]
     dnsperf: PathBuf,
-    /// Where udpshard is; default: the directory of this executable.
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
-    ready_timeout: Duration,
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    json: bool,
-    /// How long to wait for another bench run on this host to finish.
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
-    lock_timeout: Duration,
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -344,14 +336,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let _lock = match host_lock(args.lock_timeout) {
+    let _lock = match args.common.lock() {
         Ok(lock) => lock,
         Err(e) => {
             eprintln!("dns-bench: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let bin_dir = match args.bin_dir.clone().map_or_else(own_dir, Ok) {
+    let bin_dir = match args.common.bin_dir() {
         Ok(d) => d,
         Err(e) => {
             eprintln!("dns-bench: cannot find the binaries: {e}");
@@ -375,7 +367,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let nsd = match Nsd::start(&args.nsd, server_addr, args.ready_timeout) {
+    let nsd = match Nsd::start(&args.nsd, server_addr, args.common.ready_timeout) {
         Ok(n) => n,
         Err(e) => {
             eprintln!("dns-bench: {e}");
@@ -401,7 +393,7 @@ fn main() -> ExitCode {
     }
     drop(nsd);
     let _ = std::fs::remove_dir_all(&workdir);
-    if args.json {
+    if args.common.json {
         println!("{}", to_json(&args, &all));
     } else {
         print!("{}", table(&args, &all));
@@ -462,8 +454,10 @@ fn bench_path(
             );
             let mut p = ProxyProcess::start(command).map_err(|e| format!("cannot start: {e}"))?;
             match kind {
-                Kind::Nginx => p.wait_bound(listen, allowed_cpus().len(), args.ready_timeout)?,
-                _ => p.wait_ready(args.ready_timeout)?,
+                Kind::Nginx => {
+                    p.wait_bound(listen, allowed_cpus().len(), args.common.ready_timeout)?
+                }
+                _ => p.wait_ready(args.common.ready_timeout)?,
             }
             Some(p)
         }

@@ -22,10 +22,9 @@ use serde_json::json;
 use udpshard_shared::stats::{Counter, Snapshot};
 use udpshard_shared::DropReason;
 use udpshard_tests::load::baseline::allowed_cpus;
+use udpshard_tests::load::cli::Common;
 use udpshard_tests::load::procstat::{CpuSnapshot, CpuUse};
-use udpshard_tests::load::proxy::{
-    free_udp_addr, host_lock, nginx_conf, own_dir, show_command, ProxyProcess,
-};
+use udpshard_tests::load::proxy::{free_udp_addr, nginx_conf, show_command, ProxyProcess};
 use udpshard_tests::load::units::parse_duration;
 
 /// The server's QUIC-LB server ID (config 0, 2 bytes).
@@ -59,16 +58,8 @@ struct Args {
     timeout: Duration,
     #[arg(long, default_value = "/usr/sbin/nginx")]
     nginx: PathBuf,
-    /// Where udpshard is; default: the directory of this executable.
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
-    ready_timeout: Duration,
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    json: bool,
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
-    lock_timeout: Duration,
+    #[command(flatten)]
+    common: Common,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -319,7 +310,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
         Ok(all) => {
-            if args.json {
+            if args.common.json {
                 println!("{}", to_json(&args, &all));
             } else {
                 print!("{}", table(&args, &all));
@@ -341,11 +332,10 @@ fn run(args: &Args) -> Result<Vec<Measurement>, String> {
     if args.connections == 0 || args.mib == 0 {
         return Err("--connections and --mib must be at least 1".into());
     }
-    let _lock = host_lock(args.lock_timeout)?;
+    let _lock = args.common.lock()?;
     let bin_dir = args
-        .bin_dir
-        .clone()
-        .map_or_else(own_dir, Ok)
+        .common
+        .bin_dir()
         .map_err(|e| format!("cannot find the binaries: {e}"))?;
     let migrating = args
         .migrating
@@ -516,8 +506,10 @@ fn start_proxy(
     );
     let mut process = ProxyProcess::start(command).map_err(|e| format!("cannot start: {e}"))?;
     match kind {
-        Kind::Nginx => process.wait_bound(listen, allowed_cpus().len(), args.ready_timeout)?,
-        _ => process.wait_ready(args.ready_timeout)?,
+        Kind::Nginx => {
+            process.wait_bound(listen, allowed_cpus().len(), args.common.ready_timeout)?
+        }
+        _ => process.wait_ready(args.common.ready_timeout)?,
     }
     Ok((listen, process))
 }

@@ -10,7 +10,7 @@
 
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,11 +21,10 @@ use clap::Parser;
 use serde_json::json;
 use udpshard_shared::flow::quic_short;
 use udpshard_tests::load::baseline::{allowed_cpus, pin_current_thread};
+use udpshard_tests::load::cli::Common;
 use udpshard_tests::load::mmsg::Batch;
 use udpshard_tests::load::procstat::CpuSnapshot;
-use udpshard_tests::load::proxy::{
-    free_udp_addr, host_lock, own_dir, show_command, udpshard_toml, ProxyProcess,
-};
+use udpshard_tests::load::proxy::{free_udp_addr, show_command, udpshard_toml, ProxyProcess};
 use udpshard_tests::load::units::parse_duration;
 
 /// Datagrams per sendmmsg of a generator thread.
@@ -60,16 +59,8 @@ struct Args {
     /// `upstream_send` for udpshard.
     #[arg(long, default_value = "auto")]
     upstream_send: String,
-    /// Where udpshard is; default: the directory of this executable.
-    #[arg(long)]
-    bin_dir: Option<PathBuf>,
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
-    ready_timeout: Duration,
-    /// Print one JSON object instead of the table.
-    #[arg(long)]
-    json: bool,
-    #[arg(long, default_value = "10m", value_parser = parse_duration)]
-    lock_timeout: Duration,
+    #[command(flatten)]
+    common: Common,
 }
 
 struct Row {
@@ -121,7 +112,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
         Ok(rows) => {
-            if args.json {
+            if args.common.json {
                 println!("{}", to_json(&rows));
             } else {
                 print!("{}", table(&rows));
@@ -158,11 +149,10 @@ fn run(args: &Args) -> Result<Vec<Row>, String> {
             .collect();
     }
     counts.retain(|&n| (1..=proxy_cpus.len()).contains(&n));
-    let _lock = host_lock(args.lock_timeout)?;
+    let _lock = args.common.lock()?;
     let bin = args
-        .bin_dir
-        .clone()
-        .map_or_else(own_dir, Ok)
+        .common
+        .bin_dir()
         .map_err(|e| format!("cannot find the binaries: {e}"))?
         .join("udpshard");
     eprintln!(
@@ -334,7 +324,7 @@ fn measure(
         .arg(&config);
     eprintln!("scaling-bench: starting {}", show_command(&command));
     let mut process = ProxyProcess::start(command).map_err(|e| format!("cannot start: {e}"))?;
-    process.wait_ready(args.ready_timeout)?;
+    process.wait_ready(args.common.ready_timeout)?;
     // Every flow once (its session), then a short unmeasured load.
     blast(args, listen, generator, Duration::ZERO, true)?;
     blast(args, listen, generator, Duration::from_millis(500), false)?;
