@@ -111,33 +111,27 @@ pub fn parse(datagram: &[u8]) -> Option<(Parsed, usize)> {
     match datagram[12] {
         LOCAL => Some((Parsed::Local, len)),
         PROXY => {
-            let (client, reached) = match datagram[13] {
-                INET_DGRAM if body.len() >= 12 => {
-                    let ip = |at: usize| {
-                        <[u8; 4]>::try_from(&body[at..at + 4])
-                            .ok()
-                            .map(IpAddr::from)
-                    };
-                    let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
-                    (
-                        SocketAddr::new(ip(0)?, port(8)),
-                        SocketAddr::new(ip(4)?, port(10)),
-                    )
-                }
-                INET6_DGRAM if body.len() >= 36 => {
-                    let ip = |at: usize| {
-                        <[u8; 16]>::try_from(&body[at..at + 16])
-                            .ok()
-                            .map(IpAddr::from)
-                    };
-                    let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
-                    (
-                        SocketAddr::new(ip(0)?, port(32)),
-                        SocketAddr::new(ip(16)?, port(34)),
-                    )
-                }
+            // Source and destination addresses, then their ports.
+            let width = match datagram[13] {
+                INET_DGRAM => 4,
+                INET6_DGRAM => 16,
                 _ => return None,
             };
+            let body = body.get(..2 * width + 4)?;
+            let ip = |at: usize| -> IpAddr {
+                let bytes = &body[at..at + width];
+                match <[u8; 4]>::try_from(bytes) {
+                    Ok(v4) => IpAddr::from(v4),
+                    Err(_) => {
+                        let mut v6 = [0u8; 16];
+                        v6.copy_from_slice(bytes);
+                        IpAddr::from(v6)
+                    }
+                }
+            };
+            let port = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
+            let client = SocketAddr::new(ip(0), port(2 * width));
+            let reached = SocketAddr::new(ip(width), port(2 * width + 2));
             Some((Parsed::Proxy { client, reached }, len))
         }
         _ => None,
