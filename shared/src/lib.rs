@@ -19,6 +19,7 @@ pub mod owners;
 pub mod procnet;
 pub mod proxy_v2;
 pub mod quic_lb;
+pub mod signal;
 pub mod state;
 pub mod stats;
 pub mod steer;

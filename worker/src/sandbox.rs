@@ -340,11 +340,7 @@ fn install_sigsys_handler() -> io::Result<()> {
         let code = unsafe { (*info).si_code };
         if code != SYS_SECCOMP {
             // Sent by someone (kill -SYS): die of it, naming nothing.
-            // SAFETY: as below.
-            unsafe {
-                libc::signal(libc::SIGSYS, libc::SIG_DFL);
-                libc::raise(libc::SIGSYS);
-            }
+            udpshard_shared::signal::die_of(libc::SIGSYS);
             return;
         }
         // SAFETY: for SIGSYS from seccomp, si_syscall is at offset 24
@@ -368,28 +364,15 @@ fn install_sigsys_handler() -> io::Result<()> {
         let end = line.len();
         line.copy_within(at..end, start);
         let len = start + (end - at);
-        // SAFETY: write(2) of a live stack buffer, then the default action
-        // for SIGSYS (termination) and the signal again, to itself: each
-        // is async-signal-safe and allowed by the filter.
+        // SAFETY: write(2) of a live stack buffer: async-signal-safe and
+        // allowed by the filter (as are die_of's signal and raise).
         unsafe {
             libc::write(2, line.as_ptr().cast(), len);
-            libc::signal(libc::SIGSYS, libc::SIG_DFL);
-            libc::raise(libc::SIGSYS);
         }
+        udpshard_shared::signal::die_of(libc::SIGSYS);
     }
-    // SAFETY: a zeroed sigaction is valid; the handler only does
-    // async-signal-safe work (above); sigaction copies the struct.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-            on_sigsys;
-        action.sa_sigaction = handler as usize;
-        action.sa_flags = libc::SA_SIGINFO;
-        if libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    // SAFETY: the handler only does async-signal-safe work (above).
+    unsafe { udpshard_shared::signal::set_siginfo_handler(libc::SIGSYS, on_sigsys) }
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]

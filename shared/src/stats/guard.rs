@@ -117,24 +117,8 @@ fn install() -> io::Result<()> {
         }
         // Not the stats file's, or not repairable: die of it, as without
         // the guard.
-        // SAFETY: restoring the default action and raising the signal are
-        // async-signal-safe.
-        unsafe {
-            libc::signal(libc::SIGBUS, libc::SIG_DFL);
-            libc::raise(libc::SIGBUS);
-        }
+        crate::signal::die_of(libc::SIGBUS);
     }
-    // SAFETY: a zeroed sigaction is valid; the handler only does
-    // async-signal-safe work (above); sigaction copies the struct.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        let handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
-            on_sigbus;
-        action.sa_sigaction = handler as usize;
-        action.sa_flags = libc::SA_SIGINFO;
-        if libc::sigaction(libc::SIGBUS, &action, std::ptr::null_mut()) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    // SAFETY: the handler only does async-signal-safe work (above).
+    unsafe { crate::signal::set_siginfo_handler(libc::SIGBUS, on_sigbus) }
 }
