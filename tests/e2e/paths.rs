@@ -498,6 +498,28 @@ fn a_worker_holds_a_raw_socket_only_where_forwards_use_it_and_only_of_its_backen
     }
 }
 
+/// The value of line `name` (with its colon) of a `/proc/PID/status` text.
+fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
+    let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+    line[name.len()..].trim()
+}
+
+/// Capabilities in a `/proc/PID/status` line's hex set.
+fn cap_set(status: &str, name: &str) -> u64 {
+    u64::from_str_radix(status_field(status, name), 16).unwrap()
+}
+
+/// `n` loopback client sockets whose reads wait up to 5 s.
+fn waiting_clients(n: usize) -> Vec<UdpSocket> {
+    (0..n)
+        .map(|_| {
+            let c = bind_udp("127.0.0.1:0");
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            c
+        })
+        .collect()
+}
+
 /// Whether this process may open a raw socket of `domain` (CAP_NET_RAW),
 /// as the proxy's workers, started by it, then may too.
 fn may_send_raw(domain: socket2::Domain) -> bool {
@@ -584,13 +606,7 @@ fn forwards_leave_from_their_paths_address_whether_sent_raw_or_on_their_socket()
         )
     };
     let proxy = Proxy::start(Path::new(BIN), &config("auto"));
-    let clients: Vec<UdpSocket> = (0..24)
-        .map(|_| {
-            let c = bind_udp("127.0.0.1:0");
-            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            c
-        })
-        .collect();
+    let clients = waiting_clients(24);
 
     let first = paths_seen(&proxy, &clients, &backends, b"one");
     for path in first.values() {
@@ -624,26 +640,15 @@ fn forwards_leave_from_their_paths_address_whether_sent_raw_or_on_their_socket()
     // started with CAP_SETPCAP, as this test's own set says), and
     // no_new_privs.
     let own = std::fs::read_to_string("/proc/self/status").unwrap();
-    let own_eff = own
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .map_or(0, |v| u64::from_str_radix(v.trim(), 16).unwrap());
-    let setpcap = own_eff & (1 << 8) != 0;
+    let setpcap = cap_set(&own, "CapEff:") & (1 << 8) != 0;
     for pid in worker_pids(&proxy) {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let field = |name: &str| {
-            let line = status.lines().find(|l| l.starts_with(name)).unwrap();
-            line[name.len()..].trim().to_string()
-        };
+        let field = |name: &str| status_field(&status, name);
         for set in ["CapEff:", "CapPrm:", "CapInh:", "CapAmb:"] {
-            assert_eq!(
-                u64::from_str_radix(&field(set), 16).unwrap(),
-                0,
-                "worker {pid} {set}"
-            );
+            assert_eq!(cap_set(&status, set), 0, "worker {pid} {set}");
         }
         if setpcap {
-            assert_eq!(u64::from_str_radix(&field("CapBnd:"), 16).unwrap(), 0);
+            assert_eq!(cap_set(&status, "CapBnd:"), 0);
         }
         assert_eq!(field("NoNewPrivs:"), "1", "worker {pid}");
         // Its own filter, on top of any this test runs under (a container's
@@ -682,12 +687,6 @@ fn forwards_leave_from_their_paths_address_whether_sent_raw_or_on_their_socket()
     assert_eq!(total(&stats, "drops.upstream"), 0);
 }
 
-/// Capabilities in a `/proc/PID/status` line's hex set.
-fn cap_set(status: &str, name: &str) -> u64 {
-    let line = status.lines().find(|l| l.starts_with(name)).unwrap();
-    u64::from_str_radix(line[name.len()..].trim(), 16).unwrap()
-}
-
 #[test]
 fn started_as_root_with_a_user_every_process_runs_as_that_user_and_workers_hold_nothing() {
     // SAFETY: geteuid(2) has no preconditions.
@@ -718,13 +717,7 @@ fn started_as_root_with_a_user_every_process_runs_as_that_user_and_workers_hold_
         &format!("running as user nobody (uid {uid}"),
         Duration::from_secs(5),
     );
-    let clients: Vec<UdpSocket> = (0..16)
-        .map(|_| {
-            let c = bind_udp("127.0.0.1:0");
-            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            c
-        })
-        .collect();
+    let clients = waiting_clients(16);
     let paths = paths_seen(&proxy, &clients, &backends, b"one");
     answer_on(&paths, &backends, &clients);
     let stats = proxy.wait_stats(WAIT, "16 forwards and 16 replies counted", |s| {
@@ -735,8 +728,7 @@ fn started_as_root_with_a_user_every_process_runs_as_that_user_and_workers_hold_
     assert_eq!(total(&stats, "tx_raw"), 16, "{stats:#}");
 
     let ids = |status: &str, name: &str| -> Vec<u32> {
-        let line = status.lines().find(|l| l.starts_with(name)).unwrap();
-        line[name.len()..]
+        status_field(status, name)
             .split_whitespace()
             .map(|v| v.parse().unwrap())
             .collect()
@@ -751,11 +743,7 @@ fn started_as_root_with_a_user_every_process_runs_as_that_user_and_workers_hold_
         assert_eq!(ids(&status, "Uid:"), [uid; 4], "process {pid}");
         assert_eq!(ids(&status, "Gid:"), [gid; 4], "process {pid}");
         assert!(!ids(&status, "Groups:").contains(&0), "process {pid}");
-        assert_eq!(
-            status.lines().find(|l| l.starts_with("NoNewPrivs:")),
-            Some("NoNewPrivs:\t1"),
-            "process {pid}"
-        );
+        assert_eq!(status_field(&status, "NoNewPrivs:"), "1", "process {pid}");
         if pid == supervisor {
             // CAP_SETPCAP, CAP_NET_BIND_SERVICE and CAP_NET_RAW, for the
             // workers it starts, and nothing else can come back; of them it
