@@ -77,14 +77,14 @@ pub fn lookup_user(name: &str) -> Result<User, UserError> {
     }
 }
 
-/// Whether this process may run as `name`: it exists, and this process is
-/// root or already runs as it. The supervisor asks before it binds or
-/// creates anything.
-pub fn check_user(name: &str) -> Result<(), UserError> {
+/// Whether this process may run as `name`: it exists (returned), and this
+/// process is root or already runs as it. The supervisor asks before it
+/// binds or creates anything.
+pub fn check_user(name: &str) -> Result<User, UserError> {
     let user = lookup_user(name)?;
     let euid = Uid::effective();
     if euid.is_root() || (euid == user.uid && Uid::current() == user.uid) {
-        return Ok(());
+        return Ok(user);
     }
     Err(UserError::NotRoot {
         name: name.to_string(),
@@ -99,8 +99,7 @@ pub fn check_user(name: &str) -> Result<(), UserError> {
 /// refuses. An error in the middle of the change leaves the process
 /// between the two: the caller must exit.
 pub fn become_user(name: &str, raw: bool) -> Result<RunAs, UserError> {
-    check_user(name)?;
-    let user = lookup_user(name)?;
+    let user = check_user(name)?;
     let mut run_as = RunAs {
         name: name.to_string(),
         uid: user.uid.as_raw(),
