@@ -6,7 +6,6 @@
 //! that moves to another worker says so where it leaves; the worker it
 //! reaches counts on from there and logs its close.
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 
 use super::{Owners, Router, Sockets};
@@ -37,7 +36,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             target: "udpshard::session",
             event = "open",
             listener = %route.name,
-            key = %hex(s.key.as_bytes()),
+            // FlowKey's Debug is its bytes in hex.
+            key = ?s.key,
             client = %first.map_or_else(String::new, |c| c.to_string()),
             backend = %route.backends[usize::from(s.backend)],
             worker = self.id,
@@ -66,7 +66,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             target: "udpshard::session",
             event,
             listener = %route.name,
-            key = %hex(s.key.as_bytes()),
+            // FlowKey's Debug is its bytes in hex.
+            key = ?s.key,
             clients = %clients,
             backend = %route.backends[usize::from(s.backend)],
             worker = self.id,
@@ -86,12 +87,4 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             }
         );
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(out, "{b:02x}");
-    }
-    out
 }
