@@ -16,6 +16,9 @@
 //! [HEADER_WORDS + k*SLOT_WORDS)   slot k: see `Counter`
 //! then BACKEND_ROWS rows of backend metadata (`crate::backends`)
 //! then, per slot, BACKEND_ROWS x FIELDS backend counters
+//! then, per slot, `delay::WORDS` words of queue delay (`delay`), where
+//!   the header's `DelayWords` says so (a region an older binary created
+//!   has none, and is served without)
 //! ```
 //! A slot is 512 bytes, so slots never share a cache line.
 
@@ -35,6 +38,7 @@ pub use crate::counter::{Counter, Entry, Kind};
 use crate::owners::Owner;
 use crate::DropReason;
 
+pub mod delay;
 pub mod guard;
 
 /// "UDPSHRD" and the layout version in the top byte.
@@ -91,6 +95,9 @@ pub enum Header {
     /// Times a process found the file cut short under its mapping and put
     /// its length back (`guard`).
     Repairs,
+    /// Words per slot of the queue-delay tail ([`delay::WORDS`]); 0 in a
+    /// region without one.
+    DelayWords,
 }
 
 /// A version `major.minor.patch` and the first 7 hex digits of its commit
@@ -269,6 +276,7 @@ impl StatsRegion {
         let region = StatsRegion::map(&file).map_err(io_err)?;
         region.set_header(Header::SlotCapacity, slots as u64);
         region.set_header(Header::SlotWords, SLOT_WORDS as u64);
+        region.set_header(Header::DelayWords, delay::WORDS as u64);
         region.set_header(Header::Magic, MAGIC);
         Ok((region, file))
     }
@@ -289,7 +297,7 @@ impl StatsRegion {
         if region.header(Header::Magic) != MAGIC {
             return Err(StatsError::BadMagic);
         }
-        let need = region_bytes(region.slot_capacity());
+        let need = region.expected_bytes();
         if region.map.len() < need {
             return Err(StatsError::Truncated {
                 len: region.map.len(),
@@ -348,6 +356,27 @@ impl StatsRegion {
                 words[i].store(value, Ordering::Relaxed);
             }
         }
+    }
+
+    /// The length the header describes: the base layout, and the
+    /// queue-delay tail where the header names one.
+    fn expected_bytes(&self) -> usize {
+        let slots = self.slot_capacity();
+        match self.header(Header::DelayWords) as usize {
+            delay::WORDS => region_bytes(slots),
+            _ => base_bytes(slots),
+        }
+    }
+
+    /// Slot `k`'s queue-delay words; `None` where the region has none (an
+    /// older binary created it) or beyond its capacity.
+    pub fn delay(&self, k: usize) -> Option<&[AtomicU64]> {
+        let slots = self.slot_capacity();
+        if k >= slots || self.header(Header::DelayWords) != delay::WORDS as u64 {
+            return None;
+        }
+        let at = delay_at(slots, k);
+        self.words().get(at..at + delay::WORDS)
     }
 
     /// The region's length in bytes (the file's, when whole).
@@ -604,8 +633,20 @@ fn backend_counts_at(slots: usize, slot: usize) -> usize {
     backend_meta_at(slots) + BACKEND_ROWS * META_WORDS + slot * BACKEND_ROWS * FIELDS
 }
 
-fn region_bytes(slots: usize) -> usize {
+/// Where slot `slot`'s queue-delay words begin, in a region that has them.
+fn delay_at(slots: usize, slot: usize) -> usize {
+    backend_counts_at(slots, slots) + slot * delay::WORDS
+}
+
+/// A region's length without the queue-delay tail (what every layout of
+/// this version has).
+fn base_bytes(slots: usize) -> usize {
     backend_counts_at(slots, slots) * 8
+}
+
+/// A region's length, with the queue-delay tail.
+fn region_bytes(slots: usize) -> usize {
+    delay_at(slots, slots) * 8
 }
 
 /// A point-in-time copy of a stats file, read without mapping it.
@@ -616,6 +657,8 @@ pub struct Snapshot {
     backends: Vec<BackendSnapshot>,
     /// Every slot that has served: those in use, then those a resize retired.
     slots: Vec<Vec<u64>>,
+    /// Each of those slots' queue delay (empty where the region has none).
+    delays: Vec<delay::Histogram>,
     in_use: usize,
 }
 
@@ -650,7 +693,12 @@ impl Snapshot {
             return Err(StatsError::BadMagic);
         }
         let capacity = words[Header::SlotCapacity as usize] as usize;
-        let need = region_bytes(capacity);
+        let with_delay = words[Header::DelayWords as usize] == delay::WORDS as u64;
+        let need = if with_delay {
+            region_bytes(capacity)
+        } else {
+            base_bytes(capacity)
+        };
         if bytes.len() < need {
             return Err(StatsError::Truncated {
                 len: bytes.len(),
@@ -663,6 +711,15 @@ impl Snapshot {
             .map(|k| {
                 let start = HEADER_WORDS + k * SLOT_WORDS;
                 words[start..start + SLOT_WORDS].to_vec()
+            })
+            .collect();
+        let delays = (0..used)
+            .map(|k| match with_delay {
+                true => {
+                    let at = delay_at(capacity, k);
+                    delay::Histogram::from_words(&words[at..at + delay::WORDS])
+                }
+                false => delay::Histogram::default(),
             })
             .collect();
         let rows = (words[Header::BackendRows as usize] as usize).min(BACKEND_ROWS);
@@ -689,6 +746,7 @@ impl Snapshot {
             header: words[..HEADER_WORDS].to_vec(),
             backends,
             slots,
+            delays,
             in_use,
         })
     }
@@ -706,8 +764,9 @@ impl Snapshot {
     pub fn slots(&self) -> impl Iterator<Item = WorkerSnapshot<'_>> {
         self.slots
             .iter()
+            .zip(&self.delays)
             .enumerate()
-            .map(|(id, words)| WorkerSnapshot { id, words })
+            .map(|(id, (words, delay))| WorkerSnapshot { id, words, delay })
     }
 
     /// Every backend the run has had, in the order rows were given out
@@ -755,6 +814,8 @@ impl BackendSnapshot {
 pub struct WorkerSnapshot<'a> {
     pub id: usize,
     words: &'a [u64],
+    /// Its queue delay ([`delay`]).
+    pub delay: &'a delay::Histogram,
 }
 
 impl WorkerSnapshot<'_> {

@@ -17,8 +17,8 @@ use crate::system::{parse_snmp6_udp, parse_snmp_udp, read_u64};
 
 /// What the packaged sysctl.d drop-in sets (packaging/sysctl.d): the values
 /// the fixes propose.
-const RMEM_DEFAULT: u64 = 2 << 20;
-const NETDEV_MAX_BACKLOG: u64 = 50_000;
+pub(crate) const RMEM_DEFAULT: u64 = 2 << 20;
+pub(crate) const NETDEV_MAX_BACKLOG: u64 = 50_000;
 /// Below this the per-CPU backlog overflows at modest packet rates.
 const NETDEV_BACKLOG_FLOOR: u64 = 10_000;
 /// conntrack this full is about to drop new flows.

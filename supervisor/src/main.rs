@@ -18,6 +18,7 @@ mod stats_cmd;
 mod stats_path;
 mod supervisor;
 mod system;
+mod verdict;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -26,13 +26,14 @@ use mio::{Interest, Registry, Token};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
     DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeLabelValue, EncodeMetric,
-    LabelValueEncoder,
+    LabelValueEncoder, MetricEncoder, NoLabelSet,
 };
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry as MetricRegistry;
 use udpshard_shared::counter::CATALOGUE;
+use udpshard_shared::stats::delay::{self, Histogram};
 use udpshard_shared::stats::{Counter, Header, SlotState, Snapshot, StatsError};
 
 use crate::system::SystemCounters;
@@ -395,6 +396,33 @@ fn gauges<N: EncodeGaugeValue>(
     family(enc, name, help, MetricType::Gauge, samples)
 }
 
+/// A worker's queue delay as a histogram family's sample: buckets at
+/// 2^k microseconds (k = 0..=20), then +Inf; the sum in seconds.
+#[derive(Debug)]
+struct DelaySample(Histogram);
+
+impl EncodeMetric for DelaySample {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        let h = &self.0;
+        let buckets: Vec<(f64, u64)> = h
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(k, n)| {
+                (
+                    delay::upper_ns(k).map_or(f64::MAX, |ns| ns as f64 / 1e9),
+                    *n,
+                )
+            })
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(h.sum_ns as f64 / 1e9, h.count(), &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
 fn worker(id: usize) -> Labels {
     vec![("worker", Value::new(id))]
 }
@@ -484,6 +512,22 @@ impl Exposition {
                     if wall == 0 { 0.0 } else { busy / wall as f64 },
                 )
             }),
+        )?;
+        family(
+            enc,
+            "queue_delay_seconds",
+            "How long datagrams waited in the worker's listener sockets before it read them (the kernel's receive timestamp against the read): it grows before the sockets drop.",
+            MetricType::Histogram,
+            served
+                .iter()
+                .map(|w| (worker(w.id), DelaySample(*w.delay))),
+        )?;
+        gauges(
+            enc,
+            "queue_delay_max_seconds",
+            "The longest queue delay of the second under way and the one before it.",
+            live.iter()
+                .map(|w| (worker(w.id), w.delay.max_ns as f64 / 1e9)),
         )?;
         gauges(
             enc,
@@ -756,6 +800,12 @@ mod tests {
         slot.set(Counter::BusyNs, 250);
         slot.set(Counter::WallNs, 1000);
         slot.set_life(1, SlotState::Ready);
+        // Worker 1's queue delay: 5 datagrams at most 8us, 1 past 1s.
+        let delay = region.delay(1).unwrap();
+        delay[3].store(5, std::sync::atomic::Ordering::Relaxed);
+        delay[delay::BUCKETS - 1].store(1, std::sync::atomic::Ordering::Relaxed);
+        delay[delay::SUM_NS].store(1_500_030_000, std::sync::atomic::Ordering::Relaxed);
+        delay[delay::MAX_NS].store(1_500_000_000, std::sync::atomic::Ordering::Relaxed);
         let snap = Snapshot::read(&path).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         snap
@@ -784,6 +834,14 @@ mod tests {
             "udpshard_drops_total{worker=\"1\",reason=\"socket\"} 7",
             "udpshard_worker_busy_ratio{worker=\"1\"} 0.25",
             "udpshard_worker_ready{worker=\"1\"} 1",
+            "# TYPE udpshard_queue_delay_seconds histogram",
+            "udpshard_queue_delay_seconds_count{worker=\"1\"} 6",
+            "udpshard_queue_delay_seconds_sum{worker=\"1\"} 1.50003",
+            "udpshard_queue_delay_seconds_bucket{le=\"0.000004\",worker=\"1\"} 0",
+            "udpshard_queue_delay_seconds_bucket{le=\"0.000008\",worker=\"1\"} 5",
+            "udpshard_queue_delay_seconds_bucket{le=\"1.048576\",worker=\"1\"} 5",
+            "udpshard_queue_delay_seconds_bucket{le=\"+Inf\",worker=\"1\"} 6",
+            "udpshard_queue_delay_max_seconds{worker=\"1\"} 1.5",
             "udpshard_reload_failures_total 3",
             "udpshard_udp_rcvbuf_errors_total{family=\"ipv4\"} 9",
             "udpshard_nic_rx_dropped_total{device=\"eth\\\"0\"} 5",
@@ -806,9 +864,13 @@ mod tests {
         assert!(text.ends_with("\n# EOF\n"), "{text}");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split(['{', ' ']).next().unwrap();
+            let histogram = ["_bucket", "_sum", "_count"]
+                .iter()
+                .filter_map(|s| name.strip_suffix(s))
+                .find(|f| text.contains(&format!("# TYPE {f} histogram\n")));
             let family = match name.strip_suffix("_total") {
                 Some(f) if text.contains(&format!("# TYPE {f} counter\n")) => f,
-                _ => name,
+                _ => histogram.unwrap_or(name),
             };
             assert!(
                 text.contains(&format!("# TYPE {family} ")),

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use udpshard_shared::backends::BackendCounter;
 use udpshard_shared::counter::{Entry, Kind, Shown, CATALOGUE};
+use udpshard_shared::stats::delay::{self, Histogram};
 use udpshard_shared::stats::{
     version_text, BackendSnapshot, Counter, Header, Snapshot, StatsError, WorkerSnapshot,
 };
@@ -103,14 +104,29 @@ impl std::fmt::Display for Liveness {
     }
 }
 
-/// Prints one sample; says whether its proxy is running.
+/// How long the table's verdict watches a running proxy: drops that grow,
+/// and the queue delay, are read over this window.
+const VERDICT_WINDOW: Duration = Duration::from_millis(500);
+
+/// Prints one sample; says whether its proxy is running. The table ends
+/// with a verdict over [`VERDICT_WINDOW`] (a second sample).
 pub(crate) fn print(path: &Path, view: View) -> Result<Liveness, StatsError> {
     let sample = Sample::take(path)?;
     if view.json {
         println!("{}", sample.to_json());
-    } else {
-        print!("{}", to_table(&sample, view.wide));
+        return Ok(sample.liveness);
     }
+    let mut out = to_table(&sample, view.wide);
+    if sample.liveness == Liveness::Running {
+        std::thread::sleep(VERDICT_WINDOW);
+        let later = Sample::take(path)?;
+        out += &wrap(&format!(
+            "over {:.1}s: {}",
+            VERDICT_WINDOW.as_secs_f64(),
+            crate::verdict::line(&sample, &later)
+        ));
+    }
+    print!("{out}");
     Ok(sample.liveness)
 }
 
@@ -238,7 +254,10 @@ fn busy_ratio(w: &WorkerSnapshot<'_>) -> f64 {
 }
 
 /// ρ over an interval: busy time gained / wall time gained.
-fn busy_ratio_between(before: Option<&WorkerSnapshot<'_>>, after: &WorkerSnapshot<'_>) -> f64 {
+pub(crate) fn busy_ratio_between(
+    before: Option<&WorkerSnapshot<'_>>,
+    after: &WorkerSnapshot<'_>,
+) -> f64 {
     let Some(b) = before else {
         return busy_ratio(after);
     };
@@ -268,6 +287,7 @@ pub(crate) fn to_json(snap: &Snapshot) -> Value {
                 json!(version_text(w.get(Counter::Version))),
             );
             obj.insert("busy_ratio".into(), json!(busy_ratio(&w)));
+            obj.insert("queue_delay".into(), queue_delay_json(w.delay));
             obj.insert("drops".into(), drops_json(|c| w.get(c)));
             Value::Object(obj)
         })
@@ -381,6 +401,27 @@ fn backends_table(out: &mut String, before: Option<&Snapshot>, after: &Snapshot,
     *out += "  errs: sends refused; last rep: time since its latest reply; wt: weight\n";
 }
 
+/// A queue-delay histogram: its count, sum, quantiles and buckets, in
+/// microseconds. A quantile is its bucket's upper bound, `null` when
+/// nothing was counted or it lies past the last bound (about 1 s).
+fn queue_delay_json(h: &Histogram) -> Value {
+    let us = |ns: Option<u64>| ns.filter(|n| *n != u64::MAX).map(|n| n / 1000);
+    let buckets: Vec<Value> = h
+        .buckets
+        .iter()
+        .enumerate()
+        .map(|(k, count)| json!({"le_us": us(delay::upper_ns(k)), "count": count}))
+        .collect();
+    json!({
+        "count": h.count(),
+        "sum_us": h.sum_ns / 1000,
+        "p50_us": us(h.quantile_ns(0.5)),
+        "p99_us": us(h.quantile_ns(0.99)),
+        "max_us": h.max_ns / 1000,
+        "buckets": buckets,
+    })
+}
+
 /// Every drop reason's count, by its name.
 fn drops_json(get: impl Fn(Counter) -> u64) -> Value {
     DropReason::ALL
@@ -404,6 +445,9 @@ fn totals_json(snap: &Snapshot) -> Value {
         obj.insert(e.name.into(), json!(value));
     }
     obj.insert("drops".into(), drops_json(|c| snap.total(c)));
+    let mut delays = Histogram::default();
+    snap.slots().for_each(|w| delays.add(w.delay));
+    obj.insert("queue_delay".into(), queue_delay_json(&delays));
     obj.insert(
         "workers_retired".into(),
         json!(snap.slots().count() - snap.workers().count()),
@@ -415,6 +459,8 @@ const NARROW_LEGEND: &str = concat!(
     "  rx: datagrams from clients   tx: forwarded to backends   replies: sent back to clients\n",
     "  drops: every datagram the worker dropped, for any reason (by stage below; --wide: by reason)\n",
     "  busy(rho): time handling datagrams / wall time; near 100% means the CPU is the limit\n",
+    "  p99 wait: 99% of datagrams waited at most this long in the listener socket before the\n",
+    "  worker read them; it grows before the socket drops (--wide: p50/p99/longest)\n",
     "  rst: restarts after a crash   gen: the process's generation in its slot (one more per\n",
     "  restart and per binary upgrade)\n",
 );
@@ -475,7 +521,7 @@ fn width(wide: bool) -> usize {
     if wide {
         12
     } else {
-        10
+        9
     }
 }
 
@@ -660,22 +706,44 @@ fn render(before: Option<&Sample>, after: &Sample, window: Option<Window>, wide:
     }
     system_lines(&mut out, before.map(|b| &b.system), &after.system, &n);
     let columns = columns(wide);
+    let (wait, wait_width) = match wide {
+        true => ("wait p50/p99/max", 18),
+        false => ("p99 wait", 8),
+    };
     out += &format!(
-        "{:>3} {:>8} {:>4} {:<8} {:>4} {:>4} {:>8} {:>9}",
+        "{:>3} {:>7} {:>3} {:<8} {:>3} {:>3} {:>8} {:>9} {wait:>wait_width$}",
         "id", "pid", "cpu", "state", "rst", "gen", "sessions", "busy(rho)"
     );
     for c in &columns {
         out += &format!(" {:>width$}", c.name, width = width(wide));
     }
     out += "\n";
+    let mut marks = String::new();
     for w in after.snap.workers() {
         let b = before.and_then(|b| b.snap.workers().find(|x| x.id == w.id));
         let busy = match window {
             Some(_) => busy_ratio_between(b.as_ref(), &w),
             None => busy_ratio(&w),
         };
+        let delays = match &b {
+            Some(b) => {
+                let window = w.delay.since(b.delay);
+                let drops = |x: &WorkerSnapshot<'_>| x.get(Counter::DropSocket);
+                let (then, now) = (b.delay.quantile_ns(0.99), window.quantile_ns(0.99));
+                if drops(&w) == drops(b) && crate::verdict::delay_growing(then, now) {
+                    marks += &format!(
+                        "  <- worker {}: queue delay growing, no drops yet: p99 {} (before: {})\n",
+                        w.id,
+                        now.map_or("-".into(), delay::human),
+                        then.map_or("-".into(), delay::human),
+                    );
+                }
+                window
+            }
+            None => *w.delay,
+        };
         out += &format!(
-            "{:>3} {:>8} {:>4} {:<8} {:>4} {:>4} {:>8} {:>8.1}%",
+            "{:>3} {:>7} {:>3} {:<8} {:>3} {:>3} {:>8} {:>8.1}% {:>wait_width$}",
             w.id,
             w.get(Counter::Pid),
             w.get(Counter::Cpu),
@@ -683,7 +751,8 @@ fn render(before: Option<&Sample>, after: &Sample, window: Option<Window>, wide:
             w.get(Counter::Restarts),
             w.get(Counter::Generation),
             w.get(Counter::SessionsActive),
-            busy * 100.0
+            busy * 100.0,
+            wait_cell(&delays, wide)
         );
         let sum = |x: &WorkerSnapshot<'_>, c: &Column| {
             c.counters
@@ -700,12 +769,16 @@ fn render(before: Option<&Sample>, after: &Sample, window: Option<Window>, wide:
         }
         out += "\n";
     }
+    out += &marks;
     backends_table(&mut out, before.map(|b| &b.snap), &after.snap, &n);
     if wide {
         for c in &columns {
             out += &format!("  {:<15} {}\n", c.name, c.help);
         }
         out += "  busy(rho)       time handling datagrams / wall time: near 100% means the CPU is the limit\n";
+        out += "  wait            how long datagrams waited in the listener socket before the worker read\n";
+        out += "                  them: p50, p99 (each its bucket's bound, a power of two in us) and the\n";
+        out += "                  longest of the last 1-2s; it grows before the socket drops\n";
     } else {
         out += NARROW_LEGEND;
     }
@@ -715,7 +788,47 @@ fn render(before: Option<&Sample>, after: &Sample, window: Option<Window>, wide:
         &stage_drops(&after.snap, &after.system),
         &n,
     );
+    if let Some(before) = before {
+        out += &wrap(&crate::verdict::line(before, after));
+    }
     out
+}
+
+/// A line wrapped at the table's width (100 columns), its continuations
+/// indented.
+pub(crate) fn wrap(text: &str) -> String {
+    const WIDTH: usize = 100;
+    const INDENT: &str = "    ";
+    let mut out = String::new();
+    let mut line = String::new();
+    for word in text.split(' ') {
+        if !line.is_empty() && line.len() + 1 + word.len() > WIDTH {
+            out += &line;
+            out += "\n";
+            line = INDENT.to_string();
+        } else if !line.is_empty() && line != INDENT {
+            line.push(' ');
+        }
+        line += word;
+    }
+    out += &line;
+    out += "\n";
+    out
+}
+
+/// A worker's queue delay as the table shows it: its p99, or (`wide`)
+/// `4us/32us/120us` for p50, p99 and the longest; `-` where nothing was
+/// read. A quantile reads as its bucket's upper bound.
+fn wait_cell(h: &Histogram, wide: bool) -> String {
+    let q = |q: f64| h.quantile_ns(q).map_or("-".to_string(), delay::human);
+    if !wide {
+        return q(0.99);
+    }
+    let max = match h.max_ns {
+        0 if h.count() == 0 => "-".to_string(),
+        ns => delay::human(ns),
+    };
+    format!("{}/{}/{max}", q(0.5), q(0.99))
 }
 
 /// `2026-12-01 20:45:31 UTC` for a Unix time.

@@ -609,3 +609,256 @@ fn session_log_4_samples_a_quarter_and_two_proxies_sample_the_same_sessions() {
     assert!((60..=140).contains(&first.len()), "{} sampled", first.len());
     assert_eq!(first, second, "the two proxies sampled different sessions");
 }
+
+/// Worker 0's queue-delay quantile `q` ("p50_us", "p99_us") in `stats`.
+fn delay_us(stats: &Value, q: &str) -> Option<u64> {
+    stats["workers"][0]["queue_delay"][q].as_u64()
+}
+
+/// Sends `n` small datagrams to `to` in rounds of 100, each round read by
+/// the worker (its rx count) before the next: no queue builds up.
+fn send_paced(proxy: &Proxy, client: &UdpSocket, to: SocketAddr, n: u64) {
+    let start = total(&proxy.stats(), "rx_packets");
+    for round in 0..n.div_ceil(100) {
+        let batch = (n - round * 100).min(100);
+        for i in 0..batch {
+            client.send_to(&i.to_le_bytes(), to).expect("send");
+        }
+        let want = start + round * 100 + batch;
+        proxy.wait_stats(WAIT, "the worker to read the round", |s| {
+            total(s, "rx_packets") >= want
+        });
+    }
+}
+
+#[test]
+fn queue_delay_rises_while_a_worker_is_stopped_before_any_drop_and_falls_after() {
+    let backend = Backend::start("b");
+    let port = free_tcp_port();
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &config(backend.addr, &format!("metrics = \"127.0.0.1:{port}\""), ""),
+    );
+    let endpoint = format!("127.0.0.1:{port}");
+    let addr = proxy.addr("l");
+    let pid = worker_pid(&proxy);
+    let client = bind_udp("127.0.0.1:0");
+    send_paced(&proxy, &client, addr, 300);
+    let calm = proxy.stats();
+    let calm_p99 = delay_us(&calm, "p99_us").expect("a p99 once datagrams were read");
+    assert!(
+        calm_p99 < 100_000,
+        "{:#}",
+        calm["workers"][0]["queue_delay"]
+    );
+
+    // Stopped, the worker reads nothing: what arrives waits in its socket
+    // (100 datagrams: far below the buffer, so nothing is dropped).
+    let frozen = Frozen::new(pid);
+    for i in 0..100u64 {
+        client.send_to(&i.to_le_bytes(), addr).expect("send");
+    }
+    let mut watch = Command::new(BIN)
+        .args(["stats", "--watch", "0.3", "--count", "4", "--stats-file"])
+        .arg(&proxy.stats_file)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("stats --watch");
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(watch.stdout.take().expect("piped")));
+    let mut out = String::new();
+    // Sample 2's verdict is printed while the worker is still stopped: then
+    // it resumes, and sample 3 sees the backlog read.
+    let mut verdicts = 0;
+    for line in lines.by_ref() {
+        let line = line.expect("stats --watch output");
+        out += &line;
+        out += "\n";
+        if line.starts_with("ok:") || line.starts_with("warning:") || line.starts_with("DROPPING") {
+            verdicts += 1;
+            if verdicts == 1 {
+                break;
+            }
+        }
+    }
+    assert_eq!(kernel_drops(addr.port()), 0, "the socket dropped:\n{out}");
+    drop(frozen);
+    for line in lines {
+        out += &line.expect("stats --watch output");
+        out += "\n";
+    }
+    assert!(watch.wait().expect("stats --watch").success(), "{out}");
+    println!("{out}");
+    let samples: Vec<&str> = out.split("--- sample ").collect();
+    assert_eq!(samples.len(), 5, "{out}");
+    // A verdict names host-wide drops first (path order): other tests on
+    // this host may overflow their sockets meanwhile.
+    let (stopped, resumed) = (verdict_of(samples[2]), verdict_of(samples[3]));
+    assert!(
+        stopped.starts_with("ok: no drops growing, p99 queue delay ")
+            && stopped.contains(" (since start), rho ")
+            || host_wide_drops(&stopped),
+        "stopped, the worker read nothing:\n{}",
+        samples[2]
+    );
+    assert!(
+        samples[3].contains("<- worker 0: queue delay growing, no drops yet: p99 "),
+        "the backlog's wait is marked:\n{}",
+        samples[3]
+    );
+    assert!(
+        resumed.starts_with("warning: no drops yet, but queue delay is growing: p99 ")
+            || host_wide_drops(&resumed),
+        "{}",
+        samples[3]
+    );
+
+    // The rise, in the JSON and in Prometheus, with no drop counted.
+    let stats = proxy.wait_stats(WAIT, "the backlog read", |s| total(s, "rx_packets") >= 400);
+    let risen = delay_us(&stats, "p99_us").unwrap_or(u64::MAX);
+    assert!(
+        risen >= 131_072 && risen > calm_p99,
+        "{:#}",
+        stats["workers"][0]["queue_delay"]
+    );
+    assert_eq!(total(&stats, "drops.socket"), 0);
+    let text = http_get(&endpoint, "/metrics");
+    let count = metric(&text, "udpshard_queue_delay_seconds_count{worker=\"0\"}");
+    let fast = metric(
+        &text,
+        "udpshard_queue_delay_seconds_bucket{le=\"0.131072\",worker=\"0\"}",
+    );
+    let (Some(count), Some(fast)) = (count, fast) else {
+        panic!("no queue-delay histogram for worker 0:\n{text}");
+    };
+    assert_eq!(count, 400.0, "{text}");
+    assert!(
+        count - fast >= 100.0,
+        "the 100 that waited: {count} - {fast}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "udpshard_drops_total{worker=\"0\",reason=\"socket\"}"
+        ),
+        Some(0.0)
+    );
+
+    // Traffic the worker keeps up with brings the p99 back down.
+    send_paced(&proxy, &client, addr, 20_000);
+    let after = proxy.stats();
+    let fallen = delay_us(&after, "p99_us").expect("a p99");
+    assert!(
+        fallen < 131_072,
+        "100 slow of 20,400 are under 1%: {:#}",
+        after["workers"][0]["queue_delay"]
+    );
+    assert_eq!(total(&after, "drops.socket"), 0);
+}
+
+/// Whether a verdict names drops at a host-wide stage (another program's).
+fn host_wide_drops(verdict: &str) -> bool {
+    ["NIC", "softnet", "UDP, other sockets"]
+        .iter()
+        .any(|stage| verdict.starts_with(&format!("DROPPING: {stage}")))
+}
+
+/// The verdict a table ends with, its wrapped lines joined.
+fn verdict_of(table: &str) -> String {
+    let lines: Vec<&str> = table.lines().collect();
+    let start = lines
+        .iter()
+        .rposition(|l| !l.starts_with("    "))
+        .unwrap_or(0);
+    lines[start..]
+        .iter()
+        .map(|l| l.trim())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `udpshard stats` until its verdict satisfies `want` (at most 10 times:
+/// the host-wide stages come first in path order, and other tests that
+/// overflow sockets on this host move them meanwhile); the last table.
+fn stats_until(proxy: &Proxy, want: impl Fn(&str) -> bool) -> String {
+    let mut table = String::new();
+    for _ in 0..10 {
+        table = stats_table(proxy);
+        if want(&verdict_of(&table)) {
+            break;
+        }
+    }
+    table
+}
+
+/// `udpshard stats` on `proxy`'s file: its table, ending with the verdict.
+fn stats_table(proxy: &Proxy) -> String {
+    let out = Command::new(BIN)
+        .arg("stats")
+        .arg("--stats-file")
+        .arg(&proxy.stats_file)
+        .output()
+        .expect("udpshard stats");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+    stdout
+}
+
+#[test]
+fn stats_ends_with_a_verdict_ok_or_the_first_growing_stage_and_its_fix() {
+    let backend = Backend::start("b");
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &config(backend.addr, "", "max_sessions = 1"),
+    );
+    let addr = proxy.addr("l");
+    let client = bind_udp("127.0.0.1:0");
+    send_paced(&proxy, &client, addr, 200);
+    let healthy = stats_until(&proxy, |v| v.contains(": ok: "));
+    assert!(
+        healthy.lines().all(|l| l.len() <= 100),
+        "the table and its verdict fit a terminal:\n{healthy}"
+    );
+    let verdict = verdict_of(&healthy);
+    assert!(
+        verdict.starts_with("over 0.5s: ok: no drops growing, p99 queue delay ")
+            && verdict.contains(", rho 0."),
+        "{healthy}"
+    );
+
+    // New flows past max_sessions, from fresh ports, while stats watches.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                let s = bind_udp("127.0.0.1:0");
+                s.send_to(b"new flow", addr).expect("send");
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            sent
+        })
+    };
+    proxy.wait_stats(WAIT, "refused flows", |s| {
+        total(s, "drops.session_limit") + total(s, "drops.rate_limited") > 0
+    });
+    let dropping = stats_until(&proxy, |v| v.contains(" sessions/backends drops growing"));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(sender.join().expect("sender") > 0);
+    assert!(dropping.lines().all(|l| l.len() <= 100), "{dropping}");
+    let verdict = verdict_of(&dropping);
+    assert!(
+        verdict.starts_with("over 0.5s: DROPPING: sessions/backends drops growing, ")
+            && verdict.contains("; fix: "),
+        "{dropping}"
+    );
+    assert!(
+        verdict.contains("mostly session_limit") && verdict.contains("raise max_sessions")
+            || verdict.contains("mostly rate_limited") && verdict.contains("[listener.admission]"),
+        "{verdict}"
+    );
+    println!("{healthy}\n{dropping}");
+}

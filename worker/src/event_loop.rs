@@ -19,6 +19,7 @@ use crate::handoff::{Handoff, MAX_DATAGRAM};
 use crate::listener::Listener;
 use crate::paths::SockId;
 use crate::phase::Phase;
+use crate::queue_delay::{self, QueueDelay};
 use crate::router::{Arrival, DatagramRef, Outcome, Router, Via};
 use crate::shm::ShmOwners;
 use crate::sockio;
@@ -133,6 +134,8 @@ struct Loop {
     replies_ahead: u64,
     /// The slot's wall time before this process's loop began.
     wall_base: u64,
+    /// How long listener datagrams waited in their socket.
+    queue_delay: QueueDelay,
 }
 
 /// The bytes `d` names, resolved against the loop's buffers.
@@ -195,6 +198,7 @@ impl Loop {
         if let Some(counts) = self.region.backend_counts(self.id) {
             self.router.counters.publish_backends(&counts);
         }
+        self.queue_delay.publish(self.region.delay(self.id));
         self.publish_ahead();
     }
 
@@ -302,6 +306,7 @@ impl Loop {
             window_max_ns = window_max_ns.max(iteration_ns);
             if done.duration_since(window_start) >= Duration::from_secs(1) {
                 counters.set(Counter::LoopMaxUs, window_max_ns / 1000);
+                self.queue_delay.end_window();
                 (window_start, window_max_ns) = (done, 0);
             }
             let since_start = done.duration_since(self.start).as_nanos() as u64;
@@ -453,6 +458,13 @@ impl Loop {
                 }
             };
             let now = self.now_ms();
+            // One clock read for the batch, against each datagram's (or
+            // GRO run's) kernel receive timestamp.
+            let wall = queue_delay::wall_now();
+            for m in &self.rx.meta[..n] {
+                let datagrams = segments(m.len, m.stride).count() as u64;
+                self.queue_delay.record(wall, m.timestamp, datagrams);
+            }
             self.refs.clear();
             let counters = &self.router.counters;
             let (datagrams, bytes) = self.rx.meta[..n].iter().fold((0, 0), |(d, b), m| {

@@ -16,6 +16,7 @@ mod keyindex;
 mod listener;
 pub mod paths;
 pub mod phase;
+mod queue_delay;
 mod rawtx;
 pub mod router;
 mod sandbox;

@@ -39,8 +39,8 @@ impl Listener {
         // quinn-udp asks for the TOS byte (ECN), timestamps and, on IPv4,
         // the destination address of every datagram. A proxy relays ECN end
         // to end only where it is told to, and needs the destination only
-        // to answer from the right address of a wildcard bind: skip the
-        // control messages the kernel would otherwise build per datagram.
+        // to answer from the right address of a wildcard bind: skip those
+        // control messages. The timestamp stays: the queue delay.
         sockio::set_recv_control(&socket, wildcard).map_err(err)?;
         let inode = socket_inode(&socket).map_err(err)?;
         Ok(Listener {

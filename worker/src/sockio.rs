@@ -43,12 +43,12 @@ pub(crate) fn socket_drops(fd: RawFd) -> io::Result<u32> {
 }
 
 /// Which per-datagram control messages a listener socket receives: the
-/// destination address only when `want_dst` (wildcard binds), never TOS or
-/// timestamps.
+/// kernel's receive timestamp (the queue delay is measured against it), the
+/// destination address only when `want_dst` (wildcard binds), never TOS.
 pub(crate) fn set_recv_control(socket: &UdpSocket, want_dst: bool) -> io::Result<()> {
-    // quinn-udp turns on SO_TIMESTAMPNS for every socket it sets up: a
-    // control message per datagram, and packet timestamps for the host.
-    setsockopt(socket, sockopt::ReceiveTimestampns, &false)?;
+    // quinn-udp turns SO_TIMESTAMPNS on, and goes on where it fails: the
+    // queue delay needs it, so a refusal is an error here.
+    setsockopt(socket, sockopt::ReceiveTimestampns, &true)?;
     if socket.local_addr()?.is_ipv4() {
         setsockopt(socket, sockopt::Ipv4PacketInfo, &want_dst)?;
         setsockopt(socket, sockopt::IpRecvTos, &false)?;

@@ -278,6 +278,7 @@ impl Loop {
             let counts = self.region.backend_counts(self.id);
             self.router.counters.rebase(&slot, counts.as_ref());
         }
+        self.queue_delay.rebase(self.region.delay(self.id));
         // Wall time goes on from the slot's (this loop's clock keeps running).
         let since_start = self.start.elapsed().as_nanos() as u64;
         self.wall_base = self

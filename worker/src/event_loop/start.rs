@@ -26,6 +26,7 @@ use crate::exec::Executor;
 use crate::handoff::{Handoff, MAX_DATAGRAM};
 use crate::listener::Listener;
 use crate::phase::Phase;
+use crate::queue_delay::QueueDelay;
 use crate::rawtx::RawTx;
 use crate::router::{Route, Router};
 use crate::sandbox;
@@ -80,6 +81,11 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
     let early = wait_live(&mut control, args.standby.is_some())?;
     tracing::debug!(worker = args.id, "ready");
 
+    // A standby successor's counts join the slot's when it goes live.
+    let queue_delay = match args.standby {
+        Some(_) => QueueDelay::default(),
+        None => QueueDelay::resume(region.delay(args.id)),
+    };
     let mut lp = Loop {
         poll,
         control,
@@ -107,6 +113,7 @@ pub fn run(args: WorkerArgs) -> Result<(), WorkerError> {
         rx_ahead: (0, 0),
         replies_ahead: 0,
         wall_base: 0,
+        queue_delay,
     };
     let epoch_ms = lp.start_ns / 1_000_000;
     lp.router.set_epoch(epoch_ms);
