@@ -58,6 +58,7 @@ pub(crate) struct FileListener {
     pub admission: Option<Spanned<FileAdmission>>,
     pub proxy_protocol: Option<Spanned<String>>,
     pub session_log: Option<Spanned<Int>>,
+    pub queue_delay: Option<Spanned<String>>,
 }
 
 /// `[listener.admission]`: what an unauthenticated datagram may create.

@@ -114,6 +114,10 @@ pub struct Listener {
     /// Log one session in this many (by its key's hash, so every host of a
     /// fleet picks the same ones) when it opens and when it closes; 0: off.
     pub session_log: u32,
+    /// Measure how long each datagram waited in the listener socket (the
+    /// kernel stamps it on arrival: SO_TIMESTAMPNS); `queue_delay = "off"`
+    /// saves that per-datagram cost.
+    pub queue_delay: bool,
     /// A path that is not its session's last closes after this long without
     /// a datagram either way; in `1s..=session_idle`.
     pub path_idle: Duration,

@@ -65,6 +65,7 @@ fn default_parses() {
             migration: Migration::Path,
             proxy_protocol: ProxyProtocol::Off,
             session_log: 0,
+            queue_delay: true,
             path_idle: Duration::from_secs(30),
             max_paths: 4,
             upstream_sources: vec![],
@@ -1228,6 +1229,19 @@ fn syscall_filter_is_on_or_off() {
     let e = parse(&bad, "t.toml").unwrap_err().to_string();
     assert!(e.starts_with("t.toml:1:18:"), "{e}");
     assert!(e.contains("expected \"on\" or \"off\""), "{e}");
+}
+
+#[test]
+fn queue_delay_is_on_or_off() {
+    let base =
+        "[[listener]]\nname = \"q\"\nbind = \"127.0.0.1:4433\"\ndissector = \"tuple\"\nbackends = [\"127.0.0.1:5000\"]\n";
+    assert!(parse(base, "t.toml").unwrap().listeners[0].queue_delay);
+    let off = format!("{base}queue_delay = \"off\"\n");
+    assert!(!parse(&off, "t.toml").unwrap().listeners[0].queue_delay);
+    let bad = format!("{base}queue_delay = \"maybe\"\n");
+    let e = parse(&bad, "t.toml").unwrap_err().to_string();
+    assert!(e.starts_with("t.toml:6:15:"), "{e}");
+    assert!(e.contains("queue_delay = \"maybe\" is invalid"), "{e}");
 }
 
 #[test]

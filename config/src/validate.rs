@@ -337,6 +337,21 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
             }
         },
     };
+    let queue_delay = match &l.queue_delay {
+        None => true,
+        Some(v) => match v.get_ref().as_str() {
+            "on" => true,
+            "off" => false,
+            other => {
+                return Err(at(
+                    v,
+                    format!(
+                        "{ctx}: queue_delay = {other:?} is invalid (expected \"on\" or \"off\")"
+                    ),
+                ))
+            }
+        },
+    };
     let session_log = match &l.session_log {
         None => 0,
         Some(v) => int_in(v, 0..=1_000_000_000, &format!("{ctx}: session_log"))?,
@@ -460,6 +475,7 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
         admission,
         proxy_protocol,
         session_log,
+        queue_delay,
     })
 }
 

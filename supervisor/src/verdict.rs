@@ -73,10 +73,21 @@ pub(crate) fn line(before: &Sample, after: &Sample) -> String {
             "warning: no drops yet, but queue delay is growing: p99 {shown} (before: {}), \
              rho {rho:.2}; {}",
             then.map_or("-".to_string(), delay::human),
-            fix(Stage::Listener, Some(DropReason::Socket), rho)
+            late(rho)
         );
     }
     format!("ok: no drops growing, p99 queue delay {shown}, rho {rho:.2}")
+}
+
+/// Why datagrams wait longer with no drops yet, and what to look at.
+fn late(rho: f64) -> String {
+    if rho >= CPU_BOUND {
+        return fix(Stage::Listener, Some(DropReason::Socket), rho);
+    }
+    "the workers read late with CPU to spare: stalled (loop_max_us) or starved of CPU (other \
+     processes, the hypervisor's steal); the listener's recv_buffer is what holds until the \
+     socket drops"
+        .to_string()
 }
 
 /// The workers' queue delay up to `before`, and over the window.

@@ -862,3 +862,41 @@ fn stats_ends_with_a_verdict_ok_or_the_first_growing_stage_and_its_fix() {
     );
     println!("{healthy}\n{dropping}");
 }
+
+#[test]
+fn queue_delay_off_stamps_nothing_and_a_reload_turns_it_on() {
+    let backend = Backend::start("b");
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &config(backend.addr, "", "queue_delay = \"off\""),
+    );
+    let addr = proxy.addr("l");
+    let client = bind_udp("127.0.0.1:0");
+    send_paced(&proxy, &client, addr, 200);
+    let off = proxy.stats();
+    assert_eq!(total(&off, "rx_packets"), 200);
+    assert_eq!(
+        off["workers"][0]["queue_delay"]["count"], 0,
+        "no stamps, no delays: {:#}",
+        off["workers"][0]["queue_delay"]
+    );
+    assert!(off["workers"][0]["queue_delay"]["p99_us"].is_null());
+
+    // The same socket, kept across the reload, is stamped from then on.
+    let text = std::fs::read_to_string(&proxy.config_path).expect("the config");
+    let on = text.replace("queue_delay = \"off\"", "queue_delay = \"on\"");
+    assert_ne!(on, text);
+    std::fs::write(&proxy.config_path, on).expect("write the config");
+    proxy.signal(libc::SIGHUP);
+    proxy.wait_stats(WAIT, "the reload applied", |s| {
+        s["config_generation"] == 2 && total(s, "config_generation") == 2
+    });
+    send_paced(&proxy, &client, addr, 200);
+    let stats = proxy.stats();
+    assert_eq!(total(&stats, "rx_packets"), 400);
+    assert_eq!(
+        stats["workers"][0]["queue_delay"]["count"], 200,
+        "{:#}",
+        stats["workers"][0]["queue_delay"]
+    );
+}

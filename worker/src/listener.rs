@@ -24,6 +24,8 @@ pub(crate) struct Listener {
     /// Whether replies go out in UDP_SEGMENT runs: off for good once a
     /// device refused one.
     pub gso: Cell<sockio::Gso>,
+    /// The kernel stamps each datagram's arrival (`queue_delay`).
+    pub stamped: bool,
 }
 
 impl Listener {
@@ -40,8 +42,9 @@ impl Listener {
         // the destination address of every datagram. A proxy relays ECN end
         // to end only where it is told to, and needs the destination only
         // to answer from the right address of a wildcard bind: skip those
-        // control messages. The timestamp stays: the queue delay.
-        sockio::set_recv_control(&socket, wildcard).map_err(err)?;
+        // control messages. The timestamp stays, for the queue delay,
+        // unless the config turns it off.
+        sockio::set_recv_control(&socket, wildcard, cfg.queue_delay).map_err(err)?;
         let inode = socket_inode(&socket).map_err(err)?;
         Ok(Listener {
             name: cfg.name.clone(),
@@ -50,7 +53,24 @@ impl Listener {
             io,
             wildcard,
             gso: Cell::new(sockio::Gso::probe()),
+            stamped: cfg.queue_delay,
         })
+    }
+
+    /// The listener kept across a reload, under `cfg`: its name, and the
+    /// arrival stamps turned on or off as `cfg` says.
+    pub(crate) fn reconfigure(&mut self, cfg: &config::Listener) -> Result<(), WorkerError> {
+        self.name = cfg.name.clone();
+        if self.stamped != cfg.queue_delay {
+            sockio::set_recv_control(&self.socket, self.wildcard, cfg.queue_delay).map_err(
+                |source| WorkerError::Socket {
+                    listener: cfg.name.clone(),
+                    source,
+                },
+            )?;
+            self.stamped = cfg.queue_delay;
+        }
+        Ok(())
     }
 }
 

@@ -43,12 +43,17 @@ pub(crate) fn socket_drops(fd: RawFd) -> io::Result<u32> {
 }
 
 /// Which per-datagram control messages a listener socket receives: the
-/// kernel's receive timestamp (the queue delay is measured against it), the
-/// destination address only when `want_dst` (wildcard binds), never TOS.
-pub(crate) fn set_recv_control(socket: &UdpSocket, want_dst: bool) -> io::Result<()> {
+/// kernel's receive timestamp when `want_stamp` (the queue delay is
+/// measured against it), the destination address only when `want_dst`
+/// (wildcard binds), never TOS.
+pub(crate) fn set_recv_control(
+    socket: &UdpSocket,
+    want_dst: bool,
+    want_stamp: bool,
+) -> io::Result<()> {
     // quinn-udp turns SO_TIMESTAMPNS on, and goes on where it fails: the
     // queue delay needs it, so a refusal is an error here.
-    setsockopt(socket, sockopt::ReceiveTimestampns, &true)?;
+    setsockopt(socket, sockopt::ReceiveTimestampns, &want_stamp)?;
     if socket.local_addr()?.is_ipv4() {
         setsockopt(socket, sockopt::Ipv4PacketInfo, &want_dst)?;
         setsockopt(socket, sockopt::IpRecvTos, &false)?;

@@ -23,7 +23,7 @@ use udpshard_tests::load::baseline::allowed_cpus;
 use udpshard_tests::load::cli::Common;
 use udpshard_tests::load::procstat::{clock_ticks, CpuSnapshot, CpuUse, UdpCounters};
 use udpshard_tests::load::proxy::{
-    free_udp_addr, nginx_conf, show_command, udpshard_toml, ProxyProcess,
+    free_udp_addr, nginx_conf, show_command, udpshard_toml_keyed, ProxyProcess,
 };
 use udpshard_tests::load::units::{parse_duration, parse_rate};
 use udpshard_tests::load::{
@@ -97,6 +97,9 @@ enum ProxyKind {
     Udpshard,
     /// udpshard with `upstream_send = "socket"` (no raw IP): only with `--only`.
     UdpshardSocket,
+    /// udpshard with `queue_delay = "off"` (no arrival stamps): only with
+    /// `--only`, beside `udpshard` for the queue delay's cost in one run.
+    UdpshardNoDelay,
 }
 
 impl ProxyKind {
@@ -116,6 +119,7 @@ impl ProxyKind {
             ProxyKind::Nginx => "nginx",
             ProxyKind::Udpshard => "udpshard",
             ProxyKind::UdpshardSocket => "udpshard-socket",
+            ProxyKind::UdpshardNoDelay => "udpshard-no-delay",
         }
     }
 
@@ -124,7 +128,9 @@ impl ProxyKind {
             ProxyKind::Floor => "floor-proxy",
             ProxyKind::Naive => "naive-proxy",
             ProxyKind::Nginx => "nginx",
-            ProxyKind::Udpshard | ProxyKind::UdpshardSocket => "udpshard",
+            ProxyKind::Udpshard | ProxyKind::UdpshardSocket | ProxyKind::UdpshardNoDelay => {
+                "udpshard"
+            }
         }
     }
 
@@ -135,7 +141,8 @@ impl ProxyKind {
             ProxyKind::Naive
             | ProxyKind::Nginx
             | ProxyKind::Udpshard
-            | ProxyKind::UdpshardSocket => 2,
+            | ProxyKind::UdpshardSocket
+            | ProxyKind::UdpshardNoDelay => 2,
         }
     }
 }
@@ -223,7 +230,7 @@ fn main() -> ExitCode {
     };
     let selected: Vec<ProxyKind> = ProxyKind::ALL
         .into_iter()
-        .chain([ProxyKind::UdpshardSocket])
+        .chain([ProxyKind::UdpshardSocket, ProxyKind::UdpshardNoDelay])
         .filter(|p| args.only.contains(p) || (args.only.is_empty() && default.contains(p)))
         .filter(|p| !args.skip.contains(p))
         .collect();
@@ -510,20 +517,26 @@ fn proxy_command(
                 .arg("-c")
                 .arg(&config);
         }
-        ProxyKind::Udpshard | ProxyKind::UdpshardSocket => {
+        ProxyKind::Udpshard | ProxyKind::UdpshardSocket | ProxyKind::UdpshardNoDelay => {
             let config = workdir.join("udpshard.toml");
             let send = if proxy == ProxyKind::UdpshardSocket {
                 "socket"
             } else {
                 "auto"
             };
+            let stamps = if proxy == ProxyKind::UdpshardNoDelay {
+                "off"
+            } else {
+                "on"
+            };
             std::fs::write(
                 &config,
-                udpshard_toml(
+                udpshard_toml_keyed(
                     listen,
                     backends,
                     workdir,
                     &format!("upstream_send = \"{send}\""),
+                    &format!("dissector = \"quic\"\nshort_cid_len = 8\nqueue_delay = \"{stamps}\""),
                 ),
             )
             .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
@@ -705,6 +718,7 @@ fn host_line() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use udpshard_tests::load::proxy::udpshard_toml;
 
     #[test]
     fn the_udpshard_config_is_valid() {
