@@ -2,9 +2,10 @@
 //!
 //! A tiny HTTP/1.1 server inside the supervisor's single-threaded mio loop:
 //! non-blocking accept, read the request head (bounded), answer
-//! `GET /metrics` with OpenMetrics text to a scraper whose Accept names it
-//! (Prometheus does), the classic text format (0.0.4) to anyone else, and
-//! anything else with 404, then close. Values are read from the stats region
+//! `GET /metrics` in the encoding the scraper's Accept prefers: protobuf
+//! (`proto`; what Prometheus asks for first with native histograms on),
+//! OpenMetrics text (what it asks for otherwise), or the classic text
+//! format (0.0.4) for anyone else; anything else gets 404; then close. Values are read from the stats region
 //! at scrape time, so a scrape sees exactly what `udpshard stats` would.
 //!
 //! The exposition is encoded by the prometheus-client crate, through a
@@ -37,6 +38,8 @@ use udpshard_shared::stats::delay::{self, Histogram};
 use udpshard_shared::stats::{Counter, Header, SlotState, Snapshot, StatsError};
 
 use crate::system::SystemCounters;
+
+mod proto;
 
 /// What [`render`] writes, served to scrapers that ask for it (Prometheus
 /// asks for it first).
@@ -265,7 +268,7 @@ fn respond(request: &[u8], body: impl FnOnce() -> Result<String, String>) -> Opt
     let head_end = find(request, b"\r\n\r\n").or_else(|| find(request, b"\n\n"));
     if head_end.is_none() {
         if request.len() > MAX_REQUEST {
-            return Some(http(431, "text/plain", "request header too large\n"));
+            return Some(http(431, "text/plain", b"request header too large\n"));
         }
         return None;
     }
@@ -275,19 +278,65 @@ fn respond(request: &[u8], body: impl FnOnce() -> Result<String, String>) -> Opt
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
     if method != "GET" || path != "/metrics" {
-        return Some(http(404, "text/plain", "not found; try GET /metrics\n"));
+        return Some(http(404, "text/plain", b"not found; try GET /metrics\n"));
     }
     let head = String::from_utf8_lossy(&request[..head_end.unwrap_or(request.len())]);
-    let openmetrics = head.lines().any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("accept") && v.contains("application/openmetrics-text")
-        })
-    });
-    Some(match body() {
-        Ok(text) if openmetrics => http(200, OPENMETRICS, &text),
-        Ok(text) => http(200, TEXT_004, &text_004(&text)),
-        Err(e) => http(500, "text/plain", &format!("{e}\n")),
+    let accept: Vec<&str> = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| k.trim().eq_ignore_ascii_case("accept"))
+        .map(|(_, v)| v)
+        .collect();
+    Some(match (body(), negotiate(&accept.join(","))) {
+        (Ok(text), Encoding::Protobuf) => {
+            http(200, proto::CONTENT_TYPE, &proto::from_openmetrics(&text))
+        }
+        (Ok(text), Encoding::OpenMetrics) => http(200, OPENMETRICS, text.as_bytes()),
+        (Ok(text), Encoding::Text) => http(200, TEXT_004, text_004(&text).as_bytes()),
+        (Err(e), _) => http(500, "text/plain", format!("{e}\n").as_bytes()),
     })
+}
+
+/// The encodings the endpoint serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Protobuf,
+    OpenMetrics,
+    Text,
+}
+
+/// The encoding an Accept header prefers (its q values; protobuf first
+/// among equals, then OpenMetrics): the classic text when it names
+/// neither.
+fn negotiate(accept: &str) -> Encoding {
+    let mut best = (0.0f64, Encoding::Text);
+    for range in accept.split(',') {
+        let mut params = range.split(';').map(str::trim);
+        let encoding = match params.next().unwrap_or("") {
+            proto::MEDIA_TYPE => Encoding::Protobuf,
+            "application/openmetrics-text" => Encoding::OpenMetrics,
+            _ => continue,
+        };
+        let mut q = 1.0;
+        for p in params {
+            match p.split_once('=') {
+                Some(("q", v)) => q = v.trim().parse().unwrap_or(0.0),
+                // Only the MetricFamily messages of client_model are served.
+                Some(("proto", v)) if v != "io.prometheus.client.MetricFamily" => q = 0.0,
+                Some(("encoding", v)) if v != "delimited" => q = 0.0,
+                _ => {}
+            }
+        }
+        let rank = |e: Encoding| match e {
+            Encoding::Protobuf => 2,
+            Encoding::OpenMetrics => 1,
+            Encoding::Text => 0,
+        };
+        if q > best.0 || q == best.0 && q > 0.0 && rank(encoding) > rank(best.1) {
+            best = (q, encoding);
+        }
+    }
+    best.1
 }
 
 /// OpenMetrics text as the classic 0.0.4 format: a counter family's HELP and
@@ -315,18 +364,20 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-fn http(status: u16, content_type: &str, body: &str) -> Vec<u8> {
+fn http(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         404 => "Not Found",
         431 => "Request Header Fields Too Large",
         _ => "Internal Server Error",
     };
-    format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )
-    .into_bytes()
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
 }
 
 /// A label value, escaped as the exposition format requires (prometheus-client
@@ -408,12 +459,7 @@ impl EncodeMetric for DelaySample {
             .buckets
             .iter()
             .enumerate()
-            .map(|(k, n)| {
-                (
-                    delay::upper_ns(k).map_or(f64::MAX, |ns| ns as f64 / 1e9),
-                    *n,
-                )
-            })
+            .map(|(k, n)| (delay::upper_seconds(k).unwrap_or(f64::MAX), *n))
             .collect();
         encoder.encode_histogram::<NoLabelSet>(h.sum_ns as f64 / 1e9, h.count(), &buckets, None)
     }
@@ -800,7 +846,8 @@ mod tests {
         slot.set(Counter::BusyNs, 250);
         slot.set(Counter::WallNs, 1000);
         slot.set_life(1, SlotState::Ready);
-        // Worker 1's queue delay: 5 datagrams at most 8us, 1 past 1s.
+        // Worker 1's queue delay: 5 datagrams at most 2^-17 s (7.6us), 1
+        // past the last bound (16 s).
         let delay = region.delay(1).unwrap();
         delay[3].store(5, std::sync::atomic::Ordering::Relaxed);
         delay[delay::BUCKETS - 1].store(1, std::sync::atomic::Ordering::Relaxed);
@@ -837,9 +884,9 @@ mod tests {
             "# TYPE udpshard_queue_delay_seconds histogram",
             "udpshard_queue_delay_seconds_count{worker=\"1\"} 6",
             "udpshard_queue_delay_seconds_sum{worker=\"1\"} 1.50003",
-            "udpshard_queue_delay_seconds_bucket{le=\"0.000004\",worker=\"1\"} 0",
-            "udpshard_queue_delay_seconds_bucket{le=\"0.000008\",worker=\"1\"} 5",
-            "udpshard_queue_delay_seconds_bucket{le=\"1.048576\",worker=\"1\"} 5",
+            "udpshard_queue_delay_seconds_bucket{le=\"0.000003814697265625\",worker=\"1\"} 0",
+            "udpshard_queue_delay_seconds_bucket{le=\"0.00000762939453125\",worker=\"1\"} 5",
+            "udpshard_queue_delay_seconds_bucket{le=\"16.0\",worker=\"1\"} 5",
             "udpshard_queue_delay_seconds_bucket{le=\"+Inf\",worker=\"1\"} 6",
             "udpshard_queue_delay_max_seconds{worker=\"1\"} 1.5",
             "udpshard_reload_failures_total 3",
@@ -919,5 +966,36 @@ mod tests {
         .unwrap();
         assert!(r.starts_with(b"HTTP/1.1 500 "));
         assert!(r.ends_with(b"\r\n\r\ncannot read the stats region: bad magic\n"));
+        // Prometheus with native histograms: protobuf first.
+        let r = respond(b"GET /metrics HTTP/1.1\r\nAccept: application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited,application/openmetrics-text;version=1.0.0;q=0.8,text/plain;version=0.0.4;q=0.5,*/*;q=0.1\r\n\r\n", ok).unwrap();
+        let head = String::from_utf8_lossy(&r);
+        assert!(head.contains("Content-Type: application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited\r\n"), "{head}");
+        assert!(r.ends_with(&proto::from_openmetrics(page)));
+    }
+
+    #[test]
+    fn accept_headers_choose_by_q() {
+        use Encoding::*;
+        assert_eq!(negotiate(""), Text);
+        assert_eq!(negotiate("*/*"), Text);
+        assert_eq!(negotiate("text/plain;version=0.0.4"), Text);
+        assert_eq!(
+            negotiate("application/openmetrics-text;version=1.0.0,text/plain;q=0.5"),
+            OpenMetrics
+        );
+        assert_eq!(
+            negotiate("application/openmetrics-text;q=0.5,application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.7"),
+            Protobuf
+        );
+        assert_eq!(
+            negotiate("application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited;q=0.3,application/openmetrics-text;q=0.5"),
+            OpenMetrics
+        );
+        assert_eq!(
+            negotiate("application/vnd.google.protobuf;proto=other.Message;encoding=delimited"),
+            Text,
+            "only MetricFamily messages"
+        );
+        assert_eq!(negotiate("application/openmetrics-text;q=0"), Text);
     }
 }

@@ -405,18 +405,18 @@ fn backends_table(out: &mut String, before: Option<&Snapshot>, after: &Snapshot,
 /// microseconds. A quantile is its bucket's upper bound, `null` when
 /// nothing was counted or it lies past the last bound (about 1 s).
 fn queue_delay_json(h: &Histogram) -> Value {
-    let us = |ns: Option<u64>| ns.filter(|n| *n != u64::MAX).map(|n| n / 1000);
+    let us = |s: Option<f64>| s.filter(|s| s.is_finite()).map(|s| s * 1e6);
     let buckets: Vec<Value> = h
         .buckets
         .iter()
         .enumerate()
-        .map(|(k, count)| json!({"le_us": us(delay::upper_ns(k)), "count": count}))
+        .map(|(k, count)| json!({"le_us": us(delay::upper_seconds(k)), "count": count}))
         .collect();
     json!({
         "count": h.count(),
         "sum_us": h.sum_ns / 1000,
-        "p50_us": us(h.quantile_ns(0.5)),
-        "p99_us": us(h.quantile_ns(0.99)),
+        "p50_us": us(h.quantile(0.5)),
+        "p99_us": us(h.quantile(0.99)),
         "max_us": h.max_ns / 1000,
         "buckets": buckets,
     })
@@ -729,7 +729,7 @@ fn render(before: Option<&Sample>, after: &Sample, window: Option<Window>, wide:
             Some(b) => {
                 let window = w.delay.since(b.delay);
                 let drops = |x: &WorkerSnapshot<'_>| x.get(Counter::DropSocket);
-                let (then, now) = (b.delay.quantile_ns(0.99), window.quantile_ns(0.99));
+                let (then, now) = (b.delay.quantile(0.99), window.quantile(0.99));
                 if drops(&w) == drops(b) && crate::verdict::delay_growing(then, now) {
                     marks += &format!(
                         "  <- worker {}: queue delay growing, no drops yet: p99 {} (before: {})\n",
@@ -820,13 +820,13 @@ pub(crate) fn wrap(text: &str) -> String {
 /// `4us/32us/120us` for p50, p99 and the longest; `-` where nothing was
 /// read. A quantile reads as its bucket's upper bound.
 fn wait_cell(h: &Histogram, wide: bool) -> String {
-    let q = |q: f64| h.quantile_ns(q).map_or("-".to_string(), delay::human);
+    let q = |q: f64| h.quantile(q).map_or("-".to_string(), delay::human);
     if !wide {
         return q(0.99);
     }
     let max = match h.max_ns {
         0 if h.count() == 0 => "-".to_string(),
-        ns => delay::human(ns),
+        ns => delay::human_ns(ns),
     };
     format!("{}/{}/{max}", q(0.5), q(0.99))
 }

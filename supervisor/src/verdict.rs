@@ -15,17 +15,15 @@ use crate::stats_cmd::{busy_ratio_between, first_growing, stage_drops, Sample};
 /// Utilisation from which a worker's CPU is the limit.
 const CPU_BOUND: f64 = 0.9;
 /// A window's p99 queue delay this many times the run's before it, and
-/// at least [`DELAY_FLOOR_NS`], is a queue building up.
-const DELAY_GROWTH: u64 = 4;
-const DELAY_FLOOR_NS: u64 = 256_000;
+/// at least [`DELAY_FLOOR`] seconds, is a queue building up.
+const DELAY_GROWTH: f64 = 4.0;
+const DELAY_FLOOR: f64 = 2.5e-4;
 
 /// Whether a window's p99 queue delay (`now`) shows a queue building up
 /// against the p99 of the run before it (`then`).
-pub(crate) fn delay_growing(then: Option<u64>, now: Option<u64>) -> bool {
+pub(crate) fn delay_growing(then: Option<f64>, now: Option<f64>) -> bool {
     match (then, now) {
-        (Some(then), Some(now)) => {
-            now >= DELAY_FLOOR_NS && now >= then.saturating_mul(DELAY_GROWTH) && now > then
-        }
+        (Some(then), Some(now)) => now >= DELAY_FLOOR && now >= then * DELAY_GROWTH && now > then,
         // Nothing before to grow from.
         _ => false,
     }
@@ -60,8 +58,8 @@ pub(crate) fn line(before: &Sample, after: &Sample) -> String {
             fix(stage, reason, rho)
         );
     }
-    let p99 = window.quantile_ns(0.99);
-    let then = was.quantile_ns(0.99);
+    let p99 = window.quantile(0.99);
+    let then = was.quantile(0.99);
     let shown = match (p99, then) {
         (Some(now), _) => delay::human(now),
         // Nothing read in the window: the run's, said as such.

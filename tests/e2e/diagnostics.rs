@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use udpshard_tests::harness::{
-    bind_udp, field_of, free_tcp_port, http_get, http_get_with, total, wait_until, Backend, Proxy,
+    bind_udp, field_of, free_tcp_port, http_get, http_get_with, installed, total, wait_until,
+    Backend, Proxy, TempDir,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
@@ -306,9 +307,9 @@ fn doctor_names_the_programs_that_hold_upstream_ports() {
     assert!(!stdout.contains("held by other programs"), "{stdout}");
 }
 
-/// The metric names packaging/grafana/udpshard.json queries, from its
-/// panels' `expr` fields.
-fn dashboard_metrics() -> Vec<String> {
+/// The queries of packaging/grafana/udpshard.json: its panels' `expr`
+/// fields.
+fn dashboard_exprs() -> Vec<String> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../packaging/grafana/udpshard.json"
@@ -331,7 +332,12 @@ fn dashboard_metrics() -> Vec<String> {
     }
     let mut found = Vec::new();
     exprs(&json, &mut found);
-    let mut names: Vec<String> = found
+    found
+}
+
+/// The metric names packaging/grafana/udpshard.json queries.
+fn dashboard_metrics() -> Vec<String> {
+    let mut names: Vec<String> = dashboard_exprs()
         .iter()
         .flat_map(|e| {
             e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
@@ -417,9 +423,12 @@ fn metrics_endpoint_serves_live_counters() {
         missing = dashboard
             .iter()
             .filter(|name| {
+                // A histogram's own name is its native form's (protobuf).
+                let histogram = format!("# TYPE {name} histogram");
                 !text.lines().any(|l| {
-                    l.strip_prefix(name.as_str())
-                        .is_some_and(|r| r.starts_with(['{', ' ']))
+                    l == histogram
+                        || l.strip_prefix(name.as_str())
+                            .is_some_and(|r| r.starts_with(['{', ' ']))
                 })
             })
             .cloned()
@@ -611,8 +620,8 @@ fn session_log_4_samples_a_quarter_and_two_proxies_sample_the_same_sessions() {
 }
 
 /// Worker 0's queue-delay quantile `q` ("p50_us", "p99_us") in `stats`.
-fn delay_us(stats: &Value, q: &str) -> Option<u64> {
-    stats["workers"][0]["queue_delay"][q].as_u64()
+fn delay_us(stats: &Value, q: &str) -> Option<f64> {
+    stats["workers"][0]["queue_delay"][q].as_f64()
 }
 
 /// Sends `n` small datagrams to `to` in rounds of 100, each round read by
@@ -647,7 +656,7 @@ fn queue_delay_rises_while_a_worker_is_stopped_before_any_drop_and_falls_after()
     let calm = proxy.stats();
     let calm_p99 = delay_us(&calm, "p99_us").expect("a p99 once datagrams were read");
     assert!(
-        calm_p99 < 100_000,
+        calm_p99 < 100_000.0,
         "{:#}",
         calm["workers"][0]["queue_delay"]
     );
@@ -715,9 +724,9 @@ fn queue_delay_rises_while_a_worker_is_stopped_before_any_drop_and_falls_after()
 
     // The rise, in the JSON and in Prometheus, with no drop counted.
     let stats = proxy.wait_stats(WAIT, "the backlog read", |s| total(s, "rx_packets") >= 400);
-    let risen = delay_us(&stats, "p99_us").unwrap_or(u64::MAX);
+    let risen = delay_us(&stats, "p99_us").unwrap_or(f64::INFINITY);
     assert!(
-        risen >= 131_072 && risen > calm_p99,
+        risen >= 125_000.0 && risen > calm_p99,
         "{:#}",
         stats["workers"][0]["queue_delay"]
     );
@@ -726,7 +735,7 @@ fn queue_delay_rises_while_a_worker_is_stopped_before_any_drop_and_falls_after()
     let count = metric(&text, "udpshard_queue_delay_seconds_count{worker=\"0\"}");
     let fast = metric(
         &text,
-        "udpshard_queue_delay_seconds_bucket{le=\"0.131072\",worker=\"0\"}",
+        "udpshard_queue_delay_seconds_bucket{le=\"0.125\",worker=\"0\"}",
     );
     let (Some(count), Some(fast)) = (count, fast) else {
         panic!("no queue-delay histogram for worker 0:\n{text}");
@@ -749,7 +758,7 @@ fn queue_delay_rises_while_a_worker_is_stopped_before_any_drop_and_falls_after()
     let after = proxy.stats();
     let fallen = delay_us(&after, "p99_us").expect("a p99");
     assert!(
-        fallen < 131_072,
+        fallen < 125_000.0,
         "100 slow of 20,400 are under 1%: {:#}",
         after["workers"][0]["queue_delay"]
     );
@@ -899,4 +908,151 @@ fn queue_delay_off_stamps_nothing_and_a_reload_turns_it_on() {
         "{:#}",
         stats["workers"][0]["queue_delay"]
     );
+}
+
+/// Debian's Prometheus, scraping one target every second, with native
+/// histograms on; stopped when dropped.
+struct Prometheus {
+    child: std::process::Child,
+    web: String,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    fn start(bin: &Path, target: &str) -> Prometheus {
+        let dir = TempDir::new("prometheus");
+        let conf = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &conf,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: udpshard\n    \
+                 static_configs:\n      - targets: [\"{target}\"]\n"
+            ),
+        )
+        .expect("write prometheus.yml");
+        let web = format!("127.0.0.1:{}", free_tcp_port());
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", conf.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address={web}"))
+            .arg("--enable-feature=native-histograms")
+            .arg("--log.level=warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start prometheus");
+        let p = Prometheus {
+            child,
+            web,
+            _dir: dir,
+        };
+        wait_until(Duration::from_secs(30), "prometheus ready", || {
+            TcpStream::connect(&p.web).is_ok() && p.get("/-/ready").starts_with("HTTP/1.1 200")
+        });
+        p
+    }
+
+    fn get(&self, path: &str) -> String {
+        http_get_with(&self.web, path, "Connection: close\r\n")
+    }
+
+    /// An instant query's result vector.
+    fn query(&self, promql: &str) -> Vec<Value> {
+        let encoded: String = promql
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let response = self.get(&format!("/api/v1/query?query={encoded}"));
+        let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn prometheus_scrapes_the_queue_delay_as_a_native_histogram() {
+    let Some(bin) = installed("/usr/bin/prometheus", "prometheus") else {
+        return;
+    };
+    let backend = Backend::start("b");
+    let port = free_tcp_port();
+    let proxy = Proxy::start(
+        Path::new(BIN),
+        &config(backend.addr, &format!("metrics = \"127.0.0.1:{port}\""), ""),
+    );
+    let client = bind_udp("127.0.0.1:0");
+    send_paced(&proxy, &client, proxy.addr("l"), 300);
+    let prometheus = Prometheus::start(bin, &format!("127.0.0.1:{port}"));
+    // Scraped in protobuf, the family is one native histogram per worker.
+    let mut result = Vec::new();
+    wait_until(WAIT * 2, "the queue delay in Prometheus", || {
+        result = prometheus.query("udpshard_queue_delay_seconds{worker=\"0\"}");
+        result
+            .first()
+            .is_some_and(|r| r["histogram"][1]["count"] == "300")
+    });
+    let h = &result[0]["histogram"][1];
+    assert!(
+        h["buckets"].as_array().is_some_and(|b| !b.is_empty()),
+        "{h}"
+    );
+    assert!(
+        result[0].get("value").is_none(),
+        "a native histogram, not a float sample: {result:?}"
+    );
+    let p99 =
+        prometheus.query("histogram_quantile(0.99, udpshard_queue_delay_seconds{worker=\"0\"})");
+    let p99: f64 = p99
+        .first()
+        .and_then(|r| r["value"][1].as_str())
+        .and_then(|v| v.parse().ok())
+        .expect("a p99 from the native histogram");
+    assert!(p99 > 0.0 && p99 < 0.1, "p99 {p99}");
+    // The other families arrive in the same encoding.
+    let rx = prometheus.query("udpshard_rx_packets_total{worker=\"0\"}");
+    assert_eq!(
+        rx.first().map(|r| r["value"][1].clone()),
+        Some("300".into()),
+        "{rx:?}"
+    );
+    let up = prometheus.query("udpshard_worker_ready");
+    assert_eq!(up.len(), 1, "{up:?}");
+
+    // The dashboard's p99 panel, as Grafana would send it, over traffic
+    // that spans several scrapes.
+    let panel = dashboard_exprs()
+        .into_iter()
+        .find(|e| e.starts_with("histogram_quantile(0.99, sum by (instance, worker) (rate(udpshard_queue_delay_seconds"))
+        .expect("the dashboard's p99 queue-delay query");
+    let promql = panel
+        .replace("$instance", ".*")
+        .replace("$__rate_interval", "30s");
+    let deadline = Instant::now() + WAIT * 2;
+    let mut series = Vec::new();
+    while Instant::now() < deadline {
+        send_paced(&proxy, &client, proxy.addr("l"), 100);
+        series = prometheus.query(&promql);
+        let value = series
+            .first()
+            .and_then(|r| r["value"][1].as_str())
+            .and_then(|v| v.parse::<f64>().ok());
+        if value.is_some_and(|v| v > 0.0 && v < 0.1) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(series.len(), 1, "{promql}: {series:?}");
+    assert_eq!(series[0]["metric"]["worker"], "0", "{series:?}");
 }

@@ -9,32 +9,11 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use udpshard_tests::harness::{bind_udp, listener_config, total, Proxy, TempDir};
+use udpshard_tests::harness::{bind_udp, installed, listener_config, total, Proxy, TempDir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
 const WAIT: Duration = Duration::from_secs(10);
 const UNBOUND: &str = "/usr/sbin/unbound";
-
-/// The DNS server a test needs: its path, or `None` (and a line saying
-/// why) where it is not installed. Under CI, which installs it
-/// (`.ci/run`), a missing server fails the test instead.
-fn server<'a>(path: &'a str, package: &str) -> Option<&'a Path> {
-    let path = Path::new(path);
-    if path.is_file() {
-        return Some(path);
-    }
-    assert_ne!(
-        std::env::var("CI").as_deref(),
-        Ok("true"),
-        "{} is missing: CI installs Debian's {package} (.ci/run)",
-        path.display()
-    );
-    eprintln!(
-        "skipped: {} is not installed (apt-get install {package})",
-        path.display()
-    );
-    None
-}
 
 /// Unbound on 127.0.0.1:`port`, reading a PROXY v2 header on every
 /// datagram there, answering `a.udpshard.test` itself, and allowing the
@@ -144,7 +123,7 @@ const REFUSED: u8 = 5;
 /// not the proxy.
 #[test]
 fn a_dns_server_applies_its_access_list_to_the_client_behind_the_proxy() {
-    let Some(unbound) = server(UNBOUND, "unbound") else {
+    let Some(unbound) = installed(UNBOUND, "unbound") else {
         return;
     };
     let port = {

@@ -567,3 +567,25 @@ pub fn host_lacks_for_a_first_run() -> Option<String> {
     }
     None
 }
+
+/// A program from Debian's packages a test needs (a DNS server,
+/// Prometheus): its path, or `None` (and a line saying
+/// why) where it is not installed. Under CI, which installs it
+/// (`.ci/run`), a missing program fails the test instead.
+pub fn installed<'a>(path: &'a str, package: &str) -> Option<&'a Path> {
+    let path = Path::new(path);
+    if path.is_file() {
+        return Some(path);
+    }
+    assert_ne!(
+        std::env::var("CI").as_deref(),
+        Ok("true"),
+        "{} is missing: CI installs Debian's {package} (.ci/run)",
+        path.display()
+    );
+    eprintln!(
+        "skipped: {} is not installed (apt-get install {package})",
+        path.display()
+    );
+    None
+}
