@@ -18,6 +18,7 @@ pub(crate) struct FileConfig {
     pub workers: Option<Spanned<IntOrStr>>,
     pub stats_file: Option<Spanned<String>>,
     pub drain_timeout: Option<Spanned<IntOrStr>>,
+    pub withdraw_delay: Option<Spanned<IntOrStr>>,
     pub upgrade_timeout: Option<Spanned<IntOrStr>>,
     pub metrics: Option<Spanned<String>>,
     pub upstream_send: Option<Spanned<String>>,

@@ -33,6 +33,12 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     /// How long SIGTERM lets live sessions finish, in `0s..=1h`.
     pub drain_timeout: Duration,
+    /// How long SIGTERM first keeps serving, new flows included, while
+    /// saying it is not ready (`/ready`, `udpshard health`): a BGP speaker
+    /// that follows it withdraws the service route, and the fabric stops
+    /// sending new flows, before the drain. In `0s..=1h`; 0 (the default)
+    /// drains at once.
+    pub withdraw_delay: Duration,
     /// How long a binary upgrade (SIGUSR2) lets the new binary take to
     /// start, validate its config and stand ready, in `1s..=10m`; past it
     /// the old generation keeps serving.

@@ -46,6 +46,7 @@ fn default_parses() {
         workers: Workers::Auto,
         stats_file: PathBuf::from(DEFAULT_STATS_FILE),
         drain_timeout: Duration::from_secs(5),
+        withdraw_delay: Duration::ZERO,
         upgrade_timeout: Duration::from_secs(30),
         upstream_send: UpstreamSend::Auto,
         offload: Offload::Auto,
@@ -1172,6 +1173,22 @@ fn drain_timeout() {
         &format!("drain_timeout = \"2h\"\n{base}"),
         1,
         17,
+        "out of range (0s..=1h)",
+    );
+}
+
+#[test]
+fn withdraw_delay() {
+    let base = "[[listener]]\nname = \"q\"\nbind = \"0.0.0.0:443\"\ndissector = \"quic\"\nbackends = [\"10.0.0.1:443\"]\n";
+    assert_eq!(ok(base).withdraw_delay, Duration::ZERO);
+    assert_eq!(
+        ok(&format!("withdraw_delay = \"3s\"\n{base}")).withdraw_delay,
+        Duration::from_secs(3)
+    );
+    assert_err(
+        &format!("withdraw_delay = \"2h\"\n{base}"),
+        1,
+        18,
         "out of range (0s..=1h)",
     );
 }

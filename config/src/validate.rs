@@ -84,6 +84,10 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
         None => DEFAULT_DRAIN_TIMEOUT,
         Some(v) => duration_in(v, DRAIN_TIMEOUT, DRAIN_TIMEOUT_TEXT, "drain_timeout")?,
     };
+    let withdraw_delay = match &file.withdraw_delay {
+        None => Duration::ZERO,
+        Some(v) => duration_in(v, DRAIN_TIMEOUT, DRAIN_TIMEOUT_TEXT, "withdraw_delay")?,
+    };
     let upgrade_timeout = match &file.upgrade_timeout {
         None => DEFAULT_UPGRADE_TIMEOUT,
         Some(v) => duration_in(v, UPGRADE_TIMEOUT, UPGRADE_TIMEOUT_TEXT, "upgrade_timeout")?,
@@ -160,6 +164,7 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
         stats_file,
         listeners,
         drain_timeout,
+        withdraw_delay,
         upgrade_timeout,
         metrics,
         upstream_send,

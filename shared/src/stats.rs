@@ -98,6 +98,47 @@ pub enum Header {
     /// Words per slot of the queue-delay tail ([`delay::WORDS`]); 0 in a
     /// region without one.
     DelayWords,
+    /// Whether the proxy should be sent new flows ([`Readiness`]), as
+    /// `/ready` and `udpshard health` say.
+    Readiness,
+}
+
+/// What the supervisor tells whatever steers traffic to this host (a BGP
+/// speaker following `/ready` or `udpshard health`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Readiness {
+    /// Its workers are starting: not yet every one serves.
+    Starting = 0,
+    Ready = 1,
+    /// SIGTERM with `withdraw_delay`: still serving, new flows included,
+    /// until the route is gone; then it drains.
+    Withdrawing = 2,
+    /// Stopping: new flows are refused, live sessions finish.
+    Draining = 3,
+}
+
+impl Readiness {
+    pub fn from_word(w: u64) -> Readiness {
+        match w {
+            1 => Readiness::Ready,
+            2 => Readiness::Withdrawing,
+            3 => Readiness::Draining,
+            _ => Readiness::Starting,
+        }
+    }
+
+    /// Why it is not ready, in a few words (`None` when it is).
+    pub fn reason(self) -> Option<&'static str> {
+        match self {
+            Readiness::Ready => None,
+            Readiness::Starting => Some("starting: not every worker serves yet"),
+            Readiness::Withdrawing => {
+                Some("withdrawing: stopping soon, still serving until the drain begins")
+            }
+            Readiness::Draining => Some("draining: stopping, new flows are refused"),
+        }
+    }
 }
 
 /// A version `major.minor.patch` and the first 7 hex digits of its commit

@@ -122,6 +122,15 @@ enum Command {
         #[arg(long, value_name = "N", requires = "watch", value_parser = clap::value_parser!(u64).range(1..))]
         count: Option<u64>,
     },
+    /// Say whether the running proxy should be sent new flows: exit 0 and
+    /// `ready: ...` while it serves; exit 1 and `not ready: <why>` while it
+    /// starts, withdraws (SIGTERM with withdraw_delay), drains, or does not
+    /// run. For BGP speakers and health checkers that run a command.
+    Health {
+        /// The stats file (default: as for `stats`).
+        #[arg(long, value_name = "FILE")]
+        stats_file: Option<PathBuf>,
+    },
     /// Check the host and the config for what makes UDP drop (buffer sysctls,
     /// drops happening now, CPUs, CPU quota, fd limit, conntrack); print each
     /// finding with the line that fixes it. Exit 0 when clean, 1 with findings.
@@ -232,6 +241,16 @@ fn main() -> ExitCode {
                     eprintln!("udpshard stats: {e}");
                     ExitCode::FAILURE
                 }
+            }
+        }
+        Command::Health { stats_file } => {
+            let path = stats_file.unwrap_or_else(stats_path::find_default);
+            let (ready, line) = stats_cmd::health(&path);
+            println!("{line}");
+            if ready {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             }
         }
         Command::Doctor { config } => doctor::run(config.as_deref()),

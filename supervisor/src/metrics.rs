@@ -219,7 +219,7 @@ fn read_request(conn: &mut Conn, stats: &File) -> Progress {
             break;
         }
     }
-    match respond(&conn.request, || scrape(stats)) {
+    match respond(&conn.request, || scrape(stats), || ready(stats)) {
         None => Progress::Reading,
         Some(response) => {
             conn.response = Some((response, 0));
@@ -244,9 +244,8 @@ fn write_response(conn: &mut Conn) -> Progress {
     Progress::Close
 }
 
-/// The stats region as it is now, and the host's counters, as OpenMetrics
-/// text; or what went wrong.
-fn scrape(stats: &File) -> Result<String, String> {
+/// The stats region as it is now; or what went wrong.
+fn snapshot_of(stats: &File) -> Result<Snapshot, String> {
     let io_err = |source| StatsError::Io {
         path: "stats region".into(),
         source,
@@ -257,14 +256,29 @@ fn scrape(stats: &File) -> Result<String, String> {
         stats.read_exact_at(&mut bytes, 0).map_err(io_err)?;
         Snapshot::parse(&bytes)
     };
-    let snap = read().map_err(|e| format!("cannot read the stats region: {e}"))?;
-    render(snap, SystemCounters::read())
+    read().map_err(|e| format!("cannot read the stats region: {e}"))
+}
+
+/// The stats region as it is now, and the host's counters, as OpenMetrics
+/// text; or what went wrong.
+fn scrape(stats: &File) -> Result<String, String> {
+    render(snapshot_of(stats)?, SystemCounters::read())
         .map_err(|_| "a value the exposition format cannot encode".to_string())
+}
+
+/// Whether the proxy should be sent new flows, and the line that says so
+/// (`udpshard health` says the same).
+fn ready(stats: &File) -> Result<(bool, String), String> {
+    snapshot_of(stats).map(|snap| crate::stats_cmd::readiness(&snap))
 }
 
 /// The full HTTP response to `request`, or `None` while its head is
 /// incomplete (and within [`MAX_REQUEST`]).
-fn respond(request: &[u8], body: impl FnOnce() -> Result<String, String>) -> Option<Vec<u8>> {
+fn respond(
+    request: &[u8],
+    body: impl FnOnce() -> Result<String, String>,
+    ready: impl FnOnce() -> Result<(bool, String), String>,
+) -> Option<Vec<u8>> {
     let head_end = find(request, b"\r\n\r\n").or_else(|| find(request, b"\n\n"));
     if head_end.is_none() {
         if request.len() > MAX_REQUEST {
@@ -277,8 +291,24 @@ fn respond(request: &[u8], body: impl FnOnce() -> Result<String, String>) -> Opt
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
-    if method != "GET" || path != "/metrics" {
-        return Some(http(404, "text/plain", b"not found; try GET /metrics\n"));
+    match (method, path) {
+        ("GET", "/metrics") => {}
+        // For whatever steers traffic here (a BGP speaker's health check):
+        // 200 while it serves, 503 while it starts, withdraws or drains.
+        ("GET", "/ready") => {
+            return Some(match ready() {
+                Ok((true, line)) => http(200, "text/plain", format!("{line}\n").as_bytes()),
+                Ok((false, line)) => http(503, "text/plain", format!("{line}\n").as_bytes()),
+                Err(e) => http(503, "text/plain", format!("not ready: {e}\n").as_bytes()),
+            });
+        }
+        _ => {
+            return Some(http(
+                404,
+                "text/plain",
+                b"not found; try GET /metrics or GET /ready\n",
+            ))
+        }
     }
     let head = String::from_utf8_lossy(&request[..head_end.unwrap_or(request.len())]);
     let accept: Vec<&str> = head
@@ -368,6 +398,7 @@ fn http(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         404 => "Not Found",
+        503 => "Service Unavailable",
         431 => "Request Header Fields Too Large",
         _ => "Internal Server Error",
     };
@@ -934,8 +965,9 @@ mod tests {
     fn http_requests() {
         let page = "# HELP c A counter.\n# TYPE c counter\nc_total 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2\n# EOF\n";
         let ok = || Ok(page.to_string());
-        assert_eq!(respond(b"GET /metrics HTTP/1.1\r\nHost: a", ok), None);
-        let get = |request: &[u8]| String::from_utf8(respond(request, ok).unwrap()).unwrap();
+        let up = || Ok((true, "ready: 2 workers serving".to_string()));
+        assert_eq!(respond(b"GET /metrics HTTP/1.1\r\nHost: a", ok, up), None);
+        let get = |request: &[u8]| String::from_utf8(respond(request, ok, up).unwrap()).unwrap();
         // Prometheus's Accept: OpenMetrics, as encoded.
         let r = get(b"GET /metrics HTTP/1.1\r\nHost: a\r\nAccept: application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4\r\n\r\n");
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
@@ -952,22 +984,32 @@ mod tests {
             r.ends_with("\r\n\r\n# HELP c_total A counter.\n# TYPE c_total counter\nc_total 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2\n"),
             "{r}"
         );
-        let r = respond(b"GET / HTTP/1.1\r\n\r\n", ok).unwrap();
+        let r = respond(b"GET / HTTP/1.1\r\n\r\n", ok, up).unwrap();
         assert!(r.starts_with(b"HTTP/1.1 404 "));
-        let r = respond(b"POST /metrics HTTP/1.1\r\n\r\n", ok).unwrap();
+        let r = get(b"GET /ready HTTP/1.1\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.ends_with("\r\n\r\nready: 2 workers serving\n"), "{r}");
+        let down = || Ok((false, "not ready: draining".to_string()));
+        let r = respond(b"GET /ready HTTP/1.1\r\n\r\n", ok, down).unwrap();
+        let r = String::from_utf8(r).unwrap();
+        assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
+        assert!(r.ends_with("\r\n\r\nnot ready: draining\n"), "{r}");
+        let r = respond(b"POST /metrics HTTP/1.1\r\n\r\n", ok, up).unwrap();
         assert!(r.starts_with(b"HTTP/1.1 404 "));
-        let r = respond(b"\xff\xfe\n\n", ok).unwrap();
+        let r = respond(b"\xff\xfe\n\n", ok, up).unwrap();
         assert!(r.starts_with(b"HTTP/1.1 404 "));
         let big = vec![b'a'; MAX_REQUEST + 1];
-        assert!(respond(&big, ok).unwrap().starts_with(b"HTTP/1.1 431 "));
-        let r = respond(b"GET /metrics?x=1 HTTP/1.0\n\n", || {
-            Err("cannot read the stats region: bad magic".into())
-        })
+        assert!(respond(&big, ok, up).unwrap().starts_with(b"HTTP/1.1 431 "));
+        let r = respond(
+            b"GET /metrics?x=1 HTTP/1.0\n\n",
+            || Err("cannot read the stats region: bad magic".into()),
+            up,
+        )
         .unwrap();
         assert!(r.starts_with(b"HTTP/1.1 500 "));
         assert!(r.ends_with(b"\r\n\r\ncannot read the stats region: bad magic\n"));
         // Prometheus with native histograms: protobuf first.
-        let r = respond(b"GET /metrics HTTP/1.1\r\nAccept: application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited,application/openmetrics-text;version=1.0.0;q=0.8,text/plain;version=0.0.4;q=0.5,*/*;q=0.1\r\n\r\n", ok).unwrap();
+        let r = respond(b"GET /metrics HTTP/1.1\r\nAccept: application/vnd.google.protobuf;proto=io.prometheus.client.MetricFamily;encoding=delimited,application/openmetrics-text;version=1.0.0;q=0.8,text/plain;version=0.0.4;q=0.5,*/*;q=0.1\r\n\r\n", ok, up).unwrap();
         let head = String::from_utf8_lossy(&r);
         assert!(head.contains("Content-Type: application/vnd.google.protobuf; proto=io.prometheus.client.MetricFamily; encoding=delimited\r\n"), "{head}");
         assert!(r.ends_with(&proto::from_openmetrics(page)));

@@ -15,7 +15,7 @@ use udpshard_shared::backends::BackendCounter;
 use udpshard_shared::counter::{Entry, Kind, Shown, CATALOGUE};
 use udpshard_shared::stats::delay::{self, Histogram};
 use udpshard_shared::stats::{
-    version_text, BackendSnapshot, Counter, Header, Snapshot, StatsError, WorkerSnapshot,
+    version_text, BackendSnapshot, Counter, Header, Readiness, Snapshot, StatsError, WorkerSnapshot,
 };
 use udpshard_shared::{DropReason, Stage};
 
@@ -128,6 +128,33 @@ pub(crate) fn print(path: &Path, view: View) -> Result<Liveness, StatsError> {
     }
     print!("{out}");
     Ok(sample.liveness)
+}
+
+/// Whether the proxy whose stats file is at `path` should be sent new
+/// flows, and the line that says so (`ready: ...`, `not ready: <why>`).
+pub(crate) fn health(path: &Path) -> (bool, String) {
+    let snap = match Snapshot::read(path) {
+        Ok(snap) => snap,
+        Err(e) => return (false, format!("not ready: {e}")),
+    };
+    match Liveness::of(&snap) {
+        Liveness::Running => readiness(&snap),
+        gone => (false, format!("not ready: {gone}")),
+    }
+}
+
+/// What a running proxy's stats say of its readiness (`/ready` answers
+/// the same).
+pub(crate) fn readiness(snap: &Snapshot) -> (bool, String) {
+    let r = Readiness::from_word(snap.header(Header::Readiness));
+    match r.reason() {
+        None => {
+            let n = snap.workers().count();
+            let s = if n == 1 { "" } else { "s" };
+            (true, format!("ready: {n} worker{s} serving"))
+        }
+        Some(why) => (false, format!("not ready: {why}")),
+    }
 }
 
 /// `--watch`: a sample every `interval`, `count` of them (forever when
@@ -665,6 +692,8 @@ fn header_line(sample: &Sample) -> String {
     );
     if sample.liveness != Liveness::Running {
         line += " (NOT RUNNING)";
+    } else if let (false, why) = readiness(snap) {
+        line += &format!(" ({why})");
     }
     line += "\n";
     let (upgrades, failed) = (
@@ -869,6 +898,29 @@ mod tests {
         assert_eq!(first_growing(&before, &after), Some(Stage::Softnet));
         // A counter that went backwards (a reset) is not growth.
         assert_eq!(first_growing(&after, &before), None);
+    }
+
+    #[test]
+    fn readiness_reads_the_supervisors_word() {
+        let dir = std::env::temp_dir().join(format!("udpshard-ready-{}", std::process::id()));
+        let path = dir.join("stats");
+        let (region, _file) = udpshard_shared::stats::StatsRegion::create(&path, 2).unwrap();
+        region.set_header(Header::Workers, 2);
+        let read = || readiness(&Snapshot::read(&path).unwrap());
+        assert_eq!(
+            read(),
+            (
+                false,
+                "not ready: starting: not every worker serves yet".into()
+            )
+        );
+        region.set_header(Header::Readiness, Readiness::Ready as u64);
+        assert_eq!(read(), (true, "ready: 2 workers serving".into()));
+        region.set_header(Header::Readiness, Readiness::Withdrawing as u64);
+        assert!(read().1.starts_with("not ready: withdrawing"));
+        region.set_header(Header::Readiness, Readiness::Draining as u64);
+        assert!(read().1.starts_with("not ready: draining"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -25,7 +25,7 @@ use udpshard_shared::backends::BackendState;
 use udpshard_shared::control::ControlMsg;
 use udpshard_shared::owners;
 use udpshard_shared::state::StateRegion;
-use udpshard_shared::stats::{Header, SlotState, StatsError, StatsRegion};
+use udpshard_shared::stats::{Header, Readiness, SlotState, StatsError, StatsRegion};
 
 use crate::cpus::{allowed_cpus, format_cpu_list};
 use crate::notify::notify;
@@ -477,6 +477,11 @@ impl Supervisor {
             if self.check_upgrade()? {
                 return Ok(Served::HandedOver);
             }
+            if let Role::Withdrawing { until } = self.role {
+                if Instant::now() >= until {
+                    self.drain("withdraw_delay is over");
+                }
+            }
             if let Role::Stopping { deadline, .. } = self.role {
                 if self.workers.iter().all(|w| !w.is_live()) {
                     tracing::info!("all workers exited; bye");
@@ -550,6 +555,7 @@ impl Supervisor {
             .filter(|_| !self.upgrading());
         let stop = match self.role {
             Role::Stopping { deadline, .. } => Some(deadline),
+            Role::Withdrawing { until } => Some(until),
             _ => None,
         };
         [
@@ -576,6 +582,7 @@ impl Supervisor {
                     );
                 }
                 SIGHUP if matches!(self.role, Role::Serving { .. }) => self.reload(),
+                SIGHUP => tracing::warn!("SIGHUP while {}: refused", self.role.name()),
                 SIGUSR2 => self.begin_upgrade(),
                 // SIGCHLD: reaped after every wakeup.
                 _ => {}
@@ -583,40 +590,77 @@ impl Supervisor {
         }
     }
 
+    /// SIGTERM or SIGINT: with `withdraw_delay`, first says it is not
+    /// ready and serves on for that long ([`Role::Withdrawing`]); then (or
+    /// at once, or at a second signal) drains.
+    fn begin_stop(&mut self, signal: i32) {
+        let delay = self.config.withdraw_delay;
+        match self.role {
+            Role::Serving { .. } if !delay.is_zero() => {
+                tracing::info!(
+                    "signal {signal}: not ready from now on (/ready, udpshard health); serving on                      for withdraw_delay {delay:?} while the route is withdrawn, then draining (a                      second signal drains at once)"
+                );
+                notify("STOPPING=1");
+                notify(&format!(
+                    "STATUS=withdrawing: not ready, serving for {delay:?} more, then draining"
+                ));
+                self.set_role(Role::Withdrawing {
+                    until: Instant::now() + delay,
+                });
+                self.set_readiness(Readiness::Withdrawing);
+                return;
+            }
+            Role::Withdrawing { .. } => {
+                tracing::info!("signal {signal} while withdrawing: draining now");
+            }
+            _ => {}
+        }
+        self.drain(&format!("signal {signal}"));
+    }
+
+    /// Says what `/ready` and `udpshard health` answer.
+    pub(super) fn set_readiness(&self, r: Readiness) {
+        if self.role.serves() {
+            self.region.set_header(Header::Readiness, r as u64);
+        }
+    }
+
     /// Stops taking new flows and lets live sessions finish for
     /// `drain_timeout`, then exits.
-    fn begin_stop(&mut self, signal: i32) {
+    fn drain(&mut self, why: &str) {
         match self.role {
             Role::Stopping { .. } | Role::GaveUp => {
                 // A second Ctrl-C: the user does not want to wait for the drain.
-                tracing::warn!("signal {signal} while draining: stopping the workers now");
+                tracing::warn!("{why} while draining: stopping the workers now");
                 self.kill_all();
                 return;
             }
             Role::TakingOver(_) => {
                 // Standing by to take over: the old generation still serves,
                 // and goes on serving once this one is gone.
-                tracing::warn!("signal {signal} while taking over: giving the upgrade up");
-                let _ = self.fail_inbound(&format!("the new supervisor got signal {signal}"));
+                tracing::warn!("{why} while taking over: giving the upgrade up");
+                let _ = self.fail_inbound(&format!("the new supervisor got {why}"));
                 self.kill_all();
                 return;
             }
             Role::HandingOff(_) => {
-                self.abandon_upgrade(&format!("signal {signal}: stopping instead"));
+                self.abandon_upgrade(&format!("{why}: stopping instead"));
             }
-            Role::Serving { .. } => {}
+            Role::Serving { .. } | Role::Withdrawing { .. } => {}
         }
         let timeout = self.config.drain_timeout;
         tracing::info!(
-            "signal {signal}: draining {} workers for up to {:?}",
+            "{why}: draining {} workers for up to {:?}",
             self.workers.len(),
             timeout
         );
         notify("STOPPING=1");
+        notify(&format!("STATUS=draining for up to {timeout:?}"));
         self.set_role(Role::Stopping {
             deadline: Instant::now() + timeout + STOP_GRACE,
             served: true,
         });
+        self.set_readiness(Readiness::Draining);
         let drain = ControlMsg::Drain {
             timeout_ms: timeout.as_millis() as u64,
         };

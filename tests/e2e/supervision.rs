@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use udpshard_tests::harness::{
-    bind_udp, field_of, listener_config, quic_short, total, wait_until, Backend, Proxy,
+    bind_udp, field_of, free_tcp_port, http_get, listener_config, quic_short, total, wait_until,
+    Backend, Proxy,
 };
 use udpshard_tests::load::{run_load, LoadSpec, Sink};
 
@@ -528,6 +529,125 @@ fn sigterm_drains_live_sessions_refuses_new_ones_and_exits_zero() {
     assert!(
         took < Duration::from_secs(3),
         "exited after {took:?}, drain timeout 2s"
+    );
+}
+
+/// `udpshard health` on `proxy`'s stats file: whether it exited 0, and its line.
+fn health(proxy: &Proxy) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(["health", "--stats-file"])
+        .arg(&proxy.stats_file)
+        .output()
+        .expect("udpshard health");
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success(), line)
+}
+
+/// GET /ready on the metrics endpoint: the status line and the body.
+fn ready(endpoint: &str) -> (String, String) {
+    let r = http_get(endpoint, "/ready");
+    let (head, body) = r.split_once("\r\n\r\n").unwrap_or((&r, ""));
+    let status = head.lines().next().unwrap_or("").to_string();
+    (status, body.trim().to_string())
+}
+
+#[test]
+fn sigterm_with_withdraw_delay_turns_not_ready_serves_new_flows_then_drains() {
+    let backend = Backend::start("b");
+    let port = free_tcp_port();
+    let endpoint = format!("127.0.0.1:{port}");
+    let cfg = format!(
+        "withdraw_delay = \"2s\"\ndrain_timeout = \"1s\"\nmetrics = \"{endpoint}\"\n{}",
+        config("2", &[backend.addr])
+    );
+    let mut proxy = Proxy::start(Path::new(BIN), &cfg);
+    assert_eq!(
+        health(&proxy),
+        (true, "ready: 2 workers serving".to_string())
+    );
+    assert_eq!(
+        ready(&endpoint),
+        (
+            "HTTP/1.1 200 OK".to_string(),
+            "ready: 2 workers serving".to_string()
+        )
+    );
+    let live = bind_udp("127.0.0.1:0");
+    live.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 64];
+    live.send_to(&quic_short(1, b"live"), proxy.addr("quic"))
+        .unwrap();
+    live.recv_from(&mut buf).expect("the live flow's reply");
+
+    proxy.signal(libc::SIGTERM);
+    let stopped_at = Instant::now();
+    wait_until(WAIT, "/ready to say 503", || {
+        ready(&endpoint).0 == "HTTP/1.1 503 Service Unavailable"
+    });
+    let withdrawing = "not ready: withdrawing: stopping soon, still serving until the drain begins";
+    assert_eq!(ready(&endpoint).1, withdrawing);
+    assert_eq!(health(&proxy), (false, withdrawing.to_string()));
+    // Not ready, and still serving: the live flow, and a new one.
+    live.send_to(&quic_short(1, b"again"), proxy.addr("quic"))
+        .unwrap();
+    let (n, _) = live
+        .recv_from(&mut buf)
+        .expect("the live flow, withdrawing");
+    assert!(buf[..n].ends_with(b"again"));
+    let new = bind_udp("127.0.0.1:0");
+    new.set_read_timeout(Some(WAIT)).unwrap();
+    new.send_to(&quic_short(2, b"new"), proxy.addr("quic"))
+        .unwrap();
+    let (n, _) = new.recv_from(&mut buf).expect("a new flow, withdrawing");
+    assert!(buf[..n].ends_with(b"new"));
+    let stats = proxy.stats();
+    assert_eq!(total(&stats, "drops.draining"), 0, "{stats:#}");
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(2),
+        "the checks outlasted withdraw_delay"
+    );
+
+    // Then it drains, and exits.
+    let status = proxy.wait_exit(WAIT).expect("exited");
+    assert_eq!(status.code(), Some(0));
+    let took = stopped_at.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(6),
+        "exited {took:?} after SIGTERM: withdraw_delay 2s, then a drain of at most 1s"
+    );
+    let log = proxy.log();
+    assert!(
+        log.contains("withdraw_delay is over: draining 2 workers"),
+        "{log}"
+    );
+    let (ready_now, line) = health(&proxy);
+    assert!(
+        !ready_now && line.starts_with("not ready: the proxy is not running"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_second_sigterm_skips_the_withdraw_delay() {
+    let backend = Backend::start("b");
+    let cfg = format!(
+        "withdraw_delay = \"1h\"\ndrain_timeout = \"1s\"\n{}",
+        config("1", &[backend.addr])
+    );
+    let mut proxy = Proxy::start(Path::new(BIN), &cfg);
+    proxy.signal(libc::SIGTERM);
+    let stopped_at = Instant::now();
+    wait_until(WAIT, "health to say withdrawing", || {
+        health(&proxy).1.starts_with("not ready: withdrawing")
+    });
+    proxy.signal(libc::SIGTERM);
+    let status = proxy.wait_exit(WAIT).expect("exited without the hour");
+    assert_eq!(status.code(), Some(0));
+    assert!(stopped_at.elapsed() < WAIT);
+    let log = proxy.log();
+    assert!(
+        log.contains("signal 15 while withdrawing: draining now"),
+        "{log}"
     );
 }
 

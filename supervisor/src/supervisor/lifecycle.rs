@@ -7,7 +7,9 @@
 //! ```text
 //! start ----------------------> Serving --SIGUSR2--> HandingOff(new binary)
 //!                                 ^  |      <--given up--'   '--Took--> exit
-//!                                 |  '--SIGTERM--> Stopping --all exited--> exit
+//!                                 |  |--SIGTERM--> Stopping --all exited--> exit
+//!                                 |  '--SIGTERM, withdraw_delay--> Withdrawing
+//!                                 |       --the delay, or a second signal--> Stopping
 //! start --upgrade-fd--> TakingOver --Handed--> Serving
 //!                         '--it fails--> GaveUp --> Stopping (its workers killed)
 //! ```
@@ -37,6 +39,9 @@ pub(super) enum Role {
     Serving { announced_ready: bool },
     /// Serving, while a new generation starts and takes the slots over.
     HandingOff(Box<Outbound>),
+    /// SIGTERM with `withdraw_delay`: serving as before, new flows
+    /// included, but not ready, until `until`; then it drains.
+    Withdrawing { until: Instant },
     /// The new side gave up its upgrade: it never served, and exits.
     GaveUp,
     /// SIGTERM: the workers drain until `deadline`, and are killed after.
@@ -53,14 +58,18 @@ impl Role {
             (TakingOver(_), Serving { .. } | GaveUp)
                 | (Serving { .. }, HandingOff(_))
                 | (HandingOff(_), Serving { .. })
-                | (Serving { .. } | GaveUp | Stopping { .. }, Stopping { .. })
+                | (Serving { .. }, Withdrawing { .. })
+                | (
+                    Serving { .. } | Withdrawing { .. } | GaveUp | Stopping { .. },
+                    Stopping { .. }
+                )
         )
     }
 
     /// Whether this process writes the slots and the stats file's header.
     pub(super) fn serves(&self) -> bool {
         match self {
-            Role::Serving { .. } | Role::HandingOff(_) => true,
+            Role::Serving { .. } | Role::HandingOff(_) | Role::Withdrawing { .. } => true,
             Role::Stopping { served, .. } => *served,
             Role::TakingOver(_) | Role::GaveUp => false,
         }
@@ -71,6 +80,7 @@ impl Role {
             Role::TakingOver(_) => "taking over",
             Role::Serving { .. } => "serving",
             Role::HandingOff(_) => "handing off",
+            Role::Withdrawing { .. } => "withdrawing",
             Role::GaveUp => "gave up",
             Role::Stopping { .. } => "stopping",
         }
@@ -204,7 +214,17 @@ mod tests {
             deadline: Instant::now(),
             served: true,
         };
+        let withdrawing = || Role::Withdrawing {
+            until: Instant::now(),
+        };
         assert!(serving().may_become(&stopping()));
+        assert!(serving().may_become(&withdrawing()));
+        assert!(
+            withdrawing().may_become(&stopping()),
+            "the delay, or a second signal"
+        );
+        assert!(!withdrawing().may_become(&serving()));
+        assert!(withdrawing().serves());
         assert!(stopping().may_become(&stopping()), "a second signal");
         assert!(Role::GaveUp.may_become(&stopping()));
         assert!(!stopping().may_become(&serving()));

@@ -140,7 +140,7 @@ impl Supervisor {
             Role::HandingOff(_) | Role::TakingOver(_) => {
                 return self.refuse_upgrade("an upgrade is already running")
             }
-            Role::Stopping { .. } | Role::GaveUp => {
+            Role::Stopping { .. } | Role::GaveUp | Role::Withdrawing { .. } => {
                 return self.refuse_upgrade("the proxy is stopping")
             }
             Role::Serving { .. } => {}

@@ -13,7 +13,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use udpshard_shared::control::{ControlChannel, ControlMsg};
 use udpshard_shared::owners::Owner;
-use udpshard_shared::stats::{Counter, SlotState};
+use udpshard_shared::stats::{Counter, Header, Readiness, SlotState};
 
 use super::lifecycle::{Live, Role, WorkerSlot};
 use super::{
@@ -194,6 +194,8 @@ impl Supervisor {
                 return;
             }
             *announced_ready = true;
+            self.region
+                .set_header(Header::Readiness, Readiness::Ready as u64);
             let addrs: Vec<String> = self
                 .groups
                 .iter()

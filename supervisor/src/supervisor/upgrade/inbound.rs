@@ -16,7 +16,7 @@ use mio::Interest;
 use udpshard_config::{self as config, Config};
 use udpshard_shared::control::{ControlChannel, ControlMsg};
 use udpshard_shared::state::StateRegion;
-use udpshard_shared::stats::{Counter, Header, SlotState, StatsRegion};
+use udpshard_shared::stats::{Counter, Header, Readiness, SlotState, StatsRegion};
 
 use super::state::{Protocol, UpgradeState};
 use super::{
@@ -332,6 +332,7 @@ impl Supervisor {
         let Some(Role::TakingOver(mut i)) = self.set_role(serving) else {
             return;
         };
+        self.set_readiness(Readiness::Ready);
         let pid = std::process::id();
         self.region
             .set_header(Header::SupervisorPid, u64::from(pid));
