@@ -40,7 +40,7 @@ pub(crate) fn line(before: &Sample, after: &Sample) -> String {
             busy_ratio_between(b.as_ref(), &w)
         })
         .fold(0.0f64, f64::max);
-    let (was, window) = queue_delays(before, after);
+    let delays = queue_delays(before, after);
     let (b, a) = (
         stage_drops(&before.snap, &before.system),
         stage_drops(&after.snap, &after.system),
@@ -58,23 +58,49 @@ pub(crate) fn line(before: &Sample, after: &Sample) -> String {
             fix(stage, reason, rho)
         );
     }
-    let p99 = window.quantile(0.99);
-    let then = was.quantile(0.99);
-    let shown = match (p99, then) {
-        (Some(now), _) => delay::human(now),
-        // Nothing read in the window: the run's, said as such.
-        (None, Some(then)) => format!("{} (since start)", delay::human(then)),
-        (None, None) => "- (nothing read yet)".to_string(),
-    };
-    if delay_growing(then, p99) {
+    // A queue that builds on one worker, its socket not yet dropping.
+    if let Some(d) = delays
+        .iter()
+        .find(|d| !d.dropped && delay_growing(d.was.quantile(0.99), d.window.quantile(0.99)))
+    {
+        let q = |h: &Histogram| h.quantile(0.99).map_or("-".to_string(), delay::human);
         return format!(
-            "warning: no drops yet, but queue delay is growing: p99 {shown} (before: {}), \
-             rho {rho:.2}; {}",
-            then.map_or("-".to_string(), delay::human),
+            "warning: no drops yet, but queue delay is growing on worker {}: p99 {} (before: \
+             {}), rho {rho:.2}; {}",
+            d.id,
+            q(&d.window),
+            q(&d.was),
             late(rho)
         );
     }
+    // The slowest worker's p99: over the window, else (nothing read in it)
+    // over the run, said as such.
+    let worst = |h: fn(&Delays) -> &Histogram| {
+        delays
+            .iter()
+            .filter_map(|d| Some((h(d).quantile(0.99)?, d.id)))
+            .max_by(|x, y| x.0.total_cmp(&y.0))
+    };
+    let named = |(p99, id): (f64, usize)| match delays.len() {
+        1 => delay::human(p99),
+        _ => format!("{} (worker {id})", delay::human(p99)),
+    };
+    let shown = match (worst(|d| &d.window), worst(|d| &d.total)) {
+        (Some(now), _) => named(now),
+        (None, Some(run)) => format!("{} since start", named(run)),
+        (None, None) => "- (nothing read yet)".to_string(),
+    };
     format!("ok: no drops growing, p99 queue delay {shown}, rho {rho:.2}")
+}
+
+/// One worker's queue delay: up to the window, over it, in all; and
+/// whether its listener socket dropped in the window.
+struct Delays {
+    id: usize,
+    was: Histogram,
+    window: Histogram,
+    total: Histogram,
+    dropped: bool,
 }
 
 /// Why datagrams wait longer with no drops yet, and what to look at.
@@ -88,19 +114,24 @@ fn late(rho: f64) -> String {
         .to_string()
 }
 
-/// The workers' queue delay up to `before`, and over the window.
-fn queue_delays(before: &Sample, after: &Sample) -> (Histogram, Histogram) {
-    let (mut was, mut window) = (Histogram::default(), Histogram::default());
-    for w in after.snap.workers() {
-        match before.snap.slots().find(|x| x.id == w.id) {
-            Some(b) => {
-                was.add(b.delay);
-                window.add(&w.delay.since(b.delay));
+/// Each serving worker's queue delay.
+fn queue_delays(before: &Sample, after: &Sample) -> Vec<Delays> {
+    after
+        .snap
+        .workers()
+        .map(|w| {
+            let b = before.snap.slots().find(|x| x.id == w.id);
+            let was = b.map_or_else(Histogram::default, |b| *b.delay);
+            let drops = |x: Option<u64>| x.unwrap_or(0);
+            Delays {
+                id: w.id,
+                was,
+                window: w.delay.since(&was),
+                total: *w.delay,
+                dropped: w.get(Counter::DropSocket) > drops(b.map(|b| b.get(Counter::DropSocket))),
             }
-            None => window.add(w.delay),
-        }
-    }
-    (was, window)
+        })
+        .collect()
 }
 
 /// The drop reason of `stage` that grew most over the window (none for
