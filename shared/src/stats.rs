@@ -108,30 +108,35 @@ pub enum Header {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u64)]
 pub enum Readiness {
+    /// Not written: a supervisor from before the word runs (a reader then
+    /// goes by the slots' states).
+    Unknown = 0,
     /// Its workers are starting: not yet every one serves.
-    Starting = 0,
-    Ready = 1,
+    Starting = 1,
+    Ready = 2,
     /// SIGTERM with `withdraw_delay`: still serving, new flows included,
     /// until the route is gone; then it drains.
-    Withdrawing = 2,
+    Withdrawing = 3,
     /// Stopping: new flows are refused, live sessions finish.
-    Draining = 3,
+    Draining = 4,
 }
 
 impl Readiness {
     pub fn from_word(w: u64) -> Readiness {
         match w {
-            1 => Readiness::Ready,
-            2 => Readiness::Withdrawing,
-            3 => Readiness::Draining,
-            _ => Readiness::Starting,
+            1 => Readiness::Starting,
+            2 => Readiness::Ready,
+            3 => Readiness::Withdrawing,
+            4 => Readiness::Draining,
+            _ => Readiness::Unknown,
         }
     }
 
-    /// Why it is not ready, in a few words (`None` when it is).
+    /// Why it is not ready, in a few words (`None` when it is, or when the
+    /// word says nothing).
     pub fn reason(self) -> Option<&'static str> {
         match self {
-            Readiness::Ready => None,
+            Readiness::Ready | Readiness::Unknown => None,
             Readiness::Starting => Some("starting: not every worker serves yet"),
             Readiness::Withdrawing => {
                 Some("withdrawing: stopping soon, still serving until the drain begins")
@@ -318,6 +323,7 @@ impl StatsRegion {
         region.set_header(Header::SlotCapacity, slots as u64);
         region.set_header(Header::SlotWords, SLOT_WORDS as u64);
         region.set_header(Header::DelayWords, delay::WORDS as u64);
+        region.set_header(Header::Readiness, Readiness::Starting as u64);
         region.set_header(Header::Magic, MAGIC);
         Ok((region, file))
     }
@@ -337,6 +343,12 @@ impl StatsRegion {
         }
         if region.header(Header::Magic) != MAGIC {
             return Err(StatsError::BadMagic);
+        }
+        if region.slot_capacity() > region.map.len() / (SLOT_WORDS * 8) {
+            return Err(StatsError::Truncated {
+                len: region.map.len(),
+                need: region.slot_capacity().saturating_mul(SLOT_WORDS * 8),
+            });
         }
         let need = region.expected_bytes();
         if region.map.len() < need {
@@ -734,6 +746,14 @@ impl Snapshot {
             return Err(StatsError::BadMagic);
         }
         let capacity = words[Header::SlotCapacity as usize] as usize;
+        // A capacity no file this long could hold (a damaged or hostile
+        // file): refused before any length is computed from it.
+        if capacity > words.len() / SLOT_WORDS {
+            return Err(StatsError::Truncated {
+                len: bytes.len(),
+                need: capacity.saturating_mul(SLOT_WORDS * 8),
+            });
+        }
         let with_delay = words[Header::DelayWords as usize] == delay::WORDS as u64;
         let need = if with_delay {
             region_bytes(capacity)

@@ -342,18 +342,24 @@ fn negotiate(accept: &str) -> Encoding {
     let mut best = (0.0f64, Encoding::Text);
     for range in accept.split(',') {
         let mut params = range.split(';').map(str::trim);
-        let encoding = match params.next().unwrap_or("") {
+        let media = params.next().unwrap_or("").to_ascii_lowercase();
+        let encoding = match media.as_str() {
             proto::MEDIA_TYPE => Encoding::Protobuf,
             "application/openmetrics-text" => Encoding::OpenMetrics,
+            "text/plain" | "text/*" | "*/*" => Encoding::Text,
             _ => continue,
         };
         let mut q = 1.0;
         for p in params {
-            match p.split_once('=') {
-                Some(("q", v)) => q = v.trim().parse().unwrap_or(0.0),
+            let Some((k, v)) = p.split_once('=') else {
+                continue;
+            };
+            let v = v.trim().trim_matches('"');
+            match k.trim().to_ascii_lowercase().as_str() {
+                "q" => q = v.parse().unwrap_or(0.0),
                 // Only the MetricFamily messages of client_model are served.
-                Some(("proto", v)) if v != "io.prometheus.client.MetricFamily" => q = 0.0,
-                Some(("encoding", v)) if v != "delimited" => q = 0.0,
+                "proto" if v != "io.prometheus.client.MetricFamily" => q = 0.0,
+                "encoding" if v != "delimited" => q = 0.0,
                 _ => {}
             }
         }
@@ -479,7 +485,7 @@ fn gauges<N: EncodeGaugeValue>(
 }
 
 /// A worker's queue delay as a histogram family's sample: buckets at
-/// 2^k microseconds (k = 0..=20), then +Inf; the sum in seconds.
+/// 2^k seconds (k = -20..=4), then +Inf; the sum in seconds.
 #[derive(Debug)]
 struct DelaySample(Histogram);
 
@@ -1039,5 +1045,18 @@ mod tests {
             "only MetricFamily messages"
         );
         assert_eq!(negotiate("application/openmetrics-text;q=0"), Text);
+        assert_eq!(
+            negotiate("text/plain;version=0.0.4;q=1,application/openmetrics-text;q=0.1"),
+            Text,
+            "text first, as asked"
+        );
+        assert_eq!(
+            negotiate("Application/OpenMetrics-Text; Q=0.9, text/plain; q=0.5"),
+            OpenMetrics
+        );
+        assert_eq!(
+            negotiate("application/vnd.google.protobuf;proto=\"io.prometheus.client.MetricFamily\";encoding=delimited"),
+            Protobuf
+        );
     }
 }

@@ -15,7 +15,8 @@ use udpshard_shared::backends::BackendCounter;
 use udpshard_shared::counter::{Entry, Kind, Shown, CATALOGUE};
 use udpshard_shared::stats::delay::{self, Histogram};
 use udpshard_shared::stats::{
-    version_text, BackendSnapshot, Counter, Header, Readiness, Snapshot, StatsError, WorkerSnapshot,
+    version_text, BackendSnapshot, Counter, Header, Readiness, SlotState, Snapshot, StatsError,
+    WorkerSnapshot,
 };
 use udpshard_shared::{DropReason, Stage};
 
@@ -119,12 +120,17 @@ pub(crate) fn print(path: &Path, view: View) -> Result<Liveness, StatsError> {
     let mut out = to_table(&sample, view.wide);
     if sample.liveness == Liveness::Running {
         std::thread::sleep(VERDICT_WINDOW);
-        let later = Sample::take(path)?;
-        out += &wrap(&format!(
-            "over {:.1}s: {}",
-            VERDICT_WINDOW.as_secs_f64(),
-            crate::verdict::line(&sample, &later)
-        ));
+        let run = |s: &Snapshot| (s.header(Header::StartedAt), s.header(Header::SupervisorPid));
+        match Sample::take(path) {
+            Ok(later) if run(&later.snap) == run(&sample.snap) => {
+                out += &wrap(&format!(
+                    "over {:.1}s: {}",
+                    VERDICT_WINDOW.as_secs_f64(),
+                    crate::verdict::line(&sample, &later)
+                ));
+            }
+            _ => out += "no verdict: the proxy restarted, or its stats file went, meanwhile\n",
+        }
     }
     print!("{out}");
     Ok(sample.liveness)
@@ -144,16 +150,24 @@ pub(crate) fn health(path: &Path) -> (bool, String) {
 }
 
 /// What a running proxy's stats say of its readiness (`/ready` answers
-/// the same).
+/// the same): the supervisor's word, and at least one worker serving.
 pub(crate) fn readiness(snap: &Snapshot) -> (bool, String) {
-    let r = Readiness::from_word(snap.header(Header::Readiness));
-    match r.reason() {
-        None => {
-            let n = snap.workers().count();
-            let s = if n == 1 { "" } else { "s" };
-            (true, format!("ready: {n} worker{s} serving"))
-        }
-        Some(why) => (false, format!("not ready: {why}")),
+    if let Some(why) = Readiness::from_word(snap.header(Header::Readiness)).reason() {
+        return (false, format!("not ready: {why}"));
+    }
+    let n = snap.workers().count();
+    let serving = snap
+        .workers()
+        .filter(|w| w.state() == SlotState::Ready)
+        .count();
+    let s = if n == 1 { "" } else { "s" };
+    match serving {
+        0 => (
+            false,
+            format!("not ready: none of {n} worker{s} serves (starting or restarting)"),
+        ),
+        k if k == n => (true, format!("ready: {n} worker{s} serving")),
+        k => (true, format!("ready: {k} of {n} worker{s} serving")),
     }
 }
 
@@ -430,7 +444,7 @@ fn backends_table(out: &mut String, before: Option<&Snapshot>, after: &Snapshot,
 
 /// A queue-delay histogram: its count, sum, quantiles and buckets, in
 /// microseconds. A quantile is its bucket's upper bound, `null` when
-/// nothing was counted or it lies past the last bound (about 1 s).
+/// nothing was counted or it lies past the last bound (16 s).
 fn queue_delay_json(h: &Histogram) -> Value {
     let us = |s: Option<f64>| s.filter(|s| s.is_finite()).map(|s| s * 1e6);
     let buckets: Vec<Value> = h
@@ -692,8 +706,8 @@ fn header_line(sample: &Sample) -> String {
     );
     if sample.liveness != Liveness::Running {
         line += " (NOT RUNNING)";
-    } else if let (false, why) = readiness(snap) {
-        line += &format!(" ({why})");
+    } else if let (false, _) = readiness(snap) {
+        line += " (NOT READY: udpshard health says why)";
     }
     line += "\n";
     let (upgrades, failed) = (
@@ -806,7 +820,7 @@ fn render(before: Option<&Sample>, after: &Sample, window: Option<Window>, wide:
         }
         out += "  busy(rho)       time handling datagrams / wall time: near 100% means the CPU is the limit\n";
         out += "  wait            how long datagrams waited in the listener socket before the worker read\n";
-        out += "                  them: p50, p99 (each its bucket's bound, a power of two in us) and the\n";
+        out += "                  them: p50, p99 (each its bucket's bound, a power of two in seconds) and the\n";
         out += "                  longest of the last 1-2s; it grows before the socket drops\n";
     } else {
         out += NARROW_LEGEND;
@@ -915,6 +929,19 @@ mod tests {
             )
         );
         region.set_header(Header::Readiness, Readiness::Ready as u64);
+        assert_eq!(
+            read(),
+            (
+                false,
+                "not ready: none of 2 workers serves (starting or restarting)".into()
+            )
+        );
+        region.slot(0).unwrap().set_life(1, SlotState::Ready);
+        assert_eq!(read(), (true, "ready: 1 of 2 workers serving".into()));
+        region.slot(1).unwrap().set_life(1, SlotState::Ready);
+        assert_eq!(read(), (true, "ready: 2 workers serving".into()));
+        // A supervisor from before the word: the slots say.
+        region.set_header(Header::Readiness, 0);
         assert_eq!(read(), (true, "ready: 2 workers serving".into()));
         region.set_header(Header::Readiness, Readiness::Withdrawing as u64);
         assert!(read().1.starts_with("not ready: withdrawing"));

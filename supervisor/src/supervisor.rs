@@ -595,10 +595,16 @@ impl Supervisor {
     /// at once, or at a second signal) drains.
     fn begin_stop(&mut self, signal: i32) {
         let delay = self.config.withdraw_delay;
+        if matches!(self.role, Role::HandingOff(_)) && !delay.is_zero() {
+            // Stopping wins over the upgrade, and still withdraws first.
+            self.abandon_upgrade(&format!("signal {signal}: stopping instead"));
+        }
         match self.role {
             Role::Serving { .. } if !delay.is_zero() => {
                 tracing::info!(
-                    "signal {signal}: not ready from now on (/ready, udpshard health); serving on                      for withdraw_delay {delay:?} while the route is withdrawn, then draining (a                      second signal drains at once)"
+                    "signal {signal}: not ready from now on (/ready, udpshard health); serving on \
+                     for withdraw_delay {delay:?} while the route is withdrawn, then draining (a \
+                     second signal drains at once)"
                 );
                 notify("STOPPING=1");
                 notify(&format!(

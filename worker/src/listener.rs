@@ -58,19 +58,22 @@ impl Listener {
     }
 
     /// The listener kept across a reload, under `cfg`: its name, and the
-    /// arrival stamps turned on or off as `cfg` says.
-    pub(crate) fn reconfigure(&mut self, cfg: &config::Listener) -> Result<(), WorkerError> {
+    /// arrival stamps turned on or off as `cfg` says. A socket that refuses
+    /// the change keeps serving as it was (the reload must not lose it).
+    pub(crate) fn reconfigure(&mut self, cfg: &config::Listener) {
         self.name = cfg.name.clone();
-        if self.stamped != cfg.queue_delay {
-            sockio::set_recv_control(&self.socket, self.wildcard, cfg.queue_delay).map_err(
-                |source| WorkerError::Socket {
-                    listener: cfg.name.clone(),
-                    source,
-                },
-            )?;
-            self.stamped = cfg.queue_delay;
+        if self.stamped == cfg.queue_delay {
+            return;
         }
-        Ok(())
+        match sockio::set_recv_control(&self.socket, self.wildcard, cfg.queue_delay) {
+            Ok(()) => self.stamped = cfg.queue_delay,
+            Err(e) => tracing::warn!(
+                listener = %cfg.name,
+                "queue_delay = {:?} not applied, the socket keeps its arrival stamps {}: {e}",
+                if cfg.queue_delay { "on" } else { "off" },
+                if self.stamped { "on" } else { "off" },
+            ),
+        }
     }
 }
 

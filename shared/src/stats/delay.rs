@@ -10,7 +10,8 @@
 //! the second under way and the one before it. The buckets and the sum
 //! continue over the slot's processes, as its counters do. Powers of two in
 //! seconds are the bounds of a Prometheus native histogram of schema 0, so
-//! the same counts are exposed as one exactly.
+//! the same counts are exposed as one, exactly but for the last bucket:
+//! what waited past 16 s is counted in (16 s, 32 s] there.
 
 /// Buckets: at most 2^(k-20) s for k in 0..=24, then the rest.
 pub const BUCKETS: usize = 26;

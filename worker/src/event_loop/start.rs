@@ -307,7 +307,7 @@ pub(super) fn build_listeners(
             match same {
                 // The duplicate descriptor closes; the listener keeps its own.
                 Some(mut listener) => {
-                    listener.reconfigure(cfg)?;
+                    listener.reconfigure(cfg);
                     Ok(listener)
                 }
                 None => Listener::new(cfg, socket),
