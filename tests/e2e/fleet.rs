@@ -20,10 +20,10 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use udpshard_shared::Maglev;
-use udpshard_tests::harness::{quic_short, total, wait_until, Backend, Proxy};
+use udpshard_tests::harness::{installed, quic_short, total, wait_until, Backend, Proxy, TempDir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpshard");
 const WAIT: Duration = Duration::from_secs(20);
@@ -55,7 +55,10 @@ struct Fabric {
 }
 
 impl Fabric {
-    fn build(tag: &str) -> Fabric {
+    /// The namespaces and links; with `static_ecmp`, the router's ECMP
+    /// route to the VIP through every instance (else a BGP speaker puts
+    /// it there).
+    fn build(tag: &str, static_ecmp: bool) -> Fabric {
         let f = Fabric {
             client: format!("usf{tag}-client"),
             router: format!("usf{tag}-router"),
@@ -109,8 +112,27 @@ impl Fabric {
         let sysctl = "echo 1 > /proc/sys/net/ipv4/ip_forward && \
                       echo 1 > /proc/sys/net/ipv4/fib_multipath_hash_policy";
         ip(&["netns", "exec", r, "sh", "-c", sysctl]);
-        f.route_through(&(0..INSTANCES).collect::<Vec<_>>());
+        if static_ecmp {
+            f.route_through(&(0..INSTANCES).collect::<Vec<_>>());
+        }
         f
+    }
+
+    /// The instances the router's route to the VIP goes through now.
+    fn nexthops(&self) -> Vec<usize> {
+        let out = Command::new("ip")
+            .args(["-n", &self.router, "route", "show", &format!("{VIP}/32")])
+            .output()
+            .expect("ip route show");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut hops: Vec<usize> = (0..INSTANCES)
+            .filter(|&i| {
+                let via = format!("via 198.51.100.{} ", 4 * i + 2);
+                text.contains(&via)
+            })
+            .collect();
+        hops.sort();
+        hops
     }
 
     /// A veth pair: `name` in the router, `r` in `ns`, with their addresses.
@@ -228,7 +250,11 @@ fn reload(p: &Proxy, text: &str, generation: u64) {
 
 struct Fleet {
     // Dropped last: the processes and sockets in the namespaces go first.
+    /// BGP speakers and their followers (`start_bgp`), stopped first.
+    speakers: Vec<Daemon>,
     proxies: Vec<Proxy>,
+    /// Their configs, logs and the proxies' stats files.
+    bgp_dir: Option<TempDir>,
     backends: Vec<Backend>,
     /// PORTS_PER_CID client sockets per CID slot, in the client namespace.
     clients: Vec<UdpSocket>,
@@ -237,7 +263,18 @@ struct Fleet {
 
 impl Fleet {
     fn start(tag: &str, text: &str) -> Fleet {
-        let fabric = Fabric::build(tag);
+        let mut fleet = Fleet::fabric(Fabric::build(tag, true));
+        fleet.proxies = fleet
+            .fabric
+            .proxies
+            .iter()
+            .map(|ns| Proxy::start_with(Path::new(BIN), text, &["ip", "netns", "exec", ns]))
+            .collect();
+        fleet
+    }
+
+    /// The fabric, its backends and clients; no proxy yet.
+    fn fabric(fabric: Fabric) -> Fleet {
         let backends = in_ns(&fabric.backend, || {
             (0..4u16)
                 .map(|b| {
@@ -255,17 +292,138 @@ impl Fleet {
                 })
                 .collect()
         });
-        let proxies = fabric
-            .proxies
-            .iter()
-            .map(|ns| Proxy::start_with(Path::new(BIN), text, &["ip", "netns", "exec", ns]))
-            .collect();
         Fleet {
-            proxies,
+            speakers: Vec::new(),
+            proxies: Vec::new(),
+            bgp_dir: None,
             backends,
             clients,
             fabric,
         }
+    }
+
+    /// The fabric with a BGP speaker (BIRD) in every namespace: the router
+    /// merges what the hosts announce into one ECMP route; each host runs
+    /// the packaged bird.conf and udpshard-bgp-follow, which announces the
+    /// VIP while `udpshard health` says ready. Asserts that nothing is
+    /// announced before the proxies serve, then starts them and waits for
+    /// the route through all three.
+    fn start_bgp(tag: &str, bird: &Path, text: &str) -> Fleet {
+        let mut fleet = Fleet::fabric(Fabric::build(tag, false));
+        let dir = TempDir::new("bgp");
+        let d = dir.path().to_path_buf();
+        let packaged = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/bird/");
+        let template = std::fs::read_to_string(format!("{packaged}bird.conf"))
+            .expect("packaging/bird/bird.conf");
+        let mut router = String::from(
+            "log stderr all;\nrouter id 192.0.2.1;\nprotocol device {\n}\n\
+             protocol kernel {\n\tipv4 { import none; export all; };\n\tmerge paths on;\n}\n\
+             template bgp host {\n\tlocal as 65000;\n\tipv4 { import all; export none; };\n\
+             \thold time 9;\n\tconnect delay time 1;\n\tconnect retry time 2;\n}\n",
+        );
+        for i in 0..INSTANCES {
+            let me = format!("198.51.100.{}", 4 * i + 2);
+            router +=
+                &format!("protocol bgp proxy{i} from host {{\n\tneighbor {me} as 65001;\n}}\n");
+            let conf = format!(
+                "log stderr all;\n{}",
+                template
+                    .replace("10.0.0.5", &me)
+                    .replace("10.0.0.1", &hop(i))
+            );
+            let ns = fleet.fabric.proxies[i].clone();
+            let (conf_path, sock) = (
+                d.join(format!("bird{i}.conf")),
+                d.join(format!("bird{i}.ctl")),
+            );
+            std::fs::write(&conf_path, conf).unwrap();
+            fleet.speakers.push(Daemon::start(
+                &d.join(format!("bird{i}.log")),
+                &["ip", "netns", "exec", &ns],
+                bird,
+                &[
+                    "-f",
+                    "-c",
+                    &conf_path.display().to_string(),
+                    "-s",
+                    &sock.display().to_string(),
+                    "-P",
+                    &d.join(format!("bird{i}.pid")).display().to_string(),
+                ],
+            ));
+            fleet.speakers.push(Daemon::start(
+                &d.join(format!("follow{i}.log")),
+                &["ip", "netns", "exec", &ns, "sh"],
+                Path::new(&format!("{packaged}udpshard-bgp-follow")),
+                &[
+                    "--udpshard",
+                    BIN,
+                    "--stats-file",
+                    &d.join(format!("stats{i}")).display().to_string(),
+                    "--socket",
+                    &sock.display().to_string(),
+                    "--interval",
+                    "0.1",
+                ],
+            ));
+        }
+        let (router_conf, router_sock) = (d.join("router.conf"), d.join("router.ctl"));
+        std::fs::write(&router_conf, router).unwrap();
+        let r = fleet.fabric.router.clone();
+        fleet.speakers.push(Daemon::start(
+            &d.join("router.log"),
+            &["ip", "netns", "exec", &r],
+            bird,
+            &[
+                "-f",
+                "-c",
+                &router_conf.display().to_string(),
+                "-s",
+                &router_sock.display().to_string(),
+                "-P",
+                &d.join("router.pid").display().to_string(),
+            ],
+        ));
+        let established = || {
+            let out = Command::new("birdc")
+                .args([
+                    "-s",
+                    &router_sock.display().to_string(),
+                    "show",
+                    "protocols",
+                ])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            out.matches("Established").count()
+        };
+        wait_until(WAIT * 2, "the router's 3 BGP sessions established", || {
+            established() == INSTANCES
+        });
+        assert_eq!(
+            fleet.fabric.nexthops(),
+            Vec::<usize>::new(),
+            "a host was announced before its proxy served"
+        );
+        fleet.proxies = (0..INSTANCES)
+            .map(|i| {
+                let stats = d.join(format!("stats{i}")).display().to_string();
+                let ns = fleet.fabric.proxies[i].clone();
+                let mut p = Proxy::start_with(
+                    Path::new(BIN),
+                    &text.replace("{stats_file}", &stats),
+                    &["ip", "netns", "exec", &ns],
+                );
+                // The follower reads this file: the test chose it.
+                p.stats_file = stats.into();
+                p
+            })
+            .collect();
+        wait_until(WAIT, "the router's ECMP route through every host", || {
+            fleet.fabric.nexthops() == (0..INSTANCES).collect::<Vec<_>>()
+        });
+        fleet.bgp_dir = Some(dir);
+        fleet
     }
 
     fn at_backends(&self) -> usize {
@@ -325,6 +483,35 @@ impl Fleet {
 
     fn carried(&self, i: usize) -> u64 {
         total(&self.proxies[i].stats(), "rx_packets")
+    }
+}
+
+/// A process the test starts (`wrapper... program args...`), its output in
+/// `log`; killed when dropped.
+struct Daemon {
+    child: std::process::Child,
+}
+
+impl Daemon {
+    fn start(log: &Path, wrapper: &[&str], program: &Path, args: &[&str]) -> Daemon {
+        let out = File::create(log).expect("a log file");
+        let err = out.try_clone().expect("a log file");
+        let child = Command::new(wrapper[0])
+            .args(&wrapper[1..])
+            .arg(program)
+            .args(args)
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
+        Daemon { child }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -515,4 +702,73 @@ fn a_fleet_behind_ecmp_sends_quic_lb_server_ids_to_their_server_from_any_instanc
     for i in 0..INSTANCES {
         assert!(fleet.carried(i) > 0, "instance {i} carried nothing");
     }
+}
+
+#[test]
+fn a_fleet_announced_by_bgp_withdraws_a_stopping_host_before_it_drains_and_loses_nothing() {
+    if !is_root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    let Some(bird) = installed("/usr/sbin/bird", "bird2") else {
+        return;
+    };
+    let text = format!(
+        "withdraw_delay = \"3s\"\ndrain_timeout = \"1s\"\n{}",
+        config(3, false)
+    );
+    let mut fleet = Fleet::start_bgp("g", bird, &text);
+    let cids: Vec<u64> = (1..=CIDS)
+        .map(|c| c.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        .collect();
+    let before = fleet.drive(&cids, "one");
+    for i in 0..INSTANCES {
+        assert!(fleet.carried(i) > 0, "host {i} carried nothing");
+    }
+
+    // systemctl stop on host 1: not ready at once, still serving; its
+    // follower disables the announcement, and the router drops the hop.
+    let stop = Instant::now();
+    fleet.proxies[1].signal(libc::SIGTERM);
+    wait_until(WAIT, "host 1's route withdrawn at the router", || {
+        fleet.fabric.nexthops() == vec![0, 2]
+    });
+    let withdrawn = stop.elapsed();
+    assert!(
+        withdrawn < Duration::from_secs(3),
+        "the route went {withdrawn:?} after SIGTERM: past withdraw_delay (3s)"
+    );
+    let during = fleet.drive(&cids, "two");
+    let status = fleet.proxies[1].wait_exit(WAIT).expect("host 1 exits");
+    assert_eq!(status.code(), Some(0));
+    let exited = stop.elapsed();
+    let after = fleet.drive(&cids, "three");
+    println!(
+        "SIGTERM on host 1: its route left the router's ECMP route after {withdrawn:?}; \
+         it drained and exited after {exited:?}"
+    );
+    // Every flow answered in every round (drive checks each datagram and
+    // echo), each on the one backend it had, the last two without host 1.
+    for cid in &cids {
+        let (b0, _) = &before[cid];
+        let (b1, i1) = &during[cid];
+        let (b2, i2) = &after[cid];
+        assert_eq!(b0.len(), 1, "CID {cid:x} split: {b0:?}");
+        assert_eq!((b0, b0), (b1, b2), "CID {cid:x} changed backend");
+        assert!(
+            !i1.contains(&1) && !i2.contains(&1),
+            "CID {cid:x} through host 1"
+        );
+    }
+    // Its last counters (it has exited: `stats` says so, exit 3): no new
+    // flow was refused while it withdrew, and none reached it while it
+    // drained.
+    let out = Command::new(BIN)
+        .args(["stats", "--json", "--stats-file"])
+        .arg(&fleet.proxies[1].stats_file)
+        .output()
+        .expect("udpshard stats");
+    assert_eq!(out.status.code(), Some(3), "not running");
+    let host1: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(total(&host1, "drops.draining"), 0, "{host1:#}");
 }
