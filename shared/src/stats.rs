@@ -119,6 +119,8 @@ pub enum Readiness {
     Withdrawing = 3,
     /// Stopping: new flows are refused, live sessions finish.
     Draining = 4,
+    /// Serving, but no worker is: every one is being restarted.
+    NoWorker = 5,
 }
 
 impl Readiness {
@@ -128,6 +130,7 @@ impl Readiness {
             2 => Readiness::Ready,
             3 => Readiness::Withdrawing,
             4 => Readiness::Draining,
+            5 => Readiness::NoWorker,
             _ => Readiness::Unknown,
         }
     }
@@ -142,6 +145,7 @@ impl Readiness {
                 Some("withdrawing: stopping soon, still serving until the drain begins")
             }
             Readiness::Draining => Some("draining: stopping, new flows are refused"),
+            Readiness::NoWorker => Some("no worker serves: every one is being restarted"),
         }
     }
 }

@@ -139,28 +139,43 @@ pub(crate) fn print(path: &Path, view: View) -> Result<Liveness, StatsError> {
 /// Whether the proxy whose stats file is at `path` should be sent new
 /// flows, and the line that says so (`ready: ...`, `not ready: <why>`).
 pub(crate) fn health(path: &Path) -> (bool, String) {
-    let snap = match Snapshot::read(path) {
-        Ok(snap) => snap,
-        Err(e) => return (false, format!("not ready: {e}")),
+    let read = || match Snapshot::read(path) {
+        Ok(snap) => match Liveness::of(&snap) {
+            Liveness::Running => Ok(readiness(&snap)),
+            gone => Err(format!("not ready: {gone}")),
+        },
+        Err(e) => Err(format!("not ready: {e}")),
     };
-    match Liveness::of(&snap) {
-        Liveness::Running => readiness(&snap),
-        gone => (false, format!("not ready: {gone}")),
-    }
+    // A binary upgrade's new supervisor writes its pid and its start time
+    // one after the other: a reading between the two looks gone. Once
+    // more, a moment later, before saying so.
+    read()
+        .or_else(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            read()
+        })
+        .unwrap_or_else(|line| (false, line))
 }
 
 /// What a running proxy's stats say of its readiness (`/ready` answers
-/// the same): the supervisor's word, and at least one worker serving.
+/// the same): the supervisor's word; where a supervisor from before the
+/// word runs, whether any slot's worker is ready.
 pub(crate) fn readiness(snap: &Snapshot) -> (bool, String) {
-    if let Some(why) = Readiness::from_word(snap.header(Header::Readiness)).reason() {
-        return (false, format!("not ready: {why}"));
-    }
     let n = snap.workers().count();
+    let s = if n == 1 { "" } else { "s" };
+    match Readiness::from_word(snap.header(Header::Readiness)) {
+        Readiness::Unknown => {}
+        word => {
+            return match word.reason() {
+                Some(why) => (false, format!("not ready: {why}")),
+                None => (true, format!("ready: {n} worker{s} serving")),
+            }
+        }
+    }
     let serving = snap
         .workers()
         .filter(|w| w.state() == SlotState::Ready)
         .count();
-    let s = if n == 1 { "" } else { "s" };
     match serving {
         0 => (
             false,
@@ -928,7 +943,14 @@ mod tests {
                 "not ready: starting: not every worker serves yet".into()
             )
         );
+        // The supervisor's word holds, whatever the slots say (in a binary
+        // upgrade, none is `ready` while the proxy serves on).
         region.set_header(Header::Readiness, Readiness::Ready as u64);
+        assert_eq!(read(), (true, "ready: 2 workers serving".into()));
+        region.set_header(Header::Readiness, Readiness::NoWorker as u64);
+        assert!(read().1.starts_with("not ready: no worker serves"));
+        // A supervisor from before the word: the slots say.
+        region.set_header(Header::Readiness, 0);
         assert_eq!(
             read(),
             (
@@ -939,9 +961,6 @@ mod tests {
         region.slot(0).unwrap().set_life(1, SlotState::Ready);
         assert_eq!(read(), (true, "ready: 1 of 2 workers serving".into()));
         region.slot(1).unwrap().set_life(1, SlotState::Ready);
-        assert_eq!(read(), (true, "ready: 2 workers serving".into()));
-        // A supervisor from before the word: the slots say.
-        region.set_header(Header::Readiness, 0);
         assert_eq!(read(), (true, "ready: 2 workers serving".into()));
         region.set_header(Header::Readiness, Readiness::Withdrawing as u64);
         assert!(read().1.starts_with("not ready: withdrawing"));

@@ -477,6 +477,7 @@ impl Supervisor {
             if self.check_upgrade()? {
                 return Ok(Served::HandedOver);
             }
+            self.follow_workers_readiness();
             if let Role::Withdrawing { until } = self.role {
                 if Instant::now() >= until {
                     self.drain("withdraw_delay is over");
@@ -622,6 +623,23 @@ impl Supervisor {
             _ => {}
         }
         self.drain(&format!("signal {signal}"));
+    }
+
+    /// Serving, the proxy is ready while any worker serves: a host whose
+    /// every worker is being restarted says so.
+    fn follow_workers_readiness(&self) {
+        if let Role::Serving {
+            announced_ready: true,
+        } = self.role
+        {
+            let r = match self.workers.iter().any(WorkerSlot::is_ready) {
+                true => Readiness::Ready,
+                false => Readiness::NoWorker,
+            };
+            if self.region.header(Header::Readiness) != r as u64 {
+                self.set_readiness(r);
+            }
+        }
     }
 
     /// Says what `/ready` and `udpshard health` answer.
