@@ -96,47 +96,27 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
         None => None,
         Some(v) => Some(metrics(v)?),
     };
-    let upstream_send = match &file.upstream_send {
-        None => UpstreamSend::Auto,
-        Some(v) => match v.get_ref().as_str() {
-            "auto" => UpstreamSend::Auto,
-            "socket" => UpstreamSend::Socket,
-            other => {
-                return Err(at(
-                    v,
-                    format!(
-                        "upstream_send = {other:?} is invalid (expected \"auto\" or \"socket\")"
-                    ),
-                ))
-            }
-        },
-    };
-    let offload = match &file.offload {
-        None => Offload::Auto,
-        Some(v) => match v.get_ref().as_str() {
-            "auto" => Offload::Auto,
-            "off" => Offload::Off,
-            other => {
-                return Err(at(
-                    v,
-                    format!("offload = {other:?} is invalid (expected \"auto\" or \"off\")"),
-                ))
-            }
-        },
-    };
-    let syscall_filter = match &file.syscall_filter {
-        None => true,
-        Some(v) => match v.get_ref().as_str() {
-            "on" => true,
-            "off" => false,
-            other => {
-                return Err(at(
-                    v,
-                    format!("syscall_filter = {other:?} is invalid (expected \"on\" or \"off\")"),
-                ))
-            }
-        },
-    };
+    let upstream_send = one_of(
+        file.upstream_send.as_ref(),
+        "upstream_send",
+        UpstreamSend::Auto,
+        &[
+            ("auto", UpstreamSend::Auto),
+            ("socket", UpstreamSend::Socket),
+        ],
+    )?;
+    let offload = one_of(
+        file.offload.as_ref(),
+        "offload",
+        Offload::Auto,
+        &[("auto", Offload::Auto), ("off", Offload::Off)],
+    )?;
+    let syscall_filter = one_of(
+        file.syscall_filter.as_ref(),
+        "syscall_filter",
+        true,
+        &[("on", true), ("off", false)],
+    )?;
     let user = match &file.user {
         None => None,
         Some(v) => Some(user(v)?),
@@ -312,51 +292,24 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
         ));
     }
 
-    let migration = match &l.migration {
-        None => Migration::Path,
-        Some(v) => match v.get_ref().as_str() {
-            "path" => Migration::Path,
-            "follow" => Migration::Follow,
-            other => {
-                return Err(at(
-                    v,
-                    format!(
-                        "{ctx}: migration = {other:?} is invalid (expected \"path\" or \"follow\")"
-                    ),
-                ))
-            }
-        },
-    };
-    let proxy_protocol = match &l.proxy_protocol {
-        None => ProxyProtocol::Off,
-        Some(v) => match v.get_ref().as_str() {
-            "off" => ProxyProtocol::Off,
-            "v2" => ProxyProtocol::V2,
-            other => {
-                return Err(at(
-                    v,
-                    format!(
-                        "{ctx}: proxy_protocol = {other:?} is invalid (expected \"v2\" or \"off\")"
-                    ),
-                ))
-            }
-        },
-    };
-    let queue_delay = match &l.queue_delay {
-        None => true,
-        Some(v) => match v.get_ref().as_str() {
-            "on" => true,
-            "off" => false,
-            other => {
-                return Err(at(
-                    v,
-                    format!(
-                        "{ctx}: queue_delay = {other:?} is invalid (expected \"on\" or \"off\")"
-                    ),
-                ))
-            }
-        },
-    };
+    let migration = one_of(
+        l.migration.as_ref(),
+        &format!("{ctx}: migration"),
+        Migration::Path,
+        &[("path", Migration::Path), ("follow", Migration::Follow)],
+    )?;
+    let proxy_protocol = one_of(
+        l.proxy_protocol.as_ref(),
+        &format!("{ctx}: proxy_protocol"),
+        ProxyProtocol::Off,
+        &[("v2", ProxyProtocol::V2), ("off", ProxyProtocol::Off)],
+    )?;
+    let queue_delay = one_of(
+        l.queue_delay.as_ref(),
+        &format!("{ctx}: queue_delay"),
+        true,
+        &[("on", true), ("off", false)],
+    )?;
     let session_log = match &l.session_log {
         None => 0,
         Some(v) => int_in(v, 0..=1_000_000_000, &format!("{ctx}: session_log"))?,
@@ -420,21 +373,15 @@ fn listener(index: usize, l: Spanned<FileListener>, earlier: &[Listener]) -> Res
         None => DEFAULT_REVIVE_AFTER,
         Some(v) => duration_in(v, REVIVE_AFTER, "1s..=1h", &format!("{ctx}: revive_after"))?,
     };
-    let on_backend_down = match &l.on_backend_down {
-        None => OnBackendDown::Keep,
-        Some(v) => match v.get_ref().as_str() {
-            "keep" => OnBackendDown::Keep,
-            "reroute" => OnBackendDown::Reroute,
-            other => {
-                return Err(at(
-                    v,
-                    format!(
-                        "{ctx}: on_backend_down = {other:?} is invalid (expected \"keep\" or \"reroute\")"
-                    ),
-                ))
-            }
-        },
-    };
+    let on_backend_down = one_of(
+        l.on_backend_down.as_ref(),
+        &format!("{ctx}: on_backend_down"),
+        OnBackendDown::Keep,
+        &[
+            ("keep", OnBackendDown::Keep),
+            ("reroute", OnBackendDown::Reroute),
+        ],
+    )?;
     let health = match &l.health {
         None => None,
         Some(v) => Some(health(v, &ctx)?),
@@ -763,22 +710,42 @@ fn dissector(
     }
 }
 
-fn steering(v: Option<&Spanned<String>>, dissector: Dissector, ctx: &str) -> Result<Steering> {
+/// A key that takes one of a few words: absent, `default`; any other word
+/// is an error that names them all, in order.
+fn one_of<T: Copy>(
+    v: Option<&Spanned<String>>,
+    key: &str,
+    default: T,
+    words: &[(&str, T)],
+) -> Result<T> {
     let Some(v) = v else {
-        return Ok(Steering::Auto);
+        return Ok(default);
     };
-    let steering = match v.get_ref().as_str() {
-        "auto" => Steering::Auto,
-        "kernel-cid" => Steering::KernelCid,
-        "reshuffle" => Steering::Reshuffle,
-        other => {
-            return Err(at(
-                v,
-                format!(
-                    "{ctx}: steering = {other:?} is invalid (expected \"auto\", \"kernel-cid\" or \"reshuffle\")"
-                ),
-            ))
-        }
+    let word = v.get_ref().as_str();
+    if let Some((_, value)) = words.iter().find(|(w, _)| *w == word) {
+        return Ok(*value);
+    }
+    let quoted: Vec<String> = words.iter().map(|(w, _)| format!("{w:?}")).collect();
+    let expected = match quoted.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => String::new(),
+    };
+    Err(at(
+        v,
+        format!("{key} = {word:?} is invalid (expected {expected})"),
+    ))
+}
+
+fn steering(v: Option<&Spanned<String>>, dissector: Dissector, ctx: &str) -> Result<Steering> {
+    let words = [
+        ("auto", Steering::Auto),
+        ("kernel-cid", Steering::KernelCid),
+        ("reshuffle", Steering::Reshuffle),
+    ];
+    let steering = one_of(v, &format!("{ctx}: steering"), Steering::Auto, &words)?;
+    let Some(v) = v else {
+        return Ok(steering);
     };
     if steering == Steering::KernelCid && dissector == Dissector::Tuple {
         return Err(at(
