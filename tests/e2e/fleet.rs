@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -332,25 +332,8 @@ impl Fleet {
                     .replace("10.0.0.1", &hop(i))
             );
             let ns = fleet.fabric.proxies[i].clone();
-            let (conf_path, sock) = (
-                d.join(format!("bird{i}.conf")),
-                d.join(format!("bird{i}.ctl")),
-            );
-            std::fs::write(&conf_path, conf).unwrap();
-            fleet.speakers.push(Daemon::start(
-                &d.join(format!("bird{i}.log")),
-                &["ip", "netns", "exec", &ns],
-                bird,
-                &[
-                    "-f",
-                    "-c",
-                    &conf_path.display().to_string(),
-                    "-s",
-                    &sock.display().to_string(),
-                    "-P",
-                    &d.join(format!("bird{i}.pid")).display().to_string(),
-                ],
-            ));
+            let (speaker, sock) = Daemon::bird(bird, &d, &format!("bird{i}"), &ns, &conf);
+            fleet.speakers.push(speaker);
             fleet.speakers.push(Daemon::start(
                 &d.join(format!("follow{i}.log")),
                 &["ip", "netns", "exec", &ns, "sh"],
@@ -367,23 +350,9 @@ impl Fleet {
                 ],
             ));
         }
-        let (router_conf, router_sock) = (d.join("router.conf"), d.join("router.ctl"));
-        std::fs::write(&router_conf, router).unwrap();
         let r = fleet.fabric.router.clone();
-        fleet.speakers.push(Daemon::start(
-            &d.join("router.log"),
-            &["ip", "netns", "exec", &r],
-            bird,
-            &[
-                "-f",
-                "-c",
-                &router_conf.display().to_string(),
-                "-s",
-                &router_sock.display().to_string(),
-                "-P",
-                &d.join("router.pid").display().to_string(),
-            ],
-        ));
+        let (speaker, router_sock) = Daemon::bird(bird, &d, "router", &r, &router);
+        fleet.speakers.push(speaker);
         let established = || {
             let out = Command::new("birdc")
                 .args([
@@ -493,6 +462,28 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// BIRD in namespace `ns` on config `conf`, its files in `dir` named
+    /// `name`.*; and its control socket.
+    fn bird(bird: &Path, dir: &Path, name: &str, ns: &str, conf: &str) -> (Daemon, PathBuf) {
+        let file = |ext: &str| dir.join(format!("{name}.{ext}")).display().to_string();
+        std::fs::write(file("conf"), conf).expect("write a BIRD config");
+        let daemon = Daemon::start(
+            Path::new(&file("log")),
+            &["ip", "netns", "exec", ns],
+            bird,
+            &[
+                "-f",
+                "-c",
+                &file("conf"),
+                "-s",
+                &file("ctl"),
+                "-P",
+                &file("pid"),
+            ],
+        );
+        (daemon, PathBuf::from(file("ctl")))
+    }
+
     fn start(log: &Path, wrapper: &[&str], program: &Path, args: &[&str]) -> Daemon {
         let out = File::create(log).expect("a log file");
         let err = out.try_clone().expect("a log file");

@@ -458,21 +458,17 @@ impl Loop {
                 }
             };
             let now = self.now_ms();
+            self.refs.clear();
             // One clock read for the batch, against each datagram's (or
             // GRO run's) kernel receive timestamp.
             let wall = queue_delay::wall_now();
+            let (mut datagrams, mut bytes) = (0, 0);
             for m in &self.rx.meta[..n] {
-                let datagrams = segments(m.len, m.stride).count() as u64;
-                self.queue_delay.record(wall, m.timestamp, datagrams);
+                let run = segments(m.len, m.stride).count() as u64;
+                self.queue_delay.record(wall, m.timestamp, run);
+                (datagrams, bytes) = (datagrams + run, bytes + m.len as u64);
             }
-            self.refs.clear();
             let counters = &self.router.counters;
-            let (datagrams, bytes) = self.rx.meta[..n].iter().fold((0, 0), |(d, b), m| {
-                (
-                    d + segments(m.len, m.stride).count() as u64,
-                    b + m.len as u64,
-                )
-            });
             self.rx_ahead = (
                 counters.get(Counter::RxPackets) + datagrams,
                 counters.get(Counter::RxBytes) + bytes,

@@ -39,8 +39,7 @@ impl QueueDelay {
     /// upgrade's successor going live on its predecessor's slot).
     pub(crate) fn rebase(&mut self, words: Option<&[AtomicU64]>) {
         let Some(words) = words else { return };
-        let read: Vec<u64> = words.iter().map(|w| w.load(Ordering::Relaxed)).collect();
-        let mut slot = Histogram::from_words(&read);
+        let mut slot = Histogram::load(words);
         slot.max_ns = 0;
         self.totals.add(&slot);
         self.dirty.set(true);
@@ -100,11 +99,6 @@ mod tests {
         (0..delay::WORDS).map(|_| AtomicU64::new(0)).collect()
     }
 
-    fn read(words: &[AtomicU64]) -> Histogram {
-        let v: Vec<u64> = words.iter().map(|w| w.load(Ordering::Relaxed)).collect();
-        Histogram::from_words(&v)
-    }
-
     #[test]
     fn a_batch_is_counted_in_its_bucket_and_published_once() {
         let slot = words();
@@ -114,7 +108,7 @@ mod tests {
         q.record(now, None, 7);
         q.record(now, Some(now + Duration::from_micros(3)), 1);
         q.publish(Some(&slot));
-        let h = read(&slot);
+        let h = Histogram::load(&slot);
         assert_eq!(h.count(), 6, "the datagram without a stamp is not counted");
         assert_eq!(h.buckets[delay::bucket(30_000)], 5);
         assert_eq!(
@@ -127,13 +121,13 @@ mod tests {
         q.end_window();
         q.record(now, Some(now - Duration::from_micros(10)), 1);
         q.publish(Some(&slot));
-        assert_eq!(read(&slot).max_ns, 30_000);
+        assert_eq!(Histogram::load(&slot).max_ns, 30_000);
         q.end_window();
         q.publish(Some(&slot));
-        assert_eq!(read(&slot).max_ns, 10_000);
+        assert_eq!(Histogram::load(&slot).max_ns, 10_000);
         q.end_window();
         q.publish(Some(&slot));
-        assert_eq!(read(&slot).max_ns, 0, "two quiet seconds");
+        assert_eq!(Histogram::load(&slot).max_ns, 0, "two quiet seconds");
         slot[0].store(99, Ordering::Relaxed);
         q.publish(Some(&slot));
         assert_eq!(
@@ -160,6 +154,6 @@ mod tests {
         successor.record(now, Some(now), 2);
         successor.rebase(Some(&slot));
         successor.publish(Some(&slot));
-        assert_eq!(read(&slot).count(), 6);
+        assert_eq!(Histogram::load(&slot).count(), 6);
     }
 }

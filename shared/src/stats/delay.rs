@@ -13,6 +13,8 @@
 //! the same counts are exposed as one, exactly but for the last bucket:
 //! what waited past 16 s is counted in (16 s, 32 s] there.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 /// Buckets: at most 2^(k-20) s for k in 0..=24, then the rest.
 pub const BUCKETS: usize = 26;
 /// The exponent of bucket 0's bound (2^-20 s).
@@ -65,6 +67,12 @@ impl Histogram {
         h.sum_ns = words.get(SUM_NS).copied().unwrap_or(0);
         h.max_ns = words.get(MAX_NS).copied().unwrap_or(0);
         h
+    }
+
+    /// From a slot's live words (see the module's layout).
+    pub fn load(words: &[AtomicU64]) -> Histogram {
+        let read: Vec<u64> = words.iter().map(|w| w.load(Ordering::Relaxed)).collect();
+        Histogram::from_words(&read)
     }
 
     /// Delays counted.
