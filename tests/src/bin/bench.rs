@@ -22,9 +22,7 @@ use serde_json::json;
 use udpshard_tests::load::baseline::allowed_cpus;
 use udpshard_tests::load::cli::Common;
 use udpshard_tests::load::procstat::{clock_ticks, CpuSnapshot, CpuUse, UdpCounters};
-use udpshard_tests::load::proxy::{
-    free_udp_addr, nginx_conf, show_command, udpshard_toml_keyed, ProxyProcess,
-};
+use udpshard_tests::load::proxy::{free_udp_addr, nginx_conf, udpshard_toml_keyed, ProxyProcess};
 use udpshard_tests::load::units::{parse_duration, parse_rate};
 use udpshard_tests::load::{
     show_latency, Generator, LoadError, LoadReport, LoadSpec, Sink, DEFAULT_SIZE,
@@ -317,19 +315,15 @@ fn bench_proxy(
     .map_err(|e| e.to_string())?;
     let listen = free_udp_addr().map_err(|e| format!("cannot find a free port: {e}"))?;
     let command = proxy_command(proxy, binary, listen, sink.addrs(), workdir)?;
-    eprintln!(
-        "bench: {}: starting {}",
+    // nginx says nothing when it is up: its workers' sockets in /proc/net/udp say it.
+    let bound = (proxy == ProxyKind::Nginx).then_some(listen);
+    let mut process = ProxyProcess::launch(
+        "bench",
         proxy.name(),
-        show_command(&command)
-    );
-    let mut process = ProxyProcess::start(command).map_err(|e| format!("cannot start: {e}"))?;
-    match proxy {
-        // nginx says nothing when it is up: its workers' sockets in /proc/net/udp say it.
-        ProxyKind::Nginx => {
-            process.wait_bound(listen, allowed_cpus().len(), args.common.ready_timeout)?
-        }
-        _ => process.wait_ready(args.common.ready_timeout)?,
-    }
+        command,
+        bound,
+        args.common.ready_timeout,
+    )?;
 
     let mut generator = Generator::open(listen, args.flows).map_err(|e| e.to_string())?;
     let spec = |rate: Option<u64>, duration: Duration| LoadSpec {

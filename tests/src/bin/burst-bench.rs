@@ -37,9 +37,7 @@ use udpshard_tests::load::cli::Common;
 use udpshard_tests::load::mmsg::Batch;
 use udpshard_tests::load::pacing::{Pacer, Step};
 use udpshard_tests::load::procstat::{CpuSnapshot, CpuUse};
-use udpshard_tests::load::proxy::{
-    free_udp_addr, nginx_conf, show_command, udpshard_toml, ProxyProcess,
-};
+use udpshard_tests::load::proxy::{free_udp_addr, nginx_conf, udpshard_toml, ProxyProcess};
 use udpshard_tests::load::units::{parse_duration, parse_rate};
 
 /// How long the backends and the clients' reader wait in one blocking call before they look
@@ -534,16 +532,11 @@ fn main() -> ExitCode {
             }
         }
     }
-    if args.common.json {
-        println!("{}", to_json(&args, &all));
-    } else {
-        print!("{}", table(&args, &all));
-    }
-    if failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    args.common.report(
+        || to_json(&args, &all).to_string(),
+        || table(&args, &all),
+        !failed.is_empty(),
+    )
 }
 
 fn bench_proxy(
@@ -586,18 +579,14 @@ fn bench_proxy(
             command.arg("run").arg("--config").arg(config);
         }
     }
-    eprintln!(
-        "burst-bench: {}: starting {}",
+    let bound = (kind == Kind::Nginx).then_some(listen);
+    let mut process = ProxyProcess::launch(
+        "burst-bench",
         kind.name(),
-        show_command(&command)
-    );
-    let mut process = ProxyProcess::start(command).map_err(|e| format!("cannot start: {e}"))?;
-    match kind {
-        Kind::Nginx => {
-            process.wait_bound(listen, allowed_cpus().len(), args.common.ready_timeout)?
-        }
-        _ => process.wait_ready(args.common.ready_timeout)?,
-    }
+        command,
+        bound,
+        args.common.ready_timeout,
+    )?;
     if !args.warmup.is_zero() {
         let (c, _) = rig.load(args, args.rate[0], args.warmup);
         eprintln!(

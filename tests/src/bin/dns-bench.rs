@@ -15,14 +15,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use serde_json::json;
 use udpshard_tests::load::baseline::allowed_cpus;
-use udpshard_tests::load::cli::Common;
+use udpshard_tests::load::cli::{Common, Via};
 use udpshard_tests::load::procstat::{tree_cpu_time, CpuSnapshot, CpuUse};
-use udpshard_tests::load::proxy::{
-    free_udp_addr, nginx_conf, show_command, udpshard_toml_keyed, ProxyProcess,
-};
+use udpshard_tests::load::proxy::{free_udp_addr, nginx_conf, udpshard_toml_keyed, ProxyProcess};
 use udpshard_tests::load::units::{parse_duration, Rate};
 
 /// Other programs' CPU and steal, as a share of one CPU, above which a load is measured again.
@@ -66,10 +64,10 @@ struct Args {
     warmup: Duration,
     /// Measure only these paths (repeatable).
     #[arg(long, value_enum)]
-    only: Vec<Kind>,
+    only: Vec<Via>,
     /// Leave these paths out (repeatable).
     #[arg(long, value_enum)]
-    skip: Vec<Kind>,
+    skip: Vec<Via>,
     /// Measure a load again (up to this many times) when other programs and steal took more
     /// than 5% of a CPU during it.
     #[arg(long, default_value_t = 1)]
@@ -82,26 +80,6 @@ struct Args {
     dnsperf: PathBuf,
     #[command(flatten)]
     common: Common,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Kind {
-    /// dnsperf straight to NSD: the baseline.
-    Direct,
-    Nginx,
-    Udpshard,
-}
-
-impl Kind {
-    const ALL: [Kind; 3] = [Kind::Direct, Kind::Nginx, Kind::Udpshard];
-
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Direct => "direct",
-            Kind::Nginx => "nginx",
-            Kind::Udpshard => "udpshard",
-        }
-    }
 }
 
 /// What dnsperf reported of one load.
@@ -127,7 +105,7 @@ impl Perf {
 
 /// One measured load.
 struct Measurement {
-    kind: Kind,
+    kind: Via,
     rate: Option<u64>,
     perf: Perf,
     wall: Duration,
@@ -139,7 +117,7 @@ struct Measurement {
 
 impl Measurement {
     fn cpu_us_per_query(&self) -> Option<f64> {
-        (self.kind != Kind::Direct && self.perf.completed > 0)
+        (self.kind != Via::Direct && self.perf.completed > 0)
             .then(|| self.cpu.tree.as_secs_f64() * 1e6 / self.perf.completed as f64)
     }
 
@@ -156,7 +134,7 @@ impl Measurement {
     fn ratio_to_nginx(&self, all: &[Measurement]) -> Option<f64> {
         let nginx = all
             .iter()
-            .find(|m| m.kind == Kind::Nginx && m.rate == self.rate)?
+            .find(|m| m.kind == Via::Nginx && m.rate == self.rate)?
             .cpu_us_per_query()?;
         Some(self.cpu_us_per_query()? / nginx)
     }
@@ -375,7 +353,7 @@ fn main() -> ExitCode {
         }
     };
     eprintln!("dns-bench: NSD serves bench.test on {server_addr}");
-    let kinds: Vec<Kind> = Kind::ALL
+    let kinds: Vec<Via> = Via::ALL
         .into_iter()
         .filter(|k| args.only.is_empty() || args.only.contains(k))
         .filter(|k| !args.skip.contains(k))
@@ -393,21 +371,16 @@ fn main() -> ExitCode {
     }
     drop(nsd);
     let _ = std::fs::remove_dir_all(&workdir);
-    if args.common.json {
-        println!("{}", to_json(&args, &all));
-    } else {
-        print!("{}", table(&args, &all));
-    }
-    if failed.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    }
+    args.common.report(
+        || to_json(&args, &all).to_string(),
+        || table(&args, &all),
+        !failed.is_empty(),
+    )
 }
 
 fn bench_path(
     args: &Args,
-    kind: Kind,
+    kind: Via,
     bin_dir: &Path,
     workdir: &Path,
     queries: &Path,
@@ -416,10 +389,10 @@ fn bench_path(
 ) -> Result<Vec<Measurement>, String> {
     let listen = free_udp_addr().map_err(|e| format!("cannot find a free port: {e}"))?;
     let mut process = match kind {
-        Kind::Direct => None,
-        Kind::Nginx | Kind::Udpshard => {
+        Via::Direct => None,
+        Via::Nginx | Via::Udpshard => {
             let mut command;
-            if kind == Kind::Nginx {
+            if kind == Via::Nginx {
                 if !args.nginx.is_file() {
                     return Err(format!(
                         "{} is missing (apt-get install nginx libnginx-mod-stream)",
@@ -447,22 +420,17 @@ fn bench_path(
                 command = Command::new(bin_dir.join("udpshard"));
                 command.arg("run").arg("--config").arg(config);
             }
-            eprintln!(
-                "dns-bench: {}: starting {}",
+            let bound = (kind == Via::Nginx).then_some(listen);
+            Some(ProxyProcess::launch(
+                "dns-bench",
                 kind.name(),
-                show_command(&command)
-            );
-            let mut p = ProxyProcess::start(command).map_err(|e| format!("cannot start: {e}"))?;
-            match kind {
-                Kind::Nginx => {
-                    p.wait_bound(listen, allowed_cpus().len(), args.common.ready_timeout)?
-                }
-                _ => p.wait_ready(args.common.ready_timeout)?,
-            }
-            Some(p)
+                command,
+                bound,
+                args.common.ready_timeout,
+            )?)
         }
     };
-    let target = if kind == Kind::Direct { server } else { listen };
+    let target = if kind == Via::Direct { server } else { listen };
     if !args.warmup.is_zero() {
         let perf = dnsperf(
             args,
@@ -599,7 +567,7 @@ fn table(args: &Args, all: &[Measurement]) -> String {
                 .map_or("-".into(), |v| format!("{v:.2}")),
             m.ratio_to_nginx(all)
                 .map_or("-".into(), |v| format!("{v:.2}")),
-            if m.kind == Kind::Direct {
+            if m.kind == Via::Direct {
                 "-".into()
             } else {
                 format!("{:.0}", m.share(m.cpu.tree) * 100.0)

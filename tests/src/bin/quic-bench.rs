@@ -14,7 +14,7 @@ use std::process::{Command, ExitCode};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use quinn::{ConnectionId, ConnectionIdGenerator, Endpoint, EndpointConfig, ServerConfig};
@@ -22,9 +22,9 @@ use serde_json::json;
 use udpshard_shared::stats::{Counter, Snapshot};
 use udpshard_shared::DropReason;
 use udpshard_tests::load::baseline::allowed_cpus;
-use udpshard_tests::load::cli::Common;
+use udpshard_tests::load::cli::{Common, Via};
 use udpshard_tests::load::procstat::{CpuSnapshot, CpuUse};
-use udpshard_tests::load::proxy::{free_udp_addr, nginx_conf, show_command, ProxyProcess};
+use udpshard_tests::load::proxy::{free_udp_addr, nginx_conf, ProxyProcess};
 use udpshard_tests::load::units::parse_duration;
 
 /// The server's QUIC-LB server ID (config 0, 2 bytes).
@@ -49,10 +49,10 @@ struct Args {
     migrating: Option<usize>,
     /// Measure only these paths (repeatable).
     #[arg(long, value_enum)]
-    only: Vec<Kind>,
+    only: Vec<Via>,
     /// Leave these paths out (repeatable).
     #[arg(long, value_enum)]
-    skip: Vec<Kind>,
+    skip: Vec<Via>,
     /// A download's limit: past it the connection counts as failed.
     #[arg(long, default_value = "120s", value_parser = parse_duration)]
     timeout: Duration,
@@ -60,25 +60,6 @@ struct Args {
     nginx: PathBuf,
     #[command(flatten)]
     common: Common,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Kind {
-    Direct,
-    Nginx,
-    Udpshard,
-}
-
-impl Kind {
-    const ALL: [Kind; 3] = [Kind::Direct, Kind::Nginx, Kind::Udpshard];
-
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Direct => "direct",
-            Kind::Nginx => "nginx",
-            Kind::Udpshard => "udpshard",
-        }
-    }
 }
 
 /// QUIC-LB plaintext IDs: config 0, the 2-byte server ID, 5 bytes of nonce.
@@ -265,7 +246,7 @@ async fn run_pass(
 }
 
 struct Measurement {
-    kind: Kind,
+    kind: Via,
     pass: Pass,
     server: ServerTally,
     wall: Duration,
@@ -278,7 +259,7 @@ impl Measurement {
     }
 
     fn proxied(&self) -> bool {
-        self.kind != Kind::Direct
+        self.kind != Via::Direct
     }
 
     fn cpu_s_per_gb(&self) -> Option<f64> {
@@ -294,7 +275,7 @@ impl Measurement {
             .then(|| self.cpu.tree.as_secs_f64() * 1e6 / datagrams as f64)
     }
 
-    fn of(all: &[Measurement], kind: Kind) -> Option<&Measurement> {
+    fn of(all: &[Measurement], kind: Via) -> Option<&Measurement> {
         all.iter().find(|m| m.kind == kind)
     }
 }
@@ -309,18 +290,11 @@ fn cert() -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), Stri
 fn main() -> ExitCode {
     let args = Args::parse();
     match run(&args) {
-        Ok(all) => {
-            if args.common.json {
-                println!("{}", to_json(&args, &all));
-            } else {
-                print!("{}", table(&args, &all));
-            }
-            if all.iter().any(|m| !m.pass.failed.is_empty()) {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
+        Ok(all) => args.common.report(
+            || to_json(&args, &all).to_string(),
+            || table(&args, &all),
+            all.iter().any(|m| !m.pass.failed.is_empty()),
+        ),
         Err(e) => {
             eprintln!("quic-bench: {e}");
             ExitCode::FAILURE
@@ -365,12 +339,12 @@ fn run(args: &Args) -> Result<Vec<Measurement>, String> {
     let workdir = std::env::temp_dir().join(format!("quic-bench-{}", std::process::id()));
     std::fs::create_dir_all(&workdir).map_err(|e| format!("{}: {e}", workdir.display()))?;
     let mut all = Vec::new();
-    for kind in Kind::ALL {
+    for kind in Via::ALL {
         if (!args.only.is_empty() && !args.only.contains(&kind)) || args.skip.contains(&kind) {
             continue;
         }
         let (target, mut process) = match kind {
-            Kind::Direct => (server_addr, None),
+            Via::Direct => (server_addr, None),
             _ => match start_proxy(args, kind, &bin_dir, &workdir, server_addr) {
                 Ok((listen, p)) => (listen, Some(p)),
                 Err(e) => {
@@ -396,7 +370,7 @@ fn run(args: &Args) -> Result<Vec<Measurement>, String> {
             lost_packets: after.lost_packets - before_tally.lost_packets,
             congestion_events: after.congestion_events - before_tally.congestion_events,
         };
-        if kind == Kind::Udpshard {
+        if kind == Via::Udpshard {
             report_udpshard(&workdir.join("stats"));
         }
         if let Some(p) = process.as_mut() {
@@ -463,7 +437,7 @@ fn report_udpshard(stats: &Path) {
 /// Starts nginx or udpshard in front of the server: where it listens, and its process.
 fn start_proxy(
     args: &Args,
-    kind: Kind,
+    kind: Via,
     bin_dir: &Path,
     workdir: &Path,
     server: SocketAddr,
@@ -471,7 +445,7 @@ fn start_proxy(
     let listen = free_udp_addr().map_err(|e| format!("cannot find a free port: {e}"))?;
     let mut command;
     match kind {
-        Kind::Nginx => {
+        Via::Nginx => {
             if !args.nginx.is_file() {
                 return Err(format!("{} is missing", args.nginx.display()));
             }
@@ -499,18 +473,14 @@ fn start_proxy(
             command.arg("run").arg("--config").arg(config);
         }
     }
-    eprintln!(
-        "quic-bench: {}: starting {}",
+    let bound = (kind == Via::Nginx).then_some(listen);
+    let process = ProxyProcess::launch(
+        "quic-bench",
         kind.name(),
-        show_command(&command)
-    );
-    let mut process = ProxyProcess::start(command).map_err(|e| format!("cannot start: {e}"))?;
-    match kind {
-        Kind::Nginx => {
-            process.wait_bound(listen, allowed_cpus().len(), args.common.ready_timeout)?
-        }
-        _ => process.wait_ready(args.common.ready_timeout)?,
-    }
+        command,
+        bound,
+        args.common.ready_timeout,
+    )?;
     Ok((listen, process))
 }
 
@@ -550,8 +520,8 @@ fn table(args: &Args, all: &[Measurement]) -> String {
         args.migrating.unwrap_or(args.connections / 2).min(args.connections),
         allowed_cpus()
     );
-    let direct = Measurement::of(all, Kind::Direct).map(Measurement::gbit_per_s);
-    let nginx_gb = Measurement::of(all, Kind::Nginx).and_then(Measurement::cpu_s_per_gb);
+    let direct = Measurement::of(all, Via::Direct).map(Measurement::gbit_per_s);
+    let nginx_gb = Measurement::of(all, Via::Nginx).and_then(Measurement::cpu_s_per_gb);
     let header = [
         "path",
         "done",

@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use nix::fcntl::Flock;
@@ -37,5 +38,49 @@ impl Common {
     /// The host's bench lock, waited for up to `--lock-timeout`.
     pub fn lock(&self) -> Result<Flock<File>, String> {
         host_lock(self.lock_timeout)
+    }
+}
+
+impl Common {
+    /// Prints the results, as JSON (`--json`) or as the table, and says
+    /// how the bench exits: a failure when any measurement failed.
+    pub fn report(
+        &self,
+        json: impl FnOnce() -> String,
+        table: impl FnOnce() -> String,
+        failed: bool,
+    ) -> ExitCode {
+        if self.json {
+            println!("{}", json());
+        } else {
+            print!("{}", table());
+        }
+        if failed {
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// How a bench's client reaches its server: directly (the baseline),
+/// through nginx, or through udpshard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    /// Straight to the server: the baseline.
+    Direct,
+    Nginx,
+    Udpshard,
+}
+
+impl Via {
+    pub const ALL: [Via; 3] = [Via::Direct, Via::Nginx, Via::Udpshard];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Via::Direct => "direct",
+            Via::Nginx => "nginx",
+            Via::Udpshard => "udpshard",
+        }
     }
 }

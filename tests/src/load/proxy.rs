@@ -87,6 +87,27 @@ pub struct ProxyProcess {
 }
 
 impl ProxyProcess {
+    /// Starts `command` for the `name` run of `bench` (saying so on stderr) and waits until
+    /// it is up: its `ready:` line, or, for a proxy that prints nothing when it is (nginx:
+    /// `bound`), one worker and socket per allowed CPU bound to that address.
+    pub fn launch(
+        bench: &str,
+        name: &str,
+        command: Command,
+        bound: Option<SocketAddr>,
+        timeout: Duration,
+    ) -> Result<ProxyProcess, String> {
+        eprintln!("{bench}: {name}: starting {}", show_command(&command));
+        let mut process = ProxyProcess::start(command).map_err(|e| format!("cannot start: {e}"))?;
+        match bound {
+            Some(listen) => {
+                process.wait_bound(listen, super::baseline::allowed_cpus().len(), timeout)?
+            }
+            None => process.wait_ready(timeout)?,
+        }
+        Ok(process)
+    }
+
     pub fn start(command: Command) -> std::io::Result<ProxyProcess> {
         let child = ProxyChild::start(command, |_| {}).map_err(|e| match e {
             SpawnError::Spawn(e) => e,
