@@ -22,7 +22,9 @@ use serde_json::json;
 use udpshard_tests::load::baseline::allowed_cpus;
 use udpshard_tests::load::cli::Common;
 use udpshard_tests::load::procstat::{clock_ticks, CpuSnapshot, CpuUse, UdpCounters};
-use udpshard_tests::load::proxy::{free_udp_addr, nginx_conf, udpshard_toml_keyed, ProxyProcess};
+use udpshard_tests::load::proxy::{
+    free_udp_addr, nginx_command, udpshard_toml_keyed, ProxyProcess,
+};
 use udpshard_tests::load::units::{parse_duration, parse_rate};
 use udpshard_tests::load::{
     show_latency, Generator, LoadError, LoadReport, LoadSpec, Sink, DEFAULT_SIZE,
@@ -500,16 +502,7 @@ fn proxy_command(
             }
         }
         ProxyKind::Nginx => {
-            let config = workdir.join("nginx.conf");
-            std::fs::write(&config, nginx_conf(listen, backends, workdir))
-                .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
-            command
-                .arg("-e")
-                .arg("stderr")
-                .arg("-p")
-                .arg(workdir)
-                .arg("-c")
-                .arg(&config);
+            command = nginx_command(binary, listen, backends, workdir)?;
         }
         ProxyKind::Udpshard | ProxyKind::UdpshardSocket | ProxyKind::UdpshardNoDelay => {
             let config = workdir.join("udpshard.toml");

@@ -37,7 +37,7 @@ use udpshard_tests::load::cli::Common;
 use udpshard_tests::load::mmsg::Batch;
 use udpshard_tests::load::pacing::{Pacer, Step};
 use udpshard_tests::load::procstat::{CpuSnapshot, CpuUse};
-use udpshard_tests::load::proxy::{free_udp_addr, nginx_conf, udpshard_toml, ProxyProcess};
+use udpshard_tests::load::proxy::{free_udp_addr, nginx_command, udpshard_toml, ProxyProcess};
 use udpshard_tests::load::units::{parse_duration, parse_rate};
 
 /// How long the backends and the clients' reader wait in one blocking call before they look
@@ -552,16 +552,7 @@ fn bench_proxy(
     let mut command = Command::new(binary);
     match kind {
         Kind::Nginx => {
-            let config = workdir.join("nginx.conf");
-            std::fs::write(&config, nginx_conf(listen, &rig.backends, &workdir))
-                .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
-            command
-                .arg("-e")
-                .arg("stderr")
-                .arg("-p")
-                .arg(&workdir)
-                .arg("-c")
-                .arg(&config);
+            command = nginx_command(binary, listen, &rig.backends, &workdir)?;
         }
         Kind::Udpshard | Kind::UdpshardNoOffload => {
             let offload = if kind == Kind::Udpshard {

@@ -20,7 +20,9 @@ use serde_json::json;
 use udpshard_tests::load::baseline::allowed_cpus;
 use udpshard_tests::load::cli::{Common, Via};
 use udpshard_tests::load::procstat::{tree_cpu_time, CpuSnapshot, CpuUse};
-use udpshard_tests::load::proxy::{free_udp_addr, nginx_conf, udpshard_toml_keyed, ProxyProcess};
+use udpshard_tests::load::proxy::{
+    free_udp_addr, nginx_command, udpshard_toml_keyed, ProxyProcess,
+};
 use udpshard_tests::load::units::{parse_duration, Rate};
 
 /// Other programs' CPU and steal, as a share of one CPU, above which a load is measured again.
@@ -399,17 +401,7 @@ fn bench_path(
                         args.nginx.display()
                     ));
                 }
-                let config = workdir.join("nginx.conf");
-                std::fs::write(&config, nginx_conf(listen, &[server], workdir))
-                    .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
-                command = Command::new(&args.nginx);
-                command
-                    .arg("-e")
-                    .arg("stderr")
-                    .arg("-p")
-                    .arg(workdir)
-                    .arg("-c")
-                    .arg(&config);
+                command = nginx_command(&args.nginx, listen, &[server], workdir)?;
             } else {
                 let config = workdir.join("udpshard.toml");
                 std::fs::write(

@@ -24,7 +24,7 @@ use udpshard_shared::DropReason;
 use udpshard_tests::load::baseline::allowed_cpus;
 use udpshard_tests::load::cli::{Common, Via};
 use udpshard_tests::load::procstat::{CpuSnapshot, CpuUse};
-use udpshard_tests::load::proxy::{free_udp_addr, nginx_conf, ProxyProcess};
+use udpshard_tests::load::proxy::{free_udp_addr, nginx_command, ProxyProcess};
 use udpshard_tests::load::units::parse_duration;
 
 /// The server's QUIC-LB server ID (config 0, 2 bytes).
@@ -449,17 +449,7 @@ fn start_proxy(
             if !args.nginx.is_file() {
                 return Err(format!("{} is missing", args.nginx.display()));
             }
-            let config = workdir.join("nginx.conf");
-            std::fs::write(&config, nginx_conf(listen, &[server], workdir))
-                .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
-            command = Command::new(&args.nginx);
-            command
-                .arg("-e")
-                .arg("stderr")
-                .arg("-p")
-                .arg(workdir)
-                .arg("-c")
-                .arg(&config);
+            command = nginx_command(&args.nginx, listen, &[server], workdir)?;
         }
         _ => {
             let binary = bin_dir.join("udpshard");

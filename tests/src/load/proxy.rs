@@ -311,6 +311,28 @@ backends = [{backends}]
 /// and nginx says which when it reads `stream {}`).
 const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
+/// nginx (`nginx`, Debian's binary) on its benchmark configuration, written to
+/// `workdir/nginx.conf`, logging to stderr.
+pub fn nginx_command(
+    nginx: &Path,
+    listen: SocketAddr,
+    backends: &[SocketAddr],
+    workdir: &Path,
+) -> Result<Command, String> {
+    let config = workdir.join("nginx.conf");
+    std::fs::write(&config, nginx_conf(listen, backends, workdir))
+        .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+    let mut command = Command::new(nginx);
+    command
+        .arg("-e")
+        .arg("stderr")
+        .arg("-p")
+        .arg(workdir)
+        .arg("-c")
+        .arg(&config);
+    Ok(command)
+}
+
 /// nginx's configuration for the benchmark: one worker per CPU (as the others), pinned, each
 /// with its own SO_REUSEPORT socket; sessions kept for 60 s (`proxy_timeout`), replies
 /// relayed without limit; backends round robin, one per session.
