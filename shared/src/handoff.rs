@@ -22,6 +22,12 @@
 //! - `AliasLearned` and `Activity` tell a session's owner what the home of
 //!   one of its paths saw in a reply: the server's new connection ID, and
 //!   that replies still flow.
+//! - `Relay` asks a socket's home to relay a path's replies. A binary
+//!   upgrade's old worker sends each relay it keeps to its successor, with
+//!   the socket (the successor becomes the home of every socket it had,
+//!   with every slot in use on it); a worker that finds its socket's home
+//!   gone and another worker holding it since sends it for each of its
+//!   paths there, without. `RelayTaken` answers the first.
 //!
 //! A datagram frame's 48-byte header, little-endian:
 //! `kind u8 | hops u8 | from u16 | client: family u8, ip [16], port u16 |
@@ -57,6 +63,8 @@ pub enum Kind {
     PathMoved = 5,
     AliasLearned = 6,
     Activity = 7,
+    Relay = 8,
+    RelayTaken = 9,
 }
 
 impl Kind {
@@ -69,6 +77,8 @@ impl Kind {
             5 => Kind::PathMoved,
             6 => Kind::AliasLearned,
             7 => Kind::Activity,
+            8 => Kind::Relay,
+            9 => Kind::RelayTaken,
             other => return Err(HandoffError::Kind(other)),
         })
     }
@@ -163,6 +173,12 @@ pub enum Control {
         alias: FlowKey,
     },
     Activity(PathRef),
+    Relay {
+        path: PathRef,
+        client: SocketAddr,
+        local_ip: Option<IpAddr>,
+    },
+    RelayTaken(PathRef),
 }
 
 /// A decoded frame.
@@ -271,6 +287,12 @@ impl<'a> Frame<'a> {
                 alias: r.key()?,
             },
             Kind::Activity => Control::Activity(r.path()?),
+            Kind::Relay => Control::Relay {
+                path: r.path()?,
+                client: r.addr()?,
+                local_ip: r.opt_ip()?,
+            },
+            Kind::RelayTaken => Control::RelayTaken(r.path()?),
         };
         let payload = std::mem::take(&mut r.rest);
         if !payload.is_empty() && kind != Kind::PathMoved {
@@ -295,6 +317,8 @@ impl Control {
             Control::PathMoved { .. } => Kind::PathMoved,
             Control::AliasLearned { .. } => Kind::AliasLearned,
             Control::Activity(_) => Kind::Activity,
+            Control::Relay { .. } => Kind::Relay,
+            Control::RelayTaken(_) => Kind::RelayTaken,
         }
     }
 
@@ -339,8 +363,15 @@ impl Control {
                 put_key(w, key);
                 w.push(u8::from(*accepted));
             }
-            Control::PathClosed(p) | Control::Activity(p) => put_path(w, p),
+            Control::PathClosed(p) | Control::Activity(p) | Control::RelayTaken(p) => {
+                put_path(w, p)
+            }
             Control::PathMoved {
+                path,
+                client,
+                local_ip,
+            }
+            | Control::Relay {
                 path,
                 client,
                 local_ip,
@@ -579,6 +610,12 @@ mod tests {
                 alias: key(6, 12),
             },
             Control::Activity(path),
+            Control::Relay {
+                path,
+                client: "[2001:db8::7]:443".parse().unwrap(),
+                local_ip: None,
+            },
+            Control::RelayTaken(path),
         ];
         for m in messages {
             let frame = m.encode(3, 0xfeed);

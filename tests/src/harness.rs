@@ -83,6 +83,9 @@ pub struct Proxy {
     /// A test that makes a worker break the system-call filter says so;
     /// anywhere else, a worker the filter killed fails the test.
     filter_kills_expected: std::cell::Cell<bool>,
+    /// The supervisor that took over in a binary upgrade ([`Proxy::upgrade`]):
+    /// not this test's child, so stopped by hand when dropped.
+    successor: Option<u32>,
 }
 
 /// What the supervisor says of a worker the system-call filter killed.
@@ -92,6 +95,9 @@ impl Drop for Proxy {
     /// The allowlist must hold whatever a test drives: a worker the filter
     /// killed (and the supervisor restarted) fails the test that saw it.
     fn drop(&mut self) {
+        if let Some(pid) = self.successor.take() {
+            stop_pid(pid, Duration::from_secs(5));
+        }
         if std::thread::panicking() || self.filter_kills_expected.get() {
             return;
         }
@@ -153,6 +159,7 @@ impl Proxy {
             config_path,
             stats_file,
             filter_kills_expected: std::cell::Cell::new(false),
+            successor: None,
         }
     }
 
@@ -179,8 +186,54 @@ impl Proxy {
             .unwrap_or_else(|| panic!("no listener {listener} in {:?}", self.listeners))
     }
 
+    /// The serving supervisor's pid: the test's child, or the process that
+    /// took over from it in [`Proxy::upgrade`].
     pub fn pid(&self) -> u32 {
-        self.child.pid()
+        self.successor.unwrap_or_else(|| self.child.pid())
+    }
+
+    /// A binary upgrade (SIGUSR2) of the serving supervisor: waits until it
+    /// has handed over and exited (0, when it is the test's child), and
+    /// follows the new one from then on. Returns the stats it serves with.
+    pub fn upgrade(&mut self, timeout: Duration) -> Value {
+        let old = self.pid();
+        let upgrades = self.stats()["upgrades"].as_u64().unwrap_or(0);
+        self.signal(libc::SIGUSR2);
+        match self.successor {
+            None => {
+                let status = self
+                    .wait_exit(timeout)
+                    .unwrap_or_else(|| panic!("no upgrade within {timeout:?}:\n{}", self.log()));
+                assert!(status.success(), "old supervisor: {status}\n{}", self.log());
+            }
+            Some(pid) => wait_until(timeout, "the old supervisor to exit", || {
+                !process_exists(pid)
+            }),
+        }
+        let stats = self.wait_stats(timeout, "the new supervisor serving", |s| {
+            s["upgrades"].as_u64() > Some(upgrades)
+                && s["supervisor_pid"]
+                    .as_u64()
+                    .is_some_and(|p| p != u64::from(old))
+        });
+        self.successor = stats["supervisor_pid"].as_u64().map(|p| p as u32);
+        stats
+    }
+
+    /// Waits until the serving supervisor has exited: the child's status,
+    /// or, for a successor, `None` once it is gone (its parent reaps it).
+    /// Panics when it is still running after `timeout`.
+    pub fn wait_gone(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        match self.successor.take() {
+            None => Some(
+                self.wait_exit(timeout)
+                    .unwrap_or_else(|| panic!("still running after {timeout:?}")),
+            ),
+            Some(pid) => {
+                wait_until(timeout, "the supervisor to exit", || !process_exists(pid));
+                None
+            }
+        }
     }
 
     /// Everything the proxy has logged so far.
@@ -244,9 +297,17 @@ impl Proxy {
         }
     }
 
-    /// Sends a signal to the supervisor.
+    /// Sends a signal to the serving supervisor.
     pub fn signal(&self, signal: i32) {
-        assert!(self.child.signal(signal), "kill({}, {signal})", self.pid());
+        match self.successor {
+            // SAFETY: kill(2) on the supervisor this proxy upgraded to.
+            Some(pid) => assert_eq!(
+                unsafe { libc::kill(pid as i32, signal) },
+                0,
+                "kill({pid}, {signal})"
+            ),
+            None => assert!(self.child.signal(signal), "kill({}, {signal})", self.pid()),
+        }
     }
 
     /// Waits for the supervisor to exit; `None` if it did not within `timeout`.
@@ -459,6 +520,21 @@ pub fn parse_cpu_list(list: &str) -> Vec<usize> {
         }
     }
     cpus
+}
+
+/// SIGTERM to `pid` (not this process's child), then SIGKILL if it is still
+/// there after `grace`.
+pub fn stop_pid(pid: u32, grace: Duration) {
+    // SAFETY: kill(2) on a proxy process a test started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while process_exists(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if process_exists(pid) {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
 }
 
 pub fn process_exists(pid: u32) -> bool {

@@ -74,9 +74,15 @@ pub trait Sockets {
     /// Closes `sock` (and returns its lease when this worker holds it).
     fn close(&mut self, sock: SockId);
     /// Takes over the lease of borrowed socket `sock`, bound to `local`,
-    /// whose home `home` is gone, and starts reading it: false when another
-    /// worker took it first.
-    fn adopt(&mut self, sock: SockId, local: SocketAddr, home: Owner) -> bool;
+    /// whose home is gone, and starts reading it: false when a process
+    /// `serves` says serves holds the lease (it took the socket first).
+    fn adopt(&mut self, sock: SockId, local: SocketAddr, serves: &dyn Fn(Owner) -> bool) -> bool;
+    /// Who holds the lease of the port `local` is bound to, if anyone.
+    fn lease_holder(&self, local: SocketAddr) -> Option<Owner>;
+    /// Takes the lease of the port `local` is bound to from `from`, who
+    /// holds it (an upgrade's predecessor handing its socket over, or a
+    /// successor whose upgrade was given up): false when `from` does not.
+    fn take_lease(&mut self, local: SocketAddr, from: Owner) -> bool;
     /// Binds socket `sock` of `listener` on `local` again: the port of a
     /// path of dead worker `from`, for the flow that path served. Fails
     /// unless no one has leased the port since `from` held it. Returns how
@@ -400,6 +406,28 @@ impl Paths {
             as SockId;
         self.by_local.insert(local, sock);
         sock
+    }
+
+    /// Adds relay `path` on its socket's slot: a free one, or one cooling
+    /// since the socket was adopted from a home that died (a worker that
+    /// has a path there says it is in use). `None` when the slot holds a
+    /// path or is reserved for a dead worker's flow.
+    pub fn insert_relay(&mut self, path: Path) -> Option<PathId> {
+        let (sock, backend) = (path.sock, usize::from(path.backend));
+        let slot = *self.socks.get(sock as usize)?.slots.get(backend)?;
+        if slot != FREE && slot != COOLING {
+            return None;
+        }
+        let id = self.paths.insert(path) as PathId;
+        self.path_span = self.path_span.max(id as usize + 1);
+        let s = &mut self.socks[sock as usize];
+        s.slots[backend] = id;
+        // A cooling slot counts as used already; its cooling entry finds a
+        // path there when it is due, and passes.
+        if slot == FREE {
+            s.used += 1;
+        }
+        Some(id)
     }
 
     /// Adds `path` on its socket's slot, which must be free.

@@ -68,6 +68,20 @@ pub struct HandingOver {
     pub reported: bool,
     /// Sessions the successor refused: not offered again.
     pub refused: AHashSet<SessionId>,
+    /// The relays this worker keeps, offered to the successor once every
+    /// session is: it becomes the home of their sockets.
+    pub relays: RelayOffers,
+}
+
+/// How far the relays' handover has come.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayOffers {
+    /// The next path index to look at.
+    pub cursor: usize,
+    pub offered: usize,
+    pub answered: usize,
+    /// When the first went (the loop's clock, ms).
+    pub since_ms: Option<u64>,
 }
 
 impl HandingOver {
@@ -77,6 +91,7 @@ impl HandingOver {
             since_ms: None,
             reported: false,
             refused: AHashSet::new(),
+            relays: RelayOffers::default(),
         })
     }
 }

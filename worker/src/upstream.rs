@@ -11,9 +11,9 @@ use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use udpshard_config as config;
 use udpshard_shared::clock::monotonic_ms;
+use udpshard_shared::leases::Lease;
 use udpshard_shared::owners::Owner;
 use udpshard_shared::state::StateRegion;
-use udpshard_shared::stats::StatsRegion;
 
 use crate::paths::{OpenError, SockId, Sockets};
 use crate::sockio;
@@ -65,7 +65,6 @@ pub(crate) struct Upstream {
     me: Owner,
     registry: Registry,
     state: StateRegion,
-    stats: StatsRegion,
     socks: Vec<Option<Entry>>,
     ranges: Vec<Range>,
     no_fd_until: u64,
@@ -131,17 +130,11 @@ pub fn sources_of(cfg: &config::Listener) -> Vec<IpAddr> {
 }
 
 impl Upstream {
-    pub(crate) fn new(
-        me: Owner,
-        registry: Registry,
-        state: StateRegion,
-        stats: StatsRegion,
-    ) -> Upstream {
+    pub(crate) fn new(me: Owner, registry: Registry, state: StateRegion) -> Upstream {
         Upstream {
             me,
             registry,
             state,
-            stats,
             socks: Vec::new(),
             ranges: Vec::new(),
             no_fd_until: 0,
@@ -413,17 +406,27 @@ impl Sockets for Upstream {
             // this socket still holds it.
             drop(entry.socket);
             self.state.leases().release(row, port, self.me, None);
+        } else if let Some(local) = entry.local {
+            // A borrowed copy whose lease this process took from its
+            // predecessor (`take_lease`) and never read: the lease goes
+            // with it (the predecessor's copy, if any, is its own).
+            drop(entry.socket);
+            if let Some(row) = self.state.source_row(local.ip()) {
+                self.state
+                    .leases()
+                    .release(row, local.port(), self.me, None);
+            }
         }
     }
 
-    fn adopt(&mut self, sock: SockId, local: SocketAddr, home: Owner) -> bool {
+    fn adopt(&mut self, sock: SockId, local: SocketAddr, serves: &dyn Fn(Owner) -> bool) -> bool {
         let Some(row) = self.state.source_row(local.ip()) else {
             return false;
         };
-        let stats = &self.stats;
-        let adopted = self.state.leases().adopt(row, local.port(), self.me, |o| {
-            o != home && stats.is_live(o)
-        });
+        let adopted = self
+            .state
+            .leases()
+            .adopt(row, local.port(), self.me, serves);
         if !adopted {
             return false;
         }
@@ -437,6 +440,25 @@ impl Sockets for Upstream {
             entry.lease = Some((row, local.port()));
         }
         true
+    }
+
+    fn lease_holder(&self, local: SocketAddr) -> Option<Owner> {
+        let row = self.state.source_row(local.ip())?;
+        match self.state.leases().get(row, local.port()) {
+            Lease::Leased(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    fn take_lease(&mut self, local: SocketAddr, from: Owner) -> bool {
+        let Some(row) = self.state.source_row(local.ip()) else {
+            return false;
+        };
+        let now = monotonic_ms();
+        self.state
+            .leases()
+            .reclaim(row, local.port(), self.me, from, now)
+            .is_some()
     }
 
     fn in_range(&self, listener: usize, local: SocketAddr) -> bool {

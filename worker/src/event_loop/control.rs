@@ -240,16 +240,26 @@ impl Loop {
             _ => return Ok(()),
         };
         let timed_out = self.now_ms().saturating_sub(since_ms) >= HAND_OVER_TIMEOUT_MS;
-        let pending = self.router.offers_pending();
+        let left = self.router.sessions() as u64;
+        let refused = self.router.refused_by_successor() as u64;
+        // The sessions first; the relays once no session is left to answer.
+        let sessions_left = left > refused;
+        let pending = match sessions_left {
+            true => self.router.offers_pending(),
+            false => self.router.relays_pending(),
+        };
         if pending < HAND_OVER_IN_FLIGHT && !timed_out {
             let room = (HAND_OVER_IN_FLIGHT - pending).min(HAND_OVER_BATCH);
-            if self.router.offer_to_successor(room) > 0 {
+            let offered = match sessions_left {
+                true => self.router.offer_to_successor(room),
+                false => self.router.offer_relays_to_successor(room),
+            };
+            if offered > 0 {
                 self.flush(&mut []);
             }
         }
         let left = self.router.sessions() as u64;
-        let refused = self.router.refused_by_successor() as u64;
-        if left > refused && !timed_out {
+        if (left > refused || !self.router.relays_handed()) && !timed_out {
             return Ok(());
         }
         if left > 0 {

@@ -224,7 +224,6 @@ fn build_router(
         me,
         poll.registry().try_clone().map_err(WorkerError::Poll)?,
         StateRegion::open(state)?,
-        StatsRegion::open(stats)?,
     );
     upstream.configure(config);
     let routes = build_routes(config, listeners, region)?;

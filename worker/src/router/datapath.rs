@@ -16,6 +16,7 @@ use udpshard_shared::stats::Counter;
 use udpshard_shared::{DropReason, FlowKey};
 
 use super::admission::MAX_EVICTIONS;
+use super::upgrade;
 use super::{
     Action, Arrival, DatagramRef, Inherited, Outcome, Owners, Router, Sockets, Via,
     TRANSFER_TIMEOUT_MS, WARM_BATCH,
@@ -129,7 +130,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 Some(o)
                     if usize::from(o.worker) != self.id
                         && hops < MAX_HOPS
-                        && (self.owners.is_live(o) || self.unpublished_successor(o)) =>
+                        && (self.owners.is_live(o)
+                            || upgrade::unpublished_successor(&self.owners, o)) =>
                 {
                     usize::from(o.worker)
                 }
@@ -156,7 +158,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // Another slot's successor, not yet published: standing by, this
         // process's peer (its predecessor serving or not).
         let peer = owner.filter(|o| {
-            standing_by && o.worker != self.me.worker && self.unpublished_successor(*o)
+            standing_by
+                && o.worker != self.me.worker
+                && upgrade::unpublished_successor(&self.owners, *o)
         });
         if hops < MAX_HOPS {
             match owner {
@@ -1081,12 +1085,20 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 let Some(listener) = self.listener_of(listener) else {
                     // A listener we do not have (a reload reached one of us
                     // first): an offer is refused, so the session stays.
-                    if let Control::Transfer(t) = control {
-                        let done = Control::TransferDone {
-                            key: t.key,
-                            accepted: false,
-                        };
-                        self.control_to(usize::from(from), listener, done);
+                    // A relay handed over is answered all the same.
+                    match control {
+                        Control::Transfer(t) => {
+                            let done = Control::TransferDone {
+                                key: t.key,
+                                accepted: false,
+                            };
+                            self.control_to(usize::from(from), listener, done);
+                        }
+                        Control::Relay { path, .. } if fds > 0 => {
+                            let taken = Control::RelayTaken(path);
+                            self.control_to(usize::from(from), listener, taken);
+                        }
+                        _ => {}
                     }
                     return Outcome::Done;
                 };
@@ -1111,6 +1123,12 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                         }
                     }
                     Control::Activity(path) => self.relayed_activity(listener, path),
+                    Control::Relay {
+                        path,
+                        client,
+                        local_ip,
+                    } => self.relay_in(from, listener, path, client, local_ip, fds),
+                    Control::RelayTaken(_) => self.relay_taken(from),
                 }
                 Outcome::Done
             }

@@ -4,6 +4,7 @@
 //! failed before its fix.
 
 use udpshard_shared::stats::Counter;
+use udpshard_shared::DropReason;
 
 use super::harness::{config, short, World, CLIENT, P};
 use super::properties::{check, run, Event};
@@ -355,5 +356,105 @@ fn a_handover_ends_at_its_timeout_when_an_offer_waits_on_a_dead_worker() {
         w.advance(100);
     }
     assert!(w.upgrade.is_none(), "{}", w.upgrade_state());
+    check(&w);
+}
+
+/// The session key `cid` goes to backend `b` of 2 (as the router's Maglev
+/// table chooses).
+fn backend_of(cid: u64) -> usize {
+    let names: Vec<(String, u32)> = (0..2)
+        .map(|i| (super::harness::backend(i).to_string(), 1))
+        .collect();
+    udpshard_shared::Maglev::new(&names, 65537)
+        .unwrap()
+        .backend_for(&cid.to_be_bytes())
+}
+
+/// One upstream socket, two slots: worker 1 is its home; one slot carries
+/// a session worker 0 took over (worker 1 relays its replies), the other a
+/// session of worker 1's own. Across an upgrade, each generation's worker
+/// 1 hands the socket to the next, with the relay, and worker 0's new
+/// generation borrows it from there: every reply on both 4-tuples reaches
+/// its client, none is a stray (found by the fleet test's rolling upgrade).
+#[test]
+fn an_upgrade_keeps_the_relays_of_a_socket_two_workers_share() {
+    let mut w = World::new(2, &config("", 2), (20000, 20000));
+    let s = 1u64;
+    let t = (2..100u64)
+        .find(|&c| backend_of(c) != backend_of(s))
+        .expect("a CID on the other backend");
+    w.send(1, CLIENT, &short(s, b"s"));
+    for n in 0..TRANSFER_AFTER {
+        w.send(0, CLIENT, &short(s, &[n]));
+    }
+    assert_eq!(w.holders(s), vec![0], "worker 0 took S over");
+    w.send(1, "192.0.2.11:5000", &short(t, b"t"));
+    assert_eq!(w.holders(t), vec![1]);
+    let froms: Vec<_> = w.at_backend.iter().map(|d| d.from).collect();
+    assert!(
+        froms.iter().all(|f| *f == froms[0]),
+        "one socket: {froms:?}"
+    );
+    let stray = w.drops(DropReason::Stray);
+    assert!(w.begin_upgrade());
+    for _ in 0..100 {
+        if w.upgrade.is_none() {
+            break;
+        }
+        w.upgrade_step();
+        w.advance(10);
+    }
+    assert!(w.upgrade.is_none(), "{}", w.upgrade_state());
+    w.advance(1000);
+    let n = w.at_backend.len();
+    let replies = w.at_client.len();
+    w.send(0, CLIENT, &short(s, b"s after"));
+    w.send(1, "192.0.2.11:5000", &short(t, b"t after"));
+    assert_eq!(w.at_backend.len(), n + 2);
+    assert!(w.at_backend[n..].iter().all(|d| d.from == froms[0]));
+    w.echo_since(n);
+    assert_eq!(w.drops(DropReason::Stray), stray, "a reply was a stray");
+    assert_eq!(w.at_client.len(), replies + 2);
+    check(&w);
+}
+
+/// One socket of a worker that dies, two slots, each borrowed by another
+/// worker for a session it took over. The first to look adopts the socket;
+/// the other finds it held, borrows it from the adopter and asks it to
+/// relay its path: the replies on both 4-tuples still reach their clients.
+#[test]
+fn two_borrowers_of_a_dead_home_share_its_socket_through_the_one_that_adopts_it() {
+    let mut w = World::new(3, &config("", 2), (20000, 20000));
+    let s = 1u64;
+    let t = (2..100u64)
+        .find(|&c| backend_of(c) != backend_of(s))
+        .expect("a CID on the other backend");
+    let other = "192.0.2.11:5000";
+    w.send(2, CLIENT, &short(s, b"s"));
+    w.send(2, other, &short(t, b"t"));
+    for n in 0..TRANSFER_AFTER {
+        w.send(0, CLIENT, &short(s, &[n]));
+        w.send(1, other, &short(t, &[n]));
+    }
+    assert_eq!((w.holders(s), w.holders(t)), (vec![0], vec![1]));
+    let from = w.at_backend[0].from;
+    assert!(w.at_backend.iter().all(|d| d.from == from), "one socket");
+    w.kill(2);
+    w.advance(200);
+    let reader = w.reader(from).expect("adopted");
+    assert!(reader < 2, "adopted by a borrower");
+    let stray = w.drops(DropReason::Stray);
+    let n = w.at_backend.len();
+    let replies = w.at_client.len();
+    w.send(0, CLIENT, &short(s, b"s after"));
+    w.send(1, other, &short(t, b"t after"));
+    assert_eq!(w.at_backend.len(), n + 2, "both still forward");
+    assert!(w.at_backend[n..].iter().all(|d| d.from == from));
+    w.echo_since(n);
+    assert_eq!(w.drops(DropReason::Stray), stray, "a reply was a stray");
+    assert_eq!(w.at_client.len(), replies + 2);
+    let clients: Vec<_> = w.at_client[replies..].iter().map(|c| c.client).collect();
+    assert!(clients.contains(&super::harness::addr(CLIENT)));
+    assert!(clients.contains(&super::harness::addr(other)));
     check(&w);
 }

@@ -116,6 +116,10 @@ pub(super) struct Net {
     pub source: IpAddr,
     /// local address -> the process that reads it (its home).
     pub bound: HashMap<SocketAddr, Owner>,
+    /// Leases taken by a process that does not read the socket yet (an
+    /// upgrade's successor, from its predecessor): local address -> holder.
+    /// Elsewhere the reader holds the lease.
+    pub leases: HashMap<SocketAddr, Owner>,
     /// per process: socket id -> local address.
     pub fds: HashMap<Owner, HashMap<SockId, SocketAddr>>,
     /// Descriptors a process may hold (its RLIMIT_NOFILE), if limited.
@@ -150,6 +154,14 @@ impl Net {
         None
     }
 
+    /// Who holds the lease of `addr`.
+    fn lease_of(&self, addr: SocketAddr) -> Option<Owner> {
+        self.leases
+            .get(&addr)
+            .or_else(|| self.bound.get(&addr))
+            .copied()
+    }
+
     /// Whether any process holds a descriptor for `addr`.
     fn held(&self, addr: SocketAddr) -> bool {
         self.fds.values().any(|f| f.values().any(|a| *a == addr))
@@ -170,6 +182,7 @@ impl Net {
             if self.bound.remove(&addr) == Some(dead) {
                 self.orphans.insert(addr, (dead, until_ms));
             }
+            self.leases.remove(&addr);
         }
     }
 }
@@ -177,7 +190,6 @@ impl Net {
 pub(super) struct FakeSockets {
     pub me: Owner,
     pub net: Rc<RefCell<Net>>,
-    pub owners: MemOwners,
 }
 
 impl Sockets for FakeSockets {
@@ -203,25 +215,42 @@ impl Sockets for FakeSockets {
         let mut net = self.net.borrow_mut();
         let closed = net.fds.get_mut(&self.me).and_then(|f| f.remove(&sock));
         if let Some(addr) = closed {
+            if net.leases.get(&addr) == Some(&self.me) {
+                net.leases.remove(&addr);
+            }
             // The port is free once no process holds a descriptor for it.
             if !net.held(addr) {
                 net.bound.remove(&addr);
+                net.leases.remove(&addr);
             }
         }
     }
 
-    fn adopt(&mut self, sock: SockId, local: SocketAddr, home: Owner) -> bool {
+    fn adopt(&mut self, sock: SockId, local: SocketAddr, serves: &dyn Fn(Owner) -> bool) -> bool {
         let mut net = self.net.borrow_mut();
-        // The lease is takeable unless another live process holds it.
+        // The lease is takeable unless another process that serves holds it.
         let taken = net
-            .bound
-            .get(&local)
-            .is_some_and(|&o| o != self.me && o != home && self.owners.is_live(o));
+            .lease_of(local)
+            .is_some_and(|o| o != self.me && serves(o));
         let mine = net.fds.get(&self.me).is_some_and(|f| f.contains_key(&sock));
         if taken || !mine {
             return false;
         }
         net.bound.insert(local, self.me);
+        net.leases.remove(&local);
+        true
+    }
+
+    fn lease_holder(&self, local: SocketAddr) -> Option<Owner> {
+        self.net.borrow().lease_of(local)
+    }
+
+    fn take_lease(&mut self, local: SocketAddr, from: Owner) -> bool {
+        let mut net = self.net.borrow_mut();
+        if net.lease_of(local) != Some(from) {
+            return false;
+        }
+        net.leases.insert(local, self.me);
         true
     }
 
@@ -409,6 +438,7 @@ impl World {
             hi: ports.1,
             source: "0.0.0.0".parse().unwrap(),
             bound: HashMap::new(),
+            leases: HashMap::new(),
             fds: HashMap::new(),
             fd_limit: None,
             orphans: HashMap::new(),
@@ -470,11 +500,10 @@ impl World {
             me,
             phase,
             routes,
-            owners.clone(),
+            owners,
             FakeSockets {
                 me,
                 net: self.net.clone(),
-                owners,
             },
             OwnerIndex::new([7, 9]),
             counters,
@@ -1002,10 +1031,16 @@ impl World {
                             .is_some_and(|t| now.saturating_sub(t) >= HAND_OVER_TIMEOUT_MS),
                         _ => true,
                     };
-                    if r.sessions() > r.refused_by_successor() && !timed_out {
+                    // The sessions first, then the relays.
+                    let sessions_left = r.sessions() > r.refused_by_successor();
+                    if (sessions_left || !r.relays_handed()) && !timed_out {
                         done = false;
-                        if r.offers_pending() < 4 {
-                            r.offer_to_successor(2);
+                        let offered = match sessions_left {
+                            true if r.offers_pending() < 4 => r.offer_to_successor(2),
+                            false if r.relays_pending() < 4 => r.offer_relays_to_successor(2),
+                            _ => 0,
+                        };
+                        if offered > 0 {
                             self.execute(P::Cur(w), &[]);
                         }
                     }

@@ -3,11 +3,13 @@
 //! whose home is gone are adopted.
 
 use udpshard_shared::backends::BackendCounter;
+use udpshard_shared::handoff::{Control, PathRef};
 use udpshard_shared::owners::Owner;
 use udpshard_shared::stats::Counter;
 
+use super::upgrade::serves;
 use super::{Owners, Router, Sockets, OFFER_LIFETIME_MS, TRANSFER_TIMEOUT_MS};
-use crate::paths::{PathId, SockId, NONE};
+use crate::paths::{Home, PathId, SockId, NONE};
 use crate::session::SessionId;
 
 /// Sessions a tick moves off backends that went down (10 ticks a second).
@@ -207,20 +209,60 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
     }
 
-    /// The home of borrowed socket `sock` is gone: take the socket over, or
-    /// (another worker took it first) give up its paths here.
+    /// The home of borrowed socket `sock` is gone: take the socket over. A
+    /// process that serves may hold its lease already: the home's successor
+    /// in a binary upgrade, which took it with the home's relays, or a
+    /// worker that adopted it first. Then that one reads it: our paths stay,
+    /// borrowed from it, and it is asked to relay each (it has the relays
+    /// already when it is the successor). Else our paths on it close.
     pub(super) fn orphaned(&mut self, sock: SockId, home: Owner) {
         let Some(local) = self.paths.sock(sock).map(|s| s.local) else {
             return;
         };
         let listener = self.paths.sock(sock).map_or(0, |s| s.listener);
         let cool = self.routes.get(listener).map_or(0, |r| r.reuse_delay_ms);
-        if self.sockets.adopt(sock, local, home) {
+        let (owners, phase, me) = (&self.owners, &self.phase, self.me);
+        let serves = |o: Owner| o != home && serves(owners, phase, me, o);
+        if self.sockets.adopt(sock, local, &serves) {
             self.paths.adopted(sock, self.now_ms, cool);
-        } else {
+            return;
+        }
+        let holder = self
+            .sockets
+            .lease_holder(local)
+            .filter(|&h| h != self.me && serves(h));
+        let Some(holder) = holder else {
             for pid in self.paths.on_sock(sock) {
                 self.close_path(pid);
             }
+            return;
+        };
+        if let Some(s) = self.paths.sock_mut(sock) {
+            s.home = Home::Borrowed(holder);
+        }
+        for pid in self.paths.on_sock(sock) {
+            let Some(p) = self.paths.path(pid) else {
+                continue;
+            };
+            // A relay here is no use: we do not read the socket.
+            if p.is_relay() {
+                self.close_path(pid);
+                continue;
+            }
+            let Some(&backend) = self.routes[p.listener].backends.get(usize::from(p.backend))
+            else {
+                continue;
+            };
+            let control = Control::Relay {
+                path: PathRef {
+                    key: p.key,
+                    upstream: local,
+                    backend,
+                },
+                client: p.client,
+                local_ip: p.local_ip,
+            };
+            self.control(usize::from(holder.worker), p.listener, control, Vec::new());
         }
     }
 }

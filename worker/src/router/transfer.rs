@@ -183,6 +183,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                         .paths
                         .borrow_sock(listener, tp.upstream, home, backends);
                     self.actions.push(Action::Keep { index, sock });
+                    self.inherit_lease(tp.upstream, home);
                     sock
                 }
             };
@@ -231,6 +232,82 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         self.counters.incr(Counter::TransfersIn);
         self.sample_session(sid, Some(usize::from(from)));
         accept(self, true);
+    }
+
+    /// A socket borrowed from this process's predecessor in a binary
+    /// upgrade is this process's to read once the predecessor is gone: it
+    /// takes the lease now, so that no other worker adopts the socket
+    /// first (the predecessor reads it until it exits).
+    fn inherit_lease(&mut self, local: SocketAddr, home: Owner) {
+        if self.phase.predecessor() == Some(home) {
+            self.sockets.take_lease(local, home);
+        }
+    }
+
+    /// A path's replies on a socket of ours are to be relayed: its home in
+    /// a binary upgrade hands us its relay, with the socket (`fds` 1, from
+    /// this slot's predecessor), or a worker that borrows the socket from
+    /// us since we adopted it asks for its path (`fds` 0). A relay taken
+    /// over is answered, whatever became of it.
+    pub(super) fn relay_in(
+        &mut self,
+        from: u16,
+        listener: usize,
+        path: PathRef,
+        client: SocketAddr,
+        local_ip: Option<IpAddr>,
+        fds: usize,
+    ) {
+        let handed = fds > 0;
+        if handed {
+            let answer = Control::RelayTaken(path);
+            self.control(usize::from(from), listener, answer, Vec::new());
+        }
+        let predecessor = self
+            .phase
+            .predecessor()
+            .filter(|_| handed && usize::from(from) == self.id);
+        let Some(backend) = self.routes[listener].backend_of(path.backend) else {
+            return;
+        };
+        let sock = match (self.paths.by_local(path.upstream), predecessor) {
+            (Some(sock), _) => sock,
+            (None, Some(home)) => {
+                let backends = self.routes[listener].backends.len();
+                let sock = self
+                    .paths
+                    .borrow_sock(listener, path.upstream, home, backends);
+                self.actions.push(Action::Keep { index: 0, sock });
+                sock
+            }
+            (None, None) => return,
+        };
+        let home = self.paths.sock(sock).map(|s| s.home);
+        let ours = match home {
+            Some(Home::Here) => true,
+            Some(Home::Borrowed(h)) => Some(h) == self.phase.predecessor(),
+            None => false,
+        };
+        if !ours {
+            return;
+        }
+        if let (Some(Home::Borrowed(h)), true) = (home, handed) {
+            self.inherit_lease(path.upstream, h);
+        }
+        // A path of ours there already (the session came here), or the
+        // relay, or another flow's path: nothing to do.
+        if self.paths.on_slot(sock, backend).is_some() {
+            return;
+        }
+        let now = self.now_ms;
+        let relay = Path {
+            // Its backend has answered, for all we know: it cools when it
+            // closes.
+            last_reply_ms: now,
+            answered: true,
+            ..Path::new(listener, backend, sock, client, local_ip, path.key, now)
+        };
+        self.paths.insert_relay(relay);
     }
 
     /// The answer to a transfer we offered.
@@ -350,6 +427,12 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
     }
 
+    /// Whether this worker's relays go to its successor: what changes of
+    /// them goes there too.
+    fn relays_on_offer(&self) -> bool {
+        matches!(&self.phase, Phase::HandingOver(h) if h.relays.cursor > 0)
+    }
+
     /// The relay path named by `path` (its home is here).
     fn relay(&self, listener: usize, path: &PathRef) -> Option<PathId> {
         let sock = self.paths.by_local(path.upstream)?;
@@ -365,6 +448,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
     /// its socket's home), or our copy of it (the worker that handed us the
     /// session closed it before our acceptance reached it).
     pub(super) fn path_closed(&mut self, listener: usize, path: PathRef) {
+        if self.relays_on_offer() {
+            self.control(self.id, listener, Control::PathClosed(path), Vec::new());
+        }
         if let Some(pid) = self.relay(listener, &path) {
             self.close_path(pid);
             return;
@@ -405,6 +491,14 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         if let Some(p) = relay.and_then(|pid| self.paths.path_mut(pid)) {
             p.client = client;
             p.local_ip = local_ip;
+        }
+        if self.relays_on_offer() {
+            let moved = Control::PathMoved {
+                path,
+                client,
+                local_ip,
+            };
+            self.control(self.id, listener, moved, Vec::new());
         }
         let Some((d, len)) = carried else {
             return;

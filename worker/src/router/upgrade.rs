@@ -1,13 +1,45 @@
 //! The worker's phase as the router keeps it, and the binary upgrade's
 //! handover: the old generation offers every session to its slot's
 //! successor, the new one stands by taking them, and an upgrade given up
-//! leaves the old one serving.
+//! leaves the old one serving. Last, the old generation hands its relays
+//! over, with their sockets: the successor is the home of every socket the
+//! old one was.
 
+use udpshard_shared::handoff::{Control, PathRef};
 use udpshard_shared::owners::{Owner, GEN_MASK};
 
 use super::{Owners, Router, Sockets};
-use crate::paths::{Home, SockId};
+use crate::paths::{Home, PathId, SockId};
 use crate::phase::Phase;
+
+/// How long the successor may take to answer the relays offered it.
+pub(super) const RELAY_ANSWER_MS: u64 = 2_000;
+
+/// Whether `o` may be the process about to take slot `o.worker` over in
+/// an upgrade: a generation after the slot's latest (serving, or dead
+/// since the upgrade began), not yet published. Not only the next one:
+/// an upgrade given up before spent a generation, which the next
+/// upgrade's process comes after.
+pub(super) fn unpublished_successor(owners: &impl Owners, o: Owner) -> bool {
+    let worker = usize::from(o.worker);
+    owners.slot_generation(worker).is_some_and(|g| {
+        let published = Owner::new(worker, g).generation;
+        let ahead = o.generation.wrapping_sub(published) & GEN_MASK as u16;
+        ahead > 0 && u64::from(ahead) <= GEN_MASK / 2
+    })
+}
+
+/// Whether `o` serves, as process `me` in `phase` sees it: the successor
+/// does, to its predecessor; so does another slot's later generation, not
+/// yet published: a successor standing by (its relays stay, its sockets
+/// are not adopted, a flow it has is handed to it), or one an upgrade
+/// given up spent (whose keys its slot's process takes back, or claims
+/// when it finds them).
+pub(super) fn serves(owners: &impl Owners, phase: &Phase, me: Owner, o: Owner) -> bool {
+    owners.is_live(o)
+        || phase.successor() == Some(o)
+        || (o.worker != me.worker && unpublished_successor(owners, o))
+}
 
 impl<O: Owners, S: Sockets> Router<O, S> {
     /// Where this process is in its slot's life.
@@ -32,12 +64,31 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             );
             return false;
         }
-        let resumed = matches!(self.phase, Phase::HandingOver(_)) && next == Phase::Serving;
+        let spent = match &self.phase {
+            Phase::HandingOver(h) if next == Phase::Serving => Some(h.successor),
+            _ => None,
+        };
         self.phase = next;
-        if resumed {
+        if let Some(spent) = spent {
             self.take_offers_back();
+            self.take_leases_back(spent);
         }
         true
+    }
+
+    /// The leases of our sockets the spent successor took with them are
+    /// ours again: this worker reads them, and closes them one day.
+    fn take_leases_back(&mut self, spent: Owner) {
+        let homes: Vec<_> = self
+            .paths
+            .socks
+            .iter()
+            .filter(|(_, s)| s.home == Home::Here)
+            .map(|(_, s)| s.local)
+            .collect();
+        for local in homes {
+            self.sockets.take_lease(local, spent);
+        }
     }
 
     /// The sessions on offer to this slot's successor stay here.
@@ -97,6 +148,93 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         candidates.len()
     }
 
+    /// Offers up to `budget` of the relays kept here to the successor, with
+    /// their sockets, once no session waits for an answer; returns how many
+    /// it offered. The successor becomes the home of every socket it had,
+    /// with a relay or a path of its own on each slot in use: the other
+    /// workers' new generations, which borrowed those sockets from here,
+    /// find it holding them when this process is gone.
+    pub fn offer_relays_to_successor(&mut self, budget: usize) -> usize {
+        let Phase::HandingOver(h) = &self.phase else {
+            return 0;
+        };
+        let span = self.paths.path_span();
+        let mut cursor = h.relays.cursor;
+        // Looks at most this many entries per call.
+        let end = span.min(cursor.saturating_add(budget.saturating_mul(64)));
+        let mut relays = Vec::new();
+        while cursor < end && relays.len() < budget {
+            let pid = cursor as PathId;
+            cursor += 1;
+            let Some(p) = self.paths.path(pid) else {
+                continue;
+            };
+            let home = self.paths.sock(p.sock).map(|s| (s.home, s.local));
+            if let (true, Some((Home::Here, local))) = (p.is_relay(), home) {
+                let Some(&backend) = self.routes[p.listener].backends.get(usize::from(p.backend))
+                else {
+                    continue;
+                };
+                let path = PathRef {
+                    key: p.key,
+                    upstream: local,
+                    backend,
+                };
+                relays.push((p.listener, p.sock, path, p.client, p.local_ip));
+            }
+        }
+        let now = self.now_ms;
+        if let Phase::HandingOver(h) = &mut self.phase {
+            h.relays.cursor = cursor;
+            h.relays.offered += relays.len();
+            if !relays.is_empty() {
+                h.relays.since_ms.get_or_insert(now);
+            }
+        }
+        let n = relays.len();
+        for (listener, sock, path, client, local_ip) in relays {
+            let control = Control::Relay {
+                path,
+                client,
+                local_ip,
+            };
+            self.control(self.id, listener, control, vec![sock]);
+        }
+        n
+    }
+
+    /// Whether the relays are handed over: every one offered and answered,
+    /// or [`RELAY_ANSWER_MS`] passed since the first went (a successor of a
+    /// release before relays were handed over does not answer).
+    pub fn relays_handed(&self) -> bool {
+        let Phase::HandingOver(h) = &self.phase else {
+            return true;
+        };
+        let r = &h.relays;
+        let all_offered = r.cursor >= self.paths.path_span();
+        let waited = r
+            .since_ms
+            .is_some_and(|t| self.now_ms.saturating_sub(t) >= RELAY_ANSWER_MS);
+        all_offered && (r.answered >= r.offered || waited)
+    }
+
+    /// Relays offered and not answered yet.
+    pub fn relays_pending(&self) -> usize {
+        match &self.phase {
+            Phase::HandingOver(h) => h.relays.offered.saturating_sub(h.relays.answered),
+            _ => 0,
+        }
+    }
+
+    /// The successor took a relay offered it.
+    pub(super) fn relay_taken(&mut self, from: u16) {
+        if let Phase::HandingOver(h) = &mut self.phase {
+            if usize::from(from) == self.id {
+                h.relays.answered += 1;
+            }
+        }
+    }
+
     /// Sessions the successor refused (they stay here until this process
     /// exits; their flows start afresh there).
     pub fn refused_by_successor(&self) -> usize {
@@ -115,29 +253,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             .count()
     }
 
-    /// Whether `o` may be the process about to take slot `o.worker` over in
-    /// an upgrade: a generation after the slot's latest (serving, or dead
-    /// since the upgrade began), not yet published. Not only the next one:
-    /// an upgrade given up before spent a generation, which the next
-    /// upgrade's process comes after.
-    pub(super) fn unpublished_successor(&self, o: Owner) -> bool {
-        let worker = usize::from(o.worker);
-        self.owners.slot_generation(worker).is_some_and(|g| {
-            let published = Owner::new(worker, g).generation;
-            let ahead = o.generation.wrapping_sub(published) & GEN_MASK as u16;
-            ahead > 0 && u64::from(ahead) <= GEN_MASK / 2
-        })
-    }
-
-    /// Whether `o` serves: the successor does, to its predecessor; so does
-    /// another slot's later generation, not yet published: a successor
-    /// standing by (its relays stay, its sockets are not adopted, a flow it
-    /// has is handed to it), or one an upgrade given up spent (whose keys
-    /// its slot's process takes back, or claims when it finds them).
+    /// Whether `o` serves: see [`serves`].
     pub(super) fn live(&self, o: Owner) -> bool {
-        self.owners.is_live(o)
-            || self.phase.successor() == Some(o)
-            || (o.worker != self.me.worker && self.unpublished_successor(o))
+        serves(&self.owners, &self.phase, self.me, o)
     }
 
     /// Who serves slot `worker`: this slot's successor, to its predecessor.
