@@ -33,6 +33,14 @@ const INSTANCES: usize = 3;
 const CIDS: u64 = 300;
 /// Source ports (client sockets) per CID.
 const PORTS_PER_CID: usize = 4;
+/// The host whose BGP speaker is ExaBGP (BIRD on the others).
+const EXABGP_HOST: usize = 2;
+
+/// The BGP speakers' programs.
+struct Speakers<'a> {
+    bird: &'a Path,
+    exabgp: &'a Path,
+}
 
 /// Runs `ip ARGS`, panicking with its stderr on failure.
 fn ip(args: &[&str]) {
@@ -302,19 +310,23 @@ impl Fleet {
         }
     }
 
-    /// The fabric with a BGP speaker (BIRD) in every namespace: the router
-    /// merges what the hosts announce into one ECMP route; each host runs
-    /// the packaged bird.conf and udpshard-bgp-follow, which announces the
-    /// VIP while `udpshard health` says ready. Asserts that nothing is
-    /// announced before the proxies serve, then starts them and waits for
-    /// the route through all three.
-    fn start_bgp(tag: &str, bird: &Path, text: &str) -> Fleet {
+    /// The fabric with a BGP speaker in every namespace: the router (BIRD)
+    /// merges what the hosts announce into one ECMP route. Host
+    /// [`EXABGP_HOST`] runs the packaged exabgp.conf, whose healthcheck
+    /// runs `udpshard health`; the others run the packaged bird.conf and
+    /// udpshard-bgp-follow, which turns the announcement on while `udpshard
+    /// health` says ready. Asserts that nothing is announced before the
+    /// proxies serve, then starts them and waits for the route through all
+    /// three.
+    fn start_bgp(tag: &str, speakers: &Speakers, text: &str) -> Fleet {
         let mut fleet = Fleet::fabric(Fabric::build(tag, false));
         let dir = TempDir::new("bgp");
         let d = dir.path().to_path_buf();
-        let packaged = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/bird/");
-        let template = std::fs::read_to_string(format!("{packaged}bird.conf"))
-            .expect("packaging/bird/bird.conf");
+        let packaged = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/");
+        let template = |file: &str| {
+            std::fs::read_to_string(format!("{packaged}{file}"))
+                .unwrap_or_else(|e| panic!("packaging/{file}: {e}"))
+        };
         let mut router = String::from(
             "log stderr all;\nrouter id 192.0.2.1;\nprotocol device {\n}\n\
              protocol kernel {\n\tipv4 { import none; export all; };\n\tmerge paths on;\n}\n\
@@ -325,24 +337,47 @@ impl Fleet {
             let me = format!("198.51.100.{}", 4 * i + 2);
             router +=
                 &format!("protocol bgp proxy{i} from host {{\n\tneighbor {me} as 65001;\n}}\n");
-            let conf = format!(
-                "log stderr all;\n{}",
-                template
-                    .replace("10.0.0.5", &me)
-                    .replace("10.0.0.1", &hop(i))
-            );
             let ns = fleet.fabric.proxies[i].clone();
-            let (speaker, sock) = Daemon::bird(bird, &d, &format!("bird{i}"), &ns, &conf);
+            let stats = d.join(format!("stats{i}")).display().to_string();
+            let addresses =
+                |conf: String| conf.replace("10.0.0.5", &me).replace("10.0.0.1", &hop(i));
+            if i == EXABGP_HOST {
+                let conf = addresses(template("exabgp/exabgp.conf")).replace(
+                    "udpshard health",
+                    &format!("{BIN} health --stats-file {stats}"),
+                );
+                let file = d.join("exabgp.conf");
+                std::fs::write(&file, conf).expect("write the ExaBGP config");
+                fleet.speakers.push(Daemon::start(
+                    &d.join("exabgp.log"),
+                    &[
+                        "env",
+                        "exabgp_daemon_user=root",
+                        "exabgp_daemon_daemonize=false",
+                        "exabgp_api_cli=false",
+                        "exabgp_log_destination=stdout",
+                        "ip",
+                        "netns",
+                        "exec",
+                        &ns,
+                    ],
+                    speakers.exabgp,
+                    &[&file.display().to_string()],
+                ));
+                continue;
+            }
+            let conf = format!("log stderr all;\n{}", addresses(template("bird/bird.conf")));
+            let (speaker, sock) = Daemon::bird(speakers.bird, &d, &format!("bird{i}"), &ns, &conf);
             fleet.speakers.push(speaker);
             fleet.speakers.push(Daemon::start(
                 &d.join(format!("follow{i}.log")),
                 &["ip", "netns", "exec", &ns, "sh"],
-                Path::new(&format!("{packaged}udpshard-bgp-follow")),
+                Path::new(&format!("{packaged}bird/udpshard-bgp-follow")),
                 &[
                     "--udpshard",
                     BIN,
                     "--stats-file",
-                    &d.join(format!("stats{i}")).display().to_string(),
+                    &stats,
                     "--socket",
                     &sock.display().to_string(),
                     "--interval",
@@ -351,7 +386,7 @@ impl Fleet {
             ));
         }
         let r = fleet.fabric.router.clone();
-        let (speaker, router_sock) = Daemon::bird(bird, &d, "router", &r, &router);
+        let (speaker, router_sock) = Daemon::bird(speakers.bird, &d, "router", &r, &router);
         fleet.speakers.push(speaker);
         let established = || {
             let out = Command::new("birdc")
@@ -388,9 +423,17 @@ impl Fleet {
                 p
             })
             .collect();
-        wait_until(WAIT, "the router's ECMP route through every host", || {
-            fleet.fabric.nexthops() == (0..INSTANCES).collect::<Vec<_>>()
-        });
+        let deadline = Instant::now() + WAIT;
+        while fleet.fabric.nexthops() != (0..INSTANCES).collect::<Vec<_>>() {
+            if Instant::now() > deadline {
+                panic!(
+                    "no ECMP route through every host within {WAIT:?}: {:?}\n{}",
+                    fleet.fabric.nexthops(),
+                    speaker_logs(&d)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         fleet.bgp_dir = Some(dir);
         fleet
     }
@@ -527,6 +570,29 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The speakers' logs in `dir`, for a failure message.
+fn speaker_logs(dir: &Path) -> String {
+    let mut out = String::new();
+    let mut logs: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    for log in logs {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        out += &format!("--- {}\n", log.display());
+        for line in tail.iter().rev() {
+            out += line;
+            out += "\n";
+        }
+    }
+    out
 }
 
 fn split(routes: &HashMap<u64, (HashSet<String>, HashSet<usize>)>) -> Vec<u64> {
@@ -727,11 +793,15 @@ fn a_fleet_announced_by_bgp_withdraws_a_stopping_host_before_it_drains_and_loses
     let Some(bird) = installed("/usr/sbin/bird", "bird2") else {
         return;
     };
+    let Some(exabgp) = installed("/usr/sbin/exabgp", "exabgp") else {
+        return;
+    };
+    let speakers = Speakers { bird, exabgp };
     let text = format!(
         "withdraw_delay = \"3s\"\ndrain_timeout = \"1s\"\n{}",
         config(3, false)
     );
-    let mut fleet = Fleet::start_bgp("g", bird, &text);
+    let mut fleet = Fleet::start_bgp("g", &speakers, &text);
     let cids: Vec<u64> = (1..=CIDS)
         .map(|c| c.wrapping_mul(0x9e37_79b9_7f4a_7c15))
         .collect();
@@ -740,28 +810,40 @@ fn a_fleet_announced_by_bgp_withdraws_a_stopping_host_before_it_drains_and_loses
         assert!(fleet.carried(i) > 0, "host {i} carried nothing");
     }
 
-    // A rolling binary upgrade, host by host: each stays announced (ready)
-    // throughout, and every flow answers after each step, on its backend.
+    // A rolling binary upgrade, host by host, with every flow driven while
+    // it runs: each host stays announced (ready) throughout, and every
+    // datagram of every round is answered, on its flow's backend.
     for i in 0..INSTANCES {
         let began = Instant::now();
-        let stats = fleet.proxies[i].upgrade(WAIT);
-        println!(
-            "SIGUSR2 on host {i}: the new generation served after {:?}, the route unchanged",
-            began.elapsed()
-        );
+        let upgrade = fleet.proxies[i].begin_upgrade();
+        let mut rounds = 0;
+        loop {
+            let round = fleet.drive(&cids, &format!("u{i}r{rounds:03}-"));
+            for cid in &cids {
+                assert_eq!(
+                    round[cid].0, before[cid].0,
+                    "CID {cid:x} changed backend in host {i}'s upgrade"
+                );
+            }
+            rounds += 1;
+            if rounds >= 2 && fleet.proxies[i].upgraded(&upgrade) {
+                break;
+            }
+            assert!(began.elapsed() < WAIT, "host {i}'s upgrade never took over");
+        }
+        let taken = began.elapsed();
+        let stats = fleet.proxies[i].finish_upgrade(upgrade, WAIT);
         assert_eq!(stats["upgrade_failures"], 0, "host {i}: {stats:#}");
         assert_eq!(
             fleet.fabric.nexthops(),
             (0..INSTANCES).collect::<Vec<_>>(),
             "host {i} left the route in its upgrade"
         );
-        let round = fleet.drive(&cids, &format!("up{i}"));
-        for cid in &cids {
-            assert_eq!(
-                round[cid].0, before[cid].0,
-                "CID {cid:x} changed backend in host {i}'s upgrade"
-            );
-        }
+        println!(
+            "SIGUSR2 on host {i}: taken over within {taken:?}, {rounds} rounds of {} datagrams \
+             answered meanwhile, the route unchanged",
+            cids.len() * PORTS_PER_CID
+        );
     }
     for (i, p) in fleet.proxies.iter().enumerate() {
         let stats = p.stats();
@@ -820,4 +902,31 @@ fn a_fleet_announced_by_bgp_withdraws_a_stopping_host_before_it_drains_and_loses
     assert_eq!(out.status.code(), Some(3), "not running");
     let host1: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(total(&host1, "drops.draining"), 0, "{host1:#}");
+
+    // The same on host 2, announced by ExaBGP's healthcheck: withdrawn
+    // within the delay, and every flow answers through host 0 alone.
+    let stop = Instant::now();
+    fleet.proxies[EXABGP_HOST].signal(libc::SIGTERM);
+    wait_until(WAIT, "host 2's route withdrawn at the router", || {
+        fleet.fabric.nexthops() == vec![0]
+    });
+    let withdrawn = stop.elapsed();
+    assert!(
+        withdrawn < Duration::from_secs(3),
+        "the route went {withdrawn:?} after SIGTERM: past withdraw_delay (3s)"
+    );
+    let last = fleet.drive(&cids, "four");
+    fleet.proxies[EXABGP_HOST].wait_gone(WAIT);
+    println!(
+        "SIGTERM on host 2 (ExaBGP): its route left the router's ECMP route after {withdrawn:?}"
+    );
+    for cid in &cids {
+        let (b, i) = &last[cid];
+        assert_eq!(b, &before[cid].0, "CID {cid:x} changed backend");
+        assert_eq!(
+            i,
+            &HashSet::from([0]),
+            "CID {cid:x} not through host 0 alone"
+        );
+    }
 }

@@ -88,6 +88,13 @@ pub struct Proxy {
     successor: Option<u32>,
 }
 
+/// A binary upgrade signalled ([`Proxy::begin_upgrade`]) and not yet
+/// followed.
+pub struct UpgradeBegun {
+    old: u32,
+    upgrades: u64,
+}
+
 /// What the supervisor says of a worker the system-call filter killed.
 pub const FILTER_KILL: &str = "killed by the system-call filter";
 
@@ -196,9 +203,29 @@ impl Proxy {
     /// has handed over and exited (0, when it is the test's child), and
     /// follows the new one from then on. Returns the stats it serves with.
     pub fn upgrade(&mut self, timeout: Duration) -> Value {
-        let old = self.pid();
-        let upgrades = self.stats()["upgrades"].as_u64().unwrap_or(0);
+        let begun = self.begin_upgrade();
+        self.finish_upgrade(begun, timeout)
+    }
+
+    /// Sends SIGUSR2 to the serving supervisor (traffic may go on while
+    /// the upgrade runs; [`Proxy::finish_upgrade`] waits for it).
+    pub fn begin_upgrade(&self) -> UpgradeBegun {
+        let begun = UpgradeBegun {
+            old: self.pid(),
+            upgrades: self.stats()["upgrades"].as_u64().unwrap_or(0),
+        };
         self.signal(libc::SIGUSR2);
+        begun
+    }
+
+    /// Whether the upgrade `begun` has taken over (the stats count it).
+    pub fn upgraded(&self, begun: &UpgradeBegun) -> bool {
+        self.stats()["upgrades"].as_u64() > Some(begun.upgrades)
+    }
+
+    /// Waits until the upgrade `begun` has taken over and the old
+    /// supervisor has exited, and follows the new one from then on.
+    pub fn finish_upgrade(&mut self, begun: UpgradeBegun, timeout: Duration) -> Value {
         match self.successor {
             None => {
                 let status = self
@@ -211,10 +238,10 @@ impl Proxy {
             }),
         }
         let stats = self.wait_stats(timeout, "the new supervisor serving", |s| {
-            s["upgrades"].as_u64() > Some(upgrades)
+            s["upgrades"].as_u64() > Some(begun.upgrades)
                 && s["supervisor_pid"]
                     .as_u64()
-                    .is_some_and(|p| p != u64::from(old))
+                    .is_some_and(|p| p != u64::from(begun.old))
         });
         self.successor = stats["supervisor_pid"].as_u64().map(|p| p as u32);
         stats
