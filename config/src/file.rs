@@ -19,6 +19,7 @@ pub(crate) struct FileConfig {
     pub stats_file: Option<Spanned<String>>,
     pub drain_timeout: Option<Spanned<IntOrStr>>,
     pub withdraw_delay: Option<Spanned<IntOrStr>>,
+    pub readiness: Option<Spanned<String>>,
     pub upgrade_timeout: Option<Spanned<IntOrStr>>,
     pub metrics: Option<Spanned<String>>,
     pub upstream_send: Option<Spanned<String>>,

@@ -39,6 +39,9 @@ pub struct Config {
     /// sending new flows, before the drain. In `0s..=1h`; 0 (the default)
     /// drains at once.
     pub withdraw_delay: Duration,
+    /// What `/ready` and `udpshard health` require besides a serving
+    /// worker.
+    pub readiness: Readiness,
     /// How long a binary upgrade (SIGUSR2) lets the new binary take to
     /// start, validate its config and stand ready, in `1s..=10m`; past it
     /// the old generation keeps serving.
@@ -57,6 +60,18 @@ pub struct Config {
     /// Started as root, the user every udpshard process runs as once the
     /// supervisor has bound its sockets; `None`: the user it was started as.
     pub user: Option<String>,
+}
+
+/// When the proxy says it is ready (`/ready`, `udpshard health`), for a BGP
+/// speaker that announces the host while it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// While a worker serves (`"serving"`, the default).
+    Serving,
+    /// Also only while every listener has a backend up (`"backend_up"`):
+    /// a host whose backends are all down is withdrawn from the fabric,
+    /// and serves on meanwhile.
+    BackendUp,
 }
 
 /// The kernel's UDP segmentation offloads (GSO out, GRO in).

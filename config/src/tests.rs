@@ -47,6 +47,7 @@ fn default_parses() {
         stats_file: PathBuf::from(DEFAULT_STATS_FILE),
         drain_timeout: Duration::from_secs(5),
         withdraw_delay: Duration::ZERO,
+        readiness: Readiness::Serving,
         upgrade_timeout: Duration::from_secs(30),
         upstream_send: UpstreamSend::Auto,
         offload: Offload::Auto,
@@ -1190,6 +1191,22 @@ fn withdraw_delay() {
         1,
         18,
         "out of range (0s..=1h)",
+    );
+}
+
+#[test]
+fn readiness() {
+    let base = "[[listener]]\nname = \"q\"\nbind = \"0.0.0.0:443\"\ndissector = \"quic\"\nbackends = [\"10.0.0.1:443\"]\n";
+    assert_eq!(ok(base).readiness, Readiness::Serving);
+    assert_eq!(
+        ok(&format!("readiness = \"backend_up\"\n{base}")).readiness,
+        Readiness::BackendUp
+    );
+    assert_err(
+        &format!("readiness = \"backends\"\n{base}"),
+        1,
+        13,
+        "readiness = \"backends\" is invalid (expected \"serving\" or \"backend_up\")",
     );
 }
 

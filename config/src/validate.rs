@@ -15,8 +15,8 @@ use crate::file::{
 };
 use crate::units::{self, UnitError, DURATION_FORMS, SIZE_FORMS};
 use crate::{
-    Backend, Config, Dissector, Listener, Migration, Offload, ProxyProtocol, QuicLb, Steering,
-    UpstreamSend, Workers, DEFAULT_STATS_FILE,
+    Backend, Config, Dissector, Listener, Migration, Offload, ProxyProtocol, QuicLb, Readiness,
+    Steering, UpstreamSend, Workers, DEFAULT_STATS_FILE,
 };
 use crate::{Health, OnBackendDown, Probe};
 
@@ -88,6 +88,15 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
         None => Duration::ZERO,
         Some(v) => duration_in(v, DRAIN_TIMEOUT, DRAIN_TIMEOUT_TEXT, "withdraw_delay")?,
     };
+    let readiness = one_of(
+        file.readiness.as_ref(),
+        "readiness",
+        Readiness::Serving,
+        &[
+            ("serving", Readiness::Serving),
+            ("backend_up", Readiness::BackendUp),
+        ],
+    )?;
     let upgrade_timeout = match &file.upgrade_timeout {
         None => DEFAULT_UPGRADE_TIMEOUT,
         Some(v) => duration_in(v, UPGRADE_TIMEOUT, UPGRADE_TIMEOUT_TEXT, "upgrade_timeout")?,
@@ -145,6 +154,7 @@ pub(crate) fn validate(file: FileConfig) -> Result<Config> {
         listeners,
         drain_timeout,
         withdraw_delay,
+        readiness,
         upgrade_timeout,
         metrics,
         upstream_send,

@@ -121,6 +121,9 @@ pub enum Readiness {
     Draining = 4,
     /// Serving, but no worker is: every one is being restarted.
     NoWorker = 5,
+    /// Serving, but a listener has no backend up (`readiness =
+    /// "backend_up"`).
+    NoBackend = 6,
 }
 
 impl Readiness {
@@ -131,6 +134,7 @@ impl Readiness {
             3 => Readiness::Withdrawing,
             4 => Readiness::Draining,
             5 => Readiness::NoWorker,
+            6 => Readiness::NoBackend,
             _ => Readiness::Unknown,
         }
     }
@@ -146,6 +150,9 @@ impl Readiness {
             }
             Readiness::Draining => Some("draining: stopping, new flows are refused"),
             Readiness::NoWorker => Some("no worker serves: every one is being restarted"),
+            Readiness::NoBackend => {
+                Some("no backend up: every backend of a listener is down; still serving")
+            }
         }
     }
 }

@@ -949,6 +949,9 @@ mod tests {
         assert_eq!(read(), (true, "ready: 2 workers serving".into()));
         region.set_header(Header::Readiness, Readiness::NoWorker as u64);
         assert!(read().1.starts_with("not ready: no worker serves"));
+        region.set_header(Header::Readiness, Readiness::NoBackend as u64);
+        assert_eq!(read().0, false);
+        assert!(read().1.starts_with("not ready: no backend up"));
         // A supervisor from before the word: the slots say.
         region.set_header(Header::Readiness, 0);
         assert_eq!(

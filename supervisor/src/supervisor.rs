@@ -632,14 +632,45 @@ impl Supervisor {
             announced_ready: true,
         } = self.role
         {
-            let r = match self.workers.iter().any(WorkerSlot::is_ready) {
-                true => Readiness::Ready,
-                false => Readiness::NoWorker,
+            let without_backend = self.listener_without_backend();
+            let r = match (
+                self.workers.iter().any(WorkerSlot::is_ready),
+                without_backend,
+            ) {
+                (false, _) => Readiness::NoWorker,
+                (true, Some(_)) => Readiness::NoBackend,
+                (true, None) => Readiness::Ready,
             };
-            if self.region.header(Header::Readiness) != r as u64 {
+            let was = Readiness::from_word(self.region.header(Header::Readiness));
+            if was != r {
+                match (was, without_backend) {
+                    (_, Some(l)) if r == Readiness::NoBackend => tracing::warn!(
+                        "listener {l} has no backend up: not ready (readiness = \"backend_up\"), \
+                         serving on"
+                    ),
+                    (Readiness::NoBackend, _) => tracing::info!("a backend is up again: ready"),
+                    _ => {}
+                }
                 self.set_readiness(r);
             }
         }
+    }
+
+    /// With `readiness = "backend_up"`, the first listener none of whose
+    /// backends is up (all down, or draining with weight 0).
+    fn listener_without_backend(&self) -> Option<&str> {
+        if self.config.readiness != udpshard_config::Readiness::BackendUp {
+            return None;
+        }
+        self.config.listeners.iter().find_map(|l| {
+            let up = l.backends.iter().any(|b| {
+                self.region
+                    .backend_row(&l.name, b.addr)
+                    .and_then(|row| self.region.backend_state(row))
+                    == Some(BackendState::Up)
+            });
+            (!up).then_some(l.name.as_str())
+        })
     }
 
     /// Says what `/ready` and `udpshard health` answer.

@@ -531,3 +531,66 @@ fn active_probes_take_a_silent_or_garbled_backend_down_within_fall_intervals_and
     let rows = backends(&proxy);
     assert_eq!(get(&rows[&flaky.addr], "downs"), 2);
 }
+
+/// `udpshard health` on `proxy`'s stats file: whether it exited 0, and its
+/// line.
+fn health(proxy: &Proxy) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(["health", "--stats-file"])
+        .arg(&proxy.stats_file)
+        .output()
+        .expect("udpshard health");
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success(), line)
+}
+
+#[test]
+fn readiness_backend_up_withdraws_a_host_whose_backends_are_all_down_and_it_serves_on() {
+    let (a, b) = (Switchable::start(), Switchable::start());
+    let addrs = [a.addr, b.addr];
+    let probes = "\n[listener.health]\nprobe = \"0x50494e47\"\nexpect = \"PING\"\n\
+                  interval = \"100ms\"\ntimeout = \"50ms\"\nrise = 1\nfall = 2\n";
+    let text = |top: &str| format!("{}{probes}", health_config(top, "", &addrs));
+    let proxy = Proxy::start(Path::new(BIN), &text("workers = 2"));
+    wait_state(&proxy, a.addr, "up");
+    wait_state(&proxy, b.addr, "up");
+    assert!(health(&proxy).0, "{:?}", health(&proxy));
+    // Both fail their probes: by default the host stays ready.
+    a.set(1);
+    b.set(1);
+    wait_state(&proxy, a.addr, "down");
+    wait_state(&proxy, b.addr, "down");
+    assert!(health(&proxy).0, "{:?}", health(&proxy));
+    // A reload to readiness = "backend_up": not ready, for that reason.
+    std::fs::write(
+        &proxy.config_path,
+        text("workers = 2\nreadiness = \"backend_up\"")
+            .replace("{stats_file}", &proxy.stats_file.display().to_string()),
+    )
+    .unwrap();
+    proxy.signal(libc::SIGHUP);
+    wait_until(WAIT, "health to say no backend up", || {
+        health(&proxy)
+            == (
+                false,
+                "not ready: no backend up: every backend of a listener is down; still serving"
+                    .to_string(),
+            )
+    });
+    assert!(proxy
+        .log()
+        .contains("listener quic has no backend up: not ready"));
+    // It serves on: new flows go to the backends it has (trying a failing
+    // one beats refusing all).
+    let before = total(&proxy.stats(), "tx_packets");
+    let client = bind_udp("127.0.0.1:0");
+    send(&proxy, &client, &(900..910).collect::<Vec<u64>>(), 1);
+    proxy.wait_stats(WAIT, "10 more forwarded", |s| {
+        total(s, "tx_packets") == before + 10
+    });
+    // One answers again: ready.
+    a.set(0);
+    wait_state(&proxy, a.addr, "up");
+    wait_until(WAIT, "health to say ready", || health(&proxy).0);
+    assert!(proxy.log().contains("a backend is up again: ready"));
+}
