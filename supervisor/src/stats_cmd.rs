@@ -950,7 +950,7 @@ mod tests {
         region.set_header(Header::Readiness, Readiness::NoWorker as u64);
         assert!(read().1.starts_with("not ready: no worker serves"));
         region.set_header(Header::Readiness, Readiness::NoBackend as u64);
-        assert_eq!(read().0, false);
+        assert!(!read().0);
         assert!(read().1.starts_with("not ready: no backend up"));
         // A supervisor from before the word: the slots say.
         region.set_header(Header::Readiness, 0);
