@@ -656,8 +656,8 @@ mod tests {
         assert_eq!(Frame::decode(&[]), Err(HandoffError::Short));
         assert_eq!(Frame::decode(&[1; 10]), Err(HandoffError::Short));
         let mut f = [0u8; HEADER_LEN];
-        f[0] = 9;
-        assert_eq!(Frame::decode(&f), Err(HandoffError::Kind(9)));
+        f[0] = 10;
+        assert_eq!(Frame::decode(&f), Err(HandoffError::Kind(10)));
         f[0] = 1;
         f[4] = 5;
         assert_eq!(Frame::decode(&f), Err(HandoffError::Family(5)));
