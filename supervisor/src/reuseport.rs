@@ -119,6 +119,22 @@ impl ReuseportGroup {
     }
 }
 
+/// Waits until no datagram the kernel is delivering can still reach a
+/// socket that the last [`ReuseportGroup::steer`] took out of the choice:
+/// the kernel picks a group's socket and queues the datagram there within
+/// one RCU read-side section, and membarrier(MEMBARRIER_CMD_GLOBAL) returns
+/// after a grace period (it is synchronize_rcu). Then a retiring worker's
+/// last read finds everything ever steered to it. Where the call is refused
+/// (nohz_full CPUs), a sleep far longer than a grace period stands in.
+pub(crate) fn settle_steering() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
+    // SAFETY: membarrier(2) takes no pointers; it only blocks the caller.
+    let rc = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
+    if rc != 0 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 impl ReuseportGroup {
     /// Applies the listener's `steering` to the group and says which mode
     /// it got, and why, in the log.

@@ -395,6 +395,9 @@ impl Supervisor {
                 }
             }
             let steered = if steer { self.steer_groups() } else { Ok(()) };
+            // What the kernel was steering to them meanwhile is in their
+            // sockets before they read them for the last time.
+            crate::reuseport::settle_steering();
             for w in self.workers.iter_mut().skip(count) {
                 if let Some(control) = w.control() {
                     let _ = control.send(&ControlMsg::Stop, &[]);
