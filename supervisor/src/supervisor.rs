@@ -625,8 +625,9 @@ impl Supervisor {
         self.drain(&format!("signal {signal}"));
     }
 
-    /// Serving, the proxy is ready while any worker serves: a host whose
-    /// every worker is being restarted says so.
+    /// Serving, the proxy is ready while any worker serves (a host whose
+    /// every worker is being restarted says so), and with `readiness =
+    /// "backend_up"` while every listener has a backend up.
     fn follow_workers_readiness(&self) {
         if let Role::Serving {
             announced_ready: true,
@@ -648,7 +649,9 @@ impl Supervisor {
                         "listener {l} has no backend up: not ready (readiness = \"backend_up\"), \
                          serving on"
                     ),
-                    (Readiness::NoBackend, _) => tracing::info!("a backend is up again: ready"),
+                    (Readiness::NoBackend, _) if r == Readiness::Ready => {
+                        tracing::info!("a backend is up again: ready")
+                    }
                     _ => {}
                 }
                 self.set_readiness(r);
@@ -657,18 +660,21 @@ impl Supervisor {
     }
 
     /// With `readiness = "backend_up"`, the first listener none of whose
-    /// backends is up (all down, or draining with weight 0).
+    /// backends is up (all down, or draining with weight 0). A backend with
+    /// no row of counters (the table is full) counts as up: nothing says
+    /// otherwise.
     fn listener_without_backend(&self) -> Option<&str> {
         if self.config.readiness != udpshard_config::Readiness::BackendUp {
             return None;
         }
         self.config.listeners.iter().find_map(|l| {
-            let up = l.backends.iter().any(|b| {
-                self.region
-                    .backend_row(&l.name, b.addr)
-                    .and_then(|row| self.region.backend_state(row))
-                    == Some(BackendState::Up)
-            });
+            let up = l
+                .backends
+                .iter()
+                .any(|b| match self.region.backend_row(&l.name, b.addr) {
+                    Some(row) => self.region.backend_state(row) == Some(BackendState::Up),
+                    None => true,
+                });
             (!up).then_some(l.name.as_str())
         })
     }

@@ -27,7 +27,7 @@
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 
-use ahash::AHashMap;
+use ahash::{AHashMap, AHashSet};
 use slab::Slab;
 use udpshard_shared::owners::Owner;
 use udpshard_shared::FlowKey;
@@ -74,8 +74,9 @@ pub trait Sockets {
     /// Closes `sock` (and returns its lease when this worker holds it).
     fn close(&mut self, sock: SockId);
     /// Takes over the lease of borrowed socket `sock`, bound to `local`,
-    /// whose home is gone, and starts reading it: false when a process
-    /// `serves` says serves holds the lease (it took the socket first).
+    /// whose home is gone, and starts reading it. False when the lease is
+    /// held by a process for which `serves` is true: that one took the
+    /// socket first.
     fn adopt(&mut self, sock: SockId, local: SocketAddr, serves: &dyn Fn(Owner) -> bool) -> bool;
     /// Who holds the lease of the port `local` is bound to, if anyone.
     fn lease_holder(&self, local: SocketAddr) -> Option<Owner>;
@@ -230,6 +231,10 @@ pub struct Paths {
     /// the slot is still INHERITED (one its flow took, then closed, cools
     /// by its own COOLING entry).
     cooling: VecDeque<(u64, SockId, u16, bool)>,
+    /// Cooling slots a relay took ([`Paths::insert_relay`]): their entry in
+    /// `cooling` is stale, and frees nothing when it comes due (the slot
+    /// cools again by an entry of its own when the relay closes).
+    stale_cooling: AHashSet<(SockId, u16)>,
     /// Every socket held here, by its (source, port).
     by_local: AHashMap<SocketAddr, SockId>,
     /// Sockets to close at the next tick, when no queued send names them.
@@ -413,36 +418,46 @@ impl Paths {
     /// has a path there says it is in use). `None` when the slot holds a
     /// path or is reserved for a dead worker's flow.
     pub fn insert_relay(&mut self, path: Path) -> Option<PathId> {
-        let (sock, backend) = (path.sock, usize::from(path.backend));
-        let slot = *self.socks.get(sock as usize)?.slots.get(backend)?;
+        let key = (path.sock, path.backend);
+        let slot = self.slot(key.0, key.1)?;
         if slot != FREE && slot != COOLING {
             return None;
         }
-        let id = self.paths.insert(path) as PathId;
-        self.path_span = self.path_span.max(id as usize + 1);
-        let s = &mut self.socks[sock as usize];
-        s.slots[backend] = id;
-        // A cooling slot counts as used already; its cooling entry finds a
-        // path there when it is due, and passes.
-        if slot == FREE {
-            s.used += 1;
+        if slot == COOLING {
+            self.stale_cooling.insert(key);
         }
-        Some(id)
+        Some(self.occupy(path, slot == FREE))
     }
 
     /// Adds `path` on its socket's slot, which must be free.
     pub fn insert(&mut self, path: Path) -> Option<PathId> {
-        let (sock, backend) = (path.sock, usize::from(path.backend));
-        let s = self.socks.get(sock as usize)?;
-        if s.slots.get(backend) != Some(&FREE) {
+        if self.slot(path.sock, path.backend)? != FREE {
             return None;
         }
+        Some(self.occupy(path, true))
+    }
+
+    /// What slot `backend` of `sock` holds.
+    fn slot(&self, sock: SockId, backend: u16) -> Option<u32> {
+        self.socks
+            .get(sock as usize)?
+            .slots
+            .get(usize::from(backend))
+            .copied()
+    }
+
+    /// Puts `path` on its slot (`was_free`: the slot counts as used from
+    /// now; a cooling one already does).
+    fn occupy(&mut self, path: Path, was_free: bool) -> PathId {
+        let (sock, backend) = (path.sock as usize, usize::from(path.backend));
         let id = self.paths.insert(path) as PathId;
         self.path_span = self.path_span.max(id as usize + 1);
-        let s = &mut self.socks[sock as usize];
+        let s = &mut self.socks[sock];
         s.slots[backend] = id;
-        s.used += 1;
-        Some(id)
+        if was_free {
+            s.used += 1;
+        }
+        id
     }
 
     /// Removes a path. Its slot cools at the socket's home for `cool_ms`
@@ -482,21 +497,26 @@ impl Paths {
 
     /// Periodic work: cooled slots become free, and sockets that no queued
     /// send can name any more close: borrowed copies no path uses, and home
-    /// sockets with nothing on them for `idle_close_ms`. Returns the borrowed
-    /// copies this slice of the sweep visited, for a look at their homes.
+    /// sockets with nothing on them for `idle_close_ms`. Returns the sockets
+    /// this slice of the sweep visited and kept, for a look at their leases:
+    /// the borrowed copies with their homes, and the home sockets.
     pub fn tick<S: Sockets>(
         &mut self,
         now_ms: u64,
         idle_close_ms: u64,
         budget: usize,
         sockets: &mut S,
-    ) -> Vec<(SockId, Owner)> {
+    ) -> (Vec<(SockId, Owner)>, Vec<SockId>) {
         let mut borrowed = Vec::new();
+        let mut homes = Vec::new();
         while let Some(&(until, sock, backend, inherited)) = self.cooling.front() {
             if until > now_ms {
                 break;
             }
             self.cooling.pop_front();
+            if !inherited && self.stale_cooling.remove(&(sock, backend)) {
+                continue;
+            }
             if let Some(s) = self.socks.get_mut(sock as usize) {
                 let slot = s.slots.get(usize::from(backend)).copied();
                 let due = if inherited { INHERITED } else { COOLING };
@@ -520,7 +540,7 @@ impl Paths {
                     Home::Here if idle || (s.retired && s.used == 0) => {
                         self.doomed.push(id as SockId)
                     }
-                    Home::Here => {}
+                    Home::Here => homes.push(id as SockId),
                     Home::Borrowed(home) => borrowed.push((id as SockId, home)),
                 }
             }
@@ -535,13 +555,20 @@ impl Paths {
                 sockets.close(sock);
             }
         }
-        borrowed
+        (borrowed, homes)
     }
 
     /// A borrowed copy whose home died became this worker's own: slots no
     /// path of ours uses were in use at the dead home a moment ago, so they
     /// cool before anything uses them.
     pub fn adopted(&mut self, sock: SockId, me_now_ms: u64, cool_ms: u64) {
+        let Some((listener, backends)) = self.sock(sock).map(|s| (s.listener, s.slots.len()))
+        else {
+            return;
+        };
+        // Its slots join the pool when they are free (a worker that opened
+        // no socket of the listener has no pool for it yet).
+        let _ = self.pool(listener, backends);
         let Some(s) = self.socks.get_mut(sock as usize) else {
             return;
         };

@@ -75,6 +75,9 @@ pub(crate) struct Upstream {
     /// (UDP_GRO; `offload = "auto"`). Open ones keep what they had: a
     /// buffer already coalesced would read as one datagram without it.
     gro: bool,
+    /// The longest `port_reuse_delay` of the listeners: how long a lease
+    /// given up with a borrowed copy cools.
+    reuse_cool_ms: u64,
 }
 
 /// How long a route's source address is trusted before it is asked again
@@ -140,6 +143,7 @@ impl Upstream {
             no_fd_until: 0,
             route_sources: ahash::AHashMap::new(),
             gro: true,
+            reuse_cool_ms: 0,
         }
     }
 
@@ -148,6 +152,12 @@ impl Upstream {
         // A reload is when addresses and routes were likely changed too.
         self.route_sources.clear();
         self.gro = config.offload == config::Offload::Auto;
+        self.reuse_cool_ms = config
+            .listeners
+            .iter()
+            .map(|l| l.port_reuse_delay.as_millis() as u64)
+            .max()
+            .unwrap_or(0);
         self.ranges = config
             .listeners
             .iter()
@@ -409,12 +419,14 @@ impl Sockets for Upstream {
         } else if let Some(local) = entry.local {
             // A borrowed copy whose lease this process took from its
             // predecessor (`take_lease`) and never read: the lease goes
-            // with it (the predecessor's copy, if any, is its own).
+            // with it, cooling as a closed socket's port does (its paths
+            // may have late replies on the way).
             drop(entry.socket);
             if let Some(row) = self.state.source_row(local.ip()) {
+                let until = monotonic_ms() + self.reuse_cool_ms;
                 self.state
                     .leases()
-                    .release(row, local.port(), self.me, None);
+                    .release(row, local.port(), self.me, Some(until));
             }
         }
     }

@@ -56,7 +56,10 @@ pub(super) const UPGRADE: Token = Token((1 << 30) - 1);
 /// upgrade's control messages, the handoff frames old and new workers
 /// exchange (a session's `Transfer`), and the layouts of the stats and
 /// state regions. A change to any of them bumps it; a new binary that
-/// speaks another refuses, and the old generation serves on.
+/// speaks another refuses, and the old generation serves on. A frame kind
+/// added is no change: an older receiver drops a kind it does not know,
+/// and the sender must not wait on its answer for long (the relays a new
+/// old worker hands over: 2 s).
 const PROTOCOL: u64 = 1;
 /// How long the old workers may take to stop reading their listeners.
 const QUIESCE_TIMEOUT: Duration = Duration::from_secs(2);

@@ -240,28 +240,13 @@ impl Loop {
             _ => return Ok(()),
         };
         let timed_out = self.now_ms().saturating_sub(since_ms) >= HAND_OVER_TIMEOUT_MS;
-        let left = self.router.sessions() as u64;
-        let refused = self.router.refused_by_successor() as u64;
-        // The sessions first; the relays once no session is left to answer.
-        let sessions_left = left > refused;
-        let pending = match sessions_left {
-            true => self.router.offers_pending(),
-            false => self.router.relays_pending(),
-        };
-        if pending < HAND_OVER_IN_FLIGHT && !timed_out {
-            let room = (HAND_OVER_IN_FLIGHT - pending).min(HAND_OVER_BATCH);
-            let offered = match sessions_left {
-                true => self.router.offer_to_successor(room),
-                false => self.router.offer_relays_to_successor(room),
-            };
-            if offered > 0 {
-                self.flush(&mut []);
-            }
+        if !timed_out && self.router.offer_next(HAND_OVER_IN_FLIGHT, HAND_OVER_BATCH) > 0 {
+            self.flush(&mut []);
         }
-        let left = self.router.sessions() as u64;
-        if (left > refused || !self.router.relays_handed()) && !timed_out {
+        if !self.router.handed_over() && !timed_out {
             return Ok(());
         }
+        let left = self.router.sessions() as u64;
         if left > 0 {
             tracing::warn!(
                 worker = self.id,

@@ -653,17 +653,30 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             }
         }
         if let Some(Home::Borrowed(home)) = self.paths.sock(p.sock).map(|s| s.home) {
-            let upstream = self.paths.sock(p.sock).map(|s| s.local);
-            if let Some(upstream) = upstream {
-                let route = &self.routes[p.listener];
-                let control = Control::PathClosed(PathRef {
-                    key: p.key,
-                    upstream,
-                    backend: route.backends[usize::from(p.backend)],
-                });
+            if let Some(path) = self.path_ref_of(&p) {
+                let control = Control::PathClosed(path);
                 self.control(usize::from(home.worker), p.listener, control, Vec::new());
             }
         }
+    }
+
+    /// Names path `p` across workers: its key, its socket's address, its
+    /// backend's address.
+    pub(super) fn path_ref_of(&self, p: &Path) -> Option<PathRef> {
+        Some(PathRef {
+            key: p.key,
+            upstream: self.paths.sock(p.sock)?.local,
+            backend: *self
+                .routes
+                .get(p.listener)?
+                .backends
+                .get(usize::from(p.backend))?,
+        })
+    }
+
+    /// Names path `pid` across workers ([`Router::path_ref_of`]).
+    pub(super) fn path_ref(&self, pid: PathId) -> Option<PathRef> {
+        self.path_ref_of(self.paths.path(pid)?)
     }
 
     /// Forwards `d` (`len` bytes) on `sock` to backend `backend` of
@@ -758,18 +771,13 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let Some(sock) = self.paths.sock(p.sock) else {
             return;
         };
-        if let Home::Borrowed(home) = sock.home {
-            let route = &self.routes[p.listener];
+        if let (Home::Borrowed(home), Some(path)) = (sock.home, self.path_ref_of(p)) {
             let control = Control::PathMoved {
-                path: PathRef {
-                    key: p.key,
-                    upstream: sock.local,
-                    backend: route.backends[usize::from(p.backend)],
-                },
+                path,
                 client: p.client,
                 local_ip: p.local_ip,
             };
-            let frame = control.encode(self.id as u16, route.ident);
+            let frame = control.encode(self.id as u16, self.routes[p.listener].ident);
             self.actions.push(Action::Control {
                 to: usize::from(home.worker),
                 frame,
@@ -1009,8 +1017,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         if now < p.reported_ms + route.path_idle_ms / 4 {
             return;
         }
-        let (listener, key, backend, sock) = (p.listener, p.key, p.backend, p.sock);
-        let Some(upstream) = self.paths.sock(sock).map(|s| s.local) else {
+        let (listener, key) = (p.listener, p.key);
+        let Some(path) = self.path_ref(pid) else {
             return;
         };
         let owner = self
@@ -1021,11 +1029,6 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             p.reported_ms = now;
         }
         if let Some(owner) = owner {
-            let path = PathRef {
-                key,
-                upstream,
-                backend: self.routes[listener].backends[usize::from(backend)],
-            };
             self.control(
                 usize::from(owner.worker),
                 listener,

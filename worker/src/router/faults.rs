@@ -458,3 +458,57 @@ fn two_borrowers_of_a_dead_home_share_its_socket_through_the_one_that_adopts_it(
     assert!(clients.contains(&super::harness::addr(other)));
     check(&w);
 }
+
+/// A relay that took a slot cooling since its socket was adopted, then
+/// closed: the slot cools its full `port_reuse_delay` from the relay's
+/// close, not from the adoption (the adoption's cooling entry is stale).
+#[test]
+fn a_relay_on_a_slot_cooling_since_adoption_cools_from_its_own_close() {
+    let cool = 10_000u64;
+    let mut w = World::new(
+        3,
+        &config("port_reuse_delay = \"10s\"\nsession_idle = \"1h\"", 2),
+        (20000, 20000),
+    );
+    let s = 1u64;
+    let t = (2..100u64)
+        .find(|&c| backend_of(c) != backend_of(s))
+        .expect("a CID on the other backend");
+    let other = "192.0.2.11:5000";
+    w.send(2, CLIENT, &short(s, b"s"));
+    w.send(2, other, &short(t, b"t"));
+    for n in 0..TRANSFER_AFTER {
+        w.send(0, CLIENT, &short(s, &[n]));
+        w.send(1, other, &short(t, &[n]));
+    }
+    let from = w.at_backend[0].from;
+    w.kill(2);
+    w.advance(200);
+    assert_eq!(w.reader(from), Some(0), "worker 0 adopted the socket");
+    // Worker 1, which holds T, dies: worker 0's relay for T closes.
+    w.advance(cool / 2);
+    w.kill(1);
+    w.advance(200);
+    // Past the adoption's cooling, before the relay's: a new flow toward
+    // T's backend finds no free slot on the one port.
+    w.advance(cool / 2);
+    let u = (200..400u64)
+        .find(|&c| backend_of(c) == backend_of(t))
+        .expect("a CID on T's backend");
+    let refused = w.drops(DropReason::NoPort);
+    w.send(0, "192.0.2.12:5000", &short(u, b"u"));
+    assert_eq!(
+        w.drops(DropReason::NoPort),
+        refused + 1,
+        "the slot cooled early"
+    );
+    // Once the relay's cooling is over, it is free.
+    w.advance(cool);
+    let v = (u + 1..600u64)
+        .find(|&c| backend_of(c) == backend_of(t))
+        .expect("another CID on T's backend");
+    let n = w.at_backend.len();
+    w.send(0, "192.0.2.13:5000", &short(v, b"v"));
+    assert_eq!(w.at_backend.len(), n + 1, "forwarded once the slot cooled");
+    assert_eq!(w.at_backend[n].from, from);
+}

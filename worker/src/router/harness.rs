@@ -1031,16 +1031,9 @@ impl World {
                             .is_some_and(|t| now.saturating_sub(t) >= HAND_OVER_TIMEOUT_MS),
                         _ => true,
                     };
-                    // The sessions first, then the relays.
-                    let sessions_left = r.sessions() > r.refused_by_successor();
-                    if (sessions_left || !r.relays_handed()) && !timed_out {
+                    if !r.handed_over() && !timed_out {
                         done = false;
-                        let offered = match sessions_left {
-                            true if r.offers_pending() < 4 => r.offer_to_successor(2),
-                            false if r.relays_pending() < 4 => r.offer_relays_to_successor(2),
-                            _ => 0,
-                        };
-                        if offered > 0 {
+                        if r.offer_next(4, 2) > 0 {
                             self.execute(P::Cur(w), &[]);
                         }
                     }

@@ -3,7 +3,7 @@
 //! whose home is gone are adopted.
 
 use udpshard_shared::backends::BackendCounter;
-use udpshard_shared::handoff::{Control, PathRef};
+use udpshard_shared::handoff::Control;
 use udpshard_shared::owners::Owner;
 use udpshard_shared::stats::Counter;
 
@@ -33,13 +33,16 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             .map(|r| r.session_idle_ms)
             .max()
             .unwrap_or(60_000);
-        let borrowed = self
+        let (borrowed, homes) = self
             .paths
             .tick(now_ms, idle_close, budget, &mut self.sockets);
         for (sock, home) in borrowed {
             if !self.live(home) {
                 self.orphaned(sock, home);
             }
+        }
+        for sock in homes {
+            self.keep_lease(sock);
         }
         self.sweep_relays(budget);
         self.update_gauges();
@@ -209,6 +212,19 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
     }
 
+    /// A socket this worker reads is leased to it: a successor that took the
+    /// lease with the socket and then stopped serving (its upgrade given up,
+    /// a frame it read on its way out) gives it back.
+    fn keep_lease(&mut self, sock: SockId) {
+        let Some(local) = self.paths.sock(sock).map(|s| s.local) else {
+            return;
+        };
+        let holder = self.sockets.lease_holder(local);
+        if let Some(h) = holder.filter(|&h| h != self.me && !self.live(h)) {
+            self.sockets.take_lease(local, h);
+        }
+    }
+
     /// The home of borrowed socket `sock` is gone: take the socket over. A
     /// process that serves may hold its lease already: the home's successor
     /// in a binary upgrade, which took it with the home's relays, or a
@@ -249,20 +265,16 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 self.close_path(pid);
                 continue;
             }
-            let Some(&backend) = self.routes[p.listener].backends.get(usize::from(p.backend))
-            else {
+            let (listener, client, local_ip) = (p.listener, p.client, p.local_ip);
+            let Some(path) = self.path_ref(pid) else {
                 continue;
             };
             let control = Control::Relay {
-                path: PathRef {
-                    key: p.key,
-                    upstream: local,
-                    backend,
-                },
-                client: p.client,
-                local_ip: p.local_ip,
+                path,
+                client,
+                local_ip,
             };
-            self.control(usize::from(holder.worker), p.listener, control, Vec::new());
+            self.control(usize::from(holder.worker), listener, control, Vec::new());
         }
     }
 }

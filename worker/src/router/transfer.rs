@@ -247,8 +247,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
     /// A path's replies on a socket of ours are to be relayed: its home in
     /// a binary upgrade hands us its relay, with the socket (`fds` 1, from
     /// this slot's predecessor), or a worker that borrows the socket from
-    /// us since we adopted it asks for its path (`fds` 0). A relay taken
-    /// over is answered, whatever became of it.
+    /// us since we adopted it asks for its path (`fds` 0). A relay handed
+    /// over is answered, whatever became of it; a request that cannot be
+    /// met is answered with `PathClosed`, and the borrower closes its path
+    /// (it would send on a 4-tuple whose replies nobody relays).
     pub(super) fn relay_in(
         &mut self,
         from: u16,
@@ -259,16 +261,33 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         fds: usize,
     ) {
         let handed = fds > 0;
-        if handed {
-            let answer = Control::RelayTaken(path);
+        let answer = match handed {
+            true => Control::RelayTaken(path),
+            false => Control::PathClosed(path),
+        };
+        let taken = self.take_relay(from, listener, path, client, local_ip, handed);
+        if handed || !taken {
             self.control(usize::from(from), listener, answer, Vec::new());
         }
+    }
+
+    /// [`Router::relay_in`]'s work: whether the path's replies are relayed
+    /// here now (or reach a path of its own session here).
+    fn take_relay(
+        &mut self,
+        from: u16,
+        listener: usize,
+        path: PathRef,
+        client: SocketAddr,
+        local_ip: Option<IpAddr>,
+        handed: bool,
+    ) -> bool {
         let predecessor = self
             .phase
             .predecessor()
             .filter(|_| handed && usize::from(from) == self.id);
         let Some(backend) = self.routes[listener].backend_of(path.backend) else {
-            return;
+            return false;
         };
         let sock = match (self.paths.by_local(path.upstream), predecessor) {
             (Some(sock), _) => sock,
@@ -280,7 +299,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 self.actions.push(Action::Keep { index: 0, sock });
                 sock
             }
-            (None, None) => return,
+            (None, None) => return false,
         };
         let home = self.paths.sock(sock).map(|s| s.home);
         let ours = match home {
@@ -289,15 +308,15 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             None => false,
         };
         if !ours {
-            return;
+            return false;
         }
         if let (Some(Home::Borrowed(h)), true) = (home, handed) {
             self.inherit_lease(path.upstream, h);
         }
-        // A path of ours there already (the session came here), or the
-        // relay, or another flow's path: nothing to do.
-        if self.paths.on_slot(sock, backend).is_some() {
-            return;
+        // A path of this flow there already: the relay, or its own path
+        // (the session came here). Another flow's: not for this one.
+        if let Some(pid) = self.paths.on_slot(sock, backend) {
+            return self.paths.path(pid).is_some_and(|p| p.key == path.key);
         }
         let now = self.now_ms;
         let relay = Path {
@@ -307,7 +326,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             answered: true,
             ..Path::new(listener, backend, sock, client, local_ip, path.key, now)
         };
-        self.paths.insert_relay(relay);
+        self.paths.insert_relay(relay).is_some()
     }
 
     /// The answer to a transfer we offered.

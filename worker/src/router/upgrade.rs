@@ -2,15 +2,15 @@
 //! handover: the old generation offers every session to its slot's
 //! successor, the new one stands by taking them, and an upgrade given up
 //! leaves the old one serving. Last, the old generation hands its relays
-//! over, with their sockets: the successor is the home of every socket the
-//! old one was.
+//! over, with their sockets: the successor becomes the home of every socket
+//! that carries a relay or a path of a session it was handed.
 
-use udpshard_shared::handoff::{Control, PathRef};
+use udpshard_shared::handoff::Control;
 use udpshard_shared::owners::{Owner, GEN_MASK};
 
 use super::{Owners, Router, Sockets};
 use crate::paths::{Home, PathId, SockId};
-use crate::phase::Phase;
+use crate::phase::{HandingOver, Phase};
 
 /// How long the successor may take to answer the relays offered it.
 pub(super) const RELAY_ANSWER_MS: u64 = 2_000;
@@ -169,17 +169,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             let Some(p) = self.paths.path(pid) else {
                 continue;
             };
-            let home = self.paths.sock(p.sock).map(|s| (s.home, s.local));
-            if let (true, Some((Home::Here, local))) = (p.is_relay(), home) {
-                let Some(&backend) = self.routes[p.listener].backends.get(usize::from(p.backend))
-                else {
-                    continue;
-                };
-                let path = PathRef {
-                    key: p.key,
-                    upstream: local,
-                    backend,
-                };
+            let home = self.paths.sock(p.sock).map(|s| s.home);
+            if let (true, Some(Home::Here), Some(path)) = (p.is_relay(), home, self.path_ref_of(p))
+            {
                 relays.push((p.listener, p.sock, path, p.client, p.local_ip));
             }
         }
@@ -212,18 +204,25 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         };
         let r = &h.relays;
         let all_offered = r.cursor >= self.paths.path_span();
-        let waited = r
-            .since_ms
-            .is_some_and(|t| self.now_ms.saturating_sub(t) >= RELAY_ANSWER_MS);
-        all_offered && (r.answered >= r.offered || waited)
+        all_offered && (r.answered >= r.offered || self.relay_answers_overdue(h))
     }
 
-    /// Relays offered and not answered yet.
+    /// Relays offered and not answered yet (none once the successor has
+    /// had [`RELAY_ANSWER_MS`] to answer: one of an earlier release never
+    /// does, and the rest go without waiting).
     pub fn relays_pending(&self) -> usize {
         match &self.phase {
-            Phase::HandingOver(h) => h.relays.offered.saturating_sub(h.relays.answered),
+            Phase::HandingOver(h) if !self.relay_answers_overdue(h) => {
+                h.relays.offered.saturating_sub(h.relays.answered)
+            }
             _ => 0,
         }
+    }
+
+    fn relay_answers_overdue(&self, h: &HandingOver) -> bool {
+        h.relays
+            .since_ms
+            .is_some_and(|t| self.now_ms.saturating_sub(t) >= RELAY_ANSWER_MS)
     }
 
     /// The successor took a relay offered it.
@@ -239,9 +238,41 @@ impl<O: Owners, S: Sockets> Router<O, S> {
     /// exits; their flows start afresh there).
     pub fn refused_by_successor(&self) -> usize {
         match &self.phase {
-            Phase::HandingOver(h) => h.refused.len(),
+            Phase::HandingOver(h) => h
+                .refused
+                .iter()
+                .filter(|&&sid| self.sessions.get(sid).is_some())
+                .count(),
             _ => 0,
         }
+    }
+
+    /// Sessions still to hand over: on offer, or not offered yet.
+    fn sessions_to_hand(&self) -> usize {
+        self.sessions().saturating_sub(self.refused_by_successor())
+    }
+
+    /// Offers the successor what comes next: sessions while any is left to
+    /// hand over, then the relays; at most `batch` at a time, and at most
+    /// `in_flight` unanswered. Returns how many it offered.
+    pub fn offer_next(&mut self, in_flight: usize, batch: usize) -> usize {
+        let sessions = self.sessions_to_hand() > 0;
+        let pending = match sessions {
+            true => self.offers_pending(),
+            false => self.relays_pending(),
+        };
+        let room = in_flight.saturating_sub(pending).min(batch);
+        match (room, sessions) {
+            (0, _) => 0,
+            (_, true) => self.offer_to_successor(room),
+            (_, false) => self.offer_relays_to_successor(room),
+        }
+    }
+
+    /// Whether the handover is done: every session answered (taken or
+    /// refused), every relay handed over.
+    pub fn handed_over(&self) -> bool {
+        self.sessions_to_hand() == 0 && self.relays_handed()
     }
 
     /// Sessions on offer and not yet answered.
