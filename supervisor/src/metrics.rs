@@ -279,25 +279,50 @@ fn respond(
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET", "/metrics") => {}
+    if path != "/metrics" && path != "/ready" {
+        return Some(http(
+            404,
+            "text/plain",
+            b"not found; try GET /metrics or GET /ready\n",
+        ));
+    }
+    // HEAD (a load balancer's health check may use it): GET's head alone.
+    let full = match method {
+        "GET" => true,
+        "HEAD" => false,
+        _ => return Some(http(405, "text/plain", b"GET or HEAD only\n")),
+    };
+    let response = match path {
         // For whatever steers traffic here (a BGP speaker's health check):
         // 200 while it serves, 503 while it starts, withdraws or drains.
-        ("GET", "/ready") => {
-            return Some(match ready() {
-                Ok((true, line)) => http(200, "text/plain", format!("{line}\n").as_bytes()),
-                Ok((false, line)) => http(503, "text/plain", format!("{line}\n").as_bytes()),
-                Err(e) => http(503, "text/plain", format!("not ready: {e}\n").as_bytes()),
-            });
-        }
-        _ => {
-            return Some(http(
-                404,
-                "text/plain",
-                b"not found; try GET /metrics or GET /ready\n",
-            ))
-        }
+        "/ready" => match ready() {
+            Ok((true, line)) => http(200, "text/plain", format!("{line}\n").as_bytes()),
+            Ok((false, line)) => http(503, "text/plain", format!("{line}\n").as_bytes()),
+            Err(e) => http(503, "text/plain", format!("not ready: {e}\n").as_bytes()),
+        },
+        _ => metrics_response(request, head_end, body),
+    };
+    Some(match full {
+        true => response,
+        false => head_only(response),
+    })
+}
+
+/// A response without its body (its Content-Length stays: the body's).
+fn head_only(mut response: Vec<u8>) -> Vec<u8> {
+    if let Some(end) = find(&response, b"\r\n\r\n") {
+        response.truncate(end + 4);
     }
+    response
+}
+
+/// GET /metrics: the exposition in the encoding the request's Accept
+/// header prefers.
+fn metrics_response(
+    request: &[u8],
+    head_end: Option<usize>,
+    body: impl FnOnce() -> Result<String, String>,
+) -> Vec<u8> {
     let head = String::from_utf8_lossy(&request[..head_end.unwrap_or(request.len())]);
     let accept: Vec<&str> = head
         .lines()
@@ -305,14 +330,14 @@ fn respond(
         .filter(|(k, _)| k.trim().eq_ignore_ascii_case("accept"))
         .map(|(_, v)| v)
         .collect();
-    Some(match (body(), negotiate(&accept.join(","))) {
+    match (body(), negotiate(&accept.join(","))) {
         (Ok(text), Encoding::Protobuf) => {
             http(200, proto::CONTENT_TYPE, &proto::from_openmetrics(&text))
         }
         (Ok(text), Encoding::OpenMetrics) => http(200, OPENMETRICS, text.as_bytes()),
         (Ok(text), Encoding::Text) => http(200, TEXT_004, text_004(&text).as_bytes()),
         (Err(e), _) => http(500, "text/plain", format!("{e}\n").as_bytes()),
-    })
+    }
 }
 
 /// The encodings the endpoint serves.
@@ -392,12 +417,17 @@ fn http(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         404 => "Not Found",
+        405 => "Method Not Allowed",
         503 => "Service Unavailable",
         431 => "Request Header Fields Too Large",
         _ => "Internal Server Error",
     };
+    let allow = match status {
+        405 => "Allow: GET, HEAD\r\n",
+        _ => "",
+    };
     let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\n{allow}Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -542,6 +572,20 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
         assert!(r.ends_with("\r\n\r\nnot ready: draining\n"), "{r}");
         let r = respond(b"POST /metrics HTTP/1.1\r\n\r\n", ok, up).unwrap();
+        let r = String::from_utf8(r).unwrap();
+        assert!(
+            r.starts_with("HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD\r\n"),
+            "{r}"
+        );
+        // HEAD: GET's head, Content-Length included, and no body.
+        let r = respond(b"HEAD /ready HTTP/1.1\r\n\r\n", ok, down).unwrap();
+        let r = String::from_utf8(r).unwrap();
+        assert!(r.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{r}");
+        assert!(r.contains("Content-Length: 20\r\n"), "{r}");
+        assert!(r.ends_with("\r\n\r\n"), "{r}");
+        let r = respond(b"HEAD /metrics HTTP/1.1\r\n\r\n", ok, up).unwrap();
+        assert!(r.starts_with(b"HTTP/1.1 200 OK\r\n") && r.ends_with(b"\r\n\r\n"));
+        let r = respond(b"HEAD /nothing HTTP/1.1\r\n\r\n", ok, up).unwrap();
         assert!(r.starts_with(b"HTTP/1.1 404 "));
         let r = respond(b"\xff\xfe\n\n", ok, up).unwrap();
         assert!(r.starts_with(b"HTTP/1.1 404 "));

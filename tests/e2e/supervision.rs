@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use udpshard_tests::harness::{
-    bind_udp, field_of, free_tcp_port, http_get, listener_config, quic_short, total, wait_until,
-    Backend, Proxy,
+    bind_udp, field_of, free_tcp_port, http_get, http_request, listener_config, quic_short, total,
+    wait_until, Backend, Proxy,
 };
 use udpshard_tests::load::{run_load, LoadSpec, Sink};
 
@@ -586,6 +586,12 @@ fn sigterm_with_withdraw_delay_turns_not_ready_serves_new_flows_then_drains() {
     });
     let withdrawing = "not ready: withdrawing: stopping soon, still serving until the drain begins";
     assert_eq!(ready(&endpoint).1, withdrawing);
+    // HEAD, as some load balancers' checks send it: the status, no body.
+    let head = http_request(&endpoint, "HEAD", "/ready", "");
+    assert!(
+        head.starts_with("HTTP/1.1 503 Service Unavailable\r\n") && head.ends_with("\r\n\r\n"),
+        "{head}"
+    );
     assert_eq!(health(&proxy), (false, withdrawing.to_string()));
     // Not ready, and still serving: the live flow, and a new one.
     live.send_to(&quic_short(1, b"again"), proxy.addr("quic"))

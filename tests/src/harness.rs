@@ -591,10 +591,20 @@ pub fn http_get(addr: &str, path: &str) -> String {
 
 /// GET with extra header lines (each ending in \r\n).
 pub fn http_get_with(addr: &str, path: &str, headers: &str) -> String {
+    http_request(addr, "GET", path, headers)
+}
+
+/// `method path` on the HTTP endpoint at `addr`, with `headers` (each
+/// ending in CRLF): the whole response.
+pub fn http_request(addr: &str, method: &str, path: &str, headers: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}\r\n").unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}\r\n"
+    )
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).expect("read response");
     out
