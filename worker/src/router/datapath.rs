@@ -635,8 +635,16 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             }
         }
         // A port whose backend never sent on it needs no cooling: no reply
-        // of an old flow can reach a new one on it.
-        let answered = self.paths.path(pid).is_some_and(|p| p.answered);
+        // of an old flow can reach a new one on it. Unless its session is
+        // on offer: the receiver has a copy of the path, which closes when
+        // the offer is answered (`reconcile`, which names paths by their
+        // sockets); a new path of the session on the same 4-tuple meanwhile
+        // would keep that copy alive with the old client.
+        let on_offer = self
+            .sessions
+            .get(sid as usize)
+            .is_some_and(|s| s.offer().is_some());
+        let answered = self.paths.path(pid).is_some_and(|p| p.answered) || on_offer;
         let cool = match answered {
             true => self.routes.get(listener).map_or(0, |r| r.reuse_delay_ms),
             false => 0,

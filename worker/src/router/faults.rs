@@ -512,3 +512,35 @@ fn a_relay_on_a_slot_cooling_since_adoption_cools_from_its_own_close() {
     assert_eq!(w.at_backend.len(), n + 1, "forwarded once the slot cooled");
     assert_eq!(w.at_backend[n].from, from);
 }
+
+/// Found by the at-rest reply property: a path closed unanswered while
+/// its session's offer was in flight freed its slot at once, and a new
+/// path of the same session for another client address took it. The
+/// offer's answer then found "the same socket" still there, so the
+/// receiver kept its copy with the old client while the home relayed the
+/// 4-tuple's replies to the new one. A path of a session on offer now
+/// cools when it closes.
+#[test]
+fn a_path_closed_while_its_session_is_on_offer_does_not_lend_its_4_tuple_to_another_client() {
+    use Event::*;
+    let c = |cid, client, worker| Client {
+        cid,
+        client,
+        worker,
+    };
+    let mut events = vec![c(0, 0, 0), c(0, 0, 0), c(0, 0, 0), c(7, 0, 0), c(0, 0, 0)];
+    events.push(c(7, 5, 2));
+    events.extend(std::iter::repeat_n(c(0, 0, 0), 14));
+    events.extend([c(7, 0, 2), c(0, 0, 0), c(0, 0, 0), c(7, 3, 2), c(7, 1, 1)]);
+    events.extend(std::iter::repeat_n(c(0, 0, 0), 5));
+    events.push(Advance { ms: 1 });
+    events.extend(std::iter::repeat_n(c(0, 0, 0), 7));
+    events.push(Deliver {
+        worker: 0,
+        next: false,
+    });
+    events.extend(std::iter::repeat_n(c(0, 0, 0), 3));
+    let mut w = run(3, &events, false, false);
+    check(&w);
+    super::properties::check_replies(&mut w, false);
+}

@@ -1286,6 +1286,29 @@ impl World {
         }
     }
 
+    /// Every path of a session in a serving process: (its backend, its
+    /// upstream 4-tuple's local address, its client).
+    pub(super) fn live_paths(&self) -> Vec<(SocketAddr, SocketAddr, SocketAddr)> {
+        let mut out = Vec::new();
+        for w in 0..self.workers() {
+            if !self.alive(P::Cur(w)) {
+                continue;
+            }
+            let r = &self.routers[w];
+            for (_, p) in r.paths.paths.iter() {
+                if p.is_relay() {
+                    continue;
+                }
+                let Some(s) = r.paths.sock(p.sock) else {
+                    continue;
+                };
+                let backend = r.routes[p.listener].backends[usize::from(p.backend)];
+                out.push((backend, s.local, p.client));
+            }
+        }
+        out
+    }
+
     /// Loses the first frame waiting in worker `w`'s inbox.
     pub(super) fn lose_frame(&mut self, w: usize) -> bool {
         self.inboxes[w].pop_front().is_some()

@@ -197,6 +197,34 @@ pub(super) fn check(w: &World) {
     }
 }
 
+/// At rest (every worker serving, time enough for the sweeps), a reply on
+/// every live path reaches a client: no path is left on a socket nobody
+/// reads, or whose reader has no path or relay for it. With `migration =
+/// "path"` it reaches that path's own client (a path's 4-tuple is one
+/// client address's). With `"follow"` the socket's home holds the newest
+/// address the flow was seen at; the session's copy of its one path may
+/// be older until the client sends again (a move while an offer was in
+/// flight), so any address of the flow will do.
+pub(super) fn check_replies(w: &mut World, follow: bool) {
+    w.advance(1_000);
+    w.settle();
+    let stray = w.drops(udpshard_shared::DropReason::Stray);
+    for (backend, local, client) in w.live_paths() {
+        let before = w.at_client.len();
+        w.reply(backend, local, b"at rest");
+        assert_eq!(
+            w.at_client.len(),
+            before + 1,
+            "a reply to {local} from {backend} reached no client (reader {:?})",
+            w.reader(local)
+        );
+        if !follow {
+            assert_eq!(w.at_client[before].client, client, "reply on {local}");
+        }
+        assert_eq!(w.drops(udpshard_shared::DropReason::Stray), stray);
+    }
+}
+
 /// Runs `cases` cases of `strategy` through `test` from a seed:
 /// `UDPSHARD_WORLD_SEED` when set (a replay), else a fresh one. A failure
 /// names the seed and the smallest input that fails.
@@ -242,7 +270,9 @@ fn router_properties_hold_over_random_events_on_2_to_4_workers() {
         256,
         strategy,
         |(workers, events)| {
-            check(&run(workers, &events, false, false));
+            let mut w = run(workers, &events, false, false);
+            check(&w);
+            check_replies(&mut w, false);
             Ok(())
         },
     );
@@ -256,7 +286,9 @@ fn router_properties_hold_in_follow_mode() {
         256,
         strategy,
         |events| {
-            check(&run(2, &events, true, false));
+            let mut w = run(2, &events, true, false);
+            check(&w);
+            check_replies(&mut w, true);
             Ok(())
         },
     );
@@ -274,7 +306,9 @@ fn router_properties_hold_through_kills_reloads_health_and_upgrades() {
         256,
         strategy,
         |(workers, reroute, events)| {
-            check(&run(workers, &events, false, reroute));
+            let mut w = run(workers, &events, false, reroute);
+            check(&w);
+            check_replies(&mut w, false);
             Ok(())
         },
     );
@@ -288,7 +322,9 @@ fn router_properties_hold_through_faults_in_follow_mode() {
         256,
         strategy,
         |events| {
-            check(&run(2, &events, true, false));
+            let mut w = run(2, &events, true, false);
+            check(&w);
+            check_replies(&mut w, true);
             Ok(())
         },
     );
