@@ -532,18 +532,6 @@ fn active_probes_take_a_silent_or_garbled_backend_down_within_fall_intervals_and
     assert_eq!(get(&rows[&flaky.addr], "downs"), 2);
 }
 
-/// `udpshard health` on `proxy`'s stats file: whether it exited 0, and its
-/// line.
-fn health(proxy: &Proxy) -> (bool, String) {
-    let out = Command::new(BIN)
-        .args(["health", "--stats-file"])
-        .arg(&proxy.stats_file)
-        .output()
-        .expect("udpshard health");
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (out.status.success(), line)
-}
-
 #[test]
 fn readiness_backend_up_withdraws_a_host_whose_backends_are_all_down_and_it_serves_on() {
     let (a, b) = (Switchable::start(), Switchable::start());
@@ -554,13 +542,13 @@ fn readiness_backend_up_withdraws_a_host_whose_backends_are_all_down_and_it_serv
     let proxy = Proxy::start(Path::new(BIN), &text("workers = 2"));
     wait_state(&proxy, a.addr, "up");
     wait_state(&proxy, b.addr, "up");
-    assert!(health(&proxy).0, "{:?}", health(&proxy));
+    assert!(proxy.health().0, "{:?}", proxy.health());
     // Both fail their probes: by default the host stays ready.
     a.set(1);
     b.set(1);
     wait_state(&proxy, a.addr, "down");
     wait_state(&proxy, b.addr, "down");
-    assert!(health(&proxy).0, "{:?}", health(&proxy));
+    assert!(proxy.health().0, "{:?}", proxy.health());
     // A reload to readiness = "backend_up": not ready, for that reason.
     std::fs::write(
         &proxy.config_path,
@@ -570,7 +558,7 @@ fn readiness_backend_up_withdraws_a_host_whose_backends_are_all_down_and_it_serv
     .unwrap();
     proxy.signal(libc::SIGHUP);
     wait_until(WAIT, "health to say no backend up", || {
-        health(&proxy)
+        proxy.health()
             == (
                 false,
                 "not ready: no backend up: every backend of a listener is down; still serving"
@@ -591,6 +579,6 @@ fn readiness_backend_up_withdraws_a_host_whose_backends_are_all_down_and_it_serv
     // One answers again: ready.
     a.set(0);
     wait_state(&proxy, a.addr, "up");
-    wait_until(WAIT, "health to say ready", || health(&proxy).0);
+    wait_until(WAIT, "health to say ready", || proxy.health().0);
     assert!(proxy.log().contains("a backend is up again: ready"));
 }

@@ -532,17 +532,6 @@ fn sigterm_drains_live_sessions_refuses_new_ones_and_exits_zero() {
     );
 }
 
-/// `udpshard health` on `proxy`'s stats file: whether it exited 0, and its line.
-fn health(proxy: &Proxy) -> (bool, String) {
-    let out = Command::new(BIN)
-        .args(["health", "--stats-file"])
-        .arg(&proxy.stats_file)
-        .output()
-        .expect("udpshard health");
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (out.status.success(), line)
-}
-
 /// GET /ready on the metrics endpoint: the status line and the body.
 fn ready(endpoint: &str) -> (String, String) {
     let r = http_get(endpoint, "/ready");
@@ -562,7 +551,7 @@ fn sigterm_with_withdraw_delay_turns_not_ready_serves_new_flows_then_drains() {
     );
     let mut proxy = Proxy::start(Path::new(BIN), &cfg);
     assert_eq!(
-        health(&proxy),
+        proxy.health(),
         (true, "ready: 2 workers serving".to_string())
     );
     assert_eq!(
@@ -592,7 +581,7 @@ fn sigterm_with_withdraw_delay_turns_not_ready_serves_new_flows_then_drains() {
         head.starts_with("HTTP/1.1 503 Service Unavailable\r\n") && head.ends_with("\r\n\r\n"),
         "{head}"
     );
-    assert_eq!(health(&proxy), (false, withdrawing.to_string()));
+    assert_eq!(proxy.health(), (false, withdrawing.to_string()));
     // Not ready, and still serving: the live flow, and a new one.
     live.send_to(&quic_short(1, b"again"), proxy.addr("quic"))
         .unwrap();
@@ -626,7 +615,7 @@ fn sigterm_with_withdraw_delay_turns_not_ready_serves_new_flows_then_drains() {
         log.contains("withdraw_delay is over: draining 2 workers"),
         "{log}"
     );
-    let (ready_now, line) = health(&proxy);
+    let (ready_now, line) = proxy.health();
     assert!(
         !ready_now && line.starts_with("not ready: the proxy is not running"),
         "{line}"
@@ -644,7 +633,7 @@ fn a_second_sigterm_skips_the_withdraw_delay() {
     proxy.signal(libc::SIGTERM);
     let stopped_at = Instant::now();
     wait_until(WAIT, "health to say withdrawing", || {
-        health(&proxy).1.starts_with("not ready: withdrawing")
+        proxy.health().1.starts_with("not ready: withdrawing")
     });
     proxy.signal(libc::SIGTERM);
     let status = proxy.wait_exit(WAIT).expect("exited without the hour");

@@ -296,6 +296,18 @@ impl Proxy {
         self.bin = bin.to_path_buf();
     }
 
+    /// `udpshard health` on the stats file through the real CLI: whether
+    /// it exited 0, and its line.
+    pub fn health(&self) -> (bool, String) {
+        let out = Command::new(&self.bin)
+            .args(["health", "--stats-file"])
+            .arg(&self.stats_file)
+            .output()
+            .expect("udpshard health");
+        let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        (out.status.success(), line)
+    }
+
     /// `udpshard stats --json` through the real CLI.
     pub fn stats(&self) -> Value {
         stats_json(&self.bin, &self.stats_file)

@@ -418,6 +418,30 @@ fn an_upgrade_keeps_the_relays_of_a_socket_two_workers_share() {
     check(&w);
 }
 
+/// The client address of session T in [`lent_by_worker_2`].
+const OTHER: &str = "192.0.2.11:5000";
+
+/// Sessions S (from [`CLIENT`]) and T (from [`OTHER`]), on the two backends
+/// of a one-port world: made at worker 2, then taken over by workers 0 and
+/// 1, which borrow worker 2's one socket. Returns S, T and the socket's
+/// address.
+fn lent_by_worker_2(w: &mut World) -> (u64, u64, std::net::SocketAddr) {
+    let s = 1u64;
+    let t = (2..100u64)
+        .find(|&c| backend_of(c) != backend_of(s))
+        .expect("a CID on the other backend");
+    w.send(2, CLIENT, &short(s, b"s"));
+    w.send(2, OTHER, &short(t, b"t"));
+    for n in 0..TRANSFER_AFTER {
+        w.send(0, CLIENT, &short(s, &[n]));
+        w.send(1, OTHER, &short(t, &[n]));
+    }
+    assert_eq!((w.holders(s), w.holders(t)), (vec![0], vec![1]));
+    let from = w.at_backend[0].from;
+    assert!(w.at_backend.iter().all(|d| d.from == from), "one socket");
+    (s, t, from)
+}
+
 /// One socket of a worker that dies, two slots, each borrowed by another
 /// worker for a session it took over. The first to look adopts the socket;
 /// the other finds it held, borrows it from the adopter and asks it to
@@ -425,20 +449,7 @@ fn an_upgrade_keeps_the_relays_of_a_socket_two_workers_share() {
 #[test]
 fn two_borrowers_of_a_dead_home_share_its_socket_through_the_one_that_adopts_it() {
     let mut w = World::new(3, &config("", 2), (20000, 20000));
-    let s = 1u64;
-    let t = (2..100u64)
-        .find(|&c| backend_of(c) != backend_of(s))
-        .expect("a CID on the other backend");
-    let other = "192.0.2.11:5000";
-    w.send(2, CLIENT, &short(s, b"s"));
-    w.send(2, other, &short(t, b"t"));
-    for n in 0..TRANSFER_AFTER {
-        w.send(0, CLIENT, &short(s, &[n]));
-        w.send(1, other, &short(t, &[n]));
-    }
-    assert_eq!((w.holders(s), w.holders(t)), (vec![0], vec![1]));
-    let from = w.at_backend[0].from;
-    assert!(w.at_backend.iter().all(|d| d.from == from), "one socket");
+    let (s, t, from) = lent_by_worker_2(&mut w);
     w.kill(2);
     w.advance(200);
     let reader = w.reader(from).expect("adopted");
@@ -447,7 +458,7 @@ fn two_borrowers_of_a_dead_home_share_its_socket_through_the_one_that_adopts_it(
     let n = w.at_backend.len();
     let replies = w.at_client.len();
     w.send(0, CLIENT, &short(s, b"s after"));
-    w.send(1, other, &short(t, b"t after"));
+    w.send(1, OTHER, &short(t, b"t after"));
     assert_eq!(w.at_backend.len(), n + 2, "both still forward");
     assert!(w.at_backend[n..].iter().all(|d| d.from == from));
     w.echo_since(n);
@@ -455,7 +466,7 @@ fn two_borrowers_of_a_dead_home_share_its_socket_through_the_one_that_adopts_it(
     assert_eq!(w.at_client.len(), replies + 2);
     let clients: Vec<_> = w.at_client[replies..].iter().map(|c| c.client).collect();
     assert!(clients.contains(&super::harness::addr(CLIENT)));
-    assert!(clients.contains(&super::harness::addr(other)));
+    assert!(clients.contains(&super::harness::addr(OTHER)));
     check(&w);
 }
 
@@ -470,18 +481,7 @@ fn a_relay_on_a_slot_cooling_since_adoption_cools_from_its_own_close() {
         &config("port_reuse_delay = \"10s\"\nsession_idle = \"1h\"", 2),
         (20000, 20000),
     );
-    let s = 1u64;
-    let t = (2..100u64)
-        .find(|&c| backend_of(c) != backend_of(s))
-        .expect("a CID on the other backend");
-    let other = "192.0.2.11:5000";
-    w.send(2, CLIENT, &short(s, b"s"));
-    w.send(2, other, &short(t, b"t"));
-    for n in 0..TRANSFER_AFTER {
-        w.send(0, CLIENT, &short(s, &[n]));
-        w.send(1, other, &short(t, &[n]));
-    }
-    let from = w.at_backend[0].from;
+    let (_, t, from) = lent_by_worker_2(&mut w);
     w.kill(2);
     w.advance(200);
     assert_eq!(w.reader(from), Some(0), "worker 0 adopted the socket");
