@@ -279,20 +279,32 @@ fn respond(
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
-    if path != "/metrics" && path != "/ready" {
-        return Some(http(
+    // HEAD (a load balancer's health check may use it): GET's head alone.
+    let full = method != "HEAD";
+    let response = match (method, path) {
+        (_, p) if p != "/metrics" && p != "/ready" => http(
             404,
             "text/plain",
             b"not found; try GET /metrics or GET /ready\n",
-        ));
-    }
-    // HEAD (a load balancer's health check may use it): GET's head alone.
-    let full = match method {
-        "GET" => true,
-        "HEAD" => false,
-        _ => return Some(http(405, "text/plain", b"GET or HEAD only\n")),
+        ),
+        ("GET" | "HEAD", _) => respond_to(path, request, head_end, body, ready),
+        _ => http(405, "text/plain", b"GET or HEAD only\n"),
     };
-    let response = match path {
+    Some(match full {
+        true => response,
+        false => head_only(response),
+    })
+}
+
+/// GET (or HEAD) of `path`, /ready or /metrics.
+fn respond_to(
+    path: &str,
+    request: &[u8],
+    head_end: Option<usize>,
+    body: impl FnOnce() -> Result<String, String>,
+    ready: impl FnOnce() -> Result<(bool, String), String>,
+) -> Vec<u8> {
+    match path {
         // For whatever steers traffic here (a BGP speaker's health check):
         // 200 while it serves, 503 while it starts, withdraws or drains.
         "/ready" => match ready() {
@@ -301,11 +313,7 @@ fn respond(
             Err(e) => http(503, "text/plain", format!("not ready: {e}\n").as_bytes()),
         },
         _ => metrics_response(request, head_end, body),
-    };
-    Some(match full {
-        true => response,
-        false => head_only(response),
-    })
+    }
 }
 
 /// A response without its body (its Content-Length stays: the body's).
@@ -586,7 +594,7 @@ mod tests {
         let r = respond(b"HEAD /metrics HTTP/1.1\r\n\r\n", ok, up).unwrap();
         assert!(r.starts_with(b"HTTP/1.1 200 OK\r\n") && r.ends_with(b"\r\n\r\n"));
         let r = respond(b"HEAD /nothing HTTP/1.1\r\n\r\n", ok, up).unwrap();
-        assert!(r.starts_with(b"HTTP/1.1 404 "));
+        assert!(r.starts_with(b"HTTP/1.1 404 ") && r.ends_with(b"\r\n\r\n"));
         let r = respond(b"\xff\xfe\n\n", ok, up).unwrap();
         assert!(r.starts_with(b"HTTP/1.1 404 "));
         let big = vec![b'a'; MAX_REQUEST + 1];

@@ -27,7 +27,7 @@
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 
-use ahash::{AHashMap, AHashSet};
+use ahash::AHashMap;
 use slab::Slab;
 use udpshard_shared::owners::Owner;
 use udpshard_shared::FlowKey;
@@ -78,7 +78,8 @@ pub trait Sockets {
     /// held by a process for which `serves` is true: that one took the
     /// socket first.
     fn adopt(&mut self, sock: SockId, local: SocketAddr, serves: &dyn Fn(Owner) -> bool) -> bool;
-    /// Who holds the lease of the port `local` is bound to, if anyone.
+    /// Who holds the lease of the port `local` is bound to, or held it
+    /// last (an orphan of a process that died holding it), if anyone.
     fn lease_holder(&self, local: SocketAddr) -> Option<Owner>;
     /// Takes the lease of the port `local` is bound to from `from`, who
     /// holds it (an upgrade's predecessor handing its socket over, or a
@@ -119,6 +120,10 @@ pub struct UpSock {
     pub home: Home,
     /// By backend index: FREE, COOLING, INHERITED, or the path using it.
     slots: Vec<u32>,
+    /// By backend index: until when a COOLING slot cools (the entry in
+    /// `Paths::cooling` with this time frees it; an earlier one, of a
+    /// cooling a relay cut short by taking the slot, passes).
+    cool_until: Vec<u64>,
     /// Bound again for the flows of this dead worker: their INHERITED
     /// slots are theirs to take.
     heir_of: Option<Owner>,
@@ -138,6 +143,7 @@ impl UpSock {
             local,
             home,
             slots: vec![FREE; backends],
+            cool_until: vec![0; backends],
             heir_of: None,
             used: 0,
             idle_since_ms: 0,
@@ -231,10 +237,6 @@ pub struct Paths {
     /// the slot is still INHERITED (one its flow took, then closed, cools
     /// by its own COOLING entry).
     cooling: VecDeque<(u64, SockId, u16, bool)>,
-    /// Cooling slots a relay took ([`Paths::insert_relay`]): their entry in
-    /// `cooling` is stale, and frees nothing when it comes due (the slot
-    /// cools again by an entry of its own when the relay closes).
-    stale_cooling: AHashSet<(SockId, u16)>,
     /// Every socket held here, by its (source, port).
     by_local: AHashMap<SocketAddr, SockId>,
     /// Sockets to close at the next tick, when no queued send names them.
@@ -423,9 +425,6 @@ impl Paths {
         if slot != FREE && slot != COOLING {
             return None;
         }
-        if slot == COOLING {
-            self.stale_cooling.insert(key);
-        }
         Some(self.occupy(path, slot == FREE))
     }
 
@@ -471,6 +470,7 @@ impl Paths {
                 match s.home {
                     Home::Here if cool_ms > 0 => {
                         s.slots[backend] = COOLING;
+                        s.cool_until[backend] = now_ms + cool_ms;
                         self.cooling
                             .push_back((now_ms + cool_ms, path.sock, path.backend, false));
                     }
@@ -514,13 +514,14 @@ impl Paths {
                 break;
             }
             self.cooling.pop_front();
-            if !inherited && self.stale_cooling.remove(&(sock, backend)) {
-                continue;
-            }
             if let Some(s) = self.socks.get_mut(sock as usize) {
-                let slot = s.slots.get(usize::from(backend)).copied();
-                let due = if inherited { INHERITED } else { COOLING };
-                if slot == Some(due) {
+                let b = usize::from(backend);
+                let slot = s.slots.get(b).copied();
+                let due = match inherited {
+                    true => slot == Some(INHERITED),
+                    false => slot == Some(COOLING) && s.cool_until.get(b) == Some(&until),
+                };
+                if due {
                     s.slots[usize::from(backend)] = FREE;
                     s.used -= 1;
                     if s.used == 0 {
@@ -567,8 +568,11 @@ impl Paths {
             return;
         };
         // Its slots join the pool when they are free (a worker that opened
-        // no socket of the listener has no pool for it yet).
-        let _ = self.pool(listener, backends);
+        // no socket of the listener has no pool for it yet; a listener a
+        // reload removed has none).
+        if listener != GONE {
+            let _ = self.pool(listener, backends);
+        }
         let Some(s) = self.socks.get_mut(sock as usize) else {
             return;
         };
@@ -577,6 +581,7 @@ impl Paths {
             if *slot == FREE {
                 if cool_ms > 0 {
                     *slot = COOLING;
+                    s.cool_until[b] = me_now_ms + cool_ms;
                     s.used += 1;
                     self.cooling
                         .push_back((me_now_ms + cool_ms, sock, b as u16, false));
@@ -614,13 +619,16 @@ impl Paths {
             };
             let table = &backends[s.listener];
             let mut slots = vec![FREE; counts[*to]];
+            let mut cool_until = vec![0; counts[*to]];
             for (i, slot) in s.slots.iter().enumerate() {
                 if let Some(Some(j)) = table.get(i) {
                     slots[usize::from(*j)] = *slot;
+                    cool_until[usize::from(*j)] = s.cool_until[i];
                 }
             }
             s.used = slots.iter().filter(|x| **x != FREE).count() as u32;
             s.slots = slots;
+            s.cool_until = cool_until;
             s.listener = *to;
         }
         for (_, p) in self.paths.iter_mut() {

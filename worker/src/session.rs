@@ -104,8 +104,9 @@ enum TransferState {
 pub(crate) struct Offer {
     pub to: u16,
     pub since_ms: u64,
-    /// The upstream sockets (their local addresses) of the paths offered.
-    pub upstreams: Vec<SocketAddr>,
+    /// The paths offered: their upstream sockets' local addresses and
+    /// their clients.
+    pub paths: Vec<(SocketAddr, SocketAddr)>,
     /// The aliases offered (the first this many of the session's).
     pub aliases: usize,
 }

@@ -457,8 +457,8 @@ impl Sockets for Upstream {
     fn lease_holder(&self, local: SocketAddr) -> Option<Owner> {
         let row = self.state.source_row(local.ip())?;
         match self.state.leases().get(row, local.port()) {
-            Lease::Leased(o) => Some(o),
-            _ => None,
+            Lease::Leased(o) | Lease::Orphaned(o, _) => Some(o),
+            Lease::Free | Lease::Cooling(_) => None,
         }
     }
 

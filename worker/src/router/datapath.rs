@@ -608,6 +608,12 @@ impl<O: Owners, S: Sockets> Router<O, S> {
     /// Closes a path: unlinks it from its session, cools its slot, and tells
     /// its socket's home when that is another worker.
     pub(super) fn close_path(&mut self, pid: PathId) {
+        self.drop_path(pid, true);
+    }
+
+    /// [`Router::close_path`], telling the socket's home or not (not when
+    /// the home said the path is closed).
+    pub(super) fn drop_path(&mut self, pid: PathId, tell_home: bool) {
         let Some(p) = self.paths.path(pid) else {
             return;
         };
@@ -635,16 +641,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             }
         }
         // A port whose backend never sent on it needs no cooling: no reply
-        // of an old flow can reach a new one on it. Unless its session is
-        // on offer: the receiver has a copy of the path, which closes when
-        // the offer is answered (`reconcile`, which names paths by their
-        // sockets); a new path of the session on the same 4-tuple meanwhile
-        // would keep that copy alive with the old client.
-        let on_offer = self
-            .sessions
-            .get(sid as usize)
-            .is_some_and(|s| s.offer().is_some());
-        let answered = self.paths.path(pid).is_some_and(|p| p.answered) || on_offer;
+        // of an old flow can reach a new one on it.
+        let answered = self.paths.path(pid).is_some_and(|p| p.answered);
         let cool = match answered {
             true => self.routes.get(listener).map_or(0, |r| r.reuse_delay_ms),
             false => 0,
@@ -660,7 +658,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 self.hint_port(sid, hash);
             }
         }
-        if let Some(Home::Borrowed(home)) = self.paths.sock(p.sock).map(|s| s.home) {
+        let home = self.paths.sock(p.sock).map(|s| s.home);
+        if let (Some(Home::Borrowed(home)), true) = (home, tell_home) {
             if let Some(path) = self.path_ref_of(&p) {
                 let control = Control::PathClosed(path);
                 self.control(usize::from(home.worker), p.listener, control, Vec::new());

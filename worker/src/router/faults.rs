@@ -518,8 +518,8 @@ fn a_relay_on_a_slot_cooling_since_adoption_cools_from_its_own_close() {
 /// path of the same session for another client address took it. The
 /// offer's answer then found "the same socket" still there, so the
 /// receiver kept its copy with the old client while the home relayed the
-/// 4-tuple's replies to the new one. A path of a session on offer now
-/// cools when it closes.
+/// 4-tuple's replies to the new one. The answer now names offered paths by
+/// socket and client, and the receiver closes its copy.
 #[test]
 fn a_path_closed_while_its_session_is_on_offer_does_not_lend_its_4_tuple_to_another_client() {
     use Event::*;

@@ -369,6 +369,8 @@ pub(super) struct World {
     pub at_client: Vec<AtClient>,
     /// Client datagrams sent to the proxy's listeners.
     pub sent_by_clients: usize,
+    /// The client addresses that sent each short-header CID.
+    pub clients_of: HashMap<[u8; 8], HashSet<SocketAddr>>,
     /// Every handoff frame's hop count, as sent.
     pub hops_sent: Vec<u8>,
     /// Those an old worker handing over sent its successor (one hop more
@@ -460,6 +462,7 @@ impl World {
             at_backend: Vec::new(),
             at_client: Vec::new(),
             sent_by_clients: 0,
+            clients_of: HashMap::new(),
             hops_sent: Vec::new(),
             hops_to_successor: Vec::new(),
             now_ms: 1,
@@ -584,6 +587,9 @@ impl World {
     /// waits in the slot's socket while no process reads it.
     pub(super) fn send_on(&mut self, worker: usize, listener: usize, client: &str, bytes: &[u8]) {
         self.sent_by_clients += 1;
+        if let Some(cid) = bytes.get(1..9).and_then(|c| <[u8; 8]>::try_from(c).ok()) {
+            self.clients_of.entry(cid).or_default().insert(addr(client));
+        }
         self.listeners[worker].push_back(Queued {
             listener,
             client: addr(client),
@@ -1287,8 +1293,8 @@ impl World {
     }
 
     /// Every path of a session in a serving process: (its backend, its
-    /// upstream 4-tuple's local address, its client).
-    pub(super) fn live_paths(&self) -> Vec<(SocketAddr, SocketAddr, SocketAddr)> {
+    /// upstream 4-tuple's local address, its client, its session's key).
+    pub(super) fn live_paths(&self) -> Vec<(SocketAddr, SocketAddr, SocketAddr, FlowKey)> {
         let mut out = Vec::new();
         for w in 0..self.workers() {
             if !self.alive(P::Cur(w)) {
@@ -1303,7 +1309,7 @@ impl World {
                     continue;
                 };
                 let backend = r.routes[p.listener].backends[usize::from(p.backend)];
-                out.push((backend, s.local, p.client));
+                out.push((backend, s.local, p.client, p.key));
             }
         }
         out

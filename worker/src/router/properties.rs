@@ -129,7 +129,7 @@ fn step(w: &mut World, e: &Event, follow: bool, reroute: bool, backends: &mut u8
             client,
             worker,
         } => {
-            let from = format!("192.0.2.{}:{}", 1 + client, 1000 + u16::from(client));
+            let from = client_addr(client);
             w.send(
                 usize::from(worker % n),
                 &from,
@@ -204,12 +204,12 @@ pub(super) fn check(w: &World) {
 /// client address's). With `"follow"` the socket's home holds the newest
 /// address the flow was seen at; the session's copy of its one path may
 /// be older until the client sends again (a move while an offer was in
-/// flight), so any address of the flow will do.
+/// flight), so any address the flow was sent from will do.
 pub(super) fn check_replies(w: &mut World, follow: bool) {
     w.advance(1_000);
     w.settle();
     let stray = w.drops(udpshard_shared::DropReason::Stray);
-    for (backend, local, client) in w.live_paths() {
+    for (backend, local, client, key) in w.live_paths() {
         let before = w.at_client.len();
         w.reply(backend, local, b"at rest");
         assert_eq!(
@@ -218,11 +218,30 @@ pub(super) fn check_replies(w: &mut World, follow: bool) {
             "a reply to {local} from {backend} reached no client (reader {:?})",
             w.reader(local)
         );
-        if !follow {
-            assert_eq!(w.at_client[before].client, client, "reply on {local}");
+        let got = w.at_client[before].client;
+        if follow {
+            assert!(
+                addresses_of(w, &key).contains(&got),
+                "reply on {local} to {got}, not an address of {key:?}"
+            );
+        } else {
+            assert_eq!(got, client, "reply on {local}");
         }
         assert_eq!(w.drops(udpshard_shared::DropReason::Stray), stray);
     }
+}
+
+/// The client addresses that sent datagrams of flow `key`.
+fn addresses_of(w: &World, key: &udpshard_shared::FlowKey) -> Vec<std::net::SocketAddr> {
+    let cid = <[u8; 8]>::try_from(key.as_bytes()).ok();
+    cid.and_then(|c| w.clients_of.get(&c))
+        .map(|set| set.iter().copied().collect())
+        .unwrap_or_default()
+}
+
+/// Client `client`'s address in the events.
+fn client_addr(client: u8) -> String {
+    format!("192.0.2.{}:{}", 1 + client, 1000 + u16::from(client))
 }
 
 /// Runs `cases` cases of `strategy` through `test` from a seed:

@@ -69,14 +69,14 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                     answered: Some(p.answered),
                 });
                 socks.push(p.sock);
-                upstreams.push(sock.local);
+                upstreams.push((sock.local, p.client));
             }
             pid = p.next;
         }
         let offer = Offer {
             to: to as u16,
             since_ms: self.now_ms,
-            upstreams,
+            paths: upstreams,
             aliases: s.aliases.len(),
         };
         let transfer = Transfer {
@@ -411,12 +411,22 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         };
         let (key, backend) = (s.key, s.backend);
         let new_aliases: Vec<FlowKey> = s.aliases.get(offer.aliases..).unwrap_or(&[]).to_vec();
+        // An offered path is still here when a path of the session uses
+        // its 4-tuple for its client: one that closed meanwhile may have
+        // left its 4-tuple to a new path for another address (`path`
+        // migration; with `follow` the one path's client moves, and the
+        // socket's home relays to where it moved).
+        let follow = self.routes[listener].follow;
         let mut now_here = Vec::new();
         let mut pid = s.first_path;
         while let Some(p) = self.paths.path(pid) {
             if let Some(local) = self.paths.sock(p.sock).map(|s| s.local) {
-                if offer.upstreams.contains(&local) {
-                    now_here.push(local);
+                let offered = offer
+                    .paths
+                    .iter()
+                    .find(|(u, c)| *u == local && (follow || *c == p.client));
+                if let Some(&(u, c)) = offered {
+                    now_here.push((u, c));
                 }
             }
             pid = p.next;
@@ -428,7 +438,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         else {
             return;
         };
-        for upstream in offer.upstreams.iter().filter(|u| !now_here.contains(u)) {
+        for (upstream, _) in offer.paths.iter().filter(|p| !now_here.contains(p)) {
             let control = Control::PathClosed(PathRef {
                 key,
                 upstream: *upstream,
@@ -465,7 +475,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
 
     /// A path closed at another worker: the relay we keep for it (we are
     /// its socket's home), or our copy of it (the worker that handed us the
-    /// session closed it before our acceptance reached it).
+    /// session closed it before our acceptance reached it). The home is not
+    /// told of that copy: it knows (it told us, or the sender told it when
+    /// it closed the path), and its relay on that 4-tuple may be a new path
+    /// the sender opened there since, for another client.
     pub(super) fn path_closed(&mut self, listener: usize, path: PathRef) {
         if self.relays_on_offer() {
             self.control(self.id, listener, Control::PathClosed(path), Vec::new());
@@ -492,7 +505,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 .is_some_and(|p| !p.is_relay() && p.key == path.key)
         });
         if let Some(pid) = ours {
-            self.close_path(pid);
+            self.drop_path(pid, false);
         }
     }
 

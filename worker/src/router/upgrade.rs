@@ -219,10 +219,14 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
     }
 
+    /// The successor answered none of the relays in [`RELAY_ANSWER_MS`]:
+    /// it is of a release that does not know them. One that answers, if
+    /// slowly, is waited for (within the handover's own timeout).
     fn relay_answers_overdue(&self, h: &HandingOver) -> bool {
-        h.relays
-            .since_ms
-            .is_some_and(|t| self.now_ms.saturating_sub(t) >= RELAY_ANSWER_MS)
+        h.relays.answered == 0
+            && h.relays
+                .since_ms
+                .is_some_and(|t| self.now_ms.saturating_sub(t) >= RELAY_ANSWER_MS)
     }
 
     /// The successor took a relay offered it.
