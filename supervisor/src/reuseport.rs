@@ -125,7 +125,8 @@ impl ReuseportGroup {
 /// one RCU read-side section, and membarrier(MEMBARRIER_CMD_GLOBAL) returns
 /// after a grace period (it is synchronize_rcu). Then a retiring worker's
 /// last read finds everything ever steered to it. Where the call is refused
-/// (nohz_full CPUs), a sleep far longer than a grace period stands in.
+/// (nohz_full CPUs, a system-call filter), a sleep far longer than a grace
+/// period usually is stands in.
 pub(crate) fn settle_steering() {
     const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
     // SAFETY: membarrier(2) takes no pointers; it only blocks the caller.
