@@ -16,6 +16,7 @@ use udpshard_shared::stats::Counter;
 use udpshard_shared::{DropReason, FlowKey};
 
 use super::admission::MAX_EVICTIONS;
+use super::transfer::RelayAsk;
 use super::upgrade;
 use super::{
     Action, Arrival, DatagramRef, Inherited, Outcome, Owners, Router, Sockets, Via,
@@ -1137,7 +1138,16 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                         path,
                         client,
                         local_ip,
-                    } => self.relay_in(from, listener, path, client, local_ip, fds),
+                    } => {
+                        let ask = RelayAsk {
+                            from,
+                            listener,
+                            path,
+                            client,
+                            local_ip,
+                        };
+                        self.relay_in(ask, fds)
+                    }
                     Control::RelayTaken(_) => self.relay_taken(from),
                 }
                 Outcome::Done

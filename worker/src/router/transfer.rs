@@ -15,6 +15,17 @@ use crate::paths::{Home, Path, PathId, NONE};
 use crate::phase::Phase;
 use crate::session::{Offer, Session, SessionId};
 
+/// A path whose replies are to be relayed here ([`Router::relay_in`]): the
+/// worker that asks, the listener, the path, its client.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RelayAsk {
+    pub from: u16,
+    pub listener: usize,
+    pub path: PathRef,
+    pub client: SocketAddr,
+    pub local_ip: Option<IpAddr>,
+}
+
 impl<O: Owners, S: Sockets> Router<O, S> {
     /// Counts a handed-over datagram against its session; a flow the kernel
     /// keeps delivering to another worker moves there.
@@ -251,37 +262,28 @@ impl<O: Owners, S: Sockets> Router<O, S> {
     /// over is answered, whatever became of it; a request that cannot be
     /// met is answered with `PathClosed`, and the borrower closes its path
     /// (it would send on a 4-tuple whose replies nobody relays).
-    pub(super) fn relay_in(
-        &mut self,
-        from: u16,
-        listener: usize,
-        path: PathRef,
-        client: SocketAddr,
-        local_ip: Option<IpAddr>,
-        fds: usize,
-    ) {
+    pub(super) fn relay_in(&mut self, ask: RelayAsk, fds: usize) {
         let handed = fds > 0;
         let answer = match handed {
-            true => Control::RelayTaken(path),
-            false => Control::PathClosed(path),
+            true => Control::RelayTaken(ask.path),
+            false => Control::PathClosed(ask.path),
         };
-        let taken = self.take_relay(from, listener, path, client, local_ip, handed);
+        let taken = self.take_relay(&ask, handed);
         if handed || !taken {
-            self.control(usize::from(from), listener, answer, Vec::new());
+            self.control(usize::from(ask.from), ask.listener, answer, Vec::new());
         }
     }
 
     /// [`Router::relay_in`]'s work: whether the path's replies are relayed
     /// here now (or reach a path of its own session here).
-    fn take_relay(
-        &mut self,
-        from: u16,
-        listener: usize,
-        path: PathRef,
-        client: SocketAddr,
-        local_ip: Option<IpAddr>,
-        handed: bool,
-    ) -> bool {
+    fn take_relay(&mut self, ask: &RelayAsk, handed: bool) -> bool {
+        let RelayAsk {
+            from,
+            listener,
+            path,
+            client,
+            local_ip,
+        } = *ask;
         let predecessor = self
             .phase
             .predecessor()
