@@ -120,9 +120,11 @@ pub struct UpSock {
     pub home: Home,
     /// By backend index: FREE, COOLING, INHERITED, or the path using it.
     slots: Vec<u32>,
-    /// By backend index: until when a COOLING slot cools (the entry in
-    /// `Paths::cooling` with this time frees it; an earlier one, of a
-    /// cooling a relay cut short by taking the slot, passes).
+    /// By backend index: until when a COOLING or INHERITED slot cools. The
+    /// entry in `Paths::cooling` with this time frees it; an earlier one
+    /// passes (its cooling ended when a path took the slot: a relay, or the
+    /// flow an inherited slot waited for, which cools it anew when it
+    /// closes).
     cool_until: Vec<u64>,
     /// Bound again for the flows of this dead worker: their INHERITED
     /// slots are theirs to take.
@@ -230,13 +232,12 @@ pub struct Paths {
     pub socks: Slab<UpSock>,
     pub paths: Slab<Path>,
     pools: Vec<Pool>,
-    /// Home slots cooling: (until, socket, backend), in time order per
-    /// listener delay (delays differ by listener, so the queue is checked
-    /// in full order only at its front, where it is due first).
-    /// The flag marks an INHERITED slot's entry: it frees the slot only while
-    /// the slot is still INHERITED (one its flow took, then closed, cools
-    /// by its own COOLING entry).
-    cooling: VecDeque<(u64, SockId, u16, bool)>,
+    /// Home slots cooling (COOLING or INHERITED): (until, socket, backend),
+    /// in time order per listener delay (delays differ by listener, so the
+    /// queue is checked in full order only at its front, where it is due
+    /// first). An entry frees its slot only if the slot still cools until
+    /// that time ([`UpSock`]'s `cool_until`).
+    cooling: VecDeque<(u64, SockId, u16)>,
     /// Every socket held here, by its (source, port).
     by_local: AHashMap<SocketAddr, SockId>,
     /// Sockets to close at the next tick, when no queued send names them.
@@ -335,9 +336,9 @@ impl Paths {
         for (i, slot) in up.slots.iter_mut().enumerate() {
             if i != b && left > 0 {
                 *slot = INHERITED;
+                up.cool_until[i] = now_ms + left;
                 up.used += 1;
-                self.cooling
-                    .push_back((now_ms + left, sock, i as u16, true));
+                self.cooling.push_back((now_ms + left, sock, i as u16));
             } else if i != b {
                 push_free(&mut self.pools, listener, i as u16, sock);
             }
@@ -472,7 +473,7 @@ impl Paths {
                         s.slots[backend] = COOLING;
                         s.cool_until[backend] = now_ms + cool_ms;
                         self.cooling
-                            .push_back((now_ms + cool_ms, path.sock, path.backend, false));
+                            .push_back((now_ms + cool_ms, path.sock, path.backend));
                     }
                     Home::Here => {
                         s.slots[backend] = FREE;
@@ -509,20 +510,16 @@ impl Paths {
     ) -> (Vec<(SockId, Owner)>, Vec<SockId>) {
         let mut borrowed = Vec::new();
         let mut homes = Vec::new();
-        while let Some(&(until, sock, backend, inherited)) = self.cooling.front() {
+        while let Some(&(until, sock, backend)) = self.cooling.front() {
             if until > now_ms {
                 break;
             }
             self.cooling.pop_front();
             if let Some(s) = self.socks.get_mut(sock as usize) {
                 let b = usize::from(backend);
-                let slot = s.slots.get(b).copied();
-                let due = match inherited {
-                    true => slot == Some(INHERITED),
-                    false => slot == Some(COOLING) && s.cool_until.get(b) == Some(&until),
-                };
-                if due {
-                    s.slots[usize::from(backend)] = FREE;
+                let cooling = matches!(s.slots.get(b), Some(&(COOLING | INHERITED)));
+                if cooling && s.cool_until.get(b) == Some(&until) {
+                    s.slots[b] = FREE;
                     s.used -= 1;
                     if s.used == 0 {
                         s.idle_since_ms = now_ms;
@@ -584,7 +581,7 @@ impl Paths {
                     s.cool_until[b] = me_now_ms + cool_ms;
                     s.used += 1;
                     self.cooling
-                        .push_back((me_now_ms + cool_ms, sock, b as u16, false));
+                        .push_back((me_now_ms + cool_ms, sock, b as u16));
                 } else {
                     push_free(&mut self.pools, s.listener, b as u16, sock);
                 }
@@ -647,7 +644,7 @@ impl Paths {
                 free: vec![Vec::new(); *n],
             })
             .collect();
-        for (until, sock, b, inherited) in cooling {
+        for (until, sock, b) in cooling {
             let new = self.socks.get(sock as usize).and_then(|s| {
                 if s.listener == GONE {
                     // Not remapped: its slots keep their old indices.
@@ -658,7 +655,7 @@ impl Paths {
             });
             // A slot toward a removed backend went with the remap.
             if let Some(b) = new {
-                self.cooling.push_back((until, sock, b, inherited));
+                self.cooling.push_back((until, sock, b));
             }
         }
         for (id, s) in self.socks.iter() {

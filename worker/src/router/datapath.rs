@@ -682,6 +682,15 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         })
     }
 
+    /// Asks the home of path `p`'s socket to relay its replies.
+    pub(super) fn relay_request(&self, p: &Path) -> Option<Control> {
+        Some(Control::Relay {
+            path: self.path_ref_of(p)?,
+            client: p.client,
+            local_ip: p.local_ip,
+        })
+    }
+
     /// Names path `pid` across workers ([`Router::path_ref_of`]).
     pub(super) fn path_ref(&self, pid: PathId) -> Option<PathRef> {
         self.path_ref_of(self.paths.path(pid)?)

@@ -3,7 +3,6 @@
 //! whose home is gone are adopted.
 
 use udpshard_shared::backends::BackendCounter;
-use udpshard_shared::handoff::Control;
 use udpshard_shared::owners::Owner;
 use udpshard_shared::stats::Counter;
 
@@ -265,16 +264,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 self.close_path(pid);
                 continue;
             }
-            let (listener, client, local_ip) = (p.listener, p.client, p.local_ip);
-            let Some(path) = self.path_ref(pid) else {
-                continue;
-            };
-            let control = Control::Relay {
-                path,
-                client,
-                local_ip,
-            };
-            self.control(usize::from(holder.worker), listener, control, Vec::new());
+            if let Some(control) = self.relay_request(p) {
+                let listener = p.listener;
+                self.control(usize::from(holder.worker), listener, control, Vec::new());
+            }
         }
     }
 }

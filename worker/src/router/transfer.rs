@@ -59,7 +59,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let route = &self.routes[s.listener];
         let mut paths = Vec::with_capacity(usize::from(s.path_count));
         let mut socks = Vec::with_capacity(usize::from(s.path_count));
-        let mut upstreams = Vec::with_capacity(usize::from(s.path_count));
+        let mut offered = Vec::with_capacity(usize::from(s.path_count));
         let mut pid = s.first_path;
         while let Some(p) = self.paths.path(pid) {
             if let Some(sock) = self.paths.sock(p.sock) {
@@ -80,14 +80,14 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                     answered: Some(p.answered),
                 });
                 socks.push(p.sock);
-                upstreams.push((sock.local, p.client));
+                offered.push((sock.local, p.client));
             }
             pid = p.next;
         }
         let offer = Offer {
             to: to as u16,
             since_ms: self.now_ms,
-            paths: upstreams,
+            paths: offered,
             aliases: s.aliases.len(),
         };
         let transfer = Transfer {

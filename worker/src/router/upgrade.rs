@@ -5,7 +5,6 @@
 //! over, with their sockets: the successor becomes the home of every socket
 //! that carries a relay or a path of a session it was handed.
 
-use udpshard_shared::handoff::Control;
 use udpshard_shared::owners::{Owner, GEN_MASK};
 
 use super::{Owners, Router, Sockets};
@@ -64,31 +63,14 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             );
             return false;
         }
-        let spent = match &self.phase {
-            Phase::HandingOver(h) if next == Phase::Serving => Some(h.successor),
-            _ => None,
-        };
+        let resumed = matches!(self.phase, Phase::HandingOver(_)) && next == Phase::Serving;
         self.phase = next;
-        if let Some(spent) = spent {
+        // The leases of our sockets the spent successor took with them come
+        // back by the sweep (`keep_lease`), as any it takes on its way out.
+        if resumed {
             self.take_offers_back();
-            self.take_leases_back(spent);
         }
         true
-    }
-
-    /// The leases of our sockets the spent successor took with them are
-    /// ours again: this worker reads them, and closes them one day.
-    fn take_leases_back(&mut self, spent: Owner) {
-        let homes: Vec<_> = self
-            .paths
-            .socks
-            .iter()
-            .filter(|(_, s)| s.home == Home::Here)
-            .map(|(_, s)| s.local)
-            .collect();
-        for local in homes {
-            self.sockets.take_lease(local, spent);
-        }
     }
 
     /// The sessions on offer to this slot's successor stay here.
@@ -170,9 +152,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 continue;
             };
             let home = self.paths.sock(p.sock).map(|s| s.home);
-            if let (true, Some(Home::Here), Some(path)) = (p.is_relay(), home, self.path_ref_of(p))
-            {
-                relays.push((p.listener, p.sock, path, p.client, p.local_ip));
+            if let (true, Some(Home::Here)) = (p.is_relay(), home) {
+                if let Some(control) = self.relay_request(p) {
+                    relays.push((p.listener, p.sock, control));
+                }
             }
         }
         let now = self.now_ms;
@@ -184,20 +167,15 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             }
         }
         let n = relays.len();
-        for (listener, sock, path, client, local_ip) in relays {
-            let control = Control::Relay {
-                path,
-                client,
-                local_ip,
-            };
+        for (listener, sock, control) in relays {
             self.control(self.id, listener, control, vec![sock]);
         }
         n
     }
 
     /// Whether the relays are handed over: every one offered and answered,
-    /// or [`RELAY_ANSWER_MS`] passed since the first went (a successor of a
-    /// release before relays were handed over does not answer).
+    /// or none answered in [`RELAY_ANSWER_MS`] (a successor of a release
+    /// before relays were handed over does not answer).
     pub fn relays_handed(&self) -> bool {
         let Phase::HandingOver(h) = &self.phase else {
             return true;
