@@ -644,12 +644,12 @@ impl Supervisor {
             };
             let was = Readiness::from_word(self.region.header(Header::Readiness));
             if was != r {
-                match (was, without_backend) {
-                    (_, Some(l)) if r == Readiness::NoBackend => tracing::warn!(
+                match (was, r, without_backend) {
+                    (_, Readiness::NoBackend, Some(l)) => tracing::warn!(
                         "listener {l} has no backend up: not ready (readiness = \"backend_up\"), \
                          serving on"
                     ),
-                    (Readiness::NoBackend, _) if r == Readiness::Ready => {
+                    (Readiness::NoBackend, Readiness::Ready, _) => {
                         tracing::info!("a backend is up again: ready")
                     }
                     _ => {}

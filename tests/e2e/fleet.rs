@@ -500,6 +500,26 @@ impl Fleet {
         out
     }
 
+    /// SIGTERM on host `i` (systemctl stop, `withdraw_delay` 3 s): waits
+    /// until the router's ECMP route goes through `left` alone, which must
+    /// happen within the delay. Returns when the signal went and how long
+    /// the withdrawal took.
+    fn stop_host(&self, i: usize, left: &[usize]) -> (Instant, Duration) {
+        let stop = Instant::now();
+        self.proxies[i].signal(libc::SIGTERM);
+        wait_until(
+            WAIT,
+            &format!("host {i}'s route withdrawn at the router"),
+            || self.fabric.nexthops() == left,
+        );
+        let withdrawn = stop.elapsed();
+        assert!(
+            withdrawn < Duration::from_secs(3),
+            "the route went {withdrawn:?} after SIGTERM: past withdraw_delay (3s)"
+        );
+        (stop, withdrawn)
+    }
+
     /// Every host's drop counts, by reason, for a failure message.
     fn drops(&self) -> String {
         let mut out = Vec::new();
@@ -865,16 +885,7 @@ fn a_fleet_announced_by_bgp_withdraws_a_stopping_host_before_it_drains_and_loses
 
     // systemctl stop on host 1: not ready at once, still serving; its
     // follower disables the announcement, and the router drops the hop.
-    let stop = Instant::now();
-    fleet.proxies[1].signal(libc::SIGTERM);
-    wait_until(WAIT, "host 1's route withdrawn at the router", || {
-        fleet.fabric.nexthops() == vec![0, 2]
-    });
-    let withdrawn = stop.elapsed();
-    assert!(
-        withdrawn < Duration::from_secs(3),
-        "the route went {withdrawn:?} after SIGTERM: past withdraw_delay (3s)"
-    );
+    let (stop, withdrawn) = fleet.stop_host(1, &[0, 2]);
     let during = fleet.drive(&cids, "two");
     // It is the upgraded supervisor, not this test's child: it is gone, and
     // its stats say it stopped (below).
@@ -913,16 +924,7 @@ fn a_fleet_announced_by_bgp_withdraws_a_stopping_host_before_it_drains_and_loses
     // The same on host 2, announced by ExaBGP's healthcheck (BIRD where
     // ExaBGP is missing): withdrawn within the delay, and every flow
     // answers through host 0 alone.
-    let stop = Instant::now();
-    fleet.proxies[EXABGP_HOST].signal(libc::SIGTERM);
-    wait_until(WAIT, "host 2's route withdrawn at the router", || {
-        fleet.fabric.nexthops() == vec![0]
-    });
-    let withdrawn = stop.elapsed();
-    assert!(
-        withdrawn < Duration::from_secs(3),
-        "the route went {withdrawn:?} after SIGTERM: past withdraw_delay (3s)"
-    );
+    let (_, withdrawn) = fleet.stop_host(EXABGP_HOST, &[0]);
     let last = fleet.drive(&cids, "four");
     fleet.proxies[EXABGP_HOST].wait_gone(WAIT);
     println!(

@@ -199,14 +199,6 @@ impl Proxy {
         self.successor.unwrap_or_else(|| self.child.pid())
     }
 
-    /// A binary upgrade (SIGUSR2) of the serving supervisor: waits until it
-    /// has handed over and exited (0, when it is the test's child), and
-    /// follows the new one from then on. Returns the stats it serves with.
-    pub fn upgrade(&mut self, timeout: Duration) -> Value {
-        let begun = self.begin_upgrade();
-        self.finish_upgrade(begun, timeout)
-    }
-
     /// Sends SIGUSR2 to the serving supervisor (traffic may go on while
     /// the upgrade runs; [`Proxy::finish_upgrade`] waits for it).
     pub fn begin_upgrade(&self) -> UpgradeBegun {
