@@ -544,3 +544,36 @@ fn a_path_closed_while_its_session_is_on_offer_does_not_lend_its_4_tuple_to_anot
     check(&w);
     super::properties::check_replies(&mut w, false);
 }
+
+/// Found by the at-rest reply property: an offer waited in the inbox of a
+/// worker that died until the sender gave it up and, past
+/// `session_idle`, closed the session and released its key. The
+/// replacement then read the offer and took the session, on a socket
+/// whose home no longer relayed it: every reply was a stray. An offer
+/// whose key no process owns is refused.
+#[test]
+fn an_offer_read_after_its_sender_closed_the_session_is_refused() {
+    use Event::*;
+    let c = |cid, client, worker| Client {
+        cid,
+        client,
+        worker,
+    };
+    let events = [
+        c(8, 0, 1),
+        c(8, 0, 0),
+        c(8, 0, 0),
+        Advance { ms: 1 },
+        c(8, 0, 0),
+        Deliver {
+            worker: 1,
+            next: false,
+        },
+        Kill { worker: 0 },
+        Advance { ms: 18_840 },
+        Advance { ms: 11_161 },
+    ];
+    let mut w = run(2, &events, true, false);
+    check(&w);
+    super::properties::check_replies(&mut w, true);
+}

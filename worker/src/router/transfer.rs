@@ -141,7 +141,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // meanwhile: it stays where it is.
         // Nor does it come to a worker that is leaving or full.
         // Nor when another process has taken its key since the offer (the
-        // sender died, and its flow started afresh there).
+        // sender died, and its flow started afresh there), or no process
+        // owns it any more (the sender gave the offer up and the session
+        // closed there: its sockets' relays are gone with it).
         // Nor from this slot's predecessor once it is gone (it died since
         // it offered, or this process went live after it exited): its
         // sessions start afresh here, as the supervisor says of an old
@@ -167,6 +169,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             Some("at max_sessions")
         } else if taken {
             Some("another process took its key since")
+        } else if owner.is_none() {
+            Some("its sender closed it since")
         } else if orphaned {
             Some("its sender died")
         } else {
