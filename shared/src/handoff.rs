@@ -32,8 +32,11 @@
 //! A datagram frame's 48-byte header, little-endian:
 //! `kind u8 | hops u8 | from u16 | client: family u8, ip [16], port u16 |
 //!  local: family u8 (0: none), ip [16] | listener identity u64`, then the
-//! datagram. Every other frame: `kind u8 | 0 u8 | from u16 | listener u64`,
-//! then its body, field after field.
+//! datagram. Every other frame: `kind u8 | generation u8 | from u16 |
+//! listener u64`, then its body, field after field. `generation` is `0x80 |`
+//! the sender's generation mod 128 (0 from releases before it: not said),
+//! so a receiver can tell an offer a dead process left in its inbox from
+//! one of the process that serves its slot now.
 //!
 //! The listener is named by its stable identity (its name's hash), not its
 //! position, so a frame sent across a reload that renumbers listeners still
@@ -42,6 +45,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::flow::FlowKey;
+use crate::owners::Owner;
 
 pub const HEADER_LEN: usize = 48;
 
@@ -94,6 +98,15 @@ pub struct Header {
     pub from: u16,
     pub client: SocketAddr,
     pub local_ip: Option<IpAddr>,
+}
+
+/// A control frame's second byte has this bit set where it says its
+/// sender's generation (the low 7 bits).
+const GENERATION_SAID: u8 = 0x80;
+
+/// The bits of generation `generation` a control frame carries.
+pub fn generation_bits(generation: u16) -> u8 {
+    (generation & 0x7f) as u8
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -190,6 +203,9 @@ pub enum Frame<'a> {
     },
     Control {
         from: u16,
+        /// The sender's generation mod 128, where it says (see the module
+        /// notes; compare with [`generation_bits`]).
+        generation: Option<u8>,
         listener: u64,
         control: Control,
         /// The client datagram a `PathMoved` carries (empty for the others).
@@ -264,6 +280,7 @@ impl<'a> Frame<'a> {
         }
         let head = frame.get(..12).ok_or(HandoffError::Short)?;
         let from = u16::from_le_bytes([head[2], head[3]]);
+        let generation = (head[1] & GENERATION_SAID != 0).then_some(head[1] & !GENERATION_SAID);
         let listener = u64::from_le_bytes(head[4..12].try_into().map_err(|_| HandoffError::Short)?);
         let mut r = Reader {
             rest: &frame[12..],
@@ -300,6 +317,7 @@ impl<'a> Frame<'a> {
         }
         Ok(Frame::Control {
             from,
+            generation,
             listener,
             control,
             payload_at: frame.len() - payload.len(),
@@ -322,14 +340,14 @@ impl Control {
         }
     }
 
-    /// The frame for this message from worker `from` about listener
+    /// The frame for this message from process `from` about listener
     /// `listener` (its stable identity). A `PathMoved`'s datagram follows it
     /// in the same frame.
-    pub fn encode(&self, from: u16, listener: u64) -> Vec<u8> {
+    pub fn encode(&self, from: Owner, listener: u64) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
         out.push(self.kind() as u8);
-        out.push(0);
-        out.extend_from_slice(&from.to_le_bytes());
+        out.push(GENERATION_SAID | generation_bits(from.generation));
+        out.extend_from_slice(&from.worker.to_le_bytes());
         out.extend_from_slice(&listener.to_le_bytes());
         let w = &mut out;
         match self {
@@ -618,11 +636,12 @@ mod tests {
             Control::RelayTaken(path),
         ];
         for m in messages {
-            let frame = m.encode(3, 0xfeed);
+            let frame = m.encode(Owner::new(3, 130), 0xfeed);
             assert_eq!(
                 Frame::decode(&frame).unwrap(),
                 Frame::Control {
                     from: 3,
+                    generation: Some(2),
                     listener: 0xfeed,
                     control: m.clone(),
                     payload: &[],
@@ -648,6 +667,20 @@ mod tests {
                 }
                 other => assert!(other.is_err(), "{m:?}: {other:?}"),
             }
+            // A release before the generation byte wrote 0 there.
+            let mut older = frame.clone();
+            older[1] = 0;
+            assert!(
+                matches!(
+                    Frame::decode(&older),
+                    Ok(Frame::Control {
+                        from: 3,
+                        generation: None,
+                        ..
+                    })
+                ),
+                "{m:?}"
+            );
         }
     }
 

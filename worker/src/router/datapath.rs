@@ -794,7 +794,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 client: p.client,
                 local_ip: p.local_ip,
             };
-            let frame = control.encode(self.id as u16, self.routes[p.listener].ident);
+            let frame = control.encode(self.me, self.routes[p.listener].ident);
             self.actions.push(Action::Control {
                 to: usize::from(home.worker),
                 frame,
@@ -852,7 +852,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         control: Control,
         socks: Vec<SockId>,
     ) {
-        let frame = control.encode(self.id as u16, self.routes[listener].ident);
+        let frame = control.encode(self.me, self.routes[listener].ident);
         self.actions.push(Action::Control {
             to,
             frame,
@@ -863,7 +863,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
 
     /// A control frame for a listener by its identity (one we may not have).
     fn control_to(&mut self, to: usize, ident: u64, control: Control) {
-        let frame = control.encode(self.id as u16, ident);
+        let frame = control.encode(self.me, ident);
         let socks = Vec::new();
         self.actions.push(Action::Control {
             to,
@@ -1097,6 +1097,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             }
             Frame::Control {
                 from,
+                generation,
                 listener,
                 control,
                 payload: carried,
@@ -1123,7 +1124,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                     return Outcome::Done;
                 };
                 match control {
-                    Control::Transfer(t) => self.transfer_in(from, listener, t, fds),
+                    Control::Transfer(t) => self.transfer_in((from, generation), listener, t, fds),
                     Control::TransferDone { key, accepted } => {
                         self.transfer_done(from, listener, key, accepted)
                     }

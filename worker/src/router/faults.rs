@@ -577,3 +577,48 @@ fn an_offer_read_after_its_sender_closed_the_session_is_refused() {
     check(&w);
     super::properties::check_replies(&mut w, true);
 }
+
+/// Found by the at-rest reply property in a soak (200,000 cases): worker
+/// 1 offered CID 8 to worker 0 and died before worker 0 read the offer.
+/// Its replacement read a datagram of CID 8 from a new client, took the
+/// key and opened a path on the same 4-tuple for that client. Worker 0
+/// then read the dead worker's offer and took the session, with the
+/// 4-tuple for the old client, and the replacement turned its path into a
+/// relay to the new client: every reply on it went to the wrong client. A
+/// control frame now says its sender's generation, and an offer whose key
+/// another generation of its sender's slot owns is refused.
+#[test]
+fn an_offer_left_by_a_dead_worker_is_refused_once_its_replacement_took_the_key() {
+    use Event::*;
+    let c = |cid, client, worker| Client {
+        cid,
+        client,
+        worker,
+    };
+    let mut events = vec![c(0, 0, 0); 6];
+    events.extend([
+        Kill { worker: 3 },
+        c(8, 0, 3),
+        c(0, 0, 0),
+        c(8, 0, 3),
+        c(8, 0, 1),
+    ]);
+    events.extend([c(0, 0, 0); 3]);
+    events.extend([Restart, Advance { ms: 1 }, c(8, 0, 3)]);
+    events.extend([
+        Deliver {
+            worker: 1,
+            next: false,
+        },
+        c(0, 0, 0),
+        Kill { worker: 1 },
+        c(8, 1, 1),
+        Deliver {
+            worker: 0,
+            next: true,
+        },
+    ]);
+    let mut w = run(3, &events, false, false);
+    check(&w);
+    super::properties::check_replies(&mut w, false);
+}

@@ -5,7 +5,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use udpshard_shared::handoff::{Control, Frame, PathRef, Transfer, TransferPath};
+use udpshard_shared::handoff::{generation_bits, Control, Frame, PathRef, Transfer, TransferPath};
 use udpshard_shared::owners::Owner;
 use udpshard_shared::stats::Counter;
 use udpshard_shared::{DropReason, FlowKey};
@@ -121,8 +121,16 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
     }
 
-    /// Takes over a session another worker offers, with its paths.
-    pub(super) fn transfer_in(&mut self, from: u16, listener: usize, t: Transfer, fds: usize) {
+    /// Takes over a session another worker offers, with its paths: `sender`
+    /// is its slot and, where the frame says it, its generation's low bits.
+    pub(super) fn transfer_in(
+        &mut self,
+        sender: (u16, Option<u8>),
+        listener: usize,
+        t: Transfer,
+        fds: usize,
+    ) {
+        let (from, generation) = sender;
         let accept = |r: &mut Self, accepted: bool| {
             r.control(
                 usize::from(from),
@@ -141,7 +149,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // meanwhile: it stays where it is.
         // Nor does it come to a worker that is leaving or full.
         // Nor when another process has taken its key since the offer (the
-        // sender died, and its flow started afresh there), or no process
+        // sender died, and its flow started afresh there: at another
+        // worker, or at the sender's replacement, which a frame tells by
+        // its sender's generation), or no process
         // owns it any more (the sender gave the offer up and the session
         // closed there: its sockets' relays are gone with it).
         // Nor from this slot's predecessor once it is gone (it died since
@@ -149,7 +159,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // sessions start afresh here, as the supervisor says of an old
         // worker lost mid-handover.
         let owner = self.owners.lookup(self.owner_hash(listener, &t.key));
-        let taken = owner.is_some_and(|o| o != self.me && o.worker != from);
+        let sender_owns = |o: Owner| {
+            o.worker == from && generation.is_none_or(|g| g == generation_bits(o.generation))
+        };
+        let taken = owner.is_some_and(|o| o != self.me && !sender_owns(o));
         let orphaned = usize::from(from) == self.id
             && self
                 .phase
