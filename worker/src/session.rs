@@ -104,6 +104,8 @@ enum TransferState {
 pub(crate) struct Offer {
     pub to: u16,
     pub since_ms: u64,
+    /// The backend offered: the session's, unless a reload moved it since.
+    pub backend: SocketAddr,
     /// The paths offered: their upstream sockets' local addresses and
     /// their clients.
     pub paths: Vec<(SocketAddr, SocketAddr)>,

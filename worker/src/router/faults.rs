@@ -622,3 +622,49 @@ fn an_offer_left_by_a_dead_worker_is_refused_once_its_replacement_took_the_key()
     check(&w);
     super::properties::check_replies(&mut w, false);
 }
+
+/// Found by the at-rest reply property in a soak: worker 1 offered CID
+/// 11 (on backend 3) to worker 0, which died before it read the offer.
+/// Two reloads then moved the session to backend 2 on the same socket and
+/// brought backend 3 back. Worker 0's replacement read the offer and took
+/// the session on backend 3; worker 1 found the offered path "still here"
+/// (same socket, same client) and kept a relay for backend 2, so every
+/// reply from backend 3 was a stray. The offer now remembers its backend:
+/// a path toward another one is not the path offered, and the receiver is
+/// told to close its copy.
+#[test]
+fn an_offer_whose_session_a_reload_moved_to_another_backend_closes_the_paths_offered() {
+    use Event::*;
+    let c = |cid, client, worker| Client {
+        cid,
+        client,
+        worker,
+    };
+    let events = [
+        c(11, 0, 1),
+        c(11, 0, 2),
+        Health { down: 0 },
+        c(11, 0, 2),
+        c(11, 0, 0),
+        Deliver {
+            worker: 0,
+            next: false,
+        },
+        Deliver {
+            worker: 1,
+            next: false,
+        },
+        Deliver {
+            worker: 1,
+            next: false,
+        },
+        Kill { worker: 0 },
+        Reload { backends: 2 },
+        c(0, 0, 0),
+        Reload { backends: 3 },
+        c(0, 0, 0),
+    ];
+    let mut w = run(2, &events, false, false);
+    check(&w);
+    super::properties::check_replies(&mut w, false);
+}

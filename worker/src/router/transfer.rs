@@ -84,9 +84,11 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             }
             pid = p.next;
         }
+        let backend_addr = route.backends[usize::from(s.backend)];
         let offer = Offer {
             to: to as u16,
             since_ms: self.now_ms,
+            backend: backend_addr,
             paths: offered,
             aliases: s.aliases.len(),
         };
@@ -94,7 +96,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             key: s.key,
             aliases: s.aliases.clone(),
             backend: s.backend,
-            backend_addr: route.backends[usize::from(s.backend)],
+            backend_addr,
             paths,
         };
         let listener = s.listener;
@@ -428,17 +430,20 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let Some(s) = self.sessions.get(sid) else {
             return;
         };
-        let (key, backend) = (s.key, s.backend);
+        let key = s.key;
         let new_aliases: Vec<FlowKey> = s.aliases.get(offer.aliases..).unwrap_or(&[]).to_vec();
         // An offered path is still here when a path of the session uses
         // its 4-tuple for its client: one that closed meanwhile may have
         // left its 4-tuple to a new path for another address (`path`
         // migration; with `follow` the one path's client moves, and the
-        // socket's home relays to where it moved).
+        // socket's home relays to where it moved). None is when a reload
+        // moved the session to another backend since: the receiver has
+        // it on the backend offered.
         let follow = self.routes[listener].follow;
+        let same_backend = self.routes[listener].backend_of(offer.backend) == Some(s.backend);
         let mut now_here = Vec::new();
         let mut pid = s.first_path;
-        while let Some(p) = self.paths.path(pid) {
+        while let Some(p) = self.paths.path(pid).filter(|_| same_backend) {
             if let Some(local) = self.paths.sock(p.sock).map(|s| s.local) {
                 let offered = offer
                     .paths
@@ -450,18 +455,11 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             }
             pid = p.next;
         }
-        let Some(backend_addr) = self.routes[listener]
-            .backends
-            .get(usize::from(backend))
-            .copied()
-        else {
-            return;
-        };
         for (upstream, _) in offer.paths.iter().filter(|p| !now_here.contains(p)) {
             let control = Control::PathClosed(PathRef {
                 key,
                 upstream: *upstream,
-                backend: backend_addr,
+                backend: offer.backend,
             });
             self.control(usize::from(to), listener, control, Vec::new());
         }
