@@ -668,3 +668,46 @@ fn an_offer_whose_session_a_reload_moved_to_another_backend_closes_the_paths_off
     check(&w);
     super::properties::check_replies(&mut w, false);
 }
+
+/// Found by the fault property in a soak (300,000 cases, on the code
+/// before this session too): an upgrade given up after its successor said
+/// yes to offers, then a second upgrade. The old worker offered the same
+/// sessions to the new successor and read the given-up successor's late
+/// yes as its answer: it made the sessions relays before the new one
+/// took them, and gave one's 4-tuple to another session meanwhile. An
+/// answer from another generation of the slot than the successor's is
+/// not the successor's.
+#[test]
+fn a_given_up_successors_late_yes_is_not_the_next_successors_answer() {
+    use Event::*;
+    let c = |cid, client, worker| Client {
+        cid,
+        client,
+        worker,
+    };
+    let events = [
+        c(5, 0, 1),
+        Reload { backends: 2 },
+        c(6, 0, 3),
+        Upgrade,
+        c(2, 0, 3),
+        c(1, 0, 0),
+        Upgrade,
+        Upgrade,
+        c(1, 1, 1),
+        Upgrade,
+        GiveUp { leave_first: true },
+        Upgrade,
+        Upgrade,
+        Upgrade,
+        Upgrade,
+        Deliver {
+            worker: 0,
+            next: false,
+        },
+        Advance { ms: 1 },
+    ];
+    let mut w = run(3, &events, false, false);
+    check(&w);
+    super::properties::check_replies(&mut w, false);
+}

@@ -102,7 +102,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 Some(owner)
                     if self.owners.lookup(self.owner_hash(listener, &key)) == Some(owner) =>
                 {
-                    self.transfer_done(to, listener, key, true);
+                    self.transfer_done((to, None), listener, key, true);
                     return;
                 }
                 // Not taken, and no answer yet: a busy or stalled receiver
@@ -113,7 +113,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 // while the receiver may hold copies of its sockets.
                 Some(_) if waited < OFFER_LIFETIME_MS => return,
                 // An answer that never came: the offer is void.
-                Some(_) => self.transfer_done(to, listener, key, false),
+                Some(_) => self.transfer_done((to, None), listener, key, false),
                 // The receiver died or is leaving: its replacement may read
                 // the offer from the inbox and say yes, which must still be
                 // reconciled; meanwhile the session stays, as above.

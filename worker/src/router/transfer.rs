@@ -161,10 +161,12 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // sessions start afresh here, as the supervisor says of an old
         // worker lost mid-handover.
         let owner = self.owners.lookup(self.owner_hash(listener, &t.key));
-        let sender_owns = |o: Owner| {
-            o.worker == from && generation.is_none_or(|g| g == generation_bits(o.generation))
+        let replaced = |o: Owner| {
+            o.worker == from
+                && generation.is_some_and(|g| g != generation_bits(o.generation))
+                && self.owners.is_live(o)
         };
-        let taken = owner.is_some_and(|o| o != self.me && !sender_owns(o));
+        let taken = owner.is_some_and(|o| o != self.me && (o.worker != from || replaced(o)));
         let orphaned = usize::from(from) == self.id
             && self
                 .phase
@@ -351,20 +353,31 @@ impl<O: Owners, S: Sockets> Router<O, S> {
     }
 
     /// The answer to a transfer we offered.
+    /// An answer to an offer of session `key`, from slot `from` and, where
+    /// the frame says it, its process's generation (low bits).
     pub(super) fn transfer_done(
         &mut self,
-        from: u16,
+        from: (u16, Option<u8>),
         listener: usize,
         key: FlowKey,
         accepted: bool,
     ) {
+        let (from, generation) = from;
         let Some(sid) = self.sessions.lookup(listener, &key) else {
             return;
         };
         // The successor of an upgrade given up answers an offer this worker
         // took back when it resumed: the session stays here, and its keys,
-        // which the successor took if it said yes, are ours again.
-        if usize::from(from) == self.id && self.phase.successor().is_none() {
+        // which the successor took if it said yes, are ours again. Where a
+        // later upgrade's successor has it on offer now, only that one's
+        // answer counts.
+        let successor = self.phase.successor();
+        let from_successor = successor
+            .is_some_and(|n| generation.is_none_or(|g| g == generation_bits(n.generation)));
+        if usize::from(from) == self.id && !from_successor {
+            if successor.is_some() && self.sessions.get(sid).is_some_and(|s| s.offer().is_some()) {
+                return;
+            }
             let me = self.me;
             for hash in self.key_hashes(sid) {
                 self.owners.assign(hash, me);
