@@ -86,14 +86,23 @@ impl Sample {
 /// ```text
 /// Here { run } --(TRANSFER_AFTER datagrams in a row handed over by one
 ///                 worker, or an upgrade's handover)--> Offered
-/// Offered --(refused, given up, or never sent)--> Here, with no run
+/// Offered --(refused, taken back, or never sent)--> Here, with no run
+/// Offered --(its receiver died and no answer came)--> Here, remembering it
 /// Offered --(accepted)--> the session leaves this worker
+/// Here, remembering it --(a late yes from its receiver's slot)--> the
+///                          session leaves this worker, reconciled
 /// ```
 #[derive(Debug, Clone)]
 enum TransferState {
     /// Served here. `run`: how many datagrams in a row worker `from` handed
-    /// over (it is where the kernel delivers this flow now).
-    Here { from: u16, run: u8 },
+    /// over (it is where the kernel delivers this flow now). `given_up`:
+    /// an offer whose receiver died unanswered, which its replacement may
+    /// still read and accept.
+    Here {
+        from: u16,
+        run: u8,
+        given_up: Option<Box<Offer>>,
+    },
     /// Sent to another worker, which has not answered yet.
     Offered(Box<Offer>),
 }
@@ -123,7 +132,11 @@ impl Session {
             first_path: NONE,
             path_count: 0,
             last_active_ms: now_ms,
-            transfer: TransferState::Here { from: 0, run: 0 },
+            transfer: TransferState::Here {
+                from: 0,
+                run: 0,
+                given_up: None,
+            },
             awaiting_since_ms: None,
             answered: false,
             created_ms: now_ms,
@@ -190,11 +203,11 @@ impl Session {
     /// handed over now (0 while the session is on offer).
     pub(crate) fn handed_over_by(&mut self, from: u16) -> u8 {
         match &mut self.transfer {
-            TransferState::Here { from: f, run } if *f == from => {
+            TransferState::Here { from: f, run, .. } if *f == from => {
                 *run = run.saturating_add(1);
                 *run
             }
-            TransferState::Here { from: f, run } => {
+            TransferState::Here { from: f, run, .. } => {
                 (*f, *run) = (from, 1);
                 1
             }
@@ -214,12 +227,40 @@ impl Session {
         self.transfer = TransferState::Offered(Box::new(offer));
     }
 
-    /// The offer is settled here (refused, given up, never sent): served
+    /// The offer is settled here (refused, taken back, never sent): served
     /// here again, with no run of handoffs. Returns the offer.
     pub(crate) fn take_offer(&mut self) -> Option<Box<Offer>> {
-        match std::mem::replace(&mut self.transfer, TransferState::Here { from: 0, run: 0 }) {
+        let here = TransferState::Here {
+            from: 0,
+            run: 0,
+            given_up: None,
+        };
+        match std::mem::replace(&mut self.transfer, here) {
             TransferState::Offered(offer) => Some(offer),
             TransferState::Here { .. } => None,
+        }
+    }
+
+    /// The offer's receiver died and none answered for it: served here
+    /// again, the offer kept for a late yes ([`Session::answered_late`]).
+    pub(crate) fn give_up_offer(&mut self) {
+        let given_up = self.take_offer();
+        self.transfer = TransferState::Here {
+            from: 0,
+            run: 0,
+            given_up,
+        };
+    }
+
+    /// The offer given up to slot `from`, if any, now that its answer came.
+    pub(crate) fn answered_late(&mut self, from: u16) -> Option<Box<Offer>> {
+        match &mut self.transfer {
+            TransferState::Here { given_up, .. }
+                if given_up.as_ref().is_some_and(|o| o.to == from) =>
+            {
+                given_up.take()
+            }
+            _ => None,
         }
     }
 

@@ -711,3 +711,117 @@ fn a_given_up_successors_late_yes_is_not_the_next_successors_answer() {
     check(&w);
     super::properties::check_replies(&mut w, false);
 }
+
+/// Found by the fault property in a soak (on the code before this session
+/// too): worker 1 offered CID 10 to worker 0, which died with the offer
+/// in its inbox. Past the offer's lifetime worker 1 gave the offer up,
+/// and the offered path closed (its client moved and went quiet). Worker
+/// 0's replacement then read the offer and said yes; worker 1 took the
+/// yes with nothing to reconcile it against, so the replacement kept the
+/// closed path's 4-tuple and nobody relayed it. An offer given up on a
+/// dead receiver is now kept for such a late yes.
+#[test]
+fn a_late_yes_to_an_offer_given_up_on_a_dead_receiver_is_reconciled() {
+    use Event::*;
+    let c = |cid, client, worker| Client {
+        cid,
+        client,
+        worker,
+    };
+    let events = [
+        Upgrade,
+        Upgrade,
+        c(10, 0, 1),
+        Upgrade,
+        c(10, 0, 3),
+        c(10, 0, 3),
+        Upgrade,
+        Advance { ms: 1 },
+        Deliver {
+            worker: 0,
+            next: true,
+        },
+        c(10, 0, 3),
+        Deliver {
+            worker: 1,
+            next: false,
+        },
+        c(0, 0, 0),
+        Kill { worker: 0 },
+        Advance { ms: 7284 },
+        Advance { ms: 15862 },
+        c(10, 1, 1),
+        Advance { ms: 6854 },
+    ];
+    let mut w = run(3, &events, false, false);
+    check(&w);
+    super::properties::check_replies(&mut w, false);
+}
+
+/// Found by the fault property in a soak of the first fix for the case
+/// above: a given-up successor's late yes read during the next upgrade
+/// was ignored while the session was on offer to the new successor, so
+/// its keys stayed with the dead process and another worker opened a
+/// second session for one of them. The keys come back to the old worker,
+/// but for any the new successor took since.
+#[test]
+fn a_given_up_successors_late_yes_during_the_next_upgrade_gives_its_keys_back() {
+    use Event::*;
+    let c = |cid, client, worker| Client {
+        cid,
+        client,
+        worker,
+    };
+    let events = [
+        Upgrade,
+        c(6, 0, 0),
+        Upgrade,
+        Upgrade,
+        c(0, 0, 1),
+        Upgrade,
+        Deliver {
+            worker: 0,
+            next: true,
+        },
+        c(1, 0, 1),
+        Advance { ms: 1 },
+        Upgrade,
+        c(6, 0, 0),
+        c(0, 0, 0),
+        Health { down: 0 },
+        c(3, 0, 1),
+        Upgrade,
+        c(6, 0, 0),
+        Upgrade,
+        Upgrade,
+        c(0, 0, 1),
+        c(0, 0, 1),
+        c(3, 0, 1),
+        Upgrade,
+        c(0, 0, 0),
+        Upgrade,
+        c(2, 0, 0),
+        c(2, 0, 0),
+        Health { down: 0 },
+        c(0, 0, 0),
+        c(0, 0, 0),
+        c(0, 0, 0),
+        Health { down: 0 },
+        c(2, 0, 0),
+        Reply { pick: 15424 },
+        Upgrade,
+        GiveUp { leave_first: false },
+        Upgrade,
+        Upgrade,
+        c(3, 0, 0),
+        Upgrade,
+        Upgrade,
+        Health { down: 0 },
+        Advance { ms: 10001 },
+        GiveUp { leave_first: false },
+        c(3, 0, 0),
+    ];
+    let mut w = run(2, &events, true, false);
+    check(&w);
+    super::properties::check_replies(&mut w, true);
+}

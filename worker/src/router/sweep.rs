@@ -120,7 +120,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 None if waited < OFFER_LIFETIME_MS => return,
                 None => {
                     if let Some(s) = self.sessions.get_mut(sid) {
-                        s.take_offer();
+                        s.give_up_offer();
                     }
                 }
             }

@@ -368,19 +368,19 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         };
         // The successor of an upgrade given up answers an offer this worker
         // took back when it resumed: the session stays here, and its keys,
-        // which the successor took if it said yes, are ours again. Where a
-        // later upgrade's successor has it on offer now, only that one's
-        // answer counts.
+        // which the successor took if it said yes, are ours again. So it is
+        // while a later upgrade runs (the answer says another generation
+        // than its successor's): a key that successor took, having said yes
+        // to the session since, stays its.
         let successor = self.phase.successor();
         let from_successor = successor
             .is_some_and(|n| generation.is_none_or(|g| g == generation_bits(n.generation)));
         if usize::from(from) == self.id && !from_successor {
-            if successor.is_some() && self.sessions.get(sid).is_some_and(|s| s.offer().is_some()) {
-                return;
-            }
             let me = self.me;
             for hash in self.key_hashes(sid) {
-                self.owners.assign(hash, me);
+                if successor.is_none() || self.owners.lookup(hash) != successor {
+                    self.owners.assign(hash, me);
+                }
             }
             return;
         }
@@ -388,11 +388,15 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             return;
         };
         // An answer to an offer we had given up on (its receiver seemed
-        // gone) still counts: the receiver owns the session now.
+        // gone) still counts: the receiver owns the session now, and what
+        // changed here since the offer is put right as for any yes.
         if s.offer().is_some_and(|o| o.to != from) {
             return;
         }
-        let offer = s.take_offer();
+        let offer = match s.offer() {
+            Some(_) => s.take_offer(),
+            None => s.answered_late(from),
+        };
         if !accepted {
             // The successor will not have it: it is not offered again (the
             // handover would loop until its timeout).
