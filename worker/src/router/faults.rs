@@ -825,3 +825,55 @@ fn a_given_up_successors_late_yes_during_the_next_upgrade_gives_its_keys_back() 
     check(&w);
     super::properties::check_replies(&mut w, true);
 }
+
+/// Found by the follow-mode fault property in a soak of the first form of
+/// the fix above, which kept a key the new successor held: that key was
+/// not one it took with the session but one it claimed afresh from the
+/// dead given-up process, and the flow ended on both workers. Every key
+/// comes back to the old worker.
+#[test]
+fn a_given_up_successors_late_yes_takes_back_a_key_the_next_successor_claimed() {
+    use Event::*;
+    let c = |cid, client, worker| Client {
+        cid,
+        client,
+        worker,
+    };
+    let events = [
+        c(1, 0, 0),
+        c(0, 0, 1),
+        c(0, 0, 0),
+        c(1, 0, 0),
+        Kill { worker: 1 },
+        c(1, 0, 0),
+        c(2, 0, 1),
+        c(0, 0, 1),
+        c(1, 0, 0),
+        Restart,
+        Reply { pick: 37753 },
+        Restart,
+        c(0, 0, 0),
+        Upgrade,
+        Upgrade,
+        Upgrade,
+        Upgrade,
+        GiveUp { leave_first: false },
+        c(0, 0, 0),
+        c(0, 0, 0),
+        Upgrade,
+        Upgrade,
+        c(0, 0, 0),
+        Upgrade,
+        c(0, 0, 0),
+        c(1, 0, 0),
+        c(0, 0, 0),
+        Advance { ms: 1 },
+        c(2, 0, 0),
+        Advance { ms: 10000 },
+        GiveUp { leave_first: false },
+        c(1, 0, 1),
+    ];
+    let mut w = run(2, &events, true, false);
+    check(&w);
+    super::properties::check_replies(&mut w, true);
+}

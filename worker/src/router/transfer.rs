@@ -369,18 +369,16 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // The successor of an upgrade given up answers an offer this worker
         // took back when it resumed: the session stays here, and its keys,
         // which the successor took if it said yes, are ours again. So it is
-        // while a later upgrade runs (the answer says another generation
-        // than its successor's): a key that successor took, having said yes
-        // to the session since, stays its.
-        let successor = self.phase.successor();
-        let from_successor = successor
+        // while a later upgrade runs: the answer says another generation
+        // than its successor's.
+        let from_successor = self
+            .phase
+            .successor()
             .is_some_and(|n| generation.is_none_or(|g| g == generation_bits(n.generation)));
         if usize::from(from) == self.id && !from_successor {
             let me = self.me;
             for hash in self.key_hashes(sid) {
-                if successor.is_none() || self.owners.lookup(hash) != successor {
-                    self.owners.assign(hash, me);
-                }
+                self.owners.assign(hash, me);
             }
             return;
         }
