@@ -36,7 +36,9 @@
 //! listener u64`, then its body, field after field. `generation` is `0x80 |`
 //! the sender's generation mod 128 (0 from releases before it: not said),
 //! so a receiver can tell an offer a dead process left in its inbox from
-//! one of the process that serves its slot now.
+//! one of the process that serves its slot now, and a worker the answer of
+//! an upgrade's successor from a given-up one's (generations 128 apart
+//! look alike: a slot restarts far less often than a frame waits).
 //!
 //! The listener is named by its stable identity (its name's hash), not its
 //! position, so a frame sent across a reload that renumbers listeners still
@@ -667,6 +669,18 @@ mod tests {
                 }
                 other => assert!(other.is_err(), "{m:?}: {other:?}"),
             }
+            // Generation 0 (mod 128) is said too.
+            let zero = m.encode(Owner::new(3, 256), 0xfeed);
+            assert!(
+                matches!(
+                    Frame::decode(&zero),
+                    Ok(Frame::Control {
+                        generation: Some(0),
+                        ..
+                    })
+                ),
+                "{m:?}"
+            );
             // A release before the generation byte wrote 0 there.
             let mut older = frame.clone();
             older[1] = 0;

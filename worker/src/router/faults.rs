@@ -762,8 +762,8 @@ fn a_late_yes_to_an_offer_given_up_on_a_dead_receiver_is_reconciled() {
 /// above: a given-up successor's late yes read during the next upgrade
 /// was ignored while the session was on offer to the new successor, so
 /// its keys stayed with the dead process and another worker opened a
-/// second session for one of them. The keys come back to the old worker,
-/// but for any the new successor took since.
+/// second session for one of them. The keys come back to the old worker
+/// (see the two cases below for when).
 #[test]
 fn a_given_up_successors_late_yes_during_the_next_upgrade_gives_its_keys_back() {
     use Event::*;
@@ -872,6 +872,56 @@ fn a_given_up_successors_late_yes_takes_back_a_key_the_next_successor_claimed() 
         Advance { ms: 10000 },
         GiveUp { leave_first: false },
         c(1, 0, 1),
+    ];
+    let mut w = run(2, &events, true, false);
+    check(&w);
+    super::properties::check_replies(&mut w, true);
+}
+
+/// Found by the follow-mode fault property in a soak of the first form of
+/// the fix above, which gave every key back at once: the new successor
+/// had said yes to the session and taken its keys, and the old worker died
+/// before it read that yes. The keys it took back pointed at a dead
+/// process, and another worker opened the flow afresh. While the session
+/// is on offer to the new successor, its keys come back only if that one
+/// says no.
+#[test]
+fn a_given_up_successors_late_yes_leaves_the_keys_the_next_successor_took_with_the_session() {
+    use Event::*;
+    let events = [
+        Client {
+            cid: 10,
+            client: 0,
+            worker: 1,
+        },
+        Client {
+            cid: 0,
+            client: 0,
+            worker: 0,
+        },
+        Upgrade,
+        Upgrade,
+        Upgrade,
+        Upgrade,
+        GiveUp { leave_first: false },
+        Upgrade,
+        Upgrade,
+        Upgrade,
+        Upgrade,
+        Deliver {
+            worker: 1,
+            next: true,
+        },
+        Deliver {
+            worker: 1,
+            next: false,
+        },
+        Kill { worker: 1 },
+        Client {
+            cid: 10,
+            client: 0,
+            worker: 0,
+        },
     ];
     let mut w = run(2, &events, true, false);
     check(&w);

@@ -91,6 +91,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             backend: backend_addr,
             paths: offered,
             aliases: s.aliases.len(),
+            keys_back: false,
         };
         let transfer = Transfer {
             key: s.key,
@@ -352,8 +353,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         self.paths.insert_relay(relay).is_some()
     }
 
-    /// The answer to a transfer we offered.
-    /// An answer to an offer of session `key`, from slot `from` and, where
+    /// The answer to an offer of session `key`, from slot `from` and, where
     /// the frame says it, its process's generation (low bits).
     pub(super) fn transfer_done(
         &mut self,
@@ -369,17 +369,24 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // The successor of an upgrade given up answers an offer this worker
         // took back when it resumed: the session stays here, and its keys,
         // which the successor took if it said yes, are ours again. So it is
-        // while a later upgrade runs: the answer says another generation
-        // than its successor's.
-        let from_successor = self
-            .phase
-            .successor()
+        // while a later upgrade runs (the answer says another generation
+        // than its successor's), unless the session is on offer to the new
+        // successor now: it may have taken the keys, saying yes; they come
+        // back here if it says no.
+        let successor = self.phase.successor();
+        let from_successor = successor
             .is_some_and(|n| generation.is_none_or(|g| g == generation_bits(n.generation)));
         if usize::from(from) == self.id && !from_successor {
-            let me = self.me;
-            for hash in self.key_hashes(sid) {
-                self.owners.assign(hash, me);
+            if let Some(offer) = self
+                .sessions
+                .get_mut(sid)
+                .and_then(|s| s.offer_mut())
+                .filter(|o| successor.is_some() && usize::from(o.to) == self.id)
+            {
+                offer.keys_back = true;
+                return;
             }
+            self.keys_here(sid);
             return;
         }
         let Some(s) = self.sessions.get_mut(sid) else {
@@ -396,6 +403,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             None => s.answered_late(from),
         };
         if !accepted {
+            if offer.is_some_and(|o| o.keys_back) {
+                self.keys_here(sid);
+            }
             // The successor will not have it: it is not offered again (the
             // handover would loop until its timeout).
             if let Phase::HandingOver(h) = &mut self.phase {
@@ -432,6 +442,14 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         self.counters.incr(Counter::TransfersOut);
     }
 
+    /// Session `sid`'s keys are this worker's again.
+    fn keys_here(&mut self, sid: SessionId) {
+        let me = self.me;
+        for hash in self.key_hashes(sid) {
+            self.owners.assign(hash, me);
+        }
+    }
+
     /// The receiver of session `sid` took what `offer` sent it; what
     /// changed here since is put right before the session leaves. A path
     /// opened meanwhile on a socket of ours stays here as a relay (what it
@@ -457,8 +475,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         let follow = self.routes[listener].follow;
         let same_backend = self.routes[listener].backend_of(offer.backend) == Some(s.backend);
         let mut now_here = Vec::new();
-        let mut pid = s.first_path;
-        while let Some(p) = self.paths.path(pid).filter(|_| same_backend) {
+        let mut pid = if same_backend { s.first_path } else { NONE };
+        while let Some(p) = self.paths.path(pid) {
             if let Some(local) = self.paths.sock(p.sock).map(|s| s.local) {
                 let offered = offer
                     .paths
