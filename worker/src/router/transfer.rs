@@ -370,23 +370,32 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // took back when it resumed: the session stays here, and its keys,
         // which the successor took if it said yes, are ours again. So it is
         // while a later upgrade runs (the answer says another generation
-        // than its successor's), unless the session is on offer to the new
-        // successor now: it may have taken the keys, saying yes; they come
-        // back here if it says no.
+        // than its successor's), but for a key the new successor holds while
+        // the session is on offer to it: it took the key saying yes, or it
+        // will say no (it has a session of that key), and then the key
+        // comes back here.
         let successor = self.phase.successor();
         let from_successor = successor
             .is_some_and(|n| generation.is_none_or(|g| g == generation_bits(n.generation)));
         if usize::from(from) == self.id && !from_successor {
-            if let Some(offer) = self
-                .sessions
-                .get_mut(sid)
-                .and_then(|s| s.offer_mut())
-                .filter(|o| successor.is_some() && usize::from(o.to) == self.id)
-            {
-                offer.keys_back = true;
-                return;
+            let on_offer = successor.is_some()
+                && self
+                    .sessions
+                    .get(sid)
+                    .and_then(|s| s.offer())
+                    .is_some_and(|o| usize::from(o.to) == self.id);
+            let me = self.me;
+            let mut kept = false;
+            for hash in self.key_hashes(sid) {
+                if on_offer && self.owners.lookup(hash) == successor {
+                    kept = true;
+                } else {
+                    self.owners.assign(hash, me);
+                }
             }
-            self.keys_here(sid);
+            if let Some(offer) = self.sessions.get_mut(sid).and_then(|s| s.offer_mut()) {
+                offer.keys_back |= kept;
+            }
             return;
         }
         let Some(s) = self.sessions.get_mut(sid) else {
