@@ -36,8 +36,7 @@
 //! listener u64`, then its body, field after field. `generation` is `0x80 |`
 //! the sender's generation mod 128 (0 from releases before it: not said),
 //! so a receiver can tell an offer a dead process left in its inbox from
-//! one of the process that serves its slot now, and a worker the answer of
-//! an upgrade's successor from a given-up one's (generations 128 apart
+//! one of the process that serves its slot now (generations 128 apart
 //! look alike: a slot restarts far less often than a frame waits).
 //!
 //! The listener is named by its stable identity (its name's hash), not its

@@ -87,7 +87,7 @@ impl Sample {
 /// Here { run } --(TRANSFER_AFTER datagrams in a row handed over by one
 ///                 worker, or an upgrade's handover)--> Offered
 /// Offered --(refused, taken back, or never sent)--> Here, with no run
-/// Offered --(no answer came in its lifetime)--> Here, remembering it
+/// Offered --(its receiver died and no answer came)--> Here, remembering it
 /// Offered --(accepted)--> the session leaves this worker
 /// Here, remembering it --(a late yes from its receiver's slot)--> the
 ///                          session leaves this worker, reconciled
@@ -97,8 +97,8 @@ impl Sample {
 enum TransferState {
     /// Served here. `run`: how many datagrams in a row worker `from` handed
     /// over (it is where the kernel delivers this flow now). `given_up`:
-    /// an offer no answer came for in its lifetime, which its receiver (or
-    /// a dead receiver's replacement) may still read and accept.
+    /// an offer whose receiver died unanswered, which its replacement may
+    /// still read and accept.
     Here {
         from: u16,
         run: u8,
@@ -121,9 +121,6 @@ pub(crate) struct Offer {
     pub paths: Vec<(SocketAddr, SocketAddr)>,
     /// The aliases offered (the first this many of the session's).
     pub aliases: usize,
-    /// A given-up successor's late yes came while this offer waits: the
-    /// keys come back here if the receiver says no.
-    pub keys_back: bool,
 }
 
 impl Session {
@@ -203,14 +200,6 @@ impl Session {
         }
     }
 
-    /// The transfer on offer, to note what happened meanwhile.
-    pub(crate) fn offer_mut(&mut self) -> Option<&mut Offer> {
-        match &mut self.transfer {
-            TransferState::Offered(offer) => Some(offer),
-            TransferState::Here { .. } => None,
-        }
-    }
-
     /// A datagram handed over by worker `from`: how many in a row it has
     /// handed over now (0 while the session is on offer).
     pub(crate) fn handed_over_by(&mut self, from: u16) -> u8 {
@@ -253,8 +242,8 @@ impl Session {
         }
     }
 
-    /// No answer came for the offer in its lifetime: served here again,
-    /// the offer kept for a late yes ([`Session::answered_late`]).
+    /// The offer's receiver died and none answered for it: served here
+    /// again, the offer kept for a late yes ([`Session::answered_late`]).
     pub(crate) fn give_up_offer(&mut self) {
         let given_up = self.take_offer();
         self.transfer = TransferState::Here {

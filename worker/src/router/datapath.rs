@@ -1126,7 +1126,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 match control {
                     Control::Transfer(t) => self.transfer_in((from, generation), listener, t, fds),
                     Control::TransferDone { key, accepted } => {
-                        self.transfer_done((from, generation), listener, key, accepted)
+                        self.transfer_done(from, listener, key, accepted)
                     }
                     Control::PathClosed(path) => self.path_closed(listener, path),
                     Control::PathMoved {

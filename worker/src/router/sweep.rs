@@ -102,7 +102,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 Some(owner)
                     if self.owners.lookup(self.owner_hash(listener, &key)) == Some(owner) =>
                 {
-                    self.transfer_done((to, None), listener, key, true);
+                    self.transfer_done(to, listener, key, true);
                     return;
                 }
                 // Not taken, and no answer yet: a busy or stalled receiver
@@ -112,17 +112,8 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                 // 4-tuple), and so does the session: nothing of it closes
                 // while the receiver may hold copies of its sockets.
                 Some(_) if waited < OFFER_LIFETIME_MS => return,
-                // An answer that never came: the offer is void. A stalled
-                // receiver may still say yes: the offer is kept for that
-                // (but a successor's: the handover ends without it).
-                Some(_) if usize::from(to) == self.id => {
-                    self.transfer_done((to, None), listener, key, false)
-                }
-                Some(_) => {
-                    if let Some(s) = self.sessions.get_mut(sid) {
-                        s.give_up_offer();
-                    }
-                }
+                // An answer that never came: the offer is void.
+                Some(_) => self.transfer_done(to, listener, key, false),
                 // The receiver died or is leaving: its replacement may read
                 // the offer from the inbox and say yes, which must still be
                 // reconciled; meanwhile the session stays, as above.

@@ -91,7 +91,6 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             backend: backend_addr,
             paths: offered,
             aliases: s.aliases.len(),
-            keys_back: false,
         };
         let transfer = Transfer {
             key: s.key,
@@ -353,49 +352,22 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         self.paths.insert_relay(relay).is_some()
     }
 
-    /// The answer to an offer of session `key`, from slot `from` and, where
-    /// the frame says it, its process's generation (low bits).
+    /// The answer to a transfer we offered.
     pub(super) fn transfer_done(
         &mut self,
-        from: (u16, Option<u8>),
+        from: u16,
         listener: usize,
         key: FlowKey,
         accepted: bool,
     ) {
-        let (from, generation) = from;
         let Some(sid) = self.sessions.lookup(listener, &key) else {
             return;
         };
         // The successor of an upgrade given up answers an offer this worker
         // took back when it resumed: the session stays here, and its keys,
-        // which the successor took if it said yes, are ours again. So it is
-        // while a later upgrade runs (the answer says another generation
-        // than its successor's), but for a key the new successor holds while
-        // the session is on offer to it: it took the key saying yes, or it
-        // will say no (it has a session of that key), and then the key
-        // comes back here.
-        let successor = self.phase.successor();
-        let from_successor = successor
-            .is_some_and(|n| generation.is_none_or(|g| g == generation_bits(n.generation)));
-        if usize::from(from) == self.id && !from_successor {
-            let on_offer = successor.is_some()
-                && self
-                    .sessions
-                    .get(sid)
-                    .and_then(|s| s.offer())
-                    .is_some_and(|o| usize::from(o.to) == self.id);
-            let me = self.me;
-            let mut kept = false;
-            for hash in self.key_hashes(sid) {
-                if on_offer && self.owners.lookup(hash) == successor {
-                    kept = true;
-                } else {
-                    self.owners.assign(hash, me);
-                }
-            }
-            if let Some(offer) = self.sessions.get_mut(sid).and_then(|s| s.offer_mut()) {
-                offer.keys_back |= kept;
-            }
+        // which the successor took if it said yes, are ours again.
+        if usize::from(from) == self.id && self.phase.successor().is_none() {
+            self.keys_here(sid);
             return;
         }
         let Some(s) = self.sessions.get_mut(sid) else {
@@ -412,9 +384,6 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             None => s.answered_late(from),
         };
         if !accepted {
-            if offer.is_some_and(|o| o.keys_back) {
-                self.keys_here(sid);
-            }
             // The successor will not have it: it is not offered again (the
             // handover would loop until its timeout).
             if let Phase::HandingOver(h) = &mut self.phase {
