@@ -136,6 +136,14 @@ fn a_standby_whose_predecessor_died_routes_as_any_and_finds_its_peers() {
     check(&w);
 }
 
+/// Runs `events` on `workers` workers and checks the world at rest: every
+/// property, and a reply on every live path reaching its client.
+fn replay(workers: usize, events: &[Event], follow: bool) {
+    let mut w = run(workers, events, follow, false);
+    check(&w);
+    super::properties::check_replies(&mut w, follow);
+}
+
 fn client(cid: u8, client: u8, worker: u8) -> Event {
     Event::Client {
         cid,
@@ -523,11 +531,7 @@ fn a_relay_on_a_slot_cooling_since_adoption_cools_from_its_own_close() {
 #[test]
 fn a_path_closed_while_its_session_is_on_offer_does_not_lend_its_4_tuple_to_another_client() {
     use Event::*;
-    let c = |cid, client, worker| Client {
-        cid,
-        client,
-        worker,
-    };
+    let c = client;
     let mut events = vec![c(0, 0, 0), c(0, 0, 0), c(0, 0, 0), c(7, 0, 0), c(0, 0, 0)];
     events.push(c(7, 5, 2));
     events.extend(std::iter::repeat_n(c(0, 0, 0), 14));
@@ -540,9 +544,7 @@ fn a_path_closed_while_its_session_is_on_offer_does_not_lend_its_4_tuple_to_anot
         next: false,
     });
     events.extend(std::iter::repeat_n(c(0, 0, 0), 3));
-    let mut w = run(3, &events, false, false);
-    check(&w);
-    super::properties::check_replies(&mut w, false);
+    replay(3, &events, false);
 }
 
 /// Found by the at-rest reply property: an offer waited in the inbox of a
@@ -554,11 +556,7 @@ fn a_path_closed_while_its_session_is_on_offer_does_not_lend_its_4_tuple_to_anot
 #[test]
 fn an_offer_read_after_its_sender_closed_the_session_is_refused() {
     use Event::*;
-    let c = |cid, client, worker| Client {
-        cid,
-        client,
-        worker,
-    };
+    let c = client;
     let events = [
         c(8, 0, 1),
         c(8, 0, 0),
@@ -573,9 +571,7 @@ fn an_offer_read_after_its_sender_closed_the_session_is_refused() {
         Advance { ms: 18_840 },
         Advance { ms: 11_161 },
     ];
-    let mut w = run(2, &events, true, false);
-    check(&w);
-    super::properties::check_replies(&mut w, true);
+    replay(2, &events, true);
 }
 
 /// Found by the at-rest reply property in a soak (200,000 cases): worker
@@ -590,11 +586,7 @@ fn an_offer_read_after_its_sender_closed_the_session_is_refused() {
 #[test]
 fn an_offer_left_by_a_dead_worker_is_refused_once_its_replacement_took_the_key() {
     use Event::*;
-    let c = |cid, client, worker| Client {
-        cid,
-        client,
-        worker,
-    };
+    let c = client;
     let mut events = vec![c(0, 0, 0); 6];
     events.extend([
         Kill { worker: 3 },
@@ -618,9 +610,7 @@ fn an_offer_left_by_a_dead_worker_is_refused_once_its_replacement_took_the_key()
             next: true,
         },
     ]);
-    let mut w = run(3, &events, false, false);
-    check(&w);
-    super::properties::check_replies(&mut w, false);
+    replay(3, &events, false);
 }
 
 /// Found by the at-rest reply property in a soak: worker 1 offered CID
@@ -635,11 +625,7 @@ fn an_offer_left_by_a_dead_worker_is_refused_once_its_replacement_took_the_key()
 #[test]
 fn an_offer_whose_session_a_reload_moved_to_another_backend_closes_the_paths_offered() {
     use Event::*;
-    let c = |cid, client, worker| Client {
-        cid,
-        client,
-        worker,
-    };
+    let c = client;
     let events = [
         c(11, 0, 1),
         c(11, 0, 2),
@@ -664,9 +650,7 @@ fn an_offer_whose_session_a_reload_moved_to_another_backend_closes_the_paths_off
         Reload { backends: 3 },
         c(0, 0, 0),
     ];
-    let mut w = run(2, &events, false, false);
-    check(&w);
-    super::properties::check_replies(&mut w, false);
+    replay(2, &events, false);
 }
 
 /// Found by the fault property in a soak (on the code before this session
@@ -680,11 +664,7 @@ fn an_offer_whose_session_a_reload_moved_to_another_backend_closes_the_paths_off
 #[test]
 fn a_late_yes_to_an_offer_given_up_on_a_dead_receiver_is_reconciled() {
     use Event::*;
-    let c = |cid, client, worker| Client {
-        cid,
-        client,
-        worker,
-    };
+    let c = client;
     let events = [
         Upgrade,
         Upgrade,
@@ -710,9 +690,7 @@ fn a_late_yes_to_an_offer_given_up_on_a_dead_receiver_is_reconciled() {
         c(10, 1, 1),
         Advance { ms: 6854 },
     ];
-    let mut w = run(3, &events, false, false);
-    check(&w);
-    super::properties::check_replies(&mut w, false);
+    replay(3, &events, false);
 }
 
 /// Found by soaks of the fault properties while trying fixes for a case
@@ -723,11 +701,7 @@ fn a_late_yes_to_an_offer_given_up_on_a_dead_receiver_is_reconciled() {
 #[test]
 fn a_given_up_upgrade_then_another_keeps_each_flow_on_one_worker_1() {
     use Event::*;
-    let c = |cid, client, worker| Client {
-        cid,
-        client,
-        worker,
-    };
+    let c = client;
     let events = [
         Upgrade,
         c(6, 0, 0),
@@ -777,20 +751,14 @@ fn a_given_up_upgrade_then_another_keeps_each_flow_on_one_worker_1() {
         GiveUp { leave_first: false },
         c(3, 0, 0),
     ];
-    let mut w = run(2, &events, true, false);
-    check(&w);
-    super::properties::check_replies(&mut w, true);
+    replay(2, &events, true);
 }
 
 /// See above.
 #[test]
 fn a_given_up_upgrade_then_another_keeps_each_flow_on_one_worker_2() {
     use Event::*;
-    let c = |cid, client, worker| Client {
-        cid,
-        client,
-        worker,
-    };
+    let c = client;
     let events = [
         c(1, 0, 0),
         c(0, 0, 1),
@@ -825,9 +793,7 @@ fn a_given_up_upgrade_then_another_keeps_each_flow_on_one_worker_2() {
         GiveUp { leave_first: false },
         c(1, 0, 1),
     ];
-    let mut w = run(2, &events, true, false);
-    check(&w);
-    super::properties::check_replies(&mut w, true);
+    replay(2, &events, true);
 }
 
 /// See above.
@@ -869,20 +835,14 @@ fn a_given_up_upgrade_then_another_keeps_each_flow_on_one_worker_3() {
             worker: 0,
         },
     ];
-    let mut w = run(2, &events, true, false);
-    check(&w);
-    super::properties::check_replies(&mut w, true);
+    replay(2, &events, true);
 }
 
 /// See above.
 #[test]
 fn a_given_up_upgrade_then_another_keeps_each_flow_on_one_worker_4() {
     use Event::*;
-    let c = |cid, client, worker| Client {
-        cid,
-        client,
-        worker,
-    };
+    let c = client;
     let mut events = vec![
         Kill { worker: 0 },
         c(0, 0, 0),
@@ -928,20 +888,14 @@ fn a_given_up_upgrade_then_another_keeps_each_flow_on_one_worker_4() {
         Kill { worker: 1 },
         c(10, 0, 0),
     ]);
-    let mut w = run(2, &events, true, false);
-    check(&w);
-    super::properties::check_replies(&mut w, true);
+    replay(2, &events, true);
 }
 
 /// See above.
 #[test]
 fn a_given_up_upgrade_then_another_keeps_each_flow_on_one_worker_5() {
     use Event::*;
-    let c = |cid, client, worker| Client {
-        cid,
-        client,
-        worker,
-    };
+    let c = client;
     let mut events = vec![c(7, 0, 0)];
     events.extend([c(0, 0, 0); 7]);
     events.push(Deliver {
@@ -972,7 +926,5 @@ fn a_given_up_upgrade_then_another_keeps_each_flow_on_one_worker_5() {
         c(7, 0, 1),
         c(0, 0, 0),
     ]);
-    let mut w = run(2, &events, false, false);
-    check(&w);
-    super::properties::check_replies(&mut w, false);
+    replay(2, &events, false);
 }
