@@ -36,7 +36,10 @@ fn client_on(ip: &str) -> UdpSocket {
 
 /// Sends `per_cid` datagrams for every CID, each CID from its own socket
 /// on `ips` (round robin), and checks that each socket gets its replies.
-fn phase(proxy: &Proxy, ips: &[&str], per_cid: usize, tag: u8) {
+/// Returns the sockets: held until the test ends, their ports cannot come
+/// back to a later phase (a CID whose "new" port was its old one would not
+/// have migrated).
+fn phase(proxy: &Proxy, ips: &[&str], per_cid: usize, tag: u8) -> Vec<UdpSocket> {
     let target = proxy.addr("quic");
     let clients: Vec<UdpSocket> = (0..CIDS as usize)
         .map(|i| client_on(ips[i % ips.len()]))
@@ -68,6 +71,7 @@ fn phase(proxy: &Proxy, ips: &[&str], per_cid: usize, tag: u8) {
             assert!(n >= 13);
         }
     }
+    clients
 }
 
 fn migrate_in(steering: &str, migration: &str) -> serde_json::Value {
@@ -80,11 +84,11 @@ fn migrate_in(steering: &str, migration: &str) -> serde_json::Value {
     };
     assert!(proxy.log().contains(mode), "{}", proxy.log());
 
-    phase(&proxy, &["127.0.0.1"], 3, 1);
+    let first = phase(&proxy, &["127.0.0.1"], 3, 1);
     // NAT rebinding: the same CIDs from new ports.
-    phase(&proxy, &["127.0.0.1"], 5, 2);
+    let rebound = phase(&proxy, &["127.0.0.1"], 5, 2);
     // New source IPs.
-    phase(&proxy, &["127.0.0.2", "127.0.0.3"], 5, 3);
+    let moved = phase(&proxy, &["127.0.0.2", "127.0.0.3"], 5, 3);
     let want = CIDS as usize * 13;
     wait_until(WAIT, "every datagram at a backend", || {
         a.count() + b.count() == want
@@ -122,6 +126,7 @@ fn migrate_in(steering: &str, migration: &str) -> serde_json::Value {
     // A migrated connection keeps its session: none was made twice.
     assert_eq!(total(&stats, "sessions_created"), CIDS);
     assert_eq!(total(&stats, "drops.handoff"), 0);
+    drop((first, rebound, moved));
     stats
 }
 
