@@ -108,6 +108,17 @@ enum TransferState {
     Offered(Box<Offer>),
 }
 
+impl TransferState {
+    /// Served here with no run of handoffs, remembering `given_up`.
+    fn here(given_up: Option<Box<Offer>>) -> TransferState {
+        TransferState::Here {
+            from: 0,
+            run: 0,
+            given_up,
+        }
+    }
+}
+
 /// A transfer offered and not yet answered: what the receiver was sent,
 /// so that what changed here meanwhile can be put right when it accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,11 +144,7 @@ impl Session {
             first_path: NONE,
             path_count: 0,
             last_active_ms: now_ms,
-            transfer: TransferState::Here {
-                from: 0,
-                run: 0,
-                given_up: None,
-            },
+            transfer: TransferState::here(None),
             awaiting_since_ms: None,
             answered: false,
             created_ms: now_ms,
@@ -231,12 +238,7 @@ impl Session {
     /// The offer is settled here (refused, taken back, never sent): served
     /// here again, with no run of handoffs. Returns the offer.
     pub(crate) fn take_offer(&mut self) -> Option<Box<Offer>> {
-        let here = TransferState::Here {
-            from: 0,
-            run: 0,
-            given_up: None,
-        };
-        match std::mem::replace(&mut self.transfer, here) {
+        match std::mem::replace(&mut self.transfer, TransferState::here(None)) {
             TransferState::Offered(offer) => Some(offer),
             TransferState::Here { .. } => None,
         }
@@ -246,11 +248,7 @@ impl Session {
     /// again, the offer kept for a late yes ([`Session::answered_late`]).
     pub(crate) fn give_up_offer(&mut self) {
         let given_up = self.take_offer();
-        self.transfer = TransferState::Here {
-            from: 0,
-            run: 0,
-            given_up,
-        };
+        self.transfer = TransferState::here(given_up);
     }
 
     /// The offer given up to slot `from`, if any, now that its answer came.

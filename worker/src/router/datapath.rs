@@ -1124,7 +1124,7 @@ impl<O: Owners, S: Sockets> Router<O, S> {
                     return Outcome::Done;
                 };
                 match control {
-                    Control::Transfer(t) => self.transfer_in((from, generation), listener, t, fds),
+                    Control::Transfer(t) => self.transfer_in(from, generation, listener, t, fds),
                     Control::TransferDone { key, accepted } => {
                         self.transfer_done(from, listener, key, accepted)
                     }

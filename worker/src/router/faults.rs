@@ -7,7 +7,7 @@ use udpshard_shared::stats::Counter;
 use udpshard_shared::DropReason;
 
 use super::harness::{config, short, World, CLIENT, P};
-use super::properties::{check, run, Event};
+use super::properties::{check, client, run, Event};
 use super::TRANSFER_AFTER;
 
 fn world(workers: usize) -> World {
@@ -142,14 +142,6 @@ fn replay(workers: usize, events: &[Event], follow: bool) {
     let mut w = run(workers, events, follow, false);
     check(&w);
     super::properties::check_replies(&mut w, follow);
-}
-
-fn client(cid: u8, client: u8, worker: u8) -> Event {
-    Event::Client {
-        cid,
-        client,
-        worker,
-    }
 }
 
 fn deliver(worker: u8) -> Event {

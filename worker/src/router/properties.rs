@@ -239,6 +239,15 @@ fn addresses_of(w: &World, key: &udpshard_shared::FlowKey) -> Vec<std::net::Sock
         .unwrap_or_default()
 }
 
+/// Client `client`'s datagram of connection ID `cid` to worker `worker`.
+pub(super) fn client(cid: u8, client: u8, worker: u8) -> Event {
+    Event::Client {
+        cid,
+        client,
+        worker,
+    }
+}
+
 /// Client `client`'s address in the events.
 fn client_addr(client: u8) -> String {
     format!("192.0.2.{}:{}", 1 + client, 1000 + u16::from(client))
@@ -358,11 +367,6 @@ fn router_properties_hold_through_faults_in_follow_mode() {
 #[test]
 fn a_late_yes_to_a_transfer_still_closes_the_paths_closed_meanwhile() {
     use Event::*;
-    let client = |cid, client, worker| Client {
-        cid,
-        client,
-        worker,
-    };
     let events = [
         client(10, 0, 0),
         client(5, 3, 0),

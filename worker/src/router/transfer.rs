@@ -123,16 +123,16 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         }
     }
 
-    /// Takes over a session another worker offers, with its paths: `sender`
-    /// is its slot and, where the frame says it, its generation's low bits.
+    /// Takes over a session worker `from` offers, with its paths;
+    /// `generation`: the sender's generation bits, where its frame says them.
     pub(super) fn transfer_in(
         &mut self,
-        sender: (u16, Option<u8>),
+        from: u16,
+        generation: Option<u8>,
         listener: usize,
         t: Transfer,
         fds: usize,
     ) {
-        let (from, generation) = sender;
         let accept = |r: &mut Self, accepted: bool| {
             r.control(
                 usize::from(from),
@@ -153,9 +153,9 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // Nor when another process has taken its key since the offer (the
         // sender died, and its flow started afresh there: at another
         // worker, or at the sender's replacement, which a frame tells by
-        // its sender's generation), or no process
-        // owns it any more (the sender gave the offer up and the session
-        // closed there: its sockets' relays are gone with it).
+        // its sender's generation), or no process owns it any more (the
+        // sender gave the offer up and the session closed there: its
+        // sockets' relays are gone with it).
         // Nor from this slot's predecessor once it is gone (it died since
         // it offered, or this process went live after it exited): its
         // sessions start afresh here, as the supervisor says of an old
@@ -367,7 +367,10 @@ impl<O: Owners, S: Sockets> Router<O, S> {
         // took back when it resumed: the session stays here, and its keys,
         // which the successor took if it said yes, are ours again.
         if usize::from(from) == self.id && self.phase.successor().is_none() {
-            self.keys_here(sid);
+            let me = self.me;
+            for hash in self.key_hashes(sid) {
+                self.owners.assign(hash, me);
+            }
             return;
         }
         let Some(s) = self.sessions.get_mut(sid) else {
@@ -418,14 +421,6 @@ impl<O: Owners, S: Sockets> Router<O, S> {
             pid = next;
         }
         self.counters.incr(Counter::TransfersOut);
-    }
-
-    /// Session `sid`'s keys are this worker's again.
-    fn keys_here(&mut self, sid: SessionId) {
-        let me = self.me;
-        for hash in self.key_hashes(sid) {
-            self.owners.assign(hash, me);
-        }
     }
 
     /// The receiver of session `sid` took what `offer` sent it; what
